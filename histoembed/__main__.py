@@ -1,0 +1,3 @@
+from histoembed.cli import main
+
+main()

@@ -1,0 +1,174 @@
+"""Typed settings for every stage, with their defaults in one place.
+
+Settings come from, in rising priority: these defaults, a ``histoembed.toml`` (one table
+per stage: ``[crops]``, ``[augment]``, ``[embed]``, ``[qc]``, ``[fit]``, ``[fit.mlp]``,
+``[fit.xgb]``), and command-line options. Each stage stores the settings that produced
+its output, so a re-run with the same settings can skip its work.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from histoembed.errors import UserError
+
+# ImageNet mean, the colour Phikon-v2 and most encoders treat as "nothing here".
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MEAN_FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)  # (124, 116, 104)
+
+FloatRange = tuple[float, float]
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class CropSettings(_Settings):
+    strategy: Literal["blobs", "grid", "roi-window", "center"] = Field(
+        "blobs", description="How crops are cut: mask components (blobs), tiles over the image "
+        "(grid), tiles over each component's box (roi-window), or one crop per component (center).")
+    k: int = Field(10, ge=1, description="Largest mask components kept per image (blobs, center).")
+    min_area: int = Field(100, ge=1, description="Smallest component area in source pixels.")
+    margin: float = Field(0.1, ge=0, le=2, description="Each box edge moves out by margin x the box's width/height.")
+    size: int = Field(224, ge=16, description="Side of the square crop written, in pixels.")
+    fill: tuple[int, int, int] = Field(MEAN_FILL, description="RGB of the padding (default: ImageNet mean).")
+    fill_outside_mask: bool = Field(False, description="Also paint pixels outside the mask with the fill colour.")
+    tile: int = Field(0, ge=0, description="Tile side in source pixels for grid/roi-window (0: same as size).")
+    min_tissue: float = Field(0.5, ge=0, le=1, description="Grid tiles are kept when this fraction is tissue.")
+    max_crops: int = Field(64, ge=1, description="At most this many crops per image (grid, roi-window, fallback).")
+    workers: int = Field(0, ge=0, description="Worker processes (0: all cores).")
+
+
+class AugmentSettings(_Settings):
+    """The reference recipe; view 0 is always the clean crop."""
+
+    flip_p: float = Field(0.5, ge=0, le=1, description="Probability of each of the horizontal and vertical flips.")
+    rotation_deg: float = Field(15.0, ge=0, le=180, description="Rotation drawn from +-this many degrees.")
+    brightness: float = Field(0.05, ge=0, le=1, description="Brightness factor drawn from 1 +- this.")
+    contrast: float = Field(0.05, ge=0, le=1, description="Contrast factor drawn from 1 +- this.")
+    saturation: float = Field(0.05, ge=0, le=1, description="Saturation factor drawn from 1 +- this.")
+    hue: float = Field(0.04, ge=0, le=0.5, description="Hue shift drawn from +- this (fraction of a turn).")
+    stain_alpha: FloatRange = Field((0.8, 1.2), description="HED stain scale, U(lo, hi) per channel.")
+    stain_beta: FloatRange = Field((-0.1, 0.1), description="HED stain shift, U(lo, hi) per channel.")
+    elastic_p: float = Field(0.5, ge=0, le=1, description="Probability of an elastic deformation.")
+    elastic_alpha: float = Field(25.0, ge=0, description="Elastic displacement scale in pixels.")
+    elastic_sigma: float = Field(7.0, gt=0, description="Gaussian smoothing of the displacement field, pixels.")
+    blur_p: float = Field(0.15, ge=0, le=1, description="Probability of a Gaussian blur.")
+    blur_sigma: FloatRange = Field((0.1, 1.5), description="Blur sigma in pixels, U(lo, hi).")
+    noise_p: float = Field(0.5, ge=0, le=1, description="Probability of additive Gaussian noise.")
+    noise_sigma: FloatRange = Field((0.01, 0.03), description="Noise sigma on the [0, 1] scale, U(lo, hi).")
+    erase_p: float = Field(0.25, ge=0, le=1, description="Probability of random erasing.")
+    erase_scale: FloatRange = Field((0.02, 0.12), description="Erased area as a fraction of the crop.")
+
+
+class EmbedSettings(_Settings):
+    encoder: str = Field("phikon-v2", description="Registry name, Hugging Face id or local model folder.")
+    pool: Literal["cls", "mean", "cls+mean"] = Field("cls", description="Token pooling for ViT encoders.")
+    repeats: int = Field(4, ge=1, description="Views per crop: view 0 is clean, views 1..r-1 augmented.")
+    tta: bool = Field(True, description="Embed the test split with the same augmented views.")
+    batch_size: int = Field(64, ge=1, description="Crops per forward pass.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where augmentation and the encoder run.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
+    store_dtype: Literal["float32", "float16"] = Field("float32", description="Embedding type in the store.")
+    workers: int = Field(2, ge=0, description="Processes decoding crop PNGs (0: in the main process).")
+    rows_per_part: int = Field(4096, ge=1, description="Rows per Parquet part file (the resume granularity).")
+    seed: int = Field(0, description="Seed of every augmentation draw.")
+
+
+class QCSettings(_Settings):
+    green_hue: FloatRange = Field((35.0, 85.0), description="OpenCV hue range (0-180) of green ink.")
+    brown_hue: FloatRange = Field((5.0, 20.0), description="OpenCV hue range of brown (DAB-like) pixels.")
+    yellow_hue: FloatRange = Field((20.0, 35.0), description="OpenCV hue range of yellow pixels.")
+    min_saturation: int = Field(40, ge=0, le=255, description="Pixels below this saturation are not coloured.")
+    tissue_hue: FloatRange = Field((120.0, 180.0), description="Hue range of H&E pink/purple (wraps at 180).")
+    ink_fraction: float = Field(0.01, ge=0, le=1, description="Flag ink when this fraction of pixels is ink.")
+    non_tissue_fraction: float = Field(0.25, ge=0, le=1, description="Flag non_tissue when green+brown+yellow exceed this.")
+    min_tissue_in_mask: float = Field(0.05, ge=0, le=1, description="Flag blank when less of the mask than this is tissue.")
+    knn_k: int = Field(5, ge=1, description="Neighbours for the embedding outlier score.")
+    outlier_z: float = Field(3.5, gt=0, description="Robust z-score above which an image is an outlier.")
+    duplicate_cosine: float = Field(0.98, gt=0, le=1, description="Mean embeddings at least this similar are near-duplicates.")
+    hash_distance: int = Field(6, ge=0, description="Perceptual-hash Hamming distance for near copies.")
+    repair_ink: bool = Field(True, description="Inpaint ink and remove it from the mask when cropping.")
+
+
+class MLPSettings(_Settings):
+    hidden: int = Field(512, ge=1, description="Hidden units per layer.")
+    depth: int = Field(1, ge=0, description="Hidden layers (0: a linear head).")
+    dropout: float = Field(0.3, ge=0, lt=1, description="Dropout after each hidden layer and on the input.")
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate.")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    epochs: int = Field(40, ge=1, description="Most epochs (early stopping usually ends sooner).")
+    warmup_epochs: int = Field(2, ge=0, description="Linear warm-up before the cosine decay.")
+    batch_size: int = Field(256, ge=1, description="Crop-views per step.")
+    patience: int = Field(6, ge=1, description="Epochs without inner-validation improvement before stopping.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    class_weights: bool = Field(True, description="Weight the loss by inverse class frequency.")
+    mixup_alpha: float = Field(0.0, ge=0, description="MixUp Beta(alpha, alpha); 0 turns MixUp off.")
+
+
+class XGBSettings(_Settings):
+    n_estimators: int = Field(300, ge=1, description="Most boosting rounds (early stopping usually ends sooner).")
+    max_depth: int = Field(4, ge=1, description="Tree depth.")
+    learning_rate: float = Field(0.05, gt=0, description="Shrinkage per round.")
+    subsample: float = Field(0.8, gt=0, le=1, description="Row subsample per tree.")
+    colsample_bytree: float = Field(0.4, gt=0, le=1, description="Feature subsample per tree.")
+    max_bin: int = Field(64, ge=2, description="Histogram bins per feature.")
+    pca_dims: int = Field(256, ge=0, description="PCA to this many dims inside each fold first (0: off).")
+    early_stopping_rounds: int = Field(30, ge=1, description="Rounds without inner-validation improvement.")
+
+
+class FitSettings(_Settings):
+    folds: int = Field(10, ge=2, description="Cross-validation folds.")
+    seed: int = Field(0, description="Seed of folds, initialisation and shuffling.")
+    seeds: int = Field(1, ge=1, description="Repeat the cross-validation with this many seeds.")
+    include_flagged: bool = Field(False, description="Train on images that QC flagged.")
+    inner_val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of the training folds kept for early stopping.")
+    weight_grid: int = Field(21, ge=2, description="Fusion weights tried on [0, 1].")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the macro-F1 interval.")
+    mlp: MLPSettings = MLPSettings()
+    xgb: XGBSettings = XGBSettings()
+
+
+class Settings(_Settings):
+    crops: CropSettings = CropSettings()
+    augment: AugmentSettings = AugmentSettings()
+    embed: EmbedSettings = EmbedSettings()
+    qc: QCSettings = QCSettings()
+    fit: FitSettings = FitSettings()
+
+
+CONFIG_FILE = "histoembed.toml"
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read ``histoembed.toml`` (the given path, else the current folder's if present)."""
+    if path is None:
+        path = Path(CONFIG_FILE)
+        if not path.exists():
+            return Settings()
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError("settings file not found", path=path, hint="pass an existing --config file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"not valid TOML: {e}", path=path) from None
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        raise UserError("invalid settings: " + "; ".join(lines), path=path) from None
+
+
+def updated(settings: _Settings, **overrides) -> _Settings:
+    """A copy with the options the user gave (None means 'not given') applied and validated."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return settings.model_validate({**settings.model_dump(), **given})
+    except ValidationError as e:
+        lines = [f"--{'-'.join(str(err['loc'][0]).split('_'))}: {err['msg']}" for err in e.errors()]
+        raise UserError("invalid option: " + "; ".join(lines)) from None

@@ -1,0 +1,310 @@
+"""Finding images, masks and labels, and checking them before any work is done.
+
+Two layouts are understood:
+
+* the reference layout: ``train_data/img_XXXX.png`` + ``train_data/mask_XXXX.png``,
+  ``test_data/`` likewise, and ``train_labels.csv`` with header ``sample_index,label``;
+* a manifest CSV ``image,mask,label,split`` (paths relative to the CSV), passed as
+  ``--data path/to/manifest.csv`` or found as ``manifest.csv`` in the data folder.
+
+Problems with single items (a missing mask, a size mismatch, an unlabelled image, ...)
+skip that item and are listed as :class:`Problem`; problems that make the whole input
+ambiguous (duplicate ids, a path leaving the data folder, a malformed CSV) stop the stage
+with a :class:`UserError` before anything is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from histoembed.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+LABELS_FILE = "train_labels.csv"
+MANIFEST_FILE = "manifest.csv"
+SPLITS = ("train", "test")
+
+Image.MAX_IMAGE_PIXELS = 30_000 ** 2  # large slides are fine; decompression bombs are not
+
+
+@dataclass(frozen=True)
+class Sample:
+    image_id: str          # the sample_index written in labels and submissions
+    split: str             # train / test
+    image: Path
+    mask: Path | None      # None: no mask (the crops stage then finds tissue by colour)
+    label: str | None      # None for test images
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: Path
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+@dataclass
+class Dataset:
+    root: Path
+    samples: list[Sample]
+    classes: list[str]                      # sorted label names, spelled as in the labels file
+    problems: list[Problem] = field(default_factory=list)  # items skipped, with why
+
+    def split(self, name: str) -> list[Sample]:
+        return [s for s in self.samples if s.split == name]
+
+    def by_id(self) -> dict[str, Sample]:
+        return {s.image_id: s for s in self.samples}
+
+
+# ---------------------------------------------------------------- reading pixels
+
+def _open(path: Path) -> Image.Image:
+    try:
+        img = Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()  # decodes fully: truncated files fail here, not later
+        return img
+    except FileNotFoundError:
+        raise UserError("file not found", path=path) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"unreadable or truncated image ({e})", path=path,
+                        hint="re-export the file, or remove it from the data folder") from None
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == bool:
+        return a.astype(np.uint8) * 255
+    if np.issubdtype(a.dtype, np.integer):
+        top = 65535 if a.max(initial=0) > 255 else 255
+        return (a.astype(np.float32) * (255.0 / top)).round().astype(np.uint8)
+    a = a.astype(np.float32)
+    if a.max(initial=0) <= 1.0:
+        a = a * 255.0
+    return np.clip(a, 0, 255).round().astype(np.uint8)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Any PNG/JPEG/TIFF as HxWx3 uint8 RGB; alpha is composited onto white (slide background)."""
+    path = Path(path)
+    img = _open(path)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        rgb = np.repeat(_to_uint8(np.asarray(img))[..., None], 3, axis=2)
+    elif img.mode in ("RGBA", "LA", "PA", "P", "La", "RGBa"):
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[..., 3:4] / 255.0
+        rgb = (rgba[..., :3] * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
+    else:
+        rgb = np.asarray(img.convert("RGB"))
+    if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise UserError(f"image has an unusable shape {rgb.shape}", path=path)
+    return np.ascontiguousarray(rgb)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A mask as HxW uint8 (0..255); colour masks use their brightest channel."""
+    path = Path(path)
+    img = _open(path)
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    a = np.asarray(img)
+    if a.ndim == 3:
+        if a.shape[2] in (2, 4):  # drop alpha
+            a = a[..., :-1]
+        a = a.max(axis=2)
+    return np.ascontiguousarray(_to_uint8(a))
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the header alone."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError:
+        raise UserError("file not found", path=path) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"unreadable image ({e})", path=path) from None
+
+
+# ---------------------------------------------------------------- finding samples
+
+def load_dataset(data: str | Path, strict: bool = False, check_sizes: bool = True) -> Dataset:
+    """Find and check every sample under ``data``.
+
+    ``strict`` turns item problems into a stop. ``check_sizes`` reads every header to
+    compare image and mask sizes (cheap: no pixels are decoded).
+    """
+    data = Path(data)
+    if data.is_file() and data.suffix.lower() == ".csv":
+        ds = _from_manifest(data)
+    elif not data.exists():
+        raise UserError("data folder not found", path=data,
+                        hint="run in a folder that holds data/, or pass --data DIR")
+    elif (data / MANIFEST_FILE).exists():
+        ds = _from_manifest(data / MANIFEST_FILE)
+    elif (data / "train_data").is_dir() or (data / "test_data").is_dir():
+        ds = _from_reference(data)
+    else:
+        raise UserError("no train_data/, test_data/ or manifest.csv found", path=data,
+                        hint="use the reference layout or write a manifest CSV (image,mask,label,split)")
+    if check_sizes:
+        ds = _check_sizes(ds)
+    if strict and ds.problems:
+        listed = "\n  ".join(map(str, ds.problems[:20]))
+        raise UserError(f"{len(ds.problems)} problem(s) in the data (--strict):\n  {listed}", path=data)
+    if not ds.samples:
+        raise UserError("no usable images found", path=data,
+                        hint="\n  ".join(map(str, ds.problems[:20])) or None)
+    return ds
+
+
+def _check_sizes(ds: Dataset) -> Dataset:
+    kept, problems = [], list(ds.problems)
+    for s in ds.samples:
+        try:
+            size = image_size(s.image)
+            if s.mask is not None:
+                msize = image_size(s.mask)
+                if msize != size:
+                    problems.append(Problem(s.mask, f"mask is {msize[0]}x{msize[1]} but its image "
+                                                    f"{s.image.name} is {size[0]}x{size[1]}"))
+                    continue
+        except UserError as e:
+            problems.append(Problem(e.path or s.image, e.problem))
+            continue
+        kept.append(s)
+    return Dataset(ds.root, kept, ds.classes, problems)
+
+
+def _mask_for(image: Path) -> Path:
+    return image.with_name("mask_" + image.name[len("img_"):])
+
+
+def _from_reference(root: Path) -> Dataset:
+    problems: list[Problem] = []
+    labels = _read_labels(root / LABELS_FILE) if (root / "train_data").is_dir() else {}
+    samples: list[Sample] = []
+    for split in SPLITS:
+        folder = root / f"{split}_data"
+        if not folder.is_dir():
+            continue
+        images = sorted(p for p in folder.iterdir()
+                        if p.name.startswith("img_") and p.suffix.lower() in IMAGE_SUFFIXES)
+        seen: dict[str, Path] = {}
+        for img in images:
+            if img.name in seen:  # cannot happen within a folder; kept for clarity
+                raise UserError("duplicate image id", path=img)
+            seen[img.name] = img
+            mask = _mask_for(img)
+            if not mask.exists():
+                alt = [m for m in folder.glob(f"mask_{img.stem[len('img_'):]}.*") if m.suffix.lower() in IMAGE_SUFFIXES]
+                if alt:
+                    mask = alt[0]
+                else:
+                    problems.append(Problem(img, f"no mask (expected {mask.name} beside it); image skipped"))
+                    continue
+            label = None
+            if split == "train":
+                label = labels.get(img.name)
+                if label is None:
+                    problems.append(Problem(img, f"training image has no row in {LABELS_FILE}; skipped"))
+                    continue
+            samples.append(Sample(img.name, split, img, mask, label))
+        if split == "train":
+            for image_id in sorted(set(labels) - set(seen)):
+                problems.append(Problem(root / LABELS_FILE,
+                                        f"label row for {image_id!r}, but train_data/{image_id} does not exist; row ignored"))
+    ids = [s.image_id for s in samples]
+    dupes = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+    if dupes:
+        raise UserError(f"image ids appear in both train_data and test_data: {', '.join(dupes[:5])}",
+                        path=root, hint="image ids (file names) must be unique across splits")
+    classes = sorted({s.label for s in samples if s.label is not None})
+    return Dataset(root, samples, classes, problems)
+
+
+def _read_labels(path: Path) -> dict[str, str]:
+    rows = _read_csv(path, required=("sample_index", "label"))
+    labels: dict[str, str] = {}
+    for lineno, row in rows:
+        key, label = (row["sample_index"] or "").strip(), (row["label"] or "").strip()
+        if not key or not label:
+            raise UserError(f"line {lineno}: empty sample_index or label", path=path)
+        if key in labels:
+            raise UserError(f"line {lineno}: duplicate id {key!r}", path=path,
+                            hint="each image must have exactly one label row")
+        labels[key] = label
+    return labels
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
+    if not path.exists():
+        raise UserError("file not found", path=path,
+                        hint=f"the training labels go in {LABELS_FILE} with header sample_index,label")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise UserError(f"header is {','.join(header) or '(empty)'}; missing column(s) {', '.join(missing)}",
+                                path=path, hint=f"the header must contain {','.join(required)}")
+            reader.fieldnames = header
+            return [(i + 2, row) for i, row in enumerate(reader)]
+    except UnicodeDecodeError:
+        raise UserError("not a UTF-8 text CSV", path=path) from None
+    except csv.Error as e:
+        raise UserError(f"malformed CSV ({e})", path=path) from None
+
+
+def _inside(root: Path, rel: str, path: Path, lineno: int) -> Path:
+    p = (root / rel).resolve()
+    if not p.is_relative_to(root.resolve()):
+        raise UserError(f"line {lineno}: path {rel!r} escapes the data folder {root}", path=path,
+                        hint="manifest paths must be relative and stay inside the manifest's folder")
+    return p
+
+
+def _from_manifest(path: Path) -> Dataset:
+    root = path.parent
+    problems: list[Problem] = []
+    samples: list[Sample] = []
+    seen: set[str] = set()
+    for lineno, row in _read_csv(path, required=("image", "mask", "label", "split")):
+        rel = (row["image"] or "").strip()
+        if not rel:
+            raise UserError(f"line {lineno}: empty image path", path=path)
+        image = _inside(root, rel, path, lineno)
+        mask_rel = (row["mask"] or "").strip()
+        mask = _inside(root, mask_rel, path, lineno) if mask_rel else None
+        split = (row["split"] or "").strip().lower()
+        label = (row["label"] or "").strip() or None
+        if rel in seen:
+            raise UserError(f"line {lineno}: duplicate image {rel!r}", path=path,
+                            hint="each image must appear once")
+        seen.add(rel)
+        if split not in SPLITS:
+            raise UserError(f"line {lineno}: split is {split!r}, expected train or test", path=path)
+        if not image.exists():
+            problems.append(Problem(image, f"listed on line {lineno} of {path.name} but does not exist; skipped"))
+            continue
+        if mask is not None and not mask.exists():
+            problems.append(Problem(mask, f"mask of {rel} (line {lineno}) does not exist; image skipped"))
+            continue
+        if split == "train" and label is None:
+            problems.append(Problem(image, f"training image has no label (line {lineno}); skipped"))
+            continue
+        samples.append(Sample(rel, split, image, mask, label if split == "train" else None))
+    classes = sorted({s.label for s in samples if s.label is not None})
+    return Dataset(root, samples, classes, problems)

@@ -38,7 +38,7 @@ class CropSettings(_Settings):
     size: int = Field(224, ge=16, description="Side of the square crop written, in pixels.")
     fill: tuple[int, int, int] = Field(MEAN_FILL, description="RGB of the padding (default: ImageNet mean).")
     fill_outside_mask: bool = Field(False, description="Also paint pixels outside the mask with the fill colour.")
-    tile: int = Field(0, ge=0, description="Tile side in source pixels for grid/roi-window (0: same as size).")
+    tile: int = Field(0, ge=0, description="Tile side in source pixels for grid, roi-window, center and fallbacks (0: same as size).")
     min_tissue: float = Field(0.5, ge=0, le=1, description="Grid tiles are kept when this fraction is tissue.")
     max_crops: int = Field(64, ge=1, description="At most this many crops per image (grid, roi-window, fallback).")
     workers: int = Field(0, ge=0, description="Worker processes (0: all cores).")
@@ -81,31 +81,41 @@ class EmbedSettings(_Settings):
 
 
 class QCSettings(_Settings):
+    """Thresholds of the QC stage; the measurements that chose them are in the QC issue note."""
+
     green_hue: FloatRange = Field((35.0, 85.0), description="OpenCV hue range (0-180) of green ink.")
     brown_hue: FloatRange = Field((5.0, 20.0), description="OpenCV hue range of brown (DAB-like) pixels.")
     yellow_hue: FloatRange = Field((20.0, 35.0), description="OpenCV hue range of yellow pixels.")
+    blue_hue: FloatRange = Field((85.0, 112.0), description="OpenCV hue range of blue/cyan pixels (sky, water).")
     min_saturation: int = Field(40, ge=0, le=255, description="Pixels below this saturation are not coloured.")
-    tissue_hue: FloatRange = Field((120.0, 180.0), description="Hue range of H&E pink/purple (wraps at 180).")
+    dark_value: int = Field(50, ge=0, le=255, description="Pixels below this HSV value are near-black.")
+    ink_saturation: int = Field(60, ge=0, le=255, description="Green pixels need at least this saturation to be ink.")
+    tissue_hue: FloatRange = Field((112.0, 180.0), description="Hue range of H&E pink/purple (lo > hi wraps at 180).")
     ink_fraction: float = Field(0.01, ge=0, le=1, description="Flag ink when this fraction of pixels is ink.")
-    non_tissue_fraction: float = Field(0.25, ge=0, le=1, description="Flag non_tissue when green+brown+yellow exceed this.")
+    non_tissue_fraction: float = Field(0.25, ge=0, le=1, description="Flag non_tissue when green+brown+yellow+blue exceed this.")
+    max_dark_fraction: float = Field(0.10, ge=0, le=1, description="Flag non_tissue when this fraction of pixels is near-black.")
+    max_flat_fraction: float = Field(0.6, ge=0, le=1, description="Flag non_tissue when this share of the non-background is flat colour.")
+    max_ink_fraction: float = Field(0.5, ge=0, le=1, description="Flag non_tissue when green 'ink' covers this much (not a smear).")
     min_tissue_in_mask: float = Field(0.05, ge=0, le=1, description="Flag blank when less of the mask than this is tissue.")
+    encoder: str = Field("phikon-v2", description="Encoder for thumbnails when the run has no feature store.")
     knn_k: int = Field(5, ge=1, description="Neighbours for the embedding outlier score.")
-    outlier_z: float = Field(3.5, gt=0, description="Robust z-score above which an image is an outlier.")
-    duplicate_cosine: float = Field(0.98, gt=0, le=1, description="Mean embeddings at least this similar are near-duplicates.")
-    hash_distance: int = Field(6, ge=0, description="Perceptual-hash Hamming distance for near copies.")
+    outlier_z: float = Field(6.0, gt=0, description="Robust z-score above which an image is an outlier.")
+    duplicate_cosine: float = Field(0.98, gt=0, le=1, description="Centred mean embeddings at least this similar are near-duplicates.")
+    hash_distance: int = Field(24, ge=0, le=256, description="Perceptual-hash (256-bit) Hamming distance for near copies.")
     repair_ink: bool = Field(True, description="Inpaint ink and remove it from the mask when cropping.")
+    workers: int = Field(0, ge=0, description="Worker processes for the colour pass (0: all cores, up to 8).")
 
 
 class MLPSettings(_Settings):
-    hidden: int = Field(512, ge=1, description="Hidden units per layer.")
+    hidden: int = Field(256, ge=1, description="Hidden units per layer.")
     depth: int = Field(1, ge=0, description="Hidden layers (0: a linear head).")
     dropout: float = Field(0.3, ge=0, lt=1, description="Dropout after each hidden layer and on the input.")
     lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate.")
     weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
     epochs: int = Field(40, ge=1, description="Most epochs (early stopping usually ends sooner).")
     warmup_epochs: int = Field(2, ge=0, description="Linear warm-up before the cosine decay.")
-    batch_size: int = Field(256, ge=1, description="Crop-views per step.")
-    patience: int = Field(6, ge=1, description="Epochs without inner-validation improvement before stopping.")
+    batch_size: int = Field(512, ge=1, description="Crop-views per step (smaller for small sets: at least 8 steps an epoch).")
+    patience: int = Field(4, ge=1, description="Epochs without inner-validation improvement before stopping.")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
     class_weights: bool = Field(True, description="Weight the loss by inverse class frequency.")
     mixup_alpha: float = Field(0.0, ge=0, description="MixUp Beta(alpha, alpha); 0 turns MixUp off.")
@@ -114,12 +124,14 @@ class MLPSettings(_Settings):
 class XGBSettings(_Settings):
     n_estimators: int = Field(300, ge=1, description="Most boosting rounds (early stopping usually ends sooner).")
     max_depth: int = Field(4, ge=1, description="Tree depth.")
-    learning_rate: float = Field(0.05, gt=0, description="Shrinkage per round.")
+    learning_rate: float = Field(0.1, gt=0, description="Shrinkage per round.")
     subsample: float = Field(0.8, gt=0, le=1, description="Row subsample per tree.")
     colsample_bytree: float = Field(0.4, gt=0, le=1, description="Feature subsample per tree.")
     max_bin: int = Field(64, ge=2, description="Histogram bins per feature.")
-    pca_dims: int = Field(256, ge=0, description="PCA to this many dims inside each fold first (0: off).")
-    early_stopping_rounds: int = Field(30, ge=1, description="Rounds without inner-validation improvement.")
+    pca_dims: int = Field(128, ge=0, description="PCA to this many dims inside each fold first (0: off).")
+    early_stopping_rounds: int = Field(20, ge=1, description="Rounds without inner-validation improvement.")
+    min_child_weight: float = Field(1.0, ge=0, description="Smallest summed instance weight in a leaf.")
+    class_weights: bool = Field(True, description="Weight samples by inverse class frequency.")
 
 
 class FitSettings(_Settings):

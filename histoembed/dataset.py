@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,8 +134,9 @@ def image_size(path: Path) -> tuple[int, int]:
             return img.size
     except FileNotFoundError:
         raise UserError("file not found", path=path) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"unreadable image ({e})", path=path) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"unreadable image ({e})", path=path,
+                        hint="re-export the file, or remove it from the data folder") from None
 
 
 # ---------------------------------------------------------------- finding samples
@@ -178,10 +180,10 @@ def _check_sizes(ds: Dataset) -> Dataset:
                 msize = image_size(s.mask)
                 if msize != size:
                     problems.append(Problem(s.mask, f"mask is {msize[0]}x{msize[1]} but its image "
-                                                    f"{s.image.name} is {size[0]}x{size[1]}"))
+                                                    f"{s.image.name} is {size[0]}x{size[1]}; image skipped"))
                     continue
         except UserError as e:
-            problems.append(Problem(e.path or s.image, e.problem))
+            problems.append(Problem(e.path or s.image, f"{e.problem}; image skipped"))
             continue
         kept.append(s)
     return Dataset(ds.root, kept, ds.classes, problems)
@@ -225,8 +227,7 @@ def _from_reference(root: Path) -> Dataset:
             for image_id in sorted(set(labels) - set(seen)):
                 problems.append(Problem(root / LABELS_FILE,
                                         f"label row for {image_id!r}, but train_data/{image_id} does not exist; row ignored"))
-    ids = [s.image_id for s in samples]
-    dupes = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+    dupes = sorted(i for i, n in Counter(s.image_id for s in samples).items() if n > 1)
     if dupes:
         raise UserError(f"image ids appear in both train_data and test_data: {', '.join(dupes[:5])}",
                         path=root, hint="image ids (file names) must be unique across splits")
@@ -280,7 +281,7 @@ def _from_manifest(path: Path) -> Dataset:
     root = path.parent
     problems: list[Problem] = []
     samples: list[Sample] = []
-    seen: set[str] = set()
+    seen: dict[Path, int] = {}  # resolved image -> line, so a/../x.png and x.png are one image
     for lineno, row in _read_csv(path, required=("image", "mask", "label", "split")):
         rel = (row["image"] or "").strip()
         if not rel:
@@ -290,10 +291,10 @@ def _from_manifest(path: Path) -> Dataset:
         mask = _inside(root, mask_rel, path, lineno) if mask_rel else None
         split = (row["split"] or "").strip().lower()
         label = (row["label"] or "").strip() or None
-        if rel in seen:
-            raise UserError(f"line {lineno}: duplicate image {rel!r}", path=path,
+        if image in seen:
+            raise UserError(f"line {lineno}: duplicate image {rel!r} (also on line {seen[image]})", path=path,
                             hint="each image must appear once")
-        seen.add(rel)
+        seen[image] = lineno
         if split not in SPLITS:
             raise UserError(f"line {lineno}: split is {split!r}, expected train or test", path=path)
         if not image.exists():

@@ -55,3 +55,16 @@ def command(name: str | None = None, **kwargs):
         return fn
 
     return decorate
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from histoembed import __version__
+        typer.echo(f"histoembed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False) -> None:
+    """Classify histology images with a frozen pathology foundation model."""

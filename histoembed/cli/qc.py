@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from histoembed.cli.app import ConfigOpt, DataOpt, EncoderOpt, RunOpt, StrictOpt, command
+
+
+@command("qc")
+def qc(
+    data: DataOpt = Path("data"),
+    run: RunOpt = Path("run"),
+    config: ConfigOpt = None,
+    encoder: EncoderOpt = None,
+    embed: Annotated[bool, typer.Option(
+        "--embed/--no-embed", help="Run the embedding pass (kNN outliers, near-duplicates by embedding): "
+                                   "the run's feature store when there is one, else thumbnails through "
+                                   "--encoder. --no-embed: colour and hash checks only.")] = True,
+    keep: Annotated[list[str] | None, typer.Option(
+        "--keep", help="Un-flag this image id (repeatable), e.g. --keep img_0042.png.")] = None,
+    non_tissue_fraction: Annotated[float | None, typer.Option(
+        help="Flag non_tissue when brown+yellow+green+blue pixels exceed this fraction.")] = None,
+    ink_fraction: Annotated[float | None, typer.Option(
+        help="Flag ink when green-ink pixels exceed this fraction.")] = None,
+    min_tissue_in_mask: Annotated[float | None, typer.Option(
+        help="Flag blank when less of the mask than this is tissue.")] = None,
+    outlier_z: Annotated[float | None, typer.Option(
+        help="Flag outlier above this robust z-score of the kNN embedding distance.")] = None,
+    duplicate_cosine: Annotated[float | None, typer.Option(
+        help="Near-duplicates: centred cosine of mean embeddings at least this.")] = None,
+    hash_distance: Annotated[int | None, typer.Option(
+        help="Near-duplicates: perceptual-hash Hamming distance at most this.")] = None,
+    strict: StrictOpt = False,
+) -> None:
+    """Flag non-tissue pictures, green ink, blank masks, embedding outliers and near-duplicates.
+
+    Writes run/qc.parquet. crops and fit leave flagged training images out (test images are
+    always kept); images with ink are repaired when they are cropped.
+    """
+    from rich.markup import escape
+
+    from histoembed import config as cfg
+    from histoembed.console import console, table
+    from histoembed.qc import run_qc
+
+    settings = cfg.load_settings(config)
+    qc_settings = cfg.updated(settings.qc, non_tissue_fraction=non_tissue_fraction, ink_fraction=ink_fraction,
+                              min_tissue_in_mask=min_tissue_in_mask, outlier_z=outlier_z,
+                              duplicate_cosine=duplicate_cosine, hash_distance=hash_distance)
+    result = run_qc(data, run, qc_settings, embed=embed, encoder=encoder, keep=list(keep or []), strict=strict)
+    if result.skipped:
+        console.print(f"{result.path} is up to date (same images and settings); nothing to do.", soft_wrap=True)
+    n = result.table.num_rows
+    rows = [[flag, result.count(flag)] for flag in ("non_tissue", "ink", "blank", "outlier")]
+    rows.append(["in a near-duplicate group", result.count("duplicate_group")])
+    rows.append(["flagged (left out of training)", result.count("flagged")])
+    table(f"QC of {n} images", ["flag", "images"], rows)
+    flagged = result.flagged()
+    if flagged:
+        console.print(f"[bold]Flagged images[/] ({len(flagged)}):", soft_wrap=True)
+        for image_id, split, reason in flagged:
+            console.print(f"  {escape(image_id)} ({split}): {escape(reason)}", soft_wrap=True)
+    if result.problems:
+        console.print(f"[yellow]{len(result.problems)} image(s) could not be read or used and were skipped:[/]",
+                      soft_wrap=True)
+        for p in result.problems:
+            console.print(f"  {escape(str(p))}", soft_wrap=True)
+    console.print(f"embeddings: {escape(result.embedding)}", soft_wrap=True)
+    if not result.skipped:
+        console.print(f"wrote {result.path}", soft_wrap=True)

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from histoembed.cli.app import RunOpt, command
+
+
+@command("report")
+def report(
+    run: RunOpt = Path("run"),
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="Data folder (or manifest CSV) for thumbnails, crops drawn on images and crop maps; "
+                       "default: ./data when it exists, else those sections are left out.")] = None,
+) -> None:
+    """Write run/report.html: one self-contained page with the run's tables and plots."""
+    from histoembed.console import console
+    from histoembed.report import write_report
+
+    if data is None and Path("data").exists():
+        data = Path("data")
+    path = write_report(run, data)
+    console.print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB); open it in a browser", soft_wrap=True)

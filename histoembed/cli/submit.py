@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from histoembed.cli.app import DataOpt, EncoderOpt, RunOpt, command
+
+
+@command("submit")
+def submit(
+    data: DataOpt = Path("data"),
+    run: RunOpt = Path("run"),
+    encoder: EncoderOpt = None,
+    tta: Annotated[bool, typer.Option(
+        "--tta/--no-tta", help="Average over every embedded view of each test crop (--no-tta: the clean view only).")] = True,
+) -> None:
+    """Predict the test split with the fold ensemble and write run/submission.csv."""
+    from histoembed.console import console, table
+    from histoembed.submit import run_submit
+
+    result = run_submit(data, run, encoder=encoder, tta=tta)
+    table("Predicted labels", ["label", "images"], [[c, n] for c, n in result.counts.items()])
+    if result.fallbacks:
+        console.print(f"[yellow]{len(result.fallbacks)} test image(s) had no usable crop and were predicted "
+                      f"by the training-class prior:[/] {', '.join(result.fallbacks)}", soft_wrap=True)
+    console.print(f"wrote {result.submission} ({result.n_images} rows) and {result.predictions}", soft_wrap=True)

@@ -1,0 +1,478 @@
+"""Cut square tissue crops from every image: the first stage, writing ``run/crops.parquet``.
+
+Strategies (``CropSettings.strategy``):
+
+* ``blobs`` (default, the reference recipe): binarise the mask with Otsu; take the
+  8-connected components; keep up to ``k`` largest with area >= ``min_area``; grow each
+  bounding box by ``margin`` (each edge moves out by margin x the box's width for left and
+  right, x its height for top and bottom; rounded outward) and clip it to the image; place
+  the box's pixels centred on a square canvas of side max(width, height) painted with the
+  fill colour; resize to ``size``.
+* ``grid``: tiles of side ``tile`` (default ``size``) laid evenly over the whole image, kept
+  when at least ``min_tissue`` of the tile is tissue by colour.
+* ``roi-window``: tiles laid evenly over each kept component's bounding box, kept when at
+  least half the tile is inside the mask.
+* ``center``: one ``tile``-sided crop centred on each kept component's centroid.
+
+An image whose mask is empty, missing, or yields no component of ``min_area`` (or whose
+strategy yields no crop) falls back to grid tiles over its tissue found by colour; such
+crops say ``grid-fallback`` in the ``strategy`` column and the result lists the images.
+If no tile reaches ``min_tissue``, the tile with the most tissue is kept, so every
+readable image gets at least one crop.
+
+``tissue_fraction`` is the share of the crop's box that is tissue: inside the mask for
+``blobs``, ``roi-window`` and ``center``, tissue by colour for ``grid`` and fallbacks.
+Tiles never leave the image; an image smaller than a tile gives one clipped tile, padded
+square with the fill colour (never stretched).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from histoembed import store
+from histoembed.config import CropSettings
+from histoembed.dataset import Problem, Sample, load_dataset, read_image, read_mask
+from histoembed.errors import UserError
+
+Box = tuple[int, int, int, int]   # x0, y0, x1, y1 in source pixels; x1, y1 exclusive
+CROPS_VERSION = 1                 # bump when the crops' definition changes (part of the skip key)
+SUMMARY_KEY = "histoembed_summary"  # footer metadata: what the run skipped and why
+
+
+# ---------------------------------------------------------------- pure geometry and pixels
+
+@dataclass(frozen=True)
+class Component:
+    box: Box                       # tight bounding box
+    area: int                      # pixels in the component
+    centroid: tuple[float, float]  # (x, y)
+
+
+def otsu_binarise(mask: np.ndarray) -> np.ndarray:
+    """The mask as bool HxW, thresholded by Otsu (a constant mask is all-in if non-zero)."""
+    mask = np.asarray(mask, dtype=np.uint8)
+    lo, hi = int(mask.min(initial=0)), int(mask.max(initial=0))
+    if lo == hi:
+        return np.full(mask.shape, hi > 0, dtype=bool)
+    t, _ = cv2.threshold(mask, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return mask > t
+
+
+def components(binary: np.ndarray, k: int, min_area: int) -> list[Component]:
+    """Up to ``k`` largest 8-connected components of area >= ``min_area`` (largest first)."""
+    n, _, stats, centroids = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
+    found = []
+    for i in range(1, n):  # 0 is the background
+        x, y, w, h, area = (int(v) for v in stats[i])
+        if area >= min_area:
+            found.append(Component((x, y, x + w, y + h), area, (float(centroids[i][0]), float(centroids[i][1]))))
+    found.sort(key=lambda c: (-c.area, c.box[1], c.box[0]))
+    return found[:k]
+
+
+def grow_box(box: Box, margin: float, width: int, height: int) -> Box:
+    """Move each edge out by margin x the box's width (left/right) or height (top/bottom); clip."""
+    x0, y0, x1, y1 = box
+    dx, dy = margin * (x1 - x0), margin * (y1 - y0)
+    return (max(0, math.floor(x0 - dx)), max(0, math.floor(y0 - dy)),
+            min(width, math.ceil(x1 + dx)), min(height, math.ceil(y1 + dy)))
+
+
+def square_crop(rgb: np.ndarray, box: Box, fill: Sequence[int], size: int, mask: np.ndarray | None = None,
+                side: int | None = None) -> np.ndarray:
+    """The box's pixels centred on a square canvas painted ``fill``, resized to ``size`` x ``size``.
+
+    ``mask`` (bool HxW of the whole image), when given, also paints the box's pixels outside
+    it. ``side`` is the canvas side (default max(width, height)); tiles pass their nominal
+    side so a tile clipped by the image edge is padded, not stretched.
+    """
+    x0, y0, x1, y1 = box
+    patch = rgb[y0:y1, x0:x1]
+    h, w = patch.shape[:2]
+    side = max(w, h, side or 0)
+    canvas = np.empty((side, side, 3), np.uint8)
+    canvas[:] = np.asarray(fill, np.uint8)
+    oy, ox = (side - h) // 2, (side - w) // 2
+    if mask is None:
+        canvas[oy:oy + h, ox:ox + w] = patch
+    else:
+        inside = mask[y0:y1, x0:x1]
+        canvas[oy:oy + h, ox:ox + w] = np.where(inside[..., None], patch, canvas[oy:oy + h, ox:ox + w])
+    if side == size:
+        return canvas
+    interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    return cv2.resize(canvas, (size, size), interpolation=interp)
+
+
+def tissue_mask_by_colour(rgb: np.ndarray) -> np.ndarray:
+    """Stained pixels as bool HxW: not the bright, unsaturated slide background and not black."""
+    hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
+    sat, val = hsv[..., 1], hsv[..., 2]
+    return ((sat >= 20) | (val < 200)) & (val >= 30)
+
+
+def box_fraction(binary: np.ndarray, box: Box) -> float:
+    """Share of the box's pixels that are true in ``binary``."""
+    x0, y0, x1, y1 = box
+    part = binary[y0:y1, x0:x1]
+    return float(part.mean()) if part.size else 0.0
+
+
+def tile_starts(lo: int, hi: int, tile: int, limit: int) -> list[int]:
+    """Starts of tiles of side ``tile`` laid evenly to cover [lo, hi), kept inside [0, limit)."""
+    span = hi - lo
+    if limit <= tile:
+        return [0]
+    if span <= tile:
+        return [min(max(0, (lo + hi) // 2 - tile // 2), limit - tile)]
+    n = math.ceil(span / tile)
+    starts = np.linspace(lo, hi - tile, n).round().astype(int)
+    return [min(max(0, int(s)), limit - tile) for s in starts]
+
+
+def tile_boxes(region: Box, tile: int, width: int, height: int) -> list[Box]:
+    """Tiles covering ``region`` (clipped to the image when it is smaller than a tile)."""
+    x0, y0, x1, y1 = region
+    return [(x, y, min(x + tile, width), min(y + tile, height))
+            for y in tile_starts(y0, y1, tile, height) for x in tile_starts(x0, x1, tile, width)]
+
+
+def _best(scored: list[tuple[Box, float]], n: int) -> list[tuple[Box, float]]:
+    """At most ``n`` boxes, the highest fractions first among equals kept in reading order."""
+    if len(scored) <= n:
+        return scored
+    keep = sorted(range(len(scored)), key=lambda i: -scored[i][1])[:n]
+    return [scored[i] for i in sorted(keep)]
+
+
+# ---------------------------------------------------------------- strategies
+
+def blob_boxes(binary: np.ndarray, comps: list[Component], margin: float) -> list[tuple[Box, float]]:
+    """Each component's box grown by ``margin`` and clipped (the reference recipe)."""
+    h, w = binary.shape
+    out = []
+    for c in comps:
+        box = grow_box(c.box, margin, w, h)
+        out.append((box, box_fraction(binary, box)))
+    return out
+
+
+def grid_boxes(tissue: np.ndarray, tile: int, min_tissue: float, max_crops: int,
+               keep_best: bool = False) -> list[tuple[Box, float]]:
+    """Tiles over the whole image with at least ``min_tissue`` tissue (``keep_best``: else the best one)."""
+    h, w = tissue.shape
+    scored = [(b, box_fraction(tissue, b)) for b in tile_boxes((0, 0, w, h), tile, w, h)]
+    kept = [(b, f) for b, f in scored if f >= min_tissue]
+    if not kept and keep_best:
+        kept = [max(scored, key=lambda bf: bf[1])]
+    return _best(kept, max_crops)
+
+
+def roi_window_boxes(binary: np.ndarray, comps: list[Component], tile: int, max_crops: int) -> list[tuple[Box, float]]:
+    """Tiles over each component's box, kept when at least half the tile is inside the mask."""
+    h, w = binary.shape
+    seen, out = set(), []
+    for c in comps:
+        for b in tile_boxes(c.box, tile, w, h):
+            f = box_fraction(binary, b)
+            if b not in seen and f >= 0.5:
+                seen.add(b)
+                out.append((b, f))
+    return _best(out, max_crops)
+
+
+def center_boxes(binary: np.ndarray, comps: list[Component], tile: int) -> list[tuple[Box, float]]:
+    """One tile centred on each component's centroid, shifted to stay inside the image."""
+    h, w = binary.shape
+    out = []
+    for c in comps:
+        cx, cy = c.centroid
+        x = 0 if w <= tile else min(max(0, round(cx - tile / 2)), w - tile)
+        y = 0 if h <= tile else min(max(0, round(cy - tile / 2)), h - tile)
+        box = (x, y, min(x + tile, w), min(y + tile, h))
+        out.append((box, box_fraction(binary, box)))
+    return out
+
+
+@dataclass
+class Crop:
+    box: Box
+    tissue_fraction: float
+    strategy: str
+    pixels: np.ndarray  # size x size x 3 uint8
+
+
+def crop_image(rgb: np.ndarray, mask: np.ndarray | None, s: CropSettings) -> tuple[list[Crop], str | None]:
+    """Every crop of one image, and why it fell back to grid-over-tissue (None if it did not)."""
+    tile = s.tile or s.size
+    binary = otsu_binarise(mask) if mask is not None else None
+    has_mask = binary is not None and binary.any()
+    comps = components(binary, s.k, s.min_area) if has_mask and s.strategy != "grid" else []
+    paint = binary if (s.fill_outside_mask and has_mask) else None
+    boxes: list[tuple[Box, float]] = []
+    side: int | None = None
+    fallback = None
+    if s.strategy == "grid":
+        boxes, side = grid_boxes(tissue_mask_by_colour(rgb), tile, s.min_tissue, s.max_crops), tile
+        if not boxes:
+            fallback = f"no tile has {s.min_tissue:.0%} tissue"
+    elif binary is None:
+        fallback = "no mask"
+    elif not has_mask:
+        fallback = "mask is empty"
+    elif not comps:
+        fallback = f"no mask component of {s.min_area} px or more"
+    else:
+        if s.strategy == "blobs":
+            boxes = blob_boxes(binary, comps, s.margin)
+        elif s.strategy == "roi-window":
+            boxes, side = roi_window_boxes(binary, comps, tile, s.max_crops), tile
+        else:  # center
+            boxes, side = center_boxes(binary, comps, tile), tile
+        if not boxes:
+            fallback = f"no {s.strategy} crop is half inside the mask"
+    strategy = s.strategy
+    if fallback is not None:
+        boxes = grid_boxes(tissue_mask_by_colour(rgb), tile, s.min_tissue, s.max_crops, keep_best=True)
+        side, paint, strategy = tile, None, "grid-fallback"
+    crops = [Crop(b, f, strategy, square_crop(rgb, b, s.fill, s.size, mask=paint, side=side)) for b, f in boxes]
+    return crops, fallback
+
+
+# ---------------------------------------------------------------- one image in a worker
+
+@dataclass
+class _Task:
+    sample: Sample
+    settings: CropSettings
+    repair: dict | None  # QC settings to repair ink with, or None
+
+
+@dataclass
+class _Done:
+    image_id: str
+    rows: list[tuple] = field(default_factory=list)  # (crop_index, x0, y0, x1, y1, fraction, strategy, png)
+    fallback: str | None = None
+    problem: Problem | None = None
+    repaired: bool = False
+
+
+def _encode_png(rgb: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def _crop_one(task: _Task) -> _Done:
+    s = task.sample
+    try:
+        rgb = read_image(s.image)
+        mask = read_mask(s.mask) if s.mask is not None else None
+    except UserError as e:
+        return _Done(s.image_id, problem=Problem(e.path or s.image, f"{e.problem}; image skipped"))
+    if mask is not None and mask.shape != rgb.shape[:2]:
+        return _Done(s.image_id, problem=Problem(s.mask, f"mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+                                                          f"is {rgb.shape[1]}x{rgb.shape[0]}; image skipped"))
+    repaired = False
+    if task.repair is not None:
+        from histoembed.config import QCSettings
+        from histoembed.qc import repair_ink
+        base = mask if mask is not None else np.full(rgb.shape[:2], 255, np.uint8)
+        rgb, fixed = repair_ink(rgb, base, QCSettings.model_validate(task.repair))
+        mask = fixed if mask is not None else None
+        repaired = True
+    crops, fallback = crop_image(rgb, mask, task.settings)
+    rows = [(i, *c.box, c.tissue_fraction, c.strategy, _encode_png(c.pixels)) for i, c in enumerate(crops)]
+    return _Done(s.image_id, rows, fallback, repaired=repaired)
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one image per process; OpenCV's own threads would oversubscribe
+
+
+# ---------------------------------------------------------------- the stage
+
+@dataclass
+class CropsResult:
+    path: Path
+    images: int                       # images that got crops
+    crops: int
+    per_image: tuple[int, float, int]  # crops per image: min, median, max
+    fallbacks: list[tuple[str, str]]  # (image_id, why) for images cut by grid-fallback
+    problems: list[Problem]           # items skipped, with why (data checks and unreadable files)
+    left_out: list[str]               # training images left out because QC flagged them
+    repaired: list[str]               # images whose ink was repaired before cropping
+    skipped: bool                     # True: inputs and settings unchanged, nothing was done
+
+
+def _stamp(path: Path | None) -> list | None:
+    if path is None:
+        return None
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def _read_qc(run: Path) -> tuple[dict[str, dict], dict | None, list | None]:
+    """({image_id: row}, QC settings as a dict, the file's stamp) of run/qc.parquet, if any."""
+    path = run / store.QC_FILE
+    if not path.exists():
+        return {}, None, None
+    table = store.read_table(path, "QC table", hint="re-run `histoembed qc`")
+    missing = [c for c in ("image_id", "flagged", "ink") if c not in table.column_names]
+    if missing:
+        raise UserError(f"QC table lacks column(s) {', '.join(missing)}", path=path, hint="re-run `histoembed qc`")
+    rows = {r["image_id"]: r for r in table.select(["image_id", "split", "flagged", "ink"]).to_pylist()}
+    meta = store.read_meta(path)
+    return rows, meta.get("settings"), [_stamp(path), meta.get("key")]
+
+
+def _summary(path: Path) -> dict:
+    raw = (pq.ParquetFile(path).metadata.metadata or {}).get(SUMMARY_KEY.encode())
+    return json.loads(raw) if raw else {}
+
+
+def _counts(image_ids: Sequence[str]) -> tuple[int, float, int]:
+    if not len(image_ids):
+        return (0, 0.0, 0)
+    _, n = np.unique(np.asarray(image_ids, dtype=object), return_counts=True)
+    return int(n.min()), float(np.median(n)), int(n.max())
+
+
+def _previous(out: Path) -> CropsResult:
+    t = pq.read_table(out, columns=["image_id"])
+    ids = t["image_id"].to_pylist()
+    sm = _summary(out)
+    return CropsResult(out, len(set(ids)), len(ids), _counts(ids), [tuple(f) for f in sm.get("fallbacks", [])],
+                       [Problem(Path(p), why) for p, why in sm.get("problems", [])], sm.get("left_out", []),
+                       sm.get("repaired", []), skipped=True)
+
+
+def n_workers(requested: int) -> int:
+    """0 means every core this process may use."""
+    if requested > 0:
+        return requested
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = False, keep: Sequence[str] = (),
+              include_flagged: bool = False) -> CropsResult:
+    """Cut the crops of both splits into ``run/crops.parquet`` (nothing to do when unchanged).
+
+    ``strict`` stops at the first bad item, before anything is written. With a
+    ``run/qc.parquet``, flagged training images are left out (unless ``include_flagged`` or
+    named in ``keep``) and images with ink are repaired first; test images are never left out.
+    """
+    from histoembed.console import progress
+
+    data, run = Path(data), Path(run)
+    out = run / store.CROPS_FILE
+    ds = load_dataset(data, strict=strict)
+    known = {s.image_id for s in ds.samples}
+    unknown = [k for k in keep if k not in known]
+    if unknown:
+        raise UserError(f"--keep names image(s) not in the data: {', '.join(unknown)}", path=data,
+                        hint="use image ids as in train_labels.csv or the manifest, e.g. img_0003.png")
+    qc_rows, qc_settings, qc_stamp = _read_qc(run)
+    repair_on = qc_settings is None or qc_settings.get("repair_ink", True)
+
+    left_out = [s.image_id for s in ds.samples
+                if s.split == "train" and qc_rows.get(s.image_id, {}).get("flagged")
+                and not include_flagged and s.image_id not in keep]
+    dropped = set(left_out)
+    samples = [s for s in ds.samples if s.image_id not in dropped]
+    if not samples:
+        raise UserError("every image was left out (all training images flagged by QC and no test images)",
+                        path=run / store.QC_FILE, hint="pass --include-flagged or --keep ID")
+
+    key = store.config_key(
+        "crops", CROPS_VERSION, settings.model_dump(exclude={"workers"}), sorted(keep), include_flagged, qc_stamp,
+        [[s.image_id, s.split, s.label, _stamp(s.image), _stamp(s.mask)] for s in ds.samples],
+        [str(p) for p in ds.problems],
+    )
+    if out.exists() and store.read_meta(out).get("key") == key:
+        return _previous(out)
+
+    tasks = []
+    for s in samples:
+        ink = bool(qc_rows.get(s.image_id, {}).get("ink"))
+        tasks.append(_Task(s, settings, (qc_settings or {}) if (ink and repair_on) else None))
+    label_of = {s.image_id: s.label for s in samples}
+    split_of = {s.image_id: s.split for s in samples}
+
+    meta = {"key": key, "settings": settings.model_dump(), "data": str(data.resolve()),
+            "qc": qc_stamp[1] if qc_stamp else None, "images": len(samples), "left_out": len(left_out)}
+    schema = store.with_meta(store.CROPS_SCHEMA, meta)
+    workers = min(n_workers(settings.workers), len(tasks))
+    fallbacks: list[tuple[str, str]] = []
+    problems: list[Problem] = list(ds.problems)
+    repaired: list[str] = []
+    written_ids: list[str] = []
+    batch: list[tuple] = []
+
+    def flush(writer: pq.ParquetWriter) -> None:
+        if batch:
+            cols = list(zip(*batch))
+            writer.write_table(pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, schema)],
+                                                    schema=schema))
+            batch.clear()
+
+    with store.atomic_path(out) as tmp:
+        writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+        try:
+            if workers > 1:
+                pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=_init_worker)
+                results = pool.map(_crop_one, tasks, chunksize=max(1, min(8, len(tasks) // (workers * 4))))
+            else:
+                pool, results = None, map(_crop_one, tasks)
+            try:
+                with progress("images") as bar:
+                    job = bar.add_task("crops", total=len(tasks))
+                    for done in results:
+                        bar.advance(job)
+                        if done.problem is not None:
+                            if strict:
+                                raise UserError(f"{done.problem.problem.removesuffix('; image skipped')} "
+                                                "(--strict: nothing written)", path=done.problem.path)
+                            problems.append(done.problem)
+                            continue
+                        if done.fallback is not None:
+                            fallbacks.append((done.image_id, done.fallback))
+                        if done.repaired:
+                            repaired.append(done.image_id)
+                        for row in done.rows:
+                            batch.append((done.image_id, split_of[done.image_id], label_of[done.image_id], *row))
+                            written_ids.append(done.image_id)
+                        if len(batch) >= 256:
+                            flush(writer)
+            finally:
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
+            flush(writer)
+            if not written_ids:
+                raise UserError("no image could be cropped", path=data,
+                                hint="\n  ".join(map(str, problems[:20])) or None)
+            writer.add_key_value_metadata({SUMMARY_KEY: json.dumps({
+                "fallbacks": fallbacks, "problems": [[str(p.path), p.problem] for p in problems],
+                "left_out": left_out, "repaired": repaired})})
+        finally:
+            writer.close()
+    return CropsResult(out, len(set(written_ids)), len(written_ids), _counts(written_ids), fallbacks, problems,
+                       left_out, repaired, skipped=False)

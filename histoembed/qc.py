@@ -1,0 +1,621 @@
+"""Quality control: flag images a classifier should not learn from, and repair green ink.
+
+Two passes over every image (both splits):
+
+* **Colour pass** (no model, on a copy downscaled to ``MAX_SIDE``): HSV fractions of
+  green, brown, yellow and blue pixels, a green-ink mask (Otsu on saturation within the
+  ink hue range), the tissue fraction by colour, the mask's area and how much of it is
+  tissue. H&E is pink and purple on a white slide; a pasted photograph or cartoon shows
+  colours no H&E stain makes (browns, yellows, greens, blues), near-black shadows, or
+  large flat areas of one colour. Each of ``non_tissue``, ``ink`` and ``blank`` comes
+  with the scores behind it in ``reason``.
+* **Embedding pass** (a feature store's view-0 embeddings, else a thumbnail of each
+  image through the encoder): each image's mean embedding gives a kNN outlier score
+  (mean cosine distance to the k nearest images, as a robust z-score) and, with a
+  perceptual hash, near-duplicate groups.
+
+``flagged`` = non_tissue or ink or blank or outlier. Near-duplicates are *not* flagged:
+they stay in training and the fit stage keeps each ``duplicate_group`` inside one fold,
+so no copy leaks into its own evaluation fold and no data is thrown away. ``--keep``
+un-flags single images. Test images get the same columns, but later stages never drop
+them; images with ``ink`` are repaired by :func:`repair_ink` when the crops stage reads
+them (source files are never modified).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+
+from histoembed import store
+from histoembed.config import QCSettings
+from histoembed.dataset import Problem, Sample, load_dataset, read_image, read_mask
+from histoembed.errors import UserError
+
+MAX_SIDE = 512          # the colour pass works on images downscaled to this longest side
+HASH_SIZE = 16          # perceptual hash of HASH_SIZE**2 bits
+QC_VERSION = 1          # bump when a score's definition changes (part of the skip key)
+
+SCORE_COLUMNS = ("green_fraction", "brown_fraction", "yellow_fraction", "blue_fraction",
+                 "off_palette_fraction", "he_share", "dark_fraction", "flat_fraction",
+                 "ink_fraction", "tissue_fraction", "mask_fraction", "tissue_in_mask",
+                 "knn_distance", "knn_z")
+
+
+# ---------------------------------------------------------------- colour maths (pure)
+
+def hue_in(hue: np.ndarray, rng: tuple[float, float]) -> np.ndarray:
+    """Pixels whose OpenCV hue (0..180) lies in [lo, hi); lo > hi wraps through 180."""
+    lo, hi = rng
+    return (hue >= lo) & (hue < hi) if lo <= hi else (hue >= lo) | (hue < hi)
+
+
+def downscale(rgb: np.ndarray, mask: np.ndarray | None = None, max_side: int = MAX_SIDE):
+    """Shrink so the longest side is at most ``max_side`` (area averaging; masks by nearest)."""
+    h, w = rgb.shape[:2]
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return rgb, mask
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    if mask is not None:
+        mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+    return small, mask
+
+
+def to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
+    return hsv[..., 0], hsv[..., 1], hsv[..., 2]
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold of uint8 values (0 when there are too few to split)."""
+    if values.size < 16:
+        return 0.0
+    t, _ = cv2.threshold(values.reshape(-1, 1).astype(np.uint8), 0, 255,
+                         cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return float(t)
+
+
+def ink_mask(rgb: np.ndarray, settings: QCSettings) -> np.ndarray:
+    """Green-ink pixels: ink hue, saturation above Otsu's split of the ink-hue pixels.
+
+    Otsu separates the saturated ink from faintly green-tinted tissue or background; the
+    split never goes below ``ink_saturation`` so an image without ink finds none.
+    """
+    hue, sat, val = to_hsv(rgb)
+    candidate = hue_in(hue, settings.green_hue) & (sat >= settings.min_saturation) & (val >= settings.dark_value)
+    if not candidate.any():
+        return candidate
+    cut = max(otsu_threshold(sat[candidate]), float(settings.ink_saturation))
+    return candidate & (sat > cut)
+
+
+def tissue_by_colour(rgb: np.ndarray) -> np.ndarray:
+    """Tissue pixels by colour, from the crops stage (one definition for both stages)."""
+    try:
+        from histoembed.crops import tissue_mask_by_colour
+    except ImportError:  # crops stage not installed alongside: same rule, kept here
+        return _tissue_by_colour(rgb)
+    return np.asarray(tissue_mask_by_colour(rgb), dtype=bool)
+
+
+def _tissue_by_colour(rgb: np.ndarray) -> np.ndarray:
+    """Stained pixels: not the bright, unsaturated slide background and not black."""
+    _, sat, val = to_hsv(rgb)
+    return ((sat >= 20) | (val < 200)) & (val >= 30)
+
+
+def flat_fraction(rgb: np.ndarray, foreground: np.ndarray, window: int = 7, max_std: float = 1.5) -> float:
+    """Share of the foreground in windows of (almost) one colour: cartoons and graphics, not tissue."""
+    if not foreground.any():
+        return 0.0
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    mean = cv2.blur(gray, (window, window))
+    sq = cv2.blur(gray * gray, (window, window))
+    std = np.sqrt(np.maximum(sq - mean * mean, 0))
+    return float(np.mean(std[foreground] <= max_std))
+
+
+def colour_scores(rgb: np.ndarray, mask: np.ndarray | None, settings: QCSettings) -> dict[str, float]:
+    """Every colour score of one image (already downscaled); fractions are of all pixels."""
+    hue, sat, val = to_hsv(rgb)
+    n = hue.size
+    ink = ink_mask(rgb, settings)
+    coloured = (sat >= settings.min_saturation) & (val >= settings.dark_value)
+    plain = coloured & ~ink  # coloured pixels that are not ink
+    green = plain & hue_in(hue, settings.green_hue)
+    brown = coloured & hue_in(hue, settings.brown_hue)
+    yellow = coloured & hue_in(hue, settings.yellow_hue)
+    blue = coloured & hue_in(hue, settings.blue_hue)
+    he = plain & hue_in(hue, settings.tissue_hue)
+    tissue = tissue_by_colour(rgb) & ~ink
+    dark = val < settings.dark_value
+    background = (sat < settings.min_saturation) & (val >= 200)
+    scores = {
+        "green_fraction": green.sum() / n,
+        "brown_fraction": brown.sum() / n,
+        "yellow_fraction": yellow.sum() / n,
+        "blue_fraction": blue.sum() / n,
+        "off_palette_fraction": (green | brown | yellow | blue).sum() / n,
+        "he_share": he.sum() / max(int(plain.sum()), 1),
+        "dark_fraction": dark.sum() / n,
+        "flat_fraction": flat_fraction(rgb, ~background & ~dark),
+        "ink_fraction": ink.sum() / n,
+        "tissue_fraction": tissue.sum() / n,
+        "mask_fraction": np.nan,
+        "tissue_in_mask": np.nan,
+    }
+    if mask is not None:
+        inside = mask > 0
+        scores["mask_fraction"] = inside.sum() / n
+        scores["tissue_in_mask"] = (tissue & inside).sum() / inside.sum() if inside.any() else 0.0
+    return {k: float(v) for k, v in scores.items()}
+
+
+def colour_flags(s: dict[str, float], settings: QCSettings) -> tuple[bool, bool, bool, list[str]]:
+    """(non_tissue, ink, blank, reasons) from :func:`colour_scores`."""
+    reasons: list[str] = []
+    why = []
+    if s["off_palette_fraction"] >= settings.non_tissue_fraction:
+        why.append(f"{s['off_palette_fraction']:.0%} of pixels in colours H&E does not make "
+                   f"(brown {s['brown_fraction']:.0%}, yellow {s['yellow_fraction']:.0%}, "
+                   f"green {s['green_fraction']:.0%}, blue {s['blue_fraction']:.0%}; "
+                   f"limit {settings.non_tissue_fraction:.0%})")
+    if s["dark_fraction"] >= settings.max_dark_fraction:
+        why.append(f"{s['dark_fraction']:.0%} near-black pixels (limit {settings.max_dark_fraction:.0%})")
+    if s["flat_fraction"] >= settings.max_flat_fraction:
+        why.append(f"{s['flat_fraction']:.0%} of the picture in flat single-colour areas "
+                   f"(limit {settings.max_flat_fraction:.0%})")
+    if s["ink_fraction"] >= settings.max_ink_fraction:
+        why.append(f"{s['ink_fraction']:.0%} of the picture is green (limit {settings.max_ink_fraction:.0%})")
+    non_tissue = bool(why)
+    if non_tissue:
+        reasons.append("non_tissue: " + "; ".join(why))
+    ink = s["ink_fraction"] >= settings.ink_fraction and not non_tissue  # ink is a mark on tissue
+    if ink:
+        reasons.append(f"ink: {s['ink_fraction']:.1%} green-ink pixels (limit {settings.ink_fraction:.1%})")
+    if np.isnan(s["mask_fraction"]):
+        blank = s["tissue_fraction"] < settings.min_tissue_in_mask
+        if blank:
+            reasons.append(f"blank: no mask and {s['tissue_fraction']:.1%} tissue by colour "
+                           f"(limit {settings.min_tissue_in_mask:.0%})")
+    elif s["mask_fraction"] == 0:
+        blank = True
+        reasons.append("blank: the mask is empty")
+    else:
+        blank = s["tissue_in_mask"] < settings.min_tissue_in_mask
+        if blank:
+            reasons.append(f"blank: {s['tissue_in_mask']:.1%} of the mask is tissue "
+                           f"(limit {settings.min_tissue_in_mask:.0%})")
+    return non_tissue, ink, blank, reasons
+
+
+# ---------------------------------------------------------------- ink repair
+
+def repair_ink(rgb: np.ndarray, mask: np.ndarray, settings: QCSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Inpaint green ink from the surrounding pixels and remove it from the mask.
+
+    Works on full-resolution arrays and returns new arrays (the inputs, like the source
+    files, are left as they are). The ink mask grows by 2 px to take the smear's soft edge.
+    """
+    ink = ink_mask(rgb, settings)
+    if not ink.any():
+        return rgb.copy(), mask.copy()
+    grown = cv2.dilate(ink.astype(np.uint8), np.ones((5, 5), np.uint8))
+    repaired = cv2.inpaint(np.ascontiguousarray(rgb), grown, 3, cv2.INPAINT_TELEA)
+    new_mask = mask.copy()
+    new_mask[grown > 0] = 0
+    return repaired, new_mask
+
+
+# ---------------------------------------------------------------- embeddings and hashes (pure)
+
+def perceptual_hash(rgb: np.ndarray) -> np.ndarray:
+    """256-bit DCT hash of the grey image (imagehash.phash, 16 x 16), as a bool vector.
+
+    The 64-bit default hash mostly encodes the layout (a tissue blob on white), so distinct
+    slides came as close as 4 bits; at 256 bits they stay >= 58 bits apart while resized,
+    JPEG-recompressed copies stay within 10 (measured; see the QC issue note).
+    """
+    import imagehash
+    from PIL import Image
+
+    return imagehash.phash(Image.fromarray(rgb).convert("L"), hash_size=HASH_SIZE).hash.flatten()
+
+
+def hash_distances(bits: np.ndarray) -> np.ndarray:
+    """Pairwise Hamming distances of hashes [N, B] (bool), as an [N, N] int matrix."""
+    b = bits.astype(np.int32)
+    return b @ (1 - b).T + (1 - b) @ b.T
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def knn_distance(embeddings: np.ndarray, k: int) -> np.ndarray:
+    """Mean cosine distance of each row to its k nearest other rows."""
+    u = unit_rows(embeddings)
+    dist = 1.0 - u @ u.T
+    np.fill_diagonal(dist, np.inf)
+    k = min(k, len(u) - 1)
+    return np.sort(dist, axis=1)[:, :k].mean(axis=1)
+
+
+def robust_z(x: np.ndarray, min_scale: float = 0.05) -> np.ndarray:
+    """(x - median) / (1.4826 MAD), the MAD floored at ``min_scale`` x median.
+
+    The floor keeps a set of near-identical clean images (MAD ~ 0) from turning tiny
+    differences into huge z-scores.
+    """
+    med = float(np.median(x))
+    mad = 1.4826 * float(np.median(np.abs(x - med)))
+    return (x - med) / max(mad, min_scale * abs(med), 1e-12)
+
+
+def centred_cosine(embeddings: np.ndarray) -> np.ndarray:
+    """Cosine similarity after removing the dataset mean.
+
+    Every tissue image shares a large common component; without centring, any encoder
+    puts most pairs of different images above 0.98. Exact copies stay at 1.
+    """
+    x = np.asarray(embeddings, dtype=np.float64)
+    u = unit_rows(x - x.mean(axis=0, keepdims=True))
+    return u @ u.T
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        a, b = self.find(i), self.find(j)
+        if a != b:
+            self.parent[max(a, b)] = min(a, b)
+
+
+def duplicate_pairs(hashes: np.ndarray, similarity: np.ndarray | None,
+                    settings: QCSettings) -> list[tuple[int, int, str]]:
+    """(i, j, why) for every near-duplicate pair: close hashes [N, B] or near-identical embeddings."""
+    dist = hash_distances(hashes)
+    close = dist <= settings.hash_distance
+    similar = np.zeros_like(close)
+    if similarity is not None:
+        similar = np.nan_to_num(similarity, nan=-1.0) >= settings.duplicate_cosine
+    pairs = []
+    for i, j in zip(*np.nonzero(np.triu(close | similar, k=1))):
+        why = []
+        if close[i, j]:
+            why.append(f"hash distance {dist[i, j]}")
+        if similar[i, j]:
+            why.append(f"cosine {similarity[i, j]:.3f}")
+        pairs.append((int(i), int(j), ", ".join(why)))
+    return pairs
+
+
+def duplicate_groups(n: int, pairs: Iterable[tuple[int, int, str]]) -> list[int | None]:
+    """Group numbers 0.. (in order of each group's first image) by union-find; None when alone."""
+    uf = _UnionFind(n)
+    for i, j, _ in pairs:
+        uf.union(i, j)
+    roots = [uf.find(i) for i in range(n)]
+    sizes: dict[int, int] = {}
+    for r in roots:
+        sizes[r] = sizes.get(r, 0) + 1
+    numbers: dict[int, int] = {}
+    groups: list[int | None] = []
+    for r in roots:
+        if sizes[r] < 2:
+            groups.append(None)
+            continue
+        numbers.setdefault(r, len(numbers))
+        groups.append(numbers[r])
+    return groups
+
+
+# ---------------------------------------------------------------- per-image work
+
+def tissue_box(mask: np.ndarray | None, tissue: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) around the mask, else around tissue by colour, else the whole image."""
+    for m in (mask > 0 if mask is not None else None, tissue):
+        if m is not None and m.any():
+            ys, xs = np.nonzero(m)
+            return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    h, w = tissue.shape
+    return 0, 0, w, h
+
+
+def thumbnail(rgb: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """The box padded to a square with white (slide background) and resized to size x size."""
+    x0, y0, x1, y1 = box
+    crop = rgb[y0:y1, x0:x1]
+    h, w = crop.shape[:2]
+    side = max(h, w)
+    square = np.full((side, side, 3), 255, np.uint8)
+    oy, ox = (side - h) // 2, (side - w) // 2
+    square[oy:oy + h, ox:ox + w] = crop
+    return cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
+
+
+@dataclass
+class _ImageResult:
+    scores: dict[str, float] | None = None
+    phash: np.ndarray | None = None
+    thumb: np.ndarray | None = None
+    problem: str | None = None
+
+
+def _check_image(args: tuple[Sample, QCSettings, int]) -> _ImageResult:
+    """Colour scores, hash and (when ``thumb_size``) a thumbnail of one image."""
+    sample, settings, thumb_size = args
+    try:
+        rgb = read_image(sample.image)
+        mask = read_mask(sample.mask) if sample.mask is not None else None
+    except UserError as e:
+        return _ImageResult(problem=f"{e.path or sample.image}: {e.problem}")
+    if mask is not None and mask.shape != rgb.shape[:2]:
+        return _ImageResult(problem=f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but the image "
+                                    f"is {rgb.shape[1]}x{rgb.shape[0]}")
+    small, small_mask = downscale(rgb, mask)
+    scores = colour_scores(small, small_mask, settings)
+    thumb = None
+    if thumb_size:
+        thumb = thumbnail(small, tissue_box(small_mask, tissue_by_colour(small)), thumb_size)
+    return _ImageResult(scores, perceptual_hash(small), thumb)
+
+
+def _map_images(samples: list[Sample], settings: QCSettings, thumb_size: int) -> list[_ImageResult]:
+    from histoembed.console import progress
+
+    jobs = [(s, settings, thumb_size) for s in samples]
+    workers = settings.workers or min(os.cpu_count() or 1, 8)
+    results: list[_ImageResult] = []
+    with progress("images") as bar:
+        task = bar.add_task("qc colour pass", total=len(jobs))
+        if workers <= 1 or len(jobs) < 16:
+            for job in jobs:
+                results.append(_check_image(job))
+                bar.advance(task)
+        else:
+            from concurrent.futures import ProcessPoolExecutor
+            with ProcessPoolExecutor(workers) as pool:
+                for r in pool.map(_check_image, jobs, chunksize=4):
+                    results.append(r)
+                    bar.advance(task)
+    return results
+
+
+# ---------------------------------------------------------------- embedding pass
+
+@dataclass
+class _Embeddings:
+    vectors: dict[str, np.ndarray]   # image id -> mean embedding
+    source: str                      # in words, for the summary
+    key: str                         # part of the skip key
+
+
+def _store_embeddings(run: Path, encoder: str | None) -> _Embeddings | None:
+    """Mean view-0 embedding per image from the run's feature store, or None when there is none."""
+    try:
+        path = store.find_feature_store(run, encoder)
+    except UserError:
+        if encoder is None and (run / store.FEATURES_DIR).exists():
+            raise  # several stores: the user must pick one
+        return None
+    feats = store.read_features(path)
+    view0 = feats.subset(feats.view == 0)
+    ids, inverse = np.unique(view0.image_id.astype(str), return_inverse=True)
+    sums = np.zeros((len(ids), view0.embedding.shape[1]), np.float64)
+    np.add.at(sums, inverse, view0.embedding)
+    counts = np.bincount(inverse, minlength=len(ids))[:, None]
+    means = sums / np.maximum(counts, 1)
+    return _Embeddings(dict(zip(ids, means)), f"feature store {path}",
+                       store.config_key(str(path), feats.meta.get("key"), len(feats)))
+
+
+def _load_encoder(name: str):
+    """(encoder, input size) or (None, why) when it cannot be loaded."""
+    try:
+        from histoembed import encoders
+        enc = encoders.load_encoder(name)
+    except ImportError as e:
+        return None, f"the encoder registry is not available ({e})"
+    except UserError as e:
+        return None, str(e)
+    except (OSError, ValueError, RuntimeError) as e:
+        return None, f"{type(e).__name__}: {e}"
+    size = getattr(enc, "input_size", None) or getattr(enc, "image_size", None) or 224
+    if isinstance(size, (tuple, list)):
+        size = size[0]
+    return enc, int(size)
+
+
+def _embed_thumbnails(encoder, thumbs: np.ndarray) -> np.ndarray:
+    """[N, D] embeddings of uint8 thumbnails [N, H, W, 3], one clean view each."""
+    from histoembed import embed
+
+    out = embed.embed_crops(encoder, thumbs, views=1)
+    if hasattr(out, "detach"):
+        out = out.detach().float().cpu().numpy()
+    out = np.asarray(out, dtype=np.float32)
+    return out.reshape(len(thumbs), -1, out.shape[-1]).mean(axis=1)
+
+
+# ---------------------------------------------------------------- the stage
+
+@dataclass
+class QCResult:
+    path: Path
+    table: pa.Table
+    skipped: bool                                   # True: inputs and settings unchanged, nothing done
+    problems: list[Problem] = field(default_factory=list)  # images that could not be read
+    embedding: str = ""                             # where embeddings came from, or why there were none
+
+    def count(self, column: str) -> int:
+        col = self.table[column].to_pylist()
+        return sum(1 for v in col if v) if column != "duplicate_group" else sum(v is not None for v in col)
+
+    def flagged(self) -> list[tuple[str, str, str]]:
+        """(image_id, split, reason) of every flagged image."""
+        t = self.table.to_pydict()
+        return [(i, s, r) for i, s, f, r in zip(t["image_id"], t["split"], t["flagged"], t["reason"]) if f]
+
+
+def read_qc(run: str | Path) -> pa.Table | None:
+    """``run/qc.parquet``, or None when QC has not been run."""
+    path = Path(run) / store.QC_FILE
+    if not path.exists():
+        return None
+    return store.read_table(path, "QC table", hint="re-run `histoembed qc`")
+
+
+def _file_stamp(path: Path | None):
+    if path is None:
+        return None
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def _qc_table(rows: list[dict]) -> pa.Table:
+    fields = list(store.QC_SCHEMA) + [pa.field(c, pa.float32()) for c in SCORE_COLUMNS]
+    schema = pa.schema(fields)
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _previous_result(out: Path, meta: dict) -> QCResult:
+    problems = [Problem(Path(p), why) for p, why in meta.get("problems", [])]
+    return QCResult(out, read_qc(out.parent), skipped=True, problems=problems, embedding=meta.get("embedding", ""))
+
+
+def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, encoder: str | None = None,
+           keep: Sequence[str] = (), strict: bool = False) -> QCResult:
+    """Check every image of ``data`` and write ``run/qc.parquet`` (skipped when unchanged)."""
+    from rich.markup import escape
+
+    from histoembed.console import console
+
+    data, run = Path(data), Path(run)
+    out = run / store.QC_FILE
+    ds = load_dataset(data, strict=strict)
+    samples = ds.samples
+    known = {s.image_id for s in samples}
+    unknown = [k for k in keep if k not in known]
+    if unknown:
+        raise UserError(f"--keep names image(s) not in the data: {', '.join(unknown)}", path=data,
+                        hint="use image ids as in train_labels.csv / the manifest, e.g. img_0003.png")
+
+    # Embeddings: the run's feature store, else thumbnails through the encoder.
+    emb_source = _store_embeddings(run, encoder) if embed else None
+    enc_name = (encoder or settings.encoder) if embed and emb_source is None else None
+    key = store.config_key(
+        "qc", QC_VERSION, settings.model_dump(), sorted(keep),
+        [[s.image_id, s.split, _file_stamp(s.image), _file_stamp(s.mask)] for s in samples],
+        emb_source.key if emb_source else None, enc_name, [str(p) for p in ds.problems],
+    )
+    old = store.read_meta(out) if out.exists() else {}
+    unchanged = old.get("key") == key
+    if unchanged and not old.get("embedding_failed"):
+        return _previous_result(out, old)
+
+    enc_obj, thumb_size, failed = None, 0, False
+    if not embed:
+        emb_note = "embedding pass off (--no-embed)"
+    elif emb_source is not None:
+        emb_note = emb_source.source
+    else:
+        loaded, info = _load_encoder(enc_name)
+        if loaded is None:
+            failed = True
+            emb_note = f"embedding pass skipped: encoder {enc_name!r} could not be loaded ({info})"
+            console.print(f"[yellow]warning:[/] {escape(emb_note)}.\n  The colour and hash checks still run. "
+                          "For the embedding pass, pass --encoder efficientnet-lite0 (installed weights) or a "
+                          "local model folder; --no-embed turns the pass off.", soft_wrap=True)
+            if unchanged:  # same inputs, and the encoder still cannot be loaded: nothing new to do
+                return _previous_result(out, old)
+        else:
+            enc_obj, thumb_size = loaded, info
+            emb_note = f"thumbnails ({thumb_size} px) through encoder {enc_name}"
+
+    results = _map_images(samples, settings, thumb_size)
+    unreadable = [Problem(s.image, r.problem) for s, r in zip(samples, results) if r.problem]
+    if strict and unreadable:
+        raise UserError(f"{len(unreadable)} unreadable image(s) (--strict): {unreadable[0]}", path=data)
+    problems = list(ds.problems) + unreadable
+    good = [(s, r) for s, r in zip(samples, results) if r.problem is None]
+    if not good:
+        raise UserError("no image could be read", path=data,
+                        hint="\n  ".join(map(str, problems[:20])) or None)
+
+    # Mean embedding per image (None where an image has none, e.g. no crops in the store).
+    vectors: list[np.ndarray | None] = [None] * len(good)
+    if emb_source is not None:
+        vectors = [emb_source.vectors.get(s.image_id) for s, _ in good]
+    elif enc_obj is not None:
+        thumbs = np.stack([r.thumb for _, r in good])
+        emb = _embed_thumbnails(enc_obj, thumbs)
+        vectors = list(emb)
+    have = [i for i, v in enumerate(vectors) if v is not None]
+    knn_d = np.full(len(good), np.nan)
+    knn_z = np.full(len(good), np.nan)
+    similarity = None
+    outlier_ok = len(have) > settings.knn_k + 1
+    if have:
+        e = np.stack([vectors[i] for i in have])
+        if outlier_ok:
+            d = knn_distance(e, settings.knn_k)
+            knn_d[have], knn_z[have] = d, robust_z(d)
+        if len(have) >= 3:
+            similarity = np.full((len(good), len(good)), np.nan)
+            similarity[np.ix_(have, have)] = centred_cosine(e)
+    if have and not outlier_ok:
+        emb_note += f" (too few images for k={settings.knn_k} neighbours: outlier score not computed)"
+
+    hashes = np.stack([r.phash for _, r in good])
+    pairs = duplicate_pairs(hashes, similarity, settings)
+    groups = duplicate_groups(len(good), pairs)
+    partners: dict[int, list[str]] = {}
+    for i, j, why in pairs:
+        partners.setdefault(i, []).append(f"{good[j][0].image_id} ({why})")
+        partners.setdefault(j, []).append(f"{good[i][0].image_id} ({why})")
+
+    rows = []
+    for idx, (s, r) in enumerate(good):
+        non_tissue, ink, blank, reasons = colour_flags(r.scores, settings)
+        outlier = None
+        if not np.isnan(knn_z[idx]):
+            outlier = bool(knn_z[idx] > settings.outlier_z)
+            if outlier:
+                reasons.append(f"outlier: embedding kNN distance z = {knn_z[idx]:.1f} "
+                               f"(limit {settings.outlier_z:g})")
+        flagged = non_tissue or ink or blank or bool(outlier)
+        if groups[idx] is not None:
+            reasons.append(f"near-duplicate group {groups[idx]}: "
+                           + "; ".join(partners.get(idx, [])[:5]))
+        if s.image_id in keep and flagged:
+            flagged = False
+            reasons.append("kept (--keep)")
+        rows.append({
+            "image_id": s.image_id, "split": s.split, "flagged": flagged,
+            "non_tissue": non_tissue, "ink": ink, "blank": blank, "outlier": outlier,
+            "duplicate_group": groups[idx], "reason": "; ".join(reasons),
+            **r.scores, "knn_distance": knn_d[idx], "knn_z": knn_z[idx],
+        })
+    table = _qc_table(rows)
+    meta = {"key": key, "settings": settings.model_dump(), "embedding": emb_note, "embedding_failed": failed,
+            "problems": [[str(p.path), p.problem] for p in problems], "keep": list(keep)}
+    store.write_table(table, out, meta)
+    return QCResult(out, table, skipped=False, problems=problems, embedding=emb_note)

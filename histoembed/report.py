@@ -1,0 +1,757 @@
+"""The run report: one self-contained HTML page with every plot inlined.
+
+``write_report(run, data)`` reads what the stages left under ``run/`` (crops, QC flags,
+out-of-fold predictions, metrics, calibration, the fitted models) and writes
+``run/report.html``. Plots are drawn with matplotlib (Agg canvas, no display needed) and
+embedded as base64 PNG, as are the thumbnails, so the file can be mailed or archived on
+its own. A section whose inputs are missing says so instead of failing, so the report
+can be written after any stage.
+
+The reliability diagrams and the fusion-weight curve are recomputed from ``oof.parquet``
+and ``calibration.json``; the headline numbers come from ``metrics.json`` (and are
+recomputed from ``oof.parquet`` when that file has none).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from histoembed import __version__, store
+from histoembed.errors import UserError
+
+PLOT_DPI = 96
+MAX_QC_THUMBS = 48
+N_CROP_IMAGES = 4
+N_MAP_IMAGES = 6
+THUMB_PX = 160
+
+
+# ---------------------------------------------------------------- maths (small, pure)
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of logits [N, C]."""
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
+    """Macro-F1 over all classes, as scikit-learn's with zero_division=0 (fast enough to bootstrap)."""
+    y, pred = np.asarray(y), np.asarray(pred)
+    tp = np.bincount(y[y == pred], minlength=n_classes)
+    both = np.bincount(pred, minlength=n_classes) + np.bincount(y, minlength=n_classes)
+    f1 = np.divide(2.0 * tp, both, out=np.zeros(n_classes), where=both > 0)
+    return float(f1.mean())
+
+
+def reliability(probs: np.ndarray, y: np.ndarray, n_bins: int = 10):
+    """Confidence bins of the top class: (mean confidence, accuracy, count) per bin, and the ECE."""
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    mean_conf = np.full(n_bins, np.nan)
+    acc = np.full(n_bins, np.nan)
+    count = np.bincount(which, minlength=n_bins)
+    for b in range(n_bins):
+        if count[b]:
+            mean_conf[b] = conf[which == b].mean()
+            acc[b] = correct[which == b].mean()
+    ok = count > 0
+    ece = float(np.sum(count[ok] * np.abs(acc[ok] - mean_conf[ok])) / max(len(y), 1))
+    return mean_conf, acc, count, ece
+
+
+def nll(probs: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class."""
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
+
+
+def fused_logits(z_mlp, z_xgb, w, t_mlp=1.0, t_xgb=1.0) -> np.ndarray:
+    """The fusion rule of the fit stage: ``w * z_mlp / T_mlp + (1 - w) * z_xgb / T_xgb``.
+
+    ``w``, ``t_mlp``, ``t_xgb`` may be scalars or one value per row (cross-fitted per fold).
+    """
+    col = lambda v: np.asarray(v, dtype=np.float64).reshape(-1, 1) if np.ndim(v) else float(v)  # noqa: E731
+    w, t_mlp, t_xgb = col(w), col(t_mlp), col(t_xgb)
+    return w * np.asarray(z_mlp) / t_mlp + (1 - w) * np.asarray(z_xgb) / t_xgb
+
+
+def fusion_curve(z_mlp, z_xgb, y, t_mlp, t_xgb, weights) -> np.ndarray:
+    """Out-of-fold macro-F1 of the fused heads for each fusion weight in ``weights``."""
+    n_classes = np.asarray(z_mlp).shape[1]
+    return np.array([macro_f1(y, fused_logits(z_mlp, z_xgb, w, t_mlp, t_xgb).argmax(1), n_classes)
+                     for w in weights])
+
+
+# ---------------------------------------------------------------- reading the run
+
+@dataclass
+class _Oof:
+    """Out-of-fold predictions as arrays (rows: training images)."""
+
+    image_id: np.ndarray
+    fold: np.ndarray
+    y: np.ndarray                 # class index
+    classes: list[str]
+    z_mlp: np.ndarray | None      # [N, C] raw logits
+    z_xgb: np.ndarray | None
+    prob: np.ndarray | None       # fused, calibrated
+    pred: np.ndarray              # class index
+
+
+@dataclass
+class _Run:
+    run: Path
+    data: Path | None
+    notes: list[str] = field(default_factory=list)
+    crops = None            # pandas DataFrame without png, or None
+    qc = None               # pandas DataFrame or None
+    oof: _Oof | None = None
+    metrics: dict | None = None
+    calibration: dict | None = None
+    dataset = None          # dataset.Dataset or None
+    classes: list[str] = field(default_factory=list)
+
+
+def _list_column(table, name) -> np.ndarray | None:
+    if name not in table.column_names:
+        return None
+    col = table[name].combine_chunks()
+    values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+    return values.reshape(len(col), -1) if len(col) else values.reshape(0, 0)
+
+
+def _read_oof(path: Path) -> _Oof:
+    table = store.read_table(path, "out-of-fold predictions", hint="run `histoembed fit` first")
+    meta = store.read_meta(path)
+    labels = table["label"].to_pylist()
+    classes = list(meta.get("classes") or sorted(set(labels)))
+    index = {c: k for k, c in enumerate(classes)}
+    y = np.array([index[c] for c in labels], dtype=np.int64)
+    prob = _list_column(table, "prob")
+    if "prediction" in table.column_names:
+        pred = np.array([index.get(p, -1) for p in table["prediction"].to_pylist()], dtype=np.int64)
+    else:
+        pred = prob.argmax(1)
+    return _Oof(image_id=np.array(table["image_id"].to_pylist(), dtype=object),
+                fold=table["fold"].to_numpy().astype(np.int64), y=y, classes=classes,
+                z_mlp=_list_column(table, "logits_mlp"), z_xgb=_list_column(table, "logits_xgb"),
+                prob=prob, pred=pred)
+
+
+def _load(run: Path, data: Path | None) -> _Run:
+    r = _Run(run=run, data=data)
+    crops_path = run / store.CROPS_FILE
+    if crops_path.exists():
+        cols = [c for c in store.CROPS_SCHEMA.names if c != "png"]
+        try:
+            r.crops = store.read_table(crops_path, "crops table", columns=cols).to_pandas()
+        except UserError as e:
+            r.notes.append(str(e))
+    qc_path = run / store.QC_FILE
+    if qc_path.exists():
+        try:
+            r.qc = store.read_table(qc_path, "QC table").to_pandas()
+        except UserError as e:
+            r.notes.append(str(e))
+    for name, attr in ((store.METRICS_FILE, "metrics"), (store.CALIBRATION_FILE, "calibration")):
+        if (run / name).exists():
+            try:
+                setattr(r, attr, store.read_json(run / name, name))
+            except UserError as e:
+                r.notes.append(str(e))
+    if (run / store.OOF_FILE).exists():
+        try:
+            r.oof = _read_oof(run / store.OOF_FILE)
+        except (UserError, KeyError) as e:
+            r.notes.append(f"{run / store.OOF_FILE}: cannot be used ({e})")
+    if data is not None:
+        from histoembed.dataset import load_dataset
+        try:
+            r.dataset = load_dataset(data, check_sizes=False)
+        except UserError as e:
+            r.notes.append(str(e))
+    if r.oof is not None:
+        r.classes = r.oof.classes
+    elif r.dataset is not None:
+        r.classes = r.dataset.classes
+    elif r.crops is not None:
+        r.classes = sorted(r.crops["label"].dropna().unique())
+    return r
+
+
+# ---------------------------------------------------------------- HTML and images
+
+def _esc(x) -> str:
+    return html.escape(str(x))
+
+
+def _figure(width: float, height: float):
+    """A matplotlib Figure on the Agg canvas (no pyplot, no display, thread-safe)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height), dpi=PLOT_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _fig_img(fig, alt: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=PLOT_DPI, facecolor="white")
+    return f'<img class="plot" alt="{_esc(alt)}" src="{_png_uri(buf.getvalue())}">'
+
+
+def _thumb_img(rgb: np.ndarray, alt: str, px: int = THUMB_PX) -> str:
+    from PIL import Image
+    im = Image.fromarray(rgb)
+    im.thumbnail((px, px))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return f'<img class="thumb" alt="{_esc(alt)}" src="{_png_uri(buf.getvalue())}">'
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return "-" if math.isnan(v) else f"{v:.3f}"
+        return _esc(v)
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _missing(what: str) -> str:
+    return f'<p class="missing">Not shown: {_esc(what)}</p>'
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{_esc(title)}</h2>\n{body}\n</section>'
+
+
+def _samples(r: _Run) -> dict:
+    return r.dataset.by_id() if r.dataset is not None else {}
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    from histoembed.dataset import read_image
+    return read_image(path)
+
+
+# ---------------------------------------------------------------- sections
+
+def _overview(r: _Run) -> str:
+    rows = []
+    for name in (store.CROPS_FILE, store.QC_FILE, store.OOF_FILE, store.METRICS_FILE,
+                 store.CALIBRATION_FILE, store.SUBMISSION_FILE, store.TEST_PREDICTIONS_FILE):
+        p = r.run / name
+        rows.append([name, "yes" if p.exists() else "no",
+                     f"{p.stat().st_size / 1024:.0f} KiB" if p.exists() else ""])
+    feats = sorted(d.name for d in (r.run / store.FEATURES_DIR).glob("*") if d.is_dir()) \
+        if (r.run / store.FEATURES_DIR).exists() else []
+    rows.append([f"{store.FEATURES_DIR}/", "yes" if feats else "no", ", ".join(feats)])
+    folds = sorted(p.name for p in (r.run / store.MODELS_DIR).glob("fold-*")) \
+        if (r.run / store.MODELS_DIR).exists() else []
+    rows.append([f"{store.MODELS_DIR}/", "yes" if folds else "no", f"{len(folds)} folds" if folds else ""])
+    body = _table(["file", "present", "detail"], rows)
+    if r.notes:
+        body += "<p>Problems reading the run:</p><ul>" + "".join(f"<li>{_esc(n)}</li>" for n in r.notes) + "</ul>"
+    return _section("overview", "Run", body)
+
+
+def _dataset_section(r: _Run) -> str:
+    parts = []
+    labels_by_split: dict[str, list] = {}
+    if r.dataset is not None:
+        for s in r.dataset.samples:
+            labels_by_split.setdefault(s.split, []).append(s.label)
+        source = f"the data folder {r.data}"
+    elif r.crops is not None:
+        per_image = r.crops.drop_duplicates("image_id")
+        for split, label in zip(per_image["split"], per_image["label"]):
+            labels_by_split.setdefault(split, []).append(label)
+        source = f"{store.CROPS_FILE} (images that have crops)"
+    else:
+        return _section("dataset", "Dataset and class balance",
+                        _missing(f"no data folder given and no {store.CROPS_FILE} in the run"))
+    rows = [[split, len(v)] for split, v in sorted(labels_by_split.items())]
+    parts.append(f"<p>Counted from {_esc(source)}.</p>" + _table(["split", "images"], rows))
+    if r.dataset is not None and r.dataset.problems:
+        parts.append(f"<p>{len(r.dataset.problems)} item(s) skipped by the dataset checks:</p><ul>"
+                     + "".join(f"<li>{_esc(p)}</li>" for p in r.dataset.problems[:20]) + "</ul>")
+
+    train = Counter(l for l in labels_by_split.get("train", []) if l is not None)
+    have_crops = r.crops is not None and len(r.crops)
+    fig = _figure(10 if have_crops else 6, 3.2)
+    axes = fig.subplots(1, 2 if have_crops else 1, squeeze=False)[0]
+    classes = r.classes or sorted(train)
+    counts = [train.get(c, 0) for c in classes]
+    axes[0].bar(range(len(classes)), counts, color="#4c72b0")
+    axes[0].set_xticks(range(len(classes)), classes, rotation=20, ha="right")
+    axes[0].set_ylabel("training images")
+    axes[0].set_title("Class balance (train)")
+    for i, n in enumerate(counts):
+        axes[0].text(i, n, str(n), ha="center", va="bottom", fontsize=9)
+    if have_crops:
+        per_image = r.crops.groupby(["split", "image_id"]).size()
+        for split, color in (("train", "#4c72b0"), ("test", "#dd8452")):
+            if split in per_image.index.get_level_values(0):
+                v = per_image.loc[split].to_numpy()
+                axes[1].hist(v, bins=np.arange(0.5, v.max() + 1.5), alpha=0.6, color=color, label=split)
+        axes[1].set_xlabel("crops per image")
+        axes[1].set_ylabel("images")
+        axes[1].set_title("Crops per image")
+        axes[1].legend()
+    parts.append(_fig_img(fig, "class balance and crops per image"))
+    if have_crops:
+        n = r.crops.groupby("image_id").size()
+        strat = r.crops.drop_duplicates("image_id")["strategy"].value_counts()
+        parts.append(f"<p>{len(r.crops)} crops from {len(n)} images; per image min {n.min()}, "
+                     f"median {int(n.median())}, max {n.max()}. Strategy per image: "
+                     + ", ".join(f"{_esc(k)} {v}" for k, v in strat.items()) + ".</p>")
+    return _section("dataset", "Dataset and class balance", "\n".join(parts))
+
+
+def _qc_section(r: _Run) -> str:
+    title = "Quality control"
+    if r.qc is None:
+        return _section("qc", title, _missing(f"no {store.QC_FILE} in the run (run `histoembed qc`)"))
+    qc = r.qc
+    flags = [c for c in ("non_tissue", "ink", "blank", "outlier") if c in qc.columns]
+    rows = [[f, int(qc[f].fillna(False).astype(bool).sum())] for f in flags]
+    if "duplicate_group" in qc.columns:
+        rows.append(["in a near-duplicate group", int(qc["duplicate_group"].notna().sum())])
+    flagged = qc[qc["flagged"].fillna(False).astype(bool)]
+    body = [f"<p>{len(qc)} images checked, {len(flagged)} flagged. Flagged training images are left "
+            "out of training by default; test images are always predicted.</p>",
+            _table(["flag", "images"], rows)]
+    if len(flagged) == 0:
+        return _section("qc", title, "\n".join(body))
+    samples = _samples(r)
+    if not samples:
+        body.append(_missing("thumbnails of flagged images (pass --data to show them)"))
+    cards = []
+    for _, row in flagged.head(MAX_QC_THUMBS).iterrows():
+        s = samples.get(row["image_id"])
+        thumb = ""
+        if s is not None:
+            try:
+                thumb = _thumb_img(_read_rgb(s.image), row["image_id"])
+            except UserError as e:
+                thumb = f'<p class="missing">{_esc(e.problem)}</p>'
+        cards.append(f'<figure class="card">{thumb}<figcaption><b>{_esc(row["image_id"])}</b> '
+                     f'({_esc(row["split"])})<br>{_esc(row.get("reason") or "")}</figcaption></figure>')
+    if len(flagged) > MAX_QC_THUMBS:
+        cards.append(f"<p>... and {len(flagged) - MAX_QC_THUMBS} more.</p>")
+    body.append('<div class="cards">' + "".join(cards) + "</div>")
+    return _section("qc", title, "\n".join(body))
+
+
+def _pick_images(r: _Run, ids_with_crops: list[str], n: int) -> list[str]:
+    """A few images, one per class first (train), then test ones, in a stable order."""
+    if r.crops is None:
+        return []
+    first = r.crops.drop_duplicates("image_id").set_index("image_id")
+    chosen: list[str] = []
+    for c in r.classes:
+        hit = [i for i in ids_with_crops if first.loc[i, "label"] == c]
+        if hit:
+            chosen.append(hit[0])
+    chosen += [i for i in ids_with_crops if i not in chosen]
+    return chosen[:n]
+
+
+def _draw_boxes(ax, rgb, boxes, colors=None, labels=None):
+    from matplotlib.patches import Rectangle
+    ax.imshow(rgb)
+    ax.set_axis_off()
+    for k, (x0, y0, x1, y1) in enumerate(boxes):
+        color = colors[k] if colors is not None else "#00e5ff"
+        fill = colors is not None
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=fill, facecolor=color,
+                               alpha=0.45 if fill else 1.0, edgecolor="none" if fill else color,
+                               linewidth=1.5))
+        if fill:
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.5))
+        if labels is not None:
+            ax.text(x0 + 2, y0 + 2, labels[k], color="black", fontsize=7, va="top",
+                    bbox=dict(facecolor="white", alpha=0.7, pad=1, edgecolor="none"))
+
+
+def _crops_section(r: _Run) -> str:
+    title = "Crops on a few images"
+    if r.crops is None:
+        return _section("crops", title, _missing(f"no {store.CROPS_FILE} in the run (run `histoembed crops`)"))
+    if not _samples(r):
+        return _section("crops", title, _missing("the source images (pass --data to draw the crops on them)"))
+    samples = _samples(r)
+    ids = [i for i in r.crops["image_id"].drop_duplicates() if i in samples]
+    chosen = _pick_images(r, ids, N_CROP_IMAGES)
+    if not chosen:
+        return _section("crops", title, _missing("no image of the crops table is in the data folder"))
+    fig = _figure(3.2 * len(chosen), 3.4)
+    axes = fig.subplots(1, len(chosen), squeeze=False)[0]
+    for ax, image_id in zip(axes, chosen):
+        rows = r.crops[r.crops["image_id"] == image_id].sort_values("crop_index")
+        rgb = _read_rgb(samples[image_id].image)
+        _draw_boxes(ax, rgb, rows[["x0", "y0", "x1", "y1"]].to_numpy(),
+                    labels=[str(k) for k in rows["crop_index"]])
+        label = rows["label"].iloc[0]
+        ax.set_title(f"{image_id}\n{label if isinstance(label, str) else 'test'} · {len(rows)} crops",
+                     fontsize=9)
+    strip = _crop_strip(r.run, chosen[0])
+    body = ("<p>Boxes in source pixels (after margin and clipping), numbered by crop index.</p>"
+            + _fig_img(fig, "crops drawn on images") + strip)
+    return _section("crops", title, body)
+
+
+def _crop_strip(run: Path, image_id: str) -> str:
+    """The square crops of one image as the encoder sees them (from the PNG bytes in the table)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    table = pq.read_table(run / store.CROPS_FILE, columns=["image_id", "crop_index", "png"],
+                          filters=pc.field("image_id") == image_id)
+    order = np.argsort(table["crop_index"].to_numpy())
+    imgs = []
+    for k in order[:12]:
+        png = table["png"][int(k)].as_py()
+        imgs.append(f'<img class="crop" alt="crop {int(table["crop_index"][int(k)].as_py())}" '
+                    f'src="{_png_uri(png)}">')
+    return f"<p>The crops of {_esc(image_id)} as written (square, padded):</p><div>{''.join(imgs)}</div>"
+
+
+def _metric_block(metrics: dict | None, head: str) -> dict:
+    """The metrics.json block of one head ('mlp', 'xgb', 'fused'), or {}."""
+    if not metrics:
+        return {}
+    for container in (metrics.get("heads"), metrics):
+        if isinstance(container, dict):
+            for name in (head, {"fused": "fusion"}.get(head, head)):
+                if isinstance(container.get(name), dict):
+                    return container[name]
+    return {}
+
+
+def _first(block: dict, *names, default=None):
+    for n in names:
+        if n in block and block[n] is not None:
+            return block[n]
+    return default
+
+
+def _head_predictions(o: _Oof) -> dict[str, np.ndarray]:
+    heads = {}
+    if o.z_mlp is not None:
+        heads["mlp"] = o.z_mlp.argmax(1)
+    if o.z_xgb is not None:
+        heads["xgb"] = o.z_xgb.argmax(1)
+    heads["fused"] = o.pred
+    return heads
+
+
+def _bootstrap_ci(y, pred, n_classes, n=1000, seed=0):
+    rng = np.random.default_rng(seed)
+    scores = [macro_f1(y[idx], pred[idx], n_classes)
+              for idx in (rng.integers(0, len(y), len(y)) for _ in range(n))]
+    return float(np.percentile(scores, 2.5)), float(np.percentile(scores, 97.5))
+
+
+def _scores_section(r: _Run) -> str:
+    title = "Cross-validated macro-F1"
+    if r.oof is None:
+        return _section("scores", title, _missing(f"no {store.OOF_FILE} in the run (run `histoembed fit`)"))
+    o, C = r.oof, len(r.oof.classes)
+    folds = np.unique(o.fold)
+    rows, per_fold = [], {}
+    for head, pred in _head_predictions(o).items():
+        block = _metric_block(r.metrics, head)
+        f1 = macro_f1(o.y, pred, C)
+        ci = _first(block, "macro_f1_ci", "ci95", "ci", "bootstrap_ci")
+        if ci is None:
+            ci = _bootstrap_ci(o.y, pred, C)
+        per_fold[head] = [macro_f1(o.y[o.fold == k], pred[o.fold == k], C) for k in folds]
+        rows.append([head, f1, float(ci[0]), float(ci[1]), float(np.mean(per_fold[head])),
+                     float(np.std(per_fold[head])), float(np.mean(pred == o.y))])
+    fig = _figure(10, 3.4)
+    ax1, ax2 = fig.subplots(1, 2, width_ratios=[1.4, 1])
+    colors = {"mlp": "#4c72b0", "xgb": "#55a868", "fused": "#c44e52"}
+    width = 0.8 / len(per_fold)
+    for j, (head, scores) in enumerate(per_fold.items()):
+        ax1.bar(np.arange(len(folds)) + (j - (len(per_fold) - 1) / 2) * width, scores, width,
+                label=head, color=colors.get(head))
+    ax1.set_xticks(range(len(folds)), [str(k) for k in folds])
+    ax1.set_xlabel("fold")
+    ax1.set_ylabel("macro-F1 on the fold")
+    ax1.set_ylim(0, 1)
+    ax1.set_title("Per fold")
+    ax1.legend(fontsize=8)
+    for j, row in enumerate(rows):
+        ax2.errorbar([j], [row[1]], yerr=[[row[1] - row[2]], [row[3] - row[1]]], fmt="o", capsize=6,
+                     color=colors.get(row[0]), markersize=8)
+        ax2.text(j + 0.08, row[1], f"{row[1]:.3f}", va="center", fontsize=9)
+    ax2.axhline(1.0 / C, color="gray", linestyle=":", label="chance-ish (1/C)")
+    ax2.set_xticks(range(len(rows)), [row[0] for row in rows])
+    ax2.set_xlim(-0.5, len(rows) - 0.3)
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("out-of-fold macro-F1")
+    ax2.set_title("Out of fold, bootstrap 95% interval")
+    ax2.legend(fontsize=8, loc="lower right")
+    body = ("<p>Every prediction here comes from a model (and a temperature and fusion weight) that never "
+            f"saw the image: {len(o.y)} training images, {len(folds)} folds.</p>"
+            + _table(["head", "OOF macro-F1", "CI low", "CI high", "fold mean", "fold std", "accuracy"], rows)
+            + _fig_img(fig, "per-fold and out-of-fold macro-F1"))
+    return _section("scores", title, body)
+
+
+def _confusion_section(r: _Run) -> str:
+    title = "Confusion matrix and per-class F1"
+    if r.oof is None:
+        return _section("confusion", title, _missing(f"no {store.OOF_FILE} in the run"))
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    o, C = r.oof, len(r.oof.classes)
+    cm = confusion_matrix(o.y, o.pred, labels=list(range(C)))
+    fig = _figure(10, 4.2)
+    ax1, ax2 = fig.subplots(1, 2)
+    im = ax1.imshow(cm, cmap="Blues")
+    for i in range(C):
+        for j in range(C):
+            ax1.text(j, i, str(cm[i, j]), ha="center", va="center",
+                     color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax1.set_xticks(range(C), o.classes, rotation=25, ha="right")
+    ax1.set_yticks(range(C), o.classes)
+    ax1.set_xlabel("predicted")
+    ax1.set_ylabel("true")
+    ax1.set_title("Fused heads, out of fold")
+    fig.colorbar(im, ax=ax1, shrink=0.8)
+    heads = _head_predictions(o)
+    width = 0.8 / len(heads)
+    colors = {"mlp": "#4c72b0", "xgb": "#55a868", "fused": "#c44e52"}
+    rows = []
+    for j, (head, pred) in enumerate(heads.items()):
+        p, rec, f1, support = precision_recall_fscore_support(o.y, pred, labels=list(range(C)), zero_division=0)
+        ax2.bar(np.arange(C) + (j - (len(heads) - 1) / 2) * width, f1, width, label=head, color=colors.get(head))
+        if head == "fused":
+            rows = [[c, float(p[k]), float(rec[k]), float(f1[k]), int(support[k])] for k, c in enumerate(o.classes)]
+    ax2.set_xticks(range(C), o.classes, rotation=25, ha="right")
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("F1")
+    ax2.set_title("Per-class F1")
+    ax2.legend(fontsize=8)
+    body = _fig_img(fig, "confusion matrix and per-class F1") + _table(
+        ["class (fused)", "precision", "recall", "F1", "images"], rows)
+    return _section("confusion", title, body)
+
+
+def _fold_params(calibration: dict | None, folds: np.ndarray) -> dict[str, np.ndarray] | None:
+    """Per-row T_mlp, T_xgb and w (the cross-fitted values of each row's fold), or None."""
+    if not calibration:
+        return None
+    entries = calibration.get("folds")
+    by_fold = {}
+    if isinstance(entries, list):
+        for k, e in enumerate(entries):
+            by_fold[int(e.get("fold", k))] = e
+    elif isinstance(entries, dict):
+        by_fold = {int(k): v for k, v in entries.items()}
+    if not by_fold or any(int(k) not in by_fold for k in np.unique(folds)):
+        return None
+    out = {}
+    for name in ("T_mlp", "T_xgb", "w"):
+        out[name] = np.array([float(by_fold[int(k)][name]) for k in folds])
+    return out
+
+
+def _final_params(calibration: dict | None) -> dict | None:
+    if not calibration:
+        return None
+    final = calibration.get("final", calibration)
+    try:
+        return {k: float(final[k]) for k in ("T_mlp", "T_xgb", "w")}
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _calibration_section(r: _Run) -> str:
+    title = "Calibration: reliability before and after temperature scaling"
+    if r.oof is None or r.oof.z_mlp is None or r.oof.z_xgb is None:
+        return _section("calibration", title, _missing(f"{store.OOF_FILE} with both heads' logits"))
+    params = _fold_params(r.calibration, r.oof.fold)
+    if params is None:
+        return _section("calibration", title, _missing(f"per-fold temperatures in {store.CALIBRATION_FILE}"))
+    o = r.oof
+    panels = [
+        ("MLP", softmax(o.z_mlp), softmax(o.z_mlp / params["T_mlp"][:, None])),
+        ("XGBoost", softmax(o.z_xgb), softmax(o.z_xgb / params["T_xgb"][:, None])),
+        ("Fused", softmax(fused_logits(o.z_mlp, o.z_xgb, params["w"])),
+         softmax(fused_logits(o.z_mlp, o.z_xgb, params["w"], params["T_mlp"], params["T_xgb"]))),
+    ]
+    fig = _figure(12, 3.8)
+    axes = fig.subplots(1, 3)
+    rows = []
+    for ax, (name, before, after) in zip(axes, panels):
+        ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1)
+        for probs, label, color, marker in ((before, "before (T = 1)", "#dd8452", "s"),
+                                            (after, "after (fold T)", "#4c72b0", "o")):
+            conf, acc, count, ece = reliability(probs, o.y)
+            ok = count > 0
+            ax.plot(conf[ok], acc[ok], marker=marker, color=color, label=f"{label}, ECE {ece:.3f}")
+            rows.append([name, label, ece, nll(probs, o.y)])
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top class)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(name)
+        ax.legend(fontsize=8, loc="upper left")
+    temps = "; ".join(f"fold {k}: T_mlp {tm:.2f}, T_xgb {tx:.2f}"
+                      for k, tm, tx in sorted({(int(k), a, b) for k, a, b in
+                                               zip(o.fold, params["T_mlp"], params["T_xgb"])}))
+    body = ("<p>Recomputed from the out-of-fold logits: each fold's logits are divided by the temperature "
+            "chosen on the other folds (cross-fitting), so the 'after' curves are honest.</p>"
+            + _fig_img(fig, "reliability diagrams") + _table(["head", "", "ECE", "NLL"], rows)
+            + f"<p class='small'>{_esc(temps)}</p>")
+    return _section("calibration", title, body)
+
+
+def _fusion_section(r: _Run) -> str:
+    title = "Macro-F1 against the fusion weight"
+    if r.oof is None or r.oof.z_mlp is None or r.oof.z_xgb is None:
+        return _section("fusion", title, _missing(f"{store.OOF_FILE} with both heads' logits"))
+    params = _fold_params(r.calibration, r.oof.fold)
+    final = _final_params(r.calibration)
+    if params is None:
+        return _section("fusion", title, _missing(f"per-fold temperatures in {store.CALIBRATION_FILE}"))
+    o = r.oof
+    weights = np.linspace(0, 1, 21)
+    curve = fusion_curve(o.z_mlp, o.z_xgb, o.y, params["T_mlp"], params["T_xgb"], weights)
+    fig = _figure(7, 3.4)
+    ax = fig.subplots()
+    ax.plot(weights, curve, marker="o", color="#c44e52", label="all out-of-fold predictions")
+    if final is not None:
+        ax.axvline(final["w"], color="black", linestyle="--", label=f"final w = {final['w']:.2f}")
+    fold_w = sorted(set(params["w"].tolist()))
+    for w in fold_w:
+        ax.axvline(w, color="gray", alpha=0.3, linewidth=3)
+    ax.set_xlabel("w   (0: XGBoost only, 1: MLP only)")
+    ax.set_ylabel("OOF macro-F1")
+    ax.set_title("Fusion weight")
+    ax.legend(fontsize=8)
+    body = ("<p>Fused logits <code>w·z_mlp/T_mlp + (1−w)·z_xgb/T_xgb</code> with each fold's temperatures. "
+            "The curve is drawn on all out-of-fold predictions, the same ones that chose the final weight, "
+            "so its peak is optimistic; the per-fold weights (gray bands: "
+            + ", ".join(f"{w:.2f}" for w in fold_w)
+            + ") were each chosen without the fold they were applied to.</p>" + _fig_img(fig, "fusion weight curve"))
+    return _section("fusion", title, body)
+
+
+def _maps_section(r: _Run) -> str:
+    title = "Which tissue drove the call: crop-level predictions"
+    if r.crops is None or not _samples(r):
+        return _section("maps", title, _missing(f"{store.CROPS_FILE} and the source images (pass --data)"))
+    if not (r.run / store.MODELS_DIR).exists():
+        return _section("maps", title, _missing("fitted models (run `histoembed fit`)"))
+    from histoembed.fit import load_ensemble
+    try:
+        ensemble = load_ensemble(r.run)
+        features = store.read_features(store.find_feature_store(r.run, getattr(ensemble, "encoder", None)))
+    except UserError as e:
+        return _section("maps", title, _missing(str(e)))
+    samples = _samples(r)
+    clean = features.subset(features.view == 0)
+    have = set(clean.image_id.tolist())
+    test_ids = [i for i in r.crops.loc[r.crops["split"] == "test", "image_id"].drop_duplicates()
+                if i in have and i in samples]
+    train_ids = [i for i in _pick_images(r, [i for i in r.crops.loc[r.crops["split"] == "train", "image_id"]
+                                               .drop_duplicates() if i in have and i in samples], N_MAP_IMAGES)]
+    half = N_MAP_IMAGES // 2
+    chosen = test_ids[:half] + train_ids[: N_MAP_IMAGES - min(half, len(test_ids))]
+    if not chosen:
+        return _section("maps", title, _missing("images with both crops and clean-view features"))
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    cmap, norm = colormaps["viridis"], Normalize(0, 1)
+    ncols = min(3, len(chosen))
+    nrows = math.ceil(len(chosen) / ncols)
+    fig = _figure(4.0 * ncols + 0.8, 3.8 * nrows)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax, image_id in zip(axes, chosen):
+        sub = clean.subset(clean.image_id == image_id)
+        crop_probs = np.asarray(ensemble.predict_crops(sub))
+        image_probs = np.asarray(ensemble.predict(sub).probs)[0]
+        k = int(image_probs.argmax())
+        boxes = r.crops[r.crops["image_id"] == image_id].set_index("crop_index")
+        keep = [i for i, c in enumerate(sub.crop_index) if int(c) in boxes.index]
+        xyxy = boxes.loc[[int(sub.crop_index[i]) for i in keep], ["x0", "y0", "x1", "y1"]].to_numpy()
+        colors = [cmap(norm(crop_probs[i, k])) for i in keep]
+        _draw_boxes(ax, _read_rgb(samples[image_id].image), xyxy, colors=colors,
+                    labels=[f"{crop_probs[i, k]:.2f}" for i in keep])
+        truth = samples[image_id].label
+        ax.set_title(f"{image_id} ({'test' if truth is None else 'true: ' + truth})\n"
+                     f"called {ensemble.classes[k]} (p {image_probs[k]:.2f})", fontsize=9)
+    for ax in axes[len(chosen):]:
+        ax.set_axis_off()
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), shrink=0.7,
+                 label="crop's probability of the called class")
+    body = ("<p>Each crop's clean view through every fold's calibrated, fused heads; boxes coloured by that "
+            "crop's probability of the class the whole image was called. Training images were seen by most "
+            "folds' heads, so their maps are optimistic; test images are not.</p>"
+            + _fig_img(fig, "per-image crop prediction maps"))
+    return _section("maps", title, body)
+
+
+# ---------------------------------------------------------------- the page
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0 auto;max-width:1240px;
+padding:1em 2em;color:#222}
+h1{margin-bottom:0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
+td:first-child,th:first-child{text-align:left}th{background:#f4f4f4}
+img.plot{max-width:100%;display:block;margin:.6em 0}img.crop{width:96px;height:96px;margin:2px}
+.cards{display:flex;flex-wrap:wrap;gap:.6em}.card{margin:0;width:180px;font-size:.8em}
+.missing{color:#8a6d3b;background:#fcf8e3;padding:.4em .8em;border-left:4px solid #f0ad4e}
+.small{font-size:.8em;color:#666}nav a{margin-right:1em}
+"""
+
+_SECTIONS = (("dataset", "Dataset"), ("qc", "QC"), ("crops", "Crops"), ("scores", "Macro-F1"),
+             ("confusion", "Confusion"), ("calibration", "Calibration"), ("fusion", "Fusion"),
+             ("maps", "Crop maps"))
+
+
+def render_report(run: Path, data: Path | None = None) -> str:
+    """The report page as one HTML string."""
+    r = _load(Path(run), Path(data) if data is not None else None)
+    sections = [_overview(r), _dataset_section(r), _qc_section(r), _crops_section(r), _scores_section(r),
+                _confusion_section(r), _calibration_section(r), _fusion_section(r), _maps_section(r)]
+    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    nav = "".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t in _SECTIONS)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>histoembed report: {_esc(r.run)}</title><style>{_CSS}</style></head><body>\n"
+            f"<h1>histoembed report</h1><p class='small'>run <code>{_esc(r.run)}</code>"
+            f"{' · data <code>' + _esc(r.data) + '</code>' if r.data else ''} · {when} · "
+            f"histoembed {__version__}</p><nav>{nav}</nav>\n" + "\n".join(sections) + "\n</body></html>\n")
+
+
+def write_report(run: Path, data: Path | None = None) -> Path:
+    """Write ``run/report.html`` (one self-contained file) and return its path."""
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError("run folder not found", path=run, hint="pass the folder the stages wrote with --run")
+    page = render_report(run, data)
+    out = run / store.REPORT_FILE
+    with store.atomic_path(out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return out

@@ -1,0 +1,105 @@
+"""Test-time inference: every fold's calibrated, fused heads on the test split's features.
+
+The submission has one row per test image in the order of the test folder (or of the
+manifest), labels spelled as in the training labels. A test image with no usable crop
+(no features) still gets a prediction: the training-class prior, i.e. the most frequent
+training class, and it is listed as a fallback.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from histoembed import store
+from histoembed.dataset import IMAGE_SUFFIXES, MANIFEST_FILE
+from histoembed.errors import UserError
+
+
+@dataclass
+class SubmitResult:
+    submission: Path
+    predictions: Path
+    n_images: int
+    classes: list[str]
+    counts: dict[str, int]                                # predicted label -> images
+    fallbacks: list[str] = field(default_factory=list)    # test images predicted by the prior
+
+
+def test_image_ids(data: Path) -> list[str]:
+    """Every test image id in submission order, including images other stages skipped."""
+    data = Path(data)
+    manifest = data if data.suffix.lower() == ".csv" else data / MANIFEST_FILE
+    if manifest.is_file():
+        with manifest.open(newline="", encoding="utf-8-sig") as f:
+            return [row["image"].strip() for row in csv.DictReader(f)
+                    if (row.get("split") or "").strip().lower() == "test"]
+    folder = data / "test_data"
+    if not folder.is_dir():
+        raise UserError("no test_data/ folder", path=data,
+                        hint="submit predicts the test split; pass the data folder with --data")
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name.startswith("img_") and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _class_prior(run: Path, classes: list[str]) -> np.ndarray:
+    """Training-class frequencies from the out-of-fold table (uniform if it is missing)."""
+    oof = run / store.OOF_FILE
+    if not oof.exists():
+        return np.full(len(classes), 1.0 / len(classes))
+    labels = store.read_table(oof, "out-of-fold predictions", columns=["label"])["label"].to_pylist()
+    counts = np.array([labels.count(c) for c in classes], dtype=float)
+    return counts / counts.sum() if counts.sum() else np.full(len(classes), 1.0 / len(classes))
+
+
+def run_submit(data: Path, run: Path, encoder: str | None = None, tta: bool = True) -> SubmitResult:
+    """Write ``run/submission.csv`` and ``run/test_predictions.parquet``."""
+    from histoembed.fit import load_ensemble
+
+    run, data = Path(run), Path(data)
+    ensemble = load_ensemble(run)
+    ids = test_image_ids(data)
+    if not ids:
+        raise UserError("the data has no test images", path=data)
+    store_dir = store.find_feature_store(run, encoder or ensemble.encoder)
+    features = store.read_features(store_dir, split="test")
+    if not tta:
+        features = features.subset(features.view == 0)
+    unknown = sorted(set(features.image_id) - set(ids))
+    if unknown:
+        raise UserError(f"{len(unknown)} test image(s) in the features are not in the data "
+                        f"(e.g. {unknown[0]})", path=store_dir,
+                        hint="the features were embedded from another data folder; re-run crops and embed")
+    prior = _class_prior(run, ensemble.classes)
+    probs = np.tile(prior, (len(ids), 1))
+    have = np.zeros(len(ids), dtype=bool)
+    if len(features):
+        pred = ensemble.predict(features)
+        row_of = {image_id: i for i, image_id in enumerate(ids)}
+        rows = np.array([row_of[i] for i in pred.image_ids])
+        probs[rows] = pred.probs
+        have[rows] = True
+    labels = [ensemble.classes[k] for k in probs.argmax(axis=1)]
+    fallbacks = [i for i, ok in zip(ids, have) if not ok]
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["sample_index", "label"])
+    writer.writerows(zip(ids, labels))
+    submission = run / store.SUBMISSION_FILE
+    with store.atomic_path(submission) as tmp:
+        tmp.write_text(buf.getvalue())
+
+    columns = {"image_id": ids, "label": labels, "fallback": (~have).tolist()}
+    columns.update({f"prob_{c}": probs[:, k].astype(np.float32) for k, c in enumerate(ensemble.classes)})
+    predictions = run / store.TEST_PREDICTIONS_FILE
+    store.write_table(pa.table(columns), predictions,
+                      meta={"classes": ensemble.classes, "encoder": ensemble.encoder, "tta": tta,
+                            "fallback": "training-class prior (most frequent class)"})
+    counts = {c: labels.count(c) for c in ensemble.classes}
+    return SubmitResult(submission, predictions, len(ids), ensemble.classes, counts, fallbacks)

@@ -1,0 +1,422 @@
+"""The crops stage: the blob recipe against an independent implementation, every strategy and
+option through the CLI, fallbacks, QC integration, skip-if-unchanged and atomic output."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from skimage.filters import threshold_otsu
+from skimage.measure import label as sk_label
+from skimage.measure import regionprops
+
+from histoembed import crops as crops_mod
+from histoembed import store
+from histoembed.config import MEAN_FILL, CropSettings
+from histoembed.crops import (components, crop_image, grow_box, otsu_binarise, square_crop, tile_starts,
+                              tissue_mask_by_colour)
+
+PINK = (220, 130, 190)
+
+
+def pink_image(h: int, w: int, seed: int = 0, white_from: int | None = None) -> np.ndarray:
+    """Pink tissue with a little noise; columns from ``white_from`` on are white slide."""
+    rng = np.random.default_rng(seed)
+    rgb = np.empty((h, w, 3), np.uint8)
+    rgb[:] = PINK
+    rgb = np.clip(rgb.astype(int) + rng.integers(-6, 7, rgb.shape), 0, 255).astype(np.uint8)
+    if white_from is not None:
+        rgb[:, white_from:] = 248
+    return rgb
+
+
+def write_data(root: Path, images: dict[str, tuple[np.ndarray, np.ndarray]], test: set[str] = frozenset()) -> Path:
+    """The reference layout from {image_id: (rgb, mask)}; ids in ``test`` go to test_data."""
+    for split in ("train", "test"):
+        (root / f"{split}_data").mkdir(parents=True, exist_ok=True)
+    rows = ["sample_index,label"]
+    for i, (image_id, (rgb, mask)) in enumerate(images.items()):
+        split = "test" if image_id in test else "train"
+        Image.fromarray(rgb).save(root / f"{split}_data" / image_id)
+        Image.fromarray(mask).save(root / f"{split}_data" / image_id.replace("img_", "mask_"))
+        if split == "train":
+            rows.append(f"{image_id},{('Luminal A', 'HER2(+)')[i % 2]}")
+    (root / "train_labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def read_crops(run: Path) -> list[dict]:
+    return pq.read_table(run / store.CROPS_FILE).to_pylist()
+
+
+def boxes_of(rows: list[dict], image_id: str) -> list[tuple[int, int, int, int]]:
+    return [(r["x0"], r["y0"], r["x1"], r["y1"]) for r in sorted(rows, key=lambda r: r["crop_index"])
+            if r["image_id"] == image_id]
+
+
+def decode(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+# ---------------------------------------------------------------- masks with known components
+
+def known_mask(seed: int, h: int = 160, w: int = 200) -> np.ndarray:
+    """Rectangles and ellipses of distinct sizes, two shapes touching only at a corner (one
+    8-connected component), a speck below 100 px, and faint gray noise Otsu must drop."""
+    rng = np.random.default_rng(seed)
+    m = np.zeros((h, w), np.uint8)
+    m[rng.random((h, w)) < 0.02] = 30                      # faint noise, below Otsu's cut
+    x, y = int(rng.integers(5, 20)), int(rng.integers(5, 20))
+    m[y:y + 30, x:x + 40] = 255                            # 1200 px
+    m[y + 30:y + 45, x + 40:x + 55] = 255                  # touches the first at one corner only
+    cv2.ellipse(m, (int(rng.integers(120, 150)), int(rng.integers(40, 60))), (25, 15), 30, 0, 360, 200, -1)
+    m[110:130, 20:31] = 220                                # 220 px
+    m[120:128, 150:160] = 255                              # 80 px: below min_area
+    for i in range(6):                                     # small squares of 100+ px, distinct sizes
+        s = 10 + i
+        m[140:140 + s if 140 + s < h else h, 40 + i * 25: 40 + i * 25 + s] = 180
+    return m
+
+
+def independent_blobs(mask: np.ndarray, k: int, min_area: int, margin: float) -> list[tuple[int, int, int, int]]:
+    """The recipe with scikit-image: Otsu, 8-connected labels, top-k by area, margin, clip."""
+    binary = mask > threshold_otsu(mask)
+    regions = [r for r in regionprops(sk_label(binary, connectivity=2)) if r.area >= min_area]
+    regions.sort(key=lambda r: (-r.area, r.bbox[0], r.bbox[1]))
+    h, w = mask.shape
+    out = []
+    for r in regions[:k]:
+        r0, c0, r1, c1 = r.bbox
+        bw, bh = c1 - c0, r1 - r0
+        out.append((max(0, math.floor(c0 - margin * bw)), max(0, math.floor(r0 - margin * bh)),
+                    min(w, math.ceil(c1 + margin * bw)), min(h, math.ceil(r1 + margin * bh))))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_components_match_scikit_image(seed):
+    mask = known_mask(seed)
+    binary = otsu_binarise(mask)
+    assert not binary[mask == 30].any() and binary[mask >= 180].all()
+    ours = [c.box for c in components(binary, k=100, min_area=100)]
+    theirs = independent_blobs(mask, k=100, min_area=100, margin=0.0)
+    assert ours == theirs
+    assert len(ours) == 9  # corner-touching pair (1), ellipse, 220 px bar, six squares; the speck is dropped
+
+
+@pytest.mark.parametrize("k,min_area,margin", [(10, 100, 0.1), (3, 100, 0.1), (10, 150, 0.25), (10, 100, 0.0)])
+def test_blob_crops_through_the_cli_match_the_independent_recipe(cli, tmp_path, k, min_area, margin):
+    images = {f"img_{i:04d}.png": (pink_image(160, 200, i), known_mask(i)) for i in range(3)}
+    data = write_data(tmp_path / "d", images, test={"img_0002.png"})
+    run = tmp_path / "run"
+    res = cli("crops", "--data", data, "--run", run, "--k", k, "--min-area", min_area, "--margin", margin,
+              "--size", 32, "--workers", 1)
+    assert res.exit_code == 0, res.output
+    rows = read_crops(run)
+    for image_id, (_, mask) in images.items():
+        expected = independent_blobs(mask, k, min_area, margin)
+        assert boxes_of(rows, image_id) == expected, image_id
+    assert {r["strategy"] for r in rows} == {"blobs"}
+    test_rows = [r for r in rows if r["image_id"] == "img_0002.png"]
+    assert {r["split"] for r in test_rows} == {"test"} and {r["label"] for r in test_rows} == {None}
+    assert {r["label"] for r in rows if r["split"] == "train"} == {"Luminal A", "HER2(+)"}
+    assert all(decode(r["png"]).shape == (32, 32, 3) for r in rows)
+
+
+def test_grow_box_moves_each_edge_by_margin_times_the_box_side():
+    assert grow_box((10, 20, 30, 60), 0.1, 100, 100) == (8, 16, 32, 64)
+    assert grow_box((10, 20, 30, 60), 0.5, 100, 100) == (0, 0, 40, 80)
+    assert grow_box((0, 0, 100, 10), 0.1, 100, 50) == (0, 0, 100, 11)   # clipped, rounded outward
+    assert grow_box((5, 5, 8, 8), 0.1, 20, 20) == (4, 4, 9, 9)           # 0.3 px rounds outward
+
+
+def test_otsu_binarise_edge_cases():
+    assert not otsu_binarise(np.zeros((4, 4), np.uint8)).any()
+    assert otsu_binarise(np.full((4, 4), 7, np.uint8)).all()
+    m01 = np.zeros((4, 4), np.uint8)
+    m01[1:3, 1:3] = 1
+    assert np.array_equal(otsu_binarise(m01), m01 > 0)
+
+
+def test_square_crop_centres_the_box_on_a_gray_canvas():
+    rgb = np.zeros((50, 80, 3), np.uint8)
+    rgb[10:20, 10:40] = (255, 0, 0)
+    out = square_crop(rgb, (10, 10, 40, 20), MEAN_FILL, size=30)
+    assert out.shape == (30, 30, 3)
+    assert (out[:10] == MEAN_FILL).all() and (out[20:] == MEAN_FILL).all()   # 30x10 box: 10 rows pad each side
+    assert (out[10:20] == (255, 0, 0)).all()
+    big = square_crop(rgb, (10, 10, 40, 20), (1, 2, 3), size=60)
+    assert big.shape == (60, 60, 3) and (big[0, 0] == (1, 2, 3)).all() and (big[30, 30] == (255, 0, 0)).all()
+    mask = np.zeros((50, 80), bool)
+    mask[10:20, 10:25] = True
+    painted = square_crop(rgb, (10, 10, 40, 20), (9, 9, 9), size=30, mask=mask)
+    assert (painted[10:20, :15] == (255, 0, 0)).all() and (painted[10:20, 15:] == 9).all()
+    padded = square_crop(rgb, (70, 40, 80, 50), (5, 5, 5), size=20, side=20)  # clipped tile: padded, not stretched
+    assert (padded[:5] == 5).all() and (padded[5:15, 5:15] == 0).all()
+
+
+def test_tissue_by_colour_and_tile_layout():
+    rgb = pink_image(40, 60, white_from=30)
+    rgb[0:5, 0:5] = 0  # black is not tissue
+    t = tissue_mask_by_colour(rgb)
+    assert t.dtype == bool and t.shape == (40, 60)
+    assert t[10:, :30].all() and not t[:, 30:].any() and not t[0:5, 0:5].any()
+    assert tile_starts(0, 100, 32, 100) == [0, 23, 45, 68]   # even, overlapping, inside the image
+    assert tile_starts(0, 20, 32, 20) == [0]                 # image smaller than a tile
+    assert tile_starts(40, 50, 32, 100) == [29]              # a small region: one tile centred on it
+
+
+# ---------------------------------------------------------------- the other strategies, through the CLI
+
+def test_grid_strategy_keeps_tiles_with_enough_tissue(cli, tmp_path):
+    images = {"img_0000.png": (pink_image(96, 128, white_from=64), np.zeros((96, 128), np.uint8))}
+    data = write_data(tmp_path / "d", images)
+    run = tmp_path / "run"
+    res = cli("crops", "--data", data, "--run", run, "--strategy", "grid", "--tile", 32, "--size", 16,
+              "--min-tissue", 0.5, "--workers", 1)
+    assert res.exit_code == 0, res.output
+    rows = read_crops(run)
+    assert sorted(boxes_of(rows, "img_0000.png")) == sorted(
+        (x, y, x + 32, y + 32) for y in (0, 32, 64) for x in (0, 32))     # left half only
+    assert {r["strategy"] for r in rows} == {"grid"} and all(r["tissue_fraction"] == 1.0 for r in rows)
+    assert "fell back" not in res.output   # grid needs no mask: an empty mask is no fallback here
+    res = cli("crops", "--data", data, "--run", run, "--strategy", "grid", "--tile", 32, "--size", 16,
+              "--max-crops", 2, "--workers", 1)
+    assert res.exit_code == 0 and len(read_crops(run)) == 2
+
+
+def test_roi_window_tiles_over_component_boxes(cli, tmp_path):
+    mask = np.zeros((128, 160), np.uint8)
+    mask[10:74, 10:106] = 255     # a 96x64 component: 3x2 tiles of 32, all inside
+    mask[100:116, 130:150] = 255  # 20x16 = 320 px: one tile centred on it, < half inside: dropped
+    data = write_data(tmp_path / "d", {"img_0000.png": (pink_image(128, 160), mask)})
+    run = tmp_path / "run"
+    res = cli("crops", "--data", data, "--run", run, "--strategy", "roi-window", "--tile", 32, "--size", 16,
+              "--workers", 1)
+    assert res.exit_code == 0, res.output
+    rows = read_crops(run)
+    expected = [(x, y, x + 32, y + 32) for y in (10, 42) for x in (10, 42, 74)]
+    assert boxes_of(rows, "img_0000.png") == expected
+    assert all(r["tissue_fraction"] >= 0.5 for r in rows) and {r["strategy"] for r in rows} == {"roi-window"}
+
+
+def test_center_strategy_one_crop_per_component(cli, tmp_path):
+    mask = np.zeros((128, 160), np.uint8)
+    mask[40:60, 40:70] = 255      # centroid (54.5, 49.5)
+    mask[5:15, 140:155] = 255     # near the edge: the crop is shifted inside the image
+    data = write_data(tmp_path / "d", {"img_0000.png": (pink_image(128, 160), mask)})
+    run = tmp_path / "run"
+    res = cli("crops", "--data", data, "--run", run, "--strategy", "center", "--size", 32, "--workers", 1)
+    assert res.exit_code == 0, res.output
+    boxes = boxes_of(read_crops(run), "img_0000.png")
+    assert boxes == [(38, 34, 70, 66), (128, 0, 160, 32)]
+    assert all(decode(r["png"]).shape == (32, 32, 3) for r in read_crops(run))
+
+
+def test_fill_and_fill_outside_mask(cli, tmp_path):
+    rgb = pink_image(100, 100)
+    mask = np.zeros((100, 100), np.uint8)
+    mask[20:80, 40:60] = 255          # 20 wide x 60 tall: pads left and right
+    mask[20:30, 40:45] = 0            # a notch outside the mask inside the box
+    data = write_data(tmp_path / "d", {"img_0000.png": (rgb, mask)})
+    run = tmp_path / "run"
+    res = cli("crops", "--data", data, "--run", run, "--margin", 0, "--size", 60, "--fill", "0,255,0", "--workers", 1)
+    assert res.exit_code == 0, res.output
+    (row,) = read_crops(run)
+    crop = decode(row["png"])
+    assert (row["x0"], row["y0"], row["x1"], row["y1"]) == (40, 20, 60, 80)
+    assert (crop[:, :20] == (0, 255, 0)).all() and (crop[:, 40:] == (0, 255, 0)).all()   # gray fill: here green
+    assert np.abs(crop[:10, 20:25].astype(int) - PINK).max() <= 7                           # notch keeps tissue
+    res = cli("crops", "--data", data, "--run", run, "--margin", 0, "--size", 60, "--fill", "0,255,0",
+              "--fill-outside-mask", "--workers", 1)
+    assert res.exit_code == 0, res.output
+    crop = decode(read_crops(run)[0]["png"])
+    assert (crop[:10, 20:25] == (0, 255, 0)).all()                                          # notch painted
+    assert np.abs(crop[30:, 30:40].astype(int) - PINK).max() <= 7
+    default = cli("crops", "--data", data, "--run", run, "--margin", 0, "--size", 60, "--workers", 1)
+    assert default.exit_code == 0
+    assert (decode(read_crops(run)[0]["png"])[:, :20] == MEAN_FILL).all()                   # ImageNet mean
+
+
+def test_fallback_to_grid_over_tissue(cli, tmp_path):
+    tiny = np.zeros((64, 96), np.uint8)
+    tiny[5:10, 5:10] = 255            # 25 px < min area
+    good = np.zeros((64, 96), np.uint8)
+    good[10:40, 10:40] = 255
+    images = {"img_0000.png": (pink_image(64, 96, white_from=48), np.zeros((64, 96), np.uint8)),
+              "img_0001.png": (pink_image(64, 96, white_from=48), tiny),
+              "img_0002.png": (pink_image(64, 96), good)}
+    data = write_data(tmp_path / "d", images)
+    run = tmp_path / "run"
+    res = cli("crops", "--data", data, "--run", run, "--tile", 32, "--size", 16, "--workers", 1)
+    assert res.exit_code == 0, res.output
+    assert "2 image(s) fell back to grid crops over tissue found by colour" in res.output
+    assert "img_0000.png: mask is empty" in res.output
+    assert "img_0001.png: no mask component of 100 px or more" in res.output
+    rows = read_crops(run)
+    for image_id in ("img_0000.png", "img_0001.png"):
+        assert {r["strategy"] for r in rows if r["image_id"] == image_id} == {"grid-fallback"}
+        assert sorted({b[0] for b in boxes_of(rows, image_id)}) == [0, 32]   # the all-white column is not cut
+        assert all(r["tissue_fraction"] >= 0.5 for r in rows if r["image_id"] == image_id)
+    assert {r["strategy"] for r in rows if r["image_id"] == "img_0002.png"} == {"blobs"}
+
+
+def test_an_image_without_tissue_still_gets_its_best_tile():
+    rgb = np.full((40, 40, 3), 250, np.uint8)
+    crops, why = crop_image(rgb, np.zeros((40, 40), np.uint8), CropSettings(size=16, tile=32))
+    assert why == "mask is empty" and len(crops) == 1 and crops[0].strategy == "grid-fallback"
+
+
+# ---------------------------------------------------------------- re-runs, workers, atomic output
+
+def small_data(root: Path, n: int = 4) -> Path:
+    images = {}
+    for i in range(n):
+        mask = np.zeros((80, 100), np.uint8)
+        mask[10 + i:40 + i, 10:50] = 255
+        mask[50:70, 60:90] = 255
+        images[f"img_{i:04d}.png"] = (pink_image(80, 100, i), mask)
+    return write_data(root, images, test={f"img_{n - 1:04d}.png"})
+
+
+def test_rerun_with_unchanged_inputs_does_no_work(cli, tmp_path):
+    data, run = small_data(tmp_path / "d"), tmp_path / "run"
+    first = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1)
+    assert first.exit_code == 0, first.output
+    assert "8 crops from 4 images" in first.output and "crops per image: min 2, median 2, max 2" in first.output
+    stamp = (run / store.CROPS_FILE).stat().st_mtime_ns
+    again = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 2)  # workers do not matter
+    assert again.exit_code == 0 and "up to date" in again.output and "8 crops from 4 images" in again.output
+    assert (run / store.CROPS_FILE).stat().st_mtime_ns == stamp
+    changed = cli("crops", "--data", data, "--run", run, "--size", 48, "--workers", 1)
+    assert changed.exit_code == 0 and "up to date" not in changed.output
+    assert decode(read_crops(run)[0]["png"]).shape == (48, 48, 3)
+    img = data / "train_data/img_0000.png"
+    Image.fromarray(pink_image(80, 100, 9)).save(img)   # new pixels: work again
+    touched = cli("crops", "--data", data, "--run", run, "--size", 48, "--workers", 1)
+    assert touched.exit_code == 0 and "up to date" not in touched.output
+
+
+def test_worker_pool_gives_the_same_crops(cli, tmp_path):
+    data = small_data(tmp_path / "d", n=6)
+    one = cli("crops", "--data", data, "--run", tmp_path / "r1", "--size", 32, "--workers", 1)
+    two = cli("crops", "--data", data, "--run", tmp_path / "r2", "--size", 32, "--workers", 2)
+    assert one.exit_code == 0 and two.exit_code == 0, two.output
+    assert read_crops(tmp_path / "r1") == read_crops(tmp_path / "r2")
+
+
+def test_interrupted_run_leaves_no_file_and_keeps_the_old_one(cli, tmp_path, monkeypatch):
+    data, run = small_data(tmp_path / "d"), tmp_path / "run"
+    real = crops_mod._crop_one
+    calls = []
+
+    def dies_on_third(task):
+        calls.append(task)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(crops_mod, "_crop_one", dies_on_third)
+    res = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1)
+    assert res.exit_code == 130 and "interrupted" in res.output
+    assert not (run / store.CROPS_FILE).exists() and not list(run.glob(".*"))
+    monkeypatch.setattr(crops_mod, "_crop_one", real)
+    assert cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1).exit_code == 0
+    before = (run / store.CROPS_FILE).read_bytes()
+    calls.clear()
+    monkeypatch.setattr(crops_mod, "_crop_one", dies_on_third)
+    res = cli("crops", "--data", data, "--run", run, "--size", 40, "--workers", 1)
+    assert res.exit_code == 130
+    assert (run / store.CROPS_FILE).read_bytes() == before and not list(run.glob(".*"))
+
+
+def test_output_schema_and_metadata(cli, tmp_path):
+    data, run = small_data(tmp_path / "d"), tmp_path / "run"
+    assert cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1).exit_code == 0
+    schema = pq.read_schema(run / store.CROPS_FILE)
+    assert schema.remove_metadata().equals(store.CROPS_SCHEMA)
+    meta = store.read_meta(run / store.CROPS_FILE)
+    assert meta["key"] and meta["settings"]["size"] == 32 and meta["version"]
+
+
+# ---------------------------------------------------------------- QC integration
+
+def write_qc(run: Path, rows: list[dict]) -> None:
+    full = [{"split": "train", "flagged": False, "non_tissue": False, "ink": False, "blank": False,
+             "outlier": None, "duplicate_group": None, "reason": "", **r} for r in rows]
+    store.write_table(pa.Table.from_pylist(full, schema=store.QC_SCHEMA), run / store.QC_FILE,
+                      {"key": "test", "settings": {}})
+
+
+def test_qc_flagged_training_images_left_out_unless_kept(cli, tmp_path):
+    data, run = small_data(tmp_path / "d"), tmp_path / "run"
+    write_qc(run, [{"image_id": "img_0000.png", "flagged": True, "non_tissue": True},
+                   {"image_id": "img_0001.png", "flagged": True, "blank": True},
+                   {"image_id": "img_0003.png", "split": "test", "flagged": True, "non_tissue": True}])
+    res = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1)
+    assert res.exit_code == 0, res.output
+    assert "left out 2 training image(s) flagged by QC: img_0000.png, img_0001.png" in res.output
+    assert {r["image_id"] for r in read_crops(run)} == {"img_0002.png", "img_0003.png"}  # test never dropped
+    res = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1, "--keep", "img_0001.png")
+    assert res.exit_code == 0 and "left out 1 training image(s)" in res.output
+    assert {r["image_id"] for r in read_crops(run)} == {"img_0001.png", "img_0002.png", "img_0003.png"}
+    res = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1, "--include-flagged")
+    assert res.exit_code == 0 and "left out" not in res.output and len({r["image_id"] for r in read_crops(run)}) == 4
+    res = cli("crops", "--data", data, "--run", run, "--keep", "img_9999.png")
+    assert res.exit_code == 2 and "--keep names image(s) not in the data: img_9999.png" in res.output
+
+
+def test_qc_ink_is_repaired_before_cropping(cli, tmp_path):
+    pytest.importorskip("histoembed.qc")
+    rgb = pink_image(120, 120)
+    cv2.line(rgb, (10, 40), (110, 60), (40, 150, 70), 8)
+    mask = np.zeros((120, 120), np.uint8)
+    mask[20:100, 20:100] = 255
+    data = write_data(tmp_path / "d", {"img_0000.png": (rgb, mask), "img_0001.png": (pink_image(120, 120, 1), mask)})
+    run = tmp_path / "run"
+
+    def green_share() -> float:
+        crop = decode(read_crops(run)[0]["png"]).astype(int)
+        return float(((crop[..., 1] > crop[..., 0] + 40) & (crop[..., 1] > crop[..., 2] + 40)).mean())
+
+    assert cli("crops", "--data", data, "--run", run, "--size", 64, "--workers", 1).exit_code == 0
+    assert green_share() > 0.02
+    write_qc(run, [{"image_id": "img_0000.png", "ink": True, "flagged": True}])
+    res = cli("crops", "--data", data, "--run", run, "--size", 64, "--workers", 1, "--keep", "img_0000.png")
+    assert res.exit_code == 0, res.output
+    assert "repaired green ink in 1 image(s) before cropping: img_0000.png" in res.output
+    assert green_share() < 0.002
+
+
+# ---------------------------------------------------------------- options and settings
+
+def test_bad_options_are_clear_errors(cli, tmp_path):
+    data = small_data(tmp_path / "d")
+    res = cli("crops", "--data", data, "--fill", "1,2")
+    assert res.exit_code == 2 and "--fill '1,2' is not R,G,B" in res.output
+    res = cli("crops", "--data", data, "--strategy", "spiral")
+    assert res.exit_code == 2 and "--strategy" in res.output and "blobs" in res.output
+    res = cli("crops", "--data", data, "--margin", "-1")
+    assert res.exit_code == 2 and "--margin" in res.output
+
+
+def test_settings_file_and_help(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # help text unabridged
+    data, run = small_data(tmp_path / "d"), tmp_path / "run"
+    (tmp_path / "h.toml").write_text('[crops]\nsize = 24\nstrategy = "center"\nworkers = 1\n')
+    res = cli("crops", "--data", data, "--run", run, "--config", tmp_path / "h.toml")
+    assert res.exit_code == 0, res.output
+    assert {r["strategy"] for r in read_crops(run)} == {"center"}
+    assert decode(read_crops(run)[0]["png"]).shape == (24, 24, 3)
+    help_text = cli("crops", "--help").output
+    for opt in ("--data", "--run", "--config", "--strategy", "--k", "--min-area", "--margin", "--size", "--fill",
+                "--fill-outside-mask", "--tile", "--min-tissue", "--workers", "--strict", "--keep",
+                "--include-flagged"):
+        assert opt in help_text, opt

@@ -1,0 +1,337 @@
+"""The dataset layer: layouts, every bad input (outcome and message, through the CLI), pixel formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from histoembed import store
+from histoembed.dataset import load_dataset, read_image, read_mask
+from histoembed.errors import UserError
+
+LABELS = ("Luminal A", "Triple negative")
+
+
+def tissue(h: int = 96, w: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A pink tissue image on white with one square mask blob."""
+    rng = np.random.default_rng(seed)
+    rgb = np.full((h, w, 3), 245, np.uint8)
+    rgb[10:h - 10, 10:w - 10] = (220, 130, 190)
+    rgb = np.clip(rgb.astype(int) + rng.integers(-5, 6, rgb.shape), 0, 255).astype(np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    mask[20:60, 30:80] = 255
+    return rgb, mask
+
+
+def write_reference(root: Path, n_train: int = 4, n_test: int = 2) -> Path:
+    """img_0000.. in train_data (labelled), test ids continuing, in the reference layout."""
+    for split in ("train", "test"):
+        (root / f"{split}_data").mkdir(parents=True, exist_ok=True)
+    rows = ["sample_index,label"]
+    for i in range(n_train + n_test):
+        split = "train" if i < n_train else "test"
+        rgb, mask = tissue(seed=i)
+        Image.fromarray(rgb).save(root / f"{split}_data/img_{i:04d}.png")
+        Image.fromarray(mask).save(root / f"{split}_data/mask_{i:04d}.png")
+        if split == "train":
+            rows.append(f"img_{i:04d}.png,{LABELS[i % 2]}")
+    (root / "train_labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def crops(cli, data: Path, run: Path, *extra):
+    return cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1, *extra)
+
+
+def crop_ids(run: Path) -> set[str]:
+    return set(pq.read_table(run / store.CROPS_FILE, columns=["image_id"])["image_id"].to_pylist())
+
+
+# ---------------------------------------------------------------- layouts
+
+def test_reference_layout(tmp_path):
+    ds = load_dataset(write_reference(tmp_path / "d"))
+    assert [s.image_id for s in ds.split("train")] == [f"img_{i:04d}.png" for i in range(4)]
+    assert [s.image_id for s in ds.split("test")] == ["img_0004.png", "img_0005.png"]
+    assert ds.classes == sorted(LABELS)
+    assert all(s.label is None for s in ds.split("test"))
+    assert ds.by_id()["img_0001.png"].label == "Triple negative"
+    assert ds.by_id()["img_0002.png"].mask.name == "mask_0002.png"
+
+
+def test_manifest_layout_through_the_cli(cli, tmp_path):
+    root = tmp_path / "any"
+    (root / "slides").mkdir(parents=True)
+    rows = ["image,mask,label,split"]
+    for i, (split, label) in enumerate([("train", "A"), ("train", "B"), ("test", ""), ("train", "A")]):
+        rgb, mask = tissue(seed=i)
+        Image.fromarray(rgb).save(root / f"slides/s{i}.jpg", quality=95)
+        mask_rel = f"slides/s{i}_m.png" if i != 3 else ""  # a row without a mask: tissue by colour
+        if mask_rel:
+            Image.fromarray(mask).save(root / mask_rel)
+        rows.append(f"slides/s{i}.jpg,{mask_rel},{label},{split}")
+    (root / "list.csv").write_text("\n".join(rows) + "\n")
+    ds = load_dataset(root / "list.csv")
+    assert [(s.image_id, s.split, s.label) for s in ds.samples] == [
+        ("slides/s0.jpg", "train", "A"), ("slides/s1.jpg", "train", "B"), ("slides/s2.jpg", "test", None),
+        ("slides/s3.jpg", "train", "A")]
+    assert ds.samples[3].mask is None
+    # manifest.csv inside a folder is found too; crops run on both forms.
+    (root / "manifest.csv").write_text((root / "list.csv").read_text())
+    for data in (root / "list.csv", root):
+        run = tmp_path / f"run-{data.name}"
+        res = crops(cli, data, run)
+        assert res.exit_code == 0, res.output
+        assert crop_ids(run) == {f"slides/s{i}.jpg" for i in range(4)}
+        assert "slides/s3.jpg: no mask" in res.output
+
+
+# ---------------------------------------------------------------- bad inputs, through the CLI
+
+def test_missing_mask_skips_the_image_and_says_so(cli, tmp_path):
+    data = write_reference(tmp_path / "d")
+    (data / "train_data/mask_0001.png").unlink()
+    res = crops(cli, data, tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    assert "skipped 1 item(s)" in res.output
+    assert "img_0001.png: no mask (expected mask_0001.png beside it); image skipped" in res.output
+    assert "img_0001.png" not in crop_ids(tmp_path / "run")
+    strict = crops(cli, data, tmp_path / "run2", "--strict")
+    assert strict.exit_code == 2 and "no mask (expected mask_0001.png" in strict.output and "--strict" in strict.output
+    assert not (tmp_path / "run2" / store.CROPS_FILE).exists()
+
+
+def test_mask_size_mismatch(cli, tmp_path):
+    data = write_reference(tmp_path / "d")
+    Image.fromarray(np.zeros((50, 60), np.uint8)).save(data / "train_data/mask_0002.png")
+    res = crops(cli, data, tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    assert "mask_0002.png: mask is 60x50 but its image img_0002.png is 120x96; image skipped" in res.output
+    assert "img_0002.png" not in crop_ids(tmp_path / "run")
+    strict = crops(cli, data, tmp_path / "run2", "--strict")
+    assert strict.exit_code == 2 and "mask is 60x50" in strict.output
+
+
+def test_unreadable_and_truncated_files(cli, tmp_path):
+    data = write_reference(tmp_path / "d")
+    (data / "train_data/img_0000.png").write_bytes(b"this is not a picture")
+    full = (data / "train_data/img_0003.png").read_bytes()
+    (data / "train_data/img_0003.png").write_bytes(full[: len(full) // 2])  # header intact, pixels cut
+    res = crops(cli, data, tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    assert "skipped 2 item(s)" in res.output
+    assert "img_0000.png: unreadable image (cannot identify image file" in res.output
+    assert "img_0003.png: unreadable or truncated image" in res.output
+    assert crop_ids(tmp_path / "run") == {"img_0001.png", "img_0002.png", "img_0004.png", "img_0005.png"}
+    strict = crops(cli, data, tmp_path / "run2", "--strict")
+    assert strict.exit_code == 2 and "img_0000.png" in strict.output
+    assert not (tmp_path / "run2" / store.CROPS_FILE).exists()
+    # Only the truncated file (found when decoding, after the checks): still nothing written.
+    (data / "train_data/img_0000.png").write_bytes((data / "train_data/img_0001.png").read_bytes())
+    strict = crops(cli, data, tmp_path / "run3", "--strict")
+    assert strict.exit_code == 2 and "img_0003.png: unreadable or truncated image" in strict.output
+    assert "nothing written" in strict.output
+    assert not (tmp_path / "run3" / store.CROPS_FILE).exists()
+    assert not list((tmp_path / "run3").glob(".*tmp*"))
+
+
+def test_label_row_for_an_image_that_does_not_exist(cli, tmp_path):
+    data = write_reference(tmp_path / "d")
+    with (data / "train_labels.csv").open("a") as f:
+        f.write("img_0999.png,Luminal A\n")
+    res = crops(cli, data, tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    assert ("train_labels.csv: label row for 'img_0999.png', but train_data/img_0999.png does not exist; "
+            "row ignored") in res.output
+    assert len(crop_ids(tmp_path / "run")) == 6
+
+
+def test_training_image_without_a_label(cli, tmp_path):
+    data = write_reference(tmp_path / "d")
+    lines = (data / "train_labels.csv").read_text().splitlines()
+    (data / "train_labels.csv").write_text("\n".join(line for line in lines if "img_0002" not in line) + "\n")
+    res = crops(cli, data, tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    assert "img_0002.png: training image has no row in train_labels.csv; skipped" in res.output
+    assert "img_0002.png" not in crop_ids(tmp_path / "run")
+
+
+def test_duplicate_ids_stop_the_stage(cli, tmp_path):
+    data = write_reference(tmp_path / "d")
+    # the same id in both splits
+    (data / "test_data/img_0001.png").write_bytes((data / "train_data/img_0001.png").read_bytes())
+    (data / "test_data/mask_0001.png").write_bytes((data / "train_data/mask_0001.png").read_bytes())
+    res = crops(cli, data, tmp_path / "run")
+    assert res.exit_code == 2
+    assert "image ids appear in both train_data and test_data: img_0001.png" in res.output
+    assert not (tmp_path / "run" / store.CROPS_FILE).exists()
+    # the same id twice in the labels file
+    data2 = write_reference(tmp_path / "d2")
+    with (data2 / "train_labels.csv").open("a") as f:
+        f.write("img_0001.png,Luminal A\n")
+    res = crops(cli, data2, tmp_path / "run")
+    assert res.exit_code == 2 and "train_labels.csv: line 6: duplicate id 'img_0001.png'" in res.output
+    # the same image twice in a manifest
+    rgb, mask = tissue()
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text("image,mask,label,split\na.png,,X,train\n./a.png,,X,train\n")
+    res = crops(cli, tmp_path / "m.csv", tmp_path / "run")
+    assert res.exit_code == 2 and "m.csv: line 3: duplicate image './a.png' (also on line 2)" in res.output
+
+
+@pytest.mark.parametrize("rel", ["../outside.png", "/etc/hostname", "sub/../../outside.png"])
+def test_manifest_path_escaping_the_data_folder(cli, tmp_path, rel):
+    root = tmp_path / "d"
+    root.mkdir()
+    rgb, mask = tissue()
+    Image.fromarray(rgb).save(tmp_path / "outside.png")
+    Image.fromarray(rgb).save(root / "inside.png")
+    (root / "manifest.csv").write_text(f"image,mask,label,split\ninside.png,,A,train\n{rel},,A,train\n")
+    res = crops(cli, root, tmp_path / "run")
+    assert res.exit_code == 2
+    assert f"manifest.csv: line 3: path '{rel}' escapes the data folder" in res.output
+    assert "hint: manifest paths must be relative" in res.output
+    assert not (tmp_path / "run" / store.CROPS_FILE).exists()
+
+
+def test_manifest_missing_files_and_labels(cli, tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    rgb, mask = tissue()
+    for name in ("a", "b", "c"):
+        Image.fromarray(rgb).save(root / f"{name}.png")
+    Image.fromarray(mask).save(root / "a_m.png")
+    (root / "manifest.csv").write_text("image,mask,label,split\na.png,a_m.png,A,train\nb.png,,,train\n"
+                                       "gone.png,,A,train\nc.png,c_m.png,A,train\n")
+    res = crops(cli, root, tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    assert "b.png: training image has no label (line 3); skipped" in res.output
+    assert "gone.png: listed on line 4 of manifest.csv but does not exist; skipped" in res.output
+    assert "c_m.png: mask of c.png (line 5) does not exist; image skipped" in res.output
+    assert crop_ids(tmp_path / "run") == {"a.png"}
+
+
+def test_malformed_inputs_name_the_file(cli, tmp_path):
+    res = crops(cli, tmp_path / "nowhere", tmp_path / "run")
+    assert res.exit_code == 2 and "nowhere: data folder not found" in res.output
+    (tmp_path / "empty").mkdir()
+    res = crops(cli, tmp_path / "empty", tmp_path / "run")
+    assert res.exit_code == 2 and "no train_data/, test_data/ or manifest.csv found" in res.output
+    data = write_reference(tmp_path / "d")
+    (data / "train_labels.csv").write_text("image,class\nimg_0000.png,A\n")
+    res = crops(cli, data, tmp_path / "run")
+    assert res.exit_code == 2 and "train_labels.csv: header is image,class; missing column(s) sample_index, label" \
+        in res.output
+    (data / "train_labels.csv").unlink()
+    res = crops(cli, data, tmp_path / "run")
+    assert res.exit_code == 2 and "train_labels.csv: file not found" in res.output
+    (tmp_path / "bad.csv").write_text("image,mask,label,split\na.png,,A,validation\n")
+    res = crops(cli, tmp_path / "bad.csv", tmp_path / "run")
+    assert res.exit_code == 2 and "line 2: split is 'validation', expected train or test" in res.output
+
+
+def test_every_image_bad_is_one_clear_error(cli, tmp_path):
+    data = write_reference(tmp_path / "d", n_train=2, n_test=0)
+    for p in (data / "train_data").glob("mask_*"):
+        p.unlink()
+    res = crops(cli, data, tmp_path / "run")
+    assert res.exit_code == 2 and "no usable images found" in res.output and "no mask" in res.output
+
+
+# ---------------------------------------------------------------- pixel formats
+
+@pytest.fixture
+def rgb() -> np.ndarray:
+    a = np.zeros((20, 30, 3), np.uint8)
+    a[..., 0] = np.arange(30, dtype=np.uint8)[None, :] * 8
+    a[..., 1] = 100
+    a[..., 2] = np.arange(20, dtype=np.uint8)[:, None] * 12
+    return a
+
+
+def test_rgb_png_jpeg_tiff(tmp_path, rgb):
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    Image.fromarray(rgb).save(tmp_path / "a.tif")
+    Image.fromarray(rgb).save(tmp_path / "a.tiff", compression="tiff_lzw")
+    Image.fromarray(rgb).save(tmp_path / "a.jpg", quality=100)
+    for name in ("a.png", "a.tif", "a.tiff"):
+        out = read_image(tmp_path / name)
+        assert out.dtype == np.uint8 and out.shape == (20, 30, 3) and np.array_equal(out, rgb), name
+    jpg = read_image(tmp_path / "a.jpg")
+    assert jpg.shape == (20, 30, 3) and np.abs(jpg.astype(int) - rgb).mean() < 3
+
+
+def test_grayscale_and_16_bit(tmp_path):
+    gray = (np.arange(200, dtype=np.uint8).reshape(10, 20))
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    out = read_image(tmp_path / "g.png")
+    assert out.shape == (10, 20, 3) and all(np.array_equal(out[..., c], gray) for c in range(3))
+    deep = (np.arange(200, dtype=np.uint16).reshape(10, 20) * 300)  # up to 59,700 of 65,535
+    Image.fromarray(deep).save(tmp_path / "d.png")
+    assert Image.open(tmp_path / "d.png").mode.startswith("I")
+    out = read_image(tmp_path / "d.png")
+    expect = np.round(deep / 65535 * 255).astype(np.uint8)
+    assert out.dtype == np.uint8 and np.array_equal(out[..., 0], expect)
+    Image.fromarray(deep).save(tmp_path / "d.tif")
+    assert np.array_equal(read_image(tmp_path / "d.tif")[..., 1], expect)
+    # a 16-bit mask of 0/65535 and a 0/1 mask both keep their shape
+    m16 = np.zeros((10, 20), np.uint16)
+    m16[2:5, 3:9] = 65535
+    Image.fromarray(m16).save(tmp_path / "m16.png")
+    assert np.array_equal(read_mask(tmp_path / "m16.png") > 0, m16 > 0)
+    assert read_mask(tmp_path / "m16.png").max() == 255
+
+
+def test_rgba_composited_on_white_and_palette(tmp_path, rgb):
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    rgba[:5, :, 3] = 0  # transparent rows read as white slide background
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    out = read_image(tmp_path / "a.png")
+    assert out.shape == (20, 30, 3)
+    assert (out[:5] == 255).all() and np.array_equal(out[5:], rgb[5:])
+    pal = Image.fromarray(rgb).quantize(colors=16)
+    pal.save(tmp_path / "p.png")
+    assert Image.open(tmp_path / "p.png").mode == "P"
+    assert np.array_equal(read_image(tmp_path / "p.png"), np.asarray(pal.convert("RGB")))
+    # a palette mask: index 0 black, index 1 a colour
+    pm = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), "P")
+    pm.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+    pm.save(tmp_path / "pm.png")
+    assert np.array_equal(read_mask(tmp_path / "pm.png") > 0, np.array([[False, True], [True, False]]))
+    # a mask with alpha: alpha does not count
+    la = np.zeros((4, 4, 2), np.uint8)
+    la[..., 1] = 255
+    la[1, 1, 0] = 255
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    assert (read_mask(tmp_path / "la.png") > 0).sum() == 1
+
+
+def test_formats_through_the_crops_stage(cli, tmp_path, rgb):
+    """A dataset mixing grayscale, RGBA, palette, 16-bit PNGs, JPEG and TIFF crops without a problem."""
+    root = tmp_path / "mixed"
+    root.mkdir()
+    base, mask = tissue(64, 64)
+    Image.fromarray(mask).save(root / "mask.png")
+    Image.fromarray(base).save(root / "rgb.tif")
+    Image.fromarray(base).save(root / "rgb.jpg")
+    Image.fromarray(base[..., 1]).save(root / "gray.png")
+    Image.fromarray(base.astype(np.uint16)[..., 1] * 257).save(root / "deep.png")
+    Image.fromarray(np.dstack([base, np.full((64, 64), 255, np.uint8)]), "RGBA").save(root / "rgba.png")
+    Image.fromarray(base).quantize(colors=32).save(root / "pal.png")
+    names = ["rgb.tif", "rgb.jpg", "gray.png", "deep.png", "rgba.png", "pal.png"]
+    (root / "manifest.csv").write_text("image,mask,label,split\n" + "".join(f"{n},mask.png,A,train\n" for n in names))
+    res = crops(cli, root, tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    assert "skipped" not in res.output
+    assert crop_ids(tmp_path / "run") == set(names)
+
+
+def test_load_dataset_strict_raises_user_error(tmp_path):
+    data = write_reference(tmp_path / "d")
+    (data / "train_data/mask_0000.png").unlink()
+    with pytest.raises(UserError, match="1 problem"):
+        load_dataset(data, strict=True)

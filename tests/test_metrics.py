@@ -1,0 +1,66 @@
+"""The metric functions equal scikit-learn's on the same inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix, f1_score, log_loss, precision_recall_fscore_support
+
+from histoembed import metrics
+
+
+@pytest.fixture
+def predictions():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 200)
+    logits = rng.normal(size=(200, 4)) + 2 * np.eye(4)[y] * rng.random((200, 1))
+    logits[:, 3] -= 3  # class 3 is rarely predicted
+    return y, metrics.softmax(logits)
+
+
+def test_macro_f1_confusion_and_per_class_equal_sklearn(predictions):
+    y, probs = predictions
+    pred = probs.argmax(1)
+    assert metrics.macro_f1(y, pred, 4) == pytest.approx(f1_score(y, pred, average="macro"), abs=1e-12)
+    cm = metrics.confusion(y, pred, 4)
+    np.testing.assert_array_equal(cm, confusion_matrix(y, pred, labels=range(4)))
+    p, r, f, s = metrics.per_class_scores(cm)
+    sp, sr, sf, ss = precision_recall_fscore_support(y, pred, labels=range(4), zero_division=0)
+    np.testing.assert_allclose([p, r, f, s], [sp, sr, sf, ss])
+
+
+def test_macro_f1_with_an_absent_class_follows_sklearn():
+    y, pred = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1])
+    assert metrics.macro_f1(y, pred, 3) == pytest.approx(f1_score(y, pred, average="macro"))
+
+
+def test_nll_equals_log_loss(predictions):
+    y, probs = predictions
+    assert metrics.nll(probs, y) == pytest.approx(log_loss(y, probs, labels=range(4)), rel=1e-9)
+
+
+def test_ece_is_zero_when_confidence_equals_accuracy_and_gap_otherwise():
+    y = np.array([0, 0, 0, 1])           # 3 of 4 correct at confidence 0.75
+    probs = np.tile([0.75, 0.25], (4, 1))
+    assert metrics.ece(probs, y) == pytest.approx(0.0)
+    probs = np.tile([0.95, 0.05], (4, 1))
+    assert metrics.ece(probs, y) == pytest.approx(0.2)
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_is_seeded(predictions):
+    y, probs = predictions
+    pred = probs.argmax(1)
+    lo, hi = metrics.bootstrap_macro_f1(y, pred, 4, n=300, seed=1)
+    assert lo < metrics.macro_f1(y, pred, 4) < hi
+    assert (lo, hi) == metrics.bootstrap_macro_f1(y, pred, 4, n=300, seed=1)
+
+
+def test_summary_reports_fold_spread_and_calibration_change(predictions):
+    y, probs = predictions
+    folds = np.arange(len(y)) % 4
+    s = metrics.summary(y, probs, ["a", "b", "c", "d"], probs_before=metrics.softmax(np.log(probs) * 3),
+                        folds=folds, bootstrap=50)
+    assert len(s["fold_macro_f1"]) == 4
+    assert s["fold_mean"] == pytest.approx(np.mean(s["fold_macro_f1"]))
+    assert s["nll_before_calibration"] > s["nll"]
+    assert sum(c["support"] for c in s["per_class"].values()) == len(y)

@@ -1,0 +1,239 @@
+"""The HTML report: written from a real (tiny) run, rendered in headless Chromium.
+
+The rendering check has two passes: ``--dump-dom`` on a copy of the page with a small
+probe script that, after the load event, writes every <img>'s load state and box into
+the DOM; then a ``--screenshot`` of the page itself at its full height, whose pixels
+inside each plot's box must not be blank. A control page with a broken and a blank image
+shows both checks fail when they should.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histoembed import report, store
+
+WIDTH = 1280
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars", "--force-device-scale-factor=1"]
+PROBE = """<script>
+window.addEventListener('load', () => {
+  const images = Array.from(document.images).map(im => {
+    const r = im.getBoundingClientRect();
+    return {alt: im.alt, cls: im.className, ok: im.complete && im.naturalWidth > 0,
+            naturalWidth: im.naturalWidth, x: r.left + window.scrollX, y: r.top + window.scrollY,
+            width: r.width, height: r.height};
+  });
+  const pre = document.createElement('pre');
+  pre.id = 'probe';
+  pre.textContent = JSON.stringify({height: document.documentElement.scrollHeight, images: images});
+  document.body.appendChild(pre);
+});
+</script>"""
+
+# Every plot a complete run's report must show (the alt text of its <img>).
+EXPECTED_PLOTS = ["class balance and crops per image", "crops drawn on images",
+                  "per-fold and out-of-fold macro-F1", "confusion matrix and per-class F1",
+                  "reliability diagrams", "fusion weight curve", "per-image crop prediction maps"]
+
+
+@dataclass
+class Rendered:
+    images: list[dict]      # per <img>: alt, cls, ok, naturalWidth, x, y, width, height (CSS px)
+    screenshot: np.ndarray  # H x W x 3 uint8
+
+
+def chromium() -> str:
+    """The Chromium binary. Missing Chromium fails the test (never a silent skip)."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.fail("headless Chromium is needed to check that the report renders: install it with "
+                "`apt-get install -y chromium chromium-driver` (CI's .ci/run does this)")
+
+
+def _chromium(args: list[str], profile: Path) -> str:
+    cmd = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"chromium failed ({done.returncode}): {done.stderr[-2000:]}"
+    return done.stdout
+
+
+def render(page: Path, workdir: Path) -> Rendered:
+    probed = workdir / "probed.html"
+    probed.write_text(page.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    dom = _chromium(["--dump-dom", "--virtual-time-budget=10000", f"--window-size={WIDTH},1000",
+                     probed.resolve().as_uri()], workdir / "profile-dom")
+    found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
+    assert found, "the probe script did not run (no <pre id=probe> in the dumped DOM)"
+    probe = json.loads(html.unescape(found.group(1)))
+    shot = workdir / "page.png"
+    _chromium([f"--screenshot={shot}", f"--window-size={WIDTH},{int(probe['height']) + 20}",
+               "--virtual-time-budget=10000", page.resolve().as_uri()], workdir / "profile-shot")
+    from PIL import Image
+    return Rendered(probe["images"], np.asarray(Image.open(shot).convert("RGB")))
+
+
+def ink(rendered: Rendered, image: dict) -> float:
+    """Share of clearly non-white pixels inside an image's box on the screenshot."""
+    x0, y0 = int(image["x"]), int(image["y"])
+    x1, y1 = int(image["x"] + image["width"]), int(image["y"] + image["height"])
+    region = rendered.screenshot[y0:y1, x0:x1]
+    return float((region.min(axis=2) < 200).mean()) if region.size else 0.0
+
+
+# ---------------------------------------------------------------- the real report
+
+@pytest.fixture(scope="module")
+def written(pipeline_run):
+    data, run = pipeline_run
+    path = report.write_report(run, data)
+    return data, run, path
+
+
+def test_report_renders_every_plot_in_chromium(written, tmp_path):
+    _, _, page = written
+    text = page.read_text(encoding="utf-8")
+    assert "Not shown" not in text, re.findall(r"Not shown: [^<]*", text)
+    rendered = render(page, tmp_path)
+    alts = [im["alt"] for im in rendered.images]
+    for plot in EXPECTED_PLOTS:
+        assert plot in alts, f"plot {plot!r} missing from the page ({alts})"
+    broken = [im["alt"] for im in rendered.images if not im["ok"]]
+    assert not broken, f"images that did not load in Chromium: {broken}"
+    for im in rendered.images:
+        if im["cls"] == "plot":
+            assert im["width"] > 200 and im["height"] > 150, im
+            assert ink(rendered, im) > 0.03, f"plot {im['alt']!r} is blank on the screenshot"
+    assert any(im["cls"] == "thumb" for im in rendered.images), "no QC thumbnail on the page"
+    assert any(im["cls"] == "crop" for im in rendered.images), "no crop strip on the page"
+
+
+def test_report_is_self_contained(written):
+    _, _, page = written
+    text = page.read_text(encoding="utf-8")
+    sources = re.findall(r'(?:src|href)="([^"#]*)"', text)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources), \
+        [s[:40] for s in sources if not s.startswith("data:")]
+    assert "<link" not in text and "<script" not in text
+
+
+def test_report_numbers_match_metrics(written):
+    """The headline table is the OOF macro-F1 that scikit-learn computes from oof.parquet."""
+    from sklearn.metrics import f1_score
+    _, run, page = written
+    oof = store.read_table(run / store.OOF_FILE, "oof").to_pandas()
+    expected = f1_score(oof["label"], oof["prediction"], average="macro")
+    row = re.search(r"<tr><td>fused</td><td>([0-9.]+)</td>", page.read_text())
+    assert row and abs(float(row.group(1)) - expected) < 1e-3
+
+
+def test_report_cli(written, cli, tmp_path):
+    data, run, _ = written
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / store.REPORT_FILE).unlink()
+    result = cli("report", "--run", copy, "--data", data)
+    assert result.exit_code == 0, result.output
+    assert (copy / store.REPORT_FILE).exists() and str(copy / store.REPORT_FILE) in result.output
+
+
+# ---------------------------------------------------------------- missing inputs, bad input
+
+def test_report_of_an_empty_run_says_what_is_missing(cli, tmp_path):
+    (tmp_path / "run").mkdir()
+    result = cli("report", "--run", tmp_path / "run", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "run" / store.REPORT_FILE).read_text()
+    for anchor in ("dataset", "qc", "crops", "scores", "confusion", "calibration", "fusion", "maps"):
+        section = re.search(rf'<section id="{anchor}">(.*?)</section>', text, re.S)
+        assert section and "Not shown" in section.group(1), anchor
+
+
+def test_report_without_data_folder_skips_image_sections(written, tmp_path):
+    _, run, _ = written
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    text = (report.write_report(copy, None)).read_text()
+    assert "pass --data" in text
+    assert 'alt="reliability diagrams"' in text and 'alt="fusion weight curve"' in text
+
+
+def test_report_of_a_missing_run_folder_is_a_user_error(cli, tmp_path):
+    result = cli("report", "--run", tmp_path / "nope")
+    assert result.exit_code == 2
+    assert "nope" in result.output and "run folder not found" in result.output
+
+
+def test_report_lists_an_unreadable_file_instead_of_crashing(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / store.METRICS_FILE).write_text("{not json")
+    (run / store.OOF_FILE).write_bytes(b"not parquet")
+    text = report.write_report(run).read_text()
+    assert "metrics.json is not valid JSON" in text and "cannot be read" in text
+
+
+# ---------------------------------------------------------------- the checks can fail
+
+def _png(rgb: np.ndarray) -> str:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_render_check_catches_broken_and_blank_images(tmp_path):
+    rng = np.random.default_rng(0)
+    good = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    blank = np.full((300, 400, 3), 255, np.uint8)
+    page = tmp_path / "control.html"
+    page.write_text(f'<!DOCTYPE html><html><body>'
+                    f'<img class="plot" alt="good" src="{_png(good)}">'
+                    f'<img class="plot" alt="blank" src="{_png(blank)}">'
+                    f'<img class="plot" alt="broken" src="data:image/png;base64,iVBORw0KGgoAAAAN">'
+                    f'</body></html>')
+    rendered = render(page, tmp_path)
+    by_alt = {im["alt"]: im for im in rendered.images}
+    assert by_alt["good"]["ok"] and by_alt["blank"]["ok"] and not by_alt["broken"]["ok"]
+    assert ink(rendered, by_alt["good"]) > 0.5
+    assert ink(rendered, by_alt["blank"]) < 0.01
+
+
+# ---------------------------------------------------------------- the recomputed maths
+
+def test_fusion_curve_ends_are_the_single_heads():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 60)
+    z_mlp, z_xgb = rng.normal(size=(60, 3)), rng.normal(size=(60, 3))
+    curve = report.fusion_curve(z_mlp, z_xgb, y, 1.5, 0.7, [0.0, 1.0])
+    assert curve[0] == pytest.approx(report.macro_f1(y, z_xgb.argmax(1), 3))
+    assert curve[1] == pytest.approx(report.macro_f1(y, z_mlp.argmax(1), 3))
+
+
+def test_reliability_of_a_calibrated_and_an_overconfident_model():
+    y = np.array([0] * 8 + [1] * 2)
+    calibrated = np.tile([0.8, 0.2], (10, 1))          # says 0.8, right 8 times in 10
+    overconfident = np.tile([0.99, 0.01], (10, 1))
+    assert report.reliability(calibrated, y)[3] == pytest.approx(0.0)
+    assert report.reliability(overconfident, y)[3] == pytest.approx(0.19)
+
+
+def test_macro_f1_matches_scikit_learn():
+    from sklearn.metrics import f1_score
+    rng = np.random.default_rng(1)
+    y, pred = rng.integers(0, 4, 50), rng.integers(0, 3, 50)   # class 3 never predicted
+    assert report.macro_f1(y, pred, 4) == pytest.approx(
+        f1_score(y, pred, labels=[0, 1, 2, 3], average="macro", zero_division=0))

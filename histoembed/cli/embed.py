@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from histoembed.cli.app import ConfigOpt, EncoderOpt, RunOpt, SeedOpt, command
+
+
+@command("embed")
+def embed(
+    run: RunOpt = Path("run"),
+    config: ConfigOpt = None,
+    encoder: EncoderOpt = None,
+    pool: Annotated[str | None, typer.Option(
+        "--pool", help="ViT token pooling: cls (the CLS token, Phikon-v2's embedding), mean (mean of the patch "
+                       "tokens) or cls+mean (both, concatenated). Default cls.")] = None,
+    repeats: Annotated[int | None, typer.Option(
+        "--repeats", help="Views per crop: view 0 is the clean crop, views 1..r-1 are augmented (default 4).")]
+        = None,
+    tta: Annotated[bool | None, typer.Option(
+        "--tta/--no-tta", help="Embed test crops with the same augmented views (test-time augmentation); "
+                               "--no-tta embeds view 0 only. Default on.")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", help="Crops per forward pass (default 64; raise it on a large GPU).")] = None,
+    device: Annotated[str | None, typer.Option(
+        "--device", help="auto (CUDA when present), cpu or cuda: where augmentation and the encoder run.")] = None,
+    precision: Annotated[str | None, typer.Option(
+        "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")] = None,
+    store_dtype: Annotated[str | None, typer.Option(
+        "--store-dtype", help="float32 (default) or float16 embeddings in the store (half the disk).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", help="Processes decoding crop PNGs (default 2; 0: in this process).")] = None,
+    rows_per_part: Annotated[int | None, typer.Option(
+        "--rows-per-part", help="Rows per Parquet part: an interrupted run loses at most one part (default 4096).")]
+        = None,
+    seed: SeedOpt = None,
+    shard: Annotated[str, typer.Option(
+        "--shard", metavar="I/N", help="Embed only the I-th of N deterministic slices of the crops, into this "
+                                       "shard's own parts (run N processes or GPUs on one run; readers see all).")]
+        = "0/1",
+) -> None:
+    """Embed every crop of run/crops.parquet in r views with a frozen encoder into run/features/<encoder>/.
+
+    Interrupted runs (Ctrl-C, a killed job) resume where they stopped; a finished run with the
+    same settings does nothing; changed settings replace the old features.
+    """
+    from histoembed import config as cfg
+    from histoembed.console import console
+    from histoembed.embed import parse_shard, run_embed
+
+    settings = cfg.load_settings(config)
+    embed_settings = cfg.updated(settings.embed, encoder=encoder, pool=pool, repeats=repeats, tta=tta,
+                                 batch_size=batch_size, device=device, precision=precision, store_dtype=store_dtype,
+                                 workers=workers, rows_per_part=rows_per_part, seed=seed)
+    result = run_embed(run, embed_settings, settings.augment, shard=parse_shard(shard))
+    if result.removed_parts:
+        console.print(f"removed {result.removed_parts} part(s) written with other settings", soft_wrap=True)
+    if result.skipped:
+        console.print(f"{result.store_dir} is up to date ({result.rows:,} rows, same crops and settings); "
+                      "nothing to do.", soft_wrap=True)
+        return
+    rate = result.new_rows / result.seconds if result.seconds else 0.0
+    console.print(f"embedded {result.new_rows:,} views ({rate:,.1f}/s) with {result.encoder} "
+                  f"({result.dim}-d); {result.rows:,} rows in {result.store_dir}", soft_wrap=True)

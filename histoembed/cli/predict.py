@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from histoembed.cli.app import RunOpt, command
+
+
+@command("predict")
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, TIFF) to classify.")],
+    run: RunOpt = Path("run"),
+    mask: Annotated[list[Path] | None, typer.Option(
+        "--mask", help="Tissue mask of each image, in the same order (repeat the option); without masks, "
+                       "tissue is found by colour.")] = None,
+    tta: Annotated[bool, typer.Option(
+        "--tta/--no-tta", help="Average over the same augmented views the run embedded (--no-tta: clean view only).")]
+        = True,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda: where the encoder runs.")] = "auto",
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Also write the predictions as CSV (image, label, one probability column per class).")]
+        = None,
+) -> None:
+    """Classify new images with a fitted run: same crops, encoder, views and fold ensemble."""
+    from histoembed import store
+    from histoembed.console import console, table
+    from histoembed.errors import UserError
+    from histoembed.predict import predict_images
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device!r} is not one of auto, cpu, cuda")
+    for path in [*images, *(mask or [])]:
+        if not path.is_file():
+            raise UserError("file not found", path=path)
+    preds = predict_images(run, images, list(mask) if mask else None, tta=tta, device=device)
+    classes = list(preds[0].probs)
+    table("Predictions", ["image", "label", *classes, "crops"],
+          [[p.image.name, p.label, *p.probs.values(), p.crops] for p in preds])
+    for p in preds:
+        if p.fallback:
+            console.print(f"{p.image.name}: {p.fallback}; crops came from tissue found by colour", soft_wrap=True)
+    if out is not None:
+        with store.atomic_path(out) as tmp, tmp.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image", "label", *[f"prob_{c}" for c in classes]])
+            w.writerows([str(p.image), p.label, *[f"{v:.6f}" for v in p.probs.values()]] for p in preds)
+        console.print(f"wrote {out}", soft_wrap=True)

@@ -1,0 +1,315 @@
+"""The embed stage: every crop, in r views, through a frozen encoder into a Parquet store.
+
+``run/features/<encoder-slug>/`` holds parts named ``part-s{i}of{n}-{seq}.parquet``. A
+part is written in row groups to a hidden temporary file and renamed into place when it
+holds ``rows_per_part`` rows (or the run ends, or is interrupted with Ctrl-C), so a
+killed run loses at most the part in flight. Each part holds whole crops (all views),
+and each carries the store's key: on the next call, crops found in parts with the same
+key are skipped, and parts with another key (other settings, crops or weights) are
+removed, so rows of different settings never mix.
+
+Views: view 0 is the clean crop, views 1..r-1 are augmented with parameters that depend
+only on (seed, image id, crop index, view). Test crops get the same views when ``tta``
+is on, else view 0 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from histoembed import __version__, store
+from histoembed.augment import augment_batch
+from histoembed.config import AugmentSettings, EmbedSettings
+from histoembed.encoders import Encoder, load_encoder
+from histoembed.errors import UserError
+
+STORE_VERSION = 1
+
+
+# ---------------------------------------------------------------- in-memory embedding
+
+def embed_views(encoder: Encoder, crops: torch.Tensor, image_ids: Sequence[str], crop_index: Sequence[int],
+                views: Sequence[int], augment: AugmentSettings | None, seed: int) -> torch.Tensor:
+    """[B, V, D] float32 features of uint8 crops [B, H, W, 3], one column per view in ``views``."""
+    x = crops.to(encoder.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    out = []
+    for v in views:
+        xv = x if v == 0 else augment_batch(x, image_ids, crop_index, [v] * len(x), augment or AugmentSettings(),
+                                            seed)
+        out.append(encoder(xv).cpu())
+    return torch.stack(out, dim=1)
+
+
+def embed_crops(encoder: Encoder, crops: np.ndarray, views: int = 1, augment: AugmentSettings | None = None,
+                seed: int = 0, image_ids: Sequence[str] | None = None, crop_index: Sequence[int] | None = None,
+                batch_size: int = 64) -> np.ndarray:
+    """[N * views, D] float32 features of uint8 crops [N, H, W, 3], crop-major (crop 0's views first).
+
+    Without ids, crop i is keyed as image ``"crop"`` with crop index i (for the augmentation draw).
+    """
+    crops = np.ascontiguousarray(crops)
+    if crops.ndim != 4 or crops.shape[-1] != 3 or crops.dtype != np.uint8:
+        raise ValueError(f"crops must be uint8 [N, H, W, 3], got {crops.dtype} {crops.shape}")
+    n = len(crops)
+    ids = list(image_ids) if image_ids is not None else ["crop"] * n
+    idx = list(crop_index) if crop_index is not None else list(range(n))
+    parts = [embed_views(encoder, torch.from_numpy(crops[i:i + batch_size]), ids[i:i + batch_size],
+                         idx[i:i + batch_size], range(views), augment, seed)
+             for i in range(0, n, batch_size)]
+    if not parts:
+        return np.zeros((0, encoder.dim), np.float32)
+    return torch.cat(parts).reshape(n * views, -1).numpy()
+
+
+# ---------------------------------------------------------------- decoding in workers
+
+def decode_png(data: bytes) -> np.ndarray:
+    """An RGB uint8 crop from the PNG bytes the crops stage wrote."""
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError("not a readable PNG")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+class CropBatches(torch.utils.data.IterableDataset):
+    """Batches of decoded crops, read from crops.parquet row group by row group.
+
+    Worker w of W takes batches w, w+W, ...; the DataLoader interleaves them back in order.
+    Each item: (batch number, uint8 tensor [B, H, W, 3]), or (batch number, row) for a crop
+    whose PNG cannot be decoded.
+    """
+
+    def __init__(self, path: Path, batches: list[np.ndarray]):
+        self.path, self.batches = path, batches
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        pf = pq.ParquetFile(self.path)
+        starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+        cached: tuple[int, list] = (-1, [])
+        for b in range(worker, len(self.batches), workers):
+            crops = []
+            for row in self.batches[b]:
+                group = int(np.searchsorted(starts, row, side="right")) - 1
+                if cached[0] != group:
+                    cached = (group, pf.read_row_group(group, columns=["png"])["png"].to_pylist())
+                try:
+                    crops.append(decode_png(cached[1][row - starts[group]]))
+                except ValueError:
+                    yield b, int(row)  # the caller names the bad crop
+                    return
+            yield b, torch.from_numpy(np.stack(crops))
+
+
+# ---------------------------------------------------------------- the store
+
+@dataclass
+class EmbedResult:
+    store_dir: Path
+    encoder: str
+    dim: int
+    rows: int          # rows this shard holds now (new and resumed)
+    new_rows: int      # rows embedded by this call
+    skipped: bool      # True: everything was already embedded with these settings
+    removed_parts: int  # parts of other settings that were removed
+    seconds: float
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n) with 0 <= i < n."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text!r} is not i/n", hint="e.g. --shard 0/4 for the first of four") from None
+    if not 0 <= i < n:
+        raise UserError(f"--shard {text}: need 0 <= i < n", hint="shards count from 0: 0/4, 1/4, 2/4, 3/4")
+    return i, n
+
+
+def views_of(split: str, settings: EmbedSettings) -> list[int]:
+    return list(range(settings.repeats)) if split == "train" or settings.tta else [0]
+
+
+def store_key(crops_key: str, encoder: Encoder, settings: EmbedSettings, augment: AugmentSettings) -> str:
+    """What decides the features: crops, weights, pooling, precision, views and their augmentation."""
+    return store.config_key("embed", STORE_VERSION, crops_key, encoder.encoder_id, encoder.weights_hash,
+                            encoder.pool, encoder.size, encoder.precision, settings.repeats, settings.tta,
+                            settings.seed, settings.store_dtype,
+                            augment.model_dump() if settings.repeats > 1 else None)
+
+
+def _done_crops(parts: list[Path]) -> set[tuple[str, int]]:
+    done: set[tuple[str, int]] = set()
+    for p in parts:
+        t = pq.read_table(p, columns=["image_id", "crop_index"])
+        done.update(zip(t["image_id"].to_pylist(), t["crop_index"].to_pylist()))
+    return done
+
+
+def _prepare_store(store_dir: Path, key: str) -> tuple[list[Path], int]:
+    """Remove parts of other settings and stale temporaries; return (parts with ``key``, removed count)."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in store_dir.glob(".part-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and _alive(int(pid))):
+            tmp.unlink(missing_ok=True)
+    keep, removed = [], 0
+    for p in store.feature_parts(store_dir):
+        if store.read_meta(p).get("key") == key:
+            keep.append(p)
+        else:
+            p.unlink(missing_ok=True)
+            removed += 1
+    return keep, removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+class PartWriter:
+    """Row groups into a hidden temporary part, renamed into place when full or closed."""
+
+    def __init__(self, store_dir: Path, shard: tuple[int, int], schema: pa.Schema, rows_per_part: int):
+        self.store_dir, self.schema, self.rows_per_part = store_dir, schema, rows_per_part
+        self.prefix = f"part-s{shard[0]}of{shard[1]}-"
+        taken = [int(p.stem.rsplit("-", 1)[-1]) for p in store_dir.glob(self.prefix + "*.parquet")]
+        self.seq = max(taken, default=-1) + 1
+        self.writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            self.tmp = self.store_dir / f".{self.prefix}{self.seq:05d}.parquet.tmp-{os.getpid()}"
+            self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd",
+                                           use_byte_stream_split=["embedding.list.element"])
+        self.writer.write_table(table)
+        self.rows += len(table)
+        if self.rows >= self.rows_per_part:
+            self.commit()
+
+    def commit(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        os.replace(self.tmp, self.store_dir / f"{self.prefix}{self.seq:05d}.parquet")
+        self.writer, self.rows, self.seq = None, 0, self.seq + 1
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.tmp.unlink(missing_ok=True)
+            self.writer = None
+
+
+def _rows(ids: list[str], splits: list[str], cidx: list[int], views: list[int], feats: torch.Tensor,
+          schema: pa.Schema) -> pa.Table:
+    """Crop-major rows of features [B, V, D]."""
+    b, v, d = feats.shape
+    value_type = schema.field("embedding").type.value_type
+    values = pa.array(feats.reshape(-1).numpy().astype(value_type.to_pandas_dtype(), copy=False))
+    return pa.Table.from_arrays([
+        pa.array(np.repeat(ids, v), pa.string()),
+        pa.array(np.repeat(splits, v), pa.string()),
+        pa.array(np.repeat(cidx, v), pa.int32()),
+        pa.array(np.tile(views, b), pa.int16()),
+        pa.FixedSizeListArray.from_arrays(values, d),
+    ], schema=schema)
+
+
+def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shard: tuple[int, int] = (0, 1),
+              encoder: Encoder | None = None, show_progress: bool = True) -> EmbedResult:
+    """Embed this shard's crops of ``run/crops.parquet`` into ``run/features/<encoder>/``; resume if interrupted."""
+    from histoembed.console import progress
+
+    started = time.perf_counter()
+    run = Path(run)
+    crops_path = run / store.CROPS_FILE
+    index = store.read_table(crops_path, "crops file", hint="run `histoembed crops` first",
+                             columns=["image_id", "split", "crop_index"])
+    crops_key = store.read_meta(crops_path).get("key")
+    if encoder is None:
+        encoder = load_encoder(settings.encoder, settings.pool, settings.device, settings.precision)
+    key = store_key(crops_key, encoder, settings, augment)
+    store_dir = run / store.FEATURES_DIR / encoder.slug
+    parts, removed = _prepare_store(store_dir, key)
+    done = _done_crops(parts)
+
+    ids = index["image_id"].to_pylist()
+    splits = index["split"].to_pylist()
+    cidx = index["crop_index"].to_pylist()
+    mine = [r for r in range(len(ids)) if r % shard[1] == shard[0]]
+    todo = [r for r in mine if (ids[r], cidx[r]) not in done]
+    rows_of = {s: len(views_of(s, settings)) for s in ("train", "test")}
+    total_rows = sum(rows_of[splits[r]] for r in mine)
+    result = EmbedResult(store_dir, encoder.name, encoder.dim, total_rows - sum(rows_of[splits[r]] for r in todo),
+                         0, not todo, removed, 0.0)
+    if not todo:
+        result.seconds = time.perf_counter() - started
+        return result
+
+    # Batches never mix splits, so each batch has one list of views.
+    batches = [np.array(chunk) for s in ("train", "test")
+               for rows in [[r for r in todo if splits[r] == s]]
+               for chunk in (rows[i:i + settings.batch_size] for i in range(0, len(rows), settings.batch_size))]
+    meta = {"key": key, "encoder": encoder.name, "encoder_id": encoder.encoder_id,
+            "weights_hash": encoder.weights_hash, "dim": encoder.dim, "pool": encoder.pool, "size": encoder.size,
+            "precision": encoder.precision, "repeats": settings.repeats, "tta": settings.tta, "seed": settings.seed,
+            "augment": augment.model_dump(), "store_dtype": settings.store_dtype, "crops_key": crops_key,
+            "shard": f"{shard[0]}/{shard[1]}", "package_version": __version__}
+    schema = store.with_meta(store.feature_schema(encoder.dim, settings.store_dtype), meta)
+    workers = min(settings.workers, len(batches))
+    loader = torch.utils.data.DataLoader(
+        CropBatches(crops_path, batches), batch_size=None, num_workers=workers,
+        pin_memory=encoder.device.type == "cuda", persistent_workers=False,
+        multiprocessing_context="spawn" if workers else None)
+    writer = PartWriter(store_dir, shard, schema, settings.rows_per_part)
+    bar_context = progress("crops") if show_progress else contextlib.nullcontext()
+    try:
+        with bar_context as bar:
+            job = bar.add_task(f"embed {encoder.name}", total=len(todo)) if bar else None
+            for b, crops in loader:
+                if isinstance(crops, int):
+                    raise UserError(f"crop {cidx[crops]} of {ids[crops]} is not a readable PNG", path=crops_path,
+                                    hint="re-run `histoembed crops` (delete the file first)")
+                rows = batches[b]
+                bid, bsplit, bcidx = ([col[r] for r in rows] for col in (ids, splits, cidx))
+                views = views_of(bsplit[0], settings)
+                feats = embed_views(encoder, crops, bid, bcidx, views, augment, settings.seed)
+                writer.write(_rows(bid, bsplit, bcidx, views, feats, schema))
+                result.rows += len(rows) * len(views)
+                result.new_rows += len(rows) * len(views)
+                if bar:
+                    bar.advance(job, len(rows))
+    except KeyboardInterrupt:
+        writer.commit()  # the part holds whole crops only: keep them
+        raise
+    except BaseException:
+        writer.discard()
+        raise
+    writer.commit()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def read_store(run: Path, encoder: str | None = None, split: str | None = None) -> store.Features:
+    """Every embedding of the run's feature store (all shards) as one ``Features``."""
+    return store.read_features(store.find_feature_store(run, encoder), split=split)

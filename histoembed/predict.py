@@ -1,0 +1,76 @@
+"""Predict new images with a finished run: the run's own crops, encoder, views and fold ensemble.
+
+Everything that shaped the training features is read back from the run (crop settings
+from ``crops.parquet``, encoder, pooling, views, augmentation and seed from the feature
+store), so a new image is embedded exactly as the training images were.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from histoembed import store
+from histoembed.config import AugmentSettings, CropSettings
+from histoembed.errors import UserError
+
+
+@dataclass
+class Prediction:
+    image: Path
+    label: str
+    probs: dict[str, float]   # class -> calibrated, fused, fold-averaged probability
+    crops: int
+    fallback: str | None      # why the crops fell back to grid-over-tissue, if they did
+
+
+def predict_images(run: Path, images: list[Path], masks: list[Path | None] | None = None, tta: bool = True,
+                   device: str = "auto", batch_size: int = 64) -> list[Prediction]:
+    """Class probabilities for each image (with its mask, or tissue found by colour when it has none)."""
+    from histoembed.crops import crop_image
+    from histoembed.dataset import read_image, read_mask
+    from histoembed.embed import embed_crops
+    from histoembed.encoders import load_encoder
+    from histoembed.fit import load_ensemble
+
+    run = Path(run)
+    masks = masks or [None] * len(images)
+    if len(masks) != len(images):
+        raise UserError(f"{len(images)} image(s) but {len(masks)} mask(s)", hint="give one --mask per image, in order")
+    ensemble = load_ensemble(run)
+    crop_meta = store.read_meta(run / store.CROPS_FILE)
+    if "settings" not in crop_meta:
+        raise UserError("the crops file has no crop settings", path=run / store.CROPS_FILE,
+                        hint="run `histoembed crops` with this version, then embed and fit")
+    crop_settings = CropSettings.model_validate(crop_meta["settings"])
+    features_meta = store.read_meta(store.feature_parts(store.find_feature_store(run, ensemble.encoder))[0])
+    encoder = load_encoder(features_meta["encoder"], features_meta.get("pool", "cls"), device,
+                           features_meta.get("precision", "auto"))
+    views = int(features_meta.get("repeats", 1)) if tta and features_meta.get("tta", True) else 1
+    augment = AugmentSettings.model_validate(features_meta["augment"]) if "augment" in features_meta else None
+
+    out = []
+    for image, mask in zip(images, masks):
+        rgb = read_image(image)
+        m = read_mask(mask) if mask is not None else None
+        if m is not None and m.shape != rgb.shape[:2]:
+            raise UserError(f"mask is {m.shape[1]}x{m.shape[0]} but the image is {rgb.shape[1]}x{rgb.shape[0]}",
+                            path=mask)
+        crops, fallback = crop_image(rgb, m, crop_settings)
+        if not crops:
+            raise UserError("no tissue crop could be cut from this image", path=image,
+                            hint="pass its tissue mask with --mask")
+        image_id = Path(image).name
+        emb = embed_crops(encoder, np.stack([c.pixels for c in crops]), views=views, augment=augment,
+                          seed=int(features_meta.get("seed", 0)), image_ids=[image_id] * len(crops),
+                          crop_index=range(len(crops)), batch_size=batch_size)
+        n = len(emb)
+        feats = store.Features(np.array([image_id] * n, object), np.array(["test"] * n, object),
+                               np.repeat(np.arange(len(crops), dtype=np.int32), views),
+                               np.tile(np.arange(views, dtype=np.int16), len(crops)), emb, features_meta)
+        probs = ensemble.predict(feats).probs[0]
+        out.append(Prediction(Path(image), ensemble.classes[int(probs.argmax())],
+                              dict(zip(ensemble.classes, probs.tolist())), len(crops), fallback))
+    return out

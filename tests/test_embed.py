@@ -1,0 +1,248 @@
+"""The embed stage: exact features, batch-size independence, resume after kill -9, shards, the store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from histoembed import store
+from histoembed.config import AugmentSettings, EmbedSettings
+from histoembed.embed import embed_crops, read_store, run_embed
+from histoembed.encoders import load_encoder
+from histoembed.errors import UserError
+
+
+def write_crops(run: Path, n_train: int = 5, n_test: int = 2, per_image: int = 3, size: int = 32,
+                seed: int = 0) -> np.ndarray:
+    """A crops.parquet of random crops, as the crops stage writes it; returns the crops [N, H, W, 3]."""
+    rng = np.random.default_rng(seed)
+    ids = [f"img_{i:04d}.png" for i in range(n_train + n_test) for _ in range(per_image)]
+    n = len(ids)
+    crops = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    pngs = [cv2.imencode(".png", cv2.cvtColor(c, cv2.COLOR_RGB2BGR))[1].tobytes() for c in crops]
+    train = [i < n_train * per_image for i in range(n)]
+    table = pa.table({
+        "image_id": pa.array(ids, pa.string()),
+        "split": pa.array(["train" if t else "test" for t in train], pa.string()),
+        "label": pa.array(["A" if t else None for t in train], pa.string()),
+        "crop_index": pa.array([i % per_image for i in range(n)], pa.int32()),
+        **{c: pa.array(np.zeros(n, np.int32)) for c in ("x0", "y0", "x1", "y1")},
+        "tissue_fraction": pa.array(np.ones(n, np.float32)),
+        "strategy": pa.array(["blobs"] * n, pa.string()),
+        "png": pa.array(pngs, pa.binary()),
+    }, schema=store.CROPS_SCHEMA)
+    store.write_table(table, run / store.CROPS_FILE, meta={"key": store.config_key("test-crops", seed, n, size)},
+                      row_group_size=16)
+    return crops
+
+
+def settings(encoder: Path, **kw) -> EmbedSettings:
+    return EmbedSettings(**{"encoder": str(encoder), "workers": 0, "repeats": 2, **kw})
+
+
+def sorted_rows(f: store.Features):
+    order = np.lexsort((f.view, f.crop_index, f.image_id.astype(str)))
+    return [tuple(r) for r in zip(f.image_id[order], f.split[order], f.crop_index[order], f.view[order])], \
+        f.embedding[order]
+
+
+def test_view_0_is_the_cls_token_of_a_direct_transformers_forward(tmp_path, tiny_dinov2):
+    from transformers import Dinov2Model
+
+    crops = write_crops(tmp_path)
+    run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings(), show_progress=False)
+    feats = read_store(tmp_path)
+    view0 = feats.subset(feats.view == 0)
+    assert len(view0) == len(crops)
+
+    model = Dinov2Model.from_pretrained(tiny_dinov2).eval()
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1)
+    with torch.no_grad():
+        cls = model(pixel_values=x).last_hidden_state[:, 0].numpy()
+    # crops.parquet rows are image-major with crop_index 0..2, the same order as `crops`
+    order = np.lexsort((view0.crop_index, view0.image_id.astype(str)))
+    np.testing.assert_allclose(view0.embedding[order], cls, atol=1e-4, rtol=0)
+    augmented = feats.subset(feats.view == 1)
+    assert not np.allclose(augmented.embedding[np.lexsort((augmented.crop_index, augmented.image_id.astype(str)))],
+                           cls, atol=1e-3)
+
+
+def test_the_same_features_for_batch_sizes_1_7_and_32(tmp_path, tiny_dinov2):
+    write_crops(tmp_path)
+    results = []
+    for bs in (1, 7, 32):
+        run = tmp_path / f"bs{bs}"
+        run.mkdir()
+        (run / store.CROPS_FILE).write_bytes((tmp_path / store.CROPS_FILE).read_bytes())
+        run_embed(run, settings(tiny_dinov2, repeats=3, batch_size=bs), AugmentSettings(), show_progress=False)
+        results.append(sorted_rows(read_store(run)))
+    for rows, emb in results[1:]:
+        assert rows == results[0][0]
+        np.testing.assert_allclose(emb, results[0][1], atol=1e-5, rtol=0)
+
+
+def test_worker_processes_decode_the_same_crops(tmp_path, tiny_dinov2):
+    write_crops(tmp_path, n_train=3, n_test=1)
+    run_embed(tmp_path, settings(tiny_dinov2, batch_size=4), AugmentSettings(), show_progress=False)
+    inline = sorted_rows(read_store(tmp_path))
+    other = tmp_path / "workers"
+    other.mkdir()
+    (other / store.CROPS_FILE).write_bytes((tmp_path / store.CROPS_FILE).read_bytes())
+    run_embed(other, settings(tiny_dinov2, batch_size=4, workers=2), AugmentSettings(), show_progress=False)
+    rows, emb = sorted_rows(read_store(other))
+    assert rows == inline[0]
+    np.testing.assert_allclose(emb, inline[1], atol=1e-5, rtol=0)
+
+
+def test_test_crops_get_the_same_views_only_with_tta(tmp_path, tiny_dinov2):
+    write_crops(tmp_path)
+    run_embed(tmp_path, settings(tiny_dinov2, repeats=3, tta=False), AugmentSettings(), show_progress=False)
+    f = read_store(tmp_path)
+    assert set(f.view[f.split == "test"]) == {0}
+    assert set(f.view[f.split == "train"]) == {0, 1, 2}
+    run_embed(tmp_path, settings(tiny_dinov2, repeats=3, tta=True), AugmentSettings(), show_progress=False)
+    f = read_store(tmp_path)
+    assert set(f.view[f.split == "test"]) == {0, 1, 2}
+
+
+def test_a_finished_run_does_nothing_and_changed_settings_never_mix(tmp_path, tiny_dinov2):
+    write_crops(tmp_path)
+    first = run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings(), show_progress=False)
+    assert not first.skipped and first.new_rows == first.rows == 21 * 2
+    again = run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings(), show_progress=False)
+    assert again.skipped and again.new_rows == 0
+    changed = run_embed(tmp_path, settings(tiny_dinov2, seed=5), AugmentSettings(), show_progress=False)
+    assert not changed.skipped and changed.removed_parts >= 1 and changed.new_rows == 42
+    f = read_store(tmp_path)
+    assert len(f) == 42 and {m for m in [f.meta["seed"]]} == {5}
+
+
+def test_the_store_records_its_provenance_and_float16_on_request(tmp_path, tiny_dinov2):
+    write_crops(tmp_path)
+    run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings(), show_progress=False)
+    f32 = read_store(tmp_path)
+    meta = f32.meta
+    assert meta["encoder"] == str(tiny_dinov2) and meta["dim"] == 32 and meta["pool"] == "cls"
+    assert meta["weights_hash"] == load_encoder(str(tiny_dinov2)).weights_hash
+    assert meta["augment"] == AugmentSettings().model_dump(mode="json") and meta["seed"] == 0
+    assert meta["repeats"] == 2 and meta["package_version"]
+    part = store.feature_parts(f32_dir := store.find_feature_store(tmp_path))[0]
+    assert pa.types.is_fixed_size_list(pa.parquet.read_schema(part).field("embedding").type)
+    run_embed(tmp_path, settings(tiny_dinov2, store_dtype="float16"), AugmentSettings(), show_progress=False)
+    f16 = read_store(tmp_path)
+    assert f16.embedding.dtype == np.float32
+    assert pa.parquet.read_schema(store.feature_parts(f32_dir)[0]).field("embedding").type.value_type == pa.float16()
+    np.testing.assert_allclose(sorted_rows(f16)[1], sorted_rows(f32)[1], atol=1e-2, rtol=1e-2)
+
+
+def test_shards_together_equal_one_run(tmp_path, tiny_dinov2, cli):
+    write_crops(tmp_path)
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    (whole / store.CROPS_FILE).write_bytes((tmp_path / store.CROPS_FILE).read_bytes())
+    run_embed(whole, settings(tiny_dinov2), AugmentSettings(), show_progress=False)
+    for i in range(3):
+        r = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--repeats", "2", "--workers", "0",
+                "--shard", f"{i}/3")
+        assert r.exit_code == 0, r.output
+    parts = store.feature_parts(store.find_feature_store(tmp_path))
+    assert {p.name.split("-")[1] for p in parts} == {"s0of3", "s1of3", "s2of3"}
+    rows, emb = sorted_rows(read_store(tmp_path))
+    expected_rows, expected = sorted_rows(read_store(whole))
+    assert rows == expected_rows
+    np.testing.assert_allclose(emb, expected, atol=1e-5, rtol=0)
+
+
+def _embed_process(run: Path, encoder: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "histoembed", "embed", "--run", str(run), "--encoder", str(encoder),
+           "--repeats", "2", "--batch-size", "4", "--rows-per-part", "8", "--workers", "0"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _wait_for_parts(proc: subprocess.Popen, store_dir: Path, at_least: int) -> int:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if store_dir.exists() and len(store.feature_parts(store_dir)) >= at_least:
+            return len(store.feature_parts(store_dir))
+        time.sleep(0.005)
+    raise AssertionError(f"the run ended before {at_least} parts were written: {proc.communicate()}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_an_interrupted_run_resumes_to_the_same_store(tmp_path, tiny_dinov2, sig):
+    n_crops = write_crops(tmp_path / "killed", n_train=150, n_test=50, per_image=2).shape[0]
+    store_dir = tmp_path / "killed" / store.FEATURES_DIR / tiny_dinov2.name
+    proc = _embed_process(tmp_path / "killed", tiny_dinov2)
+    _wait_for_parts(proc, store_dir, at_least=3)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    rows_then = len(store.read_features(store_dir))
+    assert 0 < rows_then < n_crops * 2, "the run was not interrupted mid-way"
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130
+        assert not list(store_dir.glob(".part-*")), "Ctrl-C left a temporary file"
+
+    resumed = run_embed(tmp_path / "killed", settings(tiny_dinov2, batch_size=4, rows_per_part=8), AugmentSettings(),
+                        show_progress=False)
+    assert resumed.new_rows == n_crops * 2 - rows_then
+    whole = tmp_path / "whole"
+    write_crops(whole, n_train=150, n_test=50, per_image=2)
+    run_embed(whole, settings(tiny_dinov2, batch_size=4), AugmentSettings(), show_progress=False)
+    rows, emb = sorted_rows(read_store(tmp_path / "killed"))
+    expected_rows, expected = sorted_rows(read_store(whole))
+    assert rows == expected_rows  # no duplicate, no missing row
+    np.testing.assert_allclose(emb, expected, atol=1e-5, rtol=0)
+
+
+def test_embed_crops_in_memory_matches_the_store(tmp_path, tiny_dinov2):
+    crops = write_crops(tmp_path, n_train=2, n_test=0, per_image=2)
+    run_embed(tmp_path, settings(tiny_dinov2, repeats=3), AugmentSettings(), show_progress=False)
+    enc = load_encoder(str(tiny_dinov2))
+    ids = ["img_0000.png", "img_0000.png", "img_0001.png", "img_0001.png"]
+    mem = embed_crops(enc, crops, views=3, augment=AugmentSettings(), image_ids=ids, crop_index=[0, 1, 0, 1],
+                      batch_size=3)
+    np.testing.assert_allclose(mem, sorted_rows(read_store(tmp_path))[1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shard", "2/2"], "need 0 <= i < n"),
+    (["--shard", "half"], "is not i/n"),
+    (["--pool", "max"], "--pool"),
+    (["--repeats", "0"], "--repeats"),
+])
+def test_bad_options_are_named(tmp_path, tiny_dinov2, cli, args, message):
+    write_crops(tmp_path)
+    r = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, *args)
+    assert r.exit_code == 2 and message in r.output
+
+
+def test_no_crops_file_says_which_stage_to_run(tmp_path, tiny_dinov2, cli):
+    r = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2)
+    assert r.exit_code == 2
+    assert "crops.parquet" in r.output and "histoembed crops" in r.output
+
+
+def test_a_corrupt_crop_names_the_file(tmp_path, tiny_dinov2):
+    write_crops(tmp_path)
+    table = pa.parquet.read_table(tmp_path / store.CROPS_FILE)
+    pngs = table["png"].to_pylist()
+    pngs[4] = b"not a png"
+    table = table.set_column(table.schema.get_field_index("png"), "png", pa.array(pngs, pa.binary()))
+    store.write_table(table, tmp_path / store.CROPS_FILE, meta={"key": "corrupt"})
+    with pytest.raises(UserError, match="img_0001.png") as e:
+        run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings(), show_progress=False)
+    assert "crops.parquet" in str(e.value)
+    assert not store.feature_parts(tmp_path / store.FEATURES_DIR / tiny_dinov2.name)

@@ -1,0 +1,113 @@
+"""The encoder registry: the same code path loads Phikon-v2, any HF folder and the packaged EfficientNet."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from histoembed.encoders import REGISTRY, load_encoder
+from histoembed.errors import UserError
+
+
+def _direct_tokens(path, x01: torch.Tensor, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> torch.Tensor:
+    from transformers import Dinov2Model
+
+    model = Dinov2Model.from_pretrained(path).eval()
+    x = (x01 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return model(pixel_values=x).last_hidden_state
+
+
+def test_a_saved_dinov2_loads_by_path_with_cls_pooling(tiny_dinov2):
+    enc = load_encoder(str(tiny_dinov2))
+    assert (enc.dim, enc.size, enc.pool, enc.precision) == (32, 32, "cls", "fp32")
+    assert enc.mean == pytest.approx((0.485, 0.456, 0.406))
+    digest = hashlib.sha256((tiny_dinov2 / "model.safetensors").read_bytes()).hexdigest()
+    assert enc.weights_hash == digest
+    assert enc.slug == tiny_dinov2.name
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(enc(x), _direct_tokens(tiny_dinov2, x)[:, 0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls+mean"])
+def test_mean_pooling_averages_the_patch_tokens(tiny_dinov2, pool):
+    enc = load_encoder(str(tiny_dinov2), pool=pool)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tokens = _direct_tokens(tiny_dinov2, x)
+    expected = tokens[:, 1:].mean(1) if pool == "mean" else torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], 1)
+    assert enc.dim == expected.shape[1]
+    torch.testing.assert_close(enc(x), expected, atol=1e-5, rtol=0)
+
+
+def test_other_sizes_are_resized_to_the_model_input(tiny_dinov2):
+    enc = load_encoder(str(tiny_dinov2))
+    big = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    small = torch.nn.functional.interpolate(big, size=(32, 32), mode="bilinear", antialias=True)
+    torch.testing.assert_close(enc(big), enc(small))
+
+
+def test_the_preprocessor_config_sets_size_and_normalisation(tiny_dinov2, tmp_path):
+    import shutil
+    folder = tmp_path / "with-preprocessor"
+    shutil.copytree(tiny_dinov2, folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25], "crop_size": {"height": 48, "width": 48},
+         "size": {"shortest_edge": 56}}))
+    enc = load_encoder(str(folder))
+    assert (enc.size, enc.mean, enc.std) == (48, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    x = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(enc(x), _direct_tokens(folder, x, (0.5,) * 3, (0.25,) * 3)[:, 0], atol=1e-5, rtol=0)
+
+
+def test_a_folder_without_config_is_refused_by_name(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="no config.json") as e:
+        load_encoder(str(tmp_path))
+    assert str(tmp_path) in str(e.value)
+
+
+def test_pickled_weights_are_never_loaded(tiny_dinov2, tmp_path):
+    import shutil
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_dinov2, folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(UserError, match="no safetensors weights"):
+        load_encoder(str(folder))
+
+
+def test_missing_hub_weights_say_where_they_looked_and_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(UserError) as e:
+        load_encoder("phikon-v2")
+    msg = str(e.value)
+    assert "owkin/phikon-v2" in msg and "cache" in msg and "--encoder ./phikon-v2" in msg
+
+
+def test_cuda_asked_for_without_a_gpu_is_a_clear_error(tiny_dinov2):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        load_encoder(str(tiny_dinov2), device="cuda")
+
+
+def test_registry_names_phikon_v2_and_the_offline_encoder():
+    assert REGISTRY["phikon-v2"] == "owkin/phikon-v2"
+    assert callable(REGISTRY["efficientnet-lite0"])
+
+
+@pytest.mark.parametrize("photo, classes", [
+    ("chelsea", {281, 282, 283, 284, 285}),   # tabby / tiger / Persian / Siamese / Egyptian cat
+    ("coffee", {504, 967, 968}),              # coffee mug / espresso / cup
+])
+def test_the_offline_encoder_has_real_imagenet_weights(photo, classes):
+    skdata = pytest.importorskip("skimage.data")
+    enc = load_encoder("efficientnet-lite0")
+    assert (enc.dim, enc.size) == (1280, 224)
+    img = getattr(skdata, photo)()
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255
+    logits = enc.module._fc(enc(x))  # the ImageNet classifier on our pooled features
+    assert int(logits.argmax()) in classes

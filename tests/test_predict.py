@@ -1,0 +1,58 @@
+"""`histoembed predict`: a new image gets the same crops, views and ensemble as the run's test images."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from histoembed import store
+from histoembed.predict import predict_images
+
+
+def test_a_test_image_is_predicted_as_submit_predicted_it(pipeline_run):
+    data, run = pipeline_run
+    image = sorted((data / "test_data").glob("img_*.png"))[0]
+    mask = image.with_name(image.name.replace("img_", "mask_"))
+    [pred] = predict_images(run, [image], [mask], device="cpu")
+    table = pq.read_table(run / store.TEST_PREDICTIONS_FILE).to_pydict()
+    row = table["image_id"].index(image.name)
+    assert pred.label == table["label"][row]
+    expected = [table[f"prob_{c}"][row] for c in pred.probs]
+    np.testing.assert_allclose(list(pred.probs.values()), expected, atol=1e-4)
+    assert sum(pred.probs.values()) == pytest.approx(1.0)
+
+
+def test_predict_cli_writes_a_csv_and_finds_tissue_without_a_mask(pipeline_run, cli, tmp_path):
+    data, run = pipeline_run
+    images = sorted((data / "test_data").glob("img_*.png"))[:2]
+    out = tmp_path / "preds.csv"
+    r = cli("predict", *images, "--run", run, "--device", "cpu", "--out", out)
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(out.open()))
+    assert [row["image"] for row in rows] == [str(p) for p in images]
+    assert all(abs(sum(float(v) for k, v in row.items() if k.startswith("prob_")) - 1) < 1e-4 for row in rows)
+
+
+def test_predict_names_a_missing_file_and_a_mismatched_mask(pipeline_run, cli, tmp_path):
+    data, run = pipeline_run
+    r = cli("predict", tmp_path / "nope.png", "--run", run)
+    assert r.exit_code == 2 and "nope.png" in r.output and "file not found" in r.output
+    images = sorted((data / "test_data").glob("img_*.png"))
+    masks = sorted((data / "test_data").glob("mask_*.png"))
+    import cv2
+    small = tmp_path / "small_mask.png"
+    cv2.imwrite(str(small), np.zeros((5, 5), np.uint8))
+    r = cli("predict", images[0], "--mask", small, "--run", run)
+    assert r.exit_code == 2 and "small_mask.png" in r.output and "5x5" in r.output
+    r = cli("predict", images[0], images[1], "--mask", masks[0], "--run", run)
+    assert r.exit_code == 2 and "one --mask per image" in r.output
+
+
+def test_predict_without_a_fitted_run_says_what_to_run(cli, tmp_path, pipeline_run):
+    data, _ = pipeline_run
+    image = sorted((data / "test_data").glob("img_*.png"))[0]
+    r = cli("predict", image, "--run", tmp_path / "empty")
+    assert r.exit_code == 2 and "histoembed fit" in r.output

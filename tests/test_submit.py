@@ -1,0 +1,64 @@
+"""`histoembed submit`: one row per test image in folder order, labels as spelled in training."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import pyarrow.parquet as pq
+
+from histoembed import store
+from histoembed.submit import run_submit
+
+
+def _rows(path):
+    with path.open(newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_submission_follows_the_test_folder_and_training_spellings(pipeline_run):
+    data, run = pipeline_run
+    rows = _rows(run / store.SUBMISSION_FILE)
+    assert rows[0] == ["sample_index", "label"]
+    assert [r[0] for r in rows[1:]] == sorted(p.name for p in (data / "test_data").glob("img_*"))
+    with (data / "train_labels.csv").open(newline="") as f:
+        spellings = {row["label"] for row in csv.DictReader(f)}
+    assert {r[1] for r in rows[1:]} <= spellings
+    preds = pq.read_table(run / store.TEST_PREDICTIONS_FILE).to_pydict()
+    probs = [[preds[k][i] for k in preds if k.startswith("prob_")] for i in range(len(preds["image_id"]))]
+    assert all(abs(sum(p) - 1) < 1e-4 for p in probs)
+    assert [max(range(len(p)), key=p.__getitem__) for p in probs] == \
+        [[k[5:] for k in preds if k.startswith("prob_")].index(lab) for lab in preds["label"]]
+
+
+def test_a_test_image_without_features_gets_the_prior_and_is_listed(pipeline_run, tmp_path, cli):
+    data, run = pipeline_run
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    extra = copy / "test_data" / "img_9999.png"
+    shutil.copy(sorted((copy / "test_data").glob("img_*.png"))[0], extra)
+    shutil.copy(sorted((copy / "test_data").glob("mask_*.png"))[0], copy / "test_data" / "mask_9999.png")
+    run_copy = tmp_path / "run"
+    shutil.copytree(run, run_copy)
+    result = run_submit(copy, run_copy)
+    assert result.fallbacks == ["img_9999.png"]
+    rows = _rows(run_copy / store.SUBMISSION_FILE)
+    assert rows[-1][0] == "img_9999.png"
+    r = cli("submit", "--data", copy, "--run", run_copy)
+    assert r.exit_code == 0 and "img_9999.png" in r.output and "prior" in r.output
+
+
+def test_features_of_another_dataset_are_refused(pipeline_run, tmp_path, cli):
+    data, run = pipeline_run
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    for p in (copy / "test_data").glob("*_0*.png"):
+        p.rename(p.with_name(p.name.replace("_0", "_8")))
+    r = cli("submit", "--data", copy, "--run", run)
+    assert r.exit_code == 2 and "not in the data" in r.output
+
+
+def test_submit_before_fit_says_what_to_run(tmp_path, cli, pipeline_run):
+    data, _ = pipeline_run
+    r = cli("submit", "--data", data, "--run", tmp_path)
+    assert r.exit_code == 2 and "histoembed fit" in r.output

@@ -97,7 +97,7 @@ class QCSettings(_Settings):
     max_flat_fraction: float = Field(0.6, ge=0, le=1, description="Flag non_tissue when this share of the non-background is flat colour.")
     max_ink_fraction: float = Field(0.5, ge=0, le=1, description="Flag non_tissue when green 'ink' covers this much (not a smear).")
     min_tissue_in_mask: float = Field(0.05, ge=0, le=1, description="Flag blank when less of the mask than this is tissue.")
-    encoder: str = Field("phikon-v2", description="Encoder for thumbnails when the run has no feature store.")
+    encoder: str = Field("efficientnet-lite0", description="Encoder of the image thumbnails for the outlier score.")
     knn_k: int = Field(5, ge=1, description="Neighbours for the embedding outlier score.")
     outlier_z: float = Field(6.0, gt=0, description="Robust z-score above which an image is an outlier.")
     duplicate_cosine: float = Field(0.98, gt=0, le=1, description="Centred mean embeddings at least this similar are near-duplicates.")

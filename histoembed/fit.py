@@ -167,7 +167,9 @@ def inner_split(images: np.ndarray, y: np.ndarray, groups: np.ndarray, fraction:
                 seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split training ``images`` (indices) into (fit, stopping), stratified and group-aware."""
     n_splits = max(2, round(1 / fraction))
-    if len(np.unique(groups[images])) < n_splits:
+    # Tiny sets: fewer splits (a larger stopping share) rather than none.
+    n_splits = min(n_splits, int(np.unique(y[images], return_counts=True)[1].max(initial=0)))
+    if n_splits < 2 or len(np.unique(groups[images])) < n_splits:
         return images, images[:0]
     _, stop = _group_kfold(y[images], groups[images], n_splits, seed)[0]
     mask = np.zeros(len(images), dtype=bool)

@@ -9,8 +9,10 @@ Two passes over every image (both splits):
   colours no H&E stain makes (browns, yellows, greens, blues), near-black shadows, or
   large flat areas of one colour. Each of ``non_tissue``, ``ink`` and ``blank`` comes
   with the scores behind it in ``reason``.
-* **Embedding pass** (a feature store's view-0 embeddings, else a thumbnail of each
-  image through the encoder): each image's mean embedding gives a kNN outlier score
+* **Embedding pass** (a thumbnail of each image's tissue through the QC encoder, by
+  default the packaged EfficientNet-Lite0: ImageNet features tell a photograph from
+  tissue, and QC must not depend on the embed stage that runs after it): each image's
+  embedding gives a kNN outlier score
   (mean cosine distance to the k nearest images, as a robust z-score) and, with a
   perceptual hash, near-duplicate groups.
 
@@ -98,18 +100,10 @@ def ink_mask(rgb: np.ndarray, settings: QCSettings) -> np.ndarray:
 
 
 def tissue_by_colour(rgb: np.ndarray) -> np.ndarray:
-    """Tissue pixels by colour, from the crops stage (one definition for both stages)."""
-    try:
-        from histoembed.crops import tissue_mask_by_colour
-    except ImportError:  # crops stage not installed alongside: same rule, kept here
-        return _tissue_by_colour(rgb)
+    """Tissue pixels by colour, the crops stage's definition (one rule for both stages)."""
+    from histoembed.crops import tissue_mask_by_colour
+
     return np.asarray(tissue_mask_by_colour(rgb), dtype=bool)
-
-
-def _tissue_by_colour(rgb: np.ndarray) -> np.ndarray:
-    """Stained pixels: not the bright, unsaturated slide background and not black."""
-    _, sat, val = to_hsv(rgb)
-    return ((sat >= 20) | (val < 200)) & (val >= 30)
 
 
 def flat_fraction(rgb: np.ndarray, foreground: np.ndarray, window: int = 7, max_std: float = 1.5) -> float:
@@ -401,32 +395,6 @@ def _map_images(samples: list[Sample], settings: QCSettings, thumb_size: int) ->
 
 # ---------------------------------------------------------------- embedding pass
 
-@dataclass
-class _Embeddings:
-    vectors: dict[str, np.ndarray]   # image id -> mean embedding
-    source: str                      # in words, for the summary
-    key: str                         # part of the skip key
-
-
-def _store_embeddings(run: Path, encoder: str | None) -> _Embeddings | None:
-    """Mean view-0 embedding per image from the run's feature store, or None when there is none."""
-    try:
-        path = store.find_feature_store(run, encoder)
-    except UserError:
-        if encoder is None and (run / store.FEATURES_DIR).exists():
-            raise  # several stores: the user must pick one
-        return None
-    feats = store.read_features(path)
-    view0 = feats.subset(feats.view == 0)
-    ids, inverse = np.unique(view0.image_id.astype(str), return_inverse=True)
-    sums = np.zeros((len(ids), view0.embedding.shape[1]), np.float64)
-    np.add.at(sums, inverse, view0.embedding)
-    counts = np.bincount(inverse, minlength=len(ids))[:, None]
-    means = sums / np.maximum(counts, 1)
-    return _Embeddings(dict(zip(ids, means)), f"feature store {path}",
-                       store.config_key(str(path), feats.meta.get("key"), len(feats)))
-
-
 def _load_encoder(name: str):
     """(encoder, input size) or (None, why) when it cannot be loaded."""
     try:
@@ -438,21 +406,14 @@ def _load_encoder(name: str):
         return None, str(e)
     except (OSError, ValueError, RuntimeError) as e:
         return None, f"{type(e).__name__}: {e}"
-    size = getattr(enc, "input_size", None) or getattr(enc, "image_size", None) or 224
-    if isinstance(size, (tuple, list)):
-        size = size[0]
-    return enc, int(size)
+    return enc, enc.size
 
 
 def _embed_thumbnails(encoder, thumbs: np.ndarray) -> np.ndarray:
     """[N, D] embeddings of uint8 thumbnails [N, H, W, 3], one clean view each."""
     from histoembed import embed
 
-    out = embed.embed_crops(encoder, thumbs, views=1)
-    if hasattr(out, "detach"):
-        out = out.detach().float().cpu().numpy()
-    out = np.asarray(out, dtype=np.float32)
-    return out.reshape(len(thumbs), -1, out.shape[-1]).mean(axis=1)
+    return embed.embed_crops(encoder, thumbs, views=1)
 
 
 # ---------------------------------------------------------------- the stage
@@ -518,13 +479,11 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
         raise UserError(f"--keep names image(s) not in the data: {', '.join(unknown)}", path=data,
                         hint="use image ids as in train_labels.csv / the manifest, e.g. img_0003.png")
 
-    # Embeddings: the run's feature store, else thumbnails through the encoder.
-    emb_source = _store_embeddings(run, encoder) if embed else None
-    enc_name = (encoder or settings.encoder) if embed and emb_source is None else None
+    enc_name = (encoder or settings.encoder) if embed else None
     key = store.config_key(
         "qc", QC_VERSION, settings.model_dump(), sorted(keep),
         [[s.image_id, s.split, _file_stamp(s.image), _file_stamp(s.mask)] for s in samples],
-        emb_source.key if emb_source else None, enc_name, [str(p) for p in ds.problems],
+        enc_name, [str(p) for p in ds.problems],
     )
     old = store.read_meta(out) if out.exists() else {}
     unchanged = old.get("key") == key
@@ -534,8 +493,6 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
     enc_obj, thumb_size, failed = None, 0, False
     if not embed:
         emb_note = "embedding pass off (--no-embed)"
-    elif emb_source is not None:
-        emb_note = emb_source.source
     else:
         loaded, info = _load_encoder(enc_name)
         if loaded is None:
@@ -560,11 +517,9 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
         raise UserError("no image could be read", path=data,
                         hint="\n  ".join(map(str, problems[:20])) or None)
 
-    # Mean embedding per image (None where an image has none, e.g. no crops in the store).
+    # One embedding per image (None where the pass is off or failed).
     vectors: list[np.ndarray | None] = [None] * len(good)
-    if emb_source is not None:
-        vectors = [emb_source.vectors.get(s.image_id) for s, _ in good]
-    elif enc_obj is not None:
+    if enc_obj is not None:
         thumbs = np.stack([r.thumb for _, r in good])
         emb = _embed_thumbnails(enc_obj, thumbs)
         vectors = list(emb)

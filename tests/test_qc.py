@@ -81,24 +81,12 @@ def clean_images(n: int, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarra
 
 
 def planted_dataset(root: Path, seed: int = 0) -> tuple[Path, dict[str, str]]:
-    """12 clean images plus a cartoon, a green-ink smear and an empty mask; kind per planted id."""
-    try:
-        from histoembed.synthetic import make_dataset
-    except ImportError:
-        make_dataset = None
-    if make_dataset is not None:
-        make_dataset(root, 16, 4, seed, outliers=True)
-        planted = json.loads((root / "planted.json").read_text())
-        return root, _planted_kinds(planted)
-    rng = np.random.default_rng(seed + 1000)
-    images = clean_images(12, seed)
-    img, mask = tissue_image(rng)
-    images["img_0100.png"] = (cartoon_image(), mask)
-    images["img_0101.png"] = (add_ink(img, rng), mask)
-    img, mask = tissue_image(rng)
-    images["img_0102.png"] = (img, np.zeros_like(mask))
-    write_dataset(root, images, test={"img_0003.png"})
-    return root, {"img_0100.png": "non_tissue", "img_0101.png": "ink", "img_0102.png": "blank"}
+    """The synthetic dataset with its planted non-tissue picture, ink smear and empty mask; kind per planted id."""
+    from histoembed.synthetic import make_dataset
+
+    make_dataset(root, 16, 4, seed, outliers=True)
+    planted = json.loads((root / "planted.json").read_text())
+    return root, _planted_kinds(planted)
 
 
 def _planted_kinds(planted) -> dict[str, str]:
@@ -137,6 +125,16 @@ def test_planted_outliers_flagged_for_the_right_reason_and_nothing_else(cli, tmp
     ink_id = next(i for i, f in planted.items() if f == "ink")
     assert not rows[ink_id]["non_tissue"]
     assert "flagged (left out of training)" in res.output
+
+
+def test_default_embedding_pass_flags_no_clean_image(cli, tmp_path):
+    data, planted = planted_dataset(tmp_path / "data", seed=2)
+    res = cli("qc", "--data", data, "--run", tmp_path / "run")   # efficientnet-lite0 thumbnails
+    assert res.exit_code == 0, res.output
+    assert "efficientnet-lite0" in res.output
+    rows = read_rows(tmp_path / "run")
+    assert all(r["knn_z"] is not None for r in rows.values())
+    assert not [i for i, r in rows.items() if i not in planted and r["flagged"]]
 
 
 def _restained_ihc():
@@ -230,25 +228,7 @@ def test_duplicate_groups_union_find():
 
 # ---------------------------------------------------------------- the embedding pass
 
-def write_feature_store(run: Path, vectors: dict[str, np.ndarray], split: dict[str, str]):
-    """A tiny feature store: two crops x two views per image; view 0 carries the image's vector."""
-    rows = {"image_id": [], "split": [], "crop_index": [], "view": [], "embedding": []}
-    rng = np.random.default_rng(0)
-    for image_id, v in vectors.items():
-        for c in range(2):
-            for view in range(2):
-                rows["image_id"].append(image_id)
-                rows["split"].append(split[image_id])
-                rows["crop_index"].append(c)
-                rows["view"].append(view)
-                e = v if view == 0 else rng.normal(size=v.shape)  # other views must be ignored
-                rows["embedding"].append(e.astype(np.float32).tolist())
-    dim = len(next(iter(vectors.values())))
-    table = pa.Table.from_pydict(rows, schema=store.feature_schema(dim))
-    store.write_table(table, run / store.FEATURES_DIR / "tiny" / "part-00000.parquet", {"key": "k1", "dim": dim})
-
-
-def test_feature_store_outlier_and_duplicate(cli, tmp_path):
+def test_embedding_outlier_and_duplicate(cli, tmp_path, monkeypatch, tiny_dinov2):
     images = clean_images(14, seed=7)
     data = write_dataset(tmp_path / "data", images)
     rng = np.random.default_rng(0)
@@ -256,9 +236,10 @@ def test_feature_store_outlier_and_duplicate(cli, tmp_path):
     vectors = {i: base + 0.3 * rng.normal(size=16) for i in images}
     vectors["img_0005.png"] = -3 * base + rng.normal(size=16)          # far from everything
     vectors["img_0009.png"] = vectors["img_0008.png"] + 1e-4           # same embedding
+    # The thumbnails' embeddings, in image order, stand in for the encoder's.
+    monkeypatch.setattr(qc, "_embed_thumbnails", lambda enc, thumbs: np.stack([vectors[i] for i in sorted(images)]))
     run = tmp_path / "run"
-    write_feature_store(run, vectors, {i: "train" for i in images})
-    res = cli("qc", "--data", data, "--run", run)
+    res = cli("qc", "--data", data, "--run", run, "--encoder", tiny_dinov2)
     assert res.exit_code == 0, res.output
     rows = read_rows(run)
     assert rows["img_0005.png"]["outlier"] and rows["img_0005.png"]["flagged"]
@@ -267,7 +248,6 @@ def test_feature_store_outlier_and_duplicate(cli, tmp_path):
     assert rows["img_0008.png"]["duplicate_group"] is not None
     assert rows["img_0008.png"]["duplicate_group"] == rows["img_0009.png"]["duplicate_group"]
     assert "cosine" in rows["img_0008.png"]["reason"]
-    assert "feature store" in res.output
 
 
 def test_no_embed_leaves_outlier_null(cli, tmp_path):
@@ -294,8 +274,6 @@ def test_unloadable_encoder_warns_and_still_writes(cli, tmp_path):
 
 
 def test_thumbnails_through_a_tiny_encoder(cli, tmp_path, tiny_dinov2):
-    pytest.importorskip("histoembed.encoders")
-    pytest.importorskip("histoembed.embed")
     data = write_dataset(tmp_path / "data", clean_images(8))
     res = cli("qc", "--data", data, "--run", tmp_path / "run", "--encoder", str(tiny_dinov2))
     assert res.exit_code == 0, res.output

@@ -15,9 +15,9 @@ def qc(
     config: ConfigOpt = None,
     encoder: EncoderOpt = None,
     embed: Annotated[bool, typer.Option(
-        "--embed/--no-embed", help="Run the embedding pass (kNN outliers, near-duplicates by embedding): "
-                                   "the run's feature store when there is one, else thumbnails through "
-                                   "--encoder. --no-embed: colour and hash checks only.")] = True,
+        "--embed/--no-embed", help="Run the embedding pass (kNN outliers, near-duplicates by embedding) on "
+                                   "thumbnails through --encoder (default efficientnet-lite0, installed "
+                                   "with the package). --no-embed: colour and hash checks only.")] = True,
     keep: Annotated[list[str] | None, typer.Option(
         "--keep", help="Un-flag this image id (repeatable), e.g. --keep img_0042.png.")] = None,
     non_tissue_fraction: Annotated[float | None, typer.Option(

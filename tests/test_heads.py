@@ -89,6 +89,16 @@ def test_mlp_with_mixup_and_without_class_weights_trains():
     assert (head.row_logits(X[90:]).argmax(1) == y[90:]).mean() > 0.6
 
 
+def test_a_feature_dead_in_training_cannot_blow_up_held_out_logits():
+    X, y = _data(2)
+    X[:, 0] = 0.0            # a ReLU channel that never fires on the training folds ...
+    held_out = X[90:].copy()
+    held_out[:, 0] = 0.5     # ... and fires on a held-out image
+    s = MLPSettings(hidden=16, epochs=10, patience=10, batch_size=32)
+    head = MLPHead(s, 3, seed=0).fit(X[:90], y[:90], X[90:], y[90:], np.arange(30))
+    assert np.abs(head.row_logits(held_out)).max() < 10 * np.abs(head.row_logits(X[90:])).max()
+
+
 def test_xgb_learns_saves_and_loads_identically_without_pickle(tmp_path):
     X, y = _data(2, dim=20)
     s = XGBSettings(n_estimators=40, pca_dims=6, early_stopping_rounds=5)

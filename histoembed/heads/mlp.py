@@ -50,6 +50,13 @@ def _net(input_dim: int, n_classes: int, s: MLPSettings):
     return Net()
 
 
+def input_scale(std):
+    """Per-dimension divisor: the std, but never below 1% of the median std. A feature that is
+    (nearly) constant in the training folds, e.g. a ReLU channel that never fires, would
+    otherwise blow up the first time it moves on a held-out image."""
+    return std.clamp_min(max(1e-6, 0.01 * float(std.median())))
+
+
 def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     """Inverse class frequency, scaled so a balanced set has weights 1 (0 for absent classes)."""
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
@@ -113,7 +120,7 @@ class MLPHead:
         net = _net(X.shape[1], C, s)
         with torch.no_grad():
             net.input_mean.copy_(X.mean(0))
-            net.input_std.copy_(X.std(0).clamp_min(1e-6))
+            net.input_std.copy_(input_scale(X.std(0)))
         weight = torch.tensor(class_weights(np.asarray(y), C), dtype=torch.float32) if s.class_weights else None
 
         _, stop_img = np.unique(np.asarray(stop_image), return_inverse=True)

@@ -279,8 +279,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
     workers = min(settings.workers, len(batches))
     loader = torch.utils.data.DataLoader(
         CropBatches(crops_path, batches), batch_size=None, num_workers=workers,
-        pin_memory=encoder.device.type == "cuda", persistent_workers=False,
-        multiprocessing_context="spawn" if workers else None)
+        pin_memory=encoder.device.type == "cuda")
     writer = PartWriter(store_dir, shard, schema, settings.rows_per_part)
     bar_context = progress("crops") if show_progress else contextlib.nullcontext()
     try:

@@ -138,6 +138,12 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def default_shard() -> tuple[int, int]:
+    """Under torchrun (RANK, WORLD_SIZE set) each process takes its own shard; else the whole run."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return (int(os.environ.get("RANK", "0") or 0), world) if world > 1 else (0, 1)
+
+
 def views_of(split: str, settings: EmbedSettings) -> list[int]:
     return list(range(settings.repeats)) if split == "train" or settings.tta else [0]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,11 +201,14 @@ REGISTRY: dict[str, str | Callable[[Pool], tuple[torch.nn.Module, dict]]] = {
 
 
 def resolve_device(device: str) -> torch.device:
+    """auto: CUDA when present. Under torchrun, process LOCAL_RANK takes GPU LOCAL_RANK."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU",
-                        hint="use --device cpu, or install a CUDA build of torch")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU",
+                            hint="use --device cpu, or install a CUDA build of torch")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0) % torch.cuda.device_count())
     return torch.device(device)
 
 

@@ -246,3 +246,15 @@ def test_a_corrupt_crop_names_the_file(tmp_path, tiny_dinov2):
         run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings(), show_progress=False)
     assert "crops.parquet" in str(e.value)
     assert not store.feature_parts(tmp_path / store.FEATURES_DIR / tiny_dinov2.name)
+
+
+def test_under_torchrun_each_process_takes_its_rank_as_shard(tmp_path, tiny_dinov2, cli, monkeypatch):
+    write_crops(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        r = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--workers", "0")
+        assert r.exit_code == 0, r.output
+    parts = store.feature_parts(store.find_feature_store(tmp_path))
+    assert {p.name.split("-")[1] for p in parts} == {"s0of2", "s1of2"}
+    assert len(read_store(tmp_path)) == 21 * 4

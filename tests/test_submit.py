@@ -62,3 +62,15 @@ def test_submit_before_fit_says_what_to_run(tmp_path, cli, pipeline_run):
     data, _ = pipeline_run
     r = cli("submit", "--data", data, "--run", tmp_path)
     assert r.exit_code == 2 and "histoembed fit" in r.output
+
+
+def test_features_the_models_were_not_fitted_on_are_refused(pipeline_run, tmp_path, cli):
+    from histoembed.fit import load_ensemble, write_synthetic_features
+
+    data, run = pipeline_run
+    run_copy = tmp_path / "run"
+    shutil.copytree(run, run_copy)
+    slug = store.find_feature_store(run_copy).name
+    write_synthetic_features(run_copy, n_images=24, n_test=6, dim=7, encoder=slug)  # same ids, 7-d
+    r = cli("submit", "--data", data, "--run", run_copy)
+    assert r.exit_code == 2 and "7-d" in r.output and f"{load_ensemble(run).dim}-d" in r.output

@@ -36,10 +36,10 @@ def embed(
         "--rows-per-part", help="Rows per Parquet part: an interrupted run loses at most one part (default 4096).")]
         = None,
     seed: SeedOpt = None,
-    shard: Annotated[str, typer.Option(
-        "--shard", metavar="I/N", help="Embed only the I-th of N deterministic slices of the crops, into this "
-                                       "shard's own parts (run N processes or GPUs on one run; readers see all).")]
-        = "0/1",
+    shard: Annotated[str | None, typer.Option(
+        "--shard", metavar="I/N", help="Embed only the I-th of N deterministic slices of the crops (from 0), into "
+                                       "this shard's own parts, so N processes or GPUs share one run; readers see "
+                                       "all. Default: the whole run, or RANK/WORLD_SIZE under torchrun.")] = None,
 ) -> None:
     """Embed every crop of run/crops.parquet in r views with a frozen encoder into run/features/<encoder>/.
 
@@ -48,13 +48,13 @@ def embed(
     """
     from histoembed import config as cfg
     from histoembed.console import console
-    from histoembed.embed import parse_shard, run_embed
+    from histoembed.embed import default_shard, parse_shard, run_embed
 
     settings = cfg.load_settings(config)
     embed_settings = cfg.updated(settings.embed, encoder=encoder, pool=pool, repeats=repeats, tta=tta,
                                  batch_size=batch_size, device=device, precision=precision, store_dtype=store_dtype,
                                  workers=workers, rows_per_part=rows_per_part, seed=seed)
-    result = run_embed(run, embed_settings, settings.augment, shard=parse_shard(shard))
+    result = run_embed(run, embed_settings, settings.augment, shard=parse_shard(shard) if shard else default_shard())
     if result.removed_parts:
         console.print(f"removed {result.removed_parts} part(s) written with other settings", soft_wrap=True)
     if result.skipped:

@@ -705,7 +705,8 @@ def _maps_section(r: _Run) -> str:
         ax.set_axis_off()
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), shrink=0.7,
                  label="crop's probability of the called class")
-    body = ("<p>Each crop's clean view through every fold's calibrated, fused heads; boxes coloured by that "
+    body = ("<p>Each crop's clean view through every fold's temperature-scaled MLP head (the XGBoost head sees "
+            "only image means, so it has no per-crop view); boxes coloured by that "
             "crop's probability of the class the whole image was called. Training images were seen by most "
             "folds' heads, so their maps are optimistic; test images are not.</p>"
             + _fig_img(fig, "per-image crop prediction maps"))

@@ -191,6 +191,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def shard_lock(store_dir: Path, shard: tuple[int, int]) -> Iterator[None]:
+    """One process per shard: a second ``embed`` of the same shard would write duplicate rows."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    lock = store_dir / f".lock-s{shard[0]}of{shard[1]}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = lock.read_text().strip()
+            if holder.isdigit() and _alive(int(holder)):
+                raise UserError(f"shard {shard[0]}/{shard[1]} is being embedded by process {holder}",
+                                path=store_dir, hint="wait for it, or give each process its own --shard i/n") from None
+            lock.unlink(missing_ok=True)  # left by a killed run
+    else:
+        raise UserError("cannot take the shard lock", path=lock, hint="delete the file if no embed is running")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 class PartWriter:
     """Row groups into a hidden temporary part, renamed into place when full or closed."""
 
@@ -256,63 +281,64 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
         encoder = load_encoder(settings.encoder, settings.pool, settings.device, settings.precision)
     key = store_key(crops_key, encoder, settings, augment)
     store_dir = run / store.FEATURES_DIR / encoder.slug
-    parts, removed = _prepare_store(store_dir, key)
-    done = _done_crops(parts)
+    with shard_lock(store_dir, shard):
+        parts, removed = _prepare_store(store_dir, key)
+        done = _done_crops(parts)
 
-    ids = index["image_id"].to_pylist()
-    splits = index["split"].to_pylist()
-    cidx = index["crop_index"].to_pylist()
-    mine = [r for r in range(len(ids)) if r % shard[1] == shard[0]]
-    todo = [r for r in mine if (ids[r], cidx[r]) not in done]
-    rows_of = {s: len(views_of(s, settings)) for s in ("train", "test")}
-    total_rows = sum(rows_of[splits[r]] for r in mine)
-    result = EmbedResult(store_dir, encoder.name, encoder.dim, total_rows - sum(rows_of[splits[r]] for r in todo),
-                         0, not todo, removed, 0.0)
-    if not todo:
+        ids = index["image_id"].to_pylist()
+        splits = index["split"].to_pylist()
+        cidx = index["crop_index"].to_pylist()
+        mine = [r for r in range(len(ids)) if r % shard[1] == shard[0]]
+        todo = [r for r in mine if (ids[r], cidx[r]) not in done]
+        rows_of = {s: len(views_of(s, settings)) for s in ("train", "test")}
+        total_rows = sum(rows_of[splits[r]] for r in mine)
+        result = EmbedResult(store_dir, encoder.name, encoder.dim, total_rows - sum(rows_of[splits[r]] for r in todo),
+                             0, not todo, removed, 0.0)
+        if not todo:
+            result.seconds = time.perf_counter() - started
+            return result
+
+        # Batches never mix splits, so each batch has one list of views.
+        batches = [np.array(chunk) for s in ("train", "test")
+                   for rows in [[r for r in todo if splits[r] == s]]
+                   for chunk in (rows[i:i + settings.batch_size] for i in range(0, len(rows), settings.batch_size))]
+        meta = {"key": key, "encoder": encoder.name, "encoder_id": encoder.encoder_id,
+                "weights_hash": encoder.weights_hash, "dim": encoder.dim, "pool": encoder.pool, "size": encoder.size,
+                "precision": encoder.precision, "repeats": settings.repeats, "tta": settings.tta, "seed": settings.seed,
+                "augment": augment.model_dump(), "store_dtype": settings.store_dtype, "crops_key": crops_key,
+                "shard": f"{shard[0]}/{shard[1]}", "package_version": __version__}
+        schema = store.with_meta(store.feature_schema(encoder.dim, settings.store_dtype), meta)
+        workers = min(settings.workers, len(batches))
+        loader = torch.utils.data.DataLoader(
+            CropBatches(crops_path, batches), batch_size=None, num_workers=workers,
+            pin_memory=encoder.device.type == "cuda")
+        writer = PartWriter(store_dir, shard, schema, settings.rows_per_part)
+        bar_context = progress("crops") if show_progress else contextlib.nullcontext()
+        try:
+            with bar_context as bar:
+                job = bar.add_task(f"embed {encoder.name}", total=len(todo)) if bar else None
+                for b, crops in loader:
+                    if isinstance(crops, int):
+                        raise UserError(f"crop {cidx[crops]} of {ids[crops]} is not a readable PNG", path=crops_path,
+                                        hint="re-run `histoembed crops` (delete the file first)")
+                    rows = batches[b]
+                    bid, bsplit, bcidx = ([col[r] for r in rows] for col in (ids, splits, cidx))
+                    views = views_of(bsplit[0], settings)
+                    feats = embed_views(encoder, crops, bid, bcidx, views, augment, settings.seed)
+                    writer.write(_rows(bid, bsplit, bcidx, views, feats, schema))
+                    result.rows += len(rows) * len(views)
+                    result.new_rows += len(rows) * len(views)
+                    if bar:
+                        bar.advance(job, len(rows))
+        except KeyboardInterrupt:
+            writer.commit()  # the part holds whole crops only: keep them
+            raise
+        except BaseException:
+            writer.discard()
+            raise
+        writer.commit()
         result.seconds = time.perf_counter() - started
         return result
-
-    # Batches never mix splits, so each batch has one list of views.
-    batches = [np.array(chunk) for s in ("train", "test")
-               for rows in [[r for r in todo if splits[r] == s]]
-               for chunk in (rows[i:i + settings.batch_size] for i in range(0, len(rows), settings.batch_size))]
-    meta = {"key": key, "encoder": encoder.name, "encoder_id": encoder.encoder_id,
-            "weights_hash": encoder.weights_hash, "dim": encoder.dim, "pool": encoder.pool, "size": encoder.size,
-            "precision": encoder.precision, "repeats": settings.repeats, "tta": settings.tta, "seed": settings.seed,
-            "augment": augment.model_dump(), "store_dtype": settings.store_dtype, "crops_key": crops_key,
-            "shard": f"{shard[0]}/{shard[1]}", "package_version": __version__}
-    schema = store.with_meta(store.feature_schema(encoder.dim, settings.store_dtype), meta)
-    workers = min(settings.workers, len(batches))
-    loader = torch.utils.data.DataLoader(
-        CropBatches(crops_path, batches), batch_size=None, num_workers=workers,
-        pin_memory=encoder.device.type == "cuda")
-    writer = PartWriter(store_dir, shard, schema, settings.rows_per_part)
-    bar_context = progress("crops") if show_progress else contextlib.nullcontext()
-    try:
-        with bar_context as bar:
-            job = bar.add_task(f"embed {encoder.name}", total=len(todo)) if bar else None
-            for b, crops in loader:
-                if isinstance(crops, int):
-                    raise UserError(f"crop {cidx[crops]} of {ids[crops]} is not a readable PNG", path=crops_path,
-                                    hint="re-run `histoembed crops` (delete the file first)")
-                rows = batches[b]
-                bid, bsplit, bcidx = ([col[r] for r in rows] for col in (ids, splits, cidx))
-                views = views_of(bsplit[0], settings)
-                feats = embed_views(encoder, crops, bid, bcidx, views, augment, settings.seed)
-                writer.write(_rows(bid, bsplit, bcidx, views, feats, schema))
-                result.rows += len(rows) * len(views)
-                result.new_rows += len(rows) * len(views)
-                if bar:
-                    bar.advance(job, len(rows))
-    except KeyboardInterrupt:
-        writer.commit()  # the part holds whole crops only: keep them
-        raise
-    except BaseException:
-        writer.discard()
-        raise
-    writer.commit()
-    result.seconds = time.perf_counter() - started
-    return result
 
 
 def read_store(run: Path, encoder: str | None = None, split: str | None = None) -> store.Features:

@@ -258,3 +258,16 @@ def test_under_torchrun_each_process_takes_its_rank_as_shard(tmp_path, tiny_dino
     parts = store.feature_parts(store.find_feature_store(tmp_path))
     assert {p.name.split("-")[1] for p in parts} == {"s0of2", "s1of2"}
     assert len(read_store(tmp_path)) == 21 * 4
+
+
+def test_a_shard_being_embedded_elsewhere_is_refused_and_a_stale_lock_is_taken(tmp_path, tiny_dinov2):
+    write_crops(tmp_path)
+    store_dir = tmp_path / store.FEATURES_DIR / tiny_dinov2.name
+    store_dir.mkdir(parents=True)
+    lock = store_dir / ".lock-s0of1"
+    lock.write_text(str(os.getppid()))                      # a live process holds shard 0/1
+    with pytest.raises(UserError, match=f"being embedded by process {os.getppid()}"):
+        run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings(), show_progress=False)
+    lock.write_text("999999999")                            # a killed run's lock
+    assert run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings(), show_progress=False).new_rows == 42
+    assert not lock.exists()

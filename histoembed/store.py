@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from histoembed import __version__
@@ -227,7 +228,7 @@ def read_features(store_dir: str | Path, split: str | None = None) -> Features:
         raise UserError(f"feature store cannot be read ({e})", path=store_dir,
                         hint="delete the folder and re-run `histoembed embed`") from None
     if split is not None:
-        table = table.filter(pa.compute.equal(table["split"], split))
+        table = table.filter(pc.equal(table["split"], split))
     return Features(
         image_id=table["image_id"].to_numpy(zero_copy_only=False),
         split=table["split"].to_numpy(zero_copy_only=False),

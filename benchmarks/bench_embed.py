@@ -10,7 +10,7 @@
 
     python benchmarks/bench_embed.py                      # both parts
     python benchmarks/bench_embed.py --skip-memory --crops 128
-    python benchmarks/bench_embed.py --model vit-l        # Phikon-v2's size (for a GPU: --device cuda)
+    python benchmarks/bench_embed.py --model vit-l --device cuda --bf16-check   # Phikon-v2's size, on a GPU
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from histoembed.encoders import load_encoder
 
 MODELS = {  # Dinov2Config arguments; Phikon-v2 is vit-l with patch 16
     "vit-tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2),
@@ -78,7 +80,6 @@ def throughput(model: Path, n_crops: int, repeats: int, batch_size: int, workers
 
     from histoembed.config import AugmentSettings, EmbedSettings
     from histoembed.embed import run_embed
-    from histoembed.encoders import load_encoder
 
     settings = EmbedSettings(encoder=str(model), repeats=repeats, batch_size=batch_size, workers=workers,
                              device=device)
@@ -102,6 +103,16 @@ def throughput(model: Path, n_crops: int, repeats: int, batch_size: int, workers
         stage = result.new_rows / (time.perf_counter() - start)
     return {"bare_views_per_s": bare, "stage_views_per_s": stage, "ratio": stage / bare,
             "threads": torch.get_num_threads(), "device": str(encoder.device), "precision": encoder.precision}
+
+
+def bf16_cosine(model: Path, device: str, n: int = 32) -> float:
+    """Smallest cosine between bf16-autocast and fp32 features of the same crops."""
+    import torch
+
+    x = torch.rand(n, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    fp32 = load_encoder(str(model), device=device, precision="fp32")(x)
+    bf16 = load_encoder(str(model), device=device, precision="bf16")(x)
+    return float(torch.nn.functional.cosine_similarity(fp32, bf16).min())
 
 
 def peak_rss_child(model: Path, n_crops: int, workers: int) -> None:
@@ -134,6 +145,7 @@ def main() -> None:
     ap.add_argument("--memory-crops", type=int, nargs="*", default=[2000, 20000])
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--bf16-check", action="store_true", help="Also compare bf16-autocast with fp32 features.")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -149,6 +161,9 @@ def main() -> None:
             print(f"  bare forward on ready tensors: {r['bare_views_per_s']:8.1f} crop-views/s")
             print(f"  whole embed stage:             {r['stage_views_per_s']:8.1f} crop-views/s")
             print(f"  stage / bare forward:          {r['ratio']:8.1%}")
+            if args.bf16_check:
+                print(f"  bf16 vs fp32 features, smallest cosine over 32 crops: "
+                      f"{bf16_cosine(model, args.device):.5f}")
         if not args.skip_memory:
             tiny = save_model(Path(tmp) / "vit-tiny", "vit-tiny")
             print("peak memory of the stage (tiny Dinov2, 1 view, each run in a fresh process):")

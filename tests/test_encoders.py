@@ -111,3 +111,13 @@ def test_the_offline_encoder_has_real_imagenet_weights(photo, classes):
     x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255
     logits = enc.module._fc(enc(x))  # the ImageNet classifier on our pooled features
     assert int(logits.argmax()) in classes
+
+
+def test_bf16_autocast_stays_close_to_fp32(tiny_dinov2):
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    fp32 = load_encoder(str(tiny_dinov2), precision="fp32")(x)
+    bf16 = load_encoder(str(tiny_dinov2), precision="bf16")
+    assert bf16.precision == "bf16"
+    out = bf16(x)
+    assert out.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(out, fp32).min() > 0.99

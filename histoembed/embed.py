@@ -148,6 +148,15 @@ def views_of(split: str, settings: EmbedSettings) -> list[int]:
     return list(range(settings.repeats)) if split == "train" or settings.tta else [0]
 
 
+def plan_batches(rows: list[int], splits: list[str], batch_size: int) -> list[np.ndarray]:
+    """Crop rows in batches that never mix splits, so each batch has one list of views."""
+    out = []
+    for split in ("train", "test"):
+        mine = [r for r in rows if splits[r] == split]
+        out += [np.array(mine[i:i + batch_size]) for i in range(0, len(mine), batch_size)]
+    return out
+
+
 def store_key(crops_key: str, encoder: Encoder, settings: EmbedSettings, augment: AugmentSettings) -> str:
     """What decides the features: crops, weights, pooling, precision, views and their augmentation."""
     return store.config_key("embed", STORE_VERSION, crops_key, encoder.encoder_id, encoder.weights_hash,
@@ -298,10 +307,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
             result.seconds = time.perf_counter() - started
             return result
 
-        # Batches never mix splits, so each batch has one list of views.
-        batches = [np.array(chunk) for s in ("train", "test")
-                   for rows in [[r for r in todo if splits[r] == s]]
-                   for chunk in (rows[i:i + settings.batch_size] for i in range(0, len(rows), settings.batch_size))]
+        batches = plan_batches(todo, splits, settings.batch_size)
         meta = {"key": key, "encoder": encoder.name, "encoder_id": encoder.encoder_id,
                 "weights_hash": encoder.weights_hash, "dim": encoder.dim, "pool": encoder.pool, "size": encoder.size,
                 "precision": encoder.precision, "repeats": settings.repeats, "tta": settings.tta, "seed": settings.seed,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -121,3 +124,26 @@ def test_bf16_autocast_stays_close_to_fp32(tiny_dinov2):
     out = bf16(x)
     assert out.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(out, fp32).min() > 0.99
+
+
+def test_phikon_v2_is_loaded_from_the_hugging_face_cache_offline(tiny_dinov2, tmp_path):
+    """The default encoder through the real hub path: a cache laid out as huggingface_hub writes it."""
+    repo = tmp_path / "hub" / "models--owkin--phikon-v2"
+    revision = "0" * 40
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    digests = {}
+    for name in ("config.json", "model.safetensors"):
+        data = (tiny_dinov2 / name).read_bytes()
+        digests[name] = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / digests[name]).write_bytes(data)
+        (snapshot / name).symlink_to(repo / "blobs" / digests[name])
+    code = ("from histoembed.encoders import load_encoder; e = load_encoder('phikon-v2'); "
+            "print(e.encoder_id, e.dim, e.weights_hash)")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["owkin/phikon-v2", "32", digests["model.safetensors"]]

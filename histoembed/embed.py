@@ -212,8 +212,9 @@ def shard_lock(store_dir: Path, shard: tuple[int, int]) -> Iterator[None]:
         except FileExistsError:
             holder = lock.read_text().strip()
             if holder.isdigit() and _alive(int(holder)):
-                raise UserError(f"shard {shard[0]}/{shard[1]} is being embedded by process {holder}",
-                                path=store_dir, hint="wait for it, or give each process its own --shard i/n") from None
+                raise UserError(f"shard {shard[0]}/{shard[1]} is being embedded by process {holder}", path=lock,
+                                hint="wait for it, or give each process its own --shard i/n; if no embed is "
+                                     "running, delete this lock file") from None
             lock.unlink(missing_ok=True)  # left by a killed run
     else:
         raise UserError("cannot take the shard lock", path=lock, hint="delete the file if no embed is running")

@@ -115,6 +115,15 @@ def bf16_cosine(model: Path, device: str, n: int = 32) -> float:
     return float(torch.nn.functional.cosine_similarity(fp32, bf16).min())
 
 
+def vm_hwm_mib() -> float:
+    """This process's peak RSS. Unlike ru_maxrss, VmHWM starts afresh at exec, so a large parent
+    (the throughput part) does not leak into the child's figure."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_rss_child(model: Path, n_crops: int, workers: int) -> None:
     """Runs in a fresh process: prints the stage's peak RSS (MiB) as JSON."""
     from histoembed.config import AugmentSettings, EmbedSettings
@@ -123,12 +132,12 @@ def peak_rss_child(model: Path, n_crops: int, workers: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp)
         write_crops(run, n_crops)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        before = vm_hwm_mib()
         start = time.perf_counter()
         settings = EmbedSettings(encoder=str(model), repeats=1, batch_size=64, workers=workers, device="cpu")
         result = run_embed(run, settings, AugmentSettings(), show_progress=False)
         seconds = time.perf_counter() - start
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    own = vm_hwm_mib()
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({"crops": n_crops, "rows": result.new_rows, "seconds": seconds,
                       "rss_before_stage_mib": before, "peak_rss_mib": own, "peak_worker_rss_mib": kids}))

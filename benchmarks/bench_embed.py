@@ -10,6 +10,7 @@
 
     python benchmarks/bench_embed.py                      # both parts
     python benchmarks/bench_embed.py --skip-memory --crops 128
+    python benchmarks/bench_embed.py --skip-throughput --skip-memory --heap-check
     python benchmarks/bench_embed.py --model vit-l --device cuda --bf16-check   # Phikon-v2's size, on a GPU
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -115,6 +117,38 @@ def bf16_cosine(model: Path, device: str, n: int = 32) -> float:
     return float(torch.nn.functional.cosine_similarity(fp32, bf16).min())
 
 
+def bare_child(model: str, batch_sizes: list[int], n: int = 128) -> None:
+    """Runs in a fresh process: bare forward crops/s of ``model`` at each batch size, as JSON."""
+    import torch
+
+    enc = load_encoder(model)
+    out = {}
+    for bs in batch_sizes:
+        x = torch.rand(bs, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        enc(x)
+        start, done = time.perf_counter(), 0
+        while done < n:
+            enc(x)
+            done += bs
+        out[bs] = done / (time.perf_counter() - start)
+    print(json.dumps(out))
+
+
+def heap_check(tmp: Path, batch_sizes: list[int]) -> None:
+    """Bare forward with and without ``keep_large_buffers_in_heap``, each in a fresh process."""
+    models = {"efficientnet-lite0": "efficientnet-lite0", "vit-s": str(save_model(tmp / "heap-vit-s", "vit-s"))}
+    print("bare forward crops/s, glibc heap tuning off -> on (HISTOEMBED_MALLOC_TUNING=0/1):")
+    for name, model in models.items():
+        rates = {}
+        for tuning in ("0", "1"):
+            env = {**os.environ, "HISTOEMBED_MALLOC_TUNING": tuning}
+            out = subprocess.run([sys.executable, __file__, "--bare-child", model, *map(str, batch_sizes)],
+                                 capture_output=True, text=True, check=True, env=env)
+            rates[tuning] = json.loads(out.stdout.strip().splitlines()[-1])
+        cells = ", ".join(f"batch {bs}: {rates['0'][str(bs)]:.1f} -> {rates['1'][str(bs)]:.1f}" for bs in batch_sizes)
+        print(f"  {name:18s} {cells}")
+
+
 def vm_hwm_mib() -> float:
     """This process's peak RSS. Unlike ru_maxrss, VmHWM starts afresh at exec, so a large parent
     (the throughput part) does not leak into the child's figure."""
@@ -155,11 +189,17 @@ def main() -> None:
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--bf16-check", action="store_true", help="Also compare bf16-autocast with fp32 features.")
+    ap.add_argument("--heap-check", action="store_true",
+                    help="Also time the bare forward with and without the glibc heap tuning.")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--bare-child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child:
         peak_rss_child(Path(args.child[0]), int(args.child[1]), int(args.child[2]))
+        return
+    if args.bare_child:
+        bare_child(args.bare_child[0], [int(b) for b in args.bare_child[1:]])
         return
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_throughput:
@@ -173,6 +213,8 @@ def main() -> None:
             if args.bf16_check:
                 print(f"  bf16 vs fp32 features, smallest cosine over 32 crops: "
                       f"{bf16_cosine(model, args.device):.5f}")
+        if args.heap_check:
+            heap_check(Path(tmp), [16, 64])
         if not args.skip_memory:
             tiny = save_model(Path(tmp) / "vit-tiny", "vit-tiny")
             print("peak memory of the stage (tiny Dinov2, 1 view, each run in a fresh process):")

@@ -211,9 +211,10 @@ def keep_large_buffers_in_heap() -> bool:
     free, so every forward pass pays page faults for the same buffers again. Raising the
     threshold and the trim limit keeps them in the heap: on the 2-core development machine
     EfficientNet-Lite0 went from 36 to 80 crops/s and a ViT-S/16 from 15.4 to 18.2
-    (benchmarks/RESULTS.md). Returns whether it applied (Linux with glibc only).
+    (benchmarks/RESULTS.md). Returns whether it applied (Linux with glibc only; the
+    environment variable HISTOEMBED_MALLOC_TUNING=0 turns it off).
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get("HISTOEMBED_MALLOC_TUNING") == "0":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

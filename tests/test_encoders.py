@@ -147,3 +147,13 @@ def test_phikon_v2_is_loaded_from_the_hugging_face_cache_offline(tiny_dinov2, tm
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["owkin/phikon-v2", "32", digests["model.safetensors"]]
+
+
+def test_glibc_heap_tuning_applies_on_linux_and_can_be_turned_off(monkeypatch):
+    from histoembed.encoders import keep_large_buffers_in_heap
+
+    monkeypatch.setenv("HISTOEMBED_MALLOC_TUNING", "0")
+    assert keep_large_buffers_in_heap.__wrapped__() is False
+    monkeypatch.delenv("HISTOEMBED_MALLOC_TUNING")
+    if sys.platform.startswith("linux"):
+        assert keep_large_buffers_in_heap.__wrapped__() is True

@@ -271,3 +271,19 @@ def test_a_shard_being_embedded_elsewhere_is_refused_and_a_stale_lock_is_taken(t
     lock.write_text("999999999")                            # a killed run's lock
     assert run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings(), show_progress=False).new_rows == 42
     assert not lock.exists()
+
+
+def test_every_embed_option_reaches_the_store(tmp_path, tiny_dinov2, cli):
+    write_crops(tmp_path)
+    r = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--pool", "mean", "--repeats", "3", "--no-tta",
+            "--batch-size", "5", "--device", "cpu", "--precision", "fp32", "--store-dtype", "float16",
+            "--workers", "0", "--rows-per-part", "10", "--seed", "7")
+    assert r.exit_code == 0, r.output
+    f = read_store(tmp_path)
+    assert (f.meta["pool"], f.meta["repeats"], f.meta["tta"], f.meta["seed"], f.meta["precision"]) == \
+        ("mean", 3, False, 7, "fp32")
+    assert f.meta["store_dtype"] == "float16" and f.meta["shard"] == "0/1"
+    assert set(f.view[f.split == "test"]) == {0} and set(f.view[f.split == "train"]) == {0, 1, 2}
+    parts = store.feature_parts(store.find_feature_store(tmp_path))
+    assert len(parts) == 4  # 15 train crops x 3 views + 6 test crops = 51 rows, whole crops of 5 per batch
+    assert "embedded 51 views" in r.output

@@ -328,10 +328,12 @@ def _stamp(path: Path | None) -> list | None:
 
 def _read_qc(run: Path) -> tuple[dict[str, dict], dict | None, list | None]:
     """({image_id: row}, QC settings as a dict, the file's stamp) of run/qc.parquet, if any."""
-    path = run / store.QC_FILE
-    if not path.exists():
+    from histoembed.qc import read_qc
+
+    table = read_qc(run)
+    if table is None:
         return {}, None, None
-    table = store.read_table(path, "QC table", hint="re-run `histoembed qc`")
+    path = run / store.QC_FILE
     missing = [c for c in ("image_id", "flagged", "ink") if c not in table.column_names]
     if missing:
         raise UserError(f"QC table lacks column(s) {', '.join(missing)}", path=path, hint="re-run `histoembed qc`")

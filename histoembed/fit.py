@@ -92,12 +92,13 @@ def read_labels(run: Path) -> dict[str, str]:
     return labels
 
 
-def read_qc(run: Path) -> tuple[set[str], dict[str, int]]:
+def qc_flags(run: Path) -> tuple[set[str], dict[str, int]]:
     """(flagged training image ids, duplicate group by image id) from ``run/qc.parquet`` if present."""
-    path = Path(run) / store.QC_FILE
-    if not path.exists():
+    from histoembed.qc import read_qc
+
+    table = read_qc(run)
+    if table is None:
         return set(), {}
-    table = store.read_table(path, "QC table", columns=["image_id", "split", "flagged", "duplicate_group"])
     flagged, groups = set(), {}
     for image_id, split, flag, group in zip(*(table[c].to_pylist()
                                                 for c in ("image_id", "split", "flagged", "duplicate_group"))):
@@ -112,7 +113,7 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool) -> 
     run = Path(run)
     store_dir = store.find_feature_store(run, encoder)
     labels = read_labels(run)
-    flagged, dup_groups = read_qc(run)
+    flagged, dup_groups = qc_flags(run)
     features = store.read_features(store_dir, split="train")
     if len(features) == 0:
         raise UserError("the feature store has no training rows", path=store_dir,

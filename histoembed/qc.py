@@ -37,6 +37,7 @@ import pyarrow as pa
 
 from histoembed import store
 from histoembed.config import QCSettings
+from histoembed.crops import tissue_mask_by_colour  # one rule for tissue by colour, shared with crops
 from histoembed.dataset import Problem, Sample, load_dataset, read_image, read_mask
 from histoembed.errors import UserError
 
@@ -99,13 +100,6 @@ def ink_mask(rgb: np.ndarray, settings: QCSettings) -> np.ndarray:
     return candidate & (sat > cut)
 
 
-def tissue_by_colour(rgb: np.ndarray) -> np.ndarray:
-    """Tissue pixels by colour, the crops stage's definition (one rule for both stages)."""
-    from histoembed.crops import tissue_mask_by_colour
-
-    return np.asarray(tissue_mask_by_colour(rgb), dtype=bool)
-
-
 def flat_fraction(rgb: np.ndarray, foreground: np.ndarray, window: int = 7, max_std: float = 1.5) -> float:
     """Share of the foreground in windows of (almost) one colour: cartoons and graphics, not tissue."""
     if not foreground.any():
@@ -129,7 +123,7 @@ def colour_scores(rgb: np.ndarray, mask: np.ndarray | None, settings: QCSettings
     yellow = coloured & hue_in(hue, settings.yellow_hue)
     blue = coloured & hue_in(hue, settings.blue_hue)
     he = plain & hue_in(hue, settings.tissue_hue)
-    tissue = tissue_by_colour(rgb) & ~ink
+    tissue = tissue_mask_by_colour(rgb) & ~ink
     dark = val < settings.dark_value
     background = (sat < settings.min_saturation) & (val >= 200)
     scores = {
@@ -368,7 +362,7 @@ def _check_image(args: tuple[Sample, QCSettings, int]) -> _ImageResult:
     scores = colour_scores(small, small_mask, settings)
     thumb = None
     if thumb_size:
-        thumb = thumbnail(small, tissue_box(small_mask, tissue_by_colour(small)), thumb_size)
+        thumb = thumbnail(small, tissue_box(small_mask, tissue_mask_by_colour(small)), thumb_size)
     return _ImageResult(scores, perceptual_hash(small), thumb)
 
 
@@ -397,11 +391,10 @@ def _map_images(samples: list[Sample], settings: QCSettings, thumb_size: int) ->
 
 def _load_encoder(name: str):
     """(encoder, input size) or (None, why) when it cannot be loaded."""
+    from histoembed import encoders
+
     try:
-        from histoembed import encoders
         enc = encoders.load_encoder(name)
-    except ImportError as e:
-        return None, f"the encoder registry is not available ({e})"
     except UserError as e:
         return None, str(e)
     except (OSError, ValueError, RuntimeError) as e:
@@ -517,27 +510,18 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
         raise UserError("no image could be read", path=data,
                         hint="\n  ".join(map(str, problems[:20])) or None)
 
-    # One embedding per image (None where the pass is off or failed).
-    vectors: list[np.ndarray | None] = [None] * len(good)
-    if enc_obj is not None:
-        thumbs = np.stack([r.thumb for _, r in good])
-        emb = _embed_thumbnails(enc_obj, thumbs)
-        vectors = list(emb)
-    have = [i for i, v in enumerate(vectors) if v is not None]
-    knn_d = np.full(len(good), np.nan)
-    knn_z = np.full(len(good), np.nan)
+    # One thumbnail embedding per image, when the pass runs.
+    knn_d, knn_z = np.full(len(good), np.nan), np.full(len(good), np.nan)
     similarity = None
-    outlier_ok = len(have) > settings.knn_k + 1
-    if have:
-        e = np.stack([vectors[i] for i in have])
-        if outlier_ok:
-            d = knn_distance(e, settings.knn_k)
-            knn_d[have], knn_z[have] = d, robust_z(d)
-        if len(have) >= 3:
-            similarity = np.full((len(good), len(good)), np.nan)
-            similarity[np.ix_(have, have)] = centred_cosine(e)
-    if have and not outlier_ok:
-        emb_note += f" (too few images for k={settings.knn_k} neighbours: outlier score not computed)"
+    if enc_obj is not None:
+        e = _embed_thumbnails(enc_obj, np.stack([r.thumb for _, r in good]))
+        if len(good) > settings.knn_k + 1:
+            knn_d = knn_distance(e, settings.knn_k)
+            knn_z = robust_z(knn_d)
+        else:
+            emb_note += f" (too few images for k={settings.knn_k} neighbours: outlier score not computed)"
+        if len(good) >= 3:
+            similarity = centred_cosine(e)
 
     hashes = np.stack([r.phash for _, r in good])
     pairs = duplicate_pairs(hashes, similarity, settings)

@@ -27,6 +27,8 @@ import numpy as np
 
 from histoembed import __version__, store
 from histoembed.errors import UserError
+from histoembed.heads.fusion import fuse
+from histoembed.metrics import bootstrap_macro_f1, macro_f1, nll, softmax
 
 PLOT_DPI = 96
 MAX_QC_THUMBS = 48
@@ -36,22 +38,6 @@ THUMB_PX = 160
 
 
 # ---------------------------------------------------------------- maths (small, pure)
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of logits [N, C]."""
-    z = np.asarray(z, dtype=np.float64)
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
-    """Macro-F1 over all classes, as scikit-learn's with zero_division=0 (fast enough to bootstrap)."""
-    y, pred = np.asarray(y), np.asarray(pred)
-    tp = np.bincount(y[y == pred], minlength=n_classes)
-    both = np.bincount(pred, minlength=n_classes) + np.bincount(y, minlength=n_classes)
-    f1 = np.divide(2.0 * tp, both, out=np.zeros(n_classes), where=both > 0)
-    return float(f1.mean())
-
 
 def reliability(probs: np.ndarray, y: np.ndarray, n_bins: int = 10):
     """Confidence bins of the top class: (mean confidence, accuracy, count) per bin, and the ECE."""
@@ -71,25 +57,10 @@ def reliability(probs: np.ndarray, y: np.ndarray, n_bins: int = 10):
     return mean_conf, acc, count, ece
 
 
-def nll(probs: np.ndarray, y: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true class."""
-    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
-
-
-def fused_logits(z_mlp, z_xgb, w, t_mlp=1.0, t_xgb=1.0) -> np.ndarray:
-    """The fusion rule of the fit stage: ``w * z_mlp / T_mlp + (1 - w) * z_xgb / T_xgb``.
-
-    ``w``, ``t_mlp``, ``t_xgb`` may be scalars or one value per row (cross-fitted per fold).
-    """
-    col = lambda v: np.asarray(v, dtype=np.float64).reshape(-1, 1) if np.ndim(v) else float(v)  # noqa: E731
-    w, t_mlp, t_xgb = col(w), col(t_mlp), col(t_xgb)
-    return w * np.asarray(z_mlp) / t_mlp + (1 - w) * np.asarray(z_xgb) / t_xgb
-
-
 def fusion_curve(z_mlp, z_xgb, y, t_mlp, t_xgb, weights) -> np.ndarray:
-    """Out-of-fold macro-F1 of the fused heads for each fusion weight in ``weights``."""
+    """Out-of-fold macro-F1 of the fused heads for each fusion weight in ``weights`` (T: scalars or [N, 1])."""
     n_classes = np.asarray(z_mlp).shape[1]
-    return np.array([macro_f1(y, fused_logits(z_mlp, z_xgb, w, t_mlp, t_xgb).argmax(1), n_classes)
+    return np.array([macro_f1(y, fuse(z_mlp, z_xgb, w, t_mlp, t_xgb).argmax(1), n_classes)
                      for w in weights])
 
 
@@ -433,25 +404,6 @@ def _crop_strip(run: Path, image_id: str) -> str:
     return f"<p>The crops of {_esc(image_id)} as written (square, padded):</p><div>{''.join(imgs)}</div>"
 
 
-def _metric_block(metrics: dict | None, head: str) -> dict:
-    """The metrics.json block of one head ('mlp', 'xgb', 'fused'), or {}."""
-    if not metrics:
-        return {}
-    for container in (metrics.get("heads"), metrics):
-        if isinstance(container, dict):
-            for name in (head, {"fused": "fusion"}.get(head, head)):
-                if isinstance(container.get(name), dict):
-                    return container[name]
-    return {}
-
-
-def _first(block: dict, *names, default=None):
-    for n in names:
-        if n in block and block[n] is not None:
-            return block[n]
-    return default
-
-
 def _head_predictions(o: _Oof) -> dict[str, np.ndarray]:
     heads = {}
     if o.z_mlp is not None:
@@ -462,13 +414,6 @@ def _head_predictions(o: _Oof) -> dict[str, np.ndarray]:
     return heads
 
 
-def _bootstrap_ci(y, pred, n_classes, n=1000, seed=0):
-    rng = np.random.default_rng(seed)
-    scores = [macro_f1(y[idx], pred[idx], n_classes)
-              for idx in (rng.integers(0, len(y), len(y)) for _ in range(n))]
-    return float(np.percentile(scores, 2.5)), float(np.percentile(scores, 97.5))
-
-
 def _scores_section(r: _Run) -> str:
     title = "Cross-validated macro-F1"
     if r.oof is None:
@@ -477,11 +422,8 @@ def _scores_section(r: _Run) -> str:
     folds = np.unique(o.fold)
     rows, per_fold = [], {}
     for head, pred in _head_predictions(o).items():
-        block = _metric_block(r.metrics, head)
         f1 = macro_f1(o.y, pred, C)
-        ci = _first(block, "macro_f1_ci", "ci95", "ci", "bootstrap_ci")
-        if ci is None:
-            ci = _bootstrap_ci(o.y, pred, C)
+        ci = (r.metrics or {}).get("heads", {}).get(head, {}).get("macro_f1_ci") or bootstrap_macro_f1(o.y, pred, C)
         per_fold[head] = [macro_f1(o.y[o.fold == k], pred[o.fold == k], C) for k in folds]
         rows.append([head, f1, float(ci[0]), float(ci[1]), float(np.mean(per_fold[head])),
                      float(np.std(per_fold[head])), float(np.mean(pred == o.y))])
@@ -595,8 +537,8 @@ def _calibration_section(r: _Run) -> str:
     panels = [
         ("MLP", softmax(o.z_mlp), softmax(o.z_mlp / params["T_mlp"][:, None])),
         ("XGBoost", softmax(o.z_xgb), softmax(o.z_xgb / params["T_xgb"][:, None])),
-        ("Fused", softmax(fused_logits(o.z_mlp, o.z_xgb, params["w"])),
-         softmax(fused_logits(o.z_mlp, o.z_xgb, params["w"], params["T_mlp"], params["T_xgb"]))),
+        ("Fused", softmax(fuse(o.z_mlp, o.z_xgb, params["w"][:, None])),
+         softmax(fuse(o.z_mlp, o.z_xgb, params["w"][:, None], params["T_mlp"][:, None], params["T_xgb"][:, None]))),
     ]
     fig = _figure(12, 3.8)
     axes = fig.subplots(1, 3)
@@ -635,7 +577,7 @@ def _fusion_section(r: _Run) -> str:
         return _section("fusion", title, _missing(f"per-fold temperatures in {store.CALIBRATION_FILE}"))
     o = r.oof
     weights = np.linspace(0, 1, 21)
-    curve = fusion_curve(o.z_mlp, o.z_xgb, o.y, params["T_mlp"], params["T_xgb"], weights)
+    curve = fusion_curve(o.z_mlp, o.z_xgb, o.y, params["T_mlp"][:, None], params["T_xgb"][:, None], weights)
     fig = _figure(7, 3.4)
     ax = fig.subplots()
     ax.plot(weights, curve, marker="o", color="#c44e52", label="all out-of-fold predictions")

@@ -95,11 +95,8 @@ class _Run:
 
 
 def _list_column(table, name) -> np.ndarray | None:
-    if name not in table.column_names:
-        return None
-    col = table[name].combine_chunks()
-    values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
-    return values.reshape(len(col), -1) if len(col) else values.reshape(0, 0)
+    """A fixed-size-list column of oof.parquet as [N, C] float64, or None when it is absent."""
+    return store.embedding_matrix(table[name]).astype(np.float64) if name in table.column_names else None
 
 
 def _read_oof(path: Path) -> _Oof:
@@ -110,10 +107,7 @@ def _read_oof(path: Path) -> _Oof:
     index = {c: k for k, c in enumerate(classes)}
     y = np.array([index[c] for c in labels], dtype=np.int64)
     prob = _list_column(table, "prob")
-    if "prediction" in table.column_names:
-        pred = np.array([index.get(p, -1) for p in table["prediction"].to_pylist()], dtype=np.int64)
-    else:
-        pred = prob.argmax(1)
+    pred = np.array([index.get(p, -1) for p in table["prediction"].to_pylist()], dtype=np.int64)
     return _Oof(image_id=np.array(table["image_id"].to_pylist(), dtype=object),
                 fold=table["fold"].to_numpy().astype(np.int64), y=y, classes=classes,
                 z_mlp=_list_column(table, "logits_mlp"), z_xgb=_list_column(table, "logits_xgb"),
@@ -607,7 +601,7 @@ def _maps_section(r: _Run) -> str:
     from histoembed.fit import load_ensemble
     try:
         ensemble = load_ensemble(r.run)
-        features = store.read_features(store.find_feature_store(r.run, getattr(ensemble, "encoder", None)))
+        features = store.read_features(store.find_feature_store(r.run, ensemble.encoder))
     except UserError as e:
         return _section("maps", title, _missing(str(e)))
     samples = _samples(r)

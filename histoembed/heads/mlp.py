@@ -22,6 +22,7 @@ import numpy as np
 from histoembed import store
 from histoembed.config import MLPSettings
 from histoembed.errors import UserError
+from histoembed.heads.calibration import temperature_nll
 
 WEIGHTS_FILE = "mlp.safetensors"
 INFO_FILE = "mlp.json"
@@ -161,7 +162,7 @@ class MLPHead:
                 best_state, self.best_epoch_ = None, epoch + 1
                 continue
             z = image_mean(self.row_logits(X_stop), stop_img, n_stop_images)
-            stop_nll = _nll_from_logits(z, stop_labels)
+            stop_nll = temperature_nll(z, stop_labels, 1.0)
             if stop_nll < best - 1e-6:
                 best, waited, self.best_epoch_ = stop_nll, 0, epoch + 1
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -216,8 +217,3 @@ class MLPHead:
         net.load_state_dict(load_file(str(path)), strict=True)
         head.net_ = net.eval()
         return head, info
-
-
-def _nll_from_logits(z: np.ndarray, labels: np.ndarray) -> float:
-    from histoembed.metrics import log_softmax
-    return float(-log_softmax(z)[np.arange(len(labels)), labels].mean())

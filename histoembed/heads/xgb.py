@@ -57,17 +57,16 @@ def xgb_device() -> str:
 
     if not xgboost.build_info().get("USE_CUDA"):
         return "cpu"
-    try:
-        import torch
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def sample_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    w = np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0)
-    return w[y]
+    """Each sample weighted by the inverse frequency of its class (the MLP head's class weights)."""
+    from histoembed.heads.mlp import class_weights
+
+    return class_weights(y, n_classes)[y]
 
 
 class XGBHead:

@@ -21,6 +21,7 @@ import numpy as np
 from histoembed import store
 from histoembed.config import XGBSettings
 from histoembed.errors import UserError
+from histoembed.heads.mlp import class_weights
 
 MODEL_FILE = "xgb.ubj"
 PCA_FILE = "xgb_pca.safetensors"
@@ -64,8 +65,6 @@ def xgb_device() -> str:
 
 def sample_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     """Each sample weighted by the inverse frequency of its class (the MLP head's class weights)."""
-    from histoembed.heads.mlp import class_weights
-
     return class_weights(y, n_classes)[y]
 
 

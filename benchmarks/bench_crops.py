@@ -17,25 +17,14 @@ from pathlib import Path
 
 
 def make_images(root: Path, n: int, side: int, seed: int) -> Path:
-    """n synthetic side x side images in the reference layout (all training, labelled)."""
-    import cv2
-    import numpy as np
-
-    from histoembed.synthetic import LABELS, tissue_image
+    """n synthetic side x side training images in the reference layout, made once per (n, side, seed)."""
+    from histoembed.synthetic import make_dataset
 
     marker = root / f".made-{n}-{side}-{seed}"
     if marker.exists():
         return root
     shutil.rmtree(root, ignore_errors=True)
-    (root / "train_data").mkdir(parents=True)
-    rows = ["sample_index,label"]
-    for i in range(n):
-        label = LABELS[i % len(LABELS)]
-        rgb, mask = tissue_image(np.random.default_rng([seed, i]), side, side, label)
-        cv2.imwrite(str(root / f"train_data/img_{i:04d}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-        cv2.imwrite(str(root / f"train_data/mask_{i:04d}.png"), mask)
-        rows.append(f"img_{i:04d}.png,{label}")
-    (root / "train_labels.csv").write_text("\n".join(rows) + "\n")
+    make_dataset(root, n_train=n, n_test=0, seed=seed, size_range=(side, side), outliers=False)
     marker.touch()
     return root
 

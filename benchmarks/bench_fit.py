@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="Write the run here instead of a temporary folder.")
     args = parser.parse_args()
 
-    from histoembed.fit import write_synthetic_features
+    from histoembed.synthetic import write_synthetic_features
 
     with tempfile.TemporaryDirectory() as tmp:
         run = args.keep or Path(tmp) / "run"

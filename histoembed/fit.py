@@ -18,7 +18,6 @@ same features, labels, QC and settings does nothing.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import time
@@ -34,16 +33,12 @@ from histoembed.config import FitSettings
 from histoembed.console import console, progress
 from histoembed.errors import UserError
 from histoembed.heads import calibration, fusion
-from histoembed.heads.mlp import MLPHead, image_mean
+from histoembed.heads.mlp import MLPHead
+from histoembed.heads.shared import first_seen_index, image_mean, view_means
 from histoembed.heads.xgb import XGBHead
 from histoembed.metrics import softmax, summary
 
-MANIFEST_FILE = "manifest.json"
 HEADS = ("mlp", "xgb", "fused")
-
-
-def fold_dir(models: Path, k: int) -> Path:
-    return Path(models) / f"fold-{k:02d}"
 
 
 # ---------------------------------------------------------------- the training set
@@ -66,15 +61,6 @@ class TrainingSet:
         """What the fit depends on besides the features' own key and the settings."""
         return {"images": self.image_ids, "labels": self.y.tolist(), "groups": self.groups.tolist(),
                 "classes": self.classes, "excluded_flagged": self.excluded_flagged}
-
-
-def first_seen_index(values: np.ndarray) -> tuple[list, np.ndarray]:
-    """(distinct values in first-seen order, index of each element in that list)."""
-    uniq, first, inverse = np.unique(values, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    return [uniq[i] for i in order], rank[inverse.reshape(-1)]
 
 
 def read_labels(run: Path) -> dict[str, str]:
@@ -179,22 +165,6 @@ def inner_split(images: np.ndarray, y: np.ndarray, groups: np.ndarray, fraction:
 
 
 # ---------------------------------------------------------------- head inputs
-
-def view_means(features: store.Features, row_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """XGBoost's samples: per (image, view), the mean of that view's crop embeddings.
-
-    Returns (embeddings [pairs, D] float32, image index of each pair).
-    """
-    views = features.view.astype(np.int64)
-    n_views = int(views.max()) + 1 if len(views) else 1
-    pair = row_image * n_views + views
-    order = np.argsort(pair, kind="stable")
-    sorted_pair = pair[order]
-    starts = np.flatnonzero(np.r_[True, sorted_pair[1:] != sorted_pair[:-1]])
-    sums = np.add.reduceat(features.embedding[order].astype(np.float64), starts, axis=0)
-    counts = np.diff(np.r_[starts, len(order)])[:, None]
-    return (sums / counts).astype(np.float32), sorted_pair[starts] // n_views
-
 
 @dataclass
 class _HeadInputs:
@@ -323,7 +293,7 @@ def fit_key(ts: TrainingSet, settings: FitSettings) -> str:
 def _up_to_date(run: Path, key: str) -> dict | None:
     """metrics.json's content when every output of the fit stage carries ``key``, else None."""
     try:
-        manifest = store.read_json(run / store.MODELS_DIR / MANIFEST_FILE)
+        manifest = store.read_json(run / store.MODELS_DIR / store.MODELS_MANIFEST_FILE)
         metrics = store.read_json(run / store.METRICS_FILE)
         calib = store.read_json(run / store.CALIBRATION_FILE)
     except UserError:
@@ -332,7 +302,7 @@ def _up_to_date(run: Path, key: str) -> dict | None:
     if {manifest.get("key"), metrics.get("key"), calib.get("key"), oof_key} != {key}:
         return None
     folds = manifest.get("folds", 0)
-    if not all((fold_dir(run / store.MODELS_DIR, k)).is_dir() for k in range(folds)):
+    if not all((store.fold_dir(run / store.MODELS_DIR, k)).is_dir() for k in range(folds)):
         return None
     return metrics
 
@@ -422,7 +392,7 @@ def _write_outputs(run: Path, ts: TrainingSet, settings: FitSettings, cv: CVResu
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         for k, (mlp, xgb) in enumerate(cv.heads):
-            folder = fold_dir(tmp, k)
+            folder = store.fold_dir(tmp, k)
             folder.mkdir(parents=True)
             mlp.save(folder, ts.classes)
             xgb.save(folder, ts.classes, dim)
@@ -433,7 +403,7 @@ def _write_outputs(run: Path, ts: TrainingSet, settings: FitSettings, cv: CVResu
             "feature_key": ts.features.meta.get("key"), "settings": settings.model_dump(),
             "final": {k: cv.final[k] for k in ("T_mlp", "T_xgb", "w")},
             "fusion": "w * z_mlp / T_mlp + (1 - w) * z_xgb / T_xgb; probabilities averaged over folds",
-        }, tmp / MANIFEST_FILE)
+        }, tmp / store.MODELS_MANIFEST_FILE)
         if models.exists():
             os.replace(models, old)
         os.replace(tmp, models)
@@ -461,153 +431,3 @@ def _write_outputs(run: Path, ts: TrainingSet, settings: FitSettings, cv: CVResu
     store.write_table(table, run / store.OOF_FILE, meta={"key": key, "classes": ts.classes,
                                                          "encoder": metrics["encoder"], "seed": settings.seed})
     store.write_json(metrics, run / store.METRICS_FILE)
-
-
-# ---------------------------------------------------------------- the fitted ensemble
-
-@dataclass
-class ImagePredictions:
-    image_ids: list[str]      # first-seen order in the features
-    probs: np.ndarray         # [images, classes], calibrated, fused, averaged over folds
-
-
-@dataclass
-class Ensemble:
-    """Every fold's heads with the final temperatures and fusion weight."""
-
-    classes: list[str]
-    encoder: str
-    encoder_slug: str
-    dim: int
-    feature_key: str | None
-    heads: list[tuple[MLPHead, XGBHead]]
-    t_mlp: float
-    t_xgb: float
-    w: float
-    manifest: dict
-
-    def _check(self, features: store.Features) -> None:
-        dim = features.embedding.shape[1] if features.embedding.ndim == 2 else None
-        if dim is not None and len(features) and dim != self.dim:
-            raise UserError(f"the features are {dim}-d but the models were fitted on {self.dim}-d features",
-                            hint=f"embed with the models' encoder ({self.encoder}) or re-run `histoembed fit`")
-        enc, fitted_on = features.meta.get("encoder"), self.manifest.get("feature_encoder")
-        if enc is not None and fitted_on is not None and enc != fitted_on:
-            raise UserError(f"the features come from encoder {enc!r} but the models were fitted on {fitted_on!r}",
-                            hint=f"pass --encoder {self.encoder}, or re-run `histoembed fit` on these features")
-
-    def predict(self, features: store.Features) -> ImagePredictions:
-        """Image probabilities: MLP logits averaged over crop-views, XGBoost over view means, fused."""
-        self._check(features)
-        if len(features) == 0:
-            return ImagePredictions([], np.zeros((0, len(self.classes))))
-        image_ids, row_image = first_seen_index(features.image_id)
-        n = len(image_ids)
-        X_pairs, pair_image = view_means(features, row_image)
-        probs = np.zeros((n, len(self.classes)))
-        for mlp, xgb in self.heads:
-            z_mlp = image_mean(mlp.row_logits(features.embedding), row_image, n)
-            z_xgb = image_mean(xgb.logits(X_pairs), pair_image, n)
-            probs += softmax(fusion.fuse(z_mlp, z_xgb, self.w, self.t_mlp, self.t_xgb))
-        return ImagePredictions([str(i) for i in image_ids], probs / len(self.heads))
-
-    def predict_crops(self, features: store.Features) -> np.ndarray:
-        """Per feature row (crop-view): calibrated MLP probabilities averaged over folds."""
-        self._check(features)
-        probs = np.zeros((len(features), len(self.classes)))
-        for mlp, _ in self.heads:
-            probs += softmax(calibration.apply_temperature(mlp.row_logits(features.embedding), self.t_mlp))
-        return probs / max(1, len(self.heads))
-
-
-def load_ensemble(run: Path) -> Ensemble:
-    """The fitted models of ``run/models``; a clear error when any file is missing."""
-    models = Path(run) / store.MODELS_DIR
-    manifest = store.read_json(models / MANIFEST_FILE, "fitted-models manifest", hint="run `histoembed fit` first")
-    try:
-        folds, final = int(manifest["folds"]), manifest["final"]
-        classes, dim = list(manifest["classes"]), int(manifest["dim"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"the manifest lacks {e}", path=models / MANIFEST_FILE,
-                        hint="re-run `histoembed fit`") from None
-    heads = []
-    for k in range(folds):
-        folder = fold_dir(models, k)
-        if not folder.is_dir():
-            raise UserError(f"fold {k} of {folds} is missing", path=folder, hint="re-run `histoembed fit`")
-        mlp, mlp_info = MLPHead.load(folder)
-        xgb, xgb_info = XGBHead.load(folder)
-        for info in (mlp_info, xgb_info):
-            if info.get("classes") != classes or int(info.get("input_dim", -1)) != dim:
-                raise UserError("this fold's models were fitted on other classes or another feature dimension "
-                                "than the manifest says", path=folder, hint="re-run `histoembed fit`")
-        heads.append((mlp, xgb))
-    return Ensemble(classes, manifest.get("encoder", ""), manifest.get("encoder_slug", ""), dim,
-                    manifest.get("feature_key"), heads, float(final["T_mlp"]), float(final["T_xgb"]),
-                    float(final["w"]), manifest)
-
-
-# ---------------------------------------------------------------- synthetic features (tests, benchmarks)
-
-SYNTHETIC_CLASSES = ("HER2(+)", "Luminal A", "Luminal B", "Triple negative")
-
-
-def write_synthetic_features(run: Path, n_images: int = 60, n_classes: int = 3, crops: int = 2, views: int = 2,
-                             dim: int = 16, signal: float = 1.0, seed: int = 0, encoder: str = "synthetic",
-                             n_test: int = 0) -> Path:
-    """A feature store and crops.parquet with a known signal, written as the embed stage would.
-
-    Like real encoder features, most variance lies in a few directions: a random subspace of
-    ``min(dim, 32)`` dimensions holds the class means (spread set by ``signal``), the image's
-    own variation and each crop's; a little isotropic noise fills every dimension, and
-    views 1.. add augmentation noise (view 0 is the clean crop). Test images (``n_test``)
-    get a random class and no label. Returns the store folder ``run/features/<slug>``.
-    """
-    rng = np.random.default_rng(seed)
-    names = list(SYNTHETIC_CLASSES[:n_classes]) if n_classes <= len(SYNTHETIC_CLASSES) else \
-        [f"class-{k}" for k in range(n_classes)]
-    rank = min(dim, 32)
-    basis = np.linalg.qr(rng.normal(size=(dim, rank)))[0]          # orthonormal columns
-    means = rng.normal(size=(n_classes, rank)) * signal * 3 / np.sqrt(rank)
-    ids = [f"img_{i:04d}.png" for i in range(n_images + n_test)]
-    splits = ["train" if i < n_images else "test" for i in range(len(ids))]
-    truth = [i % n_classes if i < n_images else int(rng.integers(n_classes)) for i in range(len(ids))]
-    labels = [names[t] if s == "train" else None for t, s in zip(truth, splits)]
-    rows = {"image_id": [], "split": [], "crop_index": [], "view": []}
-    emb = []
-    for i, image_id in enumerate(ids):
-        centre = means[truth[i]] + rng.normal(size=rank)
-        for c in range(crops):
-            crop = basis @ (centre + rng.normal(size=rank)) + rng.normal(size=dim) * 0.5
-            for v in range(views):
-                emb.append(crop + rng.normal(size=dim) * (0.0 if v == 0 else 0.3))
-                rows["image_id"].append(image_id)
-                rows["split"].append(splits[i])
-                rows["crop_index"].append(c)
-                rows["view"].append(v)
-    run = Path(run)
-    n_crops = len(ids) * crops
-    crops_table = pa.table({
-        "image_id": pa.array([i for i in ids for _ in range(crops)], pa.string()),
-        "split": pa.array([s for s in splits for _ in range(crops)], pa.string()),
-        "label": pa.array([lab for lab in labels for _ in range(crops)], pa.string()),
-        "crop_index": pa.array([c for _ in ids for c in range(crops)], pa.int32()),
-        **{name: pa.array(np.zeros(n_crops, np.int32)) for name in ("x0", "y0", "x1", "y1")},
-        "tissue_fraction": pa.array(np.ones(n_crops, np.float32)),
-        "strategy": pa.array(["synthetic"] * n_crops, pa.string()),
-        "png": pa.array([b""] * n_crops, pa.binary()),
-    }, schema=store.CROPS_SCHEMA)
-    store.write_table(crops_table, run / store.CROPS_FILE, meta={"key": store.config_key("crops", seed, n_images)})
-    embedding = np.asarray(emb, dtype=np.float32)
-    table = pa.table({
-        "image_id": pa.array(rows["image_id"], pa.string()), "split": pa.array(rows["split"], pa.string()),
-        "crop_index": pa.array(rows["crop_index"], pa.int32()), "view": pa.array(rows["view"], pa.int16()),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embedding.ravel()), dim),
-    }, schema=store.feature_schema(dim))
-    store_dir = run / store.FEATURES_DIR / store.encoder_slug(encoder)
-    key = store.config_key("synthetic", n_images, n_classes, crops, views, dim, signal, seed, n_test)
-    with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(store_dir)
-    store.write_table(table, store_dir / "part-00000.parquet",
-                      meta={"key": key, "encoder": encoder, "dim": dim, "pool": "synthetic", "seed": seed})
-    return store_dir

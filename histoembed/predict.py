@@ -33,7 +33,7 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
     from histoembed.dataset import read_image, read_mask
     from histoembed.embed import embed_crops
     from histoembed.encoders import load_encoder
-    from histoembed.fit import load_ensemble
+    from histoembed.inference import load_ensemble
 
     run = Path(run)
     masks = masks or [None] * len(images)

@@ -598,7 +598,7 @@ def _maps_section(r: _Run) -> str:
         return _section("maps", title, _missing(f"{store.CROPS_FILE} and the source images (pass --data)"))
     if not (r.run / store.MODELS_DIR).exists():
         return _section("maps", title, _missing("fitted models (run `histoembed fit`)"))
-    from histoembed.fit import load_ensemble
+    from histoembed.inference import load_ensemble
     try:
         ensemble = load_ensemble(r.run)
         features = store.read_features(store.find_feature_store(r.run, ensemble.encoder))

@@ -32,12 +32,18 @@ CROPS_FILE = "crops.parquet"
 QC_FILE = "qc.parquet"
 FEATURES_DIR = "features"
 MODELS_DIR = "models"
+MODELS_MANIFEST_FILE = "manifest.json"   # under MODELS_DIR, beside fold-XX/
 OOF_FILE = "oof.parquet"
 METRICS_FILE = "metrics.json"
 CALIBRATION_FILE = "calibration.json"
 SUBMISSION_FILE = "submission.csv"
 TEST_PREDICTIONS_FILE = "test_predictions.parquet"
 REPORT_FILE = "report.html"
+
+
+def fold_dir(models: str | Path, k: int) -> Path:
+    """One fold's model folder under ``models/``."""
+    return Path(models) / f"fold-{k:02d}"
 
 
 # ---------------------------------------------------------------- atomic writing

@@ -59,7 +59,7 @@ def _class_prior(run: Path, classes: list[str]) -> np.ndarray:
 
 def run_submit(data: Path, run: Path, encoder: str | None = None, tta: bool = True) -> SubmitResult:
     """Write ``run/submission.csv`` and ``run/test_predictions.parquet``."""
-    from histoembed.fit import load_ensemble
+    from histoembed.inference import load_ensemble
 
     run, data = Path(run), Path(data)
     ensemble = load_ensemble(run)

@@ -35,12 +35,17 @@ seeded by ``(seed, i)``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
+
+from histoembed import store
 
 LABELS = ("HER2(+)", "Luminal A", "Luminal B", "Triple negative")
 # Class balance of the reference training set (691 images).
@@ -364,3 +369,66 @@ def make_dataset(out: Path, n_train: int = 40, n_test: int = 16, seed: int = 0,
     (out / PLANTED_FILE).write_text(json.dumps(planted, indent=2) + "\n")
     return {"train": ids["train"], "test": ids["test"], "labels": labels, "counts": counts,
             "planted": planted, "seed": seed}
+
+
+# ---------------------------------------------------------------- synthetic features (tests, benchmarks)
+
+def write_synthetic_features(run: Path, n_images: int = 60, n_classes: int = 3, crops: int = 2, views: int = 2,
+                             dim: int = 16, signal: float = 1.0, seed: int = 0, encoder: str = "synthetic",
+                             n_test: int = 0) -> Path:
+    """A feature store and crops.parquet with a known signal, written as the embed stage would.
+
+    Like real encoder features, most variance lies in a few directions: a random subspace of
+    ``min(dim, 32)`` dimensions holds the class means (spread set by ``signal``), the image's
+    own variation and each crop's; a little isotropic noise fills every dimension, and
+    views 1.. add augmentation noise (view 0 is the clean crop). Test images (``n_test``)
+    get a random class and no label. Returns the store folder ``run/features/<slug>``.
+    """
+    rng = np.random.default_rng(seed)
+    names = list(LABELS[:n_classes]) if n_classes <= len(LABELS) else \
+        [f"class-{k}" for k in range(n_classes)]
+    rank = min(dim, 32)
+    basis = np.linalg.qr(rng.normal(size=(dim, rank)))[0]          # orthonormal columns
+    means = rng.normal(size=(n_classes, rank)) * signal * 3 / np.sqrt(rank)
+    ids = [f"img_{i:04d}.png" for i in range(n_images + n_test)]
+    splits = ["train" if i < n_images else "test" for i in range(len(ids))]
+    truth = [i % n_classes if i < n_images else int(rng.integers(n_classes)) for i in range(len(ids))]
+    labels = [names[t] if s == "train" else None for t, s in zip(truth, splits)]
+    rows = {"image_id": [], "split": [], "crop_index": [], "view": []}
+    emb = []
+    for i, image_id in enumerate(ids):
+        centre = means[truth[i]] + rng.normal(size=rank)
+        for c in range(crops):
+            crop = basis @ (centre + rng.normal(size=rank)) + rng.normal(size=dim) * 0.5
+            for v in range(views):
+                emb.append(crop + rng.normal(size=dim) * (0.0 if v == 0 else 0.3))
+                rows["image_id"].append(image_id)
+                rows["split"].append(splits[i])
+                rows["crop_index"].append(c)
+                rows["view"].append(v)
+    run = Path(run)
+    n_crops = len(ids) * crops
+    crops_table = pa.table({
+        "image_id": pa.array([i for i in ids for _ in range(crops)], pa.string()),
+        "split": pa.array([s for s in splits for _ in range(crops)], pa.string()),
+        "label": pa.array([lab for lab in labels for _ in range(crops)], pa.string()),
+        "crop_index": pa.array([c for _ in ids for c in range(crops)], pa.int32()),
+        **{name: pa.array(np.zeros(n_crops, np.int32)) for name in ("x0", "y0", "x1", "y1")},
+        "tissue_fraction": pa.array(np.ones(n_crops, np.float32)),
+        "strategy": pa.array(["synthetic"] * n_crops, pa.string()),
+        "png": pa.array([b""] * n_crops, pa.binary()),
+    }, schema=store.CROPS_SCHEMA)
+    store.write_table(crops_table, run / store.CROPS_FILE, meta={"key": store.config_key("crops", seed, n_images)})
+    embedding = np.asarray(emb, dtype=np.float32)
+    table = pa.table({
+        "image_id": pa.array(rows["image_id"], pa.string()), "split": pa.array(rows["split"], pa.string()),
+        "crop_index": pa.array(rows["crop_index"], pa.int32()), "view": pa.array(rows["view"], pa.int16()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embedding.ravel()), dim),
+    }, schema=store.feature_schema(dim))
+    store_dir = run / store.FEATURES_DIR / store.encoder_slug(encoder)
+    key = store.config_key("synthetic", n_images, n_classes, crops, views, dim, signal, seed, n_test)
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(store_dir)
+    store.write_table(table, store_dir / "part-00000.parquet",
+                      meta={"key": key, "encoder": encoder, "dim": dim, "pool": "synthetic", "seed": seed})
+    return store_dir

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support
 
-from histoembed import fit, store
+from histoembed import fit, inference, store, synthetic
 from histoembed.config import FitSettings, MLPSettings, XGBSettings
 from histoembed.errors import UserError
-from histoembed.heads import calibration, fusion
+from histoembed.heads import calibration, fusion, shared
 from histoembed.heads.mlp import MLPHead
 from histoembed.heads.xgb import XGBHead
 from histoembed.metrics import softmax
@@ -43,7 +43,7 @@ def tiny_settings(**kw) -> FitSettings:
 def make_run(root: Path, **kw) -> tuple[Path, Path]:
     """(run, config): 60 images x 2 crops x 2 views x 16-d, 3 classes, plus 5 test images."""
     run = root / "run"
-    fit.write_synthetic_features(run, **{"n_images": 60, "n_classes": 3, "n_test": 5, **kw})
+    synthetic.write_synthetic_features(run, **{"n_images": 60, "n_classes": 3, "n_test": 5, **kw})
     config = root / "histoembed.toml"
     config.write_text(TOML)
     return run, config
@@ -113,12 +113,12 @@ def test_oof_probabilities_use_the_fold_s_cross_fitted_temperatures_and_weight(f
 
 def test_models_folder_holds_every_fold_without_pickle(fitted):
     models = fitted / store.MODELS_DIR
-    manifest = json.loads((models / fit.MANIFEST_FILE).read_text())
+    manifest = json.loads((models / store.MODELS_MANIFEST_FILE).read_text())
     assert manifest["folds"] == 3 and manifest["dim"] == 16 and manifest["encoder"] == "synthetic"
     assert manifest["classes"] == ["HER2(+)", "Luminal A", "Luminal B"]
     assert manifest["settings"]["mlp"]["hidden"] == 32 and manifest["feature_key"]
     for k in range(3):
-        names = sorted(p.name for p in fit.fold_dir(models, k).iterdir())
+        names = sorted(p.name for p in store.fold_dir(models, k).iterdir())
         assert names == ["mlp.json", "mlp.safetensors", "xgb.json", "xgb.ubj", "xgb_pca.safetensors"]
     for path in fitted.rglob("*"):
         if path.is_file():
@@ -136,7 +136,7 @@ def test_rerun_does_nothing_and_a_changed_setting_refits(tmp_path):
     changed = invoke("fit", "--run", run, "--config", config, "--folds", 3, "--mlp-hidden", 8)
     assert changed.exit_code == 0 and "up to date" not in changed.output
     assert (run / store.OOF_FILE).stat().st_mtime_ns != stamp
-    assert json.loads((fit.fold_dir(run / "models", 0) / "mlp.json").read_text())["settings"]["hidden"] == 8
+    assert json.loads((store.fold_dir(run / "models", 0) / "mlp.json").read_text())["settings"]["hidden"] == 8
 
 
 def test_cli_options_reach_the_models(tmp_path):
@@ -145,10 +145,10 @@ def test_cli_options_reach_the_models(tmp_path):
                     "--mlp-depth", 2, "--mlp-epochs", 3, "--mixup", 0.2, "--xgb-rounds", 7, "--pca-dims", 4,
                     "--bootstrap", 0)
     assert result.exit_code == 0, result.output
-    manifest = json.loads((run / "models" / fit.MANIFEST_FILE).read_text())
+    manifest = json.loads((run / "models" / store.MODELS_MANIFEST_FILE).read_text())
     assert manifest["folds"] == 4 and manifest["seed"] == 3
-    mlp = json.loads((fit.fold_dir(run / "models", 3) / "mlp.json").read_text())
-    xgb = json.loads((fit.fold_dir(run / "models", 3) / "xgb.json").read_text())
+    mlp = json.loads((store.fold_dir(run / "models", 3) / "mlp.json").read_text())
+    xgb = json.loads((store.fold_dir(run / "models", 3) / "xgb.json").read_text())
     assert (mlp["settings"]["hidden"], mlp["settings"]["depth"], mlp["settings"]["epochs"],
             mlp["settings"]["mixup_alpha"]) == (8, 2, 3, 0.2)
     assert mlp["epochs_run"] <= 3
@@ -161,7 +161,7 @@ def test_cli_options_reach_the_models(tmp_path):
 
 def test_fused_macro_f1_is_at_least_each_head_s_within_noise(tmp_path):
     run = tmp_path / "run"
-    fit.write_synthetic_features(run, n_images=150, n_classes=3, crops=3, views=2, dim=24, signal=1.0, seed=4)
+    synthetic.write_synthetic_features(run, n_images=150, n_classes=3, crops=3, views=2, dim=24, signal=1.0, seed=4)
     result = fit.run_fit(run, tiny_settings())
     heads = result.metrics["heads"]
     assert heads["fused"]["macro_f1"] > 0.6   # the signal is learnt
@@ -200,9 +200,9 @@ def test_evaluation_fold_never_reaches_early_stopping_temperature_or_weight(tmp_
     fold_of = dict(zip(oof["image_id"], oof["fold"]))
     features = store.read_features(store.find_feature_store(run), split="train")
     image_of_row = {row.tobytes(): i for row, i in zip(features.embedding, features.image_id)}
-    _, row_image = fit.first_seen_index(features.image_id)
-    means, pair_image = fit.view_means(features, row_image)
-    ids, _ = fit.first_seen_index(features.image_id)
+    _, row_image = shared.first_seen_index(features.image_id)
+    means, pair_image = shared.view_means(features, row_image)
+    ids, _ = shared.first_seen_index(features.image_id)
     image_of_pair = {row.tobytes(): ids[i] for row, i in zip(means, pair_image)}
 
     def images(rows, lookup):
@@ -291,7 +291,7 @@ def test_qc_flags_are_left_out_and_duplicate_groups_share_a_fold(tmp_path):
 # ---------------------------------------------------------------- the ensemble
 
 def test_ensemble_round_trip_reproduces_oof_and_predicts_new_features(fitted):
-    ensemble = fit.load_ensemble(fitted)
+    ensemble = inference.load_ensemble(fitted)
     assert ensemble.classes == ["HER2(+)", "Luminal A", "Luminal B"] and ensemble.dim == 16
     calib = json.loads((fitted / store.CALIBRATION_FILE).read_text())
     oof, lists, _ = read_oof(fitted)
@@ -320,17 +320,17 @@ def test_ensemble_round_trip_reproduces_oof_and_predicts_new_features(fitted):
 
 def test_load_ensemble_refuses_missing_or_incomplete_models(tmp_path, fitted):
     with pytest.raises(UserError, match="manifest not found"):
-        fit.load_ensemble(tmp_path)
+        inference.load_ensemble(tmp_path)
     run = tmp_path / "run"
     shutil.copytree(fitted, run)
-    (fit.fold_dir(run / "models", 1) / "xgb.ubj").unlink()
+    (store.fold_dir(run / "models", 1) / "xgb.ubj").unlink()
     with pytest.raises(UserError, match="model file missing"):
-        fit.load_ensemble(run)
+        inference.load_ensemble(run)
     shutil.rmtree(run)
     shutil.copytree(fitted, run)
-    shutil.rmtree(fit.fold_dir(run / "models", 2))
+    shutil.rmtree(store.fold_dir(run / "models", 2))
     with pytest.raises(UserError, match="fold 2 of 3 is missing"):
-        fit.load_ensemble(run)
+        inference.load_ensemble(run)
 
 
 # ---------------------------------------------------------------- bad input
@@ -358,10 +358,10 @@ def test_clear_errors_without_features_or_labels(tmp_path):
 
 def test_encoder_picks_the_store_when_there_are_several(tmp_path):
     run, config = make_run(tmp_path)
-    fit.write_synthetic_features(tmp_path / "other", n_images=60, n_classes=3, dim=8, encoder="other/enc")
+    synthetic.write_synthetic_features(tmp_path / "other", n_images=60, n_classes=3, dim=8, encoder="other/enc")
     shutil.copytree(tmp_path / "other" / "features" / "other--enc", run / "features" / "other--enc")
     result = invoke("fit", "--run", run, "--config", config, "--folds", 3)
     assert result.exit_code == 2 and "several feature stores" in result.output and "--encoder" in result.output
     result = invoke("fit", "--run", run, "--config", config, "--folds", 3, "--encoder", "other/enc")
     assert result.exit_code == 0, result.output
-    assert json.loads((run / "models" / fit.MANIFEST_FILE).read_text())["dim"] == 8
+    assert json.loads((run / "models" / store.MODELS_MANIFEST_FILE).read_text())["dim"] == 8

@@ -23,6 +23,7 @@ from histoembed import store
 from histoembed.config import MLPSettings
 from histoembed.errors import UserError
 from histoembed.heads.calibration import temperature_nll
+from histoembed.heads.shared import class_weights, image_mean
 
 WEIGHTS_FILE = "mlp.safetensors"
 INFO_FILE = "mlp.json"
@@ -58,12 +59,6 @@ def input_scale(std):
     return std.clamp_min(max(1e-6, 0.01 * float(std.median())))
 
 
-def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
-    """Inverse class frequency, scaled so a balanced set has weights 1 (0 for absent classes)."""
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    return np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0)
-
-
 MIN_STEPS_PER_EPOCH = 8
 
 
@@ -79,15 +74,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def image_mean(values: np.ndarray, image: np.ndarray, n_images: int) -> np.ndarray:
-    """Mean of ``values`` rows per image index in ``image`` (0..n_images-1)."""
-    values = np.asarray(values, dtype=np.float64)
-    sums = np.zeros((n_images, values.shape[1]))
-    np.add.at(sums, image, values)
-    counts = np.bincount(image, minlength=n_images)[:, None]
-    return sums / np.maximum(counts, 1)
 
 
 class MLPHead:

@@ -21,7 +21,7 @@ import numpy as np
 from histoembed import store
 from histoembed.config import XGBSettings
 from histoembed.errors import UserError
-from histoembed.heads.mlp import class_weights
+from histoembed.heads.shared import class_weights
 
 MODEL_FILE = "xgb.ubj"
 PCA_FILE = "xgb_pca.safetensors"

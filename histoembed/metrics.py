@@ -120,3 +120,50 @@ def summary(y: np.ndarray, probs: np.ndarray, classes: list[str], *, probs_befor
         out["fold_mean"] = float(np.mean(per_fold))
         out["fold_std"] = float(np.std(per_fold))
     return out
+
+
+def view_spread(view_probs: np.ndarray, view_image: np.ndarray, n_images: int) -> np.ndarray:
+    """Per image: the mean total-variation distance of its views' probabilities from their mean.
+
+    0 when every view gives the same probabilities, 1 when views put all their mass on different
+    classes: how much the call moves when the crops are flipped, rotated or re-stained.
+    """
+    p = np.asarray(view_probs, dtype=np.float64)
+    image = np.asarray(view_image, dtype=np.int64)
+    counts = np.bincount(image, minlength=n_images).astype(np.float64)
+    mean = np.zeros((n_images, p.shape[1]))
+    np.add.at(mean, image, p)
+    mean /= np.maximum(counts, 1)[:, None]
+    tv = 0.5 * np.abs(p - mean[image]).sum(axis=1)
+    out = np.bincount(image, weights=tv, minlength=n_images)
+    return out / np.maximum(counts, 1)
+
+
+def accuracy_by_quantile(values: np.ndarray, correct: np.ndarray, bins: int = 4) -> list[dict]:
+    """Accuracy in equal-count bins of ``values`` (e.g. view spread), lowest first."""
+    values, correct = np.asarray(values, dtype=np.float64), np.asarray(correct, dtype=bool)
+    if len(values) == 0:
+        return []
+    order = np.argsort(values, kind="stable")
+    out = []
+    for b, idx in enumerate(np.array_split(order, bins)):
+        if len(idx):
+            out.append({"bin": b, "low": float(values[idx].min()), "high": float(values[idx].max()),
+                        "images": int(len(idx)), "accuracy": float(correct[idx].mean())})
+    return out
+
+
+def paired_bootstrap_difference(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, n_classes: int,
+                                n: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """(macro-F1 of b minus a, interval low, high): both scored on the same resampled images each time."""
+    y, pred_a, pred_b = np.asarray(y), np.asarray(pred_a), np.asarray(pred_b)
+    diff = macro_f1(y, pred_b, n_classes) - macro_f1(y, pred_a, n_classes)
+    if n <= 0 or len(y) == 0:
+        return diff, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    d = np.empty(n)
+    for b in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        d[b] = macro_f1(y[idx], pred_b[idx], n_classes) - macro_f1(y[idx], pred_a[idx], n_classes)
+    tail = 100 * (1 - level) / 2
+    return float(diff), float(np.percentile(d, tail)), float(np.percentile(d, 100 - tail))

@@ -8,48 +8,8 @@ import numpy as np
 import pytest
 
 from histoembed.config import MLPSettings, XGBSettings
-from histoembed.heads import calibration, fusion
 from histoembed.heads.mlp import MLPHead, lr_factor
 from histoembed.heads.xgb import PCA_FILE, XGBHead, fit_pca
-from histoembed.metrics import softmax
-
-
-def _overconfident(n, seed):
-    """Labels drawn from softmax(true logits); the model reports those logits x 4."""
-    rng = np.random.default_rng(seed)
-    true = rng.normal(size=(n, 4)) * 1.5
-    p = softmax(true)
-    y = np.array([rng.choice(4, p=row) for row in p])
-    return true * 4.0, y
-
-
-def test_temperature_lowers_heldout_nll_of_an_overconfident_model_and_keeps_argmax():
-    z_fit, y_fit = _overconfident(600, 0)
-    z_new, y_new = _overconfident(600, 1)
-    t = calibration.fit_temperature(z_fit, y_fit)
-    assert 3.0 < t < 5.5   # the true over-confidence factor is 4
-    before = calibration.temperature_nll(z_new, y_new, 1.0)
-    after = calibration.temperature_nll(z_new, y_new, t)
-    assert after < 0.7 * before
-    np.testing.assert_array_equal(calibration.apply_temperature(z_new, t).argmax(1), z_new.argmax(1))
-
-
-def test_temperature_below_one_for_an_underconfident_model():
-    z, y = _overconfident(500, 2)
-    assert calibration.fit_temperature(z / 16, y) < 1.0
-
-
-def test_weight_ties_go_to_the_middle_and_a_useless_head_gets_no_weight():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 90)
-    good = np.eye(3)[y] * 5
-    w, scores = fusion.choose_weight(good, good, y, 1.0, 1.0, 21)
-    assert w == 0.5 and len(scores) == 21
-    noise = rng.normal(size=(90, 3)) * 50
-    w, _ = fusion.choose_weight(good, noise, y, 1.0, 1.0, 21)
-    assert w > 0.9
-    w, _ = fusion.choose_weight(noise, good, y, 1.0, 1.0, 21)
-    assert w < 0.1
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():

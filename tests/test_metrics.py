@@ -64,3 +64,32 @@ def test_summary_reports_fold_spread_and_calibration_change(predictions):
     assert s["fold_mean"] == pytest.approx(np.mean(s["fold_macro_f1"]))
     assert s["nll_before_calibration"] > s["nll"]
     assert sum(c["support"] for c in s["per_class"].values()) == len(y)
+
+
+def test_view_spread_is_zero_for_identical_views_and_one_for_disjoint_ones():
+    from histoembed.metrics import view_spread
+
+    probs = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.5, 0.5]])
+    image = np.array([0, 0, 1, 1, 2, 2])
+    np.testing.assert_allclose(view_spread(probs, image, 3), [0.0, 0.5, 0.0])
+
+
+def test_accuracy_by_quantile_uses_equal_count_bins_in_order():
+    from histoembed.metrics import accuracy_by_quantile
+
+    values = np.arange(8, dtype=float)
+    correct = np.array([1, 1, 1, 1, 0, 1, 0, 0], dtype=bool)
+    bins = accuracy_by_quantile(values, correct, bins=4)
+    assert [b["accuracy"] for b in bins] == [1.0, 1.0, 0.5, 0.0]
+    assert bins[0]["low"] == 0 and bins[-1]["high"] == 7 and sum(b["images"] for b in bins) == 8
+
+
+def test_paired_bootstrap_difference_is_zero_for_the_same_predictions_and_signed():
+    from histoembed.metrics import paired_bootstrap_difference
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200)
+    noisy = np.where(rng.random(200) < 0.5, y, rng.integers(0, 3, 200))
+    assert paired_bootstrap_difference(y, noisy, noisy, 3, n=200) == (0.0, 0.0, 0.0)
+    diff, lo, hi = paired_bootstrap_difference(y, noisy, y, 3, n=200)
+    assert diff > 0 and 0 < lo <= diff <= hi

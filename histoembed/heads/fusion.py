@@ -1,34 +1,133 @@
-"""Late fusion of the two heads: ``w * z_mlp / T_mlp + (1 - w) * z_xgb / T_xgb``.
+"""Late fusion of N calibrated members: ``sum_i w_i * z_i / T_i`` with weights on the simplex.
 
-w = 1 is the MLP alone, w = 0 XGBoost alone. The weight is the grid point with the best
-macro-F1 on held-out logits; among equal scores the one closest to 0.5 wins (an even mix
-is the prior when the data cannot tell the heads apart).
+Members are heads (MLP, XGBoost, ...) or encoders, each with its own temperature. The weights
+are the ones with the best macro-F1 on held-out logits (the caller cross-fits: the weights
+applied to a fold are chosen on the other folds):
+
+- up to three members, every point of a simplex grid with steps of ``1 / (points - 1)``;
+- more members, a coordinate search from equal weights: each member's weight in turn takes
+  every grid value, the others rescaled to keep the sum 1, until no move improves macro-F1.
+
+Ties go to equal weights (an even mix is the prior when the data cannot tell the members
+apart), then to the lexicographically smallest weight vector. With two members this is the
+reference recipe's rule exactly: ``w * z_mlp / T_mlp + (1 - w) * z_xgb / T_xgb``, w on
+``linspace(0, 1, points)``, ties to the w closest to 0.5, then the smaller w.
+
+API for other stages (e.g. fusing encoders): ``choose_weights(logits, labels, temperatures)``
+returns a ``FusionChoice``; ``fuse_members(logits, choice.weights, temperatures)`` applies it.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
 from histoembed.metrics import macro_f1
+
+GRID_MAX_MEMBERS = 3
+SEARCH_ROUNDS = 10
+
+
+@dataclass(frozen=True)
+class FusionChoice:
+    weights: tuple[float, ...]        # one per member, on the simplex
+    macro_f1: float                   # on the logits that chose them
+    scores: list[float] | None = None  # two members: macro-F1 at each w on the grid (the first member's weight)
 
 
 def weight_grid(points: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, points)
 
 
+def fuse_members(logits: Sequence[np.ndarray], weights: Sequence[float] | np.ndarray,
+                 temperatures: Sequence[float] | None = None) -> np.ndarray:
+    """``sum_i weights[i] * logits[i] / temperatures[i]`` in float64 (weights and T may be arrays that broadcast)."""
+    temperatures = [1.0] * len(logits) if temperatures is None else temperatures
+    if not (len(logits) == len(weights) == len(temperatures)) or not len(logits):
+        raise ValueError(f"{len(logits)} members, {len(weights)} weights, {len(temperatures)} temperatures")
+    out = 0.0
+    for z, w, t in zip(logits, weights, temperatures):
+        out = out + w * np.asarray(z, dtype=np.float64) / t
+    return out
+
+
 def fuse(z_mlp: np.ndarray, z_xgb: np.ndarray, w: float, t_mlp: float = 1.0, t_xgb: float = 1.0) -> np.ndarray:
-    """Fused logits of the temperature-scaled heads."""
-    return w * np.asarray(z_mlp, dtype=np.float64) / t_mlp + (1 - w) * np.asarray(z_xgb, dtype=np.float64) / t_xgb
+    """Two members: ``w * z_mlp / t_mlp + (1 - w) * z_xgb / t_xgb``."""
+    return fuse_members([z_mlp, z_xgb], [w, 1 - w], [t_mlp, t_xgb])
+
+
+def _tie_key(weights: np.ndarray) -> tuple:
+    """Closest to equal weights first, then lexicographically smallest."""
+    n = len(weights)
+    return (round(float(np.sum((weights - 1.0 / n) ** 2)), 12), tuple(weights))
+
+
+def _lattice(n_members: int, points: int) -> list[np.ndarray]:
+    """Every weight vector on the simplex grid; the last weight is 1 minus the others (as in ``1 - w``)."""
+    grid = weight_grid(points)
+    steps = points - 1
+    out = []
+    for ks in itertools.product(range(points), repeat=n_members - 1):
+        if sum(ks) <= steps:
+            head = np.array([grid[k] for k in ks])
+            out.append(np.r_[head, 1.0 - head.sum()] if n_members > 1 else np.array([1.0]))
+    return out
+
+
+def choose_weights(logits: Sequence[np.ndarray], labels: np.ndarray, temperatures: Sequence[float] | None = None,
+                   points: int = 21) -> FusionChoice:
+    """Simplex weights with the best macro-F1 of the fused held-out ``logits`` (see the module docstring)."""
+    labels = np.asarray(labels)
+    n_members = len(logits)
+    if n_members == 0:
+        raise ValueError("fusion needs at least one member")
+    temperatures = [1.0] * n_members if temperatures is None else list(temperatures)
+    n_classes = np.asarray(logits[0]).shape[1]
+
+    def score(w: np.ndarray) -> float:
+        return macro_f1(labels, fuse_members(logits, w, temperatures).argmax(axis=1), n_classes)
+
+    if n_members == 1:
+        w = np.array([1.0])
+        return FusionChoice((1.0,), score(w))
+    if n_members <= GRID_MAX_MEMBERS:
+        candidates = _lattice(n_members, points)
+        scores = [score(w) for w in candidates]
+        best = max(scores)
+        ties = [w for w, s in zip(candidates, scores) if s >= best - 1e-12]
+        w = min(ties, key=_tie_key)
+        curve = [float(s) for s in scores] if n_members == 2 else None
+        return FusionChoice(tuple(float(v) for v in w), float(best), curve)
+
+    # coordinate search from equal weights; a move must strictly improve macro-F1
+    w = np.full(n_members, 1.0 / n_members)
+    best = score(w)
+    for _ in range(SEARCH_ROUNDS):
+        moved = False
+        for i in range(n_members):
+            for value in weight_grid(points):
+                trial = _with_weight(w, i, value)
+                s = score(trial)
+                if s > best + 1e-12:
+                    w, best, moved = trial, s, True
+        if not moved:
+            break
+    return FusionChoice(tuple(float(v) for v in w), float(best))
+
+
+def _with_weight(w: np.ndarray, i: int, value: float) -> np.ndarray:
+    """``w`` with member i at ``value`` and the others rescaled to sum to ``1 - value``."""
+    rest = np.delete(w, i)
+    total = rest.sum()
+    rest = rest * (1 - value) / total if total > 0 else np.full(len(rest), (1 - value) / len(rest))
+    return np.insert(rest, i, value)
 
 
 def choose_weight(z_mlp: np.ndarray, z_xgb: np.ndarray, labels: np.ndarray, t_mlp: float, t_xgb: float,
                   points: int = 21) -> tuple[float, list[float]]:
-    """(best w, macro-F1 at each grid point) on the given held-out logits."""
-    labels = np.asarray(labels)
-    n_classes = np.asarray(z_mlp).shape[1]
-    grid = weight_grid(points)
-    scores = [macro_f1(labels, fuse(z_mlp, z_xgb, w, t_mlp, t_xgb).argmax(axis=1), n_classes) for w in grid]
-    best = max(scores)
-    ties = [w for w, s in zip(grid, scores) if s >= best - 1e-12]
-    w = min(ties, key=lambda v: (abs(v - 0.5), v))
-    return float(w), [float(s) for s in scores]
+    """Two members: (best w of the first, macro-F1 at each grid point)."""
+    choice = choose_weights([z_mlp, z_xgb], labels, [t_mlp, t_xgb], points)
+    return choice.weights[0], choice.scores

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The CPU build of torch (a plain `torch` would pull a multi-GB CUDA build).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench wheels clean
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_crops.py
 	$(PY) benchmarks/bench_embed.py
 	$(PY) benchmarks/bench_fit.py
+
+# What an air-gapped GPU server with its own torch lacks, as wheels (see README, "A GPU server without network").
+WHEELS_PYTHON ?= 3.12
+wheels: $(STAMP)
+	$(PY) benchmarks/bundle_wheels.py --dest wheels --python-version $(WHEELS_PYTHON)
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

@@ -45,8 +45,8 @@ def save_model(folder: Path, name: str) -> Path:
     return folder
 
 
-def write_crops(run: Path, n_crops: int, seed: int = 0) -> None:
-    """crops.parquet with ``n_crops`` H&E-like 224 px crops (16 distinct ones, cycled), row groups of 256."""
+def write_crops(run: Path, n_crops: int, seed: int = 0, size: int = 224) -> None:
+    """crops.parquet with ``n_crops`` H&E-like ``size`` px crops (16 distinct ones, cycled), row groups of 256."""
     import cv2
     import numpy as np
     import pyarrow as pa
@@ -57,9 +57,9 @@ def write_crops(run: Path, n_crops: int, seed: int = 0) -> None:
 
     pngs = []
     for i in range(16):
-        rgb, _ = tissue_image(np.random.default_rng([seed, i]), 224, 224, LABELS[i % len(LABELS)])
+        rgb, _ = tissue_image(np.random.default_rng([seed, i]), size, size, LABELS[i % len(LABELS)])
         pngs.append(cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes())
-    schema = store.with_meta(store.CROPS_SCHEMA, {"key": f"bench-{n_crops}-{seed}"})
+    schema = store.with_meta(store.CROPS_SCHEMA, {"key": f"bench-{n_crops}-{seed}-{size}"})
     run.mkdir(parents=True, exist_ok=True)
     with pq.ParquetWriter(run / store.CROPS_FILE, schema, compression="zstd") as writer:
         for start in range(0, n_crops, 256):

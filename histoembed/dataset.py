@@ -127,6 +127,23 @@ def read_mask(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(_to_uint8(a))
 
 
+def read_image_and_mask(image: str | Path, mask: str | Path | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """An image as RGB and its mask (None when it has none); a mask of another size is a UserError naming the mask."""
+    rgb = read_image(image)
+    if mask is None:
+        return rgb, None
+    m = read_mask(mask)
+    if m.shape != rgb.shape[:2]:
+        raise size_mismatch(Path(mask), (m.shape[1], m.shape[0]), Path(image), (rgb.shape[1], rgb.shape[0]))
+    return rgb, m
+
+
+def size_mismatch(mask: Path, mask_size: tuple[int, int], image: Path, image_size: tuple[int, int]) -> UserError:
+    """The one message for a mask whose (width, height) is not its image's."""
+    return UserError(f"mask is {mask_size[0]}x{mask_size[1]} but its image {image.name} is "
+                     f"{image_size[0]}x{image_size[1]}", path=mask)
+
+
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the header alone."""
     try:
@@ -179,14 +196,31 @@ def _check_sizes(ds: Dataset) -> Dataset:
             if s.mask is not None:
                 msize = image_size(s.mask)
                 if msize != size:
-                    problems.append(Problem(s.mask, f"mask is {msize[0]}x{msize[1]} but its image "
-                                                    f"{s.image.name} is {size[0]}x{size[1]}; image skipped"))
-                    continue
+                    raise size_mismatch(s.mask, msize, s.image, size)
         except UserError as e:
             problems.append(Problem(e.path or s.image, f"{e.problem}; image skipped"))
             continue
         kept.append(s)
     return Dataset(ds.root, kept, ds.classes, problems)
+
+
+def submission_ids(data: str | Path) -> list[str]:
+    """Every test image id in submission order (folder or manifest order), including images other stages skip."""
+    data = Path(data)
+    manifest = data if data.suffix.lower() == ".csv" else data / MANIFEST_FILE
+    if manifest.is_file():
+        return [(row["image"] or "").strip() for _, row in _read_csv(manifest, required=("image", "split"))
+                if (row["split"] or "").strip().lower() == "test"]
+    folder = data / "test_data"
+    if not folder.is_dir():
+        raise UserError("no test_data/ folder", path=data,
+                        hint="submit predicts the test split; pass the data folder with --data")
+    return [p.name for p in _reference_images(folder)]
+
+
+def _reference_images(folder: Path) -> list[Path]:
+    """The ``img_*`` files of a reference-layout folder, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.name.startswith("img_") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _mask_for(image: Path) -> Path:
@@ -201,8 +235,7 @@ def _from_reference(root: Path) -> Dataset:
         folder = root / f"{split}_data"
         if not folder.is_dir():
             continue
-        images = sorted(p for p in folder.iterdir()
-                        if p.name.startswith("img_") and p.suffix.lower() in IMAGE_SUFFIXES)
+        images = _reference_images(folder)
         seen: dict[str, Path] = {}
         for img in images:
             if img.name in seen:  # cannot happen within a folder; kept for clarity

@@ -80,9 +80,7 @@ def read_labels(run: Path) -> dict[str, str]:
 
 def qc_flags(run: Path) -> tuple[set[str], dict[str, int]]:
     """(flagged training image ids, duplicate group by image id) from ``run/qc.parquet`` if present."""
-    from histoembed.qc import read_qc
-
-    table = read_qc(run)
+    table = store.read_qc(run)
     if table is None:
         return set(), {}
     flagged, groups = set(), {}

@@ -14,7 +14,10 @@ import numpy as np
 
 from histoembed import store
 from histoembed.config import AugmentSettings, CropSettings
+from histoembed.crops import crop_image
+from histoembed.dataset import read_image_and_mask
 from histoembed.errors import UserError
+from histoembed.inference import load_ensemble
 
 
 @dataclass
@@ -29,11 +32,8 @@ class Prediction:
 def predict_images(run: Path, images: list[Path], masks: list[Path | None] | None = None, tta: bool = True,
                    device: str = "auto", batch_size: int = 64) -> list[Prediction]:
     """Class probabilities for each image (with its mask, or tissue found by colour when it has none)."""
-    from histoembed.crops import crop_image
-    from histoembed.dataset import read_image, read_mask
-    from histoembed.embed import embed_crops
+    from histoembed.embed import embed_crops       # torch: loaded only when predicting
     from histoembed.encoders import load_encoder
-    from histoembed.inference import load_ensemble
 
     run = Path(run)
     masks = masks or [None] * len(images)
@@ -53,11 +53,7 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
 
     out = []
     for image, mask in zip(images, masks):
-        rgb = read_image(image)
-        m = read_mask(mask) if mask is not None else None
-        if m is not None and m.shape != rgb.shape[:2]:
-            raise UserError(f"mask is {m.shape[1]}x{m.shape[0]} but the image is {rgb.shape[1]}x{rgb.shape[0]}",
-                            path=mask)
+        rgb, m = read_image_and_mask(image, mask)
         crops, fallback = crop_image(rgb, m, crop_settings)
         if not crops:
             raise UserError("no tissue crop could be cut from this image", path=image,

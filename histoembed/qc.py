@@ -20,7 +20,7 @@ Two passes over every image (both splits):
 they stay in training and the fit stage keeps each ``duplicate_group`` inside one fold,
 so no copy leaks into its own evaluation fold and no data is thrown away. ``--keep``
 un-flags single images. Test images get the same columns, but later stages never drop
-them; images with ``ink`` are repaired by :func:`repair_ink` when the crops stage reads
+them; images with ``ink`` are repaired by :func:`histoembed.pixels.repair_ink` when the crops stage reads
 them (source files are never modified).
 """
 
@@ -28,18 +28,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from histoembed import store
 from histoembed.config import QCSettings
-from histoembed.crops import tissue_mask_by_colour  # one rule for tissue by colour, shared with crops
-from histoembed.dataset import Problem, Sample, load_dataset, read_image, read_mask
+from histoembed.console import progress
+from histoembed.dataset import Problem, Sample, load_dataset, read_image_and_mask
 from histoembed.errors import UserError
+from histoembed.pixels import hue_in, ink_mask, to_hsv, tissue_mask_by_colour
 
 MAX_SIDE = 512          # the colour pass works on images downscaled to this longest side
 HASH_SIZE = 16          # perceptual hash of HASH_SIZE**2 bits
@@ -53,12 +56,6 @@ SCORE_COLUMNS = ("green_fraction", "brown_fraction", "yellow_fraction", "blue_fr
 
 # ---------------------------------------------------------------- colour maths (pure)
 
-def hue_in(hue: np.ndarray, rng: tuple[float, float]) -> np.ndarray:
-    """Pixels whose OpenCV hue (0..180) lies in [lo, hi); lo > hi wraps through 180."""
-    lo, hi = rng
-    return (hue >= lo) & (hue < hi) if lo <= hi else (hue >= lo) | (hue < hi)
-
-
 def downscale(rgb: np.ndarray, mask: np.ndarray | None = None, max_side: int = MAX_SIDE):
     """Shrink so the longest side is at most ``max_side`` (area averaging; masks by nearest)."""
     h, w = rgb.shape[:2]
@@ -70,34 +67,6 @@ def downscale(rgb: np.ndarray, mask: np.ndarray | None = None, max_side: int = M
     if mask is not None:
         mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
     return small, mask
-
-
-def to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
-    return hsv[..., 0], hsv[..., 1], hsv[..., 2]
-
-
-def otsu_threshold(values: np.ndarray) -> float:
-    """Otsu's threshold of uint8 values (0 when there are too few to split)."""
-    if values.size < 16:
-        return 0.0
-    t, _ = cv2.threshold(values.reshape(-1, 1).astype(np.uint8), 0, 255,
-                         cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    return float(t)
-
-
-def ink_mask(rgb: np.ndarray, settings: QCSettings) -> np.ndarray:
-    """Green-ink pixels: ink hue, saturation above Otsu's split of the ink-hue pixels.
-
-    Otsu separates the saturated ink from faintly green-tinted tissue or background; the
-    split never goes below ``ink_saturation`` so an image without ink finds none.
-    """
-    hue, sat, val = to_hsv(rgb)
-    candidate = hue_in(hue, settings.green_hue) & (sat >= settings.min_saturation) & (val >= settings.dark_value)
-    if not candidate.any():
-        return candidate
-    cut = max(otsu_threshold(sat[candidate]), float(settings.ink_saturation))
-    return candidate & (sat > cut)
 
 
 def flat_fraction(rgb: np.ndarray, foreground: np.ndarray, window: int = 7, max_std: float = 1.5) -> float:
@@ -185,24 +154,6 @@ def colour_flags(s: dict[str, float], settings: QCSettings) -> tuple[bool, bool,
     return non_tissue, ink, blank, reasons
 
 
-# ---------------------------------------------------------------- ink repair
-
-def repair_ink(rgb: np.ndarray, mask: np.ndarray, settings: QCSettings) -> tuple[np.ndarray, np.ndarray]:
-    """Inpaint green ink from the surrounding pixels and remove it from the mask.
-
-    Works on full-resolution arrays and returns new arrays (the inputs, like the source
-    files, are left as they are). The ink mask grows by 2 px to take the smear's soft edge.
-    """
-    ink = ink_mask(rgb, settings)
-    if not ink.any():
-        return rgb.copy(), mask.copy()
-    grown = cv2.dilate(ink.astype(np.uint8), np.ones((5, 5), np.uint8))
-    repaired = cv2.inpaint(np.ascontiguousarray(rgb), grown, 3, cv2.INPAINT_TELEA)
-    new_mask = mask.copy()
-    new_mask[grown > 0] = 0
-    return repaired, new_mask
-
-
 # ---------------------------------------------------------------- embeddings and hashes (pure)
 
 def perceptual_hash(rgb: np.ndarray) -> np.ndarray:
@@ -212,8 +163,7 @@ def perceptual_hash(rgb: np.ndarray) -> np.ndarray:
     slides came as close as 4 bits; at 256 bits they stay >= 58 bits apart while resized,
     JPEG-recompressed copies stay within 10 (measured; see the QC issue note).
     """
-    import imagehash
-    from PIL import Image
+    import imagehash  # pulls scipy: loaded only when QC runs
 
     return imagehash.phash(Image.fromarray(rgb).convert("L"), hash_size=HASH_SIZE).hash.flatten()
 
@@ -351,13 +301,9 @@ def _check_image(args: tuple[Sample, QCSettings, int]) -> _ImageResult:
     """Colour scores, hash and (when ``thumb_size``) a thumbnail of one image."""
     sample, settings, thumb_size = args
     try:
-        rgb = read_image(sample.image)
-        mask = read_mask(sample.mask) if sample.mask is not None else None
+        rgb, mask = read_image_and_mask(sample.image, sample.mask)
     except UserError as e:
         return _ImageResult(problem=f"{e.path or sample.image}: {e.problem}")
-    if mask is not None and mask.shape != rgb.shape[:2]:
-        return _ImageResult(problem=f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but the image "
-                                    f"is {rgb.shape[1]}x{rgb.shape[0]}")
     small, small_mask = downscale(rgb, mask)
     scores = colour_scores(small, small_mask, settings)
     thumb = None
@@ -367,8 +313,6 @@ def _check_image(args: tuple[Sample, QCSettings, int]) -> _ImageResult:
 
 
 def _map_images(samples: list[Sample], settings: QCSettings, thumb_size: int) -> list[_ImageResult]:
-    from histoembed.console import progress
-
     jobs = [(s, settings, thumb_size) for s in samples]
     workers = settings.workers or min(os.cpu_count() or 1, 8)
     results: list[_ImageResult] = []
@@ -379,7 +323,6 @@ def _map_images(samples: list[Sample], settings: QCSettings, thumb_size: int) ->
                 results.append(_check_image(job))
                 bar.advance(task)
         else:
-            from concurrent.futures import ProcessPoolExecutor
             with ProcessPoolExecutor(workers) as pool:
                 for r in pool.map(_check_image, jobs, chunksize=4):
                     results.append(r)
@@ -391,7 +334,7 @@ def _map_images(samples: list[Sample], settings: QCSettings, thumb_size: int) ->
 
 def _load_encoder(name: str):
     """(encoder, input size) or (None, why) when it cannot be loaded."""
-    from histoembed import encoders
+    from histoembed import encoders  # torch: loaded only for the embedding pass
 
     try:
         enc = encoders.load_encoder(name)
@@ -404,7 +347,7 @@ def _load_encoder(name: str):
 
 def _embed_thumbnails(encoder, thumbs: np.ndarray) -> np.ndarray:
     """[N, D] embeddings of uint8 thumbnails [N, H, W, 3], one clean view each."""
-    from histoembed import embed
+    from histoembed import embed  # torch
 
     return embed.embed_crops(encoder, thumbs, views=1)
 
@@ -429,14 +372,6 @@ class QCResult:
         return [(i, s, r) for i, s, f, r in zip(t["image_id"], t["split"], t["flagged"], t["reason"]) if f]
 
 
-def read_qc(run: str | Path) -> pa.Table | None:
-    """``run/qc.parquet``, or None when QC has not been run."""
-    path = Path(run) / store.QC_FILE
-    if not path.exists():
-        return None
-    return store.read_table(path, "QC table", hint="re-run `histoembed qc`")
-
-
 def _file_stamp(path: Path | None):
     if path is None:
         return None
@@ -452,7 +387,7 @@ def _qc_table(rows: list[dict]) -> pa.Table:
 
 def _previous_result(out: Path, meta: dict) -> QCResult:
     problems = [Problem(Path(p), why) for p, why in meta.get("problems", [])]
-    return QCResult(out, read_qc(out.parent), skipped=True, problems=problems, embedding=meta.get("embedding", ""))
+    return QCResult(out, store.read_qc(out.parent), skipped=True, problems=problems, embedding=meta.get("embedding", ""))
 
 
 def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, encoder: str | None = None,

@@ -160,6 +160,14 @@ QC_SCHEMA = pa.schema([
 ])
 
 
+def read_qc(run: str | Path) -> pa.Table | None:
+    """``run/qc.parquet``, or None when QC has not been run."""
+    path = Path(run) / QC_FILE
+    if not path.exists():
+        return None
+    return read_table(path, "QC table", hint="re-run `histoembed qc`")
+
+
 # ---------------------------------------------------------------- features/<encoder>/
 
 FEATURE_COLUMNS = ("image_id", "split", "crop_index", "view", "embedding")

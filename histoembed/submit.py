@@ -17,8 +17,9 @@ import numpy as np
 import pyarrow as pa
 
 from histoembed import store
-from histoembed.dataset import IMAGE_SUFFIXES, MANIFEST_FILE
+from histoembed.dataset import submission_ids
 from histoembed.errors import UserError
+from histoembed.inference import load_ensemble
 
 
 @dataclass
@@ -29,22 +30,6 @@ class SubmitResult:
     classes: list[str]
     counts: dict[str, int]                                # predicted label -> images
     fallbacks: list[str] = field(default_factory=list)    # test images predicted by the prior
-
-
-def test_image_ids(data: Path) -> list[str]:
-    """Every test image id in submission order, including images other stages skipped."""
-    data = Path(data)
-    manifest = data if data.suffix.lower() == ".csv" else data / MANIFEST_FILE
-    if manifest.is_file():
-        with manifest.open(newline="", encoding="utf-8-sig") as f:
-            return [row["image"].strip() for row in csv.DictReader(f)
-                    if (row.get("split") or "").strip().lower() == "test"]
-    folder = data / "test_data"
-    if not folder.is_dir():
-        raise UserError("no test_data/ folder", path=data,
-                        hint="submit predicts the test split; pass the data folder with --data")
-    return sorted(p.name for p in folder.iterdir()
-                  if p.name.startswith("img_") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _class_prior(run: Path, classes: list[str]) -> np.ndarray:
@@ -59,11 +44,9 @@ def _class_prior(run: Path, classes: list[str]) -> np.ndarray:
 
 def run_submit(data: Path, run: Path, encoder: str | None = None, tta: bool = True) -> SubmitResult:
     """Write ``run/submission.csv`` and ``run/test_predictions.parquet``."""
-    from histoembed.inference import load_ensemble
-
     run, data = Path(run), Path(data)
     ensemble = load_ensemble(run)
-    ids = test_image_ids(data)
+    ids = submission_ids(data)
     if not ids:
         raise UserError("the data has no test images", path=data)
     store_dir = store.find_feature_store(run, encoder or ensemble.encoder)

@@ -20,8 +20,8 @@ from skimage.measure import regionprops
 from histoembed import crops as crops_mod
 from histoembed import store
 from histoembed.config import MEAN_FILL, CropSettings
-from histoembed.crops import (components, crop_image, grow_box, otsu_binarise, square_crop, tile_starts,
-                              tissue_mask_by_colour)
+from histoembed.crops import components, crop_image, grow_box, otsu_binarise, square_crop, tile_starts
+from histoembed.pixels import tissue_mask_by_colour
 
 PINK = (220, 130, 190)
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from histoembed import store
-from histoembed.dataset import load_dataset, read_image, read_mask
+from histoembed.dataset import load_dataset, read_image, read_image_and_mask, read_mask, submission_ids
 from histoembed.errors import UserError
 
 LABELS = ("Luminal A", "Triple negative")
@@ -88,6 +88,7 @@ def test_manifest_layout_through_the_cli(cli, tmp_path):
         assert res.exit_code == 0, res.output
         assert crop_ids(run) == {f"slides/s{i}.jpg" for i in range(4)}
         assert "slides/s3.jpg: no mask" in res.output
+        assert submission_ids(data) == ["slides/s2.jpg"]
 
 
 # ---------------------------------------------------------------- bad inputs, through the CLI
@@ -114,6 +115,18 @@ def test_mask_size_mismatch(cli, tmp_path):
     assert "img_0002.png" not in crop_ids(tmp_path / "run")
     strict = crops(cli, data, tmp_path / "run2", "--strict")
     assert strict.exit_code == 2 and "mask is 60x50" in strict.output
+
+
+def test_read_image_and_mask(tmp_path):
+    data = write_reference(tmp_path / "data", n_train=2, n_test=2)
+    assert submission_ids(data) == ["img_0002.png", "img_0003.png"]
+    rgb, mask = read_image_and_mask(data / "train_data/img_0000.png", data / "train_data/mask_0000.png")
+    assert rgb.shape == (96, 120, 3) and mask.shape == (96, 120)
+    assert read_image_and_mask(data / "train_data/img_0000.png", None)[1] is None
+    Image.fromarray(np.zeros((50, 60), np.uint8)).save(data / "train_data/mask_0001.png")
+    with pytest.raises(UserError) as e:
+        read_image_and_mask(data / "train_data/img_0001.png", data / "train_data/mask_0001.png")
+    assert e.value.path.name == "mask_0001.png" and "mask is 60x50 but its image img_0001.png is 120x96" in str(e.value)
 
 
 def test_unreadable_and_truncated_files(cli, tmp_path):

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from histoembed import qc, store
+from histoembed import pixels, qc, store
 from histoembed.config import QCSettings
 
 LABELS = ("Luminal A", "Luminal B")
@@ -175,24 +175,24 @@ def test_repair_ink_removes_green_and_leaves_the_rest():
     rng = np.random.default_rng(1)
     img, mask = tissue_image(rng)
     inked = add_ink(img, rng)
-    ink = qc.ink_mask(inked, settings)
+    ink = pixels.ink_mask(inked, settings)
     assert ink.mean() > 0.01
-    repaired, new_mask = qc.repair_ink(inked, mask, settings)
+    repaired, new_mask = pixels.repair_ink(inked, mask, settings)
     assert repaired.shape == inked.shape and new_mask.shape == mask.shape
-    assert not qc.ink_mask(repaired, settings).any()               # no green ink anywhere
-    hue, sat, _ = qc.to_hsv(repaired)
-    green = qc.hue_in(hue, settings.green_hue) & (sat >= settings.min_saturation)
+    assert not pixels.ink_mask(repaired, settings).any()               # no green ink anywhere
+    hue, sat, _ = pixels.to_hsv(repaired)
+    green = pixels.hue_in(hue, settings.green_hue) & (sat >= settings.min_saturation)
     assert not (green & (new_mask > 0)).any()                     # no green pixel left in the mask
     assert not (new_mask[ink] > 0).any()                          # ink removed from the mask
     far = cv2.dilate(ink.astype(np.uint8), np.ones((7, 7), np.uint8)) == 0
     assert np.array_equal(repaired[far], inked[far])              # elsewhere unchanged
     assert np.array_equal(new_mask[far], mask[far])
-    assert qc.ink_mask(inked, settings).sum() == ink.sum()        # the input was not modified
+    assert pixels.ink_mask(inked, settings).sum() == ink.sum()        # the input was not modified
 
 
 def test_repair_ink_without_ink_is_a_copy():
     img, mask = tissue_image(np.random.default_rng(2))
-    repaired, new_mask = qc.repair_ink(img, mask, QCSettings())
+    repaired, new_mask = pixels.repair_ink(img, mask, QCSettings())
     assert np.array_equal(repaired, img) and np.array_equal(new_mask, mask)
 
 
@@ -332,7 +332,7 @@ def test_unreadable_image_is_listed_and_skipped(cli, tmp_path):
 
 
 def test_read_qc(tmp_path):
-    assert qc.read_qc(tmp_path) is None
+    assert store.read_qc(tmp_path) is None
     data = write_dataset(tmp_path / "data", clean_images(6))
     result = qc.run_qc(data, tmp_path / "run", QCSettings(), embed=False)
-    assert qc.read_qc(tmp_path / "run").num_rows == result.table.num_rows == 6
+    assert store.read_qc(tmp_path / "run").num_rows == result.table.num_rows == 6

@@ -1,0 +1,69 @@
+"""Pixel rules shared by qc and crops: tissue by colour, green ink (find and repair), HSV helpers.
+
+They live below both stages so the two agree on what tissue and ink are, and neither
+stage imports the other.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from histoembed.config import QCSettings
+
+
+def hue_in(hue: np.ndarray, rng: tuple[float, float]) -> np.ndarray:
+    """Pixels whose OpenCV hue (0..180) lies in [lo, hi); lo > hi wraps through 180."""
+    lo, hi = rng
+    return (hue >= lo) & (hue < hi) if lo <= hi else (hue >= lo) | (hue < hi)
+
+
+def to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OpenCV hue (0..180), saturation and value (0..255) of an RGB uint8 image."""
+    hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
+    return hsv[..., 0], hsv[..., 1], hsv[..., 2]
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold of uint8 values (0 when there are too few to split)."""
+    if values.size < 16:
+        return 0.0
+    t, _ = cv2.threshold(values.reshape(-1, 1).astype(np.uint8), 0, 255,
+                         cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return float(t)
+
+
+def tissue_mask_by_colour(rgb: np.ndarray) -> np.ndarray:
+    """Stained pixels as bool HxW: not the bright, unsaturated slide background and not black."""
+    _, sat, val = to_hsv(rgb)
+    return ((sat >= 20) | (val < 200)) & (val >= 30)
+
+
+def ink_mask(rgb: np.ndarray, settings: QCSettings) -> np.ndarray:
+    """Green-ink pixels: ink hue, saturation above Otsu's split of the ink-hue pixels.
+
+    Otsu separates the saturated ink from faintly green-tinted tissue or background; the
+    split never goes below ``ink_saturation`` so an image without ink finds none.
+    """
+    hue, sat, val = to_hsv(rgb)
+    candidate = hue_in(hue, settings.green_hue) & (sat >= settings.min_saturation) & (val >= settings.dark_value)
+    if not candidate.any():
+        return candidate
+    cut = max(otsu_threshold(sat[candidate]), float(settings.ink_saturation))
+    return candidate & (sat > cut)
+
+
+def repair_ink(rgb: np.ndarray, mask: np.ndarray, settings: QCSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Inpaint green ink from the surrounding pixels and remove it from the mask.
+
+    Works on full-resolution arrays and returns new arrays (the inputs, like the source
+    files, are left as they are). The ink mask grows by 2 px to take the smear's soft edge.
+    """
+    ink = ink_mask(rgb, settings)
+    if not ink.any():
+        return rgb.copy(), mask.copy()
+    grown = cv2.dilate(ink.astype(np.uint8), np.ones((5, 5), np.uint8))
+    repaired = cv2.inpaint(np.ascontiguousarray(rgb), grown, 3, cv2.INPAINT_TELEA)
+    new_mask = mask.copy()
+    new_mask[grown > 0] = 0
+    return repaired, new_mask

@@ -134,3 +134,42 @@ def test_wheel_platform_check_and_size_limit(tmp_path):
     assert bw.check_size([small]) == small.stat().st_size
     with pytest.raises(SystemExit, match="over"):
         bw.check_size([small], limit=10)
+
+
+def _installable_wheel(folder: Path, module: str) -> Path:
+    """A pure-Python wheel pip accepts: one module, METADATA, WHEEL and RECORD."""
+    dist = f"{module}-1.0.dist-info"
+    files = {f"{module}.py": "VALUE = 42\n",
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    path = folder / f"{module}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, text in files.items():
+            zf.writestr(name, text)
+        zf.writestr(f"{dist}/RECORD", "".join(f"{n},,\n" for n in files) + f"{dist}/RECORD,,\n")
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pip_works", [True, False])
+def test_gpu_sh_installs_the_bundle_without_an_index_and_runs(tmp_path, pip_works):
+    import os
+    import subprocess
+
+    wheels, site, out = tmp_path / "wheels", tmp_path / "site", tmp_path / "out"
+    wheels.mkdir()
+    _installable_wheel(wheels, "gpu_bench_probe")
+    env = {**os.environ, "PYTHON": sys.executable, "WHEELS": str(wheels), "SITE": str(site), "OUT": str(out)}
+    if not pip_works:  # the script then unpacks the wheels itself
+        env["PIP_CONSTRAINT"] = str(tmp_path / "missing.txt")
+    proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--smoke", "--device", "cpu", "--sections", "env"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (site / "gpu_bench_probe.py").exists()
+    assert ("unpacking the wheels" in proc.stderr) is not pip_works
+    saved = json.loads((out / "gpu_bench.json").read_text())
+    assert saved["sections"]["env"]["device"] == "cpu"
+    assert (out / "gpu_bench.log").read_text().startswith("histoembed GPU benchmark (smoke)")
+    probe = subprocess.run([sys.executable, "-c", "import gpu_bench_probe; print(gpu_bench_probe.VALUE)"],
+                           env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True)
+    assert probe.stdout.strip() == "42"

@@ -221,6 +221,7 @@ def timed_stage(r: Run, model: str) -> dict:
     start = time.perf_counter()
     w = run_embed(warm, settings, AugmentSettings(), encoder=enc, show_progress=False)
     warm_rate = w.new_rows / (time.perf_counter() - start)
+    check = store_against_memory(r, warm, w.store_dir, enc, settings.seed)
     # Size the measured run: the plan's batches, fewer if the warm-up's rate says they would overrun.
     room_s = min(p.stage_cap_s, max(5.0, r.left_s() - 90))
     batches = max(2, min(p.stage_batches, int(room_s * warm_rate / (p.views * p.batch_size))))
@@ -234,7 +235,34 @@ def timed_stage(r: Run, model: str) -> dict:
     return {"model": model, "precision": enc.precision, "views": p.views, "batch_size": p.batch_size,
             "workers": p.workers, "crops": batches * p.batch_size, "rows": res.new_rows, "seconds": seconds,
             "crop_views_per_s": res.new_rows / seconds, "crops_per_s": res.new_rows / p.views / seconds,
-            "warmup_crop_views_per_s": warm_rate, "store_parts": len(list(res.store_dir.glob("part-*.parquet")))}
+            "warmup_crop_views_per_s": warm_rate, "store_parts": len(list(res.store_dir.glob("part-*.parquet"))),
+            **check}
+
+
+def store_against_memory(r: Run, run: Path, store_dir: Path, enc, seed: int) -> dict:
+    """The rows the stage wrote (batches queued on the device, copied back asynchronously) against
+    ``embed_crops`` (plain copies) of the same crops, views and batches: a race would show here."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from histoembed import store
+    from histoembed.config import AugmentSettings
+    from histoembed.embed import decode_png, embed_crops
+
+    t = pq.read_table(run / store.CROPS_FILE, columns=["image_id", "crop_index", "png"])
+    crops = np.stack([decode_png(b) for b in t["png"].to_pylist()])
+    mem = embed_crops(enc, crops, views=r.plan.views, augment=AugmentSettings(), seed=seed,
+                      image_ids=t["image_id"].to_pylist(), crop_index=t["crop_index"].to_pylist(),
+                      batch_size=r.plan.batch_size)
+    f = store.read_features(store_dir)
+    order = np.lexsort((f.view, f.crop_index, f.image_id.astype(str)))  # crop-major, as embed_crops
+    diff = float(np.abs(f.embedding[order] - mem).max())
+    scale = float(np.abs(mem).max())
+    if not diff <= 1e-2 * scale:
+        raise RuntimeError(f"the store differs from the in-memory features of the same crops: max |diff| {diff:.3g} "
+                           f"(features up to {scale:.3g})")
+    spread = float(np.abs(mem - mem.mean(axis=0)).max())  # how far rows of different crops and views lie apart
+    return {"store_vs_memory_max_abs_diff": diff, "feature_max_abs": scale, "feature_spread": spread}
 
 
 def _parquet_rows(path: Path) -> int:
@@ -254,6 +282,8 @@ def section_stage(r: Run) -> dict:
           f"{out['crop_views_per_s']:9.1f} crop-views/s ({out['seconds']:.1f} s); bare forward, same batch: "
           f"{bare['crops_per_s']:9.1f}; stage / bare {out['ratio_to_bare']:.1%}; "
           f"target {TARGET_VIEWS_PER_S} {'met' if out['meets_target'] else 'NOT met'}")
+    print(f"  store vs in-memory features of the warm-up crops: max |diff| {out['store_vs_memory_max_abs_diff']:.3g} "
+          f"(rows spread up to {out['feature_spread']:.3g})")
     return out
 
 
@@ -413,6 +443,8 @@ def markdown(results: dict) -> str:
         elif name in ("stage", "pipeline"):
             row(name, f"{sec['model']} {sec['precision']} {sec['views']} views, {sec['crops']} crops, "
                       f"crop-views/s", f"{sec['crop_views_per_s']:.1f}")
+            row(name, "store vs in-memory features, max abs diff (row spread)",
+                f"{sec['store_vs_memory_max_abs_diff']:.3g} ({sec['feature_spread']:.3g})")
             if "ratio_to_bare" in sec:
                 row(name, f"stage / bare forward (batch {sec['batch_size']})", f"{sec['ratio_to_bare']:.1%}")
                 row(name, f"target {sec['target_crop_views_per_s']} crop-views/s",

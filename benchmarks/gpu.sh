@@ -17,16 +17,18 @@ PYPATH=$PWD
 WHEELS=${WHEELS:-wheels}
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
     echo "installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS/ into $SITE (no index)"
-    if "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$WHEELS"/*.whl; then
-        PYPATH=$SITE:$PYPATH
-    else
-        # No pip (or it refused): a wheel is a zip of what goes on the path, so unpack them instead.
-        echo "warning: pip could not install $WHEELS/; unpacking the wheels into $SITE" >&2
+    if ! "$PY" -m pip --version >/dev/null 2>&1; then
+        # No pip: a wheel is a zip of what goes on the path, so unpack them instead.
+        echo "warning: $PY has no pip; unpacking the wheels into $SITE" >&2
         "$PY" - "$SITE" "$WHEELS"/*.whl <<'PYEOF' && PYPATH=$SITE:$PYPATH
 import sys, zipfile
 for wheel in sys.argv[2:]:
     zipfile.ZipFile(wheel).extractall(sys.argv[1])
 PYEOF
+    elif "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$WHEELS"/*.whl; then
+        PYPATH=$SITE:$PYPATH
+    else  # e.g. wheels for another Python: `make wheels WHEELS_PYTHON=3.x` with this server's version
+        echo "warning: pip refused $WHEELS/ (see above); going on with $PY's own packages" >&2
     fi
 fi
 export PYTHONPATH=$PYPATH${PYTHONPATH:+:$PYTHONPATH}

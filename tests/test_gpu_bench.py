@@ -40,6 +40,7 @@ def test_smoke_run_writes_every_section(tmp_path):
     stage = s["stage"]
     assert stage["rows"] == stage["crops"] * 4 and stage["crop_views_per_s"] > 0 and stage["ratio_to_bare"] > 0
     assert stage["meets_target"] is False  # never claimed on a CPU
+    assert stage["store_vs_memory_max_abs_diff"] <= 1e-6 < stage["feature_spread"]
     assert s["pipeline"]["rows"] == s["pipeline"]["crops"] * 4
     assert all(s["parts"][k] > 0 for k in ("decode_crops_per_s", "augment_views_per_s", "write_rows_per_s"))
     assert 0.99 < s["cosine"]["min_cosine"] <= s["cosine"]["mean_cosine"] <= 1 + 1e-6
@@ -151,25 +152,33 @@ def _installable_wheel(folder: Path, module: str) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pip_works", [True, False])
-def test_gpu_sh_installs_the_bundle_without_an_index_and_runs(tmp_path, pip_works):
+@pytest.mark.parametrize("pip", ["works", "missing", "refuses"])
+def test_gpu_sh_installs_the_bundle_without_an_index_and_runs(tmp_path, pip):
     import os
     import subprocess
 
     wheels, site, out = tmp_path / "wheels", tmp_path / "site", tmp_path / "out"
     wheels.mkdir()
     _installable_wheel(wheels, "gpu_bench_probe")
-    env = {**os.environ, "PYTHON": sys.executable, "WHEELS": str(wheels), "SITE": str(site), "OUT": str(out)}
-    if not pip_works:  # the script then unpacks the wheels itself
+    python = sys.executable
+    env = {**os.environ, "WHEELS": str(wheels), "SITE": str(site), "OUT": str(out)}
+    if pip == "missing":  # a Python without pip: the script unpacks the wheels itself
+        python = tmp_path / "python-without-pip"
+        python.write_text(f'#!/bin/sh\n[ "$1 $2" = "-m pip" ] && exit 1\nexec {sys.executable} "$@"\n')
+        python.chmod(0o755)
+    if pip == "refuses":  # e.g. wheels for another Python: warned, and the run goes on without them
         env["PIP_CONSTRAINT"] = str(tmp_path / "missing.txt")
+    env["PYTHON"] = str(python)
     proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--smoke", "--device", "cpu", "--sections", "env"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (site / "gpu_bench_probe.py").exists()
-    assert ("unpacking the wheels" in proc.stderr) is not pip_works
+    assert ("unpacking the wheels" in proc.stderr) is (pip == "missing")
+    assert ("pip refused" in proc.stderr) is (pip == "refuses")
+    assert (site / "gpu_bench_probe.py").exists() is (pip != "refuses")
     saved = json.loads((out / "gpu_bench.json").read_text())
     assert saved["sections"]["env"]["device"] == "cpu"
     assert (out / "gpu_bench.log").read_text().startswith("histoembed GPU benchmark (smoke)")
-    probe = subprocess.run([sys.executable, "-c", "import gpu_bench_probe; print(gpu_bench_probe.VALUE)"],
-                           env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True)
-    assert probe.stdout.strip() == "42"
+    if pip != "refuses":
+        probe = subprocess.run([sys.executable, "-c", "import gpu_bench_probe; print(gpu_bench_probe.VALUE)"],
+                               env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True)
+        assert probe.stdout.strip() == "42"

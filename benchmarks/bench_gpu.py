@@ -17,6 +17,7 @@ measured in this one process, so ratios compare like with like. Sections, each o
             so the model costs little and the pipeline's own ceiling shows.
 - parts:    the stage's pieces alone (decode loader, augmentation, store writing), per second.
 - cosine:   bf16 against fp32 features of the same crops and views (min and mean cosine).
+- defaults: the stage as ``histoembed embed`` runs without options (batch 64, 2 decode workers).
 - ray:      the stage with ``--engine ray`` when Ray and that engine are installed, else skipped.
 
 Each section records its peak GPU memory (``torch.cuda.max_memory_allocated``). Results go
@@ -46,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_embed, when im
 
 from bench_embed import MODELS, write_crops  # noqa: E402
 
-SECTIONS = ("env", "bare", "stage", "pipeline", "parts", "cosine", "ray")
+SECTIONS = ("env", "bare", "stage", "pipeline", "parts", "cosine", "defaults", "ray")
 TARGET_VIEWS_PER_S = 3000  # issue 14: ViT-L/16, bf16, 4 views, one H100, end to end
 
 # A ViT as wide as ViT-L (same 1024-d rows to write) with one block: nearly free to run.
@@ -131,18 +132,25 @@ class Run:
         return dataclasses.replace(enc, precision=precision)
 
     def crops_run(self, n_crops: int, tag: str) -> Path:
-        """A run folder with crops.parquet of ``n_crops`` synthetic H&E crops."""
+        """A run folder of its own with crops.parquet of ``n_crops`` synthetic H&E crops (made once per count)."""
+        from histoembed import store
+
+        made = self.tmp / f"crops-{n_crops}"
+        if not made.exists():
+            write_crops(made, n_crops, size=self.plan.image_size)
         run = self.tmp / f"run-{tag}-{n_crops}"
         if not run.exists():
-            write_crops(run, n_crops, size=self.plan.image_size)
+            run.mkdir()
+            os.link(made / store.CROPS_FILE, run / store.CROPS_FILE)
         return run
 
     def settings(self, model_dir: Path, **kw):
         from histoembed.config import EmbedSettings
 
         p = self.plan
-        return EmbedSettings(encoder=str(model_dir), repeats=p.views, batch_size=p.batch_size, workers=p.workers,
-                             device=self.device.type, precision="bf16" if self.cuda else "fp32", **kw)
+        kw = {"batch_size": p.batch_size, "workers": p.workers, **kw}
+        return EmbedSettings(encoder=str(model_dir), repeats=p.views, device=self.device.type,
+                             precision="bf16" if self.cuda else "fp32", **kw)
 
 
 # ---------------------------------------------------------------- sections
@@ -209,37 +217,39 @@ def section_bare(r: Run) -> dict:
     return out
 
 
-def timed_stage(r: Run, model: str) -> dict:
-    """Warm-up run (2 batches), then the measured run, sized to the time left."""
+def timed_stage(r: Run, model: str, tag: str, **settings_kw) -> dict:
+    """Warm-up run (2 batches, checked against in-memory features), then the measured run, sized to the
+    time left; each in a run folder of its own (``tag``)."""
     from histoembed.config import AugmentSettings
     from histoembed.embed import run_embed
 
     p = r.plan
     enc = r.encoder(model, "bf16" if r.cuda else "fp32")
-    settings = r.settings(r.model_dir(model))
-    warm = r.crops_run(2 * p.batch_size, "warm")
+    settings = r.settings(r.model_dir(model), **settings_kw)
+    bs = settings.batch_size
+    warm = r.crops_run(2 * bs, f"{tag}-warm")
     start = time.perf_counter()
     w = run_embed(warm, settings, AugmentSettings(), encoder=enc, show_progress=False)
     warm_rate = w.new_rows / (time.perf_counter() - start)
-    check = store_against_memory(r, warm, w.store_dir, enc, settings.seed)
+    check = store_against_memory(r, warm, w.store_dir, enc, settings.seed, bs)
     # Size the measured run: the plan's batches, fewer if the warm-up's rate says they would overrun.
     room_s = min(p.stage_cap_s, max(5.0, r.left_s() - 90))
-    batches = max(2, min(p.stage_batches, int(room_s * warm_rate / (p.views * p.batch_size))))
-    run = r.crops_run(batches * p.batch_size, "stage")
+    batches = max(2, min(p.stage_batches, int(room_s * warm_rate / (p.views * bs))))
+    run = r.crops_run(batches * bs, tag)
     start = time.perf_counter()
     res = run_embed(run, settings, AugmentSettings(), encoder=enc, show_progress=False)
     seconds = time.perf_counter() - start
     store_rows = sum(_parquet_rows(f) for f in res.store_dir.glob("part-*.parquet"))
-    if store_rows != batches * p.batch_size * p.views:
-        raise RuntimeError(f"the store holds {store_rows} rows, expected {batches * p.batch_size * p.views}")
-    return {"model": model, "precision": enc.precision, "views": p.views, "batch_size": p.batch_size,
-            "workers": p.workers, "crops": batches * p.batch_size, "rows": res.new_rows, "seconds": seconds,
+    if res.new_rows != store_rows or store_rows != batches * bs * p.views:
+        raise RuntimeError(f"the store holds {store_rows} rows ({res.new_rows} new), expected {batches * bs * p.views}")
+    return {"model": model, "precision": enc.precision, "views": p.views, "batch_size": bs,
+            "workers": settings.workers, "crops": batches * bs, "rows": res.new_rows, "seconds": seconds,
             "crop_views_per_s": res.new_rows / seconds, "crops_per_s": res.new_rows / p.views / seconds,
             "warmup_crop_views_per_s": warm_rate, "store_parts": len(list(res.store_dir.glob("part-*.parquet"))),
             **check}
 
 
-def store_against_memory(r: Run, run: Path, store_dir: Path, enc, seed: int) -> dict:
+def store_against_memory(r: Run, run: Path, store_dir: Path, enc, seed: int, batch_size: int) -> dict:
     """The rows the stage wrote (batches queued on the device, copied back asynchronously) against
     ``embed_crops`` (plain copies) of the same crops, views and batches: a race would show here."""
     import numpy as np
@@ -253,7 +263,7 @@ def store_against_memory(r: Run, run: Path, store_dir: Path, enc, seed: int) -> 
     crops = np.stack([decode_png(b) for b in t["png"].to_pylist()])
     mem = embed_crops(enc, crops, views=r.plan.views, augment=AugmentSettings(), seed=seed,
                       image_ids=t["image_id"].to_pylist(), crop_index=t["crop_index"].to_pylist(),
-                      batch_size=r.plan.batch_size)
+                      batch_size=batch_size)
     f = store.read_features(store_dir)
     order = np.lexsort((f.view, f.crop_index, f.image_id.astype(str)))  # crop-major, as embed_crops
     diff = float(np.abs(f.embedding[order] - mem).max())
@@ -270,15 +280,16 @@ def _parquet_rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
 
-def section_stage(r: Run) -> dict:
-    out = timed_stage(r, r.plan.model)
-    bare = time_forward(r, r.encoder(r.plan.model, out["precision"]), r.plan.batch_size, r.plan.bare_views,
+def section_stage(r: Run, tag: str = "stage", **settings_kw) -> dict:
+    out = timed_stage(r, r.plan.model, tag, **settings_kw)
+    bare = time_forward(r, r.encoder(r.plan.model, out["precision"]), out["batch_size"], r.plan.bare_views,
                         r.plan.bare_cap_s)
     out["bare_crops_per_s_same_batch"] = bare["crops_per_s"]
     out["ratio_to_bare"] = out["crop_views_per_s"] / bare["crops_per_s"]
     out["target_crop_views_per_s"] = TARGET_VIEWS_PER_S
     out["meets_target"] = bool(r.cuda and out["crop_views_per_s"] >= TARGET_VIEWS_PER_S)
-    print(f"  whole stage {out['model']} {out['precision']} {out['views']} views, {out['crops']} crops: "
+    print(f"  whole stage {out['model']} {out['precision']} {out['views']} views, batch {out['batch_size']}, "
+          f"{out['workers']} decode workers, {out['crops']} crops: "
           f"{out['crop_views_per_s']:9.1f} crop-views/s ({out['seconds']:.1f} s); bare forward, same batch: "
           f"{bare['crops_per_s']:9.1f}; stage / bare {out['ratio_to_bare']:.1%}; "
           f"target {TARGET_VIEWS_PER_S} {'met' if out['meets_target'] else 'NOT met'}")
@@ -287,8 +298,16 @@ def section_stage(r: Run) -> dict:
     return out
 
 
+def section_defaults(r: Run) -> dict:
+    """The stage as ``histoembed embed`` runs it without options: the default batch size and decode workers."""
+    from histoembed.config import EmbedSettings
+
+    defaults = EmbedSettings()
+    return section_stage(r, "defaults", batch_size=defaults.batch_size, workers=defaults.workers)
+
+
 def section_pipeline(r: Run) -> dict:
-    out = timed_stage(r, r.plan.cheap_model)
+    out = timed_stage(r, r.plan.cheap_model, "pipeline")
     out["model"] = f"1-block ViT, {MODELS[r.plan.cheap_model]['hidden_size']}-d"
     print(f"  pipeline ceiling ({out['model']} rows) {out['views']} views: "
           f"{out['crop_views_per_s']:9.1f} crop-views/s ({out['seconds']:.1f} s)")
@@ -408,8 +427,9 @@ def section_ray(r: Run) -> dict:
 
 SECTION_FNS: dict[str, Callable[[Run], dict]] = {
     "env": section_env, "bare": section_bare, "stage": section_stage, "pipeline": section_pipeline,
-    "parts": section_parts, "cosine": section_cosine, "ray": section_ray}
-MIN_LEFT_S = {"stage": 60, "pipeline": 40, "parts": 20, "cosine": 15, "ray": 30}  # skip a section with less left
+    "parts": section_parts, "cosine": section_cosine, "defaults": section_defaults, "ray": section_ray}
+# A section starts only with this many seconds of the budget left.
+MIN_LEFT_S = {"stage": 60, "pipeline": 40, "parts": 20, "cosine": 15, "defaults": 40, "ray": 30}
 
 
 # ---------------------------------------------------------------- report
@@ -440,9 +460,10 @@ def markdown(results: dict) -> str:
                 for bs, m in sec[precision].items():
                     value = f"{m['crops_per_s']:.1f}" if "crops_per_s" in m else m.get("skipped", "")
                     row(name, f"{sec['model']} {precision} batch {bs}, crops/s", value)
-        elif name in ("stage", "pipeline"):
-            row(name, f"{sec['model']} {sec['precision']} {sec['views']} views, {sec['crops']} crops, "
-                      f"crop-views/s", f"{sec['crop_views_per_s']:.1f}")
+        elif name in ("stage", "pipeline", "defaults"):
+            row(name, f"{sec['model']} {sec['precision']} {sec['views']} views, {sec['crops']} crops, batch "
+                      f"{sec['batch_size']}, {sec['workers']} decode workers, crop-views/s",
+                f"{sec['crop_views_per_s']:.1f}")
             row(name, "store vs in-memory features, max abs diff (row spread)",
                 f"{sec['store_vs_memory_max_abs_diff']:.3g} ({sec['feature_spread']:.3g})")
             if "ratio_to_bare" in sec:

@@ -42,6 +42,8 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert stage["meets_target"] is False  # never claimed on a CPU
     assert stage["store_vs_memory_max_abs_diff"] <= 1e-6 < stage["feature_spread"]
     assert s["pipeline"]["rows"] == s["pipeline"]["crops"] * 4
+    assert (s["defaults"]["batch_size"], s["defaults"]["workers"]) == (64, 2)  # EmbedSettings' defaults
+    assert s["defaults"]["rows"] == s["defaults"]["crops"] * 4 and s["defaults"]["ratio_to_bare"] > 0
     assert all(s["parts"][k] > 0 for k in ("decode_crops_per_s", "augment_views_per_s", "write_rows_per_s"))
     assert 0.99 < s["cosine"]["min_cosine"] <= s["cosine"]["mean_cosine"] <= 1 + 1e-6
     assert s["cosine"]["rows"] == 8 * 4

@@ -34,8 +34,9 @@ bench: $(STAMP)
 
 # What an air-gapped GPU server with its own torch lacks, as wheels (see README, "A GPU server without network").
 WHEELS_PYTHON ?= 3.12
-wheels: $(STAMP)
-	$(PY) benchmarks/bundle_wheels.py --dest wheels --python-version $(WHEELS_PYTHON)
+# Needs only pip and `packaging`, not the venv.
+wheels:
+	$(PYTHON) benchmarks/bundle_wheels.py --dest wheels --python-version $(WHEELS_PYTHON)
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

@@ -31,10 +31,14 @@ from collections.abc import Callable, Iterable
 from email.parser import Parser
 from pathlib import Path
 
-from packaging.markers import default_environment
-from packaging.requirements import Requirement
-from packaging.tags import compatible_tags, cpython_tags
-from packaging.utils import parse_wheel_filename
+try:
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.tags import compatible_tags, cpython_tags
+    from packaging.utils import parse_wheel_filename
+except ImportError:
+    raise SystemExit("bundle_wheels.py needs the `packaging` library: `python3 -m pip install packaging`, "
+                     "or run it with .venv/bin/python") from None
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_BYTES = 64 * 2**20

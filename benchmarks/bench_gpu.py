@@ -348,6 +348,11 @@ def section_parts(r: Run) -> dict:
             views += len(x)
     r.sync()
     out["augment_views_per_s"] = views / (time.perf_counter() - start)
+    # ... and the same views on the CPU: the device's draws and copies must give the CPU's augmentation.
+    k = min(32, len(x))
+    on_device = augment_batch(x[:k], ids[:k], idx[:k], [1] * k, AugmentSettings(), 0).cpu()
+    on_cpu = augment_batch(x[:k].cpu(), ids[:k], idx[:k], [1] * k, AugmentSettings(), 0)
+    out["augment_device_vs_cpu_max_abs_diff"] = float((on_device - on_cpu).abs().max())
     # 3. writing rows of the model's width to the store (Arrow table + zstd Parquet).
     dim, b = MODELS[p.model]["hidden_size"], p.batch_size
     schema = store.feature_schema(dim, "float32")
@@ -372,7 +377,8 @@ def section_parts(r: Run) -> dict:
     out["d2h_rows_per_s"] = 8 * b * p.views / (time.perf_counter() - start)
     print(f"  decode {out['decode_crops_per_s']:9.1f} crops/s ({p.workers} workers) | augment "
           f"{out['augment_views_per_s']:9.1f} views/s | write {out['write_rows_per_s']:9.1f} rows/s | "
-          f"device->host {out['d2h_rows_per_s']:9.1f} rows/s")
+          f"device->host {out['d2h_rows_per_s']:9.1f} rows/s | augmentation on the device vs the CPU: "
+          f"max |diff| {out['augment_device_vs_cpu_max_abs_diff']:.2g} (pixels in [0, 1])")
     return out
 
 
@@ -473,6 +479,8 @@ def markdown(results: dict) -> str:
         elif name == "parts":
             for k in ("decode_crops_per_s", "augment_views_per_s", "write_rows_per_s", "d2h_rows_per_s"):
                 row(name, k.replace("_", " ").replace(" per s", "/s"), f"{sec[k]:.1f}")
+            row(name, "augmentation, device vs CPU, max abs pixel diff",
+                f"{sec['augment_device_vs_cpu_max_abs_diff']:.2g}")
         elif name == "cosine":
             row(name, f"bf16 vs fp32 min / mean cosine ({sec['rows']} rows)",
                 f"{sec['min_cosine']:.5f} / {sec['mean_cosine']:.5f}")

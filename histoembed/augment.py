@@ -73,6 +73,22 @@ def row_rng(seed: int, image_id: str, crop_index: int, view: int) -> np.random.G
     return np.random.default_rng(entropy)
 
 
+def to_device(values: np.ndarray, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host ``values`` on ``like``'s device (as ``dtype``), without making the host wait for the device.
+
+    A plain copy to a GPU first waits for every queued kernel, so each drawn parameter would
+    stall the host until the encoder's previous forward pass ended. Through pinned memory the
+    copy is queued like a kernel, and the host draws and queues the next view meanwhile (the
+    pinned block is not reused before its copy has run). The values are the same either way.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(values))
+    if dtype is not None:
+        t = t.to(dtype)
+    if like.device.type != "cuda":
+        return t.to(like.device)
+    return t.pin_memory().to(like.device, non_blocking=True)
+
+
 # ---------------------------------------------------------------- per-row parameters
 
 @dataclass(frozen=True)
@@ -224,7 +240,7 @@ def elastic_displacement(keys: torch.Tensor, height: int, width: int, alpha: flo
     nodes_w = -(-(width - 1) // step) + 1
     h, w = nodes_h + 2 * radius, nodes_w + 2 * radius
     noise = hash_normal(keys, 2 * h * w).view(-1, 1, h, w)
-    taps = torch.from_numpy(_gaussian_taps(np.array([coarse_sigma]), radius)).to(noise)
+    taps = to_device(_gaussian_taps(np.array([coarse_sigma]), radius), noise, noise.dtype)
     field = F.conv2d(noise, taps.view(1, 1, -1, 1))
     field = F.conv2d(field, taps.view(1, 1, 1, -1)).view(-1, 2, nodes_h, nodes_w)
     if step > 1:
@@ -248,14 +264,14 @@ def _warp(x: torch.Tensor, p: ViewParams, settings: AugmentSettings) -> torch.Te
     theta[:, 0, 1] = -sin * height / width
     theta[:, 1, 0] = sin * width / height
     theta[:, 1, 1] = cos
-    theta_t = torch.from_numpy(theta).to(x)
+    theta_t = to_device(theta, x, x.dtype)
     grid = F.affine_grid(theta_t, [b, 3, height, width], align_corners=False)
     rows = np.flatnonzero(p.elastic)
     if rows.size:
-        keys = torch.from_numpy(p.elastic_key[rows]).to(x.device)
+        keys = to_device(p.elastic_key[rows], x)
         shift = elastic_displacement(keys, height, width, settings.elastic_alpha, settings.elastic_sigma)
-        to_grid_units = torch.tensor([2.0 / width, 2.0 / height], device=x.device, dtype=x.dtype)
-        idx = torch.from_numpy(rows).to(x.device)
+        to_grid_units = to_device(np.array([2.0 / width, 2.0 / height]), x, x.dtype)
+        idx = to_device(rows, x)
         grid[idx] += shift.permute(0, 2, 3, 1) * to_grid_units
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
@@ -273,15 +289,15 @@ def rgb_to_hed(x: torch.Tensor) -> torch.Tensor:
     ``skimage.color.rgb2hed(img) == max(rgb_to_hed(img) / -ln(1e-6), 0)``.
     """
     od = -torch.log(x.clamp_min(OD_EPS))
-    hed = torch.from_numpy(HED_FROM_RGB.T.copy()).to(x)  # columns act on channels
+    hed = to_device(HED_FROM_RGB.T, x, x.dtype)  # columns act on channels
     return torch.einsum("ij,...jhw->...ihw", hed, od)
 
 
 def _stain(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
     b, _, height, width = x.shape
     m, c = _stain_matrices(p.stain_alpha, p.stain_beta)
-    m_t = torch.from_numpy(m).to(x)
-    c_t = torch.from_numpy(c).to(x)
+    m_t = to_device(m, x, x.dtype)
+    c_t = to_device(c, x, x.dtype)
     od = -torch.log(x.clamp_min(OD_EPS)).reshape(b, 3, -1)
     od = torch.baddbmm(c_t[:, :, None], m_t, od)
     return torch.exp(-od).clamp_(0, 1).view(b, 3, height, width)
@@ -308,10 +324,10 @@ def _jitter_matrices(p: ViewParams) -> tuple[np.ndarray, np.ndarray]:
 def _jitter(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
     b, _, height, width = x.shape
     t, g = _jitter_matrices(p)
-    luma = torch.tensor(YIQ_FROM_RGB[0], device=x.device, dtype=x.dtype)
+    luma = to_device(YIQ_FROM_RGB[0], x, x.dtype)
     mean_luma = torch.einsum("c,bchw->b", luma, x) / (height * width)
-    offset = torch.from_numpy(g).to(x) * mean_luma
-    flat = torch.bmm(torch.from_numpy(t).to(x), x.reshape(b, 3, -1)) + offset[:, None, None]
+    offset = to_device(g, x, x.dtype) * mean_luma
+    flat = torch.bmm(to_device(t, x, x.dtype), x.reshape(b, 3, -1)) + offset[:, None, None]
     return flat.clamp_(0, 1).view(b, 3, height, width)
 
 
@@ -319,7 +335,7 @@ def _blur(x: torch.Tensor, p: ViewParams, max_sigma: float) -> torch.Tensor:
     """Separable Gaussian blur, one kernel per row, as a convolution grouped by channel."""
     b, _, height, width = x.shape
     radius = max(1, math.ceil(3 * max_sigma))   # from the settings: the same for every batch
-    taps = torch.from_numpy(_gaussian_taps(p.blur_sigma, radius)).to(x)
+    taps = to_device(_gaussian_taps(p.blur_sigma, radius), x, x.dtype)
     taps = taps.repeat_interleave(3, dim=0)     # [B * 3, K]: each row's kernel for R, G, B
     y = F.pad(x.reshape(1, b * 3, height, width), (radius, radius, radius, radius), mode="replicate")
     y = F.conv2d(y, taps.view(b * 3, 1, -1, 1), groups=b * 3)
@@ -329,22 +345,22 @@ def _blur(x: torch.Tensor, p: ViewParams, max_sigma: float) -> torch.Tensor:
 
 def _noise(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
     b, c, height, width = x.shape
-    keys = torch.from_numpy(p.noise_key).to(x.device)
+    keys = to_device(p.noise_key, x)
     z = hash_normal(keys, c * height * width).view(b, c, height, width)
-    sigma = torch.from_numpy(p.noise_sigma).to(x)
+    sigma = to_device(p.noise_sigma, x, x.dtype)
     return (x + sigma[:, None, None, None] * z).clamp_(0, 1)
 
 
 def _erase(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
     b, _, height, width = x.shape
-    box = torch.from_numpy(p.erase_box).to(x.device)
+    box = to_device(p.erase_box, x)
     top, left, box_h, box_w = (box[:, i, None] for i in range(4))
     ys = torch.arange(height, device=x.device)[None, :]
     xs = torch.arange(width, device=x.device)[None, :]
     in_rows = (ys >= top) & (ys < top + box_h)        # [B, H]
     in_cols = (xs >= left) & (xs < left + box_w)      # [B, W]
     mask = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
-    fill = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    fill = to_device(np.array(IMAGENET_MEAN), x, x.dtype).view(1, 3, 1, 1)
     return torch.where(mask, fill, x)
 
 
@@ -361,7 +377,7 @@ def _apply(x: torch.Tensor, p: ViewParams, rows: np.ndarray,
         return x
     if rows.size == x.shape[0]:
         return op(x, p)
-    idx = torch.from_numpy(rows).to(x.device)
+    idx = to_device(rows, x)
     out = x.clone()
     out[idx] = op(x[idx], _subset(p, rows))
     return out
@@ -385,7 +401,8 @@ def augment_batch(x: torch.Tensor, image_ids: Sequence[str], crop_index: Sequenc
     height, width = x.shape[2], x.shape[3]
     p = draw_view_params([image_ids[i] for i in rows], [crop_index[i] for i in rows],
                          [views[i] for i in rows], settings, seed, height, width)
-    y = x[torch.from_numpy(rows).to(x.device)].contiguous()
+    index = to_device(rows, x)
+    y = x[index].contiguous()
     # Each operation skips rows whose drawn parameters make it the identity.
     warped = (p.angle_deg != 0) | p.elastic
     stained = np.any(p.stain_alpha != 1, axis=1) | np.any(p.stain_beta != 0, axis=1)
@@ -398,5 +415,5 @@ def augment_batch(x: torch.Tensor, image_ids: Sequence[str], crop_index: Sequenc
     y = _apply(y, p, np.flatnonzero(p.blur), lambda v, q: _blur(v, q, max(settings.blur_sigma)))
     y = _apply(y, p, np.flatnonzero(p.noise & (p.noise_sigma > 0)), _noise)
     y = _apply(y, p, np.flatnonzero(p.erase), _erase)
-    out[torch.from_numpy(rows).to(x.device)] = y.clamp(0, 1)
+    out[index] = y.clamp(0, 1)
     return out

@@ -45,6 +45,7 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert (s["defaults"]["batch_size"], s["defaults"]["workers"]) == (64, 2)  # EmbedSettings' defaults
     assert s["defaults"]["rows"] == s["defaults"]["crops"] * 4 and s["defaults"]["ratio_to_bare"] > 0
     assert all(s["parts"][k] > 0 for k in ("decode_crops_per_s", "augment_views_per_s", "write_rows_per_s"))
+    assert s["parts"]["augment_device_vs_cpu_max_abs_diff"] == 0  # the device is the CPU here
     assert 0.99 < s["cosine"]["min_cosine"] <= s["cosine"]["mean_cosine"] <= 1 + 1e-6
     assert s["cosine"]["rows"] == 8 * 4
     assert "skipped" in s["ray"] or s["ray"]["rows"] > 0

@@ -16,7 +16,9 @@ measured in this one process, so ratios compare like with like. Sections, each o
 - pipeline: the same stage with a 1-block ViT of the same width (same 1024-d store rows),
             so the model costs little and the pipeline's own ceiling shows.
 - parts:    the stage's pieces alone (decode loader, augmentation, store writing), per second.
-- cosine:   bf16 against fp32 features of the same crops and views (min and mean cosine).
+- cosine:   bf16 (autocast, and bf16 weights) against fp32 features of the same crops and views.
+- bf16w:    the stage and its bare forward with a bf16 copy of the weights and no autocast
+            (every operation in bf16; not one of the package's precisions), to see what it gains.
 - defaults: the stage as ``histoembed embed`` runs without options (batch 64, 2 decode workers).
 - ray:      the stage with ``--engine ray`` when Ray and that engine are installed, else skipped.
 
@@ -47,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_embed, when im
 
 from bench_embed import MODELS, write_crops  # noqa: E402
 
-SECTIONS = ("env", "bare", "stage", "pipeline", "parts", "cosine", "defaults", "ray")
+SECTIONS = ("env", "bare", "stage", "pipeline", "parts", "cosine", "bf16w", "defaults", "ray")
 TARGET_VIEWS_PER_S = 3000  # issue 14: ViT-L/16, bf16, 4 views, one H100, end to end
 
 # A ViT as wide as ViT-L (same 1024-d rows to write) with one block: nearly free to run.
@@ -80,6 +82,28 @@ FULL = Plan(model="vit-l", cheap_model="cheap", image_size=224, bare_batches=[12
 SMOKE = Plan(model="vit-tiny", cheap_model="cheap-tiny", image_size=32, bare_batches=[4, 8], bare_views=16,
              bare_cap_s=5, batch_size=8, views=4, stage_batches=3, stage_cap_s=10, workers=1, cosine_crops=8,
              budget_s=120)
+
+
+BF16_WEIGHTS = "bf16-weights"
+
+
+def bf16_weights(enc):
+    """``enc`` with a bf16 copy of its weights fed bf16 inputs, without autocast: every operation in bf16.
+
+    Not one of the package's precisions: what the bench measures to see what one would gain
+    over bf16 autocast, which keeps layer norms, layer scales and residual adds in fp32.
+    """
+    import copy
+
+    import torch
+
+    features = enc.features
+
+    def features_in_bf16(module, x, pool):
+        return features(module, x.to(torch.bfloat16), pool)
+
+    return dataclasses.replace(enc, module=copy.deepcopy(enc.module).to(torch.bfloat16), precision="fp32",
+                               features=features_in_bf16)
 
 
 class Run:
@@ -129,6 +153,8 @@ class Run:
 
         enc = self.cached(f"enc:{name}", lambda: load_encoder(str(self.model_dir(name)), device=self.device.type,
                                                               precision="fp32"))
+        if precision == BF16_WEIGHTS:
+            return self.cached(f"enc-bf16w:{name}", lambda: bf16_weights(enc))
         return dataclasses.replace(enc, precision=precision)
 
     def crops_run(self, n_crops: int, tag: str) -> Path:
@@ -217,14 +243,14 @@ def section_bare(r: Run) -> dict:
     return out
 
 
-def timed_stage(r: Run, model: str, tag: str, **settings_kw) -> dict:
+def timed_stage(r: Run, model: str, tag: str, precision: str | None = None, **settings_kw) -> dict:
     """Warm-up run (2 batches, checked against in-memory features), then the measured run, sized to the
     time left; each in a run folder of its own (``tag``)."""
     from histoembed.config import AugmentSettings
     from histoembed.embed import run_embed
 
     p = r.plan
-    enc = r.encoder(model, "bf16" if r.cuda else "fp32")
+    enc = r.encoder(model, precision or ("bf16" if r.cuda else "fp32"))
     settings = r.settings(r.model_dir(model), **settings_kw)
     bs = settings.batch_size
     warm = r.crops_run(2 * bs, f"{tag}-warm")
@@ -242,7 +268,7 @@ def timed_stage(r: Run, model: str, tag: str, **settings_kw) -> dict:
     store_rows = sum(_parquet_rows(f) for f in res.store_dir.glob("part-*.parquet"))
     if res.new_rows != store_rows or store_rows != batches * bs * p.views:
         raise RuntimeError(f"the store holds {store_rows} rows ({res.new_rows} new), expected {batches * bs * p.views}")
-    return {"model": model, "precision": enc.precision, "views": p.views, "batch_size": bs,
+    return {"model": model, "precision": precision or enc.precision, "views": p.views, "batch_size": bs,
             "workers": settings.workers, "crops": batches * bs, "rows": res.new_rows, "seconds": seconds,
             "crop_views_per_s": res.new_rows / seconds, "crops_per_s": res.new_rows / p.views / seconds,
             "warmup_crop_views_per_s": warm_rate, "store_parts": len(list(res.store_dir.glob("part-*.parquet"))),
@@ -280,8 +306,8 @@ def _parquet_rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
 
-def section_stage(r: Run, tag: str = "stage", **settings_kw) -> dict:
-    out = timed_stage(r, r.plan.model, tag, **settings_kw)
+def section_stage(r: Run, tag: str = "stage", precision: str | None = None, **settings_kw) -> dict:
+    out = timed_stage(r, r.plan.model, tag, precision, **settings_kw)
     bare = time_forward(r, r.encoder(r.plan.model, out["precision"]), out["batch_size"], r.plan.bare_views,
                         r.plan.bare_cap_s)
     out["bare_crops_per_s_same_batch"] = bare["crops_per_s"]
@@ -296,6 +322,11 @@ def section_stage(r: Run, tag: str = "stage", **settings_kw) -> dict:
     print(f"  store vs in-memory features of the warm-up crops: max |diff| {out['store_vs_memory_max_abs_diff']:.3g} "
           f"(rows spread up to {out['feature_spread']:.3g})")
     return out
+
+
+def section_bf16w(r: Run) -> dict:
+    """The stage with bf16 weights and no autocast (see ``bf16_weights``), against its own bare forward."""
+    return section_stage(r, "bf16w", BF16_WEIGHTS)
 
 
 def section_defaults(r: Run) -> dict:
@@ -395,15 +426,17 @@ def section_cosine(r: Run) -> dict:
     pngs = pq.read_table(run / store.CROPS_FILE, columns=["png"])["png"].to_pylist()[:n]
     crops = np.stack([decode_png(b) for b in pngs])
     feats = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16", BF16_WEIGHTS):
         feats[precision] = embed_crops(r.encoder(r.plan.model, precision), crops, views=r.plan.views,
                                        image_ids=[f"img{i}" for i in range(n)], batch_size=min(64, n))
-    a, b = feats["fp32"], feats["bf16"]
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    out = {"rows": len(cos), "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-           "note": "random weights; bf16 is autocast, the features are returned as float32"}
-    print(f"  bf16 vs fp32, {n} crops x {r.plan.views} views: min cosine {out['min_cosine']:.5f}, "
-          f"mean {out['mean_cosine']:.5f}")
+    out = {"note": "random weights; bf16 is autocast; bf16 weights: every operation in bf16; features as float32"}
+    for precision, prefix in (("bf16", ""), (BF16_WEIGHTS, "bf16_weights_")):
+        a, b = feats["fp32"], feats[precision]
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        out.update({"rows": len(cos), f"{prefix}min_cosine": float(cos.min()),
+                    f"{prefix}mean_cosine": float(cos.mean())})
+        print(f"  {precision} vs fp32, {n} crops x {r.plan.views} views: min cosine {cos.min():.5f}, "
+              f"mean {cos.mean():.5f}")
     return out
 
 
@@ -433,9 +466,10 @@ def section_ray(r: Run) -> dict:
 
 SECTION_FNS: dict[str, Callable[[Run], dict]] = {
     "env": section_env, "bare": section_bare, "stage": section_stage, "pipeline": section_pipeline,
-    "parts": section_parts, "cosine": section_cosine, "defaults": section_defaults, "ray": section_ray}
+    "parts": section_parts, "cosine": section_cosine, "bf16w": section_bf16w, "defaults": section_defaults,
+    "ray": section_ray}
 # A section starts only with this many seconds of the budget left.
-MIN_LEFT_S = {"stage": 60, "pipeline": 40, "parts": 20, "cosine": 15, "defaults": 40, "ray": 30}
+MIN_LEFT_S = {"stage": 60, "pipeline": 40, "parts": 20, "cosine": 15, "bf16w": 50, "defaults": 40, "ray": 30}
 
 
 # ---------------------------------------------------------------- report
@@ -466,7 +500,7 @@ def markdown(results: dict) -> str:
                 for bs, m in sec[precision].items():
                     value = f"{m['crops_per_s']:.1f}" if "crops_per_s" in m else m.get("skipped", "")
                     row(name, f"{sec['model']} {precision} batch {bs}, crops/s", value)
-        elif name in ("stage", "pipeline", "defaults"):
+        elif name in ("stage", "pipeline", "bf16w", "defaults"):
             row(name, f"{sec['model']} {sec['precision']} {sec['views']} views, {sec['crops']} crops, batch "
                       f"{sec['batch_size']}, {sec['workers']} decode workers, crop-views/s",
                 f"{sec['crop_views_per_s']:.1f}")
@@ -482,8 +516,10 @@ def markdown(results: dict) -> str:
             row(name, "augmentation, device vs CPU, max abs pixel diff",
                 f"{sec['augment_device_vs_cpu_max_abs_diff']:.2g}")
         elif name == "cosine":
-            row(name, f"bf16 vs fp32 min / mean cosine ({sec['rows']} rows)",
+            row(name, f"bf16 autocast vs fp32 min / mean cosine ({sec['rows']} rows)",
                 f"{sec['min_cosine']:.5f} / {sec['mean_cosine']:.5f}")
+            row(name, "bf16 weights vs fp32 min / mean cosine",
+                f"{sec['bf16_weights_min_cosine']:.5f} / {sec['bf16_weights_mean_cosine']:.5f}")
         elif name == "ray":
             row(name, "ray engine crop-views/s", f"{sec['crop_views_per_s']:.1f}")
     return "\n".join(lines) + "\n"

@@ -345,6 +345,26 @@ def section_pipeline(r: Run) -> dict:
     return out
 
 
+def count_host_syncs(r: Run, queue: Callable[[], object]) -> int | None:
+    """How often ``queue()`` makes the host wait for the GPU (torch's sync debug mode); None on a CPU."""
+    if not r.cuda:
+        return None
+    import warnings
+
+    import torch
+
+    r.sync()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            queue()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    r.sync()
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def section_parts(r: Run) -> dict:
     """Each piece of the stage alone, to name the bottleneck when the stage falls short."""
     import torch
@@ -352,7 +372,7 @@ def section_parts(r: Run) -> dict:
     from histoembed import store
     from histoembed.augment import augment_batch
     from histoembed.config import AugmentSettings
-    from histoembed.embed import CropBatches, PartWriter, _rows, copy_to_host, plan_batches
+    from histoembed.embed import CropBatches, PartWriter, _rows, copy_to_host, plan_batches, queue_views
 
     p, out = r.plan, {}
     run = r.crops_run(max(4, min(p.stage_batches, 8)) * p.batch_size, "parts")
@@ -384,6 +404,12 @@ def section_parts(r: Run) -> dict:
     on_device = augment_batch(x[:k], ids[:k], idx[:k], [1] * k, AugmentSettings(), 0).cpu()
     on_cpu = augment_batch(x[:k].cpu(), ids[:k], idx[:k], [1] * k, AugmentSettings(), 0)
     out["augment_device_vs_cpu_max_abs_diff"] = float((on_device - on_cpu).abs().max())
+    # Host waits for the device while one batch's views are queued: each stalls the queue.
+    enc = r.encoder(p.model, "bf16" if r.cuda else "fp32")
+    out["augment_host_syncs"] = count_host_syncs(
+        r, lambda: augment_batch(x, ids, idx, [1] * len(x), AugmentSettings(), 0))
+    out["queue_views_host_syncs"] = count_host_syncs(
+        r, lambda: queue_views(enc, first, ids, idx, list(range(p.views)), AugmentSettings(), 0))
     # 3. writing rows of the model's width to the store (Arrow table + zstd Parquet).
     dim, b = MODELS[p.model]["hidden_size"], p.batch_size
     schema = store.feature_schema(dim, "float32")
@@ -409,7 +435,9 @@ def section_parts(r: Run) -> dict:
     print(f"  decode {out['decode_crops_per_s']:9.1f} crops/s ({p.workers} workers) | augment "
           f"{out['augment_views_per_s']:9.1f} views/s | write {out['write_rows_per_s']:9.1f} rows/s | "
           f"device->host {out['d2h_rows_per_s']:9.1f} rows/s | augmentation on the device vs the CPU: "
-          f"max |diff| {out['augment_device_vs_cpu_max_abs_diff']:.2g} (pixels in [0, 1])")
+          f"max |diff| {out['augment_device_vs_cpu_max_abs_diff']:.2g} (pixels in [0, 1]) | host waits while "
+          f"queueing: augmentation {out['augment_host_syncs']}, a batch's {p.views} views "
+          f"{out['queue_views_host_syncs']}")
     return out
 
 
@@ -515,6 +543,8 @@ def markdown(results: dict) -> str:
                 row(name, k.replace("_", " ").replace(" per s", "/s"), f"{sec[k]:.1f}")
             row(name, "augmentation, device vs CPU, max abs pixel diff",
                 f"{sec['augment_device_vs_cpu_max_abs_diff']:.2g}")
+            row(name, "host waits for the GPU: one augmentation / one batch's views queued",
+                f"{sec['augment_host_syncs']} / {sec['queue_views_host_syncs']}")
         elif name == "cosine":
             row(name, f"bf16 autocast vs fp32 min / mean cosine ({sec['rows']} rows)",
                 f"{sec['min_cosine']:.5f} / {sec['mean_cosine']:.5f}")

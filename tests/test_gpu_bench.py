@@ -46,6 +46,7 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert s["defaults"]["rows"] == s["defaults"]["crops"] * 4 and s["defaults"]["ratio_to_bare"] > 0
     assert all(s["parts"][k] > 0 for k in ("decode_crops_per_s", "augment_views_per_s", "write_rows_per_s"))
     assert s["parts"]["augment_device_vs_cpu_max_abs_diff"] == 0  # the device is the CPU here
+    assert s["parts"]["augment_host_syncs"] is None  # counted on a GPU only
     assert 0.99 < s["cosine"]["min_cosine"] <= s["cosine"]["mean_cosine"] <= 1 + 1e-6
     assert s["cosine"]["rows"] == 8 * 4
     assert 0.9 < s["cosine"]["bf16_weights_min_cosine"] <= s["cosine"]["bf16_weights_mean_cosine"] <= 1 + 1e-6

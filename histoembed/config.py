@@ -67,13 +67,23 @@ class AugmentSettings(_Settings):
 
 
 class EmbedSettings(_Settings):
-    encoder: str = Field("phikon-v2", description="Registry name, Hugging Face id or local model folder.")
-    pool: Literal["cls", "mean", "cls+mean"] = Field("cls", description="Token pooling for ViT encoders.")
+    encoder: str = Field("phikon-v2", description="Registry name (`histoembed encoders` lists them), hf-hub:org/name "
+                         "timm id, Hugging Face transformers id or local model folder.")
+    pool: Literal["auto", "cls", "mean", "cls+mean"] = Field(
+        "auto", description="Token pooling for ViT encoders: auto (the registry entry's rule, e.g. cls+mean for "
+        "Virchow2 and Midnight; cls elsewhere), cls, mean of the patch tokens (registers left out), or both.")
     repeats: int = Field(4, ge=1, description="Views per crop: view 0 is clean, views 1..r-1 augmented.")
     tta: bool = Field(True, description="Embed the test split with the same augmented views.")
     batch_size: int = Field(64, ge=1, description="Crops per forward pass.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where augmentation and the encoder run.")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: the encoder's CUDA precision (bf16 autocast unless its entry says otherwise) on "
+        "CUDA, fp32 on the CPU.")
+    check_precision: bool | None = Field(
+        None, description="Compare the chosen precision with fp32 on the first batch of real crops (cosine per crop, "
+        "NaN/Inf) and stop when it falls below precision_threshold. Default: on when a GPU runs below fp32.")
+    precision_threshold: float = Field(0.999, gt=0, le=1, description="Lowest cosine to fp32 a crop may have.")
+    fallback_fp32: bool = Field(False, description="When the precision check fails, embed in fp32 instead of stopping.")
     store_dtype: Literal["float32", "float16"] = Field("float32", description="Embedding type in the store.")
     workers: int = Field(2, ge=0, description="Processes decoding crop PNGs (0: in the main process).")
     rows_per_part: int = Field(4096, ge=1, description="Rows per Parquet part file (the resume granularity).")

@@ -16,6 +16,7 @@ is on, else view 0 only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -33,6 +34,7 @@ from histoembed.augment import augment_batch
 from histoembed.config import AugmentSettings, EmbedSettings
 from histoembed.encoders import Encoder, load_encoder
 from histoembed.errors import UserError
+from histoembed.precision import PrecisionCheck, check_precision
 
 STORE_VERSION = 1
 
@@ -143,6 +145,7 @@ class EmbedResult:
     skipped: bool      # True: everything was already embedded with these settings
     removed_parts: int  # parts of other settings that were removed
     seconds: float
+    precision_check: PrecisionCheck | None = None
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -173,6 +176,31 @@ def plan_batches(rows: list[int], splits: list[str], batch_size: int) -> list[np
         mine = [r for r in rows if splits[r] == split]
         out += [np.array(mine[i:i + batch_size]) for i in range(0, len(mine), batch_size)]
     return out
+
+
+def checked_encoder(encoder: Encoder, crops_path: Path, rows: list[int],
+                    settings: EmbedSettings) -> tuple[Encoder, PrecisionCheck | None]:
+    """The encoder to embed with, after comparing its precision with fp32 on the crops ``rows`` when asked.
+
+    Default: checked when a GPU runs below fp32. A failed check stops the run, naming the
+    figures, or with ``fallback_fp32`` returns the encoder in fp32.
+    """
+    wanted = (settings.check_precision if settings.check_precision is not None
+              else encoder.device.type == "cuda")
+    if not wanted or encoder.precision == "fp32" or not rows:
+        return encoder, None
+    _, crops = next(iter(CropBatches(crops_path, [np.asarray(rows)])))
+    if isinstance(crops, int):
+        return encoder, None  # the embedding loop names the unreadable crop
+    x = crops.to(encoder.device).permute(0, 3, 1, 2).float().div_(255)
+    check = check_precision(encoder, x, settings.precision_threshold)
+    if check.passed:
+        return encoder, check
+    if settings.fallback_fp32:
+        return encoder.with_precision("fp32"), dataclasses.replace(check, fallback=True)
+    raise UserError(f"encoder {encoder.name} in {check.precision} is not close to fp32 on real crops: "
+                    f"{check.summary()}",
+                    hint="embed in fp32 (--precision fp32), or add --fallback-fp32 to fall back by itself")
 
 
 def store_key(crops_key: str, encoder: Encoder, settings: EmbedSettings, augment: AugmentSettings) -> str:
@@ -307,21 +335,22 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
     crops_key = store.read_meta(crops_path).get("key")
     if encoder is None:
         encoder = load_encoder(settings.encoder, settings.pool, settings.device, settings.precision)
+    ids = index["image_id"].to_pylist()
+    mine = [r for r in range(len(ids)) if r % shard[1] == shard[0]]
+    encoder, check = checked_encoder(encoder, crops_path, mine[:settings.batch_size], settings)
     key = store_key(crops_key, encoder, settings, augment)
     store_dir = run / store.FEATURES_DIR / encoder.slug
     with shard_lock(store_dir, shard):
         parts, removed = _prepare_store(store_dir, key)
         done = _done_crops(parts)
 
-        ids = index["image_id"].to_pylist()
         splits = index["split"].to_pylist()
         cidx = index["crop_index"].to_pylist()
-        mine = [r for r in range(len(ids)) if r % shard[1] == shard[0]]
         todo = [r for r in mine if (ids[r], cidx[r]) not in done]
         rows_of = {s: len(views_of(s, settings)) for s in ("train", "test")}
         total_rows = sum(rows_of[splits[r]] for r in mine)
         result = EmbedResult(store_dir, encoder.name, encoder.dim, total_rows - sum(rows_of[splits[r]] for r in todo),
-                             0, not todo, removed, 0.0)
+                             0, not todo, removed, 0.0, check)
         if not todo:
             result.seconds = time.perf_counter() - started
             return result
@@ -331,7 +360,8 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
                 "weights_hash": encoder.weights_hash, "dim": encoder.dim, "pool": encoder.pool, "size": encoder.size,
                 "precision": encoder.precision, "repeats": settings.repeats, "tta": settings.tta, "seed": settings.seed,
                 "augment": augment.model_dump(), "store_dtype": settings.store_dtype, "crops_key": crops_key,
-                "shard": f"{shard[0]}/{shard[1]}", "package_version": __version__}
+                "shard": f"{shard[0]}/{shard[1]}", "package_version": __version__,
+                "precision_check": check.as_meta() if check else None}
         schema = store.with_meta(store.feature_schema(encoder.dim, settings.store_dtype), meta)
         workers = min(settings.workers, len(batches))
         loader = torch.utils.data.DataLoader(

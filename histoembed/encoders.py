@@ -1,20 +1,19 @@
-"""The encoder registry: frozen models that turn a batch of crops into one vector each.
+"""Frozen encoders: models that turn a batch of crops into one vector each.
 
 An ``Encoder`` takes float crops in [0, 1] ([B, 3, H, W], any size), resizes them to the
 model's input size, normalises them with the model's own mean/std and returns float32
-features [B, D]. Names resolve in this order: a registry entry (``REGISTRY``), a local
-folder with ``config.json`` and safetensors, then a Hugging Face id (cache and offline
-mode honoured). Weights are read as safetensors, or with ``torch.load(weights_only=True)``
-for the packaged EfficientNet; remote code is never run.
-
-Adding an encoder is one entry in ``REGISTRY``: a Hugging Face id for any ViT-like
-``AutoModel``, or a loader function for anything else.
+features [B, D]. Names resolve in this order: a registry entry (``histoembed.zoo``), an
+``hf-hub:org/name`` timm id, a local folder (timm's ``config.json`` with ``architecture``,
+else a transformers folder), then a transformers id on the Hugging Face hub. The cache and
+offline mode are honoured; weights are read from safetensors only (or with
+``torch.load(weights_only=True)`` for the packaged EfficientNet); remote code is never run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import json
@@ -27,11 +26,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from histoembed import store
+from histoembed import store, zoo
 from histoembed.config import IMAGENET_MEAN, IMAGENET_STD
 from histoembed.errors import UserError
 
-Pool = str  # "cls" | "mean" | "cls+mean"
+Pool = str  # "cls" | "mean" | "cls+mean" for token models, "avg" for feature maps; "auto": the entry's rule
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MODELS_ENV = "HISTOEMBED_MODELS"  # a folder with one subfolder of weights per registry name
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Encoder:
     pool: Pool
     weights_hash: str                  # sha256 of the weight files
     device: torch.device
-    precision: str                     # fp32 | bf16
+    precision: str                     # fp32 | bf16 | fp16
     module: torch.nn.Module
     features: Callable[[torch.nn.Module, torch.Tensor, Pool], torch.Tensor]
 
@@ -62,10 +63,25 @@ class Encoder:
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         x = (x - mean) / std
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16"
+        autocast = (torch.autocast(self.device.type, dtype=AUTOCAST[self.precision]) if self.precision in AUTOCAST
                     else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
             return self.features(self.module, x, self.pool).float()
+
+    def with_precision(self, precision: str) -> Encoder:
+        """The same module and preprocessing at another precision (autocast only: no second copy of weights)."""
+        return dataclasses.replace(self, precision=precision)
+
+
+# ---------------------------------------------------------------- pooling
+
+def pool_tokens(tokens: torch.Tensor, prefix: int, pool: Pool) -> torch.Tensor:
+    """CLS (token 0), the mean of the patch tokens (after the ``prefix`` class and register tokens), or both."""
+    cls = tokens[:, 0]
+    if pool == "cls":
+        return cls
+    patches = tokens[:, prefix:].mean(dim=1)
+    return patches if pool == "mean" else torch.cat([cls, patches], dim=1)
 
 
 # ---------------------------------------------------------------- Hugging Face ViTs
@@ -73,12 +89,8 @@ class Encoder:
 def vit_features(model: torch.nn.Module, x: torch.Tensor, pool: Pool) -> torch.Tensor:
     """CLS token, mean of the patch tokens (registers left out), or both, of ``last_hidden_state``."""
     tokens = model(pixel_values=x).last_hidden_state
-    cls = tokens[:, 0]
-    if pool == "cls":
-        return cls
     registers = getattr(model.config, "num_register_tokens", 0) or 0
-    patches = tokens[:, 1 + registers:].mean(dim=1)
-    return patches if pool == "mean" else torch.cat([cls, patches], dim=1)
+    return pool_tokens(tokens, 1 + registers, pool)
 
 
 def _hf_file(model_id: str, filename: str) -> Path | None:
@@ -135,8 +147,8 @@ def _not_found(model_id: str, why: str) -> UserError:
              "the package")
 
 
-def load_hf(model_id: str, pool: Pool) -> tuple[torch.nn.Module, dict]:
-    """A transformers ``AutoModel`` from safetensors, its preprocessing from its own config."""
+def load_hf(model_id: str, pool: Pool, norm: tuple | None = None) -> tuple[torch.nn.Module, dict]:
+    """A transformers ``AutoModel`` from safetensors, its preprocessing from its own config (``norm`` overrides)."""
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
@@ -156,6 +168,8 @@ def load_hf(model_id: str, pool: Pool) -> tuple[torch.nn.Module, dict]:
         raise
     except (OSError, ValueError) as e:
         raise _not_found(model_id, str(e).splitlines()[0]) from None
+    if pool == "auto":
+        pool = "cls"
     preprocessor = _hf_file(model_id, "preprocessor_config.json")
     pp = json.loads(preprocessor.read_text()) if preprocessor else {}
     size = pp.get("crop_size") or pp.get("size") or getattr(config, "image_size", 224)
@@ -165,12 +179,112 @@ def load_hf(model_id: str, pool: Pool) -> tuple[torch.nn.Module, dict]:
     info = {
         "dim": 2 * hidden if pool == "cls+mean" else hidden,
         "size": int(size),
-        "mean": tuple(pp.get("image_mean", IMAGENET_MEAN)),
-        "std": tuple(pp.get("image_std", IMAGENET_STD)),
+        "mean": tuple(norm[0] if norm else pp.get("image_mean", IMAGENET_MEAN)),
+        "std": tuple(norm[1] if norm else pp.get("image_std", IMAGENET_STD)),
+        "pool": pool,
         "weights_hash": _weights_hash(weights),
         "features": vit_features,
     }
     return model, info
+
+
+# ---------------------------------------------------------------- timm
+
+def timm_features(model: torch.nn.Module, x: torch.Tensor, pool: Pool) -> torch.Tensor:
+    """Token models: ``pool_tokens`` over the normed tokens, class and register tokens counted as
+    ``num_prefix_tokens``; feature-map models (CNNs): the global average of the last map."""
+    out = model.forward_features(x)
+    if out.ndim == 4:
+        return out.mean(dim=(2, 3))
+    return pool_tokens(out, model.num_prefix_tokens, pool)
+
+
+def _timm_layer_args(args: dict) -> dict:
+    """Registry arguments name layer classes by string (``zoo.LAYER_NAMES``); timm wants the classes."""
+    import timm.layers
+
+    classes = {"SwiGLUPacked": timm.layers.SwiGLUPacked, "SiLU": torch.nn.SiLU}
+    return {k: classes[v] if isinstance(v, str) and v in classes else v for k, v in args.items()}
+
+
+def timm_config(model_id: str) -> dict | None:
+    """timm's ``config.json`` of a folder or cached hub model (None when there is none or it is not timm's)."""
+    path = _hf_file(model_id, "config.json")
+    if path is None:
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UserError("config.json is not valid JSON", path=path) from None
+    return config if isinstance(config, dict) and "architecture" in config else None
+
+
+def load_timm(model_id: str, pool: Pool, entry: zoo.Entry | None = None) -> tuple[torch.nn.Module, dict]:
+    """A timm model built from its ``config.json`` (architecture, model_args, pretrained_cfg) plus the
+    registry entry's arguments, with weights from safetensors; preprocessing from its ``pretrained_cfg``
+    unless the entry sets the normalisation."""
+    import timm
+
+    config = timm_config(model_id)
+    if config is None:
+        raise _not_found(model_id, "no timm config.json (with an 'architecture') found")
+    weights = _safetensors_files(model_id)
+    if not weights:
+        raise _not_found(model_id, "no model.safetensors found (pickled .bin/.pth weights are not loaded)")
+    cfg = dict(config.get("pretrained_cfg") or {})
+    if "num_classes" in config:
+        cfg["num_classes"] = config["num_classes"]
+    args = {**(entry.shape_args if entry else {}), **(config.get("model_args") or {}),
+            **_timm_layer_args(entry.model_args if entry else {})}
+    try:
+        model = timm.create_model(config["architecture"], pretrained=False, pretrained_cfg=cfg, **args)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise UserError(f"timm cannot build {config['architecture']!r} for {model_id}: {e}",
+                        hint="check the model's config.json; registry entries add the arguments their model "
+                             "cards prescribe (`histoembed encoders`)") from None
+    _load_safetensors(model, weights, model_id)
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(0)   # we read the features before the head
+    if getattr(model, "num_prefix_tokens", None) is None:
+        pool = "avg"                # a feature map (CNN) has no tokens to choose from
+    elif pool == "auto":
+        pool = entry.pool if entry else "cls"
+    width = model.num_features
+    input_size = cfg.get("input_size") or (3, 224, 224)
+    info = {
+        "dim": 2 * width if pool == "cls+mean" else width,
+        "size": int(input_size[-1]),
+        "mean": tuple(entry.mean if entry and entry.norm else cfg.get("mean", IMAGENET_MEAN)),
+        "std": tuple(entry.std if entry and entry.norm else cfg.get("std", IMAGENET_STD)),
+        "pool": pool,
+        "weights_hash": _weights_hash(weights),
+        "features": timm_features,
+    }
+    return model, info
+
+
+def _load_safetensors(model: torch.nn.Module, files: list[Path], model_id: str) -> None:
+    """Every weight of ``model`` from the safetensors files; a classifier the model lacks may be left over."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f), device="cpu"))
+    def misfit(detail: str) -> UserError:
+        return UserError(f"the weights of {model_id} do not fit the architecture its config.json names: {detail}",
+                         hint="a registry entry passes the arguments its model card gives (register tokens, "
+                              "SwiGLU layers): load the model by its registry name (`histoembed encoders`)")
+
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:   # a tensor of another shape
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise misfit(lines[1] if len(lines) > 1 else lines[0]) from None
+    head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    heads = tuple(h + "." for h in ([head] if isinstance(head, str) else head))
+    unexpected = [k for k in unexpected if not k.startswith(heads)]
+    if missing or unexpected:
+        raise misfit(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 # ---------------------------------------------------------------- EfficientNet-Lite0
@@ -194,13 +308,87 @@ def load_efficientnet_lite0(pool: Pool) -> tuple[torch.nn.Module, dict]:
     return model, info
 
 
-# ---------------------------------------------------------------- registry
+# ---------------------------------------------------------------- names
 
-# name -> a Hugging Face id (loaded with load_hf) or a loader(pool) -> (module, info)
-REGISTRY: dict[str, str | Callable[[Pool], tuple[torch.nn.Module, dict]]] = {
-    "phikon-v2": "owkin/phikon-v2",
-    "efficientnet-lite0": load_efficientnet_lite0,
-}
+PACKAGED = {"efficientnet-lite0": load_efficientnet_lite0}
+
+
+def models_dir() -> Path | None:
+    """The folder named by $HISTOEMBED_MODELS, whose subfolder <name> holds a registry entry's weights."""
+    value = os.environ.get(MODELS_ENV)
+    return Path(value) if value else None
+
+
+def entry_source(entry: zoo.Entry) -> str:
+    """Where an entry's weights are read from: its folder under $HISTOEMBED_MODELS if there is one, else its hub id."""
+    base = models_dir()
+    if base is not None and (base / entry.name / "config.json").exists():
+        return str(base / entry.name)
+    return entry.hub_id
+
+
+def weights_available(entry: zoo.Entry) -> str:
+    """'folder', 'cache', 'packaged' or '' (not here): whether the entry runs offline now. Never uses the network."""
+    if entry.library == "packaged":
+        return "packaged"
+    source = entry_source(entry)
+    if Path(source).is_dir():
+        return "folder" if _safetensors_files(source) else ""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(filename: str) -> Path | None:
+        found = try_to_load_from_cache(entry.hub_id, filename)
+        return Path(found) if isinstance(found, str) else None
+
+    if cached("config.json") is None:
+        return ""
+    if cached("model.safetensors"):
+        return "cache"
+    index = cached("model.safetensors.index.json")
+    if index:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        return "cache" if all(cached(s) for s in shards) else ""
+    return ""
+
+
+def encoder_rows(include_refused: bool = False) -> list[dict]:
+    """One row per registry entry for ``histoembed encoders``; 'weights' says where they lie here ('' if nowhere)."""
+    rows = []
+    for e in zoo.entries():
+        if e.refused and not include_refused:
+            continue
+        rows.append({"name": e.name, "hub_id": e.hub_id, "dim": e.dim, "size": e.size, "pool": e.pool,
+                     "licence": e.licence, "gated": e.gated, "refused": e.refused,
+                     "weights": "" if e.refused else weights_available(e)})
+    return rows
+
+
+def _load_named(name: str, pool: Pool) -> tuple[torch.nn.Module, dict, str, str]:
+    """(module, info, encoder id, CUDA precision) for a registry name, an hf-hub: id, a folder or a hub id."""
+    entry = zoo.get(name)
+    if entry is not None:
+        if entry.refused:
+            raise UserError(f"encoder {name!r} ({entry.hub_id}) cannot be loaded: {entry.refused}",
+                            hint="`histoembed encoders` lists the encoders that load here")
+        if entry.library == "packaged":
+            module, info = PACKAGED[name](pool)
+            return module, info, name, entry.precision
+        source = entry_source(entry)
+        if entry.library == "timm":
+            module, info = load_timm(source, pool, entry)
+        else:
+            module, info = load_hf(source, entry.pool if pool == "auto" else pool, entry.norm)
+        return module, info, (str(Path(source).resolve()) if Path(source).is_dir() else source), entry.precision
+    for prefix in ("hf-hub:", "hf_hub:"):
+        if name.startswith(prefix):
+            module, info = load_timm(name[len(prefix):], pool)
+            return module, info, name, "bf16"
+    folder = Path(name)
+    if folder.is_dir() and timm_config(name) is not None:
+        module, info = load_timm(name, pool)
+    else:
+        module, info = load_hf(name, pool)
+    return module, info, (str(folder.resolve()) if folder.exists() else name), "bf16"
 
 
 @functools.cache
@@ -236,20 +424,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_encoder(name: str, pool: Pool = "cls", device: str = "cpu", precision: str = "auto") -> Encoder:
-    """The frozen encoder ``name`` in eval mode on ``device`` (``auto``: CUDA when present)."""
-    entry = REGISTRY.get(name, name)
-    if callable(entry):
-        module, info = entry(pool)
-        encoder_id = name
-    else:
-        module, info = load_hf(entry, pool)
-        encoder_id = str(Path(entry).resolve()) if Path(entry).exists() else entry
+def load_encoder(name: str, pool: Pool = "auto", device: str = "cpu", precision: str = "auto") -> Encoder:
+    """The frozen encoder ``name`` in eval mode on ``device`` (``auto``: CUDA when present).
+
+    ``pool`` auto takes the registry entry's embedding rule (CLS elsewhere); precision auto is
+    fp32 on the CPU and the entry's CUDA precision (bf16 elsewhere) on a GPU.
+    """
+    module, info, encoder_id, cuda_precision = _load_named(name, pool)
     dev = resolve_device(device)
     if precision == "auto":
-        precision = "bf16" if dev.type == "cuda" else "fp32"
+        precision = cuda_precision if dev.type == "cuda" else "fp32"
     if dev.type == "cpu":
         keep_large_buffers_in_heap()
     module = module.eval().requires_grad_(False).to(dev)
-    info.setdefault("pool", pool)
     return Encoder(name=name, encoder_id=encoder_id, device=dev, precision=precision, module=module, **info)

@@ -60,3 +60,26 @@ def pipeline_run(tmp_path_factory, tiny_dinov2) -> tuple[Path, Path]:
     s.fit.xgb = updated(s.fit.xgb, n_estimators=15, pca_dims=16, early_stopping_rounds=5)
     run_pipeline(data, run, s, stages=("qc", "crops", "embed", "fit", "submit"))
     return data, run
+
+
+def write_hub_model(cache: Path, repo_id: str, files: dict[str, bytes]) -> None:
+    """Files laid out as huggingface_hub writes its cache: blobs by sha256, a snapshot of links, refs/main."""
+    import hashlib
+
+    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    revision = "0" * 40
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(blob)
+
+
+@pytest.fixture(scope="session")
+def hub_layout():
+    """``write_hub_model(cache, repo_id, files)``: put a model into a Hugging Face cache folder, offline."""
+    return write_hub_model

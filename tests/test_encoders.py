@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from histoembed.encoders import REGISTRY, load_encoder
+from histoembed import zoo
+from histoembed.encoders import load_encoder
 from histoembed.errors import UserError
 
 
@@ -98,8 +99,8 @@ def test_cuda_asked_for_without_a_gpu_is_a_clear_error(tiny_dinov2):
 
 
 def test_registry_names_phikon_v2_and_the_offline_encoder():
-    assert REGISTRY["phikon-v2"] == "owkin/phikon-v2"
-    assert callable(REGISTRY["efficientnet-lite0"])
+    assert zoo.get("phikon-v2").hub_id == "owkin/phikon-v2"
+    assert zoo.get("efficientnet-lite0").library == "packaged"
 
 
 @pytest.mark.parametrize("photo, classes", [
@@ -126,27 +127,17 @@ def test_bf16_autocast_stays_close_to_fp32(tiny_dinov2):
     assert torch.nn.functional.cosine_similarity(out, fp32).min() > 0.99
 
 
-def test_phikon_v2_is_loaded_from_the_hugging_face_cache_offline(tiny_dinov2, tmp_path):
+def test_phikon_v2_is_loaded_from_the_hugging_face_cache_offline(tiny_dinov2, tmp_path, hub_layout):
     """The default encoder through the real hub path: a cache laid out as huggingface_hub writes it."""
-    repo = tmp_path / "hub" / "models--owkin--phikon-v2"
-    revision = "0" * 40
-    snapshot = repo / "snapshots" / revision
-    snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir()
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
-    digests = {}
-    for name in ("config.json", "model.safetensors"):
-        data = (tiny_dinov2 / name).read_bytes()
-        digests[name] = hashlib.sha256(data).hexdigest()
-        (repo / "blobs" / digests[name]).write_bytes(data)
-        (snapshot / name).symlink_to(repo / "blobs" / digests[name])
+    files = {name: (tiny_dinov2 / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    hub_layout(tmp_path / "hub", "owkin/phikon-v2", files)
     code = ("from histoembed.encoders import load_encoder; e = load_encoder('phikon-v2'); "
             "print(e.encoder_id, e.dim, e.weights_hash)")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["owkin/phikon-v2", "32", digests["model.safetensors"]]
+    digest = hashlib.sha256(files["model.safetensors"]).hexdigest()
+    assert done.stdout.split() == ["owkin/phikon-v2", "32", digest]
 
 
 def test_glibc_heap_tuning_applies_on_linux_and_can_be_turned_off(monkeypatch):
@@ -157,3 +148,112 @@ def test_glibc_heap_tuning_applies_on_linux_and_can_be_turned_off(monkeypatch):
     monkeypatch.delenv("HISTOEMBED_MALLOC_TUNING")
     if sys.platform.startswith("linux"):
         assert keep_large_buffers_in_heap.__wrapped__() is True
+
+
+# ---------------------------------------------------------------- timm
+
+def _timm_direct(folder, x01: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+    """A direct timm forward of a folder written by timm: preprocessing from its pretrained_cfg, CLS token."""
+    import timm
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    model = timm.create_model(config["architecture"], pretrained=False, **config["model_args"]).eval()
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    cfg = config["pretrained_cfg"]
+    x = (x01 - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+    k = model.num_prefix_tokens
+    return tokens[:, 0] if pool == "cls" else torch.cat([tokens[:, 0], tokens[:, k:].mean(1)], 1)
+
+
+@pytest.fixture(scope="module")
+def timm_folder(tmp_path_factory):
+    """A tiny ViT with 4 register tokens and LayerScale, written by timm's own ``save_for_hf``."""
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=2, reg_tokens=4, init_values=0.5, num_classes=3).eval()
+    folder = tmp_path_factory.mktemp("tiny-timm")
+    save_for_hf(model, str(folder), safe_serialization=True, data_config={"mean": (0.5, 0.4, 0.3), "std": (0.2,) * 3})
+    return folder
+
+
+def test_a_folder_written_by_timm_loads_with_its_own_preprocessing(timm_folder):
+    enc = load_encoder(str(timm_folder))
+    assert (enc.dim, enc.size, enc.pool, enc.mean, enc.std) == (32, 32, "cls", (0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(enc(x), _timm_direct(timm_folder, x), atol=1e-4, rtol=0)
+    enc = load_encoder(str(timm_folder), pool="cls+mean")   # registers (tokens 1-4) left out of the mean
+    assert enc.dim == 64
+    torch.testing.assert_close(enc(x), _timm_direct(timm_folder, x, "cls+mean"), atol=1e-4, rtol=0)
+
+
+def test_an_hf_hub_id_loads_from_the_cache_offline(timm_folder, tmp_path, hub_layout):
+    files = {f.name: f.read_bytes() for f in timm_folder.iterdir() if f.is_file()}
+    hub_layout(tmp_path / "hub", "someone/tiny-vit", files)
+    code = ("import json, torch; from histoembed.encoders import load_encoder; e = load_encoder('hf-hub:someone/tiny-vit'); "
+            "x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6)); "
+            "print(json.dumps([e.encoder_id, e.weights_hash, e(x).tolist()]))")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    encoder_id, weights_hash, feats = json.loads(done.stdout.strip().splitlines()[-1])
+    assert encoder_id == "hf-hub:someone/tiny-vit"
+    assert weights_hash == hashlib.sha256(files["model.safetensors"]).hexdigest()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(torch.tensor(feats), _timm_direct(timm_folder, x), atol=1e-4, rtol=0)
+
+
+def test_an_hf_hub_id_missing_from_the_cache_says_where_it_looked(tmp_path):
+    code = "from histoembed.encoders import load_encoder; load_encoder('hf-hub:someone/absent')"
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "someone/absent" in done.stderr and "offline mode is on" in done.stderr
+
+
+def test_timm_pickled_weights_are_never_loaded(timm_folder, tmp_path):
+    import shutil
+    folder = tmp_path / "pickled"
+    shutil.copytree(timm_folder, folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(UserError, match="no model.safetensors"):
+        load_encoder(str(folder))
+
+
+def test_weights_that_do_not_fit_the_named_architecture_are_refused(timm_folder, tmp_path):
+    import shutil
+    folder = tmp_path / "wrong"
+    shutil.copytree(timm_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_args"]["reg_tokens"] = 0        # the card's register tokens forgotten
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="do not fit"):
+        load_encoder(str(folder))
+
+
+def test_a_registry_entry_reads_its_weights_from_the_models_folder(tmp_path, monkeypatch):
+    """$HISTOEMBED_MODELS/<name>/ serves an entry offline, and the entry's normalisation overrides the folder's."""
+    import timm
+    from timm.models import save_for_hf
+
+    from histoembed.encoders import weights_available
+    from histoembed.zoo import HALF, get
+
+    monkeypatch.setenv("HISTOEMBED_MODELS", str(tmp_path))
+    assert weights_available(get("kaiko-vit-b16")) == ""
+    torch.manual_seed(1)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=2, num_classes=0).eval()
+    save_for_hf(model, str(tmp_path / "kaiko-vit-b16"), safe_serialization=True)
+    assert weights_available(get("kaiko-vit-b16")) == "folder"
+    enc = load_encoder("kaiko-vit-b16")
+    assert (enc.mean, enc.std) == HALF and enc.encoder_id == str(tmp_path / "kaiko-vit-b16")
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model.forward_features((x - 0.5) / 0.5)[:, 0]
+    torch.testing.assert_close(enc(x), expected, atol=1e-4, rtol=0)

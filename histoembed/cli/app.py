@@ -23,8 +23,9 @@ RunOpt = Annotated[Path, typer.Option("--run", help="Folder for every stage's ou
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="Settings file (TOML); default: ./histoembed.toml when it exists.")]
 EncoderOpt = Annotated[str | None, typer.Option(
-    "--encoder", help="Encoder: a registry name (phikon-v2, efficientnet-lite0), a Hugging Face id "
-                      "or a local model folder.")]
+    "--encoder", help="Encoder: a registry name (`histoembed encoders` lists them: phikon-v2, uni2-h, "
+                      "virchow2, ...), an hf-hub:org/name timm id, a Hugging Face transformers id or a local "
+                      "model folder.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed of every random choice.")]
 StrictOpt = Annotated[bool, typer.Option(
     "--strict", help="Stop on the first bad item instead of skipping it and listing it at the end.")]

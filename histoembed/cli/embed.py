@@ -14,8 +14,9 @@ def embed(
     config: ConfigOpt = None,
     encoder: EncoderOpt = None,
     pool: Annotated[str | None, typer.Option(
-        "--pool", help="ViT token pooling: cls (the CLS token, Phikon-v2's embedding), mean (mean of the patch "
-                       "tokens) or cls+mean (both, concatenated). Default cls.")] = None,
+        "--pool", help="ViT token pooling: auto (the registry entry's rule: cls+mean for Virchow2 and Midnight, "
+                       "cls elsewhere), cls (the CLS token), mean (mean of the patch tokens, registers left out) "
+                       "or cls+mean (both, concatenated). Default auto.")] = None,
     repeats: Annotated[int | None, typer.Option(
         "--repeats", help="Views per crop: view 0 is the clean crop, views 1..r-1 are augmented (default 4).")]
         = None,
@@ -27,7 +28,17 @@ def embed(
     device: Annotated[str | None, typer.Option(
         "--device", help="auto (CUDA when present), cpu or cuda: where augmentation and the encoder run.")] = None,
     precision: Annotated[str | None, typer.Option(
-        "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")] = None,
+        "--precision", help="auto (the encoder's CUDA precision, bf16 autocast unless its entry says otherwise, "
+                            "on CUDA; fp32 on CPU), fp32, bf16 or fp16.")] = None,
+    check_precision: Annotated[bool | None, typer.Option(
+        "--check-precision/--no-check-precision",
+        help="Before embedding, compare the chosen precision with fp32 on the first batch of real crops (cosine "
+             "per crop, NaN/Inf) and stop with the figures when a crop falls below --precision-threshold. "
+             "Default: on when a GPU runs below fp32; works on the CPU too (with --precision bf16).")] = None,
+    precision_threshold: Annotated[float | None, typer.Option(
+        "--precision-threshold", help="Lowest cosine to fp32 a crop may have in the check (default 0.999).")] = None,
+    fallback_fp32: Annotated[bool | None, typer.Option(
+        "--fallback-fp32", help="When the precision check fails, embed in fp32 instead of stopping.")] = None,
     store_dtype: Annotated[str | None, typer.Option(
         "--store-dtype", help="float32 (default) or float16 embeddings in the store (half the disk).")] = None,
     workers: Annotated[int | None, typer.Option(
@@ -53,7 +64,9 @@ def embed(
     settings = cfg.load_settings(config)
     embed_settings = cfg.updated(settings.embed, encoder=encoder, pool=pool, repeats=repeats, tta=tta,
                                  batch_size=batch_size, device=device, precision=precision, store_dtype=store_dtype,
-                                 workers=workers, rows_per_part=rows_per_part, seed=seed)
+                                 workers=workers, rows_per_part=rows_per_part, seed=seed,
+                                 check_precision=check_precision, precision_threshold=precision_threshold,
+                                 fallback_fp32=fallback_fp32)
     result = run_embed(run, embed_settings, settings.augment, shard=parse_shard(shard) if shard else default_shard())
     if result.removed_parts:
         console.print(f"removed {result.removed_parts} part(s) written with other settings", soft_wrap=True)
@@ -61,6 +74,10 @@ def embed(
         console.print(f"{result.store_dir} is up to date ({result.rows:,} rows, same crops and settings); "
                       "nothing to do.", soft_wrap=True)
         return
+    if result.precision_check:
+        check = result.precision_check
+        verdict = "fell back to fp32" if check.fallback else "passed"
+        console.print(f"precision check {verdict}: {check.summary()}", soft_wrap=True)
     rate = result.new_rows / result.seconds if result.seconds else 0.0
     console.print(f"embedded {result.new_rows:,} views ({rate:,.1f}/s) with {result.encoder} "
                   f"({result.dim}-d); {result.rows:,} rows in {result.store_dir}", soft_wrap=True)

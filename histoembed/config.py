@@ -2,7 +2,7 @@
 
 Settings come from, in rising priority: these defaults, a ``histoembed.toml`` (one table
 per stage: ``[crops]``, ``[augment]``, ``[embed]``, ``[qc]``, ``[fit]``, ``[fit.mlp]``,
-``[fit.xgb]``), and command-line options. Each stage stores the settings that produced
+``[fit.xgb]``, ``[fit.logreg]``, ``[fit.abmil]``), and command-line options. Each stage stores the settings that produced
 its output, so a re-run with the same settings can skip its work.
 """
 
@@ -144,6 +144,26 @@ class XGBSettings(_Settings):
     class_weights: bool = Field(True, description="Weight samples by inverse class frequency.")
 
 
+class LogRegSettings(_Settings):
+    c_grid: tuple[float, ...] = Field((0.01, 0.1, 1.0), min_length=1, description="Inverse L2 strengths tried (on standardised inputs); the inner split's NLL picks one.")
+    max_iter: int = Field(200, ge=1, description="Most L-BFGS iterations per fit.")
+    class_weights: bool = Field(True, description="Weight samples by inverse class frequency.")
+
+
+class ABMILSettings(_Settings):
+    hidden: int = Field(128, ge=1, description="Width of each crop's hidden vector.")
+    attention: int = Field(64, ge=1, description="Width of the gated attention layer.")
+    dropout: float = Field(0.25, ge=0, lt=1, description="Dropout on the input and the hidden vectors.")
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate.")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    epochs: int = Field(30, ge=1, description="Most epochs (early stopping usually ends sooner).")
+    warmup_epochs: int = Field(2, ge=0, description="Linear warm-up before the cosine decay.")
+    batch_size: int = Field(64, ge=1, description="Bags (image views) per step (smaller for small sets).")
+    patience: int = Field(4, ge=1, description="Epochs without inner-validation improvement before stopping.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    class_weights: bool = Field(True, description="Weight the loss by inverse class frequency.")
+
+
 class FitSettings(_Settings):
     folds: int = Field(10, ge=2, description="Cross-validation folds.")
     seed: int = Field(0, description="Seed of folds, initialisation and shuffling.")
@@ -152,8 +172,14 @@ class FitSettings(_Settings):
     inner_val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of the training folds kept for early stopping.")
     weight_grid: int = Field(21, ge=2, description="Fusion weights tried on [0, 1].")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the macro-F1 interval.")
+    heads: tuple[str, ...] = Field(("mlp", "xgb"), min_length=1, description="Heads to cross-validate and fuse: mlp, xgb, logreg, abmil (comma-separated on the command line).")
+    offsets: Literal["auto", "on", "off"] = Field("auto", description="Per-class offsets on the fused log-probabilities for the submission: on, off, or auto (on when their cross-fitted macro-F1 beats plain argmax).")
+    alpha: float = Field(0.1, gt=0, lt=1, description="Conformal prediction sets cover the true class with probability 1 - alpha.")
+    class_conditional: bool = Field(False, description="Conformal thresholds per class (each class covered at 1 - alpha; larger sets).")
     mlp: MLPSettings = MLPSettings()
     xgb: XGBSettings = XGBSettings()
+    logreg: LogRegSettings = LogRegSettings()
+    abmil: ABMILSettings = ABMILSettings()
 
 
 class Settings(_Settings):

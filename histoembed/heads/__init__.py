@@ -1,7 +1,46 @@
-"""The classification heads of the fit stage and the maths that calibrates and fuses them.
+"""The classification heads of the fit stage and the maths that calibrates, fuses and decides.
 
-- ``mlp``: a small torch MLP on crop-view embeddings (image logits: mean over crop-views).
-- ``xgb``: XGBoost on per-view image means, with a PCA fitted inside the fold.
-- ``calibration``: one temperature per head, chosen by NLL.
-- ``fusion``: the weight mixing the two heads' scaled logits, chosen by macro-F1.
+Heads share one contract (``base.Head``: fit / predict logits / save / load) and are
+registered here, in one place:
+
+- ``mlp``: a small torch MLP on crop-view embeddings (the reference recipe);
+- ``xgb``: XGBoost on per-view image means, with a PCA fitted inside the fold (the reference recipe);
+- ``logreg``: a logistic-regression probe on per-view image means (the linear baseline);
+- ``abmil``: gated attention-MIL over each view's crops (attention weights for the crop maps).
+
+And the decisions on their held-out logits: ``calibration`` (a regularised temperature per
+member), ``fusion`` (simplex weights for N members, by macro-F1), ``offsets`` (per-class
+offsets for macro-F1), ``conformal`` (split-conformal prediction sets).
 """
+
+from __future__ import annotations
+
+from histoembed.errors import UserError
+from histoembed.heads.abmil import ABMILHead
+from histoembed.heads.base import Bags, Head
+from histoembed.heads.logreg import LogRegHead
+from histoembed.heads.mlp import MLPHead
+from histoembed.heads.xgb import XGBHead
+
+REGISTRY: dict[str, type[Head]] = {cls.name: cls for cls in (MLPHead, XGBHead, LogRegHead, ABMILHead)}
+
+
+def get(name: str) -> type[Head]:
+    """The head class registered as ``name``; a clear error naming the others."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown head {name!r}", hint="choose from " + ", ".join(REGISTRY)) from None
+
+
+def check_names(names) -> tuple[str, ...]:
+    """Validated, de-duplicated head names in the given order."""
+    out = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
+    if not out:
+        raise UserError("no head given", hint="e.g. --heads mlp,xgb; choose from " + ", ".join(REGISTRY))
+    for n in out:
+        get(n)
+    return out
+
+
+__all__ = ["REGISTRY", "Bags", "Head", "check_names", "get"]

@@ -6,27 +6,24 @@ the normaliser, which cancels), so the choice is about what is stored: logits, b
 temperature scaling and fusion are defined on logits.
 
 Training: standardised inputs (mean/std of the training rows, kept as buffers in the
-weights file), AdamW, linear warm-up then cosine decay per step, cross-entropy with
-optional inverse-frequency class weights and label smoothing, optional MixUp, and early
-stopping on the image-level NLL of an inner split the caller carves from the training folds.
-Deterministic on the CPU for a given seed.
+weights file), cross-entropy with optional inverse-frequency class weights and label
+smoothing, optional MixUp, and the shared loop of ``training`` (AdamW, warm-up + cosine,
+early stopping on the image-level NLL of the caller's inner split).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 
-from histoembed import store
 from histoembed.config import MLPSettings
-from histoembed.errors import UserError
+from histoembed.heads.base import Bags, Head
 from histoembed.heads.calibration import temperature_nll
-from histoembed.heads.shared import class_weights, image_mean
+from histoembed.heads.shared import class_weights
+from histoembed.heads.training import input_scale, train
 
 WEIGHTS_FILE = "mlp.safetensors"
-INFO_FILE = "mlp.json"
 
 
 def _net(input_dim: int, n_classes: int, s: MLPSettings):
@@ -52,118 +49,60 @@ def _net(input_dim: int, n_classes: int, s: MLPSettings):
     return Net()
 
 
-def input_scale(std):
-    """Per-dimension divisor: the std, but never below 1% of the median std. A feature that is
-    (nearly) constant in the training folds, e.g. a ReLU channel that never fires, would
-    otherwise blow up the first time it moves on a held-out image."""
-    return std.clamp_min(max(1e-6, 0.01 * float(std.median())))
+class MLPHead(Head):
+    """Trained on crop-view rows, each with its image's label; a bag's logits are its rows' mean."""
 
+    name = "mlp"
+    Settings = MLPSettings
+    description = "MLP on crop-view embeddings (the reference recipe)"
 
-MIN_STEPS_PER_EPOCH = 8
-
-
-def effective_batch_size(rows: int, batch_size: int) -> int:
-    """``batch_size``, made smaller for small training sets so an epoch has at least 8 steps
-    (otherwise a few hundred crop-views would get one update per epoch and barely train)."""
-    return max(1, min(batch_size, math.ceil(rows / MIN_STEPS_PER_EPOCH)))
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up to 1, then cosine decay towards 0 at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-class MLPHead:
-    """Fit on crop-view rows; ``row_logits`` gives one logit vector per row."""
-
-    def __init__(self, settings: MLPSettings, n_classes: int, seed: int = 0):
-        self.settings = settings
-        self.n_classes = n_classes
-        self.seed = seed
+    def __init__(self, settings: MLPSettings | None = None, n_classes: int = 2, seed: int = 0):
+        super().__init__(settings, n_classes, seed)
         self.net_ = None
         self.best_epoch_ = None
         self.epochs_run_ = 0
         self.stop_nll_ = None
 
-    # ------------------------------------------------------------ training
-    def fit(self, X: np.ndarray, y: np.ndarray, X_stop: np.ndarray, y_stop: np.ndarray,
-            stop_image: np.ndarray) -> MLPHead:
-        """Train on (X, y); stop early on the image-level NLL of the rows (X_stop, y_stop).
-
-        ``stop_image`` gives each stopping row's image (any integers), so the criterion is
-        computed on image logits, the quantity the head is judged by.
-        """
+    def fit(self, bags: Bags, y: np.ndarray, stop: Bags, y_stop: np.ndarray) -> MLPHead:
+        """Train on the rows of ``bags``; stop early on the image-level NLL of ``stop``."""
         import torch
         import torch.nn.functional as F
 
         s, C = self.settings, self.n_classes
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
-        X = torch.from_numpy(np.array(X, dtype=np.float32))
-        y_t = torch.from_numpy(np.asarray(y, dtype=np.int64))
+        X = torch.from_numpy(bags.X)
+        y_rows = np.asarray(y, dtype=np.int64)[bags.row_bag]
+        y_t = torch.from_numpy(y_rows)
         net = _net(X.shape[1], C, s)
         with torch.no_grad():
             net.input_mean.copy_(X.mean(0))
             net.input_std.copy_(input_scale(X.std(0)))
-        weight = torch.tensor(class_weights(np.asarray(y), C), dtype=torch.float32) if s.class_weights else None
+        weight = torch.tensor(class_weights(y_rows, C), dtype=torch.float32) if s.class_weights else None
+        self.net_, self.input_dim_ = net, int(X.shape[1])
+        gen = torch.Generator().manual_seed(self.seed + 1)
 
-        _, stop_img = np.unique(np.asarray(stop_image), return_inverse=True)
-        n_stop_images = int(stop_img.max()) + 1 if len(stop_img) else 0
-        stop_labels = np.zeros(n_stop_images, dtype=np.int64)
-        stop_labels[stop_img] = np.asarray(y_stop)
+        def batch_loss(idx):
+            xb, yb = X[idx], y_t[idx]
+            if s.mixup_alpha > 0:
+                lam = float(rng.beta(s.mixup_alpha, s.mixup_alpha))
+                perm = torch.randperm(len(idx), generator=gen)
+                logits = net(lam * xb + (1 - lam) * xb[perm])
+                return (lam * F.cross_entropy(logits, yb, weight=weight, label_smoothing=s.label_smoothing)
+                        + (1 - lam) * F.cross_entropy(logits, yb[perm], weight=weight,
+                                                      label_smoothing=s.label_smoothing))
+            return F.cross_entropy(net(xb), yb, weight=weight, label_smoothing=s.label_smoothing)
 
-        opt = torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-        batch_size = effective_batch_size(len(X), s.batch_size)
-        steps_per_epoch = math.ceil(len(X) / batch_size)
-        total, warmup = s.epochs * steps_per_epoch, s.warmup_epochs * steps_per_epoch
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, total))
-        gen = torch.Generator().manual_seed(self.seed)
-
-        best, best_state, waited = math.inf, None, 0
-        for epoch in range(s.epochs):
-            net.train()
-            order = torch.randperm(len(X), generator=gen)
-            for start in range(0, len(X), batch_size):
-                idx = order[start:start + batch_size]
-                xb, yb = X[idx], y_t[idx]
-                if s.mixup_alpha > 0:
-                    lam = float(rng.beta(s.mixup_alpha, s.mixup_alpha))
-                    perm = torch.randperm(len(idx), generator=gen)
-                    logits = net(lam * xb + (1 - lam) * xb[perm])
-                    loss = (lam * F.cross_entropy(logits, yb, weight=weight, label_smoothing=s.label_smoothing)
-                            + (1 - lam) * F.cross_entropy(logits, yb[perm], weight=weight,
-                                                          label_smoothing=s.label_smoothing))
-                else:
-                    loss = F.cross_entropy(net(xb), yb, weight=weight, label_smoothing=s.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-            self.net_ = net
-            self.epochs_run_ = epoch + 1
-            if n_stop_images == 0:
-                best_state, self.best_epoch_ = None, epoch + 1
-                continue
-            z = image_mean(self.row_logits(X_stop), stop_img, n_stop_images)
-            stop_nll = temperature_nll(z, stop_labels, 1.0)
-            if stop_nll < best - 1e-6:
-                best, waited, self.best_epoch_ = stop_nll, 0, epoch + 1
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            else:
-                waited += 1
-                if waited >= s.patience:
-                    break
-        if best_state is not None:
-            net.load_state_dict(best_state)
-        self.net_ = net.eval()
-        self.stop_nll_ = None if best is math.inf else float(best)
+        stop_labels = stop.image_labels(y_stop)
+        stop_nll = (lambda: temperature_nll(stop.per_image(self.predict(stop)), stop_labels, 1.0)) \
+            if stop.n_bags else None
+        done = train(net, len(X), batch_loss, stop_nll, lr=s.lr, weight_decay=s.weight_decay, epochs=s.epochs,
+                     warmup_epochs=s.warmup_epochs, batch_size=s.batch_size, patience=s.patience, seed=self.seed)
+        self.best_epoch_, self.epochs_run_, self.stop_nll_ = done.best_epoch, done.epochs_run, done.stop_nll
         return self
 
-    # ------------------------------------------------------------ inference
     def row_logits(self, X: np.ndarray, chunk: int = 8192) -> np.ndarray:
+        """Logits of each crop-view row."""
         import torch
 
         self.net_.eval()
@@ -174,32 +113,29 @@ class MLPHead:
                 out.append(self.net_(xb).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.n_classes), np.float32)
 
-    # ------------------------------------------------------------ files
-    def save(self, folder: Path, classes: list[str]) -> None:
+    def predict(self, bags: Bags) -> np.ndarray:
+        if bags.n_bags == 0:
+            return np.zeros((0, self.n_classes), np.float32)
+        rows = self.row_logits(bags.X).astype(np.float64)
+        return (np.add.reduceat(rows, bags.starts[:-1], axis=0) / bags.sizes[:, None]).astype(np.float32)
+
+    def fitted_info(self) -> dict:
+        return {"best_epoch": self.best_epoch_, "epochs_run": self.epochs_run_, "stop_nll": self.stop_nll_,
+                "image_logits": "mean of crop-view logits",
+                "input_normalisation": "(x - input_mean) / input_std, tensors in " + WEIGHTS_FILE}
+
+    def _save_arrays(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        folder = Path(folder)
-        tensors = {k: v.contiguous() for k, v in self.net_.state_dict().items()}
-        with store.atomic_path(folder / WEIGHTS_FILE) as tmp:
-            save_file(tensors, str(tmp))
-        store.write_json({"settings": self.settings.model_dump(), "input_dim": int(tensors["input_mean"].shape[0]),
-                          "classes": classes, "seed": self.seed, "best_epoch": self.best_epoch_,
-                          "epochs_run": self.epochs_run_, "stop_nll": self.stop_nll_,
-                          "image_logits": "mean of crop-view logits",
-                          "input_normalisation": "(x - input_mean) / input_std, tensors in " + WEIGHTS_FILE},
-                         folder / INFO_FILE)
+        from histoembed import store
 
-    @classmethod
-    def load(cls, folder: Path) -> tuple[MLPHead, dict]:
+        with store.atomic_path(folder / WEIGHTS_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in self.net_.state_dict().items()}, str(tmp))
+
+    def _load_arrays(self, folder: Path, info: dict) -> None:
         from safetensors.torch import load_file
 
-        folder = Path(folder)
-        info = store.read_json(folder / INFO_FILE, "MLP settings", hint="re-run `histoembed fit`")
-        head = cls(MLPSettings.model_validate(info["settings"]), len(info["classes"]), info.get("seed", 0))
-        net = _net(int(info["input_dim"]), len(info["classes"]), head.settings)
-        path = folder / WEIGHTS_FILE
-        if not path.exists():
-            raise UserError("model file missing", path=path, hint="re-run `histoembed fit`")
-        net.load_state_dict(load_file(str(path)), strict=True)
-        head.net_ = net.eval()
-        return head, info
+        net = _net(self.input_dim_, self.n_classes, self.settings)
+        net.load_state_dict(load_file(str(self._require(folder / WEIGHTS_FILE))), strict=True)
+        self.net_ = net.eval()
+        self.best_epoch_, self.epochs_run_ = info.get("best_epoch"), info.get("epochs_run", 0)

@@ -20,12 +20,11 @@ import numpy as np
 
 from histoembed import store
 from histoembed.config import XGBSettings
-from histoembed.errors import UserError
+from histoembed.heads.base import Bags, Head
 from histoembed.heads.shared import class_weights
 
 MODEL_FILE = "xgb.ubj"
 PCA_FILE = "xgb_pca.safetensors"
-INFO_FILE = "xgb.json"
 
 
 def fit_pca(X: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,13 +67,15 @@ def sample_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     return class_weights(y, n_classes)[y]
 
 
-class XGBHead:
-    """Fit on image-view mean embeddings; ``logits`` gives the untransformed softmax margins."""
+class XGBHead(Head):
+    """Fit on each bag's mean embedding (one sample per image and view); logits are the softmax margins."""
 
-    def __init__(self, settings: XGBSettings, n_classes: int, seed: int = 0):
-        self.settings = settings
-        self.n_classes = n_classes
-        self.seed = seed
+    name = "xgb"
+    Settings = XGBSettings
+    description = "XGBoost on per-view image means, PCA inside the fold (the reference recipe)"
+
+    def __init__(self, settings: XGBSettings | None = None, n_classes: int = 2, seed: int = 0):
+        super().__init__(settings, n_classes, seed)
         self.booster_ = None
         self.pca_mean_ = None
         self.pca_components_ = None
@@ -88,10 +89,15 @@ class XGBHead:
                 "min_child_weight": s.min_child_weight, "eval_metric": "mlogloss", "seed": self.seed,
                 "nthread": os.cpu_count() or 1}
 
-    def fit(self, X: np.ndarray, y: np.ndarray, X_stop: np.ndarray, y_stop: np.ndarray) -> XGBHead:
+    def fit(self, bags: Bags, y: np.ndarray, stop: Bags, y_stop: np.ndarray) -> XGBHead:
+        return self.fit_means(bags.means(), y, stop.means(), y_stop)
+
+    def fit_means(self, X: np.ndarray, y: np.ndarray, X_stop: np.ndarray, y_stop: np.ndarray) -> XGBHead:
+        """Fit on mean embeddings directly (one row per sample)."""
         import xgboost
 
         s = self.settings
+        self.input_dim_ = int(X.shape[1])
         if s.pca_dims and s.pca_dims < X.shape[1]:
             self.pca_mean_, self.pca_components_ = fit_pca(X, s.pca_dims)
         y = np.asarray(y)
@@ -112,6 +118,7 @@ class XGBHead:
         return project(X, self.pca_mean_, self.pca_components_)
 
     def logits(self, X: np.ndarray) -> np.ndarray:
+        """Margins of mean embeddings (one row per sample)."""
         import xgboost
 
         if len(X) == 0:
@@ -119,41 +126,32 @@ class XGBHead:
         margin = self.booster_.predict(xgboost.DMatrix(self._project(X)), output_margin=True)
         return np.asarray(margin, dtype=np.float32).reshape(len(X), self.n_classes)
 
-    # ------------------------------------------------------------ files
-    def save(self, folder: Path, classes: list[str], input_dim: int) -> None:
+    def predict(self, bags: Bags) -> np.ndarray:
+        return self.logits(bags.means())
+
+    def fitted_info(self) -> dict:
+        return {"best_iteration": self.best_iteration_, "pca": PCA_FILE if self.pca_mean_ is not None else None,
+                "input": "per (image, view): the mean of the view's crop embeddings",
+                "output": "untransformed multi:softprob margins (logits)"}
+
+    def _save_arrays(self, folder: Path) -> None:
         from safetensors.numpy import save_file
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         with store.atomic_path(folder / MODEL_FILE) as tmp:
             tmp.write_bytes(bytes(self.booster_.save_raw(raw_format="ubj")))
         if self.pca_mean_ is not None:
             with store.atomic_path(folder / PCA_FILE) as tmp:
                 save_file({"mean": self.pca_mean_, "components": self.pca_components_}, str(tmp))
-        store.write_json({"settings": self.settings.model_dump(), "input_dim": input_dim, "classes": classes,
-                          "seed": self.seed, "best_iteration": self.best_iteration_,
-                          "pca": PCA_FILE if self.pca_mean_ is not None else None,
-                          "input": "per (image, view): the mean of the view's crop embeddings",
-                          "output": "untransformed multi:softprob margins (logits)"},
-                         folder / INFO_FILE)
 
-    @classmethod
-    def load(cls, folder: Path) -> tuple[XGBHead, dict]:
+    def _load_arrays(self, folder: Path, info: dict) -> None:
         import xgboost
         from safetensors.numpy import load_file
 
-        folder = Path(folder)
-        info = store.read_json(folder / INFO_FILE, "XGBoost settings", hint="re-run `histoembed fit`")
-        head = cls(XGBSettings.model_validate(info["settings"]), len(info["classes"]), info.get("seed", 0))
-        for name in [MODEL_FILE] + ([PCA_FILE] if info.get("pca") else []):
-            if not (folder / name).exists():
-                raise UserError("model file missing", path=folder / name, hint="re-run `histoembed fit`")
         booster = xgboost.Booster()
-        booster.load_model(str(folder / MODEL_FILE))
+        booster.load_model(str(self._require(folder / MODEL_FILE)))
         booster.set_param({"device": xgb_device(), "nthread": os.cpu_count() or 1})
-        head.booster_ = booster
-        head.best_iteration_ = info.get("best_iteration")
+        self.booster_ = booster
+        self.best_iteration_ = info.get("best_iteration")
         if info.get("pca"):
-            pca = load_file(str(folder / PCA_FILE))
-            head.pca_mean_, head.pca_components_ = pca["mean"], pca["components"]
-        return head, info
+            pca = load_file(str(self._require(folder / PCA_FILE)))
+            self.pca_mean_, self.pca_components_ = pca["mean"], pca["components"]

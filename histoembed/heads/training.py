@@ -1,0 +1,87 @@
+"""The training loop the torch heads share (MLP, attention-MIL).
+
+AdamW, linear warm-up then cosine decay per step, shuffled mini-batches from a seeded
+generator, and early stopping on the image-level NLL of the caller's inner split: the best
+epoch's weights are kept. Deterministic on the CPU for a given seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+MIN_STEPS_PER_EPOCH = 8
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to 1, then cosine decay towards 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def effective_batch_size(samples: int, batch_size: int) -> int:
+    """``batch_size``, made smaller for small training sets so an epoch has at least 8 steps
+    (otherwise a few hundred samples would get one update per epoch and barely train)."""
+    return max(1, min(batch_size, math.ceil(samples / MIN_STEPS_PER_EPOCH)))
+
+
+def input_scale(std):
+    """Per-dimension divisor: the std, but never below 1% of the median std. A feature that is
+    (nearly) constant in the training folds, e.g. a ReLU channel that never fires, would
+    otherwise blow up the first time it moves on a held-out image."""
+    return std.clamp_min(max(1e-6, 0.01 * float(std.median())))
+
+
+@dataclass
+class Trained:
+    best_epoch: int | None
+    epochs_run: int
+    stop_nll: float | None
+
+
+def train(net, n_samples: int, batch_loss: Callable, stop_nll: Callable[[], float] | None, *, lr: float,
+          weight_decay: float, epochs: int, warmup_epochs: int, batch_size: int, patience: int,
+          seed: int) -> Trained:
+    """Train ``net`` in place: ``batch_loss(indices)`` gives a mini-batch's loss, ``stop_nll()``
+    the inner split's image-level NLL (None: no early stopping, all epochs)."""
+    import torch
+
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    batch = effective_batch_size(n_samples, batch_size)
+    steps_per_epoch = math.ceil(n_samples / batch)
+    total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, total))
+    gen = torch.Generator().manual_seed(seed)
+
+    best, best_state, best_epoch, waited, run = math.inf, None, None, 0, 0
+    for epoch in range(epochs):
+        net.train()
+        order = torch.randperm(n_samples, generator=gen)
+        for start in range(0, n_samples, batch):
+            loss = batch_loss(order[start:start + batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        run = epoch + 1
+        if stop_nll is None:
+            best_epoch = run
+            continue
+        net.eval()
+        nll = stop_nll()
+        if nll < best - 1e-6:
+            best, waited, best_epoch = nll, 0, run
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        else:
+            waited += 1
+            if waited >= patience:
+                break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    return Trained(best_epoch, run, None if best is math.inf else float(best))

@@ -1,15 +1,18 @@
-"""The fit stage: cross-validated MLP and XGBoost heads, temperature scaling and fusion.
+"""The fit stage: cross-validated heads (``--heads``, default MLP + XGBoost), calibration,
+fusion, class offsets and conformal sets.
 
 For each fold k (stratified by label, seeded, no QC duplicate group straddling folds):
 
 1. the training folds are split again into a *fit* part and an inner *stopping* part
-   (stratified, group-aware); both heads train on the fit part and stop early on the
-   stopping part, so the evaluation fold never chooses an epoch or a number of trees;
-2. both heads predict the evaluation fold: out-of-fold (OOF) image logits.
+   (stratified, group-aware); every head trains on the fit part and stops early (or picks
+   its regularisation) on the stopping part, so the evaluation fold never chooses anything;
+2. every head predicts the evaluation fold, one logit vector per (image, view): out-of-fold
+   (OOF) logits per view and per image (the mean over views).
 
-Then, by cross-fitting, the temperatures and the fusion weight applied to fold k are chosen
-on the other folds' OOF logits only, so no reported prediction helped choose its own
-parameters. The final temperatures and weight (for the test set) are chosen on all OOF logits.
+Then, by cross-fitting (``heads.decisions``), the temperatures, fusion weights, class offsets
+and conformal thresholds applied to fold k are chosen on the other folds' OOF logits only, so
+no reported prediction helped choose its own parameters. The final parameters (for the test
+set) are chosen on all OOF logits.
 
 Outputs under the run folder: ``models/`` (manifest + one folder per fold), ``calibration.json``,
 ``oof.parquet`` and ``metrics.json``, each written atomically and keyed, so a re-run with the
@@ -32,13 +35,12 @@ from histoembed import __version__, store
 from histoembed.config import FitSettings
 from histoembed.console import console, progress
 from histoembed.errors import UserError
-from histoembed.heads import calibration, fusion
-from histoembed.heads.mlp import MLPHead
-from histoembed.heads.shared import first_seen_index, image_mean, view_means
-from histoembed.heads.xgb import XGBHead
-from histoembed.metrics import softmax, summary
+from histoembed.heads import Bags, Head, check_names, conformal, decisions, fusion
+from histoembed.heads import get as get_head
+from histoembed.heads.shared import first_seen_index
+from histoembed.metrics import accuracy_by_quantile, softmax, summary, view_spread
 
-HEADS = ("mlp", "xgb", "fused")
+FUSION_RULE = "sum over heads of w_h * z_h / T_h (weights on the simplex)"
 
 
 # ---------------------------------------------------------------- the training set
@@ -162,112 +164,114 @@ def inner_split(images: np.ndarray, y: np.ndarray, groups: np.ndarray, fraction:
     return images[~mask], images[mask]
 
 
-# ---------------------------------------------------------------- head inputs
-
-@dataclass
-class _HeadInputs:
-    """Everything the fold loop indexes, computed once."""
-
-    X_rows: np.ndarray      # crop-view embeddings [rows, D]
-    row_image: np.ndarray
-    X_pairs: np.ndarray     # image-view mean embeddings [pairs, D]
-    pair_image: np.ndarray
-    y: np.ndarray           # per image
-    groups: np.ndarray
-
-
-def _rows_of(image_index: np.ndarray, images: np.ndarray) -> np.ndarray:
-    return np.flatnonzero(np.isin(image_index, images))
-
-
 # ---------------------------------------------------------------- one cross-validation
 
 @dataclass
 class CVResult:
     seed: int
+    heads: list[str]              # head names, in fusion order
     fold: np.ndarray              # per image
-    z_mlp: np.ndarray             # [N, C] float32 OOF image logits
-    z_xgb: np.ndarray
-    fold_params: list[dict]       # per fold: T_mlp, T_xgb, w (chosen on the other folds)
-    final: dict                   # T_mlp, T_xgb, w chosen on all OOF
-    heads: list[tuple[MLPHead, XGBHead]]
-    fold_info: list[dict]         # per fold: images, inner split sizes, best epoch / iteration
+    z: dict[str, np.ndarray]      # head -> [N, C] float32 OOF image logits
+    z_bags: dict[str, np.ndarray]  # head -> [bags, C] OOF logits per (image, view)
+    bag_image: np.ndarray         # image of each bag
+    fold_params: list[dict]       # per fold: decisions.choose on the other folds
+    final: dict                   # decisions.choose on all OOF
+    models: list[list[Head]]      # per fold, one fitted head per name
+    fold_info: list[dict]         # per fold: images, inner split sizes, what each head fitted
 
 
-def cross_fit(z_mlp: np.ndarray, z_xgb: np.ndarray, y: np.ndarray, fold: np.ndarray,
-              weight_points: int) -> tuple[list[dict], dict]:
-    """Per-fold T_mlp, T_xgb and w, each chosen on the other folds' OOF logits; and the final ones on all."""
-
-    def choose(rows: np.ndarray) -> dict:
-        t_mlp = calibration.fit_temperature(z_mlp[rows], y[rows])
-        t_xgb = calibration.fit_temperature(z_xgb[rows], y[rows])
-        w, scores = fusion.choose_weight(z_mlp[rows], z_xgb[rows], y[rows], t_mlp, t_xgb, weight_points)
-        return {"T_mlp": t_mlp, "T_xgb": t_xgb, "w": w, "macro_f1_by_w": scores, "images": int(len(rows))}
-
-    per_fold = [{"fold": int(k), **choose(np.flatnonzero(fold != k))} for k in np.unique(fold)]
-    final = choose(np.arange(len(y)))
-    return per_fold, final
+def decision_settings(settings: FitSettings) -> decisions.DecisionSettings:
+    return decisions.DecisionSettings(settings.weight_grid, settings.alpha, settings.class_conditional)
 
 
-def run_cv(inputs: _HeadInputs, settings: FitSettings, seed: int, n_classes: int,
+def run_cv(bags: Bags, y: np.ndarray, groups: np.ndarray, settings: FitSettings, seed: int, n_classes: int,
            on_fold=lambda k: None) -> CVResult:
-    """One full cross-validation with ``seed``: folds, heads, OOF logits, cross-fitted T and w."""
-    y, groups = inputs.y, inputs.groups
+    """One full cross-validation with ``seed``: folds, heads, OOF logits, cross-fitted decisions."""
+    names = list(settings.heads)
     fold = make_folds(y, groups, settings.folds, seed)
     N = len(y)
-    z_mlp = np.zeros((N, n_classes), dtype=np.float32)
-    z_xgb = np.zeros((N, n_classes), dtype=np.float32)
-    heads, info = [], []
+    z = {h: np.zeros((N, n_classes), dtype=np.float32) for h in names}
+    z_bags = {h: np.zeros((bags.n_bags, n_classes), dtype=np.float32) for h in names}
+    models, info = [], []
     for k in range(settings.folds):
         evaluated = np.flatnonzero(fold == k)
         training = np.flatnonzero(fold != k)
         fit_imgs, stop_imgs = inner_split(training, y, groups, settings.inner_val_fraction, derived_seed(seed, k, 1))
         head_seed = derived_seed(seed, k, 2)
-
-        fit_rows, stop_rows = _rows_of(inputs.row_image, fit_imgs), _rows_of(inputs.row_image, stop_imgs)
-        mlp = MLPHead(settings.mlp, n_classes, head_seed).fit(
-            inputs.X_rows[fit_rows], y[inputs.row_image[fit_rows]],
-            inputs.X_rows[stop_rows], y[inputs.row_image[stop_rows]], inputs.row_image[stop_rows])
-        eval_rows = _rows_of(inputs.row_image, evaluated)
-        z = image_mean(mlp.row_logits(inputs.X_rows[eval_rows]), inputs.row_image[eval_rows], N)
-        z_mlp[evaluated] = z[evaluated]
-
-        fit_pairs, stop_pairs = _rows_of(inputs.pair_image, fit_imgs), _rows_of(inputs.pair_image, stop_imgs)
-        xgb = XGBHead(settings.xgb, n_classes, head_seed).fit(
-            inputs.X_pairs[fit_pairs], y[inputs.pair_image[fit_pairs]],
-            inputs.X_pairs[stop_pairs], y[inputs.pair_image[stop_pairs]])
-        eval_pairs = _rows_of(inputs.pair_image, evaluated)
-        z = image_mean(xgb.logits(inputs.X_pairs[eval_pairs]), inputs.pair_image[eval_pairs], N)
-        z_xgb[evaluated] = z[evaluated]
-
-        heads.append((mlp, xgb))
-        info.append({"fold": k, "evaluated_images": int(len(evaluated)), "fit_images": int(len(fit_imgs)),
-                     "stopping_images": int(len(stop_imgs)), "mlp_best_epoch": mlp.best_epoch_,
-                     "mlp_epochs_run": mlp.epochs_run_, "xgb_best_iteration": xgb.best_iteration_})
+        fit_bags, stop_bags, eval_bags = bags.select(fit_imgs), bags.select(stop_imgs), bags.select(evaluated)
+        fold_models, fold_info = [], {"fold": k, "evaluated_images": int(len(evaluated)),
+                                      "fit_images": int(len(fit_imgs)), "stopping_images": int(len(stop_imgs))}
+        for name in names:
+            cls = get_head(name)
+            head = cls(getattr(settings, name), n_classes, head_seed).fit(
+                fit_bags, y[fit_bags.image], stop_bags, y[stop_bags.image])
+            zb = head.predict(eval_bags)
+            z_bags[name][eval_bags.index] = zb
+            z[name][eval_bags.images()] = eval_bags.per_image(zb)
+            fold_models.append(head)
+            fold_info[name] = head.fitted_info()
+        models.append(fold_models)
+        info.append(fold_info)
         on_fold(k)
-    per_fold, final = cross_fit(z_mlp, z_xgb, y, fold, settings.weight_grid)
-    return CVResult(seed, fold, z_mlp, z_xgb, per_fold, final, heads, info)
+    per_fold, final = decisions.cross_fit(z, y, fold, decision_settings(settings))
+    return CVResult(seed, names, fold, z, z_bags, bags.image, per_fold, final, models, info)
 
 
 def oof_probabilities(cv: CVResult) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per head: (OOF probabilities before, after calibration), each row with its fold's T and w."""
-    params = {p["fold"]: p for p in cv.fold_params}
-    t_mlp = np.array([params[k]["T_mlp"] for k in cv.fold])[:, None]
-    t_xgb = np.array([params[k]["T_xgb"] for k in cv.fold])[:, None]
-    w = np.array([params[k]["w"] for k in cv.fold])[:, None]
-    zm, zx = cv.z_mlp.astype(np.float64), cv.z_xgb.astype(np.float64)
-    return {
-        "mlp": (softmax(zm), softmax(zm / t_mlp)),
-        "xgb": (softmax(zx), softmax(zx / t_xgb)),
-        "fused": (softmax(fusion.fuse(zm, zx, w)), softmax(fusion.fuse(zm, zx, w, t_mlp, t_xgb))),
-    }
+    """Per head and fused: (OOF probabilities at T = 1, calibrated), each row with its own fold's T and w."""
+    out = {}
+    for h in cv.heads:
+        t = decisions.per_row(cv.fold_params, cv.fold, "T", h)[:, None]
+        z = cv.z[h].astype(np.float64)
+        out[h] = (softmax(z), softmax(z / t))
+    weights = {h: decisions.per_row(cv.fold_params, cv.fold, "weights", h)[:, None] for h in cv.heads}
+    uncalibrated = {"heads": cv.heads, "weights": weights, "T": dict.fromkeys(cv.heads, 1.0)}
+    out["fused"] = (softmax(decisions.fused_logits(uncalibrated, cv.z)),
+                    decisions.apply_cross_fitted(cv.fold_params, cv.fold, cv.z).probs)
+    return out
+
+
+def oof_view_spread(cv: CVResult) -> np.ndarray:
+    """Per image: the spread of its views' fused probabilities (each view with its fold's parameters)."""
+    per_view = decisions.apply_cross_fitted(cv.fold_params, cv.fold[cv.bag_image], cv.z_bags).probs
+    return view_spread(per_view, cv.bag_image, len(cv.fold))
 
 
 def cv_metrics(cv: CVResult, y: np.ndarray, classes: list[str], settings: FitSettings) -> dict:
+    """Every head's and the fusion's OOF numbers, the decisions beside the plain argmax, sets and spread."""
     probs = oof_probabilities(cv)
-    return {head: summary(y, after, classes, probs_before=before, folds=cv.fold,
-                          bootstrap=settings.bootstrap, seed=cv.seed)
-            for head, (before, after) in probs.items()}
+    heads = {head: summary(y, after, classes, probs_before=before, folds=cv.fold,
+                           bootstrap=settings.bootstrap, seed=cv.seed)
+             for head, (before, after) in probs.items()}
+    applied = decisions.apply_cross_fitted(cv.fold_params, cv.fold, cv.z)
+    C = len(classes)
+    with_offsets = summary(y, np.eye(C)[applied.pred_offsets], classes, folds=cv.fold,
+                           bootstrap=settings.bootstrap, seed=cv.seed)
+    plain, shifted = heads["fused"]["macro_f1"], with_offsets["macro_f1"]
+    use = settings.offsets == "on" or (settings.offsets == "auto" and shifted > plain)
+    spread = oof_view_spread(cv)
+    notes = [f"fold {p['fold']}, {h}: T = 1 because {p['T_note'][h]}"
+             for p in cv.fold_params for h in cv.heads if p["T_note"][h]]
+    notes += [f"final, {h}: T = 1 because {cv.final['T_note'][h]}" for h in cv.heads if cv.final["T_note"][h]]
+    return {
+        "heads": heads,
+        "decision": {
+            "argmax": {"macro_f1": plain, "macro_f1_ci": heads["fused"]["macro_f1_ci"]},
+            "offsets": {k: with_offsets[k] for k in ("macro_f1", "macro_f1_ci", "accuracy", "per_class",
+                                                    "confusion", "fold_macro_f1")},
+            "offsets_setting": settings.offsets,
+            "submission_uses": "offsets" if use else "argmax",
+            "rule": "offsets: argmax of the fused log-probabilities plus per-class offsets, the offsets of each "
+                    "fold chosen on the other folds; the plain argmax is always reported beside it",
+        },
+        "calibration_notes": notes,
+        "conformal": {**conformal.coverage_summary(applied.sets, y, classes, settings.alpha),
+                      "class_conditional": settings.class_conditional,
+                      "rule": "split-conformal on 1 - p(class); each fold's thresholds from the other folds"},
+        "view_spread": {"definition": "mean total-variation distance of each view's fused probabilities "
+                                      "from the image's mean", "median": float(np.median(spread)),
+                        "accuracy_by_quantile": accuracy_by_quantile(spread, applied.pred == y)},
+    }
 
 
 # ---------------------------------------------------------------- the stage
@@ -309,6 +313,7 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
     """Fit, evaluate and save both heads with ``settings.folds``-fold cross-validation."""
     started = time.perf_counter()
     run = Path(run)
+    check_names(settings.heads)
     ts = load_training_set(run, encoder, settings.include_flagged)
     if ts.unlabelled:
         console.print(f"[yellow]note:[/] {len(ts.unlabelled)} training image(s) in the features have no label "
@@ -329,28 +334,29 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
         return FitResult(run, True, done, ts.classes, len(ts.image_ids), ts.excluded_flagged, ts.unlabelled,
                          time.perf_counter() - started)
 
-    X_pairs, pair_image = view_means(ts.features, ts.row_image)
-    inputs = _HeadInputs(ts.features.embedding, ts.row_image, X_pairs, pair_image, ts.y, ts.groups)
+    bags = Bags.from_rows(ts.features.embedding, ts.row_image, ts.features.view)
     C = len(ts.classes)
     seeds = [settings.seed + i for i in range(settings.seeds)]
     results: list[tuple[CVResult, dict]] = []
     with progress("folds") as bar:
         for s in seeds:
             task = bar.add_task(f"fit, seed {s}", total=settings.folds)
-            cv = run_cv(inputs, settings, s, C, on_fold=lambda k, t=task: bar.advance(t))
+            cv = run_cv(bags, ts.y, ts.groups, settings, s, C, on_fold=lambda k, t=task: bar.advance(t))
             results.append((cv, cv_metrics(cv, ts.y, ts.classes, settings)))
             if len(results) > 1:   # only the first seed's models are kept
                 results[-1] = (_drop_heads(cv), results[-1][1])
 
-    cv, head_metrics = results[0]
+    cv, cv_numbers = results[0]
     metrics = {
         "key": key, "version": __version__, "encoder": encoder_name(ts),
         "classes": ts.classes, "images": len(ts.image_ids), "folds": settings.folds, "seed": settings.seed,
         "excluded_flagged": len(ts.excluded_flagged), "unlabelled": len(ts.unlabelled),
-        "calibration": "per fold: T and w chosen on the other folds' OOF predictions (cross-fitting); "
-                       "'before' is T = 1 with the same w",
-        "heads": head_metrics,
-        "final": {k: cv.final[k] for k in ("T_mlp", "T_xgb", "w")},
+        "members": cv.heads,
+        "calibration": "per fold: each head's regularised T, the fusion weights, offsets and conformal thresholds "
+                       "chosen on the other folds' OOF predictions (cross-fitting); 'before' is T = 1 with the "
+                       "same weights",
+        **cv_numbers,
+        "final": final_summary(cv.final),
     }
     if len(seeds) > 1:
         metrics["seeds"] = seed_spread(seeds, [m for _, m in results])
@@ -366,15 +372,20 @@ def encoder_name(ts: TrainingSet) -> str:
 
 
 def _drop_heads(cv: CVResult) -> CVResult:
-    cv.heads = []
+    cv.models = []
     return cv
+
+
+def final_summary(final: dict) -> dict:
+    """The parameters for the test set, as metrics.json and the manifest show them."""
+    return {k: final[k] for k in ("heads", "T", "T_note", "weights", "offsets", "conformal_threshold")}
 
 
 def seed_spread(seeds: list[int], per_seed: list[dict]) -> dict:
     """Each head's OOF macro-F1 per seed and its spread (how much of a difference is noise)."""
     out = {"seeds": seeds, "macro_f1": {}, "spread": {}}
-    for head in HEADS:
-        scores = [m[head]["macro_f1"] for m in per_seed]
+    for head in per_seed[0]["heads"]:
+        scores = [m["heads"][head]["macro_f1"] for m in per_seed]
         out["macro_f1"][head] = scores
         out["spread"][head] = {"mean": float(np.mean(scores)), "std": float(np.std(scores, ddof=1)),
                                "min": float(np.min(scores)), "max": float(np.max(scores))}
@@ -389,18 +400,19 @@ def _write_outputs(run: Path, ts: TrainingSet, settings: FitSettings, cv: CVResu
     old = run / f".{store.MODELS_DIR}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        for k, (mlp, xgb) in enumerate(cv.heads):
+        for k, fold_models in enumerate(cv.models):
             folder = store.fold_dir(tmp, k)
             folder.mkdir(parents=True)
-            mlp.save(folder, ts.classes)
-            xgb.save(folder, ts.classes, dim)
+            for head in fold_models:
+                head.save(folder, ts.classes)
         store.write_json({
             "key": key, "version": __version__, "encoder": metrics["encoder"], "encoder_slug": ts.store_dir.name,
             "feature_encoder": ts.features.meta.get("encoder"),
             "dim": dim, "classes": ts.classes, "folds": settings.folds, "seed": settings.seed,
             "feature_key": ts.features.meta.get("key"), "settings": settings.model_dump(),
-            "final": {k: cv.final[k] for k in ("T_mlp", "T_xgb", "w")},
-            "fusion": "w * z_mlp / T_mlp + (1 - w) * z_xgb / T_xgb; probabilities averaged over folds",
+            "heads": cv.heads, "final": final_summary(cv.final),
+            "submission_uses": metrics["decision"]["submission_uses"],
+            "fusion": FUSION_RULE + "; probabilities averaged over folds",
         }, tmp / store.MODELS_MANIFEST_FILE)
         if models.exists():
             os.replace(models, old)
@@ -409,23 +421,27 @@ def _write_outputs(run: Path, ts: TrainingSet, settings: FitSettings, cv: CVResu
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
 
-    store.write_json({"key": key, "classes": ts.classes,
-                      "rule": "w * z_mlp / T_mlp + (1 - w) * z_xgb / T_xgb",
+    store.write_json({"key": key, "classes": ts.classes, "heads": cv.heads, "rule": FUSION_RULE,
                       "weight_grid": [round(w, 6) for w in fusion.weight_grid(settings.weight_grid).tolist()],
                       "folds": cv.fold_params, "final": cv.final, "fold_training": cv.fold_info},
                      run / store.CALIBRATION_FILE)
 
-    probs = oof_probabilities(cv)["fused"][1]
-    pred = probs.argmax(axis=1)
+    applied = decisions.apply_cross_fitted(cv.fold_params, cv.fold, cv.z)
+    spread = oof_view_spread(cv)
     C = len(ts.classes)
     lst = lambda a: pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(a, np.float32).ravel()), C)  # noqa: E731
     table = pa.table({
         "image_id": pa.array(ts.image_ids, pa.string()),
         "fold": pa.array(cv.fold.astype(np.int32)),
         "label": pa.array([ts.classes[i] for i in ts.y], pa.string()),
-        "logits_mlp": lst(cv.z_mlp), "logits_xgb": lst(cv.z_xgb), "prob": lst(probs),
-        "prediction": pa.array([ts.classes[i] for i in pred], pa.string()),
+        **{f"logits_{h}": lst(cv.z[h]) for h in cv.heads},
+        "prob": lst(applied.probs),
+        "prediction": pa.array([ts.classes[i] for i in applied.pred], pa.string()),
+        "prediction_offsets": pa.array([ts.classes[i] for i in applied.pred_offsets], pa.string()),
+        "set": pa.array([[c for c, inside in zip(ts.classes, row) if inside] for row in applied.sets],
+                        pa.list_(pa.string())),
+        "view_spread": pa.array(spread.astype(np.float32)),
     })
-    store.write_table(table, run / store.OOF_FILE, meta={"key": key, "classes": ts.classes,
+    store.write_table(table, run / store.OOF_FILE, meta={"key": key, "classes": ts.classes, "heads": cv.heads,
                                                          "encoder": metrics["encoder"], "seed": settings.seed})
     store.write_json(metrics, run / store.METRICS_FILE)

@@ -1,4 +1,11 @@
-"""The fitted fold ensemble that submit, predict and report load: inference apart from training."""
+"""The fitted fold ensemble that submit, predict and report load: inference apart from training.
+
+Every fold's heads predict each (image, view) bag; per fold the heads' image logits (the mean
+over views) are fused with the final temperatures and weights, and the fused probabilities
+are averaged over folds. The decision (plain argmax or argmax with the class offsets, as the
+fit stage chose), the conformal set and the spread of the per-view probabilities come from
+the same final parameters.
+"""
 
 from __future__ import annotations
 
@@ -9,32 +16,34 @@ import numpy as np
 
 from histoembed import store
 from histoembed.errors import UserError
-from histoembed.heads import calibration, fusion
-from histoembed.heads.mlp import MLPHead
-from histoembed.heads.shared import first_seen_index, image_mean, view_means
-from histoembed.heads.xgb import XGBHead
-from histoembed.metrics import softmax
+from histoembed.heads import Bags, Head, decisions
+from histoembed.heads import get as get_head
+from histoembed.heads.shared import first_seen_index
+from histoembed.metrics import softmax, view_spread
 
 
 @dataclass
 class ImagePredictions:
     image_ids: list[str]      # first-seen order in the features
     probs: np.ndarray         # [images, classes], calibrated, fused, averaged over folds
+    pred: np.ndarray          # class index per image: argmax, or argmax with offsets when the run chose them
+    sets: np.ndarray          # [images, classes] bool: the conformal prediction set
+    view_spread: np.ndarray   # [images]: spread of the per-view fused probabilities
 
 
 @dataclass
 class Ensemble:
-    """Every fold's heads with the final temperatures and fusion weight."""
+    """Every fold's heads with the final decision parameters."""
 
     classes: list[str]
     encoder: str
     encoder_slug: str
     dim: int
     feature_key: str | None
-    heads: list[tuple[MLPHead, XGBHead]]
-    t_mlp: float
-    t_xgb: float
-    w: float
+    heads: list[str]
+    models: list[dict[str, Head]]    # per fold: head name -> fitted head
+    final: dict                       # decisions parameters chosen on all out-of-fold predictions
+    use_offsets: bool
     manifest: dict
 
     def _check(self, features: store.Features) -> None:
@@ -47,52 +56,75 @@ class Ensemble:
             raise UserError(f"the features come from encoder {enc!r} but the models were fitted on {fitted_on!r}",
                             hint=f"pass --encoder {self.encoder}, or re-run `histoembed fit` on these features")
 
-    def predict(self, features: store.Features) -> ImagePredictions:
-        """Image probabilities: MLP logits averaged over crop-views, XGBoost over view means, fused."""
-        self._check(features)
-        if len(features) == 0:
-            return ImagePredictions([], np.zeros((0, len(self.classes))))
+    def _bags(self, features: store.Features) -> tuple[list[str], Bags]:
         image_ids, row_image = first_seen_index(features.image_id)
-        n = len(image_ids)
-        X_pairs, pair_image = view_means(features, row_image)
-        probs = np.zeros((n, len(self.classes)))
-        for mlp, xgb in self.heads:
-            z_mlp = image_mean(mlp.row_logits(features.embedding), row_image, n)
-            z_xgb = image_mean(xgb.logits(X_pairs), pair_image, n)
-            probs += softmax(fusion.fuse(z_mlp, z_xgb, self.w, self.t_mlp, self.t_xgb))
-        return ImagePredictions([str(i) for i in image_ids], probs / len(self.heads))
+        return [str(i) for i in image_ids], Bags.from_rows(features.embedding, row_image, features.view)
 
-    def predict_crops(self, features: store.Features) -> np.ndarray:
-        """Per feature row (crop-view): calibrated MLP probabilities averaged over folds."""
+    def predict(self, features: store.Features) -> ImagePredictions:
+        """Image probabilities, decisions, sets and view spread (see the module docstring)."""
         self._check(features)
+        C = len(self.classes)
+        if len(features) == 0:
+            return ImagePredictions([], np.zeros((0, C)), np.zeros(0, np.int64), np.zeros((0, C), bool), np.zeros(0))
+        image_ids, bags = self._bags(features)
+        probs, view_probs = np.zeros((len(image_ids), C)), np.zeros((bags.n_bags, C))
+        for fold_models in self.models:
+            z_bags = {h: fold_models[h].predict(bags) for h in self.heads}
+            probs += softmax(decisions.fused_logits(self.final, {h: bags.per_image(z) for h, z in z_bags.items()}))
+            view_probs += softmax(decisions.fused_logits(self.final, z_bags))
+        probs /= len(self.models)
+        view_probs /= len(self.models)
+        decided = decisions.decide(probs, self.final)
+        pred = decided.pred_offsets if self.use_offsets else decided.pred
+        return ImagePredictions(image_ids, probs, pred, decided.sets,
+                                view_spread(view_probs, bags.image, len(image_ids)))
+
+    def predict_crops(self, features: store.Features) -> np.ndarray | None:
+        """Per feature row (crop-view): calibrated MLP probabilities averaged over folds (None without an MLP)."""
+        self._check(features)
+        if "mlp" not in self.heads:
+            return None
         probs = np.zeros((len(features), len(self.classes)))
-        for mlp, _ in self.heads:
-            probs += softmax(calibration.apply_temperature(mlp.row_logits(features.embedding), self.t_mlp))
-        return probs / max(1, len(self.heads))
+        for fold_models in self.models:
+            probs += softmax(fold_models["mlp"].row_logits(features.embedding) / self.final["T"]["mlp"])
+        return probs / max(1, len(self.models))
+
+    def crop_attention(self, features: store.Features) -> np.ndarray | None:
+        """Per feature row: the attention-MIL weight of the crop within its (image, view) bag, averaged over
+        folds (None without an abmil head)."""
+        self._check(features)
+        if "abmil" not in self.heads:
+            return None
+        _, bags = self._bags(features)
+        out = np.zeros(len(features))
+        for fold_models in self.models:
+            out[bags.source_row] += fold_models["abmil"].attention(bags)
+        return out / max(1, len(self.models))
 
 
 def load_ensemble(run: Path) -> Ensemble:
     """The fitted models of ``run/models``; a clear error when any file is missing."""
     models = Path(run) / store.MODELS_DIR
-    manifest = store.read_json(models / store.MODELS_MANIFEST_FILE, "fitted-models manifest", hint="run `histoembed fit` first")
+    manifest_path = models / store.MODELS_MANIFEST_FILE
+    manifest = store.read_json(manifest_path, "fitted-models manifest", hint="run `histoembed fit` first")
     try:
         folds, final = int(manifest["folds"]), manifest["final"]
-        classes, dim = list(manifest["classes"]), int(manifest["dim"])
+        classes, dim, heads = list(manifest["classes"]), int(manifest["dim"]), list(manifest["heads"])
+        final["T"], final["weights"], final["offsets"], final["conformal_threshold"]  # noqa: B018
     except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"the manifest lacks {e}", path=models / store.MODELS_MANIFEST_FILE,
-                        hint="re-run `histoembed fit`") from None
-    heads = []
+        raise UserError(f"the manifest lacks {e}", path=manifest_path,
+                        hint="re-run `histoembed fit` (runs fitted by an older version lack it)") from None
+    fitted = []
     for k in range(folds):
         folder = store.fold_dir(models, k)
         if not folder.is_dir():
             raise UserError(f"fold {k} of {folds} is missing", path=folder, hint="re-run `histoembed fit`")
-        mlp, mlp_info = MLPHead.load(folder)
-        xgb, xgb_info = XGBHead.load(folder)
-        for info in (mlp_info, xgb_info):
-            if info.get("classes") != classes or int(info.get("input_dim", -1)) != dim:
+        fold_models = {h: get_head(h).load(folder) for h in heads}
+        for head in fold_models.values():
+            if head.classes_ != classes or head.input_dim_ != dim:
                 raise UserError("this fold's models were fitted on other classes or another feature dimension "
                                 "than the manifest says", path=folder, hint="re-run `histoembed fit`")
-        heads.append((mlp, xgb))
+        fitted.append(fold_models)
     return Ensemble(classes, manifest.get("encoder", ""), manifest.get("encoder_slug", ""), dim,
-                    manifest.get("feature_key"), heads, float(final["T_mlp"]), float(final["T_xgb"]),
-                    float(final["w"]), manifest)
+                    manifest.get("feature_key"), heads, fitted, final,
+                    manifest.get("submission_uses") == "offsets", manifest)

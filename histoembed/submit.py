@@ -1,5 +1,9 @@
 """Test-time inference: every fold's calibrated, fused heads on the test split's features.
 
+Labels are the fused argmax, or the argmax with the class offsets when the fit stage chose
+them (``--offsets``); ``test_predictions.parquet`` also has each image's conformal set and
+view spread.
+
 The submission has one row per test image in the order of the test folder (or of the
 manifest), labels spelled as in the training labels. A test image with no usable crop
 (no features) still gets a prediction: the training-class prior, i.e. the most frequent
@@ -59,15 +63,19 @@ def run_submit(data: Path, run: Path, encoder: str | None = None, tta: bool = Tr
                         f"(e.g. {unknown[0]})", path=store_dir,
                         hint="the features were embedded from another data folder; re-run crops and embed")
     prior = _class_prior(run, ensemble.classes)
+    C = len(ensemble.classes)
     probs = np.tile(prior, (len(ids), 1))
+    decided = probs.argmax(axis=1)
+    sets = np.ones((len(ids), C), dtype=bool)         # no features: every class is possible
+    spread = np.full(len(ids), np.nan, dtype=np.float32)
     have = np.zeros(len(ids), dtype=bool)
     if len(features):
         pred = ensemble.predict(features)
         row_of = {image_id: i for i, image_id in enumerate(ids)}
         rows = np.array([row_of[i] for i in pred.image_ids])
-        probs[rows] = pred.probs
+        probs[rows], decided[rows], sets[rows], spread[rows] = pred.probs, pred.pred, pred.sets, pred.view_spread
         have[rows] = True
-    labels = [ensemble.classes[k] for k in probs.argmax(axis=1)]
+    labels = [ensemble.classes[k] for k in decided]
     fallbacks = [i for i, ok in zip(ids, have) if not ok]
 
     buf = io.StringIO()
@@ -80,9 +88,17 @@ def run_submit(data: Path, run: Path, encoder: str | None = None, tta: bool = Tr
 
     columns = {"image_id": ids, "label": labels, "fallback": (~have).tolist()}
     columns.update({f"prob_{c}": probs[:, k].astype(np.float32) for k, c in enumerate(ensemble.classes)})
+    columns["set"] = pa.array([[c for c, inside in zip(ensemble.classes, row) if inside] for row in sets],
+                              pa.list_(pa.string()))
+    columns["view_spread"] = pa.array(spread)
     predictions = run / store.TEST_PREDICTIONS_FILE
     store.write_table(pa.table(columns), predictions,
                       meta={"classes": ensemble.classes, "encoder": ensemble.encoder, "tta": tta,
+                            "decision": "argmax with class offsets" if ensemble.use_offsets else "argmax",
+                            "alpha": ensemble.manifest.get("settings", {}).get("alpha"),
+                            "set": "split-conformal prediction set at 1 - alpha (all classes for a fallback)",
+                            "view_spread": "mean total-variation distance of the views' fused probabilities "
+                                           "from their mean (NaN for a fallback)",
                             "fallback": "training-class prior (most frequent class)"})
     counts = {c: labels.count(c) for c in ensemble.classes}
     return SubmitResult(submission, predictions, len(ids), ensemble.classes, counts, fallbacks)

@@ -13,12 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support
 
-from histoembed import fit, inference, store, synthetic
-from histoembed.config import FitSettings, MLPSettings, XGBSettings
+from histoembed import fit, heads, inference, store, synthetic
+from histoembed.config import ABMILSettings, FitSettings, MLPSettings, XGBSettings
 from histoembed.errors import UserError
-from histoembed.heads import calibration, fusion, shared
-from histoembed.heads.mlp import MLPHead
-from histoembed.heads.xgb import XGBHead
+from histoembed.heads import calibration, conformal, fusion, offsets
 from histoembed.metrics import softmax
 
 TOML = """
@@ -58,7 +56,8 @@ def invoke(*args):
 
 def read_oof(run: Path):
     table = pq.read_table(run / store.OOF_FILE)
-    lists = {c: np.stack(table[c].to_numpy(zero_copy_only=False)) for c in ("logits_mlp", "logits_xgb", "prob")}
+    lists = {c: np.stack(table[c].to_numpy(zero_copy_only=False)) for c in table.column_names
+             if c.startswith("logits_") or c == "prob"}
     return table.to_pandas(), lists, store.read_meta(run / store.OOF_FILE)
 
 
@@ -97,18 +96,50 @@ def test_metrics_json_equals_sklearn_on_oof(fitted):
     assert (oof["prediction"] == [classes[i] for i in lists["prob"].argmax(1)]).all()
 
 
-def test_oof_probabilities_use_the_fold_s_cross_fitted_temperatures_and_weight(fitted):
+def test_oof_decisions_use_the_fold_s_cross_fitted_parameters(fitted):
     oof, lists, _ = read_oof(fitted)
     calib = json.loads((fitted / store.CALIBRATION_FILE).read_text())
+    classes = calib["classes"]
     per_fold = {p["fold"]: p for p in calib["folds"]}
     for k in range(3):
         rows = (oof["fold"] == k).to_numpy()
         p = per_fold[k]
-        assert p["T_mlp"] > 0 and p["T_xgb"] > 0 and 0 <= p["w"] <= 1
-        fused = fusion.fuse(lists["logits_mlp"][rows], lists["logits_xgb"][rows], p["w"], p["T_mlp"], p["T_xgb"])
-        expected = softmax(fused)
-        np.testing.assert_allclose(lists["prob"][rows], expected, atol=1e-6)
-    assert set(calib["final"]) >= {"T_mlp", "T_xgb", "w"}
+        assert p["heads"] == ["mlp", "xgb"] and all(t > 0 for t in p["T"].values())
+        assert sum(p["weights"].values()) == pytest.approx(1) and min(p["weights"].values()) >= 0
+        probs = softmax(fusion.fuse_members([lists["logits_mlp"][rows], lists["logits_xgb"][rows]],
+                                            [p["weights"]["mlp"], p["weights"]["xgb"]],
+                                            [p["T"]["mlp"], p["T"]["xgb"]]))
+        np.testing.assert_allclose(lists["prob"][rows], probs, atol=1e-6)
+        shifted = (np.log(probs) + np.array(p["offsets"])).argmax(1)
+        assert list(oof["prediction_offsets"][rows]) == [classes[i] for i in shifted]
+        q = np.array([np.inf if v is None else v for v in p["conformal_threshold"]])
+        sets = [[c for c, inside in zip(classes, row) if inside] for row in (1 - probs) <= q + 1e-12]
+        assert [list(v) for v in oof["set"][rows]] == sets
+    assert set(calib["final"]) >= {"T", "T_note", "weights", "offsets", "conformal_threshold"}
+    assert (oof["view_spread"] >= 0).all() and (oof["view_spread"] <= 1).all()
+
+
+def test_metrics_report_offsets_beside_argmax_conformal_coverage_and_view_spread(fitted):
+    metrics = json.loads((fitted / store.METRICS_FILE).read_text())
+    oof, _, _ = read_oof(fitted)
+    classes = metrics["classes"]
+    y = oof["label"].map(classes.index).to_numpy()
+    decision = metrics["decision"]
+    assert decision["argmax"]["macro_f1"] == metrics["heads"]["fused"]["macro_f1"]
+    shifted = oof["prediction_offsets"].map(classes.index).to_numpy()
+    assert decision["offsets"]["macro_f1"] == pytest.approx(f1_score(y, shifted, average="macro"))
+    better = decision["offsets"]["macro_f1"] > decision["argmax"]["macro_f1"]
+    assert decision["submission_uses"] == ("offsets" if better else "argmax")   # --offsets auto
+    conf = metrics["conformal"]
+    covered = [label in set(s) for label, s in zip(oof["label"], oof["set"])]
+    assert conf["coverage"] == pytest.approx(np.mean(covered)) and conf["alpha"] == 0.1
+    assert conf["mean_set_size"] == pytest.approx(np.mean([len(s) for s in oof["set"]]))
+    assert set(conf["coverage_per_class"]) == set(classes)
+    bins = metrics["view_spread"]["accuracy_by_quantile"]
+    assert sum(b["images"] for b in bins) == 60 and all(0 <= b["accuracy"] <= 1 for b in bins)
+    for head in ("mlp", "xgb", "fused"):   # calibration is not worse than T = 1 beyond noise
+        m = metrics["heads"][head]
+        assert m["nll"] <= m["nll_before_calibration"] + 0.05
 
 
 def test_models_folder_holds_every_fold_without_pickle(fitted):
@@ -157,6 +188,58 @@ def test_cli_options_reach_the_models(tmp_path):
     assert metrics["heads"]["fused"]["macro_f1_ci"] is None
 
 
+def test_heads_offsets_alpha_and_class_conditional_options_reach_the_outputs(tmp_path):
+    run, config = make_run(tmp_path)
+    config.write_text(TOML + "[fit.abmil]\nhidden = 8\nattention = 4\nepochs = 4\n")
+    result = invoke("fit", "--run", run, "--config", config, "--folds", 3, "--heads", "logreg,abmil,mlp",
+                    "--offsets", "off", "--alpha", 0.2, "--class-conditional", "--bootstrap", 0)
+    assert result.exit_code == 0, result.output
+    assert "logreg" in result.output and "abmil" in result.output and "with class offsets" in result.output
+    manifest = json.loads((run / "models" / store.MODELS_MANIFEST_FILE).read_text())
+    assert manifest["heads"] == ["logreg", "abmil", "mlp"] and manifest["submission_uses"] == "argmax"
+    assert sorted(p.name for p in store.fold_dir(run / "models", 0).iterdir()) == \
+        ["abmil.json", "abmil.safetensors", "logreg.json", "logreg.safetensors", "mlp.json", "mlp.safetensors"]
+    metrics = json.loads((run / store.METRICS_FILE).read_text())
+    assert set(metrics["heads"]) == {"logreg", "abmil", "mlp", "fused"}
+    assert metrics["conformal"]["alpha"] == 0.2 and metrics["conformal"]["class_conditional"]
+    assert metrics["decision"]["offsets_setting"] == "off"
+    calib = json.loads((run / store.CALIBRATION_FILE).read_text())
+    assert len(set(calib["final"]["conformal_threshold"])) > 1   # one threshold per class
+    oof, _, _ = read_oof(run)
+    assert {"logits_logreg", "logits_abmil", "logits_mlp"} <= set(oof.columns) and "logits_xgb" not in oof.columns
+
+    assert invoke("fit", "--run", run, "--config", config, "--folds", 3, "--heads", "mlp,svm").exit_code == 2
+    bad = invoke("fit", "--run", run, "--config", config, "--folds", 3, "--offsets", "maybe")
+    assert bad.exit_code == 2 and "--offsets" in bad.output
+    on = invoke("fit", "--run", run, "--config", config, "--folds", 3, "--heads", "logreg", "--offsets", "on",
+                "--bootstrap", 0)
+    assert on.exit_code == 0, on.output
+    assert json.loads((run / "models" / store.MODELS_MANIFEST_FILE).read_text())["submission_uses"] == "offsets"
+
+
+def test_separable_features_keep_the_calibrated_nll_at_or_below_t_equal_one(tmp_path):
+    """The issue's failure: strong features, separable OOF logits, T running to its bound."""
+    run = tmp_path / "run"
+    synthetic.write_synthetic_features(run, n_images=48, n_classes=3, crops=2, views=2, dim=16, signal=4.0, seed=2)
+    result = fit.run_fit(run, tiny_settings(bootstrap=0))
+    for head in ("mlp", "xgb", "fused"):
+        m = result.metrics["heads"][head]
+        assert m["nll"] <= m["nll_before_calibration"] + 0.02, (head, m["nll"], m["nll_before_calibration"])
+    calib = json.loads((run / store.CALIBRATION_FILE).read_text())
+    for p in calib["folds"] + [calib["final"]]:
+        assert all(0.05 < t < 50 for t in p["T"].values())   # never at the search bounds
+
+
+def test_too_few_images_for_a_temperature_gives_t_1_and_says_so(tmp_path, monkeypatch):
+    run, _ = make_run(tmp_path, n_images=12)
+    monkeypatch.setattr(calibration, "MIN_IMAGES", 10)   # the other folds hold 8 images: too few
+    result = fit.run_fit(run, tiny_settings(folds=3, bootstrap=0))
+    notes = result.metrics["calibration_notes"]
+    assert any("fold 0, mlp: T = 1 because only 8 held-out images" in n for n in notes)
+    calib = json.loads((run / store.CALIBRATION_FILE).read_text())
+    assert calib["folds"][0]["T"]["mlp"] == 1.0 and "held-out images" in calib["folds"][0]["T_note"]["mlp"]
+
+
 # ---------------------------------------------------------------- quality and honesty
 
 def test_fused_macro_f1_is_at_least_each_head_s_within_noise(tmp_path):
@@ -168,67 +251,54 @@ def test_fused_macro_f1_is_at_least_each_head_s_within_noise(tmp_path):
     assert heads["fused"]["macro_f1"] >= max(heads["mlp"]["macro_f1"], heads["xgb"]["macro_f1"]) - 0.05
 
 
-def test_evaluation_fold_never_reaches_early_stopping_temperature_or_weight(tmp_path, monkeypatch):
+def test_evaluation_fold_never_reaches_training_stopping_temperature_weights_offsets_or_thresholds(
+        tmp_path, monkeypatch):
     run, _ = make_run(tmp_path)
-    seen = {"mlp": [], "xgb": [], "T": [], "w": []}
-    mlp_fit, xgb_fit = MLPHead.fit, XGBHead.fit
-    fit_t, choose_w = calibration.fit_temperature, fusion.choose_weight
+    names = ("mlp", "xgb", "logreg", "abmil")
+    seen = {"fit": {h: [] for h in names}, "T": [], "w": [], "offsets": [], "conformal": []}
 
-    def record_mlp(self, X, y, X_stop, y_stop, stop_image):
-        seen["mlp"].append((np.array(X), np.array(X_stop)))
-        return mlp_fit(self, X, y, X_stop, y_stop, stop_image)
+    def recorder(cls):
+        original = cls.fit
 
-    def record_xgb(self, X, y, X_stop, y_stop):
-        seen["xgb"].append((np.array(X), np.array(X_stop)))
-        return xgb_fit(self, X, y, X_stop, y_stop)
+        def record(self, bags, y, stop, y_stop):
+            seen["fit"][cls.name].append((set(bags.image.tolist()), set(stop.image.tolist())))
+            return original(self, bags, y, stop, y_stop)
+        return record
 
-    def record_t(z, y):
-        seen["T"].append(np.array(z))
-        return fit_t(z, y)
-
-    def record_w(z_mlp, z_xgb, y, t_mlp, t_xgb, points=21):
-        seen["w"].append((np.array(z_mlp), np.array(z_xgb)))
-        return choose_w(z_mlp, z_xgb, y, t_mlp, t_xgb, points)
-
-    monkeypatch.setattr(MLPHead, "fit", record_mlp)
-    monkeypatch.setattr(XGBHead, "fit", record_xgb)
-    monkeypatch.setattr(calibration, "fit_temperature", record_t)
-    monkeypatch.setattr(fusion, "choose_weight", record_w)
-    fit.run_fit(run, tiny_settings())
+    for h in names:
+        monkeypatch.setattr(heads.REGISTRY[h], "fit", recorder(heads.REGISTRY[h]))
+    choose_t, choose_w = calibration.choose_temperature, fusion.choose_weights
+    choose_b, choose_q = offsets.choose_offsets, conformal.thresholds
+    monkeypatch.setattr(calibration, "choose_temperature", lambda z, y: seen["T"].append(np.array(z)) or choose_t(z, y))
+    monkeypatch.setattr(fusion, "choose_weights",
+                        lambda z, y, t, p: seen["w"].append([np.array(m) for m in z]) or choose_w(z, y, t, p))
+    monkeypatch.setattr(offsets, "choose_offsets", lambda L, y: seen["offsets"].append(len(y)) or choose_b(L, y))
+    monkeypatch.setattr(conformal, "thresholds",
+                        lambda p, y, a, c: seen["conformal"].append(len(y)) or choose_q(p, y, a, c))
+    small = tiny_settings(heads=names, abmil=ABMILSettings(hidden=8, attention=4, epochs=3))
+    fit.run_fit(run, small)
 
     oof, lists, _ = read_oof(run)
-    fold_of = dict(zip(oof["image_id"], oof["fold"]))
-    features = store.read_features(store.find_feature_store(run), split="train")
-    image_of_row = {row.tobytes(): i for row, i in zip(features.embedding, features.image_id)}
-    _, row_image = shared.first_seen_index(features.image_id)
-    means, pair_image = shared.view_means(features, row_image)
-    ids, _ = shared.first_seen_index(features.image_id)
-    image_of_pair = {row.tobytes(): ids[i] for row, i in zip(means, pair_image)}
-
-    def images(rows, lookup):
-        return {lookup[r.astype(np.float32).tobytes()] for r in rows}
-
-    everyone = set(oof["image_id"])
     folds = oof["fold"].to_numpy()
+    everyone = set(range(60))
     for k in range(3):
-        evaluated = {i for i, f in fold_of.items() if f == k}
-        for head, lookup in (("mlp", image_of_row), ("xgb", image_of_pair)):
-            X, X_stop = seen[head][k]
-            trained, stopped = images(X, lookup), images(X_stop, lookup)
+        evaluated = set(np.flatnonzero(folds == k).tolist())
+        for h in names:
+            trained, stopped = seen["fit"][h][k]
             assert stopped and not stopped & trained
             assert not (trained | stopped) & evaluated
             assert trained | stopped == everyone - evaluated
-        # T and w for fold k see exactly the other folds' OOF logits (in OOF row order)
+        # fold k's temperatures, weights, offsets and thresholds see exactly the other folds' OOF logits
         others = folds != k
-        t_mlp, t_xgb = seen["T"][2 * k: 2 * k + 2]
-        np.testing.assert_array_equal(t_mlp, lists["logits_mlp"][others])
-        np.testing.assert_array_equal(t_xgb, lists["logits_xgb"][others])
-        np.testing.assert_array_equal(seen["w"][k][0], lists["logits_mlp"][others])
-        np.testing.assert_array_equal(seen["w"][k][1], lists["logits_xgb"][others])
-    # then the final T and w (for the test set) on all OOF logits
-    assert len(seen["T"]) == 8 and len(seen["w"]) == 4
-    np.testing.assert_array_equal(seen["T"][6], lists["logits_mlp"])
-    np.testing.assert_array_equal(seen["w"][3][1], lists["logits_xgb"])
+        for j, h in enumerate(names):
+            np.testing.assert_array_equal(seen["T"][4 * k + j], lists[f"logits_{h}"][others])
+            np.testing.assert_array_equal(seen["w"][k][j], lists[f"logits_{h}"][others])
+        assert seen["offsets"][k] == seen["conformal"][k] == others.sum()
+    # then the final parameters (for the test set) on all OOF logits
+    assert len(seen["T"]) == 16 and len(seen["w"]) == 4
+    np.testing.assert_array_equal(seen["T"][12], lists["logits_mlp"])
+    np.testing.assert_array_equal(seen["w"][3][3], lists["logits_abmil"])
+    assert seen["offsets"][3] == seen["conformal"][3] == 60
 
 
 def test_same_seed_gives_identical_metrics_json(tmp_path):
@@ -296,13 +366,16 @@ def test_ensemble_round_trip_reproduces_oof_and_predicts_new_features(fitted):
     calib = json.loads((fitted / store.CALIBRATION_FILE).read_text())
     oof, lists, _ = read_oof(fitted)
     features = store.read_features(store.find_feature_store(fitted), split="train")
-    for k in range(3):   # fold k's saved heads with fold k's T and w give back the OOF probabilities
-        p = calib["folds"][k]
-        one = dataclasses.replace(ensemble, heads=[ensemble.heads[k]], t_mlp=p["T_mlp"], t_xgb=p["T_xgb"], w=p["w"])
+    for k in range(3):   # fold k's saved heads with fold k's parameters give back the OOF decisions
+        one = dataclasses.replace(ensemble, models=[ensemble.models[k]], final=calib["folds"][k], use_offsets=True)
         ids = set(oof["image_id"][oof["fold"] == k])
         pred = one.predict(features.subset(np.isin(features.image_id, list(ids))))
-        expected = lists["prob"][[list(oof["image_id"]).index(i) for i in pred.image_ids]]
-        np.testing.assert_allclose(pred.probs, expected, atol=1e-5)
+        rows = [list(oof["image_id"]).index(i) for i in pred.image_ids]
+        np.testing.assert_allclose(pred.probs, lists["prob"][rows], atol=1e-5)
+        assert [ensemble.classes[i] for i in pred.pred] == list(oof["prediction_offsets"].iloc[rows])
+        assert [[c for c, s in zip(ensemble.classes, row) if s] for row in pred.sets] == \
+            [list(v) for v in oof["set"].iloc[rows]]
+        np.testing.assert_allclose(pred.view_spread, oof["view_spread"].iloc[rows], atol=1e-5)
 
     test = store.read_features(store.find_feature_store(fitted), split="test")
     pred = ensemble.predict(test)

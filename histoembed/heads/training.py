@@ -11,7 +11,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 
 MIN_STEPS_PER_EPOCH = 8
 

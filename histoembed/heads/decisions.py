@@ -1,0 +1,109 @@
+"""Everything chosen on held-out logits, chosen together and cross-fitted.
+
+From the members' out-of-fold logits (one [images, classes] array per head), ``choose``
+picks, on the given rows only: a regularised temperature per member, simplex fusion weights
+(macro-F1), per-class offsets on the fused log-probabilities (macro-F1) and split-conformal
+thresholds. ``cross_fit`` does that once per fold on the *other* folds' rows, and once on all
+rows (the parameters for the test set); ``apply`` turns parameters and logits into calibrated
+fused probabilities, offset predictions and prediction sets.
+
+Parameters are plain JSON-able dicts, the same in ``calibration.json``, the models manifest
+and the inference ensemble:
+
+``{"heads": [...], "T": {head: T}, "T_note": {head: why T = 1 or None}, "weights": {head: w},
+"macro_f1_by_w": [...] (two heads) or None, "offsets": [C], "conformal_threshold": [C] (None:
+every class), "images": n}``
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from histoembed.heads import calibration, conformal, fusion, offsets
+from histoembed.metrics import log_softmax, softmax
+
+
+@dataclass(frozen=True)
+class DecisionSettings:
+    weight_points: int = 21
+    alpha: float = 0.1
+    class_conditional: bool = False
+
+
+def choose(z: dict[str, np.ndarray], y: np.ndarray, rows: np.ndarray, s: DecisionSettings) -> dict:
+    """Every decision parameter, chosen on ``rows`` of the members' logits ``z``."""
+    heads = list(z)
+    y_rows = np.asarray(y)[rows]
+    temps = {h: calibration.choose_temperature(z[h][rows], y_rows) for h in heads}
+    t = [temps[h].value for h in heads]
+    choice = fusion.choose_weights([z[h][rows] for h in heads], y_rows, t, s.weight_points)
+    params = {"heads": heads, "T": {h: temps[h].value for h in heads}, "T_note": {h: temps[h].note for h in heads},
+              "weights": dict(zip(heads, choice.weights)), "macro_f1_by_w": choice.scores,
+              "images": int(len(rows))}
+    logp = log_softmax(fused_logits(params, {h: z[h][rows] for h in heads}))
+    params["offsets"] = offsets.choose_offsets(logp, y_rows).tolist()
+    q = conformal.thresholds(np.exp(logp), y_rows, s.alpha, s.class_conditional)
+    params["conformal_threshold"] = [None if math.isinf(v) else float(v) for v in q]
+    return params
+
+
+def fused_logits(params: dict, z: dict[str, np.ndarray]) -> np.ndarray:
+    """``sum_h w_h * z_h / T_h`` with the parameters' weights and temperatures (arrays broadcast per row)."""
+    heads = params["heads"]
+    return fusion.fuse_members([z[h] for h in heads], [params["weights"][h] for h in heads],
+                               [params["T"][h] for h in heads])
+
+
+def thresholds(params: dict) -> np.ndarray:
+    return np.array([math.inf if v is None else float(v) for v in params["conformal_threshold"]])
+
+
+@dataclass
+class Applied:
+    probs: np.ndarray        # [n, C] calibrated fused probabilities
+    pred: np.ndarray         # argmax
+    pred_offsets: np.ndarray  # argmax of log-probabilities + offsets
+    sets: np.ndarray         # [n, C] bool conformal sets
+
+
+def apply(params: dict, z: dict[str, np.ndarray]) -> Applied:
+    return decide(softmax(fused_logits(params, z)), params)
+
+
+def decide(probs: np.ndarray, params: dict) -> Applied:
+    """Argmax, offset argmax and conformal sets of calibrated fused ``probs`` with one set of parameters."""
+    return _decide(probs, np.asarray(params["offsets"], dtype=np.float64)[None, :], thresholds(params)[None, :])
+
+
+def _decide(probs: np.ndarray, offs: np.ndarray, q: np.ndarray) -> Applied:
+    logp = np.log(np.clip(probs, 1e-300, None))
+    sets = (1.0 - probs) <= q + 1e-12
+    return Applied(probs, probs.argmax(axis=1), (logp + offs).argmax(axis=1), sets)
+
+
+def cross_fit(z: dict[str, np.ndarray], y: np.ndarray, fold: np.ndarray,
+              s: DecisionSettings) -> tuple[list[dict], dict]:
+    """Per fold: parameters chosen on the other folds' rows; and the final ones, chosen on all rows."""
+    per_fold = [{"fold": int(k), **choose(z, y, np.flatnonzero(fold != k), s)} for k in np.unique(fold)]
+    return per_fold, choose(z, y, np.arange(len(y)), s)
+
+
+def per_row(per_fold: list[dict], fold: np.ndarray, name: str, head: str | None = None) -> np.ndarray:
+    """Each row's value of parameter ``name`` (of ``head``) from its own fold's parameters."""
+    by_fold = {p["fold"]: p for p in per_fold}
+    values = [by_fold[int(k)][name] if head is None else by_fold[int(k)][name][head] for k in fold]
+    return np.asarray([[math.inf if v is None else v for v in row] if isinstance(row, list) else row
+                       for row in values], dtype=np.float64)
+
+
+def apply_cross_fitted(per_fold: list[dict], fold: np.ndarray, z: dict[str, np.ndarray]) -> Applied:
+    """Each row decided with its own fold's parameters (never chosen on that row)."""
+    heads = per_fold[0]["heads"]
+    params = {"heads": heads,
+              "T": {h: per_row(per_fold, fold, "T", h)[:, None] for h in heads},
+              "weights": {h: per_row(per_fold, fold, "weights", h)[:, None] for h in heads}}
+    probs = softmax(fused_logits(params, z))
+    return _decide(probs, per_row(per_fold, fold, "offsets"), per_row(per_fold, fold, "conformal_threshold"))

@@ -34,8 +34,8 @@ early_stopping_rounds = 5
 
 
 def tiny_settings(**kw) -> FitSettings:
-    return FitSettings(folds=3, bootstrap=100, mlp=MLPSettings(hidden=32, epochs=10, patience=3),
-                       xgb=XGBSettings(n_estimators=20, pca_dims=8, early_stopping_rounds=5), **kw)
+    return FitSettings(**{"folds": 3, "bootstrap": 100, "mlp": MLPSettings(hidden=32, epochs=10, patience=3),
+                          "xgb": XGBSettings(n_estimators=20, pca_dims=8, early_stopping_rounds=5), **kw})
 
 
 def make_run(root: Path, **kw) -> tuple[Path, Path]:

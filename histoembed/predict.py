@@ -66,7 +66,8 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
         feats = store.Features(np.array([image_id] * n, object), np.array(["test"] * n, object),
                                np.repeat(np.arange(len(crops), dtype=np.int32), views),
                                np.tile(np.arange(views, dtype=np.int16), len(crops)), emb, features_meta)
-        probs = ensemble.predict(feats).probs[0]
-        out.append(Prediction(Path(image), ensemble.classes[int(probs.argmax())],
+        pred = ensemble.predict(feats)
+        probs = pred.probs[0]
+        out.append(Prediction(Path(image), ensemble.classes[int(pred.pred[0])],
                               dict(zip(ensemble.classes, probs.tolist())), len(crops), fallback))
     return out

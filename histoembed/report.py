@@ -27,10 +27,11 @@ import numpy as np
 
 from histoembed import __version__, store
 from histoembed.errors import UserError
-from histoembed.heads.fusion import fuse
+from histoembed.heads.fusion import fuse, fuse_members
 from histoembed.metrics import bootstrap_macro_f1, macro_f1, nll, softmax
 
 PLOT_DPI = 96
+COLORS = {"mlp": "#4c72b0", "xgb": "#55a868", "logreg": "#8172b3", "abmil": "#937860", "fused": "#c44e52"}
 MAX_QC_THUMBS = 48
 N_CROP_IMAGES = 4
 N_MAP_IMAGES = 6
@@ -74,10 +75,12 @@ class _Oof:
     fold: np.ndarray
     y: np.ndarray                 # class index
     classes: list[str]
-    z_mlp: np.ndarray | None      # [N, C] raw logits
-    z_xgb: np.ndarray | None
+    z: dict[str, np.ndarray]      # head -> [N, C] raw logits, in fusion order
     prob: np.ndarray | None       # fused, calibrated
-    pred: np.ndarray              # class index
+    pred: np.ndarray              # class index (plain argmax)
+    pred_offsets: np.ndarray | None = None   # class index with the class offsets
+    sets: list[list[str]] | None = None      # conformal sets
+    view_spread: np.ndarray | None = None
 
 
 @dataclass
@@ -107,11 +110,18 @@ def _read_oof(path: Path) -> _Oof:
     index = {c: k for k, c in enumerate(classes)}
     y = np.array([index[c] for c in labels], dtype=np.int64)
     prob = _list_column(table, "prob")
-    pred = np.array([index.get(p, -1) for p in table["prediction"].to_pylist()], dtype=np.int64)
+
+    def classes_of(name):
+        return np.array([index.get(p, -1) for p in table[name].to_pylist()], dtype=np.int64) \
+            if name in table.column_names else None
+
+    heads = meta.get("heads") or [c[len("logits_"):] for c in table.column_names if c.startswith("logits_")]
     return _Oof(image_id=np.array(table["image_id"].to_pylist(), dtype=object),
                 fold=table["fold"].to_numpy().astype(np.int64), y=y, classes=classes,
-                z_mlp=_list_column(table, "logits_mlp"), z_xgb=_list_column(table, "logits_xgb"),
-                prob=prob, pred=pred)
+                z={h: _list_column(table, f"logits_{h}") for h in heads if f"logits_{h}" in table.column_names},
+                prob=prob, pred=classes_of("prediction"), pred_offsets=classes_of("prediction_offsets"),
+                sets=table["set"].to_pylist() if "set" in table.column_names else None,
+                view_spread=table["view_spread"].to_numpy() if "view_spread" in table.column_names else None)
 
 
 def _load(run: Path, data: Path | None) -> _Run:
@@ -399,13 +409,7 @@ def _crop_strip(run: Path, image_id: str) -> str:
 
 
 def _head_predictions(o: _Oof) -> dict[str, np.ndarray]:
-    heads = {}
-    if o.z_mlp is not None:
-        heads["mlp"] = o.z_mlp.argmax(1)
-    if o.z_xgb is not None:
-        heads["xgb"] = o.z_xgb.argmax(1)
-    heads["fused"] = o.pred
-    return heads
+    return {**{h: z.argmax(1) for h, z in o.z.items()}, "fused": o.pred}
 
 
 def _scores_section(r: _Run) -> str:
@@ -423,11 +427,10 @@ def _scores_section(r: _Run) -> str:
                      float(np.std(per_fold[head])), float(np.mean(pred == o.y))])
     fig = _figure(10, 3.4)
     ax1, ax2 = fig.subplots(1, 2, width_ratios=[1.4, 1])
-    colors = {"mlp": "#4c72b0", "xgb": "#55a868", "fused": "#c44e52"}
     width = 0.8 / len(per_fold)
     for j, (head, scores) in enumerate(per_fold.items()):
         ax1.bar(np.arange(len(folds)) + (j - (len(per_fold) - 1) / 2) * width, scores, width,
-                label=head, color=colors.get(head))
+                label=head, color=COLORS.get(head))
     ax1.set_xticks(range(len(folds)), [str(k) for k in folds])
     ax1.set_xlabel("fold")
     ax1.set_ylabel("macro-F1 on the fold")
@@ -436,7 +439,7 @@ def _scores_section(r: _Run) -> str:
     ax1.legend(fontsize=8)
     for j, row in enumerate(rows):
         ax2.errorbar([j], [row[1]], yerr=[[row[1] - row[2]], [row[3] - row[1]]], fmt="o", capsize=6,
-                     color=colors.get(row[0]), markersize=8)
+                     color=COLORS.get(row[0]), markersize=8)
         ax2.text(j + 0.08, row[1], f"{row[1]:.3f}", va="center", fontsize=9)
     ax2.axhline(1.0 / C, color="gray", linestyle=":", label="chance-ish (1/C)")
     ax2.set_xticks(range(len(rows)), [row[0] for row in rows])
@@ -474,11 +477,10 @@ def _confusion_section(r: _Run) -> str:
     fig.colorbar(im, ax=ax1, shrink=0.8)
     heads = _head_predictions(o)
     width = 0.8 / len(heads)
-    colors = {"mlp": "#4c72b0", "xgb": "#55a868", "fused": "#c44e52"}
     rows = []
     for j, (head, pred) in enumerate(heads.items()):
         p, rec, f1, support = precision_recall_fscore_support(o.y, pred, labels=list(range(C)), zero_division=0)
-        ax2.bar(np.arange(C) + (j - (len(heads) - 1) / 2) * width, f1, width, label=head, color=colors.get(head))
+        ax2.bar(np.arange(C) + (j - (len(heads) - 1) / 2) * width, f1, width, label=head, color=COLORS.get(head))
         if head == "fused":
             rows = [[c, float(p[k]), float(rec[k]), float(f1[k]), int(support[k])] for k, c in enumerate(o.classes)]
     ax2.set_xticks(range(C), o.classes, rotation=25, ha="right")
@@ -491,51 +493,39 @@ def _confusion_section(r: _Run) -> str:
     return _section("confusion", title, body)
 
 
-def _fold_params(calibration: dict | None, folds: np.ndarray) -> dict[str, np.ndarray] | None:
-    """Per-row T_mlp, T_xgb and w (the cross-fitted values of each row's fold), or None."""
-    if not calibration:
+def _fold_params(calibration: dict | None, folds: np.ndarray, heads: list[str]) -> dict | None:
+    """Per-row parameters (each row's own fold's): {"T": {head: [N]}, "weights": {head: [N]}}, or None."""
+    if not calibration or not heads:
         return None
     entries = calibration.get("folds")
-    by_fold = {}
-    if isinstance(entries, list):
-        for k, e in enumerate(entries):
-            by_fold[int(e.get("fold", k))] = e
-    elif isinstance(entries, dict):
-        by_fold = {int(k): v for k, v in entries.items()}
+    by_fold = {int(e.get("fold", k)): e for k, e in enumerate(entries)} if isinstance(entries, list) else {}
     if not by_fold or any(int(k) not in by_fold for k in np.unique(folds)):
         return None
-    out = {}
-    for name in ("T_mlp", "T_xgb", "w"):
-        out[name] = np.array([float(by_fold[int(k)][name]) for k in folds])
-    return out
-
-
-def _final_params(calibration: dict | None) -> dict | None:
-    if not calibration:
-        return None
-    final = calibration.get("final", calibration)
     try:
-        return {k: float(final[k]) for k in ("T_mlp", "T_xgb", "w")}
+        return {name: {h: np.array([float(by_fold[int(k)][name][h]) for k in folds]) for h in heads}
+                for name in ("T", "weights")}
     except (KeyError, TypeError, ValueError):
         return None
 
 
+def _fused(o: _Oof, params: dict, calibrated: bool = True) -> np.ndarray:
+    heads = list(o.z)
+    return fuse_members([o.z[h] for h in heads], [params["weights"][h][:, None] for h in heads],
+                        [params["T"][h][:, None] if calibrated else 1.0 for h in heads])
+
+
 def _calibration_section(r: _Run) -> str:
     title = "Calibration: reliability before and after temperature scaling"
-    if r.oof is None or r.oof.z_mlp is None or r.oof.z_xgb is None:
-        return _section("calibration", title, _missing(f"{store.OOF_FILE} with both heads' logits"))
-    params = _fold_params(r.calibration, r.oof.fold)
+    if r.oof is None or not r.oof.z:
+        return _section("calibration", title, _missing(f"{store.OOF_FILE} with the heads' logits"))
+    o = r.oof
+    params = _fold_params(r.calibration, o.fold, list(o.z))
     if params is None:
         return _section("calibration", title, _missing(f"per-fold temperatures in {store.CALIBRATION_FILE}"))
-    o = r.oof
-    panels = [
-        ("MLP", softmax(o.z_mlp), softmax(o.z_mlp / params["T_mlp"][:, None])),
-        ("XGBoost", softmax(o.z_xgb), softmax(o.z_xgb / params["T_xgb"][:, None])),
-        ("Fused", softmax(fuse(o.z_mlp, o.z_xgb, params["w"][:, None])),
-         softmax(fuse(o.z_mlp, o.z_xgb, params["w"][:, None], params["T_mlp"][:, None], params["T_xgb"][:, None]))),
-    ]
-    fig = _figure(12, 3.8)
-    axes = fig.subplots(1, 3)
+    panels = [(h, softmax(z), softmax(z / params["T"][h][:, None])) for h, z in o.z.items()]
+    panels.append(("fused", softmax(_fused(o, params, calibrated=False)), softmax(_fused(o, params))))
+    fig = _figure(3.6 * len(panels), 3.8)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
     rows = []
     for ax, (name, before, after) in zip(axes, panels):
         ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1)
@@ -551,45 +541,106 @@ def _calibration_section(r: _Run) -> str:
         ax.set_ylabel("accuracy")
         ax.set_title(name)
         ax.legend(fontsize=8, loc="upper left")
-    temps = "; ".join(f"fold {k}: T_mlp {tm:.2f}, T_xgb {tx:.2f}"
-                      for k, tm, tx in sorted({(int(k), a, b) for k, a, b in
-                                               zip(o.fold, params["T_mlp"], params["T_xgb"])}))
+    temps = "; ".join(f"fold {k}: " + ", ".join(f"T_{h} {params['T'][h][o.fold == k][0]:.2f}" for h in o.z)
+                      for k in np.unique(o.fold))
+    notes = (r.metrics or {}).get("calibration_notes") or []
+    note_html = ("<p>Where the data could not support a temperature, T = 1:</p><ul>"
+                 + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>") if notes else \
+        "<p class='small'>Every temperature was fitted (none fell back to T = 1).</p>"
     body = ("<p>Recomputed from the out-of-fold logits: each fold's logits are divided by the temperature "
-            "chosen on the other folds (cross-fitting), so the 'after' curves are honest.</p>"
+            "chosen on the other folds (cross-fitting), so the 'after' curves are honest. Temperatures are "
+            "regularised (smoothed targets and a prior on log T), so separable held-out logits cannot drive T "
+            "to zero.</p>"
             + _fig_img(fig, "reliability diagrams") + _table(["head", "", "ECE", "NLL"], rows)
-            + f"<p class='small'>{_esc(temps)}</p>")
+            + note_html + f"<p class='small'>{_esc(temps)}</p>")
     return _section("calibration", title, body)
 
 
 def _fusion_section(r: _Run) -> str:
-    title = "Macro-F1 against the fusion weight"
-    if r.oof is None or r.oof.z_mlp is None or r.oof.z_xgb is None:
-        return _section("fusion", title, _missing(f"{store.OOF_FILE} with both heads' logits"))
-    params = _fold_params(r.calibration, r.oof.fold)
-    final = _final_params(r.calibration)
+    title = "Fusion weights"
+    if r.oof is None or not r.oof.z:
+        return _section("fusion", title, _missing(f"{store.OOF_FILE} with the heads' logits"))
+    o, heads = r.oof, list(r.oof.z)
+    params = _fold_params(r.calibration, o.fold, heads)
     if params is None:
         return _section("fusion", title, _missing(f"per-fold temperatures in {store.CALIBRATION_FILE}"))
-    o = r.oof
+    final = (r.calibration or {}).get("final", {}).get("weights", {})
+    folds = np.unique(o.fold)
+    rows = [[f"fold {k}"] + [float(params["weights"][h][o.fold == k][0]) for h in heads] for k in folds]
+    if final:
+        rows.append(["final (test set)"] + [float(final.get(h, math.nan)) for h in heads])
+    table = _table(["chosen on", *heads], rows)
+    rule = " + ".join(f"w_{h}·z_{h}/T_{h}" for h in heads)
+    if len(heads) != 2:
+        return _section("fusion", title, f"<p>Fused logits <code>{_esc(rule)}</code>, weights on the simplex, each "
+                                         "fold's chosen on the other folds for macro-F1.</p>" + table)
+    a, b = heads
     weights = np.linspace(0, 1, 21)
-    curve = fusion_curve(o.z_mlp, o.z_xgb, o.y, params["T_mlp"][:, None], params["T_xgb"][:, None], weights)
+    curve = fusion_curve(o.z[a], o.z[b], o.y, params["T"][a][:, None], params["T"][b][:, None], weights)
     fig = _figure(7, 3.4)
     ax = fig.subplots()
     ax.plot(weights, curve, marker="o", color="#c44e52", label="all out-of-fold predictions")
-    if final is not None:
-        ax.axvline(final["w"], color="black", linestyle="--", label=f"final w = {final['w']:.2f}")
-    fold_w = sorted(set(params["w"].tolist()))
+    if final:
+        ax.axvline(final[a], color="black", linestyle="--", label=f"final w = {final[a]:.2f}")
+    fold_w = sorted(set(params["weights"][a].tolist()))
     for w in fold_w:
         ax.axvline(w, color="gray", alpha=0.3, linewidth=3)
-    ax.set_xlabel("w   (0: XGBoost only, 1: MLP only)")
+    ax.set_xlabel(f"w   (0: {b} only, 1: {a} only)")
     ax.set_ylabel("OOF macro-F1")
     ax.set_title("Fusion weight")
     ax.legend(fontsize=8)
-    body = ("<p>Fused logits <code>w·z_mlp/T_mlp + (1−w)·z_xgb/T_xgb</code> with each fold's temperatures. "
+    body = (f"<p>Fused logits <code>{_esc(rule)}</code> with each fold's temperatures. "
             "The curve is drawn on all out-of-fold predictions, the same ones that chose the final weight, "
-            "so its peak is optimistic; the per-fold weights (gray bands: "
-            + ", ".join(f"{w:.2f}" for w in fold_w)
-            + ") were each chosen without the fold they were applied to.</p>" + _fig_img(fig, "fusion weight curve"))
+            "so its peak is optimistic; the per-fold weights (gray bands) were each chosen without the fold "
+            "they were applied to.</p>" + _fig_img(fig, "fusion weight curve") + table)
     return _section("fusion", title, body)
+
+
+def _decisions_section(r: _Run) -> str:
+    title = "Decisions: class offsets, conformal sets, view spread"
+    m = r.metrics or {}
+    if r.oof is None or "decision" not in m:
+        return _section("decisions", title, _missing(f"{store.METRICS_FILE} from this version of `histoembed fit`"))
+    o, d = r.oof, m["decision"]
+    fmt_ci = lambda ci: f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-"  # noqa: E731
+    offsets = (r.calibration or {}).get("final", {}).get("offsets")
+    parts = [
+        "<p>Per-class offsets on the fused log-probabilities, chosen for macro-F1 on the other folds; the plain "
+        "argmax is always shown beside them.</p>",
+        _table(["decision", "OOF macro-F1", "95% CI", "used for the submission"],
+               [["argmax", d["argmax"]["macro_f1"], fmt_ci(d["argmax"].get("macro_f1_ci")),
+                 "yes" if d["submission_uses"] == "argmax" else "no"],
+                ["argmax + class offsets", d["offsets"]["macro_f1"], fmt_ci(d["offsets"].get("macro_f1_ci")),
+                 "yes" if d["submission_uses"] == "offsets" else "no"]]),
+    ]
+    if offsets:
+        parts.append("<p class='small'>Final offsets (test set): "
+                     + ", ".join(f"{_esc(c)} {v:+.1f}" for c, v in zip(o.classes, offsets))
+                     + f" (--offsets {_esc(d['offsets_setting'])}).</p>")
+    conf = m.get("conformal")
+    if conf:
+        per_class = [[c, "-" if v is None else v] for c, v in conf["coverage_per_class"].items()]
+        parts.append(f"<p>Conformal prediction sets at alpha = {conf['alpha']} "
+                     f"({'one threshold per class' if conf.get('class_conditional') else 'one threshold'}): "
+                     f"out-of-fold coverage {conf['coverage']:.3f} (target {conf['target_coverage']:.2f}), "
+                     f"mean set size {conf['mean_set_size']:.2f}, empty sets {conf['empty_sets']:.1%}.</p>"
+                     + _table(["true class", "coverage"], per_class))
+    spread = (m.get("view_spread") or {}).get("accuracy_by_quantile")
+    if spread:
+        fig = _figure(6, 3.0)
+        ax = fig.subplots()
+        ax.bar(range(len(spread)), [b["accuracy"] for b in spread], color="#4c72b0")
+        ax.set_xticks(range(len(spread)), [f"{b['low']:.2f}-{b['high']:.2f}" for b in spread])
+        ax.set_xlabel("view spread (quantile bin)")
+        ax.set_ylabel("OOF accuracy")
+        ax.set_ylim(0, 1)
+        ax.set_title("Accuracy by view spread")
+        parts.append("<p>View spread: how much an image's fused probabilities move between its augmented views "
+                     "(mean total-variation distance from their mean). If accuracy falls as spread rises, a high "
+                     "spread means 'check this one'.</p>" + _fig_img(fig, "accuracy by view spread")
+                     + _table(["spread from", "to", "images", "accuracy"],
+                              [[b["low"], b["high"], b["images"], b["accuracy"]] for b in spread]))
+    return _section("decisions", title, "\n".join(parts))
 
 
 def _maps_section(r: _Run) -> str:
@@ -604,6 +655,9 @@ def _maps_section(r: _Run) -> str:
         features = store.read_features(store.find_feature_store(r.run, ensemble.encoder))
     except UserError as e:
         return _section("maps", title, _missing(str(e)))
+    use_attention = "abmil" in ensemble.heads
+    if not use_attention and "mlp" not in ensemble.heads:
+        return _section("maps", title, _missing("a head with a per-crop view (mlp or abmil) among the fitted heads"))
     samples = _samples(r)
     clean = features.subset(features.view == 0)
     have = set(clean.image_id.tolist())
@@ -625,9 +679,13 @@ def _maps_section(r: _Run) -> str:
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     for ax, image_id in zip(axes, chosen):
         sub = clean.subset(clean.image_id == image_id)
-        crop_probs = np.asarray(ensemble.predict_crops(sub))
-        image_probs = np.asarray(ensemble.predict(sub).probs)[0]
-        k = int(image_probs.argmax())
+        image_pred = ensemble.predict(sub)
+        image_probs, k = np.asarray(image_pred.probs)[0], int(image_pred.pred[0])
+        if use_attention:   # attention is a share of the bag: scale so the largest crop of the image is 1
+            weight = np.asarray(ensemble.crop_attention(sub))
+            crop_probs = np.tile((weight / max(weight.max(), 1e-12))[:, None], (1, len(ensemble.classes)))
+        else:
+            crop_probs = np.asarray(ensemble.predict_crops(sub))
         boxes = r.crops[r.crops["image_id"] == image_id].set_index("crop_index")
         keep = [i for i, c in enumerate(sub.crop_index) if int(c) in boxes.index]
         xyxy = boxes.loc[[int(sub.crop_index[i]) for i in keep], ["x0", "y0", "x1", "y1"]].to_numpy()
@@ -640,12 +698,15 @@ def _maps_section(r: _Run) -> str:
     for ax in axes[len(chosen):]:
         ax.set_axis_off()
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), shrink=0.7,
-                 label="crop's probability of the called class")
-    body = ("<p>Each crop's clean view through every fold's temperature-scaled MLP head (the XGBoost head sees "
-            "only image means, so it has no per-crop view); boxes coloured by that "
-            "crop's probability of the class the whole image was called. Training images were seen by most "
-            "folds' heads, so their maps are optimistic; test images are not.</p>"
-            + _fig_img(fig, "per-image crop prediction maps"))
+                 label="crop's attention (largest = 1)" if use_attention else "crop's probability of the called class")
+    what = ("Each crop's clean view weighted by the attention-MIL head (averaged over folds): boxes coloured by "
+            "the crop's attention relative to the image's most attended crop, i.e. which tissue the head looked "
+            "at to make the call." if use_attention else
+            "Each crop's clean view through every fold's temperature-scaled MLP head (XGBoost and the linear "
+            "probe see only image means, so they have no per-crop view); boxes coloured by that crop's "
+            "probability of the class the whole image was called.")
+    body = (f"<p>{what} Training images were seen by most folds' heads, so their maps are optimistic; test "
+            "images are not.</p>" + _fig_img(fig, "per-image crop prediction maps"))
     return _section("maps", title, body)
 
 
@@ -665,14 +726,14 @@ img.plot{max-width:100%;display:block;margin:.6em 0}img.crop{width:96px;height:9
 
 _SECTIONS = (("dataset", "Dataset"), ("qc", "QC"), ("crops", "Crops"), ("scores", "Macro-F1"),
              ("confusion", "Confusion"), ("calibration", "Calibration"), ("fusion", "Fusion"),
-             ("maps", "Crop maps"))
+             ("decisions", "Decisions"), ("maps", "Crop maps"))
 
 
 def render_report(run: Path, data: Path | None = None) -> str:
     """The report page as one HTML string."""
     r = _load(Path(run), Path(data) if data is not None else None)
     sections = [_overview(r), _dataset_section(r), _qc_section(r), _crops_section(r), _scores_section(r),
-                _confusion_section(r), _calibration_section(r), _fusion_section(r), _maps_section(r)]
+                _confusion_section(r), _calibration_section(r), _fusion_section(r), _decisions_section(r), _maps_section(r)]
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     nav = "".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t in _SECTIONS)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

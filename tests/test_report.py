@@ -46,7 +46,8 @@ window.addEventListener('load', () => {
 # Every plot a complete run's report must show (the alt text of its <img>).
 EXPECTED_PLOTS = ["class balance and crops per image", "crops drawn on images",
                   "per-fold and out-of-fold macro-F1", "confusion matrix and per-class F1",
-                  "reliability diagrams", "fusion weight curve", "per-image crop prediction maps"]
+                  "reliability diagrams", "fusion weight curve", "accuracy by view spread",
+                  "per-image crop prediction maps"]
 
 
 @dataclass
@@ -237,3 +238,22 @@ def test_macro_f1_matches_scikit_learn():
     y, pred = rng.integers(0, 4, 50), rng.integers(0, 3, 50)   # class 3 never predicted
     assert report.macro_f1(y, pred, 4) == pytest.approx(
         f1_score(y, pred, labels=[0, 1, 2, 3], average="macro", zero_division=0))
+
+
+def test_report_with_attention_mil_maps_its_attention_and_tables_n_way_weights(pipeline_run, tmp_path):
+    from histoembed.config import FitSettings, MLPSettings
+    from histoembed.fit import run_fit
+
+    data, run = pipeline_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    run_fit(copy, FitSettings(folds=3, bootstrap=0, heads=("mlp", "logreg", "abmil"),
+                              mlp=MLPSettings(hidden=16, epochs=3, patience=2)))
+    page = report.render_report(copy, data)
+    maps = page[page.index('id="maps"'):]
+    assert "attention-MIL" in maps and "per-image crop prediction maps" in maps
+    fusion = page[page.index('id="fusion"'):page.index('id="decisions"')]
+    assert "w_mlp" in fusion and "w_abmil" in fusion and "final (test set)" in fusion
+    decisions = page[page.index('id="decisions"'):page.index('id="maps"')]
+    assert "argmax + class offsets" in decisions and "mean set size" in decisions
+

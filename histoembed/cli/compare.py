@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from histoembed.cli.app import SeedOpt, command
+
+
+@command("compare")
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="The baseline run folder (with oof.parquet from `histoembed fit`).")],
+    run_b: Annotated[Path, typer.Argument(help="The changed run folder, over the same training images.")],
+    decision: Annotated[str, typer.Option(
+        "--decision", help="Which out-of-fold predictions to compare: argmax (the fused argmax) or offsets "
+                           "(argmax with the class offsets).")] = "argmax",
+    bootstrap: Annotated[int, typer.Option(
+        "--bootstrap", min=1, help="Paired bootstrap resamples of the training images.")] = 2000,
+    seed: SeedOpt = None,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", help="Also write the comparison to this JSON file.")] = None,
+) -> None:
+    """Out-of-fold macro-F1 of RUN_B minus RUN_A, with a paired bootstrap 95% interval and per-fold differences.
+
+    An interval that contains 0 means the runs cannot be told apart on these images.
+    """
+    from histoembed import store
+    from histoembed.compare import run_compare
+    from histoembed.console import console, table
+
+    r = run_compare(run_a, run_b, bootstrap=bootstrap, seed=seed or 0, decision=decision)
+    rows = [[f["fold"], f["images"], f["macro_f1_a"], f["macro_f1_b"], f"{f['difference']:+.3f}"] for f in r.folds]
+    table(f"Per fold of RUN_A ({r.images} images{', same folds in both runs' if r.same_folds else ''})",
+          ["fold", "images", "macro-F1 A", "macro-F1 B", "B - A"], rows)
+    lo, hi = r.interval
+    verdict = ("the interval contains 0: no detectable difference" if lo <= 0 <= hi else
+               f"RUN_B is {'better' if r.difference > 0 else 'worse'} beyond the bootstrap noise")
+    console.print(f"out-of-fold macro-F1 ({r.decision}): A {r.macro_f1_a:.3f}, B {r.macro_f1_b:.3f}; "
+                  f"B - A = {r.difference:+.3f}, paired bootstrap 95% interval [{lo:+.3f}, {hi:+.3f}] "
+                  f"({r.bootstrap} resamples): {verdict}", soft_wrap=True)
+    if json_out is not None:
+        store.write_json(r.as_dict(), json_out)
+        console.print(f"wrote {json_out}", soft_wrap=True)

@@ -36,7 +36,7 @@ from histoembed.encoders import Encoder, load_encoder
 from histoembed.errors import UserError
 from histoembed.precision import PrecisionCheck, check_precision
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: bf16 on CUDA runs a bf16 copy of the weights, not autocast
 
 
 # ---------------------------------------------------------------- in-memory embedding

@@ -1,6 +1,6 @@
 """Is a lower precision safe for this encoder on these crops? A comparison with fp32 before embedding.
 
-bf16 and fp16 autocast roughly double a GPU's throughput, but some encoders overflow in fp16
+bf16 and fp16 (a low-precision copy of the weights on a GPU) run several times faster, but some encoders overflow in fp16
 (activations above 65,504 become Inf, then NaN) or lose the signal to rounding in bf16 (8
 bits of mantissa), and the store would silently hold garbage. The check embeds one batch of
 real crops twice, at the chosen precision and in fp32, and compares them crop by crop.

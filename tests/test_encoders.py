@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -125,6 +126,23 @@ def test_bf16_autocast_stays_close_to_fp32(tiny_dinov2):
     out = bf16(x)
     assert out.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(out, fp32).min() > 0.99
+
+
+def test_bf16_weights_copy_stays_close_to_fp32_and_leaves_the_fp32_module_alone(tiny_dinov2):
+    """The CUDA path (``cast_weights``), run here on the CPU: a bf16 copy of the weights, made once."""
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    enc = load_encoder(str(tiny_dinov2), precision="bf16")
+    assert not enc.cast_weights  # autocast on the CPU; the copy is what load_encoder picks on CUDA
+    enc = dataclasses.replace(enc, cast_weights=True)
+    out = enc(x)
+    assert out.dtype == torch.float32
+    assert {p.dtype for p in enc.casts[torch.bfloat16].parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in enc.module.parameters()} == {torch.float32}
+    fp32 = enc.with_precision("fp32")(x)
+    assert torch.equal(fp32, load_encoder(str(tiny_dinov2), precision="fp32")(x))
+    assert torch.nn.functional.cosine_similarity(out, fp32).min() > 0.99
+    enc(x)
+    assert len(enc.casts) == 1
 
 
 def test_phikon_v2_is_loaded_from_the_hugging_face_cache_offline(tiny_dinov2, tmp_path, hub_layout):

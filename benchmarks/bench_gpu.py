@@ -136,7 +136,9 @@ class Run:
         def make() -> Path:
             import torch
             from transformers import Dinov2Config, Dinov2Model
+            from transformers.utils import logging as hf_logging
 
+            hf_logging.disable_progress_bar()  # "Writing model shards" would clutter the log
             config = MODELS[name]
             torch.manual_seed(0)
             cfg = Dinov2Config(image_size=self.plan.image_size, patch_size=16, **config)

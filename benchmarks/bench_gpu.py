@@ -16,9 +16,9 @@ measured in this one process, so ratios compare like with like. Sections, each o
 - pipeline: the same stage with a 1-block ViT of the same width (same 1024-d store rows),
             so the model costs little and the pipeline's own ceiling shows.
 - parts:    the stage's pieces alone (decode loader, augmentation, store writing), per second.
-- cosine:   bf16 (autocast, and bf16 weights) against fp32 features of the same crops and views.
-- bf16w:    the stage and its bare forward with a bf16 copy of the weights and no autocast
-            (every operation in bf16; not one of the package's precisions), to see what it gains.
+- cosine:   bf16 (the package's, and autocast) against fp32 features of the same crops and views.
+- autocast: the stage and its bare forward in bf16 autocast over fp32 weights, against the
+            package's bf16 (on CUDA a bf16 copy of the weights, every operation in bf16).
 - defaults: the stage as ``histoembed embed`` runs without options (batch 64, 2 decode workers).
 - ray:      the stage with ``--engine ray`` when Ray and that engine are installed, else skipped.
 
@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_embed, when im
 
 from bench_embed import MODELS, write_crops  # noqa: E402
 
-SECTIONS = ("env", "bare", "stage", "pipeline", "parts", "cosine", "bf16w", "defaults", "ray")
+SECTIONS = ("env", "bare", "stage", "pipeline", "parts", "cosine", "autocast", "defaults", "ray")
 TARGET_VIEWS_PER_S = 3000  # issue 14: ViT-L/16, bf16, 4 views, one H100, end to end
 
 # A ViT as wide as ViT-L (same 1024-d rows to write) with one block: nearly free to run.
@@ -84,26 +84,14 @@ SMOKE = Plan(model="vit-tiny", cheap_model="cheap-tiny", image_size=32, bare_bat
              budget_s=120)
 
 
-BF16_WEIGHTS = "bf16-weights"
+AUTOCAST = "bf16-autocast"
 
 
-def bf16_weights(enc):
-    """``enc`` with a bf16 copy of its weights fed bf16 inputs, without autocast: every operation in bf16.
-
-    Not one of the package's precisions: what the bench measures to see what one would gain
-    over bf16 autocast, which keeps layer norms, layer scales and residual adds in fp32.
-    """
-    import copy
-
-    import torch
-
-    features = enc.features
-
-    def features_in_bf16(module, x, pool):
-        return features(module, x.to(torch.bfloat16), pool)
-
-    return dataclasses.replace(enc, module=copy.deepcopy(enc.module).to(torch.bfloat16), precision="fp32",
-                               features=features_in_bf16)
+def autocast_encoder(enc):
+    """``enc`` in bf16 autocast over its fp32 weights, the package's bf16 before it ran a bf16 copy of
+    the weights on CUDA (autocast keeps layer norms, layer scales and residual adds in fp32)."""
+    fields = {"cast_weights": False} if "cast_weights" in {f.name for f in dataclasses.fields(enc)} else {}
+    return dataclasses.replace(enc, precision="bf16", **fields)
 
 
 class Run:
@@ -155,8 +143,8 @@ class Run:
 
         enc = self.cached(f"enc:{name}", lambda: load_encoder(str(self.model_dir(name)), device=self.device.type,
                                                               precision="fp32"))
-        if precision == BF16_WEIGHTS:
-            return self.cached(f"enc-bf16w:{name}", lambda: bf16_weights(enc))
+        if precision == AUTOCAST:
+            return autocast_encoder(enc)
         return dataclasses.replace(enc, precision=precision)
 
     def crops_run(self, n_crops: int, tag: str) -> Path:
@@ -274,7 +262,13 @@ def timed_stage(r: Run, model: str, tag: str, precision: str | None = None, **se
             "workers": settings.workers, "crops": batches * bs, "rows": res.new_rows, "seconds": seconds,
             "crop_views_per_s": res.new_rows / seconds, "crops_per_s": res.new_rows / p.views / seconds,
             "warmup_crop_views_per_s": warm_rate, "store_parts": len(list(res.store_dir.glob("part-*.parquet"))),
-            **check}
+            "cast_weights": getattr(enc, "cast_weights", None), "precision_check": _check_meta(res), **check}
+
+
+def _check_meta(result) -> dict | None:
+    """The stage's own bf16-against-fp32 check of its first batch (run inside the timed stage), if it ran one."""
+    check = getattr(result, "precision_check", None)
+    return check.as_meta() if check is not None else None
 
 
 def store_against_memory(r: Run, run: Path, store_dir: Path, enc, seed: int, batch_size: int) -> dict:
@@ -326,9 +320,9 @@ def section_stage(r: Run, tag: str = "stage", precision: str | None = None, **se
     return out
 
 
-def section_bf16w(r: Run) -> dict:
-    """The stage with bf16 weights and no autocast (see ``bf16_weights``), against its own bare forward."""
-    return section_stage(r, "bf16w", BF16_WEIGHTS)
+def section_autocast(r: Run) -> dict:
+    """The stage in bf16 autocast (see ``autocast_encoder``), against its own bare forward."""
+    return section_stage(r, "autocast", AUTOCAST)
 
 
 def section_defaults(r: Run) -> dict:
@@ -456,11 +450,12 @@ def section_cosine(r: Run) -> dict:
     pngs = pq.read_table(run / store.CROPS_FILE, columns=["png"])["png"].to_pylist()[:n]
     crops = np.stack([decode_png(b) for b in pngs])
     feats = {}
-    for precision in ("fp32", "bf16", BF16_WEIGHTS):
+    for precision in ("fp32", "bf16", AUTOCAST):
         feats[precision] = embed_crops(r.encoder(r.plan.model, precision), crops, views=r.plan.views,
                                        image_ids=[f"img{i}" for i in range(n)], batch_size=min(64, n))
-    out = {"note": "random weights; bf16 is autocast; bf16 weights: every operation in bf16; features as float32"}
-    for precision, prefix in (("bf16", ""), (BF16_WEIGHTS, "bf16_weights_")):
+    out = {"note": "random weights; bf16 as the package runs it (on CUDA a bf16 copy of the weights), and bf16 "
+                   "autocast; features as float32"}
+    for precision, prefix in (("bf16", ""), (AUTOCAST, "autocast_")):
         a, b = feats["fp32"], feats[precision]
         cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
         out.update({"rows": len(cos), f"{prefix}min_cosine": float(cos.min()),
@@ -496,10 +491,10 @@ def section_ray(r: Run) -> dict:
 
 SECTION_FNS: dict[str, Callable[[Run], dict]] = {
     "env": section_env, "bare": section_bare, "stage": section_stage, "pipeline": section_pipeline,
-    "parts": section_parts, "cosine": section_cosine, "bf16w": section_bf16w, "defaults": section_defaults,
+    "parts": section_parts, "cosine": section_cosine, "autocast": section_autocast, "defaults": section_defaults,
     "ray": section_ray}
 # A section starts only with this many seconds of the budget left.
-MIN_LEFT_S = {"stage": 60, "pipeline": 40, "parts": 20, "cosine": 15, "bf16w": 50, "defaults": 40, "ray": 30}
+MIN_LEFT_S = {"stage": 60, "pipeline": 40, "parts": 20, "cosine": 15, "autocast": 50, "defaults": 40, "ray": 30}
 
 
 # ---------------------------------------------------------------- report
@@ -511,7 +506,8 @@ def markdown(results: dict) -> str:
     lines = [f"# GPU benchmark: {env.get('device_name', '?')}", "",
              f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, "
              f"python {env.get('python', '?')}, {env.get('cpu_count', '?')} CPUs, "
-             f"mode {results['mode']}, {results['seconds']:.0f} s in all.", "",
+             f"mode {results['mode']}, {results['seconds']:.0f} s in all. bf16: as the package runs it (on CUDA a "
+             "bf16 copy of the weights); bf16-autocast: autocast over the fp32 weights.", "",
              "| section | figure | value | peak GPU MiB |", "|---|---|---:|---:|"]
 
     def row(sec: str, what: str, value) -> None:
@@ -530,7 +526,7 @@ def markdown(results: dict) -> str:
                 for bs, m in sec[precision].items():
                     value = f"{m['crops_per_s']:.1f}" if "crops_per_s" in m else m.get("skipped", "")
                     row(name, f"{sec['model']} {precision} batch {bs}, crops/s", value)
-        elif name in ("stage", "pipeline", "bf16w", "defaults"):
+        elif name in ("stage", "pipeline", "autocast", "defaults"):
             row(name, f"{sec['model']} {sec['precision']} {sec['views']} views, {sec['crops']} crops, batch "
                       f"{sec['batch_size']}, {sec['workers']} decode workers, crop-views/s",
                 f"{sec['crop_views_per_s']:.1f}")
@@ -548,10 +544,10 @@ def markdown(results: dict) -> str:
             row(name, "host waits for the GPU: one augmentation / one batch's views queued",
                 f"{sec['augment_host_syncs']} / {sec['queue_views_host_syncs']}")
         elif name == "cosine":
-            row(name, f"bf16 autocast vs fp32 min / mean cosine ({sec['rows']} rows)",
+            row(name, f"bf16 vs fp32 min / mean cosine ({sec['rows']} rows)",
                 f"{sec['min_cosine']:.5f} / {sec['mean_cosine']:.5f}")
-            row(name, "bf16 weights vs fp32 min / mean cosine",
-                f"{sec['bf16_weights_min_cosine']:.5f} / {sec['bf16_weights_mean_cosine']:.5f}")
+            row(name, "bf16 autocast vs fp32 min / mean cosine",
+                f"{sec['autocast_min_cosine']:.5f} / {sec['autocast_mean_cosine']:.5f}")
         elif name == "ray":
             row(name, "ray engine crop-views/s", f"{sec['crop_views_per_s']:.1f}")
     return "\n".join(lines) + "\n"

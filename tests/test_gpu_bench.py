@@ -49,9 +49,9 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert s["parts"]["augment_host_syncs"] is None  # counted on a GPU only
     assert 0.99 < s["cosine"]["min_cosine"] <= s["cosine"]["mean_cosine"] <= 1 + 1e-6
     assert s["cosine"]["rows"] == 8 * 4
-    assert 0.9 < s["cosine"]["bf16_weights_min_cosine"] <= s["cosine"]["bf16_weights_mean_cosine"] <= 1 + 1e-6
-    assert s["bf16w"]["precision"] == "bf16-weights" and s["bf16w"]["rows"] == s["bf16w"]["crops"] * 4
-    assert s["bf16w"]["store_vs_memory_max_abs_diff"] <= 1e-6 and s["bf16w"]["ratio_to_bare"] > 0
+    assert 0.9 < s["cosine"]["autocast_min_cosine"] <= s["cosine"]["autocast_mean_cosine"] <= 1 + 1e-6
+    assert s["autocast"]["precision"] == "bf16-autocast" and s["autocast"]["rows"] == s["autocast"]["crops"] * 4
+    assert s["autocast"]["store_vs_memory_max_abs_diff"] <= 1e-6 and s["autocast"]["ratio_to_bare"] > 0
     assert "skipped" in s["ray"] or s["ray"]["rows"] > 0
     table = (tmp_path / "gpu_bench.md").read_text()
     for name in bench.SECTIONS[1:]:

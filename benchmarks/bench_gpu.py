@@ -8,14 +8,18 @@ measured in this one process, so ratios compare like with like. Sections, each o
 - bare:     ViT-L/16 at 224 px (Phikon-v2's shape: Dinov2, hidden 1024, 24 layers, 16 heads,
             patch 16, MLP ratio 4, no registers; random weights built from the config, saved
             with ``save_pretrained`` and loaded by ``histoembed.encoders``) on ready float
-            tensors, bf16 autocast and fp32, crops/s at several batch sizes.
+            tensors, the package's bf16 (on CUDA a bf16 copy of the weights) and fp32, crops/s
+            at several batch sizes.
 - stage:    ``histoembed.embed.run_embed`` (what ``histoembed embed`` calls) from a
             crops.parquet of synthetic H&E crops: read, decode PNG in workers, augment on the
             device, forward, write the Parquet store; 4 views in bf16, crop-views/s and its
-            ratio to the bare bf16 forward at the same batch size.
+            ratio to the bare bf16 forward at the same batch size. The store of a 2-batch
+            warm-up run is compared with ``embed_crops`` of the same crops (a race would show).
 - pipeline: the same stage with a 1-block ViT of the same width (same 1024-d store rows),
             so the model costs little and the pipeline's own ceiling shows.
-- parts:    the stage's pieces alone (decode loader, augmentation, store writing), per second.
+- parts:    the stage's pieces alone (decode loader, augmentation, store writing), per second;
+            augmentation on the device against the CPU; how often queueing a batch makes the
+            host wait for the GPU (torch's sync debug mode).
 - cosine:   bf16 (the package's, and autocast) against fp32 features of the same crops and views.
 - autocast: the stage and its bare forward in bf16 autocast over fp32 weights, against the
             package's bf16 (on CUDA a bf16 copy of the weights, every operation in bf16).

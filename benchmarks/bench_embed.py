@@ -101,7 +101,7 @@ def throughput(model: Path, n_crops: int, repeats: int, batch_size: int, workers
         run = Path(tmp)
         write_crops(run, n_crops)
         start = time.perf_counter()
-        result = run_embed(run, settings, AugmentSettings(), encoder=encoder, show_progress=False)
+        result = run_embed(run, settings, AugmentSettings(), encoder=encoder)
         stage = result.new_rows / (time.perf_counter() - start)
     return {"bare_views_per_s": bare, "stage_views_per_s": stage, "ratio": stage / bare,
             "threads": torch.get_num_threads(), "device": str(encoder.device), "precision": encoder.precision}
@@ -169,7 +169,7 @@ def peak_rss_child(model: Path, n_crops: int, workers: int) -> None:
         before = vm_hwm_mib()
         start = time.perf_counter()
         settings = EmbedSettings(encoder=str(model), repeats=1, batch_size=64, workers=workers, device="cpu")
-        result = run_embed(run, settings, AugmentSettings(), show_progress=False)
+        result = run_embed(run, settings, AugmentSettings())
         seconds = time.perf_counter() - start
     own = vm_hwm_mib()
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

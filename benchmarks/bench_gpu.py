@@ -249,7 +249,7 @@ def timed_stage(r: Run, model: str, tag: str, precision: str | None = None, **se
     bs = settings.batch_size
     warm = r.crops_run(2 * bs, f"{tag}-warm")
     start = time.perf_counter()
-    w = run_embed(warm, settings, AugmentSettings(), encoder=enc, show_progress=False)
+    w = run_embed(warm, settings, AugmentSettings(), encoder=enc)
     warm_rate = w.new_rows / (time.perf_counter() - start)
     check = store_against_memory(r, warm, w.store_dir, enc, settings.seed, bs)
     # Size the measured run: the plan's batches, fewer if the warm-up's rate says they would overrun.
@@ -257,7 +257,7 @@ def timed_stage(r: Run, model: str, tag: str, precision: str | None = None, **se
     batches = max(2, min(p.stage_batches, int(room_s * warm_rate / (p.views * bs))))
     run = r.crops_run(batches * bs, tag)
     start = time.perf_counter()
-    res = run_embed(run, settings, AugmentSettings(), encoder=enc, show_progress=False)
+    res = run_embed(run, settings, AugmentSettings(), encoder=enc)
     seconds = time.perf_counter() - start
     store_rows = sum(_parquet_rows(f) for f in res.store_dir.glob("part-*.parquet"))
     if res.new_rows != store_rows or store_rows != batches * bs * p.views:
@@ -486,7 +486,7 @@ def section_ray(r: Run) -> dict:
     run = r.crops_run(4 * r.plan.batch_size, "ray")
     settings = r.settings(r.model_dir(r.plan.model), engine="ray")
     start = time.perf_counter()
-    res = run_embed(run, settings, AugmentSettings(), show_progress=False)
+    res = run_embed(run, settings, AugmentSettings())
     out = {"rows": res.new_rows, "seconds": time.perf_counter() - start}
     out["crop_views_per_s"] = out["rows"] / out["seconds"]
     print(f"  ray engine: {out['crop_views_per_s']:.1f} crop-views/s ({out['rows']} rows, start-up included)")

@@ -199,7 +199,7 @@ def hash_normal(keys: torch.Tensor, n: int) -> torch.Tensor:
     at most 4.85, ample for pixel noise and displacement fields).
     """
     pairs = (n + 1) // 2
-    # On a CPU a few rows at a time, so the int64 temporaries stay in cache (4x faster).
+    # On a CPU a few rows at a time, so the int64 temporaries stay in cache.
     rows = max(1, _HASH_CHUNK // pairs) if keys.device.type == "cpu" else keys.shape[0]
     out = torch.empty((keys.shape[0], 2 * pairs), device=keys.device, dtype=torch.float32)
     for start in range(0, keys.shape[0], rows):

@@ -8,11 +8,13 @@ its output, so a re-run with the same settings can skip its work.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from histoembed.errors import UserError
 
@@ -22,6 +24,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MEAN_FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)  # (124, 116, 104)
 
 FloatRange = tuple[float, float]
+Strategy = Literal["blobs", "grid", "roi-window", "center"]
+Pool = Literal["auto", "cls", "mean", "cls+mean"]
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+StoreDtype = Literal["float32", "float16"]
+Offsets = Literal["auto", "on", "off"]
 
 
 class _Settings(BaseModel):
@@ -29,19 +37,19 @@ class _Settings(BaseModel):
 
 
 class CropSettings(_Settings):
-    strategy: Literal["blobs", "grid", "roi-window", "center"] = Field(
-        "blobs", description="How crops are cut: mask components (blobs), tiles over the image "
-        "(grid), tiles over each component's box (roi-window), or one crop per component (center).")
+    strategy: Strategy = Field(
+        "blobs", description="blobs: the largest mask components (reference recipe); grid: tiles over the whole "
+        "image; roi-window: tiles over each component's box; center: one crop per component.")
     k: int = Field(10, ge=1, description="Largest mask components kept per image (blobs, center).")
-    min_area: int = Field(100, ge=1, description="Smallest component area in source pixels.")
-    margin: float = Field(0.1, ge=0, le=2, description="Each box edge moves out by margin x the box's width/height.")
-    size: int = Field(224, ge=16, description="Side of the square crop written, in pixels.")
-    fill: tuple[int, int, int] = Field(MEAN_FILL, description="RGB of the padding (default: ImageNet mean).")
+    min_area: int = Field(100, ge=1, description="Smallest mask component kept, in source pixels.")
+    margin: float = Field(0.1, ge=0, le=2, description="Each box edge moves out by this fraction of the box's width/height.")
+    size: int = Field(224, ge=16, description="Side of the square crops written, in pixels.")
+    fill: tuple[int, int, int] = Field(MEAN_FILL, description="Padding colour R,G,B (the default is the ImageNet mean).")
     fill_outside_mask: bool = Field(False, description="Also paint pixels outside the mask with the fill colour.")
-    tile: int = Field(0, ge=0, description="Tile side in source pixels for grid, roi-window, center and fallbacks (0: same as size).")
-    min_tissue: float = Field(0.5, ge=0, le=1, description="Grid tiles are kept when this fraction is tissue.")
+    tile: int = Field(0, ge=0, description="Tile side in source pixels for grid, roi-window, center and fallbacks (0: the crop size).")
+    min_tissue: float = Field(0.5, ge=0, le=1, description="Grid tiles are kept when at least this fraction is tissue.")
     max_crops: int = Field(64, ge=1, description="At most this many crops per image (grid, roi-window, fallback).")
-    workers: int = Field(0, ge=0, description="Worker processes (0: all cores).")
+    workers: int = Field(0, ge=0, description="Worker processes (0: all cores; 1: in this process).")
 
 
 class AugmentSettings(_Settings):
@@ -67,26 +75,30 @@ class AugmentSettings(_Settings):
 
 
 class EmbedSettings(_Settings):
-    encoder: str = Field("phikon-v2", description="Registry name (`histoembed encoders` lists them), hf-hub:org/name "
-                         "timm id, Hugging Face transformers id or local model folder.")
-    pool: Literal["auto", "cls", "mean", "cls+mean"] = Field(
+    encoder: str = Field("phikon-v2", description="Encoder: a registry name (`histoembed encoders` lists them: "
+                         "phikon-v2, uni2-h, virchow2, ...), an hf-hub:org/name timm id, a Hugging Face "
+                         "transformers id or a local model folder.")
+    pool: Pool = Field(
         "auto", description="Token pooling for ViT encoders: auto (the registry entry's rule, e.g. cls+mean for "
         "Virchow2 and Midnight; cls elsewhere), cls, mean of the patch tokens (registers left out), or both.")
-    repeats: int = Field(4, ge=1, description="Views per crop: view 0 is clean, views 1..r-1 augmented.")
-    tta: bool = Field(True, description="Embed the test split with the same augmented views.")
-    batch_size: int = Field(64, ge=1, description="Crops per forward pass.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where augmentation and the encoder run.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    repeats: int = Field(4, ge=1, description="Views per crop: view 0 is the clean crop, views 1..r-1 are augmented.")
+    tta: bool = Field(True, description="Embed test crops with the same augmented views (test-time augmentation); "
+                      "off: view 0 only.")
+    batch_size: int = Field(64, ge=1, description="Crops per forward pass (raise it on a large GPU).")
+    device: Device = Field("auto", description="auto (CUDA when present), cpu or cuda: where augmentation and the "
+                           "encoder run.")
+    precision: Precision = Field(
         "auto", description="auto: the encoder's CUDA precision (bf16 autocast unless its entry says otherwise) on "
         "CUDA, fp32 on the CPU.")
     check_precision: bool | None = Field(
         None, description="Compare the chosen precision with fp32 on the first batch of real crops (cosine per crop, "
-        "NaN/Inf) and stop when it falls below precision_threshold. Default: on when a GPU runs below fp32.")
+        "NaN/Inf) and stop when it falls below precision_threshold. Default: on when a GPU runs below fp32; works on "
+        "the CPU too (with precision bf16).")
     precision_threshold: float = Field(0.999, gt=0, le=1, description="Lowest cosine to fp32 a crop may have.")
     fallback_fp32: bool = Field(False, description="When the precision check fails, embed in fp32 instead of stopping.")
-    store_dtype: Literal["float32", "float16"] = Field("float32", description="Embedding type in the store.")
+    store_dtype: StoreDtype = Field("float32", description="Embedding type in the store (float16: half the disk).")
     workers: int = Field(2, ge=0, description="Processes decoding crop PNGs (0: in the main process).")
-    rows_per_part: int = Field(4096, ge=1, description="Rows per Parquet part file (the resume granularity).")
+    rows_per_part: int = Field(4096, ge=1, description="Rows per Parquet part: an interrupted run loses at most one part.")
     seed: int = Field(0, description="Seed of every augmentation draw.")
 
 
@@ -102,27 +114,28 @@ class QCSettings(_Settings):
     ink_saturation: int = Field(60, ge=0, le=255, description="Green pixels need at least this saturation to be ink.")
     tissue_hue: FloatRange = Field((112.0, 180.0), description="Hue range of H&E pink/purple (lo > hi wraps at 180).")
     ink_fraction: float = Field(0.01, ge=0, le=1, description="Flag ink when this fraction of pixels is ink.")
-    non_tissue_fraction: float = Field(0.25, ge=0, le=1, description="Flag non_tissue when green+brown+yellow+blue exceed this.")
+    non_tissue_fraction: float = Field(0.25, ge=0, le=1, description="Flag non_tissue when green+brown+yellow+blue pixels exceed this fraction.")
     max_dark_fraction: float = Field(0.10, ge=0, le=1, description="Flag non_tissue when this fraction of pixels is near-black.")
     max_flat_fraction: float = Field(0.6, ge=0, le=1, description="Flag non_tissue when this share of the non-background is flat colour.")
     max_ink_fraction: float = Field(0.5, ge=0, le=1, description="Flag non_tissue when green 'ink' covers this much (not a smear).")
     min_tissue_in_mask: float = Field(0.05, ge=0, le=1, description="Flag blank when less of the mask than this is tissue.")
     encoder: str = Field("efficientnet-lite0", description="Encoder of the image thumbnails for the outlier score.")
     knn_k: int = Field(5, ge=1, description="Neighbours for the embedding outlier score.")
-    outlier_z: float = Field(6.0, gt=0, description="Robust z-score above which an image is an outlier.")
-    duplicate_cosine: float = Field(0.98, gt=0, le=1, description="Centred mean embeddings at least this similar are near-duplicates.")
-    hash_distance: int = Field(24, ge=0, le=256, description="Perceptual-hash (256-bit) Hamming distance for near copies.")
+    outlier_z: float = Field(6.0, gt=0, description="Flag outlier above this robust z-score of the kNN embedding distance.")
+    duplicate_cosine: float = Field(0.98, gt=0, le=1, description="Near-duplicates: centred cosine of mean embeddings at least this.")
+    hash_distance: int = Field(24, ge=0, le=256, description="Near-duplicates: perceptual-hash (256-bit) Hamming distance at most this.")
     repair_ink: bool = Field(True, description="Inpaint ink and remove it from the mask when cropping.")
     workers: int = Field(0, ge=0, description="Worker processes for the colour pass (0: all cores, up to 8).")
 
 
 class MLPSettings(_Settings):
+    model_config = ConfigDict(title="MLP")
     hidden: int = Field(256, ge=1, description="Hidden units per layer.")
     depth: int = Field(1, ge=0, description="Hidden layers (0: a linear head).")
     dropout: float = Field(0.3, ge=0, lt=1, description="Dropout after each hidden layer and on the input.")
     lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate.")
     weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
-    epochs: int = Field(40, ge=1, description="Most epochs (early stopping usually ends sooner).")
+    epochs: int = Field(40, ge=1, description="Most epochs (early stopping on the inner split usually ends sooner).")
     warmup_epochs: int = Field(2, ge=0, description="Linear warm-up before the cosine decay.")
     batch_size: int = Field(512, ge=1, description="Crop-views per step (smaller for small sets: at least 8 steps an epoch).")
     patience: int = Field(4, ge=1, description="Epochs without inner-validation improvement before stopping.")
@@ -132,13 +145,14 @@ class MLPSettings(_Settings):
 
 
 class XGBSettings(_Settings):
-    n_estimators: int = Field(300, ge=1, description="Most boosting rounds (early stopping usually ends sooner).")
+    model_config = ConfigDict(title="XGBoost")
+    n_estimators: int = Field(300, ge=1, description="Most boosting rounds (early stopping on the inner split usually ends sooner).")
     max_depth: int = Field(4, ge=1, description="Tree depth.")
     learning_rate: float = Field(0.1, gt=0, description="Shrinkage per round.")
     subsample: float = Field(0.8, gt=0, le=1, description="Row subsample per tree.")
     colsample_bytree: float = Field(0.4, gt=0, le=1, description="Feature subsample per tree.")
     max_bin: int = Field(64, ge=2, description="Histogram bins per feature.")
-    pca_dims: int = Field(128, ge=0, description="PCA to this many dims inside each fold first (0: off).")
+    pca_dims: int = Field(128, ge=0, description="PCA (fitted inside each fold) to this many dims first (0: off).")
     early_stopping_rounds: int = Field(20, ge=1, description="Rounds without inner-validation improvement.")
     min_child_weight: float = Field(1.0, ge=0, description="Smallest summed instance weight in a leaf.")
     class_weights: bool = Field(True, description="Weight samples by inverse class frequency.")
@@ -165,15 +179,21 @@ class ABMILSettings(_Settings):
 
 
 class FitSettings(_Settings):
-    folds: int = Field(10, ge=2, description="Cross-validation folds.")
+    folds: int = Field(10, ge=2, description="Cross-validation folds (stratified by label, QC duplicate groups kept together).")
     seed: int = Field(0, description="Seed of folds, initialisation and shuffling.")
-    seeds: int = Field(1, ge=1, description="Repeat the cross-validation with this many seeds.")
-    include_flagged: bool = Field(False, description="Train on images that QC flagged.")
+    seeds: int = Field(1, ge=1, description="Repeat the whole cross-validation with this many seeds (seed, seed+1, ...) "
+                       "and report the spread of macro-F1; the first seed's models are kept.")
+    include_flagged: bool = Field(False, description="Train on training images that `histoembed qc` flagged.")
     inner_val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of the training folds kept for early stopping.")
     weight_grid: int = Field(21, ge=2, description="Fusion weights tried on [0, 1].")
-    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the macro-F1 interval.")
-    heads: tuple[str, ...] = Field(("mlp", "xgb"), min_length=1, description="Heads to cross-validate and fuse: mlp, xgb, logreg, abmil (comma-separated on the command line).")
-    offsets: Literal["auto", "on", "off"] = Field("auto", description="Per-class offsets on the fused log-probabilities for the submission: on, off, or auto (on when their cross-fitted macro-F1 beats plain argmax).")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the macro-F1 95% interval (0: none).")
+    heads: tuple[str, ...] = Field(
+        ("mlp", "xgb"), min_length=1, description="Heads to cross-validate and fuse (comma-separated on the command "
+        "line): mlp, xgb (the reference recipe), logreg (linear probe on image means), abmil (gated attention-MIL "
+        "over crops).")
+    offsets: Offsets = Field(
+        "auto", description="Per-class offsets on the fused log-probabilities for the submission: on, off, or auto "
+        "(on when their cross-fitted macro-F1 beats plain argmax). Both scores are always reported.")
     alpha: float = Field(0.1, gt=0, lt=1, description="Conformal prediction sets cover the true class with probability 1 - alpha.")
     class_conditional: bool = Field(False, description="Conformal thresholds per class (each class covered at 1 - alpha; larger sets).")
     mlp: MLPSettings = MLPSettings()
@@ -212,11 +232,59 @@ def load_settings(path: Path | None = None) -> Settings:
         raise UserError("invalid settings: " + "; ".join(lines), path=path) from None
 
 
-def updated(settings: _Settings, **overrides) -> _Settings:
-    """A copy with the options the user gave (None means 'not given') applied and validated."""
-    given = {k: v for k, v in overrides.items() if v is not None}
+def override(settings: _Settings, **values) -> _Settings:
+    """A validated copy with ``values`` applied; None leaves a setting as it is, a dict overrides a sub-table."""
     try:
-        return settings.model_validate({**settings.model_dump(), **given})
+        return settings.model_validate(_merge(settings.model_dump(), values))
     except ValidationError as e:
-        lines = [f"--{'-'.join(str(err['loc'][0]).split('_'))}: {err['msg']}" for err in e.errors()]
+        lines = [f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}" for err in e.errors()]
         raise UserError("invalid option: " + "; ".join(lines)) from None
+
+
+updated = override  # the old name, until every caller says override
+
+
+def _merge(base: dict, values: dict) -> dict:
+    merged = dict(base)
+    for k, v in values.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            merged[k] = _merge(base[k], v)
+        elif v is not None:
+            merged[k] = v
+    return merged
+
+
+def field_at(path: str) -> tuple[FieldInfo, type[_Settings]]:
+    """The field of a dotted settings path, e.g. ``fit.mlp.hidden``, and the settings class holding it."""
+    model: type[_Settings] = Settings
+    *tables, name = path.split(".")
+    for t in tables:
+        model = model.model_fields[t].annotation
+    return model.model_fields[name], model
+
+
+def toml_value(value) -> str:
+    """One value in TOML spelling (settings hold only bools, numbers, strings and tuples of them)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML spelling for {type(value).__name__}")
+
+
+def to_toml(settings: dict, prefix: str = "") -> str:
+    """Settings (as ``model_dump()`` gives them) as TOML tables, sub-tables after their keys.
+
+    TOML has no null: a setting that is None (e.g. "decide for me") is left out, which reads back as None.
+    """
+    keys = [f"{k} = {toml_value(v)}" for k, v in settings.items() if not isinstance(v, dict) and v is not None]
+    out = ([f"[{prefix}]"] if prefix and keys else []) + keys
+    for k, v in settings.items():
+        if isinstance(v, dict):
+            sub = to_toml(v, f"{prefix}.{k}" if prefix else k)
+            out += ([""] if out else []) + [sub]
+    return "\n".join(out)

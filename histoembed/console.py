@@ -1,4 +1,4 @@
-"""Terminal output: one stderr console, progress bars with rates, summary tables."""
+"""Terminal output: one stderr console, progress bars with rates (one switch), summary tables."""
 
 from __future__ import annotations
 
@@ -21,11 +21,24 @@ class _Rate(ProgressColumn):
         return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"- {self.unit}/s", style="cyan")
 
 
+_progress_on = False  # library calls (a notebook, a script) stay quiet; the command line turns bars on
+
+
+def show_progress(on: bool = True) -> bool:
+    """The one switch for every stage's progress bars (off until something turns it on; the CLI does).
+
+    Returns the previous state, so a caller can put it back.
+    """
+    global _progress_on
+    previous, _progress_on = _progress_on, on
+    return previous
+
+
 def progress(unit: str = "images") -> Progress:
-    """A progress bar showing done/total, the rate in ``unit``/s, elapsed and remaining time."""
+    """A progress bar showing done/total, the rate in ``unit``/s, elapsed and remaining time (if switched on)."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     _Rate(unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                    console=console, refresh_per_second=4)
+                    console=console, refresh_per_second=4, disable=not _progress_on)
 
 
 def table(title: str, columns: list[str], rows: list[list]) -> None:

@@ -210,54 +210,55 @@ class Crop:
     pixels: np.ndarray  # size x size x 3 uint8
 
 
-def crop_image(rgb: np.ndarray, mask: np.ndarray | None, s: CropSettings) -> tuple[list[Crop], str | None]:
+def crop_image(rgb: np.ndarray, mask: np.ndarray | None, settings: CropSettings) -> tuple[list[Crop], str | None]:
     """Every crop of one image, and why it fell back to grid-over-tissue (None if it did not)."""
-    tile = s.tile or s.size
+    tile = settings.tile or settings.size
     binary = otsu_binarise(mask) if mask is not None else None
     has_mask = binary is not None and binary.any()
-    comps = components(binary, s.k, s.min_area) if has_mask and s.strategy != "grid" else []
-    paint = binary if (s.fill_outside_mask and has_mask) else None
+    comps = components(binary, settings.k, settings.min_area) if has_mask and settings.strategy != "grid" else []
+    paint = binary if (settings.fill_outside_mask and has_mask) else None
     boxes: list[tuple[Box, float]] = []
     side: int | None = None
     fallback = None
-    if s.strategy == "grid":
-        boxes, side = grid_boxes(tissue_mask_by_colour(rgb), tile, s.min_tissue, s.max_crops), tile
+    if settings.strategy == "grid":
+        boxes, side = grid_boxes(tissue_mask_by_colour(rgb), tile, settings.min_tissue, settings.max_crops), tile
         if not boxes:
-            fallback = f"no tile has {s.min_tissue:.0%} tissue"
+            fallback = f"no tile has {settings.min_tissue:.0%} tissue"
     elif binary is None:
         fallback = "no mask"
     elif not has_mask:
         fallback = "mask is empty"
     elif not comps:
-        fallback = f"no mask component of {s.min_area} px or more"
+        fallback = f"no mask component of {settings.min_area} px or more"
     else:
-        if s.strategy == "blobs":
-            boxes = blob_boxes(binary, comps, s.margin)
-        elif s.strategy == "roi-window":
-            boxes, side = roi_window_boxes(binary, comps, tile, s.max_crops), tile
+        if settings.strategy == "blobs":
+            boxes = blob_boxes(binary, comps, settings.margin)
+        elif settings.strategy == "roi-window":
+            boxes, side = roi_window_boxes(binary, comps, tile, settings.max_crops), tile
         else:  # center
             boxes, side = center_boxes(binary, comps, tile), tile
         if not boxes:
-            fallback = f"no {s.strategy} crop is half inside the mask"
-    strategy = s.strategy
+            fallback = f"no {settings.strategy} crop is half inside the mask"
+    strategy = settings.strategy
     if fallback is not None:
-        boxes = grid_boxes(tissue_mask_by_colour(rgb), tile, s.min_tissue, s.max_crops, keep_best=True)
+        boxes = grid_boxes(tissue_mask_by_colour(rgb), tile, settings.min_tissue, settings.max_crops, keep_best=True)
         side, paint, strategy = tile, None, "grid-fallback"
-    crops = [Crop(b, f, strategy, square_crop(rgb, b, s.fill, s.size, mask=paint, side=side)) for b, f in boxes]
+    crops = [Crop(b, f, strategy, square_crop(rgb, b, settings.fill, settings.size, mask=paint, side=side))
+             for b, f in boxes]
     return crops, fallback
 
 
 # ---------------------------------------------------------------- one image in a worker
 
 @dataclass
-class _Task:
+class _CropJob:
     sample: Sample
     settings: CropSettings
     repair: dict | None  # QC settings to repair ink with, or None
 
 
 @dataclass
-class _Done:
+class _CroppedImage:
     image_id: str
     rows: list[tuple] = field(default_factory=list)  # (crop_index, x0, y0, x1, y1, fraction, strategy, png)
     fallback: str | None = None
@@ -272,21 +273,22 @@ def _encode_png(rgb: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def _crop_one(task: _Task) -> _Done:
-    s = task.sample
+def _crop_one(job: _CropJob) -> _CroppedImage:
+    sample = job.sample
     try:
-        rgb, mask = read_image_and_mask(s.image, s.mask)
+        rgb, mask = read_image_and_mask(sample.image, sample.mask)
     except UserError as e:
-        return _Done(s.image_id, problem=Problem(e.path or s.image, f"{e.problem}; image skipped"))
+        return _CroppedImage(sample.image_id,
+                             problem=Problem(e.path or sample.image, f"{e.problem}; image skipped"))
     repaired = False
-    if task.repair is not None:
+    if job.repair is not None:
         base = mask if mask is not None else np.full(rgb.shape[:2], 255, np.uint8)
-        rgb, fixed = repair_ink(rgb, base, QCSettings.model_validate(task.repair))
+        rgb, fixed = repair_ink(rgb, base, QCSettings.model_validate(job.repair))
         mask = fixed if mask is not None else None
         repaired = True
-    crops, fallback = crop_image(rgb, mask, task.settings)
+    crops, fallback = crop_image(rgb, mask, job.settings)
     rows = [(i, *c.box, c.tissue_fraction, c.strategy, _encode_png(c.pixels)) for i, c in enumerate(crops)]
-    return _Done(s.image_id, rows, fallback, repaired=repaired)
+    return _CroppedImage(sample.image_id, rows, fallback, repaired=repaired)
 
 
 def _init_worker() -> None:
@@ -396,17 +398,17 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
     if out.exists() and store.read_meta(out).get("key") == key:
         return _previous(out)
 
-    tasks = []
+    jobs = []
     for s in samples:
         ink = bool(qc_rows.get(s.image_id, {}).get("ink"))
-        tasks.append(_Task(s, settings, (qc_settings or {}) if (ink and repair_on) else None))
+        jobs.append(_CropJob(s, settings, (qc_settings or {}) if (ink and repair_on) else None))
     label_of = {s.image_id: s.label for s in samples}
     split_of = {s.image_id: s.split for s in samples}
 
     meta = {"key": key, "settings": settings.model_dump(), "data": str(data.resolve()),
             "qc": qc_stamp[1] if qc_stamp else None, "images": len(samples), "left_out": len(left_out)}
     schema = store.with_meta(store.CROPS_SCHEMA, meta)
-    workers = min(n_workers(settings.workers), len(tasks))
+    workers = min(n_workers(settings.workers), len(jobs))
     fallbacks: list[tuple[str, str]] = []
     problems: list[Problem] = list(ds.problems)
     repaired: list[str] = []
@@ -426,14 +428,14 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
             if workers > 1:
                 pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                            initializer=_init_worker)
-                results = pool.map(_crop_one, tasks, chunksize=max(1, min(8, len(tasks) // (workers * 4))))
+                results = pool.map(_crop_one, jobs, chunksize=max(1, min(8, len(jobs) // (workers * 4))))
             else:
-                pool, results = None, map(_crop_one, tasks)
+                pool, results = None, map(_crop_one, jobs)
             try:
                 with progress("images") as bar:
-                    job = bar.add_task("crops", total=len(tasks))
+                    bar_id = bar.add_task("crops", total=len(jobs))
                     for done in results:
-                        bar.advance(job)
+                        bar.advance(bar_id)
                         if done.problem is not None:
                             if strict:
                                 raise UserError(f"{done.problem.problem.removesuffix('; image skipped')} "

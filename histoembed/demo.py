@@ -10,13 +10,16 @@ a second run is quick.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from histoembed import store
-from histoembed.config import Settings, updated
+from histoembed import crops, fit, qc, report, store, submit
+from histoembed.config import Settings, override
+from histoembed.errors import UserError
+from histoembed.synthetic import make_dataset
 
 DEMO_ENCODER = "efficientnet-lite0"
 DATA_PARAMS_FILE = "demo.json"
@@ -34,11 +37,11 @@ class DemoResult:
 def demo_settings(settings: Settings | None = None, encoder: str = DEMO_ENCODER, repeats: int = 2,
                   folds: int = 5, seed: int = 0) -> Settings:
     """The demo's settings: the offline pretrained encoder (for QC thumbnails too), 2 views, 5 folds, one seed."""
-    s = settings or Settings()
-    s.qc = updated(s.qc, encoder=encoder)
-    s.embed = updated(s.embed, encoder=encoder, repeats=repeats, seed=seed)
-    s.fit = updated(s.fit, folds=folds, seed=seed)
-    return s
+    settings = settings or Settings()
+    settings.qc = override(settings.qc, encoder=encoder)
+    settings.embed = override(settings.embed, encoder=encoder, repeats=repeats, seed=seed)
+    settings.fit = override(settings.fit, folds=folds, seed=seed)
+    return settings
 
 
 def make_demo_data(data: Path, n_train: int, n_test: int, seed: int) -> bool:
@@ -46,18 +49,14 @@ def make_demo_data(data: Path, n_train: int, n_test: int, seed: int) -> bool:
 
     Returns True when it generated.
     """
-    from histoembed.synthetic import make_dataset
-
     params = {"n_train": n_train, "n_test": n_test, "seed": seed}
     marker = data / DATA_PARAMS_FILE
     if marker.exists() and json.loads(marker.read_text()) == params:
         return False
     if data.exists() and any(data.iterdir()) and not marker.exists():
-        from histoembed.errors import UserError
         raise UserError("folder exists and was not made by the demo", path=data,
                         hint="choose another --out, or remove the folder")
     if marker.exists():  # other numbers: start again
-        import shutil
         shutil.rmtree(data)
     make_dataset(data, n_train, n_test, seed, outliers=True)
     store.write_json(params, marker)
@@ -70,7 +69,7 @@ STAGES = ("qc", "crops", "embed", "fit", "submit", "report")
 def run_pipeline(data: Path, run: Path, settings: Settings, say: Callable[[str], None] = lambda msg: None,
                  stages: tuple[str, ...] = STAGES) -> dict[str, float]:
     """The ``stages`` (default: all, in order) on ``data`` into ``run``; wall seconds per stage."""
-    from histoembed import crops, embed, fit, qc, report, submit
+    from histoembed import embed  # torch: loaded only when the pipeline runs
 
     every = [
         ("qc", lambda: qc.run_qc(data, run, settings.qc)),

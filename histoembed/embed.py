@@ -32,6 +32,7 @@ import torch
 from histoembed import __version__, store
 from histoembed.augment import augment_batch
 from histoembed.config import AugmentSettings, EmbedSettings
+from histoembed.console import progress
 from histoembed.encoders import Encoder, load_encoder
 from histoembed.errors import UserError
 from histoembed.precision import PrecisionCheck, check_precision
@@ -307,7 +308,7 @@ class PartWriter:
             self.writer = None
 
 
-def _rows(ids: list[str], splits: list[str], cidx: list[int], views: list[int], feats: torch.Tensor,
+def _rows(ids: list[str], splits: list[str], crop_index: list[int], views: list[int], feats: torch.Tensor,
           schema: pa.Schema) -> pa.Table:
     """Crop-major rows of features [B, V, D]."""
     b, v, d = feats.shape
@@ -316,17 +317,15 @@ def _rows(ids: list[str], splits: list[str], cidx: list[int], views: list[int], 
     return pa.Table.from_arrays([
         pa.array(np.repeat(ids, v), pa.string()),
         pa.array(np.repeat(splits, v), pa.string()),
-        pa.array(np.repeat(cidx, v), pa.int32()),
+        pa.array(np.repeat(crop_index, v), pa.int32()),
         pa.array(np.tile(views, b), pa.int16()),
         pa.FixedSizeListArray.from_arrays(values, d),
     ], schema=schema)
 
 
 def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shard: tuple[int, int] = (0, 1),
-              encoder: Encoder | None = None, show_progress: bool = True) -> EmbedResult:
+              encoder: Encoder | None = None) -> EmbedResult:
     """Embed this shard's crops of ``run/crops.parquet`` into ``run/features/<encoder>/``; resume if interrupted."""
-    from histoembed.console import progress
-
     started = time.perf_counter()
     run = Path(run)
     crops_path = run / store.CROPS_FILE
@@ -345,8 +344,8 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
         done = _done_crops(parts)
 
         splits = index["split"].to_pylist()
-        cidx = index["crop_index"].to_pylist()
-        todo = [r for r in mine if (ids[r], cidx[r]) not in done]
+        crop_index = index["crop_index"].to_pylist()
+        todo = [r for r in mine if (ids[r], crop_index[r]) not in done]
         rows_of = {s: len(views_of(s, settings)) for s in ("train", "test")}
         total_rows = sum(rows_of[splits[r]] for r in mine)
         result = EmbedResult(store_dir, encoder.name, encoder.dim, total_rows - sum(rows_of[splits[r]] for r in todo),
@@ -368,7 +367,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
             CropBatches(crops_path, batches), batch_size=None, num_workers=workers,
             pin_memory=encoder.device.type == "cuda")
         writer = PartWriter(store_dir, shard, schema, settings.rows_per_part)
-        bar_context = progress("crops") if show_progress else contextlib.nullcontext()
+        bar_context = progress("crops")
         try:
             with bar_context as bar:
                 job = bar.add_task(f"embed {encoder.name}", total=len(todo)) if bar else None
@@ -386,10 +385,10 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
 
                 for b, crops in loader:
                     if isinstance(crops, int):
-                        raise UserError(f"crop {cidx[crops]} of {ids[crops]} is not a readable PNG", path=crops_path,
+                        raise UserError(f"crop {crop_index[crops]} of {ids[crops]} is not a readable PNG", path=crops_path,
                                         hint="re-run `histoembed crops` (delete the file first)")
                     rows = batches[b]
-                    bid, bsplit, bcidx = ([col[r] for r in rows] for col in (ids, splits, cidx))
+                    bid, bsplit, bcidx = ([col[r] for r in rows] for col in (ids, splits, crop_index))
                     views = views_of(bsplit[0], settings)
                     feats = queue_views(encoder, crops, bid, bcidx, views, augment, settings.seed)
                     queued = (bid, bsplit, bcidx, views, *copy_to_host(feats))

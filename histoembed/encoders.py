@@ -23,15 +23,17 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from histoembed import store, zoo
 from histoembed.config import IMAGENET_MEAN, IMAGENET_STD
+from histoembed.config import Pool as SettingsPool
 from histoembed.errors import UserError
 
-Pool = str  # "cls" | "mean" | "cls+mean" for token models, "avg" for feature maps; "auto": the entry's rule
+Pool = SettingsPool | Literal["avg"]  # "avg" pools feature maps; "auto": the registry entry's rule
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MODELS_ENV = "HISTOEMBED_MODELS"  # a folder with one subfolder of weights per registry name
 
@@ -415,9 +417,8 @@ def keep_large_buffers_in_heap() -> bool:
 
     Above its mmap threshold glibc gives each large block fresh pages and returns them on
     free, so every forward pass pays page faults for the same buffers again. Raising the
-    threshold and the trim limit keeps them in the heap: on the 2-core development machine
-    EfficientNet-Lite0 went from 36 to 80 crops/s and a ViT-S/16 from 15.4 to 18.2
-    (benchmarks/RESULTS.md). Returns whether it applied (Linux with glibc only; the
+    threshold and the trim limit keeps them in the heap, which speeds up CPU embedding
+    (measured in benchmarks/RESULTS.md). Returns whether it applied (Linux with glibc only; the
     environment variable HISTOEMBED_MALLOC_TUNING=0 turns it off).
     """
     if not sys.platform.startswith("linux") or os.environ.get("HISTOEMBED_MALLOC_TUNING") == "0":

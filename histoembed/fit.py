@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from histoembed import __version__, store
 from histoembed.config import FitSettings
-from histoembed.console import console, progress
+from histoembed.console import progress
 from histoembed.errors import UserError
 from histoembed.heads import Bags, Head, check_names, conformal, decisions, fusion
 from histoembed.heads import get as get_head
@@ -315,12 +315,6 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
     run = Path(run)
     check_names(settings.heads)
     ts = load_training_set(run, encoder, settings.include_flagged)
-    if ts.unlabelled:
-        console.print(f"[yellow]note:[/] {len(ts.unlabelled)} training image(s) in the features have no label "
-                      f"in {store.CROPS_FILE} and were left out (e.g. {ts.unlabelled[0]})")
-    if ts.excluded_flagged:
-        console.print(f"QC: {len(ts.excluded_flagged)} flagged training image(s) left out "
-                      "(--include-flagged keeps them)")
     counts = np.bincount(ts.y, minlength=len(ts.classes))
     smallest = int(counts.argmin())
     if counts[smallest] < settings.folds:
@@ -339,9 +333,9 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
     seeds = [settings.seed + i for i in range(settings.seeds)]
     results: list[tuple[CVResult, dict]] = []
     with progress("folds") as bar:
-        for s in seeds:
-            task = bar.add_task(f"fit, seed {s}", total=settings.folds)
-            cv = run_cv(bags, ts.y, ts.groups, settings, s, C, on_fold=lambda k, t=task: bar.advance(t))
+        for seed in seeds:
+            task = bar.add_task(f"fit, seed {seed}", total=settings.folds)
+            cv = run_cv(bags, ts.y, ts.groups, settings, seed, C, on_fold=lambda k, t=task: bar.advance(t))
             results.append((cv, cv_metrics(cv, ts.y, ts.classes, settings)))
             if len(results) > 1:   # only the first seed's models are kept
                 results[-1] = (_drop_heads(cv), results[-1][1])

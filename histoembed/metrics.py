@@ -74,20 +74,27 @@ def nll(probs: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(np.log(p[np.arange(len(y)), np.asarray(y)])))
 
 
-def ece(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
-    """Expected calibration error of the top class, ``bins`` equal-width confidence bins."""
+ECE_BINS = 15  # confidence bins of every reported ECE and reliability curve
+
+
+def reliability(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-class confidence in ``bins`` equal-width bins: (mean confidence, accuracy, count) per bin (NaN if empty)."""
     p = np.asarray(probs, dtype=np.float64)
-    if len(p) == 0:
-        return 0.0
-    conf, pred = p.max(axis=1), p.argmax(axis=1)
-    correct = (pred == np.asarray(y)).astype(np.float64)
+    conf = p.max(axis=1) if len(p) else np.zeros(0)
+    correct = (p.argmax(axis=1) == np.asarray(y)).astype(np.float64) if len(p) else np.zeros(0)
     which = np.minimum((conf * bins).astype(np.int64), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        sel = which == b
-        if sel.any():
-            total += sel.sum() * abs(correct[sel].mean() - conf[sel].mean())
-    return float(total / len(p))
+    count = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(which, weights=conf, minlength=bins) / count
+        accuracy = np.bincount(which, weights=correct, minlength=bins) / count
+    return mean_conf, accuracy, count
+
+
+def ece(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error of the top class: the count-weighted gap of :func:`reliability`'s bins."""
+    mean_conf, accuracy, count = reliability(probs, y, bins)
+    ok = count > 0
+    return float(np.sum(count[ok] * np.abs(accuracy[ok] - mean_conf[ok])) / count.sum()) if ok.any() else 0.0
 
 
 def summary(y: np.ndarray, probs: np.ndarray, classes: list[str], *, probs_before: np.ndarray | None = None,

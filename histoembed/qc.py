@@ -116,40 +116,40 @@ def colour_scores(rgb: np.ndarray, mask: np.ndarray | None, settings: QCSettings
     return {k: float(v) for k, v in scores.items()}
 
 
-def colour_flags(s: dict[str, float], settings: QCSettings) -> tuple[bool, bool, bool, list[str]]:
+def colour_flags(scores: dict[str, float], settings: QCSettings) -> tuple[bool, bool, bool, list[str]]:
     """(non_tissue, ink, blank, reasons) from :func:`colour_scores`."""
     reasons: list[str] = []
     why = []
-    if s["off_palette_fraction"] >= settings.non_tissue_fraction:
-        why.append(f"{s['off_palette_fraction']:.0%} of pixels in colours H&E does not make "
-                   f"(brown {s['brown_fraction']:.0%}, yellow {s['yellow_fraction']:.0%}, "
-                   f"green {s['green_fraction']:.0%}, blue {s['blue_fraction']:.0%}; "
+    if scores["off_palette_fraction"] >= settings.non_tissue_fraction:
+        why.append(f"{scores['off_palette_fraction']:.0%} of pixels in colours H&E does not make "
+                   f"(brown {scores['brown_fraction']:.0%}, yellow {scores['yellow_fraction']:.0%}, "
+                   f"green {scores['green_fraction']:.0%}, blue {scores['blue_fraction']:.0%}; "
                    f"limit {settings.non_tissue_fraction:.0%})")
-    if s["dark_fraction"] >= settings.max_dark_fraction:
-        why.append(f"{s['dark_fraction']:.0%} near-black pixels (limit {settings.max_dark_fraction:.0%})")
-    if s["flat_fraction"] >= settings.max_flat_fraction:
-        why.append(f"{s['flat_fraction']:.0%} of the picture in flat single-colour areas "
+    if scores["dark_fraction"] >= settings.max_dark_fraction:
+        why.append(f"{scores['dark_fraction']:.0%} near-black pixels (limit {settings.max_dark_fraction:.0%})")
+    if scores["flat_fraction"] >= settings.max_flat_fraction:
+        why.append(f"{scores['flat_fraction']:.0%} of the picture in flat single-colour areas "
                    f"(limit {settings.max_flat_fraction:.0%})")
-    if s["ink_fraction"] >= settings.max_ink_fraction:
-        why.append(f"{s['ink_fraction']:.0%} of the picture is green (limit {settings.max_ink_fraction:.0%})")
+    if scores["ink_fraction"] >= settings.max_ink_fraction:
+        why.append(f"{scores['ink_fraction']:.0%} of the picture is green (limit {settings.max_ink_fraction:.0%})")
     non_tissue = bool(why)
     if non_tissue:
         reasons.append("non_tissue: " + "; ".join(why))
-    ink = s["ink_fraction"] >= settings.ink_fraction and not non_tissue  # ink is a mark on tissue
+    ink = scores["ink_fraction"] >= settings.ink_fraction and not non_tissue  # ink is a mark on tissue
     if ink:
-        reasons.append(f"ink: {s['ink_fraction']:.1%} green-ink pixels (limit {settings.ink_fraction:.1%})")
-    if np.isnan(s["mask_fraction"]):
-        blank = s["tissue_fraction"] < settings.min_tissue_in_mask
+        reasons.append(f"ink: {scores['ink_fraction']:.1%} green-ink pixels (limit {settings.ink_fraction:.1%})")
+    if np.isnan(scores["mask_fraction"]):
+        blank = scores["tissue_fraction"] < settings.min_tissue_in_mask
         if blank:
-            reasons.append(f"blank: no mask and {s['tissue_fraction']:.1%} tissue by colour "
+            reasons.append(f"blank: no mask and {scores['tissue_fraction']:.1%} tissue by colour "
                            f"(limit {settings.min_tissue_in_mask:.0%})")
-    elif s["mask_fraction"] == 0:
+    elif scores["mask_fraction"] == 0:
         blank = True
         reasons.append("blank: the mask is empty")
     else:
-        blank = s["tissue_in_mask"] < settings.min_tissue_in_mask
+        blank = scores["tissue_in_mask"] < settings.min_tissue_in_mask
         if blank:
-            reasons.append(f"blank: {s['tissue_in_mask']:.1%} of the mask is tissue "
+            reasons.append(f"blank: {scores['tissue_in_mask']:.1%} of the mask is tissue "
                            f"(limit {settings.min_tissue_in_mask:.0%})")
     return non_tissue, ink, blank, reasons
 
@@ -361,6 +361,7 @@ class QCResult:
     skipped: bool                                   # True: inputs and settings unchanged, nothing done
     problems: list[Problem] = field(default_factory=list)  # images that could not be read
     embedding: str = ""                             # where embeddings came from, or why there were none
+    warning: str | None = None                      # what the user should know and can fix (e.g. no encoder)
 
     def count(self, column: str) -> int:
         col = self.table[column].to_pylist()
@@ -385,18 +386,15 @@ def _qc_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def _previous_result(out: Path, meta: dict) -> QCResult:
+def _previous_result(out: Path, meta: dict, warning: str | None = None) -> QCResult:
     problems = [Problem(Path(p), why) for p, why in meta.get("problems", [])]
-    return QCResult(out, store.read_qc(out.parent), skipped=True, problems=problems, embedding=meta.get("embedding", ""))
+    return QCResult(out, store.read_qc(out.parent), skipped=True, problems=problems,
+                    embedding=meta.get("embedding", ""), warning=warning)
 
 
 def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, encoder: str | None = None,
            keep: Sequence[str] = (), strict: bool = False) -> QCResult:
     """Check every image of ``data`` and write ``run/qc.parquet`` (skipped when unchanged)."""
-    from rich.markup import escape
-
-    from histoembed.console import console
-
     data, run = Path(data), Path(run)
     out = run / store.QC_FILE
     ds = load_dataset(data, strict=strict)
@@ -418,7 +416,7 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
     if unchanged and not old.get("embedding_failed"):
         return _previous_result(out, old)
 
-    enc_obj, thumb_size, failed = None, 0, False
+    enc_obj, thumb_size, failed, warning = None, 0, False, None
     if not embed:
         emb_note = "embedding pass off (--no-embed)"
     else:
@@ -426,11 +424,11 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
         if loaded is None:
             failed = True
             emb_note = f"embedding pass skipped: encoder {enc_name!r} could not be loaded ({info})"
-            console.print(f"[yellow]warning:[/] {escape(emb_note)}.\n  The colour and hash checks still run. "
-                          "For the embedding pass, pass --encoder efficientnet-lite0 (installed weights) or a "
-                          "local model folder; --no-embed turns the pass off.", soft_wrap=True)
+            warning = (f"{emb_note}.\n  The colour and hash checks still run. For the embedding pass, pass "
+                       "--encoder efficientnet-lite0 (installed weights) or a local model folder; --no-embed turns "
+                       "the pass off.")
             if unchanged:  # same inputs, and the encoder still cannot be loaded: nothing new to do
-                return _previous_result(out, old)
+                return _previous_result(out, old, warning)
         else:
             enc_obj, thumb_size = loaded, info
             emb_note = f"thumbnails ({thumb_size} px) through encoder {enc_name}"
@@ -492,4 +490,4 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
     meta = {"key": key, "settings": settings.model_dump(), "embedding": emb_note, "embedding_failed": failed,
             "problems": [[str(p.path), p.problem] for p in problems], "keep": list(keep)}
     store.write_table(table, out, meta)
-    return QCResult(out, table, skipped=False, problems=problems, embedding=emb_note)
+    return QCResult(out, table, skipped=False, problems=problems, embedding=emb_note, warning=warning)

@@ -24,10 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
 
 from histoembed import __version__, store
+from histoembed.dataset import load_dataset, read_image
 from histoembed.errors import UserError
 from histoembed.heads.fusion import fuse, fuse_members
+from histoembed.inference import load_ensemble
 from histoembed.metrics import bootstrap_macro_f1, macro_f1, nll, softmax
 
 PLOT_DPI = 96
@@ -151,7 +156,6 @@ def _load(run: Path, data: Path | None) -> _Run:
         except (UserError, KeyError) as e:
             r.notes.append(f"{run / store.OOF_FILE}: cannot be used ({e})")
     if data is not None:
-        from histoembed.dataset import load_dataset
         try:
             r.dataset = load_dataset(data, check_sizes=False)
         except UserError as e:
@@ -191,7 +195,6 @@ def _fig_img(fig, alt: str) -> str:
 
 
 def _thumb_img(rgb: np.ndarray, alt: str, px: int = THUMB_PX) -> str:
-    from PIL import Image
     im = Image.fromarray(rgb)
     im.thumbnail((px, px))
     buf = io.BytesIO()
@@ -222,7 +225,6 @@ def _samples(r: _Run) -> dict:
 
 
 def _read_rgb(path: Path) -> np.ndarray:
-    from histoembed.dataset import read_image
     return read_image(path)
 
 
@@ -395,8 +397,6 @@ def _crops_section(r: _Run) -> str:
 
 def _crop_strip(run: Path, image_id: str) -> str:
     """The square crops of one image as the encoder sees them (from the PNG bytes in the table)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
     table = pq.read_table(run / store.CROPS_FILE, columns=["image_id", "crop_index", "png"],
                           filters=pc.field("image_id") == image_id)
     order = np.argsort(table["crop_index"].to_numpy())
@@ -649,7 +649,6 @@ def _maps_section(r: _Run) -> str:
         return _section("maps", title, _missing(f"{store.CROPS_FILE} and the source images (pass --data)"))
     if not (r.run / store.MODELS_DIR).exists():
         return _section("maps", title, _missing("fitted models (run `histoembed fit`)"))
-    from histoembed.inference import load_ensemble
     try:
         ensemble = load_ensemble(r.run)
         features = store.read_features(store.find_feature_store(r.run, ensemble.encoder))

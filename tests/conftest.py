@@ -44,7 +44,7 @@ def tiny_dinov2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory, tiny_dinov2) -> tuple[Path, Path]:
     """(data, run): a tiny synthetic dataset through qc, crops, embed, fit and submit, for tests that read a run."""
-    from histoembed.config import Settings, updated
+    from histoembed.config import Settings, override
     from histoembed.demo import run_pipeline
     from histoembed.synthetic import make_dataset
 
@@ -52,12 +52,12 @@ def pipeline_run(tmp_path_factory, tiny_dinov2) -> tuple[Path, Path]:
     data, run = root / "data", root / "run"
     make_dataset(data, n_train=24, n_test=6, seed=1, outliers=True)
     s = Settings()
-    s.qc = updated(s.qc, encoder=str(tiny_dinov2), workers=1)
-    s.crops = updated(s.crops, size=64, workers=1)
-    s.embed = updated(s.embed, encoder=str(tiny_dinov2), repeats=2, workers=0)
-    s.fit = updated(s.fit, folds=3, bootstrap=100)
-    s.fit.mlp = updated(s.fit.mlp, hidden=32, epochs=4, patience=2)
-    s.fit.xgb = updated(s.fit.xgb, n_estimators=15, pca_dims=16, early_stopping_rounds=5)
+    s.qc = override(s.qc, encoder=str(tiny_dinov2), workers=1)
+    s.crops = override(s.crops, size=64, workers=1)
+    s.embed = override(s.embed, encoder=str(tiny_dinov2), repeats=2, workers=0)
+    s.fit = override(s.fit, folds=3, bootstrap=100)
+    s.fit.mlp = override(s.fit.mlp, hidden=32, epochs=4, patience=2)
+    s.fit.xgb = override(s.fit.xgb, n_estimators=15, pca_dims=16, early_stopping_rounds=5)
     run_pipeline(data, run, s, stages=("qc", "crops", "embed", "fit", "submit"))
     return data, run
 

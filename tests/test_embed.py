@@ -60,7 +60,7 @@ def test_view_0_is_the_cls_token_of_a_direct_transformers_forward(tmp_path, tiny
     from transformers import Dinov2Model
 
     crops = write_crops(tmp_path)
-    run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings(), show_progress=False)
+    run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings())
     feats = read_store(tmp_path)
     view0 = feats.subset(feats.view == 0)
     assert len(view0) == len(crops)
@@ -86,7 +86,7 @@ def test_the_same_features_for_batch_sizes_1_7_and_32(tmp_path, tiny_dinov2):
         run = tmp_path / f"bs{bs}"
         run.mkdir()
         (run / store.CROPS_FILE).write_bytes((tmp_path / store.CROPS_FILE).read_bytes())
-        run_embed(run, settings(tiny_dinov2, repeats=3, batch_size=bs), AugmentSettings(), show_progress=False)
+        run_embed(run, settings(tiny_dinov2, repeats=3, batch_size=bs), AugmentSettings())
         results.append(sorted_rows(read_store(run)))
     for rows, emb in results[1:]:
         assert rows == results[0][0]
@@ -95,12 +95,12 @@ def test_the_same_features_for_batch_sizes_1_7_and_32(tmp_path, tiny_dinov2):
 
 def test_worker_processes_decode_the_same_crops(tmp_path, tiny_dinov2):
     write_crops(tmp_path, n_train=3, n_test=1)
-    run_embed(tmp_path, settings(tiny_dinov2, batch_size=4), AugmentSettings(), show_progress=False)
+    run_embed(tmp_path, settings(tiny_dinov2, batch_size=4), AugmentSettings())
     inline = sorted_rows(read_store(tmp_path))
     other = tmp_path / "workers"
     other.mkdir()
     (other / store.CROPS_FILE).write_bytes((tmp_path / store.CROPS_FILE).read_bytes())
-    run_embed(other, settings(tiny_dinov2, batch_size=4, workers=2), AugmentSettings(), show_progress=False)
+    run_embed(other, settings(tiny_dinov2, batch_size=4, workers=2), AugmentSettings())
     rows, emb = sorted_rows(read_store(other))
     assert rows == inline[0]
     np.testing.assert_allclose(emb, inline[1], atol=1e-5, rtol=0)
@@ -108,22 +108,22 @@ def test_worker_processes_decode_the_same_crops(tmp_path, tiny_dinov2):
 
 def test_test_crops_get_the_same_views_only_with_tta(tmp_path, tiny_dinov2):
     write_crops(tmp_path)
-    run_embed(tmp_path, settings(tiny_dinov2, repeats=3, tta=False), AugmentSettings(), show_progress=False)
+    run_embed(tmp_path, settings(tiny_dinov2, repeats=3, tta=False), AugmentSettings())
     f = read_store(tmp_path)
     assert set(f.view[f.split == "test"]) == {0}
     assert set(f.view[f.split == "train"]) == {0, 1, 2}
-    run_embed(tmp_path, settings(tiny_dinov2, repeats=3, tta=True), AugmentSettings(), show_progress=False)
+    run_embed(tmp_path, settings(tiny_dinov2, repeats=3, tta=True), AugmentSettings())
     f = read_store(tmp_path)
     assert set(f.view[f.split == "test"]) == {0, 1, 2}
 
 
 def test_a_finished_run_does_nothing_and_changed_settings_never_mix(tmp_path, tiny_dinov2):
     write_crops(tmp_path)
-    first = run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings(), show_progress=False)
+    first = run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings())
     assert not first.skipped and first.new_rows == first.rows == 21 * 2
-    again = run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings(), show_progress=False)
+    again = run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings())
     assert again.skipped and again.new_rows == 0
-    changed = run_embed(tmp_path, settings(tiny_dinov2, seed=5), AugmentSettings(), show_progress=False)
+    changed = run_embed(tmp_path, settings(tiny_dinov2, seed=5), AugmentSettings())
     assert not changed.skipped and changed.removed_parts >= 1 and changed.new_rows == 42
     f = read_store(tmp_path)
     assert len(f) == 42 and {m for m in [f.meta["seed"]]} == {5}
@@ -131,7 +131,7 @@ def test_a_finished_run_does_nothing_and_changed_settings_never_mix(tmp_path, ti
 
 def test_the_store_records_its_provenance_and_float16_on_request(tmp_path, tiny_dinov2):
     write_crops(tmp_path)
-    run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings(), show_progress=False)
+    run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings())
     f32 = read_store(tmp_path)
     meta = f32.meta
     assert meta["encoder"] == str(tiny_dinov2) and meta["dim"] == 32 and meta["pool"] == "cls"
@@ -140,7 +140,7 @@ def test_the_store_records_its_provenance_and_float16_on_request(tmp_path, tiny_
     assert meta["repeats"] == 2 and meta["package_version"]
     part = store.feature_parts(f32_dir := store.find_feature_store(tmp_path))[0]
     assert pa.types.is_fixed_size_list(pa.parquet.read_schema(part).field("embedding").type)
-    run_embed(tmp_path, settings(tiny_dinov2, store_dtype="float16"), AugmentSettings(), show_progress=False)
+    run_embed(tmp_path, settings(tiny_dinov2, store_dtype="float16"), AugmentSettings())
     f16 = read_store(tmp_path)
     assert f16.embedding.dtype == np.float32
     assert pa.parquet.read_schema(store.feature_parts(f32_dir)[0]).field("embedding").type.value_type == pa.float16()
@@ -152,7 +152,7 @@ def test_shards_together_equal_one_run(tmp_path, tiny_dinov2, cli):
     whole = tmp_path / "whole"
     whole.mkdir()
     (whole / store.CROPS_FILE).write_bytes((tmp_path / store.CROPS_FILE).read_bytes())
-    run_embed(whole, settings(tiny_dinov2), AugmentSettings(), show_progress=False)
+    run_embed(whole, settings(tiny_dinov2), AugmentSettings())
     for i in range(3):
         r = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--repeats", "2", "--workers", "0",
                 "--shard", f"{i}/3")
@@ -195,12 +195,11 @@ def test_an_interrupted_run_resumes_to_the_same_store(tmp_path, tiny_dinov2, sig
         assert proc.returncode == 130
         assert not list(store_dir.glob(".part-*")), "Ctrl-C left a temporary file"
 
-    resumed = run_embed(tmp_path / "killed", settings(tiny_dinov2, batch_size=4, rows_per_part=8), AugmentSettings(),
-                        show_progress=False)
+    resumed = run_embed(tmp_path / "killed", settings(tiny_dinov2, batch_size=4, rows_per_part=8), AugmentSettings())
     assert resumed.new_rows == n_crops * 2 - rows_then
     whole = tmp_path / "whole"
     write_crops(whole, n_train=150, n_test=50, per_image=2)
-    run_embed(whole, settings(tiny_dinov2, batch_size=4), AugmentSettings(), show_progress=False)
+    run_embed(whole, settings(tiny_dinov2, batch_size=4), AugmentSettings())
     rows, emb = sorted_rows(read_store(tmp_path / "killed"))
     expected_rows, expected = sorted_rows(read_store(whole))
     assert rows == expected_rows  # no duplicate, no missing row
@@ -209,7 +208,7 @@ def test_an_interrupted_run_resumes_to_the_same_store(tmp_path, tiny_dinov2, sig
 
 def test_embed_crops_in_memory_matches_the_store(tmp_path, tiny_dinov2):
     crops = write_crops(tmp_path, n_train=2, n_test=0, per_image=2)
-    run_embed(tmp_path, settings(tiny_dinov2, repeats=3), AugmentSettings(), show_progress=False)
+    run_embed(tmp_path, settings(tiny_dinov2, repeats=3), AugmentSettings())
     enc = load_encoder(str(tiny_dinov2))
     ids = ["img_0000.png", "img_0000.png", "img_0001.png", "img_0001.png"]
     mem = embed_crops(enc, crops, views=3, augment=AugmentSettings(), image_ids=ids, crop_index=[0, 1, 0, 1],
@@ -243,7 +242,7 @@ def test_a_corrupt_crop_names_the_file(tmp_path, tiny_dinov2):
     table = table.set_column(table.schema.get_field_index("png"), "png", pa.array(pngs, pa.binary()))
     store.write_table(table, tmp_path / store.CROPS_FILE, meta={"key": "corrupt"})
     with pytest.raises(UserError, match="img_0001.png") as e:
-        run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings(), show_progress=False)
+        run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings())
     assert "crops.parquet" in str(e.value)
     assert not store.feature_parts(tmp_path / store.FEATURES_DIR / tiny_dinov2.name)
 
@@ -267,9 +266,9 @@ def test_a_shard_being_embedded_elsewhere_is_refused_and_a_stale_lock_is_taken(t
     lock = store_dir / ".lock-s0of1"
     lock.write_text(str(os.getppid()))                      # a live process holds shard 0/1
     with pytest.raises(UserError, match=f"being embedded by process {os.getppid()}"):
-        run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings(), show_progress=False)
+        run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings())
     lock.write_text("999999999")                            # a killed run's lock
-    assert run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings(), show_progress=False).new_rows == 42
+    assert run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings()).new_rows == 42
     assert not lock.exists()
 
 

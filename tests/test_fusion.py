@@ -91,3 +91,12 @@ def test_weight_ties_go_to_the_middle_and_a_useless_head_gets_no_weight():
     assert w > 0.9
     w, _ = fusion.choose_weight(noise, good, y, 1.0, 1.0, 21)
     assert w < 0.1
+
+
+def test_fusion_curve_ends_are_the_single_heads():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 60)
+    z_mlp, z_xgb = rng.normal(size=(60, 3)), rng.normal(size=(60, 3))
+    _, curve = fusion.choose_weight(z_mlp, z_xgb, y, 1.5, 0.7, points=2)   # w = 0, 1
+    assert curve[0] == pytest.approx(macro_f1(y, z_xgb.argmax(1), 3))
+    assert curve[1] == pytest.approx(macro_f1(y, z_mlp.argmax(1), 3))

@@ -93,3 +93,20 @@ def test_paired_bootstrap_difference_is_zero_for_the_same_predictions_and_signed
     assert paired_bootstrap_difference(y, noisy, noisy, 3, n=200) == (0.0, 0.0, 0.0)
     diff, lo, hi = paired_bootstrap_difference(y, noisy, y, 3, n=200)
     assert diff > 0 and 0 < lo <= diff <= hi
+
+
+def test_reliability_of_a_calibrated_and_an_overconfident_model():
+    y = np.array([0] * 8 + [1] * 2)
+    calibrated = np.tile([0.8, 0.2], (10, 1))          # says 0.8, right 8 times in 10
+    overconfident = np.tile([0.99, 0.01], (10, 1))
+    assert metrics.ece(calibrated, y) == pytest.approx(0.0)
+    assert metrics.ece(overconfident, y) == pytest.approx(0.19)
+    conf, acc, count = metrics.reliability(overconfident, y)
+    assert count.sum() == 10 and conf[count > 0] == pytest.approx([0.99]) and acc[count > 0] == pytest.approx([0.8])
+
+
+def test_macro_f1_matches_scikit_learn():
+    rng = np.random.default_rng(1)
+    y, pred = rng.integers(0, 4, 50), rng.integers(0, 3, 50)   # class 3 never predicted
+    assert metrics.macro_f1(y, pred, 4) == pytest.approx(
+        f1_score(y, pred, labels=[0, 1, 2, 3], average="macro", zero_division=0))

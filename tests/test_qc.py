@@ -336,3 +336,14 @@ def test_read_qc(tmp_path):
     data = write_dataset(tmp_path / "data", clean_images(6))
     result = qc.run_qc(data, tmp_path / "run", QCSettings(), embed=False)
     assert store.read_qc(tmp_path / "run").num_rows == result.table.num_rows == 6
+
+
+def test_the_library_prints_nothing_and_returns_what_to_say(tmp_path, capfd):
+    """A notebook calling run_qc gets no stray output; the encoder problem comes back for the caller to show."""
+    data = write_dataset(tmp_path / "data", clean_images(6))
+    result = qc.run_qc(data, tmp_path / "run", QCSettings(encoder=str(tmp_path / "no-such-model"), workers=1))
+    assert result.warning and "could not be loaded" in result.warning and "--no-embed" in result.warning
+    again = qc.run_qc(data, tmp_path / "run", QCSettings(encoder=str(tmp_path / "no-such-model"), workers=1))
+    assert again.skipped and again.warning == result.warning
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""

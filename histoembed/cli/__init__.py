@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-
+from histoembed.cli import compare, config, crops, demo, embed, encoders, fit, predict, qc, report, submit, synth
 from histoembed.cli.app import app
 
-# Each module adds its command to `app`; heavy imports happen inside the commands.
-for _name in ("qc", "crops", "embed", "fit", "submit", "predict", "report", "compare", "demo", "synth",
-              "encoders"):
-    importlib.import_module(f"histoembed.cli.{_name}")
+# Each module adds its command to `app` when imported.
+COMMANDS = (qc, crops, embed, fit, submit, predict, report, compare, demo, synth, encoders, config)
 
 
 def main() -> None:

@@ -1,11 +1,19 @@
-"""The Typer app and the option types shared by every command."""
+"""The Typer app, the option types shared by every command, and settings options built from config.py."""
 
 from __future__ import annotations
 
+import functools
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
+
+from histoembed import __version__
+from histoembed import config as cfg
+from histoembed.console import console, show_progress
+from histoembed.errors import UserError
 
 app = typer.Typer(
     name="histoembed",
@@ -22,26 +30,83 @@ DataOpt = Annotated[Path, typer.Option(
 RunOpt = Annotated[Path, typer.Option("--run", help="Folder for every stage's outputs.")]
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="Settings file (TOML); default: ./histoembed.toml when it exists.")]
-EncoderOpt = Annotated[str | None, typer.Option(
-    "--encoder", help="Encoder: a registry name (`histoembed encoders` lists them: phikon-v2, uni2-h, "
-                      "virchow2, ...), an hf-hub:org/name timm id, a Hugging Face transformers id or a local "
-                      "model folder.")]
+EncoderOpt = Annotated[str | None, typer.Option("--encoder", help=cfg.field_at("embed.encoder")[0].description)]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed of every random choice.")]
 StrictOpt = Annotated[bool, typer.Option(
     "--strict", help="Stop on the first bad item instead of skipping it and listing it at the end.")]
 
+# The settings tables each stage reads (``histoembed config STAGE`` prints these).
+STAGE_TABLES = {"qc": ("qc",), "crops": ("crops",), "embed": ("embed", "augment"), "fit": ("fit",)}
+
+
+def setting_help(path: str) -> str:
+    """The help of the option for the setting at ``path``: its description and default, from config.py."""
+    field, model = cfg.field_at(path)
+    title = model.model_config.get("title")
+    default = "not set" if field.default is None else cfg.toml_value(field.default)
+    return f"{title + ': ' if title else ''}{field.description} [default: {default}]"
+
+
+def setting(path: str, flag: str | None = None, **kwargs):
+    """A typer Option for the setting at ``path`` (``crops.k``, ``fit.mlp.hidden``): help and default from config.py.
+
+    The option's own default stays None (not given), so histoembed.toml still applies; ``flag`` defaults to
+    the field's name (``--min-area``), and a bool setting gets ``--x/--no-x``.
+    """
+    field, _ = cfg.field_at(path)
+    flag = flag or "--" + path.rsplit(".", 1)[1].replace("_", "-")
+    if field.annotation in (bool, bool | None) and "/" not in flag:
+        flag = f"{flag}/--no-{flag[2:]}"
+    return typer.Option(flag, help=escape(setting_help(path)), show_default=False, **kwargs)  # help is rich markup
+
+
+class _Shown(Exception):
+    """Raised by :func:`stage_settings` under ``histoembed config STAGE``: print these, do no work."""
+
+    def __init__(self, settings: cfg.Settings, tables: tuple[str, ...]):
+        super().__init__()
+        self.settings, self.tables = settings, tables
+
+
+_showing: ContextVar[bool] = ContextVar("showing", default=False)
+
+
+def stage_settings(config: Path | None, stage: str, **options) -> cfg.Settings:
+    """Every setting, with ``stage``'s table as resolved: defaults, then histoembed.toml (or --config), then options.
+
+    ``options`` are the command's setting options (None: not given; a dict for a sub-table such as
+    ``mlp``). Under ``histoembed config STAGE ...`` the command stops here and the settings are printed.
+    """
+    settings = cfg.load_settings(config)
+    setattr(settings, stage, cfg.override(getattr(settings, stage), **options))
+    if _showing.get():
+        raise _Shown(settings, STAGE_TABLES[stage])
+    return settings
+
+
+def show_settings(stage: str, args: list[str]) -> str:
+    """The TOML of ``stage``'s settings as ``histoembed STAGE *args`` would resolve them (nothing is run)."""
+    if stage not in STAGE_TABLES:
+        raise UserError(f"{stage!r} has no settings; stages with settings: {', '.join(STAGE_TABLES)}")
+    token = _showing.set(True)
+    try:
+        code = typer.main.get_command(app).main([stage, *args], prog_name="histoembed", standalone_mode=False)
+        if code:  # the stage refused its options and said why
+            raise typer.Exit(code)
+    except _Shown as shown:
+        dump = shown.settings.model_dump()
+        return cfg.to_toml({t: dump[t] for t in shown.tables})
+    finally:
+        _showing.reset(token)
+    raise AssertionError(f"`histoembed {stage}` did not resolve its settings")  # every stage calls stage_settings
+
 
 def command(name: str | None = None, **kwargs):
     """Register a command whose user errors print one clear message (exit 2), never a traceback."""
-    import functools
 
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kw):
-            from rich.markup import escape
-
-            from histoembed.console import console
-            from histoembed.errors import UserError
             try:
                 return fn(*args, **kw)
             except UserError as e:
@@ -60,12 +125,16 @@ def command(name: str | None = None, **kwargs):
 
 def _print_version(value: bool) -> None:
     if value:
-        from histoembed import __version__
         typer.echo(f"histoembed {__version__}")
         raise typer.Exit()
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option(
-        "--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False) -> None:
+def _root(ctx: typer.Context,
+          version: Annotated[bool, typer.Option(
+              "--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+          progress: Annotated[bool, typer.Option(
+              "--progress/--no-progress", help="Progress bars on stderr while a stage works.")] = True) -> None:
     """Classify histology images with a frozen pathology foundation model."""
+    previous = show_progress(progress)
+    ctx.call_on_close(lambda: show_progress(previous))  # in-process callers (tests, notebooks) get theirs back

@@ -1,3 +1,5 @@
+"""`histoembed compare`: the out-of-fold macro-F1 difference of two runs, with a paired interval."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -5,7 +7,10 @@ from typing import Annotated
 
 import typer
 
+from histoembed import store
 from histoembed.cli.app import SeedOpt, command
+from histoembed.compare import run_compare
+from histoembed.console import console, table
 
 
 @command("compare")
@@ -25,10 +30,6 @@ def compare(
 
     An interval that contains 0 means the runs cannot be told apart on these images.
     """
-    from histoembed import store
-    from histoembed.compare import run_compare
-    from histoembed.console import console, table
-
     r = run_compare(run_a, run_b, bootstrap=bootstrap, seed=seed or 0, decision=decision)
     rows = [[f["fold"], f["images"], f["macro_f1_a"], f["macro_f1_b"], f"{f['difference']:+.3f}"] for f in r.folds]
     table(f"Per fold of RUN_A ({r.images} images{', same folds in both runs' if r.same_folds else ''})",

@@ -1,11 +1,17 @@
+"""`histoembed demo`: a synthetic dataset through every stage."""
+
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from histoembed.cli.app import ConfigOpt, EncoderOpt, SeedOpt, command
+from histoembed.cli.app import EncoderOpt, SeedOpt, command
+from histoembed.config import Settings, load_settings
+from histoembed.console import console, table
+from histoembed.demo import DEMO_ENCODER, demo_settings, run_demo
 
 
 @command("demo")
@@ -23,12 +29,6 @@ def demo(
         = None,
 ) -> None:
     """Generate a synthetic dataset and run qc, crops, embed, fit, submit and report on it."""
-    import time
-
-    from histoembed.config import Settings, load_settings
-    from histoembed.console import console, table
-    from histoembed.demo import DEMO_ENCODER, demo_settings, run_demo
-
     seed = 0 if seed is None else seed
     settings = demo_settings(load_settings(config) if config else Settings(), encoder=encoder or DEMO_ENCODER, seed=seed)
     start = time.perf_counter()

@@ -1,8 +1,13 @@
+"""`histoembed encoders`: list the named encoders and whether their weights are here."""
+
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from histoembed.cli.app import command
 
@@ -19,12 +24,7 @@ def encoders(
     "here" means readable offline now: in a folder under $HISTOEMBED_MODELS (one subfolder
     per name), in the Hugging Face cache, or in the package. It never uses the network.
     """
-    import json
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from histoembed.encoders import encoder_rows
+    from histoembed.encoders import encoder_rows  # torch: loaded only for this command
 
     rows = encoder_rows(include_refused=all_)
     if as_json:

@@ -1,3 +1,5 @@
+"""`histoembed fit`: cross-validate, calibrate and fuse the heads on the training features."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -5,7 +7,11 @@ from typing import Annotated
 
 import typer
 
-from histoembed.cli.app import ConfigOpt, RunOpt, SeedOpt, command
+from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
+from histoembed.config import Offsets
+from histoembed.console import console, table
+from histoembed.fit import run_fit
+from histoembed.heads import check_names
 
 
 @command("fit")
@@ -15,39 +21,23 @@ def fit(
     encoder: Annotated[str | None, typer.Option(
         "--encoder", help="Which feature store under run/features to fit on (needed when there are several): "
                           "the encoder name, id or folder given to `embed`.")] = None,
-    folds: Annotated[int | None, typer.Option(
-        "--folds", help="Cross-validation folds (stratified by label, QC duplicate groups kept together).")] = None,
-    seed: SeedOpt = None,
-    seeds: Annotated[int | None, typer.Option(
-        "--seeds", help="Repeat the whole cross-validation with this many seeds (seed, seed+1, ...) and report "
-                        "the spread of macro-F1; the first seed's models are kept.")] = None,
-    include_flagged: Annotated[bool | None, typer.Option(
-        "--include-flagged/--exclude-flagged", show_default=False,
-        help="Train on training images that `histoembed qc` flagged (default: leave them out).")] = None,
-    mlp_hidden: Annotated[int | None, typer.Option("--mlp-hidden", help="MLP hidden units per layer.")] = None,
-    mlp_depth: Annotated[int | None, typer.Option("--mlp-depth", help="MLP hidden layers (0: linear head).")] = None,
-    mlp_epochs: Annotated[int | None, typer.Option(
-        "--mlp-epochs", help="Most MLP epochs (early stopping on the inner split usually ends sooner).")] = None,
-    mixup: Annotated[float | None, typer.Option(
-        "--mixup", help="MixUp Beta(alpha, alpha) for the MLP; 0 turns it off.")] = None,
-    xgb_rounds: Annotated[int | None, typer.Option(
-        "--xgb-rounds", help="Most XGBoost rounds (early stopping on the inner split usually ends sooner).")] = None,
-    pca_dims: Annotated[int | None, typer.Option(
-        "--pca-dims", help="XGBoost: PCA (fitted inside each fold) to this many dims; 0 turns it off.")] = None,
-    bootstrap: Annotated[int | None, typer.Option(
-        "--bootstrap", help="Bootstrap resamples for the macro-F1 95% interval (0: none).")] = None,
-    heads: Annotated[str | None, typer.Option(
-        "--heads", help="Comma-separated heads to cross-validate and fuse: mlp, xgb (the reference recipe, "
-                        "default), logreg (linear probe on image means), abmil (gated attention-MIL over crops).")] = None,
-    offsets: Annotated[str | None, typer.Option(
-        "--offsets", help="Per-class offsets on the fused log-probabilities for the submission: on, off, or auto "
-                          "(on when their cross-fitted macro-F1 beats plain argmax). Both scores are always reported.")] = None,
-    alpha: Annotated[float | None, typer.Option(
-        "--alpha", help="Conformal prediction sets contain the true class with probability 1 - alpha.")] = None,
-    class_conditional: Annotated[bool | None, typer.Option(
-        "--class-conditional/--marginal", show_default=False,
-        help="Conformal thresholds per class (every class covered at 1 - alpha, larger sets) "
-             "instead of one threshold (default).")] = None,
+    folds: Annotated[int | None, setting("fit.folds")] = None,
+    seed: Annotated[int | None, setting("fit.seed")] = None,
+    seeds: Annotated[int | None, setting("fit.seeds")] = None,
+    include_flagged: Annotated[bool | None, setting("fit.include_flagged", "--include-flagged/--exclude-flagged")]
+        = None,
+    mlp_hidden: Annotated[int | None, setting("fit.mlp.hidden", "--mlp-hidden")] = None,
+    mlp_depth: Annotated[int | None, setting("fit.mlp.depth", "--mlp-depth")] = None,
+    mlp_epochs: Annotated[int | None, setting("fit.mlp.epochs", "--mlp-epochs")] = None,
+    mixup: Annotated[float | None, setting("fit.mlp.mixup_alpha", "--mixup")] = None,
+    xgb_rounds: Annotated[int | None, setting("fit.xgb.n_estimators", "--xgb-rounds")] = None,
+    pca_dims: Annotated[int | None, setting("fit.xgb.pca_dims")] = None,
+    bootstrap: Annotated[int | None, setting("fit.bootstrap")] = None,
+    heads: Annotated[str | None, setting("fit.heads", metavar="HEAD,HEAD")] = None,
+    offsets: Annotated[Offsets | None, setting("fit.offsets")] = None,
+    alpha: Annotated[float | None, setting("fit.alpha")] = None,
+    class_conditional: Annotated[bool | None, setting("fit.class_conditional", "--class-conditional/--marginal")]
+        = None,
 ) -> None:
     """Cross-validate heads on the training features; calibrate, fuse, choose class offsets and conformal sets.
 
@@ -58,19 +48,19 @@ def fit(
 
     Other settings: the fit, fit.mlp, fit.xgb, fit.logreg and fit.abmil tables of histoembed.toml.
     """
-    from histoembed import config as cfg
-    from histoembed.console import console
-    from histoembed.fit import run_fit
-    from histoembed.heads import check_names
-
-    settings = cfg.load_settings(config)
-    fit_settings = cfg.updated(settings.fit, folds=folds, seed=seed, seeds=seeds, include_flagged=include_flagged,
-                               bootstrap=bootstrap, offsets=offsets, alpha=alpha, class_conditional=class_conditional,
-                               heads=None if heads is None else check_names(heads.split(",")))
-    fit_settings.mlp = cfg.updated(fit_settings.mlp, hidden=mlp_hidden, depth=mlp_depth, epochs=mlp_epochs,
-                                   mixup_alpha=mixup)
-    fit_settings.xgb = cfg.updated(fit_settings.xgb, n_estimators=xgb_rounds, pca_dims=pca_dims)
+    fit_settings = stage_settings(config, "fit", folds=folds, seed=seed, seeds=seeds, include_flagged=include_flagged,
+                                  bootstrap=bootstrap, offsets=offsets, alpha=alpha,
+                                  class_conditional=class_conditional,
+                                  heads=None if heads is None else check_names(heads.split(",")),
+                                  mlp=dict(hidden=mlp_hidden, depth=mlp_depth, epochs=mlp_epochs, mixup_alpha=mixup),
+                                  xgb=dict(n_estimators=xgb_rounds, pca_dims=pca_dims)).fit
     result = run_fit(run, fit_settings, encoder=encoder)
+    if result.unlabelled:
+        console.print(f"[yellow]note:[/] {len(result.unlabelled)} training image(s) in the features have no label "
+                      f"in crops.parquet and were left out (e.g. {result.unlabelled[0]})", soft_wrap=True)
+    if result.excluded_flagged:
+        console.print(f"QC: {len(result.excluded_flagged)} flagged training image(s) left out "
+                      "(--include-flagged keeps them)", soft_wrap=True)
     if result.skipped:
         console.print(f"{run}/models is up to date (same features, labels, QC and settings); nothing to do.",
                       soft_wrap=True)
@@ -81,8 +71,6 @@ def fit(
 
 
 def print_summary(metrics: dict) -> None:
-    from histoembed.console import console, table
-
     rows = []
     for head, m in metrics["heads"].items():
         ci = f"{m['macro_f1_ci'][0]:.2f}-{m['macro_f1_ci'][1]:.2f}" if m.get("macro_f1_ci") else "-"
@@ -113,8 +101,9 @@ def print_summary(metrics: dict) -> None:
         console.print(f"for the test set: {parts} (chosen on all out-of-fold predictions)", soft_wrap=True)
     spread = metrics.get("seeds")
     if spread:
-        for head, s in spread["spread"].items():
+        for head, stats in spread["spread"].items():
             scores = ", ".join(f"{v:.3f}" for v in spread["macro_f1"][head])
             console.print(f"{head}: macro-F1 over seeds {spread['seeds']}: {scores} "
-                          f"(mean {s['mean']:.3f}, std {s['std']:.3f}, range {s['max'] - s['min']:.3f})",
+                          f"(mean {stats['mean']:.3f}, std {stats['std']:.3f}, "
+                          f"range {stats['max'] - stats['min']:.3f})",
                           soft_wrap=True)

@@ -1,3 +1,5 @@
+"""`histoembed predict`: classify new images with a fitted run."""
+
 from __future__ import annotations
 
 import csv
@@ -6,7 +8,12 @@ from typing import Annotated
 
 import typer
 
+from histoembed import store
 from histoembed.cli.app import RunOpt, command
+from histoembed.config import Device
+from histoembed.console import console, table
+from histoembed.errors import UserError
+from histoembed.predict import predict_images
 
 
 @command("predict")
@@ -19,19 +26,13 @@ def predict(
     tta: Annotated[bool, typer.Option(
         "--tta/--no-tta", help="Average over the same augmented views the run embedded (--no-tta: clean view only).")]
         = True,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda: where the encoder runs.")] = "auto",
+    device: Annotated[Device, typer.Option(
+        "--device", help="auto (CUDA when present), cpu or cuda: where the encoder runs.")] = "auto",
     out: Annotated[Path | None, typer.Option(
         "--out", help="Also write the predictions as CSV (image, label, one probability column per class).")]
         = None,
 ) -> None:
     """Classify new images with a fitted run: same crops, encoder, views and fold ensemble."""
-    from histoembed import store
-    from histoembed.console import console, table
-    from histoembed.errors import UserError
-    from histoembed.predict import predict_images
-
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {device!r} is not one of auto, cpu, cuda")
     for path in [*images, *(mask or [])]:
         if not path.is_file():
             raise UserError("file not found", path=path)

@@ -1,11 +1,16 @@
+"""`histoembed qc`: flag images a classifier should not learn from, into run/qc.parquet."""
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from histoembed.cli.app import ConfigOpt, DataOpt, EncoderOpt, RunOpt, StrictOpt, command
+from histoembed.cli.app import ConfigOpt, DataOpt, RunOpt, StrictOpt, command, setting, stage_settings
+from histoembed.console import console, table
+from histoembed.qc import run_qc
 
 
 @command("qc")
@@ -13,25 +18,19 @@ def qc(
     data: DataOpt = Path("data"),
     run: RunOpt = Path("run"),
     config: ConfigOpt = None,
-    encoder: EncoderOpt = None,
+    encoder: Annotated[str | None, setting("qc.encoder")] = None,
     embed: Annotated[bool, typer.Option(
         "--embed/--no-embed", help="Run the embedding pass (kNN outliers, near-duplicates by embedding) on "
-                                   "thumbnails through --encoder (default efficientnet-lite0, installed "
-                                   "with the package). --no-embed: colour and hash checks only.")] = True,
+                                   "thumbnails through --encoder. --no-embed: colour and hash checks only.")] = True,
     keep: Annotated[list[str] | None, typer.Option(
         "--keep", help="Un-flag this image id (repeatable), e.g. --keep img_0042.png.")] = None,
-    non_tissue_fraction: Annotated[float | None, typer.Option(
-        help="Flag non_tissue when brown+yellow+green+blue pixels exceed this fraction.")] = None,
-    ink_fraction: Annotated[float | None, typer.Option(
-        help="Flag ink when green-ink pixels exceed this fraction.")] = None,
-    min_tissue_in_mask: Annotated[float | None, typer.Option(
-        help="Flag blank when less of the mask than this is tissue.")] = None,
-    outlier_z: Annotated[float | None, typer.Option(
-        help="Flag outlier above this robust z-score of the kNN embedding distance.")] = None,
-    duplicate_cosine: Annotated[float | None, typer.Option(
-        help="Near-duplicates: centred cosine of mean embeddings at least this.")] = None,
-    hash_distance: Annotated[int | None, typer.Option(
-        help="Near-duplicates: perceptual-hash Hamming distance at most this.")] = None,
+    non_tissue_fraction: Annotated[float | None, setting("qc.non_tissue_fraction")] = None,
+    ink_fraction: Annotated[float | None, setting("qc.ink_fraction")] = None,
+    min_tissue_in_mask: Annotated[float | None, setting("qc.min_tissue_in_mask")] = None,
+    outlier_z: Annotated[float | None, setting("qc.outlier_z")] = None,
+    duplicate_cosine: Annotated[float | None, setting("qc.duplicate_cosine")] = None,
+    hash_distance: Annotated[int | None, setting("qc.hash_distance")] = None,
+    workers: Annotated[int | None, setting("qc.workers")] = None,
     strict: StrictOpt = False,
 ) -> None:
     """Flag non-tissue pictures, green ink, blank masks, embedding outliers and near-duplicates.
@@ -39,17 +38,12 @@ def qc(
     Writes run/qc.parquet. crops and fit leave flagged training images out (test images are
     always kept); images with ink are repaired when they are cropped.
     """
-    from rich.markup import escape
-
-    from histoembed import config as cfg
-    from histoembed.console import console, table
-    from histoembed.qc import run_qc
-
-    settings = cfg.load_settings(config)
-    qc_settings = cfg.updated(settings.qc, non_tissue_fraction=non_tissue_fraction, ink_fraction=ink_fraction,
-                              min_tissue_in_mask=min_tissue_in_mask, outlier_z=outlier_z,
-                              duplicate_cosine=duplicate_cosine, hash_distance=hash_distance)
-    result = run_qc(data, run, qc_settings, embed=embed, encoder=encoder, keep=list(keep or []), strict=strict)
+    qc_settings = stage_settings(config, "qc", encoder=encoder, non_tissue_fraction=non_tissue_fraction,
+                                 ink_fraction=ink_fraction, min_tissue_in_mask=min_tissue_in_mask, outlier_z=outlier_z,
+                                 duplicate_cosine=duplicate_cosine, hash_distance=hash_distance, workers=workers).qc
+    result = run_qc(data, run, qc_settings, embed=embed, keep=list(keep or []), strict=strict)
+    if result.warning:
+        console.print(f"[yellow]warning:[/] {escape(result.warning)}", soft_wrap=True)
     if result.skipped:
         console.print(f"{result.path} is up to date (same images and settings); nothing to do.", soft_wrap=True)
     n = result.table.num_rows

@@ -1,3 +1,5 @@
+"""`histoembed report`: one self-contained HTML page of the run."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +8,8 @@ from typing import Annotated
 import typer
 
 from histoembed.cli.app import RunOpt, command
+from histoembed.console import console
+from histoembed.report import write_report
 
 
 @command("report")
@@ -16,9 +20,6 @@ def report(
                        "default: ./data when it exists, else those sections are left out.")] = None,
 ) -> None:
     """Write run/report.html: one self-contained page with the run's tables and plots."""
-    from histoembed.console import console
-    from histoembed.report import write_report
-
     if data is None and Path("data").exists():
         data = Path("data")
     path = write_report(run, data)

@@ -1,3 +1,5 @@
+"""`histoembed submit`: predict the test split into run/submission.csv."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +8,8 @@ from typing import Annotated
 import typer
 
 from histoembed.cli.app import DataOpt, EncoderOpt, RunOpt, command
+from histoembed.console import console, table
+from histoembed.submit import run_submit
 
 
 @command("submit")
@@ -17,9 +21,6 @@ def submit(
         "--tta/--no-tta", help="Average over every embedded view of each test crop (--no-tta: the clean view only).")] = True,
 ) -> None:
     """Predict the test split with the fold ensemble and write run/submission.csv."""
-    from histoembed.console import console, table
-    from histoembed.submit import run_submit
-
     result = run_submit(data, run, encoder=encoder, tta=tta)
     table("Predicted labels", ["label", "images"], [[c, n] for c, n in result.counts.items()])
     if result.fallbacks:

@@ -1,3 +1,5 @@
+"""`histoembed synth`: write a synthetic H&E dataset."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +8,9 @@ from typing import Annotated
 import typer
 
 from histoembed.cli.app import command
+from histoembed.console import console
+from histoembed.errors import UserError
+from histoembed.synthetic import make_dataset
 
 
 @command("synth")
@@ -25,10 +30,6 @@ def synth(
         = True,
 ) -> None:
     """Write a synthetic H&E dataset (images, tumour masks, labels) for trying the pipeline."""
-    from histoembed.console import console
-    from histoembed.errors import UserError
-    from histoembed.synthetic import make_dataset
-
     if min_size > max_size:
         raise UserError(f"--min-size {min_size} is larger than --max-size {max_size}")
     if outliers and train < 8:

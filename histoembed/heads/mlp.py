@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from histoembed import store
 from histoembed.config import MLPSettings
 from histoembed.heads.base import Bags, Head
 from histoembed.heads.calibration import temperature_nll
@@ -126,8 +127,6 @@ class MLPHead(Head):
 
     def _save_arrays(self, folder: Path) -> None:
         from safetensors.torch import save_file
-
-        from histoembed import store
 
         with store.atomic_path(folder / WEIGHTS_FILE) as tmp:
             save_file({k: v.contiguous() for k, v in self.net_.state_dict().items()}, str(tmp))

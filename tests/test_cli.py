@@ -1,0 +1,88 @@
+"""The command line's settings options: help and defaults from config.py, and `histoembed config`."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+import typer
+from rich.markup import escape
+
+from histoembed import config as cfg
+from histoembed.cli import app
+from histoembed.cli.app import STAGE_TABLES, setting_help
+
+COMMANDS = typer.main.get_command(app).commands
+
+
+def setting_paths(stage: str) -> dict[str, str]:
+    """{parameter name: settings path} for every field of ``stage``'s table, sub-tables as ``mlp_hidden``."""
+    paths = {}
+    for name, field in type(getattr(cfg.Settings(), stage)).model_fields.items():
+        if isinstance(field.default, cfg.BaseModel):
+            for sub in type(field.default).model_fields:
+                paths[f"{name}_{sub}"] = f"{stage}.{name}.{sub}"
+        else:
+            paths[name] = f"{stage}.{name}"
+    return paths
+
+
+# Options whose parameter is not named after their setting (the setting's name is long or clumsy on a command line).
+RENAMED = {"fit": {"mixup": "fit.mlp.mixup_alpha", "xgb_rounds": "fit.xgb.n_estimators",
+                   "pca_dims": "fit.xgb.pca_dims"}}
+
+
+@pytest.mark.parametrize("stage", list(STAGE_TABLES))
+def test_setting_options_take_help_and_default_from_config(stage):
+    paths = {**setting_paths(stage), **RENAMED.get(stage, {})}
+    options = [p for p in COMMANDS[stage].params if p.name in paths]
+    assert len(options) >= 6
+    for p in options:
+        field, _ = cfg.field_at(paths[p.name])
+        assert p.help == escape(setting_help(paths[p.name])), p.name
+        default = "not set" if field.default is None else cfg.toml_value(field.default)
+        assert setting_help(paths[p.name]).endswith(f"{field.description} [default: {default}]")
+        assert p.default is None  # not given: histoembed.toml still applies
+
+
+def test_no_option_writes_a_default_by_hand():
+    for name, command in COMMANDS.items():
+        for p in command.params:
+            assert "(default" not in (getattr(p, "help", None) or ""), f"{name} --{p.name}: {p.help}"
+
+
+def test_help_shows_the_settings_defaults(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # one line per option
+    out = cli("crops", "--help").output
+    assert "[default: 10]" in out and "[default: [124, 116, 104]]" in out and "roi-window" in out
+
+
+def test_config_prints_every_setting_as_toml(cli, tmp_path):
+    res = cli("config", cwd=tmp_path)
+    assert res.exit_code == 0, res.output
+    assert cfg.Settings.model_validate(tomllib.loads(res.stdout)) == cfg.Settings()
+
+
+def test_config_of_a_stage_resolves_file_then_options(cli, tmp_path):
+    (tmp_path / cfg.CONFIG_FILE).write_text("[crops]\nsize = 64\nk = 3\n[fit.mlp]\nhidden = 16\n")
+    res = cli("config", "crops", "--k", "5", "--strategy", "grid", cwd=tmp_path)
+    assert res.exit_code == 0, res.output
+    assert tomllib.loads(res.stdout) == {"crops": {**cfg.CropSettings().model_dump(mode="json"), "size": 64, "k": 5,
+                                                   "strategy": "grid"}}
+    assert not (tmp_path / "run").exists()  # nothing ran
+    fit = tomllib.loads(cli("config", "fit", "--mlp-epochs", "7", "--xgb-rounds", "9", cwd=tmp_path).stdout)["fit"]
+    assert (fit["mlp"]["hidden"], fit["mlp"]["epochs"], fit["xgb"]["n_estimators"]) == (16, 7, 9)
+    embed = tomllib.loads(cli("config", "embed", "--pool", "mean", cwd=tmp_path).stdout)
+    assert set(embed) == {"embed", "augment"} and embed["embed"]["pool"] == "mean"
+    # What `config` prints is a settings file the stage reads back as it is.
+    saved = tmp_path / "saved.toml"
+    saved.write_text(res.stdout)
+    again = cli("config", "crops", "--config", saved, cwd=tmp_path / "..")
+    assert tomllib.loads(again.stdout) == tomllib.loads(res.stdout)
+
+
+def test_config_rejects_bad_stages_and_values(cli, tmp_path):
+    res = cli("config", "submit", cwd=tmp_path)
+    assert res.exit_code == 2 and "has no settings" in res.output
+    res = cli("config", "crops", "--k", "0", cwd=tmp_path)
+    assert res.exit_code == 2 and "--k" in res.output

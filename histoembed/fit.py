@@ -219,15 +219,26 @@ def run_cv(bags: Bags, y: np.ndarray, groups: np.ndarray, settings: FitSettings,
 
 def oof_probabilities(cv: CVResult) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per head and fused: (OOF probabilities at T = 1, calibrated), each row with its own fold's T and w."""
+    return calibrated_probabilities(cv.z, cv.fold, cv.fold_params)
+
+
+def calibrated_probabilities(z: dict[str, np.ndarray], fold: np.ndarray,
+                             fold_params: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per head and fused: (probabilities at T = 1, calibrated), each row with its own fold's T and w.
+
+    ``z`` are the heads' out-of-fold logits, ``fold_params`` calibration.json's ``folds``: the report
+    draws the very probabilities that ``fit`` scored.
+    """
+    heads = fold_params[0]["heads"]
     out = {}
-    for h in cv.heads:
-        t = decisions.per_row(cv.fold_params, cv.fold, "T", h)[:, None]
-        z = cv.z[h].astype(np.float64)
-        out[h] = (softmax(z), softmax(z / t))
-    weights = {h: decisions.per_row(cv.fold_params, cv.fold, "weights", h)[:, None] for h in cv.heads}
-    uncalibrated = {"heads": cv.heads, "weights": weights, "T": dict.fromkeys(cv.heads, 1.0)}
-    out["fused"] = (softmax(decisions.fused_logits(uncalibrated, cv.z)),
-                    decisions.apply_cross_fitted(cv.fold_params, cv.fold, cv.z).probs)
+    for h in heads:
+        t = decisions.per_row(fold_params, fold, "T", h)[:, None]
+        logits = np.asarray(z[h], dtype=np.float64)
+        out[h] = (softmax(logits), softmax(logits / t))
+    weights = {h: decisions.per_row(fold_params, fold, "weights", h)[:, None] for h in heads}
+    uncalibrated = {"heads": heads, "weights": weights, "T": dict.fromkeys(heads, 1.0)}
+    out["fused"] = (softmax(decisions.fused_logits(uncalibrated, z)),
+                    decisions.apply_cross_fitted(fold_params, fold, z).probs)
     return out
 
 

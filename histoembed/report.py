@@ -7,9 +7,10 @@ embedded as base64 PNG, as are the thumbnails, so the file can be mailed or arch
 its own. A section whose inputs are missing says so instead of failing, so the report
 can be written after any stage.
 
-The reliability diagrams and the fusion-weight curve are recomputed from ``oof.parquet``
-and ``calibration.json``; the headline numbers come from ``metrics.json`` (and are
-recomputed from ``oof.parquet`` when that file has none).
+The report does no maths of its own: every number (macro-F1 and its interval, per-fold
+scores, confusion matrix, per-class F1, ECE, NLL, fusion weights and the weight curve) is read
+from ``metrics.json`` and ``calibration.json``; the reliability curves are
+:func:`metrics.reliability` of :func:`fit.calibrated_probabilities`, the probabilities ``fit`` scored.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from PIL import Image
 from histoembed import __version__, store
 from histoembed.dataset import load_dataset, read_image
 from histoembed.errors import UserError
-from histoembed.heads.fusion import fuse, fuse_members
+from histoembed.fit import calibrated_probabilities
 from histoembed.inference import load_ensemble
-from histoembed.metrics import bootstrap_macro_f1, macro_f1, nll, softmax
+from histoembed.metrics import reliability
 
 PLOT_DPI = 96
 COLORS = {"mlp": "#4c72b0", "xgb": "#55a868", "logreg": "#8172b3", "abmil": "#937860", "fused": "#c44e52"}
@@ -41,33 +42,6 @@ MAX_QC_THUMBS = 48
 N_CROP_IMAGES = 4
 N_MAP_IMAGES = 6
 THUMB_PX = 160
-
-
-# ---------------------------------------------------------------- maths (small, pure)
-
-def reliability(probs: np.ndarray, y: np.ndarray, n_bins: int = 10):
-    """Confidence bins of the top class: (mean confidence, accuracy, count) per bin, and the ECE."""
-    conf = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == y
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
-    mean_conf = np.full(n_bins, np.nan)
-    acc = np.full(n_bins, np.nan)
-    count = np.bincount(which, minlength=n_bins)
-    for b in range(n_bins):
-        if count[b]:
-            mean_conf[b] = conf[which == b].mean()
-            acc[b] = correct[which == b].mean()
-    ok = count > 0
-    ece = float(np.sum(count[ok] * np.abs(acc[ok] - mean_conf[ok])) / max(len(y), 1))
-    return mean_conf, acc, count, ece
-
-
-def fusion_curve(z_mlp, z_xgb, y, t_mlp, t_xgb, weights) -> np.ndarray:
-    """Out-of-fold macro-F1 of the fused heads for each fusion weight in ``weights`` (T: scalars or [N, 1])."""
-    n_classes = np.asarray(z_mlp).shape[1]
-    return np.array([macro_f1(y, fuse(z_mlp, z_xgb, w, t_mlp, t_xgb).argmax(1), n_classes)
-                     for w in weights])
 
 
 # ---------------------------------------------------------------- reading the run
@@ -408,38 +382,34 @@ def _crop_strip(run: Path, image_id: str) -> str:
     return f"<p>The crops of {_esc(image_id)} as written (square, padded):</p><div>{''.join(imgs)}</div>"
 
 
-def _head_predictions(o: _Oof) -> dict[str, np.ndarray]:
-    return {**{h: z.argmax(1) for h, z in o.z.items()}, "fused": o.pred}
-
-
 def _scores_section(r: _Run) -> str:
     title = "Cross-validated macro-F1"
-    if r.oof is None:
-        return _section("scores", title, _missing(f"no {store.OOF_FILE} in the run (run `histoembed fit`)"))
-    o, C = r.oof, len(r.oof.classes)
-    folds = np.unique(o.fold)
+    heads = (r.metrics or {}).get("heads")
+    if not heads:
+        return _section("scores", title, _missing(f"no {store.METRICS_FILE} in the run (run `histoembed fit`)"))
+    C = len(r.metrics.get("classes") or r.classes) or 1
     rows, per_fold = [], {}
-    for head, pred in _head_predictions(o).items():
-        f1 = macro_f1(o.y, pred, C)
-        ci = (r.metrics or {}).get("heads", {}).get(head, {}).get("macro_f1_ci") or bootstrap_macro_f1(o.y, pred, C)
-        per_fold[head] = [macro_f1(o.y[o.fold == k], pred[o.fold == k], C) for k in folds]
-        rows.append([head, f1, float(ci[0]), float(ci[1]), float(np.mean(per_fold[head])),
-                     float(np.std(per_fold[head])), float(np.mean(pred == o.y))])
+    for head, m in heads.items():
+        ci = m.get("macro_f1_ci") or [math.nan, math.nan]
+        per_fold[head] = m.get("fold_macro_f1") or []
+        rows.append([head, m["macro_f1"], float(ci[0]), float(ci[1]), m.get("fold_mean", math.nan),
+                     m.get("fold_std", math.nan), m["accuracy"]])
+    n_folds = max(len(v) for v in per_fold.values())
     fig = _figure(10, 3.4)
     ax1, ax2 = fig.subplots(1, 2, width_ratios=[1.4, 1])
     width = 0.8 / len(per_fold)
     for j, (head, scores) in enumerate(per_fold.items()):
-        ax1.bar(np.arange(len(folds)) + (j - (len(per_fold) - 1) / 2) * width, scores, width,
+        ax1.bar(np.arange(len(scores)) + (j - (len(per_fold) - 1) / 2) * width, scores, width,
                 label=head, color=COLORS.get(head))
-    ax1.set_xticks(range(len(folds)), [str(k) for k in folds])
+    ax1.set_xticks(range(n_folds), [str(k) for k in range(n_folds)])
     ax1.set_xlabel("fold")
     ax1.set_ylabel("macro-F1 on the fold")
     ax1.set_ylim(0, 1)
     ax1.set_title("Per fold")
     ax1.legend(fontsize=8)
     for j, row in enumerate(rows):
-        ax2.errorbar([j], [row[1]], yerr=[[row[1] - row[2]], [row[3] - row[1]]], fmt="o", capsize=6,
-                     color=COLORS.get(row[0]), markersize=8)
+        yerr = None if math.isnan(row[2]) else [[row[1] - row[2]], [row[3] - row[1]]]
+        ax2.errorbar([j], [row[1]], yerr=yerr, fmt="o", capsize=6, color=COLORS.get(row[0]), markersize=8)
         ax2.text(j + 0.08, row[1], f"{row[1]:.3f}", va="center", fontsize=9)
     ax2.axhline(1.0 / C, color="gray", linestyle=":", label="chance-ish (1/C)")
     ax2.set_xticks(range(len(rows)), [row[0] for row in rows])
@@ -449,7 +419,8 @@ def _scores_section(r: _Run) -> str:
     ax2.set_title("Out of fold, bootstrap 95% interval")
     ax2.legend(fontsize=8, loc="lower right")
     body = ("<p>Every prediction here comes from a model (and a temperature and fusion weight) that never "
-            f"saw the image: {len(o.y)} training images, {len(folds)} folds.</p>"
+            f"saw the image: {r.metrics.get('images', '?')} training images, {n_folds} folds "
+            f"(from {store.METRICS_FILE}).</p>"
             + _table(["head", "OOF macro-F1", "CI low", "CI high", "fold mean", "fold std", "accuracy"], rows)
             + _fig_img(fig, "per-fold and out-of-fold macro-F1"))
     return _section("scores", title, body)
@@ -457,11 +428,12 @@ def _scores_section(r: _Run) -> str:
 
 def _confusion_section(r: _Run) -> str:
     title = "Confusion matrix and per-class F1"
-    if r.oof is None:
-        return _section("confusion", title, _missing(f"no {store.OOF_FILE} in the run"))
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-    o, C = r.oof, len(r.oof.classes)
-    cm = confusion_matrix(o.y, o.pred, labels=list(range(C)))
+    heads = (r.metrics or {}).get("heads") or {}
+    if "fused" not in heads:
+        return _section("confusion", title, _missing(f"no {store.METRICS_FILE} in the run"))
+    classes = list(r.metrics.get("classes") or r.classes)
+    C = len(classes)
+    cm = np.asarray(heads["fused"]["confusion"])
     fig = _figure(10, 4.2)
     ax1, ax2 = fig.subplots(1, 2)
     im = ax1.imshow(cm, cmap="Blues")
@@ -469,21 +441,19 @@ def _confusion_section(r: _Run) -> str:
         for j in range(C):
             ax1.text(j, i, str(cm[i, j]), ha="center", va="center",
                      color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax1.set_xticks(range(C), o.classes, rotation=25, ha="right")
-    ax1.set_yticks(range(C), o.classes)
+    ax1.set_xticks(range(C), classes, rotation=25, ha="right")
+    ax1.set_yticks(range(C), classes)
     ax1.set_xlabel("predicted")
     ax1.set_ylabel("true")
     ax1.set_title("Fused heads, out of fold")
     fig.colorbar(im, ax=ax1, shrink=0.8)
-    heads = _head_predictions(o)
     width = 0.8 / len(heads)
-    rows = []
-    for j, (head, pred) in enumerate(heads.items()):
-        p, rec, f1, support = precision_recall_fscore_support(o.y, pred, labels=list(range(C)), zero_division=0)
+    for j, (head, m) in enumerate(heads.items()):
+        f1 = [m["per_class"][c]["f1"] for c in classes]
         ax2.bar(np.arange(C) + (j - (len(heads) - 1) / 2) * width, f1, width, label=head, color=COLORS.get(head))
-        if head == "fused":
-            rows = [[c, float(p[k]), float(rec[k]), float(f1[k]), int(support[k])] for k, c in enumerate(o.classes)]
-    ax2.set_xticks(range(C), o.classes, rotation=25, ha="right")
+    fused = heads["fused"]["per_class"]
+    rows = [[c, fused[c]["precision"], fused[c]["recall"], fused[c]["f1"], fused[c]["support"]] for c in classes]
+    ax2.set_xticks(range(C), classes, rotation=25, ha="right")
     ax2.set_ylim(0, 1)
     ax2.set_ylabel("F1")
     ax2.set_title("Per-class F1")
@@ -493,64 +463,54 @@ def _confusion_section(r: _Run) -> str:
     return _section("confusion", title, body)
 
 
-def _fold_params(calibration: dict | None, folds: np.ndarray, heads: list[str]) -> dict | None:
-    """Per-row parameters (each row's own fold's): {"T": {head: [N]}, "weights": {head: [N]}}, or None."""
-    if not calibration or not heads:
+def _fold_params(calibration: dict | None, folds: np.ndarray) -> list[dict] | None:
+    """calibration.json's per-fold parameters when they cover every fold of ``folds``, else None."""
+    entries = (calibration or {}).get("folds")
+    if not isinstance(entries, list) or not entries:
         return None
-    entries = calibration.get("folds")
-    by_fold = {int(e.get("fold", k)): e for k, e in enumerate(entries)} if isinstance(entries, list) else {}
-    if not by_fold or any(int(k) not in by_fold for k in np.unique(folds)):
-        return None
-    try:
-        return {name: {h: np.array([float(by_fold[int(k)][name][h]) for k in folds]) for h in heads}
-                for name in ("T", "weights")}
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _fused(o: _Oof, params: dict, calibrated: bool = True) -> np.ndarray:
-    heads = list(o.z)
-    return fuse_members([o.z[h] for h in heads], [params["weights"][h][:, None] for h in heads],
-                        [params["T"][h][:, None] if calibrated else 1.0 for h in heads])
+    have = {int(e["fold"]) for e in entries if {"fold", "heads", "T", "weights"} <= set(e)}
+    return entries if all(int(k) in have for k in np.unique(folds)) else None
 
 
 def _calibration_section(r: _Run) -> str:
     title = "Calibration: reliability before and after temperature scaling"
-    if r.oof is None or not r.oof.z:
-        return _section("calibration", title, _missing(f"{store.OOF_FILE} with the heads' logits"))
+    heads = (r.metrics or {}).get("heads")
+    if r.oof is None or not r.oof.z or not heads:
+        return _section("calibration", title, _missing(f"{store.OOF_FILE} with the heads' logits and "
+                                                       f"{store.METRICS_FILE}"))
     o = r.oof
-    params = _fold_params(r.calibration, o.fold, list(o.z))
-    if params is None:
+    params = _fold_params(r.calibration, o.fold)
+    if params is None or any(h not in o.z for h in params[0]["heads"]):
         return _section("calibration", title, _missing(f"per-fold temperatures in {store.CALIBRATION_FILE}"))
-    panels = [(h, softmax(z), softmax(z / params["T"][h][:, None])) for h, z in o.z.items()]
-    panels.append(("fused", softmax(_fused(o, params, calibrated=False)), softmax(_fused(o, params))))
+    panels = calibrated_probabilities(o.z, o.fold, params)
     fig = _figure(3.6 * len(panels), 3.8)
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
     rows = []
-    for ax, (name, before, after) in zip(axes, panels):
+    for ax, (name, (before, after)) in zip(axes, panels.items()):
+        m = heads.get(name, {})
         ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1)
-        for probs, label, color, marker in ((before, "before (T = 1)", "#dd8452", "s"),
-                                            (after, "after (fold T)", "#4c72b0", "o")):
-            conf, acc, count, ece = reliability(probs, o.y)
+        for probs, label, suffix, color, marker in ((before, "before (T = 1)", "_before_calibration", "#dd8452", "s"),
+                                                    (after, "after (fold T)", "", "#4c72b0", "o")):
+            conf, acc, count = reliability(probs, o.y)
             ok = count > 0
+            ece, nll = m.get(f"ece{suffix}", math.nan), m.get(f"nll{suffix}", math.nan)
             ax.plot(conf[ok], acc[ok], marker=marker, color=color, label=f"{label}, ECE {ece:.3f}")
-            rows.append([name, label, ece, nll(probs, o.y)])
+            rows.append([name, label, ece, nll])
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("confidence (top class)")
         ax.set_ylabel("accuracy")
         ax.set_title(name)
         ax.legend(fontsize=8, loc="upper left")
-    temps = "; ".join(f"fold {k}: " + ", ".join(f"T_{h} {params['T'][h][o.fold == k][0]:.2f}" for h in o.z)
-                      for k in np.unique(o.fold))
+    temps = "; ".join(f"fold {p['fold']}: " + ", ".join(f"T_{h} {p['T'][h]:.2f}" for h in p["heads"]) for p in params)
     notes = (r.metrics or {}).get("calibration_notes") or []
     note_html = ("<p>Where the data could not support a temperature, T = 1:</p><ul>"
                  + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>") if notes else \
         "<p class='small'>Every temperature was fitted (none fell back to T = 1).</p>"
-    body = ("<p>Recomputed from the out-of-fold logits: each fold's logits are divided by the temperature "
-            "chosen on the other folds (cross-fitting), so the 'after' curves are honest. Temperatures are "
-            "regularised (smoothed targets and a prior on log T), so separable held-out logits cannot drive T "
-            "to zero.</p>"
+    body = ("<p>The out-of-fold predictions as <code>fit</code> scored them: each fold's logits are divided by "
+            "the temperature chosen on the other folds (cross-fitting), so the 'after' curves are honest. "
+            "Temperatures are regularised (smoothed targets and a prior on log T), so separable held-out logits "
+            f"cannot drive T to zero. ECE and NLL are those of {store.METRICS_FILE}.</p>"
             + _fig_img(fig, "reliability diagrams") + _table(["head", "", "ECE", "NLL"], rows)
             + note_html + f"<p class='small'>{_esc(temps)}</p>")
     return _section("calibration", title, body)
@@ -558,41 +518,36 @@ def _calibration_section(r: _Run) -> str:
 
 def _fusion_section(r: _Run) -> str:
     title = "Fusion weights"
-    if r.oof is None or not r.oof.z:
-        return _section("fusion", title, _missing(f"{store.OOF_FILE} with the heads' logits"))
-    o, heads = r.oof, list(r.oof.z)
-    params = _fold_params(r.calibration, o.fold, heads)
+    params = _fold_params(r.calibration, r.oof.fold) if r.oof is not None else None
     if params is None:
-        return _section("fusion", title, _missing(f"per-fold temperatures in {store.CALIBRATION_FILE}"))
-    final = (r.calibration or {}).get("final", {}).get("weights", {})
-    folds = np.unique(o.fold)
-    rows = [[f"fold {k}"] + [float(params["weights"][h][o.fold == k][0]) for h in heads] for k in folds]
-    if final:
-        rows.append(["final (test set)"] + [float(final.get(h, math.nan)) for h in heads])
+        return _section("fusion", title, _missing(f"per-fold fusion weights in {store.CALIBRATION_FILE}"))
+    heads = params[0]["heads"]
+    final = (r.calibration or {}).get("final") or {}
+    rows = [[f"fold {p['fold']}"] + [float(p["weights"][h]) for h in heads] for p in params]
+    if final.get("weights"):
+        rows.append(["final (test set)"] + [float(final["weights"].get(h, math.nan)) for h in heads])
     table = _table(["chosen on", *heads], rows)
     rule = " + ".join(f"w_{h}·z_{h}/T_{h}" for h in heads)
-    if len(heads) != 2:
+    grid, curve = (r.calibration or {}).get("weight_grid"), final.get("macro_f1_by_w")
+    if len(heads) != 2 or not grid or not curve:
         return _section("fusion", title, f"<p>Fused logits <code>{_esc(rule)}</code>, weights on the simplex, each "
                                          "fold's chosen on the other folds for macro-F1.</p>" + table)
     a, b = heads
-    weights = np.linspace(0, 1, 21)
-    curve = fusion_curve(o.z[a], o.z[b], o.y, params["T"][a][:, None], params["T"][b][:, None], weights)
     fig = _figure(7, 3.4)
     ax = fig.subplots()
-    ax.plot(weights, curve, marker="o", color="#c44e52", label="all out-of-fold predictions")
-    if final:
-        ax.axvline(final[a], color="black", linestyle="--", label=f"final w = {final[a]:.2f}")
-    fold_w = sorted(set(params["weights"][a].tolist()))
-    for w in fold_w:
+    ax.plot(grid, curve, marker="o", color="#c44e52", label="all out-of-fold predictions")
+    ax.axvline(final["weights"][a], color="black", linestyle="--", label=f"final w = {final['weights'][a]:.2f}")
+    for w in sorted({float(p["weights"][a]) for p in params}):
         ax.axvline(w, color="gray", alpha=0.3, linewidth=3)
     ax.set_xlabel(f"w   (0: {b} only, 1: {a} only)")
     ax.set_ylabel("OOF macro-F1")
     ax.set_title("Fusion weight")
     ax.legend(fontsize=8)
-    body = (f"<p>Fused logits <code>{_esc(rule)}</code> with each fold's temperatures. "
-            "The curve is drawn on all out-of-fold predictions, the same ones that chose the final weight, "
-            "so its peak is optimistic; the per-fold weights (gray bands) were each chosen without the fold "
-            "they were applied to.</p>" + _fig_img(fig, "fusion weight curve") + table)
+    body = (f"<p>Fused logits <code>{_esc(rule)}</code> with the final temperatures: the macro-F1 of each weight "
+            f"as <code>fit</code> scored it when it chose the final weight ({store.CALIBRATION_FILE}). The curve is "
+            "drawn on all out-of-fold predictions, the same ones that chose the final weight, so its peak is "
+            "optimistic; the per-fold weights (gray bands) were each chosen without the fold they were applied "
+            "to.</p>" + _fig_img(fig, "fusion weight curve") + table)
     return _section("fusion", title, body)
 
 

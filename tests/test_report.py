@@ -213,31 +213,27 @@ def test_render_check_catches_broken_and_blank_images(tmp_path):
     assert ink(rendered, by_alt["blank"]) < 0.01
 
 
-# ---------------------------------------------------------------- the recomputed maths
+# ---------------------------------------------------------------- the numbers are fit's
 
-def test_fusion_curve_ends_are_the_single_heads():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 60)
-    z_mlp, z_xgb = rng.normal(size=(60, 3)), rng.normal(size=(60, 3))
-    curve = report.fusion_curve(z_mlp, z_xgb, y, 1.5, 0.7, [0.0, 1.0])
-    assert curve[0] == pytest.approx(report.macro_f1(y, z_xgb.argmax(1), 3))
-    assert curve[1] == pytest.approx(report.macro_f1(y, z_mlp.argmax(1), 3))
+def test_report_ece_equals_metrics_json(written):
+    """ECE and NLL in the calibration table are metrics.json's, for the probabilities the curves draw."""
+    from histoembed import metrics
+    from histoembed.fit import calibrated_probabilities
 
-
-def test_reliability_of_a_calibrated_and_an_overconfident_model():
-    y = np.array([0] * 8 + [1] * 2)
-    calibrated = np.tile([0.8, 0.2], (10, 1))          # says 0.8, right 8 times in 10
-    overconfident = np.tile([0.99, 0.01], (10, 1))
-    assert report.reliability(calibrated, y)[3] == pytest.approx(0.0)
-    assert report.reliability(overconfident, y)[3] == pytest.approx(0.19)
-
-
-def test_macro_f1_matches_scikit_learn():
-    from sklearn.metrics import f1_score
-    rng = np.random.default_rng(1)
-    y, pred = rng.integers(0, 4, 50), rng.integers(0, 3, 50)   # class 3 never predicted
-    assert report.macro_f1(y, pred, 4) == pytest.approx(
-        f1_score(y, pred, labels=[0, 1, 2, 3], average="macro", zero_division=0))
+    _, run, page = written
+    saved = json.loads((run / store.METRICS_FILE).read_text())["heads"]
+    table = re.search(r'<section id="calibration">.*?<tbody>(.*?)</tbody>', page.read_text(), re.S).group(1)
+    rows = re.findall(r"<tr><td>(\w+)</td><td>(.*?)</td><td>([0-9.]+)</td><td>([0-9.]+)</td></tr>", table)
+    oof = report._read_oof(run / store.OOF_FILE)
+    folds = json.loads((run / store.CALIBRATION_FILE).read_text())["folds"]
+    probs = calibrated_probabilities(oof.z, oof.fold, folds)
+    assert len(rows) == 2 * len(probs) == 2 * len(saved)
+    for (head, when, ece, nll), (name, phase) in zip(rows, [(h, k) for h in probs for k in (0, 1)]):
+        assert head == name and ("before" in when) == (phase == 0)
+        suffix = "_before_calibration" if phase == 0 else ""
+        assert float(ece) == pytest.approx(saved[head][f"ece{suffix}"], abs=5e-4)
+        assert float(nll) == pytest.approx(saved[head][f"nll{suffix}"], abs=5e-4)
+        assert metrics.ece(probs[head][phase], oof.y) == pytest.approx(saved[head][f"ece{suffix}"], abs=1e-9)
 
 
 def test_report_with_attention_mil_maps_its_attention_and_tables_n_way_weights(pipeline_run, tmp_path):

@@ -59,7 +59,8 @@ class CompareResult:
 def read_predictions(run: Path, decision: str) -> RunPredictions:
     path = Path(run) / store.OOF_FILE
     column = DECISIONS[decision]
-    table = store.read_table(path, "out-of-fold predictions", hint="run `histoembed fit` in this run first")
+    table = store.read_table(path, "out-of-fold predictions", hint="run `histoembed fit` in this run first",
+                             stage="fit")
     missing = [c for c in ("image_id", "label", "fold", column) if c not in table.column_names]
     if missing:
         raise UserError(f"the out-of-fold table lacks {', '.join(missing)}", path=path,

@@ -45,12 +45,12 @@ import pyarrow.parquet as pq
 from histoembed import store
 from histoembed.config import CropSettings, QCSettings
 from histoembed.console import progress
-from histoembed.dataset import Problem, Sample, load_dataset, read_image_and_mask
+from histoembed.dataset import Dataset, Problem, Sample, file_stamp, load_dataset, read_image_and_mask, sample_stamps
 from histoembed.errors import UserError
 from histoembed.pixels import repair_ink, tissue_mask_by_colour
 
 Box = tuple[int, int, int, int]   # x0, y0, x1, y1 in source pixels; x1, y1 exclusive
-CROPS_VERSION = 1                 # bump when the crops' definition changes (part of the skip key)
+CROPS_VERSION = 2                 # bump when the crops' definition changes (part of the skip key)
 SUMMARY_KEY = "histoembed_summary"  # footer metadata: what the run skipped and why
 
 
@@ -259,7 +259,7 @@ class _CropJob:
 
 @dataclass
 class _CroppedImage:
-    image_id: str
+    key: tuple[str, str]  # (split, image_id)
     rows: list[tuple] = field(default_factory=list)  # (crop_index, x0, y0, x1, y1, fraction, strategy, png)
     fallback: str | None = None
     problem: Problem | None = None
@@ -278,7 +278,7 @@ def _crop_one(job: _CropJob) -> _CroppedImage:
     try:
         rgb, mask = read_image_and_mask(sample.image, sample.mask)
     except UserError as e:
-        return _CroppedImage(sample.image_id,
+        return _CroppedImage(sample.key,
                              problem=Problem(e.path or sample.image, f"{e.problem}; image skipped"))
     repaired = False
     if job.repair is not None:
@@ -288,7 +288,7 @@ def _crop_one(job: _CropJob) -> _CroppedImage:
         repaired = True
     crops, fallback = crop_image(rgb, mask, job.settings)
     rows = [(i, *c.box, c.tissue_fraction, c.strategy, _encode_png(c.pixels)) for i, c in enumerate(crops)]
-    return _CroppedImage(sample.image_id, rows, fallback, repaired=repaired)
+    return _CroppedImage(sample.key, rows, fallback, repaired=repaired)
 
 
 def _init_worker() -> None:
@@ -303,32 +303,25 @@ class CropsResult:
     images: int                       # images that got crops
     crops: int
     per_image: tuple[int, float, int]  # crops per image: min, median, max
-    fallbacks: list[tuple[str, str]]  # (image_id, why) for images cut by grid-fallback
+    fallbacks: list[tuple[str, str, str]]  # (split, image_id, why) for images cut by grid-fallback
     problems: list[Problem]           # items skipped, with why (data checks and unreadable files)
-    left_out: list[str]               # training images left out because QC flagged them
-    repaired: list[str]               # images whose ink was repaired before cropping
+    left_out: list[str]               # training images (names) left out because QC flagged them
+    repaired: list[tuple[str, str]]   # (split, image_id) of images whose ink was repaired before cropping
     skipped: bool                     # True: inputs and settings unchanged, nothing was done
 
 
-def _stamp(path: Path | None) -> list | None:
-    if path is None:
-        return None
-    st = path.stat()
-    return [str(path), st.st_size, st.st_mtime_ns]
-
-
-def _read_qc(run: Path) -> tuple[dict[str, dict], dict | None, list | None]:
-    """({image_id: row}, QC settings as a dict, the file's stamp) of run/qc.parquet, if any."""
+def _read_qc(run: Path) -> tuple[dict[tuple[str, str], dict], dict | None, list | None]:
+    """({(split, image_id): row}, QC settings as a dict, the file's stamp) of run/qc.parquet, if any."""
     table = store.read_qc(run)
     if table is None:
         return {}, None, None
     path = run / store.QC_FILE
-    missing = [c for c in ("image_id", "flagged", "ink") if c not in table.column_names]
+    missing = [c for c in ("image_id", "split", "flagged", "ink") if c not in table.column_names]
     if missing:
         raise UserError(f"QC table lacks column(s) {', '.join(missing)}", path=path, hint="re-run `histoembed qc`")
-    rows = {r["image_id"]: r for r in table.select(["image_id", "split", "flagged", "ink"]).to_pylist()}
+    rows = {(r["split"], r["image_id"]): r for r in table.select(["image_id", "split", "flagged", "ink"]).to_pylist()}
     meta = store.read_meta(path)
-    return rows, meta.get("settings"), [_stamp(path), meta.get("key")]
+    return rows, meta.get("settings"), [file_stamp(path), meta.get("key")]
 
 
 def _summary(path: Path) -> dict:
@@ -336,20 +329,21 @@ def _summary(path: Path) -> dict:
     return json.loads(raw) if raw else {}
 
 
-def _counts(image_ids: Sequence[str]) -> tuple[int, float, int]:
-    if not len(image_ids):
+def _counts(keys: Sequence[str]) -> tuple[int, float, int]:
+    """Crops per image (min, median, max) from one ``split/image_id`` key per crop."""
+    if not len(keys):
         return (0, 0.0, 0)
-    _, n = np.unique(np.asarray(image_ids, dtype=object), return_counts=True)
+    _, n = np.unique(np.asarray(keys, dtype=object), return_counts=True)
     return int(n.min()), float(np.median(n)), int(n.max())
 
 
 def _previous(out: Path) -> CropsResult:
-    t = pq.read_table(out, columns=["image_id"])
-    ids = t["image_id"].to_pylist()
+    t = pq.read_table(out, columns=["image_id", "split"])
+    keys = store.image_keys(t["split"].to_pylist(), t["image_id"].to_pylist())
     sm = _summary(out)
-    return CropsResult(out, len(set(ids)), len(ids), _counts(ids), [tuple(f) for f in sm.get("fallbacks", [])],
+    return CropsResult(out, len(set(keys)), len(keys), _counts(keys), [tuple(f) for f in sm.get("fallbacks", [])],
                        [Problem(Path(p), why) for p, why in sm.get("problems", [])], sm.get("left_out", []),
-                       sm.get("repaired", []), skipped=True)
+                       [tuple(r) for r in sm.get("repaired", [])], skipped=True)
 
 
 def n_workers(requested: int) -> int:
@@ -373,46 +367,46 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
     data, run = Path(data), Path(run)
     out = run / store.CROPS_FILE
     ds = load_dataset(data, strict=strict)
-    known = {s.image_id for s in ds.samples}
-    unknown = [k for k in keep if k not in known]
+    train_names = {s.image_id for s in ds.split("train")}
+    unknown = [k for k in keep if k not in train_names]
     if unknown:
-        raise UserError(f"--keep names image(s) not in the data: {', '.join(unknown)}", path=data,
-                        hint="use image ids as in train_labels.csv or the manifest, e.g. img_0003.png")
+        raise UserError(f"--keep names image(s) not in the training data: {', '.join(unknown)}", path=data,
+                        hint="use training image ids as in train_labels.csv or the manifest, e.g. img_0003.png "
+                             "(test images are never left out)")
     qc_rows, qc_settings, qc_stamp = _read_qc(run)
     repair_on = qc_settings is None or qc_settings.get("repair_ink", True)
 
-    left_out = [s.image_id for s in ds.samples
-                if s.split == "train" and qc_rows.get(s.image_id, {}).get("flagged")
-                and not include_flagged and s.image_id not in keep]
-    dropped = set(left_out)
-    samples = [s for s in ds.samples if s.image_id not in dropped]
+    left_out = [s.image_id for s in ds.split("train")
+                if qc_rows.get(s.key, {}).get("flagged") and not include_flagged and s.image_id not in keep]
+    dropped = {("train", name) for name in left_out}
+    samples = [s for s in ds.samples if s.key not in dropped]
     if not samples:
         raise UserError("every image was left out (all training images flagged by QC and no test images)",
                         path=run / store.QC_FILE, hint="pass --include-flagged or --keep ID")
 
+    stamps = sample_stamps(ds)
     key = store.config_key(
         "crops", CROPS_VERSION, settings.model_dump(exclude={"workers"}), sorted(keep), include_flagged, qc_stamp,
-        [[s.image_id, s.split, s.label, _stamp(s.image), _stamp(s.mask)] for s in ds.samples],
-        [str(p) for p in ds.problems],
+        stamps, [str(p) for p in ds.problems],
     )
     if out.exists() and store.read_meta(out).get("key") == key:
         return _previous(out)
 
     jobs = []
     for s in samples:
-        ink = bool(qc_rows.get(s.image_id, {}).get("ink"))
+        ink = bool(qc_rows.get(s.key, {}).get("ink"))
         jobs.append(_CropJob(s, settings, (qc_settings or {}) if (ink and repair_on) else None))
-    label_of = {s.image_id: s.label for s in samples}
-    split_of = {s.image_id: s.split for s in samples}
+    label_of = {s.key: s.label for s in samples}
 
     meta = {"key": key, "settings": settings.model_dump(), "data": str(data.resolve()),
-            "qc": qc_stamp[1] if qc_stamp else None, "images": len(samples), "left_out": len(left_out)}
+            "data_stamp": data_stamp(ds), "qc": qc_stamp[1] if qc_stamp else None, "images": len(samples),
+            "left_out": len(left_out)}
     schema = store.with_meta(store.CROPS_SCHEMA, meta)
     workers = min(n_workers(settings.workers), len(jobs))
-    fallbacks: list[tuple[str, str]] = []
+    fallbacks: list[tuple[str, str, str]] = []
     problems: list[Problem] = list(ds.problems)
-    repaired: list[str] = []
-    written_ids: list[str] = []
+    repaired: list[tuple[str, str]] = []
+    written: list[str] = []  # split/image_id of every crop written
     batch: list[tuple] = []
 
     def flush(writer: pq.ParquetWriter) -> None:
@@ -442,20 +436,21 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
                                                 "(--strict: nothing written)", path=done.problem.path)
                             problems.append(done.problem)
                             continue
+                        split, image_id = done.key
                         if done.fallback is not None:
-                            fallbacks.append((done.image_id, done.fallback))
+                            fallbacks.append((split, image_id, done.fallback))
                         if done.repaired:
-                            repaired.append(done.image_id)
+                            repaired.append(done.key)
                         for row in done.rows:
-                            batch.append((done.image_id, split_of[done.image_id], label_of[done.image_id], *row))
-                            written_ids.append(done.image_id)
+                            batch.append((image_id, split, label_of[done.key], *row))
+                            written.append(f"{split}/{image_id}")
                         if len(batch) >= 256:
                             flush(writer)
             finally:
                 if pool is not None:
                     pool.shutdown(wait=True, cancel_futures=True)
             flush(writer)
-            if not written_ids:
+            if not written:
                 raise UserError("no image could be cropped", path=data,
                                 hint="\n  ".join(map(str, problems[:20])) or None)
             writer.add_key_value_metadata({SUMMARY_KEY: json.dumps({
@@ -463,5 +458,46 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
                 "left_out": left_out, "repaired": repaired})})
         finally:
             writer.close()
-    return CropsResult(out, len(set(written_ids)), len(written_ids), _counts(written_ids), fallbacks, problems,
+    return CropsResult(out, len(set(written)), len(written), _counts(written), fallbacks, problems,
                        left_out, repaired, skipped=False)
+
+
+# ---------------------------------------------------------------- the data a run was cut from
+
+def data_stamp(ds: Dataset) -> str:
+    """A key of every image, mask and label of ``ds``, wherever the folder is: it changes when a file is
+    added, removed or edited (size or modification time)."""
+    def size_time(path: Path | None) -> list | None:
+        return None if path is None else file_stamp(path)[1:]
+
+    return store.config_key("data", [[s.split, s.image_id, s.label, size_time(s.image), size_time(s.mask)]
+                                     for s in ds.samples])
+
+
+def run_data(run: Path, data: Path | None = None) -> tuple[Path, Dataset]:
+    """(data path, dataset) of the data ``run/crops.parquet`` was cut from (``data`` overrides the recorded path).
+
+    Later stages (submit, predict) use it so a user who passed ``--data`` to ``crops`` is not
+    asked again; they stop when the files changed since the crops were cut, since the crops,
+    features and models would then describe other images.
+    """
+    run = Path(run)
+    path = run / store.CROPS_FILE
+    if not path.exists():
+        raise UserError("crops file not found", path=path, hint="run `histoembed crops` first")
+    meta = store.check_schema(path, "crops")
+    if data is None:
+        if not meta.get("data"):
+            raise UserError("the crops file does not say which data folder it was cut from", path=path,
+                            hint="pass --data, or re-run `histoembed crops`")
+        data = Path(meta["data"])
+        if not data.exists():
+            raise UserError(f"the data the crops were cut from is gone: {data}", path=path,
+                            hint="pass --data with its new place, or re-run `histoembed crops --data DIR`")
+    ds = load_dataset(data)
+    recorded = meta.get("data_stamp")
+    if recorded is not None and recorded != data_stamp(ds):
+        raise UserError(f"the files under {data} changed since `histoembed crops` cut {path.name} "
+                        "(an image, mask or label was added, removed or edited)", path=data,
+                        hint="re-run `histoembed crops` and the stages after it")
+    return data, ds

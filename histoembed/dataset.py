@@ -11,13 +11,16 @@ Problems with single items (a missing mask, a size mismatch, an unlabelled image
 skip that item and are listed as :class:`Problem`; problems that make the whole input
 ambiguous (duplicate ids, a path leaving the data folder, a malformed CSV) stop the stage
 with a :class:`UserError` before anything is written.
+
+An image is identified by ``(split, image_id)``, never by its name alone: the reference
+challenge numbers both ``train_data/`` and ``test_data/`` from ``img_0000.png``. Names are
+unique within a split.
 """
 
 from __future__ import annotations
 
 import csv
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,11 +39,16 @@ Image.MAX_IMAGE_PIXELS = 30_000 ** 2  # large slides are fine; decompression bom
 
 @dataclass(frozen=True)
 class Sample:
-    image_id: str          # the sample_index written in labels and submissions
+    image_id: str          # the sample_index written in labels and submissions (unique within its split)
     split: str             # train / test
     image: Path
     mask: Path | None      # None: no mask (the crops stage then finds tissue by colour)
     label: str | None      # None for test images
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(split, image_id)``: what identifies an image (names repeat across splits)."""
+        return self.split, self.image_id
 
 
 @dataclass(frozen=True)
@@ -62,8 +70,9 @@ class Dataset:
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
 
-    def by_id(self) -> dict[str, Sample]:
-        return {s.image_id: s for s in self.samples}
+    def by_key(self) -> dict[tuple[str, str], Sample]:
+        """{(split, image_id): sample}."""
+        return {s.key: s for s in self.samples}
 
 
 # ---------------------------------------------------------------- reading pixels
@@ -154,6 +163,21 @@ def image_size(path: Path) -> tuple[int, int]:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"unreadable image ({e})", path=path,
                         hint="re-export the file, or remove it from the data folder") from None
+
+
+# ---------------------------------------------------------------- stamps
+
+def file_stamp(path: Path | None) -> list | None:
+    """[path, size, mtime_ns] of a file (None for no file): what says it has changed."""
+    if path is None:
+        return None
+    st = Path(path).stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def sample_stamps(ds: Dataset) -> list[list]:
+    """One [split, image_id, label, image stamp, mask stamp] per sample, in the dataset's order."""
+    return [[s.split, s.image_id, s.label, file_stamp(s.image), file_stamp(s.mask)] for s in ds.samples]
 
 
 # ---------------------------------------------------------------- finding samples
@@ -260,10 +284,6 @@ def _from_reference(root: Path) -> Dataset:
             for image_id in sorted(set(labels) - set(seen)):
                 problems.append(Problem(root / LABELS_FILE,
                                         f"label row for {image_id!r}, but train_data/{image_id} does not exist; row ignored"))
-    dupes = sorted(i for i, n in Counter(s.image_id for s in samples).items() if n > 1)
-    if dupes:
-        raise UserError(f"image ids appear in both train_data and test_data: {', '.join(dupes[:5])}",
-                        path=root, hint="image ids (file names) must be unique across splits")
     classes = sorted({s.label for s in samples if s.label is not None})
     return Dataset(root, samples, classes, problems)
 

@@ -37,7 +37,7 @@ from histoembed.encoders import Encoder, load_encoder
 from histoembed.errors import UserError
 from histoembed.precision import PrecisionCheck, check_precision
 
-STORE_VERSION = 2  # 2: bf16 on CUDA runs a bf16 copy of the weights, not autocast
+STORE_VERSION = 3  # 2: bf16 on CUDA runs a bf16 copy of the weights, not autocast; 3: rows keyed by (split, image_id)
 
 
 # ---------------------------------------------------------------- in-memory embedding
@@ -212,11 +212,12 @@ def store_key(crops_key: str, encoder: Encoder, settings: EmbedSettings, augment
                             augment.model_dump() if settings.repeats > 1 else None)
 
 
-def _done_crops(parts: list[Path]) -> set[tuple[str, int]]:
-    done: set[tuple[str, int]] = set()
+def _done_crops(parts: list[Path]) -> set[tuple[str, str, int]]:
+    """(split, image_id, crop_index) of every crop already in the store's parts."""
+    done: set[tuple[str, str, int]] = set()
     for p in parts:
-        t = pq.read_table(p, columns=["image_id", "crop_index"])
-        done.update(zip(t["image_id"].to_pylist(), t["crop_index"].to_pylist()))
+        t = pq.read_table(p, columns=["split", "image_id", "crop_index"])
+        done.update(zip(t["split"].to_pylist(), t["image_id"].to_pylist(), t["crop_index"].to_pylist()))
     return done
 
 
@@ -330,7 +331,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
     run = Path(run)
     crops_path = run / store.CROPS_FILE
     index = store.read_table(crops_path, "crops file", hint="run `histoembed crops` first",
-                             columns=["image_id", "split", "crop_index"])
+                             columns=["image_id", "split", "crop_index"], stage="crops")
     crops_key = store.read_meta(crops_path).get("key")
     if encoder is None:
         encoder = load_encoder(settings.encoder, settings.pool, settings.device, settings.precision)
@@ -345,7 +346,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
 
         splits = index["split"].to_pylist()
         crop_index = index["crop_index"].to_pylist()
-        todo = [r for r in mine if (ids[r], crop_index[r]) not in done]
+        todo = [r for r in mine if (splits[r], ids[r], crop_index[r]) not in done]
         rows_of = {s: len(views_of(s, settings)) for s in ("train", "test")}
         total_rows = sum(rows_of[splits[r]] for r in mine)
         result = EmbedResult(store_dir, encoder.name, encoder.dim, total_rows - sum(rows_of[splits[r]] for r in todo),
@@ -385,7 +386,8 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
 
                 for b, crops in loader:
                     if isinstance(crops, int):
-                        raise UserError(f"crop {crop_index[crops]} of {ids[crops]} is not a readable PNG", path=crops_path,
+                        raise UserError(f"crop {crop_index[crops]} of {ids[crops]} ({splits[crops]}) is not a "
+                                        "readable PNG", path=crops_path,
                                         hint="re-run `histoembed crops` (delete the file first)")
                     rows = batches[b]
                     bid, bsplit, bcidx = ([col[r] for r in rows] for col in (ids, splits, crop_index))

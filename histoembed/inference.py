@@ -25,10 +25,14 @@ from histoembed.metrics import softmax, view_spread
 @dataclass
 class ImagePredictions:
     image_ids: list[str]      # first-seen order in the features
+    splits: list[str]         # each image's split: (split, image_id) identifies it
     probs: np.ndarray         # [images, classes], calibrated, fused, averaged over folds
     pred: np.ndarray          # class index per image: argmax, or argmax with offsets when the run chose them
     sets: np.ndarray          # [images, classes] bool: the conformal prediction set
     view_spread: np.ndarray   # [images]: spread of the per-view fused probabilities
+
+    def keys(self) -> list[tuple[str, str]]:
+        return list(zip(self.splits, self.image_ids))
 
 
 @dataclass
@@ -56,17 +60,21 @@ class Ensemble:
             raise UserError(f"the features come from encoder {enc!r} but the models were fitted on {fitted_on!r}",
                             hint=f"pass --encoder {self.encoder}, or re-run `histoembed fit` on these features")
 
-    def _bags(self, features: store.Features) -> tuple[list[str], Bags]:
-        image_ids, row_image = first_seen_index(features.image_id)
-        return [str(i) for i in image_ids], Bags.from_rows(features.embedding, row_image, features.view)
+    def _bags(self, features: store.Features) -> tuple[list[tuple[str, str]], Bags]:
+        """((split, image_id) per image in first-seen order, the bags): names repeat across splits."""
+        keys, row_image = first_seen_index(features.keys())
+        return [tuple(str(k).split("/", 1)) for k in keys], Bags.from_rows(features.embedding, row_image,
+                                                                          features.view)
 
     def predict(self, features: store.Features) -> ImagePredictions:
         """Image probabilities, decisions, sets and view spread (see the module docstring)."""
         self._check(features)
         C = len(self.classes)
         if len(features) == 0:
-            return ImagePredictions([], np.zeros((0, C)), np.zeros(0, np.int64), np.zeros((0, C), bool), np.zeros(0))
-        image_ids, bags = self._bags(features)
+            return ImagePredictions([], [], np.zeros((0, C)), np.zeros(0, np.int64), np.zeros((0, C), bool),
+                                    np.zeros(0))
+        keys, bags = self._bags(features)
+        image_ids = [name for _, name in keys]
         probs, view_probs = np.zeros((len(image_ids), C)), np.zeros((bags.n_bags, C))
         for fold_models in self.models:
             z_bags = {h: fold_models[h].predict(bags) for h in self.heads}
@@ -76,7 +84,7 @@ class Ensemble:
         view_probs /= len(self.models)
         decided = decisions.decide(probs, self.final)
         pred = decided.pred_offsets if self.use_offsets else decided.pred
-        return ImagePredictions(image_ids, probs, pred, decided.sets,
+        return ImagePredictions(image_ids, [split for split, _ in keys], probs, pred, decided.sets,
                                 view_spread(view_probs, bags.image, len(image_ids)))
 
     def predict_crops(self, features: store.Features) -> np.ndarray | None:

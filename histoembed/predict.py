@@ -14,7 +14,7 @@ import numpy as np
 
 from histoembed import store
 from histoembed.config import AugmentSettings, CropSettings
-from histoembed.crops import crop_image
+from histoembed.crops import crop_image, run_data
 from histoembed.dataset import read_image_and_mask
 from histoembed.errors import UserError
 from histoembed.inference import load_ensemble
@@ -27,6 +27,37 @@ class Prediction:
     probs: dict[str, float]   # class -> calibrated, fused, fold-averaged probability
     crops: int
     fallback: str | None      # why the crops fell back to grid-over-tissue, if they did
+
+
+def resolve_images(run: Path, images: list[str | Path], masks: list[Path | None] | None = None,
+                   data: Path | None = None, split: str = "test") -> tuple[list[Path], list[Path | None] | None]:
+    """Image files (and masks) for ``images``: paths as they are, or names of images in the run's data.
+
+    A bare name that is not a file is looked up in ``split`` of the data the run's crops were cut from
+    (or ``data``), which must be unchanged since; the mask beside it is used when no masks are
+    given. Names repeat across splits in the reference layout, hence ``split``.
+    """
+    for image in images:
+        if not Path(image).is_file() and Path(image).name != str(image):  # a path, not a bare name
+            raise UserError("file not found", path=Path(image))
+    if all(Path(i).is_file() for i in images):
+        return [Path(i) for i in images], masks
+    data_path, ds = run_data(run, data)
+    by_key = ds.by_key()
+    paths, found_masks = [], []
+    for image in images:
+        if Path(image).is_file():
+            paths.append(Path(image))
+            found_masks.append(None)
+            continue
+        sample = by_key.get((split, str(image)))
+        if sample is None:
+            raise UserError(f"no such file, and no {split} image named {str(image)!r} in {data_path}", path=image,
+                            hint="give a file path, or a name as in the data folder (--split train for a "
+                                 "training image)")
+        paths.append(sample.image)
+        found_masks.append(sample.mask)
+    return paths, (masks if masks else found_masks)
 
 
 def predict_images(run: Path, images: list[Path], masks: list[Path | None] | None = None, tta: bool = True,
@@ -58,7 +89,7 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
         if not crops:
             raise UserError("no tissue crop could be cut from this image", path=image,
                             hint="pass its tissue mask with --mask")
-        image_id = Path(image).name
+        image_id = Path(image).name   # seeds the views' augmentation, as a crop of that name was
         emb = embed_crops(encoder, np.stack([c.pixels for c in crops]), views=views, augment=augment,
                           seed=int(features_meta.get("seed", 0)), image_ids=[image_id] * len(crops),
                           crop_index=range(len(crops)), batch_size=batch_size)

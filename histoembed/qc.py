@@ -17,8 +17,16 @@ Two passes over every image (both splits):
   perceptual hash, near-duplicate groups.
 
 ``flagged`` = non_tissue or ink or blank or outlier. Near-duplicates are *not* flagged:
-they stay in training and the fit stage keeps each ``duplicate_group`` inside one fold,
-so no copy leaks into its own evaluation fold and no data is thrown away. ``--keep``
+they stay in training and the fit stage keeps each ``duplicate_group`` (near-duplicates
+within one split) inside one fold, so no copy leaks into its own evaluation fold and no
+data is thrown away. A test image that nearly duplicates a training image is listed in
+``near_train`` (the closest training image, with its hash distance and cosine) as a
+warning about leakage; it is never dropped.
+
+Mask twins: training images whose mask *files* are byte-identical (sha256; empty masks
+aside) are listed in pairs in ``mask_twin``. In the reference challenge a cartoon pasted over a tissue image
+reuses that image's mask, so the member the colour pass marks ``non_tissue`` is the paste;
+its reason names the image it shares the mask with. ``--keep``
 un-flags single images. Test images get the same columns, but later stages never drop
 them; images with ``ink`` are repaired by :func:`histoembed.pixels.repair_ink` when the crops stage reads
 them (source files are never modified).
@@ -26,6 +34,7 @@ them (source files are never modified).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -40,13 +49,13 @@ from PIL import Image
 from histoembed import store
 from histoembed.config import QCSettings
 from histoembed.console import progress
-from histoembed.dataset import Problem, Sample, load_dataset, read_image_and_mask
+from histoembed.dataset import Problem, Sample, file_stamp, load_dataset, read_image_and_mask
 from histoembed.errors import UserError
 from histoembed.pixels import hue_in, ink_mask, to_hsv, tissue_mask_by_colour
 
 MAX_SIDE = 512          # the colour pass works on images downscaled to this longest side
 HASH_SIZE = 16          # perceptual hash of HASH_SIZE**2 bits
-QC_VERSION = 1          # bump when a score's definition changes (part of the skip key)
+QC_VERSION = 2          # bump when a score's definition changes (part of the skip key)
 
 SCORE_COLUMNS = ("green_fraction", "brown_fraction", "yellow_fraction", "blue_fraction",
                  "off_palette_fraction", "he_share", "dark_fraction", "flat_fraction",
@@ -245,6 +254,15 @@ def duplicate_pairs(hashes: np.ndarray, similarity: np.ndarray | None,
     return pairs
 
 
+def mask_twins(digests: Sequence[str | None]) -> list[list[int]]:
+    """Groups (two or more, in order) of indices whose mask files have the same sha256; None never matches."""
+    by_digest: dict[str, list[int]] = {}
+    for i, d in enumerate(digests):
+        if d is not None:
+            by_digest.setdefault(d, []).append(i)
+    return [g for g in by_digest.values() if len(g) > 1]
+
+
 def duplicate_groups(n: int, pairs: Iterable[tuple[int, int, str]]) -> list[int | None]:
     """Group numbers 0.. (in order of each group's first image) by union-find; None when alone."""
     uf = _UnionFind(n)
@@ -294,6 +312,7 @@ class _ImageResult:
     scores: dict[str, float] | None = None
     phash: np.ndarray | None = None
     thumb: np.ndarray | None = None
+    mask_sha256: str | None = None
     problem: str | None = None
 
 
@@ -309,7 +328,9 @@ def _check_image(args: tuple[Sample, QCSettings, int]) -> _ImageResult:
     thumb = None
     if thumb_size:
         thumb = thumbnail(small, tissue_box(small_mask, tissue_mask_by_colour(small)), thumb_size)
-    return _ImageResult(scores, perceptual_hash(small), thumb)
+    # An empty mask says nothing about which tissue it was drawn for: same-size empty masks are not twins.
+    mask_sha = hashlib.sha256(sample.mask.read_bytes()).hexdigest() if mask is not None and mask.any() else None
+    return _ImageResult(scores, perceptual_hash(small), thumb, mask_sha)
 
 
 def _map_images(samples: list[Sample], settings: QCSettings, thumb_size: int) -> list[_ImageResult]:
@@ -367,17 +388,27 @@ class QCResult:
         col = self.table[column].to_pylist()
         return sum(1 for v in col if v) if column != "duplicate_group" else sum(v is not None for v in col)
 
+    def near_train(self) -> list[tuple[str, str, int, float | None]]:
+        """(test image, closest training image, hash distance, cosine) for every possible leak."""
+        t = self.table.to_pydict()
+        return [(i, n, d, c) for i, n, d, c in zip(t["image_id"], t["near_train"], t["near_train_hash_distance"],
+                                                   t["near_train_cosine"]) if n is not None]
+
+    def mask_twins(self) -> list[tuple[str, str]]:
+        """(image, image) pairs of training images with byte-identical mask files, each pair once."""
+        t = self.table.to_pydict()
+        pairs = set()
+        for i, twins in zip(t["image_id"], t["mask_twin"]):
+            for j in twins or []:
+                pairs.add(tuple(sorted((i, j))))
+        return sorted(pairs)
+
     def flagged(self) -> list[tuple[str, str, str]]:
         """(image_id, split, reason) of every flagged image."""
         t = self.table.to_pydict()
         return [(i, s, r) for i, s, f, r in zip(t["image_id"], t["split"], t["flagged"], t["reason"]) if f]
 
 
-def _file_stamp(path: Path | None):
-    if path is None:
-        return None
-    st = path.stat()
-    return [str(path), st.st_size, st.st_mtime_ns]
 
 
 def _qc_table(rows: list[dict]) -> pa.Table:
@@ -399,16 +430,17 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
     out = run / store.QC_FILE
     ds = load_dataset(data, strict=strict)
     samples = ds.samples
-    known = {s.image_id for s in samples}
+    known = {s.image_id for s in ds.split("train")}
     unknown = [k for k in keep if k not in known]
     if unknown:
-        raise UserError(f"--keep names image(s) not in the data: {', '.join(unknown)}", path=data,
-                        hint="use image ids as in train_labels.csv / the manifest, e.g. img_0003.png")
+        raise UserError(f"--keep names image(s) not in the training data: {', '.join(unknown)}", path=data,
+                        hint="use training image ids as in train_labels.csv / the manifest, e.g. img_0003.png "
+                             "(test images are never left out)")
 
     enc_name = (encoder or settings.encoder) if embed else None
     key = store.config_key(
         "qc", QC_VERSION, settings.model_dump(), sorted(keep),
-        [[s.image_id, s.split, _file_stamp(s.image), _file_stamp(s.mask)] for s in samples],
+        [[s.image_id, s.split, file_stamp(s.image), file_stamp(s.mask)] for s in samples],
         enc_name, [str(p) for p in ds.problems],
     )
     old = store.read_meta(out) if out.exists() else {}
@@ -457,16 +489,41 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
             similarity = centred_cosine(e)
 
     hashes = np.stack([r.phash for _, r in good])
+    split = [s.split for s, _ in good]
     pairs = duplicate_pairs(hashes, similarity, settings)
-    groups = duplicate_groups(len(good), pairs)
+    within = [(i, j, why) for i, j, why in pairs if split[i] == split[j]]
+    groups = duplicate_groups(len(good), within)  # fit keeps a training group in one fold
     partners: dict[int, list[str]] = {}
-    for i, j, why in pairs:
+    for i, j, why in within:
         partners.setdefault(i, []).append(f"{good[j][0].image_id} ({why})")
         partners.setdefault(j, []).append(f"{good[i][0].image_id} ({why})")
+    # A test image close to a training image: listed as possible leakage, never dropped.
+    dist = hash_distances(hashes)
+    near: dict[int, tuple[int, str]] = {}        # test index -> (closest training index, why)
+    leaked_to: dict[int, list[str]] = {}         # training index -> names of the test images close to it
+    for i, j, why in pairs:
+        if split[i] == split[j]:
+            continue
+        t, tr = (i, j) if split[i] == "test" else (j, i)
+        leaked_to.setdefault(tr, []).append(good[t][0].image_id)
+        if t not in near or dist[t, tr] < dist[t, near[t][0]]:
+            near[t] = (tr, why)
+    twins: dict[int, list[int]] = {}
+    train_idx = [i for i in range(len(good)) if split[i] == "train"]
+    for group in mask_twins([good[i][1].mask_sha256 for i in train_idx]):
+        for a in group:
+            twins[train_idx[a]] = [train_idx[b] for b in group if b != a]
 
     rows = []
     for idx, (s, r) in enumerate(good):
         non_tissue, ink, blank, reasons = colour_flags(r.scores, settings)
+        twin_names = [good[t][0].image_id for t in twins.get(idx, [])]
+        if twin_names:
+            shared = ", ".join(twin_names)
+            if non_tissue:
+                reasons[0] += f"; its mask file is byte-identical to that of {shared} (a paste reusing that mask)"
+            else:
+                reasons.append(f"mask twin: the mask file is byte-identical to that of {shared}")
         outlier = None
         if not np.isnan(knn_z[idx]):
             outlier = bool(knn_z[idx] > settings.outlier_z)
@@ -477,13 +534,25 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
         if groups[idx] is not None:
             reasons.append(f"near-duplicate group {groups[idx]}: "
                            + "; ".join(partners.get(idx, [])[:5]))
-        if s.image_id in keep and flagged:
+        near_name, near_dist, near_cos = None, None, None
+        if idx in near:
+            tr, why = near[idx]
+            near_name, near_dist = good[tr][0].image_id, int(dist[idx, tr])
+            near_cos = float(similarity[idx, tr]) if similarity is not None else None
+            reasons.append(f"possible leakage: near-duplicate of training image {near_name} ({why})")
+        if idx in leaked_to:
+            names = leaked_to[idx]
+            reasons.append(f"test image(s) {', '.join(names[:5])}{' ...' if len(names) > 5 else ''} "
+                           "nearly duplicate this training image")
+        if s.split == "train" and s.image_id in keep and flagged:
             flagged = False
             reasons.append("kept (--keep)")
         rows.append({
             "image_id": s.image_id, "split": s.split, "flagged": flagged,
             "non_tissue": non_tissue, "ink": ink, "blank": blank, "outlier": outlier,
-            "duplicate_group": groups[idx], "reason": "; ".join(reasons),
+            "duplicate_group": groups[idx], "mask_twin": twin_names or None,
+            "near_train": near_name, "near_train_hash_distance": near_dist, "near_train_cosine": near_cos,
+            "reason": "; ".join(reasons),
             **r.scores, "knn_distance": knn_d[idx], "knn_z": knn_z[idx],
         })
     table = _qc_table(rows)

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from histoembed import __version__, store
+from histoembed.crops import run_data
 from histoembed.dataset import load_dataset, read_image
 from histoembed.errors import UserError
 from histoembed.fit import calibrated_probabilities
@@ -82,7 +83,7 @@ def _list_column(table, name) -> np.ndarray | None:
 
 
 def _read_oof(path: Path) -> _Oof:
-    table = store.read_table(path, "out-of-fold predictions", hint="run `histoembed fit` first")
+    table = store.read_table(path, "out-of-fold predictions", hint="run `histoembed fit` first", stage="fit")
     meta = store.read_meta(path)
     labels = table["label"].to_pylist()
     classes = list(meta.get("classes") or sorted(set(labels)))
@@ -109,13 +110,14 @@ def _load(run: Path, data: Path | None) -> _Run:
     if crops_path.exists():
         cols = [c for c in store.CROPS_SCHEMA.names if c != "png"]
         try:
-            r.crops = store.read_table(crops_path, "crops table", columns=cols).to_pandas()
+            r.crops = store.read_table(crops_path, "crops table", columns=cols, stage="crops").to_pandas()
+            r.crops["key"] = r.crops["split"] + "/" + r.crops["image_id"]  # names repeat across splits
         except UserError as e:
             r.notes.append(str(e))
     qc_path = run / store.QC_FILE
     if qc_path.exists():
         try:
-            r.qc = store.read_table(qc_path, "QC table").to_pandas()
+            r.qc = store.read_table(qc_path, "QC table", stage="qc").to_pandas()
         except UserError as e:
             r.notes.append(str(e))
     for name, attr in ((store.METRICS_FILE, "metrics"), (store.CALIBRATION_FILE, "calibration")):
@@ -132,6 +134,11 @@ def _load(run: Path, data: Path | None) -> _Run:
     if data is not None:
         try:
             r.dataset = load_dataset(data, check_sizes=False)
+        except UserError as e:
+            r.notes.append(str(e))
+    elif crops_path.exists():  # the data folder the crops were cut from, if it is unchanged
+        try:
+            r.data, r.dataset = run_data(run)
         except UserError as e:
             r.notes.append(str(e))
     if r.oof is not None:
@@ -195,7 +202,14 @@ def _section(anchor: str, title: str, body: str) -> str:
 
 
 def _samples(r: _Run) -> dict:
-    return r.dataset.by_id() if r.dataset is not None else {}
+    """{"split/image_id": sample} of the data folder ({} without one)."""
+    return {f"{s.split}/{s.image_id}": s for s in r.dataset.samples} if r.dataset is not None else {}
+
+
+def _name(key: str) -> str:
+    """``split/image_id`` as a reader sees it: ``img_0003.png (test)``."""
+    split, image_id = key.split("/", 1)
+    return f"{image_id} ({split})"
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -231,7 +245,7 @@ def _dataset_section(r: _Run) -> str:
             labels_by_split.setdefault(s.split, []).append(s.label)
         source = f"the data folder {r.data}"
     elif r.crops is not None:
-        per_image = r.crops.drop_duplicates("image_id")
+        per_image = r.crops.drop_duplicates("key")
         for split, label in zip(per_image["split"], per_image["label"]):
             labels_by_split.setdefault(split, []).append(label)
         source = f"{store.CROPS_FILE} (images that have crops)"
@@ -268,8 +282,8 @@ def _dataset_section(r: _Run) -> str:
         axes[1].legend()
     parts.append(_fig_img(fig, "class balance and crops per image"))
     if have_crops:
-        n = r.crops.groupby("image_id").size()
-        strat = r.crops.drop_duplicates("image_id")["strategy"].value_counts()
+        n = r.crops.groupby("key").size()
+        strat = r.crops.drop_duplicates("key")["strategy"].value_counts()
         parts.append(f"<p>{len(r.crops)} crops from {len(n)} images; per image min {n.min()}, "
                      f"median {int(n.median())}, max {n.max()}. Strategy per image: "
                      + ", ".join(f"{_esc(k)} {v}" for k, v in strat.items()) + ".</p>")
@@ -289,6 +303,7 @@ def _qc_section(r: _Run) -> str:
     body = [f"<p>{len(qc)} images checked, {len(flagged)} flagged. Flagged training images are left "
             "out of training by default; test images are always predicted.</p>",
             _table(["flag", "images"], rows)]
+    body += _qc_pairs(qc)
     if len(flagged) == 0:
         return _section("qc", title, "\n".join(body))
     samples = _samples(r)
@@ -296,7 +311,7 @@ def _qc_section(r: _Run) -> str:
         body.append(_missing("thumbnails of flagged images (pass --data to show them)"))
     cards = []
     for _, row in flagged.head(MAX_QC_THUMBS).iterrows():
-        s = samples.get(row["image_id"])
+        s = samples.get(f'{row["split"]}/{row["image_id"]}')
         thumb = ""
         if s is not None:
             try:
@@ -311,11 +326,37 @@ def _qc_section(r: _Run) -> str:
     return _section("qc", title, "\n".join(body))
 
 
+def _qc_pairs(qc) -> list[str]:
+    """Tables of training mask twins and of test images that nearly duplicate a training image (leakage)."""
+    out = []
+    if "mask_twin" in qc.columns:
+        pairs = sorted({tuple(sorted((i, j))) for i, twins in zip(qc["image_id"], qc["mask_twin"])
+                        if twins is not None for j in twins})
+        if pairs:
+            flagged = set(qc.loc[(qc["split"] == "train") & qc["flagged"].fillna(False).astype(bool), "image_id"])
+            out.append(f"<p>{len(pairs)} pair(s) of training images share a byte-identical mask file: a picture "
+                       "pasted over a tissue image reuses that image's mask. The member the colour checks call "
+                       "non-tissue is flagged.</p>")
+            out.append(_table(["image", "image", "flagged"],
+                              [[a, b, ", ".join(x for x in (a, b) if x in flagged) or "neither"] for a, b in pairs]))
+    if "near_train" in qc.columns:
+        leaks = qc[qc["near_train"].notna()]
+        if len(leaks):
+            out.append(f'<p class="warn"><b>Possible leakage:</b> {len(leaks)} test image(s) nearly duplicate a '
+                       "training image. They are kept and predicted; a score on them says little about new "
+                       "images.</p>")
+            out.append(_table(["test image", "training image", "hash distance (of 256 bits)", "cosine"],
+                              [[t, n, int(d), float(c) if c == c and c is not None else float("nan")]
+                               for t, n, d, c in zip(leaks["image_id"], leaks["near_train"],
+                                                     leaks["near_train_hash_distance"], leaks["near_train_cosine"])]))
+    return out
+
+
 def _pick_images(r: _Run, ids_with_crops: list[str], n: int) -> list[str]:
-    """A few images, one per class first (train), then test ones, in a stable order."""
+    """A few images (``split/image_id`` keys), one per class first (train), then test ones, in a stable order."""
     if r.crops is None:
         return []
-    first = r.crops.drop_duplicates("image_id").set_index("image_id")
+    first = r.crops.drop_duplicates("key").set_index("key")
     chosen: list[str] = []
     for c in r.classes:
         hit = [i for i in ids_with_crops if first.loc[i, "label"] == c]
@@ -349,19 +390,19 @@ def _crops_section(r: _Run) -> str:
     if not _samples(r):
         return _section("crops", title, _missing("the source images (pass --data to draw the crops on them)"))
     samples = _samples(r)
-    ids = [i for i in r.crops["image_id"].drop_duplicates() if i in samples]
+    ids = [i for i in r.crops["key"].drop_duplicates() if i in samples]
     chosen = _pick_images(r, ids, N_CROP_IMAGES)
     if not chosen:
         return _section("crops", title, _missing("no image of the crops table is in the data folder"))
     fig = _figure(3.2 * len(chosen), 3.4)
     axes = fig.subplots(1, len(chosen), squeeze=False)[0]
-    for ax, image_id in zip(axes, chosen):
-        rows = r.crops[r.crops["image_id"] == image_id].sort_values("crop_index")
-        rgb = _read_rgb(samples[image_id].image)
+    for ax, key in zip(axes, chosen):
+        rows = r.crops[r.crops["key"] == key].sort_values("crop_index")
+        rgb = _read_rgb(samples[key].image)
         _draw_boxes(ax, rgb, rows[["x0", "y0", "x1", "y1"]].to_numpy(),
                     labels=[str(k) for k in rows["crop_index"]])
         label = rows["label"].iloc[0]
-        ax.set_title(f"{image_id}\n{label if isinstance(label, str) else 'test'} · {len(rows)} crops",
+        ax.set_title(f"{_name(key)}\n{label if isinstance(label, str) else 'test'} · {len(rows)} crops",
                      fontsize=9)
     strip = _crop_strip(r.run, chosen[0])
     body = ("<p>Boxes in source pixels (after margin and clipping), numbered by crop index.</p>"
@@ -369,17 +410,18 @@ def _crops_section(r: _Run) -> str:
     return _section("crops", title, body)
 
 
-def _crop_strip(run: Path, image_id: str) -> str:
-    """The square crops of one image as the encoder sees them (from the PNG bytes in the table)."""
+def _crop_strip(run: Path, key: str) -> str:
+    """The square crops of one image (``split/image_id``) as the encoder sees them (the PNG bytes in the table)."""
+    split, image_id = key.split("/", 1)
     table = pq.read_table(run / store.CROPS_FILE, columns=["image_id", "crop_index", "png"],
-                          filters=pc.field("image_id") == image_id)
+                          filters=(pc.field("image_id") == image_id) & (pc.field("split") == split))
     order = np.argsort(table["crop_index"].to_numpy())
     imgs = []
     for k in order[:12]:
         png = table["png"][int(k)].as_py()
         imgs.append(f'<img class="crop" alt="crop {int(table["crop_index"][int(k)].as_py())}" '
                     f'src="{_png_uri(png)}">')
-    return f"<p>The crops of {_esc(image_id)} as written (square, padded):</p><div>{''.join(imgs)}</div>"
+    return f"<p>The crops of {_esc(_name(key))} as written (square, padded):</p><div>{''.join(imgs)}</div>"
 
 
 def _scores_section(r: _Run) -> str:
@@ -614,10 +656,11 @@ def _maps_section(r: _Run) -> str:
         return _section("maps", title, _missing("a head with a per-crop view (mlp or abmil) among the fitted heads"))
     samples = _samples(r)
     clean = features.subset(features.view == 0)
-    have = set(clean.image_id.tolist())
-    test_ids = [i for i in r.crops.loc[r.crops["split"] == "test", "image_id"].drop_duplicates()
+    clean_keys = clean.keys()
+    have = set(clean_keys.tolist())
+    test_ids = [i for i in r.crops.loc[r.crops["split"] == "test", "key"].drop_duplicates()
                 if i in have and i in samples]
-    train_ids = [i for i in _pick_images(r, [i for i in r.crops.loc[r.crops["split"] == "train", "image_id"]
+    train_ids = [i for i in _pick_images(r, [i for i in r.crops.loc[r.crops["split"] == "train", "key"]
                                                .drop_duplicates() if i in have and i in samples], N_MAP_IMAGES)]
     half = N_MAP_IMAGES // 2
     chosen = test_ids[:half] + train_ids[: N_MAP_IMAGES - min(half, len(test_ids))]
@@ -631,8 +674,8 @@ def _maps_section(r: _Run) -> str:
     nrows = math.ceil(len(chosen) / ncols)
     fig = _figure(4.0 * ncols + 0.8, 3.8 * nrows)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    for ax, image_id in zip(axes, chosen):
-        sub = clean.subset(clean.image_id == image_id)
+    for ax, key in zip(axes, chosen):
+        sub = clean.subset(clean_keys == key)
         image_pred = ensemble.predict(sub)
         image_probs, k = np.asarray(image_pred.probs)[0], int(image_pred.pred[0])
         if use_attention:   # attention is a share of the bag: scale so the largest crop of the image is 1
@@ -640,14 +683,14 @@ def _maps_section(r: _Run) -> str:
             crop_probs = np.tile((weight / max(weight.max(), 1e-12))[:, None], (1, len(ensemble.classes)))
         else:
             crop_probs = np.asarray(ensemble.predict_crops(sub))
-        boxes = r.crops[r.crops["image_id"] == image_id].set_index("crop_index")
+        boxes = r.crops[r.crops["key"] == key].set_index("crop_index")
         keep = [i for i, c in enumerate(sub.crop_index) if int(c) in boxes.index]
         xyxy = boxes.loc[[int(sub.crop_index[i]) for i in keep], ["x0", "y0", "x1", "y1"]].to_numpy()
         colors = [cmap(norm(crop_probs[i, k])) for i in keep]
-        _draw_boxes(ax, _read_rgb(samples[image_id].image), xyxy, colors=colors,
+        _draw_boxes(ax, _read_rgb(samples[key].image), xyxy, colors=colors,
                     labels=[f"{crop_probs[i, k]:.2f}" for i in keep])
-        truth = samples[image_id].label
-        ax.set_title(f"{image_id} ({'test' if truth is None else 'true: ' + truth})\n"
+        truth = samples[key].label
+        ax.set_title(f"{key.split('/', 1)[1]} ({'test' if truth is None else 'true: ' + truth})\n"
                      f"called {ensemble.classes[k]} (p {image_probs[k]:.2f})", fontsize=9)
     for ax in axes[len(chosen):]:
         ax.set_axis_off()
@@ -669,7 +712,7 @@ def _maps_section(r: _Run) -> str:
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0 auto;max-width:1240px;
 padding:1em 2em;color:#222}
-h1{margin-bottom:0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+.warn{color:#8a4b00}h1{margin-bottom:0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
 td:first-child,th:first-child{text-align:left}th{background:#f4f4f4}
 img.plot{max-width:100%;display:block;margin:.6em 0}img.crop{width:96px;height:96px;margin:2px}

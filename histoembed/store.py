@@ -4,7 +4,11 @@ Every file a stage writes goes to a temporary name in the same folder and is ren
 into place only when complete, so a crash or Ctrl-C never leaves a file that a later
 stage would read as whole. Each Parquet file carries, in its schema metadata under
 ``histoembed``, a JSON object with at least ``key`` (a hash of the inputs and settings
-that produced it) and ``version``.
+that produced it), ``version`` and ``schema``.
+
+Every table identifies an image by ``(split, image_id)``: the reference challenge numbers
+both splits from ``img_0000.png``, so a name alone is ambiguous. Files written before that
+(``schema`` 1 or missing) are refused where they are read, never joined by name.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from histoembed import __version__
 from histoembed.errors import UserError
 
 META_KEY = b"histoembed"
+SCHEMA = 2  # 2: images keyed by (split, image_id) everywhere; bump when a table's meaning changes
 
 # Default file names under the run folder.
 CROPS_FILE = "crops.parquet"
@@ -96,7 +101,7 @@ def config_key(*parts) -> str:
 # ---------------------------------------------------------------- Parquet helpers
 
 def with_meta(schema: pa.Schema, meta: dict) -> pa.Schema:
-    meta = {"version": __version__, **meta}
+    meta = {"version": __version__, "schema": SCHEMA, **meta}
     return schema.with_metadata({META_KEY: json.dumps(meta, default=_json_default).encode()})
 
 
@@ -110,6 +115,18 @@ def read_meta(path: str | Path) -> dict:
     return json.loads(raw) if raw else {}
 
 
+def check_schema(path: str | Path, stage: str, meta: dict | None = None) -> dict:
+    """The file's metadata, or a clear stop when an older histoembed wrote it (re-run ``stage``)."""
+    meta = read_meta(path) if meta is None else meta
+    found = meta.get("schema", 1)
+    if found != SCHEMA:
+        why = ("it identifies images by name alone, which is ambiguous when train_data/ and test_data/ "
+               "share names" if found < SCHEMA else "it was written by a newer histoembed")
+        raise UserError(f"{Path(path).name} has file schema {found}, this histoembed reads schema {SCHEMA}: {why}",
+                        path=path, hint=f"re-run `histoembed {stage}`")
+    return meta
+
+
 def write_table(table: pa.Table, path: str | Path, meta: dict, **kwargs) -> None:
     """Write ``table`` atomically with ``meta`` in its schema metadata."""
     table = table.replace_schema_metadata(with_meta(table.schema, meta).metadata)
@@ -118,22 +135,27 @@ def write_table(table: pa.Table, path: str | Path, meta: dict, **kwargs) -> None
         pq.write_table(table, tmp, **kwargs)
 
 
-def read_table(path: str | Path, what: str, hint: str | None = None, columns=None) -> pa.Table:
+def read_table(path: str | Path, what: str, hint: str | None = None, columns=None,
+               stage: str | None = None) -> pa.Table:
+    """Read a whole Parquet file; with ``stage``, refuse one of an older schema (see :func:`check_schema`)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{what} not found", path=path, hint=hint)
     try:
-        return pq.read_table(path, columns=columns)
+        table = pq.read_table(path, columns=columns)
     except (OSError, pa.ArrowInvalid) as e:
         raise UserError(f"{what} cannot be read ({e})", path=path,
                         hint="delete it and re-run the stage that writes it") from None
+    if stage is not None:
+        check_schema(path, stage)
+    return table
 
 
 # ---------------------------------------------------------------- crops.parquet
 
 CROPS_SCHEMA = pa.schema([
-    ("image_id", pa.string()),        # the sample_index, e.g. img_0000.png
-    ("split", pa.string()),           # train / test
+    ("image_id", pa.string()),        # the sample_index, e.g. img_0000.png (unique within its split)
+    ("split", pa.string()),           # train / test: (split, image_id) identifies the image
     ("label", pa.string()),           # null for test
     ("crop_index", pa.int32()),       # 0.. within the image
     ("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32()),  # box in source px
@@ -153,7 +175,11 @@ QC_SCHEMA = pa.schema([
     ("ink", pa.bool_()),
     ("blank", pa.bool_()),
     ("outlier", pa.bool_()),          # embedding kNN outlier (null when no embedding pass ran)
-    ("duplicate_group", pa.int32()),  # null when the image has no near-duplicate
+    ("duplicate_group", pa.int32()),  # near-duplicates within one split share a group; null when none
+    ("mask_twin", pa.list_(pa.string())),  # training images whose mask file is byte-identical to this one's
+    ("near_train", pa.string()),      # test rows: the training image this one nearly duplicates (leakage); null
+    ("near_train_hash_distance", pa.int32()),  # perceptual-hash Hamming distance to near_train (of 256 bits)
+    ("near_train_cosine", pa.float32()),       # centred embedding cosine to near_train (null without embeddings)
     ("reason", pa.string()),          # the flags and scores in words
     # followed by float score columns: green_fraction, brown_fraction, yellow_fraction,
     # ink_fraction, tissue_fraction, mask_fraction, tissue_in_mask, knn_z, ...
@@ -165,7 +191,7 @@ def read_qc(run: str | Path) -> pa.Table | None:
     path = Path(run) / QC_FILE
     if not path.exists():
         return None
-    return read_table(path, "QC table", hint="re-run `histoembed qc`")
+    return read_table(path, "QC table", hint="re-run `histoembed qc`", stage="qc")
 
 
 # ---------------------------------------------------------------- features/<encoder>/
@@ -210,6 +236,20 @@ class Features:
         return Features(self.image_id[mask], self.split[mask], self.crop_index[mask],
                         self.view[mask], self.embedding[mask], self.meta)
 
+    def keys(self) -> np.ndarray:
+        """Each row's image as one string ``split/image_id`` (object array), for grouping and joins."""
+        return image_keys(self.split, self.image_id)
+
+
+def image_keys(split, image_id) -> np.ndarray:
+    """``split/image_id`` strings: one value per image even when names repeat across splits.
+
+    The split never holds a ``/``, so the key splits back at its first one.
+    """
+    split = np.asarray(split, dtype=object)
+    image_id = np.asarray(image_id, dtype=object)
+    return np.asarray([f"{s}/{i}" for s, i in zip(split, image_id)], dtype=object)
+
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A fixed-size-list column as an [N, D] float32 array, without per-row Python work."""
@@ -232,6 +272,8 @@ def read_features(store_dir: str | Path, split: str | None = None) -> Features:
         raise UserError("no feature parts found", path=store_dir,
                         hint="run `histoembed embed` first")
     metas = [read_meta(p) for p in parts]
+    for p, m in zip(parts, metas):
+        check_schema(p, "embed", m)
     keys = {m.get("key") for m in metas}
     if len(keys) != 1:
         raise UserError("feature parts were written with different settings", path=store_dir,

@@ -5,9 +5,13 @@ them (``--offsets``); ``test_predictions.parquet`` also has each image's conform
 view spread.
 
 The submission has one row per test image in the order of the test folder (or of the
-manifest), labels spelled as in the training labels. A test image with no usable crop
-(no features) still gets a prediction: the training-class prior, i.e. the most frequent
-training class, and it is listed as a fallback.
+manifest), ``sample_index`` the file name exactly as there, labels spelled as in the
+training labels. Test images are matched to their features by (split, name): the test
+split may reuse the training split's names, as the reference challenge does. The data
+folder is the one ``histoembed crops`` recorded in the run unless ``--data`` names
+another, and its files must be unchanged since the crops were cut. A test image with no
+usable crop (no features) still gets a prediction: the training-class prior, i.e. the
+most frequent training class, and it is listed as a fallback.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from histoembed import store
+from histoembed.crops import run_data
 from histoembed.dataset import submission_ids
 from histoembed.errors import UserError
 from histoembed.inference import load_ensemble
@@ -41,15 +46,19 @@ def _class_prior(run: Path, classes: list[str]) -> np.ndarray:
     oof = run / store.OOF_FILE
     if not oof.exists():
         return np.full(len(classes), 1.0 / len(classes))
-    labels = store.read_table(oof, "out-of-fold predictions", columns=["label"])["label"].to_pylist()
+    labels = store.read_table(oof, "out-of-fold predictions", columns=["label"], stage="fit")["label"].to_pylist()
     counts = np.array([labels.count(c) for c in classes], dtype=float)
     return counts / counts.sum() if counts.sum() else np.full(len(classes), 1.0 / len(classes))
 
 
-def run_submit(data: Path, run: Path, encoder: str | None = None, tta: bool = True) -> SubmitResult:
-    """Write ``run/submission.csv`` and ``run/test_predictions.parquet``."""
-    run, data = Path(run), Path(data)
+def run_submit(data: Path | None, run: Path, encoder: str | None = None, tta: bool = True) -> SubmitResult:
+    """Write ``run/submission.csv`` and ``run/test_predictions.parquet``.
+
+    ``data`` None: the data folder the crops were cut from (recorded in the run).
+    """
+    run = Path(run)
     ensemble = load_ensemble(run)
+    data, _ = run_data(run, None if data is None else Path(data))
     ids = submission_ids(data)
     if not ids:
         raise UserError("the data has no test images", path=data)
@@ -57,7 +66,7 @@ def run_submit(data: Path, run: Path, encoder: str | None = None, tta: bool = Tr
     features = store.read_features(store_dir, split="test")
     if not tta:
         features = features.subset(features.view == 0)
-    unknown = sorted(set(features.image_id) - set(ids))
+    unknown = sorted(set(features.image_id) - set(ids))   # every feature row here is of the test split
     if unknown:
         raise UserError(f"{len(unknown)} test image(s) in the features are not in the data "
                         f"(e.g. {unknown[0]})", path=store_dir,
@@ -71,8 +80,8 @@ def run_submit(data: Path, run: Path, encoder: str | None = None, tta: bool = Tr
     have = np.zeros(len(ids), dtype=bool)
     if len(features):
         pred = ensemble.predict(features)
-        row_of = {image_id: i for i, image_id in enumerate(ids)}
-        rows = np.array([row_of[i] for i in pred.image_ids])
+        row_of = {("test", image_id): i for i, image_id in enumerate(ids)}
+        rows = np.array([row_of[k] for k in pred.keys()])
         probs[rows], decided[rows], sets[rows], spread[rows] = pred.probs, pred.pred, pred.sets, pred.view_spread
         have[rows] = True
     labels = [ensemble.classes[k] for k in decided]
@@ -86,7 +95,7 @@ def run_submit(data: Path, run: Path, encoder: str | None = None, tta: bool = Tr
     with store.atomic_path(submission) as tmp:
         tmp.write_text(buf.getvalue())
 
-    columns = {"image_id": ids, "label": labels, "fallback": (~have).tolist()}
+    columns = {"image_id": ids, "split": ["test"] * len(ids), "label": labels, "fallback": (~have).tolist()}
     columns.update({f"prob_{c}": probs[:, k].astype(np.float32) for k, c in enumerate(ensemble.classes)})
     columns["set"] = pa.array([[c for c, inside in zip(ensemble.classes, row) if inside] for row in sets],
                               pa.list_(pa.string()))

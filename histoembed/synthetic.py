@@ -19,18 +19,30 @@ Triple negative     highest    large, var  almost none  medium       disordered
 Every parameter is drawn per image around its class's value with a wide spread, so the
 classes overlap: a good classifier does well above chance but not perfectly.
 
-Layout written by :func:`make_dataset`::
+Layout written by :func:`make_dataset`, the reference challenge's naming::
 
     out/train_data/img_0000.png, mask_0000.png, ...   ids 0 .. n_train-1
-    out/test_data/img_XXXX.png,  mask_XXXX.png, ...   ids continue: n_train .. n_train+n_test-1
+    out/test_data/img_0000.png,  mask_0000.png, ...   ids 0 .. n_test-1 (the same names as training images)
     out/train_labels.csv                              sample_index,label
-    out/planted.json                                  {image_id: non_tissue | ink | blank}
+    out/planted.json                                  what was planted (below)
 
-Test ids continue after the training ids, so every id is unique across the splits. The
-planted outliers (training split only, ``outliers=True``): a cartoon (flat saturated
-colours, a green ogre-like face), a tissue image with a green-ink smear, and a tissue image
-whose mask is empty. Everything depends on ``seed`` alone; image i uses its own generator
-seeded by ``(seed, i)``.
+As in the real data, both splits number from ``img_0000.png``, so only (split, name)
+identifies an image. The planted cases (``outliers=True``), all listed in ``planted.json``:
+
+* ``flags``: {training image: non_tissue | ink | blank}: a cartoon (flat saturated colours,
+  a green ogre-like face), a tissue image with a green-ink smear, a tissue image whose mask
+  is empty;
+* ``mask_twins``: [[cartoon, tissue image]]: each cartoon is pasted at the size of a tissue
+  image and its mask file is that image's mask file, byte for byte (the real data has 60
+  such pairs);
+* ``near_duplicates``: [[test image, training image]]: a test image that is a lightly
+  re-stained, noisy copy of a training image (possible leakage, never dropped).
+
+:func:`reference_scale` writes the real challenge's size: 691 training images with the
+real label counts, 477 test images, image sizes spread like the real PNGs (0.2-3.6 MB,
+median about 0.7 MB, at ``size_scale`` 1) and 60 mask twins. Everything depends on ``seed``
+alone; training image i uses its own generator seeded by ``(seed, i)``, test image j by
+``(seed, n_train + j)``.
 """
 
 from __future__ import annotations
@@ -316,19 +328,55 @@ def _write_png(path: Path, array: np.ndarray) -> None:
         raise OSError(f"could not write {path}")
 
 
+# Pixel counts that give PNGs spread like the reference challenge's (0.2-3.6 MB, median ~0.7 MB) at the
+# ~1.75 bytes per pixel these images compress to: log-normal around 0.4 MPx, clipped.
+REFERENCE_PIXELS = (115_000, 400_000, 2_100_000)   # smallest, median, largest pixel count
+REFERENCE_SPREAD = 0.6                              # sigma of log(pixel count)
+REFERENCE_TRAIN, REFERENCE_TEST, REFERENCE_MASK_TWINS = 691, 477, 60
+
+
+def reference_sizes(rng: np.random.Generator, scale: float = 1.0) -> tuple[int, int]:
+    """(width, height) of one image with the reference data's spread of sizes, sides times ``scale``."""
+    lo, median, hi = REFERENCE_PIXELS
+    pixels = float(np.clip(median * np.exp(rng.normal(0, REFERENCE_SPREAD)), lo, hi))
+    aspect = float(np.exp(rng.uniform(np.log(0.75), np.log(4 / 3))))
+    w, h = np.sqrt(pixels * aspect), np.sqrt(pixels / aspect)
+    return max(16, round(w * scale)), max(16, round(h * scale))
+
+
+def near_copy(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A lightly re-stained, noisy copy of an image: what a near-duplicate across splits looks like."""
+    gain = rng.uniform(0.96, 1.04, 3).astype(np.float32)
+    out = rgb.astype(np.float32) * gain + rng.normal(0, 3.0, rgb.shape).astype(np.float32)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def min_train(mask_twins: int = 1, near_duplicates: int = 1) -> int:
+    """Training images needed to plant the outliers and keep a few clean ones."""
+    return 2 * max(1, mask_twins) + 2 + near_duplicates + 3
+
+
 def make_dataset(out: Path, n_train: int = 40, n_test: int = 16, seed: int = 0,
-                 size_range: tuple[int, int] = (256, 512), outliers: bool = True) -> dict:
+                 size_range: tuple[int, int] = (256, 512), outliers: bool = True, mask_twins: int = 1,
+                 near_duplicates: int = 1, reference_size_scale: float | None = None) -> dict:
     """Write a synthetic dataset in the reference layout under ``out``; returns a summary.
 
-    The summary holds ``train``/``test`` (lists of ids), ``labels`` ({id: label} of the
-    training split, also in ``train_labels.csv``), ``counts`` (per label) and ``planted``
-    ({id: kind}, also in ``planted.json``; empty when ``outliers`` is False).
+    Image sides are drawn from ``size_range``, or, with ``reference_size_scale``, spread like
+    the reference challenge's images (times that scale). With ``outliers``: the planted
+    ink smear and empty mask, ``mask_twins`` cartoons pasted over other training images'
+    masks (at least one cartoon is always planted) and ``near_duplicates`` test images that
+    copy a training image. The summary holds ``train``/``test`` (lists of names),
+    ``labels`` ({name: label} of the training split, also in ``train_labels.csv``),
+    ``counts`` (per label), ``planted`` ({training name: kind}), ``mask_twins`` and
+    ``near_duplicates`` (pairs, as in ``planted.json``).
     """
     out = Path(out)
     if n_train < 1 or n_test < 0:
         raise ValueError("need n_train >= 1 and n_test >= 0")
-    if outliers and n_train < 8:
-        raise ValueError("planting outliers needs n_train >= 8")
+    n_cartoons = max(1, mask_twins) if outliers else 0
+    n_near = min(near_duplicates, n_test) if outliers else 0
+    if outliers and n_train < min_train(n_cartoons, n_near):
+        raise ValueError(f"planting outliers needs n_train >= {min_train(n_cartoons, n_near)}")
     lo, hi = size_range
     rng = np.random.default_rng(seed)
     counts = class_counts(n_train)
@@ -337,38 +385,86 @@ def make_dataset(out: Path, n_train: int = 40, n_test: int = 16, seed: int = 0,
     # Test labels are drawn with the same balance; they are not written (as in the challenge).
     test_labels = list(rng.choice(LABELS, size=n_test, p=[REFERENCE_COUNTS[k] / 691 for k in LABELS]))
     planted: dict[str, str] = {}
+    twins: list[tuple[int, int]] = []       # (cartoon, tissue image whose mask it reuses), training indices
+    near: list[tuple[int, int]] = []        # (test index, training index it copies)
     if outliers:
-        for i, kind in zip(rng.choice(n_train, size=3, replace=False), ("non_tissue", "ink", "blank")):
-            planted[f"img_{int(i):04d}.png"] = kind
+        order = [int(i) for i in rng.permutation(n_train)]
+        cartoons, sources = order[:n_cartoons], order[n_cartoons:2 * n_cartoons]
+        ink, blank = order[2 * n_cartoons], order[2 * n_cartoons + 1]
+        copied = order[2 * n_cartoons + 2:2 * n_cartoons + 2 + n_near]
+        twins = list(zip(cartoons, sources))
+        for c in cartoons:
+            planted[f"img_{c:04d}.png"] = "non_tissue"
+        planted[f"img_{ink:04d}.png"] = "ink"
+        planted[f"img_{blank:04d}.png"] = "blank"
+        near = list(zip(sorted(int(j) for j in rng.choice(n_test, size=n_near, replace=False)), copied))
+
+    def size_of(img_rng: np.random.Generator) -> tuple[int, int]:
+        if reference_size_scale is not None:
+            return reference_sizes(img_rng, reference_size_scale)
+        w, h = (int(v) for v in img_rng.integers(lo, hi + 1, size=2))
+        return w, h
 
     for split in ("train", "test"):
         (out / f"{split}_data").mkdir(parents=True, exist_ok=True)
-    ids = {"train": [], "test": []}
+    train_dir, test_dir = out / "train_data", out / "test_data"
+    cartoon_of = {c: src for c, src in twins}
+    copy_of = dict(near)
     labels: dict[str, str] = {}
-    for i in range(n_train + n_test):
-        split = "train" if i < n_train else "test"
-        label = train_labels[i] if split == "train" else str(test_labels[i - n_train])
-        image_id = f"img_{i:04d}.png"
+    pixels: dict[int, np.ndarray] = {}      # training images a test image copies, kept until copied
+    # Tissue images first, so each cartoon can take its source's size and mask file.
+    for i in sorted(range(n_train), key=lambda i: (i in cartoon_of, i)):
+        name = f"img_{i:04d}.png"
         img_rng = np.random.default_rng([seed, i])
-        w, h = (int(v) for v in img_rng.integers(lo, hi + 1, size=2))
-        kind = planted.get(image_id)
-        rgb, mask = tissue_image(img_rng, w, h, label, empty_mask=kind == "blank")
-        if kind == "ink":
-            rgb = add_ink(rgb, img_rng)
-        elif kind == "non_tissue":
-            rgb = cartoon_image(img_rng, w, h)
-        folder = out / f"{split}_data"
-        _write_png(folder / image_id, rgb)
-        _write_png(folder / f"mask_{i:04d}.png", mask)
-        ids[split].append(image_id)
-        if split == "train":
-            labels[image_id] = label
+        kind = planted.get(name)
+        if i in cartoon_of:
+            src = cartoon_of[i]
+            h, w = cv2.imread(str(train_dir / f"img_{src:04d}.png"), cv2.IMREAD_UNCHANGED).shape[:2]
+            _write_png(train_dir / name, cartoon_image(img_rng, w, h))
+            shutil.copyfile(train_dir / f"mask_{src:04d}.png", train_dir / f"mask_{i:04d}.png")
+        else:
+            w, h = size_of(img_rng)
+            rgb, mask = tissue_image(img_rng, w, h, train_labels[i], empty_mask=kind == "blank")
+            if kind == "ink":
+                rgb = add_ink(rgb, img_rng)
+            _write_png(train_dir / name, rgb)
+            _write_png(train_dir / f"mask_{i:04d}.png", mask)
+            if i in copy_of.values():
+                pixels[i] = rgb
+        labels[name] = train_labels[i]
+    for j in range(n_test):
+        img_rng = np.random.default_rng([seed, n_train + j])
+        if j in copy_of:
+            src = copy_of[j]
+            rgb = near_copy(pixels[src], img_rng)
+            shutil.copyfile(train_dir / f"mask_{src:04d}.png", test_dir / f"mask_{j:04d}.png")
+        else:
+            w, h = size_of(img_rng)
+            rgb, mask = tissue_image(img_rng, w, h, str(test_labels[j]))
+            _write_png(test_dir / f"mask_{j:04d}.png", mask)
+        _write_png(test_dir / f"img_{j:04d}.png", rgb)
 
+    labels = dict(sorted(labels.items()))
     lines = ["sample_index,label"] + [f"{k},{v}" for k, v in labels.items()]
     (out / "train_labels.csv").write_text("\n".join(lines) + "\n")
-    (out / PLANTED_FILE).write_text(json.dumps(planted, indent=2) + "\n")
-    return {"train": ids["train"], "test": ids["test"], "labels": labels, "counts": counts,
-            "planted": planted, "seed": seed}
+    planted = dict(sorted(planted.items()))
+    mask_pairs = [[f"img_{c:04d}.png", f"img_{src:04d}.png"] for c, src in sorted(twins)]
+    near_pairs = [[f"img_{j:04d}.png", f"img_{src:04d}.png"] for j, src in sorted(near)]
+    (out / PLANTED_FILE).write_text(json.dumps(
+        {"flags": planted, "mask_twins": mask_pairs, "near_duplicates": near_pairs}, indent=2) + "\n")
+    return {"train": list(labels), "test": [f"img_{j:04d}.png" for j in range(n_test)], "labels": labels,
+            "counts": counts, "planted": planted, "mask_twins": mask_pairs, "near_duplicates": near_pairs,
+            "seed": seed}
+
+
+def reference_scale(out: Path, seed: int = 0, size_scale: float = 1.0, near_duplicates: int = 10) -> dict:
+    """The reference challenge's layout at full size: 691 training images (HER2(+) 189, Luminal A 205,
+    Luminal B 220, Triple negative 77), 477 test images, sizes spread like the real ones (times
+    ``size_scale``), 60 cartoons pasted over other images' masks, an ink smear, an empty mask and
+    ``near_duplicates`` test images copying training images."""
+    return make_dataset(out, REFERENCE_TRAIN, REFERENCE_TEST, seed, outliers=True,
+                        mask_twins=REFERENCE_MASK_TWINS, near_duplicates=near_duplicates,
+                        reference_size_scale=size_scale)
 
 
 # ---------------------------------------------------------------- synthetic features (tests, benchmarks)
@@ -382,7 +478,8 @@ def write_synthetic_features(run: Path, n_images: int = 60, n_classes: int = 3, 
     ``min(dim, 32)`` dimensions holds the class means (spread set by ``signal``), the image's
     own variation and each crop's; a little isotropic noise fills every dimension, and
     views 1.. add augmentation noise (view 0 is the clean crop). Test images (``n_test``)
-    get a random class and no label. Returns the store folder ``run/features/<slug>``.
+    get a random class and no label; they are named from img_0000.png like the training images,
+    as in the real challenge. Returns the store folder ``run/features/<slug>``.
     """
     rng = np.random.default_rng(seed)
     names = list(LABELS[:n_classes]) if n_classes <= len(LABELS) else \
@@ -390,7 +487,7 @@ def write_synthetic_features(run: Path, n_images: int = 60, n_classes: int = 3, 
     rank = min(dim, 32)
     basis = np.linalg.qr(rng.normal(size=(dim, rank)))[0]          # orthonormal columns
     means = rng.normal(size=(n_classes, rank)) * signal * 3 / np.sqrt(rank)
-    ids = [f"img_{i:04d}.png" for i in range(n_images + n_test)]
+    ids = [f"img_{i:04d}.png" for i in [*range(n_images), *range(n_test)]]   # test names repeat training ones
     splits = ["train" if i < n_images else "test" for i in range(len(ids))]
     truth = [i % n_classes if i < n_images else int(rng.integers(n_classes)) for i in range(len(ids))]
     labels = [names[t] if s == "train" else None for t, s in zip(truth, splits)]

@@ -42,15 +42,11 @@ def tiny_dinov2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pipeline_run(tmp_path_factory, tiny_dinov2) -> tuple[Path, Path]:
-    """(data, run): a tiny synthetic dataset through qc, crops, embed, fit and submit, for tests that read a run."""
+def pipeline_settings(tiny_dinov2):
+    """Settings for a quick run through every stage with the tiny Dinov2."""
     from histoembed.config import Settings, override
-    from histoembed.demo import run_pipeline
-    from histoembed.synthetic import make_dataset
 
-    root = tmp_path_factory.mktemp("pipeline")
-    data, run = root / "data", root / "run"
-    make_dataset(data, n_train=24, n_test=6, seed=1, outliers=True)
+
     s = Settings()
     s.qc = override(s.qc, encoder=str(tiny_dinov2), workers=1)
     s.crops = override(s.crops, size=64, workers=1)
@@ -58,7 +54,22 @@ def pipeline_run(tmp_path_factory, tiny_dinov2) -> tuple[Path, Path]:
     s.fit = override(s.fit, folds=3, bootstrap=100)
     s.fit.mlp = override(s.fit.mlp, hidden=32, epochs=4, patience=2)
     s.fit.xgb = override(s.fit.xgb, n_estimators=15, pca_dims=16, early_stopping_rounds=5)
-    run_pipeline(data, run, s, stages=("qc", "crops", "embed", "fit", "submit"))
+    return s
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, pipeline_settings) -> tuple[Path, Path]:
+    """(data, run): a tiny synthetic dataset through qc, crops, embed, fit and submit, for tests that read a run.
+
+    Test images are named img_0000.png on, like the training images (the real challenge's layout).
+    """
+    from histoembed.demo import run_pipeline
+    from histoembed.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("pipeline")
+    data, run = root / "data", root / "run"
+    make_dataset(data, n_train=24, n_test=6, seed=1, outliers=True)
+    run_pipeline(data, run, pipeline_settings, stages=("qc", "crops", "embed", "fit", "submit"))
     return data, run
 
 

@@ -4,6 +4,7 @@ option through the CLI, fallbacks, QC integration, skip-if-unchanged and atomic 
 from __future__ import annotations
 
 import io
+import json
 import math
 from pathlib import Path
 
@@ -37,17 +38,20 @@ def pink_image(h: int, w: int, seed: int = 0, white_from: int | None = None) -> 
     return rgb
 
 
-def write_data(root: Path, images: dict[str, tuple[np.ndarray, np.ndarray]], test: set[str] = frozenset()) -> Path:
-    """The reference layout from {image_id: (rgb, mask)}; ids in ``test`` go to test_data."""
-    for split in ("train", "test"):
-        (root / f"{split}_data").mkdir(parents=True, exist_ok=True)
+def write_data(root: Path, images: dict[str, tuple[np.ndarray, np.ndarray]],
+               test: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
+    """The reference layout: ``images`` {name: (rgb, mask)} in train_data, ``test`` in test_data.
+
+    Both splits number from img_0000.png, as in the real challenge.
+    """
     rows = ["sample_index,label"]
-    for i, (image_id, (rgb, mask)) in enumerate(images.items()):
-        split = "test" if image_id in test else "train"
-        Image.fromarray(rgb).save(root / f"{split}_data" / image_id)
-        Image.fromarray(mask).save(root / f"{split}_data" / image_id.replace("img_", "mask_"))
-        if split == "train":
-            rows.append(f"{image_id},{('Luminal A', 'HER2(+)')[i % 2]}")
+    for split, items in (("train", images), ("test", test or {})):
+        (root / f"{split}_data").mkdir(parents=True, exist_ok=True)
+        for i, (image_id, (rgb, mask)) in enumerate(items.items()):
+            Image.fromarray(rgb).save(root / f"{split}_data" / image_id)
+            Image.fromarray(mask).save(root / f"{split}_data" / image_id.replace("img_", "mask_"))
+            if split == "train":
+                rows.append(f"{image_id},{('Luminal A', 'HER2(+)')[i % 2]}")
     (root / "train_labels.csv").write_text("\n".join(rows) + "\n")
     return root
 
@@ -56,9 +60,13 @@ def read_crops(run: Path) -> list[dict]:
     return pq.read_table(run / store.CROPS_FILE).to_pylist()
 
 
-def boxes_of(rows: list[dict], image_id: str) -> list[tuple[int, int, int, int]]:
+def boxes_of(rows: list[dict], image_id: str, split: str = "train") -> list[tuple[int, int, int, int]]:
     return [(r["x0"], r["y0"], r["x1"], r["y1"]) for r in sorted(rows, key=lambda r: r["crop_index"])
-            if r["image_id"] == image_id]
+            if r["image_id"] == image_id and r["split"] == split]
+
+
+def keys_of(rows: list[dict]) -> set[tuple[str, str]]:
+    return {(r["split"], r["image_id"]) for r in rows}
 
 
 def decode(png: bytes) -> np.ndarray:
@@ -113,19 +121,21 @@ def test_components_match_scikit_image(seed):
 
 @pytest.mark.parametrize("k,min_area,margin", [(10, 100, 0.1), (3, 100, 0.1), (10, 150, 0.25), (10, 100, 0.0)])
 def test_blob_crops_through_the_cli_match_the_independent_recipe(cli, tmp_path, k, min_area, margin):
-    images = {f"img_{i:04d}.png": (pink_image(160, 200, i), known_mask(i)) for i in range(3)}
-    data = write_data(tmp_path / "d", images, test={"img_0002.png"})
+    images = {f"img_{i:04d}.png": (pink_image(160, 200, i), known_mask(i)) for i in range(2)}
+    test = {"img_0000.png": (pink_image(160, 200, 2), known_mask(2))}   # the same name as a training image
+    data = write_data(tmp_path / "d", images, test)
     run = tmp_path / "run"
     res = cli("crops", "--data", data, "--run", run, "--k", k, "--min-area", min_area, "--margin", margin,
               "--size", 32, "--workers", 1)
     assert res.exit_code == 0, res.output
     rows = read_crops(run)
-    for image_id, (_, mask) in images.items():
-        expected = independent_blobs(mask, k, min_area, margin)
-        assert boxes_of(rows, image_id) == expected, image_id
+    for split, items in (("train", images), ("test", test)):
+        for image_id, (_, mask) in items.items():
+            expected = independent_blobs(mask, k, min_area, margin)
+            assert boxes_of(rows, image_id, split) == expected, (split, image_id)
     assert {r["strategy"] for r in rows} == {"blobs"}
-    test_rows = [r for r in rows if r["image_id"] == "img_0002.png"]
-    assert {r["split"] for r in test_rows} == {"test"} and {r["label"] for r in test_rows} == {None}
+    test_rows = [r for r in rows if r["split"] == "test"]
+    assert {r["image_id"] for r in test_rows} == {"img_0000.png"} and {r["label"] for r in test_rows} == {None}
     assert {r["label"] for r in rows if r["split"] == "train"} == {"Luminal A", "HER2(+)"}
     assert all(decode(r["png"]).shape == (32, 32, 3) for r in rows)
 
@@ -258,8 +268,8 @@ def test_fallback_to_grid_over_tissue(cli, tmp_path):
     res = cli("crops", "--data", data, "--run", run, "--tile", 32, "--size", 16, "--workers", 1)
     assert res.exit_code == 0, res.output
     assert "2 image(s) fell back to grid crops over tissue found by colour" in res.output
-    assert "img_0000.png: mask is empty" in res.output
-    assert "img_0001.png: no mask component of 100 px or more" in res.output
+    assert "img_0000.png (train): mask is empty" in res.output
+    assert "img_0001.png (train): no mask component of 100 px or more" in res.output
     rows = read_crops(run)
     for image_id in ("img_0000.png", "img_0001.png"):
         assert {r["strategy"] for r in rows if r["image_id"] == image_id} == {"grid-fallback"}
@@ -283,7 +293,8 @@ def small_data(root: Path, n: int = 4) -> Path:
         mask[10 + i:40 + i, 10:50] = 255
         mask[50:70, 60:90] = 255
         images[f"img_{i:04d}.png"] = (pink_image(80, 100, i), mask)
-    return write_data(root, images, test={f"img_{n - 1:04d}.png"})
+    test = {"img_0000.png": images.pop(f"img_{n - 1:04d}.png")}   # named like the first training image
+    return write_data(root, images, test)
 
 
 def test_rerun_with_unchanged_inputs_does_no_work(cli, tmp_path):
@@ -359,18 +370,30 @@ def test_qc_flagged_training_images_left_out_unless_kept(cli, tmp_path):
     data, run = small_data(tmp_path / "d"), tmp_path / "run"
     write_qc(run, [{"image_id": "img_0000.png", "flagged": True, "non_tissue": True},
                    {"image_id": "img_0001.png", "flagged": True, "blank": True},
-                   {"image_id": "img_0003.png", "split": "test", "flagged": True, "non_tissue": True}])
+                   {"image_id": "img_0000.png", "split": "test", "flagged": True, "non_tissue": True}])
     res = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1)
     assert res.exit_code == 0, res.output
     assert "left out 2 training image(s) flagged by QC: img_0000.png, img_0001.png" in res.output
-    assert {r["image_id"] for r in read_crops(run)} == {"img_0002.png", "img_0003.png"}  # test never dropped
+    # the test image of the same name as a flagged training image is kept: test images are never dropped
+    assert keys_of(read_crops(run)) == {("train", "img_0002.png"), ("test", "img_0000.png")}
     res = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1, "--keep", "img_0001.png")
     assert res.exit_code == 0 and "left out 1 training image(s)" in res.output
-    assert {r["image_id"] for r in read_crops(run)} == {"img_0001.png", "img_0002.png", "img_0003.png"}
+    assert keys_of(read_crops(run)) == {("train", "img_0001.png"), ("train", "img_0002.png"), ("test", "img_0000.png")}
     res = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1, "--include-flagged")
-    assert res.exit_code == 0 and "left out" not in res.output and len({r["image_id"] for r in read_crops(run)}) == 4
+    assert res.exit_code == 0 and "left out" not in res.output and len(keys_of(read_crops(run))) == 4
     res = cli("crops", "--data", data, "--run", run, "--keep", "img_9999.png")
-    assert res.exit_code == 2 and "--keep names image(s) not in the data: img_9999.png" in res.output
+    assert res.exit_code == 2 and "--keep names image(s) not in the training data: img_9999.png" in res.output
+
+
+def test_a_qc_file_of_the_old_schema_is_refused(cli, tmp_path):
+    data, run = small_data(tmp_path / "d"), tmp_path / "run"
+    write_qc(run, [{"image_id": "img_0000.png", "flagged": True, "non_tissue": True}])
+    table = pq.read_table(run / store.QC_FILE)
+    meta = {**store.read_meta(run / store.QC_FILE), "schema": 1}
+    pq.write_table(table.replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), run / store.QC_FILE)
+    res = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1)
+    assert res.exit_code == 2 and not (run / store.CROPS_FILE).exists()
+    assert "qc.parquet has file schema 1" in res.output and "re-run `histoembed qc`" in res.output
 
 
 def test_qc_ink_is_repaired_before_cropping(cli, tmp_path):
@@ -391,7 +414,7 @@ def test_qc_ink_is_repaired_before_cropping(cli, tmp_path):
     write_qc(run, [{"image_id": "img_0000.png", "ink": True, "flagged": True}])
     res = cli("crops", "--data", data, "--run", run, "--size", 64, "--workers", 1, "--keep", "img_0000.png")
     assert res.exit_code == 0, res.output
-    assert "repaired green ink in 1 image(s) before cropping: img_0000.png" in res.output
+    assert "repaired green ink in 1 image(s) before cropping: img_0000.png (train)" in res.output
     assert green_share() < 0.002
 
 

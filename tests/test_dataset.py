@@ -28,13 +28,12 @@ def tissue(h: int = 96, w: int = 120, seed: int = 0) -> tuple[np.ndarray, np.nda
 
 
 def write_reference(root: Path, n_train: int = 4, n_test: int = 2) -> Path:
-    """img_0000.. in train_data (labelled), test ids continuing, in the reference layout."""
+    """The reference layout: train_data/ and test_data/ both numbered from img_0000.png (labels for train)."""
     for split in ("train", "test"):
         (root / f"{split}_data").mkdir(parents=True, exist_ok=True)
     rows = ["sample_index,label"]
-    for i in range(n_train + n_test):
-        split = "train" if i < n_train else "test"
-        rgb, mask = tissue(seed=i)
+    for n, (split, i) in enumerate([("train", i) for i in range(n_train)] + [("test", i) for i in range(n_test)]):
+        rgb, mask = tissue(seed=n)
         Image.fromarray(rgb).save(root / f"{split}_data/img_{i:04d}.png")
         Image.fromarray(mask).save(root / f"{split}_data/mask_{i:04d}.png")
         if split == "train":
@@ -47,8 +46,10 @@ def crops(cli, data: Path, run: Path, *extra):
     return cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1, *extra)
 
 
-def crop_ids(run: Path) -> set[str]:
-    return set(pq.read_table(run / store.CROPS_FILE, columns=["image_id"])["image_id"].to_pylist())
+def crop_ids(run: Path) -> set[tuple[str, str]]:
+    """(split, image_id) of every image with crops."""
+    t = pq.read_table(run / store.CROPS_FILE, columns=["split", "image_id"])
+    return set(zip(t["split"].to_pylist(), t["image_id"].to_pylist()))
 
 
 # ---------------------------------------------------------------- layouts
@@ -56,11 +57,14 @@ def crop_ids(run: Path) -> set[str]:
 def test_reference_layout(tmp_path):
     ds = load_dataset(write_reference(tmp_path / "d"))
     assert [s.image_id for s in ds.split("train")] == [f"img_{i:04d}.png" for i in range(4)]
-    assert [s.image_id for s in ds.split("test")] == ["img_0004.png", "img_0005.png"]
+    assert [s.image_id for s in ds.split("test")] == ["img_0000.png", "img_0001.png"]  # named as in the challenge
     assert ds.classes == sorted(LABELS)
     assert all(s.label is None for s in ds.split("test"))
-    assert ds.by_id()["img_0001.png"].label == "Triple negative"
-    assert ds.by_id()["img_0002.png"].mask.name == "mask_0002.png"
+    by_key = ds.by_key()
+    assert by_key["train", "img_0001.png"].label == "Triple negative"
+    assert by_key["train", "img_0002.png"].mask.name == "mask_0002.png"
+    assert by_key["test", "img_0001.png"].label is None
+    assert by_key["test", "img_0001.png"].image.parent.name == "test_data"
 
 
 def test_manifest_layout_through_the_cli(cli, tmp_path):
@@ -86,8 +90,8 @@ def test_manifest_layout_through_the_cli(cli, tmp_path):
         run = tmp_path / f"run-{data.name}"
         res = crops(cli, data, run)
         assert res.exit_code == 0, res.output
-        assert crop_ids(run) == {f"slides/s{i}.jpg" for i in range(4)}
-        assert "slides/s3.jpg: no mask" in res.output
+        assert crop_ids(run) == {(split, f"slides/s{i}.jpg") for i, split in enumerate(["train", "train", "test", "train"])}
+        assert "slides/s3.jpg (train): no mask" in res.output
         assert submission_ids(data) == ["slides/s2.jpg"]
 
 
@@ -100,7 +104,8 @@ def test_missing_mask_skips_the_image_and_says_so(cli, tmp_path):
     assert res.exit_code == 0, res.output
     assert "skipped 1 item(s)" in res.output
     assert "img_0001.png: no mask (expected mask_0001.png beside it); image skipped" in res.output
-    assert "img_0001.png" not in crop_ids(tmp_path / "run")
+    assert ("train", "img_0001.png") not in crop_ids(tmp_path / "run")
+    assert ("test", "img_0001.png") in crop_ids(tmp_path / "run")  # the test image of that name is another image
     strict = crops(cli, data, tmp_path / "run2", "--strict")
     assert strict.exit_code == 2 and "no mask (expected mask_0001.png" in strict.output and "--strict" in strict.output
     assert not (tmp_path / "run2" / store.CROPS_FILE).exists()
@@ -112,14 +117,14 @@ def test_mask_size_mismatch(cli, tmp_path):
     res = crops(cli, data, tmp_path / "run")
     assert res.exit_code == 0, res.output
     assert "mask_0002.png: mask is 60x50 but its image img_0002.png is 120x96; image skipped" in res.output
-    assert "img_0002.png" not in crop_ids(tmp_path / "run")
+    assert ("train", "img_0002.png") not in crop_ids(tmp_path / "run")
     strict = crops(cli, data, tmp_path / "run2", "--strict")
     assert strict.exit_code == 2 and "mask is 60x50" in strict.output
 
 
 def test_read_image_and_mask(tmp_path):
     data = write_reference(tmp_path / "data", n_train=2, n_test=2)
-    assert submission_ids(data) == ["img_0002.png", "img_0003.png"]
+    assert submission_ids(data) == ["img_0000.png", "img_0001.png"]   # test_data/ numbers from img_0000
     rgb, mask = read_image_and_mask(data / "train_data/img_0000.png", data / "train_data/mask_0000.png")
     assert rgb.shape == (96, 120, 3) and mask.shape == (96, 120)
     assert read_image_and_mask(data / "train_data/img_0000.png", None)[1] is None
@@ -139,7 +144,8 @@ def test_unreadable_and_truncated_files(cli, tmp_path):
     assert "skipped 2 item(s)" in res.output
     assert "img_0000.png: unreadable image (cannot identify image file" in res.output
     assert "img_0003.png: unreadable or truncated image" in res.output
-    assert crop_ids(tmp_path / "run") == {"img_0001.png", "img_0002.png", "img_0004.png", "img_0005.png"}
+    assert crop_ids(tmp_path / "run") == {("train", "img_0001.png"), ("train", "img_0002.png"),
+                                          ("test", "img_0000.png"), ("test", "img_0001.png")}
     strict = crops(cli, data, tmp_path / "run2", "--strict")
     assert strict.exit_code == 2 and "img_0000.png" in strict.output
     assert not (tmp_path / "run2" / store.CROPS_FILE).exists()
@@ -170,18 +176,35 @@ def test_training_image_without_a_label(cli, tmp_path):
     res = crops(cli, data, tmp_path / "run")
     assert res.exit_code == 0, res.output
     assert "img_0002.png: training image has no row in train_labels.csv; skipped" in res.output
-    assert "img_0002.png" not in crop_ids(tmp_path / "run")
+    assert ("train", "img_0002.png") not in crop_ids(tmp_path / "run")
+
+
+def test_the_same_name_in_both_splits_is_two_images(cli, tmp_path):
+    """The real challenge: train_data/ and test_data/ both hold img_0000.png, ... (different pictures)."""
+    data = write_reference(tmp_path / "d", n_train=3, n_test=3)
+    ds = load_dataset(data)
+    assert [s.key for s in ds.samples] == [("train", f"img_{i:04d}.png") for i in range(3)] + \
+        [("test", f"img_{i:04d}.png") for i in range(3)]
+    res = crops(cli, data, tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    assert "from 6 images" in res.output
+    t = pq.read_table(tmp_path / "run" / store.CROPS_FILE).to_pylist()
+    by_key = {(r["split"], r["image_id"]): r for r in t}
+    assert len(by_key) == 6
+    # each crop comes from its own split's file: the test image differs from the training image of its name
+    assert by_key["train", "img_0001.png"]["png"] != by_key["test", "img_0001.png"]["png"]
+    assert by_key["test", "img_0001.png"]["label"] is None and by_key["train", "img_0001.png"]["label"]
+    # a manifest may repeat a file name across splits too
+    rows = ["image,mask,label,split"]
+    for split in ("train", "test"):
+        rows += [f"{split}_data/img_{i:04d}.png,{split}_data/mask_{i:04d}.png,{'A' if split == 'train' else ''},"
+                 f"{split}" for i in range(3)]
+    (data / "list.csv").write_text("\n".join(rows) + "\n")
+    ds = load_dataset(data / "list.csv")
+    assert len({s.key for s in ds.samples}) == 6 and len(ds.split("test")) == 3
 
 
 def test_duplicate_ids_stop_the_stage(cli, tmp_path):
-    data = write_reference(tmp_path / "d")
-    # the same id in both splits
-    (data / "test_data/img_0001.png").write_bytes((data / "train_data/img_0001.png").read_bytes())
-    (data / "test_data/mask_0001.png").write_bytes((data / "train_data/mask_0001.png").read_bytes())
-    res = crops(cli, data, tmp_path / "run")
-    assert res.exit_code == 2
-    assert "image ids appear in both train_data and test_data: img_0001.png" in res.output
-    assert not (tmp_path / "run" / store.CROPS_FILE).exists()
     # the same id twice in the labels file
     data2 = write_reference(tmp_path / "d2")
     with (data2 / "train_labels.csv").open("a") as f:
@@ -225,7 +248,7 @@ def test_manifest_missing_files_and_labels(cli, tmp_path):
     assert "b.png: training image has no label (line 3); skipped" in res.output
     assert "gone.png: listed on line 4 of manifest.csv but does not exist; skipped" in res.output
     assert "c_m.png: mask of c.png (line 5) does not exist; image skipped" in res.output
-    assert crop_ids(tmp_path / "run") == {"a.png"}
+    assert crop_ids(tmp_path / "run") == {("train", "a.png")}
 
 
 def test_malformed_inputs_name_the_file(cli, tmp_path):
@@ -340,7 +363,7 @@ def test_formats_through_the_crops_stage(cli, tmp_path, rgb):
     res = crops(cli, root, tmp_path / "run")
     assert res.exit_code == 0, res.output
     assert "skipped" not in res.output
-    assert crop_ids(tmp_path / "run") == set(names)
+    assert crop_ids(tmp_path / "run") == {("train", n) for n in names}
 
 
 def test_load_dataset_strict_raises_user_error(tmp_path):

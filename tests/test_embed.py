@@ -24,9 +24,12 @@ from histoembed.errors import UserError
 
 def write_crops(run: Path, n_train: int = 5, n_test: int = 2, per_image: int = 3, size: int = 32,
                 seed: int = 0) -> np.ndarray:
-    """A crops.parquet of random crops, as the crops stage writes it; returns the crops [N, H, W, 3]."""
+    """A crops.parquet of random crops, as the crops stage writes it; returns the crops [N, H, W, 3].
+
+    Both splits number from img_0000.png, as in the real challenge.
+    """
     rng = np.random.default_rng(seed)
-    ids = [f"img_{i:04d}.png" for i in range(n_train + n_test) for _ in range(per_image)]
+    ids = [f"img_{i:04d}.png" for i in [*range(n_train), *range(n_test)] for _ in range(per_image)]
     n = len(ids)
     crops = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
     pngs = [cv2.imencode(".png", cv2.cvtColor(c, cv2.COLOR_RGB2BGR))[1].tobytes() for c in crops]
@@ -51,7 +54,7 @@ def settings(encoder: Path, **kw) -> EmbedSettings:
 
 
 def sorted_rows(f: store.Features):
-    order = np.lexsort((f.view, f.crop_index, f.image_id.astype(str)))
+    order = np.lexsort((f.view, f.crop_index, f.image_id.astype(str), f.split != "train"))
     return [tuple(r) for r in zip(f.image_id[order], f.split[order], f.crop_index[order], f.view[order])], \
         f.embedding[order]
 
@@ -72,10 +75,11 @@ def test_view_0_is_the_cls_token_of_a_direct_transformers_forward(tmp_path, tiny
     with torch.no_grad():
         cls = model(pixel_values=x).last_hidden_state[:, 0].numpy()
     # crops.parquet rows are image-major with crop_index 0..2, the same order as `crops`
-    order = np.lexsort((view0.crop_index, view0.image_id.astype(str)))
+    order = np.lexsort((view0.crop_index, view0.image_id.astype(str), view0.split != "train"))
     np.testing.assert_allclose(view0.embedding[order], cls, atol=1e-4, rtol=0)
     augmented = feats.subset(feats.view == 1)
-    assert not np.allclose(augmented.embedding[np.lexsort((augmented.crop_index, augmented.image_id.astype(str)))],
+    assert not np.allclose(augmented.embedding[np.lexsort((augmented.crop_index, augmented.image_id.astype(str),
+                                                           augmented.split != "train"))],
                            cls, atol=1e-3)
 
 
@@ -286,3 +290,23 @@ def test_every_embed_option_reaches_the_store(tmp_path, tiny_dinov2, cli):
     parts = store.feature_parts(store.find_feature_store(tmp_path))
     assert len(parts) == 4  # 15 train crops x 3 views + 6 test crops = 51 rows, whole crops of 5 per batch
     assert "embedded 51 views" in r.output
+
+
+def test_a_store_written_before_split_keys_is_refused(tmp_path, tiny_dinov2):
+    """Parts of an older histoembed (names alone as keys) are never joined: a clear message says re-run."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    write_crops(tmp_path, n_train=2, n_test=2, per_image=1)
+    run_embed(tmp_path, settings(tiny_dinov2, repeats=1), AugmentSettings(), show_progress=False)
+    rows, _ = sorted_rows(read_store(tmp_path))
+    assert [(r[0], r[1]) for r in rows] == [("img_0000.png", "train"), ("img_0001.png", "train"),
+                                            ("img_0000.png", "test"), ("img_0001.png", "test")]
+    part = store.feature_parts(store.find_feature_store(tmp_path))[0]
+    table = pq.read_table(part)
+    meta = {k: v for k, v in store.read_meta(part).items() if k != "schema"}   # as written before schema 2
+    pq.write_table(table.replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), part)
+    with pytest.raises(UserError, match="has file schema 1") as e:
+        read_store(tmp_path)
+    assert "re-run `histoembed embed`" in str(e.value) and part.name in str(e.value)

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 COMMANDS = [["qc"], ["crops"], ["embed", "--repeats", "4"], ["fit", "--folds", "10"], ["submit"]]
 
 
-def small_settings_toml(encoder: Path) -> str:
+def small_settings_toml(encoder: Path, crop_size: int = 64) -> str:
     """Settings that keep every stage to seconds on two cores."""
     return f"""\
 [qc]
@@ -34,7 +34,7 @@ encoder = "{encoder}"
 workers = 1
 
 [crops]
-size = 64
+size = {crop_size}
 workers = 1
 
 [embed]
@@ -67,8 +67,8 @@ def project(tmp_path_factory, tiny_dinov2) -> Path:
     return root
 
 
-def _python_m(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "200"}
+def _python_m(args: list[str], cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "200", **env_vars}
     return subprocess.run([sys.executable, "-m", "histoembed", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 

@@ -336,11 +336,13 @@ def test_qc_flags_are_left_out_and_duplicate_groups_share_a_fold(tmp_path):
     ids = [f"img_{i:04d}.png" for i in range(60)]
     flagged = set(ids[:4])
     groups = {i: g for g, members in enumerate([ids[10:13], ids[20:24], ids[30:33], ids[40:42]]) for i in members}
-    qc = pa.table({
-        "image_id": ids, "split": ["train"] * 60, "flagged": [i in flagged for i in ids],
-        "non_tissue": [i in flagged for i in ids], "ink": [False] * 60, "blank": [False] * 60,
-        "outlier": [None] * 60, "duplicate_group": pa.array([groups.get(i) for i in ids], pa.int32()),
-        "reason": ["planted" if i in flagged else "" for i in ids]}, schema=store.QC_SCHEMA)
+    rows = [{"image_id": i, "split": "train", "flagged": i in flagged, "non_tissue": i in flagged, "ink": False,
+             "blank": False, "duplicate_group": groups.get(i), "reason": "planted" if i in flagged else ""}
+            for i in ids]
+    # test images share the training names (img_0000.png ...): their flags and groups must not touch training
+    rows += [{"image_id": f"img_{i:04d}.png", "split": "test", "flagged": True, "non_tissue": True, "ink": False,
+              "blank": False, "duplicate_group": 99, "reason": "test"} for i in range(5, 10)]
+    qc = pa.Table.from_pylist(rows, schema=store.QC_SCHEMA)
     store.write_table(qc, run / store.QC_FILE, meta={"key": "qc-test"})
 
     result = invoke("fit", "--run", run, "--config", config, "--folds", 3)
@@ -348,9 +350,11 @@ def test_qc_flags_are_left_out_and_duplicate_groups_share_a_fold(tmp_path):
     assert "4 flagged training image(s) left out" in result.output
     oof, _, _ = read_oof(run)
     assert not flagged & set(oof["image_id"]) and len(oof) == 56
+    assert set(oof["split"]) == {"train"}
     fold_of = dict(zip(oof["image_id"], oof["fold"]))
     for g in set(groups.values()):
         assert len({fold_of[i] for i, gg in groups.items() if gg == g}) == 1
+    assert len({fold_of[f"img_{i:04d}.png"] for i in range(5, 10)}) > 1   # not one group with the test images
     assert json.loads((run / store.METRICS_FILE).read_text())["excluded_flagged"] == 4
 
     kept = invoke("fit", "--run", run, "--config", config, "--folds", 3, "--include-flagged")
@@ -379,7 +383,8 @@ def test_ensemble_round_trip_reproduces_oof_and_predicts_new_features(fitted):
 
     test = store.read_features(store.find_feature_store(fitted), split="test")
     pred = ensemble.predict(test)
-    assert pred.image_ids == [f"img_{i:04d}.png" for i in range(60, 65)]
+    # the test split reuses the training names (img_0000.png ...): predictions keep the split
+    assert pred.keys() == [("test", f"img_{i:04d}.png") for i in range(5)]
     np.testing.assert_allclose(pred.probs.sum(1), 1.0)
     crops = ensemble.predict_crops(test)
     assert crops.shape == (len(test), 3) and np.allclose(crops.sum(1), 1.0)
@@ -438,3 +443,27 @@ def test_encoder_picks_the_store_when_there_are_several(tmp_path):
     result = invoke("fit", "--run", run, "--config", config, "--folds", 3, "--encoder", "other/enc")
     assert result.exit_code == 0, result.output
     assert json.loads((run / "models" / store.MODELS_MANIFEST_FILE).read_text())["dim"] == 8
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_group_folds_are_scikit_learns_stratified_group_kfold(seed):
+    """The fast fold assignment gives exactly scikit-learn's StratifiedGroupKFold(shuffle=True) folds."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(40, 700))
+    y = rng.choice(4, size=n, p=[0.27, 0.3, 0.32, 0.11])
+    groups = np.arange(n)
+    dup = rng.choice(n, size=n // 10, replace=False)          # some images share a duplicate group
+    groups[dup] = rng.integers(0, n // 20 + 1, size=len(dup))
+    for n_splits in (2, 5, 10):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            theirs = list(StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(y, y, groups))
+        ours = fit._group_kfold(y, groups, n_splits, seed)
+        assert len(ours) == n_splits
+        for (tr_a, te_a), (tr_b, te_b) in zip(ours, theirs):
+            np.testing.assert_array_equal(te_a, te_b)
+            np.testing.assert_array_equal(tr_a, tr_b)

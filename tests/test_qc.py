@@ -59,18 +59,18 @@ def add_ink(img, rng):
     return out
 
 
-def write_dataset(root: Path, images: dict[str, tuple[np.ndarray, np.ndarray]], test: set[str] = frozenset()):
-    """Reference layout: train_data/ and test_data/ (img_X.png + mask_X.png), train_labels.csv."""
+def write_dataset(root: Path, images: dict[str, tuple[np.ndarray, np.ndarray]],
+                  test: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
+    """Reference layout: ``images`` in train_data/, ``test`` in test_data/ (both from img_0000.png), labels."""
     rows = ["sample_index,label"]
-    for n, (img, mask) in enumerate(sorted(images.items())):
-        image_id, (rgb, m) = img, mask
-        split = "test" if image_id in test else "train"
+    for split, items in (("train", images), ("test", test or {})):
         folder = root / f"{split}_data"
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rgb).save(folder / image_id)
-        Image.fromarray(m).save(folder / image_id.replace("img_", "mask_"))
-        if split == "train":
-            rows.append(f"{image_id},{LABELS[n % 2]}")
+        for n, (image_id, (rgb, m)) in enumerate(sorted(items.items())):
+            Image.fromarray(rgb).save(folder / image_id)
+            Image.fromarray(m).save(folder / image_id.replace("img_", "mask_"))
+            if split == "train":
+                rows.append(f"{image_id},{LABELS[n % 2]}")
     (root / "train_labels.csv").write_text("\n".join(rows) + "\n")
     return root
 
@@ -80,30 +80,25 @@ def clean_images(n: int, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarra
     return {f"img_{i:04d}.png": tissue_image(rng) for i in range(n)}
 
 
-def planted_dataset(root: Path, seed: int = 0) -> tuple[Path, dict[str, str]]:
-    """The synthetic dataset with its planted non-tissue picture, ink smear and empty mask; kind per planted id."""
+def planted_dataset(root: Path, seed: int = 0, **kwargs) -> tuple[Path, dict[str, str]]:
+    """The synthetic dataset with its planted cartoon (a mask twin), ink smear, empty mask and test near-copy;
+    the flag of each planted training image."""
     from histoembed.synthetic import make_dataset
 
-    make_dataset(root, 16, 4, seed, outliers=True)
+    make_dataset(root, kwargs.pop("n_train", 16), kwargs.pop("n_test", 4), seed, outliers=True, **kwargs)
     planted = json.loads((root / "planted.json").read_text())
-    return root, _planted_kinds(planted)
+    return root, dict(planted["flags"])
 
 
-def _planted_kinds(planted) -> dict[str, str]:
-    """planted.json as {image_id: flag}; accepts {id: kind} or a list of {image_id, kind}."""
-    if isinstance(planted, dict):
-        items = planted.items()
-    else:
-        items = [(p.get("image_id") or p.get("id"), p.get("kind")) for p in planted]
-    flag = {"cartoon": "non_tissue", "non_tissue": "non_tissue", "non-tissue": "non_tissue",
-            "ink": "ink", "green_ink": "ink", "green-ink": "ink",
-            "empty_mask": "blank", "empty-mask": "blank", "blank": "blank"}
-    return {i: flag.get(k, k) for i, k in items}
-
-
-def read_rows(run: Path) -> dict[str, dict]:
+def read_rows(run: Path, split: str = "train") -> dict[str, dict]:
+    """{image_id: row} of one split's rows of qc.parquet."""
     t = pq.read_table(run / store.QC_FILE).to_pylist()
-    return {r["image_id"]: r for r in t}
+    return {r["image_id"]: r for r in t if r["split"] == split}
+
+
+def read_all(run: Path) -> dict[tuple[str, str], dict]:
+    """{(split, image_id): row} of qc.parquet."""
+    return {(r["split"], r["image_id"]): r for r in pq.read_table(run / store.QC_FILE).to_pylist()}
 
 
 # ---------------------------------------------------------------- the judged cases
@@ -118,9 +113,11 @@ def test_planted_outliers_flagged_for_the_right_reason_and_nothing_else(cli, tmp
         assert rows[image_id][flag], (image_id, flag, rows[image_id]["reason"])
         assert rows[image_id]["flagged"]
         assert rows[image_id]["reason"].startswith(flag) or f"; {flag}" in rows[image_id]["reason"]
-    clean = {i: r for i, r in rows.items() if i not in planted}
-    assert clean and not any(r["flagged"] for r in clean.values()), \
-        [(i, r["reason"]) for i, r in clean.items() if r["flagged"]]
+    everything = read_all(run)
+    clean = {k: r for k, r in everything.items() if not (k[0] == "train" and k[1] in planted)}
+    assert len(clean) == len(everything) - len(planted) and any(k[0] == "test" for k in clean)
+    assert not any(r["flagged"] for r in clean.values()), \
+        [(k, r["reason"]) for k, r in clean.items() if r["flagged"]]
     # an ink smear on tissue is ink, not non-tissue; a cartoon is non-tissue
     ink_id = next(i for i, f in planted.items() if f == "ink")
     assert not rows[ink_id]["non_tissue"]
@@ -132,9 +129,17 @@ def test_default_embedding_pass_flags_no_clean_image(cli, tmp_path):
     res = cli("qc", "--data", data, "--run", tmp_path / "run")   # efficientnet-lite0 thumbnails
     assert res.exit_code == 0, res.output
     assert "efficientnet-lite0" in res.output
-    rows = read_rows(tmp_path / "run")
+    rows = read_all(tmp_path / "run")
     assert all(r["knn_z"] is not None for r in rows.values())
-    assert not [i for i, r in rows.items() if i not in planted and r["flagged"]]
+    assert not [k for k, r in rows.items() if not (k[0] == "train" and k[1] in planted) and r["flagged"]]
+    # with embeddings too: the planted test copy is the only leak, the planted mask twin the only pair
+    truth = json.loads((data / "planted.json").read_text())
+    assert {(i, r["near_train"]) for (_, i), r in rows.items() if r["near_train"]} == \
+        {tuple(p) for p in truth["near_duplicates"]}
+    [(test_copy, _)] = truth["near_duplicates"]
+    assert rows["test", test_copy]["near_train_cosine"] > 0.9
+    assert {tuple(sorted((i, j))) for (_, i), r in rows.items() for j in r["mask_twin"] or []} == \
+        {tuple(sorted(p)) for p in truth["mask_twins"]}
 
 
 def _restained_ihc():
@@ -198,27 +203,36 @@ def test_repair_ink_without_ink_is_a_copy():
 
 # ---------------------------------------------------------------- near-duplicates
 
-def test_copies_and_recompressed_copies_are_grouped(cli, tmp_path):
+def test_copies_are_grouped_and_test_copies_of_training_images_are_listed_as_leakage(cli, tmp_path):
     images = clean_images(10, seed=5)
+    test = clean_images(5, seed=6)                                          # named img_0000.. like training images
     src, mask = images["img_0002.png"]
-    images["img_0050.png"] = (src.copy(), mask.copy())                       # exact copy
+    images["img_0050.png"] = (src.copy(), mask.copy())                       # exact copy, in training
     other, omask = images["img_0004.png"]
     small = cv2.resize(other, (180, 144), interpolation=cv2.INTER_AREA)      # resized ...
     buf = io.BytesIO()
     Image.fromarray(small).save(buf, format="JPEG", quality=70)               # ... and JPEG-recompressed
     near = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-    images["img_0051.png"] = (near, cv2.resize(omask, (180, 144), interpolation=cv2.INTER_NEAREST))
-    data = write_dataset(tmp_path / "data", images, test={"img_0051.png"})
+    test["img_0001.png"] = (near, cv2.resize(omask, (180, 144), interpolation=cv2.INTER_NEAREST))
+    data = write_dataset(tmp_path / "data", images, test)
     res = cli("qc", "--data", data, "--run", tmp_path / "run", "--no-embed")
     assert res.exit_code == 0, res.output
-    rows = read_rows(tmp_path / "run")
-    g = {i: r["duplicate_group"] for i, r in rows.items()}
-    assert g["img_0002.png"] is not None and g["img_0002.png"] == g["img_0050.png"]
-    assert g["img_0004.png"] is not None and g["img_0004.png"] == g["img_0051.png"]
-    assert g["img_0002.png"] != g["img_0004.png"]
-    assert sum(v is not None for v in g.values()) == 4                     # nothing else grouped
-    assert not any(r["flagged"] for r in rows.values())                     # groups are not flags
-    assert "img_0050.png" in rows["img_0002.png"]["reason"]
+    rows = read_all(tmp_path / "run")
+    g = {k: r["duplicate_group"] for k, r in rows.items()}
+    assert g["train", "img_0002.png"] is not None and g["train", "img_0002.png"] == g["train", "img_0050.png"]
+    assert sum(v is not None for v in g.values()) == 2                     # nothing else grouped
+    assert not any(r["flagged"] for r in rows.values())                     # groups and leaks are not flags
+    assert "img_0050.png" in rows["train", "img_0002.png"]["reason"]
+    # the test copy is listed with its training original, and nothing else is
+    leak = rows["test", "img_0001.png"]
+    assert leak["near_train"] == "img_0004.png" and leak["near_train_hash_distance"] <= 24
+    assert leak["near_train_cosine"] is None                                 # no embedding pass
+    assert "possible leakage: near-duplicate of training image img_0004.png" in leak["reason"]
+    assert [k for k, r in rows.items() if r["near_train"]] == [("test", "img_0001.png")]
+    assert "test image(s) img_0001.png nearly duplicate" in rows["train", "img_0004.png"]["reason"]
+    assert "possible leakage: 1 test image(s)" in res.output and "test img_0001.png ~ train img_0004.png" in res.output
+    # the test image named like the training original is not confused with it
+    assert rows["test", "img_0004.png"]["near_train"] is None
 
 
 def test_duplicate_groups_union_find():
@@ -283,6 +297,29 @@ def test_thumbnails_through_a_tiny_encoder(cli, tmp_path, tiny_dinov2):
 
 
 # ---------------------------------------------------------------- CLI behaviour
+
+def test_mask_twins_are_paired_and_the_pasted_one_is_flagged(cli, tmp_path):
+    data, planted = planted_dataset(tmp_path / "data", seed=4, n_train=30, n_test=6, mask_twins=3,
+                                    near_duplicates=2)
+    truth = json.loads((data / "planted.json").read_text())
+    run = tmp_path / "run"
+    res = cli("qc", "--data", data, "--run", run, "--no-embed")
+    assert res.exit_code == 0, res.output
+    rows = read_all(run)
+    found = {tuple(sorted((i, j))) for (split, i), r in rows.items() for j in r["mask_twin"] or []}
+    assert found == {tuple(sorted(p)) for p in truth["mask_twins"]}          # none missed, no false pair
+    assert all(split == "train" for (split, _), r in rows.items() if r["mask_twin"])
+    for cartoon, source in truth["mask_twins"]:
+        assert rows["train", cartoon]["flagged"] and rows["train", cartoon]["non_tissue"]
+        assert f"byte-identical to that of {source}" in rows["train", cartoon]["reason"]
+        assert not rows["train", source]["flagged"]
+        assert f"mask twin: the mask file is byte-identical to that of {cartoon}" in rows["train", source]["reason"]
+        assert f"{min(cartoon, source)} = {max(cartoon, source)}" in res.output
+    leaks = {(i, r["near_train"]) for (split, i), r in rows.items() if r["near_train"]}
+    assert leaks == {tuple(p) for p in truth["near_duplicates"]}             # none missed, no false pair
+    assert all(rows["test", t]["flagged"] is False for t, _ in leaks)       # listed, never dropped
+    assert len(rows) == 36   # every image of both splits has its row, names shared across splits included
+
 
 def test_keep_unflags_one_image_and_unknown_ids_are_refused(cli, tmp_path):
     data, planted = planted_dataset(tmp_path / "data")

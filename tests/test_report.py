@@ -163,13 +163,41 @@ def test_report_of_an_empty_run_says_what_is_missing(cli, tmp_path):
         assert section and "Not shown" in section.group(1), anchor
 
 
-def test_report_without_data_folder_skips_image_sections(written, tmp_path):
-    _, run, _ = written
+def test_report_finds_the_data_in_the_run_and_skips_images_when_it_changed(written, tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    data, run, _ = written
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    text = (report.write_report(copy, None)).read_text()
-    assert "pass --data" in text
+    text = report.write_report(copy, None).read_text()     # the data folder crops recorded
+    assert "Not shown" not in text, re.findall(r"Not shown: [^<]*", text)
+    # point the run at a copy of the data, then change a file there
+    data_copy = tmp_path / "data"
+    shutil.copytree(data, data_copy)
+    crops = copy / store.CROPS_FILE
+    meta = {**store.read_meta(crops), "data": str(data_copy)}
+    pq.write_table(pq.read_table(crops).replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), crops)
+    assert "Not shown" not in report.write_report(copy, None).read_text()
+    (data_copy / "test_data" / "img_0000.png").write_bytes((data_copy / "test_data" / "img_0001.png").read_bytes())
+    text = report.write_report(copy, None).read_text()
+    assert "pass --data" in text and "changed since `histoembed crops`" in text
     assert 'alt="reliability diagrams"' in text and 'alt="fusion weight curve"' in text
+
+
+def test_report_lists_test_images_that_copy_training_images_and_mask_twins(written):
+    data, _, page = written
+    text = page.read_text(encoding="utf-8")
+    planted = json.loads((data / "planted.json").read_text())
+    [[test_copy, original]] = planted["near_duplicates"]
+    [[cartoon, source]] = planted["mask_twins"]
+    section = re.search(r'<section id="qc">(.*?)</section>', text, re.S).group(1)
+    assert "Possible leakage:</b> 1 test image(s)" in section
+    assert f"<tr><td>{test_copy}</td><td>{original}</td>" in section
+    assert "1 pair(s) of training images share a byte-identical mask file" in section
+    a, b = sorted((cartoon, source))
+    assert f"<tr><td>{a}</td><td>{b}</td><td>{cartoon}</td></tr>" in section
 
 
 def test_report_of_a_missing_run_folder_is_a_user_error(cli, tmp_path):

@@ -31,21 +31,41 @@ def test_submission_follows_the_test_folder_and_training_spellings(pipeline_run)
         [[k[5:] for k in preds if k.startswith("prob_")].index(lab) for lab in preds["label"]]
 
 
-def test_a_test_image_without_features_gets_the_prior_and_is_listed(pipeline_run, tmp_path, cli):
+def test_a_test_image_without_features_gets_the_prior_and_is_listed(pipeline_run, pipeline_settings, tmp_path, cli):
+    from histoembed.demo import run_pipeline
+
     data, run = pipeline_run
     copy = tmp_path / "data"
     shutil.copytree(data, copy)
-    extra = copy / "test_data" / "img_9999.png"
-    shutil.copy(sorted((copy / "test_data").glob("img_*.png"))[0], extra)
-    shutil.copy(sorted((copy / "test_data").glob("mask_*.png"))[0], copy / "test_data" / "mask_9999.png")
+    bad = copy / "test_data" / "img_0003.png"
+    bad.write_bytes(bad.read_bytes()[:200])       # header readable, pixels cut: crops skip it, so no features
     run_copy = tmp_path / "run"
     shutil.copytree(run, run_copy)
-    result = run_submit(copy, run_copy)
-    assert result.fallbacks == ["img_9999.png"]
+    run_pipeline(copy, run_copy, pipeline_settings, stages=("crops", "embed", "fit"))
+    result = run_submit(None, run_copy)              # the data folder recorded by crops
+    assert result.fallbacks == ["img_0003.png"]
     rows = _rows(run_copy / store.SUBMISSION_FILE)
-    assert rows[-1][0] == "img_9999.png"
-    r = cli("submit", "--data", copy, "--run", run_copy)
-    assert r.exit_code == 0 and "img_9999.png" in r.output and "prior" in r.output
+    assert [r[0] for r in rows[1:]] == [f"img_{i:04d}.png" for i in range(6)]   # still one row per test image
+    r = cli("submit", "--run", run_copy)
+    assert r.exit_code == 0 and "img_0003.png" in r.output and "prior" in r.output
+
+
+def test_submit_finds_the_data_in_the_run_and_refuses_changed_files(pipeline_run, tmp_path, cli):
+    data, run = pipeline_run
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)                     # the same files elsewhere (times kept): accepted
+    run_copy = tmp_path / "run"
+    shutil.copytree(run, run_copy)
+    r = cli("submit", "--run", run_copy)             # no --data: the folder crops recorded
+    assert r.exit_code == 0, r.output
+    assert _rows(run_copy / store.SUBMISSION_FILE) == _rows(run / store.SUBMISSION_FILE)
+    r = cli("submit", "--run", run_copy, "--data", copy)
+    assert r.exit_code == 0, r.output
+    extra = copy / "test_data" / "img_0006.png"      # a file added since the crops were cut
+    shutil.copy(copy / "test_data" / "img_0000.png", extra)
+    shutil.copy(copy / "test_data" / "mask_0000.png", copy / "test_data" / "mask_0006.png")
+    r = cli("submit", "--run", run_copy, "--data", copy)
+    assert r.exit_code == 2 and "changed since `histoembed crops`" in r.output and "re-run `histoembed crops`" in r.output
 
 
 def test_features_of_another_dataset_are_refused(pipeline_run, tmp_path, cli):
@@ -55,7 +75,23 @@ def test_features_of_another_dataset_are_refused(pipeline_run, tmp_path, cli):
     for p in (copy / "test_data").glob("*_0*.png"):
         p.rename(p.with_name(p.name.replace("_0", "_8")))
     r = cli("submit", "--data", copy, "--run", run)
-    assert r.exit_code == 2 and "not in the data" in r.output
+    assert r.exit_code == 2 and "changed since `histoembed crops`" in r.output
+
+
+def test_a_run_of_an_older_schema_is_refused(pipeline_run, tmp_path, cli):
+    """Files written before (split, name) keys are never joined by name: a clear message says what to re-run."""
+    import json
+
+    data, run = pipeline_run
+    run_copy = tmp_path / "run"
+    shutil.copytree(run, run_copy)
+    crops = run_copy / store.CROPS_FILE
+    meta = {k: v for k, v in store.read_meta(crops).items() if k != "schema"}
+    table = pq.read_table(crops)
+    pq.write_table(table.replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), crops)
+    r = cli("submit", "--run", run_copy)
+    assert r.exit_code == 2
+    assert "crops.parquet has file schema 1" in r.output and "re-run `histoembed crops`" in r.output
 
 
 def test_submit_before_fit_says_what_to_run(tmp_path, cli, pipeline_run):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from histoembed.dataset import load_dataset, read_image, read_mask
 from histoembed.synthetic import LABELS, class_counts, make_dataset, tissue_image
 
 
-def test_reference_layout_labels_and_unique_ids(tmp_path):
+def test_reference_layout_labels_and_names_like_the_challenge(tmp_path):
     summary = make_dataset(tmp_path, n_train=12, n_test=4, seed=0, size_range=(96, 160))
     lines = (tmp_path / "train_labels.csv").read_text().splitlines()
     assert lines[0] == "sample_index,label"
@@ -20,7 +21,7 @@ def test_reference_layout_labels_and_unique_ids(tmp_path):
     train = sorted(p.name for p in (tmp_path / "train_data").glob("img_*.png"))
     test = sorted(p.name for p in (tmp_path / "test_data").glob("img_*.png"))
     assert train == [f"img_{i:04d}.png" for i in range(12)]
-    assert test == [f"img_{i:04d}.png" for i in range(12, 16)]  # ids continue: unique across splits
+    assert test == [f"img_{i:04d}.png" for i in range(4)]  # numbered from img_0000 like the real test_data/
     for folder in ("train_data", "test_data"):
         for img in (tmp_path / folder).glob("img_*.png"):
             assert (img.parent / img.name.replace("img_", "mask_")).exists()
@@ -57,9 +58,23 @@ def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
 
 def test_planted_outliers_are_what_planted_json_says(tmp_path):
     summary = make_dataset(tmp_path, n_train=10, n_test=2, seed=1, size_range=(128, 160))
-    planted = json.loads((tmp_path / "planted.json").read_text())
+    written = json.loads((tmp_path / "planted.json").read_text())
+    planted = written["flags"]
     assert planted == summary["planted"]
     assert sorted(planted.values()) == ["blank", "ink", "non_tissue"]
+    # the cartoon reuses a tissue image's mask file byte for byte; the test copy copies a clean training image
+    [[cartoon, source]] = written["mask_twins"] == summary["mask_twins"] and written["mask_twins"]
+    assert planted[cartoon] == "non_tissue" and source not in planted
+    train = tmp_path / "train_data"
+    assert (train / cartoon.replace("img_", "mask_")).read_bytes() == (train / source.replace("img_", "mask_")).read_bytes()
+    assert read_image(train / cartoon).shape == read_image(train / source).shape
+    [[test_copy, original]] = written["near_duplicates"]
+    assert original not in planted and original != source
+    a = read_image(tmp_path / "test_data" / test_copy).astype(int)
+    b = read_image(train / original).astype(int)
+    assert a.shape == b.shape and 0 < np.abs(a - b).mean() < 12           # close, not identical
+    masks = [p.read_bytes() for p in train.glob("mask_*.png")]
+    assert len(masks) - len(set(masks)) == 1                                # no other mask repeats
     for image_id, kind in planted.items():
         path = tmp_path / "train_data" / image_id
         assert path.exists()
@@ -119,10 +134,46 @@ def test_synth_command(cli, tmp_path):
     ok = cli("synth", "--out", tmp_path / "f", "--train", 4, "--test", 0, "--no-outliers",
              "--min-size", 64, "--max-size", 64)
     assert ok.exit_code == 0, ok.output
-    assert json.loads((tmp_path / "f/planted.json").read_text()) == {}
+    assert json.loads((tmp_path / "f/planted.json").read_text()) == {"flags": {}, "mask_twins": [],
+                                                                     "near_duplicates": []}
 
 
 @pytest.mark.parametrize("bad", [("--min-size", "200", "--max-size", "100")])
 def test_synth_rejects_bad_sizes(cli, tmp_path, bad):
     res = cli("synth", "--out", tmp_path / "d", *bad)
     assert res.exit_code == 2 and "larger than --max-size" in res.output
+
+
+def test_full_scale_layout_like_the_challenge(cli, tmp_path):
+    """691 training images with the real label counts, 477 test images, both from img_0000.png, 60 mask twins."""
+    from histoembed.synthetic import REFERENCE_PIXELS, reference_sizes
+
+    out = tmp_path / "full"
+    res = cli("synth", "--out", out, "--full-scale", "--size-scale", "0.06", "--seed", 1)
+    assert res.exit_code == 0, res.output
+    assert "wrote 691 training and 477 test images" in res.output
+    labels = (out / "train_labels.csv").read_text().splitlines()[1:]
+    real = Path(__file__).parent / "data" / "an2dl-2025-c2-train_labels.csv"
+    counts = {}
+    for line in labels:
+        counts[line.split(",", 1)[1]] = counts.get(line.split(",", 1)[1], 0) + 1
+    assert counts == {"HER2(+)": 189, "Luminal A": 205, "Luminal B": 220, "Triple negative": 77}
+    real_counts = {}   # the real challenge's train_labels.csv: the same counts, spelled the same
+    for line in real.read_text().splitlines()[1:]:
+        real_counts[line.split(",", 1)[1]] = real_counts.get(line.split(",", 1)[1], 0) + 1
+    assert counts == real_counts
+    assert sorted(p.name for p in (out / "test_data").glob("img_*.png")) == [f"img_{i:04d}.png" for i in range(477)]
+    planted = json.loads((out / "planted.json").read_text())
+    assert len(planted["mask_twins"]) == 60 and len(planted["near_duplicates"]) == 10
+    masks = {}
+    for p in (out / "train_data").glob("mask_*.png"):
+        masks.setdefault(p.read_bytes(), []).append(p.name.replace("mask_", "img_"))
+    assert sorted(sorted(v) for v in masks.values() if len(v) > 1) == sorted(sorted(p) for p in planted["mask_twins"])
+    # at scale 1 the pixel counts spread like the real PNGs (0.2-3.6 MB, median ~0.7 MB at ~1.75 B/px)
+    rng = np.random.default_rng(0)
+    pixels = np.array([w * h for w, h in (reference_sizes(rng) for _ in range(2000))])
+    lo, median, hi = REFERENCE_PIXELS
+    assert pixels.min() >= lo * 0.99 and pixels.max() <= hi * 1.01
+    assert abs(np.median(pixels) / median - 1) < 0.1 and pixels.max() > 4 * median
+    bad = cli("synth", "--out", tmp_path / "x", "--full-scale", "--train", 10)
+    assert bad.exit_code == 2 and "leave out --train" in bad.output

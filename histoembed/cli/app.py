@@ -27,6 +27,9 @@ app = typer.Typer(
 DataOpt = Annotated[Path, typer.Option(
     "--data", help="Data folder (reference layout: train_data/, test_data/, train_labels.csv) "
                    "or a manifest CSV with columns image,mask,label,split.")]
+RunDataOpt = Annotated[Path | None, typer.Option(
+    "--data", help="Data folder or manifest CSV; default: the one `histoembed crops` cut this run's crops from "
+                   "(its files must be unchanged since).")]
 RunOpt = Annotated[Path, typer.Option("--run", help="Folder for every stage's outputs.")]
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="Settings file (TOML); default: ./histoembed.toml when it exists.")]

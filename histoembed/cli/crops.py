@@ -71,12 +71,12 @@ def crops(
                       "(--include-flagged or --keep ID to crop them)", soft_wrap=True)
     if result.repaired:
         console.print(f"repaired green ink in {len(result.repaired)} image(s) before cropping: "
-                      f"{', '.join(result.repaired[:10])}", soft_wrap=True)
+                      f"{', '.join(f'{i} ({sp})' for sp, i in result.repaired[:10])}", soft_wrap=True)
     if result.fallbacks:
         console.print(f"{len(result.fallbacks)} image(s) fell back to grid crops over tissue found by colour:",
                       soft_wrap=True)
-        for image_id, why in result.fallbacks:
-            console.print(f"  {escape(image_id)}: {escape(why)}", soft_wrap=True)
+        for split, image_id, why in result.fallbacks:
+            console.print(f"  {escape(image_id)} ({split}): {escape(why)}", soft_wrap=True)
     if result.problems:
         console.print(f"[yellow]skipped {len(result.problems)} item(s):[/]", soft_wrap=True)
         for p in result.problems:

@@ -9,17 +9,23 @@ from typing import Annotated
 import typer
 
 from histoembed import store
-from histoembed.cli.app import RunOpt, command
+from histoembed.cli.app import RunDataOpt, RunOpt, command
 from histoembed.config import Device
 from histoembed.console import console, table
 from histoembed.errors import UserError
-from histoembed.predict import predict_images
+from histoembed.predict import predict_images, resolve_images
 
 
 @command("predict")
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, TIFF) to classify.")],
+    images: Annotated[list[str], typer.Argument(
+        help="Image files (PNG, JPEG, TIFF) to classify, or names of images in the run's data (e.g. img_0003.png: "
+             "the test image of that name, with its mask; --split train for a training image).")],
     run: RunOpt = Path("run"),
+    data: RunDataOpt = None,
+    split: Annotated[str, typer.Option(
+        "--split", help="Which split an image name refers to (train or test): both splits may use the same "
+                        "names.")] = "test",
     mask: Annotated[list[Path] | None, typer.Option(
         "--mask", help="Tissue mask of each image, in the same order (repeat the option); without masks, "
                        "tissue is found by colour.")] = None,
@@ -33,10 +39,13 @@ def predict(
         = None,
 ) -> None:
     """Classify new images with a fitted run: same crops, encoder, views and fold ensemble."""
-    for path in [*images, *(mask or [])]:
+    if split not in ("train", "test"):
+        raise UserError(f"--split {split!r} is not train or test")
+    for path in mask or []:
         if not path.is_file():
             raise UserError("file not found", path=path)
-    preds = predict_images(run, images, list(mask) if mask else None, tta=tta, device=device)
+    paths, masks = resolve_images(run, images, list(mask) if mask else None, data=data, split=split)
+    preds = predict_images(run, paths, masks, tta=tta, device=device)
     classes = list(preds[0].probs)
     table("Predictions", ["image", "label", *classes, "crops"],
           [[p.image.name, p.label, *p.probs.values(), p.crops] for p in preds])

@@ -23,7 +23,7 @@ def qc(
         "--embed/--no-embed", help="Run the embedding pass (kNN outliers, near-duplicates by embedding) on "
                                    "thumbnails through --encoder. --no-embed: colour and hash checks only.")] = True,
     keep: Annotated[list[str] | None, typer.Option(
-        "--keep", help="Un-flag this image id (repeatable), e.g. --keep img_0042.png.")] = None,
+        "--keep", help="Un-flag this training image (repeatable), e.g. --keep img_0042.png.")] = None,
     non_tissue_fraction: Annotated[float | None, setting("qc.non_tissue_fraction")] = None,
     ink_fraction: Annotated[float | None, setting("qc.ink_fraction")] = None,
     min_tissue_in_mask: Annotated[float | None, setting("qc.min_tissue_in_mask")] = None,
@@ -49,6 +49,8 @@ def qc(
     n = result.table.num_rows
     rows = [[flag, result.count(flag)] for flag in ("non_tissue", "ink", "blank", "outlier")]
     rows.append(["in a near-duplicate group", result.count("duplicate_group")])
+    rows.append(["training mask twins (byte-identical mask files)", result.count("mask_twin")])
+    rows.append(["test images close to a training image", result.count("near_train")])
     rows.append(["flagged (left out of training)", result.count("flagged")])
     table(f"QC of {n} images", ["flag", "images"], rows)
     flagged = result.flagged()
@@ -56,6 +58,20 @@ def qc(
         console.print(f"[bold]Flagged images[/] ({len(flagged)}):", soft_wrap=True)
         for image_id, split, reason in flagged:
             console.print(f"  {escape(image_id)} ({split}): {escape(reason)}", soft_wrap=True)
+    twins = result.mask_twins()
+    if twins:
+        console.print(f"[bold]Training images sharing a mask file[/] ({len(twins)} pair(s); the one marked "
+                      "non_tissue is flagged):", soft_wrap=True)
+        for a, b in twins:
+            console.print(f"  {escape(a)} = {escape(b)}", soft_wrap=True)
+    leaks = result.near_train()
+    if leaks:
+        console.print(f"[yellow]possible leakage:[/] {len(leaks)} test image(s) nearly duplicate a training image "
+                      "(kept; see near_train in qc.parquet):", soft_wrap=True)
+        for test_id, train_id, distance, cosine in leaks:
+            cos = f", cosine {cosine:.3f}" if cosine is not None else ""
+            console.print(f"  test {escape(test_id)} ~ train {escape(train_id)} (hash distance {distance}{cos})",
+                          soft_wrap=True)
     if result.problems:
         console.print(f"[yellow]{len(result.problems)} image(s) could not be read or used and were skipped:[/]",
                       soft_wrap=True)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from histoembed import store
 from histoembed.cli.app import RunOpt, command
 from histoembed.console import console
 from histoembed.report import write_report
@@ -17,10 +18,11 @@ def report(
     run: RunOpt = Path("run"),
     data: Annotated[Path | None, typer.Option(
         "--data", help="Data folder (or manifest CSV) for thumbnails, crops drawn on images and crop maps; "
-                       "default: ./data when it exists, else those sections are left out.")] = None,
+                       "default: the one `histoembed crops` recorded in the run (if its files are unchanged), "
+                       "else ./data when it exists, else those sections are left out.")] = None,
 ) -> None:
     """Write run/report.html: one self-contained page with the run's tables and plots."""
-    if data is None and Path("data").exists():
+    if data is None and not (run / store.CROPS_FILE).exists() and Path("data").exists():
         data = Path("data")
     path = write_report(run, data)
     console.print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB); open it in a browser", soft_wrap=True)

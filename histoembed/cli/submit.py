@@ -7,14 +7,14 @@ from typing import Annotated
 
 import typer
 
-from histoembed.cli.app import DataOpt, EncoderOpt, RunOpt, command
+from histoembed.cli.app import EncoderOpt, RunDataOpt, RunOpt, command
 from histoembed.console import console, table
 from histoembed.submit import run_submit
 
 
 @command("submit")
 def submit(
-    data: DataOpt = Path("data"),
+    data: RunDataOpt = None,
     run: RunOpt = Path("run"),
     encoder: EncoderOpt = None,
     tta: Annotated[bool, typer.Option(

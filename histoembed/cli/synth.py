@@ -10,38 +10,72 @@ import typer
 from histoembed.cli.app import command
 from histoembed.console import console
 from histoembed.errors import UserError
-from histoembed.synthetic import make_dataset
+from histoembed import synthetic
 
 
 @command("synth")
 def synth(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the dataset into (reference layout).")]
         = Path("data"),
-    train: Annotated[int, typer.Option("--train", min=1, help="Training images (labelled).")] = 40,
-    test: Annotated[int, typer.Option("--test", min=0, help="Test images (unlabelled; ids continue after the training ids).")]
-        = 16,
+    train: Annotated[int | None, typer.Option("--train", min=1, help="Training images (labelled); default 40.")]
+        = None,
+    test: Annotated[int | None, typer.Option(
+        "--test", min=0, help="Test images (unlabelled; named img_0000.png on, like the training images); "
+                              "default 16.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of every random choice; the same seed gives the same files.")]
         = 0,
     min_size: Annotated[int, typer.Option("--min-size", min=32, help="Smallest image side in pixels.")] = 256,
     max_size: Annotated[int, typer.Option("--max-size", min=32, help="Largest image side in pixels.")] = 512,
     outliers: Annotated[bool, typer.Option(
         "--outliers/--no-outliers",
-        help="Plant a cartoon, a green-ink smear and an empty mask in the training split (listed in planted.json).")]
-        = True,
+        help="Plant cartoons pasted over other images' masks, a green-ink smear and an empty mask in the training "
+             "split, and test images that copy training images (all listed in planted.json).")] = True,
+    mask_twins: Annotated[int | None, typer.Option(
+        "--mask-twins", min=1, help="Cartoons pasted over another training image's mask file (default 1; 60 with "
+                                    "--full-scale).")] = None,
+    near_duplicates: Annotated[int | None, typer.Option(
+        "--near-duplicates", min=0, help="Test images that are near copies of a training image (default 1; 10 "
+                                         "with --full-scale).")] = None,
+    full_scale: Annotated[bool, typer.Option(
+        "--full-scale", help="The reference challenge's size: 691 training images with its label counts, 477 test "
+                             "images, sizes spread like its PNGs (0.2-3.6 MB), 60 mask twins.")] = False,
+    size_scale: Annotated[float, typer.Option(
+        "--size-scale", min=0.01, max=4.0, help="With --full-scale: multiply every image side by this "
+                                                "(0.1 gives small images for quick trials).")] = 1.0,
 ) -> None:
     """Write a synthetic H&E dataset (images, tumour masks, labels) for trying the pipeline."""
+    if full_scale:
+        if train is not None or test is not None:
+            raise UserError("--full-scale sets 691 training and 477 test images; leave out --train and --test")
+        train, test = synthetic.REFERENCE_TRAIN, synthetic.REFERENCE_TEST
+        mask_twins = synthetic.REFERENCE_MASK_TWINS if mask_twins is None else mask_twins
+        near_duplicates = 10 if near_duplicates is None else near_duplicates
+    elif size_scale != 1.0:
+        raise UserError("--size-scale applies to --full-scale; use --min-size/--max-size otherwise")
+    train = 40 if train is None else train
+    test = 16 if test is None else test
+    mask_twins = 1 if mask_twins is None else mask_twins
+    near_duplicates = 1 if near_duplicates is None else near_duplicates
     if min_size > max_size:
         raise UserError(f"--min-size {min_size} is larger than --max-size {max_size}")
-    if outliers and train < 8:
-        raise UserError(f"planting outliers needs at least 8 training images (got --train {train})",
-                        hint="pass --train 8 or more, or --no-outliers")
+    if outliers and near_duplicates > test:
+        raise UserError(f"--near-duplicates {near_duplicates} is more than the {test} test image(s)")
+    need = synthetic.min_train(mask_twins, near_duplicates)
+    if outliers and train < need:
+        raise UserError(f"planting outliers needs at least {need} training images (got --train {train})",
+                        hint=f"pass --train {need} or more, fewer --mask-twins/--near-duplicates, or --no-outliers")
     if (out / "train_data").exists() or (out / "test_data").exists():
         raise UserError("folder already holds a dataset", path=out,
                         hint="choose another --out, or remove the folder first")
-    summary = make_dataset(out, train, test, seed, size_range=(min_size, max_size), outliers=outliers)
+    summary = synthetic.make_dataset(out, train, test, seed, size_range=(min_size, max_size), outliers=outliers,
+                                     mask_twins=mask_twins, near_duplicates=near_duplicates,
+                                     reference_size_scale=size_scale if full_scale else None)
     counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
     console.print(f"wrote {len(summary['train'])} training and {len(summary['test'])} test images to {out}")
     console.print(f"labels: {counts}")
     if summary["planted"]:
-        planted = ", ".join(f"{k} ({v})" for k, v in summary["planted"].items())
-        console.print(f"planted outliers: {planted}")
+        planted = ", ".join(f"{k} ({v})" for k, v in list(summary["planted"].items())[:12])
+        more = " ..." if len(summary["planted"]) > 12 else ""
+        console.print(f"planted outliers (training): {planted}{more}", soft_wrap=True)
+        console.print(f"planted {len(summary['mask_twins'])} mask twin(s) and {len(summary['near_duplicates'])} "
+                      "test near-duplicate(s) of training images; all listed in planted.json", soft_wrap=True)

@@ -31,10 +31,10 @@ def synth(
         help="Plant cartoons pasted over other images' masks, a green-ink smear and an empty mask in the training "
              "split, and test images that copy training images (all listed in planted.json).")] = True,
     mask_twins: Annotated[int | None, typer.Option(
-        "--mask-twins", min=1, help="Cartoons pasted over another training image's mask file (default 1; 60 with "
+        "--mask-twins", min=1, help="Cartoons pasted over another training image's mask file: 1, or 60 with "
                                     "--full-scale).")] = None,
     near_duplicates: Annotated[int | None, typer.Option(
-        "--near-duplicates", min=0, help="Test images that are near copies of a training image (default 1; 10 "
+        "--near-duplicates", min=0, help="Test images that are near copies of a training image: 1, or 10 "
                                          "with --full-scale).")] = None,
     full_scale: Annotated[bool, typer.Option(
         "--full-scale", help="The reference challenge's size: 691 training images with its label counts, 477 test "

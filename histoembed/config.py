@@ -77,7 +77,8 @@ class AugmentSettings(_Settings):
 class EmbedSettings(_Settings):
     encoder: str = Field("phikon-v2", description="Encoder: a registry name (`histoembed encoders` lists them: "
                          "phikon-v2, uni2-h, virchow2, ...), an hf-hub:org/name timm id, a Hugging Face "
-                         "transformers id or a local model folder.")
+                         "transformers id or a local model folder. `embed` takes several (repeat --encoder, or a "
+                         "comma list): the same crops and views through each, one store per encoder.")
     pool: Pool = Field(
         "auto", description="Token pooling for ViT encoders: auto (the registry entry's rule, e.g. cls+mean for "
         "Virchow2 and Midnight; cls elsewhere), cls, mean of the patch tokens (registers left out), or both.")

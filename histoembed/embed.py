@@ -408,6 +408,31 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
         return result
 
 
+def encoder_names(text: str) -> list[str]:
+    """The encoders of a comma list, in order, each once; two that would share a store folder are refused."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise UserError("no encoder given", hint="pass --encoder NAME (`histoembed encoders` lists them)")
+    slugs: dict[str, str] = {}
+    for n in names:
+        other = slugs.setdefault(store.encoder_slug(n), n)
+        if other != n:
+            raise UserError(f"encoders {other!r} and {n!r} would write the same store "
+                            f"(run/{store.FEATURES_DIR}/{store.encoder_slug(n)})", hint="give each encoder once")
+    return names
+
+
+def run_embeds(run: Path, settings: EmbedSettings, augment: AugmentSettings,
+               shard: tuple[int, int] = (0, 1)) -> list[EmbedResult]:
+    """``run_embed`` for each encoder of ``settings.encoder`` (a comma list): the same crops and views, one store each.
+
+    The augmented views depend only on (seed, image id, crop index, view), so every encoder
+    sees the very same pixels, and their stores line up row for row.
+    """
+    return [run_embed(run, settings.model_copy(update={"encoder": name}), augment, shard=shard)
+            for name in encoder_names(settings.encoder)]
+
+
 def read_store(run: Path, encoder: str | None = None, split: str | None = None) -> store.Features:
     """Every embedding of the run's feature store (all shards) as one ``Features``."""
     return store.read_features(store.find_feature_store(run, encoder), split=split)

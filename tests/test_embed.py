@@ -286,3 +286,13 @@ def test_every_embed_option_reaches_the_store(tmp_path, tiny_dinov2, cli):
     parts = store.feature_parts(store.find_feature_store(tmp_path))
     assert len(parts) == 4  # 15 train crops x 3 views + 6 test crops = 51 rows, whole crops of 5 per batch
     assert "embedded 51 views" in r.output
+
+
+def test_encoder_lists_keep_order_drop_repeats_and_refuse_two_names_for_one_store():
+    from histoembed.embed import encoder_names
+
+    assert encoder_names("virchow2, uni2-h,virchow2") == ["virchow2", "uni2-h"]
+    with pytest.raises(UserError, match="same store"):
+        encoder_names("org/model,org--model")
+    with pytest.raises(UserError, match="no encoder"):
+        encoder_names(" , ")

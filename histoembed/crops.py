@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
-import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -42,10 +41,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from histoembed import store
+from histoembed import cpus, store
 from histoembed.config import CropSettings, QCSettings
 from histoembed.console import progress
-from histoembed.dataset import Problem, Sample, load_dataset, read_image_and_mask
+from histoembed.dataset import MAX_PIXELS, Problem, Sample, load_dataset, read_image_and_mask
 from histoembed.errors import UserError
 from histoembed.pixels import repair_ink, tissue_mask_by_colour
 
@@ -276,7 +275,7 @@ def _encode_png(rgb: np.ndarray) -> bytes:
 def _crop_one(job: _CropJob) -> _CroppedImage:
     sample = job.sample
     try:
-        rgb, mask = read_image_and_mask(sample.image, sample.mask)
+        rgb, mask = read_image_and_mask(sample.image, sample.mask, max_pixels=None)  # checked by load_dataset
     except UserError as e:
         return _CroppedImage(sample.image_id,
                              problem=Problem(e.path or sample.image, f"{e.problem}; image skipped"))
@@ -310,14 +309,7 @@ class CropsResult:
     skipped: bool                     # True: inputs and settings unchanged, nothing was done
 
 
-def _stamp(path: Path | None) -> list | None:
-    if path is None:
-        return None
-    st = path.stat()
-    return [str(path), st.st_size, st.st_mtime_ns]
-
-
-def _read_qc(run: Path) -> tuple[dict[str, dict], dict | None, list | None]:
+def _read_qc(run: Path, stamp: store.ContentStamps) -> tuple[dict[str, dict], dict | None, list | None]:
     """({image_id: row}, QC settings as a dict, the file's stamp) of run/qc.parquet, if any."""
     table = store.read_qc(run)
     if table is None:
@@ -328,7 +320,7 @@ def _read_qc(run: Path) -> tuple[dict[str, dict], dict | None, list | None]:
         raise UserError(f"QC table lacks column(s) {', '.join(missing)}", path=path, hint="re-run `histoembed qc`")
     rows = {r["image_id"]: r for r in table.select(["image_id", "split", "flagged", "ink"]).to_pylist()}
     meta = store.read_meta(path)
-    return rows, meta.get("settings"), [_stamp(path), meta.get("key")]
+    return rows, meta.get("settings"), [stamp(path), meta.get("key")]
 
 
 def _summary(path: Path) -> dict:
@@ -353,17 +345,27 @@ def _previous(out: Path) -> CropsResult:
 
 
 def n_workers(requested: int) -> int:
-    """0 means every core this process may use."""
-    if requested > 0:
-        return requested
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """0 means every CPU this process may use (affinity and cgroup quota)."""
+    return requested if requested > 0 else cpus.usable_cpus()
+
+
+def _refuse_lost_classes(ds, samples: list[Sample], flagged: set[str], data: Path) -> None:
+    """Stop when a label given in the data has no training image left: a model would silently lack it."""
+    kept = {s.label for s in samples if s.split == "train"}
+    for label in ds.classes:
+        if label in kept:
+            continue
+        n = sum(1 for s in ds.samples if s.label == label and s.image_id in flagged)
+        why = (f"QC flagged all {n} of its usable image(s)" if n else
+               "every image with this label was skipped by the data check")
+        raise UserError(f"label {label!r} has no training image left to crop: {why}", path=data,
+                        hint="pass --include-flagged (or --keep ID for some of them) to keep flagged images"
+                        if n else "fix the problems listed for its images (run `histoembed crops --strict` "
+                                  "to see the first)")
 
 
 def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = False, keep: Sequence[str] = (),
-              include_flagged: bool = False) -> CropsResult:
+              include_flagged: bool = False, max_pixels: int = MAX_PIXELS) -> CropsResult:
     """Cut the crops of both splits into ``run/crops.parquet`` (nothing to do when unchanged).
 
     ``strict`` stops at the first bad item, before anything is written. With a
@@ -372,13 +374,15 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
     """
     data, run = Path(data), Path(run)
     out = run / store.CROPS_FILE
-    ds = load_dataset(data, strict=strict)
+    store.remove_stale(run, ".*.tmp-*")  # what killed runs left
+    ds = load_dataset(data, strict=strict, max_pixels=max_pixels)
     known = {s.image_id for s in ds.samples}
     unknown = [k for k in keep if k not in known]
     if unknown:
         raise UserError(f"--keep names image(s) not in the data: {', '.join(unknown)}", path=data,
                         hint="use image ids as in train_labels.csv or the manifest, e.g. img_0003.png")
-    qc_rows, qc_settings, qc_stamp = _read_qc(run)
+    stamp = store.ContentStamps(store.read_meta(out).get("content_stamps"))
+    qc_rows, qc_settings, qc_stamp = _read_qc(run, stamp)
     repair_on = qc_settings is None or qc_settings.get("repair_ink", True)
 
     left_out = [s.image_id for s in ds.samples
@@ -389,10 +393,11 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
     if not samples:
         raise UserError("every image was left out (all training images flagged by QC and no test images)",
                         path=run / store.QC_FILE, hint="pass --include-flagged or --keep ID")
+    _refuse_lost_classes(ds, samples, dropped, data)
 
-    key = store.config_key(
-        "crops", CROPS_VERSION, settings.model_dump(exclude={"workers"}), sorted(keep), include_flagged, qc_stamp,
-        [[s.image_id, s.split, s.label, _stamp(s.image), _stamp(s.mask)] for s in ds.samples],
+    key = store.stage_key(
+        "crops", CROPS_VERSION, settings, sorted(keep), include_flagged, qc_stamp,
+        [[s.image_id, s.split, s.label, stamp(s.image), stamp(s.mask)] for s in ds.samples],
         [str(p) for p in ds.problems],
     )
     if out.exists() and store.read_meta(out).get("key") == key:
@@ -406,7 +411,8 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
     split_of = {s.image_id: s.split for s in samples}
 
     meta = {"key": key, "settings": settings.model_dump(), "data": str(data.resolve()),
-            "qc": qc_stamp[1] if qc_stamp else None, "images": len(samples), "left_out": len(left_out)}
+            "qc": qc_stamp[1] if qc_stamp else None, "images": len(samples), "left_out": len(left_out),
+            "classes": ds.classes, "content_stamps": stamp.used}
     schema = store.with_meta(store.CROPS_SCHEMA, meta)
     workers = min(n_workers(settings.workers), len(jobs))
     fallbacks: list[tuple[str, str]] = []

@@ -118,6 +118,10 @@ def _load(run: Path, data: Path | None) -> _Run:
             r.qc = store.read_table(qc_path, "QC table").to_pandas()
         except UserError as e:
             r.notes.append(str(e))
+    manifest = run / store.MODELS_DIR / store.MODELS_MANIFEST_FILE
+    if manifest.exists():  # never draw models of one fit beside metrics of another
+        from histoembed.inference import check_one_set
+        check_one_set(run, store.read_json(manifest, "fitted-models manifest").get("key"))
     for name, attr in ((store.METRICS_FILE, "metrics"), (store.CALIBRATION_FILE, "calibration")):
         if (run / name).exists():
             try:

@@ -23,7 +23,7 @@ import pyarrow as pa
 from histoembed import store
 from histoembed.dataset import submission_ids
 from histoembed.errors import UserError
-from histoembed.inference import load_ensemble
+from histoembed.inference import check_same_crops, load_ensemble
 
 
 @dataclass
@@ -55,6 +55,8 @@ def run_submit(data: Path, run: Path, encoder: str | None = None, tta: bool = Tr
         raise UserError("the data has no test images", path=data)
     store_dir = store.find_feature_store(run, encoder or ensemble.encoder)
     features = store.read_features(store_dir, split="test")
+    store.check_complete(features, run, "test")
+    check_same_crops(run, ensemble)
     if not tta:
         features = features.subset(features.view == 0)
     unknown = sorted(set(features.image_id) - set(ids))

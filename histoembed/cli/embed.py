@@ -29,6 +29,7 @@ def embed(
     store_dtype: Annotated[StoreDtype | None, setting("embed.store_dtype")] = None,
     workers: Annotated[int | None, setting("embed.workers")] = None,
     rows_per_part: Annotated[int | None, setting("embed.rows_per_part")] = None,
+    threads: Annotated[int | None, setting("embed.threads")] = None,
     seed: Annotated[int | None, setting("embed.seed")] = None,
     shard: Annotated[str | None, typer.Option(
         "--shard", metavar="I/N", help="Embed only the I-th of N deterministic slices of the crops (from 0), into "
@@ -44,7 +45,7 @@ def embed(
                               repeats=repeats, tta=tta, batch_size=batch_size, device=device, precision=precision, store_dtype=store_dtype,
                               workers=workers, rows_per_part=rows_per_part, seed=seed,
                               check_precision=check_precision, precision_threshold=precision_threshold,
-                              fallback_fp32=fallback_fp32)
+                              fallback_fp32=fallback_fp32, threads=threads)
     from histoembed.embed import default_shard, parse_shard, run_embeds  # torch: loaded only to embed
 
     shard_ = parse_shard(shard) if shard else default_shard()

@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
+from histoembed import config as cfg
 from histoembed import store
-from histoembed.cli.app import RunOpt, command
+from histoembed.cli.app import ConfigOpt, RunOpt, command, setting
 from histoembed.config import Device
 from histoembed.console import console, table
 from histoembed.errors import UserError
@@ -31,12 +32,15 @@ def predict(
     out: Annotated[Path | None, typer.Option(
         "--out", help="Also write the predictions as CSV (image, label, one probability column per class).")]
         = None,
+    config: ConfigOpt = None,
+    max_pixels: Annotated[int | None, setting("data.max_pixels")] = None,
 ) -> None:
     """Classify new images with a fitted run: same crops, encoder, views and fold ensemble."""
     for path in [*images, *(mask or [])]:
         if not path.is_file():
             raise UserError("file not found", path=path)
-    preds = predict_images(run, images, list(mask) if mask else None, tta=tta, device=device)
+    limit = cfg.override(cfg.load_settings(config).data, max_pixels=max_pixels).max_pixels
+    preds = predict_images(run, images, list(mask) if mask else None, tta=tta, device=device, max_pixels=limit)
     classes = list(preds[0].probs)
     table("Predictions", ["image", "label", *classes, "crops"],
           [[p.image.name, p.label, *p.probs.values(), p.crops] for p in preds])

@@ -56,7 +56,6 @@ def run_submit(data: Path, run: Path, encoder: str | None = None, tta: bool = Tr
     store_dir = store.find_feature_store(run, encoder or ensemble.encoder)
     features = store.read_features(store_dir, split="test")
     store.check_complete(features, run, "test")
-    check_same_crops(run, ensemble)
     if not tta:
         features = features.subset(features.view == 0)
     unknown = sorted(set(features.image_id) - set(ids))
@@ -77,6 +76,7 @@ def run_submit(data: Path, run: Path, encoder: str | None = None, tta: bool = Tr
         rows = np.array([row_of[i] for i in pred.image_ids])
         probs[rows], decided[rows], sets[rows], spread[rows] = pred.probs, pred.pred, pred.sets, pred.view_spread
         have[rows] = True
+    check_same_crops(run, ensemble)  # after the features' own checks (dimension, encoder), which say more
     labels = [ensemble.classes[k] for k in decided]
     fallbacks = [i for i, ok in zip(ids, have) if not ok]
 

@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from histoembed.cpus import usable_cpus
-    from histoembed.fit import write_synthetic_features
+    from histoembed.synthetic import write_synthetic_features
 
     cpus = usable_cpus()
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,6 +8,12 @@ Each head set is a fresh `histoembed fit` process on the same features; the mach
 average is printed before and after each, because a shared machine slows every figure.
 
     python benchmarks/bench_fit.py [--folds 10] [--heads mlp,xgb --heads mlp,xgb,logreg,abmil] [--keep DIR]
+    python benchmarks/bench_fit.py --baseline /tmp/old   # also time another version's source tree
+
+``--baseline DIR`` times the same fit (default heads) with another version's source tree
+first on the Python path (e.g. ``git archive COMMIT | tar -x -C DIR``), on the same features in
+the same run, so a change in speed shows as a ratio that does not depend on the machine's load.
+Each fit's CPU seconds (user + system, from the kernel) are printed beside its wall time.
 """
 
 from __future__ import annotations
@@ -15,12 +21,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+RUN_INSTALLED = "import runpy; runpy.run_module('histoembed', run_name='__main__')"
+# An editable install puts a finder in sys.meta_path that wins over PYTHONPATH: drop it, then import the tree.
+RUN_FROM = ("import sys, runpy; sys.meta_path[:] = [f for f in sys.meta_path "
+            "if 'editable' not in getattr(f, '__module__', '')]; sys.path.insert(0, {tree!r}); "
+            "import histoembed; assert histoembed.__file__.startswith({tree!r}), histoembed.__file__; "
+            "runpy.run_module('histoembed', run_name='__main__')")
 
 
 def load() -> str:
@@ -39,8 +54,11 @@ def main() -> None:
                         help="A head set to time (repeat for several); default: mlp,xgb and mlp,xgb,logreg,abmil.")
     parser.add_argument("--signal", type=float, default=0.6, help="Class separation of the generated features.")
     parser.add_argument("--keep", type=Path, default=None, help="Write the runs here instead of a temporary folder.")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="Another version's source tree: its `fit` (default heads) is timed first, on the same features.")
     args = parser.parse_args()
     head_sets = args.heads or ["mlp,xgb", "mlp,xgb,logreg,abmil"]
+    jobs = ([("baseline", None, args.baseline)] if args.baseline else []) + [(h, h, None) for h in head_sets]
 
     from histoembed.synthetic import write_synthetic_features
 
@@ -56,21 +74,30 @@ def main() -> None:
               f"x {args.dim}-d, {args.classes} classes (generated in {generated:.1f} s); "
               f"{os.cpu_count()} CPUs")
         results = []
-        for heads in head_sets:
-            run = root / f"run-{heads.replace(',', '-')}"
+        for name, heads, tree in jobs:
+            run = root / f"run-{name.replace(',', '-')}"
             shutil.rmtree(run, ignore_errors=True)
             shutil.copytree(base, run)
-            cmd = [sys.executable, "-m", "histoembed", "fit", "--run", str(run), "--folds", str(args.folds),
-                   "--heads", heads]
-            before = load()
+            cmd = [sys.executable, "-c", RUN_FROM.format(tree=str(tree.resolve())) if tree else RUN_INSTALLED,
+                   "fit", "--run", str(run), "--folds", str(args.folds)]
+            cmd += ["--heads", heads] if heads else []
+            env = None
+            before, cpu0 = load(), resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
             seconds = time.perf_counter() - start
+            cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
             metrics = json.loads((run / "metrics.json").read_text())
-            results.append((heads, seconds, before, load(), metrics))
-        for heads, seconds, before, after, metrics in results:
-            print(f"\n--heads {heads}: fit wall time {seconds:.1f} s (end to end, including start-up); "
+            results.append((name, seconds, cpu, before, load(), metrics))
+        base_wall = results[0][1] if args.baseline else None
+        for name, seconds, cpu, before, after, metrics in results:
+            ratio = f", {seconds / base_wall:.2f}x the baseline's wall time" if base_wall else ""
+            print(f"\n{'--heads ' + name if name != 'baseline' else 'baseline (' + str(args.baseline) + ')'}: "
+                  f"fit wall time {seconds:.1f} s (end to end, including start-up), CPU {cpu:.1f} s{ratio}; "
                   f"load average (1, 5, 15 min) before {before}, after {after}")
+            if "decision" not in metrics:
+                continue
             for head, m in metrics["heads"].items():
                 print(f"  {head:6s} OOF macro-F1 {m['macro_f1']:.3f}  "
                       f"[{m['macro_f1_ci'][0]:.3f}, {m['macro_f1_ci'][1]:.3f}]  "

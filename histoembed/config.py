@@ -1,7 +1,7 @@
 """Typed settings for every stage, with their defaults in one place.
 
 Settings come from, in rising priority: these defaults, a ``histoembed.toml`` (one table
-per stage: ``[crops]``, ``[augment]``, ``[embed]``, ``[qc]``, ``[fit]``, ``[fit.mlp]``,
+per stage: ``[data]``, ``[crops]``, ``[augment]``, ``[embed]``, ``[qc]``, ``[fit]``, ``[fit.mlp]``,
 ``[fit.xgb]``, ``[fit.logreg]``, ``[fit.abmil]``), and command-line options. Each stage stores the settings that produced
 its output, so a re-run with the same settings can skip its work.
 """
@@ -32,8 +32,38 @@ StoreDtype = Literal["float32", "float16"]
 Offsets = Literal["auto", "on", "off"]
 
 
+# Marks a setting that changes how a stage runs but never what it writes (workers, batch size,
+# device, rows per part, threads): stage keys leave these out, so changing one re-runs nothing.
+NO_OUTPUT_CHANGE = {"changes_output": False}
+
+
 class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def output_settings(settings: BaseModel) -> dict:
+    """The settings that decide a stage's output, as a dict (nested tables included)."""
+    out = {}
+    for name, info in type(settings).model_fields.items():
+        if (info.json_schema_extra or {}).get("changes_output") is False:
+            continue
+        value = getattr(settings, name)
+        out[name] = output_settings(value) if isinstance(value, BaseModel) else value
+    return out
+
+
+def runtime_only(settings: type[BaseModel]) -> set[str]:
+    """Names of the settings marked as never changing the output."""
+    return {name for name, info in settings.model_fields.items()
+            if (info.json_schema_extra or {}).get("changes_output") is False}
+
+
+class DataSettings(_Settings):
+    """How images are read, by every stage that reads them (qc, crops, predict)."""
+
+    max_pixels: int = Field(64_000_000, ge=1, description="Images whose header says more pixels than this "
+                            "(width x height) are skipped before decoding, as likely decompression bombs; "
+                            "raise it for real large images (about 20 bytes of memory per pixel).")
 
 
 class CropSettings(_Settings):
@@ -49,7 +79,8 @@ class CropSettings(_Settings):
     tile: int = Field(0, ge=0, description="Tile side in source pixels for grid, roi-window, center and fallbacks (0: the crop size).")
     min_tissue: float = Field(0.5, ge=0, le=1, description="Grid tiles are kept when at least this fraction is tissue.")
     max_crops: int = Field(64, ge=1, description="At most this many crops per image (grid, roi-window, fallback).")
-    workers: int = Field(0, ge=0, description="Worker processes (0: all cores; 1: in this process).")
+    workers: int = Field(0, ge=0, description="Worker processes (0: all cores; 1: in this process).",
+                         json_schema_extra=NO_OUTPUT_CHANGE)
 
 
 class AugmentSettings(_Settings):
@@ -77,28 +108,37 @@ class AugmentSettings(_Settings):
 class EmbedSettings(_Settings):
     encoder: str = Field("phikon-v2", description="Encoder: a registry name (`histoembed encoders` lists them: "
                          "phikon-v2, uni2-h, virchow2, ...), an hf-hub:org/name timm id, a Hugging Face "
-                         "transformers id or a local model folder.")
+                         "transformers id or a local model folder. `embed` takes several (repeat --encoder, or a "
+                         "comma list): the same crops and views through each, one store per encoder.")
     pool: Pool = Field(
         "auto", description="Token pooling for ViT encoders: auto (the registry entry's rule, e.g. cls+mean for "
         "Virchow2 and Midnight; cls elsewhere), cls, mean of the patch tokens (registers left out), or both.")
     repeats: int = Field(4, ge=1, description="Views per crop: view 0 is the clean crop, views 1..r-1 are augmented.")
     tta: bool = Field(True, description="Embed test crops with the same augmented views (test-time augmentation); "
                       "off: view 0 only.")
-    batch_size: int = Field(64, ge=1, description="Crops per forward pass (raise it on a large GPU).")
+    batch_size: int = Field(64, ge=1, description="Crops per forward pass (raise it on a large GPU).",
+                            json_schema_extra=NO_OUTPUT_CHANGE)
     device: Device = Field("auto", description="auto (CUDA when present), cpu or cuda: where augmentation and the "
-                           "encoder run.")
+                           "encoder run.", json_schema_extra=NO_OUTPUT_CHANGE)
     precision: Precision = Field(
         "auto", description="auto: the encoder's CUDA precision (bf16 autocast unless its entry says otherwise) on "
         "CUDA, fp32 on the CPU.")
     check_precision: bool | None = Field(
         None, description="Compare the chosen precision with fp32 on the first batch of real crops (cosine per crop, "
         "NaN/Inf) and stop when it falls below precision_threshold. Default: on when a GPU runs below fp32; works on "
-        "the CPU too (with precision bf16).")
-    precision_threshold: float = Field(0.999, gt=0, le=1, description="Lowest cosine to fp32 a crop may have.")
-    fallback_fp32: bool = Field(False, description="When the precision check fails, embed in fp32 instead of stopping.")
+        "the CPU too (with precision bf16).", json_schema_extra=NO_OUTPUT_CHANGE)
+    precision_threshold: float = Field(0.999, gt=0, le=1, description="Lowest cosine to fp32 a crop may have.",
+                                       json_schema_extra=NO_OUTPUT_CHANGE)
+    # The precision the encoder runs at after the check (and any fallback) is part of the embed key itself.
+    fallback_fp32: bool = Field(False, description="When the precision check fails, embed in fp32 instead of stopping.",
+                                json_schema_extra=NO_OUTPUT_CHANGE)
     store_dtype: StoreDtype = Field("float32", description="Embedding type in the store (float16: half the disk).")
-    workers: int = Field(2, ge=0, description="Processes decoding crop PNGs (0: in the main process).")
-    rows_per_part: int = Field(4096, ge=1, description="Rows per Parquet part: an interrupted run loses at most one part.")
+    workers: int = Field(2, ge=0, description="Processes decoding crop PNGs (0: in the main process).",
+                         json_schema_extra=NO_OUTPUT_CHANGE)
+    rows_per_part: int = Field(4096, ge=1, description="Rows per Parquet part: an interrupted run loses at most one part.",
+                               json_schema_extra=NO_OUTPUT_CHANGE)
+    threads: int = Field(0, ge=0, description="CPU threads of the encoder on a CPU (0: the CPUs this process may "
+                         "use, from its affinity and cgroup quota).", json_schema_extra=NO_OUTPUT_CHANGE)
     seed: int = Field(0, description="Seed of every augmentation draw.")
 
 
@@ -125,7 +165,8 @@ class QCSettings(_Settings):
     duplicate_cosine: float = Field(0.98, gt=0, le=1, description="Near-duplicates: centred cosine of mean embeddings at least this.")
     hash_distance: int = Field(24, ge=0, le=256, description="Near-duplicates: perceptual-hash (256-bit) Hamming distance at most this.")
     repair_ink: bool = Field(True, description="Inpaint ink and remove it from the mask when cropping.")
-    workers: int = Field(0, ge=0, description="Worker processes for the colour pass (0: all cores, up to 8).")
+    workers: int = Field(0, ge=0, description="Worker processes for the colour pass (0: all cores, up to 8).",
+                         json_schema_extra=NO_OUTPUT_CHANGE)
 
 
 class MLPSettings(_Settings):
@@ -196,6 +237,8 @@ class FitSettings(_Settings):
         "(on when their cross-fitted macro-F1 beats plain argmax). Both scores are always reported.")
     alpha: float = Field(0.1, gt=0, lt=1, description="Conformal prediction sets cover the true class with probability 1 - alpha.")
     class_conditional: bool = Field(False, description="Conformal thresholds per class (each class covered at 1 - alpha; larger sets).")
+    threads: int = Field(0, ge=0, description="CPU threads of the heads, torch and XGBoost (0: the CPUs this process "
+                         "may use, from its affinity and cgroup quota).", json_schema_extra=NO_OUTPUT_CHANGE)
     mlp: MLPSettings = MLPSettings()
     xgb: XGBSettings = XGBSettings()
     logreg: LogRegSettings = LogRegSettings()
@@ -203,6 +246,7 @@ class FitSettings(_Settings):
 
 
 class Settings(_Settings):
+    data: DataSettings = DataSettings()
     crops: CropSettings = CropSettings()
     augment: AugmentSettings = AugmentSettings()
     embed: EmbedSettings = EmbedSettings()

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
-import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -42,10 +41,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from histoembed import store
+from histoembed import cpus, store
 from histoembed.config import CropSettings, QCSettings
 from histoembed.console import progress
-from histoembed.dataset import Dataset, Problem, Sample, file_stamp, load_dataset, read_image_and_mask, sample_stamps
+from histoembed.dataset import MAX_PIXELS, Dataset, Problem, Sample, load_dataset, read_image_and_mask
 from histoembed.errors import UserError
 from histoembed.pixels import repair_ink, tissue_mask_by_colour
 
@@ -276,7 +275,7 @@ def _encode_png(rgb: np.ndarray) -> bytes:
 def _crop_one(job: _CropJob) -> _CroppedImage:
     sample = job.sample
     try:
-        rgb, mask = read_image_and_mask(sample.image, sample.mask)
+        rgb, mask = read_image_and_mask(sample.image, sample.mask, max_pixels=None)  # checked by load_dataset
     except UserError as e:
         return _CroppedImage(sample.key,
                              problem=Problem(e.path or sample.image, f"{e.problem}; image skipped"))
@@ -310,7 +309,7 @@ class CropsResult:
     skipped: bool                     # True: inputs and settings unchanged, nothing was done
 
 
-def _read_qc(run: Path) -> tuple[dict[tuple[str, str], dict], dict | None, list | None]:
+def _read_qc(run: Path, stamp: store.ContentStamps) -> tuple[dict[tuple[str, str], dict], dict | None, list | None]:
     """({(split, image_id): row}, QC settings as a dict, the file's stamp) of run/qc.parquet, if any."""
     table = store.read_qc(run)
     if table is None:
@@ -321,7 +320,7 @@ def _read_qc(run: Path) -> tuple[dict[tuple[str, str], dict], dict | None, list 
         raise UserError(f"QC table lacks column(s) {', '.join(missing)}", path=path, hint="re-run `histoembed qc`")
     rows = {(r["split"], r["image_id"]): r for r in table.select(["image_id", "split", "flagged", "ink"]).to_pylist()}
     meta = store.read_meta(path)
-    return rows, meta.get("settings"), [file_stamp(path), meta.get("key")]
+    return rows, meta.get("settings"), [stamp(path), meta.get("key")]
 
 
 def _summary(path: Path) -> dict:
@@ -347,17 +346,27 @@ def _previous(out: Path) -> CropsResult:
 
 
 def n_workers(requested: int) -> int:
-    """0 means every core this process may use."""
-    if requested > 0:
-        return requested
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """0 means every CPU this process may use (affinity and cgroup quota)."""
+    return requested if requested > 0 else cpus.usable_cpus()
+
+
+def _refuse_lost_classes(ds, samples: list[Sample], flagged: set[tuple[str, str]], data: Path) -> None:
+    """Stop when a label given in the data has no training image left: a model would silently lack it."""
+    kept = {s.label for s in samples if s.split == "train"}
+    for label in ds.classes:
+        if label in kept:
+            continue
+        n = sum(1 for s in ds.samples if s.label == label and s.key in flagged)
+        why = (f"QC flagged all {n} of its usable image(s)" if n else
+               "every image with this label was skipped by the data check")
+        raise UserError(f"label {label!r} has no training image left to crop: {why}", path=data,
+                        hint="pass --include-flagged (or --keep ID for some of them) to keep flagged images"
+                        if n else "fix the problems listed for its images (run `histoembed crops --strict` "
+                                  "to see the first)")
 
 
 def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = False, keep: Sequence[str] = (),
-              include_flagged: bool = False) -> CropsResult:
+              include_flagged: bool = False, max_pixels: int = MAX_PIXELS) -> CropsResult:
     """Cut the crops of both splits into ``run/crops.parquet`` (nothing to do when unchanged).
 
     ``strict`` stops at the first bad item, before anything is written. With a
@@ -366,14 +375,16 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
     """
     data, run = Path(data), Path(run)
     out = run / store.CROPS_FILE
-    ds = load_dataset(data, strict=strict)
+    store.remove_stale(run, ".*.tmp-*")  # what killed runs left
+    ds = load_dataset(data, strict=strict, max_pixels=max_pixels)
     train_names = {s.image_id for s in ds.split("train")}
     unknown = [k for k in keep if k not in train_names]
     if unknown:
         raise UserError(f"--keep names image(s) not in the training data: {', '.join(unknown)}", path=data,
                         hint="use training image ids as in train_labels.csv or the manifest, e.g. img_0003.png "
                              "(test images are never left out)")
-    qc_rows, qc_settings, qc_stamp = _read_qc(run)
+    stamp = store.ContentStamps(store.read_meta(out).get("content_stamps"))
+    qc_rows, qc_settings, qc_stamp = _read_qc(run, stamp)
     repair_on = qc_settings is None or qc_settings.get("repair_ink", True)
 
     left_out = [s.image_id for s in ds.split("train")
@@ -383,13 +394,15 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
     if not samples:
         raise UserError("every image was left out (all training images flagged by QC and no test images)",
                         path=run / store.QC_FILE, hint="pass --include-flagged or --keep ID")
+    _refuse_lost_classes(ds, samples, dropped, data)
 
-    stamps = sample_stamps(ds)
-    key = store.config_key(
-        "crops", CROPS_VERSION, settings.model_dump(exclude={"workers"}), sorted(keep), include_flagged, qc_stamp,
+    stamps = sample_stamps(ds, stamp)
+    key = store.stage_key(
+        "crops", CROPS_VERSION, settings, sorted(keep), include_flagged, qc_stamp,
         stamps, [str(p) for p in ds.problems],
     )
-    if out.exists() and store.read_meta(out).get("key") == key:
+    old = store.read_meta(out) if out.exists() else {}
+    if old.get("key") == key and old.get("schema") == store.SCHEMA:  # an older file is cut again
         return _previous(out)
 
     jobs = []
@@ -399,8 +412,8 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
     label_of = {s.key: s.label for s in samples}
 
     meta = {"key": key, "settings": settings.model_dump(), "data": str(data.resolve()),
-            "data_stamp": data_stamp(ds), "qc": qc_stamp[1] if qc_stamp else None, "images": len(samples),
-            "left_out": len(left_out)}
+            "data_stamp": store.config_key("data", stamps), "qc": qc_stamp[1] if qc_stamp else None,
+            "images": len(samples), "left_out": len(left_out), "classes": ds.classes, "content_stamps": stamp.used}
     schema = store.with_meta(store.CROPS_SCHEMA, meta)
     workers = min(n_workers(settings.workers), len(jobs))
     fallbacks: list[tuple[str, str, str]] = []
@@ -464,14 +477,15 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
 
 # ---------------------------------------------------------------- the data a run was cut from
 
-def data_stamp(ds: Dataset) -> str:
-    """A key of every image, mask and label of ``ds``, wherever the folder is: it changes when a file is
-    added, removed or edited (size or modification time)."""
-    def size_time(path: Path | None) -> list | None:
-        return None if path is None else file_stamp(path)[1:]
+def sample_stamps(ds: Dataset, stamp: store.ContentStamps) -> list[list]:
+    """One [split, image_id, label, image content, mask content] per sample, in the dataset's order."""
+    return [[s.split, s.image_id, s.label, stamp(s.image), stamp(s.mask)] for s in ds.samples]
 
-    return store.config_key("data", [[s.split, s.image_id, s.label, size_time(s.image), size_time(s.mask)]
-                                     for s in ds.samples])
+
+def data_stamp(ds: Dataset, stamp: store.ContentStamps | None = None) -> str:
+    """A key of every image, mask and label of ``ds`` by content, wherever the folder is: it changes when a
+    file is added, removed or edited (a ``touch`` or a copy changes nothing)."""
+    return store.config_key("data", sample_stamps(ds, stamp or store.ContentStamps()))
 
 
 def run_data(run: Path, data: Path | None = None) -> tuple[Path, Dataset]:
@@ -496,7 +510,7 @@ def run_data(run: Path, data: Path | None = None) -> tuple[Path, Dataset]:
                             hint="pass --data with its new place, or re-run `histoembed crops --data DIR`")
     ds = load_dataset(data)
     recorded = meta.get("data_stamp")
-    if recorded is not None and recorded != data_stamp(ds):
+    if recorded is not None and recorded != data_stamp(ds, store.ContentStamps(meta.get("content_stamps"))):
         raise UserError(f"the files under {data} changed since `histoembed crops` cut {path.name} "
                         "(an image, mask or label was added, removed or edited)", path=data,
                         hint="re-run `histoembed crops` and the stages after it")

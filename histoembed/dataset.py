@@ -20,6 +20,8 @@ unique within a split.
 from __future__ import annotations
 
 import csv
+import os
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from histoembed.config import DataSettings
 from histoembed.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -34,7 +37,9 @@ LABELS_FILE = "train_labels.csv"
 MANIFEST_FILE = "manifest.csv"
 SPLITS = ("train", "test")
 
-Image.MAX_IMAGE_PIXELS = 30_000 ** 2  # large slides are fine; decompression bombs are not
+# Our own check (``check_pixels``, with a message and an option) replaces PIL's, which only warns.
+Image.MAX_IMAGE_PIXELS = None
+MAX_PIXELS = DataSettings().max_pixels
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ class Problem:
 class Dataset:
     root: Path
     samples: list[Sample]
-    classes: list[str]                      # sorted label names, spelled as in the labels file
+    classes: list[str]                      # every label name given (sorted), spelled as in the labels file
     problems: list[Problem] = field(default_factory=list)  # items skipped, with why
 
     def split(self, name: str) -> list[Sample]:
@@ -77,9 +82,20 @@ class Dataset:
 
 # ---------------------------------------------------------------- reading pixels
 
-def _open(path: Path) -> Image.Image:
+def check_pixels(size: tuple[int, int], path: Path, max_pixels: int | None) -> None:
+    """Refuse an image whose header promises more pixels than ``max_pixels`` (None: no limit)."""
+    w, h = size
+    if max_pixels is not None and w * h > max_pixels:
+        raise UserError(f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
+                        "(a decompression bomb, or a very large image)", path=path,
+                        hint="if the image is real, raise the limit with --max-pixels N "
+                             "(or max_pixels in the [data] table of histoembed.toml)")
+
+
+def _open(path: Path, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
     try:
         img = Image.open(path)
+        check_pixels(img.size, path, max_pixels)  # from the header, before any pixel is decoded
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img.load()  # decodes fully: truncated files fail here, not later
@@ -105,10 +121,13 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
     return np.clip(a, 0, 255).round().astype(np.uint8)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Any PNG/JPEG/TIFF as HxWx3 uint8 RGB; alpha is composited onto white (slide background)."""
+def read_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
+    """Any PNG/JPEG/TIFF as HxWx3 uint8 RGB; alpha is composited onto white (slide background).
+
+    Stages pass ``max_pixels=None`` for images ``load_dataset`` already checked with the user's limit.
+    """
     path = Path(path)
-    img = _open(path)
+    img = _open(path, max_pixels)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         rgb = np.repeat(_to_uint8(np.asarray(img))[..., None], 3, axis=2)
     elif img.mode in ("RGBA", "LA", "PA", "P", "La", "RGBa"):
@@ -122,10 +141,10 @@ def read_image(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-def read_mask(path: str | Path) -> np.ndarray:
+def read_mask(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """A mask as HxW uint8 (0..255); colour masks use their brightest channel."""
     path = Path(path)
-    img = _open(path)
+    img = _open(path, max_pixels)
     if img.mode in ("P", "PA"):
         img = img.convert("RGBA")
     a = np.asarray(img)
@@ -136,12 +155,16 @@ def read_mask(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(_to_uint8(a))
 
 
-def read_image_and_mask(image: str | Path, mask: str | Path | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """An image as RGB and its mask (None when it has none); a mask of another size is a UserError naming the mask."""
-    rgb = read_image(image)
+def read_image_and_mask(image: str | Path, mask: str | Path | None,
+                        max_pixels: int | None = MAX_PIXELS) -> tuple[np.ndarray, np.ndarray | None]:
+    """An image as RGB and its mask (None when it has none); a mask of another size is a UserError naming the mask.
+
+    Stages pass ``max_pixels=None`` for images ``load_dataset`` already checked with the user's limit.
+    """
+    rgb = read_image(image, max_pixels)
     if mask is None:
         return rgb, None
-    m = read_mask(mask)
+    m = read_mask(mask, max_pixels)
     if m.shape != rgb.shape[:2]:
         raise size_mismatch(Path(mask), (m.shape[1], m.shape[0]), Path(image), (rgb.shape[1], rgb.shape[0]))
     return rgb, m
@@ -153,10 +176,11 @@ def size_mismatch(mask: Path, mask_size: tuple[int, int], image: Path, image_siz
                      f"{image_size[0]}x{image_size[1]}", path=mask)
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the header alone."""
+def image_size(path: Path, max_pixels: int | None = MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the header alone; more than ``max_pixels`` is refused."""
     try:
         with Image.open(path) as img:
+            check_pixels(img.size, path, max_pixels)
             return img.size
     except FileNotFoundError:
         raise UserError("file not found", path=path) from None
@@ -165,28 +189,15 @@ def image_size(path: Path) -> tuple[int, int]:
                         hint="re-export the file, or remove it from the data folder") from None
 
 
-# ---------------------------------------------------------------- stamps
-
-def file_stamp(path: Path | None) -> list | None:
-    """[path, size, mtime_ns] of a file (None for no file): what says it has changed."""
-    if path is None:
-        return None
-    st = Path(path).stat()
-    return [str(path), st.st_size, st.st_mtime_ns]
-
-
-def sample_stamps(ds: Dataset) -> list[list]:
-    """One [split, image_id, label, image stamp, mask stamp] per sample, in the dataset's order."""
-    return [[s.split, s.image_id, s.label, file_stamp(s.image), file_stamp(s.mask)] for s in ds.samples]
-
-
 # ---------------------------------------------------------------- finding samples
 
-def load_dataset(data: str | Path, strict: bool = False, check_sizes: bool = True) -> Dataset:
+def load_dataset(data: str | Path, strict: bool = False, check_sizes: bool = True,
+                 max_pixels: int = MAX_PIXELS) -> Dataset:
     """Find and check every sample under ``data``.
 
     ``strict`` turns item problems into a stop. ``check_sizes`` reads every header to
-    compare image and mask sizes (cheap: no pixels are decoded).
+    compare image and mask sizes and skips images over ``max_pixels`` (cheap: no pixels
+    are decoded).
     """
     data = Path(data)
     if data.is_file() and data.suffix.lower() == ".csv":
@@ -202,7 +213,7 @@ def load_dataset(data: str | Path, strict: bool = False, check_sizes: bool = Tru
         raise UserError("no train_data/, test_data/ or manifest.csv found", path=data,
                         hint="use the reference layout or write a manifest CSV (image,mask,label,split)")
     if check_sizes:
-        ds = _check_sizes(ds)
+        ds = _check_sizes(ds, max_pixels)
     if strict and ds.problems:
         listed = "\n  ".join(map(str, ds.problems[:20]))
         raise UserError(f"{len(ds.problems)} problem(s) in the data (--strict):\n  {listed}", path=data)
@@ -212,13 +223,13 @@ def load_dataset(data: str | Path, strict: bool = False, check_sizes: bool = Tru
     return ds
 
 
-def _check_sizes(ds: Dataset) -> Dataset:
+def _check_sizes(ds: Dataset, max_pixels: int) -> Dataset:
     kept, problems = [], list(ds.problems)
     for s in ds.samples:
         try:
-            size = image_size(s.image)
+            size = image_size(s.image, max_pixels)
             if s.mask is not None:
-                msize = image_size(s.mask)
+                msize = image_size(s.mask, max_pixels)
                 if msize != size:
                     raise size_mismatch(s.mask, msize, s.image, size)
         except UserError as e:
@@ -265,6 +276,7 @@ def _from_reference(root: Path) -> Dataset:
             if img.name in seen:  # cannot happen within a folder; kept for clarity
                 raise UserError("duplicate image id", path=img)
             seen[img.name] = img
+            _inside_data(root, img)
             mask = _mask_for(img)
             if not mask.exists():
                 alt = [m for m in folder.glob(f"mask_{img.stem[len('img_'):]}.*") if m.suffix.lower() in IMAGE_SUFFIXES]
@@ -273,6 +285,7 @@ def _from_reference(root: Path) -> Dataset:
                 else:
                     problems.append(Problem(img, f"no mask (expected {mask.name} beside it); image skipped"))
                     continue
+            _inside_data(root, mask)
             label = None
             if split == "train":
                 label = labels.get(img.name)
@@ -284,12 +297,37 @@ def _from_reference(root: Path) -> Dataset:
             for image_id in sorted(set(labels) - set(seen)):
                 problems.append(Problem(root / LABELS_FILE,
                                         f"label row for {image_id!r}, but train_data/{image_id} does not exist; row ignored"))
-    classes = sorted({s.label for s in samples if s.label is not None})
-    return Dataset(root, samples, classes, problems)
+    return Dataset(root, samples, sorted(set(labels.values())), problems)
+
+
+def label_form(label: str) -> str:
+    """The spelling-blind form of a label: Unicode-normalised, spaces collapsed, case folded."""
+    return " ".join(unicodedata.normalize("NFKC", label).split()).casefold()
+
+
+def check_spellings(labels: list[tuple[str, int]], path: Path) -> None:
+    """Stop when two labels differ only by case or spaces: they would silently become two classes."""
+    first: dict[str, tuple[str, int]] = {}
+    for label, lineno in labels:
+        seen = first.setdefault(label_form(label), (label, lineno))
+        if seen[0] != label:
+            raise UserError(f"labels {seen[0]!r} (line {seen[1]}) and {label!r} (line {lineno}) differ only by "
+                            "case or spaces; they would become two classes", path=path,
+                            hint="spell each class one way in every row")
+
+
+def _inside_data(root: Path, path: Path) -> None:
+    """A symlink in the reference layout that leads out of the data folder stops the stage."""
+    target = path.resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise UserError(f"is a symlink to {target}, outside the data folder {root}", path=path,
+                        hint="copy the file into the data folder, or list it in a manifest next to it")
 
 
 def _read_labels(path: Path) -> dict[str, str]:
     rows = _read_csv(path, required=("sample_index", "label"))
+    check_spellings([((row["label"] or "").strip(), lineno) for lineno, row in rows if (row["label"] or "").strip()],
+                    path)
     labels: dict[str, str] = {}
     for lineno, row in rows:
         key, label = (row["sample_index"] or "").strip(), (row["label"] or "").strip()
@@ -315,7 +353,7 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
                 raise UserError(f"header is {','.join(header) or '(empty)'}; missing column(s) {', '.join(missing)}",
                                 path=path, hint=f"the header must contain {','.join(required)}")
             reader.fieldnames = header
-            return [(i + 2, row) for i, row in enumerate(reader)]
+            return [(reader.line_num, row) for row in reader]  # line_num counts blank lines too
     except UnicodeDecodeError:
         raise UserError("not a UTF-8 text CSV", path=path) from None
     except csv.Error as e:
@@ -325,7 +363,9 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
 def _inside(root: Path, rel: str, path: Path, lineno: int) -> Path:
     p = (root / rel).resolve()
     if not p.is_relative_to(root.resolve()):
-        raise UserError(f"line {lineno}: path {rel!r} escapes the data folder {root}", path=path,
+        lexical = Path(os.path.normpath(root.resolve() / rel))
+        how = (f"is a symlink to {p}, outside" if lexical.is_relative_to(root.resolve()) else "escapes")
+        raise UserError(f"line {lineno}: path {rel!r} {how} the data folder {root}", path=path,
                         hint="manifest paths must be relative and stay inside the manifest's folder")
     return p
 
@@ -335,7 +375,11 @@ def _from_manifest(path: Path) -> Dataset:
     problems: list[Problem] = []
     samples: list[Sample] = []
     seen: dict[Path, int] = {}  # resolved image -> line, so a/../x.png and x.png are one image
-    for lineno, row in _read_csv(path, required=("image", "mask", "label", "split")):
+    rows = _read_csv(path, required=("image", "mask", "label", "split"))
+    given = [((row["label"] or "").strip(), lineno) for lineno, row in rows
+             if (row["split"] or "").strip().lower() == "train" and (row["label"] or "").strip()]
+    check_spellings(given, path)
+    for lineno, row in rows:
         rel = (row["image"] or "").strip()
         if not rel:
             raise UserError(f"line {lineno}: empty image path", path=path)
@@ -360,5 +404,4 @@ def _from_manifest(path: Path) -> Dataset:
             problems.append(Problem(image, f"training image has no label (line {lineno}); skipped"))
             continue
         samples.append(Sample(rel, split, image, mask, label if split == "train" else None))
-    classes = sorted({s.label for s in samples if s.label is not None})
-    return Dataset(root, samples, classes, problems)
+    return Dataset(root, samples, sorted({label for label, _ in given}), problems)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,9 +30,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from histoembed import __version__, store
+from histoembed import __version__, cpus, store
 from histoembed.augment import augment_batch
-from histoembed.config import AugmentSettings, EmbedSettings
+from histoembed.config import AugmentSettings, EmbedSettings, output_settings
 from histoembed.console import progress
 from histoembed.encoders import Encoder, load_encoder
 from histoembed.errors import UserError
@@ -72,6 +73,33 @@ def copy_to_host(feats: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | 
     return host, event
 
 
+def check_finite(feats: torch.Tensor, image_ids: Sequence[str], crop_index: Sequence[int], views: Sequence[int],
+                 splits: Sequence[str] | None, encoder: str) -> None:
+    """Refuse NaN or infinity in the encoder's output [B, V, D], naming the first crop and view."""
+    bad = ~torch.isfinite(feats).all(dim=-1)
+    if bad.any():
+        b, v = (int(i) for i in bad.nonzero()[0])
+        split = f"{splits[b]} " if splits is not None else ""
+        raise UserError(f"encoder {encoder} returned NaN or infinity for {split}image {image_ids[b]}, "
+                        f"crop {crop_index[b]}, view {views[v]} ({int(bad.sum())} crop view(s) in this batch)",
+                        hint="check that crop and the encoder's weights; on a GPU try --precision fp32")
+
+
+STOP_AFTER_ENV = "HISTOEMBED_TEST_STOP_AFTER_BATCHES"
+
+
+def _stop_for_tests(batches_done: int) -> None:
+    """Test hook: ``HISTOEMBED_TEST_STOP_AFTER_BATCHES=N:SIGNAL`` sends this process SIGNAL after N batches.
+
+    Interrupt tests stop the run at a fixed point this way, never by timing.
+    """
+    spec = os.environ.get(STOP_AFTER_ENV)
+    if spec:
+        n, sig = spec.split(":")
+        if batches_done == int(n):
+            os.kill(os.getpid(), getattr(signal, sig))
+
+
 def embed_crops(encoder: Encoder, crops: np.ndarray, views: int = 1, augment: AugmentSettings | None = None,
                 seed: int = 0, image_ids: Sequence[str] | None = None, crop_index: Sequence[int] | None = None,
                 batch_size: int = 64) -> np.ndarray:
@@ -90,7 +118,9 @@ def embed_crops(encoder: Encoder, crops: np.ndarray, views: int = 1, augment: Au
              for i in range(0, n, batch_size)]
     if not parts:
         return np.zeros((0, encoder.dim), np.float32)
-    return torch.cat(parts).reshape(n * views, -1).numpy()
+    feats = torch.cat(parts)
+    check_finite(feats, ids, idx, range(views), None, encoder.name)
+    return feats.reshape(n * views, -1).numpy()
 
 
 # ---------------------------------------------------------------- decoding in workers
@@ -167,7 +197,7 @@ def default_shard() -> tuple[int, int]:
 
 
 def views_of(split: str, settings: EmbedSettings) -> list[int]:
-    return list(range(settings.repeats)) if split == "train" or settings.tta else [0]
+    return store.views_of(split, settings.repeats, settings.tta)
 
 
 def plan_batches(rows: list[int], splits: list[str], batch_size: int) -> list[np.ndarray]:
@@ -204,53 +234,67 @@ def checked_encoder(encoder: Encoder, crops_path: Path, rows: list[int],
                     hint="embed in fp32 (--precision fp32), or add --fallback-fp32 to fall back by itself")
 
 
-def store_key(crops_key: str, encoder: Encoder, settings: EmbedSettings, augment: AugmentSettings) -> str:
-    """What decides the features: crops, weights, pooling, precision, views and their augmentation."""
-    return store.config_key("embed", STORE_VERSION, crops_key, encoder.encoder_id, encoder.weights_hash,
-                            encoder.pool, encoder.size, encoder.precision, settings.repeats, settings.tta,
-                            settings.seed, settings.store_dtype,
-                            augment.model_dump() if settings.repeats > 1 else None)
+def store_key(encoder: Encoder, settings: EmbedSettings, augment: AugmentSettings) -> str:
+    """What decides a crop's features besides its pixels: weights, pooling, precision, views, augmentation.
+
+    The crops themselves are matched one by one by their PNG digest (``crop_hash``), so a
+    re-cut of some images re-embeds only the crops whose pixels changed.
+    """
+    return store.stage_key("embed", STORE_VERSION, settings, encoder.encoder_id, encoder.weights_hash,
+                           encoder.pool, encoder.size, encoder.precision,
+                           output_settings(augment) if settings.repeats > 1 else None)
 
 
-def _done_crops(parts: list[Path]) -> set[tuple[str, str, int]]:
-    """(split, image_id, crop_index) of every crop already in the store's parts."""
-    done: set[tuple[str, str, int]] = set()
-    for p in parts:
-        t = pq.read_table(p, columns=["split", "image_id", "crop_index"])
-        done.update(zip(t["split"].to_pylist(), t["image_id"].to_pylist(), t["crop_index"].to_pylist()))
-    return done
+Crop = tuple[str, str, int, str]  # split, image id, crop index, digest of its PNG
 
 
-def _prepare_store(store_dir: Path, key: str) -> tuple[list[Path], int]:
-    """Remove parts of other settings and stale temporaries; return (parts with ``key``, removed count)."""
+def _prepare_store(store_dir: Path, key: str, current: set[Crop]) -> tuple[set[Crop], int]:
+    """Make the store hold only crops of ``current`` embedded with ``key``; return (crops it holds, parts removed).
+
+    Parts of other settings (or without crop digests) are removed; rows of crops that are no
+    longer in ``current`` (other pixels, or gone) are dropped from their part, which is
+    rewritten atomically. Temporaries of killed runs go too.
+    """
     store_dir.mkdir(parents=True, exist_ok=True)
-    for tmp in store_dir.glob(".part-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if not (pid.isdigit() and _alive(int(pid))):
-            tmp.unlink(missing_ok=True)
-    keep, removed = [], 0
+    store.remove_stale(store_dir, ".part-*")
+    done: set[Crop] = set()
+    removed = 0
     for p in store.feature_parts(store_dir):
-        if store.read_meta(p).get("key") == key:
-            keep.append(p)
-        else:
+        if store.read_meta(p).get("key") != key or store.CROP_HASH not in pq.read_schema(p).names:
             p.unlink(missing_ok=True)
             removed += 1
-    return keep, removed
+            continue
+        t = pq.read_table(p, columns=["split", "image_id", "crop_index", store.CROP_HASH])
+        crops = list(zip(*(t[c].to_pylist() for c in ("split", "image_id", "crop_index", store.CROP_HASH))))
+        keep = [c in current for c in crops]
+        if not all(keep):
+            table = pq.read_table(p).filter(pa.array(keep))
+            if len(table):
+                with store.atomic_path(p) as tmp:
+                    pq.write_table(table, tmp, compression="zstd", use_byte_stream_split=["embedding.list.element"])
+            else:
+                p.unlink(missing_ok=True)
+                removed += 1
+        done.update(c for c, k in zip(crops, keep) if k)
+    return done, removed
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
+def _lock_holder(lock: Path) -> int | None:
+    """The live process holding ``lock``, or None (no such file, or its process is gone)."""
     try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
+        holder = lock.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(holder) if holder.isdigit() and store.pid_alive(int(holder)) else None
 
 
 @contextlib.contextmanager
 def shard_lock(store_dir: Path, shard: tuple[int, int]) -> Iterator[None]:
-    """One process per shard: a second ``embed`` of the same shard would write duplicate rows."""
+    """One process per shard, and one shard count per store at a time.
+
+    A second ``embed`` of the same shard, or one that splits the crops another way
+    (``embed`` beside ``embed --shard 0/2``), would write duplicate rows.
+    """
     store_dir.mkdir(parents=True, exist_ok=True)
     lock = store_dir / f".lock-s{shard[0]}of{shard[1]}"
     for _ in range(2):
@@ -258,8 +302,8 @@ def shard_lock(store_dir: Path, shard: tuple[int, int]) -> Iterator[None]:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
-            holder = lock.read_text().strip()
-            if holder.isdigit() and _alive(int(holder)):
+            holder = _lock_holder(lock)
+            if holder is not None:
                 raise UserError(f"shard {shard[0]}/{shard[1]} is being embedded by process {holder}", path=lock,
                                 hint="wait for it, or give each process its own --shard i/n; if no embed is "
                                      "running, delete this lock file") from None
@@ -269,6 +313,16 @@ def shard_lock(store_dir: Path, shard: tuple[int, int]) -> Iterator[None]:
     try:
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
+        # Every process takes its own lock before looking at the others', so of two that start
+        # together at least one sees the other.
+        for other in store_dir.glob(".lock-s*of*"):
+            n = other.name.rsplit("of", 1)[-1]
+            holder = _lock_holder(other)
+            if n != str(shard[1]) and holder is not None:
+                i = other.name[len(".lock-s"):].split("of")[0]
+                raise UserError(f"process {holder} is embedding this store as shard {i}/{n}; shards of one "
+                                f"store must all use the same count (here {shard[1]})", path=other,
+                                hint=f"wait for it, or run every shard as --shard i/{n}")
         yield
     finally:
         lock.unlink(missing_ok=True)
@@ -298,9 +352,14 @@ class PartWriter:
     def commit(self) -> None:
         if self.writer is None:
             return
-        self.writer.close()
-        os.replace(self.tmp, self.store_dir / f"{self.prefix}{self.seq:05d}.parquet")
-        self.writer, self.rows, self.seq = None, 0, self.seq + 1
+        writer, self.writer = self.writer, None
+        try:
+            writer.close()
+            os.replace(self.tmp, self.store_dir / f"{self.prefix}{self.seq:05d}.parquet")
+        except BaseException:  # a full disk, say: no temporary is left behind
+            self.tmp.unlink(missing_ok=True)
+            raise
+        self.rows, self.seq = 0, self.seq + 1
 
     def discard(self) -> None:
         if self.writer is not None:
@@ -310,8 +369,8 @@ class PartWriter:
 
 
 def _rows(ids: list[str], splits: list[str], crop_index: list[int], views: list[int], feats: torch.Tensor,
-          schema: pa.Schema) -> pa.Table:
-    """Crop-major rows of features [B, V, D]."""
+          schema: pa.Schema, digests: list[str] | None = None) -> pa.Table:
+    """Crop-major rows of features [B, V, D] (with each crop's PNG digest when the schema has the column)."""
     b, v, d = feats.shape
     value_type = schema.field("embedding").type.value_type
     values = pa.array(feats.reshape(-1).numpy().astype(value_type.to_pandas_dtype(), copy=False))
@@ -321,6 +380,7 @@ def _rows(ids: list[str], splits: list[str], crop_index: list[int], views: list[
         pa.array(np.repeat(crop_index, v), pa.int32()),
         pa.array(np.tile(views, b), pa.int16()),
         pa.FixedSizeListArray.from_arrays(values, d),
+        *([pa.array(np.repeat(digests, v), pa.string())] if store.CROP_HASH in schema.names else []),
     ], schema=schema)
 
 
@@ -333,20 +393,22 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
     index = store.read_table(crops_path, "crops file", hint="run `histoembed crops` first",
                              columns=["image_id", "split", "crop_index"], stage="crops")
     crops_key = store.read_meta(crops_path).get("key")
+    digests = store.crop_hashes(crops_path)
     if encoder is None:
         encoder = load_encoder(settings.encoder, settings.pool, settings.device, settings.precision)
+    if encoder.device.type == "cpu":
+        cpus.use_threads(settings.threads)
     ids = index["image_id"].to_pylist()
     mine = [r for r in range(len(ids)) if r % shard[1] == shard[0]]
     encoder, check = checked_encoder(encoder, crops_path, mine[:settings.batch_size], settings)
-    key = store_key(crops_key, encoder, settings, augment)
+    key = store_key(encoder, settings, augment)
     store_dir = run / store.FEATURES_DIR / encoder.slug
+    splits = index["split"].to_pylist()
+    crop_index = index["crop_index"].to_pylist()
+    crops_now = list(zip(splits, ids, crop_index, digests))
     with shard_lock(store_dir, shard):
-        parts, removed = _prepare_store(store_dir, key)
-        done = _done_crops(parts)
-
-        splits = index["split"].to_pylist()
-        crop_index = index["crop_index"].to_pylist()
-        todo = [r for r in mine if (splits[r], ids[r], crop_index[r]) not in done]
+        done, removed = _prepare_store(store_dir, key, set(crops_now))
+        todo = [r for r in mine if crops_now[r] not in done]
         rows_of = {s: len(views_of(s, settings)) for s in ("train", "test")}
         total_rows = sum(rows_of[splits[r]] for r in mine)
         result = EmbedResult(store_dir, encoder.name, encoder.dim, total_rows - sum(rows_of[splits[r]] for r in todo),
@@ -362,7 +424,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
                 "augment": augment.model_dump(), "store_dtype": settings.store_dtype, "crops_key": crops_key,
                 "shard": f"{shard[0]}/{shard[1]}", "package_version": __version__,
                 "precision_check": check.as_meta() if check else None}
-        schema = store.with_meta(store.feature_schema(encoder.dim, settings.store_dtype), meta)
+        schema = store.with_meta(store.feature_schema(encoder.dim, settings.store_dtype, crop_hash=True), meta)
         workers = min(settings.workers, len(batches))
         loader = torch.utils.data.DataLoader(
             CropBatches(crops_path, batches), batch_size=None, num_workers=workers,
@@ -373,16 +435,21 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
             with bar_context as bar:
                 job = bar.add_task(f"embed {encoder.name}", total=len(todo)) if bar else None
                 pending = None  # the previous batch: written once this one is queued on the device
+                written = 0
 
                 def write(batch) -> None:
-                    bid, bsplit, bcidx, views, feats, copied = batch
+                    nonlocal written
+                    bid, bsplit, bcidx, bhash, views, feats, copied = batch
                     if copied is not None:
                         copied.synchronize()
-                    writer.write(_rows(bid, bsplit, bcidx, views, feats, schema))
+                    check_finite(feats, bid, bcidx, views, bsplit, encoder.name)
+                    writer.write(_rows(bid, bsplit, bcidx, views, feats, schema, bhash))
                     result.rows += len(bid) * len(views)
                     result.new_rows += len(bid) * len(views)
                     if bar:
                         bar.advance(job, len(bid))
+                    written += 1
+                    _stop_for_tests(written)
 
                 for b, crops in loader:
                     if isinstance(crops, int):
@@ -390,24 +457,49 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
                                         "readable PNG", path=crops_path,
                                         hint="re-run `histoembed crops` (delete the file first)")
                     rows = batches[b]
-                    bid, bsplit, bcidx = ([col[r] for r in rows] for col in (ids, splits, crop_index))
+                    bid, bsplit, bcidx, bhash = ([col[r] for r in rows] for col in (ids, splits, crop_index, digests))
                     views = views_of(bsplit[0], settings)
                     feats = queue_views(encoder, crops, bid, bcidx, views, augment, settings.seed)
-                    queued = (bid, bsplit, bcidx, views, *copy_to_host(feats))
+                    queued = (bid, bsplit, bcidx, bhash, views, *copy_to_host(feats))
                     if pending is not None:
                         write(pending)
                     pending = queued
                 if pending is not None:
                     write(pending)
+            writer.commit()
         except KeyboardInterrupt:
             writer.commit()  # the part holds whole crops only: keep them
             raise
         except BaseException:
             writer.discard()
             raise
-        writer.commit()
         result.seconds = time.perf_counter() - started
         return result
+
+
+def encoder_names(text: str) -> list[str]:
+    """The encoders of a comma list, in order, each once; two that would share a store folder are refused."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise UserError("no encoder given", hint="pass --encoder NAME (`histoembed encoders` lists them)")
+    slugs: dict[str, str] = {}
+    for n in names:
+        other = slugs.setdefault(store.encoder_slug(n), n)
+        if other != n:
+            raise UserError(f"encoders {other!r} and {n!r} would write the same store "
+                            f"(run/{store.FEATURES_DIR}/{store.encoder_slug(n)})", hint="give each encoder once")
+    return names
+
+
+def run_embeds(run: Path, settings: EmbedSettings, augment: AugmentSettings,
+               shard: tuple[int, int] = (0, 1)) -> list[EmbedResult]:
+    """``run_embed`` for each encoder of ``settings.encoder`` (a comma list): the same crops and views, one store each.
+
+    The augmented views depend only on (seed, image id, crop index, view), so every encoder
+    sees the very same pixels, and their stores line up row for row.
+    """
+    return [run_embed(run, settings.model_copy(update={"encoder": name}), augment, shard=shard)
+            for name in encoder_names(settings.encoder)]
 
 
 def read_store(run: Path, encoder: str | None = None, split: str | None = None) -> store.Features:

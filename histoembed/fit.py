@@ -21,6 +21,8 @@ same features, labels, QC and settings does nothing.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import time
@@ -29,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from histoembed import __version__, store
+from histoembed import __version__, cpus, store
 from histoembed.config import FitSettings
 from histoembed.console import progress
 from histoembed.errors import UserError
@@ -40,6 +43,7 @@ from histoembed.heads.shared import first_seen_index
 from histoembed.metrics import accuracy_by_quantile, softmax, summary, view_spread
 
 FUSION_RULE = "sum over heads of w_h * z_h / T_h (weights on the simplex)"
+FIT_VERSION = 1  # bump when the fit's outputs change meaning (part of the skip key)
 
 
 # ---------------------------------------------------------------- the training set
@@ -57,6 +61,7 @@ class TrainingSet:
     classes: list[str]
     excluded_flagged: list[str] = field(default_factory=list)
     unlabelled: list[str] = field(default_factory=list)
+    train_crops: str | None = None  # digest of the training crops' pixels (crops.parquet)
 
     def fingerprint(self) -> dict:
         """What the fit depends on besides the features' own key and the settings."""
@@ -106,6 +111,7 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool) -> 
     if len(features) == 0:
         raise UserError("the feature store has no training rows", path=store_dir,
                         hint="run `histoembed embed` on a run whose crops include the train split")
+    store.check_complete(features, run, "train")
     keys = features.keys()
     present = np.unique(keys)
     unlabelled = sorted(k for k in present if k not in labels)
@@ -119,6 +125,15 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool) -> 
                         hint="check the labels in crops.parquet, or pass --include-flagged")
     image_keys, row_image = first_seen_index(keys)
     classes = sorted({labels[k] for k in image_keys})
+    given = store.read_meta(run / store.CROPS_FILE).get("classes") or sorted(set(labels.values()))
+    for label in given:
+        if label not in classes:
+            n = sum(1 for k in excluded if labels[k] == label)
+            raise UserError(f"label {label!r} has no training image left to fit on: "
+                            + (f"QC flagged all {n} of its image(s)" if n else "none of its images has crops"),
+                            path=run / store.CROPS_FILE,
+                            hint="pass --include-flagged to keep flagged images" if n else
+                            "re-run `histoembed crops` and `histoembed embed`")
     if len(classes) < 2:
         raise UserError(f"only one class among the training images ({classes[0]!r})", path=run / store.CROPS_FILE,
                         hint="fitting a classifier needs at least two labels")
@@ -129,7 +144,7 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool) -> 
                       dtype=np.int64)
     name = lambda k: str(k).split("/", 1)[1]  # noqa: E731  (every key here is train/<name>)
     return TrainingSet(features, store_dir, [name(k) for k in image_keys], row_image, y, groups, classes,
-                       [name(k) for k in excluded], [name(k) for k in unlabelled])
+                       [name(k) for k in excluded], [name(k) for k in unlabelled], store.train_crops_digest(run))
 
 
 # ---------------------------------------------------------------- folds
@@ -247,6 +262,10 @@ def run_cv(bags: Bags, y: np.ndarray, groups: np.ndarray, settings: FitSettings,
             head = cls(getattr(settings, name), n_classes, head_seed).fit(
                 fit_bags, y[fit_bags.image], stop_bags, y[stop_bags.image])
             zb = head.predict(eval_bags)
+            if not np.isfinite(zb).all():
+                raise UserError(f"fold {k}'s {name} head predicted NaN or infinity (seed {seed})",
+                                hint=f"the features are finite, so the head diverged: check the [fit.{name}] "
+                                     "settings in histoembed.toml (a lower learning rate)")
             z_bags[name][eval_bags.index] = zb
             z[name][eval_bags.images()] = eval_bags.per_image(zb)
             fold_models.append(head)
@@ -341,7 +360,8 @@ class FitResult:
 
 
 def fit_key(ts: TrainingSet, settings: FitSettings) -> str:
-    return store.config_key("fit", ts.features.meta.get("key"), ts.fingerprint(), settings.model_dump(), __version__)
+    return store.stage_key("fit", FIT_VERSION, settings, ts.features.meta.get("key"), ts.fingerprint(),
+                           ts.train_crops)
 
 
 def _up_to_date(run: Path, key: str) -> dict | None:
@@ -358,6 +378,8 @@ def _up_to_date(run: Path, key: str) -> dict | None:
     folds = manifest.get("folds", 0)
     if not all((store.fold_dir(run / store.MODELS_DIR, k)).is_dir() for k in range(folds)):
         return None
+    if store.damaged_model_files(run / store.MODELS_DIR, manifest):
+        return None  # a truncated or corrupt model file: fit again rather than say "up to date"
     return metrics
 
 
@@ -366,15 +388,23 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
     started = time.perf_counter()
     run = Path(run)
     check_names(settings.heads)
+    cpus.use_threads(settings.threads)
     ts = load_training_set(run, encoder, settings.include_flagged)
     counts = np.bincount(ts.y, minlength=len(ts.classes))
     smallest = int(counts.argmin())
     if counts[smallest] < settings.folds:
-        raise UserError(f"class {ts.classes[smallest]!r} has {counts[smallest]} training image(s), fewer than "
-                        f"the {settings.folds} folds", path=run / store.CROPS_FILE,
-                        hint=f"use --folds {int(counts[smallest])} or fewer" if counts[smallest] >= 2
-                        else "every class needs at least 2 training images")
+        label = ts.classes[smallest]
+        labels = read_labels(run)
+        flagged = sum(1 for i in ts.excluded_flagged if labels.get(f"train/{i}") == label)  # excluded: train names
+        hint = f"use --folds {int(counts[smallest])} or fewer" if counts[smallest] >= 2 else \
+            "every class needs at least 2 training images"
+        raise UserError(f"class {label!r} has {counts[smallest]} training image(s), fewer than "
+                        f"the {settings.folds} folds"
+                        + (f" ({flagged} more were flagged by QC and left out)" if flagged else ""),
+                        path=run / store.CROPS_FILE,
+                        hint=hint + (", or pass --include-flagged" if flagged else ""))
     key = fit_key(ts, settings)
+    recover(run)
     done = _up_to_date(run, key)
     if done is not None:
         return FitResult(run, True, done, ts.classes, len(ts.image_ids), ts.excluded_flagged, ts.unlabelled,
@@ -438,45 +468,38 @@ def seed_spread(seeds: list[int], per_seed: list[dict]) -> dict:
     return out
 
 
+def recover(run: Path) -> None:
+    """Undo what a killed fit left: its temporaries go; models/ moved aside and never replaced comes back."""
+    run = Path(run)
+    store.remove_stale(run, ".*.tmp-*")  # models/ and every file a killed stage was writing
+    models = run / store.MODELS_DIR
+    for old in sorted(run.glob(f".{store.MODELS_DIR}.old-*")):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not store.pid_alive(int(pid)):
+            if models.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, models)
+
+
 def _write_outputs(run: Path, ts: TrainingSet, settings: FitSettings, cv: CVResult, metrics: dict,
                    key: str) -> None:
+    """Write every output to a temporary first, then rename them in quick succession, metrics.json last.
+
+    Readers check that the models, calibration.json, oof.parquet and metrics.json carry one key,
+    so even a kill between two renames cannot make them mix outputs of two fits.
+    """
     dim = int(ts.features.embedding.shape[1])
     models = run / store.MODELS_DIR
     tmp = run / f".{store.MODELS_DIR}.tmp-{os.getpid()}"
     old = run / f".{store.MODELS_DIR}.old-{os.getpid()}"
+    recover(run)
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        for k, fold_models in enumerate(cv.models):
-            folder = store.fold_dir(tmp, k)
-            folder.mkdir(parents=True)
-            for head in fold_models:
-                head.save(folder, ts.classes)
-        store.write_json({
-            "key": key, "version": __version__, "encoder": metrics["encoder"], "encoder_slug": ts.store_dir.name,
-            "feature_encoder": ts.features.meta.get("encoder"),
-            "dim": dim, "classes": ts.classes, "folds": settings.folds, "seed": settings.seed,
-            "feature_key": ts.features.meta.get("key"), "settings": settings.model_dump(),
-            "heads": cv.heads, "final": final_summary(cv.final),
-            "submission_uses": metrics["decision"]["submission_uses"],
-            "fusion": FUSION_RULE + "; probabilities averaged over folds",
-        }, tmp / store.MODELS_MANIFEST_FILE)
-        if models.exists():
-            os.replace(models, old)
-        os.replace(tmp, models)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-    store.write_json({"key": key, "classes": ts.classes, "heads": cv.heads, "rule": FUSION_RULE,
-                      "weight_grid": [round(w, 6) for w in fusion.weight_grid(settings.weight_grid).tolist()],
-                      "folds": cv.fold_params, "final": cv.final, "fold_training": cv.fold_info},
-                     run / store.CALIBRATION_FILE)
-
     applied = decisions.apply_cross_fitted(cv.fold_params, cv.fold, cv.z)
     spread = oof_view_spread(cv)
     C = len(ts.classes)
     lst = lambda a: pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(a, np.float32).ravel()), C)  # noqa: E731
-    table = pa.table({
+    oof = pa.table({
         "image_id": pa.array(ts.image_ids, pa.string()),
         "split": pa.array(["train"] * len(ts.image_ids), pa.string()),
         "fold": pa.array(cv.fold.astype(np.int32)),
@@ -489,6 +512,40 @@ def _write_outputs(run: Path, ts: TrainingSet, settings: FitSettings, cv: CVResu
                         pa.list_(pa.string())),
         "view_spread": pa.array(spread.astype(np.float32)),
     })
-    store.write_table(table, run / store.OOF_FILE, meta={"key": key, "classes": ts.classes, "heads": cv.heads,
-                                                         "encoder": metrics["encoder"], "seed": settings.seed})
-    store.write_json(metrics, run / store.METRICS_FILE)
+    try:
+        with contextlib.ExitStack() as renames:  # on success, renamed in reverse: calibration, oof, metrics
+            metrics_tmp = renames.enter_context(store.atomic_path(run / store.METRICS_FILE))
+            oof_tmp = renames.enter_context(store.atomic_path(run / store.OOF_FILE))
+            calib_tmp = renames.enter_context(store.atomic_path(run / store.CALIBRATION_FILE))
+            for k, fold_models in enumerate(cv.models):
+                folder = store.fold_dir(tmp, k)
+                folder.mkdir(parents=True)
+                for head in fold_models:
+                    head.save(folder, ts.classes)
+            store.write_json({
+                "key": key, "version": __version__, "encoder": metrics["encoder"],
+                "encoder_slug": ts.store_dir.name, "feature_encoder": ts.features.meta.get("encoder"),
+                "dim": dim, "classes": ts.classes, "folds": settings.folds, "seed": settings.seed,
+                "feature_key": ts.features.meta.get("key"), "settings": settings.model_dump(),
+                "train_crops": ts.train_crops,
+                "heads": cv.heads, "final": final_summary(cv.final),
+                "submission_uses": metrics["decision"]["submission_uses"],
+                "fusion": FUSION_RULE + "; probabilities averaged over folds",
+                "files": store.model_files(tmp),
+            }, tmp / store.MODELS_MANIFEST_FILE)
+            calib_tmp.write_text(json.dumps({
+                "key": key, "classes": ts.classes, "heads": cv.heads, "rule": FUSION_RULE,
+                "weight_grid": [round(w, 6) for w in fusion.weight_grid(settings.weight_grid).tolist()],
+                "folds": cv.fold_params, "final": cv.final, "fold_training": cv.fold_info},
+                indent=2, default=store.json_default) + "\n")
+            pq.write_table(oof.replace_schema_metadata(store.with_meta(oof.schema, {
+                "key": key, "classes": ts.classes, "heads": cv.heads, "encoder": metrics["encoder"],
+                "seed": settings.seed}).metadata), oof_tmp, compression="zstd")
+            metrics_tmp.write_text(json.dumps(metrics, indent=2, default=store.json_default) + "\n")
+            if models.exists():
+                os.replace(models, old)
+            os.replace(tmp, models)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if models.exists():
+            shutil.rmtree(old, ignore_errors=True)

@@ -59,6 +59,11 @@ class Ensemble:
         if enc is not None and fitted_on is not None and enc != fitted_on:
             raise UserError(f"the features come from encoder {enc!r} but the models were fitted on {fitted_on!r}",
                             hint=f"pass --encoder {self.encoder}, or re-run `histoembed fit` on these features")
+        key = features.meta.get("key")
+        if self.feature_key is not None and key is not None and key != self.feature_key:
+            raise UserError("the models were fitted on other features than the store holds now "
+                            "(embedded again with other settings since `histoembed fit`)",
+                            hint="run `histoembed fit` again")
 
     def _bags(self, features: store.Features) -> tuple[list[tuple[str, str]], Bags]:
         """((split, image_id) per image in first-seen order, the bags): names repeat across splits."""
@@ -110,6 +115,28 @@ class Ensemble:
         return out / max(1, len(self.models))
 
 
+def check_same_crops(run: Path, ensemble: Ensemble) -> None:
+    """Refuse models fitted on other training crops than ``crops.parquet`` holds now (re-cut since fit)."""
+    fitted_on = ensemble.manifest.get("train_crops")
+    if fitted_on is not None and fitted_on != store.train_crops_digest(run):
+        raise UserError(f"the training crops in {store.CROPS_FILE} changed since `histoembed fit`", path=Path(run),
+                        hint="run `histoembed embed` and `histoembed fit` again")
+
+
+def check_one_set(run: Path, key: str | None) -> None:
+    """Refuse fit outputs from two fits (models/ of one, metrics or calibration of another)."""
+    keys = {store.METRICS_FILE: None, store.CALIBRATION_FILE: None}
+    for name in keys:
+        if (run / name).exists():
+            keys[name] = store.read_json(run / name, name).get("key")
+    oof = run / store.OOF_FILE
+    keys[store.OOF_FILE] = store.read_meta(oof).get("key") if oof.exists() else None
+    mixed = [name for name, k in keys.items() if k is not None and k != key]
+    if mixed:
+        raise UserError(f"{', '.join(mixed)} and models/ come from different fits (was `histoembed fit` "
+                        "interrupted?)", path=run, hint="re-run `histoembed fit`")
+
+
 def load_ensemble(run: Path) -> Ensemble:
     """The fitted models of ``run/models``; a clear error when any file is missing."""
     models = Path(run) / store.MODELS_DIR
@@ -122,12 +149,28 @@ def load_ensemble(run: Path) -> Ensemble:
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"the manifest lacks {e}", path=manifest_path,
                         hint="re-run `histoembed fit` (runs fitted by an older version lack it)") from None
-    fitted = []
+    check_one_set(Path(run), manifest.get("key"))
     for k in range(folds):
         folder = store.fold_dir(models, k)
         if not folder.is_dir():
             raise UserError(f"fold {k} of {folds} is missing", path=folder, hint="re-run `histoembed fit`")
-        fold_models = {h: get_head(h).load(folder) for h in heads}
+    damaged = store.damaged_model_files(models, manifest)
+    missing = [name for name in damaged if not (models / name).exists()]
+    if missing:
+        raise UserError("model file missing", path=models / missing[0], hint="re-run `histoembed fit`")
+    if damaged:
+        raise UserError(f"model file(s) corrupt or changed since `histoembed fit` wrote them: {', '.join(damaged[:4])}",
+                        path=models, hint="re-run `histoembed fit`: it fits them again")
+    fitted = []
+    for k in range(folds):
+        folder = store.fold_dir(models, k)
+        try:
+            fold_models = {h: get_head(h).load(folder) for h in heads}
+        except UserError:
+            raise
+        except Exception as e:  # safetensors, XGBoost and JSON each fail their own way on a damaged file
+            raise UserError(f"a model file of fold {k} is corrupt ({type(e).__name__}: {e})", path=folder,
+                            hint="re-run `histoembed fit`") from None
         for head in fold_models.values():
             if head.classes_ != classes or head.input_dim_ != dim:
                 raise UserError("this fold's models were fitted on other classes or another feature dimension "

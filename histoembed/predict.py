@@ -15,9 +15,9 @@ import numpy as np
 from histoembed import store
 from histoembed.config import AugmentSettings, CropSettings
 from histoembed.crops import crop_image, run_data
-from histoembed.dataset import read_image_and_mask
+from histoembed.dataset import MAX_PIXELS, read_image_and_mask
 from histoembed.errors import UserError
-from histoembed.inference import load_ensemble
+from histoembed.inference import check_same_crops, load_ensemble
 
 
 @dataclass
@@ -61,7 +61,7 @@ def resolve_images(run: Path, images: list[str | Path], masks: list[Path | None]
 
 
 def predict_images(run: Path, images: list[Path], masks: list[Path | None] | None = None, tta: bool = True,
-                   device: str = "auto", batch_size: int = 64) -> list[Prediction]:
+                   device: str = "auto", batch_size: int = 64, max_pixels: int | None = None) -> list[Prediction]:
     """Class probabilities for each image (with its mask, or tissue found by colour when it has none)."""
     from histoembed.embed import embed_crops       # torch: loaded only when predicting
     from histoembed.encoders import load_encoder
@@ -76,7 +76,10 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
         raise UserError("the crops file has no crop settings", path=run / store.CROPS_FILE,
                         hint="run `histoembed crops` with this version, then embed and fit")
     crop_settings = CropSettings.model_validate(crop_meta["settings"])
-    features_meta = store.read_meta(store.feature_parts(store.find_feature_store(run, ensemble.encoder))[0])
+    store_dir = store.find_feature_store(run, ensemble.encoder)
+    features_meta = store.read_meta(store.feature_parts(store_dir)[0])
+    # New images must be cut, embedded and classified as the models' training images were.
+    check_same_crops(run, ensemble)
     encoder = load_encoder(features_meta["encoder"], features_meta.get("pool", "cls"), device,
                            features_meta.get("precision", "auto"))
     views = int(features_meta.get("repeats", 1)) if tta and features_meta.get("tta", True) else 1
@@ -84,7 +87,7 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
 
     out = []
     for image, mask in zip(images, masks):
-        rgb, m = read_image_and_mask(image, mask)
+        rgb, m = read_image_and_mask(image, mask, max_pixels or MAX_PIXELS)
         crops, fallback = crop_image(rgb, m, crop_settings)
         if not crops:
             raise UserError("no tissue crop could be cut from this image", path=image,

@@ -49,7 +49,7 @@ from PIL import Image
 from histoembed import store
 from histoembed.config import QCSettings
 from histoembed.console import progress
-from histoembed.dataset import Problem, Sample, file_stamp, load_dataset, read_image_and_mask
+from histoembed.dataset import MAX_PIXELS, Problem, Sample, load_dataset, read_image_and_mask
 from histoembed.errors import UserError
 from histoembed.pixels import hue_in, ink_mask, to_hsv, tissue_mask_by_colour
 
@@ -320,7 +320,7 @@ def _check_image(args: tuple[Sample, QCSettings, int]) -> _ImageResult:
     """Colour scores, hash and (when ``thumb_size``) a thumbnail of one image."""
     sample, settings, thumb_size = args
     try:
-        rgb, mask = read_image_and_mask(sample.image, sample.mask)
+        rgb, mask = read_image_and_mask(sample.image, sample.mask, max_pixels=None)  # checked by load_dataset
     except UserError as e:
         return _ImageResult(problem=f"{e.path or sample.image}: {e.problem}")
     small, small_mask = downscale(rgb, mask)
@@ -409,8 +409,6 @@ class QCResult:
         return [(i, s, r) for i, s, f, r in zip(t["image_id"], t["split"], t["flagged"], t["reason"]) if f]
 
 
-
-
 def _qc_table(rows: list[dict]) -> pa.Table:
     fields = list(store.QC_SCHEMA) + [pa.field(c, pa.float32()) for c in SCORE_COLUMNS]
     schema = pa.schema(fields)
@@ -424,11 +422,12 @@ def _previous_result(out: Path, meta: dict, warning: str | None = None) -> QCRes
 
 
 def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, encoder: str | None = None,
-           keep: Sequence[str] = (), strict: bool = False) -> QCResult:
+           keep: Sequence[str] = (), strict: bool = False, max_pixels: int = MAX_PIXELS) -> QCResult:
     """Check every image of ``data`` and write ``run/qc.parquet`` (skipped when unchanged)."""
     data, run = Path(data), Path(run)
     out = run / store.QC_FILE
-    ds = load_dataset(data, strict=strict)
+    store.remove_stale(run, ".*.tmp-*")  # what killed runs left
+    ds = load_dataset(data, strict=strict, max_pixels=max_pixels)
     samples = ds.samples
     known = {s.image_id for s in ds.split("train")}
     unknown = [k for k in keep if k not in known]
@@ -438,13 +437,14 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
                              "(test images are never left out)")
 
     enc_name = (encoder or settings.encoder) if embed else None
-    key = store.config_key(
-        "qc", QC_VERSION, settings.model_dump(), sorted(keep),
-        [[s.image_id, s.split, file_stamp(s.image), file_stamp(s.mask)] for s in samples],
+    stamp = store.ContentStamps(store.read_meta(out).get("content_stamps") if out.exists() else None)
+    key = store.stage_key(
+        "qc", QC_VERSION, settings, sorted(keep),
+        [[s.image_id, s.split, stamp(s.image), stamp(s.mask)] for s in samples],
         enc_name, [str(p) for p in ds.problems],
     )
     old = store.read_meta(out) if out.exists() else {}
-    unchanged = old.get("key") == key
+    unchanged = old.get("key") == key and old.get("schema") == store.SCHEMA  # older files: re-run
     if unchanged and not old.get("embedding_failed"):
         return _previous_result(out, old)
 
@@ -557,6 +557,7 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
         })
     table = _qc_table(rows)
     meta = {"key": key, "settings": settings.model_dump(), "embedding": emb_note, "embedding_failed": failed,
-            "problems": [[str(p.path), p.problem] for p in problems], "keep": list(keep)}
+            "problems": [[str(p.path), p.problem] for p in problems], "keep": list(keep),
+            "content_stamps": stamp.used}
     store.write_table(table, out, meta)
     return QCResult(out, table, skipped=False, problems=problems, embedding=emb_note, warning=warning)

@@ -34,7 +34,7 @@ from histoembed.crops import run_data
 from histoembed.dataset import load_dataset, read_image
 from histoembed.errors import UserError
 from histoembed.fit import calibrated_probabilities
-from histoembed.inference import load_ensemble
+from histoembed.inference import check_one_set, load_ensemble
 from histoembed.metrics import reliability
 
 PLOT_DPI = 96
@@ -120,6 +120,9 @@ def _load(run: Path, data: Path | None) -> _Run:
             r.qc = store.read_table(qc_path, "QC table", stage="qc").to_pandas()
         except UserError as e:
             r.notes.append(str(e))
+    manifest = run / store.MODELS_DIR / store.MODELS_MANIFEST_FILE
+    if manifest.exists():  # never draw models of one fit beside metrics of another
+        check_one_set(run, store.read_json(manifest, "fitted-models manifest").get("key"))
     for name, attr in ((store.METRICS_FILE, "metrics"), (store.CALIBRATION_FILE, "calibration")):
         if (run / name).exists():
             try:

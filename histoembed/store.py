@@ -14,9 +14,11 @@ both splits from ``img_0000.png``, so a name alone is ambiguous. Files written b
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import BaseModel
 
 from histoembed import __version__
+from histoembed.config import output_settings
 from histoembed.errors import UserError
 
 META_KEY = b"histoembed"
@@ -51,13 +55,59 @@ def fold_dir(models: str | Path, k: int) -> Path:
     return Path(models) / f"fold-{k:02d}"
 
 
+def model_files(models: Path) -> dict[str, str]:
+    """sha256 of every file in the fold folders, by path relative to ``models`` (fit records them)."""
+    return {str(f.relative_to(models)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(Path(models).glob("fold-*/*")) if f.is_file()}
+
+
+def damaged_model_files(models: Path, manifest: dict) -> list[str]:
+    """Model files missing or different from what fit wrote (truncated, corrupt, replaced)."""
+    recorded = manifest.get("files")
+    if not isinstance(recorded, dict):
+        return [MODELS_MANIFEST_FILE]
+    found = model_files(models)
+    return sorted(name for name, digest in recorded.items() if found.get(name) != digest)
+
+
 # ---------------------------------------------------------------- atomic writing
+
+def pid_alive(pid: int) -> bool:
+    """Whether another process with this id runs (our own id counts as gone: a leftover of ours is stale)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale(folder: Path, pattern: str) -> list[Path]:
+    """Remove the ``pattern`` temporaries (named ``...-PID``) whose process is gone; return them."""
+    removed = []
+    for p in Path(folder).glob(pattern):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary sibling of ``path``; rename it onto ``path`` only on success.
+
+    Temporaries of ``path`` left by killed runs are removed first, so they never pile up.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path.parent, f".{glob.escape(path.name)}.tmp-*")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -69,7 +119,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 def write_json(obj, path: str | Path) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
 def read_json(path: str | Path, what: str = "file", hint: str | None = None):
@@ -82,7 +132,7 @@ def read_json(path: str | Path, what: str = "file", hint: str | None = None):
         raise UserError(f"{what} is not valid JSON ({e})", path=path, hint=hint) from None
 
 
-def _json_default(o):
+def json_default(o):
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):
@@ -94,15 +144,52 @@ def _json_default(o):
 
 def config_key(*parts) -> str:
     """A short, stable hash of JSON-able inputs and settings (for skip-if-unchanged)."""
-    blob = json.dumps(parts, sort_keys=True, default=_json_default).encode()
+    blob = json.dumps(parts, sort_keys=True, default=json_default).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def stage_key(stage: str, version: int, settings: BaseModel | None, *inputs) -> str:
+    """Every stage's skip-if-unchanged key: its inputs' stamps and the settings that change its output.
+
+    ``settings`` fields marked ``NO_OUTPUT_CHANGE`` in config.py (workers, batch size, device,
+    rows per part, threads) are left out; ``version`` is bumped when the stage's output changes
+    meaning.
+    """
+    return config_key(stage, version, output_settings(settings) if settings is not None else None, *inputs)
+
+
+class ContentStamps:
+    """Files stamped by their content (sha256), so ``touch`` or a copy changes no key.
+
+    ``cache`` is the ``used`` of the previous run, kept in its output's metadata: a file whose
+    size and modification time are unchanged is not read again.
+    """
+
+    def __init__(self, cache: dict | None = None):
+        self.cache: dict[str, list] = cache if isinstance(cache, dict) else {}
+        self.used: dict[str, list] = {}
+
+    def __call__(self, path: str | Path | None) -> str | None:
+        if path is None:
+            return None
+        path = Path(path).resolve()
+        st = path.stat()
+        name = str(path)
+        hit = self.cache.get(name)
+        if hit and hit[:2] == [st.st_size, st.st_mtime_ns]:
+            digest = hit[2]
+        else:
+            with path.open("rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+        self.used[name] = [st.st_size, st.st_mtime_ns, digest]
+        return digest
 
 
 # ---------------------------------------------------------------- Parquet helpers
 
 def with_meta(schema: pa.Schema, meta: dict) -> pa.Schema:
     meta = {"version": __version__, "schema": SCHEMA, **meta}
-    return schema.with_metadata({META_KEY: json.dumps(meta, default=_json_default).encode()})
+    return schema.with_metadata({META_KEY: json.dumps(meta, default=json_default).encode()})
 
 
 def read_meta(path: str | Path) -> dict:
@@ -197,9 +284,10 @@ def read_qc(run: str | Path) -> pa.Table | None:
 # ---------------------------------------------------------------- features/<encoder>/
 
 FEATURE_COLUMNS = ("image_id", "split", "crop_index", "view", "embedding")
+CROP_HASH = "crop_hash"  # optional column: the digest of the crop's PNG, so changed crops are found one by one
 
 
-def feature_schema(dim: int, dtype: str = "float32") -> pa.Schema:
+def feature_schema(dim: int, dtype: str = "float32", crop_hash: bool = False) -> pa.Schema:
     value = pa.float16() if dtype == "float16" else pa.float32()
     return pa.schema([
         ("image_id", pa.string()),
@@ -207,7 +295,32 @@ def feature_schema(dim: int, dtype: str = "float32") -> pa.Schema:
         ("crop_index", pa.int32()),
         ("view", pa.int16()),
         ("embedding", pa.list_(value, dim)),
+        *([(CROP_HASH, pa.string())] if crop_hash else []),
     ])
+
+
+def train_crops_digest(run: str | Path) -> str:
+    """The digest of every training crop's pixels in ``run/crops.parquet``, in the store's order."""
+    path = Path(run) / CROPS_FILE
+    index = read_table(path, "crops file", columns=["image_id", "split", "crop_index"], hint="run `histoembed crops`", stage="crops")
+    rows = sorted((i, c, h) for i, c, h, s in zip(index["image_id"].to_pylist(), index["crop_index"].to_pylist(),
+                                                    crop_hashes(path), index["split"].to_pylist()) if s == "train")
+    return config_key([h for _, _, h in rows])
+
+
+def crop_digest(png: bytes) -> str:
+    return hashlib.sha256(png).hexdigest()[:16]
+
+
+def crop_hashes(crops_path: str | Path) -> list[str]:
+    """The digest of every crop's PNG in ``crops.parquet``, in row order (read one row group at a time)."""
+    try:
+        pf = pq.ParquetFile(crops_path)
+        return [crop_digest(png) for g in range(pf.num_row_groups)
+                for png in pf.read_row_group(g, columns=["png"])["png"].to_pylist()]
+    except (OSError, pa.ArrowInvalid) as e:
+        raise UserError(f"crops file cannot be read ({e})", path=crops_path,
+                        hint="delete it and re-run `histoembed crops`") from None
 
 
 def encoder_slug(encoder: str) -> str:
@@ -228,13 +341,15 @@ class Features:
     view: np.ndarray        # int16
     embedding: np.ndarray   # float32 [N, D]
     meta: dict              # the store's metadata (encoder, dim, pool, augment, seed, ...)
+    crop_hash: np.ndarray | None = None  # digest of each row's crop PNG, where the store has it
 
     def __len__(self) -> int:
         return len(self.image_id)
 
     def subset(self, mask: np.ndarray) -> Features:
         return Features(self.image_id[mask], self.split[mask], self.crop_index[mask],
-                        self.view[mask], self.embedding[mask], self.meta)
+                        self.view[mask], self.embedding[mask], self.meta,
+                        None if self.crop_hash is None else self.crop_hash[mask])
 
     def keys(self) -> np.ndarray:
         """Each row's image as one string ``split/image_id`` (object array), for grouping and joins."""
@@ -264,35 +379,142 @@ def feature_parts(store_dir: str | Path) -> list[Path]:
     return sorted(p for p in Path(store_dir).glob("part-*.parquet"))
 
 
+def _read_part(path: Path) -> pa.Table:
+    """One part, or a clear error naming it when it cannot be read (truncated, corrupt)."""
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise UserError(f"feature part is corrupt and cannot be read ({e})", path=path,
+                        hint="re-run `histoembed embed`: it replaces parts it cannot read") from None
+
+
+def _part_meta(path: Path) -> dict:
+    try:
+        md = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid) as e:
+        raise UserError(f"feature part is corrupt and cannot be read ({e})", path=path,
+                        hint="re-run `histoembed embed`: it replaces parts it cannot read") from None
+    raw = md.get(META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+ROW_KEY = ("split", "image_id", "crop_index", "view")  # one feature row; the store's reading order
+
+
+def _row_name(split, image_id, crop_index, view) -> str:
+    return f"{split} image {image_id}, crop {crop_index}, view {view}"
+
+
 def read_features(store_dir: str | Path, split: str | None = None) -> Features:
-    """Read every part of ``run/features/<encoder>/`` (all shards) as one table."""
+    """Read every part of ``run/features/<encoder>/`` (all shards) as one table.
+
+    Rows come sorted by (split, image, crop, view), whatever the parts' names or order, so
+    a sharded or resumed store gives the same results as a whole one. Duplicate rows and
+    non-finite embeddings are refused: a model trained on them would be silently wrong.
+    """
     store_dir = Path(store_dir)
     parts = feature_parts(store_dir)
     if not parts:
         raise UserError("no feature parts found", path=store_dir,
                         hint="run `histoembed embed` first")
-    metas = [read_meta(p) for p in parts]
+    metas = [_part_meta(p) for p in parts]
     for p, m in zip(parts, metas):
         check_schema(p, "embed", m)
     keys = {m.get("key") for m in metas}
     if len(keys) != 1:
         raise UserError("feature parts were written with different settings", path=store_dir,
                         hint="re-run `histoembed embed`; it removes parts of old settings")
-    try:
-        table = pa.concat_tables(pq.read_table(p) for p in parts)
-    except (OSError, pa.ArrowInvalid) as e:
-        raise UserError(f"feature store cannot be read ({e})", path=store_dir,
-                        hint="delete the folder and re-run `histoembed embed`") from None
+    table = pa.concat_tables(_read_part(p) for p in parts)
     if split is not None:
         table = table.filter(pc.equal(table["split"], split))
-    return Features(
+    table = table.sort_by([(c, "ascending") for c in ROW_KEY])
+    features = Features(
         image_id=table["image_id"].to_numpy(zero_copy_only=False),
         split=table["split"].to_numpy(zero_copy_only=False),
         crop_index=table["crop_index"].to_numpy(),
         view=table["view"].to_numpy(),
         embedding=embedding_matrix(table["embedding"]),
         meta=metas[0],
+        crop_hash=(table[CROP_HASH].to_numpy(zero_copy_only=False) if CROP_HASH in table.column_names
+                   and table[CROP_HASH].null_count == 0 else None),
     )
+    _refuse_duplicates(features, store_dir)
+    _refuse_non_finite(features, store_dir)
+    return features
+
+
+def _refuse_duplicates(f: Features, store_dir: Path) -> None:
+    if len(f) < 2:
+        return
+    same = ((f.split[1:] == f.split[:-1]) & (f.image_id[1:] == f.image_id[:-1])
+            & (f.crop_index[1:] == f.crop_index[:-1]) & (f.view[1:] == f.view[:-1]))
+    if same.any():
+        i = int(np.flatnonzero(same)[0])
+        raise UserError(f"{int(same.sum())} duplicate feature row(s), e.g. "
+                        f"{_row_name(f.split[i], f.image_id[i], f.crop_index[i], f.view[i])}",
+                        path=store_dir, hint="two embed runs wrote the same crops: delete the folder and "
+                                             "re-run `histoembed embed`")
+
+
+def _refuse_non_finite(f: Features, store_dir: Path) -> None:
+    bad = ~np.isfinite(f.embedding).all(axis=1) if len(f) else np.zeros(0, bool)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise UserError(f"{int(bad.sum())} embedding(s) hold NaN or infinity, e.g. "
+                        f"{_row_name(f.split[i], f.image_id[i], f.crop_index[i], f.view[i])}",
+                        path=store_dir, hint="delete the folder and re-run `histoembed embed` "
+                                             "(try --precision fp32)")
+
+
+def views_of(split: str, repeats: int, tta: bool) -> list[int]:
+    """The views a crop of ``split`` is embedded in: all r for train (and test with TTA), else view 0."""
+    return list(range(repeats)) if split == "train" or tta else [0]
+
+
+def check_complete(features: Features, run: str | Path, split: str) -> None:
+    """Refuse features that are stale (embedded from other crops) or partial (a crop or a view missing).
+
+    ``features`` hold ``split``'s rows of a store; ``run/crops.parquet`` says which crops it
+    must hold (by their pixels, where the store records each crop's digest, else by the
+    crops file's key), and the store's metadata how many views each.
+    """
+    crops_path = Path(run) / CROPS_FILE
+    hint = "run `histoembed embed` (it resumes a partial store and replaces what is stale)"
+    index = read_table(crops_path, "crops file", columns=["image_id", "split", "crop_index"],
+                       hint="run `histoembed crops` first", stage="crops")
+    mine = features.split == split
+    keys = [index["image_id"].to_pylist(), index["crop_index"].to_pylist()]
+    found_keys = [features.image_id[mine].tolist(), features.crop_index[mine].tolist()]
+    if features.crop_hash is not None:
+        keys.append(crop_hashes(crops_path))
+        found_keys.append(features.crop_hash[mine].tolist())
+    elif features.meta.get("crops_key") != read_meta(crops_path).get("key"):
+        raise UserError(f"the features were embedded from other crops than {CROPS_FILE} holds now "
+                        "(crops changed since `histoembed embed`)", path=crops_path, hint=hint)
+    views = views_of(split, int(features.meta.get("repeats", 1)), bool(features.meta.get("tta", True)))
+    # One tuple per crop view: (image, crop, view, digest or None).
+    digests = keys[2] if len(keys) > 2 else [None] * len(keys[0])
+    expected = {(i, c, v, h) for i, c, h, s in zip(*keys[:2], digests, index["split"].to_pylist()) if s == split
+                for v in views}
+    found_digests = found_keys[2] if len(found_keys) > 2 else [None] * len(found_keys[0])
+    found = set(zip(*found_keys[:2], features.view[mine].tolist(), found_digests))
+    missing, extra = expected - found, found - expected
+    where = crops_path.parent / FEATURES_DIR
+    if extra and features.crop_hash is not None:
+        stale = {f[:2] for f in extra} & {m[:2] for m in missing}
+        if stale:
+            i, c = min(stale)
+            raise UserError(f"the features of {len(stale)} {split} crop(s) were embedded from other pixels than "
+                            f"{CROPS_FILE} holds now, e.g. {split} image {i}, crop {c}", path=where, hint=hint)
+    if missing:
+        i, c, v, _ = min(missing, key=lambda m: m[:3])
+        crops = len({m[:2] for m in missing})
+        raise UserError(f"the features are partial: {len(missing)} of {len(expected)} {split} crop views "
+                        f"({crops} crop(s)) are missing, e.g. {_row_name(split, i, c, v)}", path=where, hint=hint)
+    if extra:
+        i, c, v, _ = min(extra, key=lambda m: m[:3])
+        raise UserError(f"the features hold {len(extra)} {split} crop view(s) that {CROPS_FILE} does not, "
+                        f"e.g. {_row_name(split, i, c, v)}", path=where, hint=hint)
 
 
 def find_feature_store(run_dir: str | Path, encoder: str | None = None) -> Path:

@@ -28,7 +28,7 @@ from histoembed import store
 from histoembed.crops import run_data
 from histoembed.dataset import submission_ids
 from histoembed.errors import UserError
-from histoembed.inference import load_ensemble
+from histoembed.inference import check_same_crops, load_ensemble
 
 
 @dataclass
@@ -64,6 +64,7 @@ def run_submit(data: Path | None, run: Path, encoder: str | None = None, tta: bo
         raise UserError("the data has no test images", path=data)
     store_dir = store.find_feature_store(run, encoder or ensemble.encoder)
     features = store.read_features(store_dir, split="test")
+    store.check_complete(features, run, "test")
     if not tta:
         features = features.subset(features.view == 0)
     unknown = sorted(set(features.image_id) - set(ids))   # every feature row here is of the test split
@@ -84,6 +85,7 @@ def run_submit(data: Path | None, run: Path, encoder: str | None = None, tta: bo
         rows = np.array([row_of[k] for k in pred.keys()])
         probs[rows], decided[rows], sets[rows], spread[rows] = pred.probs, pred.pred, pred.sets, pred.view_spread
         have[rows] = True
+    check_same_crops(run, ensemble)  # after the features' own checks (dimension, encoder), which say more
     labels = [ensemble.classes[k] for k in decided]
     fallbacks = [i for i, ok in zip(ids, have) if not ok]
 

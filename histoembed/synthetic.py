@@ -50,6 +50,8 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -515,7 +517,8 @@ def write_synthetic_features(run: Path, n_images: int = 60, n_classes: int = 3, 
         "strategy": pa.array(["synthetic"] * n_crops, pa.string()),
         "png": pa.array([b""] * n_crops, pa.binary()),
     }, schema=store.CROPS_SCHEMA)
-    store.write_table(crops_table, run / store.CROPS_FILE, meta={"key": store.config_key("crops", seed, n_images)})
+    crops_key = store.config_key("crops", seed, n_images, n_test, crops)
+    store.write_table(crops_table, run / store.CROPS_FILE, meta={"key": crops_key})
     embedding = np.asarray(emb, dtype=np.float32)
     table = pa.table({
         "image_id": pa.array(rows["image_id"], pa.string()), "split": pa.array(rows["split"], pa.string()),
@@ -527,5 +530,24 @@ def write_synthetic_features(run: Path, n_images: int = 60, n_classes: int = 3, 
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(store_dir)
     store.write_table(table, store_dir / "part-00000.parquet",
-                      meta={"key": key, "encoder": encoder, "dim": dim, "pool": "synthetic", "seed": seed})
+                      meta={"key": key, "encoder": encoder, "dim": dim, "pool": "synthetic", "seed": seed,
+                            "crops_key": crops_key, "repeats": views, "tta": True})
     return store_dir
+
+def write_blank_png(path: Path, width: int, height: int, complete: bool = True) -> None:
+    """A black 8-bit gray PNG of any size, streamed row by row (a 30000 x 30000 one is about 0.9 MB).
+
+    This is what a decompression bomb looks like: a small file whose header promises far more
+    pixels than memory holds. ``complete=False`` writes the header alone (enough for checks
+    that never decode).
+    """
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)))
+        if complete:
+            deflate, row = zlib.compressobj(9), bytes(width + 1)  # filter byte 0, then the row's pixels
+            data = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+            f.write(chunk(b"IDAT", data))
+        f.write(chunk(b"IEND", b""))

@@ -357,6 +357,16 @@ def test_output_schema_and_metadata(cli, tmp_path):
     assert meta["key"] and meta["settings"]["size"] == 32 and meta["version"]
 
 
+def test_a_killed_run_s_temporary_is_removed_by_the_next_run(cli, tmp_path):
+    data, run = small_data(tmp_path / "d"), tmp_path / "run"
+    assert cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1).exit_code == 0
+    leftover = run / f".{store.CROPS_FILE}.tmp-999999999"      # kill -9 mid-write leaves this
+    leftover.write_bytes(b"x" * 1000)
+    again = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1)
+    assert again.exit_code == 0 and "up to date" in again.output
+    assert not leftover.exists()
+
+
 # ---------------------------------------------------------------- QC integration
 
 def write_qc(run: Path, rows: list[dict]) -> None:
@@ -367,7 +377,7 @@ def write_qc(run: Path, rows: list[dict]) -> None:
 
 
 def test_qc_flagged_training_images_left_out_unless_kept(cli, tmp_path):
-    data, run = small_data(tmp_path / "d"), tmp_path / "run"
+    data, run = small_data(tmp_path / "d", n=5), tmp_path / "run"
     write_qc(run, [{"image_id": "img_0000.png", "flagged": True, "non_tissue": True},
                    {"image_id": "img_0001.png", "flagged": True, "blank": True},
                    {"image_id": "img_0000.png", "split": "test", "flagged": True, "non_tissue": True}])
@@ -375,12 +385,13 @@ def test_qc_flagged_training_images_left_out_unless_kept(cli, tmp_path):
     assert res.exit_code == 0, res.output
     assert "left out 2 training image(s) flagged by QC: img_0000.png, img_0001.png" in res.output
     # the test image of the same name as a flagged training image is kept: test images are never dropped
-    assert keys_of(read_crops(run)) == {("train", "img_0002.png"), ("test", "img_0000.png")}
+    assert keys_of(read_crops(run)) == {("train", "img_0002.png"), ("train", "img_0003.png"), ("test", "img_0000.png")}
     res = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1, "--keep", "img_0001.png")
     assert res.exit_code == 0 and "left out 1 training image(s)" in res.output
-    assert keys_of(read_crops(run)) == {("train", "img_0001.png"), ("train", "img_0002.png"), ("test", "img_0000.png")}
+    assert keys_of(read_crops(run)) == {("train", "img_0001.png"), ("train", "img_0002.png"), ("train", "img_0003.png"),
+                                        ("test", "img_0000.png")}
     res = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1, "--include-flagged")
-    assert res.exit_code == 0 and "left out" not in res.output and len(keys_of(read_crops(run))) == 4
+    assert res.exit_code == 0 and "left out" not in res.output and len(keys_of(read_crops(run))) == 5
     res = cli("crops", "--data", data, "--run", run, "--keep", "img_9999.png")
     assert res.exit_code == 2 and "--keep names image(s) not in the training data: img_9999.png" in res.output
 
@@ -394,6 +405,18 @@ def test_a_qc_file_of_the_old_schema_is_refused(cli, tmp_path):
     res = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1)
     assert res.exit_code == 2 and not (run / store.CROPS_FILE).exists()
     assert "qc.parquet has file schema 1" in res.output and "re-run `histoembed qc`" in res.output
+
+
+def test_a_label_that_qc_empties_stops_crops_and_names_it(cli, tmp_path):
+    data, run = small_data(tmp_path / "d", n=5), tmp_path / "run"   # HER2(+): img_0001, img_0003
+    write_qc(run, [{"image_id": "img_0001.png", "flagged": True, "non_tissue": True},
+                   {"image_id": "img_0003.png", "flagged": True, "blank": True}])
+    res = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1)
+    assert res.exit_code == 2, res.output
+    assert "label 'HER2(+)' has no training image left" in res.output and "QC flagged all 2" in res.output
+    assert "--include-flagged" in res.output and not (run / store.CROPS_FILE).exists()
+    res = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1, "--keep", "img_0003.png")
+    assert res.exit_code == 0, res.output
 
 
 def test_qc_ink_is_repaired_before_cropping(cli, tmp_path):

@@ -278,6 +278,73 @@ def test_every_image_bad_is_one_clear_error(cli, tmp_path):
     assert res.exit_code == 2 and "no usable images found" in res.output and "no mask" in res.output
 
 
+@pytest.mark.parametrize("spelling", ["Triple Negative", "Triple\u00a0negative", "triple  negative "])
+def test_label_spellings_that_differ_only_by_case_or_spaces_stop(cli, tmp_path, spelling):
+    data = write_reference(tmp_path / "d", n_train=6)     # img_0001, img_0003, img_0005: Triple negative
+    lines = (data / "train_labels.csv").read_text().splitlines()
+    lines[6] = f"img_0005.png,{spelling}"
+    (data / "train_labels.csv").write_text("\n".join(lines) + "\n")
+    res = crops(cli, data, tmp_path / "run")
+    assert res.exit_code == 2, res.output
+    assert f"labels 'Triple negative' (line 3) and {spelling.strip()!r} (line 7) differ only by case or spaces" \
+        in res.output
+    assert not (tmp_path / "run" / store.CROPS_FILE).exists()
+    (tmp_path / "m.csv").write_text(f"image,mask,label,split\na.png,,Luminal A,train\nb.png,,luminal a,train\n")
+    res = crops(cli, tmp_path / "m.csv", tmp_path / "run")
+    assert res.exit_code == 2 and "'Luminal A' (line 2) and 'luminal a' (line 3)" in res.output
+
+
+def test_csv_line_numbers_count_blank_lines(cli, tmp_path):
+    data = write_reference(tmp_path / "d")
+    (data / "train_labels.csv").write_text("sample_index,label\n\nimg_0000.png,A\n\n\nimg_0000.png,B\n")
+    res = crops(cli, data, tmp_path / "run")
+    assert res.exit_code == 2 and "train_labels.csv: line 6: duplicate id 'img_0000.png'" in res.output
+
+
+def test_a_symlink_leaving_the_data_folder_is_refused_in_the_reference_layout(cli, tmp_path):
+    data = write_reference(tmp_path / "d")
+    outside = tmp_path / "elsewhere.png"
+    (data / "train_data/img_0002.png").rename(outside)
+    (data / "train_data/img_0002.png").symlink_to(outside)
+    res = crops(cli, data, tmp_path / "run")
+    assert res.exit_code == 2, res.output
+    assert "img_0002.png: is a symlink to" in res.output and "outside the data folder" in res.output
+    assert not (tmp_path / "run" / store.CROPS_FILE).exists()
+    # a symlink that stays inside is fine, and a manifest's symlink out says it is one
+    (data / "train_data/img_0002.png").unlink()
+    (data / "train_data/img_0002.png").symlink_to(data / "train_data/img_0000.png")
+    assert crops(cli, data, tmp_path / "run").exit_code == 0
+    root = tmp_path / "m"
+    root.mkdir()
+    (root / "link.png").symlink_to(outside)
+    (root / "manifest.csv").write_text("image,mask,label,split\nlink.png,,A,train\n")
+    res = crops(cli, root, tmp_path / "run")
+    assert res.exit_code == 2 and "line 2: path 'link.png' is a symlink to" in res.output
+
+
+def test_a_decompression_bomb_is_skipped_from_its_header_and_the_limit_is_an_option(cli, tmp_path):
+    from histoembed.synthetic import write_blank_png
+
+    data = write_reference(tmp_path / "d", n_train=6)
+    write_blank_png(data / "train_data/img_0002.png", 30_000, 30_000, complete=False)   # header only
+    write_blank_png(data / "train_data/mask_0002.png", 30_000, 30_000, complete=False)
+    res = crops(cli, data, tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    assert "img_0002.png: image is 30000x30000 = 900,000,000 pixels, over the limit of 64,000,000" in res.output
+    assert ("train", "img_0002.png") not in crop_ids(tmp_path / "run")
+    res = cli("qc", "--data", data, "--run", tmp_path / "run", "--no-embed")
+    assert res.exit_code == 0 and "over the limit of 64,000,000" in res.output
+    # The limit is an option and a setting: every other image is 120x96 = 11,520 pixels.
+    res = crops(cli, data, tmp_path / "run", "--max-pixels", 10_000)
+    assert res.exit_code == 2 and "no usable images found" in res.output and "over the limit of 10,000" in res.output
+    (tmp_path / "histoembed.toml").write_text("[data]\nmax_pixels = 10000\n")
+    res = crops(cli, data, tmp_path / "run", "--config", tmp_path / "histoembed.toml")
+    assert res.exit_code == 2 and "over the limit of 10,000" in res.output
+    res = crops(cli, data, tmp_path / "run", "--config", tmp_path / "histoembed.toml", "--max-pixels", 20_000)
+    assert res.exit_code == 0 and crop_ids(tmp_path / "run") == ({("train", f"img_{i:04d}.png") for i in (0, 1, 3, 4, 5)}
+                                                                 | {("test", "img_0000.png"), ("test", "img_0001.png")})
+
+
 # ---------------------------------------------------------------- pixel formats
 
 @pytest.fixture

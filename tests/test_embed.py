@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -17,7 +16,7 @@ import torch
 
 from histoembed import store
 from histoembed.config import AugmentSettings, EmbedSettings
-from histoembed.embed import embed_crops, read_store, run_embed
+from histoembed.embed import STOP_AFTER_ENV, embed_crops, read_store, run_embed
 from histoembed.encoders import load_encoder
 from histoembed.errors import UserError
 
@@ -169,40 +168,32 @@ def test_shards_together_equal_one_run(tmp_path, tiny_dinov2, cli):
     np.testing.assert_allclose(emb, expected, atol=1e-5, rtol=0)
 
 
-def _embed_process(run: Path, encoder: Path) -> subprocess.Popen:
+def _embed_process(run: Path, encoder: Path, stop: str) -> subprocess.CompletedProcess:
+    """``histoembed embed`` in a child process that sends itself a signal after a fixed number of batches."""
     cmd = [sys.executable, "-m", "histoembed", "embed", "--run", str(run), "--encoder", str(encoder),
            "--repeats", "2", "--batch-size", "4", "--rows-per-part", "8", "--workers", "0"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", STOP_AFTER_ENV: stop})
 
 
-def _wait_for_parts(proc: subprocess.Popen, store_dir: Path, at_least: int) -> int:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if store_dir.exists() and len(store.feature_parts(store_dir)) >= at_least:
-            return len(store.feature_parts(store_dir))
-        time.sleep(0.005)
-    raise AssertionError(f"the run ended before {at_least} parts were written: {proc.communicate()}")
-
-
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
 def test_an_interrupted_run_resumes_to_the_same_store(tmp_path, tiny_dinov2, sig):
-    n_crops = write_crops(tmp_path / "killed", n_train=150, n_test=50, per_image=2).shape[0]
+    n_crops = write_crops(tmp_path / "killed", n_train=20, n_test=5, per_image=2).shape[0]
     store_dir = tmp_path / "killed" / store.FEATURES_DIR / tiny_dinov2.name
-    proc = _embed_process(tmp_path / "killed", tiny_dinov2)
-    _wait_for_parts(proc, store_dir, at_least=3)
-    proc.send_signal(sig)
-    proc.wait(timeout=60)
+    proc = _embed_process(tmp_path / "killed", tiny_dinov2, f"3:{sig}")
+    # 3 batches of 4 training crops x 2 views = 3 parts of 8 rows, whatever the machine's load.
+    assert proc.returncode == (-signal.SIGKILL if sig == "SIGKILL" else 130), proc.stderr
+    assert len(store.feature_parts(store_dir)) == 3
     rows_then = len(store.read_features(store_dir))
-    assert 0 < rows_then < n_crops * 2, "the run was not interrupted mid-way"
-    if sig == signal.SIGINT:
-        assert proc.returncode == 130
+    assert rows_then == 3 * 4 * 2
+    if sig == "SIGINT":
         assert not list(store_dir.glob(".part-*")), "Ctrl-C left a temporary file"
+        assert not list(store_dir.glob(".lock-*")), "Ctrl-C left the lock"
 
     resumed = run_embed(tmp_path / "killed", settings(tiny_dinov2, batch_size=4, rows_per_part=8), AugmentSettings())
     assert resumed.new_rows == n_crops * 2 - rows_then
     whole = tmp_path / "whole"
-    write_crops(whole, n_train=150, n_test=50, per_image=2)
+    write_crops(whole, n_train=20, n_test=5, per_image=2)
     run_embed(whole, settings(tiny_dinov2, batch_size=4), AugmentSettings())
     rows, emb = sorted_rows(read_store(tmp_path / "killed"))
     expected_rows, expected = sorted_rows(read_store(whole))
@@ -299,7 +290,7 @@ def test_a_store_written_before_split_keys_is_refused(tmp_path, tiny_dinov2):
     import pyarrow.parquet as pq
 
     write_crops(tmp_path, n_train=2, n_test=2, per_image=1)
-    run_embed(tmp_path, settings(tiny_dinov2, repeats=1), AugmentSettings(), show_progress=False)
+    run_embed(tmp_path, settings(tiny_dinov2, repeats=1), AugmentSettings())
     rows, _ = sorted_rows(read_store(tmp_path))
     assert [(r[0], r[1]) for r in rows] == [("img_0000.png", "train"), ("img_0001.png", "train"),
                                             ("img_0000.png", "test"), ("img_0001.png", "test")]
@@ -310,3 +301,69 @@ def test_a_store_written_before_split_keys_is_refused(tmp_path, tiny_dinov2):
     with pytest.raises(UserError, match="has file schema 1") as e:
         read_store(tmp_path)
     assert "re-run `histoembed embed`" in str(e.value) and part.name in str(e.value)
+
+
+def test_encoder_lists_keep_order_drop_repeats_and_refuse_two_names_for_one_store():
+    from histoembed.embed import encoder_names
+
+    assert encoder_names("virchow2, uni2-h,virchow2") == ["virchow2", "uni2-h"]
+    with pytest.raises(UserError, match="same store"):
+        encoder_names("org/model,org--model")
+    with pytest.raises(UserError, match="no encoder"):
+        encoder_names(" , ")
+
+
+def test_an_embed_beside_another_shard_count_is_refused(tmp_path, tiny_dinov2, cli):
+    write_crops(tmp_path)
+    store_dir = tmp_path / store.FEATURES_DIR / tiny_dinov2.name
+    store_dir.mkdir(parents=True)
+    (store_dir / ".lock-s0of2").write_text(str(os.getppid()))   # `embed --shard 0/2` is running
+    r = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--workers", "0")
+    assert r.exit_code == 2 and "shard 0/2" in r.output and "same count" in r.output
+    assert not store.feature_parts(store_dir) and not (store_dir / ".lock-s0of1").exists()
+    r = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--workers", "0", "--shard", "1/2")
+    assert r.exit_code == 0, r.output                           # the same count may run beside it
+
+
+def test_non_finite_encoder_output_stops_embed_naming_the_crop(tmp_path, tiny_dinov2, cli):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_dinov2.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = load_file(broken / "model.safetensors")
+    name = next(k for k in weights if k.endswith("layernorm.weight") and not k.startswith("embeddings"))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    write_crops(tmp_path / "run")
+    r = cli("embed", "--run", tmp_path / "run", "--encoder", broken, "--workers", "0")
+    assert r.exit_code == 2, r.output
+    assert "NaN or infinity for train image img_0000.png, crop 0, view 0" in r.output
+    assert not store.feature_parts(tmp_path / "run" / store.FEATURES_DIR / "broken")
+
+
+def test_only_crops_whose_pixels_changed_are_embedded_again(tmp_path, tiny_dinov2):
+    crops = write_crops(tmp_path, n_train=5, n_test=2, per_image=3)
+    first = run_embed(tmp_path, settings(tiny_dinov2, rows_per_part=12), AugmentSettings())
+    assert first.new_rows == 42
+    before = read_store(tmp_path)
+    # The crops stage runs again: one crop has new pixels, the last test image is gone, the rest is unchanged.
+    table = pa.parquet.read_table(tmp_path / store.CROPS_FILE)
+    pngs = table["png"].to_pylist()
+    pngs[4] = cv2.imencode(".png", np.ascontiguousarray(255 - crops[4][..., ::-1]))[1].tobytes()
+    table = table.set_column(table.schema.get_field_index("png"), "png", pa.array(pngs, pa.binary()))
+    store.write_table(table.slice(0, len(table) - 3).replace_schema_metadata(None), tmp_path / store.CROPS_FILE,
+                      meta={"key": "re-cut"})
+    again = run_embed(tmp_path, settings(tiny_dinov2, rows_per_part=12), AugmentSettings())
+    assert again.new_rows == 2 and again.rows == 36                 # crop 1 of img_0001, 2 views; 18 crops
+    after = read_store(tmp_path)
+    store.check_complete(after.subset(after.split == "train"), tmp_path, "train")
+    store.check_complete(after.subset(after.split == "test"), tmp_path, "test")
+    key = lambda f: list(zip(f.split, f.image_id, f.crop_index, f.view))  # noqa: E731
+    old = dict(zip(key(before), before.embedding))
+    for k, emb in zip(key(after), after.embedding):
+        changed = k[1:3] == ("img_0001.png", 1)
+        assert changed != np.allclose(emb, old[k], atol=1e-6), k
+    assert "img_0006.png" not in set(after.image_id)
+    assert run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings()).skipped

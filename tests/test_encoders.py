@@ -75,12 +75,15 @@ def test_a_folder_without_config_is_refused_by_name(tmp_path):
     assert str(tmp_path) in str(e.value)
 
 
-def test_pickled_weights_are_never_loaded(tiny_dinov2, tmp_path):
+@pytest.mark.parametrize("model, message", [("tiny_dinov2", "no safetensors weights"),
+                                            ("timm_folder", "no model.safetensors")])
+def test_pickled_weights_are_never_loaded(model, message, tmp_path, request):
+    """transformers and timm folders alike: a pytorch_model.bin is never unpickled."""
     import shutil
     folder = tmp_path / "pickled"
-    shutil.copytree(tiny_dinov2, folder)
+    shutil.copytree(request.getfixturevalue(model), folder)
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
-    with pytest.raises(UserError, match="no safetensors weights"):
+    with pytest.raises(UserError, match=message):
         load_encoder(str(folder))
 
 
@@ -232,15 +235,6 @@ def test_an_hf_hub_id_missing_from_the_cache_says_where_it_looked(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "someone/absent" in done.stderr and "offline mode is on" in done.stderr
-
-
-def test_timm_pickled_weights_are_never_loaded(timm_folder, tmp_path):
-    import shutil
-    folder = tmp_path / "pickled"
-    shutil.copytree(timm_folder, folder)
-    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
-    with pytest.raises(UserError, match="no model.safetensors"):
-        load_encoder(str(folder))
 
 
 def test_weights_that_do_not_fit_the_named_architecture_are_refused(timm_folder, tmp_path):

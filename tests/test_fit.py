@@ -362,6 +362,32 @@ def test_qc_flags_are_left_out_and_duplicate_groups_share_a_fold(tmp_path):
     assert len(read_oof(run)[0]) == 60
 
 
+def write_flags(run: Path, flagged: set[str], n: int = 60) -> None:
+    ids = [f"img_{i:04d}.png" for i in range(n)]
+    qc = pa.table({
+        "image_id": ids, "split": ["train"] * n, "flagged": [i in flagged for i in ids],
+        "non_tissue": [i in flagged for i in ids], "ink": [False] * n, "blank": [False] * n,
+        "outlier": [None] * n, "duplicate_group": pa.array([None] * n, pa.int32()),
+        "mask_twin": [None] * n, "near_train": [None] * n, "near_train_hash_distance": [None] * n,
+        "near_train_cosine": [None] * n,
+        "reason": ["planted" if i in flagged else "" for i in ids]}, schema=store.QC_SCHEMA)
+    store.write_table(qc, run / store.QC_FILE, meta={"key": "qc-test"})
+
+
+def test_no_class_disappears_when_qc_flags_its_images(tmp_path):
+    run, config = make_run(tmp_path)                          # image i has class i % 3; class 2 is Luminal B
+    write_flags(run, {f"img_{i:04d}.png" for i in range(2, 60, 3)})
+    result = invoke("fit", "--run", run, "--config", config, "--folds", 3)
+    assert result.exit_code == 2, result.output
+    assert "label 'Luminal B' has no training image left" in result.output and "QC flagged all 20" in result.output
+    assert "--include-flagged" in result.output and not (run / store.METRICS_FILE).exists()
+
+    write_flags(run, {f"img_{i:04d}.png" for i in range(2, 50, 3)})   # 4 Luminal B images left for 5 folds
+    result = invoke("fit", "--run", run, "--config", config, "--folds", 5)
+    assert result.exit_code == 2 and "'Luminal B' has 4 training image(s), fewer than the 5 folds" in result.output
+    assert "16 more were flagged by QC" in result.output and "--include-flagged" in result.output
+
+
 # ---------------------------------------------------------------- the ensemble
 
 def test_ensemble_round_trip_reproduces_oof_and_predicts_new_features(fitted):
@@ -436,7 +462,8 @@ def test_clear_errors_without_features_or_labels(tmp_path):
 
 def test_encoder_picks_the_store_when_there_are_several(tmp_path):
     run, config = make_run(tmp_path)
-    synthetic.write_synthetic_features(tmp_path / "other", n_images=60, n_classes=3, dim=8, encoder="other/enc")
+    synthetic.write_synthetic_features(tmp_path / "other", n_images=60, n_classes=3, n_test=5, dim=8,
+                                       encoder="other/enc")  # the same crops, another encoder
     shutil.copytree(tmp_path / "other" / "features" / "other--enc", run / "features" / "other--enc")
     result = invoke("fit", "--run", run, "--config", config, "--folds", 3)
     assert result.exit_code == 2 and "several feature stores" in result.output and "--encoder" in result.output
@@ -467,3 +494,34 @@ def test_group_folds_are_scikit_learns_stratified_group_kfold(seed):
         for (tr_a, te_a), (tr_b, te_b) in zip(ours, theirs):
             np.testing.assert_array_equal(te_a, te_b)
             np.testing.assert_array_equal(tr_a, tr_b)
+
+
+# ---------------------------------------------------------------- damage and killed runs
+
+def test_a_corrupt_model_file_makes_fit_repair_rather_than_skip(tmp_path):
+    run, config = make_run(tmp_path)
+    assert invoke("fit", "--run", run, "--config", config, "--folds", 3).exit_code == 0
+    for name in ("mlp.safetensors", "xgb.ubj"):
+        path = store.fold_dir(run / store.MODELS_DIR, 1) / name
+        good = path.read_bytes()
+        path.write_bytes(good[: len(good) // 2])                   # a truncated file
+        again = invoke("fit", "--run", run, "--config", config, "--folds", 3)
+        assert again.exit_code == 0 and "up to date" not in again.output
+        assert path.read_bytes() == good                           # the same seed writes the same model
+        assert "up to date" in invoke("fit", "--run", run, "--config", config, "--folds", 3).output
+
+
+def test_a_fit_killed_between_renames_is_recovered_and_its_leftovers_removed(tmp_path):
+    run, config = make_run(tmp_path)
+    assert invoke("fit", "--run", run, "--config", config, "--folds", 3).exit_code == 0
+    models = run / store.MODELS_DIR
+    before = store.model_files(models)
+    # What `kill -9` leaves between moving models/ aside and renaming the new one in: no models/ at all.
+    dead = 999_999_999
+    models.rename(run / f".{store.MODELS_DIR}.old-{dead}")
+    (run / f".{store.MODELS_DIR}.tmp-{dead}").mkdir()
+    (run / f".{store.OOF_FILE}.tmp-{dead}").write_bytes(b"half a file")
+    result = invoke("fit", "--run", run, "--config", config, "--folds", 3)
+    assert result.exit_code == 0 and "up to date" in result.output   # the old, consistent set is back
+    assert store.model_files(models) == before
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []

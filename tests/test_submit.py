@@ -53,7 +53,7 @@ def test_a_test_image_without_features_gets_the_prior_and_is_listed(pipeline_run
 def test_submit_finds_the_data_in_the_run_and_refuses_changed_files(pipeline_run, tmp_path, cli):
     data, run = pipeline_run
     copy = tmp_path / "data"
-    shutil.copytree(data, copy)                     # the same files elsewhere (times kept): accepted
+    shutil.copytree(data, copy)                     # the same files elsewhere: accepted
     run_copy = tmp_path / "run"
     shutil.copytree(run, run_copy)
     r = cli("submit", "--run", run_copy)             # no --data: the folder crops recorded

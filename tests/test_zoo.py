@@ -259,3 +259,44 @@ def test_timm_features_count_prefix_tokens_from_the_model():
             return torch.arange(8.0).view(1, 2, 2, 2)
 
     assert timm_features(FeatureMap(), torch.zeros(1), "cls").tolist() == [[1.5, 5.5]]
+
+
+def test_timm_encoders_from_the_cache_run_embed_fit_submit_predict_offline(zoo_cache, tmp_path):
+    """By registry name (Virchow2's construction: SwiGLU, 4 registers, CLS + mean) and by hf-hub: id, side by side
+    on the same crops and views, then each through fit, submit and predict, as separate processes, offline."""
+    import csv
+
+    from histoembed import store
+    from histoembed.synthetic import make_dataset
+    from test_end_to_end import small_settings_toml
+
+    cache, _ = zoo_cache
+    make_dataset(tmp_path / "data", n_train=30, n_test=4, seed=5, outliers=False)
+    (tmp_path / "histoembed.toml").write_text(small_settings_toml("h0-mini").replace("size = 64", "size = 32"))
+    by_id = "hf-hub:" + zoo.get("kaiko-vit-b16").hub_id
+
+    def histoembed(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "histoembed", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=600, env={**os.environ, "HF_HUB_CACHE": str(cache),
+                                                           "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+        assert done.returncode == 0, f"histoembed {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+        return done.stdout + done.stderr
+
+    histoembed("qc")
+    histoembed("crops")
+    histoembed("embed", "--encoder", "virchow2", "--encoder", by_id, "--repeats", "2")
+    run = tmp_path / "run"
+    stores = {name: store.read_features(store.find_feature_store(run, name)) for name in ("virchow2", by_id)}
+    keys = {name: sorted(zip(f.image_id.tolist(), f.crop_index.tolist(), f.view.tolist()))
+            for name, f in stores.items()}
+    assert keys["virchow2"] == keys[by_id] and len(keys["virchow2"]) > 0      # the same crops and views
+    assert stores["virchow2"].meta["pool"] == "cls+mean" and stores["virchow2"].embedding.shape[1] == 64
+    assert stores[by_id].meta["pool"] == "cls" and stores[by_id].embedding.shape[1] == 32
+    image = sorted((tmp_path / "data" / "test_data").glob("img_*"))[0]
+    for name in ("virchow2", by_id):
+        histoembed("fit", "--encoder", name, "--folds", "2")
+        histoembed("submit")
+        with (run / store.SUBMISSION_FILE).open(newline="") as f:
+            assert len(list(csv.reader(f))) == 1 + 4
+        out = histoembed("predict", str(image), "--device", "cpu")
+        assert image.name in out

@@ -13,7 +13,7 @@ from rich.markup import escape
 from histoembed import __version__
 from histoembed import config as cfg
 from histoembed.console import console, show_progress
-from histoembed.errors import UserError
+from histoembed.errors import UserError, from_os_error
 
 app = typer.Typer(
     name="histoembed",
@@ -30,7 +30,7 @@ DataOpt = Annotated[Path, typer.Option(
 RunDataOpt = Annotated[Path | None, typer.Option(
     "--data", help="Data folder or manifest CSV; default: the one `histoembed crops` cut this run's crops from "
                    "(its files must be unchanged since).")]
-RunOpt = Annotated[Path, typer.Option("--run", help="Folder for every stage's outputs.")]
+RunOpt = Annotated[Path, typer.Option("--run", file_okay=False, help="Folder for every stage's outputs.")]
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="Settings file (TOML); default: ./histoembed.toml when it exists.")]
 EncoderOpt = Annotated[str | None, typer.Option("--encoder", help=cfg.field_at("embed.encoder")[0].description)]
@@ -114,6 +114,9 @@ def command(name: str | None = None, **kwargs):
                 return fn(*args, **kw)
             except UserError as e:
                 console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+                raise typer.Exit(2) from None
+            except OSError as e:  # full disk, read-only or missing folder: a message, not a traceback
+                console.print(f"[bold red]error:[/] {escape(str(from_os_error(e)))}", soft_wrap=True)
                 raise typer.Exit(2) from None
             except KeyboardInterrupt:
                 console.print("[yellow]interrupted[/]: finished files are kept; "

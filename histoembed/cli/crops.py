@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
+from histoembed import config as cfg
 from histoembed.cli.app import ConfigOpt, DataOpt, RunOpt, StrictOpt, command, setting, stage_settings
 from histoembed.config import Strategy
 from histoembed.console import console
@@ -45,6 +46,7 @@ def crops(
     max_crops: Annotated[int | None, setting("crops.max_crops")] = None,
     workers: Annotated[int | None, setting("crops.workers")] = None,
     strict: StrictOpt = False,
+    max_pixels: Annotated[int | None, setting("data.max_pixels")] = None,
     keep: Annotated[list[str] | None, typer.Option(
         "--keep", help="Crop this QC-flagged training image anyway (repeatable), e.g. --keep img_0042.png.")]
         = None,
@@ -56,10 +58,12 @@ def crops(
     With run/qc.parquet present, QC-flagged training images are left out and green ink is
     repaired before cropping; test images are never left out.
     """
-    crop_settings = stage_settings(config, "crops", strategy=strategy, k=k, min_area=min_area, margin=margin,
-                                   size=size, fill=_parse_fill(fill), fill_outside_mask=fill_outside_mask, tile=tile,
-                                   min_tissue=min_tissue, max_crops=max_crops, workers=workers).crops
-    result = run_crops(data, run, crop_settings, strict=strict, keep=list(keep or []), include_flagged=include_flagged)
+    settings = stage_settings(config, "crops", strategy=strategy, k=k, min_area=min_area, margin=margin,
+                              size=size, fill=_parse_fill(fill), fill_outside_mask=fill_outside_mask, tile=tile,
+                              min_tissue=min_tissue, max_crops=max_crops, workers=workers)
+    limit = cfg.override(settings.data, max_pixels=max_pixels).max_pixels
+    result = run_crops(data, run, settings.crops, strict=strict, keep=list(keep or []), include_flagged=include_flagged,
+                       max_pixels=limit)
     if result.skipped:
         console.print(f"{result.path} is up to date (same inputs and settings); nothing to do.", soft_wrap=True)
     lo, median, hi = result.per_image

@@ -16,7 +16,7 @@ from histoembed.console import console
 def embed(
     run: RunOpt = Path("run"),
     config: ConfigOpt = None,
-    encoder: Annotated[str | None, setting("embed.encoder")] = None,
+    encoder: Annotated[list[str] | None, setting("embed.encoder")] = None,
     pool: Annotated[Pool | None, setting("embed.pool")] = None,
     repeats: Annotated[int | None, setting("embed.repeats")] = None,
     tta: Annotated[bool | None, setting("embed.tta")] = None,
@@ -29,35 +29,37 @@ def embed(
     store_dtype: Annotated[StoreDtype | None, setting("embed.store_dtype")] = None,
     workers: Annotated[int | None, setting("embed.workers")] = None,
     rows_per_part: Annotated[int | None, setting("embed.rows_per_part")] = None,
+    threads: Annotated[int | None, setting("embed.threads")] = None,
     seed: Annotated[int | None, setting("embed.seed")] = None,
     shard: Annotated[str | None, typer.Option(
         "--shard", metavar="I/N", help="Embed only the I-th of N deterministic slices of the crops (from 0), into "
                                        "this shard's own parts, so N processes or GPUs share one run; readers see "
                                        "all. Default: the whole run, or RANK/WORLD_SIZE under torchrun.")] = None,
 ) -> None:
-    """Embed every crop of run/crops.parquet in r views with a frozen encoder into run/features/<encoder>/.
+    """Embed every crop of run/crops.parquet in r views with one or more frozen encoders into run/features/<encoder>/.
 
     Interrupted runs (Ctrl-C, a killed job) resume where they stopped; a finished run with the
     same settings does nothing; changed settings replace the old features.
     """
-    settings = stage_settings(config, "embed", encoder=encoder, pool=pool, repeats=repeats, tta=tta,
-                              batch_size=batch_size, device=device, precision=precision, store_dtype=store_dtype,
+    settings = stage_settings(config, "embed", encoder=",".join(encoder) if encoder else None, pool=pool,
+                              repeats=repeats, tta=tta, batch_size=batch_size, device=device, precision=precision, store_dtype=store_dtype,
                               workers=workers, rows_per_part=rows_per_part, seed=seed,
                               check_precision=check_precision, precision_threshold=precision_threshold,
-                              fallback_fp32=fallback_fp32)
-    from histoembed.embed import default_shard, parse_shard, run_embed  # torch: loaded only to embed
+                              fallback_fp32=fallback_fp32, threads=threads)
+    from histoembed.embed import default_shard, parse_shard, run_embeds  # torch: loaded only to embed
 
-    result = run_embed(run, settings.embed, settings.augment, shard=parse_shard(shard) if shard else default_shard())
-    if result.removed_parts:
-        console.print(f"removed {result.removed_parts} part(s) written with other settings", soft_wrap=True)
-    if result.skipped:
-        console.print(f"{result.store_dir} is up to date ({result.rows:,} rows, same crops and settings); "
-                      "nothing to do.", soft_wrap=True)
-        return
-    if result.precision_check:
-        check = result.precision_check
-        verdict = "fell back to fp32" if check.fallback else "passed"
-        console.print(f"precision check {verdict}: {check.summary()}", soft_wrap=True)
-    rate = result.new_rows / result.seconds if result.seconds else 0.0
-    console.print(f"embedded {result.new_rows:,} views ({rate:,.1f}/s) with {result.encoder} "
-                  f"({result.dim}-d); {result.rows:,} rows in {result.store_dir}", soft_wrap=True)
+    shard_ = parse_shard(shard) if shard else default_shard()
+    for result in run_embeds(run, settings.embed, settings.augment, shard=shard_):
+        if result.removed_parts:
+            console.print(f"removed {result.removed_parts} part(s) written with other settings", soft_wrap=True)
+        if result.skipped:
+            console.print(f"{result.store_dir} is up to date ({result.rows:,} rows, same crops and settings); "
+                          "nothing to do.", soft_wrap=True)
+            continue
+        if result.precision_check:
+            check = result.precision_check
+            verdict = "fell back to fp32" if check.fallback else "passed"
+            console.print(f"precision check {verdict}: {check.summary()}", soft_wrap=True)
+        rate = result.new_rows / result.seconds if result.seconds else 0.0
+        console.print(f"embedded {result.new_rows:,} views ({rate:,.1f}/s) with {result.encoder} "
+                      f"({result.dim}-d); {result.rows:,} rows in {result.store_dir}", soft_wrap=True)

@@ -33,6 +33,7 @@ def fit(
     xgb_rounds: Annotated[int | None, setting("fit.xgb.n_estimators", "--xgb-rounds")] = None,
     pca_dims: Annotated[int | None, setting("fit.xgb.pca_dims")] = None,
     bootstrap: Annotated[int | None, setting("fit.bootstrap")] = None,
+    threads: Annotated[int | None, setting("fit.threads")] = None,
     heads: Annotated[str | None, setting("fit.heads", metavar="HEAD,HEAD")] = None,
     offsets: Annotated[Offsets | None, setting("fit.offsets")] = None,
     alpha: Annotated[float | None, setting("fit.alpha")] = None,
@@ -49,7 +50,7 @@ def fit(
     Other settings: the fit, fit.mlp, fit.xgb, fit.logreg and fit.abmil tables of histoembed.toml.
     """
     fit_settings = stage_settings(config, "fit", folds=folds, seed=seed, seeds=seeds, include_flagged=include_flagged,
-                                  bootstrap=bootstrap, offsets=offsets, alpha=alpha,
+                                  bootstrap=bootstrap, offsets=offsets, alpha=alpha, threads=threads,
                                   class_conditional=class_conditional,
                                   heads=None if heads is None else check_names(heads.split(",")),
                                   mlp=dict(hidden=mlp_hidden, depth=mlp_depth, epochs=mlp_epochs, mixup_alpha=mixup),

@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
+from histoembed import config as cfg
 from histoembed import store
-from histoembed.cli.app import RunDataOpt, RunOpt, command
+from histoembed.cli.app import ConfigOpt, RunDataOpt, RunOpt, command, setting
 from histoembed.config import Device
 from histoembed.console import console, table
 from histoembed.errors import UserError
@@ -37,6 +38,8 @@ def predict(
     out: Annotated[Path | None, typer.Option(
         "--out", help="Also write the predictions as CSV (image, label, one probability column per class).")]
         = None,
+    config: ConfigOpt = None,
+    max_pixels: Annotated[int | None, setting("data.max_pixels")] = None,
 ) -> None:
     """Classify new images with a fitted run: same crops, encoder, views and fold ensemble."""
     if split not in ("train", "test"):
@@ -44,8 +47,9 @@ def predict(
     for path in mask or []:
         if not path.is_file():
             raise UserError("file not found", path=path)
+    limit = cfg.override(cfg.load_settings(config).data, max_pixels=max_pixels).max_pixels
     paths, masks = resolve_images(run, images, list(mask) if mask else None, data=data, split=split)
-    preds = predict_images(run, paths, masks, tta=tta, device=device)
+    preds = predict_images(run, paths, masks, tta=tta, device=device, max_pixels=limit)
     classes = list(preds[0].probs)
     table("Predictions", ["image", "label", *classes, "crops"],
           [[p.image.name, p.label, *p.probs.values(), p.crops] for p in preds])

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
+from histoembed import config as cfg
 from histoembed.cli.app import ConfigOpt, DataOpt, RunOpt, StrictOpt, command, setting, stage_settings
 from histoembed.console import console, table
 from histoembed.qc import run_qc
@@ -32,16 +33,18 @@ def qc(
     hash_distance: Annotated[int | None, setting("qc.hash_distance")] = None,
     workers: Annotated[int | None, setting("qc.workers")] = None,
     strict: StrictOpt = False,
+    max_pixels: Annotated[int | None, setting("data.max_pixels")] = None,
 ) -> None:
     """Flag non-tissue pictures, green ink, blank masks, embedding outliers and near-duplicates.
 
     Writes run/qc.parquet. crops and fit leave flagged training images out (test images are
     always kept); images with ink are repaired when they are cropped.
     """
-    qc_settings = stage_settings(config, "qc", encoder=encoder, non_tissue_fraction=non_tissue_fraction,
-                                 ink_fraction=ink_fraction, min_tissue_in_mask=min_tissue_in_mask, outlier_z=outlier_z,
-                                 duplicate_cosine=duplicate_cosine, hash_distance=hash_distance, workers=workers).qc
-    result = run_qc(data, run, qc_settings, embed=embed, keep=list(keep or []), strict=strict)
+    settings = stage_settings(config, "qc", encoder=encoder, non_tissue_fraction=non_tissue_fraction,
+                              ink_fraction=ink_fraction, min_tissue_in_mask=min_tissue_in_mask, outlier_z=outlier_z,
+                              duplicate_cosine=duplicate_cosine, hash_distance=hash_distance, workers=workers)
+    limit = cfg.override(settings.data, max_pixels=max_pixels).max_pixels
+    result = run_qc(data, run, settings.qc, embed=embed, keep=list(keep or []), strict=strict, max_pixels=limit)
     if result.warning:
         console.print(f"[yellow]warning:[/] {escape(result.warning)}", soft_wrap=True)
     if result.skipped:

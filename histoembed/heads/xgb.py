@@ -12,13 +12,12 @@ safetensors file, the settings in JSON. Nothing is pickled.
 
 from __future__ import annotations
 
-import os
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 
-from histoembed import store
+from histoembed import cpus, store
 from histoembed.config import XGBSettings
 from histoembed.heads.base import Bags, Head
 from histoembed.heads.shared import class_weights
@@ -87,7 +86,7 @@ class XGBHead(Head):
                 "device": xgb_device(), "max_depth": s.max_depth, "eta": s.learning_rate,
                 "subsample": s.subsample, "colsample_bytree": s.colsample_bytree, "max_bin": s.max_bin,
                 "min_child_weight": s.min_child_weight, "eval_metric": "mlogloss", "seed": self.seed,
-                "nthread": os.cpu_count() or 1}
+                "nthread": cpus.threads()}
 
     def fit(self, bags: Bags, y: np.ndarray, stop: Bags, y_stop: np.ndarray) -> XGBHead:
         return self.fit_means(bags.means(), y, stop.means(), y_stop)
@@ -149,7 +148,7 @@ class XGBHead(Head):
 
         booster = xgboost.Booster()
         booster.load_model(str(self._require(folder / MODEL_FILE)))
-        booster.set_param({"device": xgb_device(), "nthread": os.cpu_count() or 1})
+        booster.set_param({"device": xgb_device(), "nthread": cpus.threads()})
         self.booster_ = booster
         self.best_iteration_ = info.get("best_iteration")
         if info.get("pca"):

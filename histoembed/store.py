@@ -302,7 +302,8 @@ def feature_schema(dim: int, dtype: str = "float32", crop_hash: bool = False) ->
 def train_crops_digest(run: str | Path) -> str:
     """The digest of every training crop's pixels in ``run/crops.parquet``, in the store's order."""
     path = Path(run) / CROPS_FILE
-    index = read_table(path, "crops file", columns=["image_id", "split", "crop_index"], hint="run `histoembed crops`", stage="crops")
+    index = read_table(path, "crops file", columns=["image_id", "split", "crop_index"], hint="run `histoembed crops`",
+                       stage="crops")
     rows = sorted((i, c, h) for i, c, h, s in zip(index["image_id"].to_pylist(), index["crop_index"].to_pylist(),
                                                     crop_hashes(path), index["split"].to_pylist()) if s == "train")
     return config_key([h for _, _, h in rows])

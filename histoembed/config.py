@@ -285,7 +285,6 @@ def override(settings: _Settings, **values) -> _Settings:
         raise UserError("invalid option: " + "; ".join(lines)) from None
 
 
-updated = override  # the old name, until every caller says override
 
 
 def _merge(base: dict, values: dict) -> dict:

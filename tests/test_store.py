@@ -210,18 +210,18 @@ def test_each_stage_key_holds_exactly_the_settings_that_change_the_output():
 
 def test_changing_each_setting_re_runs_exactly_the_stages_it_should(tmp_path, tiny_dinov2):
     from histoembed import crops, embed, fit, qc
-    from histoembed.config import Settings, updated
+    from histoembed.config import Settings, override
     from histoembed.synthetic import make_dataset
 
     data, run = tmp_path / "data", tmp_path / "run"
     make_dataset(data, n_train=16, n_test=2, seed=0, outliers=False, size_range=(96, 128))  # 2+ per class
     base = Settings()
-    base.qc = updated(base.qc, workers=1)
-    base.crops = updated(base.crops, size=32, workers=1, k=2)
-    base.embed = updated(base.embed, encoder=str(tiny_dinov2), repeats=2, workers=0, batch_size=8)
-    base.fit = updated(base.fit, folds=2, bootstrap=0)
-    base.fit.mlp = updated(base.fit.mlp, hidden=8, epochs=2, patience=1)
-    base.fit.xgb = updated(base.fit.xgb, n_estimators=3, pca_dims=4, early_stopping_rounds=2)
+    base.qc = override(base.qc, workers=1)
+    base.crops = override(base.crops, size=32, workers=1, k=2)
+    base.embed = override(base.embed, encoder=str(tiny_dinov2), repeats=2, workers=0, batch_size=8)
+    base.fit = override(base.fit, folds=2, bootstrap=0)
+    base.fit.mlp = override(base.fit.mlp, hidden=8, epochs=2, patience=1)
+    base.fit.xgb = override(base.fit.xgb, n_estimators=3, pca_dims=4, early_stopping_rounds=2)
 
     def pipeline(s: Settings) -> list[str]:
         """The stages that did work."""
@@ -245,7 +245,7 @@ def test_changing_each_setting_re_runs_exactly_the_stages_it_should(tmp_path, ti
                ("embed", "seed", 3, ["embed", "fit"]), ("fit", "seed", 3, ["fit"])]
     for table, name, value, expected in changes:
         s = base.model_copy(deep=True)
-        setattr(s, table, updated(getattr(s, table), **{name: value}))
+        setattr(s, table, override(getattr(s, table), **{name: value}))
         assert pipeline(s) == expected, f"{table}.{name}"
         if expected:
             pipeline(base)  # back to the base outputs

@@ -13,16 +13,13 @@ image-level NLL of the caller's inner split). Weights in safetensors, settings i
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from histoembed import store
 from histoembed.config import ABMILSettings
-from histoembed.heads.base import Bags, Head
+from histoembed.heads.base import Bags
 from histoembed.heads.calibration import temperature_nll
 from histoembed.heads.shared import class_weights
-from histoembed.heads.training import input_scale, train
+from histoembed.heads.training import TorchHead, input_scale, train
 
 WEIGHTS_FILE = "abmil.safetensors"
 
@@ -53,17 +50,12 @@ def _net(input_dim: int, n_classes: int, s: ABMILSettings):
     return GatedABMIL()
 
 
-class ABMILHead(Head):
+class ABMILHead(TorchHead):
     name = "abmil"
+    weights_file = WEIGHTS_FILE
     Settings = ABMILSettings
+    build_net = staticmethod(_net)
     description = "gated attention-MIL over each view's crops (attention weights for the crop maps)"
-
-    def __init__(self, settings: ABMILSettings | None = None, n_classes: int = 2, seed: int = 0):
-        super().__init__(settings, n_classes, seed)
-        self.net_ = None
-        self.best_epoch_ = None
-        self.epochs_run_ = 0
-        self.stop_nll_ = None
 
     def fit(self, bags: Bags, y: np.ndarray, stop: Bags, y_stop: np.ndarray) -> ABMILHead:
         import torch
@@ -119,20 +111,4 @@ class ABMILHead(Head):
         return self._forward(bags)[1]
 
     def fitted_info(self) -> dict:
-        return {"best_epoch": self.best_epoch_, "epochs_run": self.epochs_run_, "stop_nll": self.stop_nll_,
-                "bag": "the crops of one image in one view",
-                "input_normalisation": "(x - input_mean) / input_std, tensors in " + WEIGHTS_FILE}
-
-    def _save_arrays(self, folder: Path) -> None:
-        from safetensors.torch import save_file
-
-        with store.atomic_path(folder / WEIGHTS_FILE) as tmp:
-            save_file({k: v.contiguous() for k, v in self.net_.state_dict().items()}, str(tmp))
-
-    def _load_arrays(self, folder: Path, info: dict) -> None:
-        from safetensors.torch import load_file
-
-        net = _net(self.input_dim_, self.n_classes, self.settings)
-        net.load_state_dict(load_file(str(self._require(folder / WEIGHTS_FILE))), strict=True)
-        self.net_ = net.eval()
-        self.best_epoch_, self.epochs_run_ = info.get("best_epoch"), info.get("epochs_run", 0)
+        return {**super().fitted_info(), "bag": "the crops of one image in one view"}

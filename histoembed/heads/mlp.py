@@ -13,16 +13,13 @@ early stopping on the image-level NLL of the caller's inner split).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from histoembed import store
 from histoembed.config import MLPSettings
-from histoembed.heads.base import Bags, Head
+from histoembed.heads.base import Bags
 from histoembed.heads.calibration import temperature_nll
 from histoembed.heads.shared import class_weights
-from histoembed.heads.training import input_scale, train
+from histoembed.heads.training import TorchHead, input_scale, train
 
 WEIGHTS_FILE = "mlp.safetensors"
 
@@ -50,19 +47,14 @@ def _net(input_dim: int, n_classes: int, s: MLPSettings):
     return Net()
 
 
-class MLPHead(Head):
+class MLPHead(TorchHead):
     """Trained on crop-view rows, each with its image's label; a bag's logits are its rows' mean."""
 
     name = "mlp"
+    weights_file = WEIGHTS_FILE
     Settings = MLPSettings
+    build_net = staticmethod(_net)
     description = "MLP on crop-view embeddings (the reference recipe)"
-
-    def __init__(self, settings: MLPSettings | None = None, n_classes: int = 2, seed: int = 0):
-        super().__init__(settings, n_classes, seed)
-        self.net_ = None
-        self.best_epoch_ = None
-        self.epochs_run_ = 0
-        self.stop_nll_ = None
 
     def fit(self, bags: Bags, y: np.ndarray, stop: Bags, y_stop: np.ndarray) -> MLPHead:
         """Train on the rows of ``bags``; stop early on the image-level NLL of ``stop``."""
@@ -121,20 +113,4 @@ class MLPHead(Head):
         return (np.add.reduceat(rows, bags.starts[:-1], axis=0) / bags.sizes[:, None]).astype(np.float32)
 
     def fitted_info(self) -> dict:
-        return {"best_epoch": self.best_epoch_, "epochs_run": self.epochs_run_, "stop_nll": self.stop_nll_,
-                "image_logits": "mean of crop-view logits",
-                "input_normalisation": "(x - input_mean) / input_std, tensors in " + WEIGHTS_FILE}
-
-    def _save_arrays(self, folder: Path) -> None:
-        from safetensors.torch import save_file
-
-        with store.atomic_path(folder / WEIGHTS_FILE) as tmp:
-            save_file({k: v.contiguous() for k, v in self.net_.state_dict().items()}, str(tmp))
-
-    def _load_arrays(self, folder: Path, info: dict) -> None:
-        from safetensors.torch import load_file
-
-        net = _net(self.input_dim_, self.n_classes, self.settings)
-        net.load_state_dict(load_file(str(self._require(folder / WEIGHTS_FILE))), strict=True)
-        self.net_ = net.eval()
-        self.best_epoch_, self.epochs_run_ = info.get("best_epoch"), info.get("epochs_run", 0)
+        return {**super().fitted_info(), "image_logits": "mean of crop-view logits"}

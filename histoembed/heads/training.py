@@ -10,6 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+from histoembed import store
+from histoembed.heads.base import Head
 
 
 MIN_STEPS_PER_EPOCH = 8
@@ -84,3 +88,39 @@ def train(net, n_samples: int, batch_loss: Callable, stop_nll: Callable[[], floa
         net.load_state_dict(best_state)
     net.eval()
     return Trained(best_epoch, run, None if best is math.inf else float(best))
+
+
+class TorchHead(Head):
+    """A head whose model is a torch module from ``build_net``: its early-stopping state and its
+    safetensors file (``weights_file``), saved and loaded the same way for every such head."""
+
+    weights_file: str
+
+    def __init__(self, settings=None, n_classes: int = 2, seed: int = 0):
+        super().__init__(settings, n_classes, seed)
+        self.net_ = None
+        self.best_epoch_ = None
+        self.epochs_run_ = 0
+        self.stop_nll_ = None
+
+    @staticmethod
+    def build_net(input_dim: int, n_classes: int, settings):
+        raise NotImplementedError
+
+    def fitted_info(self) -> dict:
+        return {"best_epoch": self.best_epoch_, "epochs_run": self.epochs_run_, "stop_nll": self.stop_nll_,
+                "input_normalisation": "(x - input_mean) / input_std, tensors in " + self.weights_file}
+
+    def _save_arrays(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        with store.atomic_path(folder / self.weights_file) as tmp:
+            save_file({k: v.contiguous() for k, v in self.net_.state_dict().items()}, str(tmp))
+
+    def _load_arrays(self, folder: Path, info: dict) -> None:
+        from safetensors.torch import load_file
+
+        net = self.build_net(self.input_dim_, self.n_classes, self.settings)
+        net.load_state_dict(load_file(str(self._require(folder / self.weights_file))), strict=True)
+        self.net_ = net.eval()
+        self.best_epoch_, self.epochs_run_ = info.get("best_epoch"), info.get("epochs_run", 0)

@@ -204,10 +204,49 @@ def _draw_glands(rng: np.random.Generator, lumen: np.ndarray, epithelium: np.nda
                         float(np.degrees(phi) + angle + 90), 0, 360, int(rng.integers(170, 256)), -1)
 
 
-def render(h_conc: np.ndarray, e_conc: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Stain concentrations to RGB through Beer-Lambert, with a per-image stain variation."""
-    h_od = H_OD * rng.uniform(0.85, 1.15, 3).astype(np.float32)
-    e_od = E_OD * rng.uniform(0.85, 1.15, 3).astype(np.float32)
+# ---------------------------------------------------------------- planted stain shifts
+
+# What each stain group's stains look like at strength 1 (``--stain-shift 1``), as the change of the
+# haematoxylin and eosin optical-density vectors: a gain on the vector (darker or paler stain) and an
+# added OD direction that turns its hue. Strength s applies gain ** s and s x the direction.
+# train-a: the standard stains (half of each class's training images);
+# train-b: darker, bluer haematoxylin and paler eosin (the other half: another lab's batch);
+# test:    paler haematoxylin and darker, more orange eosin (every test image: a third lab).
+STAIN_GROUPS = {
+    "train-a": {"h_gain": 1.0, "e_gain": 1.0, "h_turn": (0.0, 0.0, 0.0), "e_turn": (0.0, 0.0, 0.0)},
+    "train-b": {"h_gain": 1.6, "e_gain": 0.65, "h_turn": (0.2, 0.05, -0.1), "e_turn": (0.0, 0.0, 0.0)},
+    "test": {"h_gain": 0.7, "e_gain": 1.5, "h_turn": (0.0, 0.0, 0.0), "e_turn": (0.0, 0.0, 0.15)},
+}
+
+
+def shifted_stains(group: str, strength: float) -> tuple[np.ndarray, np.ndarray]:
+    """The haematoxylin and eosin OD vectors of ``group`` (a key of ``STAIN_GROUPS``) at ``strength`` (0: standard)."""
+    g = STAIN_GROUPS[group]
+    h = (H_OD + strength * np.asarray(g["h_turn"], np.float32)) * g["h_gain"] ** strength
+    e = (E_OD + strength * np.asarray(g["e_turn"], np.float32)) * g["e_gain"] ** strength
+    return np.clip(h, 0.01, None).astype(np.float32), np.clip(e, 0.01, None).astype(np.float32)
+
+
+def stain_groups(labels: list[str], seed: int) -> list[str]:
+    """Half of each class's training images (every other one, in a seeded order) go to ``train-b``.
+
+    Balanced within each class, so the stain says nothing about the label; drawn from a
+    generator of its own, so planting a shift leaves every image's morphology unchanged.
+    """
+    rng = np.random.default_rng([seed, 0x57A1])
+    groups = ["train-a"] * len(labels)
+    for label in sorted(set(labels)):
+        members = [i for i, lab in enumerate(labels) if lab == label]
+        for k, i in enumerate(rng.permutation(members)):
+            groups[int(i)] = "train-b" if k % 2 else "train-a"
+    return groups
+
+
+def render(h_conc: np.ndarray, e_conc: np.ndarray, rng: np.random.Generator,
+           stains: tuple[np.ndarray, np.ndarray] = (H_OD, E_OD)) -> np.ndarray:
+    """Stain concentrations to RGB through Beer-Lambert with the ``stains`` OD vectors, varied per image."""
+    h_od = stains[0] * rng.uniform(0.85, 1.15, 3).astype(np.float32)
+    e_od = stains[1] * rng.uniform(0.85, 1.15, 3).astype(np.float32)
     od = h_conc[..., None] * h_od + e_conc[..., None] * e_od
     rgb = 250.0 * np.exp(-od)
     rgb += rng.normal(0, 2.5, rgb.shape).astype(np.float32)
@@ -216,9 +255,13 @@ def render(h_conc: np.ndarray, e_conc: np.ndarray, rng: np.random.Generator) -> 
 
 # ---------------------------------------------------------------- images
 
-def tissue_image(rng: np.random.Generator, width: int, height: int, label: str,
-                 empty_mask: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """One H&E-like image (HxWx3 uint8) of class ``label`` and its tumour mask (HxW uint8 0/255)."""
+def tissue_image(rng: np.random.Generator, width: int, height: int, label: str, empty_mask: bool = False,
+                 stains: tuple[np.ndarray, np.ndarray] = (H_OD, E_OD)) -> tuple[np.ndarray, np.ndarray]:
+    """One H&E-like image (HxWx3 uint8) of class ``label`` and its tumour mask (HxW uint8 0/255).
+
+    ``stains`` (haematoxylin and eosin OD vectors, e.g. from ``shifted_stains``) change the
+    colours only: the same generator state gives the same tissue under any stains.
+    """
     m = MORPHOLOGY[label]
     h, w = height, width
     tissue = _tissue_region(rng, h, w)
@@ -262,7 +305,7 @@ def tissue_image(rng: np.random.Generator, width: int, height: int, label: str,
     haem = np.where(tissue | (nuclei > 0), haem, 0)
     haem = cv2.GaussianBlur(haem.astype(np.float32), (0, 0), 0.7)
     eosin = cv2.GaussianBlur(eosin.astype(np.float32), (0, 0), 0.7)
-    rgb = render(haem, eosin, rng)
+    rgb = render(haem, eosin, rng, stains)
     if empty_mask:
         mask = np.zeros_like(mask)
     return rgb, mask
@@ -360,7 +403,8 @@ def min_train(mask_twins: int = 1, near_duplicates: int = 1) -> int:
 
 def make_dataset(out: Path, n_train: int = 40, n_test: int = 16, seed: int = 0,
                  size_range: tuple[int, int] = (256, 512), outliers: bool = True, mask_twins: int = 1,
-                 near_duplicates: int = 1, reference_size_scale: float | None = None) -> dict:
+                 near_duplicates: int = 1, reference_size_scale: float | None = None,
+                 stain_shift: float = 0.0) -> dict:
     """Write a synthetic dataset in the reference layout under ``out``; returns a summary.
 
     Image sides are drawn from ``size_range``, or, with ``reference_size_scale``, spread like
@@ -371,10 +415,20 @@ def make_dataset(out: Path, n_train: int = 40, n_test: int = 16, seed: int = 0,
     ``labels`` ({name: label} of the training split, also in ``train_labels.csv``),
     ``counts`` (per label), ``planted`` ({training name: kind}), ``mask_twins`` and
     ``near_duplicates`` (pairs, as in ``planted.json``).
+
+    ``stain_shift`` (strength, 0: none) plants a stain shift (``STAIN_GROUPS``): half of each
+    class's training images are rendered with group ``train-b``'s stains, the rest with the
+    standard ones (``train-a``), and every test image with group ``test``'s; the same images are
+    drawn as without the shift, only their colours change. Near-duplicate test images copy
+    their training image's pixels, stains included. The summary's and ``planted.json``'s
+    ``stain_shift`` holds the strength and each image's group (``{"train": {name: group},
+    "test": {name: group}}``).
     """
     out = Path(out)
     if n_train < 1 or n_test < 0:
         raise ValueError("need n_train >= 1 and n_test >= 0")
+    if stain_shift < 0:
+        raise ValueError("stain_shift must be >= 0")
     n_cartoons = max(1, mask_twins) if outliers else 0
     n_near = min(near_duplicates, n_test) if outliers else 0
     if outliers and n_train < min_train(n_cartoons, n_near):
@@ -410,6 +464,8 @@ def make_dataset(out: Path, n_train: int = 40, n_test: int = 16, seed: int = 0,
     for split in ("train", "test"):
         (out / f"{split}_data").mkdir(parents=True, exist_ok=True)
     train_dir, test_dir = out / "train_data", out / "test_data"
+    groups = stain_groups(train_labels, seed) if stain_shift else ["train-a"] * n_train
+    stains = {g: shifted_stains(g, stain_shift) for g in STAIN_GROUPS}
     cartoon_of = {c: src for c, src in twins}
     copy_of = dict(near)
     labels: dict[str, str] = {}
@@ -426,7 +482,8 @@ def make_dataset(out: Path, n_train: int = 40, n_test: int = 16, seed: int = 0,
             shutil.copyfile(train_dir / f"mask_{src:04d}.png", train_dir / f"mask_{i:04d}.png")
         else:
             w, h = size_of(img_rng)
-            rgb, mask = tissue_image(img_rng, w, h, train_labels[i], empty_mask=kind == "blank")
+            rgb, mask = tissue_image(img_rng, w, h, train_labels[i], empty_mask=kind == "blank",
+                                     stains=stains[groups[i]])
             if kind == "ink":
                 rgb = add_ink(rgb, img_rng)
             _write_png(train_dir / name, rgb)
@@ -442,7 +499,7 @@ def make_dataset(out: Path, n_train: int = 40, n_test: int = 16, seed: int = 0,
             shutil.copyfile(train_dir / f"mask_{src:04d}.png", test_dir / f"mask_{j:04d}.png")
         else:
             w, h = size_of(img_rng)
-            rgb, mask = tissue_image(img_rng, w, h, str(test_labels[j]))
+            rgb, mask = tissue_image(img_rng, w, h, str(test_labels[j]), stains=stains["test"])
             _write_png(test_dir / f"mask_{j:04d}.png", mask)
         _write_png(test_dir / f"img_{j:04d}.png", rgb)
 
@@ -452,11 +509,19 @@ def make_dataset(out: Path, n_train: int = 40, n_test: int = 16, seed: int = 0,
     planted = dict(sorted(planted.items()))
     mask_pairs = [[f"img_{c:04d}.png", f"img_{src:04d}.png"] for c, src in sorted(twins)]
     near_pairs = [[f"img_{j:04d}.png", f"img_{src:04d}.png"] for j, src in sorted(near)]
+    shift = None
+    if stain_shift:
+        copies = {j: f"img_{src:04d}.png" for j, src in near}
+        shift = {"strength": stain_shift,
+                 "train": {f"img_{i:04d}.png": ("cartoon" if i in cartoon_of else groups[i]) for i in range(n_train)},
+                 "test": {f"img_{j:04d}.png": (f"copy of train {copies[j]}" if j in copies else "test")
+                          for j in range(n_test)}}
     (out / PLANTED_FILE).write_text(json.dumps(
-        {"flags": planted, "mask_twins": mask_pairs, "near_duplicates": near_pairs}, indent=2) + "\n")
+        {"flags": planted, "mask_twins": mask_pairs, "near_duplicates": near_pairs,
+         **({"stain_shift": shift} if shift else {})}, indent=2) + "\n")
     return {"train": list(labels), "test": [f"img_{j:04d}.png" for j in range(n_test)], "labels": labels,
             "counts": counts, "planted": planted, "mask_twins": mask_pairs, "near_duplicates": near_pairs,
-            "seed": seed}
+            "seed": seed, "stain_shift": shift}
 
 
 def reference_scale(out: Path, seed: int = 0, size_scale: float = 1.0, near_duplicates: int = 10) -> dict:

@@ -177,3 +177,50 @@ def test_full_scale_layout_like_the_challenge(cli, tmp_path):
     assert abs(np.median(pixels) / median - 1) < 0.1 and pixels.max() > 4 * median
     bad = cli("synth", "--out", tmp_path / "x", "--full-scale", "--train", 10)
     assert bad.exit_code == 2 and "leave out --train" in bad.output
+
+
+def _od_change(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Mean change of optical density (R, G, B) over the pixels stained in ``before``."""
+    od_a, od_b = (-np.log((x.reshape(-1, 3).astype(float) + 1) / 256) for x in (before, after))
+    stained = od_a.min(axis=1) > 0.15
+    return (od_b - od_a)[stained].mean(axis=0)
+
+
+def test_stain_shift_recolours_groups_of_training_images_and_the_test_split(cli, tmp_path):
+    """--stain-shift: half of each class's training images in group train-b, every test image in group test,
+    the same tissue as without the shift (only the colours change), all listed in planted.json."""
+    plain, shifted = tmp_path / "plain", tmp_path / "shifted"
+    assert make_dataset(plain, 16, 4, seed=4, size_range=(96, 128))["stain_shift"] is None
+    res = cli("synth", "--out", shifted, "--train", 16, "--test", 4, "--seed", 4, "--min-size", 96,
+              "--max-size", 128, "--stain-shift", 1)
+    assert res.exit_code == 0, res.output
+    assert "stain shift of strength 1" in res.output
+    planted = json.loads((shifted / "planted.json").read_text())
+    assert "stain_shift" not in json.loads((plain / "planted.json").read_text())
+    shift = planted["stain_shift"]
+    assert shift["strength"] == 1
+    cartoons = {c for c, _ in planted["mask_twins"]}
+    assert {k for k, g in shift["train"].items() if g == "cartoon"} == cartoons
+    labels = dict(line.split(",", 1) for line in (shifted / "train_labels.csv").read_text().splitlines()[1:])
+    for label in set(labels.values()):  # balanced within each class: the stain says nothing about the label
+        groups = [shift["train"][k] for k in labels if labels[k] == label and k not in cartoons]
+        assert abs(groups.count("train-a") - groups.count("train-b")) <= 1 + len(cartoons)
+    copies = {t for t, _ in planted["near_duplicates"]}
+    assert all(g == "test" for k, g in shift["test"].items() if k not in copies)
+    od = {}
+    for split, names in (("train", shift["train"]), ("test", shift["test"])):
+        for name, group in names.items():
+            a = read_image(plain / f"{split}_data" / name)
+            b = read_image(shifted / f"{split}_data" / name)
+            mask = f"{split}_data/{name.replace('img_', 'mask_')}"
+            assert (plain / mask).read_bytes() == (shifted / mask).read_bytes()  # the same tissue
+            if group in ("train-a", "cartoon") or group.startswith("copy of train"):
+                assert np.array_equal(a, b) or group.startswith("copy")
+            else:
+                od.setdefault(group, []).append(_od_change(a, b))
+    # Haematoxylin absorbs red, eosin hardly: train-b's darker H absorbs more red, the test split's paler H
+    # less, and its more orange eosin more blue despite the paler H.
+    train_b, test = np.mean(od["train-b"], axis=0), np.mean(od["test"], axis=0)
+    assert train_b[0] > 0.1 and test[0] < -0.05 and test[2] > 0.02
+    assert np.array_equal(read_image(plain / "train_data/img_0000.png").shape,
+                          read_image(shifted / "train_data/img_0000.png").shape)

@@ -42,6 +42,12 @@ def synth(
     size_scale: Annotated[float, typer.Option(
         "--size-scale", min=0.01, max=4.0, help="With --full-scale: multiply every image side by this "
                                                 "(0.1 gives small images for quick trials).")] = 1.0,
+    stain_shift: Annotated[float, typer.Option(
+        "--stain-shift", min=0.0, max=3.0, metavar="STRENGTH",
+        help="Plant a stain shift of this strength (0: none; 1: as strong as between labs): half of each class's "
+             "training images get darker, bluer haematoxylin and paler eosin, every test image paler "
+             "haematoxylin and darker, more orange eosin; the tissue drawn is the same as without it. "
+             "planted.json lists each image's stain group.")] = 0.0,
 ) -> None:
     """Write a synthetic H&E dataset (images, tumour masks, labels) for trying the pipeline."""
     if full_scale:
@@ -69,7 +75,8 @@ def synth(
                         hint="choose another --out, or remove the folder first")
     summary = synthetic.make_dataset(out, train, test, seed, size_range=(min_size, max_size), outliers=outliers,
                                      mask_twins=mask_twins, near_duplicates=near_duplicates,
-                                     reference_size_scale=size_scale if full_scale else None)
+                                     reference_size_scale=size_scale if full_scale else None,
+                                     stain_shift=stain_shift)
     counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
     console.print(f"wrote {len(summary['train'])} training and {len(summary['test'])} test images to {out}")
     console.print(f"labels: {counts}")
@@ -79,3 +86,8 @@ def synth(
         console.print(f"planted outliers (training): {planted}{more}", soft_wrap=True)
         console.print(f"planted {len(summary['mask_twins'])} mask twin(s) and {len(summary['near_duplicates'])} "
                       "test near-duplicate(s) of training images; all listed in planted.json", soft_wrap=True)
+    if summary["stain_shift"]:
+        groups = summary["stain_shift"]["train"].values()
+        console.print(f"planted a stain shift of strength {stain_shift:g}: {sum(g == 'train-b' for g in groups)} "
+                      "training image(s) in stain group train-b, the other tissue images train-a, test images "
+                      "group test; listed in planted.json", soft_wrap=True)

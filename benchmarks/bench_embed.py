@@ -73,6 +73,7 @@ def write_crops(run: Path, n_crops: int, seed: int = 0, size: int = 224) -> None
                 **{c: pa.array(np.zeros(n, np.int32)) for c in ("x0", "y0", "x1", "y1")},
                 "tissue_fraction": pa.array(np.ones(n, np.float32)),
                 "strategy": pa.array(["blobs"] * n, pa.string()),
+                "scale": pa.array(np.ones(n, np.float32)),
                 "png": pa.array([pngs[r % 16] for r in rows], pa.binary()),
             }, schema=schema))
 

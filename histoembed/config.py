@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 
 from histoembed.errors import UserError
@@ -30,6 +30,9 @@ Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 StoreDtype = Literal["float32", "float16"]
 Offsets = Literal["auto", "on", "off"]
+MaskMode = Literal["given", "tissue", "union"]
+ScaleFusion = Literal["crops", "concat"]
+MAX_SCALE = 8.0
 
 
 # Marks a setting that changes how a stage runs but never what it writes (workers, batch size,
@@ -79,8 +82,26 @@ class CropSettings(_Settings):
     tile: int = Field(0, ge=0, description="Tile side in source pixels for grid, roi-window, center and fallbacks (0: the crop size).")
     min_tissue: float = Field(0.5, ge=0, le=1, description="Grid tiles are kept when at least this fraction is tissue.")
     max_crops: int = Field(64, ge=1, description="At most this many crops per image (grid, roi-window, fallback).")
+    mask_mode: MaskMode = Field(
+        "given", description="Where blobs are found: given (the mask file), tissue (tissue found by colour, the mask "
+        "ignored), union (the mask's components, then those of the tissue it leaves out, k in all: a mask that "
+        "misses tissue still gets crops from all of it); min_area applies alike.")
+    scales: tuple[float, ...] = Field(
+        (1.0,), min_length=1, description="Crop scales (comma-separated): 1 is the crop as cut; 2 also cuts each "
+        "crop's square grown to twice its side about its centre (the context around the blob; beyond the image: "
+        "the fill colour), resized to the same size. Stored in the scale column; see fit's scale_fusion.")
     workers: int = Field(0, ge=0, description="Worker processes (0: all cores; 1: in this process).",
                          json_schema_extra=NO_OUTPUT_CHANGE)
+
+    @field_validator("scales")
+    @classmethod
+    def _scales_ascending_and_distinct(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
+        """Sorted, so ``1,2`` and ``2,1`` are one setting (and one stage key)."""
+        if any(not 1.0 <= s <= MAX_SCALE for s in scales):
+            raise ValueError(f"each scale must lie in [1, {MAX_SCALE:g}]")
+        if len(set(scales)) != len(scales):
+            raise ValueError("scales must be distinct")
+        return tuple(sorted(float(s) for s in scales))
 
 
 class AugmentSettings(_Settings):
@@ -237,6 +258,10 @@ class FitSettings(_Settings):
         "(on when their cross-fitted macro-F1 beats plain argmax). Both scores are always reported.")
     alpha: float = Field(0.1, gt=0, lt=1, description="Conformal prediction sets cover the true class with probability 1 - alpha.")
     class_conditional: bool = Field(False, description="Conformal thresholds per class (each class covered at 1 - alpha; larger sets).")
+    scale_fusion: ScaleFusion = Field(
+        "crops", description="How crops of several scales (crops --scales) reach the heads: crops (a context crop is "
+        "one more crop of its image) or concat (per image and view, each scale's mean crop embedding, concatenated "
+        "in ascending scale: one row of scales x D).")
     threads: int = Field(0, ge=0, description="CPU threads of the heads, torch and XGBoost (0: the CPUs this process "
                          "may use, from its affinity and cgroup quota).", json_schema_extra=NO_OUTPUT_CHANGE)
     mlp: MLPSettings = MLPSettings()

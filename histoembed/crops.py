@@ -24,6 +24,25 @@ readable image gets at least one crop.
 ``blobs``, ``roi-window`` and ``center``, tissue by colour for ``grid`` and fallbacks.
 Tiles never leave the image; an image smaller than a tile gives one clipped tile, padded
 square with the fill colour (never stretched).
+
+Mask mode (``mask_mode``): the components come from the given mask (``given``), from tissue
+found by colour (``tissue``, the same detector as QC's and the grid's) or from both (``union``:
+the mask's components first, then components of the tissue the mask leaves out, up to ``k``
+together), so a mask that covers only part of the tissue still yields crops from all of it;
+``min_area`` applies alike. Without a mask file, ``union`` is ``tissue``.
+
+Scales (``scales``): every crop is cut at scale 1 as above; each further scale s cuts, for
+every scale-1 crop, the square the crop shows (side max(width, height), or the tile side)
+grown s times about its centre, so the blob sits in the middle with its surroundings around
+it; what lies beyond the image is the fill colour (the same square padding), and the result
+is resized to ``size``. ``fill_outside_mask`` paints scale-1 crops only: context is the point
+of a larger scale. The box of a context crop is the part of that square inside the image.
+
+Crop identity across scales: ``crop_index`` stays unique per (split, image_id). With n
+scale-1 crops, scale-1 crop i keeps index i (exactly as without scales, so its features and
+augmentation draws are unchanged) and its crop at the j-th further scale (ascending) gets
+index j * n + i. The ``scale`` column says which; a crops file without that column (written
+before scales existed) holds scale-1 crops only and is read as such.
 """
 
 from __future__ import annotations
@@ -118,6 +137,30 @@ def square_crop(rgb: np.ndarray, box: Box, fill: Sequence[int], size: int, mask:
     return cv2.resize(canvas, (size, size), interpolation=interp)
 
 
+def context_window(box: Box, side: int, scale: float) -> Box:
+    """The square of side ``scale`` x ``side`` centred on ``box``'s centre; it may reach beyond the image."""
+    x0, y0, x1, y1 = box
+    grown = max(1, round(scale * side))
+    left, top = math.floor((x0 + x1 - grown) / 2), math.floor((y0 + y1 - grown) / 2)
+    return left, top, left + grown, top + grown
+
+
+def window_crop(rgb: np.ndarray, window: Box, fill: Sequence[int], size: int) -> tuple[Box, np.ndarray]:
+    """(the window's part inside the image, the window's pixels with ``fill`` beyond the image, resized)."""
+    h, w = rgb.shape[:2]
+    x0, y0, x1, y1 = window
+    inside = (max(0, x0), max(0, y0), min(w, x1), min(h, y1))
+    side = x1 - x0
+    canvas = np.empty((side, side, 3), np.uint8)
+    canvas[:] = np.asarray(fill, np.uint8)
+    ix0, iy0, ix1, iy1 = inside
+    if ix1 > ix0 and iy1 > iy0:
+        canvas[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = rgb[iy0:iy1, ix0:ix1]
+    if side != size:
+        canvas = cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA if side > size else cv2.INTER_LINEAR)
+    return inside, canvas
+
+
 def box_fraction(binary: np.ndarray, box: Box) -> float:
     """Share of the box's pixels that are true in ``binary``."""
     x0, y0, x1, y1 = box
@@ -207,28 +250,56 @@ class Crop:
     tissue_fraction: float
     strategy: str
     pixels: np.ndarray  # size x size x 3 uint8
+    scale: float = 1.0
+
+
+def region_components(rgb: np.ndarray, mask: np.ndarray | None, settings: CropSettings,
+                      ) -> tuple[np.ndarray | None, list[Component]]:
+    """(where blobs are looked for as bool HxW, its kept components), by ``mask_mode``.
+
+    ``union`` keeps the mask's components first and fills the remaining of ``k`` with components of
+    the tissue the mask leaves out: a plain pixel union would merge every blob into the section
+    around it (the mask lies on tissue) and lose the crops the mask focuses on.
+    """
+    given = otsu_binarise(mask) if mask is not None else None
+    if settings.mask_mode == "given":
+        region = given
+    else:
+        tissue = tissue_mask_by_colour(rgb)
+        region = tissue if settings.mask_mode == "tissue" or given is None else given | tissue
+    if region is None or not region.any() or settings.strategy == "grid":
+        return region, []
+    if settings.mask_mode != "union" or given is None:
+        return region, components(region, settings.k, settings.min_area)
+    marked = components(given, settings.k, settings.min_area)
+    room = settings.k - len(marked)
+    return region, marked + (components(tissue & ~given, room, settings.min_area) if room > 0 else [])
 
 
 def crop_image(rgb: np.ndarray, mask: np.ndarray | None, settings: CropSettings) -> tuple[list[Crop], str | None]:
-    """Every crop of one image, and why it fell back to grid-over-tissue (None if it did not)."""
+    """Every crop of one image (scale 1 first, then each further scale), and why it fell back to
+    grid-over-tissue (None if it did not)."""
     tile = settings.tile or settings.size
-    binary = otsu_binarise(mask) if mask is not None else None
+    binary, comps = region_components(rgb, mask, settings)
     has_mask = binary is not None and binary.any()
-    comps = components(binary, settings.k, settings.min_area) if has_mask and settings.strategy != "grid" else []
     paint = binary if (settings.fill_outside_mask and has_mask) else None
     boxes: list[tuple[Box, float]] = []
     side: int | None = None
     fallback = None
+    measure = binary  # what tissue_fraction counts: the mask (or region) for blobs, tissue by colour for tiles
     if settings.strategy == "grid":
-        boxes, side = grid_boxes(tissue_mask_by_colour(rgb), tile, settings.min_tissue, settings.max_crops), tile
+        measure = tissue_mask_by_colour(rgb)
+        boxes, side = grid_boxes(measure, tile, settings.min_tissue, settings.max_crops), tile
         if not boxes:
             fallback = f"no tile has {settings.min_tissue:.0%} tissue"
     elif binary is None:
         fallback = "no mask"
     elif not has_mask:
-        fallback = "mask is empty"
+        fallback = {"given": "mask is empty", "tissue": "no tissue found by colour"}.get(
+            settings.mask_mode, "mask is empty and no tissue found by colour")
     elif not comps:
-        fallback = f"no mask component of {settings.min_area} px or more"
+        fallback = f"no {'mask' if settings.mask_mode == 'given' else settings.mask_mode} component of " \
+                   f"{settings.min_area} px or more"
     else:
         if settings.strategy == "blobs":
             boxes = blob_boxes(binary, comps, settings.margin)
@@ -240,11 +311,27 @@ def crop_image(rgb: np.ndarray, mask: np.ndarray | None, settings: CropSettings)
             fallback = f"no {settings.strategy} crop is half inside the mask"
     strategy = settings.strategy
     if fallback is not None:
-        boxes = grid_boxes(tissue_mask_by_colour(rgb), tile, settings.min_tissue, settings.max_crops, keep_best=True)
+        if settings.strategy != "grid":
+            measure = tissue_mask_by_colour(rgb)
+        boxes = grid_boxes(measure, tile, settings.min_tissue, settings.max_crops, keep_best=True)
         side, paint, strategy = tile, None, "grid-fallback"
     crops = [Crop(b, f, strategy, square_crop(rgb, b, settings.fill, settings.size, mask=paint, side=side))
              for b, f in boxes]
+    for scale in settings.scales:
+        if scale != 1.0:
+            crops += context_crops(rgb, measure, boxes, side, scale, strategy, settings)
     return crops, fallback
+
+
+def context_crops(rgb: np.ndarray, measure: np.ndarray, boxes: list[tuple[Box, float]], side: int | None,
+                  scale: float, strategy: str, settings: CropSettings) -> list[Crop]:
+    """The crop of each box at ``scale``: its square (side max(w, h), or ``side``) grown about its centre."""
+    out = []
+    for b, _ in boxes:
+        window = context_window(b, max(b[2] - b[0], b[3] - b[1], side or 0), scale)
+        inside, pixels = window_crop(rgb, window, settings.fill, settings.size)
+        out.append(Crop(inside, box_fraction(measure, inside), strategy, pixels, scale))
+    return out
 
 
 # ---------------------------------------------------------------- one image in a worker
@@ -259,7 +346,7 @@ class _CropJob:
 @dataclass
 class _CroppedImage:
     key: tuple[str, str]  # (split, image_id)
-    rows: list[tuple] = field(default_factory=list)  # (crop_index, x0, y0, x1, y1, fraction, strategy, png)
+    rows: list[tuple] = field(default_factory=list)  # (crop_index, x0, y0, x1, y1, fraction, strategy, scale, png)
     fallback: str | None = None
     problem: Problem | None = None
     repaired: bool = False
@@ -286,7 +373,7 @@ def _crop_one(job: _CropJob) -> _CroppedImage:
         mask = fixed if mask is not None else None
         repaired = True
     crops, fallback = crop_image(rgb, mask, job.settings)
-    rows = [(i, *c.box, c.tissue_fraction, c.strategy, _encode_png(c.pixels)) for i, c in enumerate(crops)]
+    rows = [(i, *c.box, c.tissue_fraction, c.strategy, c.scale, _encode_png(c.pixels)) for i, c in enumerate(crops)]
     return _CroppedImage(sample.key, rows, fallback, repaired=repaired)
 
 

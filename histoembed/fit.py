@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from histoembed import __version__, cpus, store
+from histoembed import __version__, cpus, scales, store
 from histoembed.config import FitSettings
 from histoembed.console import progress
 from histoembed.errors import UserError
@@ -62,6 +62,7 @@ class TrainingSet:
     excluded_flagged: list[str] = field(default_factory=list)
     unlabelled: list[str] = field(default_factory=list)
     train_crops: str | None = None  # digest of the training crops' pixels (crops.parquet)
+    scales: list[float] = field(default_factory=lambda: [1.0])  # crop scales in the features (crops --scales)
 
     def fingerprint(self) -> dict:
         """What the fit depends on besides the features' own key and the settings."""
@@ -102,7 +103,9 @@ def qc_flags(run: Path) -> tuple[set[str], dict[str, int]]:
     return flagged, groups
 
 
-def load_training_set(run: Path, encoder: str | None, include_flagged: bool) -> TrainingSet:
+def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
+                      scale_fusion: str = "crops") -> TrainingSet:
+    """The training features after QC, with crops of several scales fused as ``scale_fusion`` says."""
     run = Path(run)
     store_dir = store.find_feature_store(run, encoder)
     labels = read_labels(run)
@@ -112,6 +115,9 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool) -> 
         raise UserError("the feature store has no training rows", path=store_dir,
                         hint="run `histoembed embed` on a run whose crops include the train split")
     store.check_complete(features, run, "train")
+    features = store.with_scales(features, run)
+    crop_scales = scales.scales_of(features)
+    features = scales.fuse_scales(features, scale_fusion, crop_scales)
     keys = features.keys()
     present = np.unique(keys)
     unlabelled = sorted(k for k in present if k not in labels)
@@ -144,7 +150,8 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool) -> 
                       dtype=np.int64)
     name = lambda k: str(k).split("/", 1)[1]  # noqa: E731  (every key here is train/<name>)
     return TrainingSet(features, store_dir, [name(k) for k in image_keys], row_image, y, groups, classes,
-                       [name(k) for k in excluded], [name(k) for k in unlabelled], store.train_crops_digest(run))
+                       [name(k) for k in excluded], [name(k) for k in unlabelled], store.train_crops_digest(run),
+                       crop_scales)
 
 
 # ---------------------------------------------------------------- folds
@@ -389,7 +396,7 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
     run = Path(run)
     check_names(settings.heads)
     cpus.use_threads(settings.threads)
-    ts = load_training_set(run, encoder, settings.include_flagged)
+    ts = load_training_set(run, encoder, settings.include_flagged, settings.scale_fusion)
     counts = np.bincount(ts.y, minlength=len(ts.classes))
     smallest = int(counts.argmin())
     if counts[smallest] < settings.folds:
@@ -428,6 +435,8 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
         "classes": ts.classes, "images": len(ts.image_ids), "folds": settings.folds, "seed": settings.seed,
         "excluded_flagged": len(ts.excluded_flagged), "unlabelled": len(ts.unlabelled),
         "members": cv.heads,
+        "scale_fusion": {"mode": settings.scale_fusion, "scales": ts.scales,
+                         "rule": scales.RULES[settings.scale_fusion]},
         "calibration": "per fold: each head's regularised T, the fusion weights, offsets and conformal thresholds "
                        "chosen on the other folds' OOF predictions (cross-fitting); 'before' is T = 1 with the "
                        "same weights",
@@ -527,7 +536,7 @@ def _write_outputs(run: Path, ts: TrainingSet, settings: FitSettings, cv: CVResu
                 "encoder_slug": ts.store_dir.name, "feature_encoder": ts.features.meta.get("encoder"),
                 "dim": dim, "classes": ts.classes, "folds": settings.folds, "seed": settings.seed,
                 "feature_key": ts.features.meta.get("key"), "settings": settings.model_dump(),
-                "train_crops": ts.train_crops,
+                "train_crops": ts.train_crops, "scale_fusion": settings.scale_fusion, "scales": ts.scales,
                 "heads": cv.heads, "final": final_summary(cv.final),
                 "submission_uses": metrics["decision"]["submission_uses"],
                 "fusion": FUSION_RULE + "; probabilities averaged over folds",

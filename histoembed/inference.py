@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histoembed import store
+from histoembed import scales, store
 from histoembed.errors import UserError
 from histoembed.heads import Bags, Head, decisions
 from histoembed.heads import get as get_head
@@ -49,6 +49,12 @@ class Ensemble:
     final: dict                       # decisions parameters chosen on all out-of-fold predictions
     use_offsets: bool
     manifest: dict
+    scale_fusion: str = "crops"      # how crops of several scales reach the heads (fit --scale-fusion)
+    scales: list[float] | None = None  # the crop scales the heads were fitted on
+
+    def fuse_scales(self, features: store.Features) -> store.Features:
+        """``features`` (with their scales, ``store.with_scales``) as the heads were fitted on them."""
+        return scales.fuse_scales(features, self.scale_fusion, self.scales)
 
     def _check(self, features: store.Features) -> None:
         dim = features.embedding.shape[1] if features.embedding.ndim == 2 else None
@@ -73,6 +79,7 @@ class Ensemble:
 
     def predict(self, features: store.Features) -> ImagePredictions:
         """Image probabilities, decisions, sets and view spread (see the module docstring)."""
+        features = self.fuse_scales(features)
         self._check(features)
         C = len(self.classes)
         if len(features) == 0:
@@ -93,10 +100,11 @@ class Ensemble:
                                 view_spread(view_probs, bags.image, len(image_ids)))
 
     def predict_crops(self, features: store.Features) -> np.ndarray | None:
-        """Per feature row (crop-view): calibrated MLP probabilities averaged over folds (None without an MLP)."""
-        self._check(features)
-        if "mlp" not in self.heads:
+        """Per feature row (crop-view): calibrated MLP probabilities averaged over folds (None without an MLP, or
+        when the heads read per-scale image means rather than crops)."""
+        if "mlp" not in self.heads or self.scale_fusion != "crops":
             return None
+        self._check(features)
         probs = np.zeros((len(features), len(self.classes)))
         for fold_models in self.models:
             probs += softmax(fold_models["mlp"].row_logits(features.embedding) / self.final["T"]["mlp"])
@@ -104,10 +112,10 @@ class Ensemble:
 
     def crop_attention(self, features: store.Features) -> np.ndarray | None:
         """Per feature row: the attention-MIL weight of the crop within its (image, view) bag, averaged over
-        folds (None without an abmil head)."""
-        self._check(features)
-        if "abmil" not in self.heads:
+        folds (None without an abmil head, or when the heads read per-scale image means rather than crops)."""
+        if "abmil" not in self.heads or self.scale_fusion != "crops":
             return None
+        self._check(features)
         _, bags = self._bags(features)
         out = np.zeros(len(features))
         for fold_models in self.models:
@@ -178,4 +186,5 @@ def load_ensemble(run: Path) -> Ensemble:
         fitted.append(fold_models)
     return Ensemble(classes, manifest.get("encoder", ""), manifest.get("encoder_slug", ""), dim,
                     manifest.get("feature_key"), heads, fitted, final,
-                    manifest.get("submission_uses") == "offsets", manifest)
+                    manifest.get("submission_uses") == "offsets", manifest, manifest.get("scale_fusion", "crops"),
+                    manifest.get("scales"))

@@ -99,7 +99,8 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
         n = len(emb)
         feats = store.Features(np.array([image_id] * n, object), np.array(["test"] * n, object),
                                np.repeat(np.arange(len(crops), dtype=np.int32), views),
-                               np.tile(np.arange(views, dtype=np.int16), len(crops)), emb, features_meta)
+                               np.tile(np.arange(views, dtype=np.int16), len(crops)), emb, features_meta,
+                               scale=np.repeat(np.array([c.scale for c in crops], np.float32), views))
         pred = ensemble.predict(feats)
         probs = pred.probs[0]
         out.append(Prediction(Path(image), ensemble.classes[int(pred.pred[0])],

@@ -108,9 +108,11 @@ def _load(run: Path, data: Path | None) -> _Run:
     r = _Run(run=run, data=data)
     crops_path = run / store.CROPS_FILE
     if crops_path.exists():
-        cols = [c for c in store.CROPS_SCHEMA.names if c != "png"]
+        cols = [c for c in store.CROPS_SCHEMA.names if c != "png" and c != "scale"]
         try:
             r.crops = store.read_table(crops_path, "crops table", columns=cols, stage="crops").to_pandas()
+            scales = store.crop_scales(run)  # a file from before scales holds scale-1 crops only
+            r.crops["scale"] = [scales[k] for k in zip(r.crops["split"], r.crops["image_id"], r.crops["crop_index"])]
             r.crops["key"] = r.crops["split"] + "/" + r.crops["image_id"]  # names repeat across splits
         except UserError as e:
             r.notes.append(str(e))
@@ -287,9 +289,12 @@ def _dataset_section(r: _Run) -> str:
     if have_crops:
         n = r.crops.groupby("key").size()
         strat = r.crops.drop_duplicates("key")["strategy"].value_counts()
+        by_scale = r.crops["scale"].value_counts().sort_index()
+        scales = (" Crops per scale (1: as cut; 2: twice the context around it): "
+                  + ", ".join(f"scale {s:g} {v}" for s, v in by_scale.items()) + "." if len(by_scale) > 1 else "")
         parts.append(f"<p>{len(r.crops)} crops from {len(n)} images; per image min {n.min()}, "
                      f"median {int(n.median())}, max {n.max()}. Strategy per image: "
-                     + ", ".join(f"{_esc(k)} {v}" for k, v in strat.items()) + ".</p>")
+                     + ", ".join(f"{_esc(k)} {v}" for k, v in strat.items()) + f".{scales}</p>")
     return _section("dataset", "Dataset and class balance", "\n".join(parts))
 
 
@@ -427,6 +432,16 @@ def _crop_strip(run: Path, key: str) -> str:
     return f"<p>The crops of {_esc(_name(key))} as written (square, padded):</p><div>{''.join(imgs)}</div>"
 
 
+def _scale_fusion_note(metrics: dict) -> str:
+    """Which crop scales the heads saw and how (fit --scale-fusion), in words; nothing for scale-1 crops alone."""
+    sf = metrics.get("scale_fusion") or {}
+    crop_scales = sf.get("scales") or [1.0]
+    if len(crop_scales) < 2 and sf.get("mode", "crops") == "crops":
+        return ""
+    return (f" Crop scales {', '.join(f'{s:g}' for s in crop_scales)} (crops --scales), scale fusion "
+            f"<b>{_esc(sf.get('mode', 'crops'))}</b>: {_esc(sf.get('rule', ''))}.")
+
+
 def _scores_section(r: _Run) -> str:
     title = "Cross-validated macro-F1"
     heads = (r.metrics or {}).get("heads")
@@ -465,7 +480,7 @@ def _scores_section(r: _Run) -> str:
     ax2.legend(fontsize=8, loc="lower right")
     body = ("<p>Every prediction here comes from a model (and a temperature and fusion weight) that never "
             f"saw the image: {r.metrics.get('images', '?')} training images, {n_folds} folds "
-            f"(from {store.METRICS_FILE}).</p>"
+            f"(from {store.METRICS_FILE}).{_scale_fusion_note(r.metrics)}</p>"
             + _table(["head", "OOF macro-F1", "CI low", "CI high", "fold mean", "fold std", "accuracy"], rows)
             + _fig_img(fig, "per-fold and out-of-fold macro-F1"))
     return _section("scores", title, body)
@@ -654,6 +669,10 @@ def _maps_section(r: _Run) -> str:
         features = store.read_features(store.find_feature_store(r.run, ensemble.encoder))
     except UserError as e:
         return _section("maps", title, _missing(str(e)))
+    if ensemble.scale_fusion != "crops":
+        return _section("maps", title, _missing("per-crop predictions: with --scale-fusion "
+                                                f"{ensemble.scale_fusion} the heads read per-scale image means, "
+                                                "not single crops"))
     use_attention = "abmil" in ensemble.heads
     if not use_attention and "mlp" not in ensemble.heads:
         return _section("maps", title, _missing("a head with a per-crop view (mlp or abmil) among the fitted heads"))

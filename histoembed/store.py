@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -244,12 +244,35 @@ CROPS_SCHEMA = pa.schema([
     ("image_id", pa.string()),        # the sample_index, e.g. img_0000.png (unique within its split)
     ("split", pa.string()),           # train / test: (split, image_id) identifies the image
     ("label", pa.string()),           # null for test
-    ("crop_index", pa.int32()),       # 0.. within the image
+    ("crop_index", pa.int32()),       # 0.. within the image, unique across scales (see crops.py)
     ("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32()),  # box in source px
     ("tissue_fraction", pa.float32()),  # fraction of the box inside the mask
     ("strategy", pa.string()),        # the strategy that cut it (grid-fallback for fallbacks)
+    ("scale", pa.float32()),          # 1: the crop as cut; 2: its square grown twice about its centre (context)
     ("png", pa.binary()),             # the square crop, RGB PNG
 ])
+
+
+def _columns(path: Path) -> list[str]:
+    """The column names of a Parquet file (the key columns when it cannot be read: the reader then says why)."""
+    try:
+        return pq.read_schema(path).names
+    except (OSError, pa.ArrowInvalid):
+        return ["split", "image_id", "crop_index"]
+
+
+def crop_scales(run: str | Path) -> dict[tuple[str, str, int], float]:
+    """The scale of every crop in ``run/crops.parquet`` by (split, image_id, crop_index).
+
+    A crops file written before scales existed has no ``scale`` column; all its crops were cut
+    exactly as scale-1 crops are today, so they read as scale 1 (no re-run needed).
+    """
+    path = Path(run) / CROPS_FILE
+    t = read_table(path, "crops file", hint="run `histoembed crops` first", stage="crops",
+                   columns=[c for c in ("split", "image_id", "crop_index", "scale") if c in _columns(path)])
+    scale = t["scale"].to_pylist() if "scale" in t.column_names else [1.0] * t.num_rows
+    return {(s, i, c): float(x) for s, i, c, x in zip(t["split"].to_pylist(), t["image_id"].to_pylist(),
+                                                      t["crop_index"].to_pylist(), scale)}
 
 
 # ---------------------------------------------------------------- qc.parquet
@@ -343,6 +366,7 @@ class Features:
     embedding: np.ndarray   # float32 [N, D]
     meta: dict              # the store's metadata (encoder, dim, pool, augment, seed, ...)
     crop_hash: np.ndarray | None = None  # digest of each row's crop PNG, where the store has it
+    scale: np.ndarray | None = None      # float32 scale of each row's crop, once :func:`with_scales` added it
 
     def __len__(self) -> int:
         return len(self.image_id)
@@ -350,11 +374,24 @@ class Features:
     def subset(self, mask: np.ndarray) -> Features:
         return Features(self.image_id[mask], self.split[mask], self.crop_index[mask],
                         self.view[mask], self.embedding[mask], self.meta,
-                        None if self.crop_hash is None else self.crop_hash[mask])
+                        None if self.crop_hash is None else self.crop_hash[mask],
+                        None if self.scale is None else self.scale[mask])
 
     def keys(self) -> np.ndarray:
         """Each row's image as one string ``split/image_id`` (object array), for grouping and joins."""
         return image_keys(self.split, self.image_id)
+
+
+def with_scales(features: Features, run: str | Path) -> Features:
+    """``features`` with each row's crop scale from ``run/crops.parquet`` (the store itself holds crops by index)."""
+    scales = crop_scales(run)
+    try:
+        scale = np.array([scales[(s, i, int(c))] for s, i, c in zip(features.split, features.image_id,
+                                                                     features.crop_index)], dtype=np.float32)
+    except KeyError as e:
+        raise UserError(f"the features hold a crop that {CROPS_FILE} does not ({e.args[0]})",
+                        path=Path(run) / CROPS_FILE, hint="run `histoembed embed` after `histoembed crops`") from None
+    return replace(features, scale=scale)
 
 
 def image_keys(split, image_id) -> np.ndarray:

@@ -65,6 +65,7 @@ def run_submit(data: Path | None, run: Path, encoder: str | None = None, tta: bo
     store_dir = store.find_feature_store(run, encoder or ensemble.encoder)
     features = store.read_features(store_dir, split="test")
     store.check_complete(features, run, "test")
+    features = store.with_scales(features, run)
     if not tta:
         features = features.subset(features.view == 0)
     unknown = sorted(set(features.image_id) - set(ids))   # every feature row here is of the test split

@@ -54,12 +54,14 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import cv2
 import numpy as np
 import pyarrow as pa
 
 from histoembed import store
+from histoembed.pixels import tissue_mask_by_colour
 
 LABELS = ("HER2(+)", "Luminal A", "Luminal B", "Triple negative")
 # Class balance of the reference training set (691 images).
@@ -404,7 +406,7 @@ def min_train(mask_twins: int = 1, near_duplicates: int = 1) -> int:
 def make_dataset(out: Path, n_train: int = 40, n_test: int = 16, seed: int = 0,
                  size_range: tuple[int, int] = (256, 512), outliers: bool = True, mask_twins: int = 1,
                  near_duplicates: int = 1, reference_size_scale: float | None = None,
-                 stain_shift: float = 0.0) -> dict:
+                 stain_shift: float = 0.0, class_signal: str = "morphology", partial_masks: bool = False) -> dict:
     """Write a synthetic dataset in the reference layout under ``out``; returns a summary.
 
     Image sides are drawn from ``size_range``, or, with ``reference_size_scale``, spread like
@@ -423,6 +425,10 @@ def make_dataset(out: Path, n_train: int = 40, n_test: int = 16, seed: int = 0,
     their training image's pixels, stains included. The summary's and ``planted.json``'s
     ``stain_shift`` holds the strength and each image's group (``{"train": {name: group},
     "test": {name: group}}``).
+
+    ``class_signal`` (``morphology``, ``tumour``, ``context``) says where the class shows (see
+    CLASS_SIGNALS); ``partial_masks`` writes masks that miss the tumour (:func:`partial_mask`), for
+    both splits. Both are recorded in ``planted.json`` and the summary.
     """
     out = Path(out)
     if n_train < 1 or n_test < 0:
@@ -482,8 +488,8 @@ def make_dataset(out: Path, n_train: int = 40, n_test: int = 16, seed: int = 0,
             shutil.copyfile(train_dir / f"mask_{src:04d}.png", train_dir / f"mask_{i:04d}.png")
         else:
             w, h = size_of(img_rng)
-            rgb, mask = tissue_image(img_rng, w, h, train_labels[i], empty_mask=kind == "blank",
-                                     stains=stains[groups[i]])
+            rgb, mask = signal_image(img_rng, w, h, train_labels[i], class_signal, partial_masks,
+                                     empty_mask=kind == "blank", stains=stains[groups[i]])
             if kind == "ink":
                 rgb = add_ink(rgb, img_rng)
             _write_png(train_dir / name, rgb)
@@ -499,7 +505,8 @@ def make_dataset(out: Path, n_train: int = 40, n_test: int = 16, seed: int = 0,
             shutil.copyfile(train_dir / f"mask_{src:04d}.png", test_dir / f"mask_{j:04d}.png")
         else:
             w, h = size_of(img_rng)
-            rgb, mask = tissue_image(img_rng, w, h, str(test_labels[j]), stains=stains["test"])
+            rgb, mask = signal_image(img_rng, w, h, str(test_labels[j]), class_signal, partial_masks,
+                                     stains=stains["test"])
             _write_png(test_dir / f"mask_{j:04d}.png", mask)
         _write_png(test_dir / f"img_{j:04d}.png", rgb)
 
@@ -516,12 +523,14 @@ def make_dataset(out: Path, n_train: int = 40, n_test: int = 16, seed: int = 0,
                  "train": {f"img_{i:04d}.png": ("cartoon" if i in cartoon_of else groups[i]) for i in range(n_train)},
                  "test": {f"img_{j:04d}.png": (f"copy of train {copies[j]}" if j in copies else "test")
                           for j in range(n_test)}}
+    crop_problems = {"class_signal": class_signal, "partial_masks": partial_masks}
+    planted_crops = crop_problems if class_signal != "morphology" or partial_masks else {}  # listed when planted
     (out / PLANTED_FILE).write_text(json.dumps(
         {"flags": planted, "mask_twins": mask_pairs, "near_duplicates": near_pairs,
-         **({"stain_shift": shift} if shift else {})}, indent=2) + "\n")
+         **({"stain_shift": shift} if shift else {}), **planted_crops}, indent=2) + "\n")
     return {"train": list(labels), "test": [f"img_{j:04d}.png" for j in range(n_test)], "labels": labels,
             "counts": counts, "planted": planted, "mask_twins": mask_pairs, "near_duplicates": near_pairs,
-            "seed": seed, "stain_shift": shift}
+            "seed": seed, "stain_shift": shift, **crop_problems}
 
 
 def reference_scale(out: Path, seed: int = 0, size_scale: float = 1.0, near_duplicates: int = 10) -> dict:
@@ -532,6 +541,98 @@ def reference_scale(out: Path, seed: int = 0, size_scale: float = 1.0, near_dupl
     return make_dataset(out, REFERENCE_TRAIN, REFERENCE_TEST, seed, outliers=True,
                         mask_twins=REFERENCE_MASK_TWINS, near_duplicates=near_duplicates,
                         reference_size_scale=size_scale)
+
+
+# ---------------------------------------------------------------- planted crop problems: context, partial masks
+
+# Where the class signal lives (``class_signal``): ``morphology`` is the table above. The others give every
+# class the same tumour morphology (NEUTRAL_LABEL's) and put the class in a colour tint that even a tiny
+# random test encoder sees: ``tumour`` inside the mask's blobs (where the default crops look), ``context``
+# in a ring around each blob that lies outside every default crop (margin 0.1) and inside its scale-2 crop.
+ClassSignal = Literal["morphology", "tumour", "context"]
+CLASS_SIGNALS: tuple[str, ...] = get_args(ClassSignal)
+NEUTRAL_LABEL = "Luminal B"
+CLASS_TINT = {"HER2(+)": (90, 110, 210), "Luminal A": (80, 170, 100), "Luminal B": (210, 170, 60),
+              "Triple negative": (170, 70, 60)}
+TINT_STRENGTH = (0.3, 0.6)    # per image: how far the region moves towards its class's colour
+RING = (0.2, 0.6)             # the context ring: from/to this share of the blob's longer side beyond its edge
+DEFAULT_MARGIN = 0.1          # the crops stage's default margin, which the ring stays outside of
+
+
+def tint(rgb: np.ndarray, region: np.ndarray, label: str, rng: np.random.Generator) -> np.ndarray:
+    """``rgb`` with ``region`` moved towards ``label``'s colour by a strength drawn per image."""
+    alpha = rng.uniform(*TINT_STRENGTH)
+    colour = np.asarray(CLASS_TINT[label], np.float32) * rng.uniform(0.9, 1.1, 3).astype(np.float32)
+    out = rgb.astype(np.float32)
+    out[region] = (1 - alpha) * out[region] + alpha * colour
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def context_ring(mask: np.ndarray, margin: float = DEFAULT_MARGIN) -> np.ndarray:
+    """Bool HxW: around each mask blob, the band RING of its longer side beyond its edge, outside the mask
+    and outside every blob's box grown by ``margin`` (so no scale-1 crop of the crops stage sees it)."""
+    h, w = mask.shape
+    n, labels, stats, _ = cv2.connectedComponentsWithStats((mask > 0).astype(np.uint8), connectivity=8)
+    ring = np.zeros((h, w), bool)
+    boxes = np.zeros((h, w), bool)
+    for i in range(1, n):
+        x, y, bw, bh, _ = (int(v) for v in stats[i])
+        side = max(bw, bh)
+        dist = cv2.distanceTransform((labels != i).astype(np.uint8), cv2.DIST_L2, 5)
+        ring |= (dist > RING[0] * side) & (dist <= RING[1] * side)
+        dx, dy = int(np.ceil(margin * bw)), int(np.ceil(margin * bh))
+        boxes[max(0, y - dy):y + bh + dy, max(0, x - dx):x + bw + dx] = True
+    return ring & ~boxes & (mask == 0)
+
+
+def partial_mask(rgb: np.ndarray, tumour: np.ndarray, rng: np.random.Generator,
+                 margin: float = DEFAULT_MARGIN) -> tuple[np.ndarray, np.ndarray]:
+    """(a mask that marks one patch of tissue away from the tumour, the tissue the mask misses).
+
+    The missed tissue stops short of the patch's box grown by ``margin`` (and a little more), so a
+    default crop of the patch sees none of it. An image without tissue away from the tumour gets an
+    empty mask (the crops stage then falls back to tiles over its tissue).
+    """
+    h, w = tumour.shape
+    side = min(h, w)
+    tissue = tissue_mask_by_colour(rgb)
+    dist = cv2.distanceTransform((tumour == 0).astype(np.uint8), cv2.DIST_L2, 5)
+    far = tissue & (dist > 0.08 * side)
+    patch = np.zeros((h, w), np.uint8)
+    ys, xs = np.nonzero(far)
+    if len(ys):
+        i = int(rng.integers(len(ys)))
+        r = max(4, round(side * rng.uniform(0.08, 0.14)))
+        cv2.circle(patch, (int(xs[i]), int(ys[i])), r, 255, -1)
+        patch[~far] = 0
+    seen = np.zeros((h, w), bool)
+    if patch.any():
+        y, x = np.nonzero(patch)
+        grow = margin + 0.05
+        gx, gy = int(np.ceil(grow * (x.max() - x.min() + 1))), int(np.ceil(grow * (y.max() - y.min() + 1)))
+        seen[max(0, y.min() - gy):y.max() + 1 + gy, max(0, x.min() - gx):x.max() + 1 + gx] = True
+    return patch, tissue & ~seen
+
+
+def signal_image(rng: np.random.Generator, width: int, height: int, label: str, class_signal: str = "morphology",
+                 partial: bool = False, empty_mask: bool = False,
+                 stains: tuple[np.ndarray, np.ndarray] = (H_OD, E_OD)) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`tissue_image` with the class signal where ``class_signal`` puts it, and with ``partial`` a mask
+    that misses the tumour (see CLASS_SIGNALS and :func:`partial_mask`)."""
+    if class_signal not in CLASS_SIGNALS:
+        raise ValueError(f"class_signal must be one of {CLASS_SIGNALS}")
+    rgb, mask = tissue_image(rng, width, height, label if class_signal == "morphology" else NEUTRAL_LABEL,
+                             stains=stains)
+    if class_signal == "context":
+        rgb = tint(rgb, context_ring(mask), label, rng)
+    if partial:
+        patch, missed = partial_mask(rgb, mask, rng)
+        if class_signal == "tumour":    # the class shows in all the tissue the mask misses
+            rgb = tint(rgb, missed, label, rng)
+        mask = patch
+    elif class_signal == "tumour":
+        rgb = tint(rgb, mask > 0, label, rng)
+    return rgb, (np.zeros_like(mask) if empty_mask else mask)
 
 
 # ---------------------------------------------------------------- synthetic features (tests, benchmarks)
@@ -580,6 +681,7 @@ def write_synthetic_features(run: Path, n_images: int = 60, n_classes: int = 3, 
         **{name: pa.array(np.zeros(n_crops, np.int32)) for name in ("x0", "y0", "x1", "y1")},
         "tissue_fraction": pa.array(np.ones(n_crops, np.float32)),
         "strategy": pa.array(["synthetic"] * n_crops, pa.string()),
+        "scale": pa.array(np.ones(n_crops, np.float32)),
         "png": pa.array([b""] * n_crops, pa.binary()),
     }, schema=store.CROPS_SCHEMA)
     crops_key = store.config_key("crops", seed, n_images, n_test, crops)

@@ -466,3 +466,153 @@ def test_settings_file_and_help(cli, tmp_path, monkeypatch):
                 "--fill-outside-mask", "--tile", "--min-tissue", "--workers", "--strict", "--keep",
                 "--include-flagged"):
         assert opt in help_text, opt
+
+
+# ---------------------------------------------------------------- context crops (scales) and mask modes
+
+def independent_context(rgb: np.ndarray, box: tuple[int, int, int, int], scale: float, size: int,
+                        fill=MEAN_FILL) -> np.ndarray:
+    """A scale-s crop by another route: pad the whole image with the fill colour, slice the grown square."""
+    x0, y0, x1, y1 = box
+    side = round(scale * max(x1 - x0, y1 - y0))
+    pad = side
+    padded = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=tuple(int(v) for v in fill))
+    left, top = math.floor((x0 + x1 - side) / 2), math.floor((y0 + y1 - side) / 2)
+    square = padded[top + pad:top + pad + side, left + pad:left + pad + side]
+    return cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA if side > size else cv2.INTER_LINEAR)
+
+
+def test_context_crops_through_the_cli(cli, tmp_path):
+    """--scales 1,2: scale-1 crops unchanged (same index, box, pixels); each gets a scale-2 crop of twice the
+    square about its centre, beyond the image filled, with an index unique across scales."""
+    images = {f"img_{i:04d}.png": (pink_image(160, 200, i), known_mask(i)) for i in range(2)}
+    test = {"img_0000.png": (pink_image(160, 200, 5), known_mask(5))}
+    data = write_data(tmp_path / "d", images, test)
+    rgb_of = {**{("train", k): v[0] for k, v in images.items()}, **{("test", k): v[0] for k, v in test.items()}}
+    plain, ctx = tmp_path / "plain", tmp_path / "ctx"
+    assert cli("crops", "--data", data, "--run", plain, "--size", 32, "--workers", 1).exit_code == 0
+    res = cli("crops", "--data", data, "--run", ctx, "--size", 32, "--workers", 1, "--scales", "1,2")
+    assert res.exit_code == 0, res.output
+    assert "(2 scales: 1, 2)" in res.output
+    before, after = read_crops(plain), read_crops(ctx)
+    assert len(after) == 2 * len(before) and {r["scale"] for r in before} == {1.0}
+    by_key = {(r["split"], r["image_id"], r["crop_index"]): r for r in after}
+    assert len(by_key) == len(after)                                   # crop_index unique across scales
+    for r in before:
+        twin = by_key[(r["split"], r["image_id"], r["crop_index"])]
+        assert twin["scale"] == 1.0 and twin["png"] == r["png"]
+        assert [twin[c] for c in ("x0", "y0", "x1", "y1")] == [r[c] for c in ("x0", "y0", "x1", "y1")]
+    for split, image_id in keys_of(before):
+        ones = sorted((r for r in before if (r["split"], r["image_id"]) == (split, image_id)),
+                      key=lambda r: r["crop_index"])
+        n = len(ones)
+        rgb = rgb_of[(split, image_id)]
+        for r in ones:
+            wide = by_key[(split, image_id, n + r["crop_index"])]
+            assert wide["scale"] == 2.0 and wide["strategy"] == r["strategy"]
+            box = (r["x0"], r["y0"], r["x1"], r["y1"])
+            expected = independent_context(rgb, box, 2.0, 32)
+            assert np.abs(decode(wide["png"]).astype(int) - expected.astype(int)).max() <= 1, (split, image_id)
+            # the stored box is the grown square's part inside the image, and holds the scale-1 box
+            assert wide["x0"] <= r["x0"] and wide["y0"] <= r["y0"]
+            assert wide["x1"] >= r["x1"] and wide["y1"] >= r["y1"]
+            assert 0 <= wide["x0"] and 0 <= wide["y0"] and wide["x1"] <= 200 and wide["y1"] <= 160
+    # 2,1 is the same setting as 1,2: nothing to do
+    res = cli("crops", "--data", data, "--run", ctx, "--size", 32, "--workers", 1, "--scales", "2,1")
+    assert res.exit_code == 0 and "up to date" in res.output
+
+
+def test_context_crop_beyond_the_image_is_fill_and_tiles_scale_their_side():
+    rgb = pink_image(64, 64)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[0:16, 0:16] = 255                                  # a blob in the corner
+    crops, why = crop_image(rgb, mask, CropSettings(size=32, margin=0.0, scales=(1.0, 2.0)))
+    assert why is None and [c.scale for c in crops] == [1.0, 2.0]
+    wide = crops[1]
+    assert wide.box == (0, 0, 24, 24)                       # the 32-px square about (8, 8), inside the image
+    assert (wide.pixels[:6, :6] == MEAN_FILL).all()         # its top-left quarter-ish lies beyond the image
+    assert np.abs(wide.pixels[20:, 20:].astype(int) - np.array(PINK)).max() < 20
+    assert wide.tissue_fraction == pytest.approx(256 / 576)  # the mask's share of the part inside the image
+    grid, _ = crop_image(pink_image(96, 96), None, CropSettings(strategy="grid", size=16, tile=32, scales=(1.0, 1.5)))
+    ones, wides = [c for c in grid if c.scale == 1.0], [c for c in grid if c.scale == 1.5]
+    assert len(ones) == len(wides) == 9
+    assert wides[4].box == (24, 24, 72, 72)                 # the centre tile grown to 48 px about its centre
+
+
+def test_fill_outside_mask_paints_only_scale_one():
+    rgb = pink_image(64, 64)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[24:40, 24:40] = 255
+    crops, _ = crop_image(rgb, mask, CropSettings(size=32, margin=0.5, fill_outside_mask=True, scales=(1.0, 2.0)))
+    assert (crops[0].pixels[:4, :4] == MEAN_FILL).all()                       # outside the mask: painted
+    assert np.abs(crops[1].pixels[:4, :4].astype(int) - np.array(PINK)).max() < 20   # context: kept
+
+
+def partial_mask_data(root: Path) -> tuple[Path, dict]:
+    """Tissue on the left 120 columns of each image; the mask marks only a 20 x 20 square of it."""
+    images = {}
+    for i in range(2):
+        mask = np.zeros((100, 200), np.uint8)
+        mask[40:60, 20:40] = 255
+        images[f"img_{i:04d}.png"] = (pink_image(100, 200, i, white_from=120), mask)
+    return write_data(root, images), images
+
+
+@pytest.mark.parametrize("mode,boxes", [("given", [(18, 38, 42, 62)]), ("tissue", [(0, 0, 132, 100)]),
+                                        ("union", [(18, 38, 42, 62), (0, 0, 132, 100)])])
+def test_mask_mode_finds_blobs_in_the_mask_the_tissue_or_both(cli, tmp_path, mode, boxes):
+    data, _ = partial_mask_data(tmp_path / "d")
+    run = tmp_path / "run"
+    res = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1, "--mask-mode", mode)
+    assert res.exit_code == 0, res.output
+    rows = read_crops(run)
+    for image_id in ("img_0000.png", "img_0001.png"):
+        assert boxes_of(rows, image_id) == boxes            # margin 0.1: 2 px around the square, 12 px right of the tissue
+    assert {r["strategy"] for r in rows} == {"blobs"}
+    assert store.read_meta(run / store.CROPS_FILE)["settings"]["mask_mode"] == mode
+
+
+def test_union_fills_k_after_the_mask_s_components():
+    rgb = pink_image(100, 200, white_from=120)
+    mask = np.zeros((100, 200), np.uint8)
+    mask[40:60, 20:40] = 255
+    crops, _ = crop_image(rgb, mask, CropSettings(size=16, mask_mode="union", k=1))
+    assert [c.box for c in crops] == [(18, 38, 42, 62)]                 # k = 1: the mask's blob alone
+    mask[:] = 0
+    mask[10:20, 150:160] = 255                                          # a 100 px mask blob on the slide
+    crops, _ = crop_image(rgb, mask, CropSettings(size=16, mask_mode="union", margin=0.0))
+    assert [c.box for c in crops] == [(150, 10, 160, 20), (0, 0, 120, 100)]
+
+
+def test_tissue_mode_needs_no_mask_and_union_keeps_the_min_area():
+    rgb = pink_image(100, 200, white_from=120)
+    crops, why = crop_image(rgb, None, CropSettings(size=16, mask_mode="tissue"))
+    assert why is None and crops[0].box == (0, 0, 132, 100)
+    crops, why = crop_image(rgb, None, CropSettings(size=16))           # given: no mask, grid fallback
+    assert why == "no mask" and crops[0].strategy == "grid-fallback"
+    speck = np.full((100, 200, 3), 248, np.uint8)
+    speck[10:15, 10:15] = PINK                                          # 25 px of tissue, below min_area
+    crops, why = crop_image(speck, np.zeros((100, 200), np.uint8), CropSettings(size=16, mask_mode="union"))
+    assert why == "no union component of 100 px or more" and crops[0].strategy == "grid-fallback"
+
+
+def test_a_crops_file_without_the_scale_column_reads_as_scale_one(cli, tmp_path):
+    data, run = small_data(tmp_path / "d"), tmp_path / "run"
+    assert cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1).exit_code == 0
+    path = run / store.CROPS_FILE
+    old = pq.read_table(path)
+    old = old.drop_columns(["scale"])
+    pq.write_table(old, path)                                           # keeps the histoembed metadata
+    scales = store.crop_scales(run)
+    assert len(scales) == old.num_rows and set(scales.values()) == {1.0}
+
+
+def test_scale_and_mask_mode_options_are_checked_and_shown(cli, tmp_path):
+    data = small_data(tmp_path / "d")
+    for bad, says in (("0.5", "--scales"), ("1,1", "distinct"), ("1,x", "not a comma-separated list")):
+        res = cli("crops", "--data", data, "--scales", bad)
+        assert res.exit_code == 2 and says in res.output, res.output
+    res = cli("crops", "--data", data, "--mask-mode", "both")
+    assert res.exit_code == 2 and "--mask-mode" in res.output
+    res = cli("config", "crops", "--scales", "2,1", "--mask-mode", "union")
+    assert res.exit_code == 0 and "scales = [1.0, 2.0]" in res.output and 'mask_mode = "union"' in res.output

@@ -41,6 +41,7 @@ def write_crops(run: Path, n_train: int = 5, n_test: int = 2, per_image: int = 3
         **{c: pa.array(np.zeros(n, np.int32)) for c in ("x0", "y0", "x1", "y1")},
         "tissue_fraction": pa.array(np.ones(n, np.float32)),
         "strategy": pa.array(["blobs"] * n, pa.string()),
+        "scale": pa.array(np.ones(n, np.float32)),
         "png": pa.array(pngs, pa.binary()),
     }, schema=store.CROPS_SCHEMA)
     store.write_table(table, run / store.CROPS_FILE, meta={"key": store.config_key("test-crops", seed, n, size)},

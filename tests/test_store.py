@@ -175,7 +175,7 @@ def _other_value(cls, name: str):
         candidates = [default[:-1] or default + default]
     elif isinstance(default, tuple):
         last = default[-1]
-        candidates = [(*default[:-1], last - 1 if isinstance(last, int) else last * 0.9)]
+        candidates = [(*default[:-1], last - 1 if isinstance(last, int) else last * 0.9), (*default, last * 2)]
     else:
         candidates = [default + 1, default - 1, default * 0.9, default * 1.1, default / 2]
     for value in candidates:

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from histoembed import config as cfg
 from histoembed.cli.app import ConfigOpt, DataOpt, RunOpt, StrictOpt, command, setting, stage_settings
-from histoembed.config import Strategy
+from histoembed.config import MaskMode, Strategy
 from histoembed.console import console
 from histoembed.crops import run_crops
 from histoembed.errors import UserError
@@ -29,6 +29,16 @@ def _parse_fill(text: str | None) -> tuple[int, int, int] | None:
     return rgb  # type: ignore[return-value]
 
 
+def _parse_scales(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise UserError(f"--scales {text!r} is not a comma-separated list of numbers",
+                        hint="e.g. --scales 1,2 (the crops as cut, and each with twice the context)") from None
+
+
 @command("crops")
 def crops(
     data: DataOpt = Path("data"),
@@ -44,6 +54,8 @@ def crops(
     tile: Annotated[int | None, setting("crops.tile")] = None,
     min_tissue: Annotated[float | None, setting("crops.min_tissue")] = None,
     max_crops: Annotated[int | None, setting("crops.max_crops")] = None,
+    mask_mode: Annotated[MaskMode | None, setting("crops.mask_mode")] = None,
+    scales: Annotated[str | None, setting("crops.scales", metavar="S,S")] = None,
     workers: Annotated[int | None, setting("crops.workers")] = None,
     strict: StrictOpt = False,
     max_pixels: Annotated[int | None, setting("data.max_pixels")] = None,
@@ -60,14 +72,17 @@ def crops(
     """
     settings = stage_settings(config, "crops", strategy=strategy, k=k, min_area=min_area, margin=margin,
                               size=size, fill=_parse_fill(fill), fill_outside_mask=fill_outside_mask, tile=tile,
-                              min_tissue=min_tissue, max_crops=max_crops, workers=workers)
+                              min_tissue=min_tissue, max_crops=max_crops, mask_mode=mask_mode,
+                              scales=_parse_scales(scales), workers=workers)
     limit = cfg.override(settings.data, max_pixels=max_pixels).max_pixels
     result = run_crops(data, run, settings.crops, strict=strict, keep=list(keep or []), include_flagged=include_flagged,
                        max_pixels=limit)
     if result.skipped:
         console.print(f"{result.path} is up to date (same inputs and settings); nothing to do.", soft_wrap=True)
     lo, median, hi = result.per_image
-    console.print(f"{result.crops} crops from {result.images} images in {result.path}; "
+    scales = settings.crops.scales
+    per_scale = f" ({len(scales)} scales: {', '.join(f'{s:g}' for s in scales)})" if len(scales) > 1 else ""
+    console.print(f"{result.crops} crops{per_scale} from {result.images} images in {result.path}; "
                   f"crops per image: min {lo}, median {median:g}, max {hi}", soft_wrap=True)
     if result.left_out:
         console.print(f"left out {len(result.left_out)} training image(s) flagged by QC: "

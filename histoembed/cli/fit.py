@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
-from histoembed.config import Offsets
+from histoembed.config import Offsets, ScaleFusion
 from histoembed.console import console, table
 from histoembed.fit import run_fit
 from histoembed.heads import check_names
@@ -39,6 +39,7 @@ def fit(
     alpha: Annotated[float | None, setting("fit.alpha")] = None,
     class_conditional: Annotated[bool | None, setting("fit.class_conditional", "--class-conditional/--marginal")]
         = None,
+    scale_fusion: Annotated[ScaleFusion | None, setting("fit.scale_fusion")] = None,
 ) -> None:
     """Cross-validate heads on the training features; calibrate, fuse, choose class offsets and conformal sets.
 
@@ -51,7 +52,7 @@ def fit(
     """
     fit_settings = stage_settings(config, "fit", folds=folds, seed=seed, seeds=seeds, include_flagged=include_flagged,
                                   bootstrap=bootstrap, offsets=offsets, alpha=alpha, threads=threads,
-                                  class_conditional=class_conditional,
+                                  class_conditional=class_conditional, scale_fusion=scale_fusion,
                                   heads=None if heads is None else check_names(heads.split(",")),
                                   mlp=dict(hidden=mlp_hidden, depth=mlp_depth, epochs=mlp_epochs, mixup_alpha=mixup),
                                   xgb=dict(n_estimators=xgb_rounds, pca_dims=pca_dims)).fit
@@ -82,6 +83,10 @@ def print_summary(metrics: dict) -> None:
     table(f"Out of fold: {metrics['images']} images, {metrics['folds']} folds, seed {metrics['seed']}"
           + (f" ({flagged} QC-flagged left out)" if flagged else ""),
           ["head", "macro-F1", "95% CI", "folds", "acc.", "NLL T=1→T", "ECE T=1→T"], rows)
+    sf = metrics.get("scale_fusion")
+    if sf and (len(sf["scales"]) > 1 or sf["mode"] != "crops"):
+        console.print(f"crop scales {', '.join(f'{s:g}' for s in sf['scales'])}, scale fusion {sf['mode']}: "
+                      f"{sf['rule']}", soft_wrap=True)
     decision = metrics.get("decision")
     if decision:
         off = decision["offsets"]

@@ -48,6 +48,14 @@ def synth(
              "training images get darker, bluer haematoxylin and paler eosin, every test image paler "
              "haematoxylin and darker, more orange eosin; the tissue drawn is the same as without it. "
              "planted.json lists each image's stain group.")] = 0.0,
+    class_signal: Annotated[synthetic.ClassSignal, typer.Option(
+        "--class-signal", help="Where the class shows: morphology (the tumour's look, by class); tumour (one look "
+                               "for all, the class as a colour tint inside the mask's blobs); context (one look for "
+                               "all, the class as a tinted ring around each blob, outside every default crop: "
+                               "what `crops --scales 1,2` recovers).")] = "morphology",
+    partial_masks: Annotated[bool, typer.Option(
+        "--partial-masks", help="Mask files mark a patch of tissue away from the tumour and miss the tumour "
+                                "(with its class signal): what `crops --mask-mode union` recovers.")] = False,
 ) -> None:
     """Write a synthetic H&E dataset (images, tumour masks, labels) for trying the pipeline."""
     if full_scale:
@@ -76,10 +84,15 @@ def synth(
     summary = synthetic.make_dataset(out, train, test, seed, size_range=(min_size, max_size), outliers=outliers,
                                      mask_twins=mask_twins, near_duplicates=near_duplicates,
                                      reference_size_scale=size_scale if full_scale else None,
-                                     stain_shift=stain_shift)
+                                     stain_shift=stain_shift, class_signal=class_signal,
+                                     partial_masks=partial_masks)
     counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
     console.print(f"wrote {len(summary['train'])} training and {len(summary['test'])} test images to {out}")
     console.print(f"labels: {counts}")
+    if summary["class_signal"] != "morphology" or summary["partial_masks"]:
+        console.print(f"class signal: {summary['class_signal']}"
+                      + ("; masks miss the tumour (--partial-masks)" if summary["partial_masks"] else ""),
+                      soft_wrap=True)
     if summary["planted"]:
         planted = ", ".join(f"{k} ({v})" for k, v in list(summary["planted"].items())[:12])
         more = " ..." if len(summary["planted"]) > 12 else ""

@@ -42,13 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from histoembed.config import IMAGENET_MEAN, AugmentSettings
+from histoembed.pixels import HED_FROM_RGB, OD_EPS, RGB_FROM_HED
 
-# Ruifrok & Johnston's H&E-DAB stain vectors (rows: haematoxylin, eosin, DAB), as skimage.
-RGB_FROM_HED = np.array([[0.65, 0.70, 0.29],
-                         [0.07, 0.99, 0.11],
-                         [0.27, 0.57, 0.78]])
-HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
-OD_EPS = 1e-6                      # rgb floor before the log, as skimage
 # RGB -> YIQ (NTSC); Y uses the luma weights torchvision's grayscale uses.
 YIQ_FROM_RGB = np.array([[0.299, 0.587, 0.114],
                          [0.596, -0.274, -0.322],

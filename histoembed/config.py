@@ -270,6 +270,20 @@ class FitSettings(_Settings):
     abmil: ABMILSettings = ABMILSettings()
 
 
+class DriftSettings(_Settings):
+    folds: int = Field(5, ge=2, description="Cross-validation folds of the train-versus-test classifier.")
+    repeats: int = Field(5, ge=1, description="Shuffles of the folds; each image's score is its mean out-of-fold score.")
+    pca_dims: int = Field(32, ge=1, description="At most this many PCA dimensions before the train-versus-test "
+                          "logistic regression (fewer with few images: about one per ten).")
+    c: float = Field(1.0, gt=0, description="Inverse L2 strength of the train-versus-test logistic regression (fixed, "
+                     "never tuned, so its AUC is honest).")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples of images for the AUC's 95% interval (0: none).")
+    seed: int = Field(0, description="Seed of the folds and the bootstrap.")
+    stain_crops: int = Field(4, ge=1, description="Crops per image whose stain densities are measured.")
+    include_flagged: bool = Field(False, description="Keep images that `histoembed qc` flagged (non-tissue pastes, "
+                                  "blanks) in the comparison.")
+
+
 class Settings(_Settings):
     data: DataSettings = DataSettings()
     crops: CropSettings = CropSettings()
@@ -277,6 +291,7 @@ class Settings(_Settings):
     embed: EmbedSettings = EmbedSettings()
     qc: QCSettings = QCSettings()
     fit: FitSettings = FitSettings()
+    drift: DriftSettings = DriftSettings()
 
 
 CONFIG_FILE = "histoembed.toml"

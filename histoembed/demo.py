@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from histoembed import crops, fit, qc, report, store, submit
+from histoembed import crops, drift, fit, qc, report, store, submit
 from histoembed.config import Settings, override
 from histoembed.errors import UserError
 from histoembed.synthetic import make_dataset
@@ -75,7 +75,7 @@ def run_pipeline(data: Path, run: Path, settings: Settings, say: Callable[[str],
         ("qc", lambda: qc.run_qc(data, run, settings.qc)),
         ("crops", lambda: crops.run_crops(data, run, settings.crops)),
         ("embed", lambda: embed.run_embed(run, settings.embed, settings.augment)),
-        ("fit", lambda: fit.run_fit(run, settings.fit)),
+        ("fit", lambda: (fit.run_fit(run, settings.fit), drift.run_drift(run, settings.drift))),  # as `histoembed fit`
         ("submit", lambda: submit.run_submit(data, run)),
         ("report", lambda: report.write_report(run, data)),
     ]

@@ -1,4 +1,5 @@
-"""Pixel rules shared by qc and crops: tissue by colour, green ink (find and repair), HSV helpers.
+"""Pixel rules shared by qc and crops: tissue by colour, green ink (find and repair), HSV helpers,
+and the stain vectors shared by the augmentations and the drift check.
 
 They live below both stages so the two agree on what tissue and ink are, and neither
 stage imports the other.
@@ -10,6 +11,13 @@ import cv2
 import numpy as np
 
 from histoembed.config import QCSettings
+
+# Ruifrok & Johnston's H&E-DAB stain vectors (rows: haematoxylin, eosin, DAB), as skimage.
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29],
+                         [0.07, 0.99, 0.11],
+                         [0.27, 0.57, 0.78]])
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+OD_EPS = 1e-6                      # rgb floor before the log, as skimage
 
 
 def hue_in(hue: np.ndarray, rng: tuple[float, float]) -> np.ndarray:

@@ -32,6 +32,7 @@ from PIL import Image
 from histoembed import __version__, store
 from histoembed.crops import run_data
 from histoembed.dataset import load_dataset, read_image
+from histoembed.drift import read_drift
 from histoembed.errors import UserError
 from histoembed.fit import calibrated_probabilities
 from histoembed.inference import check_one_set, load_ensemble
@@ -523,6 +524,29 @@ def _confusion_section(r: _Run) -> str:
     return _section("confusion", title, body)
 
 
+def _drift_section(r: _Run) -> str:
+    title = "Train versus test"
+    d, why = read_drift(r.run)
+    if d is None:
+        return _section("drift", title, _missing(why))
+    if d["auc"] is None:
+        return _section("drift", title, f"<p>{_esc(d['finding'])}</p>")
+    lo, hi = d["auc_ci"]
+    finding = f'<p class="warn"><b>Shifted test set.</b> {_esc(d["finding"])}</p>' if d["shifted"] else \
+        f"<p>{_esc(d['finding'])}</p>"
+    stains = [[s, *(f"{d['stain'][split][s]['median']:.3f} ({d['stain'][split][s]['q25']:.3f}-"
+                    f"{d['stain'][split][s]['q75']:.3f})" for split in ("train", "test")),
+               f"{d['stain_difference'][s]:+.2f}"] for s in d["stain_difference"]]
+    body = (finding
+            + _table(["images train", "images test", "AUC test vs train", "CI low", "CI high"],
+                     [[d["images"]["train"], d["images"]["test"], d["auc"], lo, hi]])
+            + f"<p class='small'>Classifier two-sample test: {_esc(d['classifier'])}; bootstrap interval over "
+              f"images ({d['bootstrap']} resamples). 0.5 means the splits cannot be told apart.</p>"
+            + _table(["stain density of tissue", "train: median (IQR)", "test: median (IQR)",
+                      "test - train (SD)"], stains))
+    return _section("drift", title, body)
+
+
 def _fold_params(calibration: dict | None, folds: np.ndarray) -> list[dict] | None:
     """calibration.json's per-fold parameters when they cover every fold of ``folds``, else None."""
     entries = (calibration or {}).get("folds")
@@ -744,7 +768,7 @@ img.plot{max-width:100%;display:block;margin:.6em 0}img.crop{width:96px;height:9
 """
 
 _SECTIONS = (("dataset", "Dataset"), ("qc", "QC"), ("crops", "Crops"), ("scores", "Macro-F1"),
-             ("confusion", "Confusion"), ("calibration", "Calibration"), ("fusion", "Fusion"),
+             ("drift", "Drift"), ("confusion", "Confusion"), ("calibration", "Calibration"), ("fusion", "Fusion"),
              ("decisions", "Decisions"), ("maps", "Crop maps"))
 
 
@@ -752,7 +776,7 @@ def render_report(run: Path, data: Path | None = None) -> str:
     """The report page as one HTML string."""
     r = _load(Path(run), Path(data) if data is not None else None)
     sections = [_overview(r), _dataset_section(r), _qc_section(r), _crops_section(r), _scores_section(r),
-                _confusion_section(r), _calibration_section(r), _fusion_section(r), _decisions_section(r), _maps_section(r)]
+                _drift_section(r), _confusion_section(r), _calibration_section(r), _fusion_section(r), _decisions_section(r), _maps_section(r)]
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     nav = "".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t in _SECTIONS)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from histoembed.cli import compare, config, crops, demo, embed, encoders, fit, predict, qc, report, submit, synth
+from histoembed.cli import compare, config, crops, demo, drift, embed, encoders, fit, predict, qc, report, submit, synth
 from histoembed.cli.app import app
 
 # Each module adds its command to `app` when imported.
-COMMANDS = (qc, crops, embed, fit, submit, predict, report, compare, demo, synth, encoders, config)
+COMMANDS = (qc, crops, embed, fit, drift, submit, predict, report, compare, demo, synth, encoders, config)
 
 
 def main() -> None:

@@ -39,7 +39,8 @@ StrictOpt = Annotated[bool, typer.Option(
     "--strict", help="Stop on the first bad item instead of skipping it and listing it at the end.")]
 
 # The settings tables each stage reads (``histoembed config STAGE`` prints these).
-STAGE_TABLES = {"qc": ("qc",), "crops": ("crops",), "embed": ("embed", "augment"), "fit": ("fit",)}
+STAGE_TABLES = {"qc": ("qc",), "crops": ("crops",), "embed": ("embed", "augment"), "fit": ("fit", "drift"),
+                "drift": ("drift",)}
 
 
 def setting_help(path: str) -> str:

@@ -7,9 +7,12 @@ from typing import Annotated
 
 import typer
 
+from histoembed.cli import drift as drift_cli
 from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
 from histoembed.config import Offsets, ScaleFusion
 from histoembed.console import console, table
+from histoembed.drift import run_drift
+from histoembed.errors import UserError
 from histoembed.fit import run_fit
 from histoembed.heads import check_names
 
@@ -43,20 +46,21 @@ def fit(
 ) -> None:
     """Cross-validate heads on the training features; calibrate, fuse, choose class offsets and conformal sets.
 
-    Writes run/models/, run/calibration.json, run/oof.parquet and run/metrics.json.
+    Writes run/models/, run/calibration.json, run/oof.parquet and run/metrics.json; then checks whether the
+    test images look like the training images (run/drift.json, see `histoembed drift`).
 
     Every reported number comes from predictions whose model, temperatures, fusion weights, offsets and
     conformal thresholds never saw the image.
 
-    Other settings: the fit, fit.mlp, fit.xgb, fit.logreg and fit.abmil tables of histoembed.toml.
+    Other settings: the fit, fit.mlp, fit.xgb, fit.logreg, fit.abmil and drift tables of histoembed.toml.
     """
-    fit_settings = stage_settings(config, "fit", folds=folds, seed=seed, seeds=seeds, include_flagged=include_flagged,
+    settings = stage_settings(config, "fit", folds=folds, seed=seed, seeds=seeds, include_flagged=include_flagged,
                                   bootstrap=bootstrap, offsets=offsets, alpha=alpha, threads=threads,
                                   class_conditional=class_conditional, scale_fusion=scale_fusion,
                                   heads=None if heads is None else check_names(heads.split(",")),
                                   mlp=dict(hidden=mlp_hidden, depth=mlp_depth, epochs=mlp_epochs, mixup_alpha=mixup),
-                                  xgb=dict(n_estimators=xgb_rounds, pca_dims=pca_dims)).fit
-    result = run_fit(run, fit_settings, encoder=encoder)
+                                  xgb=dict(n_estimators=xgb_rounds, pca_dims=pca_dims))
+    result = run_fit(run, settings.fit, encoder=encoder)
     if result.unlabelled:
         console.print(f"[yellow]note:[/] {len(result.unlabelled)} training image(s) in the features have no label "
                       f"in crops.parquet and were left out (e.g. {result.unlabelled[0]})", soft_wrap=True)
@@ -70,6 +74,10 @@ def fit(
     if not result.skipped:
         console.print(f"wrote {run}/models, calibration.json, oof.parquet, metrics.json "
                       f"in {result.seconds:.1f} s", soft_wrap=True)
+    try:  # the models are written: a failed check must not make the fit look failed
+        drift_cli.show(run_drift(run, settings.drift, encoder=encoder))
+    except UserError as e:
+        console.print(f"[yellow]drift check skipped:[/] {e}", soft_wrap=True)
 
 
 def print_summary(metrics: dict) -> None:

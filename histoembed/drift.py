@@ -1,0 +1,256 @@
+"""Train-versus-test drift: can a classifier tell the test images from the training images?
+
+A cross-validated score promises what the test set gives only when the test images come
+from the training images' distribution. The check is a classifier two-sample test: a
+fixed, regularised linear classifier (standardise, PCA, logistic regression; nothing is
+tuned, so its score is honest) learns "test or train?" from each image's mean clean-view
+embedding, and its out-of-fold AUC says how separable the splits are (0.5: not at all),
+with a bootstrap interval over images. Beside it, each split's stain statistics (the
+haematoxylin and eosin densities of the crops' tissue pixels, Ruifrok-Johnston colour
+deconvolution) say whether the difference looks like staining.
+
+Written to ``run/drift.json``, keyed by the feature store and the crops it was computed on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from histoembed import __version__, store
+from histoembed.config import DriftSettings
+from histoembed.errors import UserError
+from histoembed.pixels import HED_FROM_RGB, OD_EPS
+
+DRIFT_VERSION = 1
+DRIFT_FILE = "drift.json"
+TISSUE_OD = 0.15        # a pixel is tissue when its optical densities sum above this (Macenko's threshold)
+STAIN_SHIFT_SD = 0.5    # a standardised difference of stain density worth a sentence
+MIN_IMAGES = 5          # per split, below which the test says nothing
+STAINS = ("haematoxylin", "eosin")
+
+
+# ---------------------------------------------------------------- the maths
+
+def image_means(features: store.Features) -> tuple[np.ndarray, np.ndarray]:
+    """(image keys ``split/image_id``, [N, D] mean clean-view embedding per image), keys sorted."""
+    clean = features.subset(features.view == 0)
+    keys, row_image = np.unique(clean.keys(), return_inverse=True)
+    sums = np.zeros((len(keys), clean.embedding.shape[1]))
+    np.add.at(sums, row_image, clean.embedding)
+    return keys, sums / np.bincount(row_image, minlength=len(keys))[:, None]
+
+
+def pca_dims(n_fit: int, dim: int, cap: int) -> int:
+    """About one PCA dimension per ten training images (at least 2, at most ``cap``): with fewer images
+    than dimensions the classifier would tell any two samples apart by chance."""
+    return max(1, min(cap, dim, n_fit - 1, max(2, n_fit // 10)))
+
+
+def two_sample_auc(x: np.ndarray, is_test: np.ndarray, settings: DriftSettings) -> tuple[float, float, float]:
+    """(out-of-fold AUC of test-vs-train, interval low, high) from a fixed linear classifier.
+
+    Each image's score is its mean out-of-fold score over ``settings.repeats`` shuffles of the
+    folds, which steadies the AUC against one unlucky split. The interval resamples images
+    within each split (the bootstrap keeps both splits' sizes).
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    is_test = np.asarray(is_test, dtype=int)
+    folds = min(settings.folds, int(np.bincount(is_test, minlength=2).min()))
+    scores = np.zeros(len(x))
+    for repeat in range(settings.repeats):
+        split = StratifiedKFold(folds, shuffle=True, random_state=settings.seed + repeat).split(x, is_test)
+        for fit_rows, eval_rows in split:
+            dims = pca_dims(len(fit_rows), x.shape[1], settings.pca_dims)
+            model = make_pipeline(StandardScaler(), PCA(dims, random_state=settings.seed),
+                                  LogisticRegression(C=settings.c, max_iter=2000))
+            model.fit(x[fit_rows], is_test[fit_rows])
+            scores[eval_rows] += model.decision_function(x[eval_rows])
+    auc = float(roc_auc_score(is_test, scores))
+    if settings.bootstrap <= 0:
+        return auc, float("nan"), float("nan")
+    rng = np.random.default_rng(settings.seed)
+    test, train = np.flatnonzero(is_test == 1), np.flatnonzero(is_test == 0)
+    label = np.r_[np.ones(len(test)), np.zeros(len(train))]
+    boot = [roc_auc_score(label, scores[np.r_[rng.choice(test, len(test)), rng.choice(train, len(train))]])
+            for _ in range(settings.bootstrap)]
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return auc, float(lo), float(hi)
+
+
+def stain_densities(rgb: np.ndarray, fill: tuple[int, int, int] | None = None) -> np.ndarray | None:
+    """Mean (haematoxylin, eosin) density of a crop's tissue pixels, or None when it shows no tissue.
+
+    Padding (pixels of exactly the ``fill`` colour) and background (optical density summing
+    below ``TISSUE_OD``) are left out.
+    """
+    pixels = rgb.reshape(-1, 3)
+    od = -np.log(np.maximum(pixels / 255.0, OD_EPS))
+    tissue = od.sum(axis=1) > TISSUE_OD
+    if fill is not None:
+        tissue &= ~(pixels == np.asarray(fill)).all(axis=1)
+    if not tissue.any():
+        return None
+    return (od[tissue] @ HED_FROM_RGB)[:, :2].mean(axis=0)
+
+
+def standardised_difference(train: np.ndarray, test: np.ndarray) -> float:
+    """(mean of test - mean of train) / pooled standard deviation (Cohen's d)."""
+    pooled = np.sqrt(((len(train) - 1) * train.var(ddof=1) + (len(test) - 1) * test.var(ddof=1))
+                     / max(len(train) + len(test) - 2, 1))
+    return float((test.mean() - train.mean()) / pooled) if pooled > 0 else 0.0
+
+
+def verdict(auc: float, lo: float, hi: float, stain_difference: dict[str, float]) -> tuple[bool, str]:
+    """(shifted, the finding in words): shifted when the AUC interval lies above 0.5."""
+    shifted = bool(lo > 0.5)
+    if not shifted:
+        return False, (f"No detectable difference between the training and test images' embeddings "
+                       f"(AUC {auc:.2f}, 95% interval {lo:.2f}-{hi:.2f} includes 0.5, which means indistinguishable).")
+    strength = "strongly " if lo > 0.75 else ""
+    words = (f"The test images differ {strength}from the training images: a classifier tells them apart by their "
+             f"embeddings with AUC {auc:.2f} (95% interval {lo:.2f}-{hi:.2f}; 0.5 means indistinguishable). "
+             "The cross-validated score may promise more than the test set gives.")
+    stained = {s: d for s, d in stain_difference.items() if abs(d) >= STAIN_SHIFT_SD}
+    if stained:
+        parts = ", ".join(f"{s} {'stronger' if d > 0 else 'weaker'} by {abs(d):.1f} SD" for s, d in stained.items())
+        words += (f" The stain differs too (test vs training: {parts}); stain normalisation "
+                  "(`histoembed embed --stain-norm macenko`) may help.")
+    return True, words
+
+
+# ---------------------------------------------------------------- the stage
+
+@dataclass
+class DriftResult:
+    report: dict      # the content of drift.json
+    skipped: bool     # up to date: nothing computed
+    path: Path
+
+    @property
+    def shifted(self) -> bool:
+        return bool(self.report.get("shifted"))
+
+    @property
+    def finding(self) -> str:
+        return self.report["finding"]
+
+
+def _qc_flagged(run: Path) -> set[str]:
+    table = store.read_qc(run)
+    if table is None:
+        return set()
+    return {f"{s}/{i}" for i, s, f in zip(*(table[c].to_pylist() for c in ("image_id", "split", "flagged"))) if f}
+
+
+def _crops_meta(run: Path) -> dict:
+    path = run / store.CROPS_FILE
+    if not path.exists():
+        raise UserError("crops file not found", path=path, hint="run `histoembed crops`")
+    return store.check_schema(path, "crops")
+
+
+def _stain_table(run: Path, keys: np.ndarray, fill, settings: DriftSettings) -> dict[str, np.ndarray]:
+    """Per image (in ``keys`` order) the mean haematoxylin and eosin density of its first crops."""
+    table = store.read_table(run / store.CROPS_FILE, "crops file", columns=["image_id", "split", "crop_index", "png"])
+    index = {k: i for i, k in enumerate(keys)}
+    sums, counts = np.zeros((len(keys), 2)), np.zeros(len(keys))
+    for image_id, split, crop, png in zip(*(table[c].to_pylist() for c in ("image_id", "split", "crop_index", "png"))):
+        i = index.get(f"{split}/{image_id}")
+        if i is None or crop >= settings.stain_crops or not png:
+            continue
+        bgr = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+        hed = None if bgr is None else stain_densities(bgr[..., ::-1], fill)
+        if hed is not None:
+            sums[i] += hed
+            counts[i] += 1
+    with np.errstate(invalid="ignore"):
+        means = sums / counts[:, None]
+    return {stain: means[:, j] for j, stain in enumerate(STAINS)}
+
+
+def _stain_summary(values: np.ndarray) -> dict:
+    q25, median, q75 = np.percentile(values, [25, 50, 75]) if len(values) else (np.nan,) * 3
+    return {"median": float(median), "q25": float(q25), "q75": float(q75), "images": int(len(values))}
+
+
+def _inputs(run: Path, store_dir: Path) -> dict:
+    """The keys of what the check reads: the feature store and crops.parquet."""
+    parts = store.feature_parts(store_dir)
+    return {"features": store.read_meta(parts[0]).get("key") if parts else None,
+            "store": store_dir.name, "crops": store.read_meta(run / store.CROPS_FILE).get("key")}
+
+
+def read_drift(run: Path) -> tuple[dict | None, str | None]:
+    """(drift.json, None) when it matches the run's current features and crops, else (None, why not)."""
+    run = Path(run)
+    path = run / DRIFT_FILE
+    if not path.exists():
+        return None, f"no {DRIFT_FILE} in the run (run `histoembed fit` or `histoembed drift`)"
+    try:
+        report = store.read_json(path, "drift report")
+    except UserError as e:
+        return None, str(e)
+    inputs = report.get("inputs") or {}
+    store_dir = run / store.FEATURES_DIR / str(inputs.get("store"))
+    if not store_dir.is_dir() or _inputs(run, store_dir) != inputs:
+        return None, f"{DRIFT_FILE} was computed on other features or crops (re-run `histoembed drift`)"
+    return report, None
+
+
+def _compare_splits(run: Path, keys: np.ndarray, x: np.ndarray, is_test: np.ndarray, crops_meta: dict,
+                    settings: DriftSettings) -> dict:
+    auc, lo, hi = two_sample_auc(x, is_test, settings)
+    fill = tuple((crops_meta.get("settings") or {}).get("fill", ())) or None
+    stain, difference = {"train": {}, "test": {}}, {}
+    for name, values in _stain_table(run, keys, fill, settings).items():
+        ok = np.isfinite(values)
+        train, test = values[ok & ~is_test], values[ok & is_test]
+        stain["train"][name], stain["test"][name] = _stain_summary(train), _stain_summary(test)
+        difference[name] = standardised_difference(train, test) if min(len(train), len(test)) > 1 else 0.0
+    shifted, finding = verdict(auc, lo, hi, difference)
+    dims = pca_dims(len(x) - len(x) // settings.folds, x.shape[1], settings.pca_dims)
+    return {"classifier": f"standardise, PCA to {dims} dims, logistic regression (C={settings.c}); out-of-fold "
+                          f"scores ({settings.folds} folds, mean over {settings.repeats} shuffles) of each image's "
+                          "mean clean-view embedding",
+            "auc": auc, "auc_ci": [lo, hi], "bootstrap": settings.bootstrap, "shifted": shifted,
+            "stain": stain, "stain_difference": difference, "finding": finding}
+
+
+def run_drift(run: Path, settings: DriftSettings, encoder: str | None = None) -> DriftResult:
+    """Compare the splits' embeddings and stains (a finding without numbers when a split has too few images)."""
+    run = Path(run)
+    store_dir = store.find_feature_store(run, encoder)
+    crops_meta = _crops_meta(run)
+    inputs = _inputs(run, store_dir)
+    key = store.stage_key("drift", DRIFT_VERSION, settings, inputs)
+    path = run / DRIFT_FILE
+    if path.exists():
+        previous = store.read_json(path, "drift report")
+        if previous.get("key") == key:
+            return DriftResult(previous, True, path)
+    features = store.read_features(store_dir)
+    keys, x = image_means(features)
+    flagged = set() if settings.include_flagged else _qc_flagged(run)
+    keep = np.array([k not in flagged for k in keys], dtype=bool)
+    keys, x = keys[keep], x[keep]
+    is_test = np.array([k.startswith("test/") for k in keys])
+    counts = {"train": int((~is_test).sum()), "test": int(is_test.sum())}
+    report = {"key": key, "version": __version__, "encoder": features.meta.get("encoder"), "inputs": inputs,
+              "images": counts, "left_out_flagged": int((~keep).sum()), "auc": None, "shifted": False}
+    if min(counts.values()) < MIN_IMAGES:
+        report["finding"] = (f"No train-versus-test check: it needs at least {MIN_IMAGES} images of each split "
+                             f"in the features ({counts['train']} training, {counts['test']} test).")
+    else:
+        report.update(_compare_splits(run, keys, x, is_test, crops_meta, settings))
+    store.write_json(report, path)
+    return DriftResult(report, False, path)

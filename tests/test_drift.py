@@ -82,29 +82,14 @@ def test_too_few_test_images_means_no_check(tmp_path):
 
 # ---------------------------------------------------------------- through the pipeline and the CLI
 
-def restain(path, haematoxylin: float, eosin: float) -> None:
-    """Scale an image's haematoxylin and eosin densities in place (a different lab's stain)."""
-    import cv2
-
-    from histoembed.pixels import HED_FROM_RGB, RGB_FROM_HED
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    od = -np.log(np.maximum(bgr[..., ::-1] / 255.0, 1e-6))
-    hed = od @ HED_FROM_RGB * np.array([haematoxylin, eosin, 1.0])
-    rgb = np.clip(255 * np.exp(-(hed @ RGB_FROM_HED)), 0, 255).round().astype(np.uint8)
-    cv2.imwrite(str(path), rgb[..., ::-1])
-
-
 @pytest.fixture(scope="module", params=["clean", "stain-shifted"])
 def embedded(request, tmp_path_factory, pipeline_settings):
-    """(run, shifted): 30 training and 30 test images cut and embedded; test images restained or not."""
+    """(run, shifted): 30 training and 30 test images cut and embedded, with `synth`'s planted stain shift or not."""
     from histoembed.demo import run_pipeline
     root = tmp_path_factory.mktemp(request.param)
     data, run = root / "data", root / "run"
-    synthetic.make_dataset(data, n_train=30, n_test=30, seed=5, outliers=False)
     shifted = request.param == "stain-shifted"
-    if shifted:
-        for path in sorted((data / "test_data").glob("img_*.png")):
-            restain(path, haematoxylin=1.6, eosin=0.6)
+    synthetic.make_dataset(data, n_train=30, n_test=30, seed=5, outliers=False, stain_shift=1.0 if shifted else 0.0)
     run_pipeline(data, run, pipeline_settings, stages=("crops", "embed"))
     return run, shifted
 
@@ -117,8 +102,21 @@ def test_drift_flags_a_restained_test_split_and_not_a_clean_one(embedded, cli):
     lo, hi = report["auc_ci"]
     if shifted:
         assert lo > 0.5 and report["shifted"]
-        assert report["stain_difference"]["haematoxylin"] > 0.5 > -0.5 > report["stain_difference"]["eosin"]
+        # the planted test stains: paler haematoxylin, darker eosin than the training images' mix
+        assert report["stain_difference"]["haematoxylin"] < -0.5 and report["stain_difference"]["eosin"] > 0.5
         assert "warning:" in result.output and "differ" in result.output
     else:
         assert lo <= 0.5 <= hi and not report["shifted"]
         assert "No detectable difference" in result.output
+
+
+def test_fit_runs_the_check_and_a_changed_store_makes_drift_json_stale(tmp_path, cli):
+    run = tmp_path / "run"
+    synthetic.write_synthetic_features(run, n_images=40, n_test=20, seed=2)
+    result = cli("fit", "--run", run, "--folds", "2", "--heads", "logreg", "--bootstrap", "0")
+    assert result.exit_code == 0, result.output
+    assert "No detectable difference" in result.output and (run / drift.DRIFT_FILE).exists()
+    assert drift.read_drift(run)[0]["images"] == {"train": 40, "test": 20}
+    synthetic.write_synthetic_features(run, n_images=40, n_test=20, seed=3)   # new features, old drift.json
+    report, why = drift.read_drift(run)
+    assert report is None and "other features or crops" in why

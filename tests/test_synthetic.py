@@ -224,3 +224,64 @@ def test_stain_shift_recolours_groups_of_training_images_and_the_test_split(cli,
     assert train_b[0] > 0.1 and test[0] < -0.05 and test[2] > 0.02
     assert np.array_equal(read_image(plain / "train_data/img_0000.png").shape,
                           read_image(shifted / "train_data/img_0000.png").shape)
+
+
+# ---------------------------------------------------------------- planted crop problems: context and partial masks
+
+def _tinted_towards(rgb: np.ndarray, plain: np.ndarray, region: np.ndarray, label: str) -> bool:
+    """Whether ``region``'s pixels moved from ``plain`` towards ``label``'s tint colour (and nothing else moved)."""
+    from histoembed.synthetic import CLASS_TINT
+
+    target = np.asarray(CLASS_TINT[label], float)
+    before = np.abs(plain[region].astype(float) - target).mean()
+    after = np.abs(rgb[region].astype(float) - target).mean()
+    return bool(after < 0.85 * before) and np.array_equal(rgb[~region], plain[~region])
+
+
+def test_context_signal_is_a_class_ring_outside_every_default_crop_and_inside_its_context_crop():
+    from histoembed.config import CropSettings
+    from histoembed.crops import crop_image
+    from histoembed.synthetic import NEUTRAL_LABEL, context_ring, signal_image
+
+    for seed, label in enumerate(LABELS):
+        rgb, mask = signal_image(np.random.default_rng(seed), 192, 160, label, "context")
+        plain, same_mask = tissue_image(np.random.default_rng(seed), 192, 160, NEUTRAL_LABEL)
+        ring = context_ring(mask)
+        assert np.array_equal(mask, same_mask) and ring.any() and not (ring & (mask > 0)).any()
+        assert _tinted_towards(rgb, plain, ring, label)      # one tumour look for all; the class is in the ring
+        crops, _ = crop_image(rgb, mask, CropSettings(size=32, scales=(1.0, 2.0)))
+        ones = [c.box for c in crops if c.scale == 1.0]
+        for x0, y0, x1, y1 in ones:
+            assert not ring[y0:y1, x0:x1].any()              # no default crop sees the ring
+        seen = sum(ring[y0:y1, x0:x1].sum() for x0, y0, x1, y1 in (c.box for c in crops if c.scale == 2.0))
+        assert seen > 0.5 * ring.sum()                       # the context crops see most of it
+
+
+def test_partial_masks_mark_a_patch_and_miss_the_tissue_that_carries_the_class(cli, tmp_path):
+    from histoembed.config import CropSettings
+    from histoembed.crops import crop_image
+    from histoembed.pixels import tissue_mask_by_colour
+    from histoembed.synthetic import NEUTRAL_LABEL, signal_image
+
+    for seed, label in enumerate(LABELS):
+        rgb, patch = signal_image(np.random.default_rng(seed), 192, 160, label, "tumour", partial=True)
+        plain, tumour = tissue_image(np.random.default_rng(seed), 192, 160, NEUTRAL_LABEL)
+        assert patch.any() and not (patch & tumour).any()    # the mask misses the tumour
+        tinted = (rgb != plain).any(axis=2)
+        assert not tinted[patch > 0].any() and tinted[tumour > 0].mean() > 0.9  # the class shows where it is missed
+        assert _tinted_towards(rgb, plain, tinted, label)
+        given, _ = crop_image(rgb, patch, CropSettings(size=32))
+        union, _ = crop_image(rgb, patch, CropSettings(size=32, mask_mode="union"))
+        assert len(union) > len(given) and [c.box for c in union[:len(given)]] == [c.box for c in given]
+        tissue = tissue_mask_by_colour(rgb)
+        covered = np.zeros(tissue.shape, bool)
+        for x0, y0, x1, y1 in (c.box for c in union):
+            covered[y0:y1, x0:x1] = True
+        assert (covered & tissue).sum() > 0.95 * tissue.sum()   # union's crops reach all the tissue
+    ok = cli("synth", "--out", tmp_path / "p", "--train", 8, "--test", 1, "--no-outliers", "--min-size", 96,
+             "--max-size", 128, "--class-signal", "context", "--partial-masks")
+    assert ok.exit_code == 0, ok.output
+    assert "class signal: context; masks miss the tumour (--partial-masks)" in ok.output
+    planted = json.loads((tmp_path / "p/planted.json").read_text())
+    assert planted["class_signal"] == "context" and planted["partial_masks"] is True
+    assert cli("synth", "--out", tmp_path / "q", "--class-signal", "stroma").exit_code == 2

@@ -464,7 +464,7 @@ def test_settings_file_and_help(cli, tmp_path, monkeypatch):
     help_text = cli("crops", "--help").output
     for opt in ("--data", "--run", "--config", "--strategy", "--k", "--min-area", "--margin", "--size", "--fill",
                 "--fill-outside-mask", "--tile", "--min-tissue", "--workers", "--strict", "--keep",
-                "--include-flagged"):
+                "--include-flagged", "--mask-mode", "--scales"):
         assert opt in help_text, opt
 
 

@@ -143,3 +143,10 @@ def test_context_crops_cost_nothing_beyond_noise_on_clean_data(crop_evidence):
     r = compare(run("clean", "plain"), run("clean", "scales", "--scales", "1,2", fusion="concat"))
     lo, hi = r["interval_95"]
     assert lo <= 0 <= hi, r
+
+
+def test_scale_fusion_option_is_checked_and_shown(cli):
+    res = cli("fit", "--scale-fusion", "stack")
+    assert res.exit_code == 2 and "--scale-fusion" in res.output
+    res = cli("config", "fit", "--scale-fusion", "concat")
+    assert res.exit_code == 0 and 'scale_fusion = "concat"' in res.output

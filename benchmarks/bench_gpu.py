@@ -24,7 +24,9 @@ measured in this one process, so ratios compare like with like. Sections, each o
 - autocast: the stage and its bare forward in bf16 autocast over fp32 weights, against the
             package's bf16 (on CUDA a bf16 copy of the weights, every operation in bf16).
 - defaults: the stage as ``histoembed embed`` runs without options (batch 64, 2 decode workers).
-- ray:      the stage with ``--engine ray`` when Ray and that engine are installed, else skipped.
+- ray:      the stage with ``--engine ray`` (a local Ray instance, one actor per GPU) against the local
+            engine on the same crops, as a ratio; skipped without Ray, or outside a network namespace
+            with loopback alone (gpu.sh makes one as root: Ray must not bind to the network).
 
 Each section records its peak GPU memory (``torch.cuda.max_memory_allocated``). Results go
 to ``--out`` as gpu_bench.json and gpu_bench.md after every section, so a run cut short
@@ -372,7 +374,7 @@ def section_parts(r: Run) -> dict:
     from histoembed import store
     from histoembed.augment import augment_batch
     from histoembed.config import AugmentSettings
-    from histoembed.embed import CropBatches, PartWriter, _rows, copy_to_host, plan_batches, queue_views
+    from histoembed.embed import CropBatches, PartWriter, copy_to_host, part_rows, plan_batches, queue_views
 
     p, out = r.plan, {}
     run = r.crops_run(max(4, min(p.stage_batches, 8)) * p.batch_size, "parts")
@@ -419,7 +421,7 @@ def section_parts(r: Run) -> dict:
     writer = PartWriter(folder, (0, 1), schema, 1 << 30)
     start, rows = time.perf_counter(), 0
     for k in range(4):
-        writer.write(_rows([f"img{k}"] * b, ["train"] * b, list(range(b)), list(range(p.views)), feats, schema))
+        writer.write(part_rows([f"img{k}"] * b, ["train"] * b, list(range(b)), list(range(p.views)), feats, schema))
         rows += b * p.views
     writer.commit()
     out["write_rows_per_s"] = rows / (time.perf_counter() - start)
@@ -470,26 +472,29 @@ def section_cosine(r: Run) -> dict:
 
 
 def section_ray(r: Run) -> dict:
+    """The stage with ``--engine ray`` (a local Ray instance, one actor per GPU) against the local engine on the
+    same crops, in this run (bench_ray.compare); skipped without Ray or outside a loopback-only namespace."""
     try:
         import ray  # noqa: F401
     except ImportError:
         print("  skipped: Ray is not installed")
         return {"skipped": "ray is not installed"}
-    from histoembed.config import EmbedSettings
+    from bench_ray import compare, loopback_only
 
-    if "engine" not in EmbedSettings.model_fields:
-        print("  skipped: this histoembed has no --engine ray")
-        return {"skipped": "this histoembed has no embed engine setting"}
+    if not loopback_only():
+        print("  skipped: Ray would bind to this machine's network address (gpu.sh runs in a loopback-only "
+              "namespace as root)")
+        return {"skipped": "not in a loopback-only network namespace"}
     from histoembed.config import AugmentSettings
-    from histoembed.embed import run_embed
 
-    run = r.crops_run(4 * r.plan.batch_size, "ray")
-    settings = r.settings(r.model_dir(r.plan.model), engine="ray")
-    start = time.perf_counter()
-    res = run_embed(run, settings, AugmentSettings())
-    out = {"rows": res.new_rows, "seconds": time.perf_counter() - start}
-    out["crop_views_per_s"] = out["rows"] / out["seconds"]
-    print(f"  ray engine: {out['crop_views_per_s']:.1f} crop-views/s ({out['rows']} rows, start-up included)")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    n = 4 * r.plan.batch_size
+    settings = r.settings(r.model_dir(r.plan.model), rows_per_part=r.plan.batch_size * r.plan.views)
+    out = compare(r.crops_run(n, "ray-local"), r.crops_run(n, "ray"), settings, AugmentSettings())
+    out["crop_views_per_s"] = out["ray_crop_views_per_s"]
+    print(f"  ray engine: {out['ray_crop_views_per_s']:.1f} crop-views/s, local engine "
+          f"{out['local_crop_views_per_s']:.1f}: ray / local {out['ratio']:.1%} ({out['rows']} rows; Ray start-up "
+          f"{out['ray_start_s']:.1f} s apart); stores agree within {out['max_abs_diff']:.2g}")
     return out
 
 
@@ -498,7 +503,7 @@ SECTION_FNS: dict[str, Callable[[Run], dict]] = {
     "parts": section_parts, "cosine": section_cosine, "autocast": section_autocast, "defaults": section_defaults,
     "ray": section_ray}
 # A section starts only with this many seconds of the budget left.
-MIN_LEFT_S = {"stage": 60, "pipeline": 40, "parts": 20, "cosine": 15, "autocast": 50, "defaults": 40, "ray": 30}
+MIN_LEFT_S = {"stage": 60, "pipeline": 40, "parts": 20, "cosine": 15, "autocast": 50, "defaults": 40, "ray": 60}
 
 
 # ---------------------------------------------------------------- report
@@ -553,7 +558,9 @@ def markdown(results: dict) -> str:
             row(name, "bf16 autocast vs fp32 min / mean cosine",
                 f"{sec['autocast_min_cosine']:.5f} / {sec['autocast_mean_cosine']:.5f}")
         elif name == "ray":
-            row(name, "ray engine crop-views/s", f"{sec['crop_views_per_s']:.1f}")
+            row(name, f"ray engine crop-views/s ({sec['rows']} rows)", f"{sec['ray_crop_views_per_s']:.1f}")
+            row(name, "local engine crop-views/s, same crops", f"{sec['local_crop_views_per_s']:.1f}")
+            row(name, "ray / local", f"{sec['ratio']:.1%}")
     return "\n".join(lines) + "\n"
 
 

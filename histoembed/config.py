@@ -33,11 +33,17 @@ Offsets = Literal["auto", "on", "off"]
 MaskMode = Literal["given", "tissue", "union"]
 ScaleFusion = Literal["crops", "concat"]
 MAX_SCALE = 8.0
+Engine = Literal["local", "ray"]
 
 
 # Marks a setting that changes how a stage runs but never what it writes (workers, batch size,
 # device, rows per part, threads): stage keys leave these out, so changing one re-runs nothing.
 NO_OUTPUT_CHANGE = {"changes_output": False}
+
+
+RAY_ADDRESS_HELP = ("With --engine ray: the cluster to join (auto: the one `ray start` runs on this machine; "
+                    "HOST:PORT of its head; ray://HOST:PORT for Ray Client). Not set: a Ray instance starts on this "
+                    "machine for the run (or the RAY_ADDRESS environment variable's cluster is joined).")
 
 
 class _Settings(BaseModel):
@@ -92,6 +98,11 @@ class CropSettings(_Settings):
         "the fill colour), resized to the same size. Stored in the scale column; see fit's scale_fusion.")
     workers: int = Field(0, ge=0, description="Worker processes (0: all cores; 1: in this process).",
                          json_schema_extra=NO_OUTPUT_CHANGE)
+    engine: Engine = Field("local", description="local: worker processes on this machine; ray: one Ray task per "
+                           "image over a Ray cluster (needs `pip install histoembed[ray]`; the data folder must be "
+                           "on a file system every node sees). Same crops either way.",
+                           json_schema_extra=NO_OUTPUT_CHANGE)
+    ray_address: str | None = Field(None, description=RAY_ADDRESS_HELP, json_schema_extra=NO_OUTPUT_CHANGE)
 
     @field_validator("scales")
     @classmethod
@@ -161,6 +172,17 @@ class EmbedSettings(_Settings):
     threads: int = Field(0, ge=0, description="CPU threads of the encoder on a CPU (0: the CPUs this process may "
                          "use, from its affinity and cgroup quota).", json_schema_extra=NO_OUTPUT_CHANGE)
     seed: int = Field(0, description="Seed of every augmentation draw.")
+    engine: Engine = Field("local", description="local: this process and its decode workers; ray: decode in Ray "
+                           "tasks and embed in a pool of Ray actors over a cluster (needs `pip install "
+                           "histoembed[ray]`; the run folder must be on a file system every node sees). The store "
+                           "is the same either way.", json_schema_extra=NO_OUTPUT_CHANGE)
+    ray_address: str | None = Field(None, description=RAY_ADDRESS_HELP, json_schema_extra=NO_OUTPUT_CHANGE)
+    ray_actors: int = Field(0, ge=0, description="With --engine ray: encoder actors (0: one per GPU of the cluster, "
+                            "or one per node when it has no GPU). Each GPU actor holds one GPU.",
+                            json_schema_extra=NO_OUTPUT_CHANGE)
+    ray_actor_cpus: float = Field(1.0, ge=0, description="With --engine ray: CPUs each encoder actor reserves; the "
+                                  "cluster's other CPUs decode crops (one task per CPU). A CPU actor's encoder "
+                                  "still uses `threads` threads.", json_schema_extra=NO_OUTPUT_CHANGE)
 
 
 class QCSettings(_Settings):

@@ -47,10 +47,11 @@ before scales existed) holds scale-1 crops only and is read as such.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -381,6 +382,37 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)  # one image per process; OpenCV's own threads would oversubscribe
 
 
+def _crop_alone(job: _CropJob) -> _CroppedImage:
+    """``_crop_one`` in a process that runs one image at a time (a Ray task)."""
+    _init_worker()
+    return _crop_one(job)
+
+
+@contextlib.contextmanager
+def cropped_images(jobs: list[_CropJob], settings: CropSettings) -> Iterator[Iterator[_CroppedImage]]:
+    """Every job's ``_crop_one`` result, in the jobs' order, by the engine ``settings`` name.
+
+    local: worker processes of this machine (or this process); ray: one Ray task per image
+    over a cluster. Either way each image goes through the same ``_crop_one``.
+    """
+    if settings.engine == "ray":
+        from histoembed import ray_engine  # Ray: an optional extra, loaded only for this engine
+
+        with ray_engine.session(settings.ray_address):
+            yield ray_engine.map_ordered(_crop_alone, jobs)
+        return
+    workers = min(n_workers(settings.workers), len(jobs))
+    if workers <= 1:
+        yield map(_crop_one, jobs)
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker) as pool:
+        try:
+            yield pool.map(_crop_one, jobs, chunksize=max(1, min(8, len(jobs) // (workers * 4))))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 # ---------------------------------------------------------------- the stage
 
 @dataclass
@@ -502,7 +534,6 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
             "data_stamp": store.config_key("data", stamps), "qc": qc_stamp[1] if qc_stamp else None,
             "images": len(samples), "left_out": len(left_out), "classes": ds.classes, "content_stamps": stamp.used}
     schema = store.with_meta(store.CROPS_SCHEMA, meta)
-    workers = min(n_workers(settings.workers), len(jobs))
     fallbacks: list[tuple[str, str, str]] = []
     problems: list[Problem] = list(ds.problems)
     repaired: list[tuple[str, str]] = []
@@ -519,36 +550,26 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
     with store.atomic_path(out) as tmp:
         writer = pq.ParquetWriter(tmp, schema, compression="zstd")
         try:
-            if workers > 1:
-                pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                           initializer=_init_worker)
-                results = pool.map(_crop_one, jobs, chunksize=max(1, min(8, len(jobs) // (workers * 4))))
-            else:
-                pool, results = None, map(_crop_one, jobs)
-            try:
-                with progress("images") as bar:
-                    bar_id = bar.add_task("crops", total=len(jobs))
-                    for done in results:
-                        bar.advance(bar_id)
-                        if done.problem is not None:
-                            if strict:
-                                raise UserError(f"{done.problem.problem.removesuffix('; image skipped')} "
-                                                "(--strict: nothing written)", path=done.problem.path)
-                            problems.append(done.problem)
-                            continue
-                        split, image_id = done.key
-                        if done.fallback is not None:
-                            fallbacks.append((split, image_id, done.fallback))
-                        if done.repaired:
-                            repaired.append(done.key)
-                        for row in done.rows:
-                            batch.append((image_id, split, label_of[done.key], *row))
-                            written.append(f"{split}/{image_id}")
-                        if len(batch) >= 256:
-                            flush(writer)
-            finally:
-                if pool is not None:
-                    pool.shutdown(wait=True, cancel_futures=True)
+            with cropped_images(jobs, settings) as results, progress("images") as bar:
+                bar_id = bar.add_task("crops", total=len(jobs))
+                for done in results:
+                    bar.advance(bar_id)
+                    if done.problem is not None:
+                        if strict:
+                            raise UserError(f"{done.problem.problem.removesuffix('; image skipped')} "
+                                            "(--strict: nothing written)", path=done.problem.path)
+                        problems.append(done.problem)
+                        continue
+                    split, image_id = done.key
+                    if done.fallback is not None:
+                        fallbacks.append((split, image_id, done.fallback))
+                    if done.repaired:
+                        repaired.append(done.key)
+                    for row in done.rows:
+                        batch.append((image_id, split, label_of[done.key], *row))
+                        written.append(f"{split}/{image_id}")
+                    if len(batch) >= 256:
+                        flush(writer)
             flush(writer)
             if not written:
                 raise UserError("no image could be cropped", path=data,

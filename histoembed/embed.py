@@ -8,6 +8,12 @@ and each carries the store's key: on the next call, crops found in parts with th
 key are skipped, and parts with another key (other settings, crops or weights) are
 removed, so rows of different settings never mix.
 
+The ``ray`` engine (:mod:`histoembed.ray_engine`) writes parts of the same schema and key,
+named ``part-ray-<digest of the key and the crops they hold>.parquet`` so that a retried
+task rewrites its part; the local engine keeps its numbered parts, written by one process
+per shard under a lock. Readers take every ``part-*.parquet`` alike, and both engines skip
+the crops that any finished part holds.
+
 Views: view 0 is the clean crop, views 1..r-1 are augmented with parameters that depend
 only on (seed, image id, crop index, view). Test crops get the same views when ``tta``
 is on, else view 0 only.
@@ -62,6 +68,16 @@ def queue_views(encoder: Encoder, crops: torch.Tensor, image_ids: Sequence[str],
     return torch.stack(out, dim=1)
 
 
+def queue_batch(encoder: Encoder, crops: torch.Tensor, image_ids: Sequence[str], crop_index: Sequence[int],
+                views: Sequence[int], settings: EmbedSettings, augment: AugmentSettings) -> torch.Tensor:
+    """One batch of one split's crops [B, H, W, 3] as features [B, V, D] on the encoder's device.
+
+    Both engines call this for every batch (the local loop and the Ray actors), so whatever a
+    batch goes through on its way to the encoder is the same for both.
+    """
+    return queue_views(encoder, crops, image_ids, crop_index, views, augment, settings.seed)
+
+
 def copy_to_host(feats: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
     """Start copying device features into pinned host memory; read them after ``event.synchronize()``."""
     if feats.device.type != "cuda":
@@ -88,7 +104,7 @@ def check_finite(feats: torch.Tensor, image_ids: Sequence[str], crop_index: Sequ
 STOP_AFTER_ENV = "HISTOEMBED_TEST_STOP_AFTER_BATCHES"
 
 
-def _stop_for_tests(batches_done: int) -> None:
+def stop_for_tests(batches_done: int) -> None:
     """Test hook: ``HISTOEMBED_TEST_STOP_AFTER_BATCHES=N:SIGNAL`` sends this process SIGNAL after N batches.
 
     Interrupt tests stop the run at a fixed point this way, never by timing.
@@ -246,6 +262,7 @@ def store_key(encoder: Encoder, settings: EmbedSettings, augment: AugmentSetting
 
 
 Crop = tuple[str, str, int, str]  # split, image id, crop index, digest of its PNG
+RUN_ID_FILE = ".ray-run"  # the Ray run that may add parts to a store now (see histoembed.ray_engine)
 
 
 def _prepare_store(store_dir: Path, key: str, current: set[Crop]) -> tuple[set[Crop], int]:
@@ -270,13 +287,21 @@ def _prepare_store(store_dir: Path, key: str, current: set[Crop]) -> tuple[set[C
         if not all(keep):
             table = pq.read_table(p).filter(pa.array(keep))
             if len(table):
-                with store.atomic_path(p) as tmp:
-                    pq.write_table(table, tmp, compression="zstd", use_byte_stream_split=["embedding.list.element"])
+                write_part(table, p)
             else:
                 p.unlink(missing_ok=True)
                 removed += 1
         done.update(c for c, k in zip(crops, keep) if k)
     return done, removed
+
+
+PART_OPTIONS = dict(compression="zstd", use_byte_stream_split=["embedding.list.element"])
+
+
+def write_part(table: pa.Table, path: Path) -> None:
+    """Write one whole part atomically (a temporary, renamed into place when complete)."""
+    with store.atomic_path(path) as tmp:
+        pq.write_table(table, tmp, **PART_OPTIONS)
 
 
 def _lock_holder(lock: Path) -> int | None:
@@ -342,8 +367,7 @@ class PartWriter:
     def write(self, table: pa.Table) -> None:
         if self.writer is None:
             self.tmp = self.store_dir / f".{self.prefix}{self.seq:05d}.parquet.tmp-{os.getpid()}"
-            self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd",
-                                           use_byte_stream_split=["embedding.list.element"])
+            self.writer = pq.ParquetWriter(self.tmp, self.schema, **PART_OPTIONS)
         self.writer.write_table(table)
         self.rows += len(table)
         if self.rows >= self.rows_per_part:
@@ -368,7 +392,7 @@ class PartWriter:
             self.writer = None
 
 
-def _rows(ids: list[str], splits: list[str], crop_index: list[int], views: list[int], feats: torch.Tensor,
+def part_rows(ids: list[str], splits: list[str], crop_index: list[int], views: list[int], feats: torch.Tensor,
           schema: pa.Schema, digests: list[str] | None = None) -> pa.Table:
     """Crop-major rows of features [B, V, D] (with each crop's PNG digest when the schema has the column)."""
     b, v, d = feats.shape
@@ -384,47 +408,98 @@ def _rows(ids: list[str], splits: list[str], crop_index: list[int], views: list[
     ], schema=schema)
 
 
+@dataclass
+class CropIndex:
+    """The crops of ``run/crops.parquet``, one entry per row: what either engine embeds."""
+
+    path: Path
+    ids: list[str]
+    splits: list[str]
+    crop_index: list[int]
+    digests: list[str]  # each crop's PNG digest
+    key: str | None     # the crops file's key
+
+    @classmethod
+    def read(cls, run: Path) -> CropIndex:
+        path = Path(run) / store.CROPS_FILE
+        index = store.read_table(path, "crops file", hint="run `histoembed crops` first",
+                                 columns=["image_id", "split", "crop_index"], stage="crops")
+        return cls(path, index["image_id"].to_pylist(), index["split"].to_pylist(), index["crop_index"].to_pylist(),
+                   store.crop_hashes(path), store.read_meta(path).get("key"))
+
+    def crops(self) -> list[Crop]:
+        return list(zip(self.splits, self.ids, self.crop_index, self.digests))
+
+
+def open_store(store_dir: Path, key: str, index: CropIndex, mine: list[int], settings: EmbedSettings, encoder: str,
+               dim: int, check: PrecisionCheck | None, run_id: str | None = None) -> tuple[list[int], EmbedResult]:
+    """(rows of ``mine`` still to embed, the result so far) once the store holds only crops of ``key``.
+
+    Call it holding the store's shard lock: the rows left are an anti-join of the crops file on
+    the store's own index, so a resumed run of either engine skips what finished parts hold.
+    ``run_id`` (the Ray engine's) replaces the store's run id before the store is read; without it
+    the id is removed, so Ray actors of an earlier run can no longer add parts.
+    """
+    store_dir.mkdir(parents=True, exist_ok=True)
+    if run_id is None:
+        (store_dir / RUN_ID_FILE).unlink(missing_ok=True)
+    else:
+        with store.atomic_path(store_dir / RUN_ID_FILE) as tmp:
+            tmp.write_text(run_id)
+    crops_now = index.crops()
+    done, removed = _prepare_store(store_dir, key, set(crops_now))
+    todo = [r for r in mine if crops_now[r] not in done]
+    rows_of = {s: len(views_of(s, settings)) for s in ("train", "test")}
+    total_rows = sum(rows_of[index.splits[r]] for r in mine)
+    return todo, EmbedResult(store_dir, encoder, dim,
+                             total_rows - sum(rows_of[index.splits[r]] for r in todo), 0, not todo, removed, 0.0, check)
+
+
+def store_meta(encoder: Encoder, settings: EmbedSettings, augment: AugmentSettings, key: str, crops_key: str | None,
+               check: PrecisionCheck | None, shard: str) -> dict:
+    """The provenance every part of a store carries in its schema metadata (``key`` decides what is kept)."""
+    return {"key": key, "encoder": encoder.name, "encoder_id": encoder.encoder_id,
+            "weights_hash": encoder.weights_hash, "dim": encoder.dim, "pool": encoder.pool, "size": encoder.size,
+            "precision": encoder.precision, "repeats": settings.repeats, "tta": settings.tta, "seed": settings.seed,
+            "augment": augment.model_dump(), "store_dtype": settings.store_dtype, "crops_key": crops_key,
+            "shard": shard, "package_version": __version__, "precision_check": check.as_meta() if check else None}
+
+
+def part_schema(encoder: Encoder, settings: EmbedSettings, meta: dict) -> pa.Schema:
+    return store.with_meta(store.feature_schema(encoder.dim, settings.store_dtype, crop_hash=True), meta)
+
+
 def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shard: tuple[int, int] = (0, 1),
               encoder: Encoder | None = None) -> EmbedResult:
-    """Embed this shard's crops of ``run/crops.parquet`` into ``run/features/<encoder>/``; resume if interrupted."""
+    """Embed this shard's crops of ``run/crops.parquet`` into ``run/features/<encoder>/``; resume if interrupted.
+
+    ``settings.engine`` ``ray`` spreads the work over a Ray cluster (:mod:`histoembed.ray_engine`).
+    """
+    if settings.engine == "ray":
+        from histoembed import ray_engine  # Ray: an optional extra, loaded only for this engine
+
+        return ray_engine.run_embed(run, settings, augment, shard, encoder)
     started = time.perf_counter()
-    run = Path(run)
-    crops_path = run / store.CROPS_FILE
-    index = store.read_table(crops_path, "crops file", hint="run `histoembed crops` first",
-                             columns=["image_id", "split", "crop_index"], stage="crops")
-    crops_key = store.read_meta(crops_path).get("key")
-    digests = store.crop_hashes(crops_path)
+    index = CropIndex.read(run)
+    crops_path = index.path
     if encoder is None:
         encoder = load_encoder(settings.encoder, settings.pool, settings.device, settings.precision)
     if encoder.device.type == "cpu":
         cpus.use_threads(settings.threads)
-    ids = index["image_id"].to_pylist()
+    ids, splits, crop_index, digests = index.ids, index.splits, index.crop_index, index.digests
     mine = [r for r in range(len(ids)) if r % shard[1] == shard[0]]
     encoder, check = checked_encoder(encoder, crops_path, mine[:settings.batch_size], settings)
     key = store_key(encoder, settings, augment)
-    store_dir = run / store.FEATURES_DIR / encoder.slug
-    splits = index["split"].to_pylist()
-    crop_index = index["crop_index"].to_pylist()
-    crops_now = list(zip(splits, ids, crop_index, digests))
+    store_dir = Path(run) / store.FEATURES_DIR / encoder.slug
     with shard_lock(store_dir, shard):
-        done, removed = _prepare_store(store_dir, key, set(crops_now))
-        todo = [r for r in mine if crops_now[r] not in done]
-        rows_of = {s: len(views_of(s, settings)) for s in ("train", "test")}
-        total_rows = sum(rows_of[splits[r]] for r in mine)
-        result = EmbedResult(store_dir, encoder.name, encoder.dim, total_rows - sum(rows_of[splits[r]] for r in todo),
-                             0, not todo, removed, 0.0, check)
+        todo, result = open_store(store_dir, key, index, mine, settings, encoder.name, encoder.dim, check)
         if not todo:
             result.seconds = time.perf_counter() - started
             return result
 
         batches = plan_batches(todo, splits, settings.batch_size)
-        meta = {"key": key, "encoder": encoder.name, "encoder_id": encoder.encoder_id,
-                "weights_hash": encoder.weights_hash, "dim": encoder.dim, "pool": encoder.pool, "size": encoder.size,
-                "precision": encoder.precision, "repeats": settings.repeats, "tta": settings.tta, "seed": settings.seed,
-                "augment": augment.model_dump(), "store_dtype": settings.store_dtype, "crops_key": crops_key,
-                "shard": f"{shard[0]}/{shard[1]}", "package_version": __version__,
-                "precision_check": check.as_meta() if check else None}
-        schema = store.with_meta(store.feature_schema(encoder.dim, settings.store_dtype, crop_hash=True), meta)
+        schema = part_schema(encoder, settings,
+                             store_meta(encoder, settings, augment, key, index.key, check, f"{shard[0]}/{shard[1]}"))
         workers = min(settings.workers, len(batches))
         loader = torch.utils.data.DataLoader(
             CropBatches(crops_path, batches), batch_size=None, num_workers=workers,
@@ -443,13 +518,13 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
                     if copied is not None:
                         copied.synchronize()
                     check_finite(feats, bid, bcidx, views, bsplit, encoder.name)
-                    writer.write(_rows(bid, bsplit, bcidx, views, feats, schema, bhash))
+                    writer.write(part_rows(bid, bsplit, bcidx, views, feats, schema, bhash))
                     result.rows += len(bid) * len(views)
                     result.new_rows += len(bid) * len(views)
                     if bar:
                         bar.advance(job, len(bid))
                     written += 1
-                    _stop_for_tests(written)
+                    stop_for_tests(written)
 
                 for b, crops in loader:
                     if isinstance(crops, int):
@@ -459,7 +534,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
                     rows = batches[b]
                     bid, bsplit, bcidx, bhash = ([col[r] for r in rows] for col in (ids, splits, crop_index, digests))
                     views = views_of(bsplit[0], settings)
-                    feats = queue_views(encoder, crops, bid, bcidx, views, augment, settings.seed)
+                    feats = queue_batch(encoder, crops, bid, bcidx, views, settings, augment)
                     queued = (bid, bsplit, bcidx, bhash, views, *copy_to_host(feats))
                     if pending is not None:
                         write(pending)
@@ -498,8 +573,18 @@ def run_embeds(run: Path, settings: EmbedSettings, augment: AugmentSettings,
     The augmented views depend only on (seed, image id, crop index, view), so every encoder
     sees the very same pixels, and their stores line up row for row.
     """
-    return [run_embed(run, settings.model_copy(update={"encoder": name}), augment, shard=shard)
-            for name in encoder_names(settings.encoder)]
+    names = encoder_names(settings.encoder)
+    with engine_session(settings.engine, settings.ray_address):  # one Ray session for every encoder
+        return [run_embed(run, settings.model_copy(update={"encoder": name}), augment, shard=shard) for name in names]
+
+
+def engine_session(engine: str, ray_address: str | None) -> contextlib.AbstractContextManager:
+    """What the engine needs for a whole command: a Ray connection for ``ray``, nothing for ``local``."""
+    if engine != "ray":
+        return contextlib.nullcontext()
+    from histoembed import ray_engine  # Ray: an optional extra, loaded only for this engine
+
+    return ray_engine.session(ray_address)
 
 
 def read_store(run: Path, encoder: str | None = None, split: str | None = None) -> store.Features:

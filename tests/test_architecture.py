@@ -105,6 +105,17 @@ def test_the_walk_sees_what_it_checks():
     assert "histoembed.embed" in {m for m, _ in GRAPH["histoembed.qc"][1]}  # deferred: it loads torch
 
 
+def test_ray_is_optional_and_loaded_only_for_its_engine():
+    """Ray is an extra (histoembed[ray]): no module imports it at its top, and its engine is loaded only for
+    --engine ray (by embed and crops, inside the function that picks the engine)."""
+    top = [f"{name} imports {m}" for name, (t, _) in GRAPH.items() for m, _ in t
+           if m.split(".")[0] == "ray" or m == "histoembed.ray_engine"]
+    assert not top, top
+    deferred = {name for name, (_, d) in GRAPH.items() for m, _ in d if m == "histoembed.ray_engine"}
+    assert deferred == {"histoembed.embed", "histoembed.crops"}
+    assert {m for m, _ in GRAPH["histoembed.ray_engine"][1]} == {"ray", "ray.data"}
+
+
 def test_the_command_line_loads_without_torch():
     code = ("import sys, histoembed.cli; "
             "print(sorted(m for m in ('torch', 'sklearn', 'matplotlib') if m in sys.modules))")

@@ -52,7 +52,9 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert 0.9 < s["cosine"]["autocast_min_cosine"] <= s["cosine"]["autocast_mean_cosine"] <= 1 + 1e-6
     assert s["autocast"]["precision"] == "bf16-autocast" and s["autocast"]["rows"] == s["autocast"]["crops"] * 4
     assert s["autocast"]["store_vs_memory_max_abs_diff"] <= 1e-6 and s["autocast"]["ratio_to_bare"] > 0
-    assert "skipped" in s["ray"] or s["ray"]["rows"] > 0
+    ray = s["ray"]  # run where Ray is installed and the suite runs in a loopback-only namespace (`make test`)
+    assert "skipped" in ray or (ray["rows"] > 0 and ray["same_rows"] and ray["max_abs_diff"] <= 1e-5
+                                and ray["ratio"] > 0)
     table = (tmp_path / "gpu_bench.md").read_text()
     for name in bench.SECTIONS[1:]:
         assert f"| {name} |" in table

@@ -165,7 +165,7 @@ def _other_value(cls, name: str):
     """A valid value of setting ``name`` other than its default."""
     default = cls.model_fields[name].default
     if default is None:
-        candidates = [True, 1]
+        candidates = [True, 1, "other"]
     elif isinstance(default, bool):
         candidates = [not default]
     elif isinstance(default, str):
@@ -193,9 +193,10 @@ def test_each_stage_key_holds_exactly_the_settings_that_change_the_output():
     from histoembed.config import AugmentSettings, CropSettings, EmbedSettings, FitSettings, MLPSettings, \
         QCSettings, XGBSettings, runtime_only
 
-    assert runtime_only(CropSettings) == {"workers"} and runtime_only(QCSettings) == {"workers"}
+    assert runtime_only(CropSettings) == {"workers", "engine", "ray_address"} and runtime_only(QCSettings) == {"workers"}
     assert runtime_only(EmbedSettings) == {"workers", "batch_size", "device", "rows_per_part", "threads",
-                                           "check_precision", "precision_threshold", "fallback_fp32"}
+                                           "check_precision", "precision_threshold", "fallback_fp32", "engine",
+                                           "ray_address", "ray_actors", "ray_actor_cpus"}
     assert runtime_only(FitSettings) == {"threads"}
     for cls in (CropSettings, QCSettings, EmbedSettings, AugmentSettings, FitSettings, MLPSettings, XGBSettings):
         base = store.stage_key("stage", 1, cls())

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from histoembed import config as cfg
 from histoembed.cli.app import ConfigOpt, DataOpt, RunOpt, StrictOpt, command, setting, stage_settings
-from histoembed.config import MaskMode, Strategy
+from histoembed.config import Engine, MaskMode, Strategy
 from histoembed.console import console
 from histoembed.crops import run_crops
 from histoembed.errors import UserError
@@ -57,6 +57,8 @@ def crops(
     mask_mode: Annotated[MaskMode | None, setting("crops.mask_mode")] = None,
     scales: Annotated[str | None, setting("crops.scales", metavar="S,S")] = None,
     workers: Annotated[int | None, setting("crops.workers")] = None,
+    engine: Annotated[Engine | None, setting("crops.engine")] = None,
+    ray_address: Annotated[str | None, setting("crops.ray_address")] = None,
     strict: StrictOpt = False,
     max_pixels: Annotated[int | None, setting("data.max_pixels")] = None,
     keep: Annotated[list[str] | None, typer.Option(
@@ -73,7 +75,7 @@ def crops(
     settings = stage_settings(config, "crops", strategy=strategy, k=k, min_area=min_area, margin=margin,
                               size=size, fill=_parse_fill(fill), fill_outside_mask=fill_outside_mask, tile=tile,
                               min_tissue=min_tissue, max_crops=max_crops, mask_mode=mask_mode,
-                              scales=_parse_scales(scales), workers=workers)
+                              scales=_parse_scales(scales), workers=workers, engine=engine, ray_address=ray_address)
     limit = cfg.override(settings.data, max_pixels=max_pixels).max_pixels
     result = run_crops(data, run, settings.crops, strict=strict, keep=list(keep or []), include_flagged=include_flagged,
                        max_pixels=limit)

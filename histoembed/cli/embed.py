@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
-from histoembed.config import Device, Pool, Precision, StoreDtype
+from histoembed.config import Device, Engine, Pool, Precision, StoreDtype
 from histoembed.console import console
 
 
@@ -31,6 +31,10 @@ def embed(
     rows_per_part: Annotated[int | None, setting("embed.rows_per_part")] = None,
     threads: Annotated[int | None, setting("embed.threads")] = None,
     seed: Annotated[int | None, setting("embed.seed")] = None,
+    engine: Annotated[Engine | None, setting("embed.engine")] = None,
+    ray_address: Annotated[str | None, setting("embed.ray_address")] = None,
+    ray_actors: Annotated[int | None, setting("embed.ray_actors")] = None,
+    ray_actor_cpus: Annotated[float | None, setting("embed.ray_actor_cpus")] = None,
     shard: Annotated[str | None, typer.Option(
         "--shard", metavar="I/N", help="Embed only the I-th of N deterministic slices of the crops (from 0), into "
                                        "this shard's own parts, so N processes or GPUs share one run; readers see "
@@ -45,7 +49,8 @@ def embed(
                               repeats=repeats, tta=tta, batch_size=batch_size, device=device, precision=precision, store_dtype=store_dtype,
                               workers=workers, rows_per_part=rows_per_part, seed=seed,
                               check_precision=check_precision, precision_threshold=precision_threshold,
-                              fallback_fp32=fallback_fp32, threads=threads)
+                              fallback_fp32=fallback_fp32, threads=threads, engine=engine, ray_address=ray_address,
+                              ray_actors=ray_actors, ray_actor_cpus=ray_actor_cpus)
     from histoembed.embed import default_shard, parse_shard, run_embeds  # torch: loaded only to embed
 
     shard_ = parse_shard(shard) if shard else default_shard()

@@ -1,0 +1,111 @@
+"""The Ray engine against the local engine: crop-views/s on the same crops and model, in one run, as a ratio.
+
+Issue 14's CPU target: the Ray engine reaches at least 85% of the local engine's rate. Both embed
+the same crops.parquet (synthetic H&E crops, 224 px) with the same ViT (random weights, saved and
+loaded through the package) in 4 views, each into its own run folder; the stores must agree
+(features within 1e-5). Ray's own start-up (the local instance) is measured apart and left out of
+the rate; the probe task, the actors' start and model loading are in it, as the local engine's
+model loading is in its rate.
+
+Ray binds to this machine's network address unless it runs in a network namespace with loopback
+alone: the script re-runs itself in one (``unshare -n``) where it can (root), and otherwise refuses.
+
+    python benchmarks/bench_ray.py                          # vit-s, 256 crops, 4 views (some minutes on 2 cores)
+    python benchmarks/bench_ray.py --model vit-tiny --crops 64   # seconds: a check that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_embed import MODELS, save_model, write_crops  # noqa: E402
+
+TARGET_RATIO = 0.85
+
+
+def loopback_only() -> bool:
+    """Whether this process sees no network interface but loopback (a private namespace)."""
+    return [name for _, name in socket.if_nameindex()] == ["lo"]
+
+
+def in_loopback_namespace(argv: list[str]) -> None:
+    """Re-run this script in a loopback-only network namespace (root), or stop: Ray must not use the network."""
+    if loopback_only():
+        return
+    if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode != 0:
+        sys.exit("bench_ray: Ray would bind to this machine's network address; run it as root (it re-runs itself "
+                 "in a loopback-only namespace with unshare -n) or inside such a namespace")
+    cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', sys.executable, *argv]
+    sys.exit(subprocess.run(cmd).returncode)
+
+
+def compare(local_run: Path, ray_run: Path, settings, augment) -> dict:
+    """Embed ``local_run`` with the local engine, then ``ray_run`` with the Ray engine; rates, ratio, agreement."""
+    import numpy as np
+
+    from histoembed import ray_engine
+    from histoembed.embed import read_store, run_embed
+
+    local = run_embed(local_run, settings, augment)
+    started = time.perf_counter()
+    with ray_engine.session(None):
+        ray_start_s = time.perf_counter() - started
+        spread = run_embed(ray_run, settings.model_copy(update={"engine": "ray"}), augment)
+    a, b = read_store(local_run), read_store(ray_run)
+    order_a = np.lexsort((a.view, a.crop_index, a.image_id.astype(str), a.split))
+    order_b = np.lexsort((b.view, b.crop_index, b.image_id.astype(str), b.split))
+    same_rows = len(a) == len(b) and all((getattr(a, c)[order_a] == getattr(b, c)[order_b]).all()
+                                         for c in ("split", "image_id", "crop_index", "view"))
+    out = {"rows": local.new_rows, "local_crop_views_per_s": local.new_rows / local.seconds,
+           "ray_crop_views_per_s": spread.new_rows / spread.seconds, "local_seconds": local.seconds,
+           "ray_seconds": spread.seconds, "ray_start_s": ray_start_s, "same_rows": bool(same_rows),
+           "max_abs_diff": float(np.abs(a.embedding[order_a] - b.embedding[order_b]).max()) if same_rows else None}
+    out["ratio"] = out["ray_crop_views_per_s"] / out["local_crop_views_per_s"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="vit-s")
+    p.add_argument("--crops", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="decode processes of the local engine")
+    p.add_argument("--rows-per-part", type=int, default=256)
+    args = p.parse_args(argv)
+    in_loopback_namespace([str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)])
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from histoembed.config import AugmentSettings, EmbedSettings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = save_model(tmp / "model", args.model)
+        for name in ("local", "ray"):
+            write_crops(tmp / name, args.crops)
+        settings = EmbedSettings(encoder=str(model), repeats=args.repeats, batch_size=args.batch_size,
+                                 workers=args.workers, rows_per_part=args.rows_per_part, device="cpu")
+        out = {"model": args.model, "crops": args.crops, "repeats": args.repeats, "batch_size": args.batch_size,
+               "cpus": os.cpu_count(), **compare(tmp / "local", tmp / "ray", settings, AugmentSettings())}
+    out["meets_target"] = out["ratio"] >= TARGET_RATIO
+    print(json.dumps(out, indent=2))
+    print(f"local {out['local_crop_views_per_s']:.1f} crop-views/s, ray {out['ray_crop_views_per_s']:.1f} "
+          f"(Ray start-up {out['ray_start_s']:.1f} s apart): ray / local {out['ratio']:.1%} "
+          f"(target {TARGET_RATIO:.0%}: {'met' if out['meets_target'] else 'NOT met'}); stores agree within "
+          f"{out['max_abs_diff']:.2g}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

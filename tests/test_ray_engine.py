@@ -1,0 +1,212 @@
+"""The Ray engine: the same store as the local engine, exactly once through a killed actor and a killed driver,
+across two nodes; crops over Ray tasks; a clear message without Ray.
+
+Ray binds to the machine's network address unless it runs in a network namespace that has loopback
+alone, so its tests run only there: `make test` runs the suite in one (`unshare -n`, as root). They
+share one two-node cluster (``ray.cluster_utils.Cluster``) of 1 CPU and 1 GPU each: the GPUs are
+logical resources that place one encoder actor per node, and the actors still run the encoder on
+the CPU, since torch finds no CUDA. In CI a Ray test that cannot run fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from test_crops import read_crops, small_data
+from test_embed import settings, sorted_rows, write_crops
+
+from histoembed import ray_engine, store
+from histoembed.config import AugmentSettings
+from histoembed.embed import STOP_AFTER_ENV, read_store, run_embed
+from histoembed.errors import UserError
+
+
+def loopback_only() -> bool:
+    """Whether this process sees no network interface but loopback (a private namespace)."""
+    return [name for _, name in socket.if_nameindex()] == ["lo"]
+
+
+WHY_NOT = ("Ray is not installed (pip install -e '.[ray]')" if importlib.util.find_spec("ray") is None else
+           None if loopback_only() else
+           "Ray would bind to this machine's network address; run `make test` (a loopback-only namespace)")
+needs_ray = pytest.mark.skipif(WHY_NOT is not None and not os.environ.get("CI"), reason=WHY_NOT or "")
+
+N_TRAIN, N_TEST, PER_IMAGE, REPEATS = 8, 3, 2, 2
+TOTAL_ROWS = (N_TRAIN + N_TEST) * PER_IMAGE * REPEATS  # test crops get every view too (tta)
+
+
+def ray_settings(encoder: Path, **kw):
+    """Small Ray batches and parts, so a run writes several parts; GPU actors reserve no CPU (1 per node)."""
+    return settings(encoder, engine="ray", batch_size=3, rows_per_part=6, ray_actor_cpus=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two Ray nodes on this machine, 1 CPU and 1 (logical) GPU each, joined by this process."""
+    if WHY_NOT is not None:
+        pytest.fail(f"the Ray tests must run in CI: {WHY_NOT}")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # nothing leaves the machine (no network here anyway)
+    node = dict(num_cpus=1, num_gpus=1, object_store_memory=80 * 2**20)
+    two = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    two.add_node(**node)
+    two.wait_for_nodes()
+    ray.init(address=two.address, log_to_driver=False)
+    yield two
+    ray.shutdown()
+    two.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory, tiny_dinov2):
+    """(rows, embeddings) of the local engine over the crops every test here embeds."""
+    run = tmp_path_factory.mktemp("local")
+    write_crops(run, n_train=N_TRAIN, n_test=N_TEST, per_image=PER_IMAGE)
+    run_embed(run, settings(tiny_dinov2, repeats=REPEATS, batch_size=4), AugmentSettings())
+    return sorted_rows(read_store(run))
+
+
+def assert_same_store(run: Path, local_store) -> None:
+    """The run's store equals the local engine's: same rows (so none twice, none missing), same features."""
+    rows, emb = sorted_rows(read_store(run))  # read_store refuses duplicate rows
+    assert rows == local_store[0]
+    np.testing.assert_allclose(emb, local_store[1], atol=1e-5, rtol=0)
+
+
+@needs_ray
+def test_two_nodes_write_the_local_engine_s_store(tmp_path, tiny_dinov2, cluster, local_store, cli):
+    write_crops(tmp_path, n_train=N_TRAIN, n_test=N_TEST, per_image=PER_IMAGE)
+    r = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--repeats", REPEATS, "--workers", 0,
+            "--batch-size", 5, "--rows-per-part", 10, "--engine", "ray", "--ray-actor-cpus", 0)
+    assert r.exit_code == 0, r.output
+    assert f"embedded {TOTAL_ROWS} views" in r.output
+    assert_same_store(tmp_path, local_store)
+    parts = store.feature_parts(store.find_feature_store(tmp_path))
+    assert all(p.name.startswith(ray_engine.PART_PREFIX) for p in parts)
+    nodes = {store.read_meta(p)["ray_node"] for p in parts}
+    assert nodes == {n["NodeID"] for n in __import__("ray").nodes()}  # one actor per node, both wrote
+    local_meta = store.read_meta(parts[0])
+    assert local_meta["engine"] == "ray" and local_meta["repeats"] == REPEATS
+    again = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--repeats", REPEATS, "--workers", 0,
+                "--engine", "ray", "--ray-actor-cpus", 0)
+    assert again.exit_code == 0 and "up to date" in again.output
+    local = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--repeats", REPEATS, "--workers", 0)
+    assert local.exit_code == 0 and "up to date" in local.output  # the engines share the store and its key
+
+
+@needs_ray
+def test_a_killed_actor_is_restarted_and_rewrites_its_part(tmp_path, tiny_dinov2, cluster, local_store,
+                                                           monkeypatch):
+    write_crops(tmp_path, n_train=N_TRAIN, n_test=N_TEST, per_image=PER_IMAGE)
+    marker = tmp_path / "actor-died"
+    monkeypatch.setenv(ray_engine.ACTOR_HOOK_ENV, f"2:exit:{marker}")
+    result = run_embed(tmp_path, ray_settings(tiny_dinov2, repeats=REPEATS, ray_actors=1), AugmentSettings())
+    assert marker.exists()  # the actor's process did exit after writing its 2nd part
+    assert result.new_rows == result.rows == TOTAL_ROWS
+    assert_same_store(tmp_path, local_store)
+    crops = (N_TRAIN + N_TEST) * PER_IMAGE
+    per_part = ray_engine.part_crops(ray_settings(tiny_dinov2, repeats=REPEATS))
+    parts = store.feature_parts(store.find_feature_store(tmp_path))
+    assert len(parts) >= -(-crops // per_part)
+    assert not list(parts[0].parent.glob(".part-*")), "a temporary was left behind"
+
+
+@needs_ray
+def test_a_killed_driver_is_resumed_by_a_rerun(tmp_path, tiny_dinov2, cluster, local_store):
+    write_crops(tmp_path, n_train=N_TRAIN, n_test=N_TEST, per_image=PER_IMAGE)
+    cmd = [sys.executable, "-m", "histoembed", "embed", "--run", str(tmp_path), "--encoder", str(tiny_dinov2),
+           "--repeats", str(REPEATS), "--workers", "0", "--batch-size", "3", "--rows-per-part", "6",
+           "--engine", "ray", "--ray-address", cluster.address, "--ray-actors", "1", "--ray-actor-cpus", "0"]
+    # The driver kills itself once 2 parts are reported; its actor stops after its 3rd part, so the kill
+    # always comes mid-run, whatever the machine's load.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", STOP_AFTER_ENV: "2:SIGKILL", ray_engine.ACTOR_HOOK_ENV: "3:stall"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    store_dir = tmp_path / store.FEATURES_DIR / tiny_dinov2.name
+    parts_then = store.feature_parts(store_dir)
+    assert 2 <= len(parts_then) <= 3
+    rows_then = sum(pq.read_metadata(p).num_rows for p in parts_then)
+
+    resumed = run_embed(tmp_path, ray_settings(tiny_dinov2, repeats=REPEATS), AugmentSettings())
+    assert resumed.new_rows == TOTAL_ROWS - rows_then and resumed.rows == TOTAL_ROWS
+    assert_same_store(tmp_path, local_store)
+    assert set(parts_then) <= set(store.feature_parts(store_dir))  # finished parts were kept, not redone
+
+
+@needs_ray
+def test_crops_over_ray_tasks_equal_the_local_crops(tmp_path, cluster, cli):
+    data = small_data(tmp_path / "d", n=4)
+    local = cli("crops", "--data", data, "--run", tmp_path / "local", "--size", 32, "--workers", 1)
+    spread = cli("crops", "--data", data, "--run", tmp_path / "ray", "--size", 32, "--engine", "ray")
+    assert local.exit_code == 0 and spread.exit_code == 0, spread.output
+    assert read_crops(tmp_path / "ray") == read_crops(tmp_path / "local")
+    key = store.read_meta(tmp_path / "ray" / store.CROPS_FILE)["key"]
+    assert key == store.read_meta(tmp_path / "local" / store.CROPS_FILE)["key"]  # the engine is not in the key
+
+
+def test_the_final_check_refuses_a_duplicate_or_missing_row(tmp_path, tiny_dinov2):
+    write_crops(tmp_path, n_train=2, n_test=1, per_image=2)
+    result = run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings())
+    store_dir = result.store_dir
+    ray_engine.check_store(store_dir, result.rows)
+    with pytest.raises(UserError, match="were expected"):
+        ray_engine.check_store(store_dir, result.rows + 1)
+    part = store.feature_parts(store_dir)[0]
+    (store_dir / "part-ray-copy.parquet").write_bytes(part.read_bytes())  # what a blind appender would do
+    with pytest.raises(UserError, match="distinct"):
+        ray_engine.check_store(store_dir, result.rows)
+    with pytest.raises(UserError, match="duplicate"):
+        read_store(tmp_path)
+
+
+def test_without_ray_the_engine_says_how_to_install_it(tmp_path, tiny_dinov2, cli, monkeypatch):
+    write_crops(tmp_path, n_train=1, n_test=0, per_image=1)
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
+    r = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--engine", "ray")
+    assert r.exit_code == 2 and "pip install 'histoembed[ray]'" in r.output, r.output
+    data = small_data(tmp_path / "d", n=2)
+    r = cli("crops", "--data", data, "--run", tmp_path / "r", "--engine", "ray")
+    assert r.exit_code == 2 and "pip install 'histoembed[ray]'" in r.output, r.output
+    assert not (tmp_path / "r" / store.CROPS_FILE).exists()
+
+
+def test_ray_engine_refuses_a_hand_made_shard(tmp_path, tiny_dinov2):
+    with pytest.raises(UserError, match="spreads them over the cluster itself"):
+        run_embed(tmp_path, ray_settings(tiny_dinov2), AugmentSettings(), shard=(0, 2))
+
+
+class _FakeRay:
+    def __init__(self, cpus: float, gpus: int, nodes: int):
+        self.resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        self.alive = nodes
+
+    def cluster_resources(self) -> dict:
+        return self.resources
+
+    def nodes(self) -> list[dict]:
+        return [{"Alive": True}] * self.alive + [{"Alive": False}]
+
+
+def test_actors_one_per_gpu_else_one_per_node_and_never_every_cpu(tiny_dinov2):
+    s = settings(tiny_dinov2, engine="ray")
+    assert ray_engine._layout(_FakeRay(16, 4, 2), s, 100) == ray_engine._Layout(4, 1.0, 1.0)
+    assert ray_engine._layout(_FakeRay(16, 0, 3), s, 100) == ray_engine._Layout(3, 0.0, 1.0)
+    assert ray_engine._layout(_FakeRay(16, 0, 3), s, 2).actors == 2  # no more actors than parts
+    assert ray_engine._layout(_FakeRay(16, 0, 1), s.model_copy(update={"ray_actors": 5}), 100).actors == 5
+    with pytest.raises(UserError, match="one per actor"):
+        ray_engine._layout(_FakeRay(16, 2, 1), s.model_copy(update={"ray_actors": 3}), 100)
+    with pytest.raises(UserError, match="wait forever"):
+        ray_engine._layout(_FakeRay(2, 0, 2), s, 100)
+    assert ray_engine.part_crops(s.model_copy(update={"rows_per_part": 4096, "repeats": 4})) == 1024
+    assert ray_engine.part_crops(s.model_copy(update={"rows_per_part": 1, "batch_size": 7})) == 7

@@ -11,23 +11,31 @@ bit-identical; views 1..r-1 get the reference recipe, in this order:
    *reflection*: rotated corners and displaced edges show mirrored tissue instead of
    black wedges or edge-pixel streaks, so the view keeps the texture statistics the
    encoder expects.
-2. stain perturbation in optical density (Tellez et al. 2018): OD = -ln(max(rgb, 1e-6)),
+2. Macenko stain perturbation (off by default, ``macenko_p``), as torchstain's
+   ``TorchMacenkoAugmentor``: each crop's own stain vectors and concentrations by Macenko
+   (``histoembed.stain.estimate``, batched), each stain's concentrations scaled by alpha and
+   shifted by beta. Applied as the change of OD, ``OD + HE (C (alpha - 1) + beta)``, so
+   alpha 1, beta 0 is the identity (rebuilding from C alone would also drop the OD off the
+   stains' plane). A crop whose stain cannot be estimated (not H&E, too little tissue) is
+   left as it is.
+3. HED stain perturbation in optical density (Tellez et al. 2018): OD = -ln(max(rgb, 1e-6)),
    HED = OD @ hed_from_rgb (Ruifrok-Johnston, as ``skimage.color.rgb2hed``), then
    alpha * HED + beta per stain channel and back. HED and beta are in OD units, i.e.
    ``rgb2hed`` without its division by -ln(1e-6), as in the original recipe.
-3. colour jitter: brightness, contrast (towards the crop's mean grey), saturation, and
+4. colour jitter: brightness, contrast (towards the crop's mean grey), saturation, and
    hue as a rotation of the chroma plane in YIQ space. All three are linear, so one 3x3
    matrix and an offset per row apply them together.
-4. Gaussian blur with a per-row sigma (grouped separable convolution).
-5. additive Gaussian noise, sigma on the [0, 1] scale.
-6. random erasing of one rectangle, filled with the ImageNet mean colour ("nothing here").
+5. Gaussian blur with a per-row sigma (grouped separable convolution).
+6. additive Gaussian noise, sigma on the [0, 1] scale.
+7. random erasing of one rectangle, filled with the ImageNet mean colour ("nothing here").
 
 Determinism: every scalar of a row is drawn with numpy on the CPU from a generator seeded
 by (seed, image id, crop index, view) alone, always in the same order and number whatever
 the settings, so a row's augmentation never depends on its batch, and switching one
 operation off leaves the others' draws unchanged. Per-pixel fields (noise, elastic
 displacement) come from a counter-based integer hash of (row key, pixel index) computed
-on the device, so CPU and CUDA produce the same field for the same key.
+on the device, so CPU and CUDA produce the same field for the same key. The Macenko
+perturbation's draws come after the hash keys, so adding it left every earlier draw as it was.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from histoembed import stain
 from histoembed.config import IMAGENET_MEAN, AugmentSettings
 from histoembed.pixels import HED_FROM_RGB, OD_EPS, RGB_FROM_HED
 
@@ -54,6 +63,7 @@ ERASE_LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))  # torchvision RandomErasi
 _MASK32 = 0xFFFFFFFF
 _N_UNIFORMS = 23   # scalars drawn per row; the layout is fixed (see draw_view_params)
 _N_KEYS = 4        # 32-bit hash keys per row: elastic (2), noise (2)
+_N_MACENKO = 5     # uniforms after the keys: Macenko perturbation (whether, alpha H and E, beta H and E)
 _HASH_CHUNK = 1 << 18  # hashes per chunk of rows on a CPU
 
 
@@ -109,6 +119,9 @@ class ViewParams:
     erase_box: np.ndarray         # int [B, 4]: top, left, height, width in pixels
     elastic_key: np.ndarray       # int64 [B, 2], 32-bit hash keys
     noise_key: np.ndarray         # int64 [B, 2]
+    macenko: np.ndarray           # bool [B]
+    macenko_alpha: np.ndarray     # [B, 2], per H, E: concentration scale
+    macenko_beta: np.ndarray      # [B, 2], per H, E: concentration shift
 
 
 def _between(u: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -119,16 +132,18 @@ def draw_view_params(image_ids: Sequence[str], crop_index: Sequence[int], views:
                      settings: AugmentSettings, seed: int, height: int, width: int) -> ViewParams:
     """Draw every scalar of each row from its own generator, in a fixed layout.
 
-    Each row takes ``_N_UNIFORMS`` uniforms and ``_N_KEYS`` keys whatever the settings, so
-    the draws of one operation never shift when another is switched off.
+    Each row takes ``_N_UNIFORMS`` uniforms, ``_N_KEYS`` keys and ``_N_MACENKO`` uniforms
+    whatever the settings, so the draws of one operation never shift when another is switched off.
     """
     n = len(views)
     u = np.empty((n, _N_UNIFORMS))
     keys = np.empty((n, _N_KEYS), dtype=np.int64)
+    m = np.empty((n, _N_MACENKO))
     for i, (image_id, crop, view) in enumerate(zip(image_ids, crop_index, views, strict=True)):
         rng = row_rng(seed, image_id, int(crop), int(view))
         u[i] = rng.random(_N_UNIFORMS)
         keys[i] = rng.integers(0, 2**32, size=_N_KEYS, dtype=np.int64)
+        m[i] = rng.random(_N_MACENKO)
     s = settings
     column = iter(u.T)      # the layout: each next() is the next uniform of every row
 
@@ -157,7 +172,8 @@ def draw_view_params(image_ids: Sequence[str], crop_index: Sequence[int], views:
         saturation=saturation, hue=hue, stain_alpha=stain_alpha, stain_beta=stain_beta, elastic=elastic,
         blur=blur, blur_sigma=blur_sigma, noise=noise, noise_sigma=noise_sigma, erase=erase,
         erase_area=erase_area, erase_box=np.stack([top, left, box_h, box_w], axis=1),
-        elastic_key=keys[:, 0:2], noise_key=keys[:, 2:4],
+        elastic_key=keys[:, 0:2], noise_key=keys[:, 2:4], macenko=m[:, 0] < s.macenko_p,
+        macenko_alpha=_between(m[:, 1:3], *s.macenko_alpha), macenko_beta=_between(m[:, 3:5], *s.macenko_beta),
     )
 
 
@@ -298,6 +314,18 @@ def _stain(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
     return torch.exp(-od).clamp_(0, 1).view(b, 3, height, width)
 
 
+def _macenko(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
+    """Each crop's Macenko concentrations times alpha plus beta, per stain; crops without an estimate as they are."""
+    b, _, height, width = x.shape
+    est = stain.estimate(x)
+    od = stain.optical_density(x)                                                  # [B, 3, N]
+    conc = torch.linalg.pinv(est.he) @ od                                          # [B, 2, N]
+    alpha = to_device(p.macenko_alpha, x, od.dtype)[..., None]
+    beta = to_device(p.macenko_beta, x, od.dtype)[..., None]
+    out = stain.from_density(od + est.he @ (conc * (alpha - 1) + beta), x.shape).to(x.dtype)
+    return torch.where(est.ok.view(b, 1, 1, 1), out, x)
+
+
 def _jitter_matrices(p: ViewParams) -> tuple[np.ndarray, np.ndarray]:
     """Per-row T and g: the jittered pixel is T @ rgb + g * mean_luma(crop).
 
@@ -401,10 +429,12 @@ def augment_batch(x: torch.Tensor, image_ids: Sequence[str], crop_index: Sequenc
     # Each operation skips rows whose drawn parameters make it the identity.
     warped = (p.angle_deg != 0) | p.elastic
     stained = np.any(p.stain_alpha != 1, axis=1) | np.any(p.stain_beta != 0, axis=1)
+    macenko = p.macenko & (np.any(p.macenko_alpha != 1, axis=1) | np.any(p.macenko_beta != 0, axis=1))
     jittered = (p.brightness != 1) | (p.contrast != 1) | (p.saturation != 1) | (p.hue != 0)
     y = _apply(y, p, np.flatnonzero(p.flip_h), lambda v, q: v.flip(-1))  # exact permutations
     y = _apply(y, p, np.flatnonzero(p.flip_v), lambda v, q: v.flip(-2))
     y = _apply(y, p, np.flatnonzero(warped), lambda v, q: _warp(v, q, settings))
+    y = _apply(y, p, np.flatnonzero(macenko), _macenko)
     y = _apply(y, p, np.flatnonzero(stained), _stain)
     y = _apply(y, p, np.flatnonzero(jittered), _jitter)
     y = _apply(y, p, np.flatnonzero(p.blur), lambda v, q: _blur(v, q, max(settings.blur_sigma)))

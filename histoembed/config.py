@@ -34,6 +34,7 @@ MaskMode = Literal["given", "tissue", "union"]
 ScaleFusion = Literal["crops", "concat"]
 MAX_SCALE = 8.0
 Engine = Literal["local", "ray"]
+StainNorm = Literal["none", "macenko", "reinhard"]
 
 
 # Marks a setting that changes how a stage runs but never what it writes (workers, batch size,
@@ -126,6 +127,12 @@ class AugmentSettings(_Settings):
     hue: float = Field(0.04, ge=0, le=0.5, description="Hue shift drawn from +- this (fraction of a turn).")
     stain_alpha: FloatRange = Field((0.8, 1.2), description="HED stain scale, U(lo, hi) per channel.")
     stain_beta: FloatRange = Field((-0.1, 0.1), description="HED stain shift, U(lo, hi) per channel.")
+    macenko_p: float = Field(0.0, ge=0, le=1, description="Probability of a Macenko stain perturbation (each "
+                             "crop's own stain vectors; 0: off, the reference recipe).")
+    macenko_alpha: FloatRange = Field((0.8, 1.2), description="Macenko perturbation: scale of each stain's "
+                                      "concentrations, U(lo, hi) per stain.")
+    macenko_beta: FloatRange = Field((-0.1, 0.1), description="Macenko perturbation: shift of each stain's "
+                                     "concentrations, U(lo, hi) per stain.")
     elastic_p: float = Field(0.5, ge=0, le=1, description="Probability of an elastic deformation.")
     elastic_alpha: float = Field(25.0, ge=0, description="Elastic displacement scale in pixels.")
     elastic_sigma: float = Field(7.0, gt=0, description="Gaussian smoothing of the displacement field, pixels.")
@@ -183,6 +190,18 @@ class EmbedSettings(_Settings):
     ray_actor_cpus: float = Field(1.0, ge=0, description="With --engine ray: CPUs each encoder actor reserves; the "
                                   "cluster's other CPUs decode crops (one task per CPU). A CPU actor's encoder "
                                   "still uses `threads` threads.", json_schema_extra=NO_OUTPUT_CHANGE)
+    stain_norm: StainNorm = Field(
+        "none", description="Stain normalisation of every crop before its views are made, on the encoder's device: "
+        "none, macenko (stain vectors and concentrations, Macenko 2009) or reinhard (LAB mean and deviation). Crops "
+        "whose stain cannot be estimated (too little tissue, a blank or a cartoon) pass through unchanged and are "
+        "counted.")
+    stain_target: str | None = Field(
+        None, description="Reference image whose stain crops are normalised to; default: the training crops' "
+        "median stain, computed once per run (run/features/stain-METHOD.json). The stain, not the path, is part of "
+        "the store key.", json_schema_extra=NO_OUTPUT_CHANGE)
+    stain_min_tissue: float = Field(
+        0.1, ge=0, le=1, description="Crops with less than this share of stained pixels (padding aside) pass through "
+        "stain normalisation unchanged.")
 
 
 class QCSettings(_Settings):

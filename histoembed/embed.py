@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -36,12 +37,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from histoembed import __version__, cpus, store
+from histoembed import __version__, cpus, stain, store
 from histoembed.augment import augment_batch
 from histoembed.config import AugmentSettings, EmbedSettings, output_settings
 from histoembed.console import progress
 from histoembed.encoders import Encoder, load_encoder
 from histoembed.errors import UserError
+from histoembed.pixels import decode_png
 from histoembed.precision import PrecisionCheck, check_precision
 
 STORE_VERSION = 3  # 2: bf16 on CUDA runs a bf16 copy of the weights, not autocast; 3: rows keyed by (split, image_id)
@@ -50,16 +52,25 @@ STORE_VERSION = 3  # 2: bf16 on CUDA runs a bf16 copy of the weights, not autoca
 # ---------------------------------------------------------------- in-memory embedding
 
 def embed_views(encoder: Encoder, crops: torch.Tensor, image_ids: Sequence[str], crop_index: Sequence[int],
-                views: Sequence[int], augment: AugmentSettings | None, seed: int) -> torch.Tensor:
+                views: Sequence[int], augment: AugmentSettings | None, seed: int,
+                normaliser: stain.StainNormaliser | None = None) -> torch.Tensor:
     """[B, V, D] float32 features of uint8 crops [B, H, W, 3], one column per view in ``views``, on the host."""
-    return queue_views(encoder, crops, image_ids, crop_index, views, augment, seed).cpu()
+    return queue_views(encoder, crops, image_ids, crop_index, views, augment, seed, normaliser).cpu()
 
 
 def queue_views(encoder: Encoder, crops: torch.Tensor, image_ids: Sequence[str], crop_index: Sequence[int],
-                views: Sequence[int], augment: AugmentSettings | None, seed: int) -> torch.Tensor:
+                views: Sequence[int], augment: AugmentSettings | None, seed: int,
+                normaliser: stain.StainNormaliser | None = None) -> torch.Tensor:
     """``embed_views`` left on the encoder's device: on a GPU the work is only queued, so the host can
-    draw the next view's augmentation, write the previous batch and fetch the next one meanwhile."""
+    draw the next view's augmentation, write the previous batch and fetch the next one meanwhile.
+
+    With a stain ``normaliser`` the crops are normalised first, so every view (view 0 too) is
+    made from the normalised crop; ``normaliser.last_unchanged`` then marks the crops it passed
+    through unchanged.
+    """
     x = crops.to(encoder.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    if normaliser is not None:
+        x = normaliser(x)
     out = []
     for v in views:
         xv = x if v == 0 else augment_batch(x, image_ids, crop_index, [v] * len(x), augment or AugmentSettings(),
@@ -69,13 +80,14 @@ def queue_views(encoder: Encoder, crops: torch.Tensor, image_ids: Sequence[str],
 
 
 def queue_batch(encoder: Encoder, crops: torch.Tensor, image_ids: Sequence[str], crop_index: Sequence[int],
-                views: Sequence[int], settings: EmbedSettings, augment: AugmentSettings) -> torch.Tensor:
+                views: Sequence[int], settings: EmbedSettings, augment: AugmentSettings,
+                normaliser: stain.StainNormaliser | None = None) -> torch.Tensor:
     """One batch of one split's crops [B, H, W, 3] as features [B, V, D] on the encoder's device.
 
     Both engines call this for every batch (the local loop and the Ray actors), so whatever a
-    batch goes through on its way to the encoder is the same for both.
+    batch goes through on its way to the encoder (stain normalisation, views) is the same for both.
     """
-    return queue_views(encoder, crops, image_ids, crop_index, views, augment, settings.seed)
+    return queue_views(encoder, crops, image_ids, crop_index, views, augment, settings.seed, normaliser)
 
 
 def copy_to_host(feats: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -118,7 +130,7 @@ def stop_for_tests(batches_done: int) -> None:
 
 def embed_crops(encoder: Encoder, crops: np.ndarray, views: int = 1, augment: AugmentSettings | None = None,
                 seed: int = 0, image_ids: Sequence[str] | None = None, crop_index: Sequence[int] | None = None,
-                batch_size: int = 64) -> np.ndarray:
+                batch_size: int = 64, normaliser: stain.StainNormaliser | None = None) -> np.ndarray:
     """[N * views, D] float32 features of uint8 crops [N, H, W, 3], crop-major (crop 0's views first).
 
     Without ids, crop i is keyed as image ``"crop"`` with crop index i (for the augmentation draw).
@@ -130,7 +142,7 @@ def embed_crops(encoder: Encoder, crops: np.ndarray, views: int = 1, augment: Au
     ids = list(image_ids) if image_ids is not None else ["crop"] * n
     idx = list(crop_index) if crop_index is not None else list(range(n))
     parts = [embed_views(encoder, torch.from_numpy(crops[i:i + batch_size]), ids[i:i + batch_size],
-                         idx[i:i + batch_size], range(views), augment, seed)
+                         idx[i:i + batch_size], range(views), augment, seed, normaliser)
              for i in range(0, n, batch_size)]
     if not parts:
         return np.zeros((0, encoder.dim), np.float32)
@@ -140,14 +152,6 @@ def embed_crops(encoder: Encoder, crops: np.ndarray, views: int = 1, augment: Au
 
 
 # ---------------------------------------------------------------- decoding in workers
-
-def decode_png(data: bytes) -> np.ndarray:
-    """An RGB uint8 crop from the PNG bytes the crops stage wrote."""
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError("not a readable PNG")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
 
 class CropBatches(torch.utils.data.IterableDataset):
     """Batches of decoded crops, read from crops.parquet row group by row group.
@@ -193,6 +197,8 @@ class EmbedResult:
     removed_parts: int  # parts of other settings that were removed
     seconds: float
     precision_check: PrecisionCheck | None = None
+    stain_norm: str = "none"
+    stain: dict | None = None  # stain.store_summary of the store: crops normalised, crops passed through unchanged
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -250,15 +256,20 @@ def checked_encoder(encoder: Encoder, crops_path: Path, rows: list[int],
                     hint="embed in fp32 (--precision fp32), or add --fallback-fp32 to fall back by itself")
 
 
-def store_key(encoder: Encoder, settings: EmbedSettings, augment: AugmentSettings) -> str:
-    """What decides a crop's features besides its pixels: weights, pooling, precision, views, augmentation.
+def store_key(encoder: Encoder, settings: EmbedSettings, augment: AugmentSettings,
+              normaliser: stain.StainNormaliser | None = None) -> str:
+    """What decides a crop's features besides its pixels: weights, pooling, precision, views, augmentation, and
+    the stain normalisation's target (its values: the same stain from another file keys the same).
 
     The crops themselves are matched one by one by their PNG digest (``crop_hash``), so a
     re-cut of some images re-embeds only the crops whose pixels changed.
     """
+    if normaliser is None:  # the stain thresholds change nothing then
+        settings = settings.model_copy(update={"stain_min_tissue": EmbedSettings().stain_min_tissue})
     return store.stage_key("embed", STORE_VERSION, settings, encoder.encoder_id, encoder.weights_hash,
                            encoder.pool, encoder.size, encoder.precision,
-                           output_settings(augment) if settings.repeats > 1 else None)
+                           output_settings(augment) if settings.repeats > 1 else None,
+                           normaliser.target.key() if normaliser else None)
 
 
 Crop = tuple[str, str, int, str]  # split, image id, crop index, digest of its PNG
@@ -363,6 +374,11 @@ class PartWriter:
         self.seq = max(taken, default=-1) + 1
         self.writer: pq.ParquetWriter | None = None
         self.rows = 0
+        self.stain: dict | None = None   # the open part's stain note (stain.note)
+
+    def note_stain(self, note: dict) -> None:
+        """Add ``note`` (``stain.note`` of a batch) to the part the next ``write`` goes to; its footer keeps it."""
+        self.stain = stain.add_notes(self.stain, note)
 
     def write(self, table: pa.Table) -> None:
         if self.writer is None:
@@ -378,6 +394,9 @@ class PartWriter:
             return
         writer, self.writer = self.writer, None
         try:
+            if self.stain is not None:
+                writer.add_key_value_metadata({stain.SUMMARY_KEY: json.dumps(self.stain)})
+                self.stain = None
             writer.close()
             os.replace(self.tmp, self.store_dir / f"{self.prefix}{self.seq:05d}.parquet")
         except BaseException:  # a full disk, say: no temporary is left behind
@@ -386,6 +405,7 @@ class PartWriter:
         self.rows, self.seq = 0, self.seq + 1
 
     def discard(self) -> None:
+        self.stain = None
         if self.writer is not None:
             self.writer.close()
             self.tmp.unlink(missing_ok=True)
@@ -451,18 +471,19 @@ def open_store(store_dir: Path, key: str, index: CropIndex, mine: list[int], set
     todo = [r for r in mine if crops_now[r] not in done]
     rows_of = {s: len(views_of(s, settings)) for s in ("train", "test")}
     total_rows = sum(rows_of[index.splits[r]] for r in mine)
-    return todo, EmbedResult(store_dir, encoder, dim,
-                             total_rows - sum(rows_of[index.splits[r]] for r in todo), 0, not todo, removed, 0.0, check)
+    return todo, EmbedResult(store_dir, encoder, dim, total_rows - sum(rows_of[index.splits[r]] for r in todo), 0,
+                             not todo, removed, 0.0, check, settings.stain_norm)
 
 
 def store_meta(encoder: Encoder, settings: EmbedSettings, augment: AugmentSettings, key: str, crops_key: str | None,
-               check: PrecisionCheck | None, shard: str) -> dict:
+               check: PrecisionCheck | None, shard: str, normaliser: stain.StainNormaliser | None = None) -> dict:
     """The provenance every part of a store carries in its schema metadata (``key`` decides what is kept)."""
     return {"key": key, "encoder": encoder.name, "encoder_id": encoder.encoder_id,
             "weights_hash": encoder.weights_hash, "dim": encoder.dim, "pool": encoder.pool, "size": encoder.size,
             "precision": encoder.precision, "repeats": settings.repeats, "tta": settings.tta, "seed": settings.seed,
             "augment": augment.model_dump(), "store_dtype": settings.store_dtype, "crops_key": crops_key,
-            "shard": shard, "package_version": __version__, "precision_check": check.as_meta() if check else None}
+            "shard": shard, "package_version": __version__, "precision_check": check.as_meta() if check else None,
+            "stain": stain.as_meta(normaliser)}
 
 
 def part_schema(encoder: Encoder, settings: EmbedSettings, meta: dict) -> pa.Schema:
@@ -489,17 +510,21 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
     ids, splits, crop_index, digests = index.ids, index.splits, index.crop_index, index.digests
     mine = [r for r in range(len(ids)) if r % shard[1] == shard[0]]
     encoder, check = checked_encoder(encoder, crops_path, mine[:settings.batch_size], settings)
-    key = store_key(encoder, settings, augment)
+    normaliser = stain.for_run(run, settings.stain_norm, settings.stain_target, settings.stain_min_tissue,
+                               encoder.device)
+    key = store_key(encoder, settings, augment, normaliser)
     store_dir = Path(run) / store.FEATURES_DIR / encoder.slug
     with shard_lock(store_dir, shard):
         todo, result = open_store(store_dir, key, index, mine, settings, encoder.name, encoder.dim, check)
         if not todo:
+            result.stain = stain.store_summary(store_dir) if normaliser else None
             result.seconds = time.perf_counter() - started
             return result
 
         batches = plan_batches(todo, splits, settings.batch_size)
         schema = part_schema(encoder, settings,
-                             store_meta(encoder, settings, augment, key, index.key, check, f"{shard[0]}/{shard[1]}"))
+                             store_meta(encoder, settings, augment, key, index.key, check, f"{shard[0]}/{shard[1]}",
+                                        normaliser))
         workers = min(settings.workers, len(batches))
         loader = torch.utils.data.DataLoader(
             CropBatches(crops_path, batches), batch_size=None, num_workers=workers,
@@ -514,10 +539,12 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
 
                 def write(batch) -> None:
                     nonlocal written
-                    bid, bsplit, bcidx, bhash, views, feats, copied = batch
+                    bid, bsplit, bcidx, bhash, views, unchanged, feats, copied = batch
                     if copied is not None:
                         copied.synchronize()
                     check_finite(feats, bid, bcidx, views, bsplit, encoder.name)
+                    if unchanged is not None:
+                        writer.note_stain(stain.note(unchanged, bsplit, bid, bcidx))
                     writer.write(part_rows(bid, bsplit, bcidx, views, feats, schema, bhash))
                     result.rows += len(bid) * len(views)
                     result.new_rows += len(bid) * len(views)
@@ -534,14 +561,16 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
                     rows = batches[b]
                     bid, bsplit, bcidx, bhash = ([col[r] for r in rows] for col in (ids, splits, crop_index, digests))
                     views = views_of(bsplit[0], settings)
-                    feats = queue_batch(encoder, crops, bid, bcidx, views, settings, augment)
-                    queued = (bid, bsplit, bcidx, bhash, views, *copy_to_host(feats))
+                    feats = queue_batch(encoder, crops, bid, bcidx, views, settings, augment, normaliser)
+                    unchanged = normaliser.last_unchanged if normaliser else None
+                    queued = (bid, bsplit, bcidx, bhash, views, unchanged, *copy_to_host(feats))
                     if pending is not None:
                         write(pending)
                     pending = queued
                 if pending is not None:
                     write(pending)
             writer.commit()
+            result.stain = stain.store_summary(store_dir) if normaliser else None
         except KeyboardInterrupt:
             writer.commit()  # the part holds whole crops only: keep them
             raise

@@ -1,5 +1,5 @@
 """Pixel rules shared by qc and crops: tissue by colour, green ink (find and repair), HSV helpers,
-and the stain vectors shared by the augmentations and the drift check.
+the stain vectors shared by the augmentations and the drift check, and crop PNG decoding.
 
 They live below both stages so the two agree on what tissue and ink are, and neither
 stage imports the other.
@@ -75,3 +75,11 @@ def repair_ink(rgb: np.ndarray, mask: np.ndarray, settings: QCSettings) -> tuple
     new_mask = mask.copy()
     new_mask[grown > 0] = 0
     return repaired, new_mask
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """An RGB uint8 crop from the PNG bytes the crops stage wrote."""
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError("not a readable PNG")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

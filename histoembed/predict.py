@@ -1,8 +1,8 @@
 """Predict new images with a finished run: the run's own crops, encoder, views and fold ensemble.
 
 Everything that shaped the training features is read back from the run (crop settings
-from ``crops.parquet``, encoder, pooling, views, augmentation and seed from the feature
-store), so a new image is embedded exactly as the training images were.
+from ``crops.parquet``, encoder, pooling, views, augmentation, seed and stain normalisation
+from the feature store), so a new image is embedded exactly as the training images were.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def resolve_images(run: Path, images: list[str | Path], masks: list[Path | None]
 def predict_images(run: Path, images: list[Path], masks: list[Path | None] | None = None, tta: bool = True,
                    device: str = "auto", batch_size: int = 64, max_pixels: int | None = None) -> list[Prediction]:
     """Class probabilities for each image (with its mask, or tissue found by colour when it has none)."""
-    from histoembed.embed import embed_crops       # torch: loaded only when predicting
+    from histoembed import stain                   # torch: loaded only when predicting
+    from histoembed.embed import embed_crops
     from histoembed.encoders import load_encoder
 
     run = Path(run)
@@ -84,6 +85,7 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
                            features_meta.get("precision", "auto"))
     views = int(features_meta.get("repeats", 1)) if tta and features_meta.get("tta", True) else 1
     augment = AugmentSettings.model_validate(features_meta["augment"]) if "augment" in features_meta else None
+    normaliser = stain.from_meta(features_meta.get("stain"))   # the stain the training crops were normalised to
 
     out = []
     for image, mask in zip(images, masks):
@@ -95,7 +97,7 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
         image_id = Path(image).name   # seeds the views' augmentation, as a crop of that name was
         emb = embed_crops(encoder, np.stack([c.pixels for c in crops]), views=views, augment=augment,
                           seed=int(features_meta.get("seed", 0)), image_ids=[image_id] * len(crops),
-                          crop_index=range(len(crops)), batch_size=batch_size)
+                          crop_index=range(len(crops)), batch_size=batch_size, normaliser=normaliser)
         n = len(emb)
         feats = store.Features(np.array([image_id] * n, object), np.array(["test"] * n, object),
                                np.repeat(np.arange(len(crops), dtype=np.int32), views),

@@ -30,6 +30,7 @@ system every node sees at the same path.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -45,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from histoembed import cpus, embed, store
+from histoembed import cpus, embed, stain, store
 from histoembed.config import AugmentSettings, EmbedSettings
 from histoembed.console import progress
 from histoembed.embed import CropIndex, EmbedResult
@@ -160,17 +161,18 @@ class _Resolved:
 
 
 def _resolve(encoder: Encoder | None, settings: EmbedSettings, augment: AugmentSettings, crops_path: Path,
-             rows: list[int]) -> tuple[_Resolved, Encoder]:
+             rows: list[int], normaliser: stain.StainNormaliser | None = None) -> tuple[_Resolved, Encoder]:
     """Load (unless given) and check the encoder as the local engine does; run where the actors run."""
     if encoder is None:
         encoder = load_encoder(settings.encoder, settings.pool, settings.device, settings.precision)
     encoder, check = embed.checked_encoder(encoder, crops_path, rows, settings)
-    key = embed.store_key(encoder, settings, augment)
+    key = embed.store_key(encoder, settings, augment, normaliser)
     return _Resolved(key, encoder.slug, encoder.name, encoder.dim, encoder.precision, check), encoder
 
 
-def _probe(settings: EmbedSettings, augment: AugmentSettings, crops_path: Path, rows: list[int]) -> _Resolved:
-    return _resolve(None, settings, augment, crops_path, rows)[0]
+def _probe(settings: EmbedSettings, augment: AugmentSettings, crops_path: Path, rows: list[int],
+           normaliser: stain.StainNormaliser | None) -> _Resolved:
+    return _resolve(None, settings, augment, crops_path, rows, normaliser)[0]
 
 
 @dataclass
@@ -184,6 +186,7 @@ class _Job:
     crops_key: str | None
     run_id: str
     test_hook: str | None  # ACTOR_HOOK_ENV's value on the driver
+    normaliser: stain.StainNormaliser | None = None  # its target computed once, on the driver
 
 
 def part_name(key: str, crops: Iterable[tuple]) -> str:
@@ -208,8 +211,9 @@ class _EmbedActor:
         if encoder.device.type == "cpu":
             cpus.use_threads(s.threads)
         self.encoder = encoder
-        self.key = embed.store_key(encoder, s, job.augment)
-        meta = embed.store_meta(encoder, s, job.augment, job.resolved.key, job.crops_key, job.resolved.check, "0/1")
+        self.key = embed.store_key(encoder, s, job.augment, job.normaliser)
+        meta = embed.store_meta(encoder, s, job.augment, job.resolved.key, job.crops_key, job.resolved.check, "0/1",
+                                job.normaliser)
         meta.update(engine="ray", ray_node=ray.get_runtime_context().get_node_id())
         self.schema = embed.part_schema(encoder, s, meta)
 
@@ -222,23 +226,31 @@ class _EmbedActor:
         crop_index, digests = batch["crop_index"].tolist(), batch["crop_hash"].tolist()
         if not ids:
             return {"part": np.array([], object), "crops": np.array([], np.int64), "rows": np.array([], np.int64)}
-        table = pa.concat_tables(self._tables(batch["pixels"], ids, splits, crop_index, digests))
+        tables, note = self._tables(batch["pixels"], ids, splits, crop_index, digests)
+        table = pa.concat_tables(tables)
         name = part_name(self.job.resolved.key, zip(splits, ids, crop_index, digests))
+        if note is not None:  # the part's footer says which crops stain normalisation left as they were
+            table = table.replace_schema_metadata({**table.schema.metadata, stain.SUMMARY_KEY: json.dumps(note)})
         self._write(table, self.job.store_dir / name)
         self.parts += 1
         self._hook_for_tests()
         return {"part": np.array([name], object), "crops": np.array([len(ids)]), "rows": np.array([len(table)])}
 
-    def _tables(self, pixels: np.ndarray, ids: list, splits: list, crop_index: list, digests: list) -> list[pa.Table]:
-        """The batch's rows, split by split (each has its views) and cut into batches of ``batch_size`` crops."""
-        s, out, pending = self.job.settings, [], None
+    def _tables(self, pixels: np.ndarray, ids: list, splits: list, crop_index: list,
+                digests: list) -> tuple[list[pa.Table], dict | None]:
+        """The batch's rows, split by split (each has its views) and cut into batches of ``batch_size`` crops,
+        and its stain note (``stain.note``; None without stain normalisation)."""
+        s, out, pending, note = self.job.settings, [], None, None
 
         def rows(done) -> pa.Table:
-            sel, views, feats, copied = done
+            nonlocal note
+            sel, views, unchanged, feats, copied = done
             if copied is not None:
                 copied.synchronize()
             bid, bsplit, bcidx, bhash = ([col[i] for i in sel] for col in (ids, splits, crop_index, digests))
             embed.check_finite(feats, bid, bcidx, views, bsplit, self.encoder.name)
+            if unchanged is not None:
+                note = stain.add_notes(note, stain.note(unchanged, bsplit, bid, bcidx))
             return embed.part_rows(bid, bsplit, bcidx, views, feats, self.schema, bhash)
 
         for split in dict.fromkeys(splits):
@@ -248,13 +260,14 @@ class _EmbedActor:
                 sel = mine[start:start + s.batch_size]
                 crops = torch.from_numpy(np.ascontiguousarray(pixels[sel]))  # a copy: the batch is read-only
                 feats = embed.queue_batch(self.encoder, crops, [ids[i] for i in sel], [crop_index[i] for i in sel],
-                                          views, s, self.job.augment)
-                queued = (sel, views, *embed.copy_to_host(feats))
+                                          views, s, self.job.augment, self.job.normaliser)
+                unchanged = self.job.normaliser.last_unchanged if self.job.normaliser else None
+                queued = (sel, views, unchanged, *embed.copy_to_host(feats))
                 if pending is not None:
                     out.append(rows(pending))  # while the device works on the next batch
                 pending = queued
         out.append(rows(pending))
-        return out
+        return out, note
 
     def _write(self, table: pa.Table, path: Path) -> None:
         run_id = self.job.store_dir / RUN_ID_FILE
@@ -373,35 +386,40 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
     started = time.perf_counter()
     index = CropIndex.read(run)
     mine = list(range(len(index.ids)))
+    normaliser = stain.for_run(run, settings.stain_norm, settings.stain_target, settings.stain_min_tissue,
+                               torch.device("cpu"))
     with session(settings.ray_address), _user_errors():
         ray = _ray()
         if encoder is None:  # load and check the encoder where the actors will run, with their resources
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
             probe = ray.remote(num_gpus=gpus, num_cpus=settings.ray_actor_cpus, max_retries=RETRIES)(_probe)
-            resolved = ray.get(probe.remote(settings, augment, index.path, mine[:settings.batch_size]))
+            resolved = ray.get(probe.remote(settings, augment, index.path, mine[:settings.batch_size], normaliser))
         else:
-            resolved, encoder = _resolve(encoder, settings, augment, index.path, mine[:settings.batch_size])
+            resolved, encoder = _resolve(encoder, settings, augment, index.path, mine[:settings.batch_size],
+                                         normaliser)
         store_dir = Path(run) / store.FEATURES_DIR / resolved.slug
         run_id = uuid.uuid4().hex
         with embed.shard_lock(store_dir, (0, 1)):
             todo, result = embed.open_store(store_dir, resolved.key, index, mine, settings, resolved.name,
                                             resolved.dim, resolved.check, run_id=run_id)
             if todo:
-                _embed_todo(ray, index, todo, settings, augment, store_dir, resolved, run_id, encoder, result)
+                _embed_todo(ray, index, todo, settings, augment, store_dir, resolved, run_id, encoder, result,
+                            normaliser)
                 check_store(store_dir, result.rows)
+            result.stain = stain.store_summary(store_dir) if normaliser else None
     result.seconds = time.perf_counter() - started
     return result
 
 
 def _embed_todo(ray, index: CropIndex, todo: list[int], settings: EmbedSettings, augment: AugmentSettings,
                 store_dir: Path, resolved: _Resolved, run_id: str, encoder: Encoder | None,
-                result: EmbedResult) -> None:
+                result: EmbedResult, normaliser: stain.StainNormaliser | None = None) -> None:
     """Run the Ray Data pipeline over the crops ``todo``; count the parts as the actors finish them."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours is below
     per_part = part_crops(settings)
     layout = _layout(ray, settings, math.ceil(len(todo) / per_part))
-    job = _Job(settings, augment, store_dir, resolved, index.key, run_id, os.environ.get(ACTOR_HOOK_ENV))
+    job = _Job(settings, augment, store_dir, resolved, index.key, run_id, os.environ.get(ACTOR_HOOK_ENV), normaliser)
     ctx.wait_for_min_actors_s = ACTOR_START_S  # every actor up before the first unit: the work is shared
     # Each decode task reserves the memory of its unit (PNG bytes, decoded crops and their copy in the
     # block); that also keeps Ray Data from fusing decoding into CPU actors of the same CPU count.

@@ -212,11 +212,11 @@ def _draw_glands(rng: np.random.Generator, lumen: np.ndarray, epithelium: np.nda
 # haematoxylin and eosin optical-density vectors: a gain on the vector (darker or paler stain) and an
 # added OD direction that turns its hue. Strength s applies gain ** s and s x the direction.
 # train-a: the standard stains (half of each class's training images);
-# train-b: darker, bluer haematoxylin and paler eosin (the other half: another lab's batch);
+# train-b: darker (1.8x), bluer haematoxylin, eosin as is (the other half: another lab's batch);
 # test:    paler haematoxylin and darker, more orange eosin (every test image: a third lab).
 STAIN_GROUPS = {
     "train-a": {"h_gain": 1.0, "e_gain": 1.0, "h_turn": (0.0, 0.0, 0.0), "e_turn": (0.0, 0.0, 0.0)},
-    "train-b": {"h_gain": 1.6, "e_gain": 0.65, "h_turn": (0.2, 0.05, -0.1), "e_turn": (0.0, 0.0, 0.0)},
+    "train-b": {"h_gain": 1.8, "e_gain": 1.0, "h_turn": (0.2, 0.05, -0.1), "e_turn": (0.0, 0.0, 0.0)},
     "test": {"h_gain": 0.7, "e_gain": 1.5, "h_turn": (0.0, 0.0, 0.0), "e_turn": (0.0, 0.0, 0.15)},
 }
 

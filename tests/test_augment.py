@@ -227,6 +227,55 @@ def test_stain_scales_and_shifts_the_hed_densities():
     torch.testing.assert_close(rgb_to_hed(out), alpha * rgb_to_hed(x) + beta, atol=1e-3, rtol=0)
 
 
+def he_crops(n: int, size: int = 64) -> torch.Tensor:
+    """Synthetic H&E crops, [n, 3, size, size] in [0, 1]."""
+    from histoembed.synthetic import LABELS, tissue_image
+
+    rgb = [tissue_image(np.random.default_rng([5, i]), size, size, LABELS[i % 4])[0] for i in range(n)]
+    return torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2).float() / 255
+
+
+def test_the_macenko_perturbation_scales_and_shifts_each_crops_own_stain_concentrations():
+    from histoembed import stain
+
+    x = he_crops(3)
+    ids, views = ["a", "b", "c"], [1, 2, 3]
+    settings = only(macenko_p=1.0, macenko_alpha=(0.7, 1.3), macenko_beta=(-0.1, 0.1))
+    out = augment_batch(x, ids, [0, 0, 0], views, settings, seed=3)
+    p = draw_view_params(ids, [0, 0, 0], views, settings, 3, 64, 64)
+    assert p.macenko.all() and (p.macenko_alpha != 1).all()
+    he = stain.estimate(x).he
+    before = torch.linalg.pinv(he) @ stain.optical_density(x)
+    after = torch.linalg.pinv(he) @ stain.optical_density(out)
+    unclipped = (out.reshape(3, 3, -1) * 255 < 254.5).all(dim=1) & (out.reshape(3, 3, -1) > 0).all(dim=1)
+    for i in range(3):
+        expected = before[i] * torch.tensor(p.macenko_alpha[i], dtype=torch.float32)[:, None] \
+            + torch.tensor(p.macenko_beta[i], dtype=torch.float32)[:, None]
+        torch.testing.assert_close(after[i][:, unclipped[i]], expected[:, unclipped[i]], atol=2e-3, rtol=0)
+    identity = only(macenko_p=1.0, macenko_alpha=(1.0, 1.0), macenko_beta=(0.0, 0.0))
+    torch.testing.assert_close(augment_batch(x, ids, [0, 0, 0], views, identity, seed=3), x, atol=1e-5, rtol=0)
+
+
+def test_the_macenko_perturbation_keeps_every_other_draw_and_depends_on_the_key_alone():
+    from histoembed.synthetic import cartoon_image
+
+    ids, index, views = ["a", "b", "c", "d"], [0, 1, 2, 3], [1, 1, 2, 3]
+    off = draw_view_params(ids, index, views, AugmentSettings(), 0, 64, 64)
+    on = draw_view_params(ids, index, views, AugmentSettings(macenko_p=1.0), 0, 64, 64)
+    for field in dataclasses.fields(off):
+        if not field.name.startswith("macenko"):
+            assert np.array_equal(getattr(off, field.name), getattr(on, field.name)), field.name
+    x = he_crops(4)
+    settings = AugmentSettings(macenko_p=1.0)
+    together = augment_batch(x, ids, index, views, settings, seed=7)
+    alone = torch.cat([augment_batch(x[i:i + 1], ids[i:i + 1], index[i:i + 1], views[i:i + 1], settings, 7)
+                       for i in range(4)])
+    torch.testing.assert_close(alone, together, atol=1e-5, rtol=0)
+    cartoon = torch.from_numpy(cartoon_image(np.random.default_rng(0), 64, 64)).permute(2, 0, 1)[None].float() / 255
+    strong = only(macenko_p=1.0, macenko_alpha=(0.5, 0.5), macenko_beta=(0.2, 0.2))
+    assert torch.equal(one(cartoon, strong), cartoon)                # not H&E: left as it is
+
+
 def test_brightness_scales_pixels_by_the_drawn_factor():
     x = 0.5 * crops(2)
     settings = only(brightness=0.3)

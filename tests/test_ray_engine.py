@@ -210,3 +210,31 @@ def test_actors_one_per_gpu_else_one_per_node_and_never_every_cpu(tiny_dinov2):
         ray_engine._layout(_FakeRay(2, 0, 2), s, 100)
     assert ray_engine.part_crops(s.model_copy(update={"rows_per_part": 4096, "repeats": 4})) == 1024
     assert ray_engine.part_crops(s.model_copy(update={"rows_per_part": 1, "batch_size": 7})) == 7
+
+
+@needs_ray
+def test_stain_normalisation_over_ray_gives_the_local_store(tmp_path, tiny_dinov2, cluster, cli):
+    """--stain-norm macenko: the Ray actors normalise each batch as the local loop does (the driver computes the
+    target once), and their parts' footers count the crops left unchanged as local parts do."""
+    from test_stain import synth_and_crops
+
+    from histoembed import stain
+
+    local = synth_and_crops(cli, tmp_path, train=8, shift=1.0, outliers=True)
+    on_ray = tmp_path / "run-ray"
+    r = cli("crops", "--data", tmp_path / "data", "--run", on_ray, "--size", 64, "--k", 3, "--workers", 1)
+    assert r.exit_code == 0, r.output
+    common = ["--encoder", tiny_dinov2, "--repeats", REPEATS, "--workers", 0, "--stain-norm", "macenko"]
+    r = cli("embed", "--run", local, *common)
+    assert r.exit_code == 0, r.output
+    r = cli("embed", "--run", on_ray, *common, "--batch-size", 5, "--rows-per-part", 10, "--engine", "ray",
+            "--ray-actor-cpus", 0)
+    assert r.exit_code == 0, r.output
+    assert "stain normalisation (macenko)" in r.output and "passed through unchanged" in r.output
+    rows, emb = sorted_rows(read_store(on_ray))
+    assert (rows, emb.shape) == (sorted_rows(read_store(local))[0], sorted_rows(read_store(local))[1].shape)
+    np.testing.assert_allclose(emb, sorted_rows(read_store(local))[1], atol=1e-5, rtol=0)
+    ray_dir, local_dir = store.find_feature_store(on_ray), store.find_feature_store(local)
+    assert stain.store_summary(ray_dir) == stain.store_summary(local_dir)
+    assert store.read_meta(store.feature_parts(ray_dir)[0])["stain"] == \
+        store.read_meta(store.feature_parts(local_dir)[0])["stain"]

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
-from histoembed.config import Device, Engine, Pool, Precision, StoreDtype
+from histoembed.config import Device, Engine, Pool, Precision, StainNorm, StoreDtype
 from histoembed.console import console
 
 
@@ -35,6 +35,9 @@ def embed(
     ray_address: Annotated[str | None, setting("embed.ray_address")] = None,
     ray_actors: Annotated[int | None, setting("embed.ray_actors")] = None,
     ray_actor_cpus: Annotated[float | None, setting("embed.ray_actor_cpus")] = None,
+    stain_norm: Annotated[StainNorm | None, setting("embed.stain_norm")] = None,
+    stain_target: Annotated[str | None, setting("embed.stain_target", metavar="FILE")] = None,
+    stain_min_tissue: Annotated[float | None, setting("embed.stain_min_tissue")] = None,
     shard: Annotated[str | None, typer.Option(
         "--shard", metavar="I/N", help="Embed only the I-th of N deterministic slices of the crops (from 0), into "
                                        "this shard's own parts, so N processes or GPUs share one run; readers see "
@@ -50,7 +53,8 @@ def embed(
                               workers=workers, rows_per_part=rows_per_part, seed=seed,
                               check_precision=check_precision, precision_threshold=precision_threshold,
                               fallback_fp32=fallback_fp32, threads=threads, engine=engine, ray_address=ray_address,
-                              ray_actors=ray_actors, ray_actor_cpus=ray_actor_cpus)
+                              ray_actors=ray_actors, ray_actor_cpus=ray_actor_cpus, stain_norm=stain_norm,
+                              stain_target=stain_target, stain_min_tissue=stain_min_tissue)
     from histoembed.embed import default_shard, parse_shard, run_embeds  # torch: loaded only to embed
 
     shard_ = parse_shard(shard) if shard else default_shard()
@@ -68,3 +72,15 @@ def embed(
         rate = result.new_rows / result.seconds if result.seconds else 0.0
         console.print(f"embedded {result.new_rows:,} views ({rate:,.1f}/s) with {result.encoder} "
                       f"({result.dim}-d); {result.rows:,} rows in {result.store_dir}", soft_wrap=True)
+        if result.stain:
+            console.print(stain_line(result.stain_norm, result.stain), soft_wrap=True)
+
+
+def stain_line(method: str, summary: dict) -> str:
+    """What stain normalisation did to the store's crops, in words."""
+    line = f"stain normalisation ({method}): {summary['normalised']:,} crop(s) normalised"
+    if summary["unchanged"]:
+        examples = ", ".join(f"{s} {i} crop {c}" for s, i, c in summary["unchanged_crops"][:3])
+        line += (f", {summary['unchanged']:,} passed through unchanged (too little tissue, or not H&E), e.g. "
+                 f"{examples}")
+    return line

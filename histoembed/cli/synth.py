@@ -45,7 +45,7 @@ def synth(
     stain_shift: Annotated[float, typer.Option(
         "--stain-shift", min=0.0, max=3.0, metavar="STRENGTH",
         help="Plant a stain shift of this strength (0: none; 1: as strong as between labs): half of each class's "
-             "training images get darker, bluer haematoxylin and paler eosin, every test image paler "
+             "training images get darker, bluer haematoxylin (eosin as is), every test image paler "
              "haematoxylin and darker, more orange eosin; the tissue drawn is the same as without it. "
              "planted.json lists each image's stain group.")] = 0.0,
     class_signal: Annotated[synthetic.ClassSignal, typer.Option(

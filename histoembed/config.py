@@ -113,6 +113,8 @@ class CropSettings(_Settings):
             raise ValueError(f"each scale must lie in [1, {MAX_SCALE:g}]")
         if len(set(scales)) != len(scales):
             raise ValueError("scales must be distinct")
+        if 1.0 not in scales:
+            raise ValueError("scales must include 1 (the crops as cut; each larger scale is cut around them)")
         return tuple(sorted(float(s) for s in scales))
 
 

@@ -407,14 +407,18 @@ def _crops_section(r: _Run) -> str:
     axes = fig.subplots(1, len(chosen), squeeze=False)[0]
     for ax, key in zip(axes, chosen):
         rows = r.crops[r.crops["key"] == key].sort_values("crop_index")
+        ones = rows[rows["scale"] == 1.0]   # context crops (crops --scales) share each box's centre
         rgb = _read_rgb(samples[key].image)
-        _draw_boxes(ax, rgb, rows[["x0", "y0", "x1", "y1"]].to_numpy(),
-                    labels=[str(k) for k in rows["crop_index"]])
+        _draw_boxes(ax, rgb, ones[["x0", "y0", "x1", "y1"]].to_numpy(),
+                    labels=[str(k) for k in ones["crop_index"]])
         label = rows["label"].iloc[0]
         ax.set_title(f"{_name(key)}\n{label if isinstance(label, str) else 'test'} · {len(rows)} crops",
                      fontsize=9)
     strip = _crop_strip(r.run, chosen[0])
-    body = ("<p>Boxes in source pixels (after margin and clipping), numbered by crop index.</p>"
+    context = (" Context crops (scale above 1) are not drawn: each is the square of a drawn crop grown about "
+               "its centre, and comes after the scale-1 crops in the strip below." if (r.crops["scale"] > 1).any()
+               else "")
+    body = ("<p>Boxes in source pixels (after margin and clipping), numbered by crop index." + context + "</p>"
             + _fig_img(fig, "crops drawn on images") + strip)
     return _section("crops", title, body)
 

@@ -609,7 +609,8 @@ def test_a_crops_file_without_the_scale_column_reads_as_scale_one(cli, tmp_path)
 
 def test_scale_and_mask_mode_options_are_checked_and_shown(cli, tmp_path):
     data = small_data(tmp_path / "d")
-    for bad, says in (("0.5", "--scales"), ("1,1", "distinct"), ("1,x", "not a comma-separated list")):
+    for bad, says in (("0.5", "--scales"), ("1,1", "distinct"), ("1,x", "not a comma-separated list"),
+                      ("2", "must include 1"), ("1,9", "[1, 8]")):
         res = cli("crops", "--data", data, "--scales", bad)
         assert res.exit_code == 2 and says in res.output, res.output
     res = cli("crops", "--data", data, "--mask-mode", "both")

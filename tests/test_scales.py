@@ -98,6 +98,7 @@ def test_context_crops_flow_through_embed_fit_submit_report_and_predict(context_
     html = (run / store.REPORT_FILE).read_text()
     assert "scale fusion <b>concat</b>" in html and "scale 1" in html and "scale 2" in html
     assert "with --scale-fusion concat the heads read per-scale image means" in html
+    assert "Context crops (scale above 1) are not drawn" in html
     rows = list(csv.DictReader((run / store.SUBMISSION_FILE).open()))
     assert len(rows) == 4
     # a test image through predict gets the probabilities submit gave it (its crops at both scales, fused alike)

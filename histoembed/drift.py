@@ -160,13 +160,15 @@ def _crops_meta(run: Path) -> dict:
 
 
 def _stain_table(run: Path, keys: np.ndarray, fill, settings: DriftSettings) -> dict[str, np.ndarray]:
-    """Per image (in ``keys`` order) the mean haematoxylin and eosin density of its first crops."""
+    """Per image (in ``keys`` order) the mean haematoxylin and eosin density of its first scale-1 crops
+    (context crops show the same tissue again, with more padding)."""
     table = store.read_table(run / store.CROPS_FILE, "crops file", columns=["image_id", "split", "crop_index", "png"])
+    scales = store.crop_scales(run)
     index = {k: i for i, k in enumerate(keys)}
     sums, counts = np.zeros((len(keys), 2)), np.zeros(len(keys))
     for image_id, split, crop, png in zip(*(table[c].to_pylist() for c in ("image_id", "split", "crop_index", "png"))):
         i = index.get(f"{split}/{image_id}")
-        if i is None or crop >= settings.stain_crops or not png:
+        if i is None or crop >= settings.stain_crops or not png or scales[(split, image_id, crop)] != 1:
             continue
         bgr = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
         hed = None if bgr is None else stain_densities(bgr[..., ::-1], fill)

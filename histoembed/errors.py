@@ -15,6 +15,9 @@ class UserError(Exception):
         self.hint = hint
         super().__init__(str(self))
 
+    def __reduce__(self):  # rebuilt with its parts when it crosses processes (a Ray task's error)
+        return type(self), (self.problem, self.path, self.hint)
+
     def __str__(self) -> str:
         where = f"{self.path}: " if self.path is not None else ""
         tail = f"\n  hint: {self.hint}" if self.hint else ""

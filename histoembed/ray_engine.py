@@ -62,8 +62,11 @@ RUN_ID_FILE = embed.RUN_ID_FILE
 # Test hook, acting in an encoder actor right after it wrote its N-th part, before returning it:
 # "N:exit:MARKER": the first actor to get there creates MARKER and its process exits (Ray restarts it
 # and retries the task, which rewrites that part); "N:stall": every actor stops there for good, so a
-# killed driver leaves work undone. Interrupt tests place their kills this way, never by timing.
+# killed driver leaves work undone; "N:wait:K": it waits until the store holds K parts (at most
+# TEST_WAIT_S), so with K = 2 after its 1st part another actor must have written one. Tests place
+# kills and spread work this way, never by timing.
 ACTOR_HOOK_ENV = "HISTOEMBED_TEST_RAY_ACTOR_AFTER_PARTS"
+TEST_WAIT_S = 120
 
 
 def _ray():
@@ -100,6 +103,18 @@ def session(address: str | None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Only critical log records of logger ``name`` (and its children) while inside."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def user_error(e: BaseException) -> UserError | None:
@@ -289,6 +304,11 @@ class _EmbedActor:
         if action == "stall":
             while True:  # until the job's end kills this actor
                 time.sleep(1)
+        if action == "wait":
+            deadline = time.monotonic() + TEST_WAIT_S
+            while len(store.feature_parts(self.job.store_dir)) < int(marker[0]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return
         try:
             os.close(os.open(marker[0], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
@@ -390,13 +410,14 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
                                torch.device("cpu"))
     with session(settings.ray_address), _user_errors():
         ray = _ray()
-        if encoder is None:  # load and check the encoder where the actors will run, with their resources
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
-            probe = ray.remote(num_gpus=gpus, num_cpus=settings.ray_actor_cpus, max_retries=RETRIES)(_probe)
-            resolved = ray.get(probe.remote(settings, augment, index.path, mine[:settings.batch_size], normaliser))
-        else:
-            resolved, encoder = _resolve(encoder, settings, augment, index.path, mine[:settings.batch_size],
-                                         normaliser)
+        first = mine[:settings.batch_size]
+        if encoder is None and ray.cluster_resources().get("GPU", 0):
+            # Load and check the encoder where the actors will run (a GPU), to fix the store's key.
+            probe = ray.remote(num_gpus=1, num_cpus=settings.ray_actor_cpus, max_retries=RETRIES)(_probe)
+            resolved = ray.get(probe.remote(settings, augment, index.path, first, normaliser))
+        else:  # CPU actors: this process resolves it as they will (the actors check that their key agrees)
+            resolved, checked = _resolve(encoder, settings, augment, index.path, first, normaliser)
+            encoder = checked if encoder is not None else None  # a given encoder goes to the actors as checked
         store_dir = Path(run) / store.FEATURES_DIR / resolved.slug
         run_id = uuid.uuid4().hex
         with embed.shard_lock(store_dir, (0, 1)):
@@ -417,6 +438,7 @@ def _embed_todo(ray, index: CropIndex, todo: list[int], settings: EmbedSettings,
     """Run the Ray Data pipeline over the crops ``todo``; count the parts as the actors finish them."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours is below
+    ctx.raise_original_map_exception = True  # a task's UserError reaches the user as it is
     per_part = part_crops(settings)
     layout = _layout(ray, settings, math.ceil(len(todo) / per_part))
     job = _Job(settings, augment, store_dir, resolved, index.key, run_id, os.environ.get(ACTOR_HOOK_ENV), normaliser)
@@ -432,7 +454,8 @@ def _embed_todo(ray, index: CropIndex, todo: list[int], settings: EmbedSettings,
                         compute=ray.data.ActorPoolStrategy(size=layout.actors, max_tasks_in_flight_per_actor=2),
                         batch_size=per_part, batch_format="numpy", num_gpus=layout.gpus, num_cpus=layout.cpus)
     try:
-        _count_parts(ds, result, len(todo), f"embed {resolved.name} (ray, {layout.actors} actor(s))")
+        with _quiet("ray.data"):  # its plan, and the traceback of a task's error that the user gets as a message
+            _count_parts(ds, result, len(todo), f"embed {resolved.name} (ray, {layout.actors} actor(s))")
     except ray.exceptions.GetTimeoutError:
         raise UserError(f"the {layout.actors} encoder actor(s) did not all start within {ACTOR_START_S} s",
                         hint="check that the cluster has the GPUs/CPUs they need (`ray status`), or lower "

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_crops import read_crops, small_data
@@ -85,8 +86,10 @@ def assert_same_store(run: Path, local_store) -> None:
 
 
 @needs_ray
-def test_two_nodes_write_the_local_engine_s_store(tmp_path, tiny_dinov2, cluster, local_store, cli):
+def test_two_nodes_write_the_local_engine_s_store(tmp_path, tiny_dinov2, cluster, local_store, cli, monkeypatch):
     write_crops(tmp_path, n_train=N_TRAIN, n_test=N_TEST, per_image=PER_IMAGE)
+    # An actor holds on after its first part until there are two: the other node's actor wrote one.
+    monkeypatch.setenv(ray_engine.ACTOR_HOOK_ENV, "1:wait:2")
     r = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--repeats", REPEATS, "--workers", 0,
             "--batch-size", 5, "--rows-per-part", 10, "--engine", "ray", "--ray-actor-cpus", 0)
     assert r.exit_code == 0, r.output
@@ -95,7 +98,8 @@ def test_two_nodes_write_the_local_engine_s_store(tmp_path, tiny_dinov2, cluster
     parts = store.feature_parts(store.find_feature_store(tmp_path))
     assert all(p.name.startswith(ray_engine.PART_PREFIX) for p in parts)
     nodes = {store.read_meta(p)["ray_node"] for p in parts}
-    assert nodes == {n["NodeID"] for n in __import__("ray").nodes()}  # one actor per node, both wrote
+    assert nodes == {n["NodeID"] for n in __import__("ray").nodes()}  # one actor per node (a GPU each), both wrote
+    monkeypatch.delenv(ray_engine.ACTOR_HOOK_ENV)
     local_meta = store.read_meta(parts[0])
     assert local_meta["engine"] == "ray" and local_meta["repeats"] == REPEATS
     again = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--repeats", REPEATS, "--workers", 0,
@@ -153,6 +157,21 @@ def test_crops_over_ray_tasks_equal_the_local_crops(tmp_path, cluster, cli):
     assert read_crops(tmp_path / "ray") == read_crops(tmp_path / "local")
     key = store.read_meta(tmp_path / "ray" / store.CROPS_FILE)["key"]
     assert key == store.read_meta(tmp_path / "local" / store.CROPS_FILE)["key"]  # the engine is not in the key
+
+
+@needs_ray
+def test_an_unreadable_crop_stops_the_ray_run_with_a_clear_message(tmp_path, tiny_dinov2, cluster, cli):
+    write_crops(tmp_path, n_train=3, n_test=0, per_image=2)
+    path = tmp_path / store.CROPS_FILE
+    table = pq.read_table(path)
+    pngs = table["png"].to_pylist()
+    pngs[4] = b"not a png"
+    table = table.set_column(table.schema.get_field_index("png"), "png", pa.array(pngs, pa.binary()))
+    store.write_table(table, path, meta=store.read_meta(path))
+    r = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--workers", 0, "--batch-size", 2,
+            "--engine", "ray", "--ray-actor-cpus", 0)
+    assert r.exit_code == 2 and "crop 0 of img_0002.png (train) is not a readable PNG" in r.output, r.output
+    assert "Traceback" not in r.output
 
 
 def test_the_final_check_refuses_a_duplicate_or_missing_row(tmp_path, tiny_dinov2):

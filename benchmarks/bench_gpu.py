@@ -490,7 +490,7 @@ def section_ray(r: Run) -> dict:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     n = 4 * r.plan.batch_size
     settings = r.settings(r.model_dir(r.plan.model), rows_per_part=r.plan.batch_size * r.plan.views)
-    out = compare(r.crops_run(n, "ray-local"), r.crops_run(n, "ray"), settings, AugmentSettings())
+    out = compare(lambda tag: r.crops_run(n, tag), settings, AugmentSettings())
     out["crop_views_per_s"] = out["ray_crop_views_per_s"]
     print(f"  ray engine: {out['ray_crop_views_per_s']:.1f} crop-views/s, local engine "
           f"{out['local_crop_views_per_s']:.1f}: ray / local {out['ratio']:.1%} ({out['rows']} rows; Ray start-up "

@@ -4,8 +4,9 @@ Issue 14's CPU target: the Ray engine reaches at least 85% of the local engine's
 the same crops.parquet (synthetic H&E crops, 224 px) with the same ViT (random weights, saved and
 loaded through the package) in 4 views, each into its own run folder; the stores must agree
 (features within 1e-5). Ray's own start-up (the local instance) is measured apart and left out of
-the rate; the probe task, the actors' start and model loading are in it, as the local engine's
-model loading is in its rate.
+the rate; the actors' start and model loading are in it, as the local engine's model loading is
+in its rate. ``--rounds 2`` (the default) runs local, Ray, Ray, local and sums each engine's rows
+and seconds, so a drift in the machine's load cancels out; the local runs have no Ray instance up.
 
 Ray binds to this machine's network address unless it runs in a network namespace with loopback
 alone: the script re-runs itself in one (``unshare -n``) where it can (root), and otherwise refuses.
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,26 +51,41 @@ def in_loopback_namespace(argv: list[str]) -> None:
     sys.exit(subprocess.run(cmd).returncode)
 
 
-def compare(local_run: Path, ray_run: Path, settings, augment) -> dict:
-    """Embed ``local_run`` with the local engine, then ``ray_run`` with the Ray engine; rates, ratio, agreement."""
+def compare(make_run: Callable[[str], Path], settings, augment, rounds: int = 1) -> dict:
+    """Local, then Ray, then (``rounds`` 2) Ray and local again (ABBA, so a drift in the machine's load
+    cancels out): each embeds a fresh run folder from ``make_run(tag)``; rates, ratio and agreement.
+
+    The local engine runs with no Ray instance up; Ray's start-up is timed apart, not in its rate.
+    """
     import numpy as np
 
     from histoembed import ray_engine
     from histoembed.embed import read_store, run_embed
 
-    local = run_embed(local_run, settings, augment)
+    done = {"local": [], "ray": []}  # (rows, seconds, run folder) of each embed
+
+    def embed(engine: str) -> None:
+        run = make_run(f"{engine}-{len(done[engine])}")
+        res = run_embed(run, settings.model_copy(update={"engine": engine}), augment)
+        done[engine].append((res.new_rows, res.seconds, run))
+
+    embed("local")
     started = time.perf_counter()
     with ray_engine.session(None):
         ray_start_s = time.perf_counter() - started
-        spread = run_embed(ray_run, settings.model_copy(update={"engine": "ray"}), augment)
-    a, b = read_store(local_run), read_store(ray_run)
+        for _ in range(rounds):
+            embed("ray")
+    if rounds > 1:
+        embed("local")
+    a, b = read_store(done["local"][0][2]), read_store(done["ray"][0][2])
     order_a = np.lexsort((a.view, a.crop_index, a.image_id.astype(str), a.split))
     order_b = np.lexsort((b.view, b.crop_index, b.image_id.astype(str), b.split))
     same_rows = len(a) == len(b) and all((getattr(a, c)[order_a] == getattr(b, c)[order_b]).all()
                                          for c in ("split", "image_id", "crop_index", "view"))
-    out = {"rows": local.new_rows, "local_crop_views_per_s": local.new_rows / local.seconds,
-           "ray_crop_views_per_s": spread.new_rows / spread.seconds, "local_seconds": local.seconds,
-           "ray_seconds": spread.seconds, "ray_start_s": ray_start_s, "same_rows": bool(same_rows),
+    rate = {e: sum(r for r, _, _ in runs) / sum(t for _, t, _ in runs) for e, runs in done.items()}
+    out = {"rows": done["local"][0][0], "rounds": rounds, "local_crop_views_per_s": rate["local"],
+           "ray_crop_views_per_s": rate["ray"], "local_seconds": [t for _, t, _ in done["local"]],
+           "ray_seconds": [t for _, t, _ in done["ray"]], "ray_start_s": ray_start_s, "same_rows": bool(same_rows),
            "max_abs_diff": float(np.abs(a.embedding[order_a] - b.embedding[order_b]).max()) if same_rows else None}
     out["ratio"] = out["ray_crop_views_per_s"] / out["local_crop_views_per_s"]
     return out
@@ -82,22 +99,29 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="decode processes of the local engine")
     p.add_argument("--rows-per-part", type=int, default=256)
+    p.add_argument("--rounds", type=int, choices=(1, 2), default=2, help="2: local, ray, ray, local (ABBA)")
     args = p.parse_args(argv)
     in_loopback_namespace([str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)])
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    from histoembed import store
     from histoembed.config import AugmentSettings, EmbedSettings
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = save_model(tmp / "model", args.model)
-        for name in ("local", "ray"):
-            write_crops(tmp / name, args.crops)
+        write_crops(tmp / "crops", args.crops)
+
+        def make_run(tag: str) -> Path:
+            (tmp / tag).mkdir()
+            os.link(tmp / "crops" / store.CROPS_FILE, tmp / tag / store.CROPS_FILE)
+            return tmp / tag
+
         settings = EmbedSettings(encoder=str(model), repeats=args.repeats, batch_size=args.batch_size,
                                  workers=args.workers, rows_per_part=args.rows_per_part, device="cpu")
         out = {"model": args.model, "crops": args.crops, "repeats": args.repeats, "batch_size": args.batch_size,
-               "cpus": os.cpu_count(), **compare(tmp / "local", tmp / "ray", settings, AugmentSettings())}
+               "cpus": os.cpu_count(), **compare(make_run, settings, AugmentSettings(), args.rounds)}
     out["meets_target"] = out["ratio"] >= TARGET_RATIO
     print(json.dumps(out, indent=2))
     print(f"local {out['local_crop_views_per_s']:.1f} crop-views/s, ray {out['ray_crop_views_per_s']:.1f} "

@@ -149,10 +149,14 @@ def test_a_killed_driver_is_resumed_by_a_rerun(tmp_path, tiny_dinov2, cluster, l
 
 
 @needs_ray
-def test_crops_over_ray_tasks_equal_the_local_crops(tmp_path, cluster, cli):
+def test_crops_over_ray_tasks_equal_the_local_crops(tmp_path, cluster, cli, monkeypatch):
     data = small_data(tmp_path / "d", n=4)
     local = cli("crops", "--data", data, "--run", tmp_path / "local", "--size", 32, "--workers", 1)
+    mapped = []
+    real = ray_engine.map_ordered
+    monkeypatch.setattr(ray_engine, "map_ordered", lambda fn, items: mapped.append(fn) or real(fn, items))
     spread = cli("crops", "--data", data, "--run", tmp_path / "ray", "--size", 32, "--engine", "ray")
+    assert [fn.__name__ for fn in mapped] == ["_crop_alone"]  # the images went out as Ray tasks
     assert local.exit_code == 0 and spread.exit_code == 0, spread.output
     assert read_crops(tmp_path / "ray") == read_crops(tmp_path / "local")
     key = store.read_meta(tmp_path / "ray" / store.CROPS_FILE)["key"]

@@ -1,10 +1,11 @@
 """The ``ray`` engine: the crops and embed stages over a Ray cluster, writing what the local engine writes.
 
-embed: Ray Data reads ``crops.parquet`` and decodes the PNGs in CPU tasks; a pool of actors
-(``ray.data.ActorPoolStrategy``: one GPU each when the cluster has GPUs, CPU actors otherwise)
-holds the encoder, embeds every batch with :func:`histoembed.embed.queue_batch` (what the local
-loop calls) and writes each Ray batch as one part of the same store, with the same schema, key
-and metadata, so every later stage reads it as it reads a local store.
+embed: the driver plans the crops still to embed in units of about ``rows_per_part`` rows (one
+Ray block each); CPU tasks read each unit's PNGs from ``crops.parquet`` and decode them; a pool
+of actors (``ray.data.ActorPoolStrategy``: one GPU each when the cluster has GPUs, CPU actors
+otherwise) holds the encoder, embeds every batch with :func:`histoembed.embed.queue_batch` (what
+the local loop calls) and writes each unit as one part of the same store, with the same schema,
+key and metadata, so every later stage reads it as it reads a local store.
 
 Exactly once:
 
@@ -90,12 +91,15 @@ def session(address: str | None) -> Iterator[None]:
         yield
         return
     kwargs: dict = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        kwargs["num_cpus"] = cpus.usable_cpus()  # a local instance: the CPUs this process may use
+    # "local" always starts an instance of its own: Ray's default (None) would join any Ray it finds
+    # running on this machine, another user's or another run's included.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        kwargs["num_cpus"] = cpus.usable_cpus()  # the CPUs this process may use
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as e:
-        where = address or os.environ.get("RAY_ADDRESS") or "this machine"
+        where = "this machine" if address == "local" else address
         raise UserError(f"cannot start or join Ray at {where} ({e})",
                         hint="start the cluster with `ray start --head` (and `ray start --address HEAD:6379` on "
                              "the other machines), then pass --ray-address auto or HEAD:6379") from None

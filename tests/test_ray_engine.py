@@ -178,6 +178,25 @@ def test_an_unreadable_crop_stops_the_ray_run_with_a_clear_message(tmp_path, tin
     assert "Traceback" not in r.output
 
 
+def test_an_actor_of_a_superseded_run_adds_no_part(tmp_path, tiny_dinov2):
+    """The store's run id decides who may add parts: a re-run (or a local run) takes it from a killed driver's actors."""
+    write_crops(tmp_path, n_train=2, n_test=0, per_image=1)
+    first = run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings())
+    table = pq.read_table(store.feature_parts(first.store_dir)[0])
+    run_id = first.store_dir / ray_engine.RUN_ID_FILE
+    assert not run_id.exists()  # the local engine removes it
+    job = ray_engine._Job(settings(tiny_dinov2), AugmentSettings(), first.store_dir, None, None, "run-a", None)
+    actor = ray_engine._EmbedActor.__new__(ray_engine._EmbedActor)  # its writer alone, outside Ray
+    actor.job = job
+    run_id.write_text("run-a")
+    actor._write(table, first.store_dir / "part-ray-mine.parquet")
+    assert (first.store_dir / "part-ray-mine.parquet").exists()
+    run_id.write_text("run-b")  # another run took the store over
+    with pytest.raises(UserError, match="took over"):
+        actor._write(table, first.store_dir / "part-ray-late.parquet")
+    assert not list(first.store_dir.glob("*late*")) and not list(first.store_dir.glob(".part-*"))
+
+
 def test_the_final_check_refuses_a_duplicate_or_missing_row(tmp_path, tiny_dinov2):
     write_crops(tmp_path, n_train=2, n_test=1, per_image=2)
     result = run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings())

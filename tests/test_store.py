@@ -196,7 +196,7 @@ def test_each_stage_key_holds_exactly_the_settings_that_change_the_output():
     assert runtime_only(CropSettings) == {"workers", "engine", "ray_address"} and runtime_only(QCSettings) == {"workers"}
     assert runtime_only(EmbedSettings) == {"workers", "batch_size", "device", "rows_per_part", "threads",
                                            "check_precision", "precision_threshold", "fallback_fp32", "engine",
-                                           "ray_address", "ray_actors", "ray_actor_cpus"}
+                                           "ray_address", "ray_actors", "ray_actor_cpus", "stain_target"}
     assert runtime_only(FitSettings) == {"threads"}
     for cls in (CropSettings, QCSettings, EmbedSettings, AugmentSettings, FitSettings, MLPSettings, XGBSettings):
         base = store.stage_key("stage", 1, cls())

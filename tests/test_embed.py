@@ -173,8 +173,11 @@ def _embed_process(run: Path, encoder: Path, stop: str) -> subprocess.CompletedP
     """``histoembed embed`` in a child process that sends itself a signal after a fixed number of batches."""
     cmd = [sys.executable, "-m", "histoembed", "embed", "--run", str(run), "--encoder", str(encoder),
            "--repeats", "2", "--batch-size", "4", "--rows-per-part", "8", "--workers", "0"]
+    # SIGINT back to its default in the child: a suite started in the background (`make test &`) has it ignored,
+    # and Python then never turns it into KeyboardInterrupt.
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", STOP_AFTER_ENV: stop})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", STOP_AFTER_ENV: stop},
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])

@@ -13,7 +13,6 @@ alone: the script re-runs itself in one (``unshare -n``) where it can (root), an
 
     python benchmarks/bench_ray.py                          # vit-s, 256 crops, 4 views (some minutes on 2 cores)
     python benchmarks/bench_ray.py --model vit-tiny --crops 64   # seconds: a check that it runs
-    python benchmarks/bench_ray.py --forward-only 64             # bare forward: here, Ray worker at nice 15 / 0
 """
 
 from __future__ import annotations
@@ -92,51 +91,6 @@ def compare(make_run: Callable[[str], Path], settings, augment, rounds: int = 1)
     return out
 
 
-def forward_seconds(model: str, batch: int, times: int = 3) -> float:
-    """Median seconds of the encoder's bare forward over ``batch`` random 224 px inputs, in this process."""
-    import statistics
-
-    import torch
-
-    from histoembed import cpus
-    from histoembed.encoders import load_encoder
-
-    cpus.use_threads(0)  # as the encoder actor sizes its pool
-    encoder = load_encoder(model, "cls", "cpu", "fp32")
-    x = torch.rand(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        encoder(x[:2])
-        spent = []
-        for _ in range(times):
-            started = time.perf_counter()
-            encoder(x)
-            spent.append(time.perf_counter() - started)
-    return statistics.median(spent)
-
-
-def forward_in_workers(model: Path, batch: int, rounds: int) -> dict:
-    """The bare forward in this process and in a Ray worker of a local instance at nice 15 (Ray's default)
-    and at the engine's niceness, alternated (plain, 15, engine, engine, 15, plain ...) so load drifts cancel."""
-    import ray
-
-    from histoembed import ray_engine
-
-    seconds: dict[str, list[float]] = {"plain": [], "nice 15": [], f"nice {ray_engine.WORKER_NICENESS}": []}
-    order = ["plain", "nice 15", f"nice {ray_engine.WORKER_NICENESS}"]
-    for r in range(rounds):
-        for where in order if r % 2 == 0 else order[::-1]:
-            if where == "plain":
-                seconds[where].append(forward_seconds(str(model), batch))
-                continue
-            ray_engine.WORKER_NICENESS = int(where.split()[1])
-            with ray_engine.session(None):
-                task = ray.remote(num_cpus=1)(forward_seconds)
-                seconds[where].append(ray.get(task.remote(str(model), batch)))
-    mean = {k: sum(v) / len(v) for k, v in seconds.items()}
-    return {"forward_batch": batch, "forward_seconds": seconds,
-            "in_worker_over_plain": {k: mean[k] / mean["plain"] for k in order[1:]}}
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=sorted(MODELS), default="vit-s")
@@ -146,29 +100,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=2, help="decode processes of the local engine")
     p.add_argument("--rows-per-part", type=int, default=256)
     p.add_argument("--rounds", type=int, choices=(1, 2), default=2, help="2: local, ray, ray, local (ABBA)")
-    p.add_argument("--niceness", type=int, default=None,
-                   help="nice value of the local Ray instance's workers (default: the engine's; 15 is Ray's own)")
-    p.add_argument("--forward-only", type=int, default=0, metavar="BATCH",
-                   help="only time the bare forward of BATCH inputs here and in Ray workers at nice 15 and at the "
-                        "engine's niceness (rounds x 2, alternated)")
     args = p.parse_args(argv)
     in_loopback_namespace([str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)])
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from histoembed import ray_engine, store
+    from histoembed import store
     from histoembed.config import AugmentSettings, EmbedSettings
-
-    if args.niceness is not None:
-        ray_engine.WORKER_NICENESS = args.niceness
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = save_model(tmp / "model", args.model)
-        if args.forward_only:
-            out = {"model": args.model, **forward_in_workers(model, args.forward_only, 2 * args.rounds)}
-            print(json.dumps(out, indent=2))
-            return out
         write_crops(tmp / "crops", args.crops)
 
         def make_run(tag: str) -> Path:
@@ -179,8 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings = EmbedSettings(encoder=str(model), repeats=args.repeats, batch_size=args.batch_size,
                                  workers=args.workers, rows_per_part=args.rows_per_part, device="cpu")
         out = {"model": args.model, "crops": args.crops, "repeats": args.repeats, "batch_size": args.batch_size,
-               "cpus": os.cpu_count(), "worker_niceness": ray_engine.WORKER_NICENESS,
-               **compare(make_run, settings, AugmentSettings(), args.rounds)}
+               "cpus": os.cpu_count(), **compare(make_run, settings, AugmentSettings(), args.rounds)}
     out["meets_target"] = out["ratio"] >= TARGET_RATIO
     print(json.dumps(out, indent=2))
     print(f"local {out['local_crop_views_per_s']:.1f} crop-views/s, ray {out['ray_crop_views_per_s']:.1f} "

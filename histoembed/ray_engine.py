@@ -58,7 +58,6 @@ from histoembed.precision import PrecisionCheck
 INSTALL_HINT = "install the extra: pip install 'histoembed[ray]' (Ray Data 2.60), or run with --engine local"
 RETRIES = 3            # retries of a crop task whose process died
 ACTOR_START_S = 900    # the encoder actors must all be up within this (model loading included)
-WORKER_NICENESS = 0    # of a local instance's workers (Ray's default: 15); `RAY_worker_niceness=0 ray start` on a cluster
 PART_PREFIX = "part-ray-"
 RUN_ID_FILE = embed.RUN_ID_FILE
 # Test hook, acting in an encoder actor right after it wrote its N-th part, before returning it:
@@ -97,9 +96,6 @@ def session(address: str | None) -> Iterator[None]:
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
         kwargs["num_cpus"] = cpus.usable_cpus()  # the CPUs this process may use
-        # Ray starts its workers at nice 15: on a busy CPU node the encoder actor then loses its cores
-        # to Ray's own daemons (a CPU forward ran 35 % slower), so this instance's workers keep nice 0.
-        kwargs["_system_config"] = {"worker_niceness": WORKER_NICENESS}
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as e:

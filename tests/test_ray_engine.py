@@ -178,18 +178,6 @@ def test_an_unreadable_crop_stops_the_ray_run_with_a_clear_message(tmp_path, tin
     assert "Traceback" not in r.output
 
 
-@needs_ray
-def test_a_local_instance_runs_its_workers_at_normal_priority():
-    """Ray's default nice 15 let its own daemons take the cores from a CPU encoder actor (a forward ran 35 %
-    slower); a local instance started for the command keeps nice 0. A subprocess, since this one is joined."""
-    code = ("import os, ray\nfrom histoembed import ray_engine\nwith ray_engine.session(None):\n"
-            "    print('nice', ray.get(ray.remote(num_cpus=1)(lambda: os.nice(0)).remote()))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.split()[-2:] == ["nice", str(ray_engine.WORKER_NICENESS)], proc.stdout
-
-
 def test_an_actor_of_a_superseded_run_adds_no_part(tmp_path, tiny_dinov2):
     """The store's run id decides who may add parts: a re-run (or a local run) takes it from a killed driver's actors."""
     write_crops(tmp_path, n_train=2, n_test=0, per_image=1)

@@ -22,6 +22,7 @@ same features, labels, QC and settings does nothing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ import pyarrow.parquet as pq
 from histoembed import __version__, cpus, scales, store
 from histoembed.config import FitSettings
 from histoembed.console import progress
-from histoembed.errors import UserError
+from histoembed.errors import UserError, from_os_error
 from histoembed.heads import Bags, Head, check_names, conformal, decisions, fusion
 from histoembed.heads import get as get_head
 from histoembed.heads.shared import first_seen_index
@@ -491,6 +492,28 @@ def recover(run: Path) -> None:
                 os.replace(old, models)
 
 
+def write_failed(e: OSError, path: Path) -> UserError:
+    """A failed write of a fit output as a message naming the file and what to do (free space, fit again)."""
+    reason = from_os_error(e).problem
+    full = e.errno == errno.ENOSPC or "No space left" in str(e)
+    return UserError(f"could not write the fit's outputs: {reason}", path=path,
+                     hint=("free space (or choose another --run) and re-run `histoembed fit`" if full else
+                           "check that the run folder is writable and has free space, then re-run `histoembed fit`")
+                     + "; the previous fit's outputs, if any, are left as they were")
+
+
+def _final_name(filename, run: Path, tmp: Path) -> Path | None:
+    """The output a temporary stands for: ``.models.tmp-PID/fold-00/x`` -> ``models/fold-00/x``, ``.a.tmp-PID`` -> ``a``."""
+    if not filename:
+        return None
+    path = Path(filename)
+    with contextlib.suppress(ValueError):
+        path = run / store.MODELS_DIR / path.relative_to(tmp)
+    if path.name.startswith(".") and ".tmp-" in path.name:
+        path = path.with_name(path.name[1:].rsplit(".tmp-", 1)[0])
+    return path
+
+
 def _write_outputs(run: Path, ts: TrainingSet, settings: FitSettings, cv: CVResult, metrics: dict,
                    key: str) -> None:
     """Write every output to a temporary first, then rename them in quick succession, metrics.json last.
@@ -521,6 +544,8 @@ def _write_outputs(run: Path, ts: TrainingSet, settings: FitSettings, cv: CVResu
                         pa.list_(pa.string())),
         "view_spread": pa.array(spread.astype(np.float32)),
     })
+    writing = models          # what is being written, for the message when the disk fills
+    swapped = False           # models/ moved aside and the new one renamed in
     try:
         with contextlib.ExitStack() as renames:  # on success, renamed in reverse: calibration, oof, metrics
             metrics_tmp = renames.enter_context(store.atomic_path(run / store.METRICS_FILE))
@@ -528,9 +553,11 @@ def _write_outputs(run: Path, ts: TrainingSet, settings: FitSettings, cv: CVResu
             calib_tmp = renames.enter_context(store.atomic_path(run / store.CALIBRATION_FILE))
             for k, fold_models in enumerate(cv.models):
                 folder = store.fold_dir(tmp, k)
+                writing = store.fold_dir(models, k)
                 folder.mkdir(parents=True)
                 for head in fold_models:
                     head.save(folder, ts.classes)
+            writing = models / store.MODELS_MANIFEST_FILE
             store.write_json({
                 "key": key, "version": __version__, "encoder": metrics["encoder"],
                 "encoder_slug": ts.store_dir.name, "feature_encoder": ts.features.meta.get("encoder"),
@@ -542,18 +569,33 @@ def _write_outputs(run: Path, ts: TrainingSet, settings: FitSettings, cv: CVResu
                 "fusion": FUSION_RULE + "; probabilities averaged over folds",
                 "files": store.model_files(tmp),
             }, tmp / store.MODELS_MANIFEST_FILE)
+            writing = run / store.CALIBRATION_FILE
             calib_tmp.write_text(json.dumps({
                 "key": key, "classes": ts.classes, "heads": cv.heads, "rule": FUSION_RULE,
                 "weight_grid": [round(w, 6) for w in fusion.weight_grid(settings.weight_grid).tolist()],
                 "folds": cv.fold_params, "final": cv.final, "fold_training": cv.fold_info},
                 indent=2, default=store.json_default) + "\n")
+            writing = run / store.OOF_FILE
             pq.write_table(oof.replace_schema_metadata(store.with_meta(oof.schema, {
                 "key": key, "classes": ts.classes, "heads": cv.heads, "encoder": metrics["encoder"],
                 "seed": settings.seed}).metadata), oof_tmp, compression="zstd")
+            writing = run / store.METRICS_FILE
             metrics_tmp.write_text(json.dumps(metrics, indent=2, default=store.json_default) + "\n")
+            writing = models
             if models.exists():
                 os.replace(models, old)
             os.replace(tmp, models)
+            swapped = True
+    except BaseException as e:
+        # No models/ of this fit may outlive a failure: submit would accept it without metrics.json
+        # (a first fit) or beside the previous fit's files. The previous models/ comes back.
+        if swapped:
+            shutil.rmtree(models, ignore_errors=True)
+        if old.exists() and not models.exists():
+            os.replace(old, models)
+        if isinstance(e, OSError):
+            raise write_failed(e, _final_name(e.filename, run, tmp) or writing) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if models.exists():

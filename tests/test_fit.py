@@ -525,3 +525,61 @@ def test_a_fit_killed_between_renames_is_recovered_and_its_leftovers_removed(tmp
     assert result.exit_code == 0 and "up to date" in result.output   # the old, consistent set is back
     assert store.model_files(models) == before
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+
+
+# ---------------------------------------------------------------- full disk (issue 23, 4a)
+
+ENOSPC_TEXT = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+
+def leftovers(run: Path) -> list[str]:
+    return sorted(p.name for p in run.iterdir() if p.name.startswith("."))
+
+
+def test_a_full_disk_while_saving_a_head_names_the_file_and_keeps_the_previous_fit(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    run, config = make_run(tmp_path)
+    assert invoke("fit", "--run", run, "--config", config, "--folds", 3).exit_code == 0
+    before = store.model_files(run / store.MODELS_DIR)
+    metrics_before = (run / store.METRICS_FILE).read_bytes()
+
+    def full(*a, **k):
+        raise SafetensorError(ENOSPC_TEXT)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    result = invoke("fit", "--run", run, "--config", config, "--folds", 3, "--seed", 7)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "no space left" in text and "mlp.safetensors" in text and "fold-00" in text
+    assert "free space" in text and "re-run `histoembed fit`" in text
+    assert leftovers(run) == []                                          # no temporary left behind
+    assert store.model_files(run / store.MODELS_DIR) == before           # the previous, whole fit is untouched
+    assert (run / store.METRICS_FILE).read_bytes() == metrics_before
+    inference.load_ensemble(run)                                         # ... and still one consistent set
+
+
+def test_a_fit_failing_after_models_is_renamed_in_leaves_no_models_that_submit_accepts(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    run, config = make_run(tmp_path)
+    real = os.replace
+
+    def replace(src, dst, *a, **k):
+        if Path(dst).name == store.CALIBRATION_FILE:                   # the first rename after models/
+            raise OSError(errno.ENOSPC, "No space left on device", str(src))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", replace)
+    result = invoke("fit", "--run", run, "--config", config, "--folds", 3)
+    monkeypatch.setattr(os, "replace", real)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert store.CALIBRATION_FILE in text and "free space" in text and "re-run `histoembed fit`" in text
+    assert not (run / store.MODELS_DIR).exists() and leftovers(run) == []
+    with pytest.raises(UserError, match="run `histoembed fit` first"):
+        inference.load_ensemble(run)                                   # what submit reads: refused
+    assert invoke("fit", "--run", run, "--config", config, "--folds", 3).exit_code == 0
+    inference.load_ensemble(run)

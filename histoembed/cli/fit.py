@@ -76,7 +76,7 @@ def fit(
                       f"in {result.seconds:.1f} s", soft_wrap=True)
     try:  # the models are written: a failed check must not make the fit look failed
         drift_cli.show(run_drift(run, settings.drift, encoder=encoder))
-    except UserError as e:
+    except (UserError, OSError) as e:
         console.print(f"[yellow]drift check skipped:[/] {e}", soft_wrap=True)
 
 

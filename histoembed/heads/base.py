@@ -17,6 +17,8 @@ sees the images it is evaluated on. Heads are registered in ``histoembed.heads.R
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -26,6 +28,23 @@ from pydantic import BaseModel
 
 from histoembed import store
 from histoembed.errors import UserError
+
+
+def write_tensors(save_file: Callable, tensors: dict, path: Path) -> None:
+    """Write a safetensors file atomically; a failure (a full disk) becomes an ``OSError`` naming ``path``.
+
+    safetensors raises its own ``SafetensorError``, which names no file and is no ``OSError``,
+    so the CLI would show a traceback rather than say which file and what to do.
+    """
+    from safetensors import SafetensorError
+
+    with store.atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp))
+        except SafetensorError as e:
+            full = "code: 28" in str(e) or "No space left" in str(e) or "StorageFull" in str(e)
+            raise OSError(errno.ENOSPC if full else errno.EIO,
+                          "No space left on device" if full else f"cannot write ({e})", str(path)) from e
 
 
 @dataclass

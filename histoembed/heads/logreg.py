@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from histoembed import store
 from histoembed.config import LogRegSettings
-from histoembed.heads.base import Bags, Head
+from histoembed.heads.base import Bags, Head, write_tensors
 from histoembed.heads.calibration import temperature_nll
 
 WEIGHTS_FILE = "logreg.safetensors"
@@ -101,10 +100,10 @@ class LogRegHead(Head):
     def _save_arrays(self, folder: Path) -> None:
         from safetensors.numpy import save_file
 
-        with store.atomic_path(folder / WEIGHTS_FILE) as tmp:
-            save_file({"coef": np.ascontiguousarray(self.coef_, np.float32),
-                       "intercept": self.intercept_.astype(np.float64),
-                       "mean": self.mean_.astype(np.float64), "scale": self.scale_.astype(np.float64)}, str(tmp))
+        write_tensors(save_file, {"coef": np.ascontiguousarray(self.coef_, np.float32),
+                                  "intercept": self.intercept_.astype(np.float64),
+                                  "mean": self.mean_.astype(np.float64), "scale": self.scale_.astype(np.float64)},
+                      folder / WEIGHTS_FILE)
 
     def _load_arrays(self, folder: Path, info: dict) -> None:
         from safetensors.numpy import load_file

@@ -12,8 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from histoembed import store
-from histoembed.heads.base import Head
+from histoembed.heads.base import Head, write_tensors
 
 
 MIN_STEPS_PER_EPOCH = 8
@@ -114,8 +113,8 @@ class TorchHead(Head):
     def _save_arrays(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        with store.atomic_path(folder / self.weights_file) as tmp:
-            save_file({k: v.contiguous() for k, v in self.net_.state_dict().items()}, str(tmp))
+        write_tensors(save_file, {k: v.contiguous() for k, v in self.net_.state_dict().items()},
+                      folder / self.weights_file)
 
     def _load_arrays(self, folder: Path, info: dict) -> None:
         from safetensors.torch import load_file

@@ -19,7 +19,7 @@ import numpy as np
 
 from histoembed import cpus, store
 from histoembed.config import XGBSettings
-from histoembed.heads.base import Bags, Head
+from histoembed.heads.base import Bags, Head, write_tensors
 from histoembed.heads.shared import class_weights
 
 MODEL_FILE = "xgb.ubj"
@@ -139,8 +139,7 @@ class XGBHead(Head):
         with store.atomic_path(folder / MODEL_FILE) as tmp:
             tmp.write_bytes(bytes(self.booster_.save_raw(raw_format="ubj")))
         if self.pca_mean_ is not None:
-            with store.atomic_path(folder / PCA_FILE) as tmp:
-                save_file({"mean": self.pca_mean_, "components": self.pca_components_}, str(tmp))
+            write_tensors(save_file, {"mean": self.pca_mean_, "components": self.pca_components_}, folder / PCA_FILE)
 
     def _load_arrays(self, folder: Path, info: dict) -> None:
         import xgboost

@@ -22,7 +22,7 @@ CHILD = """
 import json, sys
 from pathlib import Path
 from histoembed import crops, qc
-from histoembed.config import CropSettings, QCSettings
+from histoembed.core.config import CropSettings, QCSettings
 data, run, stage = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 if stage == "qc":
     r = qc.run_qc(data, run, QCSettings(workers=1), embed=False)

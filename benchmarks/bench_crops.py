@@ -31,7 +31,7 @@ def make_images(root: Path, n: int, side: int, seed: int) -> Path:
 
 def time_stage(data: Path, workers: int, repeats: int, strategy: str) -> tuple[float, int]:
     """Best wall time of ``repeats`` full runs of the stage, and the crops written."""
-    from histoembed.config import CropSettings
+    from histoembed.core.config import CropSettings
     from histoembed.crops import run_crops
 
     best, n_crops = float("inf"), 0

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from histoembed.encoders import load_encoder
+from histoembed.models.encoders import load_encoder
 
 MODELS = {  # Dinov2Config arguments; Phikon-v2 is vit-l with patch 16
     "vit-tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2),
@@ -52,7 +52,7 @@ def write_crops(run: Path, n_crops: int, seed: int = 0, size: int = 224) -> None
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from histoembed import store
+    from histoembed.core import store
     from histoembed.synthetic import LABELS, tissue_image
 
     pngs = []
@@ -81,7 +81,7 @@ def write_crops(run: Path, n_crops: int, seed: int = 0, size: int = 224) -> None
 def throughput(model: Path, n_crops: int, repeats: int, batch_size: int, workers: int, device: str) -> dict:
     import torch
 
-    from histoembed.config import AugmentSettings, EmbedSettings
+    from histoembed.core.config import AugmentSettings, EmbedSettings
     from histoembed.embed import run_embed
 
     settings = EmbedSettings(encoder=str(model), repeats=repeats, batch_size=batch_size, workers=workers,
@@ -161,7 +161,7 @@ def vm_hwm_mib() -> float:
 
 def peak_rss_child(model: Path, n_crops: int, workers: int) -> None:
     """Runs in a fresh process: prints the stage's peak RSS (MiB) as JSON."""
-    from histoembed.config import AugmentSettings, EmbedSettings
+    from histoembed.core.config import AugmentSettings, EmbedSettings
     from histoembed.embed import run_embed
 
     with tempfile.TemporaryDirectory() as tmp:

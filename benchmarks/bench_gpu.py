@@ -7,7 +7,7 @@ measured in this one process, so ratios compare like with like. Sections, each o
 - env:      device, driver-side versions, CPU count.
 - bare:     ViT-L/16 at 224 px (Phikon-v2's shape: Dinov2, hidden 1024, 24 layers, 16 heads,
             patch 16, MLP ratio 4, no registers; random weights built from the config, saved
-            with ``save_pretrained`` and loaded by ``histoembed.encoders``) on ready float
+            with ``save_pretrained`` and loaded by ``histoembed.models.encoders``) on ready float
             tensors, the package's bf16 (on CUDA a bf16 copy of the weights) and fp32, crops/s
             at several batch sizes.
 - stage:    ``histoembed.embed.run_embed`` (what ``histoembed embed`` calls) from a
@@ -145,7 +145,7 @@ class Run:
 
     def encoder(self, name: str, precision: str = "bf16"):
         """The model loaded through the package (``load_encoder``), once; other precisions share it."""
-        from histoembed.encoders import load_encoder
+        from histoembed.models.encoders import load_encoder
 
         enc = self.cached(f"enc:{name}", lambda: load_encoder(str(self.model_dir(name)), device=self.device.type,
                                                               precision="fp32"))
@@ -155,7 +155,7 @@ class Run:
 
     def crops_run(self, n_crops: int, tag: str) -> Path:
         """A run folder of its own with crops.parquet of ``n_crops`` synthetic H&E crops (made once per count)."""
-        from histoembed import store
+        from histoembed.core import store
 
         made = self.tmp / f"crops-{n_crops}"
         if not made.exists():
@@ -167,7 +167,7 @@ class Run:
         return run
 
     def settings(self, model_dir: Path, **kw):
-        from histoembed.config import EmbedSettings
+        from histoembed.core.config import EmbedSettings
 
         p = self.plan
         kw = {"batch_size": p.batch_size, "workers": p.workers, **kw}
@@ -242,7 +242,7 @@ def section_bare(r: Run) -> dict:
 def timed_stage(r: Run, model: str, tag: str, precision: str | None = None, **settings_kw) -> dict:
     """Warm-up run (2 batches, checked against in-memory features), then the measured run, sized to the
     time left; each in a run folder of its own (``tag``)."""
-    from histoembed.config import AugmentSettings
+    from histoembed.core.config import AugmentSettings
     from histoembed.embed import run_embed
 
     p = r.plan
@@ -283,8 +283,8 @@ def store_against_memory(r: Run, run: Path, store_dir: Path, enc, seed: int, bat
     import numpy as np
     import pyarrow.parquet as pq
 
-    from histoembed import store
-    from histoembed.config import AugmentSettings
+    from histoembed.core import store
+    from histoembed.core.config import AugmentSettings
     from histoembed.embed import decode_png, embed_crops
 
     t = pq.read_table(run / store.CROPS_FILE, columns=["image_id", "crop_index", "png"])
@@ -333,7 +333,7 @@ def section_autocast(r: Run) -> dict:
 
 def section_defaults(r: Run) -> dict:
     """The stage as ``histoembed embed`` runs it without options: the default batch size and decode workers."""
-    from histoembed.config import EmbedSettings
+    from histoembed.core.config import EmbedSettings
 
     defaults = EmbedSettings()
     return section_stage(r, "defaults", batch_size=defaults.batch_size, workers=defaults.workers)
@@ -371,10 +371,10 @@ def section_parts(r: Run) -> dict:
     """Each piece of the stage alone, to name the bottleneck when the stage falls short."""
     import torch
 
-    from histoembed import store
-    from histoembed.augment import augment_batch
-    from histoembed.config import AugmentSettings
+    from histoembed.core import store
+    from histoembed.core.config import AugmentSettings
     from histoembed.embed import CropBatches, PartWriter, copy_to_host, part_rows, plan_batches, queue_views
+    from histoembed.maths.augment import augment_batch
 
     p, out = r.plan, {}
     run = r.crops_run(max(4, min(p.stage_batches, 8)) * p.batch_size, "parts")
@@ -448,7 +448,7 @@ def section_cosine(r: Run) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from histoembed import store
+    from histoembed.core import store
     from histoembed.embed import decode_png, embed_crops
 
     n = r.plan.cosine_crops
@@ -485,7 +485,7 @@ def section_ray(r: Run) -> dict:
         print("  skipped: Ray would bind to this machine's network address (gpu.sh runs in a loopback-only "
               "namespace as root)")
         return {"skipped": "not in a loopback-only network namespace"}
-    from histoembed.config import AugmentSettings
+    from histoembed.core.config import AugmentSettings
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     n = 4 * r.plan.batch_size

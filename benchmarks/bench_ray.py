@@ -59,8 +59,8 @@ def compare(make_run: Callable[[str], Path], settings, augment, rounds: int = 1)
     """
     import numpy as np
 
-    from histoembed import ray_engine
     from histoembed.embed import read_store, run_embed
+    from histoembed.engines import ray as ray_engine
 
     done = {"local": [], "ray": []}  # (rows, seconds, run folder) of each embed
 
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from histoembed import store
-    from histoembed.config import AugmentSettings, EmbedSettings
+    from histoembed.core import store
+    from histoembed.core.config import AugmentSettings, EmbedSettings
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -26,8 +26,8 @@ from bench_embed import save_model, write_crops  # noqa: E402  (a sibling script
 
 
 def stage_seconds(run: Path, model: Path, method: str, args) -> tuple[float, dict | None]:
-    from histoembed import store
-    from histoembed.config import AugmentSettings, EmbedSettings
+    from histoembed.core import store
+    from histoembed.core.config import AugmentSettings, EmbedSettings
     from histoembed.embed import run_embed
 
     shutil.rmtree(run / store.FEATURES_DIR, ignore_errors=True)   # a fresh store, and a fresh target
@@ -46,9 +46,9 @@ def alone(run: Path, model: Path, args) -> dict:
     import torch
     from torchstain.torch.normalizers import TorchMacenkoNormalizer
 
-    from histoembed import stain
-    from histoembed.encoders import load_encoder
-    from histoembed.pixels import decode_png
+    from histoembed.inputs.pixels import decode_png
+    from histoembed.maths import stain
+    from histoembed.models.encoders import load_encoder
 
     encoder = load_encoder(str(model), device=args.device)
     pngs = pq.read_table(run / "crops.parquet", columns=["png"])["png"].to_pylist()[:args.batch_size]

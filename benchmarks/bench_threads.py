@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     args = parser.parse_args()
 
-    from histoembed.cpus import usable_cpus
+    from histoembed.core.cpus import usable_cpus
     from histoembed.synthetic import write_synthetic_features
 
     cpus = usable_cpus()

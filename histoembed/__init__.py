@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from histoembed.errors import UserError  # noqa: E402
+from histoembed.core.errors import UserError  # noqa: E402
 
 __all__ = ["UserError", "__version__"]

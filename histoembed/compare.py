@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from histoembed import store
-from histoembed.errors import UserError
-from histoembed.metrics import macro_f1, paired_bootstrap_difference
+from histoembed.core import store
+from histoembed.core.errors import UserError
+from histoembed.maths.metrics import macro_f1, paired_bootstrap_difference
 
 DECISIONS = {"argmax": "prediction", "offsets": "prediction_offsets"}
 

@@ -61,12 +61,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from histoembed import cpus, store
-from histoembed.config import CropSettings, QCSettings
-from histoembed.console import progress
-from histoembed.dataset import MAX_PIXELS, Dataset, Problem, Sample, load_dataset, read_image_and_mask
-from histoembed.errors import UserError
-from histoembed.pixels import repair_ink, tissue_mask_by_colour
+from histoembed.core import cpus, store
+from histoembed.core.config import CropSettings, QCSettings
+from histoembed.core.console import progress
+from histoembed.core.errors import UserError
+from histoembed.inputs.dataset import MAX_PIXELS, Dataset, Problem, Sample, load_dataset, read_image_and_mask
+from histoembed.inputs.pixels import repair_ink, tissue_mask_by_colour
 
 Box = tuple[int, int, int, int]   # x0, y0, x1, y1 in source pixels; x1, y1 exclusive
 CROPS_VERSION = 2                 # bump when the crops' definition changes (part of the skip key)
@@ -396,7 +396,7 @@ def cropped_images(jobs: list[_CropJob], settings: CropSettings) -> Iterator[Ite
     over a cluster. Either way each image goes through the same ``_crop_one``.
     """
     if settings.engine == "ray":
-        from histoembed import ray_engine  # Ray: an optional extra, loaded only for this engine
+        from histoembed.engines import ray as ray_engine  # Ray: an optional extra, loaded only for this engine
 
         with ray_engine.session(settings.ray_address):
             yield ray_engine.map_ordered(_crop_alone, jobs)

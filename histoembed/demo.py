@@ -16,9 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from histoembed import crops, drift, fit, qc, report, store, submit
-from histoembed.config import Settings, override
-from histoembed.errors import UserError
+from histoembed import crops, drift, fit, qc, report, submit
+from histoembed.core import store
+from histoembed.core.config import Settings, override
+from histoembed.core.errors import UserError
 from histoembed.synthetic import make_dataset
 
 DEMO_ENCODER = "efficientnet-lite0"

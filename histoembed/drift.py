@@ -20,10 +20,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from histoembed import __version__, store
-from histoembed.config import DriftSettings
-from histoembed.errors import UserError
-from histoembed.pixels import HED_FROM_RGB, OD_EPS
+from histoembed import __version__
+from histoembed.core import store
+from histoembed.core.config import DriftSettings
+from histoembed.core.errors import UserError
+from histoembed.inputs.pixels import HED_FROM_RGB, OD_EPS
 
 DRIFT_VERSION = 1
 DRIFT_FILE = "drift.json"

@@ -34,14 +34,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from histoembed import __version__, cpus, scales, store
-from histoembed.config import FitSettings
-from histoembed.console import progress
-from histoembed.errors import UserError, from_os_error
-from histoembed.heads import Bags, Head, check_names, conformal, decisions, fusion
-from histoembed.heads import get as get_head
-from histoembed.heads.shared import first_seen_index
-from histoembed.metrics import accuracy_by_quantile, softmax, summary, view_spread
+from histoembed import __version__
+from histoembed.core import cpus, store
+from histoembed.core.config import FitSettings
+from histoembed.core.console import progress
+from histoembed.core.errors import UserError, from_os_error
+from histoembed.maths import scales
+from histoembed.maths.metrics import accuracy_by_quantile, softmax, summary, view_spread
+from histoembed.models.heads import Bags, Head, check_names, conformal, decisions, fusion
+from histoembed.models.heads import get as get_head
+from histoembed.models.heads.shared import first_seen_index
 
 FUSION_RULE = "sum over heads of w_h * z_h / T_h (weights on the simplex)"
 FIT_VERSION = 1  # bump when the fit's outputs change meaning (part of the skip key)

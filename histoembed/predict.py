@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from histoembed import store
-from histoembed.config import AugmentSettings, CropSettings
+from histoembed.core import store
+from histoembed.core.config import AugmentSettings, CropSettings
+from histoembed.core.errors import UserError
 from histoembed.crops import crop_image, run_data
-from histoembed.dataset import MAX_PIXELS, read_image_and_mask
-from histoembed.errors import UserError
-from histoembed.inference import check_same_crops, load_ensemble
+from histoembed.inputs.dataset import MAX_PIXELS, read_image_and_mask
+from histoembed.models.inference import check_same_crops, load_ensemble
 
 
 @dataclass
@@ -63,9 +63,9 @@ def resolve_images(run: Path, images: list[str | Path], masks: list[Path | None]
 def predict_images(run: Path, images: list[Path], masks: list[Path | None] | None = None, tta: bool = True,
                    device: str = "auto", batch_size: int = 64, max_pixels: int | None = None) -> list[Prediction]:
     """Class probabilities for each image (with its mask, or tissue found by colour when it has none)."""
-    from histoembed import stain                   # torch: loaded only when predicting
     from histoembed.embed import embed_crops
-    from histoembed.encoders import load_encoder
+    from histoembed.maths import stain                   # torch: loaded only when predicting
+    from histoembed.models.encoders import load_encoder
 
     run = Path(run)
     masks = masks or [None] * len(images)

@@ -28,7 +28,7 @@ aside) are listed in pairs in ``mask_twin``. In the reference challenge a cartoo
 reuses that image's mask, so the member the colour pass marks ``non_tissue`` is the paste;
 its reason names the image it shares the mask with. ``--keep``
 un-flags single images. Test images get the same columns, but later stages never drop
-them; images with ``ink`` are repaired by :func:`histoembed.pixels.repair_ink` when the crops stage reads
+them; images with ``ink`` are repaired by :func:`histoembed.inputs.pixels.repair_ink` when the crops stage reads
 them (source files are never modified).
 """
 
@@ -46,12 +46,12 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from histoembed import store
-from histoembed.config import QCSettings
-from histoembed.console import progress
-from histoembed.dataset import MAX_PIXELS, Problem, Sample, load_dataset, read_image_and_mask
-from histoembed.errors import UserError
-from histoembed.pixels import hue_in, ink_mask, to_hsv, tissue_mask_by_colour
+from histoembed.core import store
+from histoembed.core.config import QCSettings
+from histoembed.core.console import progress
+from histoembed.core.errors import UserError
+from histoembed.inputs.dataset import MAX_PIXELS, Problem, Sample, load_dataset, read_image_and_mask
+from histoembed.inputs.pixels import hue_in, ink_mask, to_hsv, tissue_mask_by_colour
 
 MAX_SIDE = 512          # the colour pass works on images downscaled to this longest side
 HASH_SIZE = 16          # perceptual hash of HASH_SIZE**2 bits
@@ -355,7 +355,7 @@ def _map_images(samples: list[Sample], settings: QCSettings, thumb_size: int) ->
 
 def _load_encoder(name: str):
     """(encoder, input size) or (None, why) when it cannot be loaded."""
-    from histoembed import encoders  # torch: loaded only for the embedding pass
+    from histoembed.models import encoders  # torch: loaded only for the embedding pass
 
     try:
         enc = encoders.load_encoder(name)

@@ -29,14 +29,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from histoembed import __version__, store
+from histoembed import __version__
+from histoembed.core import store
+from histoembed.core.errors import UserError
 from histoembed.crops import run_data
-from histoembed.dataset import load_dataset, read_image
 from histoembed.drift import read_drift
-from histoembed.errors import UserError
 from histoembed.fit import calibrated_probabilities
-from histoembed.inference import check_one_set, load_ensemble
-from histoembed.metrics import reliability
+from histoembed.inputs.dataset import load_dataset, read_image
+from histoembed.maths.metrics import reliability
+from histoembed.models.inference import check_one_set, load_ensemble
 
 PLOT_DPI = 96
 COLORS = {"mlp": "#4c72b0", "xgb": "#55a868", "logreg": "#8172b3", "abmil": "#937860", "fused": "#c44e52"}

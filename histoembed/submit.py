@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from histoembed import store
+from histoembed.core import store
+from histoembed.core.errors import UserError
 from histoembed.crops import run_data
-from histoembed.dataset import submission_ids
-from histoembed.errors import UserError
-from histoembed.inference import check_same_crops, load_ensemble
+from histoembed.inputs.dataset import submission_ids
+from histoembed.models.inference import check_same_crops, load_ensemble
 
 
 @dataclass

@@ -60,8 +60,8 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from histoembed import store
-from histoembed.pixels import tissue_mask_by_colour
+from histoembed.core import store
+from histoembed.inputs.pixels import tissue_mask_by_colour
 
 LABELS = ("HER2(+)", "Luminal A", "Luminal B", "Triple negative")
 # Class balance of the reference training set (691 images).

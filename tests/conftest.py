@@ -44,7 +44,7 @@ def tiny_dinov2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pipeline_settings(tiny_dinov2):
     """Settings for a quick run through every stage with the tiny Dinov2."""
-    from histoembed.config import Settings, override
+    from histoembed.core.config import Settings, override
 
 
     s = Settings()

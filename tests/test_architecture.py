@@ -99,9 +99,9 @@ def test_imports_inside_functions_are_heavy_only():
 
 def test_the_walk_sees_what_it_checks():
     """The checks above would pass on an empty graph; make sure they look at the real one."""
-    assert {"histoembed.qc", "histoembed.crops", "histoembed.pixels", "histoembed.cli.app"} <= set(MODULES)
-    assert is_heavy("histoembed.embed") and not is_heavy("histoembed.pixels")
-    assert "histoembed.pixels" in {m for m, _ in GRAPH["histoembed.qc"][0]}
+    assert {"histoembed.qc", "histoembed.crops", "histoembed.inputs.pixels", "histoembed.cli.app"} <= set(MODULES)
+    assert is_heavy("histoembed.embed") and not is_heavy("histoembed.inputs.pixels")
+    assert "histoembed.inputs.pixels" in {m for m, _ in GRAPH["histoembed.qc"][0]}
     assert "histoembed.embed" in {m for m, _ in GRAPH["histoembed.qc"][1]}  # deferred: it loads torch
 
 
@@ -109,11 +109,11 @@ def test_ray_is_optional_and_loaded_only_for_its_engine():
     """Ray is an extra (histoembed[ray]): no module imports it at its top, and its engine is loaded only for
     --engine ray (by embed and crops, inside the function that picks the engine)."""
     top = [f"{name} imports {m}" for name, (t, _) in GRAPH.items() for m, _ in t
-           if m.split(".")[0] == "ray" or m == "histoembed.ray_engine"]
+           if m.split(".")[0] == "ray" or m == "histoembed.engines.ray"]
     assert not top, top
-    deferred = {name for name, (_, d) in GRAPH.items() for m, _ in d if m == "histoembed.ray_engine"}
+    deferred = {name for name, (_, d) in GRAPH.items() for m, _ in d if m == "histoembed.engines.ray"}
     assert deferred == {"histoembed.embed", "histoembed.crops"}
-    assert {m for m, _ in GRAPH["histoembed.ray_engine"][1]} == {"ray", "ray.data"}
+    assert {m for m, _ in GRAPH["histoembed.engines.ray"][1]} == {"ray", "ray.data"}
 
 
 def test_the_command_line_loads_without_torch():

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from histoembed.augment import (
+from histoembed.core.config import IMAGENET_MEAN, AugmentSettings
+from histoembed.maths.augment import (
     OD_EPS,
     _blur,
     _stain,
@@ -21,7 +22,6 @@ from histoembed.augment import (
     rgb_to_hed,
     stable_key,
 )
-from histoembed.config import IMAGENET_MEAN, AugmentSettings
 
 OFF = dict(flip_p=0.0, rotation_deg=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,
            stain_alpha=(1.0, 1.0), stain_beta=(0.0, 0.0), elastic_p=0.0, blur_p=0.0, noise_p=0.0,
@@ -182,7 +182,7 @@ def test_rotation_turns_counter_clockwise_about_the_centre():
 
 
 def test_rotation_by_ninety_degrees_is_rot90():
-    from histoembed.augment import _warp
+    from histoembed.maths.augment import _warp
 
     x = crops(1, size=32)
     settings = only(rotation_deg=90.0)
@@ -236,7 +236,7 @@ def he_crops(n: int, size: int = 64) -> torch.Tensor:
 
 
 def test_the_macenko_perturbation_scales_and_shifts_each_crops_own_stain_concentrations():
-    from histoembed import stain
+    from histoembed.maths import stain
 
     x = he_crops(3)
     ids, views = ["a", "b", "c"], [1, 2, 3]

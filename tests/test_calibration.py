@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
 
-from histoembed.errors import UserError
-from histoembed.heads import calibration
-from histoembed.metrics import softmax
+from histoembed.core.errors import UserError
+from histoembed.maths.metrics import softmax
+from histoembed.models.heads import calibration
 
 
 def _overconfident(n, seed):

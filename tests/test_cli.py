@@ -8,9 +8,9 @@ import pytest
 import typer
 from rich.markup import escape
 
-from histoembed import config as cfg
 from histoembed.cli import app
 from histoembed.cli.app import STAGE_TABLES, setting_help
+from histoembed.core import config as cfg
 
 COMMANDS = typer.main.get_command(app).commands
 

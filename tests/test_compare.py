@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from histoembed import compare, fit, synthetic
-from histoembed.config import FitSettings, MLPSettings, XGBSettings
-from histoembed.errors import UserError
+from histoembed.core.config import FitSettings, MLPSettings, XGBSettings
+from histoembed.core.errors import UserError
 
 
 def _settings(seed: int) -> FitSettings:
@@ -63,7 +63,7 @@ def test_a_real_improvement_is_detected(two_seeds, tmp_path):
     """B's predictions replaced by the true labels: the interval lies above 0."""
     import pyarrow.parquet as pq
 
-    from histoembed import store
+    from histoembed.core import store
 
     a, _ = two_seeds
     perfect = tmp_path / "perfect"

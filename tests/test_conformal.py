@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from histoembed.heads import conformal
-from histoembed.metrics import softmax
+from histoembed.maths.metrics import softmax
+from histoembed.models.heads import conformal
 
 
 def _model(n, seed, C=4):

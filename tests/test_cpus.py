@@ -7,13 +7,13 @@ import sys
 
 import torch
 
-from histoembed import cpus
+from histoembed.core import cpus
 from histoembed.synthetic import write_synthetic_features
 
 
 def test_usable_cpus_follow_the_affinity_mask():
     code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
-            "from histoembed.cpus import usable_cpus; print(usable_cpus())")
+            "from histoembed.core.cpus import usable_cpus; print(usable_cpus())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
 

@@ -19,10 +19,10 @@ from skimage.measure import label as sk_label
 from skimage.measure import regionprops
 
 from histoembed import crops as crops_mod
-from histoembed import store
-from histoembed.config import MEAN_FILL, CropSettings
+from histoembed.core import store
+from histoembed.core.config import MEAN_FILL, CropSettings
 from histoembed.crops import components, crop_image, grow_box, otsu_binarise, square_crop, tile_starts
-from histoembed.pixels import tissue_mask_by_colour
+from histoembed.inputs.pixels import tissue_mask_by_colour
 
 PINK = (220, 130, 190)
 

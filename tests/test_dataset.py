@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from histoembed import store
-from histoembed.dataset import load_dataset, read_image, read_image_and_mask, read_mask, submission_ids
-from histoembed.errors import UserError
+from histoembed.core import store
+from histoembed.core.errors import UserError
+from histoembed.inputs.dataset import load_dataset, read_image, read_image_and_mask, read_mask, submission_ids
 
 LABELS = ("Luminal A", "Triple negative")
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from histoembed import drift, synthetic
-from histoembed.pixels import RGB_FROM_HED
-from histoembed.config import DriftSettings
+from histoembed.core.config import DriftSettings
+from histoembed.inputs.pixels import RGB_FROM_HED
 
 SETTINGS = DriftSettings(bootstrap=300)
 

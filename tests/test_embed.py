@@ -14,11 +14,11 @@ import pyarrow as pa
 import pytest
 import torch
 
-from histoembed import store
-from histoembed.config import AugmentSettings, EmbedSettings
+from histoembed.core import store
+from histoembed.core.config import AugmentSettings, EmbedSettings
+from histoembed.core.errors import UserError
 from histoembed.embed import STOP_AFTER_ENV, embed_crops, read_store, run_embed
-from histoembed.encoders import load_encoder
-from histoembed.errors import UserError
+from histoembed.models.encoders import load_encoder
 
 
 def write_crops(run: Path, n_train: int = 5, n_test: int = 2, per_image: int = 3, size: int = 32,

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from histoembed import zoo
-from histoembed.encoders import load_encoder
-from histoembed.errors import UserError
+from histoembed.core.errors import UserError
+from histoembed.models import zoo
+from histoembed.models.encoders import load_encoder
 
 
 def _direct_tokens(path, x01: torch.Tensor, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> torch.Tensor:
@@ -152,7 +152,7 @@ def test_phikon_v2_is_loaded_from_the_hugging_face_cache_offline(tiny_dinov2, tm
     """The default encoder through the real hub path: a cache laid out as huggingface_hub writes it."""
     files = {name: (tiny_dinov2 / name).read_bytes() for name in ("config.json", "model.safetensors")}
     hub_layout(tmp_path / "hub", "owkin/phikon-v2", files)
-    code = ("from histoembed.encoders import load_encoder; e = load_encoder('phikon-v2'); "
+    code = ("from histoembed.models.encoders import load_encoder; e = load_encoder('phikon-v2'); "
             "print(e.encoder_id, e.dim, e.weights_hash)")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -162,7 +162,7 @@ def test_phikon_v2_is_loaded_from_the_hugging_face_cache_offline(tiny_dinov2, tm
 
 
 def test_glibc_heap_tuning_applies_on_linux_and_can_be_turned_off(monkeypatch):
-    from histoembed.encoders import keep_large_buffers_in_heap
+    from histoembed.models.encoders import keep_large_buffers_in_heap
 
     monkeypatch.setenv("HISTOEMBED_MALLOC_TUNING", "0")
     assert keep_large_buffers_in_heap.__wrapped__() is False
@@ -216,7 +216,7 @@ def test_a_folder_written_by_timm_loads_with_its_own_preprocessing(timm_folder):
 def test_an_hf_hub_id_loads_from_the_cache_offline(timm_folder, tmp_path, hub_layout):
     files = {f.name: f.read_bytes() for f in timm_folder.iterdir() if f.is_file()}
     hub_layout(tmp_path / "hub", "someone/tiny-vit", files)
-    code = ("import json, torch; from histoembed.encoders import load_encoder; e = load_encoder('hf-hub:someone/tiny-vit'); "
+    code = ("import json, torch; from histoembed.models.encoders import load_encoder; e = load_encoder('hf-hub:someone/tiny-vit'); "
             "x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6)); "
             "print(json.dumps([e.encoder_id, e.weights_hash, e(x).tolist()]))")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
@@ -230,7 +230,7 @@ def test_an_hf_hub_id_loads_from_the_cache_offline(timm_folder, tmp_path, hub_la
 
 
 def test_an_hf_hub_id_missing_from_the_cache_says_where_it_looked(tmp_path):
-    code = "from histoembed.encoders import load_encoder; load_encoder('hf-hub:someone/absent')"
+    code = "from histoembed.models.encoders import load_encoder; load_encoder('hf-hub:someone/absent')"
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
@@ -253,8 +253,8 @@ def test_a_registry_entry_reads_its_weights_from_the_models_folder(tmp_path, mon
     import timm
     from timm.models import save_for_hf
 
-    from histoembed.encoders import weights_available
-    from histoembed.zoo import HALF, get
+    from histoembed.models.encoders import weights_available
+    from histoembed.models.zoo import HALF, get
 
     monkeypatch.setenv("HISTOEMBED_MODELS", str(tmp_path))
     assert weights_available(get("kaiko-vit-b16")) == ""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from histoembed import store
+from histoembed.core import store
 
 pytestmark = pytest.mark.slow
 

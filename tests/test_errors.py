@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from histoembed import store
+from histoembed.core import store
 from histoembed.synthetic import write_synthetic_features
 
 

@@ -13,11 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support
 
-from histoembed import fit, heads, inference, store, synthetic
-from histoembed.config import ABMILSettings, FitSettings, MLPSettings, XGBSettings
-from histoembed.errors import UserError
-from histoembed.heads import calibration, conformal, fusion, offsets
-from histoembed.metrics import softmax
+from histoembed import fit, synthetic
+from histoembed.core import store
+from histoembed.core.config import ABMILSettings, FitSettings, MLPSettings, XGBSettings
+from histoembed.core.errors import UserError
+from histoembed.maths.metrics import softmax
+from histoembed.models import heads, inference
+from histoembed.models.heads import calibration, conformal, fusion, offsets
 
 TOML = """
 [fit]

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_end_to_end import _python_m, small_settings_toml
 
-from histoembed import store
+from histoembed.core import store
 
 pytestmark = pytest.mark.slow
 

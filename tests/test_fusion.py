@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from histoembed.heads import fusion
-from histoembed.metrics import macro_f1
+from histoembed.maths.metrics import macro_f1
+from histoembed.models.heads import fusion
 
 
 def _reference_choose_weight(z_mlp, z_xgb, labels, t_mlp, t_xgb, points):

@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from histoembed.config import ABMILSettings, LogRegSettings, MLPSettings, XGBSettings
-from histoembed.errors import UserError
-from histoembed.heads import REGISTRY, Bags, check_names, get
-from histoembed.heads.abmil import ABMILHead
-from histoembed.heads.mlp import MLPHead
-from histoembed.heads.training import lr_factor
-from histoembed.heads.xgb import PCA_FILE, XGBHead, fit_pca
+from histoembed.core.config import ABMILSettings, LogRegSettings, MLPSettings, XGBSettings
+from histoembed.core.errors import UserError
+from histoembed.models.heads import REGISTRY, Bags, check_names, get
+from histoembed.models.heads.abmil import ABMILHead
+from histoembed.models.heads.mlp import MLPHead
+from histoembed.models.heads.training import lr_factor
+from histoembed.models.heads.xgb import PCA_FILE, XGBHead, fit_pca
 
 SMALL = {"mlp": MLPSettings(hidden=16, epochs=30, patience=5, batch_size=32),
          "xgb": XGBSettings(n_estimators=40, pca_dims=6, early_stopping_rounds=5),

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from histoembed import store
+from histoembed.core import store
 
 
 @pytest.mark.parametrize("name", ["mlp.safetensors", "xgb.ubj"])

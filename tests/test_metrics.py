@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score, log_loss, precision_recall_fscore_support
 
-from histoembed import metrics
+from histoembed.maths import metrics
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def test_summary_reports_fold_spread_and_calibration_change(predictions):
 
 
 def test_view_spread_is_zero_for_identical_views_and_one_for_disjoint_ones():
-    from histoembed.metrics import view_spread
+    from histoembed.maths.metrics import view_spread
 
     probs = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.5, 0.5]])
     image = np.array([0, 0, 1, 1, 2, 2])
@@ -75,7 +75,7 @@ def test_view_spread_is_zero_for_identical_views_and_one_for_disjoint_ones():
 
 
 def test_accuracy_by_quantile_uses_equal_count_bins_in_order():
-    from histoembed.metrics import accuracy_by_quantile
+    from histoembed.maths.metrics import accuracy_by_quantile
 
     values = np.arange(8, dtype=float)
     correct = np.array([1, 1, 1, 1, 0, 1, 0, 0], dtype=bool)
@@ -85,7 +85,7 @@ def test_accuracy_by_quantile_uses_equal_count_bins_in_order():
 
 
 def test_paired_bootstrap_difference_is_zero_for_the_same_predictions_and_signed():
-    from histoembed.metrics import paired_bootstrap_difference
+    from histoembed.maths.metrics import paired_bootstrap_difference
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 200)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from histoembed.heads import offsets
-from histoembed.metrics import log_softmax, macro_f1
+from histoembed.maths.metrics import log_softmax, macro_f1
+from histoembed.models.heads import offsets
 
 
 def _imbalanced(n, seed):

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from histoembed import store
-from histoembed.encoders import load_encoder
-from histoembed.precision import check_precision, cosine_per_row
+from histoembed.core import store
+from histoembed.models.encoders import load_encoder
+from histoembed.models.precision import check_precision, cosine_per_row
 from test_embed import write_crops
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from histoembed import store
+from histoembed.core import store
 from histoembed.predict import predict_images
 
 

@@ -13,8 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from histoembed import pixels, qc, store
-from histoembed.config import QCSettings
+from histoembed import qc
+from histoembed.core import store
+from histoembed.core.config import QCSettings
+from histoembed.inputs import pixels
 
 LABELS = ("Luminal A", "Luminal B")
 

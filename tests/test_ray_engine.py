@@ -25,10 +25,11 @@ import pytest
 from test_crops import read_crops, small_data
 from test_embed import settings, sorted_rows, write_crops
 
-from histoembed import ray_engine, store
-from histoembed.config import AugmentSettings
+from histoembed.core import store
+from histoembed.core.config import AugmentSettings
+from histoembed.core.errors import UserError
 from histoembed.embed import STOP_AFTER_ENV, read_store, run_embed
-from histoembed.errors import UserError
+from histoembed.engines import ray as ray_engine
 
 
 def loopback_only() -> bool:
@@ -260,7 +261,7 @@ def test_stain_normalisation_over_ray_gives_the_local_store(tmp_path, tiny_dinov
     target once), and their parts' footers count the crops left unchanged as local parts do."""
     from test_stain import synth_and_crops
 
-    from histoembed import stain
+    from histoembed.maths import stain
 
     local = synth_and_crops(cli, tmp_path, train=8, shift=1.0, outliers=True)
     on_ray = tmp_path / "run-ray"

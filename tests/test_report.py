@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histoembed import report, store
+from histoembed import report
+from histoembed.core import store
 
 WIDTH = 1280
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -245,8 +246,8 @@ def test_render_check_catches_broken_and_blank_images(tmp_path):
 
 def test_report_ece_equals_metrics_json(written):
     """ECE and NLL in the calibration table are metrics.json's, for the probabilities the curves draw."""
-    from histoembed import metrics
     from histoembed.fit import calibrated_probabilities
+    from histoembed.maths import metrics
 
     _, run, page = written
     saved = json.loads((run / store.METRICS_FILE).read_text())["heads"]
@@ -265,7 +266,7 @@ def test_report_ece_equals_metrics_json(written):
 
 
 def test_report_with_attention_mil_maps_its_attention_and_tables_n_way_weights(pipeline_run, tmp_path):
-    from histoembed.config import FitSettings, MLPSettings
+    from histoembed.core.config import FitSettings, MLPSettings
     from histoembed.fit import run_fit
 
     data, run = pipeline_run

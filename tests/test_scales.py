@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from histoembed import store
-from histoembed.errors import UserError
-from histoembed.scales import fuse_scales, scales_of
+from histoembed.core import store
+from histoembed.core.errors import UserError
+from histoembed.maths.scales import fuse_scales, scales_of
 
 
 def features(rows: list[tuple[str, str, int, int, float]], dim: int = 3, seed: int = 0) -> store.Features:

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from histoembed import stain, store
-from histoembed.config import MEAN_FILL
-from histoembed.errors import UserError
+from histoembed.core import store
+from histoembed.core.config import MEAN_FILL
+from histoembed.core.errors import UserError
+from histoembed.maths import stain
 from histoembed.synthetic import LABELS, cartoon_image, shifted_stains, tissue_image
 
 
@@ -183,8 +184,8 @@ def test_embed_stain_norm_normalises_counts_and_keys_the_store(cli, tmp_path, ti
 def test_embed_crops_with_the_stores_normaliser_gives_the_stored_features(cli, tmp_path, tiny_vit_64):
     """What predict does for a new image: the store's metadata rebuilds the normaliser it was embedded with."""
     from histoembed.embed import embed_crops
-    from histoembed.encoders import load_encoder
-    from histoembed.pixels import decode_png
+    from histoembed.inputs.pixels import decode_png
+    from histoembed.models.encoders import load_encoder
 
     run = synth_and_crops(cli, tmp_path, train=8, shift=1.0)
     embed(cli, run, tiny_vit_64, "--stain-norm", "macenko")

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from histoembed import store
+from histoembed.core import store
 from histoembed.synthetic import write_synthetic_features
 
 TOML = """
@@ -190,7 +190,7 @@ def _other_value(cls, name: str):
 def test_each_stage_key_holds_exactly_the_settings_that_change_the_output():
     from pydantic import BaseModel
 
-    from histoembed.config import AugmentSettings, CropSettings, EmbedSettings, FitSettings, MLPSettings, \
+    from histoembed.core.config import AugmentSettings, CropSettings, EmbedSettings, FitSettings, MLPSettings, \
         QCSettings, XGBSettings, runtime_only
 
     assert runtime_only(CropSettings) == {"workers", "engine", "ray_address"} and runtime_only(QCSettings) == {"workers"}
@@ -211,7 +211,7 @@ def test_each_stage_key_holds_exactly_the_settings_that_change_the_output():
 
 def test_changing_each_setting_re_runs_exactly_the_stages_it_should(tmp_path, tiny_dinov2):
     from histoembed import crops, embed, fit, qc
-    from histoembed.config import Settings, override
+    from histoembed.core.config import Settings, override
     from histoembed.synthetic import make_dataset
 
     data, run = tmp_path / "data", tmp_path / "run"

@@ -7,7 +7,7 @@ import shutil
 
 import pyarrow.parquet as pq
 
-from histoembed import store
+from histoembed.core import store
 from histoembed.submit import run_submit
 
 
@@ -101,7 +101,7 @@ def test_submit_before_fit_says_what_to_run(tmp_path, cli, pipeline_run):
 
 
 def test_features_the_models_were_not_fitted_on_are_refused(pipeline_run, tmp_path, cli):
-    from histoembed.inference import load_ensemble
+    from histoembed.models.inference import load_ensemble
     from histoembed.synthetic import write_synthetic_features
 
     data, run = pipeline_run

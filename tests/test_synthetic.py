@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histoembed.dataset import load_dataset, read_image, read_mask
+from histoembed.inputs.dataset import load_dataset, read_image, read_mask
 from histoembed.synthetic import LABELS, class_counts, make_dataset, tissue_image
 
 
@@ -239,7 +239,7 @@ def _tinted_towards(rgb: np.ndarray, plain: np.ndarray, region: np.ndarray, labe
 
 
 def test_context_signal_is_a_class_ring_outside_every_default_crop_and_inside_its_context_crop():
-    from histoembed.config import CropSettings
+    from histoembed.core.config import CropSettings
     from histoembed.crops import crop_image
     from histoembed.synthetic import NEUTRAL_LABEL, context_ring, signal_image
 
@@ -258,9 +258,9 @@ def test_context_signal_is_a_class_ring_outside_every_default_crop_and_inside_it
 
 
 def test_partial_masks_mark_a_patch_and_miss_the_tissue_that_carries_the_class(cli, tmp_path):
-    from histoembed.config import CropSettings
+    from histoembed.core.config import CropSettings
     from histoembed.crops import crop_image
-    from histoembed.pixels import tissue_mask_by_colour
+    from histoembed.inputs.pixels import tissue_mask_by_colour
     from histoembed.synthetic import NEUTRAL_LABEL, signal_image
 
     for seed, label in enumerate(LABELS):

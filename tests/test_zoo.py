@@ -19,9 +19,9 @@ import sys
 import pytest
 import torch
 
-from histoembed import zoo
-from histoembed.encoders import pool_tokens, timm_features
-from histoembed.errors import UserError
+from histoembed.core.errors import UserError
+from histoembed.models import zoo
+from histoembed.models.encoders import pool_tokens, timm_features
 
 SIDE = 32
 # The network's size, shrunk; everything else (layer types, registers, LayerScale) stays the entry's.
@@ -136,7 +136,7 @@ def _in_subprocess(cache, code: str, **env) -> str:
 
 LOAD_ALL = """
 import json, sys, torch
-from histoembed.encoders import load_encoder
+from histoembed.models.encoders import load_encoder
 x = torch.rand(3, 3, {side}, {side}, generator=torch.Generator().manual_seed(7))
 out = {{}}
 for name in sys.argv[1:]:
@@ -196,7 +196,7 @@ def test_the_encoders_command_on_an_empty_cache_lists_nothing_here(tmp_path):
 
 @pytest.mark.parametrize("entry", [e for e in zoo.entries() if e.refused], ids=lambda e: e.name)
 def test_refused_entries_say_why(entry):
-    from histoembed.encoders import load_encoder
+    from histoembed.models.encoders import load_encoder
 
     with pytest.raises(UserError, match="cannot be loaded") as e:
         load_encoder(entry.name)
@@ -266,7 +266,7 @@ def test_timm_encoders_from_the_cache_run_embed_fit_submit_predict_offline(zoo_c
     on the same crops and views, then each through fit, submit and predict, as separate processes, offline."""
     import csv
 
-    from histoembed import store
+    from histoembed.core import store
     from histoembed.synthetic import make_dataset
     from test_end_to_end import small_settings_toml
 

@@ -11,9 +11,9 @@ import typer
 from rich.markup import escape
 
 from histoembed import __version__
-from histoembed import config as cfg
-from histoembed.console import console, show_progress
-from histoembed.errors import UserError, from_os_error
+from histoembed.core import config as cfg
+from histoembed.core.console import console, show_progress
+from histoembed.core.errors import UserError, from_os_error
 
 app = typer.Typer(
     name="histoembed",

@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from histoembed import store
 from histoembed.cli.app import SeedOpt, command
 from histoembed.compare import run_compare
-from histoembed.console import console, table
+from histoembed.core import store
+from histoembed.core.console import console, table
 
 
 @command("compare")

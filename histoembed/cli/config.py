@@ -6,9 +6,9 @@ from typing import Annotated
 
 import typer
 
-from histoembed import config as cfg
 from histoembed.cli.app import STAGE_TABLES, ConfigOpt, command, show_settings
-from histoembed.errors import UserError
+from histoembed.core import config as cfg
+from histoembed.core.errors import UserError
 
 
 @command("config", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

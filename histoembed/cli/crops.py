@@ -8,12 +8,12 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from histoembed import config as cfg
 from histoembed.cli.app import ConfigOpt, DataOpt, RunOpt, StrictOpt, command, setting, stage_settings
-from histoembed.config import Engine, MaskMode, Strategy
-from histoembed.console import console
+from histoembed.core import config as cfg
+from histoembed.core.config import Engine, MaskMode, Strategy
+from histoembed.core.console import console
+from histoembed.core.errors import UserError
 from histoembed.crops import run_crops
-from histoembed.errors import UserError
 
 
 def _parse_fill(text: str | None) -> tuple[int, int, int] | None:

@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 
 from histoembed.cli.app import EncoderOpt, SeedOpt, command
-from histoembed.config import Settings, load_settings
-from histoembed.console import console, table
+from histoembed.core.config import Settings, load_settings
+from histoembed.core.console import console, table
 from histoembed.demo import DEMO_ENCODER, demo_settings, run_demo
 
 

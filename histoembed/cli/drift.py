@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
-from histoembed.console import console, table
+from histoembed.core.console import console, table
 from histoembed.drift import DriftResult, run_drift
 
 

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
-from histoembed.config import Device, Engine, Pool, Precision, StainNorm, StoreDtype
-from histoembed.console import console
+from histoembed.core.config import Device, Engine, Pool, Precision, StainNorm, StoreDtype
+from histoembed.core.console import console
 
 
 @command("embed")

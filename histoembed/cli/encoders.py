@@ -24,7 +24,7 @@ def encoders(
     "here" means readable offline now: in a folder under $HISTOEMBED_MODELS (one subfolder
     per name), in the Hugging Face cache, or in the package. It never uses the network.
     """
-    from histoembed.encoders import encoder_rows  # torch: loaded only for this command
+    from histoembed.models.encoders import encoder_rows  # torch: loaded only for this command
 
     rows = encoder_rows(include_refused=all_)
     if as_json:

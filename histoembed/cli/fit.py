@@ -9,12 +9,12 @@ import typer
 
 from histoembed.cli import drift as drift_cli
 from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
-from histoembed.config import Offsets, ScaleFusion
-from histoembed.console import console, table
+from histoembed.core.config import Offsets, ScaleFusion
+from histoembed.core.console import console, table
+from histoembed.core.errors import UserError
 from histoembed.drift import run_drift
-from histoembed.errors import UserError
 from histoembed.fit import run_fit
-from histoembed.heads import check_names
+from histoembed.models.heads import check_names
 
 
 @command("fit")

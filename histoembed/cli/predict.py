@@ -8,12 +8,12 @@ from typing import Annotated
 
 import typer
 
-from histoembed import config as cfg
-from histoembed import store
 from histoembed.cli.app import ConfigOpt, RunDataOpt, RunOpt, command, setting
-from histoembed.config import Device
-from histoembed.console import console, table
-from histoembed.errors import UserError
+from histoembed.core import config as cfg
+from histoembed.core import store
+from histoembed.core.config import Device
+from histoembed.core.console import console, table
+from histoembed.core.errors import UserError
 from histoembed.predict import predict_images, resolve_images
 
 

@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from histoembed import config as cfg
 from histoembed.cli.app import ConfigOpt, DataOpt, RunOpt, StrictOpt, command, setting, stage_settings
-from histoembed.console import console, table
+from histoembed.core import config as cfg
+from histoembed.core.console import console, table
 from histoembed.qc import run_qc
 
 

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from histoembed import store
 from histoembed.cli.app import RunOpt, command
-from histoembed.console import console
+from histoembed.core import store
+from histoembed.core.console import console
 from histoembed.report import write_report
 
 

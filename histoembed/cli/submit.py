@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from histoembed.cli.app import EncoderOpt, RunDataOpt, RunOpt, command
-from histoembed.console import console, table
+from histoembed.core.console import console, table
 from histoembed.submit import run_submit
 
 

@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from histoembed.cli.app import command
-from histoembed.console import console
-from histoembed.errors import UserError
 from histoembed import synthetic
+from histoembed.cli.app import command
+from histoembed.core.console import console
+from histoembed.core.errors import UserError
 
 
 @command("synth")

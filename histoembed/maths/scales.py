@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from histoembed.errors import UserError
-from histoembed.store import Features
+from histoembed.core.errors import UserError
+from histoembed.core.store import Features
 
 RULES = {
     "crops": "every crop, whatever its scale, is one crop of its image",

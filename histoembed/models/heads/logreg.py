@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from histoembed.config import LogRegSettings
-from histoembed.heads.base import Bags, Head, write_tensors
-from histoembed.heads.calibration import temperature_nll
+from histoembed.core.config import LogRegSettings
+from histoembed.models.heads.base import Bags, Head, write_tensors
+from histoembed.models.heads.calibration import temperature_nll
 
 WEIGHTS_FILE = "logreg.safetensors"
 ABSENT_CLASS_LOGIT = -30.0   # a class missing from the training rows is never predicted

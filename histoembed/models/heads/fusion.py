@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from histoembed.metrics import macro_f1
+from histoembed.maths.metrics import macro_f1
 
 GRID_MAX_MEMBERS = 3
 SEARCH_ROUNDS = 10

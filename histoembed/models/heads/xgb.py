@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from histoembed import cpus, store
-from histoembed.config import XGBSettings
-from histoembed.heads.base import Bags, Head, write_tensors
-from histoembed.heads.shared import class_weights
+from histoembed.core import cpus, store
+from histoembed.core.config import XGBSettings
+from histoembed.models.heads.base import Bags, Head, write_tensors
+from histoembed.models.heads.shared import class_weights
 
 MODEL_FILE = "xgb.ubj"
 PCA_FILE = "xgb_pca.safetensors"

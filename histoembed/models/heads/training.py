@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from histoembed.heads.base import Head, write_tensors
+from histoembed.models.heads.base import Head, write_tensors
 
 
 MIN_STEPS_PER_EPOCH = 8

@@ -10,7 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from histoembed.config import QCSettings
+from histoembed.core.config import QCSettings
 
 # Ruifrok & Johnston's H&E-DAB stain vectors (rows: haematoxylin, eosin, DAB), as skimage.
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29],

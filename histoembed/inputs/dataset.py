@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from histoembed.config import DataSettings
-from histoembed.errors import UserError
+from histoembed.core.config import DataSettings
+from histoembed.core.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LABELS_FILE = "train_labels.csv"

@@ -2,7 +2,7 @@
 
 An ``Encoder`` takes float crops in [0, 1] ([B, 3, H, W], any size), resizes them to the
 model's input size, normalises them with the model's own mean/std and returns float32
-features [B, D]. Names resolve in this order: a registry entry (``histoembed.zoo``), an
+features [B, D]. Names resolve in this order: a registry entry (``histoembed.models.zoo``), an
 ``hf-hub:org/name`` timm id, a local folder (timm's ``config.json`` with ``architecture``,
 else a transformers folder), then a transformers id on the Hugging Face hub. The cache and
 offline mode are honoured; weights are read from safetensors only (or with
@@ -28,10 +28,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from histoembed import store, zoo
-from histoembed.config import IMAGENET_MEAN, IMAGENET_STD
-from histoembed.config import Pool as SettingsPool
-from histoembed.errors import UserError
+from histoembed.core import store
+from histoembed.core.config import IMAGENET_MEAN, IMAGENET_STD
+from histoembed.core.config import Pool as SettingsPool
+from histoembed.core.errors import UserError
+from histoembed.models import zoo
 
 Pool = SettingsPool | Literal["avg"]  # "avg" pools feature maps; "auto": the registry entry's rule
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -51,11 +51,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from histoembed import store
-from histoembed.config import MEAN_FILL
-from histoembed.dataset import read_image
-from histoembed.errors import UserError
-from histoembed.pixels import decode_png
+from histoembed.core import store
+from histoembed.core.config import MEAN_FILL
+from histoembed.core.errors import UserError
+from histoembed.inputs.dataset import read_image
+from histoembed.inputs.pixels import decode_png
 
 IO = 240.0          # transmitted light intensity, torchstain's default
 ALPHA = 1.0         # percentile of the stain angles (torchstain's alpha)

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 
-from histoembed.errors import UserError
+from histoembed.core.errors import UserError
 
 # ImageNet mean, the colour Phikon-v2 and most encoders treat as "nothing here".
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from histoembed.metrics import macro_f1
+from histoembed.maths.metrics import macro_f1
 
 GRID = np.round(np.linspace(-2.0, 2.0, 41), 6)   # offsets on the log-probability scale, steps of 0.1
 ROUNDS = 4

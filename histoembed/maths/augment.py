@@ -13,7 +13,7 @@ bit-identical; views 1..r-1 get the reference recipe, in this order:
    encoder expects.
 2. Macenko stain perturbation (off by default, ``macenko_p``), as torchstain's
    ``TorchMacenkoAugmentor``: each crop's own stain vectors and concentrations by Macenko
-   (``histoembed.stain.estimate``, batched), each stain's concentrations scaled by alpha and
+   (``histoembed.maths.stain.estimate``, batched), each stain's concentrations scaled by alpha and
    shifted by beta. Applied as the change of OD, ``OD + HE (C (alpha - 1) + beta)``, so
    alpha 1, beta 0 is the identity (rebuilding from C alone would also drop the OD off the
    stains' plane). A crop whose stain cannot be estimated (not H&E, too little tissue) is
@@ -49,9 +49,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from histoembed import stain
-from histoembed.config import IMAGENET_MEAN, AugmentSettings
-from histoembed.pixels import HED_FROM_RGB, OD_EPS, RGB_FROM_HED
+from histoembed.core.config import IMAGENET_MEAN, AugmentSettings
+from histoembed.inputs.pixels import HED_FROM_RGB, OD_EPS, RGB_FROM_HED
+from histoembed.maths import stain
 
 # RGB -> YIQ (NTSC); Y uses the luma weights torchvision's grayscale uses.
 YIQ_FROM_RGB = np.array([[0.299, 0.587, 0.114],

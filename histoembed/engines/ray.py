@@ -47,13 +47,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from histoembed import cpus, embed, stain, store
-from histoembed.config import AugmentSettings, EmbedSettings
-from histoembed.console import progress
+from histoembed import embed
+from histoembed.core import cpus, store
+from histoembed.core.config import AugmentSettings, EmbedSettings
+from histoembed.core.console import progress
+from histoembed.core.errors import UserError
 from histoembed.embed import CropIndex, EmbedResult
-from histoembed.encoders import Encoder, load_encoder
-from histoembed.errors import UserError
-from histoembed.precision import PrecisionCheck
+from histoembed.maths import stain
+from histoembed.models.encoders import Encoder, load_encoder
+from histoembed.models.precision import PrecisionCheck
 
 INSTALL_HINT = "install the extra: pip install 'histoembed[ray]' (Ray Data 2.60), or run with --engine local"
 RETRIES = 3            # retries of a crop task whose process died

@@ -15,12 +15,12 @@ offsets for macro-F1), ``conformal`` (split-conformal prediction sets).
 
 from __future__ import annotations
 
-from histoembed.errors import UserError
-from histoembed.heads.abmil import ABMILHead
-from histoembed.heads.base import Bags, Head
-from histoembed.heads.logreg import LogRegHead
-from histoembed.heads.mlp import MLPHead
-from histoembed.heads.xgb import XGBHead
+from histoembed.core.errors import UserError
+from histoembed.models.heads.abmil import ABMILHead
+from histoembed.models.heads.base import Bags, Head
+from histoembed.models.heads.logreg import LogRegHead
+from histoembed.models.heads.mlp import MLPHead
+from histoembed.models.heads.xgb import XGBHead
 
 REGISTRY: dict[str, type[Head]] = {cls.name: cls for cls in (MLPHead, XGBHead, LogRegHead, ABMILHead)}
 

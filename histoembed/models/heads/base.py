@@ -12,7 +12,7 @@ stop, y_stop)`` returns the head, with fitted attributes ending in ``_``; ``pred
 gives logits [bags, classes]; ``save(folder, classes)`` writes the head's own files
 (safetensors, JSON, XGBoost UBJ: never pickle) and ``Head.load(folder)`` reads them back.
 ``stop`` is the caller's inner split for early stopping or model selection: a head never
-sees the images it is evaluated on. Heads are registered in ``histoembed.heads.REGISTRY``.
+sees the images it is evaluated on. Heads are registered in ``histoembed.models.heads.REGISTRY``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import ClassVar
 import numpy as np
 from pydantic import BaseModel
 
-from histoembed import store
-from histoembed.errors import UserError
+from histoembed.core import store
+from histoembed.core.errors import UserError
 
 
 def write_tensors(save_file: Callable, tensors: dict, path: Path) -> None:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from histoembed.config import MLPSettings
-from histoembed.heads.base import Bags
-from histoembed.heads.calibration import temperature_nll
-from histoembed.heads.shared import class_weights
-from histoembed.heads.training import TorchHead, input_scale, train
+from histoembed.core.config import MLPSettings
+from histoembed.models.heads.base import Bags
+from histoembed.models.heads.calibration import temperature_nll
+from histoembed.models.heads.shared import class_weights
+from histoembed.models.heads.training import TorchHead, input_scale, train
 
 WEIGHTS_FILE = "mlp.safetensors"
 

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from histoembed import scales, store
-from histoembed.errors import UserError
-from histoembed.heads import Bags, Head, decisions
-from histoembed.heads import get as get_head
-from histoembed.heads.shared import first_seen_index
-from histoembed.metrics import softmax, view_spread
+from histoembed.core import store
+from histoembed.core.errors import UserError
+from histoembed.maths import scales
+from histoembed.maths.metrics import softmax, view_spread
+from histoembed.models.heads import Bags, Head, decisions
+from histoembed.models.heads import get as get_head
+from histoembed.models.heads.shared import first_seen_index
 
 
 @dataclass

@@ -8,7 +8,7 @@ and each carries the store's key: on the next call, crops found in parts with th
 key are skipped, and parts with another key (other settings, crops or weights) are
 removed, so rows of different settings never mix.
 
-The ``ray`` engine (:mod:`histoembed.ray_engine`) writes parts of the same schema and key,
+The ``ray`` engine (:mod:`histoembed.engines.ray`) writes parts of the same schema and key,
 named ``part-ray-<digest of the key and the crops they hold>.parquet`` so that a retried
 task rewrites its part; the local engine keeps its numbered parts, written by one process
 per shard under a lock. Readers take every ``part-*.parquet`` alike, and both engines skip
@@ -37,14 +37,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from histoembed import __version__, cpus, stain, store
-from histoembed.augment import augment_batch
-from histoembed.config import AugmentSettings, EmbedSettings, output_settings
-from histoembed.console import progress
-from histoembed.encoders import Encoder, load_encoder
-from histoembed.errors import UserError
-from histoembed.pixels import decode_png
-from histoembed.precision import PrecisionCheck, check_precision
+from histoembed import __version__
+from histoembed.core import cpus, store
+from histoembed.core.config import AugmentSettings, EmbedSettings, output_settings
+from histoembed.core.console import progress
+from histoembed.core.errors import UserError
+from histoembed.inputs.pixels import decode_png
+from histoembed.maths import stain
+from histoembed.maths.augment import augment_batch
+from histoembed.models.encoders import Encoder, load_encoder
+from histoembed.models.precision import PrecisionCheck, check_precision
 
 STORE_VERSION = 3  # 2: bf16 on CUDA runs a bf16 copy of the weights, not autocast; 3: rows keyed by (split, image_id)
 
@@ -273,7 +275,7 @@ def store_key(encoder: Encoder, settings: EmbedSettings, augment: AugmentSetting
 
 
 Crop = tuple[str, str, int, str]  # split, image id, crop index, digest of its PNG
-RUN_ID_FILE = ".ray-run"  # the Ray run that may add parts to a store now (see histoembed.ray_engine)
+RUN_ID_FILE = ".ray-run"  # the Ray run that may add parts to a store now (see histoembed.engines.ray)
 
 
 def _prepare_store(store_dir: Path, key: str, current: set[Crop]) -> tuple[set[Crop], int]:
@@ -494,10 +496,10 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
               encoder: Encoder | None = None) -> EmbedResult:
     """Embed this shard's crops of ``run/crops.parquet`` into ``run/features/<encoder>/``; resume if interrupted.
 
-    ``settings.engine`` ``ray`` spreads the work over a Ray cluster (:mod:`histoembed.ray_engine`).
+    ``settings.engine`` ``ray`` spreads the work over a Ray cluster (:mod:`histoembed.engines.ray`).
     """
     if settings.engine == "ray":
-        from histoembed import ray_engine  # Ray: an optional extra, loaded only for this engine
+        from histoembed.engines import ray as ray_engine  # Ray: an optional extra, loaded only for this engine
 
         return ray_engine.run_embed(run, settings, augment, shard, encoder)
     started = time.perf_counter()
@@ -611,7 +613,7 @@ def engine_session(engine: str, ray_address: str | None) -> contextlib.AbstractC
     """What the engine needs for a whole command: a Ray connection for ``ray``, nothing for ``local``."""
     if engine != "ray":
         return contextlib.nullcontext()
-    from histoembed import ray_engine  # Ray: an optional extra, loaded only for this engine
+    from histoembed.engines import ray as ray_engine  # Ray: an optional extra, loaded only for this engine
 
     return ray_engine.session(ray_address)
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from histoembed.heads import calibration, conformal, fusion, offsets
-from histoembed.metrics import log_softmax, softmax
+from histoembed.maths.metrics import log_softmax, softmax
+from histoembed.models.heads import calibration, conformal, fusion, offsets
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from histoembed.errors import UserError
-from histoembed.metrics import log_softmax
+from histoembed.core.errors import UserError
+from histoembed.maths.metrics import log_softmax
 
 LOG_T_BOUNDS = (np.log(1e-2), np.log(1e2))
 PRIOR_SD = 2.0          # sd of log T: T within [e^-4, e^4] ~ [0.02, 55] at two sd

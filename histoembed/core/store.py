@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from histoembed import __version__
-from histoembed.config import output_settings
-from histoembed.errors import UserError
+from histoembed.core.config import output_settings
+from histoembed.core.errors import UserError
 
 META_KEY = b"histoembed"
 SCHEMA = 2  # 2: images keyed by (split, image_id) everywhere; bump when a table's meaning changes

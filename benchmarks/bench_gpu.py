@@ -285,7 +285,7 @@ def store_against_memory(r: Run, run: Path, store_dir: Path, enc, seed: int, bat
 
     from histoembed.core import store
     from histoembed.core.config import AugmentSettings
-    from histoembed.embed import decode_png, embed_crops
+    from histoembed.engines.seams import decode_png, embed_crops
 
     t = pq.read_table(run / store.CROPS_FILE, columns=["image_id", "crop_index", "png"])
     crops = np.stack([decode_png(b) for b in t["png"].to_pylist()])
@@ -373,7 +373,7 @@ def section_parts(r: Run) -> dict:
 
     from histoembed.core import store
     from histoembed.core.config import AugmentSettings
-    from histoembed.embed import CropBatches, PartWriter, copy_to_host, part_rows, plan_batches, queue_views
+    from histoembed.engines.seams import CropBatches, PartWriter, copy_to_host, part_rows, plan_batches, queue_views
     from histoembed.maths.augment import augment_batch
 
     p, out = r.plan, {}
@@ -449,7 +449,7 @@ def section_cosine(r: Run) -> dict:
     import pyarrow.parquet as pq
 
     from histoembed.core import store
-    from histoembed.embed import decode_png, embed_crops
+    from histoembed.engines.seams import decode_png, embed_crops
 
     n = r.plan.cosine_crops
     run = r.crops_run(max(n, 2 * r.plan.batch_size), "warm")

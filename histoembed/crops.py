@@ -50,9 +50,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import multiprocessing
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +63,7 @@ from histoembed.core import cpus, store
 from histoembed.core.config import CropSettings, QCSettings
 from histoembed.core.console import progress
 from histoembed.core.errors import UserError
+from histoembed.engines import local
 from histoembed.inputs.dataset import MAX_PIXELS, Dataset, Problem, Sample, load_dataset, read_image_and_mask
 from histoembed.inputs.pixels import repair_ink, tissue_mask_by_colour
 
@@ -401,16 +400,8 @@ def cropped_images(jobs: list[_CropJob], settings: CropSettings) -> Iterator[Ite
         with ray_engine.session(settings.ray_address):
             yield ray_engine.map_ordered(_crop_alone, jobs)
         return
-    workers = min(n_workers(settings.workers), len(jobs))
-    if workers <= 1:
-        yield map(_crop_one, jobs)
-        return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker) as pool:
-        try:
-            yield pool.map(_crop_one, jobs, chunksize=max(1, min(8, len(jobs) // (workers * 4))))
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+    with local.map_ordered(_crop_one, jobs, n_workers(settings.workers), _init_worker) as results:
+        yield results
 
 
 # ---------------------------------------------------------------- the stage

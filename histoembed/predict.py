@@ -63,7 +63,7 @@ def resolve_images(run: Path, images: list[str | Path], masks: list[Path | None]
 def predict_images(run: Path, images: list[Path], masks: list[Path | None] | None = None, tta: bool = True,
                    device: str = "auto", batch_size: int = 64, max_pixels: int | None = None) -> list[Prediction]:
     """Class probabilities for each image (with its mask, or tissue found by colour when it has none)."""
-    from histoembed.embed import embed_crops
+    from histoembed.engines.seams import embed_crops
     from histoembed.maths import stain                   # torch: loaded only when predicting
     from histoembed.models.encoders import load_encoder
 

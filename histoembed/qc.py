@@ -368,9 +368,9 @@ def _load_encoder(name: str):
 
 def _embed_thumbnails(encoder, thumbs: np.ndarray) -> np.ndarray:
     """[N, D] embeddings of uint8 thumbnails [N, H, W, 3], one clean view each."""
-    from histoembed import embed  # torch
+    from histoembed.engines.seams import embed_crops  # torch
 
-    return embed.embed_crops(encoder, thumbs, views=1)
+    return embed_crops(encoder, thumbs, views=1)
 
 
 # ---------------------------------------------------------------- the stage

@@ -1,4 +1,11 @@
-"""The package's import graph: no cycle, and no import inside a function except a heavy one.
+"""The package's import graph: no cycle, imports only downwards between layers, and no import inside a
+function except a heavy one.
+
+The layers, lowest first (``histoembed/<layer>/``): ``core`` (settings, the run folder's files, errors),
+``inputs`` (the data folder, pixel rules), ``maths``, ``models`` (encoders, heads, the fold ensemble),
+``engines`` (local, ray, and the seams they share), then the stages, one module per verb at the package's
+top (``histoembed/qc.py`` .. ``histoembed/submit.py``), and the command line (``cli``) above them all. A
+module imports from its own layer or a lower one, deferred imports included.
 
 An import inside a function hides a dependency from the reader; it is allowed only where it keeps a
 heavy library (torch and friends, scikit-learn, matplotlib) out of commands that do not need it, e.g.
@@ -71,8 +78,7 @@ def is_heavy(module: str, seen: frozenset = frozenset()) -> bool:
     return any(is_heavy(m, seen | {module}) for m, _ in GRAPH[module][0])
 
 
-def test_no_import_cycle():
-    edges = {name: sorted({m for m, _ in top if m in MODULES and m != name}) for name, (top, _) in GRAPH.items()}
+def find_cycles(edges: dict[str, list[str]]) -> list[list[str]]:
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     cycles = []
 
@@ -88,7 +94,55 @@ def test_no_import_cycle():
     for name in edges:
         if name not in state:
             walk(name, [name])
-    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+    return cycles
+
+
+def test_no_import_cycle():
+    edges = {name: sorted({m for m, _ in top if m in MODULES and m != name}) for name, (top, _) in GRAPH.items()}
+    assert not find_cycles(edges), "import cycles: " + "; ".join(" -> ".join(c) for c in find_cycles(edges))
+
+
+LAYERS = ("core", "inputs", "maths", "models", "engines", "stages", "cli")
+
+
+def layer(module: str) -> str:
+    """The layer of a histoembed module: its subpackage, ``stages`` for the top-level modules."""
+    parts = module.split(".")
+    if module in ("histoembed", "histoembed.core.errors"):
+        return "core"  # the package itself only names the version and UserError
+    if parts[1:2] == ["__main__"]:
+        return "cli"
+    return parts[1] if len(parts) >= 2 and parts[1] in LAYERS else "stages"
+
+
+def test_every_module_sits_in_a_layer():
+    packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert packages == set(LAYERS) - {"stages"}, packages
+    stages = sorted(m for m in MODULES if layer(m) == "stages")
+    assert stages == [f"histoembed.{s}" for s in ("compare", "crops", "demo", "drift", "embed", "fit", "predict", "qc",
+                                                   "report", "submit", "synthetic")], stages
+
+
+def test_imports_point_down_the_layers():
+    """Deferred imports count as much as top-level ones: a lower layer never reaches up, even lazily."""
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    upward = [f"{MODULES[name].relative_to(PACKAGE.parent)}:{line} ({layer(name)}) imports {m} ({layer(m)})"
+              for name, (top, deferred) in GRAPH.items() for m, line in top + deferred
+              if m in MODULES and rank[layer(m)] > rank[layer(name)]]
+    assert not upward, "imports against the layers:\n" + "\n".join(upward)
+
+
+def test_the_engines_do_not_import_each_other():
+    for name, other in (("histoembed.engines.local", "histoembed.engines.ray"),
+                        ("histoembed.engines.ray", "histoembed.engines.local")):
+        top, deferred = GRAPH[name]
+        assert other not in {m for m, _ in top + deferred}, f"{name} imports {other}"
+
+
+def test_no_import_cycle_even_through_deferred_imports():
+    edges = {name: sorted({m for m, _ in top + deferred if m in MODULES and m != name})
+             for name, (top, deferred) in GRAPH.items()}
+    assert not find_cycles(edges), "import cycles: " + "; ".join(" -> ".join(c) for c in find_cycles(edges))
 
 
 def test_imports_inside_functions_are_heavy_only():
@@ -102,7 +156,9 @@ def test_the_walk_sees_what_it_checks():
     assert {"histoembed.qc", "histoembed.crops", "histoembed.inputs.pixels", "histoembed.cli.app"} <= set(MODULES)
     assert is_heavy("histoembed.embed") and not is_heavy("histoembed.inputs.pixels")
     assert "histoembed.inputs.pixels" in {m for m, _ in GRAPH["histoembed.qc"][0]}
-    assert "histoembed.embed" in {m for m, _ in GRAPH["histoembed.qc"][1]}  # deferred: it loads torch
+    assert "histoembed.engines.seams" in {m for m, _ in GRAPH["histoembed.qc"][1]}  # deferred: it loads torch
+    assert layer("histoembed.models.heads.mlp") == "models" and layer("histoembed.fit") == "stages"
+    assert find_cycles({"a": ["b"], "b": ["a"]}) and not find_cycles({"a": ["b"], "b": []})
 
 
 def test_ray_is_optional_and_loaded_only_for_its_engine():

@@ -17,7 +17,8 @@ import torch
 from histoembed.core import store
 from histoembed.core.config import AugmentSettings, EmbedSettings
 from histoembed.core.errors import UserError
-from histoembed.embed import STOP_AFTER_ENV, embed_crops, read_store, run_embed
+from histoembed.embed import read_store, run_embed
+from histoembed.engines.seams import STOP_AFTER_ENV, embed_crops
 from histoembed.models.encoders import load_encoder
 
 

@@ -28,8 +28,9 @@ from test_embed import settings, sorted_rows, write_crops
 from histoembed.core import store
 from histoembed.core.config import AugmentSettings
 from histoembed.core.errors import UserError
-from histoembed.embed import STOP_AFTER_ENV, read_store, run_embed
+from histoembed.embed import read_store, run_embed
 from histoembed.engines import ray as ray_engine
+from histoembed.engines.seams import STOP_AFTER_ENV
 
 
 def loopback_only() -> bool:

@@ -183,7 +183,7 @@ def test_embed_stain_norm_normalises_counts_and_keys_the_store(cli, tmp_path, ti
 
 def test_embed_crops_with_the_stores_normaliser_gives_the_stored_features(cli, tmp_path, tiny_vit_64):
     """What predict does for a new image: the store's metadata rebuilds the normaliser it was embedded with."""
-    from histoembed.embed import embed_crops
+    from histoembed.engines.seams import embed_crops
     from histoembed.inputs.pixels import decode_png
     from histoembed.models.encoders import load_encoder
 

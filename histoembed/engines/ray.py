@@ -3,7 +3,7 @@
 embed: the driver plans the crops still to embed in units of about ``rows_per_part`` rows (one
 Ray block each); CPU tasks read each unit's PNGs from ``crops.parquet`` and decode them; a pool
 of actors (``ray.data.ActorPoolStrategy``: one GPU each when the cluster has GPUs, CPU actors
-otherwise) holds the encoder, embeds every batch with :func:`histoembed.embed.queue_batch` (what
+otherwise) holds the encoder, embeds every batch with :func:`histoembed.seams.queue_batch` (what
 the local loop calls) and writes each unit as one part of the same store, with the same schema,
 key and metadata, so every later stage reads it as it reads a local store.
 
@@ -47,12 +47,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from histoembed import embed
 from histoembed.core import cpus, store
 from histoembed.core.config import AugmentSettings, EmbedSettings
 from histoembed.core.console import progress
 from histoembed.core.errors import UserError
-from histoembed.embed import CropIndex, EmbedResult
+from histoembed.engines import seams
+from histoembed.engines.seams import CropIndex, EmbedResult
 from histoembed.maths import stain
 from histoembed.models.encoders import Encoder, load_encoder
 from histoembed.models.precision import PrecisionCheck
@@ -61,7 +61,7 @@ INSTALL_HINT = "install the extra: pip install 'histoembed[ray]' (Ray Data 2.60)
 RETRIES = 3            # retries of a crop task whose process died
 ACTOR_START_S = 900    # the encoder actors must all be up within this (model loading included)
 PART_PREFIX = "part-ray-"
-RUN_ID_FILE = embed.RUN_ID_FILE
+RUN_ID_FILE = seams.RUN_ID_FILE
 # Test hook, acting in an encoder actor right after it wrote its N-th part, before returning it:
 # "N:exit:MARKER": the first actor to get there creates MARKER and its process exits (Ray restarts it
 # and retries the task, which rewrites that part); "N:stall": every actor stops there for good, so a
@@ -186,8 +186,8 @@ def _resolve(encoder: Encoder | None, settings: EmbedSettings, augment: AugmentS
     """Load (unless given) and check the encoder as the local engine does; run where the actors run."""
     if encoder is None:
         encoder = load_encoder(settings.encoder, settings.pool, settings.device, settings.precision)
-    encoder, check = embed.checked_encoder(encoder, crops_path, rows, settings)
-    key = embed.store_key(encoder, settings, augment, normaliser)
+    encoder, check = seams.checked_encoder(encoder, crops_path, rows, settings)
+    key = seams.store_key(encoder, settings, augment, normaliser)
     return _Resolved(key, encoder.slug, encoder.name, encoder.dim, encoder.precision, check), encoder
 
 
@@ -232,11 +232,11 @@ class _EmbedActor:
         if encoder.device.type == "cpu":
             cpus.use_threads(s.threads)
         self.encoder = encoder
-        self.key = embed.store_key(encoder, s, job.augment, job.normaliser)
-        meta = embed.store_meta(encoder, s, job.augment, job.resolved.key, job.crops_key, job.resolved.check, "0/1",
+        self.key = seams.store_key(encoder, s, job.augment, job.normaliser)
+        meta = seams.store_meta(encoder, s, job.augment, job.resolved.key, job.crops_key, job.resolved.check, "0/1",
                                 job.normaliser)
         meta.update(engine="ray", ray_node=ray.get_runtime_context().get_node_id())
-        self.schema = embed.part_schema(encoder, s, meta)
+        self.schema = seams.part_schema(encoder, s, meta)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.key != self.job.resolved.key:  # checked here, not at start-up, so the message reaches the driver
@@ -269,21 +269,21 @@ class _EmbedActor:
             if copied is not None:
                 copied.synchronize()
             bid, bsplit, bcidx, bhash = ([col[i] for i in sel] for col in (ids, splits, crop_index, digests))
-            embed.check_finite(feats, bid, bcidx, views, bsplit, self.encoder.name)
+            seams.check_finite(feats, bid, bcidx, views, bsplit, self.encoder.name)
             if unchanged is not None:
                 note = stain.add_notes(note, stain.note(unchanged, bsplit, bid, bcidx))
-            return embed.part_rows(bid, bsplit, bcidx, views, feats, self.schema, bhash)
+            return seams.part_rows(bid, bsplit, bcidx, views, feats, self.schema, bhash)
 
         for split in dict.fromkeys(splits):
             mine = [i for i, sp in enumerate(splits) if sp == split]
-            views = embed.views_of(split, s)
+            views = seams.views_of(split, s)
             for start in range(0, len(mine), s.batch_size):
                 sel = mine[start:start + s.batch_size]
                 crops = torch.from_numpy(np.ascontiguousarray(pixels[sel]))  # a copy: the batch is read-only
-                feats = embed.queue_batch(self.encoder, crops, [ids[i] for i in sel], [crop_index[i] for i in sel],
+                feats = seams.queue_batch(self.encoder, crops, [ids[i] for i in sel], [crop_index[i] for i in sel],
                                           views, s, self.job.augment, self.job.normaliser)
                 unchanged = self.job.normaliser.last_unchanged if self.job.normaliser else None
-                queued = (sel, views, unchanged, *embed.copy_to_host(feats))
+                queued = (sel, views, unchanged, *seams.copy_to_host(feats))
                 if pending is not None:
                     out.append(rows(pending))  # while the device works on the next batch
                 pending = queued
@@ -294,7 +294,7 @@ class _EmbedActor:
         run_id = self.job.store_dir / RUN_ID_FILE
         try:
             with store.atomic_path(path) as tmp:
-                pq.write_table(table, tmp, **embed.PART_OPTIONS)
+                pq.write_table(table, tmp, **seams.PART_OPTIONS)
                 if _read_text(run_id) != self.job.run_id:
                     raise _Superseded
         except _Superseded:
@@ -332,7 +332,7 @@ def _read_text(path: Path) -> str | None:
 def _decode(batch: dict[str, np.ndarray], crops_path: str) -> dict[str, np.ndarray]:
     """A CPU task: the crops of one unit (rows of crops.parquet) decoded to uint8 [B, H, W, 3]."""
     rows = batch["row"]
-    _, crops = next(iter(embed.CropBatches(Path(crops_path), [rows])))
+    _, crops = next(iter(seams.CropBatches(Path(crops_path), [rows])))
     if isinstance(crops, int):
         i = int(np.flatnonzero(rows == crops)[0])
         raise UserError(f"crop {batch['crop_index'][i]} of {batch['image_id'][i]} ({batch['split'][i]}) is not a "
@@ -355,7 +355,7 @@ def _units(index: CropIndex, todo: list[int], per_part: int) -> list[pa.Table]:
 
 def _crop_shape(index: CropIndex, row: int) -> tuple[int, ...]:
     """The decoded shape of crop ``row`` (a crops file holds crops of one size)."""
-    _, crops = next(iter(embed.CropBatches(index.path, [np.array([row])])))
+    _, crops = next(iter(seams.CropBatches(index.path, [np.array([row])])))
     if isinstance(crops, int):
         raise UserError(f"crop {index.crop_index[row]} of {index.ids[row]} ({index.splits[row]}) is not a readable "
                         "PNG", path=index.path, hint="re-run `histoembed crops` (delete the file first)")
@@ -405,7 +405,7 @@ def check_store(store_dir: Path, expected: int) -> None:
 
 def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shard: tuple[int, int] = (0, 1),
               encoder: Encoder | None = None) -> EmbedResult:
-    """``embed.run_embed`` on Ray: the same store, written in parts named from their crops."""
+    """``histoembed.embed.run_embed`` on Ray: the same store, written in parts named from their crops."""
     if shard != (0, 1):
         raise UserError(f"--shard {shard[0]}/{shard[1]} splits the crops by hand; --engine ray spreads them over the "
                         "cluster itself", hint="drop --shard (and torchrun) with --engine ray")
@@ -426,8 +426,8 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
             encoder = checked if encoder is not None else None  # a given encoder goes to the actors as checked
         store_dir = Path(run) / store.FEATURES_DIR / resolved.slug
         run_id = uuid.uuid4().hex
-        with embed.shard_lock(store_dir, (0, 1)):
-            todo, result = embed.open_store(store_dir, resolved.key, index, mine, settings, resolved.name,
+        with seams.shard_lock(store_dir, (0, 1)):
+            todo, result = seams.open_store(store_dir, resolved.key, index, mine, settings, resolved.name,
                                             resolved.dim, resolved.check, run_id=run_id)
             if todo:
                 _embed_todo(ray, index, todo, settings, augment, store_dir, resolved, run_id, encoder, result,
@@ -482,4 +482,4 @@ def _count_parts(ds, result: EmbedResult, crops: int, what: str) -> None:
                 result.rows += int(rows)
                 result.new_rows += int(rows)
                 bar.advance(job_bar, int(n))
-                embed.stop_for_tests(len(parts))
+                seams.stop_for_tests(len(parts))

@@ -1,22 +1,9 @@
-"""The embed stage: every crop, in r views, through a frozen encoder into a Parquet store.
+"""What both engines of the embed stage share: the forward of a batch's views, the crops to embed, the store.
 
-``run/features/<encoder-slug>/`` holds parts named ``part-s{i}of{n}-{seq}.parquet``. A
-part is written in row groups to a hidden temporary file and renamed into place when it
-holds ``rows_per_part`` rows (or the run ends, or is interrupted with Ctrl-C), so a
-killed run loses at most the part in flight. Each part holds whole crops (all views),
-and each carries the store's key: on the next call, crops found in parts with the same
-key are skipped, and parts with another key (other settings, crops or weights) are
-removed, so rows of different settings never mix.
-
-The ``ray`` engine (:mod:`histoembed.engines.ray`) writes parts of the same schema and key,
-named ``part-ray-<digest of the key and the crops they hold>.parquet`` so that a retried
-task rewrites its part; the local engine keeps its numbered parts, written by one process
-per shard under a lock. Readers take every ``part-*.parquet`` alike, and both engines skip
-the crops that any finished part holds.
-
-Views: view 0 is the clean crop, views 1..r-1 are augmented with parameters that depend
-only on (seed, image id, crop index, view). Test crops get the same views when ``tta``
-is on, else view 0 only.
+The store (``run/features/<encoder-slug>/``) and its contract are described in :mod:`histoembed.embed`.
+Either engine plans the crops still to embed with ``open_store`` (under ``shard_lock``), runs each
+batch through ``queue_batch`` and writes rows built by ``part_rows`` with the schema and metadata
+of ``part_schema``/``store_meta``, so their parts are interchangeable.
 """
 
 from __future__ import annotations
@@ -26,26 +13,23 @@ import dataclasses
 import json
 import os
 import signal
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from histoembed import __version__
-from histoembed.core import cpus, store
+from histoembed.core import store
 from histoembed.core.config import AugmentSettings, EmbedSettings, output_settings
-from histoembed.core.console import progress
 from histoembed.core.errors import UserError
 from histoembed.inputs.pixels import decode_png
 from histoembed.maths import stain
 from histoembed.maths.augment import augment_batch
-from histoembed.models.encoders import Encoder, load_encoder
+from histoembed.models.encoders import Encoder
 from histoembed.models.precision import PrecisionCheck, check_precision
 
 STORE_VERSION = 3  # 2: bf16 on CUDA runs a bf16 copy of the weights, not autocast; 3: rows keyed by (split, image_id)
@@ -201,23 +185,6 @@ class EmbedResult:
     precision_check: PrecisionCheck | None = None
     stain_norm: str = "none"
     stain: dict | None = None  # stain.store_summary of the store: crops normalised, crops passed through unchanged
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` -> (i, n) with 0 <= i < n."""
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise UserError(f"--shard {text!r} is not i/n", hint="e.g. --shard 0/4 for the first of four") from None
-    if not 0 <= i < n:
-        raise UserError(f"--shard {text}: need 0 <= i < n", hint="shards count from 0: 0/4, 1/4, 2/4, 3/4")
-    return i, n
-
-
-def default_shard() -> tuple[int, int]:
-    """Under torchrun (RANK, WORLD_SIZE set) each process takes its own shard; else the whole run."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    return (int(os.environ.get("RANK", "0") or 0), world) if world > 1 else (0, 1)
 
 
 def views_of(split: str, settings: EmbedSettings) -> list[int]:
@@ -490,134 +457,3 @@ def store_meta(encoder: Encoder, settings: EmbedSettings, augment: AugmentSettin
 
 def part_schema(encoder: Encoder, settings: EmbedSettings, meta: dict) -> pa.Schema:
     return store.with_meta(store.feature_schema(encoder.dim, settings.store_dtype, crop_hash=True), meta)
-
-
-def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shard: tuple[int, int] = (0, 1),
-              encoder: Encoder | None = None) -> EmbedResult:
-    """Embed this shard's crops of ``run/crops.parquet`` into ``run/features/<encoder>/``; resume if interrupted.
-
-    ``settings.engine`` ``ray`` spreads the work over a Ray cluster (:mod:`histoembed.engines.ray`).
-    """
-    if settings.engine == "ray":
-        from histoembed.engines import ray as ray_engine  # Ray: an optional extra, loaded only for this engine
-
-        return ray_engine.run_embed(run, settings, augment, shard, encoder)
-    started = time.perf_counter()
-    index = CropIndex.read(run)
-    crops_path = index.path
-    if encoder is None:
-        encoder = load_encoder(settings.encoder, settings.pool, settings.device, settings.precision)
-    if encoder.device.type == "cpu":
-        cpus.use_threads(settings.threads)
-    ids, splits, crop_index, digests = index.ids, index.splits, index.crop_index, index.digests
-    mine = [r for r in range(len(ids)) if r % shard[1] == shard[0]]
-    encoder, check = checked_encoder(encoder, crops_path, mine[:settings.batch_size], settings)
-    normaliser = stain.for_run(run, settings.stain_norm, settings.stain_target, settings.stain_min_tissue,
-                               encoder.device)
-    key = store_key(encoder, settings, augment, normaliser)
-    store_dir = Path(run) / store.FEATURES_DIR / encoder.slug
-    with shard_lock(store_dir, shard):
-        todo, result = open_store(store_dir, key, index, mine, settings, encoder.name, encoder.dim, check)
-        if not todo:
-            result.stain = stain.store_summary(store_dir) if normaliser else None
-            result.seconds = time.perf_counter() - started
-            return result
-
-        batches = plan_batches(todo, splits, settings.batch_size)
-        schema = part_schema(encoder, settings,
-                             store_meta(encoder, settings, augment, key, index.key, check, f"{shard[0]}/{shard[1]}",
-                                        normaliser))
-        workers = min(settings.workers, len(batches))
-        loader = torch.utils.data.DataLoader(
-            CropBatches(crops_path, batches), batch_size=None, num_workers=workers,
-            pin_memory=encoder.device.type == "cuda")
-        writer = PartWriter(store_dir, shard, schema, settings.rows_per_part)
-        bar_context = progress("crops")
-        try:
-            with bar_context as bar:
-                job = bar.add_task(f"embed {encoder.name}", total=len(todo)) if bar else None
-                pending = None  # the previous batch: written once this one is queued on the device
-                written = 0
-
-                def write(batch) -> None:
-                    nonlocal written
-                    bid, bsplit, bcidx, bhash, views, unchanged, feats, copied = batch
-                    if copied is not None:
-                        copied.synchronize()
-                    check_finite(feats, bid, bcidx, views, bsplit, encoder.name)
-                    if unchanged is not None:
-                        writer.note_stain(stain.note(unchanged, bsplit, bid, bcidx))
-                    writer.write(part_rows(bid, bsplit, bcidx, views, feats, schema, bhash))
-                    result.rows += len(bid) * len(views)
-                    result.new_rows += len(bid) * len(views)
-                    if bar:
-                        bar.advance(job, len(bid))
-                    written += 1
-                    stop_for_tests(written)
-
-                for b, crops in loader:
-                    if isinstance(crops, int):
-                        raise UserError(f"crop {crop_index[crops]} of {ids[crops]} ({splits[crops]}) is not a "
-                                        "readable PNG", path=crops_path,
-                                        hint="re-run `histoembed crops` (delete the file first)")
-                    rows = batches[b]
-                    bid, bsplit, bcidx, bhash = ([col[r] for r in rows] for col in (ids, splits, crop_index, digests))
-                    views = views_of(bsplit[0], settings)
-                    feats = queue_batch(encoder, crops, bid, bcidx, views, settings, augment, normaliser)
-                    unchanged = normaliser.last_unchanged if normaliser else None
-                    queued = (bid, bsplit, bcidx, bhash, views, unchanged, *copy_to_host(feats))
-                    if pending is not None:
-                        write(pending)
-                    pending = queued
-                if pending is not None:
-                    write(pending)
-            writer.commit()
-            result.stain = stain.store_summary(store_dir) if normaliser else None
-        except KeyboardInterrupt:
-            writer.commit()  # the part holds whole crops only: keep them
-            raise
-        except BaseException:
-            writer.discard()
-            raise
-        result.seconds = time.perf_counter() - started
-        return result
-
-
-def encoder_names(text: str) -> list[str]:
-    """The encoders of a comma list, in order, each once; two that would share a store folder are refused."""
-    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    if not names:
-        raise UserError("no encoder given", hint="pass --encoder NAME (`histoembed encoders` lists them)")
-    slugs: dict[str, str] = {}
-    for n in names:
-        other = slugs.setdefault(store.encoder_slug(n), n)
-        if other != n:
-            raise UserError(f"encoders {other!r} and {n!r} would write the same store "
-                            f"(run/{store.FEATURES_DIR}/{store.encoder_slug(n)})", hint="give each encoder once")
-    return names
-
-
-def run_embeds(run: Path, settings: EmbedSettings, augment: AugmentSettings,
-               shard: tuple[int, int] = (0, 1)) -> list[EmbedResult]:
-    """``run_embed`` for each encoder of ``settings.encoder`` (a comma list): the same crops and views, one store each.
-
-    The augmented views depend only on (seed, image id, crop index, view), so every encoder
-    sees the very same pixels, and their stores line up row for row.
-    """
-    names = encoder_names(settings.encoder)
-    with engine_session(settings.engine, settings.ray_address):  # one Ray session for every encoder
-        return [run_embed(run, settings.model_copy(update={"encoder": name}), augment, shard=shard) for name in names]
-
-
-def engine_session(engine: str, ray_address: str | None) -> contextlib.AbstractContextManager:
-    """What the engine needs for a whole command: a Ray connection for ``ray``, nothing for ``local``."""
-    if engine != "ray":
-        return contextlib.nullcontext()
-    from histoembed.engines import ray as ray_engine  # Ray: an optional extra, loaded only for this engine
-
-    return ray_engine.session(ray_address)
-
-
-def read_store(run: Path, encoder: str | None = None, split: str | None = None) -> store.Features:
-    """Every embedding of the run's feature store (all shards) as one ``Features``."""
-    return store.read_features(store.find_feature_store(run, encoder), split=split)

@@ -1,0 +1,104 @@
+"""The embed stage: every crop, in r views, through a frozen encoder into a Parquet store.
+
+``run/features/<encoder-slug>/`` holds parts named ``part-s{i}of{n}-{seq}.parquet``. A
+part is written in row groups to a hidden temporary file and renamed into place when it
+holds ``rows_per_part`` rows (or the run ends, or is interrupted with Ctrl-C), so a
+killed run loses at most the part in flight. Each part holds whole crops (all views),
+and each carries the store's key: on the next call, crops found in parts with the same
+key are skipped, and parts with another key (other settings, crops or weights) are
+removed, so rows of different settings never mix.
+
+The ``ray`` engine (:mod:`histoembed.engines.ray`) writes parts of the same schema and key,
+named ``part-ray-<digest of the key and the crops they hold>.parquet`` so that a retried
+task rewrites its part; the local engine keeps its numbered parts, written by one process
+per shard under a lock. Readers take every ``part-*.parquet`` alike, and both engines skip
+the crops that any finished part holds.
+
+Views: view 0 is the clean crop, views 1..r-1 are augmented with parameters that depend
+only on (seed, image id, crop index, view). Test crops get the same views when ``tta``
+is on, else view 0 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from histoembed.core import store
+from histoembed.core.config import AugmentSettings, EmbedSettings
+from histoembed.core.errors import UserError
+from histoembed.engines import local
+from histoembed.engines.seams import EmbedResult
+from histoembed.models.encoders import Encoder
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n) with 0 <= i < n."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text!r} is not i/n", hint="e.g. --shard 0/4 for the first of four") from None
+    if not 0 <= i < n:
+        raise UserError(f"--shard {text}: need 0 <= i < n", hint="shards count from 0: 0/4, 1/4, 2/4, 3/4")
+    return i, n
+
+
+def default_shard() -> tuple[int, int]:
+    """Under torchrun (RANK, WORLD_SIZE set) each process takes its own shard; else the whole run."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return (int(os.environ.get("RANK", "0") or 0), world) if world > 1 else (0, 1)
+
+
+def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shard: tuple[int, int] = (0, 1),
+              encoder: Encoder | None = None) -> EmbedResult:
+    """Embed this shard's crops of ``run/crops.parquet`` into ``run/features/<encoder>/``; resume if interrupted.
+
+    ``settings.engine`` picks who does the work: ``local`` (:mod:`histoembed.engines.local`) or
+    ``ray``, a Ray cluster (:mod:`histoembed.engines.ray`).
+    """
+    if settings.engine == "ray":
+        from histoembed.engines import ray as ray_engine  # Ray: an optional extra, loaded only for this engine
+
+        return ray_engine.run_embed(run, settings, augment, shard, encoder)
+    return local.run_embed(run, settings, augment, shard, encoder)
+
+
+def encoder_names(text: str) -> list[str]:
+    """The encoders of a comma list, in order, each once; two that would share a store folder are refused."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise UserError("no encoder given", hint="pass --encoder NAME (`histoembed encoders` lists them)")
+    slugs: dict[str, str] = {}
+    for n in names:
+        other = slugs.setdefault(store.encoder_slug(n), n)
+        if other != n:
+            raise UserError(f"encoders {other!r} and {n!r} would write the same store "
+                            f"(run/{store.FEATURES_DIR}/{store.encoder_slug(n)})", hint="give each encoder once")
+    return names
+
+
+def run_embeds(run: Path, settings: EmbedSettings, augment: AugmentSettings,
+               shard: tuple[int, int] = (0, 1)) -> list[EmbedResult]:
+    """``run_embed`` for each encoder of ``settings.encoder`` (a comma list): the same crops and views, one store each.
+
+    The augmented views depend only on (seed, image id, crop index, view), so every encoder
+    sees the very same pixels, and their stores line up row for row.
+    """
+    names = encoder_names(settings.encoder)
+    with engine_session(settings.engine, settings.ray_address):  # one Ray session for every encoder
+        return [run_embed(run, settings.model_copy(update={"encoder": name}), augment, shard=shard) for name in names]
+
+
+def engine_session(engine: str, ray_address: str | None) -> contextlib.AbstractContextManager:
+    """What the engine needs for a whole command: a Ray connection for ``ray``, nothing for ``local``."""
+    if engine != "ray":
+        return contextlib.nullcontext()
+    from histoembed.engines import ray as ray_engine  # Ray: an optional extra, loaded only for this engine
+
+    return ray_engine.session(ray_address)
+
+
+def read_store(run: Path, encoder: str | None = None, split: str | None = None) -> store.Features:
+    """Every embedding of the run's feature store (all shards) as one ``Features``."""
+    return store.read_features(store.find_feature_store(run, encoder), split=split)

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # torchvision only loads beside the CUDA torch it was built against (next to the CPU
 # torch 2.13.0 it fails with "operator torchvision::nms does not exist"). This pair is a
 # CUDA build that runs on the CPU; on the development machines pip takes both from local
-# disk (README, "Install": 3 min 20 s and 5.5 GB measured).
+# disk (docs/install.md: 3 min 20 s and 5.5 GB measured).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install test demo bench wheels clean
@@ -40,7 +40,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_embed.py
 	$(PY) benchmarks/bench_fit.py
 
-# What an air-gapped GPU server with its own torch lacks, as wheels (see README, "A GPU server without network").
+# What an air-gapped GPU server with its own torch lacks, as wheels (see docs/benchmarks.md, "A GPU server without network").
 WHEELS_PYTHON ?= 3.12
 # Needs only pip and `packaging`, not the venv.
 wheels:

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from histoembed import __version__, cpus, scales, store
+from histoembed import __version__, cpus, locks, scales, store
 from histoembed.config import FitSettings
 from histoembed.console import progress
 from histoembed.errors import UserError, from_os_error
@@ -412,6 +412,26 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
                         path=run / store.CROPS_FILE,
                         hint=hint + (", or pass --include-flagged" if flagged else ""))
     key = fit_key(ts, settings)
+    with fit_lock(run):
+        return _fit(run, ts, settings, key, started)
+
+
+FIT_LOCK = ".fit.lock"
+
+
+def fit_lock(run: Path):
+    """One fit per run at a time: two would both write models/ and the last to finish would win unseen."""
+    lock = Path(run) / FIT_LOCK
+
+    def busy(pid: int) -> UserError:
+        return UserError(f"another `histoembed fit` (process {pid}) is fitting this run", path=lock,
+                         hint="wait for it to finish, then run fit again; if no fit is running, delete this lock file")
+
+    return locks.pid_lock(lock, busy)
+
+
+def _fit(run: Path, ts: TrainingSet, settings: FitSettings, key: str, started: float) -> FitResult:
+    """The fit proper, under the run's fit lock."""
     recover(run)
     done = _up_to_date(run, key)
     if done is not None:

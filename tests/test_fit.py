@@ -583,3 +583,27 @@ def test_a_fit_failing_after_models_is_renamed_in_leaves_no_models_that_submit_a
         inference.load_ensemble(run)                                   # what submit reads: refused
     assert invoke("fit", "--run", run, "--config", config, "--folds", 3).exit_code == 0
     inference.load_ensemble(run)
+
+
+# ---------------------------------------------------------------- one fit per run (issue 23, 5)
+
+def test_a_second_fit_of_the_same_run_is_refused_with_the_holder_s_pid_and_a_dead_one_s_lock_is_taken(tmp_path):
+    import subprocess
+    import sys
+
+    run, config = make_run(tmp_path)
+    lock = run / fit.FIT_LOCK
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # a fit still running
+    try:
+        lock.write_text(str(other.pid))
+        result = invoke("fit", "--run", run, "--config", config, "--folds", 3)
+        assert result.exit_code == 2, result.output
+        text = " ".join(result.output.split())
+        assert f"process {other.pid}" in text and fit.FIT_LOCK in text and "Traceback" not in text
+        assert not (run / store.MODELS_DIR).exists() and lock.read_text() == str(other.pid)
+    finally:
+        other.kill()
+        other.wait()
+    result = invoke("fit", "--run", run, "--config", config, "--folds", 3)   # its process is gone: taken over
+    assert result.exit_code == 0, result.output
+    assert (run / store.MODELS_DIR).is_dir() and not lock.exists() and leftovers(run) == []

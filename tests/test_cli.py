@@ -116,3 +116,29 @@ def test_a_dangling_settings_link_is_a_message_not_the_defaults(cli, tmp_path):
     assert cfg.CONFIG_FILE in text_out and "moved-away.toml" in text_out and "does not exist" in text_out
     res = cli("config", "--config", tmp_path / cfg.CONFIG_FILE, cwd=tmp_path)
     assert res.exit_code == 2 and "missing file" in " ".join(res.output.split())
+
+
+def test_the_readme_names_only_options_its_stages_have():
+    """README spans like `fit --folds` (and `histoembed ...` lines in its code blocks) name real options;
+    `--keep` (qc, crops) is never offered beside `fit`, which has none (issue 23, 6c)."""
+    import re
+    from pathlib import Path
+
+    options = {name: {o for p in c.params for o in (*p.opts, *p.secondary_opts)} for name, c in COMMANDS.items()}
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    spans = re.findall(r"`([^`\n]+)`", prose)
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        spans += [line.split("#")[0] for line in block.splitlines() if line.strip().startswith("histoembed ")]
+    wrong = []
+    for span in spans:
+        words = span.split()
+        words = words[1:] if words[:1] == ["histoembed"] else words
+        words = words[1:] if words[:1] == ["config"] else words       # `config STAGE OPTIONS` passes them on
+        if words and words[0] in COMMANDS:
+            wrong += [f"{words[0]} {w}" for w in words[1:] if w.startswith("--") and w.split("=")[0]
+                      not in options[words[0]]]
+    assert not wrong, wrong
+    for sentence in re.split(r"(?<=[.;])\s+", prose):
+        if "`fit`" in sentence and re.search(r"`--keep[ `]", sentence):
+            raise AssertionError(f"`--keep` beside `fit`, which has no such option: {' '.join(sentence.split())}")

@@ -59,6 +59,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from histoembed import qc
 from histoembed.core import cpus, store
 from histoembed.core.config import CropSettings, QCSettings
 from histoembed.core.console import progress
@@ -475,13 +476,33 @@ def _refuse_lost_classes(ds, samples: list[Sample], flagged: set[tuple[str, str]
                                   "to see the first)")
 
 
+def _refuse_stale_qc(run: Path, stamps: list[list]) -> None:
+    """Stop when an image or mask changed since QC checked it: its flags (and ink repairs) would describe
+    other pixels, and a paste copied over a clean image would go into training unflagged."""
+    path = run / store.QC_FILE
+    if not path.exists():
+        return
+    changed = qc.changed_since(store.read_meta(path), [(sp, i, im, m) for sp, i, _, im, m in stamps])
+    if changed:
+        raise UserError(f"the data changed since `histoembed qc` checked it: {len(changed)} image(s) differ from "
+                        f"the bytes QC flagged or were never checked ({_first(changed)})", path=path,
+                        hint="run `histoembed qc`, then `histoembed crops` again")
+
+
+def _first(names: Sequence[str], n: int = 5) -> str:
+    """The first ``n`` names, comma-separated, with `...` when there are more."""
+    return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
+
+
 def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = False, keep: Sequence[str] = (),
-              include_flagged: bool = False, max_pixels: int = MAX_PIXELS) -> CropsResult:
+              include_flagged: bool = False, max_pixels: int = MAX_PIXELS, verify_data: bool = False) -> CropsResult:
     """Cut the crops of both splits into ``run/crops.parquet`` (nothing to do when unchanged).
 
     ``strict`` stops at the first bad item, before anything is written. With a
     ``run/qc.parquet``, flagged training images are left out (unless ``include_flagged`` or
     named in ``keep``) and images with ink are repaired first; test images are never left out.
+    The QC table must have checked the same image and mask bytes. ``verify_data`` hashes every
+    file again instead of trusting the stamps cached by size and modification time.
     """
     data, run = Path(data), Path(run)
     out = run / store.CROPS_FILE
@@ -493,7 +514,9 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
         raise UserError(f"--keep names image(s) not in the training data: {', '.join(unknown)}", path=data,
                         hint="use training image ids as in train_labels.csv or the manifest, e.g. img_0003.png "
                              "(test images are never left out)")
-    stamp = store.ContentStamps(store.read_meta(out).get("content_stamps"))
+    stamp = store.ContentStamps(None if verify_data else store.read_meta(out).get("content_stamps"))
+    stamps = sample_stamps(ds, stamp)
+    _refuse_stale_qc(run, stamps)
     qc_rows, qc_settings, qc_stamp = _read_qc(run, stamp)
     repair_on = qc_settings is None or qc_settings.get("repair_ink", True)
 
@@ -506,7 +529,6 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
                         path=run / store.QC_FILE, hint="pass --include-flagged or --keep ID")
     _refuse_lost_classes(ds, samples, dropped, data)
 
-    stamps = sample_stamps(ds, stamp)
     key = store.stage_key(
         "crops", CROPS_VERSION, settings, sorted(keep), include_flagged, qc_stamp,
         stamps, [str(p) for p in ds.problems],
@@ -587,12 +609,17 @@ def data_stamp(ds: Dataset, stamp: store.ContentStamps | None = None) -> str:
     return store.config_key("data", sample_stamps(ds, stamp or store.ContentStamps()))
 
 
-def run_data(run: Path, data: Path | None = None) -> tuple[Path, Dataset]:
+class DataChanged(UserError):
+    """The data's files changed since the crops were cut: every stage after crops must stop, not only note it."""
+
+
+def run_data(run: Path, data: Path | None = None, verify: bool = False) -> tuple[Path, Dataset]:
     """(data path, dataset) of the data ``run/crops.parquet`` was cut from (``data`` overrides the recorded path).
 
-    Later stages (submit, predict) use it so a user who passed ``--data`` to ``crops`` is not
-    asked again; they stop when the files changed since the crops were cut, since the crops,
-    features and models would then describe other images.
+    Later stages (submit, predict, report) use it so a user who passed ``--data`` to ``crops`` is not
+    asked again; they stop (:class:`DataChanged`) when the files changed since the crops were cut, since
+    the crops, features and models would then describe other images. Files keep their cached stamps while
+    their size and modification time are unchanged; ``verify`` hashes every file again.
     """
     run = Path(run)
     path = run / store.CROPS_FILE
@@ -609,8 +636,9 @@ def run_data(run: Path, data: Path | None = None) -> tuple[Path, Dataset]:
                             hint="pass --data with its new place, or re-run `histoembed crops --data DIR`")
     ds = load_dataset(data)
     recorded = meta.get("data_stamp")
-    if recorded is not None and recorded != data_stamp(ds, store.ContentStamps(meta.get("content_stamps"))):
-        raise UserError(f"the files under {data} changed since `histoembed crops` cut {path.name} "
+    cache = None if verify else meta.get("content_stamps")
+    if recorded is not None and recorded != data_stamp(ds, store.ContentStamps(cache)):
+        raise DataChanged(f"the files under {data} changed since `histoembed crops` cut {path.name} "
                         "(an image, mask or label was added, removed or edited)", path=data,
                         hint="re-run `histoembed crops` and the stages after it")
     return data, ds

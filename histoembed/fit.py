@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from histoembed import __version__
-from histoembed.core import cpus, store
+from histoembed.core import cpus, locks, store
 from histoembed.core.config import FitSettings
 from histoembed.core.console import progress
 from histoembed.core.errors import UserError, from_os_error
@@ -92,8 +92,17 @@ def qc_flags(run: Path) -> tuple[set[str], dict[str, int]]:
     """(flagged training images, duplicate group by image) from ``run/qc.parquet`` if present.
 
     Images are ``split/image_id`` keys: a test image's flags never touch the training image of its name.
+    The table must be the one ``crops`` left images out by (see :func:`qc_mismatch`).
     """
     table = store.read_qc(run)
+    crops_meta = store.read_meta(Path(run) / store.CROPS_FILE)
+    if "qc" in crops_meta:  # crops files of older versions do not say which QC table they used
+        why = qc_mismatch(crops_meta["qc"], store.read_meta(Path(run) / store.QC_FILE).get("key")
+                          if table is not None else None)
+        if why:
+            raise UserError(why, path=Path(run) / store.QC_FILE,
+                            hint="run `histoembed qc`, then `histoembed crops` (and `histoembed embed`) again, "
+                                 "then fit")
     if table is None:
         return set(), {}
     flagged, groups = set(), {}
@@ -104,6 +113,21 @@ def qc_flags(run: Path) -> tuple[set[str], dict[str, int]]:
         if group is not None:
             groups[f"{split}/{image_id}"] = int(group)
     return flagged, groups
+
+
+def qc_mismatch(used: str | None, current: str | None) -> str | None:
+    """Why the QC table now in the run is not the one crops used (its key ``used``), or None when it is.
+
+    Flags of another QC run (of changed data, or other settings) would leave out or group images the
+    crops and features were not cut for.
+    """
+    if used == current:
+        return None
+    if current is None:
+        return "`histoembed crops` used a QC table that is gone: its duplicate groups and flags cannot be applied"
+    if used is None:
+        return "this QC table was written after `histoembed crops` cut the crops without one"
+    return "this QC table is not the one `histoembed crops` used (QC ran again since, on changed data or settings)"
 
 
 def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
@@ -414,6 +438,26 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
                         path=run / store.CROPS_FILE,
                         hint=hint + (", or pass --include-flagged" if flagged else ""))
     key = fit_key(ts, settings)
+    with fit_lock(run):
+        return _fit(run, ts, settings, key, started)
+
+
+FIT_LOCK = ".fit.lock"
+
+
+def fit_lock(run: Path):
+    """One fit per run at a time: two would both write models/ and the last to finish would win unseen."""
+    lock = Path(run) / FIT_LOCK
+
+    def busy(pid: int) -> UserError:
+        return UserError(f"another `histoembed fit` (process {pid}) is fitting this run", path=lock,
+                         hint="wait for it to finish, then run fit again; if no fit is running, delete this lock file")
+
+    return locks.pid_lock(lock, busy)
+
+
+def _fit(run: Path, ts: TrainingSet, settings: FitSettings, key: str, started: float) -> FitResult:
+    """The fit proper, under the run's fit lock."""
     recover(run)
     done = _up_to_date(run, key)
     if done is not None:

@@ -30,19 +30,21 @@ class Prediction:
 
 
 def resolve_images(run: Path, images: list[str | Path], masks: list[Path | None] | None = None,
-                   data: Path | None = None, split: str = "test") -> tuple[list[Path], list[Path | None] | None]:
+                   data: Path | None = None, split: str = "test",
+                   verify_data: bool = False) -> tuple[list[Path], list[Path | None] | None]:
     """Image files (and masks) for ``images``: paths as they are, or names of images in the run's data.
 
     A bare name that is not a file is looked up in ``split`` of the data the run's crops were cut from
     (or ``data``), which must be unchanged since; the mask beside it is used when no masks are
-    given. Names repeat across splits in the reference layout, hence ``split``.
+    given. Names repeat across splits in the reference layout, hence ``split``. ``verify_data`` hashes every
+    data file again for that check (else a file of unchanged size and modification time is trusted).
     """
     for image in images:
         if not Path(image).is_file() and Path(image).name != str(image):  # a path, not a bare name
             raise UserError("file not found", path=Path(image))
     if all(Path(i).is_file() for i in images):
         return [Path(i) for i in images], masks
-    data_path, ds = run_data(run, data)
+    data_path, ds = run_data(run, data, verify=verify_data)
     by_key = ds.by_key()
     paths, found_masks = [], []
     for image in images:

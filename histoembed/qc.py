@@ -375,6 +375,29 @@ def _embed_thumbnails(encoder, thumbs: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- the stage
 
+SAMPLE_STAMPS = "sample_stamps"  # metadata: [split, image_id, image sha256, mask sha256] of every sample checked
+
+
+def checked_stamps(samples: Sequence[Sample], stamp: store.ContentStamps) -> list[list]:
+    """What QC checked, by content: later stages compare it with the data they read (a flag is only
+    as good as the bytes it was computed from)."""
+    return [[s.split, s.image_id, stamp(s.image), stamp(s.mask)] for s in samples]
+
+
+def changed_since(qc_meta: dict, samples: Sequence[tuple[str, str, str | None, str | None]]) -> list[str] | None:
+    """``split/image_id`` of each sample whose image or mask bytes differ from what QC checked, or that QC never
+    saw; None when ``qc_meta`` does not record what it checked (a table written by hand or an older histoembed).
+
+    ``samples``: (split, image_id, image sha256, mask sha256), as :func:`checked_stamps` gives them.
+    """
+    checked = qc_meta.get(SAMPLE_STAMPS)
+    if checked is None:
+        return None
+    seen = {(split, image_id): (image, mask) for split, image_id, image, mask in checked}
+    return [f"{split}/{image_id}" for split, image_id, image, mask in samples
+            if seen.get((split, image_id)) != (image, mask)]
+
+
 @dataclass
 class QCResult:
     path: Path
@@ -438,13 +461,15 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
 
     enc_name = (encoder or settings.encoder) if embed else None
     stamp = store.ContentStamps(store.read_meta(out).get("content_stamps") if out.exists() else None)
+    checked = checked_stamps(samples, stamp)
     key = store.stage_key(
         "qc", QC_VERSION, settings, sorted(keep),
-        [[s.image_id, s.split, stamp(s.image), stamp(s.mask)] for s in samples],
+        [[image_id, split, image, mask] for split, image_id, image, mask in checked],
         enc_name, [str(p) for p in ds.problems],
     )
     old = store.read_meta(out) if out.exists() else {}
-    unchanged = old.get("key") == key and old.get("schema") == store.SCHEMA  # older files: re-run
+    # older files (another schema, or no record of the bytes checked, which crops compares): re-run
+    unchanged = old.get("key") == key and old.get("schema") == store.SCHEMA and SAMPLE_STAMPS in old
     if unchanged and not old.get("embedding_failed"):
         return _previous_result(out, old)
 
@@ -558,6 +583,6 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
     table = _qc_table(rows)
     meta = {"key": key, "settings": settings.model_dump(), "embedding": emb_note, "embedding_failed": failed,
             "problems": [[str(p.path), p.problem] for p in problems], "keep": list(keep),
-            "content_stamps": stamp.used}
+            "content_stamps": stamp.used, SAMPLE_STAMPS: checked}
     store.write_table(table, out, meta)
     return QCResult(out, table, skipped=False, problems=problems, embedding=emb_note, warning=warning)

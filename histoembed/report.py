@@ -32,7 +32,7 @@ from PIL import Image
 from histoembed import __version__
 from histoembed.core import store
 from histoembed.core.errors import UserError
-from histoembed.crops import run_data
+from histoembed.crops import DataChanged, run_data
 from histoembed.drift import read_drift
 from histoembed.fit import calibrated_probabilities
 from histoembed.inputs.dataset import load_dataset, read_image
@@ -106,7 +106,7 @@ def _read_oof(path: Path) -> _Oof:
                 view_spread=table["view_spread"].to_numpy() if "view_spread" in table.column_names else None)
 
 
-def _load(run: Path, data: Path | None) -> _Run:
+def _load(run: Path, data: Path | None, verify_data: bool = False) -> _Run:
     r = _Run(run=run, data=data)
     crops_path = run / store.CROPS_FILE
     if crops_path.exists():
@@ -138,14 +138,16 @@ def _load(run: Path, data: Path | None) -> _Run:
             r.oof = _read_oof(run / store.OOF_FILE)
         except (UserError, KeyError) as e:
             r.notes.append(f"{run / store.OOF_FILE}: cannot be used ({e})")
-    if data is not None:
+    if crops_path.exists():  # the data folder the crops were cut from (or --data), if it is unchanged
         try:
-            r.dataset = load_dataset(data, check_sizes=False)
+            r.data, r.dataset = run_data(run, data, verify=verify_data)
+        except DataChanged:
+            raise  # crops, features and models describe other images: a page of them would mislead
         except UserError as e:
             r.notes.append(str(e))
-    elif crops_path.exists():  # the data folder the crops were cut from, if it is unchanged
+    if data is not None and r.dataset is None:
         try:
-            r.data, r.dataset = run_data(run)
+            r.dataset = load_dataset(data, check_sizes=False)
         except UserError as e:
             r.notes.append(str(e))
     if r.oof is not None:
@@ -777,9 +779,9 @@ _SECTIONS = (("dataset", "Dataset"), ("qc", "QC"), ("crops", "Crops"), ("scores"
              ("decisions", "Decisions"), ("maps", "Crop maps"))
 
 
-def render_report(run: Path, data: Path | None = None) -> str:
-    """The report page as one HTML string."""
-    r = _load(Path(run), Path(data) if data is not None else None)
+def render_report(run: Path, data: Path | None = None, verify_data: bool = False) -> str:
+    """The report page as one HTML string; stops (:class:`DataChanged`) when the data changed since the crops."""
+    r = _load(Path(run), Path(data) if data is not None else None, verify_data)
     sections = [_overview(r), _dataset_section(r), _qc_section(r), _crops_section(r), _scores_section(r),
                 _drift_section(r), _confusion_section(r), _calibration_section(r), _fusion_section(r), _decisions_section(r), _maps_section(r)]
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -791,12 +793,15 @@ def render_report(run: Path, data: Path | None = None) -> str:
             f"histoembed {__version__}</p><nav>{nav}</nav>\n" + "\n".join(sections) + "\n</body></html>\n")
 
 
-def write_report(run: Path, data: Path | None = None) -> Path:
-    """Write ``run/report.html`` (one self-contained file) and return its path."""
+def write_report(run: Path, data: Path | None = None, verify_data: bool = False) -> Path:
+    """Write ``run/report.html`` (one self-contained file) and return its path.
+
+    ``verify_data`` hashes every data file again instead of trusting stamps cached by size and time.
+    """
     run = Path(run)
     if not run.is_dir():
         raise UserError("run folder not found", path=run, hint="pass the folder the stages wrote with --run")
-    page = render_report(run, data)
+    page = render_report(run, data, verify_data)
     out = run / store.REPORT_FILE
     with store.atomic_path(out) as tmp:
         tmp.write_text(page, encoding="utf-8")

@@ -51,14 +51,16 @@ def _class_prior(run: Path, classes: list[str]) -> np.ndarray:
     return counts / counts.sum() if counts.sum() else np.full(len(classes), 1.0 / len(classes))
 
 
-def run_submit(data: Path | None, run: Path, encoder: str | None = None, tta: bool = True) -> SubmitResult:
+def run_submit(data: Path | None, run: Path, encoder: str | None = None, tta: bool = True,
+               verify_data: bool = False) -> SubmitResult:
     """Write ``run/submission.csv`` and ``run/test_predictions.parquet``.
 
-    ``data`` None: the data folder the crops were cut from (recorded in the run).
+    ``data`` None: the data folder the crops were cut from (recorded in the run). ``verify_data``: hash every
+    data file again to check it is unchanged (else a file of unchanged size and modification time is trusted).
     """
     run = Path(run)
     ensemble = load_ensemble(run)
-    data, _ = run_data(run, None if data is None else Path(data))
+    data, _ = run_data(run, None if data is None else Path(data), verify=verify_data)
     ids = submission_ids(data)
     if not ids:
         raise UserError("the data has no test images", path=data)

@@ -87,3 +87,59 @@ def test_config_rejects_bad_stages_and_values(cli, tmp_path):
     assert res.exit_code == 2 and "has no settings" in res.output
     res = cli("config", "crops", "--k", "0", cwd=tmp_path)
     assert res.exit_code == 2 and "--k" in res.output
+
+
+# ---------------------------------------------------------------- the settings file's bytes (issue 23, 4b, 6b)
+
+def test_a_settings_file_in_utf16_or_with_a_bom_is_read_and_other_bytes_are_a_message(cli, tmp_path):
+    text = "[crops]\nsize = 64\n"
+    for encoded in (text.encode("utf-16"),                       # PowerShell's `histoembed config > file`
+                    b"\xfe\xff" + text.encode("utf-16-be"),
+                    text.encode("utf-8-sig")):                   # Out-File -Encoding utf8
+        (tmp_path / cfg.CONFIG_FILE).write_bytes(encoded)
+        res = cli("config", "crops", cwd=tmp_path)
+        assert res.exit_code == 0, res.output
+        assert tomllib.loads(res.stdout)["crops"]["size"] == 64
+    (tmp_path / cfg.CONFIG_FILE).write_bytes(b"[crops]\nsize = 64 # caf\xe9\n")   # Latin-1, no BOM
+    for args in ((), ("--config", tmp_path / cfg.CONFIG_FILE)):
+        res = cli("config", *args, cwd=tmp_path)
+        text_out = " ".join(res.output.split())
+        assert res.exit_code == 2 and "Traceback" not in res.output
+        assert cfg.CONFIG_FILE in text_out and "UTF-8" in text_out
+
+
+def test_a_dangling_settings_link_is_a_message_not_the_defaults(cli, tmp_path):
+    (tmp_path / cfg.CONFIG_FILE).symlink_to(tmp_path / "moved-away.toml")
+    res = cli("config", "crops", cwd=tmp_path)
+    text_out = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert cfg.CONFIG_FILE in text_out and "moved-away.toml" in text_out and "does not exist" in text_out
+    res = cli("config", "--config", tmp_path / cfg.CONFIG_FILE, cwd=tmp_path)
+    assert res.exit_code == 2 and "missing file" in " ".join(res.output.split())
+
+
+def test_the_docs_name_only_options_their_stages_have():
+    """README and docs/ spans like `fit --folds` (and `histoembed ...` lines in its code blocks) name real options;
+    `--keep` (qc, crops) is never offered beside `fit`, which has none (issue 23, 6c)."""
+    import re
+    from pathlib import Path
+
+    options = {name: {o for p in c.params for o in (*p.opts, *p.secondary_opts)} for name, c in COMMANDS.items()}
+    root = Path(__file__).parents[1]
+    text = "\n".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    spans = re.findall(r"`([^`\n]+)`", prose)
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        spans += [line.split("#")[0] for line in block.splitlines() if line.strip().startswith("histoembed ")]
+    wrong = []
+    for span in spans:
+        words = span.split()
+        words = words[1:] if words[:1] == ["histoembed"] else words
+        words = words[1:] if words[:1] == ["config"] else words       # `config STAGE OPTIONS` passes them on
+        if words and words[0] in COMMANDS:
+            wrong += [f"{words[0]} {w}" for w in words[1:] if w.startswith("--") and w.split("=")[0]
+                      not in options[words[0]]]
+    assert not wrong, wrong
+    for sentence in re.split(r"(?<=[.;])\s+", prose):
+        if "`fit`" in sentence and re.search(r"`--keep[ `]", sentence):
+            raise AssertionError(f"`--keep` beside `fit`, which has no such option: {' '.join(sentence.split())}")

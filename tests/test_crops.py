@@ -396,6 +396,79 @@ def test_qc_flagged_training_images_left_out_unless_kept(cli, tmp_path):
     assert res.exit_code == 2 and "--keep names image(s) not in the training data: img_9999.png" in res.output
 
 
+def test_a_cartoon_copied_over_an_image_after_qc_stops_crops(cli, tmp_path):
+    """Issue 23: flags of other bytes are not applied. A cartoon and its mask copied over a clean training image
+    after QC would go into training unflagged; crops names the image, qc.parquet and what to run."""
+    import shutil
+
+    from histoembed.synthetic import make_dataset
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    make_dataset(data, n_train=12, n_test=2, seed=3, size_range=(128, 192))
+    planted = json.loads((data / "planted.json").read_text())
+    cartoon = next(name for name, flag in planted["flags"].items() if flag == "non_tissue")
+    labels = dict(line.split(",", 1) for line in (data / "train_labels.csv").read_text().splitlines()[1:])
+    clean = next(name for name, label in labels.items()       # of a label that keeps images when it is flagged
+                 if name not in planted["flags"] and list(labels.values()).count(label) > 3)
+    assert cli("qc", "--data", data, "--run", run, "--no-embed", "--workers", 1).exit_code == 0
+    train = data / "train_data"
+    for kind in ("img_", "mask_"):
+        shutil.copy(train / cartoon.replace("img_", kind), train / clean.replace("img_", kind))
+    res = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1)
+    assert res.exit_code == 2, res.output
+    assert f"{run / store.QC_FILE}: the data changed since `histoembed qc` checked it" in res.output
+    assert f"train/{clean}" in res.output and "run `histoembed qc`" in res.output
+    assert not (run / store.CROPS_FILE).exists()
+    assert cli("qc", "--data", data, "--run", run, "--no-embed", "--workers", 1).exit_code == 0
+    res = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1)
+    assert res.exit_code == 0, res.output
+    assert ("train", clean) not in keys_of(read_crops(run)) and clean in res.output   # left out, as QC flags it
+
+
+def test_a_qc_table_lists_the_images_it_checked_and_what_changed_since():
+    from histoembed.qc import SAMPLE_STAMPS, changed_since
+
+    meta = {SAMPLE_STAMPS: [["train", "a.png", "1", "m1"], ["test", "a.png", "2", None]]}
+    assert changed_since(meta, [("train", "a.png", "1", "m1"), ("test", "a.png", "2", None)]) == []
+    assert changed_since(meta, [("train", "a.png", "1", "m9"), ("test", "a.png", "3", None),
+                                ("train", "new.png", "4", None)]) == ["train/a.png", "test/a.png", "train/new.png"]
+    assert changed_since({"key": "by hand"}, [("train", "a.png", "1", "m1")]) is None   # nothing to compare
+
+
+def test_verify_data_sees_an_edit_that_keeps_size_and_mtime(cli, tmp_path):
+    """Stamps are cached by size and modification time: --verify-data hashes every file again."""
+    import hashlib
+    import os
+    import struct
+    import zlib
+
+    data, run = small_data(tmp_path / "d"), tmp_path / "run"
+    assert cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1).exit_code == 0
+    path = data / "train_data" / "img_0000.png"
+    before = path.stat()
+    pixels = np.array(Image.open(path))
+    pixels[:16, :16] = 40                                  # flat: fewer bytes, padded back below
+
+    def encode(level: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "PNG", compress_level=level)
+        return buf.getvalue()
+
+    png = min(map(encode, range(1, 10)), key=len)
+    text = b"Comment\0" + b" " * (before.st_size - len(png) - 12 - len(b"Comment\0"))
+    chunk = b"tEXt" + text
+    padding = struct.pack(">I", len(text)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    path.write_bytes(png[:-12] + padding + png[-12:])                     # before IEND, the last 12 bytes
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    same = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1)
+    assert same.exit_code == 0 and "up to date" in same.output          # the documented limit of the cache
+    verified = cli("crops", "--data", data, "--run", run, "--size", 32, "--workers", 1, "--verify-data")
+    assert verified.exit_code == 0 and "up to date" not in verified.output, verified.output
+    stamped = store.read_meta(run / store.CROPS_FILE)["content_stamps"][str(path.resolve())]
+    assert stamped[2] == hashlib.sha256(path.read_bytes()).hexdigest()   # cut from the edited bytes
+
+
 def test_a_qc_file_of_the_old_schema_is_refused(cli, tmp_path):
     data, run = small_data(tmp_path / "d"), tmp_path / "run"
     write_qc(run, [{"image_id": "img_0000.png", "flagged": True, "non_tissue": True}])

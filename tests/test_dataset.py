@@ -439,3 +439,32 @@ def test_load_dataset_strict_raises_user_error(tmp_path):
     (data / "train_data/mask_0000.png").unlink()
     with pytest.raises(UserError, match="1 problem"):
         load_dataset(data, strict=True)
+
+
+def test_a_labels_file_or_manifest_linked_out_of_the_data_folder_is_refused_unread(cli, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:the first line of a private file\nimg_0000.png,A\n")
+    data = write_reference(tmp_path / "d")
+    (data / "train_labels.csv").unlink()
+    (data / "train_labels.csv").symlink_to(secret)
+    res = crops(cli, data, tmp_path / "run")
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert "train_labels.csv: is a symlink to" in text and "outside the data folder" in text
+    assert "root:x" not in res.output and "private" not in res.output
+    assert not (tmp_path / "run" / store.CROPS_FILE).exists()
+    root = tmp_path / "m"
+    root.mkdir()
+    (root / "manifest.csv").symlink_to(secret)
+    for data_arg in (root, root / "manifest.csv"):
+        res = crops(cli, data_arg, tmp_path / "run")
+        text = " ".join(res.output.split())
+        assert res.exit_code == 2 and "manifest.csv: is a symlink to" in text and "root:x" not in res.output
+    with pytest.raises(UserError, match="outside the data folder"):
+        submission_ids(root)
+    # a link that stays inside the data folder is fine
+    (data / "train_labels.csv").unlink()
+    (data / "labels-v2.csv").write_text("sample_index,label\n" + "".join(
+        f"img_{i:04d}.png,{LABELS[i % 2]}\n" for i in range(4)))
+    (data / "train_labels.csv").symlink_to(data / "labels-v2.csv")
+    assert crops(cli, data, tmp_path / "run").exit_code == 0

@@ -390,6 +390,36 @@ def test_no_class_disappears_when_qc_flags_its_images(tmp_path):
     assert "16 more were flagged by QC" in result.output and "--include-flagged" in result.output
 
 
+def crops_used_qc(run: Path, key: str | None) -> None:
+    """Record in crops.parquet the QC table (its key) crops left images out by, as ``histoembed crops`` does."""
+    crops = run / store.CROPS_FILE
+    meta = {**store.read_meta(crops), "qc": key}
+    pq.write_table(pq.read_table(crops).replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), crops)
+
+
+def test_fit_refuses_flags_of_a_qc_table_crops_did_not_use(tmp_path):
+    """Issue 23: fit reads flags and duplicate groups from run/qc.parquet; they must be the ones the crops were
+    cut by, else (QC re-run on changed data, or removed) it stops and says to run qc, then crops."""
+    run, config = make_run(tmp_path)
+    crops_used_qc(run, "qc-before-the-data-changed")
+    write_flags(run, set())                                      # key "qc-test": another QC run
+    cases = [("this QC table is not the one `histoembed crops` used", None),
+             ("`histoembed crops` used a QC table that is gone", lambda: (run / store.QC_FILE).unlink()),
+             ("this QC table was written after `histoembed crops` cut the crops without one",
+              lambda: (crops_used_qc(run, None), write_flags(run, set())))]
+    for why, change in cases:
+        if change:
+            change()
+        result = invoke("fit", "--run", run, "--config", config, "--folds", 3)
+        assert result.exit_code == 2, result.output
+        assert f"{run / store.QC_FILE}: {why}" in result.output
+        assert "run `histoembed qc`, then `histoembed crops`" in result.output
+        assert not (run / store.METRICS_FILE).exists()
+    crops_used_qc(run, "qc-test")                                # the table crops used: fit goes on
+    result = invoke("fit", "--run", run, "--config", config, "--folds", 3)
+    assert result.exit_code == 0, result.output
+
+
 # ---------------------------------------------------------------- the ensemble
 
 def test_ensemble_round_trip_reproduces_oof_and_predicts_new_features(fitted):
@@ -585,3 +615,27 @@ def test_a_fit_failing_after_models_is_renamed_in_leaves_no_models_that_submit_a
         inference.load_ensemble(run)                                   # what submit reads: refused
     assert invoke("fit", "--run", run, "--config", config, "--folds", 3).exit_code == 0
     inference.load_ensemble(run)
+
+
+# ---------------------------------------------------------------- one fit per run (issue 23, 5)
+
+def test_a_second_fit_of_the_same_run_is_refused_with_the_holder_s_pid_and_a_dead_one_s_lock_is_taken(tmp_path):
+    import subprocess
+    import sys
+
+    run, config = make_run(tmp_path)
+    lock = run / fit.FIT_LOCK
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # a fit still running
+    try:
+        lock.write_text(str(other.pid))
+        result = invoke("fit", "--run", run, "--config", config, "--folds", 3)
+        assert result.exit_code == 2, result.output
+        text = " ".join(result.output.split())
+        assert f"process {other.pid}" in text and fit.FIT_LOCK in text and "Traceback" not in text
+        assert not (run / store.MODELS_DIR).exists() and lock.read_text() == str(other.pid)
+    finally:
+        other.kill()
+        other.wait()
+    result = invoke("fit", "--run", run, "--config", config, "--folds", 3)   # its process is gone: taken over
+    assert result.exit_code == 0, result.output
+    assert (run / store.MODELS_DIR).is_dir() and not lock.exists() and leftovers(run) == []

@@ -337,6 +337,25 @@ def test_keep_unflags_one_image_and_unknown_ids_are_refused(cli, tmp_path):
     assert bad.exit_code == 2 and "img_9999.png" in bad.output
 
 
+def test_qc_records_the_bytes_it_checked_and_an_older_table_without_them_is_redone(cli, tmp_path):
+    """crops compares these stamps with the data it cuts (issue 23); a table without them is checked again."""
+    import hashlib
+
+    data = write_dataset(tmp_path / "data", clean_images(4))
+    run = tmp_path / "run"
+    assert cli("qc", "--data", data, "--run", run, "--no-embed").exit_code == 0
+    meta = store.read_meta(run / store.QC_FILE)
+    stamps = {(split, image_id): (image, mask) for split, image_id, image, mask in meta[qc.SAMPLE_STAMPS]}
+    image = data / "train_data" / "img_0000.png"
+    assert stamps[("train", "img_0000.png")][0] == hashlib.sha256(image.read_bytes()).hexdigest()
+    del meta[qc.SAMPLE_STAMPS]
+    table = pq.read_table(run / store.QC_FILE)
+    pq.write_table(table.replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), run / store.QC_FILE)
+    again = cli("qc", "--data", data, "--run", run, "--no-embed")
+    assert again.exit_code == 0 and "up to date" not in again.output
+    assert qc.SAMPLE_STAMPS in store.read_meta(run / store.QC_FILE)
+
+
 def test_rerun_with_unchanged_inputs_does_nothing(cli, tmp_path):
     images = clean_images(8)
     data = write_dataset(tmp_path / "data", images)

@@ -282,3 +282,43 @@ def test_stain_normalisation_over_ray_gives_the_local_store(tmp_path, tiny_dinov
     assert stain.store_summary(ray_dir) == stain.store_summary(local_dir)
     assert store.read_meta(store.feature_parts(ray_dir)[0])["stain"] == \
         store.read_meta(store.feature_parts(local_dir)[0])["stain"]
+
+
+def ray_processes_of(marker: str) -> list[str]:
+    """The processes whose command line, environment or open files mention ``marker`` (one instance's RAY_TMPDIR)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            seen = cmdline + Path(f"/proc/{pid}/environ").read_bytes() + b"".join(
+                os.readlink(f"/proc/{pid}/fd/{fd}").encode() for fd in os.listdir(f"/proc/{pid}/fd"))
+        except OSError:  # gone meanwhile, or not ours
+            continue
+        if marker.encode() in seen and int(pid) != os.getpid():
+            found.append(pid + " " + cmdline.replace(b"\0", b" ").decode(errors="replace")[:80])
+    return found
+
+
+@needs_ray
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_local_ray_instance_goes_with_its_terminated_or_killed_driver(tmp_path, tiny_dinov2, sig):
+    """SIGTERM: the driver shuts its instance down; SIGKILL: histoembed's watchdog ends what Ray's own fate
+    sharing leaves (its agents wait 60 s for the dead GCS). Either way nothing of it is left after 30 s."""
+    import tempfile
+    import time
+
+    write_crops(tmp_path, n_train=N_TRAIN, n_test=N_TEST, per_image=PER_IMAGE)
+    ray_tmp = tempfile.mkdtemp(prefix="he-ray-", dir="/tmp")   # short: Ray's socket paths are limited
+    cmd = [sys.executable, "-m", "histoembed", "embed", "--run", str(tmp_path), "--encoder", str(tiny_dinov2),
+           "--repeats", str(REPEATS), "--workers", "0", "--batch-size", "3", "--rows-per-part", "6",
+           "--engine", "ray", "--ray-actors", "1", "--ray-actor-cpus", "0"]   # no --ray-address: a local instance
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0",
+           STOP_AFTER_ENV: f"2:{sig}", ray_engine.ACTOR_HOOK_ENV: "3:stall"}   # the signal comes mid-run
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    deadline = time.monotonic() + 30                      # a clean end takes a few seconds
+    while (left := ray_processes_of(ray_tmp)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, "left behind:\n" + "\n".join(left)

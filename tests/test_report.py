@@ -24,6 +24,7 @@ import pytest
 
 from histoembed import report
 from histoembed.core import store
+from histoembed.crops import DataChanged
 
 WIDTH = 1280
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -164,7 +165,9 @@ def test_report_of_an_empty_run_says_what_is_missing(cli, tmp_path):
         assert section and "Not shown" in section.group(1), anchor
 
 
-def test_report_finds_the_data_in_the_run_and_skips_images_when_it_changed(written, tmp_path):
+def test_report_finds_the_data_in_the_run_and_stops_when_it_changed(written, tmp_path, cli):
+    """Issue 23: like submit and predict, report stops when the data changed since the crops were cut
+    (a page of crops drawn on other images would mislead), naming the folder and what to re-run."""
     import json
 
     import pyarrow.parquet as pq
@@ -182,9 +185,15 @@ def test_report_finds_the_data_in_the_run_and_skips_images_when_it_changed(writt
     pq.write_table(pq.read_table(crops).replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), crops)
     assert "Not shown" not in report.write_report(copy, None).read_text()
     (data_copy / "test_data" / "img_0000.png").write_bytes((data_copy / "test_data" / "img_0001.png").read_bytes())
-    text = report.write_report(copy, None).read_text()
-    assert "pass --data" in text and "changed since `histoembed crops`" in text
-    assert 'alt="reliability diagrams"' in text and 'alt="fusion weight curve"' in text
+    before = (copy / store.REPORT_FILE).read_text()
+    for extra in ((), ("--data", data_copy)):
+        result = cli("report", "--run", copy, *extra)
+        assert result.exit_code == 2, result.output
+        assert "changed since `histoembed crops` cut crops.parquet" in result.output and str(data_copy) in result.output
+        assert "re-run `histoembed crops`" in result.output and "wrote" not in result.output
+    assert (copy / store.REPORT_FILE).read_text() == before      # the last good page is left as it was
+    with pytest.raises(DataChanged):
+        report.write_report(copy, None)
 
 
 def test_report_lists_test_images_that_copy_training_images_and_mask_twins(written):

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import csv
+import io
+import json
+import os
 import shutil
+import struct
+import zlib
+from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
+from PIL import Image
 
 from histoembed.core import store
 from histoembed.submit import run_submit
@@ -41,7 +49,7 @@ def test_a_test_image_without_features_gets_the_prior_and_is_listed(pipeline_run
     bad.write_bytes(bad.read_bytes()[:200])       # header readable, pixels cut: crops skip it, so no features
     run_copy = tmp_path / "run"
     shutil.copytree(run, run_copy)
-    run_pipeline(copy, run_copy, pipeline_settings, stages=("crops", "embed", "fit"))
+    run_pipeline(copy, run_copy, pipeline_settings, stages=("qc", "crops", "embed", "fit"))  # QC of the new bytes
     result = run_submit(None, run_copy)              # the data folder recorded by crops
     assert result.fallbacks == ["img_0003.png"]
     rows = _rows(run_copy / store.SUBMISSION_FILE)
@@ -111,3 +119,58 @@ def test_features_the_models_were_not_fitted_on_are_refused(pipeline_run, tmp_pa
     write_synthetic_features(run_copy, n_images=24, n_test=6, dim=7, encoder=slug)  # same ids, 7-d
     r = cli("submit", "--data", data, "--run", run_copy)
     assert r.exit_code == 2 and "7-d" in r.output and f"{load_ensemble(run).dim}-d" in r.output
+
+
+# ---------------------------------------------------------------- --verify-data (issue 23)
+
+def edit_pixels_in_place(path: Path) -> None:
+    """Paint a flat square into a PNG and keep its size and modification time, as an in-place edit through a
+    tool that restores times can (`cp -p`, `rsync -t`): the flat square compresses better, and a comment
+    chunk pads the file back to its size."""
+    before = path.stat()
+    original = np.array(Image.open(path))
+    pixels = original.copy()
+    pixels[:16, :16] = pixels[0, 0] // 2 + 1
+
+    def encode(level: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "PNG", compress_level=level)
+        return buf.getvalue()
+
+    png = min(map(encode, range(1, 10)), key=len)
+    text = b"Comment\0" + b" " * (before.st_size - len(png) - 12 - len(b"Comment\0"))  # a chunk is 12 + data bytes
+    chunk = b"tEXt" + text
+    png = png[:-12] + struct.pack(">I", len(text)) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[-12:]
+    path.write_bytes(png)                             # png[-12:] is the IEND chunk
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert not np.array_equal(np.array(Image.open(path)), original)
+
+
+def point_run_at(run: Path, old: Path, new: Path) -> None:
+    """Make ``run``'s crops read as cut from ``new`` (a copy of ``old``, times kept): its cached stamps then
+    cover the copy's files, as they would had the crops been cut there."""
+    crops = run / store.CROPS_FILE
+    meta = store.read_meta(crops)
+    was, now = str(old.resolve()), str(new.resolve())
+    meta["data"] = now
+    meta["content_stamps"] = {k.replace(was, now, 1): v for k, v in meta["content_stamps"].items()}
+    pq.write_table(pq.read_table(crops).replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), crops)
+
+
+def test_an_in_place_edit_that_keeps_size_and_mtime_is_seen_with_verify_data(pipeline_run, tmp_path, cli):
+    data, run = pipeline_run
+    copy, run_copy = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(data, copy)                      # copy2: modification times kept
+    shutil.copytree(run, run_copy)
+    point_run_at(run_copy, data, copy)
+    assert cli("submit", "--run", run_copy).exit_code == 0
+    edit_pixels_in_place(copy / "test_data" / "img_0002.png")
+    r = cli("submit", "--run", run_copy)             # the documented limit: size and mtime unchanged, stamp trusted
+    assert r.exit_code == 0, r.output
+    for command in (("submit",), ("report",), ("predict", "img_0002.png")):
+        r = cli(*command, "--run", run_copy, "--verify-data")
+        assert r.exit_code == 2, (command, r.output)
+        assert "changed since `histoembed crops` cut crops.parquet" in r.output and str(copy) in r.output
+        assert "re-run `histoembed crops`" in r.output

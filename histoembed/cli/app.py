@@ -37,6 +37,10 @@ EncoderOpt = Annotated[str | None, typer.Option("--encoder", help=cfg.field_at("
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed of every random choice.")]
 StrictOpt = Annotated[bool, typer.Option(
     "--strict", help="Stop on the first bad item instead of skipping it and listing it at the end.")]
+VerifyDataOpt = Annotated[bool, typer.Option(
+    "--verify-data", help="Hash every image and mask again to check the data is unchanged, instead of trusting "
+                          "stamps cached by file size and modification time (which miss an in-place edit that "
+                          "keeps both, e.g. `cp -p`, `rsync -t`). Slower; use it before a final submission.")]
 
 # The settings tables each stage reads (``histoembed config STAGE`` prints these).
 STAGE_TABLES = {"qc": ("qc",), "crops": ("crops",), "embed": ("embed", "augment"), "fit": ("fit", "drift"),

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from histoembed.cli.app import ConfigOpt, DataOpt, RunOpt, StrictOpt, command, setting, stage_settings
+from histoembed.cli.app import ConfigOpt, DataOpt, RunOpt, StrictOpt, VerifyDataOpt, command, setting, stage_settings
 from histoembed.core import config as cfg
 from histoembed.core.config import Engine, MaskMode, Strategy
 from histoembed.core.console import console
@@ -66,11 +66,13 @@ def crops(
         = None,
     include_flagged: Annotated[bool, typer.Option(
         "--include-flagged", help="Crop every training image, even those QC flagged.")] = False,
+    verify_data: VerifyDataOpt = False,
 ) -> None:
     """Cut square tissue crops from both splits into run/crops.parquet.
 
     With run/qc.parquet present, QC-flagged training images are left out and green ink is
-    repaired before cropping; test images are never left out.
+    repaired before cropping; test images are never left out. Stops when the images changed
+    since run/qc.parquet was written (run `histoembed qc` again).
     """
     settings = stage_settings(config, "crops", strategy=strategy, k=k, min_area=min_area, margin=margin,
                               size=size, fill=_parse_fill(fill), fill_outside_mask=fill_outside_mask, tile=tile,
@@ -78,7 +80,7 @@ def crops(
                               scales=_parse_scales(scales), workers=workers, engine=engine, ray_address=ray_address)
     limit = cfg.override(settings.data, max_pixels=max_pixels).max_pixels
     result = run_crops(data, run, settings.crops, strict=strict, keep=list(keep or []), include_flagged=include_flagged,
-                       max_pixels=limit)
+                       max_pixels=limit, verify_data=verify_data)
     if result.skipped:
         console.print(f"{result.path} is up to date (same inputs and settings); nothing to do.", soft_wrap=True)
     lo, median, hi = result.per_image

@@ -42,6 +42,9 @@ def encoders(
     for row in rows:
         if row["refused"]:
             out.print(f"{row['name']} is refused: {row['refused']}", soft_wrap=True)
-    out.print("weights: cache (Hugging Face cache), folder ($HISTOEMBED_MODELS/<name>), packaged, or no: "
+        if row.get("problem"):
+            out.print(f"{row['name']}: weights broken: {row['problem']}", soft_wrap=True)
+    out.print("weights: cache (Hugging Face cache), folder ($HISTOEMBED_MODELS/<name>), packaged, broken (a file "
+              "that would not load, named above), or no: "
               "`histoembed embed --encoder NAME` then downloads them once (gated models need an accepted licence "
               "and `hf auth login`).", soft_wrap=True)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from histoembed.cli.app import ConfigOpt, RunDataOpt, RunOpt, command, setting
+from histoembed.cli.app import ConfigOpt, RunDataOpt, RunOpt, VerifyDataOpt, command, setting
 from histoembed.core import config as cfg
 from histoembed.core import store
 from histoembed.core.config import Device
@@ -40,6 +40,7 @@ def predict(
         = None,
     config: ConfigOpt = None,
     max_pixels: Annotated[int | None, setting("data.max_pixels")] = None,
+    verify_data: VerifyDataOpt = False,
 ) -> None:
     """Classify new images with a fitted run: same crops, encoder, views and fold ensemble."""
     if split not in ("train", "test"):
@@ -48,7 +49,8 @@ def predict(
         if not path.is_file():
             raise UserError("file not found", path=path)
     limit = cfg.override(cfg.load_settings(config).data, max_pixels=max_pixels).max_pixels
-    paths, masks = resolve_images(run, images, list(mask) if mask else None, data=data, split=split)
+    paths, masks = resolve_images(run, images, list(mask) if mask else None, data=data, split=split,
+                                  verify_data=verify_data)
     preds = predict_images(run, paths, masks, tta=tta, device=device, max_pixels=limit)
     classes = list(preds[0].probs)
     table("Predictions", ["image", "label", *classes, "crops"],

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from histoembed.cli.app import EncoderOpt, RunDataOpt, RunOpt, command
+from histoembed.cli.app import EncoderOpt, RunDataOpt, RunOpt, VerifyDataOpt, command
 from histoembed.core.console import console, table
 from histoembed.submit import run_submit
 
@@ -19,9 +19,10 @@ def submit(
     encoder: EncoderOpt = None,
     tta: Annotated[bool, typer.Option(
         "--tta/--no-tta", help="Average over every embedded view of each test crop (--no-tta: the clean view only).")] = True,
+    verify_data: VerifyDataOpt = False,
 ) -> None:
     """Predict the test split with the fold ensemble and write run/submission.csv."""
-    result = run_submit(data, run, encoder=encoder, tta=tta)
+    result = run_submit(data, run, encoder=encoder, tta=tta, verify_data=verify_data)
     table("Predicted labels", ["label", "images"], [[c, n] for c, n in result.counts.items()])
     if result.fallbacks:
         console.print(f"[yellow]{len(result.fallbacks)} test image(s) had no usable crop and were predicted "

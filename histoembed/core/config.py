@@ -8,7 +8,9 @@ its output, so a re-run with the same settings can skip its work.
 
 from __future__ import annotations
 
+import codecs
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -344,12 +346,17 @@ def load_settings(path: Path | None = None) -> Settings:
     """Read ``histoembed.toml`` (the given path, else the current folder's if present)."""
     if path is None:
         path = Path(CONFIG_FILE)
+        if path.is_symlink() and not path.exists():  # ignoring it would run with defaults unseen
+            raise UserError(f"this settings file is a link to {os.readlink(path)}, which does not exist", path=path,
+                            hint="point the link at an existing file, or remove it to run with the defaults")
         if not path.exists():
             return Settings()
     try:
-        raw = tomllib.loads(Path(path).read_text())
+        raw = tomllib.loads(read_text(Path(path)))
     except FileNotFoundError:
-        raise UserError("settings file not found", path=path, hint="pass an existing --config file") from None
+        dangling = Path(path).is_symlink()
+        raise UserError("settings file not found" + (" (a link to a missing file)" if dangling else ""), path=path,
+                        hint="pass an existing --config file") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"not valid TOML: {e}", path=path) from None
     try:
@@ -357,6 +364,28 @@ def load_settings(path: Path | None = None) -> Settings:
     except ValidationError as e:
         lines = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
         raise UserError("invalid settings: " + "; ".join(lines), path=path) from None
+
+
+def read_text(path: Path) -> str:
+    """A settings file's text: UTF-8, or UTF-16 / UTF-8 with a byte-order mark.
+
+    PowerShell's ``histoembed config > histoembed.toml`` writes UTF-16 with a BOM, and
+    ``Out-File -Encoding utf8`` UTF-8 with a BOM; TOML itself is UTF-8 without one.
+    """
+    data, skip = path.read_bytes(), 0
+    for bom, codec in ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"),
+                       (codecs.BOM_UTF16_BE, "utf-16-be")):
+        if data.startswith(bom):
+            data, skip = data[len(bom):], len(bom)
+            break
+    else:
+        codec = "utf-8"
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as e:
+        raise UserError(f"not a {codec.upper()} text file (undecodable byte at offset {e.start + skip})", path=path,
+                        hint="save it as UTF-8, e.g. `histoembed config | Out-File -Encoding utf8 "
+                             f"{path.name}` in PowerShell, then run the command again") from None
 
 
 def override(settings: _Settings, **values) -> _Settings:

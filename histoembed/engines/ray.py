@@ -35,6 +35,10 @@ import json
 import logging
 import math
 import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from collections import deque
@@ -98,17 +102,78 @@ def session(address: str | None) -> Iterator[None]:
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
         kwargs["num_cpus"] = cpus.usable_cpus()  # the CPUs this process may use
+    previous = _signal_handlers()
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as e:
+        _restore(previous)
         where = "this machine" if address == "local" else address
         raise UserError(f"cannot start or join Ray at {where} ({e})",
                         hint="start the cluster with `ray start --head` (and `ray start --address HEAD:6379` on "
                              "the other machines), then pass --ray-address auto or HEAD:6379") from None
+    watchdog = _start_watchdog(ray) if address == "local" else None
+    _interrupt_on_signals(previous)
     try:
         yield
     finally:
-        ray.shutdown()
+        try:
+            ray.shutdown()
+        finally:
+            _restore(previous)
+            if watchdog is not None:
+                _stop_watchdog(watchdog)
+
+
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
+def _signal_handlers() -> dict | None:
+    """The handlers now installed, or None off the main thread (where none can be installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return {sig: signal.getsignal(sig) for sig in SIGNALS}
+
+
+def _interrupt_on_signals(previous: dict | None) -> None:
+    """SIGTERM, SIGINT and SIGHUP raise KeyboardInterrupt, so ``session``'s ``ray.shutdown()`` runs.
+
+    Killed by a signal's default action, the driver would leave the instance's agents and workers
+    behind (Ray's own SIGTERM handler, set by ``ray.init``, is never taken back).
+    """
+    if previous is None:
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in SIGNALS:
+        if previous[sig] is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            signal.signal(sig, interrupt)
+
+
+def _restore(previous: dict | None) -> None:
+    for sig, handler in (previous or {}).items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _start_watchdog(ray) -> subprocess.Popen | None:
+    """``histoembed.engines.ray_watchdog`` beside a local instance: it ends the instance if this process is killed."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        session_dir = ray._private.worker._global_node.get_session_dir_path()
+        return subprocess.Popen([sys.executable, "-m", "histoembed.engines.ray_watchdog", session_dir,
+                                 os.path.dirname(ray.__file__)], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)  # it outlives a closed terminal's SIGHUP
+    except (AttributeError, OSError):  # Ray's internals moved: no watchdog, Ray's own clean-up only
+        return None
+
+
+def _stop_watchdog(watchdog: subprocess.Popen) -> None:
+    """Ray was shut down here: the watchdog leaves without killing anything."""
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        watchdog.communicate(b"done\n", timeout=10)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from histoembed import __version__
-from histoembed.core import store
+from histoembed.core import locks, store
 from histoembed.core.config import AugmentSettings, EmbedSettings, output_settings
 from histoembed.core.errors import UserError
 from histoembed.inputs.pixels import decode_png
@@ -284,15 +284,6 @@ def write_part(table: pa.Table, path: Path) -> None:
         pq.write_table(table, tmp, **PART_OPTIONS)
 
 
-def _lock_holder(lock: Path) -> int | None:
-    """The live process holding ``lock``, or None (no such file, or its process is gone)."""
-    try:
-        holder = lock.read_text().strip()
-    except FileNotFoundError:
-        return None
-    return int(holder) if holder.isdigit() and store.pid_alive(int(holder)) else None
-
-
 @contextlib.contextmanager
 def shard_lock(store_dir: Path, shard: tuple[int, int]) -> Iterator[None]:
     """One process per shard, and one shard count per store at a time.
@@ -302,35 +293,24 @@ def shard_lock(store_dir: Path, shard: tuple[int, int]) -> Iterator[None]:
     """
     store_dir.mkdir(parents=True, exist_ok=True)
     lock = store_dir / f".lock-s{shard[0]}of{shard[1]}"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            holder = _lock_holder(lock)
-            if holder is not None:
-                raise UserError(f"shard {shard[0]}/{shard[1]} is being embedded by process {holder}", path=lock,
-                                hint="wait for it, or give each process its own --shard i/n; if no embed is "
-                                     "running, delete this lock file") from None
-            lock.unlink(missing_ok=True)  # left by a killed run
-    else:
-        raise UserError("cannot take the shard lock", path=lock, hint="delete the file if no embed is running")
-    try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
+
+    def busy(pid: int) -> UserError:
+        return UserError(f"shard {shard[0]}/{shard[1]} is being embedded by process {pid}", path=lock,
+                         hint="wait for it, or give each process its own --shard i/n; if no embed is "
+                              "running, delete this lock file")
+
+    with locks.pid_lock(lock, busy):
         # Every process takes its own lock before looking at the others', so of two that start
         # together at least one sees the other.
         for other in store_dir.glob(".lock-s*of*"):
             n = other.name.rsplit("of", 1)[-1]
-            holder = _lock_holder(other)
+            holder = locks.holder(other)
             if n != str(shard[1]) and holder is not None:
                 i = other.name[len(".lock-s"):].split("of")[0]
                 raise UserError(f"process {holder} is embedding this store as shard {i}/{n}; shards of one "
                                 f"store must all use the same count (here {shard[1]})", path=other,
                                 hint=f"wait for it, or run every shard as --shard i/{n}")
         yield
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 class PartWriter:

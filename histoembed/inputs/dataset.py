@@ -344,6 +344,9 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
     if not path.exists():
         raise UserError("file not found", path=path,
                         hint=f"the training labels go in {LABELS_FILE} with header sample_index,label")
+    # Refused before reading: the messages below quote the file (its header), which must stay private
+    # when a link leads to a file elsewhere, like an image's link does.
+    _inside_data(path.parent, path)
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)

@@ -7,6 +7,8 @@ features [B, D]. Names resolve in this order: a registry entry (``histoembed.mod
 else a transformers folder), then a transformers id on the Hugging Face hub. The cache and
 offline mode are honoured; weights are read from safetensors only (or with
 ``torch.load(weights_only=True)`` for the packaged EfficientNet); remote code is never run.
+Every loader refuses weights that would leave any of the model's at random (``check_weights``):
+a model with random weights still embeds, and its features look like any others.
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ def _safetensors_files(model_id: str) -> list[Path]:
         return [single]
     index = _hf_file(model_id, "model.safetensors.index.json")
     if index:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
         return [f for f in (_hf_file(model_id, s) for s in shards) if f]
     return []
 
@@ -160,12 +162,98 @@ def _not_found(model_id: str, why: str) -> UserError:
     from huggingface_hub import constants
     where = (f"the folder {model_id}" if Path(model_id).exists()
              else f"the Hugging Face cache {constants.HF_HUB_CACHE}"
-             + (" (offline mode is on)" if constants.HF_HUB_OFFLINE else " and the hub"))
+             + (" (offline mode is on)" if constants.HF_HUB_OFFLINE else " and the hub")
+             + (f"; there is no folder {model_id} here either" if "/" in model_id else ""))
     return UserError(
         f"cannot load encoder {model_id!r}: {why} (looked in {where})",
         hint="download it once where there is internet (`hf download owkin/phikon-v2 --local-dir phikon-v2`) "
              "and pass the folder: --encoder ./phikon-v2; or use --encoder efficientnet-lite0, which ships with "
              "the package")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is exactly ``org/name``: a name starting with . or ~, absolute, ending in a separator or with
+    more than one is a folder the user meant."""
+    seps = tuple({"/", os.sep, os.altsep} - {None})
+    return (name.startswith((".", "~")) or os.path.isabs(name) or name.endswith(seps)
+            or sum(name.count(c) for c in seps) > 1 or (os.sep != "/" and os.sep in name))
+
+
+def _missing_folder(name: str) -> UserError:
+    return UserError(f"the encoder folder {name} does not exist",
+                     hint=f"check the path (a relative one starts from {Path.cwd()}); or pass a registry name "
+                          "(`histoembed encoders` lists them) or a Hugging Face id such as owkin/phikon-v2")
+
+
+def _remote_code(config_path: Path | str, auto_map: object) -> UserError:
+    files = sorted({str(v).split(".")[0] + ".py" for v in (auto_map.values() if isinstance(auto_map, dict) else [])
+                    if isinstance(v, str)})
+    return UserError(
+        "the model asks for its own Python code (auto_map" + (f": {', '.join(files)}" if files else "")
+        + "), and histoembed never runs code that comes with a model (trust_remote_code stays off)",
+        path=config_path,
+        hint="use a registry name (`histoembed encoders` lists them), or a folder of a model transformers itself "
+             "knows (config.json's model_type, such as dinov2 or vit, written by save_pretrained)")
+
+
+def _broken_safetensors(files: list[Path]) -> tuple[Path, str] | None:
+    """(file, why) for the first weight file whose header does not parse or whose data is cut short, else None.
+
+    An interrupted download or copy leaves such a file; safetensors then fails deep inside a loader.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            return f, str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def check_safetensors(files: list[Path]) -> None:
+    """Refuse a truncated or damaged weight file by name, before any loader reads it."""
+    broken = _broken_safetensors(files)
+    if broken:
+        f, why = broken
+        raise UserError(f"the weight file is damaged or incomplete ({why}): an interrupted download or copy "
+                        "leaves such a file", path=f,
+                        hint="delete it and download or copy it again (`hf download ORG/NAME --local-dir FOLDER`; "
+                             "for the Hugging Face cache, delete the file and run `hf download ORG/NAME`)")
+
+
+def _names(keys: list[str], n: int = 3) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", ... {len(keys) - n} more" if len(keys) > n else "")
+
+
+def check_weights(missing, unexpected, mismatched, files: list[Path], hint: str) -> None:
+    """Refuse a load that would leave any weight at its random init: missing, unexpected or mis-shaped keys.
+
+    One rule for every loader. ``mismatched`` holds (name, shape in the file, shape in the model). A model
+    built with random weights still embeds, so without this a wrong file gives features that look fine.
+    """
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    mismatched = sorted((str(k), tuple(a), tuple(b)) for k, a, b in mismatched)
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} weight(s) of the model missing from the file ({_names(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} weight(s) in the file the model does not have ({_names(unexpected)})")
+    if mismatched:
+        shapes = [f"{k}: file {list(a)}, model {list(b)}" for k, a, b in mismatched]
+        parts.append(f"{len(mismatched)} weight(s) of another shape ({_names(shapes)})")
+    where = files[0] if len(files) == 1 else files[0].parent
+    raise UserError("these weights do not fit the model its config.json builds, so it would embed with random "
+                    "weights: " + "; ".join(parts), path=where, hint=hint)
+
+
+HF_WEIGHTS_HINT = ("config.json and the weights must come from the same model: download the folder again "
+                   "(`hf download ORG/NAME --local-dir FOLDER`) or write it with save_pretrained; sizes in "
+                   "config.json must not be edited by hand")
 
 
 def load_hf(model_id: str, pool: Pool, norm: tuple | None = None) -> tuple[torch.nn.Module, dict]:
@@ -178,17 +266,41 @@ def load_hf(model_id: str, pool: Pool, norm: tuple | None = None) -> tuple[torch
     if Path(model_id).exists() and not (Path(model_id) / "config.json").exists():
         raise UserError("not a model folder: it has no config.json", path=model_id,
                         hint="pass a folder written by save_pretrained, a Hugging Face id or a registry name")
+    config_file, raw, weights = None, {}, []
     try:
+        config_file = _hf_file(model_id, "config.json")
+        raw = _read_json(config_file) if config_file else {}
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        if raw.get("auto_map") and raw.get("model_type") not in CONFIG_MAPPING:
+            raise _remote_code(config_file, raw["auto_map"])
         config = AutoConfig.from_pretrained(model_id, trust_remote_code=False)
         weights = _safetensors_files(model_id)
         if not weights:
             raise _not_found(model_id, "no safetensors weights found (pickled .bin weights are not loaded)")
-        model = AutoModel.from_pretrained(model_id, config=config, trust_remote_code=False, use_safetensors=True,
-                                          attn_implementation="sdpa")
+        check_safetensors(weights)
+        # Mis-shaped weights come back in the loading info (not as transformers' RuntimeError), so that one rule
+        # (check_weights) refuses them with the missing and unexpected ones; its LOAD REPORT is ours to give.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model, loading = AutoModel.from_pretrained(
+                model_id, config=config, trust_remote_code=False, use_safetensors=True, attn_implementation="sdpa",
+                output_loading_info=True, ignore_mismatched_sizes=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     except UserError:
         raise
     except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e) and config_file:
+            raise _remote_code(config_file, raw.get("auto_map")) from None
         raise _not_found(model_id, str(e).splitlines()[0]) from None
+    except RuntimeError as e:   # transformers' own loading errors (error_msgs, weight conversion)
+        raise UserError(f"transformers cannot load these weights: {str(e).splitlines()[0]}",
+                        path=weights[0] if len(weights) == 1 else model_id, hint=HF_WEIGHTS_HINT) from None
+    # A pooler the checkpoint lacks (AutoModel adds one to ViTModel) is never read: features come from
+    # last_hidden_state. _keys_to_ignore_on_load_* are already left out of the loading info by transformers.
+    missing = [k for k in loading["missing_keys"] if not k.startswith("pooler.")]
+    check_weights(missing, loading["unexpected_keys"], loading["mismatched_keys"], weights, HF_WEIGHTS_HINT)
     if pool == "auto":
         pool = "cls"
     preprocessor = _hf_file(model_id, "preprocessor_config.json")
@@ -233,11 +345,18 @@ def timm_config(model_id: str) -> dict | None:
     path = _hf_file(model_id, "config.json")
     if path is None:
         return None
+    config = _read_json(path)
+    return config if "architecture" in config else None
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from a model's file, or a UserError naming the file."""
     try:
-        config = json.loads(path.read_text())
+        value = json.loads(Path(path).read_text())
     except (OSError, ValueError):
-        raise UserError("config.json is not valid JSON", path=path) from None
-    return config if isinstance(config, dict) and "architecture" in config else None
+        raise UserError(f"{Path(path).name} is not valid JSON", path=path,
+                        hint="download the model's files again") from None
+    return value if isinstance(value, dict) else {}
 
 
 def load_timm(model_id: str, pool: Pool, entry: zoo.Entry | None = None) -> tuple[torch.nn.Module, dict]:
@@ -285,27 +404,29 @@ def load_timm(model_id: str, pool: Pool, entry: zoo.Entry | None = None) -> tupl
 
 
 def _load_safetensors(model: torch.nn.Module, files: list[Path], model_id: str) -> None:
-    """Every weight of ``model`` from the safetensors files; a classifier the model lacks may be left over."""
+    """Every weight of ``model`` from the safetensors files, refused by ``check_weights`` unless every one fits.
+
+    The classifier (timm's ``pretrained_cfg['classifier']``) is exempt: it is dropped before features are read.
+    """
     from safetensors.torch import load_file
 
+    check_safetensors(files)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f), device="cpu"))
-    def misfit(detail: str) -> UserError:
-        return UserError(f"the weights of {model_id} do not fit the architecture its config.json names: {detail}",
-                         hint="a registry entry passes the arguments its model card gives (register tokens, "
-                              "SwiGLU layers): load the model by its registry name (`histoembed encoders`)")
-
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:   # a tensor of another shape
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise misfit(lines[1] if len(lines) > 1 else lines[0]) from None
     head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
     heads = tuple(h + "." for h in ([head] if isinstance(head, str) else head))
-    unexpected = [k for k in unexpected if not k.startswith(heads)]
-    if missing or unexpected:
-        raise misfit(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    own = {k: v.shape for k, v in model.state_dict().items()}
+    missing = [k for k in own if k not in state and not k.startswith(heads)]
+    unexpected = [k for k in state if k not in own and not k.startswith(heads)]
+    mismatched = [(k, v.shape, own[k]) for k, v in state.items() if k in own and v.shape != own[k]]
+    check_weights(missing, unexpected, [m for m in mismatched if not m[0].startswith(heads)], files,
+                  hint="a registry entry passes the arguments its model card gives (register tokens, SwiGLU "
+                       "layers): load the model by its registry name (`histoembed encoders`); otherwise "
+                       "config.json and model.safetensors are not of the same model: download both again")
+    for k, _, _ in mismatched:   # a classifier of another width: dropped with the head
+        del state[k]
+    model.load_state_dict(state, strict=False)
 
 
 # ---------------------------------------------------------------- EfficientNet-Lite0
@@ -348,13 +469,12 @@ def entry_source(entry: zoo.Entry) -> str:
     return entry.hub_id
 
 
-def weights_available(entry: zoo.Entry) -> str:
-    """'folder', 'cache', 'packaged' or '' (not here): whether the entry runs offline now. Never uses the network."""
-    if entry.library == "packaged":
-        return "packaged"
+def weight_files(entry: zoo.Entry) -> tuple[str, list[Path]]:
+    """('folder' or 'cache', the entry's weight files) when all of them lie here, else ('', []). No network."""
     source = entry_source(entry)
     if Path(source).is_dir():
-        return "folder" if _safetensors_files(source) else ""
+        files = _safetensors_files(source)
+        return ("folder", files) if files else ("", [])
     from huggingface_hub import try_to_load_from_cache
 
     def cached(filename: str) -> Path | None:
@@ -362,25 +482,40 @@ def weights_available(entry: zoo.Entry) -> str:
         return Path(found) if isinstance(found, str) else None
 
     if cached("config.json") is None:
-        return ""
-    if cached("model.safetensors"):
-        return "cache"
+        return "", []
+    if single := cached("model.safetensors"):
+        return "cache", [single]
     index = cached("model.safetensors.index.json")
     if index:
-        shards = set(json.loads(index.read_text())["weight_map"].values())
-        return "cache" if all(cached(s) for s in shards) else ""
-    return ""
+        shards = [cached(s) for s in sorted(set(_read_json(index).get("weight_map", {}).values()))]
+        return ("cache", shards) if shards and all(shards) else ("", [])
+    return "", []
+
+
+def weights_available(entry: zoo.Entry) -> str:
+    """'folder', 'cache', 'packaged', 'broken' (a weight file that would not load) or '' (not here). No network."""
+    if entry.library == "packaged":
+        return "packaged"
+    where, files = weight_files(entry)
+    return "broken" if where and _broken_safetensors(files) else where
 
 
 def encoder_rows(include_refused: bool = False) -> list[dict]:
-    """One row per registry entry for ``histoembed encoders``; 'weights' says where they lie here ('' if nowhere)."""
+    """One row per registry entry for ``histoembed encoders``; 'weights' says where they lie here ('' if nowhere),
+    'problem' why weights that are here are broken."""
     rows = []
     for e in zoo.entries():
         if e.refused and not include_refused:
             continue
+        weights = "" if e.refused else weights_available(e)
+        problem = ""
+        if weights == "broken":
+            f, why = _broken_safetensors(weight_files(e)[1])
+            problem = (f"{f} is damaged or incomplete ({why}): delete it and download it again "
+                       f"(`hf download {e.hub_id}`, with --local-dir for a folder)")
         rows.append({"name": e.name, "hub_id": e.hub_id, "dim": e.dim, "size": e.size, "pool": e.pool,
-                     "licence": e.licence, "gated": e.gated, "refused": e.refused,
-                     "weights": "" if e.refused else weights_available(e)})
+                     "licence": e.licence, "gated": e.gated, "refused": e.refused, "weights": weights,
+                     "problem": problem})
     return rows
 
 
@@ -404,11 +539,14 @@ def _load_named(name: str, pool: Pool) -> tuple[torch.nn.Module, dict, str, str]
         if name.startswith(prefix):
             module, info = load_timm(name[len(prefix):], pool)
             return module, info, name, "bf16"
-    folder = Path(name)
-    if folder.is_dir() and timm_config(name) is not None:
-        module, info = load_timm(name, pool)
+    folder = Path(name).expanduser()
+    if _looks_like_path(name) and not folder.exists():
+        raise _missing_folder(name)
+    source = str(folder) if folder.exists() else name
+    if folder.is_dir() and timm_config(source) is not None:
+        module, info = load_timm(source, pool)
     else:
-        module, info = load_hf(name, pool)
+        module, info = load_hf(source, pool)
     return module, info, (str(folder.resolve()) if folder.exists() else name), "bf16"
 
 

@@ -226,15 +226,20 @@ def tissue_by_saturation(rgb: np.ndarray, thumb_mpp: float, min_area_um2: float,
     return filled.astype(bool)
 
 
-def mask_on_thumbnail(mask: np.ndarray, path: Path, slide_size: tuple[int, int], shape: tuple[int, int],
-                      tolerance: float = 0.02) -> np.ndarray:
-    """A slide's mask (HxW uint8 at any level's aspect) resized to the thumbnail ``shape`` as bool."""
-    w0, h0 = slide_size
-    mh, mw = mask.shape[:2]
+def check_aspect(mask_size: tuple[int, int], path: Path, slide_size: tuple[int, int],
+                 tolerance: float = 0.02) -> None:
+    """A slide's mask may be at any level's size, but must have the slide's aspect (within ``tolerance``)."""
+    (mw, mh), (w0, h0) = mask_size, slide_size
     if abs((mw / mh) / (w0 / h0) - 1) > tolerance:
         raise UserError(f"mask is {mw}x{mh} (aspect {mw / mh:.3f}) but its slide is {w0}x{h0} "
                         f"(aspect {w0 / h0:.3f}); a slide's mask must have the slide's aspect at some level",
                         path=path)
+
+
+def mask_on_thumbnail(mask: np.ndarray, path: Path, slide_size: tuple[int, int], shape: tuple[int, int],
+                      tolerance: float = 0.02) -> np.ndarray:
+    """A slide's mask (HxW uint8 at any level's aspect) resized to the thumbnail ``shape`` as bool."""
+    check_aspect((mask.shape[1], mask.shape[0]), path, slide_size, tolerance)
     small = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
     lo, hi = int(small.min(initial=0)), int(small.max(initial=0))
     if lo == hi:

@@ -161,41 +161,38 @@ class CropBatches(torch.utils.data.IterableDataset):
         # whole slides: a patch's pixels are read from its slide (one handle per slide in this process)
         slide_cols = ["png", "source", "level", "x0", "y0", "x1"] if "source" in pf.schema_arrow.names else None
         size = int((store.read_meta(self.path).get("settings") or {}).get("size", 224))
-        handles = slides.SlideHandles()
+        handles = slides.process_handles()
         starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
         cached: tuple[int, list] = (-1, [])
-        try:
-            for b in range(worker, len(self.batches), workers):
-                crops = []
-                for row in self.batches[b]:
-                    group = int(np.searchsorted(starts, row, side="right")) - 1
-                    if cached[0] != group:
-                        if slide_cols is None:
-                            cached = (group, [(p,) for p in
-                                              pf.read_row_group(group, columns=["png"])["png"].to_pylist()])
-                        else:
-                            t = pf.read_row_group(group, columns=slide_cols)
-                            cached = (group, list(zip(*(t[c].to_pylist() for c in slide_cols))))
-                    item = cached[1][row - starts[group]]
-                    if item[0] is None and len(item) > 1 and item[1] is not None:
-                        _, source, level, x0, y0, x1 = item
-                        try:
-                            crops.append(slides.read_patch_at(source, handles, x0, y0, level, x1 - x0, size))
-                        except UserError as e:  # a damaged slide: named by the caller, never a worker's traceback
-                            yield b, (str(e.path or source), e.problem, e.hint or "")
-                            return
-                        continue
+        for b in range(worker, len(self.batches), workers):
+            crops = []
+            for row in self.batches[b]:
+                group = int(np.searchsorted(starts, row, side="right")) - 1
+                if cached[0] != group:
+                    if slide_cols is None:
+                        cached = (group, [(p,) for p in
+                                          pf.read_row_group(group, columns=["png"])["png"].to_pylist()])
+                    else:
+                        t = pf.read_row_group(group, columns=slide_cols)
+                        cached = (group, list(zip(*(t[c].to_pylist() for c in slide_cols))))
+                item = cached[1][row - starts[group]]
+                if item[0] is None and len(item) > 1 and item[1] is not None:
+                    _, source, level, x0, y0, x1 = item
                     try:
-                        crops.append(decode_png(item[0]))
-                    except (ValueError, TypeError):
-                        yield b, int(row)  # the caller names the bad crop
+                        crops.append(slides.read_patch_at(source, handles, x0, y0, level, x1 - x0, size))
+                    except UserError as e:  # a damaged slide: named by the caller, never a worker's traceback
+                        yield b, (str(e.path or source), e.problem, e.hint or "")
                         return
-                yield b, torch.from_numpy(np.stack(crops))
-        finally:
-            handles.close()
+                    continue
+                try:
+                    crops.append(decode_png(item[0]))
+                except (ValueError, TypeError):
+                    yield b, int(row)  # the caller names the bad crop
+                    return
+            yield b, torch.from_numpy(np.stack(crops))
 
 
-def raise_batch_problem(item, index: CropIndex) -> None:
+def raise_batch_problem(item, index: CropIndex | None) -> None:
     """Stop with a clear message when a batch came back as an unreadable crop or slide patch."""
     if isinstance(item, tuple):
         path, problem, hint = item

@@ -177,6 +177,18 @@ class SlideHandles:
         self.open.clear()
 
 
+_PROCESS_HANDLES: SlideHandles | None = None
+
+
+def process_handles() -> SlideHandles:
+    """This process's slide handles (a new set in a forked or spawned child): each slide opened once per process,
+    whichever reader asks (a DataLoader worker, a Ray task's process)."""
+    global _PROCESS_HANDLES
+    if _PROCESS_HANDLES is None or _PROCESS_HANDLES.pid != os.getpid():
+        _PROCESS_HANDLES = SlideHandles()
+    return _PROCESS_HANDLES
+
+
 # ---------------------------------------------------------------- thumbnails and tissue
 
 def thumbnail(slide, path: str | Path, mpp0: float, thumb_mpp: float) -> tuple[np.ndarray, float]:

@@ -65,7 +65,16 @@ from histoembed.core.config import CropSettings, QCSettings
 from histoembed.core.console import progress
 from histoembed.core.errors import UserError
 from histoembed.engines import local
-from histoembed.inputs.dataset import MAX_PIXELS, Dataset, Problem, Sample, load_dataset, read_image_and_mask
+from histoembed.inputs import slides
+from histoembed.inputs.dataset import (
+    MAX_PIXELS,
+    Dataset,
+    Problem,
+    Sample,
+    load_dataset,
+    read_image_and_mask,
+    read_slide_mask,
+)
 from histoembed.inputs.pixels import repair_ink, tissue_mask_by_colour
 
 Box = tuple[int, int, int, int]   # x0, y0, x1, y1 in source pixels; x1, y1 exclusive
@@ -342,6 +351,8 @@ class _CropJob:
     sample: Sample
     settings: CropSettings
     repair: dict | None  # QC settings to repair ink with, or None
+    slide_mpp: float | None = None  # a slide's microns per pixel when its file does not say
+    stamp: str | None = None        # a slide's content stamp (part of each patch's digest)
 
 
 @dataclass
@@ -360,8 +371,59 @@ def _encode_png(rgb: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def slide_patches(sample: Sample, settings: CropSettings, slide_mpp: float | None = None,
+                  ) -> tuple[list[tuple[Box, float]], slides.Geometry, float]:
+    """(patches as (level-0 box, tissue fraction), the geometry they are read with, the slide's own mpp).
+
+    Tissue is found on a thumbnail at ``thumb_mpp`` (saturation Otsu), or taken from the slide's mask
+    (``mask_mode`` tissue ignores the mask, union adds the tissue found); a slide with no tissue is a
+    UserError naming it.
+    """
+    with slides.open_slide(sample.image) as slide:
+        mpp0 = slides.base_mpp(slide, sample.image, slide_mpp)
+        thumb, scale = slides.thumbnail(slide, sample.image, mpp0, settings.thumb_mpp)
+        geo = slides.geometry(slide, mpp0, settings.mpp, settings.size)
+        size0 = slide.dimensions
+    thumb_mpp = mpp0 / scale
+    given = read_slide_mask(sample, thumb.shape[:2]) if settings.mask_mode != "tissue" else None
+    tissue = given
+    if given is None or settings.mask_mode == "union":
+        found = slides.tissue_by_saturation(thumb, thumb_mpp, settings.min_tissue_area)
+        tissue = found if given is None else (given | found)
+    if not tissue.any():
+        raise UserError("no tissue found on the slide's thumbnail" if given is None else "the slide's mask is empty",
+                        path=sample.mask if given is not None else sample.image,
+                        hint="check the slide (a blank or out-of-focus scan?), or lower --min-tissue-area")
+    boxes = slides.patch_grid(tissue, scale, size0, geo.side0, settings.overlap, settings.min_tissue,
+                              settings.max_patches)
+    if not boxes:
+        raise UserError(f"no {settings.size}-px patch at {settings.mpp} um/px has {settings.min_tissue:.0%} tissue",
+                        path=sample.image, hint="lower --min-tissue, or --mpp for smaller patches")
+    return boxes, geo, mpp0
+
+
+def patch_digest(stamp: str | None, level: int, box: Box, size: int, mpp: float) -> str:
+    """A slide patch's identity: what its pixels depend on (the slide's bytes, level, box, size and mpp)."""
+    return store.config_key("patch", stamp, level, list(box), size, round(float(mpp), 6))[:16]
+
+
+def _crop_slide(job: _CropJob) -> _CroppedImage:
+    sample, settings = job.sample, job.settings
+    try:
+        boxes, geo, _ = slide_patches(sample, settings, job.slide_mpp)
+    except UserError as e:
+        return _CroppedImage(sample.key, problem=Problem(e.path or sample.image, f"{e.problem}; slide skipped"))
+    source = str(Path(sample.image).resolve())
+    rows = [(i, *b, f, "slide-grid", 1.0, None, geo.level, settings.mpp, source,
+             patch_digest(job.stamp, geo.level, b, settings.size, settings.mpp))
+            for i, (b, f) in enumerate(boxes)]
+    return _CroppedImage(sample.key, rows)
+
+
 def _crop_one(job: _CropJob) -> _CroppedImage:
     sample = job.sample
+    if sample.slide:
+        return _crop_slide(job)
     try:
         rgb, mask = read_image_and_mask(sample.image, sample.mask, max_pixels=None)  # checked by load_dataset
     except UserError as e:
@@ -418,6 +480,7 @@ class CropsResult:
     left_out: list[str]               # training images (names) left out because QC flagged them
     repaired: list[tuple[str, str]]   # (split, image_id) of images whose ink was repaired before cropping
     skipped: bool                     # True: inputs and settings unchanged, nothing was done
+    warnings: list[str] = field(default_factory=list)  # e.g. a patient in both splits (leakage)
 
 
 def _read_qc(run: Path, stamp: store.ContentStamps) -> tuple[dict[tuple[str, str], dict], dict | None, list | None]:
@@ -489,13 +552,24 @@ def _refuse_stale_qc(run: Path, stamps: list[list]) -> None:
                         hint="run `histoembed qc`, then `histoembed crops` again")
 
 
+def check_slide_mpp(samples: Sequence[Sample], slide_mpp: float | None) -> None:
+    """Stop before any work when a slide does not say its microns per pixel and ``--slide-mpp`` is not given."""
+    if slide_mpp:
+        return
+    for s in samples:
+        if s.slide:
+            with slides.open_slide(s.image) as slide:
+                slides.base_mpp(slide, s.image)
+
+
 def _first(names: Sequence[str], n: int = 5) -> str:
     """The first ``n`` names, comma-separated, with `...` when there are more."""
     return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
 
 
 def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = False, keep: Sequence[str] = (),
-              include_flagged: bool = False, max_pixels: int = MAX_PIXELS, verify_data: bool = False) -> CropsResult:
+              include_flagged: bool = False, max_pixels: int = MAX_PIXELS, verify_data: bool = False,
+              slide_mpp: float | None = None) -> CropsResult:
     """Cut the crops of both splits into ``run/crops.parquet`` (nothing to do when unchanged).
 
     ``strict`` stops at the first bad item, before anything is written. With a
@@ -503,6 +577,9 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
     named in ``keep``) and images with ink are repaired first; test images are never left out.
     The QC table must have checked the same image and mask bytes. ``verify_data`` hashes every
     file again instead of trusting the stamps cached by size and modification time.
+
+    Whole slides (``Sample.slide``) get patches as coordinates (no pixels): a grid at ``settings.mpp`` over
+    the tissue of a thumbnail; ``slide_mpp`` is the microns per pixel of slides whose file does not say.
     """
     data, run = Path(data), Path(run)
     out = run / store.CROPS_FILE
@@ -529,24 +606,33 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
                         path=run / store.QC_FILE, hint="pass --include-flagged or --keep ID")
     _refuse_lost_classes(ds, samples, dropped, data)
 
+    check_slide_mpp(samples, slide_mpp)
     key = store.stage_key(
         "crops", CROPS_VERSION, settings, sorted(keep), include_flagged, qc_stamp,
-        stamps, [str(p) for p in ds.problems],
+        stamps, [str(p) for p in ds.problems], slide_mpp if any(s.slide for s in samples) else None,
+        [s.group for s in samples] if any(s.group for s in samples) else None,
     )
     old = store.read_meta(out) if out.exists() else {}
     if old.get("key") == key and old.get("schema") == store.SCHEMA:  # an older file is cut again
-        return _previous(out)
+        result = _previous(out)
+        result.warnings = ds.warnings
+        return result
 
+    stamp_of = {(sp, i): im for sp, i, _, im, _ in stamps}
     jobs = []
     for s in samples:
         ink = bool(qc_rows.get(s.key, {}).get("ink"))
-        jobs.append(_CropJob(s, settings, (qc_settings or {}) if (ink and repair_on) else None))
+        jobs.append(_CropJob(s, settings, (qc_settings or {}) if (ink and repair_on and not s.slide) else None,
+                             slide_mpp, stamp_of.get(s.key)))
     label_of = {s.key: s.label for s in samples}
+    group_of = {s.key: s.group for s in samples}
+    has_slides, has_groups = any(s.slide for s in samples), any(s.group for s in samples)
 
     meta = {"key": key, "settings": settings.model_dump(), "data": str(data.resolve()),
             "data_stamp": store.config_key("data", stamps), "qc": qc_stamp[1] if qc_stamp else None,
-            "images": len(samples), "left_out": len(left_out), "classes": ds.classes, "content_stamps": stamp.used}
-    schema = store.with_meta(store.CROPS_SCHEMA, meta)
+            "images": len(samples), "left_out": len(left_out), "classes": ds.classes, "content_stamps": stamp.used,
+            "slides": sum(s.slide for s in samples), "slide_mpp": slide_mpp}
+    schema = store.with_meta(store.crops_schema(has_slides, has_groups), meta)
     fallbacks: list[tuple[str, str, str]] = []
     problems: list[Problem] = list(ds.problems)
     repaired: list[tuple[str, str]] = []
@@ -579,6 +665,12 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
                     if done.repaired:
                         repaired.append(done.key)
                     for row in done.rows:
+                        if has_slides and len(row) == 9:  # a flat image's row: no slide columns
+                            row = (*row, None, None, None, None)
+                        elif not has_slides:
+                            row = row[:9]
+                        if has_groups:
+                            row = (*row, group_of[done.key])
                         batch.append((image_id, split, label_of[done.key], *row))
                         written.append(f"{split}/{image_id}")
                     if len(batch) >= 256:
@@ -593,7 +685,7 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
         finally:
             writer.close()
     return CropsResult(out, len(set(written)), len(written), _counts(written), fallbacks, problems,
-                       left_out, repaired, skipped=False)
+                       left_out, repaired, skipped=False, warnings=ds.warnings)
 
 
 # ---------------------------------------------------------------- the data a run was cut from

@@ -130,6 +130,16 @@ def qc_mismatch(used: str | None, current: str | None) -> str | None:
     return "this QC table is not the one `histoembed crops` used (QC ran again since, on changed data or settings)"
 
 
+def patient_groups(run: Path) -> dict[str, str]:
+    """{"split/image_id": patient} from the crops file's ``group`` column (empty when the data has none)."""
+    path = Path(run) / store.CROPS_FILE
+    if "group" not in pq.read_schema(path).names:
+        return {}
+    t = pq.read_table(path, columns=["image_id", "split", "group"])
+    return {f"{sp}/{i}": g for i, sp, g in zip(*(t[c].to_pylist() for c in ("image_id", "split", "group")))
+            if g}
+
+
 def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
                       scale_fusion: str = "crops") -> TrainingSet:
     """The training features after QC, with crops of several scales fused as ``scale_fusion`` says."""
@@ -172,9 +182,12 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
                         hint="fitting a classifier needs at least two labels")
     index = {c: k for k, c in enumerate(classes)}
     y = np.array([index[labels[k]] for k in image_keys], dtype=np.int64)
-    # Images of one duplicate group share a fold group; others are their own group.
-    groups = np.array([dup_groups[k] if k in dup_groups else -1 - n for n, k in enumerate(image_keys)],
-                      dtype=np.int64)
+    # Images of one patient (the manifest's group column) share a fold group, as do images of one QC duplicate
+    # group; others are their own group.
+    patients = patient_groups(run)
+    patient_id = {p: 10**9 + i for i, p in enumerate(sorted(set(patients.values())))}
+    groups = np.array([patient_id[patients[k]] if k in patients else dup_groups[k] if k in dup_groups else -1 - n
+                       for n, k in enumerate(image_keys)], dtype=np.int64)
     name = lambda k: str(k).split("/", 1)[1]  # noqa: E731  (every key here is train/<name>)
     return TrainingSet(features, store_dir, [name(k) for k in image_keys], row_image, y, groups, classes,
                        [name(k) for k in excluded], [name(k) for k in unlabelled], store.train_crops_digest(run),

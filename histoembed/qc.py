@@ -50,7 +50,14 @@ from histoembed.core import store
 from histoembed.core.config import QCSettings
 from histoembed.core.console import progress
 from histoembed.core.errors import UserError
-from histoembed.inputs.dataset import MAX_PIXELS, Problem, Sample, load_dataset, read_image_and_mask
+from histoembed.inputs.dataset import (
+    MAX_PIXELS,
+    Problem,
+    Sample,
+    load_dataset,
+    read_image_and_mask,
+    read_slide_thumbnail,
+)
 from histoembed.inputs.pixels import hue_in, ink_mask, to_hsv, tissue_mask_by_colour
 
 MAX_SIDE = 512          # the colour pass works on images downscaled to this longest side
@@ -320,7 +327,10 @@ def _check_image(args: tuple[Sample, QCSettings, int]) -> _ImageResult:
     """Colour scores, hash and (when ``thumb_size``) a thumbnail of one image."""
     sample, settings, thumb_size = args
     try:
-        rgb, mask = read_image_and_mask(sample.image, sample.mask, max_pixels=None)  # checked by load_dataset
+        if sample.slide:  # a whole slide: its thumbnail (read tile by tile) stands for it
+            rgb, mask = read_slide_thumbnail(sample)
+        else:
+            rgb, mask = read_image_and_mask(sample.image, sample.mask, max_pixels=None)  # checked by load_dataset
     except UserError as e:
         return _ImageResult(problem=f"{e.path or sample.image}: {e.problem}")
     small, small_mask = downscale(rgb, mask)
@@ -470,8 +480,9 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
     old = store.read_meta(out) if out.exists() else {}
     # older files (another schema, or no record of the bytes checked, which crops compares): re-run
     unchanged = old.get("key") == key and old.get("schema") == store.SCHEMA and SAMPLE_STAMPS in old
+    leak = "; ".join(ds.warnings) or None  # patients in both splits
     if unchanged and not old.get("embedding_failed"):
-        return _previous_result(out, old)
+        return _previous_result(out, old, leak)
 
     enc_obj, thumb_size, failed, warning = None, 0, False, None
     if not embed:
@@ -585,4 +596,5 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
             "problems": [[str(p.path), p.problem] for p in problems], "keep": list(keep),
             "content_stamps": stamp.used, SAMPLE_STAMPS: checked}
     store.write_table(table, out, meta)
+    warning = "; ".join(w for w in (warning, leak) if w) or None
     return QCResult(out, table, skipped=False, problems=problems, embedding=emb_note, warning=warning)

@@ -56,6 +56,12 @@ def crops(
     max_crops: Annotated[int | None, setting("crops.max_crops")] = None,
     mask_mode: Annotated[MaskMode | None, setting("crops.mask_mode")] = None,
     scales: Annotated[str | None, setting("crops.scales", metavar="S,S")] = None,
+    mpp: Annotated[float | None, setting("crops.mpp")] = None,
+    overlap: Annotated[float | None, setting("crops.overlap")] = None,
+    max_patches: Annotated[int | None, setting("crops.max_patches")] = None,
+    thumb_mpp: Annotated[float | None, setting("crops.thumb_mpp")] = None,
+    min_tissue_area: Annotated[float | None, setting("crops.min_tissue_area")] = None,
+    slide_mpp: Annotated[float | None, setting("data.slide_mpp")] = None,
     workers: Annotated[int | None, setting("crops.workers")] = None,
     engine: Annotated[Engine | None, setting("crops.engine")] = None,
     ray_address: Annotated[str | None, setting("crops.ray_address")] = None,
@@ -70,6 +76,9 @@ def crops(
 ) -> None:
     """Cut square tissue crops from both splits into run/crops.parquet.
 
+    Whole slides (SVS, NDPI, MRXS, pyramidal TIFF, DICOM ... in a manifest) get patches as coordinates:
+    a grid of --size px patches at --mpp microns per pixel over the tissue found on a thumbnail.
+
     With run/qc.parquet present, QC-flagged training images are left out and green ink is
     repaired before cropping; test images are never left out. Stops when the images changed
     since run/qc.parquet was written (run `histoembed qc` again).
@@ -77,10 +86,14 @@ def crops(
     settings = stage_settings(config, "crops", strategy=strategy, k=k, min_area=min_area, margin=margin,
                               size=size, fill=_parse_fill(fill), fill_outside_mask=fill_outside_mask, tile=tile,
                               min_tissue=min_tissue, max_crops=max_crops, mask_mode=mask_mode,
-                              scales=_parse_scales(scales), workers=workers, engine=engine, ray_address=ray_address)
-    limit = cfg.override(settings.data, max_pixels=max_pixels).max_pixels
+                              scales=_parse_scales(scales), mpp=mpp, overlap=overlap, max_patches=max_patches,
+                              thumb_mpp=thumb_mpp, min_tissue_area=min_tissue_area, workers=workers, engine=engine,
+                              ray_address=ray_address)
+    data_settings = cfg.override(settings.data, max_pixels=max_pixels, slide_mpp=slide_mpp)
     result = run_crops(data, run, settings.crops, strict=strict, keep=list(keep or []), include_flagged=include_flagged,
-                       max_pixels=limit, verify_data=verify_data)
+                       max_pixels=data_settings.max_pixels, verify_data=verify_data, slide_mpp=data_settings.slide_mpp)
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
     if result.skipped:
         console.print(f"{result.path} is up to date (same inputs and settings); nothing to do.", soft_wrap=True)
     lo, median, hi = result.per_image

@@ -53,11 +53,36 @@ def synth(
                                "for all, the class as a colour tint inside the mask's blobs); context (one look for "
                                "all, the class as a tinted ring around each blob, outside every default crop: "
                                "what `crops --scales 1,2` recovers).")] = "morphology",
+    slides: Annotated[int, typer.Option(
+        "--slides", min=0, help="Write a cohort of this many synthetic whole slides instead (pyramidal tiled "
+                                "SVS, JPEG tiles, 3 levels, MPP 0.25 in the description; about a quarter test "
+                                "slides; labels benign/malignant; patients in a group column) under OUT/slides/ "
+                                "with OUT/manifest.csv.")] = 0,
+    slide_size: Annotated[int, typer.Option(
+        "--slide-size", min=512, help="With --slides: level-0 side of each slide in pixels (at 0.25 um/px; "
+                                      "20000 is 5 mm).")] = 20000,
+    slide_format: Annotated[str, typer.Option(
+        "--slide-format", help="With --slides: svs (Aperio-like, JPEG tiles) or tiff (generic tiled pyramidal "
+                               "TIFF, zlib tiles, resolution in the TIFF tags).")] = "svs",
     partial_masks: Annotated[bool, typer.Option(
         "--partial-masks", help="Mask files mark a patch of tissue away from the tumour and miss the tumour "
                                 "(with its class signal): what `crops --mask-mode union` recovers.")] = False,
 ) -> None:
     """Write a synthetic H&E dataset (images, tumour masks, labels) for trying the pipeline."""
+    if slides:
+        if slide_format not in ("svs", "tiff"):
+            raise UserError(f"--slide-format {slide_format!r}: expected svs or tiff")
+        if slides < 4:
+            raise UserError(f"--slides {slides}: a cohort needs at least 4 slides (training slides of both "
+                            "classes and test slides)")
+        if (out / "manifest.csv").exists() or (out / "slides").exists():
+            raise UserError("folder already holds a slide cohort", path=out,
+                            hint="choose another --out, or remove the folder first")
+        done = synthetic.make_slide_cohort(out, slides, seed, slide_size, fmt=slide_format,
+                                                  n_test=test)
+        console.print(f"wrote {done['train']} training and {done['test']} test slides to {out / 'slides'}; "
+                      f"manifest: {done['manifest']}", soft_wrap=True)
+        return
     if full_scale:
         if train is not None or test is not None:
             raise UserError("--full-scale sets 691 training and 477 test images; leave out --train and --test")

@@ -76,6 +76,9 @@ class DataSettings(_Settings):
     max_pixels: int = Field(64_000_000, ge=1, description="Images whose header says more pixels than this "
                             "(width x height) are skipped before decoding, as likely decompression bombs; "
                             "raise it for real large images (about 20 bytes of memory per pixel).")
+    slide_mpp: float | None = Field(None, gt=0, description="Whole slides: microns per level-0 pixel for slides "
+                                    "whose file does not say (openslide.mpp-x/y missing); a slide that says keeps "
+                                    "its own. Unset: such a slide stops the stage, named.")
 
 
 class CropSettings(_Settings):
@@ -89,7 +92,7 @@ class CropSettings(_Settings):
     fill: tuple[int, int, int] = Field(MEAN_FILL, description="Padding colour R,G,B (the default is the ImageNet mean).")
     fill_outside_mask: bool = Field(False, description="Also paint pixels outside the mask with the fill colour.")
     tile: int = Field(0, ge=0, description="Tile side in source pixels for grid, roi-window, center and fallbacks (0: the crop size).")
-    min_tissue: float = Field(0.5, ge=0, le=1, description="Grid tiles are kept when at least this fraction is tissue.")
+    min_tissue: float = Field(0.5, ge=0, le=1, description="Grid tiles (and whole-slide patches) are kept when at least this fraction is tissue.")
     max_crops: int = Field(64, ge=1, description="At most this many crops per image (grid, roi-window, fallback).")
     mask_mode: MaskMode = Field(
         "given", description="Where blobs are found: given (the mask file), tissue (tissue found by colour, the mask "
@@ -99,6 +102,16 @@ class CropSettings(_Settings):
         (1.0,), min_length=1, description="Crop scales (comma-separated): 1 is the crop as cut; 2 also cuts each "
         "crop's square grown to twice its side about its centre (the context around the blob; beyond the image: "
         "the fill colour), resized to the same size. Stored in the scale column; see fit's scale_fusion.")
+    mpp: float = Field(0.5, gt=0, description="Whole slides: microns per pixel of the patches (0.5: 20x, 0.25: "
+                       "40x); each patch is read from the best pyramid level and resized to size x size.")
+    overlap: float = Field(0.0, ge=0, lt=1, description="Whole slides: overlap of neighbouring patches, as a "
+                           "fraction of the patch side (the grid's step is side x (1 - overlap)).")
+    max_patches: int = Field(0, ge=0, description="Whole slides: at most this many patches per slide, an evenly "
+                             "spaced subsample of the tissue patches in reading order (0: all).")
+    thumb_mpp: float = Field(8.0, gt=0, description="Whole slides: microns per pixel of the thumbnail tissue is "
+                             "found on (saturation Otsu, closing, holes filled).")
+    min_tissue_area: float = Field(10_000.0, ge=0, description="Whole slides: tissue pieces smaller than this "
+                                   "many square microns are dropped (dust, pen dots).")
     workers: int = Field(0, ge=0, description="Worker processes (0: all cores; 1: in this process).",
                          json_schema_extra=NO_OUTPUT_CHANGE)
     engine: Engine = Field("local", description="local: worker processes on this machine; ray: one Ray task per "

@@ -158,8 +158,32 @@ def stage_key(stage: str, version: int, settings: BaseModel | None, *inputs) -> 
     return config_key(stage, version, output_settings(settings) if settings is not None else None, *inputs)
 
 
+SAMPLED_STAMP_BYTES = 256 * 2**20  # files larger than this (whole slides) are stamped by samples of their bytes
+SAMPLE_BLOCK = 2**20                # the first and last MiB, and 16 blocks of 64 KiB evenly between
+
+
+def sampled_digest(path: Path, size: int) -> str:
+    """``sampled-`` + sha256 of the size, the first and last MiB and 16 evenly spaced 64 KiB blocks.
+
+    A 2 GB slide's full sha256 takes seconds; a cohort's, an hour. A re-scan, re-export or truncation changes
+    the size, the header (first MiB) or the tile directory TIFF writers put at the end: all caught. An in-place
+    edit of tile bytes that keeps the size is caught only when it touches a sampled block.
+    """
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        offsets = [0, max(0, size - SAMPLE_BLOCK)]
+        offsets += [int(size * (i + 1) / 17) for i in range(16)]
+        for i, off in enumerate(offsets):
+            f.seek(off)
+            h.update(f.read(SAMPLE_BLOCK if i < 2 else 2**16))
+    return "sampled-" + h.hexdigest()
+
+
 class ContentStamps:
     """Files stamped by their content (sha256), so ``touch`` or a copy changes no key.
+
+    Files over ``SAMPLED_STAMP_BYTES`` (whole slides) are stamped by samples of their bytes
+    (``sampled_digest``), so stamping a cohort of slides reads a few MiB per slide, not terabytes.
 
     ``cache`` is the ``used`` of the previous run, kept in its output's metadata: a file whose
     size and modification time are unchanged is not read again.
@@ -178,6 +202,8 @@ class ContentStamps:
         hit = self.cache.get(name)
         if hit and hit[:2] == [st.st_size, st.st_mtime_ns]:
             digest = hit[2]
+        elif st.st_size > SAMPLED_STAMP_BYTES:
+            digest = sampled_digest(path, st.st_size)
         else:
             with path.open("rb") as f:
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
@@ -249,8 +275,26 @@ CROPS_SCHEMA = pa.schema([
     ("tissue_fraction", pa.float32()),  # fraction of the box inside the mask
     ("strategy", pa.string()),        # the strategy that cut it (grid-fallback for fallbacks)
     ("scale", pa.float32()),          # 1: the crop as cut; 2: its square grown twice about its centre (context)
-    ("png", pa.binary()),             # the square crop, RGB PNG
+    ("png", pa.binary()),             # the square crop, RGB PNG (null for a whole slide's patch)
 ])
+
+# Columns a crops file has when its data holds whole slides (after CROPS_SCHEMA's): a slide's patch is stored as
+# coordinates, its pixels read from the slide when embedded. Null on the rows of flat images.
+SLIDE_FIELDS = [
+    ("level", pa.int32()),            # pyramid level the patch is read from (x0..y1 stay in level-0 pixels)
+    ("mpp", pa.float32()),            # microns per pixel of the patch as embedded (size x size pixels)
+    ("source", pa.string()),          # the slide's absolute path (a file system every worker sees)
+    ("patch_digest", pa.string()),    # digest of (slide content, level, box, size, mpp): the patch's identity
+]
+GROUP_FIELD = ("group", pa.string())  # patient id from the manifest's group column (a data with groups only)
+
+
+def crops_schema(slides: bool, groups: bool) -> pa.Schema:
+    """CROPS_SCHEMA, with the slide columns when the data has slides and ``group`` when it has groups."""
+    schema = CROPS_SCHEMA
+    for name, type_ in (SLIDE_FIELDS if slides else []) + ([GROUP_FIELD] if groups else []):
+        schema = schema.append(pa.field(name, type_))
+    return schema
 
 
 def _columns(path: Path) -> list[str]:
@@ -340,8 +384,15 @@ def crop_hashes(crops_path: str | Path) -> list[str]:
     """The digest of every crop's PNG in ``crops.parquet``, in row order (read one row group at a time)."""
     try:
         pf = pq.ParquetFile(crops_path)
-        return [crop_digest(png) for g in range(pf.num_row_groups)
-                for png in pf.read_row_group(g, columns=["png"])["png"].to_pylist()]
+        if "patch_digest" not in pf.schema_arrow.names:
+            return [crop_digest(png) for g in range(pf.num_row_groups)
+                    for png in pf.read_row_group(g, columns=["png"])["png"].to_pylist()]
+        out = []
+        for g in range(pf.num_row_groups):
+            t = pf.read_row_group(g, columns=["png", "patch_digest"])
+            out += [crop_digest(png) if png is not None else d
+                    for png, d in zip(t["png"].to_pylist(), t["patch_digest"].to_pylist())]
+        return out
     except (OSError, pa.ArrowInvalid) as e:
         raise UserError(f"crops file cannot be read ({e})", path=crops_path,
                         hint="delete it and re-run `histoembed crops`") from None

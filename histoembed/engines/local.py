@@ -52,6 +52,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
         CropIndex,
         PartWriter,
         check_finite,
+        check_slides_unchanged,
         checked_encoder,
         copy_to_host,
         open_store,
@@ -59,6 +60,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
         part_schema,
         plan_batches,
         queue_batch,
+        raise_batch_problem,
         shard_lock,
         stop_for_tests,
         store_key,
@@ -71,6 +73,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
     started = time.perf_counter()
     index = CropIndex.read(run)
     crops_path = index.path
+    check_slides_unchanged(crops_path)
     if encoder is None:
         encoder = load_encoder(settings.encoder, settings.pool, settings.device, settings.precision)
     if encoder.device.type == "cpu":
@@ -122,10 +125,8 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
                     stop_for_tests(written)
 
                 for b, crops in loader:
-                    if isinstance(crops, int):
-                        raise UserError(f"crop {crop_index[crops]} of {ids[crops]} ({splits[crops]}) is not a "
-                                        "readable PNG", path=crops_path,
-                                        hint="re-run `histoembed crops` (delete the file first)")
+                    if not isinstance(crops, torch.Tensor):
+                        raise_batch_problem(crops, index)
                     rows = batches[b]
                     bid, bsplit, bcidx, bhash = ([col[r] for r in rows] for col in (ids, splits, crop_index, digests))
                     views = views_of(bsplit[0], settings)

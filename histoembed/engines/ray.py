@@ -398,6 +398,8 @@ def _decode(batch: dict[str, np.ndarray], crops_path: str) -> dict[str, np.ndarr
     """A CPU task: the crops of one unit (rows of crops.parquet) decoded to uint8 [B, H, W, 3]."""
     rows = batch["row"]
     _, crops = next(iter(seams.CropBatches(Path(crops_path), [rows])))
+    if isinstance(crops, tuple):  # a slide patch that cannot be read: the slide is named
+        seams.raise_batch_problem(crops, None)
     if isinstance(crops, int):
         i = int(np.flatnonzero(rows == crops)[0])
         raise UserError(f"crop {batch['crop_index'][i]} of {batch['image_id'][i]} ({batch['split'][i]}) is not a "
@@ -421,6 +423,8 @@ def _units(index: CropIndex, todo: list[int], per_part: int) -> list[pa.Table]:
 def _crop_shape(index: CropIndex, row: int) -> tuple[int, ...]:
     """The decoded shape of crop ``row`` (a crops file holds crops of one size)."""
     _, crops = next(iter(seams.CropBatches(index.path, [np.array([row])])))
+    if isinstance(crops, tuple):
+        seams.raise_batch_problem(crops, index)
     if isinstance(crops, int):
         raise UserError(f"crop {index.crop_index[row]} of {index.ids[row]} ({index.splits[row]}) is not a readable "
                         "PNG", path=index.path, hint="re-run `histoembed crops` (delete the file first)")
@@ -476,6 +480,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
                         "cluster itself", hint="drop --shard (and torchrun) with --engine ray")
     started = time.perf_counter()
     index = CropIndex.read(run)
+    seams.check_slides_unchanged(index.path)
     mine = list(range(len(index.ids)))
     normaliser = stain.for_run(run, settings.stain_norm, settings.stain_target, settings.stain_min_tissue,
                                torch.device("cpu"))

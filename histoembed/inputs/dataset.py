@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from histoembed.core.config import DataSettings
 from histoembed.core.errors import UserError
+from histoembed.inputs import slides
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LABELS_FILE = "train_labels.csv"
@@ -49,6 +50,8 @@ class Sample:
     image: Path
     mask: Path | None      # None: no mask (the crops stage then finds tissue by colour)
     label: str | None      # None for test images
+    group: str | None = None  # patient (manifest ``group`` column): a patient's images share a fold
+    slide: bool = False    # a whole-slide image read through OpenSlide (inputs/slides.py), not a flat image
 
     @property
     def key(self) -> tuple[str, str]:
@@ -71,6 +74,7 @@ class Dataset:
     samples: list[Sample]
     classes: list[str]                      # every label name given (sorted), spelled as in the labels file
     problems: list[Problem] = field(default_factory=list)  # items skipped, with why
+    warnings: list[str] = field(default_factory=list)      # not fatal, worth reading (patients in both splits)
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -212,8 +216,10 @@ def load_dataset(data: str | Path, strict: bool = False, check_sizes: bool = Tru
     else:
         raise UserError("no train_data/, test_data/ or manifest.csv found", path=data,
                         hint="use the reference layout or write a manifest CSV (image,mask,label,split)")
+    leaks = leakage(ds.samples)  # every listed image, before any is skipped
     if check_sizes:
         ds = _check_sizes(ds, max_pixels)
+    ds.warnings += leaks
     if strict and ds.problems:
         listed = "\n  ".join(map(str, ds.problems[:20]))
         raise UserError(f"{len(ds.problems)} problem(s) in the data (--strict):\n  {listed}", path=data)
@@ -227,6 +233,10 @@ def _check_sizes(ds: Dataset, max_pixels: int) -> Dataset:
     kept, problems = [], list(ds.problems)
     for s in ds.samples:
         try:
+            if s.slide:
+                check_slide(s)
+                kept.append(s)
+                continue
             size = image_size(s.image, max_pixels)
             if s.mask is not None:
                 msize = image_size(s.mask, max_pixels)
@@ -236,7 +246,47 @@ def _check_sizes(ds: Dataset, max_pixels: int) -> Dataset:
             problems.append(Problem(e.path or s.image, f"{e.problem}; image skipped"))
             continue
         kept.append(s)
-    return Dataset(ds.root, kept, ds.classes, problems)
+    return Dataset(ds.root, kept, ds.classes, problems, ds.warnings)
+
+
+def check_slide(s: Sample) -> None:
+    """A slide must open, and its mask (if any) must have the slide's aspect at some level (UserError naming it)."""
+    with slides.open_slide(s.image) as slide:
+        size = slide.dimensions
+    if s.mask is not None:
+        msize = image_size(s.mask, None)
+        slides.check_aspect(msize, s.mask, size)
+
+
+def leakage(samples: list[Sample]) -> list[str]:
+    """One warning per patient (``group``) with images in both splits: its test images are not unseen."""
+    splits: dict[str, set[str]] = {}
+    for s in samples:
+        if s.group:
+            splits.setdefault(s.group, set()).add(s.split)
+    return [f"patient {g!r} has images in both train and test (leakage: the test score is optimistic)"
+            for g in sorted(g for g, sp in splits.items() if len(sp) > 1)]
+
+
+def read_slide_mask(s: Sample, shape: tuple[int, int]) -> "np.ndarray | None":
+    """A slide's mask file resized to a thumbnail ``shape`` as bool (None without a mask)."""
+    if s.mask is None:
+        return None
+    with slides.open_slide(s.image) as slide:
+        size = slide.dimensions
+    return slides.mask_on_thumbnail(read_mask(s.mask, None), s.mask, size, shape)
+
+
+def read_slide_thumbnail(s: Sample, max_side: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
+    """A slide's thumbnail (longest side about ``max_side``) and its mask on it as uint8 0/255 (None without one):
+    what qc checks for a slide (tissue, ink, blank), read tile by tile, never a whole level."""
+    with slides.open_slide(s.image) as slide:
+        size = slide.dimensions
+        rgb, _ = slides.thumbnail(slide, s.image, 1.0, max(1.0, max(size) / max_side))
+    if s.mask is None:
+        return rgb, None
+    mask = slides.mask_on_thumbnail(read_mask(s.mask, None), s.mask, size, rgb.shape[:2])
+    return rgb, mask.astype(np.uint8) * 255
 
 
 def submission_ids(data: str | Path) -> list[str]:
@@ -406,5 +456,7 @@ def _from_manifest(path: Path) -> Dataset:
         if split == "train" and label is None:
             problems.append(Problem(image, f"training image has no label (line {lineno}); skipped"))
             continue
-        samples.append(Sample(rel, split, image, mask, label if split == "train" else None))
+        group = (row.get("group") or "").strip() or None
+        samples.append(Sample(rel, split, image, mask, label if split == "train" else None, group,
+                              slides.is_slide(image)))
     return Dataset(root, samples, sorted({label for label, _ in given}), problems)

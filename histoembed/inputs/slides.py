@@ -1,0 +1,291 @@
+"""Whole-slide images: which files are slides, their microns per pixel, patches, thumbnails and tissue.
+
+Slides are read with OpenSlide (``openslide-python`` and the ``openslide-bin`` wheel): Aperio
+.svs, Hamamatsu .ndpi, MIRAX .mrxs, Leica .scn, Ventana .bif, generic tiled pyramidal TIFF and
+DICOM WSI. A file is a slide when OpenSlide recognises a vendor format in it and it is not a
+single-level generic TIFF (a plain TIFF stays an image, as before). Nothing here ever reads a
+whole level: a patch is one ``read_region`` of the best level for its magnification, resized;
+a thumbnail is read tile by tile and each tile resized into place.
+
+The patch recipe, in one place (``read_patch``): ``read_region((x0, y0), level, (s, s))`` with
+``s = round(side0 / level_downsample)``, the RGBA composited onto white (alpha-weighted, rounded),
+then ``cv2.resize`` to ``size`` x ``size`` with ``INTER_AREA`` when shrinking and ``INTER_LINEAR``
+when enlarging (no resize when ``s == size``).
+
+Handles: one ``OpenSlide`` per (process, slide), opened on first use (``SlideHandles``); a handle
+opened before a fork is never used by the child.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import openslide
+
+from histoembed.core.errors import UserError
+
+# Suffixes that are flat images for sure: never probed with OpenSlide.
+FLAT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+THUMB_TILE = 2048  # level pixels read per thumbnail tile
+
+
+def is_slide(path: str | Path) -> bool:
+    """True when OpenSlide reads ``path`` as a whole slide (not a flat PNG/JPEG, not a one-level plain TIFF)."""
+    path = Path(path)
+    if path.suffix.lower() in FLAT_SUFFIXES or not path.exists():
+        return False
+    try:
+        vendor = openslide.OpenSlide.detect_format(str(path))
+    except Exception:  # noqa: BLE001 - an unreadable file is not a slide; the image reader names the problem
+        return False
+    if vendor is None:
+        return False
+    if vendor != "generic-tiff":
+        return True
+    try:
+        with openslide.OpenSlide(str(path)) as s:
+            return s.level_count > 1
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def open_slide(path: str | Path):
+    """An ``OpenSlide`` handle, or a UserError naming the file when it cannot be opened."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError("slide not found", path=path)
+    try:
+        return openslide.OpenSlide(str(path))
+    except Exception as e:  # noqa: BLE001 - OpenSlideError, OpenSlideUnsupportedFormatError, OSError
+        raise UserError(f"unreadable or truncated slide ({e})", path=path,
+                        hint="re-export or re-copy the slide, or remove it from the manifest") from None
+
+
+def base_mpp(slide, path: str | Path, override: float | None = None) -> float:
+    """Microns per level-0 pixel: ``openslide.mpp-x/y`` (their mean), else ``override``, else a UserError."""
+    if override:
+        return float(override)
+    props = slide.properties
+    try:
+        x, y = float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])
+    except (KeyError, ValueError):
+        raise UserError("slide has no microns per pixel (openslide.mpp-x/y missing from its properties)",
+                        path=path, hint="give the scanner's resolution with --slide-mpp MPP (e.g. 0.25 at 40x, "
+                                        "0.5 at 20x)") from None
+    if not (x > 0 and y > 0):
+        raise UserError(f"slide says {x} x {y} microns per pixel", path=path, hint="pass --slide-mpp MPP")
+    return (x + y) / 2
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the patches of one slide come from at a target mpp."""
+
+    level: int            # pyramid level read
+    side0: int            # patch side in level-0 pixels
+    downsample: float     # the level's downsample
+
+    @property
+    def side_level(self) -> int:
+        return read_side(self.side0, self.downsample)
+
+
+def read_side(side0: int, downsample: float) -> int:
+    """Pixels read at a level for a box of ``side0`` level-0 pixels."""
+    return max(1, round(side0 / downsample))
+
+
+def geometry(slide, mpp0: float, target_mpp: float, size: int) -> Geometry:
+    """The level and the level-0 patch side for patches of ``size`` px at ``target_mpp``."""
+    factor = target_mpp / mpp0
+    side0 = max(1, round(size * factor))
+    level = slide.get_best_level_for_downsample(factor) if factor >= 1 else 0
+    return Geometry(int(level), side0, float(slide.level_downsamples[level]))
+
+
+def rgba_to_rgb(region) -> np.ndarray:
+    """An RGBA PIL image (``read_region``'s) as HxWx3 uint8, composited onto white."""
+    rgba = np.asarray(region)
+    alpha = rgba[..., 3:4]
+    if alpha.min(initial=255) == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    a = alpha.astype(np.float32) / 255.0
+    return (rgba[..., :3].astype(np.float32) * a + 255.0 * (1 - a)).round().astype(np.uint8)
+
+
+def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
+    if rgb.shape[0] == size and rgb.shape[1] == size:
+        return rgb
+    interp = cv2.INTER_AREA if rgb.shape[0] > size else cv2.INTER_LINEAR
+    return cv2.resize(rgb, (size, size), interpolation=interp)
+
+
+def read_patch(slide, x0: int, y0: int, level: int, side0: int, size: int) -> np.ndarray:
+    """The patch whose box starts at level-0 (x0, y0) with side ``side0``, read at ``level``, as size x size RGB."""
+    side = read_side(side0, float(slide.level_downsamples[level]))
+    return resize_square(rgba_to_rgb(slide.read_region((int(x0), int(y0)), int(level), (side, side))), size)
+
+
+def read_patch_at(path: str | Path, handles: SlideHandles, x0: int, y0: int, level: int, side0: int,
+                  size: int) -> np.ndarray:
+    """``read_patch`` through this process's handle of ``path``; a read error names the slide."""
+    slide = handles.get(path)
+    try:
+        return read_patch(slide, x0, y0, level, side0, size)
+    except Exception as e:  # noqa: BLE001 - OpenSlideError on a corrupt tile
+        handles.drop(path)
+        raise UserError(f"slide cannot be read at level {level}, box ({x0}, {y0}) side {side0} ({e})",
+                        path=Path(path), hint="the slide is damaged or truncated; re-copy it") from None
+
+
+class SlideHandles:
+    """One open ``OpenSlide`` per slide in this process (the most recent ``capacity``), never across a fork."""
+
+    def __init__(self, capacity: int = 16):
+        self.capacity = capacity
+        self.pid = os.getpid()
+        self.open: OrderedDict[str, object] = OrderedDict()
+
+    def get(self, path: str | Path):
+        if os.getpid() != self.pid:  # a forked child: the parent's handles are not ours to use
+            self.open, self.pid = OrderedDict(), os.getpid()
+        key = str(path)
+        if key in self.open:
+            self.open.move_to_end(key)
+            return self.open[key]
+        slide = open_slide(key)
+        self.open[key] = slide
+        while len(self.open) > self.capacity:
+            _, old = self.open.popitem(last=False)
+            old.close()
+        return slide
+
+    def drop(self, path: str | Path) -> None:
+        slide = self.open.pop(str(path), None)
+        if slide is not None:
+            slide.close()
+
+    def close(self) -> None:
+        for s in self.open.values():
+            s.close()
+        self.open.clear()
+
+
+_PROCESS_HANDLES: SlideHandles | None = None
+
+
+def process_handles() -> SlideHandles:
+    """This process's slide handles (a new set in a forked or spawned child): each slide opened once per process,
+    whichever reader asks (a DataLoader worker, a Ray task's process)."""
+    global _PROCESS_HANDLES
+    if _PROCESS_HANDLES is None or _PROCESS_HANDLES.pid != os.getpid():
+        _PROCESS_HANDLES = SlideHandles()
+    return _PROCESS_HANDLES
+
+
+# ---------------------------------------------------------------- thumbnails and tissue
+
+def thumbnail(slide, path: str | Path, mpp0: float, thumb_mpp: float) -> tuple[np.ndarray, float]:
+    """(RGB thumbnail at about ``thumb_mpp`` microns per pixel, thumbnail pixels per level-0 pixel).
+
+    Read tile by tile from the best level, so memory holds the thumbnail and one tile, never a level.
+    """
+    w0, h0 = slide.dimensions
+    ds = max(1.0, thumb_mpp / mpp0)
+    tw, th = max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds))
+    level = slide.get_best_level_for_downsample(ds)
+    lds = float(slide.level_downsamples[level])
+    lw, lh = slide.level_dimensions[level]
+    scale = tw / w0  # thumbnail px per level-0 px
+    out = np.full((th, tw, 3), 255, np.uint8)
+    try:
+        for ly in range(0, lh, THUMB_TILE):
+            for lx in range(0, lw, THUMB_TILE):
+                cw, ch = min(THUMB_TILE, lw - lx), min(THUMB_TILE, lh - ly)
+                tile = rgba_to_rgb(slide.read_region((round(lx * lds), round(ly * lds)), level, (cw, ch)))
+                x0, y0 = round(lx * lds * scale), round(ly * lds * scale)
+                x1, y1 = min(tw, round((lx + cw) * lds * scale)), min(th, round((ly + ch) * lds * scale))
+                if x1 > x0 and y1 > y0:
+                    out[y0:y1, x0:x1] = cv2.resize(tile, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+    except Exception as e:  # noqa: BLE001 - OpenSlideError on a corrupt or missing tile
+        raise UserError(f"unreadable or truncated slide ({e})", path=Path(path),
+                        hint="re-copy the slide, or remove it from the manifest") from None
+    return out, scale
+
+
+def tissue_by_saturation(rgb: np.ndarray, thumb_mpp: float, min_area_um2: float, closing_um: float = 16.0,
+                         min_saturation: int = 20) -> np.ndarray:
+    """Tissue on a thumbnail, the CLAM/TRIDENT recipe: saturation, median blur, Otsu (never below
+    ``min_saturation``), closing, holes filled, components under ``min_area_um2`` dropped (bool HxW)."""
+    sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
+    sat = cv2.medianBlur(sat, 5)
+    t, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    binary = (sat > max(t, min_saturation)).astype(np.uint8)
+    k = max(1, round(closing_um / thumb_mpp)) | 1
+    binary = cv2.morphologyEx(binary, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    min_px = min_area_um2 / (thumb_mpp * thumb_mpp)
+    filled = np.zeros_like(binary)
+    keep = [c for c in contours if cv2.contourArea(c) >= min_px]
+    if keep:
+        cv2.drawContours(filled, keep, -1, 1, thickness=cv2.FILLED)  # filled: holes closed
+    return filled.astype(bool)
+
+
+def check_aspect(mask_size: tuple[int, int], path: Path, slide_size: tuple[int, int],
+                 tolerance: float = 0.02) -> None:
+    """A slide's mask may be at any level's size, but must have the slide's aspect (within ``tolerance``)."""
+    (mw, mh), (w0, h0) = mask_size, slide_size
+    if abs((mw / mh) / (w0 / h0) - 1) > tolerance:
+        raise UserError(f"mask is {mw}x{mh} (aspect {mw / mh:.3f}) but its slide is {w0}x{h0} "
+                        f"(aspect {w0 / h0:.3f}); a slide's mask must have the slide's aspect at some level",
+                        path=path)
+
+
+def mask_on_thumbnail(mask: np.ndarray, path: Path, slide_size: tuple[int, int], shape: tuple[int, int],
+                      tolerance: float = 0.02) -> np.ndarray:
+    """A slide's mask (HxW uint8 at any level's aspect) resized to the thumbnail ``shape`` as bool."""
+    check_aspect((mask.shape[1], mask.shape[0]), path, slide_size, tolerance)
+    small = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+    lo, hi = int(small.min(initial=0)), int(small.max(initial=0))
+    if lo == hi:
+        return np.full(shape, hi > 0, bool)
+    return small > (lo + hi) / 2
+
+
+# ---------------------------------------------------------------- the patch grid
+
+def patch_grid(tissue: np.ndarray, scale: float, slide_size: tuple[int, int], side0: int, overlap: float,
+               min_tissue: float, max_patches: int) -> list[tuple[tuple[int, int, int, int], float]]:
+    """Patches (box in level-0 px, tissue fraction) on a grid of step ``side0 * (1 - overlap)`` over the slide,
+    kept when at least ``min_tissue`` of the box is tissue on the thumbnail (``scale``: thumbnail px per level-0
+    px); at most ``max_patches`` (0: all), an evenly spaced subsample in reading order."""
+    w0, h0 = slide_size
+    step = max(1, round(side0 * (1 - overlap)))
+    xs = np.arange(0, max(1, w0 - side0 + 1), step)
+    ys = np.arange(0, max(1, h0 - side0 + 1), step)
+    integral = cv2.integral(tissue.astype(np.uint8)).astype(np.int64)
+    th, tw = tissue.shape
+
+    def span(starts, limit):
+        lo = np.clip(np.floor(starts * scale).astype(int), 0, limit - 1)
+        hi = np.clip(np.ceil((starts + side0) * scale).astype(int), lo + 1, limit)
+        return lo, hi
+
+    xl, xh = span(xs, tw)
+    yl, yh = span(ys, th)
+    s = (integral[yh][:, xh] - integral[yl][:, xh] - integral[yh][:, xl] + integral[yl][:, xl])
+    area = (yh - yl)[:, None] * (xh - xl)[None, :]
+    frac = s / area
+    iy, ix = np.nonzero(frac >= max(min_tissue, 1e-9))
+    if max_patches and len(iy) > max_patches:
+        pick = np.unique(np.linspace(0, len(iy) - 1, max_patches).round().astype(int))
+        iy, ix = iy[pick], ix[pick]
+    return [((int(xs[i]), int(ys[j]), int(xs[i]) + side0, int(ys[j]) + side0), float(frac[j, i]))
+            for j, i in zip(iy, ix)]

@@ -322,3 +322,97 @@ def test_a_local_ray_instance_goes_with_its_terminated_or_killed_driver(tmp_path
     while (left := ray_processes_of(ray_tmp)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, "left behind:\n" + "\n".join(left)
+
+
+# ---------------------------------------------------------------- whole slides (issue 20)
+
+@pytest.fixture(scope="module")
+def slide_cohort(tmp_path_factory) -> Path:
+    """Four small synthetic slides (3 train, 1 test), about 2000 px a side at 0.25 um/px."""
+    from histoembed.synthetic import make_slide_cohort
+
+    root = tmp_path_factory.mktemp("slide-cohort")
+    make_slide_cohort(root, n=4, seed=7, size=2000, n_test=1)
+    return root
+
+
+# 64 px patches at 0.5 um/px: 128 level-0 px read and shrunk; 3 patches a slide.
+SLIDE_CROPS = ("--size", 64, "--mpp", 0.5, "--max-patches", 3)
+
+
+@needs_ray
+def test_slide_crops_over_ray_tasks_equal_the_local_crops(slide_cohort, cluster, cli, monkeypatch):
+    data = slide_cohort / "manifest.csv"
+    local = cli("crops", "--data", data, "--run", slide_cohort / "local", *SLIDE_CROPS, "--workers", 1)
+    mapped = []
+    real = ray_engine.map_ordered
+    monkeypatch.setattr(ray_engine, "map_ordered", lambda fn, items: mapped.append(fn) or real(fn, items))
+    spread = cli("crops", "--data", data, "--run", slide_cohort / "ray", *SLIDE_CROPS, "--engine", "ray")
+    assert local.exit_code == 0 and spread.exit_code == 0, local.output + spread.output
+    assert [fn.__name__ for fn in mapped] == ["_crop_alone"]  # the slides went out as Ray tasks
+    rows = read_crops(slide_cohort / "ray")
+    assert rows == read_crops(slide_cohort / "local")
+    assert len(rows) == 4 * 3 and {r["png"] for r in rows} == {None} and {r["level"] for r in rows} == {0}
+    key = store.read_meta(slide_cohort / "ray" / store.CROPS_FILE)["key"]
+    assert key == store.read_meta(slide_cohort / "local" / store.CROPS_FILE)["key"]
+
+
+@needs_ray
+def test_slide_patches_embedded_over_ray_give_the_local_engine_s_store(slide_cohort, tiny_dinov2, cluster, cli):
+    """The Ray tasks read the patches from the slide files; the store equals the local engine's."""
+    runs = {}
+    for engine in ("local", "ray"):
+        run = slide_cohort / f"embed-{engine}"
+        r = cli("crops", "--data", slide_cohort / "manifest.csv", "--run", run, *SLIDE_CROPS, "--workers", 1)
+        assert r.exit_code == 0, r.output
+        runs[engine] = run
+    common = ["--encoder", tiny_dinov2, "--repeats", REPEATS, "--workers", 0]
+    r = cli("embed", "--run", runs["local"], *common)
+    assert r.exit_code == 0, r.output
+    r = cli("embed", "--run", runs["ray"], *common, "--batch-size", 3, "--rows-per-part", 12, "--engine", "ray",
+            "--ray-actor-cpus", 0)
+    assert r.exit_code == 0, r.output
+    crops = 4 * 3
+    assert f"embedded {crops * REPEATS} views" in r.output
+    local = sorted_rows(read_store(runs["local"]))
+    assert_same_store(runs["ray"], local)
+    parts = store.feature_parts(store.find_feature_store(runs["ray"]))
+    assert len(parts) > 1 and all(p.name.startswith(ray_engine.PART_PREFIX) for p in parts)
+    again = cli("embed", "--run", runs["ray"], *common)  # the local engine finds the Ray store complete
+    assert again.exit_code == 0 and "up to date" in again.output
+
+
+@needs_ray
+def test_a_ray_worker_opens_each_slide_once(slide_cohort, cluster):
+    """One OpenSlide handle per slide per process: a Ray task decoding several units of patches of the same
+    slides opens each slide once, and a later task in the same worker process opens none again."""
+    import ray
+
+    run = slide_cohort / "local"  # the crops of the first slide test, or cut here
+    if not (run / store.CROPS_FILE).exists():
+        from histoembed.core.config import CropSettings
+        from histoembed.crops import run_crops
+
+        run_crops(slide_cohort / "manifest.csv", run, CropSettings(size=64, mpp=0.5, max_patches=3, workers=1))
+    index = ray_engine.CropIndex.read(run)
+    units = ray_engine._units(index, list(range(len(index.ids))), 2)
+
+    @ray.remote(num_cpus=1)
+    def decode(units, crops_path):
+        from histoembed.inputs import slides
+
+        slides._PROCESS_HANDLES = None  # as in a fresh worker process (earlier tests' tasks may have run here)
+        opened = []
+        real = slides.open_slide
+        slides.open_slide = lambda path: opened.append(str(path)) or real(path)
+        try:
+            shapes = [ray_engine._decode({c: u[c].to_numpy() for c in u.column_names}, crops_path)["pixels"].shape
+                      for _ in range(2) for u in units]  # twice over: the second pass opens nothing
+        finally:
+            slides.open_slide = real
+        return opened, shapes
+
+    sources = pq.read_table(run / store.CROPS_FILE, columns=["source"])["source"].to_pylist()
+    opened, shapes = ray.get(decode.remote(units, str(index.path)))
+    assert shapes == [(len(u), 64, 64, 3) for u in units] * 2
+    assert sorted(opened) == sorted(set(sources))  # each slide once, though its patches span several units

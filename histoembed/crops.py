@@ -371,14 +371,23 @@ def _encode_png(rgb: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def slide_patches(sample: Sample, settings: CropSettings, slide_mpp: float | None = None,
-                  ) -> tuple[list[tuple[Box, float]], slides.Geometry, float]:
-    """(patches as (level-0 box, tissue fraction), the geometry they are read with, the slide's own mpp).
+@dataclass
+class SlideTissue:
+    """What ``crops`` sees of a slide: its thumbnail, the tissue on it and how patches are read."""
 
-    Tissue is found on a thumbnail at ``thumb_mpp`` (saturation Otsu), or taken from the slide's mask
-    (``mask_mode`` tissue ignores the mask, union adds the tissue found); a slide with no tissue is a
-    UserError naming it.
-    """
+    thumb: np.ndarray            # RGB thumbnail at about ``thumb_mpp``
+    scale: float                 # thumbnail px per level-0 px
+    tissue: np.ndarray           # bool, the thumbnail's shape
+    given: bool                  # True: from the slide's mask (alone or with the tissue found)
+    geo: slides.Geometry
+    size0: tuple[int, int]       # level-0 width, height
+    mpp0: float                  # the slide's microns per level-0 pixel
+
+
+def slide_tissue(sample: Sample, settings: CropSettings, slide_mpp: float | None = None) -> SlideTissue:
+    """The slide's thumbnail at ``thumb_mpp`` and its tissue: found by saturation Otsu, or taken from the slide's
+    mask (``mask_mode`` tissue ignores the mask, union adds the tissue found). What ``slide_patches`` lays its grid
+    on, and what the report draws."""
     with slides.open_slide(sample.image) as slide:
         mpp0 = slides.base_mpp(slide, sample.image, slide_mpp)
         thumb, scale = slides.thumbnail(slide, sample.image, mpp0, settings.thumb_mpp)
@@ -390,16 +399,26 @@ def slide_patches(sample: Sample, settings: CropSettings, slide_mpp: float | Non
     if given is None or settings.mask_mode == "union":
         found = slides.tissue_by_saturation(thumb, thumb_mpp, settings.min_tissue_area)
         tissue = found if given is None else (given | found)
-    if not tissue.any():
-        raise UserError("no tissue found on the slide's thumbnail" if given is None else "the slide's mask is empty",
-                        path=sample.mask if given is not None else sample.image,
+    return SlideTissue(thumb, scale, tissue, given is not None, geo, tuple(size0), mpp0)
+
+
+def slide_patches(sample: Sample, settings: CropSettings, slide_mpp: float | None = None,
+                  ) -> tuple[list[tuple[Box, float]], slides.Geometry, float]:
+    """(patches as (level-0 box, tissue fraction), the geometry they are read with, the slide's own mpp).
+
+    Tissue as ``slide_tissue`` finds it; a slide with no tissue is a UserError naming it.
+    """
+    t = slide_tissue(sample, settings, slide_mpp)
+    if not t.tissue.any():
+        raise UserError("no tissue found on the slide's thumbnail" if not t.given else "the slide's mask is empty",
+                        path=sample.mask if t.given else sample.image,
                         hint="check the slide (a blank or out-of-focus scan?), or lower --min-tissue-area")
-    boxes = slides.patch_grid(tissue, scale, size0, geo.side0, settings.overlap, settings.min_tissue,
+    boxes = slides.patch_grid(t.tissue, t.scale, t.size0, t.geo.side0, settings.overlap, settings.min_tissue,
                               settings.max_patches)
     if not boxes:
         raise UserError(f"no {settings.size}-px patch at {settings.mpp} um/px has {settings.min_tissue:.0%} tissue",
                         path=sample.image, hint="lower --min-tissue, or --mpp for smaller patches")
-    return boxes, geo, mpp0
+    return boxes, t.geo, t.mpp0
 
 
 def patch_digest(stamp: str | None, level: int, box: Box, size: int, mpp: float) -> str:

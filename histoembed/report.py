@@ -35,7 +35,7 @@ from histoembed.core.errors import UserError
 from histoembed.crops import DataChanged, run_data
 from histoembed.drift import read_drift
 from histoembed.fit import calibrated_probabilities
-from histoembed.inputs.dataset import load_dataset, read_image
+from histoembed.inputs.dataset import load_dataset, read_image, read_slide_thumbnail
 from histoembed.maths.metrics import reliability
 from histoembed.models.inference import check_one_set, load_ensemble
 
@@ -45,6 +45,8 @@ MAX_QC_THUMBS = 48
 N_CROP_IMAGES = 4
 N_MAP_IMAGES = 6
 THUMB_PX = 160
+MAX_SLIDES = 12     # slides drawn in the whole-slides section (the first ones of the crops table)
+SLIDE_PANEL_PX = 900  # longest side of a slide's thumbnail as drawn
 
 
 # ---------------------------------------------------------------- reading the run
@@ -111,6 +113,11 @@ def _load(run: Path, data: Path | None, verify_data: bool = False) -> _Run:
     crops_path = run / store.CROPS_FILE
     if crops_path.exists():
         cols = [c for c in store.CROPS_SCHEMA.names if c != "png" and c != "scale"]
+        try:
+            names = pq.read_schema(crops_path).names
+        except (OSError, ValueError):  # the reader below says why
+            names = []
+        cols += [name for name, _ in store.SLIDE_FIELDS if name in names]
         try:
             r.crops = store.read_table(crops_path, "crops table", columns=cols, stage="crops").to_pandas()
             scales = store.crop_scales(run)  # a file from before scales holds scale-1 crops only
@@ -225,6 +232,18 @@ def _read_rgb(path: Path) -> np.ndarray:
     return read_image(path)
 
 
+def _sample_rgb(sample) -> np.ndarray:
+    """An image's pixels, or a slide's thumbnail (longest side about 1024 px, read tile by tile)."""
+    return read_slide_thumbnail(sample)[0] if sample.slide else _read_rgb(sample.image)
+
+
+def _slide_keys(r: _Run) -> set[str]:
+    """``split/image_id`` of the whole slides in the crops table (their patches are coordinates, not pixels)."""
+    if r.crops is None or "source" not in r.crops.columns:
+        return set()
+    return set(r.crops.loc[r.crops["source"].notna(), "key"])
+
+
 # ---------------------------------------------------------------- sections
 
 def _overview(r: _Run) -> str:
@@ -327,7 +346,7 @@ def _qc_section(r: _Run) -> str:
         thumb = ""
         if s is not None:
             try:
-                thumb = _thumb_img(_read_rgb(s.image), row["image_id"])
+                thumb = _thumb_img(_sample_rgb(s), row["image_id"])
             except UserError as e:
                 thumb = f'<p class="missing">{_esc(e.problem)}</p>'
         cards.append(f'<figure class="card">{thumb}<figcaption><b>{_esc(row["image_id"])}</b> '
@@ -402,8 +421,12 @@ def _crops_section(r: _Run) -> str:
     if not _samples(r):
         return _section("crops", title, _missing("the source images (pass --data to draw the crops on them)"))
     samples = _samples(r)
-    ids = [i for i in r.crops["key"].drop_duplicates() if i in samples]
+    slide_keys = _slide_keys(r)
+    ids = [i for i in r.crops["key"].drop_duplicates() if i in samples and i not in slide_keys]
     chosen = _pick_images(r, ids, N_CROP_IMAGES)
+    if not chosen and slide_keys:
+        return _section("crops", title, "<p>Every item of this run is a whole slide: its patches are drawn on its "
+                                        'thumbnail in <a href="#slides">Whole slides</a>.</p>')
     if not chosen:
         return _section("crops", title, _missing("no image of the crops table is in the data folder"))
     fig = _figure(3.2 * len(chosen), 3.4)
@@ -710,13 +733,17 @@ def _maps_section(r: _Run) -> str:
     samples = _samples(r)
     clean = features.subset(features.view == 0)
     clean_keys = clean.keys()
-    have = set(clean_keys.tolist())
+    slide_keys = _slide_keys(r)
+    have = set(clean_keys.tolist()) - slide_keys   # slides: their maps are in the whole-slides section
     test_ids = [i for i in r.crops.loc[r.crops["split"] == "test", "key"].drop_duplicates()
                 if i in have and i in samples]
     train_ids = [i for i in _pick_images(r, [i for i in r.crops.loc[r.crops["split"] == "train", "key"]
                                                .drop_duplicates() if i in have and i in samples], N_MAP_IMAGES)]
     half = N_MAP_IMAGES // 2
     chosen = test_ids[:half] + train_ids[: N_MAP_IMAGES - min(half, len(test_ids))]
+    if not chosen and slide_keys:
+        return _section("maps", title, "<p>Every item of this run is a whole slide: its patches' attention is "
+                                       'drawn over its thumbnail in <a href="#slides">Whole slides</a>.</p>')
     if not chosen:
         return _section("maps", title, _missing("images with both crops and clean-view features"))
     from matplotlib import colormaps
@@ -760,6 +787,141 @@ def _maps_section(r: _Run) -> str:
     return _section("maps", title, body)
 
 
+# ---------------------------------------------------------------- whole slides
+
+def _crop_settings(run: Path):
+    """The crops stage's settings, from ``crops.parquet``'s footer (defaults for what it does not say)."""
+    from histoembed.core.config import CropSettings
+
+    meta = store.read_meta(run / store.CROPS_FILE)
+    given = meta.get("settings") or {}
+    known = {k: v for k, v in given.items() if k in CropSettings.model_fields}
+    try:
+        return CropSettings(**known), meta.get("slide_mpp")
+    except ValueError:
+        return CropSettings(), meta.get("slide_mpp")
+
+
+def _slide_attention(r: _Run, keys: list[str]) -> tuple[dict, str]:
+    """({slide key: ({crop index: attention, largest 1}, called class, its probability)}, a note on the maps):
+    the attention-MIL head's weights over each slide's patches (clean view, averaged over folds)."""
+    if not (r.run / store.MODELS_DIR).exists():
+        return {}, "No attention maps: no fitted models (run `histoembed fit --heads abmil,...`)."
+    try:
+        ensemble = load_ensemble(r.run)
+    except UserError as e:
+        return {}, f"No attention maps: {e.problem}."
+    if "abmil" not in ensemble.heads:
+        return {}, "No attention maps: the run was fitted without the attention-MIL head (--heads abmil,...)."
+    if ensemble.scale_fusion != "crops":
+        return {}, (f"No attention maps: with --scale-fusion {ensemble.scale_fusion} the heads read per-scale "
+                    "means, not single patches.")
+    try:
+        features = store.read_features(store.find_feature_store(r.run, ensemble.encoder))
+    except UserError as e:
+        return {}, f"No attention maps: {e.problem}."
+    clean = features.subset(features.view == 0)
+    clean_keys = clean.keys()
+    out = {}
+    for key in keys:
+        sub = clean.subset(clean_keys == key)
+        if not len(sub.image_id):
+            continue
+        weight = np.asarray(ensemble.crop_attention(sub), dtype=np.float64)
+        pred = ensemble.predict(sub)
+        k = int(pred.pred[0])
+        out[key] = ({int(c): float(w) for c, w in zip(sub.crop_index, weight / max(weight.max(), 1e-12))},
+                    ensemble.classes[k], float(np.asarray(pred.probs)[0, k]))
+    return out, ("Right: the attention-MIL head's weight on each patch (its clean view, averaged over folds), "
+                 "relative to the slide's most attended patch: which tissue the head looked at to make the call. "
+                 "Training slides were seen by most folds' heads, so their maps are optimistic; test slides are "
+                 "not.")
+
+
+def _slide_figure(key: str, label, t, boxes: np.ndarray, crop_index: np.ndarray, attention: tuple | None) -> str:
+    """One slide: its thumbnail with the tissue outline and the patch grid, and the attention heat map beside it."""
+    from matplotlib import colormaps
+    from matplotlib.collections import PatchCollection
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Rectangle
+
+    thumb, tissue = t.thumb, t.tissue
+    h, w = thumb.shape[:2]
+    shrink = min(1.0, SLIDE_PANEL_PX / max(h, w))
+    if shrink < 1.0:   # drawn smaller than crops saw it: the outline and boxes are scaled with it
+        thumb = np.asarray(Image.fromarray(thumb).resize((max(1, round(w * shrink)), max(1, round(h * shrink))),
+                                                         Image.Resampling.BOX))
+        tissue = np.asarray(Image.fromarray(tissue.astype(np.uint8) * 255).resize(thumb.shape[1::-1])) > 127
+    f = t.scale * shrink        # drawn px per level-0 px
+    xy = boxes * f
+    panels = 2 if attention is not None else 1
+    width = 4.6
+    fig = _figure(width * panels + (0.6 if panels > 1 else 0), width * thumb.shape[0] / thumb.shape[1] + 0.5)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    ax = axes[0]
+    ax.imshow(thumb)
+    if tissue.any():
+        ax.contour(tissue.astype(np.float32), levels=[0.5], colors="#00b050", linewidths=1.2)
+    ax.add_collection(PatchCollection([Rectangle((x0, y0), x1 - x0, y1 - y0) for x0, y0, x1, y1 in xy],
+                                      facecolor="none", edgecolor="#0077ff", linewidths=0.6))
+    ax.set_axis_off()
+    truth = f" · {label}" if isinstance(label, str) else ""
+    ax.set_title(f"{_name(key)}{truth}\n{len(boxes)} patches · tissue outlined", fontsize=9)
+    if attention is not None:
+        weights, called, p = attention
+        cmap, norm = colormaps["inferno"], Normalize(0, 1)
+        heat = np.full(thumb.shape[:2], np.nan)
+        for (x0, y0, x1, y1), c in zip(np.round(xy).astype(int), crop_index):
+            if int(c) in weights:
+                region = heat[max(0, y0):max(0, y1), max(0, x0):max(0, x1)]
+                np.fmax(region, weights[int(c)], out=region)  # overlapping patches: the larger weight
+        ax = axes[1]
+        ax.imshow(thumb.mean(axis=2), cmap="gray", vmin=0, vmax=255)
+        im = ax.imshow(np.ma.masked_invalid(heat), cmap=cmap, norm=norm, alpha=0.75, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(f"attention (largest = 1)\ncalled {called} (p {p:.2f})", fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.7)
+    return _fig_img(fig, f"slide {_name(key)}: tissue, patch grid" + (" and attention" if attention else ""))
+
+
+def _slides_section(r: _Run) -> str:
+    title = "Whole slides: tissue, patch grid and attention"
+    slide_keys = _slide_keys(r)
+    if not slide_keys:
+        return _section("slides", title, "<p class='small'>No whole slide in this run.</p>")
+    from histoembed.crops import slide_tissue
+    from histoembed.inputs.dataset import Sample
+
+    order = [k for k in r.crops["key"].drop_duplicates() if k in slide_keys]
+    chosen = order[:MAX_SLIDES]
+    settings, slide_mpp = _crop_settings(r.run)
+    samples = _samples(r)
+    attention, note = _slide_attention(r, chosen)
+    parts = [f"<p>Each slide's thumbnail at {settings.thumb_mpp:g} &micro;m per pixel as <code>crops</code> saw it: "
+             "the tissue it found (or the slide's mask) outlined in green, its patches "
+             f"({settings.size} px at {settings.mpp:g} &micro;m/px, boxes in level-0 pixels scaled to the thumbnail) "
+             "in blue. " + _esc(note) + "</p>"]
+    if len(order) > len(chosen):
+        parts.append(f"<p>The first {len(chosen)} of {len(order)} slides (in the order of "
+                     f"{store.CROPS_FILE}) are drawn.</p>")
+    if not samples:
+        parts.append("<p class='small'>The data folder is not known: slides are read from the paths in "
+                     f"{store.CROPS_FILE} and masks are not drawn (pass --data).</p>")
+    for key in chosen:
+        rows = r.crops[r.crops["key"] == key].sort_values("crop_index")
+        split, image_id = key.split("/", 1)
+        sample = samples.get(key) or Sample(image_id, split, Path(rows["source"].iloc[0]), None,
+                                            rows["label"].iloc[0], slide=True)
+        try:
+            t = slide_tissue(sample, settings, slide_mpp)
+        except UserError as e:
+            parts.append(_missing(f"{_name(key)}: {e.problem}"))
+            continue
+        parts.append(_slide_figure(key, rows["label"].iloc[0], t, rows[["x0", "y0", "x1", "y1"]].to_numpy(float),
+                                   rows["crop_index"].to_numpy(), attention.get(key)))
+    return _section("slides", title, "\n".join(parts))
+
+
 # ---------------------------------------------------------------- the page
 
 _CSS = """
@@ -776,14 +938,15 @@ img.plot{max-width:100%;display:block;margin:.6em 0}img.crop{width:96px;height:9
 
 _SECTIONS = (("dataset", "Dataset"), ("qc", "QC"), ("crops", "Crops"), ("scores", "Macro-F1"),
              ("drift", "Drift"), ("confusion", "Confusion"), ("calibration", "Calibration"), ("fusion", "Fusion"),
-             ("decisions", "Decisions"), ("maps", "Crop maps"))
+             ("decisions", "Decisions"), ("maps", "Crop maps"), ("slides", "Whole slides"))
 
 
 def render_report(run: Path, data: Path | None = None, verify_data: bool = False) -> str:
     """The report page as one HTML string; stops (:class:`DataChanged`) when the data changed since the crops."""
     r = _load(Path(run), Path(data) if data is not None else None, verify_data)
     sections = [_overview(r), _dataset_section(r), _qc_section(r), _crops_section(r), _scores_section(r),
-                _drift_section(r), _confusion_section(r), _calibration_section(r), _fusion_section(r), _decisions_section(r), _maps_section(r)]
+                _drift_section(r), _confusion_section(r), _calibration_section(r), _fusion_section(r), _decisions_section(r), _maps_section(r),
+                _slides_section(r)]
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     nav = "".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t in _SECTIONS)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -291,3 +292,72 @@ def test_report_with_attention_mil_maps_its_attention_and_tables_n_way_weights(p
     decisions = page[page.index('id="decisions"'):page.index('id="maps"')]
     assert "argmax + class offsets" in decisions and "mean set size" in decisions
 
+
+
+# ---------------------------------------------------------------- whole slides (issue 20)
+
+SLIDE_RUN_TOML = """
+[crops]
+workers = 1
+[embed]
+encoder = "{encoder}"
+workers = 0
+[fit]
+bootstrap = 20
+[fit.xgb]
+n_estimators = 10
+pca_dims = 8
+early_stopping_rounds = 3
+"""
+
+
+def test_report_of_a_slide_run_draws_tissue_patch_grid_and_attention(tmp_path, tiny_dinov2, cli, monkeypatch):
+    """Ten small slides through crops, embed and fit (abmil): the report draws each slide's thumbnail with its
+    tissue outline and patches, and the attention beside it, for the first MAX_SLIDES slides; the flat-image
+    sections neither read the slides as images nor fail."""
+    from histoembed.synthetic import make_slide_cohort
+
+    make_slide_cohort(tmp_path, n=10, seed=3, size=2000, n_test=2)
+    (tmp_path / "histoembed.toml").write_text(SLIDE_RUN_TOML.format(encoder=tiny_dinov2))
+    for args in (["crops", "--data", "manifest.csv", "--size", 64, "--mpp", 0.5, "--max-patches", 12],
+                 ["embed", "--repeats", 1], ["fit", "--folds", 2, "--heads", "abmil,xgb"]):
+        r = cli(*args, cwd=tmp_path)
+        assert r.exit_code == 0, (args, r.output)
+    monkeypatch.setattr(report, "MAX_SLIDES", 6)
+    page = report.write_report(tmp_path / "run")
+    text = page.read_text(encoding="utf-8")
+    slides = text[text.index('<section id="slides">'):]
+    assert "The first 6 of 10 slides" in slides and "attention-MIL" in slides
+    assert "outlined in green" in slides
+    crops = text[text.index('<section id="crops">'):text.index('<section id="scores">')]
+    assert 'href="#slides"' in crops and "Not shown" not in crops
+    (tmp_path / "render").mkdir()
+    rendered = render(page, tmp_path / "render")
+    drawn = [im for im in rendered.images if im["alt"].startswith("slide ")]
+    assert [im["alt"] for im in drawn] == [f"slide slides/slide_{i:03d}.svs (train): tissue, patch grid and attention"
+                                           for i in range(6)]
+    for im in drawn:
+        assert im["ok"] and im["width"] > 400 and ink(rendered, im) > 0.1, im
+    sources = re.findall(r'(?:src|href)="([^"#]*)"', text)
+    assert all(s.startswith("data:image/png;base64,") for s in sources)  # still one self-contained file
+
+
+def test_a_slide_figure_puts_patch_boxes_where_the_crops_are(tmp_path):
+    """The patch grid is drawn in thumbnail pixels: a level-0 box times the thumbnail's scale."""
+    from histoembed.core.config import CropSettings
+    from histoembed.crops import slide_patches, slide_tissue
+    from histoembed.inputs.dataset import Sample
+    from histoembed.synthetic import SlideSpec, write_slide
+
+    path = write_slide(tmp_path / "a.svs", SlideSpec(4, 2400, 1800, "benign"))
+    sample = Sample("a.svs", "train", path, None, "benign", slide=True)
+    settings = CropSettings(size=64, mpp=0.5, max_patches=5)
+    t = slide_tissue(sample, settings)
+    boxes, geo, mpp0 = slide_patches(sample, settings)
+    assert (geo, mpp0) == (t.geo, 0.25) and t.thumb.shape[:2] == t.tissue.shape
+    for (x0, y0, x1, y1), fraction in boxes:  # each box, scaled to the thumbnail, covers the tissue crops counted
+        drawn = t.tissue[int(y0 * t.scale):math.ceil(y1 * t.scale), int(x0 * t.scale):math.ceil(x1 * t.scale)]
+        assert drawn.mean() == pytest.approx(fraction) and fraction >= settings.min_tissue
+    img = report._slide_figure("train/a.svs", "benign", t, np.array([b for b, _ in boxes], float),
+                               np.arange(len(boxes)), ({i: 1.0 for i in range(len(boxes))}, "benign", 0.9))
+    assert img.startswith('<img class="plot" alt="slide a.svs (train): tissue, patch grid and attention"')

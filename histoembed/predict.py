@@ -1,4 +1,4 @@
-"""Predict new images with a finished run: the run's own crops, encoder, views and fold ensemble.
+"""Predict new images or slides with a finished run: the run's own crops, encoder, views and fold ensemble.
 
 Everything that shaped the training features is read back from the run (crop settings
 from ``crops.parquet``, encoder, pooling, views, augmentation, seed and stain normalisation
@@ -15,8 +15,9 @@ import numpy as np
 from histoembed.core import store
 from histoembed.core.config import AugmentSettings, CropSettings
 from histoembed.core.errors import UserError
-from histoembed.crops import crop_image, run_data
-from histoembed.inputs.dataset import MAX_PIXELS, read_image_and_mask
+from histoembed.crops import crop_image, run_data, slide_patches
+from histoembed.inputs import slides
+from histoembed.inputs.dataset import MAX_PIXELS, Sample, read_image_and_mask
 from histoembed.models.inference import check_same_crops, load_ensemble
 
 
@@ -63,8 +64,15 @@ def resolve_images(run: Path, images: list[str | Path], masks: list[Path | None]
 
 
 def predict_images(run: Path, images: list[Path], masks: list[Path | None] | None = None, tta: bool = True,
-                   device: str = "auto", batch_size: int = 64, max_pixels: int | None = None) -> list[Prediction]:
-    """Class probabilities for each image (with its mask, or tissue found by colour when it has none)."""
+                   device: str = "auto", batch_size: int = 64, max_pixels: int | None = None,
+                   image_ids: list[str | None] | None = None) -> list[Prediction]:
+    """Class probabilities for each image (with its mask, or tissue found by colour when it has none).
+
+    A whole slide (one OpenSlide reads as a slide) gets the run's patches: tissue on a thumbnail, the grid
+    at the run's ``--mpp``, ``--size``, ``--overlap``, ``--min-tissue`` and ``--max-patches``, each patch
+    read from the slide as ``embed`` reads it. ``image_ids``: the name each image's augmented views are
+    keyed by (None: its file name); the run's own name of an image gives its views exactly.
+    """
     from histoembed.engines.seams import embed_crops
     from histoembed.maths import stain                   # torch: loaded only when predicting
     from histoembed.models.encoders import load_encoder
@@ -89,24 +97,56 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
     augment = AugmentSettings.model_validate(features_meta["augment"]) if "augment" in features_meta else None
     normaliser = stain.from_meta(features_meta.get("stain"))   # the stain the training crops were normalised to
 
+    image_ids = image_ids or [None] * len(images)
     out = []
-    for image, mask in zip(images, masks):
-        rgb, m = read_image_and_mask(image, mask, max_pixels or MAX_PIXELS)
-        crops, fallback = crop_image(rgb, m, crop_settings)
-        if not crops:
-            raise UserError("no tissue crop could be cut from this image", path=image,
-                            hint="pass its tissue mask with --mask")
-        image_id = Path(image).name   # seeds the views' augmentation, as a crop of that name was
-        emb = embed_crops(encoder, np.stack([c.pixels for c in crops]), views=views, augment=augment,
-                          seed=int(features_meta.get("seed", 0)), image_ids=[image_id] * len(crops),
-                          crop_index=range(len(crops)), batch_size=batch_size, normaliser=normaliser)
+    for image, mask, name in zip(images, masks, image_ids):
+        image_id = name or Path(image).name   # seeds the views' augmentation, as a crop of that name was
+
+        def embed(pixels: np.ndarray, first: int = 0, image_id: str = image_id) -> np.ndarray:
+            return embed_crops(encoder, pixels, views=views, augment=augment, seed=int(features_meta.get("seed", 0)),
+                               image_ids=[image_id] * len(pixels), crop_index=range(first, first + len(pixels)),
+                               batch_size=batch_size, normaliser=normaliser)
+
+        if slides.is_slide(image):
+            emb = _embed_slide(Path(image), mask, crop_settings, crop_meta.get("slide_mpp"), embed, batch_size)
+            n_crops, scales, fallback = len(emb) // views, None, None
+        else:
+            rgb, m = read_image_and_mask(image, mask, max_pixels or MAX_PIXELS)
+            crops, fallback = crop_image(rgb, m, crop_settings)
+            if not crops:
+                raise UserError("no tissue crop could be cut from this image", path=image,
+                                hint="pass its tissue mask with --mask")
+            emb, n_crops = embed(np.stack([c.pixels for c in crops])), len(crops)
+            scales = np.repeat(np.array([c.scale for c in crops], np.float32), views)
         n = len(emb)
         feats = store.Features(np.array([image_id] * n, object), np.array(["test"] * n, object),
-                               np.repeat(np.arange(len(crops), dtype=np.int32), views),
-                               np.tile(np.arange(views, dtype=np.int16), len(crops)), emb, features_meta,
-                               scale=np.repeat(np.array([c.scale for c in crops], np.float32), views))
+                               np.repeat(np.arange(n_crops, dtype=np.int32), views),
+                               np.tile(np.arange(views, dtype=np.int16), n_crops), emb, features_meta,
+                               scale=scales if scales is not None else np.ones(n, np.float32))
         pred = ensemble.predict(feats)
         probs = pred.probs[0]
         out.append(Prediction(Path(image), ensemble.classes[int(pred.pred[0])],
-                              dict(zip(ensemble.classes, probs.tolist())), len(crops), fallback))
+                              dict(zip(ensemble.classes, probs.tolist())), n_crops, fallback))
     return out
+
+
+SLIDE_CHUNK = 1024  # patches read and embedded at a time: memory holds these, never all of a slide's
+
+
+def _embed_slide(path: Path, mask: Path | None, settings: CropSettings, slide_mpp: float | None, embed,
+                 batch_size: int) -> np.ndarray:
+    """The features of a slide's patches, cut as the run's crops were and read as ``embed`` reads them."""
+    sample = Sample(path.name, "test", path, mask, None, slide=True)
+    boxes, geo, _ = slide_patches(sample, settings, slide_mpp)   # names a slide without tissue or mpp
+    parts = []
+    with slides.open_slide(path) as slide:
+        for first in range(0, len(boxes), max(SLIDE_CHUNK, batch_size)):
+            chunk = boxes[first:first + max(SLIDE_CHUNK, batch_size)]
+            try:
+                pixels = np.stack([slides.read_patch(slide, x0, y0, geo.level, geo.side0, settings.size)
+                                   for (x0, y0, _, _), _ in chunk])
+            except Exception as e:  # noqa: BLE001 - OpenSlideError on a corrupt tile
+                raise UserError(f"slide cannot be read ({e})", path=path,
+                                hint="the slide is damaged or truncated; re-copy it") from None
+            parts.append(embed(pixels, first))
+    return np.concatenate(parts)

@@ -146,6 +146,28 @@ def test_embedded_patches_are_the_slides_pixels(cohort, cli):
         assert np.array_equal(got, want)
 
 
+def test_predict_on_a_slide_gives_what_submit_gave(cohort, cli, tmp_path):
+    """`histoembed predict` on a slide cuts the run's patches, reads them as embed does and predicts as submit did."""
+    from histoembed.predict import predict_images
+
+    run = cohort / "run"
+    table = pq.read_table(run / store.TEST_PREDICTIONS_FILE).to_pydict()
+    name = table["image_id"][0]
+    [pred] = predict_images(run, [cohort / name], device="cpu", image_ids=[name])
+    assert pred.label == table["label"][0]
+    np.testing.assert_allclose(list(pred.probs.values()), [table[f"prob_{c}"][0] for c in pred.probs], atol=1e-4)
+    crops = pq.read_table(run / store.CROPS_FILE, columns=["image_id", "split"]).to_pydict()
+    assert pred.crops == sum(1 for i, s in zip(crops["image_id"], crops["split"]) if (i, s) == (name, "test"))
+    out = tmp_path / "preds.csv"
+    r = cli("predict", cohort / name, "--run", run, "--device", "cpu", "--out", out)
+    assert r.exit_code == 0, r.output
+    [row] = list(csv.DictReader(out.open()))
+    assert row["image"] == str(cohort / name) and row["label"] == pred.label
+    blank = write_slide(tmp_path / "blank.svs", SlideSpec(6, 2400, 1800, "benign", blank=True))
+    r = cli("predict", blank, "--run", run, "--device", "cpu", cwd=cohort)
+    assert r.exit_code != 0 and "blank.svs" in r.output and "no tissue" in r.output and "Traceback" not in r.output
+
+
 def test_fit_folds_keep_a_patients_slides_together(cohort):
     from histoembed.fit import load_training_set, patient_groups
 

@@ -20,8 +20,9 @@ from histoembed.predict import predict_images, resolve_images
 @command("predict")
 def predict(
     images: Annotated[list[str], typer.Argument(
-        help="Image files (PNG, JPEG, TIFF) to classify, or names of images in the run's data (e.g. img_0003.png: "
-             "the test image of that name, with its mask; --split train for a training image).")],
+        help="Image files (PNG, JPEG, TIFF) or whole slides (SVS, NDPI, MRXS, pyramidal TIFF, ...) to classify, or "
+             "names of images in the run's data (e.g. img_0003.png: the test image of that name, with its mask; "
+             "--split train for a training image). A slide gets the run's patches (--mpp, --size, ...).")],
     run: RunOpt = Path("run"),
     data: RunDataOpt = None,
     split: Annotated[str, typer.Option(
@@ -42,7 +43,7 @@ def predict(
     max_pixels: Annotated[int | None, setting("data.max_pixels")] = None,
     verify_data: VerifyDataOpt = False,
 ) -> None:
-    """Classify new images with a fitted run: same crops, encoder, views and fold ensemble."""
+    """Classify new images or whole slides with a fitted run: same crops or patches, encoder, views and fold ensemble."""
     if split not in ("train", "test"):
         raise UserError(f"--split {split!r} is not train or test")
     for path in mask or []:
@@ -51,7 +52,8 @@ def predict(
     limit = cfg.override(cfg.load_settings(config).data, max_pixels=max_pixels).max_pixels
     paths, masks = resolve_images(run, images, list(mask) if mask else None, data=data, split=split,
                                   verify_data=verify_data)
-    preds = predict_images(run, paths, masks, tta=tta, device=device, max_pixels=limit)
+    names = [None if Path(i).is_file() else str(i) for i in images]  # a name from the run's data keys its views
+    preds = predict_images(run, paths, masks, tta=tta, device=device, max_pixels=limit, image_ids=names)
     classes = list(preds[0].probs)
     table("Predictions", ["image", "label", *classes, "crops"],
           [[p.image.name, p.label, *p.probs.values(), p.crops] for p in preds])

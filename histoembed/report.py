@@ -31,11 +31,12 @@ from PIL import Image
 
 from histoembed import __version__
 from histoembed.core import store
+from histoembed.core.config import CropSettings
 from histoembed.core.errors import UserError
-from histoembed.crops import DataChanged, run_data
+from histoembed.crops import DataChanged, run_data, slide_tissue
 from histoembed.drift import read_drift
 from histoembed.fit import calibrated_probabilities
-from histoembed.inputs.dataset import load_dataset, read_image, read_slide_thumbnail
+from histoembed.inputs.dataset import Sample, load_dataset, read_image, read_slide_thumbnail
 from histoembed.maths.metrics import reliability
 from histoembed.models.inference import check_one_set, load_ensemble
 
@@ -791,8 +792,6 @@ def _maps_section(r: _Run) -> str:
 
 def _crop_settings(run: Path):
     """The crops stage's settings, from ``crops.parquet``'s footer (defaults for what it does not say)."""
-    from histoembed.core.config import CropSettings
-
     meta = store.read_meta(run / store.CROPS_FILE)
     given = meta.get("settings") or {}
     known = {k: v for k, v in given.items() if k in CropSettings.model_fields}
@@ -889,9 +888,6 @@ def _slides_section(r: _Run) -> str:
     slide_keys = _slide_keys(r)
     if not slide_keys:
         return _section("slides", title, "<p class='small'>No whole slide in this run.</p>")
-    from histoembed.crops import slide_tissue
-    from histoembed.inputs.dataset import Sample
-
     order = [k for k in r.crops["key"].drop_duplicates() if k in slide_keys]
     chosen = order[:MAX_SLIDES]
     settings, slide_mpp = _crop_settings(r.run)

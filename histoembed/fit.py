@@ -461,12 +461,13 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
 
 def parse_encoders(value: str | None) -> list[str]:
     """Encoder names of ``--encoder A,B`` (or ``encoder = "A,B"``); [] when none is given."""
-    names = [n.strip() for n in str(value).split(",") if n.strip()] if value is not None else []
-    slugs = [store.encoder_slug(n) for n in names]
-    twice = sorted({n for n, s in zip(names, slugs) if slugs.count(s) > 1})
-    if twice:
-        raise UserError(f"encoder {twice[0]!r} is named twice in --encoder {value}",
-                        hint="name each encoder once, e.g. --encoder A,B")
+    names = list(dict.fromkeys(n.strip() for n in str(value).split(",") if n.strip())) if value is not None else []
+    slugs: dict[str, str] = {}
+    for n in names:
+        other = slugs.setdefault(store.encoder_slug(n), n)
+        if other != n:
+            raise UserError(f"encoders {other!r} and {n!r} name the same feature store "
+                            f"(run/{store.FEATURES_DIR}/{store.encoder_slug(n)})", hint="give each encoder once")
     return names
 
 

@@ -79,15 +79,13 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
         raise UserError("the crops file has no crop settings", path=run / store.CROPS_FILE,
                         hint="run `histoembed crops` with this version, then embed and fit")
     crop_settings = CropSettings.model_validate(crop_meta["settings"])
-    store_dir = store.find_feature_store(run, ensemble.encoder)
-    features_meta = store.read_meta(store.feature_parts(store_dir)[0])
-    # New images must be cut, embedded and classified as the models' training images were.
+    # New images must be cut, embedded and classified as the models' training images were: with every
+    # encoder the run was fitted on (fit --encoder A,B), each as its store was embedded.
+    metas = [(slug, store.read_meta(store.feature_parts(store.find_feature_store(run, name))[0]))
+             for slug, name in _run_encoders(ensemble)]
     check_same_crops(run, ensemble)
-    encoder = load_encoder(features_meta["encoder"], features_meta.get("pool", "cls"), device,
-                           features_meta.get("precision", "auto"))
-    views = int(features_meta.get("repeats", 1)) if tta and features_meta.get("tta", True) else 1
-    augment = AugmentSettings.model_validate(features_meta["augment"]) if "augment" in features_meta else None
-    normaliser = stain.from_meta(features_meta.get("stain"))   # the stain the training crops were normalised to
+    embedders = [(slug, meta, load_encoder(meta["encoder"], meta.get("pool", "cls"), device,
+                                           meta.get("precision", "auto"))) for slug, meta in metas]
 
     out = []
     for image, mask in zip(images, masks):
@@ -97,16 +95,29 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
             raise UserError("no tissue crop could be cut from this image", path=image,
                             hint="pass its tissue mask with --mask")
         image_id = Path(image).name   # seeds the views' augmentation, as a crop of that name was
-        emb = embed_crops(encoder, np.stack([c.pixels for c in crops]), views=views, augment=augment,
-                          seed=int(features_meta.get("seed", 0)), image_ids=[image_id] * len(crops),
-                          crop_index=range(len(crops)), batch_size=batch_size, normaliser=normaliser)
-        n = len(emb)
-        feats = store.Features(np.array([image_id] * n, object), np.array(["test"] * n, object),
-                               np.repeat(np.arange(len(crops), dtype=np.int32), views),
-                               np.tile(np.arange(views, dtype=np.int16), len(crops)), emb, features_meta,
-                               scale=np.repeat(np.array([c.scale for c in crops], np.float32), views))
-        pred = ensemble.predict(feats)
+        by_encoder = {}
+        for slug, features_meta, encoder in embedders:
+            views = int(features_meta.get("repeats", 1)) if tta and features_meta.get("tta", True) else 1
+            augment = AugmentSettings.model_validate(features_meta["augment"]) if "augment" in features_meta else None
+            normaliser = stain.from_meta(features_meta.get("stain"))   # the stain the training crops had
+            emb = embed_crops(encoder, np.stack([c.pixels for c in crops]), views=views, augment=augment,
+                              seed=int(features_meta.get("seed", 0)), image_ids=[image_id] * len(crops),
+                              crop_index=range(len(crops)), batch_size=batch_size, normaliser=normaliser)
+            n = len(emb)
+            by_encoder[slug] = store.Features(
+                np.array([image_id] * n, object), np.array(["test"] * n, object),
+                np.repeat(np.arange(len(crops), dtype=np.int32), views),
+                np.tile(np.arange(views, dtype=np.int16), len(crops)), emb, features_meta,
+                scale=np.repeat(np.array([c.scale for c in crops], np.float32), views))
+        pred = ensemble.predict(by_encoder if ensemble.encoders else by_encoder[None])
         probs = pred.probs[0]
         out.append(Prediction(Path(image), ensemble.classes[int(pred.pred[0])],
                               dict(zip(ensemble.classes, probs.tolist())), len(crops), fallback))
     return out
+
+
+def _run_encoders(ensemble) -> list[tuple[str | None, str]]:
+    """(slug, encoder name) of every encoder the run uses; slug None for a one-encoder run."""
+    if not ensemble.encoders:
+        return [(None, ensemble.encoder)]
+    return [(e["slug"], e["encoder"]) for e in ensemble.encoders]

@@ -150,9 +150,100 @@ def test_stores_of_other_rows_are_refused_naming_the_store_the_count_and_what_to
 
 def test_encoder_list_from_the_settings_file_and_a_name_given_twice(tmp_path):
     run = two_encoders(tmp_path, {}, {}, n_images=30, n_classes=3)
-    with pytest.raises(UserError, match="named twice"):
+    with pytest.raises(UserError, match="name the same feature store"):
         fit.run_fit(run, settings(folds=3), encoder="enc/a,enc--a")
     with pytest.raises(UserError, match="no feature store for encoder 'enc/c'"):
         fit.run_fit(run, settings(folds=3), encoder="enc/a,enc/c")
     result = fit.run_fit(run, settings(folds=3, encoder="enc/a, enc/b"))   # encoder = "enc/a, enc/b" in [fit]
     assert [e["encoder"] for e in result.metrics["encoders"]] == ["enc/a", "enc/b"]
+
+
+# ---------------------------------------------------------------- the whole chain through the CLI
+
+@pytest.fixture(scope="module")
+def two_tiny_dinov2(tmp_path_factory) -> tuple[Path, Path]:
+    """Two tiny Dinov2 checkpoints of different widths (32-d and 48-d), saved like real ones."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    out = []
+    for width in (32, 48):
+        torch.manual_seed(width)
+        config = Dinov2Config(hidden_size=width, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                              image_size=32, patch_size=16)
+        path = tmp_path_factory.mktemp(f"tiny-dinov2-{width}")
+        Dinov2Model(config).eval().save_pretrained(path, safe_serialization=True)
+        out.append(path)
+    return out[0], out[1]
+
+
+CHAIN_TOML = """\
+[crops]
+size = 48
+workers = 1
+
+[embed]
+workers = 0
+batch_size = 64
+
+[fit]
+folds = 3
+bootstrap = 50
+heads = ["mlp", "logreg"]
+
+[fit.mlp]
+hidden = 16
+epochs = 3
+patience = 2
+"""
+
+
+@pytest.mark.slow
+def test_embed_fit_submit_predict_report_and_compare_with_two_encoders_through_the_cli(tmp_path, cli,
+                                                                                       two_tiny_dinov2):
+    from histoembed.synthetic import make_dataset
+
+    narrow, wide = two_tiny_dinov2
+    data, run = tmp_path / "data", tmp_path / "run"
+    make_dataset(data, n_train=24, n_test=4, seed=1, outliers=False)
+    config = tmp_path / "histoembed.toml"
+    config.write_text(CHAIN_TOML)
+    common = ["--run", run, "--config", config]
+
+    def ok(*args):
+        r = cli(*args)
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    ok("crops", "--data", data, *common)
+    ok("embed", "--encoder", narrow, "--encoder", wide, "--repeats", "2", *common)
+    single = tmp_path / "single"
+    shutil.copytree(run, single)
+    out = ok("fit", "--encoder", f"{narrow},{wide}", *common)
+    assert "Encoders (logits fusion)" in out and "fused" in out
+    metrics = json.loads((run / store.METRICS_FILE).read_text())
+    assert [e["dim"] for e in metrics["encoders"]] == [32, 48]
+    assert [(m["encoder"], m["head"]) for m in metrics["members"]] == [
+        (str(narrow), "mlp"), (str(narrow), "logreg"), (str(wide), "mlp"), (str(wide), "logreg")]
+    assert "up to date" in ok("fit", "--encoder", f"{narrow},{wide}", *common)
+
+    ok("submit", "--run", run)
+    rows = (run / store.SUBMISSION_FILE).read_text().splitlines()
+    assert rows[0] == "sample_index,label" and len(rows) == 5
+    out = ok("predict", "img_0001.png", "--out", tmp_path / "pred.csv", *common)   # the test image of that name
+    assert "Predictions" in out
+    predicted = (tmp_path / "pred.csv").read_text().splitlines()[1].split(",")[1]
+    assert predicted == rows[2].split(",")[1]             # predict embeds with both encoders, as submit's store did
+    ok("report", "--run", run)
+    html = (run / store.REPORT_FILE).read_text()
+    assert "<h3>Encoders</h3>" in html and f"{narrow} (32-d)" in html and f"{wide} (48-d)" in html
+    # a one-encoder run of the same images compares with the two-encoder one
+    ok("fit", "--run", single, "--config", config, "--encoder", str(wide))
+    out = ok("compare", single, run)
+    assert "macro-F1" in out
+
+    # stores of other rows stop the fit with the store, the count and what to run
+    shutil.rmtree(run / "features" / store.encoder_slug(str(wide)))
+    ok("embed", "--encoder", wide, "--repeats", "1", *common)
+    r = cli("fit", "--encoder", f"{narrow},{wide}", *common)
+    assert r.exit_code == 2 and f"histoembed embed --encoder {wide}" in r.output and "lacks" in r.output

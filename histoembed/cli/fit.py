@@ -51,6 +51,10 @@ def fit(
     Every reported number comes from predictions whose model, temperatures, fusion weights, offsets and
     conformal thresholds never saw the image.
 
+    Several encoders (--encoder A,B after `histoembed embed --encoder A --encoder B`): every head is fitted on
+    each encoder's store on the same folds and all (encoder, head) members are fused (--encoder-fusion logits),
+    or each head reads the encoders' embeddings side by side (--encoder-fusion concat).
+
     Other settings: the fit, fit.mlp, fit.xgb, fit.logreg, fit.abmil and drift tables of histoembed.toml.
     """
     settings = stage_settings(config, "fit", folds=folds, seed=seed, seeds=seeds, include_flagged=include_flagged,

@@ -22,7 +22,9 @@ same features, labels, QC and settings does nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import gc
 import json
 import os
 import shutil
@@ -36,16 +38,18 @@ import pyarrow.parquet as pq
 
 from histoembed import __version__
 from histoembed.core import cpus, locks, store
-from histoembed.core.config import FitSettings
+from histoembed.core.config import FitSettings, output_settings
 from histoembed.core.console import progress
 from histoembed.core.errors import UserError, from_os_error
 from histoembed.maths import scales
 from histoembed.maths.metrics import accuracy_by_quantile, softmax, summary, view_spread
 from histoembed.models.heads import Bags, Head, check_names, conformal, decisions, fusion
 from histoembed.models.heads import get as get_head
+from histoembed.models import members
 from histoembed.models.heads.shared import first_seen_index
 
 FUSION_RULE = "sum over heads of w_h * z_h / T_h (weights on the simplex)"
+MULTI_NLL_IMAGES = 2.0  # several encoders: weights by NLL within two images' worth of the best macro-F1 (fusion.py)
 FIT_VERSION = 1  # bump when the fit's outputs change meaning (part of the skip key)
 
 
@@ -292,6 +296,20 @@ def run_cv(bags: Bags, y: np.ndarray, groups: np.ndarray, settings: FitSettings,
     """One full cross-validation with ``seed``: folds, heads, OOF logits, cross-fitted decisions."""
     names = list(settings.heads)
     fold = make_folds(y, groups, settings.folds, seed)
+    z, z_bags, models, info = fit_heads(bags, y, groups, settings, seed, n_classes, fold, on_fold)
+    per_fold, final = decisions.cross_fit(z, y, fold, decision_settings(settings))
+    return CVResult(seed, names, fold, z, z_bags, bags.image, per_fold, final, models, info)
+
+
+def fit_heads(bags: Bags, y: np.ndarray, groups: np.ndarray, settings: FitSettings, seed: int, n_classes: int,
+              fold: np.ndarray, on_fold=lambda k: None
+              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[list[Head]], list[dict]]:
+    """Every head on every fold of ``fold``: (OOF image logits, OOF bag logits, models per fold, info per fold).
+
+    The inner (fit, stopping) split and the heads' seeds depend on (seed, fold) alone, so heads fitted on
+    another encoder's features with the same ``fold`` see the very same images.
+    """
+    names = list(settings.heads)
     N = len(y)
     z = {h: np.zeros((N, n_classes), dtype=np.float32) for h in names}
     z_bags = {h: np.zeros((bags.n_bags, n_classes), dtype=np.float32) for h in names}
@@ -320,8 +338,7 @@ def run_cv(bags: Bags, y: np.ndarray, groups: np.ndarray, settings: FitSettings,
         models.append(fold_models)
         info.append(fold_info)
         on_fold(k)
-    per_fold, final = decisions.cross_fit(z, y, fold, decision_settings(settings))
-    return CVResult(seed, names, fold, z, z_bags, bags.image, per_fold, final, models, info)
+    return z, z_bags, models, info
 
 
 def oof_probabilities(cv: CVResult) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -406,9 +423,17 @@ class FitResult:
     seconds: float
 
 
+MULTI_ONLY = ("encoder", "encoder_fusion")  # settings a one-encoder fit's key and manifest leave out (as before them)
+
+
+def key_settings(settings: FitSettings) -> dict:
+    """The settings in a one-encoder fit's key: which store is read is in its features' key already."""
+    return {k: v for k, v in output_settings(settings).items() if k not in MULTI_ONLY}
+
+
 def fit_key(ts: TrainingSet, settings: FitSettings) -> str:
-    return store.stage_key("fit", FIT_VERSION, settings, ts.features.meta.get("key"), ts.fingerprint(),
-                           ts.train_crops)
+    return store.config_key("fit", FIT_VERSION, key_settings(settings), ts.features.meta.get("key"),
+                            ts.fingerprint(), ts.train_crops)
 
 
 def _up_to_date(run: Path, key: str) -> dict | None:
@@ -436,7 +461,31 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
     run = Path(run)
     check_names(settings.heads)
     cpus.use_threads(settings.threads)
+    encoders = parse_encoders(encoder if encoder is not None else settings.encoder)
+    if len(encoders) > 1:
+        return run_fit_multi(run, settings, encoders, started)
+    encoder = encoders[0] if encoders else None
     ts = load_training_set(run, encoder, settings.include_flagged, settings.scale_fusion)
+    check_class_counts(run, ts, settings)
+    key = fit_key(ts, settings)
+    with fit_lock(run):
+        return _fit(run, ts, settings, key, started)
+
+
+def parse_encoders(value: str | None) -> list[str]:
+    """Encoder names of ``--encoder A,B`` (or ``encoder = "A,B"``); [] when none is given."""
+    names = list(dict.fromkeys(n.strip() for n in str(value).split(",") if n.strip())) if value is not None else []
+    slugs: dict[str, str] = {}
+    for n in names:
+        other = slugs.setdefault(store.encoder_slug(n), n)
+        if other != n:
+            raise UserError(f"encoders {other!r} and {n!r} name the same feature store "
+                            f"(run/{store.FEATURES_DIR}/{store.encoder_slug(n)})", hint="give each encoder once")
+    return names
+
+
+def check_class_counts(run: Path, ts: TrainingSet, settings: FitSettings) -> None:
+    """Every class needs at least one image per fold."""
     counts = np.bincount(ts.y, minlength=len(ts.classes))
     smallest = int(counts.argmin())
     if counts[smallest] < settings.folds:
@@ -450,9 +499,6 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
                         + (f" ({flagged} more were flagged by QC and left out)" if flagged else ""),
                         path=run / store.CROPS_FILE,
                         hint=hint + (", or pass --include-flagged" if flagged else ""))
-    key = fit_key(ts, settings)
-    with fit_lock(run):
-        return _fit(run, ts, settings, key, started)
 
 
 FIT_LOCK = ".fit.lock"
@@ -508,6 +554,162 @@ def _fit(run: Path, ts: TrainingSet, settings: FitSettings, key: str, started: f
     _write_outputs(run, ts, settings, cv, metrics, key)
     return FitResult(run, False, metrics, ts.classes, len(ts.image_ids), ts.excluded_flagged, ts.unlabelled,
                      time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------- several encoders
+
+@dataclass
+class EncoderPart:
+    """One encoder of a multi-encoder fit: its store and what the manifest records of it."""
+
+    name: str                     # as given (find_feature_store finds it again)
+    store_dir: Path
+    meta: dict                    # the store's metadata (its first part's)
+    dim: int = 0
+    scaling: dict | None = None   # concat mode: members.block_scaling of its training rows
+
+    def record(self) -> dict:
+        out = {"encoder": self.name, "slug": self.store_dir.name, "feature_encoder": self.meta.get("encoder"),
+               "dim": self.dim, "feature_key": self.meta.get("key")}
+        return out if self.scaling is None else {**out, "scaling": self.scaling}
+
+
+def run_fit_multi(run: Path, settings: FitSettings, names: list[str], started: float) -> FitResult:
+    """``fit --encoder A,B``: every head on each encoder's store, the same folds, all members fused.
+
+    The stores must hold exactly the same (split, image, crop, view) rows. In logits mode each
+    store is read, fitted and let go before the next one is read, so only one store's
+    features are in memory at a time; concat mode holds them all (side by side).
+    """
+    parts = [EncoderPart(name, store.find_feature_store(run, name), {}) for name in names]
+    store.check_same_rows({p.name: p.store_dir for p in parts})
+    for p in parts:
+        p.meta = store.read_meta(store.feature_parts(p.store_dir)[0])
+    first = load_training_set(run, names[0], settings.include_flagged, settings.scale_fusion)
+    check_class_counts(run, first, settings)
+    key = store.config_key("fit", FIT_VERSION, output_settings(settings), "encoders",
+                           [[p.store_dir.name, p.meta.get("key")] for p in parts], first.fingerprint(),
+                           first.train_crops)
+    with fit_lock(run):
+        recover(run)
+        done = _up_to_date(run, key)
+        if done is not None:
+            return FitResult(run, True, done, first.classes, len(first.image_ids), first.excluded_flagged,
+                             first.unlabelled, time.perf_counter() - started)
+        return _fit_multi(run, settings, parts, first, key, started)
+
+
+def _same_images(first: TrainingSet, ts: TrainingSet, part: EncoderPart) -> None:
+    if ts.image_ids != first.image_ids or not np.array_equal(ts.y, first.y) or ts.scales != first.scales:
+        raise UserError(f"the training images of encoder {part.name!r} differ from those of the first encoder",
+                        path=part.store_dir, hint=f"run `histoembed embed --encoder {part.name}` on the same crops")
+
+
+def _fit_multi(run: Path, settings: FitSettings, parts: list[EncoderPart], first: TrainingSet, key: str,
+               started: float) -> FitResult:
+    C = len(first.classes)
+    seeds = [settings.seed + i for i in range(settings.seeds)]
+    folds = [make_folds(first.y, first.groups, settings.folds, seed) for seed in seeds]
+    names: list[str] = []
+    z: list[dict] = [{} for _ in seeds]
+    z_bags: list[dict] = [{} for _ in seeds]
+    models: list[list[Head]] = [[] for _ in range(settings.folds)]
+    info: list[dict] = [{} for _ in range(settings.folds)]
+    bag_image = None
+
+    def fit_all(bags: Bags, label: str, member) -> None:
+        nonlocal bag_image
+        if bag_image is not None and not np.array_equal(bag_image, bags.image):
+            raise UserError("the encoders' stores hold different views of an image", path=run / store.FEATURES_DIR,
+                            hint="embed every encoder with the same --repeats")
+        bag_image = bags.image
+        with progress("folds") as bar:
+            for s, seed in enumerate(seeds):
+                task = bar.add_task(f"fit {label}, seed {seed}", total=settings.folds)
+                zs, zbs, fold_models, fold_info = fit_heads(bags, first.y, first.groups, settings, seed, C, folds[s],
+                                                            on_fold=lambda k, t=task: bar.advance(t))
+                for h in settings.heads:
+                    z[s][member(h)], z_bags[s][member(h)] = zs[h], zbs[h]
+                if s == 0:   # only the first seed's models are kept
+                    for k in range(settings.folds):
+                        models[k].extend(fold_models[k])
+                        info[k].update({("fold" if n == "fold" or n.endswith("_images") else member(n)): v
+                                        for n, v in fold_info[k].items()})
+        names.extend(member(h) for h in settings.heads)
+
+    empty = first.features.subset(np.zeros(len(first.features), bool))
+    if settings.encoder_fusion == "logits":
+        for i, part in enumerate(parts):
+            ts = first if i == 0 else load_training_set(run, part.name, settings.include_flagged,
+                                                        settings.scale_fusion)
+            _same_images(first, ts, part)
+            part.dim = int(ts.features.embedding.shape[1])
+            bags = Bags.from_rows(ts.features.embedding, ts.row_image, ts.features.view)
+            ts.features = ts.features.subset(np.zeros(len(ts.features), bool))   # let this store's features go
+            fit_all(bags, part.store_dir.name, lambda h, slug=part.store_dir.name: members.member_name(slug, h))
+            del bags, ts
+            gc.collect()
+    else:
+        blocks = []
+        for i, part in enumerate(parts):
+            ts = first if i == 0 else load_training_set(run, part.name, settings.include_flagged,
+                                                        settings.scale_fusion)
+            _same_images(first, ts, part)
+            part.dim = int(ts.features.embedding.shape[1])
+            part.scaling = members.block_scaling(ts.features.embedding)
+            blocks.append(ts.features)
+        joined = members.concat_features(blocks, [p.scaling for p in parts])
+        del blocks
+        bags = Bags.from_rows(joined.embedding, first.row_image, joined.view)
+        del joined
+        gc.collect()
+        fit_all(bags, "+".join(p.store_dir.name for p in parts), lambda h: h)
+        del bags
+    first.features = empty
+    gc.collect()
+
+    results = []
+    for s, seed in enumerate(seeds):
+        per_fold, final = decisions.cross_fit(z[s], first.y, folds[s],
+                                              dataclasses.replace(decision_settings(settings),
+                                                                  nll_images=MULTI_NLL_IMAGES))
+        cv = CVResult(seed, names, folds[s], z[s], z_bags[s], bag_image, per_fold, final,
+                      models if s == 0 else [], info)
+        results.append((cv, cv_metrics(cv, first.y, first.classes, settings)))
+    cv, cv_numbers = results[0]
+    concat = settings.encoder_fusion == "concat"
+    joined_name = ",".join(p.name for p in parts)
+    member_rows = []
+    for m in names:
+        slug, head = members.split_member(m)
+        encoder = joined_name if concat else next(p.name for p in parts if p.store_dir.name == slug)
+        member_rows.append({"member": m, "encoder": encoder, "head": head, "weight": cv.final["weights"][m],
+                            "oof_macro_f1": cv_numbers["heads"][m]["macro_f1"]})
+    metrics = {
+        "key": key, "version": __version__, "encoder": joined_name,
+        "classes": first.classes, "images": len(first.image_ids), "folds": settings.folds, "seed": settings.seed,
+        "excluded_flagged": len(first.excluded_flagged), "unlabelled": len(first.unlabelled),
+        "members": member_rows,
+        "encoders": [p.record() for p in parts],
+        "encoder_fusion": {"mode": settings.encoder_fusion,
+                           "rule": members.CONCAT_RULE if concat else members.LOGITS_RULE},
+        "scale_fusion": {"mode": settings.scale_fusion, "scales": first.scales,
+                         "rule": scales.RULES[settings.scale_fusion]},
+        "calibration": "per fold: each member's regularised T, the fusion weights, offsets and conformal thresholds "
+                       "chosen on the other folds' OOF predictions (cross-fitting); 'before' is T = 1 with the "
+                       "same weights",
+        **cv_numbers,
+        "final": final_summary(cv.final),
+    }
+    if len(seeds) > 1:
+        metrics["seeds"] = seed_spread(seeds, [m for _, m in results])
+    multi = {"encoder": joined_name, "encoder_slug": None, "feature_encoder": None, "feature_key": None,
+             "dim": sum(p.dim for p in parts) if concat else None, "encoders": [p.record() for p in parts],
+             "encoder_fusion": settings.encoder_fusion,
+             "members": {m: dict(zip(("encoder_slug", "head"), members.split_member(m))) for m in names}}
+    _write_outputs(run, first, settings, cv, metrics, key, multi)
+    return FitResult(run, False, metrics, first.classes, len(first.image_ids), first.excluded_flagged,
+                     first.unlabelled, time.perf_counter() - started)
 
 
 def encoder_name(ts: TrainingSet) -> str:
@@ -574,7 +776,7 @@ def _final_name(filename, run: Path, tmp: Path) -> Path | None:
 
 
 def _write_outputs(run: Path, ts: TrainingSet, settings: FitSettings, cv: CVResult, metrics: dict,
-                   key: str) -> None:
+                   key: str, multi: dict | None = None) -> None:
     """Write every output to a temporary first, then rename them in quick succession, metrics.json last.
 
     Readers check that the models, calibration.json, oof.parquet and metrics.json carry one key,
@@ -614,20 +816,23 @@ def _write_outputs(run: Path, ts: TrainingSet, settings: FitSettings, cv: CVResu
                 folder = store.fold_dir(tmp, k)
                 writing = store.fold_dir(models, k)
                 folder.mkdir(parents=True)
-                for head in fold_models:
-                    head.save(folder, ts.classes)
+                for member, head in zip(cv.heads, fold_models):
+                    slug = members.split_member(member)[0] if multi and multi["encoder_fusion"] == "logits" else None
+                    head.save(folder / slug if slug else folder, ts.classes)
             writing = models / store.MODELS_MANIFEST_FILE
-            store.write_json({
+            manifest = {
                 "key": key, "version": __version__, "encoder": metrics["encoder"],
                 "encoder_slug": ts.store_dir.name, "feature_encoder": ts.features.meta.get("encoder"),
                 "dim": dim, "classes": ts.classes, "folds": settings.folds, "seed": settings.seed,
-                "feature_key": ts.features.meta.get("key"), "settings": settings.model_dump(),
+                "feature_key": ts.features.meta.get("key"), "settings": settings.model_dump(exclude=set(MULTI_ONLY)),
                 "train_crops": ts.train_crops, "scale_fusion": settings.scale_fusion, "scales": ts.scales,
                 "heads": cv.heads, "final": final_summary(cv.final),
                 "submission_uses": metrics["decision"]["submission_uses"],
                 "fusion": FUSION_RULE + "; probabilities averaged over folds",
-                "files": store.model_files(tmp),
-            }, tmp / store.MODELS_MANIFEST_FILE)
+            }
+            if multi:
+                manifest.update(multi, settings=settings.model_dump())
+            store.write_json({**manifest, "files": store.model_files(tmp)}, tmp / store.MODELS_MANIFEST_FILE)
             writing = run / store.CALIBRATION_FILE
             calib_tmp.write_text(json.dumps({
                 "key": key, "classes": ts.classes, "heads": cv.heads, "rule": FUSION_RULE,

@@ -87,43 +87,49 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
         raise UserError("the crops file has no crop settings", path=run / store.CROPS_FILE,
                         hint="run `histoembed crops` with this version, then embed and fit")
     crop_settings = CropSettings.model_validate(crop_meta["settings"])
-    store_dir = store.find_feature_store(run, ensemble.encoder)
-    features_meta = store.read_meta(store.feature_parts(store_dir)[0])
-    # New images must be cut, embedded and classified as the models' training images were.
+    # New images must be cut, embedded and classified as the models' training images were: with every
+    # encoder the run was fitted on (fit --encoder A,B), each as its store was embedded.
+    metas = [(slug, store.read_meta(store.feature_parts(store.find_feature_store(run, name))[0]))
+             for slug, name in _run_encoders(ensemble)]
     check_same_crops(run, ensemble)
-    encoder = load_encoder(features_meta["encoder"], features_meta.get("pool", "cls"), device,
-                           features_meta.get("precision", "auto"))
-    views = int(features_meta.get("repeats", 1)) if tta and features_meta.get("tta", True) else 1
-    augment = AugmentSettings.model_validate(features_meta["augment"]) if "augment" in features_meta else None
-    normaliser = stain.from_meta(features_meta.get("stain"))   # the stain the training crops were normalised to
+    embedders = [(slug, meta, load_encoder(meta["encoder"], meta.get("pool", "cls"), device,
+                                           meta.get("precision", "auto"))) for slug, meta in metas]
 
     image_ids = image_ids or [None] * len(images)
     out = []
     for image, mask, name in zip(images, masks, image_ids):
         image_id = name or Path(image).name   # seeds the views' augmentation, as a crop of that name was
-
-        def embed(pixels: np.ndarray, first: int = 0, image_id: str = image_id) -> np.ndarray:
-            return embed_crops(encoder, pixels, views=views, augment=augment, seed=int(features_meta.get("seed", 0)),
-                               image_ids=[image_id] * len(pixels), crop_index=range(first, first + len(pixels)),
-                               batch_size=batch_size, normaliser=normaliser)
-
-        if slides.is_slide(image):
-            emb = _embed_slide(Path(image), mask, crop_settings, crop_meta.get("slide_mpp"), embed, batch_size)
-            n_crops, scales, fallback = len(emb) // views, None, None
-        else:
+        crops, fallback = [], None
+        if not slides.is_slide(image):
             rgb, m = read_image_and_mask(image, mask, max_pixels or MAX_PIXELS)
             crops, fallback = crop_image(rgb, m, crop_settings)
             if not crops:
                 raise UserError("no tissue crop could be cut from this image", path=image,
                                 hint="pass its tissue mask with --mask")
-            emb, n_crops = embed(np.stack([c.pixels for c in crops])), len(crops)
-            scales = np.repeat(np.array([c.scale for c in crops], np.float32), views)
-        n = len(emb)
-        feats = store.Features(np.array([image_id] * n, object), np.array(["test"] * n, object),
-                               np.repeat(np.arange(n_crops, dtype=np.int32), views),
-                               np.tile(np.arange(views, dtype=np.int16), n_crops), emb, features_meta,
-                               scale=scales if scales is not None else np.ones(n, np.float32))
-        pred = ensemble.predict(feats)
+        by_encoder = {}
+        for slug, features_meta, encoder in embedders:
+            views = int(features_meta.get("repeats", 1)) if tta and features_meta.get("tta", True) else 1
+            augment = AugmentSettings.model_validate(features_meta["augment"]) if "augment" in features_meta else None
+            normaliser = stain.from_meta(features_meta.get("stain"))   # the stain the training crops had
+
+            def embed(pixels: np.ndarray, first: int = 0) -> np.ndarray:
+                return embed_crops(encoder, pixels, views=views, augment=augment,  # noqa: B023 - called at once
+                                   seed=int(features_meta.get("seed", 0)), image_ids=[image_id] * len(pixels),
+                                   crop_index=range(first, first + len(pixels)), batch_size=batch_size,
+                                   normaliser=normaliser)
+
+            if crops:
+                emb, n_crops = embed(np.stack([c.pixels for c in crops])), len(crops)
+                scale = np.repeat(np.array([c.scale for c in crops], np.float32), views)
+            else:  # a whole slide: its patches, read as embed reads them
+                emb = _embed_slide(Path(image), mask, crop_settings, crop_meta.get("slide_mpp"), embed, batch_size)
+                n_crops, scale = len(emb) // views, np.ones(len(emb), np.float32)
+            n = len(emb)
+            by_encoder[slug] = store.Features(
+                np.array([image_id] * n, object), np.array(["test"] * n, object),
+                np.repeat(np.arange(n_crops, dtype=np.int32), views),
+                np.tile(np.arange(views, dtype=np.int16), n_crops), emb, features_meta, scale=scale)
+        pred = ensemble.predict(by_encoder if ensemble.encoders else by_encoder[None])
         probs = pred.probs[0]
         out.append(Prediction(Path(image), ensemble.classes[int(pred.pred[0])],
                               dict(zip(ensemble.classes, probs.tolist())), n_crops, fallback))
@@ -150,3 +156,10 @@ def _embed_slide(path: Path, mask: Path | None, settings: CropSettings, slide_mp
                                 hint="the slide is damaged or truncated; re-copy it") from None
             parts.append(embed(pixels, first))
     return np.concatenate(parts)
+
+
+def _run_encoders(ensemble) -> list[tuple[str | None, str]]:
+    """(slug, encoder name) of every encoder the run uses; slug None for a one-encoder run."""
+    if not ensemble.encoders:
+        return [(None, ensemble.encoder)]
+    return [(e["slug"], e["encoder"]) for e in ensemble.encoders]

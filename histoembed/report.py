@@ -514,8 +514,25 @@ def _scores_section(r: _Run) -> str:
             f"saw the image: {r.metrics.get('images', '?')} training images, {n_folds} folds "
             f"(from {store.METRICS_FILE}).{_scale_fusion_note(r.metrics)}</p>"
             + _table(["head", "OOF macro-F1", "CI low", "CI high", "fold mean", "fold std", "accuracy"], rows)
-            + _fig_img(fig, "per-fold and out-of-fold macro-F1"))
+            + _fig_img(fig, "per-fold and out-of-fold macro-F1") + _encoders_html(r.metrics))
     return _section("scores", title, body)
+
+
+def _encoders_html(metrics: dict) -> str:
+    """fit --encoder A,B: every (encoder, head) member's out-of-fold score and final weight, and the fused score."""
+    members, encoders = metrics.get("members"), metrics.get("encoders")
+    if not encoders or not members or not isinstance(members[0], dict):
+        return ""
+    mode = metrics.get("encoder_fusion") or {}
+    fused = (metrics.get("heads") or {}).get("fused", {}).get("macro_f1", math.nan)
+    rows = [[m["member"], m["encoder"], m["head"], float(m["oof_macro_f1"]), float(m["weight"])] for m in members]
+    rows.append(["fused", ", ".join(e["encoder"] for e in encoders), "", float(fused), 1.0])
+    widths = ", ".join(f"{_esc(e['encoder'])} ({e['dim']}-d)" for e in encoders)
+    return (f"<h3>Encoders</h3><p>Fitted on {len(encoders)} encoders' features of the same crops and views: {widths}; "
+            f"encoder fusion <b>{_esc(mode.get('mode', 'logits'))}</b>: {_esc(mode.get('rule', ''))}. Each member's "
+            "out-of-fold macro-F1, its weight for the test set (chosen on all out-of-fold predictions) and the fused "
+            "out-of-fold score:</p>"
+            + _table(["member", "encoder", "head", "OOF macro-F1", "weight"], rows))
 
 
 def _confusion_section(r: _Run) -> str:
@@ -721,6 +738,9 @@ def _maps_section(r: _Run) -> str:
         return _section("maps", title, _missing("fitted models (run `histoembed fit`)"))
     try:
         ensemble = load_ensemble(r.run)
+        if ensemble.encoders:
+            return _section("maps", title, _missing(f"per-crop maps of one encoder: this run fuses the members of "
+                                                    f"{len(ensemble.encoders)} encoders ({ensemble.encoder})"))
         features = store.read_features(store.find_feature_store(r.run, ensemble.encoder))
     except UserError as e:
         return _section("maps", title, _missing(str(e)))

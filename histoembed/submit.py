@@ -28,7 +28,7 @@ from histoembed.core import store
 from histoembed.core.errors import UserError
 from histoembed.crops import run_data
 from histoembed.inputs.dataset import submission_ids
-from histoembed.models.inference import check_same_crops, load_ensemble
+from histoembed.models.inference import check_same_crops, load_ensemble, read_run_features
 
 
 @dataclass
@@ -64,16 +64,18 @@ def run_submit(data: Path | None, run: Path, encoder: str | None = None, tta: bo
     ids = submission_ids(data)
     if not ids:
         raise UserError("the data has no test images", path=data)
-    store_dir = store.find_feature_store(run, encoder or ensemble.encoder)
-    features = store.read_features(store_dir, split="test")
-    store.check_complete(features, run, "test")
-    features = store.with_scales(features, run)
-    if not tta:
-        features = features.subset(features.view == 0)
-    unknown = sorted(set(features.image_id) - set(ids))   # every feature row here is of the test split
+    features = read_run_features(run, ensemble, "test", tta=tta, encoder=encoder)
+    # Several encoders: each store is read once, while predicting (checked for strays below).
+    found = set(features.image_id) if isinstance(features, store.Features) else set()
+    pred = None
+    if isinstance(features, dict):
+        pred = ensemble.predict(features)
+        found = set(pred.image_ids)
+    unknown = sorted(found - set(ids))   # every feature row here is of the test split
     if unknown:
         raise UserError(f"{len(unknown)} test image(s) in the features are not in the data "
-                        f"(e.g. {unknown[0]})", path=store_dir,
+                        f"(e.g. {unknown[0]})", path=run / store.FEATURES_DIR if ensemble.encoders else
+                        store.find_feature_store(run, encoder or ensemble.encoder),
                         hint="the features were embedded from another data folder; re-run crops and embed")
     prior = _class_prior(run, ensemble.classes)
     C = len(ensemble.classes)
@@ -82,8 +84,9 @@ def run_submit(data: Path | None, run: Path, encoder: str | None = None, tta: bo
     sets = np.ones((len(ids), C), dtype=bool)         # no features: every class is possible
     spread = np.full(len(ids), np.nan, dtype=np.float32)
     have = np.zeros(len(ids), dtype=bool)
-    if len(features):
+    if pred is None and len(features):
         pred = ensemble.predict(features)
+    if pred is not None and len(pred.image_ids):
         row_of = {("test", image_id): i for i, image_id in enumerate(ids)}
         rows = np.array([row_of[k] for k in pred.keys()])
         probs[rows], decided[rows], sets[rows], spread[rows] = pred.probs, pred.pred, pred.sets, pred.view_spread

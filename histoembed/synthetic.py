@@ -643,7 +643,8 @@ def signal_image(rng: np.random.Generator, width: int, height: int, label: str, 
 
 def write_synthetic_features(run: Path, n_images: int = 60, n_classes: int = 3, crops: int = 2, views: int = 2,
                              dim: int = 16, signal: float = 1.0, seed: int = 0, encoder: str = "synthetic",
-                             n_test: int = 0) -> Path:
+                             n_test: int = 0, visible: list[int] | None = None,
+                             feature_seed: int | None = None) -> Path:
     """A feature store and crops.parquet with a known signal, written as the embed stage would.
 
     Like real encoder features, most variance lies in a few directions: a random subspace of
@@ -652,8 +653,14 @@ def write_synthetic_features(run: Path, n_images: int = 60, n_classes: int = 3, 
     views 1.. add augmentation noise (view 0 is the clean crop). Test images (``n_test``)
     get a random class and no label; they are named from img_0000.png like the training images,
     as in the real challenge. Returns the store folder ``run/features/<slug>``.
+
+    Several encoders of one run (``fit --encoder A,B``): call once per ``encoder`` with the same
+    ``seed`` (the same crops) and its own ``feature_seed``; ``visible[c]`` is the class mean that
+    images of class c get in this encoder's features, so ``visible=[0, 0, 1, 1]`` shows only
+    {0, 1} against {2, 3}.
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed if feature_seed is None else feature_seed)
+    shown = list(range(n_classes)) if visible is None else [int(v) for v in visible]
     names = list(LABELS[:n_classes]) if n_classes <= len(LABELS) else \
         [f"class-{k}" for k in range(n_classes)]
     rank = min(dim, 32)
@@ -666,7 +673,7 @@ def write_synthetic_features(run: Path, n_images: int = 60, n_classes: int = 3, 
     rows = {"image_id": [], "split": [], "crop_index": [], "view": []}
     emb = []
     for i, image_id in enumerate(ids):
-        centre = means[truth[i]] + rng.normal(size=rank)
+        centre = means[shown[truth[i]]] + rng.normal(size=rank)
         for c in range(crops):
             crop = basis @ (centre + rng.normal(size=rank)) + rng.normal(size=dim) * 0.5
             for v in range(views):
@@ -697,7 +704,8 @@ def write_synthetic_features(run: Path, n_images: int = 60, n_classes: int = 3, 
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embedding.ravel()), dim),
     }, schema=store.feature_schema(dim))
     store_dir = run / store.FEATURES_DIR / store.encoder_slug(encoder)
-    key = store.config_key("synthetic", n_images, n_classes, crops, views, dim, signal, seed, n_test)
+    key = store.config_key("synthetic", n_images, n_classes, crops, views, dim, signal, seed, n_test,
+                           *([] if visible is None and feature_seed is None else [shown, feature_seed]))
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(store_dir)
     store.write_table(table, store_dir / "part-00000.parquet",

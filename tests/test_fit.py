@@ -639,3 +639,47 @@ def test_a_second_fit_of_the_same_run_is_refused_with_the_holder_s_pid_and_a_dea
     result = invoke("fit", "--run", run, "--config", config, "--folds", 3)   # its process is gone: taken over
     assert result.exit_code == 0, result.output
     assert (run / store.MODELS_DIR).is_dir() and not lock.exists() and leftovers(run) == []
+
+
+def test_with_two_encoders_no_oof_prediction_helps_choose_a_weight_or_temperature_applied_to_it(tmp_path, monkeypatch):
+    """The leakage test above, with (encoder, head) members: fold k's heads of *both* encoders never train or
+    stop on fold k, and fold k's temperatures and fusion weights see exactly the other folds' OOF logits of
+    every member (both encoders'), never fold k's."""
+    run, _ = make_run(tmp_path)
+    synthetic.write_synthetic_features(tmp_path / "other", n_images=60, n_classes=3, n_test=5, dim=8,
+                                       encoder="other/enc", feature_seed=5)  # the same crops, another encoder
+    shutil.copytree(tmp_path / "other" / "features" / "other--enc", run / "features" / "other--enc")
+    seen = {"fit": [], "T": [], "w": []}
+    names = ("mlp", "logreg")
+    for h in names:
+        original = heads.REGISTRY[h].fit
+
+        def record(self, bags, y, stop, y_stop, original=original):
+            seen["fit"].append((bags.X.shape[1], set(bags.image.tolist()), set(stop.image.tolist())))
+            return original(self, bags, y, stop, y_stop)
+        monkeypatch.setattr(heads.REGISTRY[h], "fit", record)
+    choose_t, choose_w = calibration.choose_temperature, fusion.choose_weights
+    monkeypatch.setattr(calibration, "choose_temperature", lambda z, y: seen["T"].append(np.array(z)) or choose_t(z, y))
+    monkeypatch.setattr(fusion, "choose_weights",
+                        lambda z, y, t, p, **kw: seen["w"].append([np.array(m) for m in z]) or choose_w(z, y, t, p, **kw))
+    fit.run_fit(run, tiny_settings(heads=names), encoder="synthetic,other/enc")
+
+    oof, lists, meta = read_oof(run)
+    members = ["synthetic:mlp", "synthetic:logreg", "other--enc:mlp", "other--enc:logreg"]
+    assert meta["heads"] == members
+    folds = oof["fold"].to_numpy()
+    everyone = set(range(60))
+    # the heads: encoder synthetic (16-d) fold by fold, then other/enc (8-d), on the same folds
+    assert [d for d, _, _ in seen["fit"]] == [16] * 6 + [8] * 6
+    for j, (_, trained, stopped) in enumerate(seen["fit"]):
+        evaluated = set(np.flatnonzero(folds == (j % 6) // 2).tolist())
+        assert stopped and not stopped & trained and not (trained | stopped) & evaluated
+        assert trained | stopped == everyone - evaluated
+        assert (trained, stopped) == seen["fit"][(j + 6) % 12][1:]   # the other encoder: the same images
+    for k in range(3):
+        others = folds != k
+        for j, m in enumerate(members):
+            np.testing.assert_array_equal(seen["T"][4 * k + j], lists[f"logits_{m}"][others])
+            np.testing.assert_array_equal(seen["w"][k][j], lists[f"logits_{m}"][others])
+    assert len(seen["w"]) == 4 and len(seen["T"]) == 16
+    np.testing.assert_array_equal(seen["w"][3][2], lists["logits_other--enc:mlp"])

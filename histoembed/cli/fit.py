@@ -9,11 +9,11 @@ import typer
 
 from histoembed.cli import drift as drift_cli
 from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
-from histoembed.core.config import Offsets, ScaleFusion
+from histoembed.core.config import EncoderFusion, Offsets, ScaleFusion
 from histoembed.core.console import console, table
 from histoembed.core.errors import UserError
 from histoembed.drift import run_drift
-from histoembed.fit import run_fit
+from histoembed.fit import parse_encoders, run_fit
 from histoembed.models.heads import check_names
 
 
@@ -21,9 +21,8 @@ from histoembed.models.heads import check_names
 def fit(
     run: RunOpt = Path("run"),
     config: ConfigOpt = None,
-    encoder: Annotated[str | None, typer.Option(
-        "--encoder", help="Which feature store under run/features to fit on (needed when there are several): "
-                          "the encoder name, id or folder given to `embed`.")] = None,
+    encoder: Annotated[str | None, setting("fit.encoder", metavar="ENCODER[,ENCODER]")] = None,
+    encoder_fusion: Annotated[EncoderFusion | None, setting("fit.encoder_fusion")] = None,
     folds: Annotated[int | None, setting("fit.folds")] = None,
     seed: Annotated[int | None, setting("fit.seed")] = None,
     seeds: Annotated[int | None, setting("fit.seeds")] = None,
@@ -52,15 +51,21 @@ def fit(
     Every reported number comes from predictions whose model, temperatures, fusion weights, offsets and
     conformal thresholds never saw the image.
 
+    Several encoders (--encoder A,B after `histoembed embed --encoder A --encoder B`): every head is fitted on
+    each encoder's store on the same folds and all (encoder, head) members are fused (--encoder-fusion logits),
+    or each head reads the encoders' embeddings side by side (--encoder-fusion concat).
+
     Other settings: the fit, fit.mlp, fit.xgb, fit.logreg, fit.abmil and drift tables of histoembed.toml.
     """
     settings = stage_settings(config, "fit", folds=folds, seed=seed, seeds=seeds, include_flagged=include_flagged,
                                   bootstrap=bootstrap, offsets=offsets, alpha=alpha, threads=threads,
                                   class_conditional=class_conditional, scale_fusion=scale_fusion,
+                                  encoder=encoder, encoder_fusion=encoder_fusion,
                                   heads=None if heads is None else check_names(heads.split(",")),
                                   mlp=dict(hidden=mlp_hidden, depth=mlp_depth, epochs=mlp_epochs, mixup_alpha=mixup),
                                   xgb=dict(n_estimators=xgb_rounds, pca_dims=pca_dims))
-    result = run_fit(run, settings.fit, encoder=encoder)
+    result = run_fit(run, settings.fit)
+    encoders = parse_encoders(settings.fit.encoder)
     if result.unlabelled:
         console.print(f"[yellow]note:[/] {len(result.unlabelled)} training image(s) in the features have no label "
                       f"in crops.parquet and were left out (e.g. {result.unlabelled[0]})", soft_wrap=True)
@@ -75,7 +80,9 @@ def fit(
         console.print(f"wrote {run}/models, calibration.json, oof.parquet, metrics.json "
                       f"in {result.seconds:.1f} s", soft_wrap=True)
     try:  # the models are written: a failed check must not make the fit look failed
-        drift_cli.show(run_drift(run, settings.drift, encoder=encoder))
+        if len(encoders) > 1:
+            console.print(f"drift check on the first encoder's features ({encoders[0]})", soft_wrap=True)
+        drift_cli.show(run_drift(run, settings.drift, encoder=encoders[0] if encoders else None))
     except (UserError, OSError) as e:
         console.print(f"[yellow]drift check skipped:[/] {e}", soft_wrap=True)
 
@@ -107,6 +114,12 @@ def print_summary(metrics: dict) -> None:
         console.print(f"conformal sets at alpha {conf['alpha']}: coverage {conf['coverage']:.3f} "
                       f"(target {conf['target_coverage']:.2f}; {per_class}), mean set size "
                       f"{conf['mean_set_size']:.2f}, empty {conf['empty_sets']:.1%}", soft_wrap=True)
+    if metrics.get("encoders"):
+        mode = metrics.get("encoder_fusion", {}).get("mode", "logits")
+        table(f"Encoders ({mode} fusion): each member out of fold, its final weight, and the fused score",
+              ["member", "encoder", "head", "macro-F1", "weight"],
+              [[m["member"], m["encoder"], m["head"], m["oof_macro_f1"], m["weight"]] for m in metrics["members"]]
+              + [["fused", "", "", metrics["heads"]["fused"]["macro_f1"], 1.0]])
     for note in metrics.get("calibration_notes", []):
         console.print(f"[yellow]calibration:[/] {note}", soft_wrap=True)
     final = metrics.get("final")

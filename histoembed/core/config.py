@@ -34,6 +34,7 @@ StoreDtype = Literal["float32", "float16"]
 Offsets = Literal["auto", "on", "off"]
 MaskMode = Literal["given", "tissue", "union"]
 ScaleFusion = Literal["crops", "concat"]
+EncoderFusion = Literal["logits", "concat"]
 MAX_SCALE = 8.0
 Engine = Literal["local", "ray"]
 StainNorm = Literal["none", "macenko", "reinhard"]
@@ -320,6 +321,14 @@ class FitSettings(_Settings):
         "crops", description="How crops of several scales (crops --scales) reach the heads: crops (a context crop is "
         "one more crop of its image) or concat (per image and view, each scale's mean crop embedding, concatenated "
         "in ascending scale: one row of scales x D).")
+    encoder: str | None = Field(
+        None, description="The feature store(s) under run/features to fit on: one encoder name, id or folder as given "
+        "to `embed` (needed when there are several stores), or several separated by commas (A,B): every head is "
+        "fitted on each encoder's store, on the same folds, and all (encoder, head) members are fused.")
+    encoder_fusion: EncoderFusion = Field(
+        "logits", description="With several encoders: logits (fuse the members' calibrated logits with cross-fitted "
+        "simplex weights) or concat (each head reads the encoders' embeddings side by side, each encoder centred "
+        "and scaled to unit mean variance, as one input).")
     threads: int = Field(0, ge=0, description="CPU threads of the heads, torch and XGBoost (0: the CPUs this process "
                          "may use, from its affinity and cgroup quota).", json_schema_extra=NO_OUTPUT_CHANGE)
     mlp: MLPSettings = MLPSettings()

@@ -58,7 +58,7 @@ def fold_dir(models: str | Path, k: int) -> Path:
 def model_files(models: Path) -> dict[str, str]:
     """sha256 of every file in the fold folders, by path relative to ``models`` (fit records them)."""
     return {str(f.relative_to(models)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(Path(models).glob("fold-*/*")) if f.is_file()}
+            for f in sorted(Path(models).glob("fold-*/**/*")) if f.is_file()}
 
 
 def damaged_model_files(models: Path, manifest: dict) -> list[str]:
@@ -625,3 +625,37 @@ def find_feature_store(run_dir: str | Path, encoder: str | None = None) -> Path:
         raise UserError(f"several feature stores ({names})", path=root,
                         hint="choose one with --encoder")
     return stores[0]
+
+
+def feature_rows(store_dir: str | Path) -> set[tuple[str, str, int, int]]:
+    """The (split, image_id, crop_index, view) rows of a store, read without the embeddings."""
+    rows: set[tuple[str, str, int, int]] = set()
+    for part in feature_parts(store_dir):
+        try:
+            t = pq.read_table(part, columns=list(ROW_KEY))
+        except (OSError, pa.ArrowInvalid) as e:
+            raise UserError(f"feature part is corrupt and cannot be read ({e})", path=part,
+                            hint="re-run `histoembed embed`: it replaces parts it cannot read") from None
+        rows.update(zip(t["split"].to_pylist(), t["image_id"].to_pylist(), t["crop_index"].to_pylist(),
+                        t["view"].to_pylist()))
+    return rows
+
+
+def check_same_rows(stores: dict[str, Path]) -> None:
+    """Refuse feature stores (encoder -> folder) that do not hold exactly the same (split, image, crop, view) rows.
+
+    Encoders fused into one decision must see the same crops in the same views; the message names the
+    store that lacks rows, how many, the first few, and the embed run that fills them in.
+    """
+    rows = {name: feature_rows(d) for name, d in stores.items()}
+    union = set().union(*rows.values())
+    for name, have in rows.items():
+        missing = union - have
+        if missing:
+            first = "; ".join(_row_name(*r) for r in sorted(missing)[:3])
+            others = [n for n, r in rows.items() if n != name and r & missing]
+            raise UserError(f"the feature store of encoder {name!r} lacks {len(missing)} of the {len(union)} "
+                            f"(split, image, crop, view) rows that the store(s) of {', '.join(map(repr, others))} "
+                            f"hold ({len(have)} rows here), e.g. {first}", path=stores[name],
+                            hint=f"run `histoembed embed --encoder {name}` (it fills in what is missing), or "
+                                 "embed every encoder from the same crops with the same --repeats and --tta")

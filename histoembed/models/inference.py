@@ -18,6 +18,7 @@ from histoembed.core import store
 from histoembed.core.errors import UserError
 from histoembed.maths import scales
 from histoembed.maths.metrics import softmax, view_spread
+from histoembed.models import members
 from histoembed.models.heads import Bags, Head, decisions
 from histoembed.models.heads import get as get_head
 from histoembed.models.heads.shared import first_seen_index
@@ -52,22 +53,34 @@ class Ensemble:
     manifest: dict
     scale_fusion: str = "crops"      # how crops of several scales reach the heads (fit --scale-fusion)
     scales: list[float] | None = None  # the crop scales the heads were fitted on
+    encoders: list[dict] | None = None  # fit --encoder A,B: each encoder's slug, dim, feature key (None: one encoder)
+    encoder_fusion: str = "logits"   # fit --encoder-fusion: logits (members per encoder) or concat
+
+    @property
+    def slugs(self) -> list[str]:
+        """The feature-store folder of every encoder the run uses, in the fit's order."""
+        return [e["slug"] for e in self.encoders] if self.encoders else [self.encoder_slug]
 
     def fuse_scales(self, features: store.Features) -> store.Features:
         """``features`` (with their scales, ``store.with_scales``) as the heads were fitted on them."""
         return scales.fuse_scales(features, self.scale_fusion, self.scales)
 
-    def _check(self, features: store.Features) -> None:
+    def _check(self, features: store.Features, part: dict | None = None) -> None:
+        """Refuse features of another width, encoder or embedding than the models' (``part``: one encoder's)."""
+        want_dim = self.dim if part is None else part["dim"]
+        encoder = self.encoder if part is None else part["encoder"]
         dim = features.embedding.shape[1] if features.embedding.ndim == 2 else None
-        if dim is not None and len(features) and dim != self.dim:
-            raise UserError(f"the features are {dim}-d but the models were fitted on {self.dim}-d features",
-                            hint=f"embed with the models' encoder ({self.encoder}) or re-run `histoembed fit`")
-        enc, fitted_on = features.meta.get("encoder"), self.manifest.get("feature_encoder")
+        if dim is not None and len(features) and dim != want_dim:
+            raise UserError(f"the features are {dim}-d but the models were fitted on {want_dim}-d features",
+                            hint=f"embed with the models' encoder ({encoder}) or re-run `histoembed fit`")
+        enc = features.meta.get("encoder")
+        fitted_on = self.manifest.get("feature_encoder") if part is None else part.get("feature_encoder")
         if enc is not None and fitted_on is not None and enc != fitted_on:
             raise UserError(f"the features come from encoder {enc!r} but the models were fitted on {fitted_on!r}",
-                            hint=f"pass --encoder {self.encoder}, or re-run `histoembed fit` on these features")
+                            hint=f"pass --encoder {encoder}, or re-run `histoembed fit` on these features")
         key = features.meta.get("key")
-        if self.feature_key is not None and key is not None and key != self.feature_key:
+        feature_key = self.feature_key if part is None else part.get("feature_key")
+        if feature_key is not None and key is not None and key != feature_key:
             raise UserError("the models were fitted on other features than the store holds now "
                             "(embedded again with other settings since `histoembed fit`)",
                             hint="run `histoembed fit` again")
@@ -78,19 +91,71 @@ class Ensemble:
         return [tuple(str(k).split("/", 1)) for k in keys], Bags.from_rows(features.embedding, row_image,
                                                                           features.view)
 
-    def predict(self, features: store.Features) -> ImagePredictions:
-        """Image probabilities, decisions, sets and view spread (see the module docstring)."""
+    def predict(self, features: store.Features | dict[str, store.Features]) -> ImagePredictions:
+        """Image probabilities, decisions, sets and view spread (see the module docstring).
+
+        A run fitted on several encoders takes a dict: encoder slug (``slugs``) -> that store's features.
+        """
+        if self.encoders:
+            if not isinstance(features, dict):
+                raise UserError(f"this run was fitted on the encoders {self.encoder}: it needs every one's features",
+                                hint="read them with histoembed.models.inference.read_run_features")
+            return self.predict_encoders(lambda slug: features[slug])
         features = self.fuse_scales(features)
         self._check(features)
-        C = len(self.classes)
         if len(features) == 0:
-            return ImagePredictions([], [], np.zeros((0, C)), np.zeros(0, np.int64), np.zeros((0, C), bool),
-                                    np.zeros(0))
+            return self._empty()
         keys, bags = self._bags(features)
+        return self._decide(keys, bags, [{h: fold_models[h].predict(bags) for h in self.heads}
+                                         for fold_models in self.models])
+
+    def _empty(self) -> ImagePredictions:
+        C = len(self.classes)
+        return ImagePredictions([], [], np.zeros((0, C)), np.zeros(0, np.int64), np.zeros((0, C), bool), np.zeros(0))
+
+    def predict_encoders(self, read) -> ImagePredictions:
+        """A several-encoder run's predictions; ``read(slug)`` gives one encoder's features.
+
+        In logits mode each encoder's features are read, predicted by its members and let go before
+        the next one is read; concat mode reads them all and puts them side by side.
+        """
+        keys, bags, per_fold, rows = None, None, [{} for _ in self.models], None
+        blocks = []
+        for part in self.encoders:
+            features = self.fuse_scales(read(part["slug"]))
+            self._check(features, part)
+            these = (features.keys(), features.crop_index, features.view)
+            if rows is not None and not all(np.array_equal(a, b) for a, b in zip(rows, these)):
+                raise UserError(f"the feature stores of encoders {self.encoder} hold different crops or views",
+                                hint=f"run `histoembed embed --encoder {part['encoder']}`")
+            rows = these
+            if self.encoder_fusion == "concat":
+                blocks.append(features)
+                continue
+            if len(features) == 0:
+                return self._empty()
+            keys, bags = self._bags(features)
+            mine = [m for m in self.heads if self.manifest["members"][m]["encoder_slug"] == part["slug"]]
+            for z, fold_models in zip(per_fold, self.models):
+                z.update({m: fold_models[m].predict(bags) for m in mine})
+            del features
+        if self.encoder_fusion == "concat":
+            joined = members.concat_features(blocks, [p["scaling"] for p in self.encoders])
+            del blocks
+            self._check(joined)
+            if len(joined) == 0:
+                return self._empty()
+            keys, bags = self._bags(joined)
+            per_fold = [{h: fold_models[h].predict(bags) for h in self.heads} for fold_models in self.models]
+        return self._decide(keys, bags, per_fold)
+
+    def _decide(self, keys: list[tuple[str, str]], bags: Bags, per_fold: list[dict[str, np.ndarray]]
+                ) -> ImagePredictions:
+        """Fuse each fold's member logits per (image, view) bag, average over folds, decide."""
+        C = len(self.classes)
         image_ids = [name for _, name in keys]
         probs, view_probs = np.zeros((len(image_ids), C)), np.zeros((bags.n_bags, C))
-        for fold_models in self.models:
-            z_bags = {h: fold_models[h].predict(bags) for h in self.heads}
+        for z_bags in per_fold:
             probs += softmax(decisions.fused_logits(self.final, {h: bags.per_image(z) for h, z in z_bags.items()}))
             view_probs += softmax(decisions.fused_logits(self.final, z_bags))
         probs /= len(self.models)
@@ -103,7 +168,7 @@ class Ensemble:
     def predict_crops(self, features: store.Features) -> np.ndarray | None:
         """Per feature row (crop-view): calibrated MLP probabilities averaged over folds (None without an MLP, or
         when the heads read per-scale image means rather than crops)."""
-        if "mlp" not in self.heads or self.scale_fusion != "crops":
+        if "mlp" not in self.heads or self.scale_fusion != "crops" or self.encoders:
             return None
         self._check(features)
         probs = np.zeros((len(features), len(self.classes)))
@@ -114,7 +179,7 @@ class Ensemble:
     def crop_attention(self, features: store.Features) -> np.ndarray | None:
         """Per feature row: the attention-MIL weight of the crop within its (image, view) bag, averaged over
         folds (None without an abmil head, or when the heads read per-scale image means rather than crops)."""
-        if "abmil" not in self.heads or self.scale_fusion != "crops":
+        if "abmil" not in self.heads or self.scale_fusion != "crops" or self.encoders:
             return None
         self._check(features)
         _, bags = self._bags(features)
@@ -151,10 +216,18 @@ def load_ensemble(run: Path) -> Ensemble:
     models = Path(run) / store.MODELS_DIR
     manifest_path = models / store.MODELS_MANIFEST_FILE
     manifest = store.read_json(manifest_path, "fitted-models manifest", hint="run `histoembed fit` first")
+    encoders = manifest.get("encoders")
+    fusion_mode = manifest.get("encoder_fusion", "logits")
     try:
         folds, final = int(manifest["folds"]), manifest["final"]
-        classes, dim, heads = list(manifest["classes"]), int(manifest["dim"]), list(manifest["heads"])
+        classes, heads = list(manifest["classes"]), list(manifest["heads"])
+        dim = int(manifest["dim"]) if not encoders or fusion_mode == "concat" else 0
         final["T"], final["weights"], final["offsets"], final["conformal_threshold"]  # noqa: B018
+        if encoders:
+            dims = {e["slug"]: int(e["dim"]) for e in encoders}
+            where = {h: (manifest["members"][h]["encoder_slug"], manifest["members"][h]["head"]) for h in heads}
+            if fusion_mode == "concat":
+                [e["scaling"]["mean"] for e in encoders]  # noqa: B018
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"the manifest lacks {e}", path=manifest_path,
                         hint="re-run `histoembed fit` (runs fitted by an older version lack it)") from None
@@ -174,18 +247,58 @@ def load_ensemble(run: Path) -> Ensemble:
     for k in range(folds):
         folder = store.fold_dir(models, k)
         try:
-            fold_models = {h: get_head(h).load(folder) for h in heads}
+            if encoders and fusion_mode == "logits":
+                fold_models = {h: get_head(where[h][1]).load(folder / where[h][0]) for h in heads}
+            else:
+                fold_models = {h: get_head(h).load(folder) for h in heads}
         except UserError:
             raise
         except Exception as e:  # safetensors, XGBoost and JSON each fail their own way on a damaged file
             raise UserError(f"a model file of fold {k} is corrupt ({type(e).__name__}: {e})", path=folder,
                             hint="re-run `histoembed fit`") from None
-        for head in fold_models.values():
-            if head.classes_ != classes or head.input_dim_ != dim:
+        for h, head in fold_models.items():
+            want = dims[where[h][0]] if encoders and fusion_mode == "logits" else dim
+            if head.classes_ != classes or head.input_dim_ != want:
                 raise UserError("this fold's models were fitted on other classes or another feature dimension "
                                 "than the manifest says", path=folder, hint="re-run `histoembed fit`")
         fitted.append(fold_models)
     return Ensemble(classes, manifest.get("encoder", ""), manifest.get("encoder_slug", ""), dim,
                     manifest.get("feature_key"), heads, fitted, final,
                     manifest.get("submission_uses") == "offsets", manifest, manifest.get("scale_fusion", "crops"),
-                    manifest.get("scales"))
+                    manifest.get("scales"), encoders, fusion_mode)
+
+
+def read_run_features(run: Path, ensemble: Ensemble, split: str, tta: bool = True,
+                      encoder: str | None = None) -> store.Features | dict[str, store.Features]:
+    """``split``'s features of every store the run was fitted on, checked complete and with their crop scales.
+
+    One encoder: its Features (``encoder`` may name another store of the same encoder). Several: a lazy
+    dict slug -> Features that reads a store when asked, so logits-mode inference holds one at a time.
+    """
+    def read(store_dir: Path) -> store.Features:
+        features = store.read_features(store_dir, split=split)
+        store.check_complete(features, run, split)
+        features = store.with_scales(features, run)
+        return features if tta else features.subset(features.view == 0)
+
+    if not ensemble.encoders:
+        return read(store.find_feature_store(run, encoder or ensemble.encoder))
+    if encoder is not None and store.encoder_slug(encoder) not in ensemble.slugs:
+        raise UserError(f"this run was fitted on the encoders {ensemble.encoder}, not {encoder!r}",
+                        hint="leave --encoder out: every encoder the run used is read")
+    dirs = {e["slug"]: store.find_feature_store(run, e["encoder"]) for e in ensemble.encoders}
+    return _LazyStores(dirs, read)
+
+
+class _LazyStores(dict):
+    """slug -> Features, each store read when it is looked up (and not kept)."""
+
+    def __init__(self, dirs: dict[str, Path], read):
+        super().__init__()
+        self.dirs, self.read = dirs, read
+
+    def __missing__(self, slug: str) -> store.Features:
+        return self.read(self.dirs[slug])
+
+    def __bool__(self) -> bool:
+        return bool(self.dirs)

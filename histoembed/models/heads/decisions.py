@@ -31,6 +31,9 @@ class DecisionSettings:
     weight_points: int = 21
     alpha: float = 0.1
     class_conditional: bool = False
+    # Several encoders: the fusion weights with the lowest NLL whose macro-F1 is within this many images'
+    # worth (this number / images) of the best (``fusion.choose_weights``'s ``nll_within``); None: off.
+    nll_images: float | None = None
 
 
 def choose(z: dict[str, np.ndarray], y: np.ndarray, rows: np.ndarray, s: DecisionSettings) -> dict:
@@ -39,7 +42,8 @@ def choose(z: dict[str, np.ndarray], y: np.ndarray, rows: np.ndarray, s: Decisio
     y_rows = np.asarray(y)[rows]
     temps = {h: calibration.choose_temperature(z[h][rows], y_rows) for h in heads}
     t = [temps[h].value for h in heads]
-    choice = fusion.choose_weights([z[h][rows] for h in heads], y_rows, t, s.weight_points)
+    extra = {} if s.nll_images is None else {"nll_within": s.nll_images / max(len(rows), 1)}
+    choice = fusion.choose_weights([z[h][rows] for h in heads], y_rows, t, s.weight_points, **extra)
     params = {"heads": heads, "T": {h: temps[h].value for h in heads}, "T_note": {h: temps[h].note for h in heads},
               "weights": dict(zip(heads, choice.weights)), "macro_f1_by_w": choice.scores,
               "images": int(len(rows))}

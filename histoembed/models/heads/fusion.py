@@ -13,6 +13,14 @@ apart), then to the lexicographically smallest weight vector. With two members t
 reference recipe's rule exactly: ``w * z_mlp / T_mlp + (1 - w) * z_xgb / T_xgb``, w on
 ``linspace(0, 1, points)``, ties to the w closest to 0.5, then the smaller w.
 
+Within the noise (``nll_within``, used when the members come from several encoders): after the
+search above, the weights move to the lowest NLL of the fused probabilities among the weight
+vectors whose macro-F1 stays within ``nll_within`` of the best found (the lattice: every such
+point; the search: coordinate moves that lower the NLL and keep macro-F1 there). A member whose
+logits carry no signal makes macro-F1 flat along its weight, so macro-F1 alone lets chance pick
+that weight (its calibrated logits are near zero, so a large weight on it costs nothing in argmax
+but dilutes every other member); the NLL does not, and takes its weight to about 0.
+
 API for other stages (e.g. fusing encoders): ``choose_weights(logits, labels, temperatures)``
 returns a ``FusionChoice``; ``fuse_members(logits, choice.weights, temperatures)`` applies it.
 """
@@ -78,8 +86,54 @@ def _lattice(n_members: int, points: int) -> list[np.ndarray]:
 
 
 def choose_weights(logits: Sequence[np.ndarray], labels: np.ndarray, temperatures: Sequence[float] | None = None,
-                   points: int = 21) -> FusionChoice:
+                   points: int = 21, nll_within: float | None = None) -> FusionChoice:
     """Simplex weights with the best macro-F1 of the fused held-out ``logits`` (see the module docstring)."""
+    choice = _choose_weights(logits, labels, temperatures, points)
+    if nll_within is None or len(logits) < 2:
+        return choice
+    return _lowest_nll_within(logits, labels, temperatures, points, choice, nll_within)
+
+
+def _nll(fused: np.ndarray, labels: np.ndarray) -> float:
+    shifted = fused - fused.max(axis=1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(labels)), labels].mean())
+
+
+def _lowest_nll_within(logits, labels, temperatures, points: int, choice: FusionChoice, within: float) -> FusionChoice:
+    labels = np.asarray(labels)
+    n_members = len(logits)
+    temperatures = [1.0] * n_members if temperatures is None else list(temperatures)
+    n_classes = np.asarray(logits[0]).shape[1]
+    floor = choice.macro_f1 - within
+
+    def both(w: np.ndarray) -> tuple[float, float]:
+        fused = fuse_members(logits, w, temperatures)
+        return macro_f1(labels, fused.argmax(axis=1), n_classes), _nll(fused, labels)
+
+    w = np.asarray(choice.weights)
+    f1, nll = both(w)
+    if n_members <= GRID_MAX_MEMBERS:
+        for trial in _lattice(n_members, points):
+            f, loss = both(trial)
+            if f >= floor - 1e-12 and (loss < nll - 1e-12 or (abs(loss - nll) <= 1e-12 and f > f1)):
+                w, f1, nll = trial, f, loss
+    else:
+        for _ in range(SEARCH_ROUNDS * n_members):
+            moved = False
+            for i in range(n_members):
+                for value in weight_grid(points):
+                    trial = _with_weight(w, i, value)
+                    f, loss = both(trial)
+                    if f >= floor - 1e-12 and loss < nll - 1e-12:
+                        w, f1, nll, moved = trial, f, loss, True
+            if not moved:
+                break
+    return FusionChoice(tuple(float(v) for v in w), float(f1), choice.scores)
+
+
+def _choose_weights(logits: Sequence[np.ndarray], labels: np.ndarray, temperatures: Sequence[float] | None,
+                    points: int) -> FusionChoice:
     labels = np.asarray(labels)
     n_members = len(logits)
     if n_members == 0:

@@ -53,6 +53,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
         PartWriter,
         check_finite,
         checked_encoder,
+        sized,
         copy_to_host,
         open_store,
         part_rows,
@@ -75,6 +76,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
         encoder = load_encoder(settings.encoder, settings.pool, settings.device, settings.precision)
     if encoder.device.type == "cpu":
         cpus.use_threads(settings.threads)
+    settings = sized(settings, encoder)
     ids, splits, crop_index, digests = index.ids, index.splits, index.crop_index, index.digests
     mine = [r for r in range(len(ids)) if r % shard[1] == shard[0]]
     encoder, check = checked_encoder(encoder, crops_path, mine[:settings.batch_size], settings)

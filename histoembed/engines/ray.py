@@ -475,6 +475,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
         raise UserError(f"--shard {shard[0]}/{shard[1]} splits the crops by hand; --engine ray spreads them over the "
                         "cluster itself", hint="drop --shard (and torchrun) with --engine ray")
     started = time.perf_counter()
+    settings = seams.sized(settings, None)  # unset sizes: the CPU defaults (actors may sit on other machines)
     index = CropIndex.read(run)
     mine = list(range(len(index.ids)))
     normaliser = stain.for_run(run, settings.stain_norm, settings.stain_target, settings.stain_min_tissue,

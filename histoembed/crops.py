@@ -94,7 +94,10 @@ def otsu_binarise(mask: np.ndarray) -> np.ndarray:
 
 def components(binary: np.ndarray, k: int, min_area: int) -> list[Component]:
     """Up to ``k`` largest 8-connected components of area >= ``min_area`` (largest first)."""
-    n, _, stats, centroids = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
+    pixels = binary.view(np.uint8) if binary.dtype == bool else binary.astype(np.uint8)
+    # BBDT gives the same labels, areas, boxes and centroids as the default (Spaghetti), several times faster
+    # with statistics on large masks.
+    n, _, stats, centroids = cv2.connectedComponentsWithStatsWithAlgorithm(pixels, 8, cv2.CV_32S, cv2.CCL_BBDT)
     found = []
     for i in range(1, n):  # 0 is the background
         x, y, w, h, area = (int(v) for v in stats[i])
@@ -130,8 +133,7 @@ def square_crop(rgb: np.ndarray, box: Box, fill: Sequence[int], size: int, mask:
     if mask is None:
         canvas[oy:oy + h, ox:ox + w] = patch
     else:
-        inside = mask[y0:y1, x0:x1]
-        canvas[oy:oy + h, ox:ox + w] = np.where(inside[..., None], patch, canvas[oy:oy + h, ox:ox + w])
+        np.copyto(canvas[oy:oy + h, ox:ox + w], patch, where=mask[y0:y1, x0:x1, None])
     if side == size:
         return canvas
     interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR

@@ -104,9 +104,16 @@ def test_crops_parquet_is_unchanged(tmp_path, monkeypatch, settings):
 
 
 def test_components_match_the_default_algorithm():
+    """Labelled in the foreground's box by BBDT: the same components, boxes and centroids (to the bit)."""
     rng = np.random.default_rng(1)
-    for _ in range(20):
-        binary = cv2.GaussianBlur(rng.random((120, 150)).astype(np.float32), (0, 0), 3) > 0.5
+    assert crops_mod.components(np.zeros((9, 7), bool), k=5, min_area=1) == []
+    for t in range(40):
+        blobs = cv2.GaussianBlur(rng.random((120, 150)).astype(np.float32), (0, 0), 1 + t % 4) > 0.5
+        binary = np.zeros((120 + 2 * t, 150 + 3 * t), bool)  # blobs away from the corner, at odd offsets too
+        if t % 5 == 0:
+            binary[:120, :150] = blobs
+        else:
+            binary[t:t + 120, 2 * t + 1:2 * t + 151] = blobs & (rng.random(blobs.shape) < 0.97)
         got = crops_mod.components(binary, k=50, min_area=1)
         n, _, stats, centroids = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
         want = sorted(((int(stats[i][4]), int(stats[i][1]), int(stats[i][0]), tuple(centroids[i])) for i in range(1, n)),

@@ -453,6 +453,7 @@ def _layout(ray, settings: EmbedSettings, todo_parts: int) -> _Layout:
 
 def part_crops(settings: EmbedSettings) -> int:
     """Crops per Ray batch, i.e. per part: about ``rows_per_part`` rows, whole encoder batches."""
+    settings = seams.sized(settings, None)  # an unset batch size: the CPU default, as in run_embed
     per_part = max(1, settings.rows_per_part // settings.repeats)
     return settings.batch_size * max(1, round(per_part / settings.batch_size))
 

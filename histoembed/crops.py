@@ -103,12 +103,25 @@ def otsu_binarise(mask: np.ndarray) -> np.ndarray:
 
 def components(binary: np.ndarray, k: int, min_area: int) -> list[Component]:
     """Up to ``k`` largest 8-connected components of area >= ``min_area`` (largest first)."""
-    n, _, stats, centroids = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
+    pixels = binary.view(np.uint8) if binary.dtype == bool else binary.astype(np.uint8)
+    # Only the box around every foreground pixel is labelled, from an even corner so that OpenCV's 2x2 blocks
+    # fall where they would on the whole image; BBDT gives the same labels, areas, boxes and centroids as the
+    # default (Spaghetti), several times faster with statistics on large masks.
+    bx, by, bw, bh = cv2.boundingRect(pixels)
+    if bw == 0 or bh == 0:
+        return []
+    ox, oy = bx - bx % 2, by - by % 2
+    n, _, stats, centroids = cv2.connectedComponentsWithStatsWithAlgorithm(
+        np.ascontiguousarray(pixels[oy:by + bh, ox:bx + bw]), 8, cv2.CV_32S, cv2.CCL_BBDT)
     found = []
     for i in range(1, n):  # 0 is the background
         x, y, w, h, area = (int(v) for v in stats[i])
         if area >= min_area:
-            found.append(Component((x, y, x + w, y + h), area, (float(centroids[i][0]), float(centroids[i][1]))))
+            # OpenCV's centroid is (sum of x) / area in doubles; the sum is an exact integer, so the whole
+            # image's centroid is rebuilt to the bit from the box's: (sum in the box + area x offset) / area.
+            cx, cy = (float(c) for c in centroids[i])
+            centroid = ((round(cx * area) + area * ox) / area, (round(cy * area) + area * oy) / area)
+            found.append(Component((x + ox, y + oy, x + ox + w, y + oy + h), area, centroid))
     found.sort(key=lambda c: (-c.area, c.box[1], c.box[0]))
     return found[:k]
 
@@ -139,8 +152,7 @@ def square_crop(rgb: np.ndarray, box: Box, fill: Sequence[int], size: int, mask:
     if mask is None:
         canvas[oy:oy + h, ox:ox + w] = patch
     else:
-        inside = mask[y0:y1, x0:x1]
-        canvas[oy:oy + h, ox:ox + w] = np.where(inside[..., None], patch, canvas[oy:oy + h, ox:ox + w])
+        np.copyto(canvas[oy:oy + h, ox:ox + w], patch, where=mask[y0:y1, x0:x1, None])
     if side == size:
         return canvas
     interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR

@@ -32,3 +32,20 @@ def test_fit_threads_option_sizes_torch_and_xgboost(tmp_path, cli):
         assert torch.get_num_threads() == cpus.usable_cpus()
     finally:
         torch.set_num_threads(before)
+
+
+def test_openmp_threads_sleep_while_they_wait_unless_the_user_chose(tmp_path):
+    """OMP_WAIT_POLICY=PASSIVE is in the environment before torch (and its libgomp) loads; a user's value stays."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys, histoembed; assert 'torch' not in sys.modules and 'xgboost' not in sys.modules; "
+            "import torch; print(os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert default.returncode == 0, default.stderr
+    assert default.stdout.strip() == "PASSIVE"
+    chosen = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert chosen.stdout.strip() == "ACTIVE", chosen.stderr

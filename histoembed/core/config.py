@@ -173,8 +173,9 @@ class EmbedSettings(_Settings):
     repeats: int = Field(4, ge=1, description="Views per crop: view 0 is the clean crop, views 1..r-1 are augmented.")
     tta: bool = Field(True, description="Embed test crops with the same augmented views (test-time augmentation); "
                       "off: view 0 only.")
-    batch_size: int = Field(64, ge=1, description="Crops per forward pass (raise it on a large GPU).",
-                            json_schema_extra=NO_OUTPUT_CHANGE)
+    batch_size: int | None = Field(
+        None, ge=1, description="Crops per forward pass. Not set: 64 on the CPU; on CUDA chosen from the GPU's free "
+        "memory and the encoder's size (up to 256; the stage says what it chose).", json_schema_extra=NO_OUTPUT_CHANGE)
     device: Device = Field("auto", description="auto (CUDA when present), cpu or cuda: where augmentation and the "
                            "encoder run.", json_schema_extra=NO_OUTPUT_CHANGE)
     precision: Precision = Field(
@@ -190,8 +191,10 @@ class EmbedSettings(_Settings):
     fallback_fp32: bool = Field(False, description="When the precision check fails, embed in fp32 instead of stopping.",
                                 json_schema_extra=NO_OUTPUT_CHANGE)
     store_dtype: StoreDtype = Field("float32", description="Embedding type in the store (float16: half the disk).")
-    workers: int = Field(2, ge=0, description="Processes decoding crop PNGs (0: in the main process).",
-                         json_schema_extra=NO_OUTPUT_CHANGE)
+    workers: int | None = Field(
+        None, ge=0, description="Processes decoding crop PNGs (0: in the main process). Not set: 2 on the CPU; on "
+        "CUDA enough to feed the encoder, from its size and the CPUs this process may use.",
+        json_schema_extra=NO_OUTPUT_CHANGE)
     rows_per_part: int = Field(4096, ge=1, description="Rows per Parquet part: an interrupted run loses at most one part.",
                                json_schema_extra=NO_OUTPUT_CHANGE)
     threads: int = Field(0, ge=0, description="CPU threads of the encoder on a CPU (0: the CPUs this process may "

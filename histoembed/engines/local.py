@@ -54,6 +54,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
         check_finite,
         check_slides_unchanged,
         checked_encoder,
+        sized,
         copy_to_host,
         open_store,
         part_rows,
@@ -78,6 +79,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
         encoder = load_encoder(settings.encoder, settings.pool, settings.device, settings.precision)
     if encoder.device.type == "cpu":
         cpus.use_threads(settings.threads)
+    settings = sized(settings, encoder)
     ids, splits, crop_index, digests = index.ids, index.splits, index.crop_index, index.digests
     mine = [r for r in range(len(ids)) if r % shard[1] == shard[0]]
     encoder, check = checked_encoder(encoder, crops_path, mine[:settings.batch_size], settings)

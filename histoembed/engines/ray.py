@@ -457,6 +457,7 @@ def _layout(ray, settings: EmbedSettings, todo_parts: int) -> _Layout:
 
 def part_crops(settings: EmbedSettings) -> int:
     """Crops per Ray batch, i.e. per part: about ``rows_per_part`` rows, whole encoder batches."""
+    settings = seams.sized(settings, None)  # an unset batch size: the CPU default, as in run_embed
     per_part = max(1, settings.rows_per_part // settings.repeats)
     return settings.batch_size * max(1, round(per_part / settings.batch_size))
 
@@ -479,6 +480,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
         raise UserError(f"--shard {shard[0]}/{shard[1]} splits the crops by hand; --engine ray spreads them over the "
                         "cluster itself", hint="drop --shard (and torchrun) with --engine ray")
     started = time.perf_counter()
+    settings = seams.sized(settings, None)  # unset sizes: the CPU defaults (actors may sit on other machines)
     index = CropIndex.read(run)
     seams.check_slides_unchanged(index.path)
     mine = list(range(len(index.ids)))

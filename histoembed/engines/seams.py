@@ -23,8 +23,9 @@ import pyarrow.parquet as pq
 import torch
 
 from histoembed import __version__
-from histoembed.core import locks, store
+from histoembed.core import cpus, locks, store
 from histoembed.core.config import AugmentSettings, EmbedSettings, output_settings
+from histoembed.core.console import console
 from histoembed.core.errors import UserError
 from histoembed.inputs import slides
 from histoembed.inputs.pixels import decode_png
@@ -32,6 +33,7 @@ from histoembed.maths import stain
 from histoembed.maths.augment import augment_batch
 from histoembed.models.encoders import Encoder
 from histoembed.models.precision import PrecisionCheck, check_precision
+from histoembed.models.sizing import CPU_BATCH_SIZE, CPU_WORKERS, Sizes, cuda_sizes
 
 STORE_VERSION = 3  # 2: bf16 on CUDA runs a bf16 copy of the weights, not autocast; 3: rows keyed by (split, image_id)
 
@@ -244,6 +246,25 @@ class EmbedResult:
 
 def views_of(split: str, settings: EmbedSettings) -> list[int]:
     return store.views_of(split, settings.repeats, settings.tta)
+
+
+def sized(settings: EmbedSettings, encoder: Encoder | None) -> EmbedSettings:
+    """``settings`` with ``batch_size`` and ``workers`` set: those left unset are chosen from the GPU's free
+    memory, the encoder's size and the usable CPUs for an encoder on CUDA (said once on the console), and
+    take the CPU defaults otherwise. Values given (options, histoembed.toml) are kept as they are."""
+    if settings.batch_size is not None and settings.workers is not None:
+        return settings
+    chosen = Sizes(CPU_BATCH_SIZE, CPU_WORKERS, "the CPU defaults")
+    if encoder is not None and encoder.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(encoder.device)
+        params = sum(p.numel() for p in encoder.module.parameters())
+        chosen = cuda_sizes(free, params, encoder.dim, encoder.size, cpus.usable_cpus(), views=settings.repeats)
+    update = {k: getattr(chosen, k) for k in ("batch_size", "workers") if getattr(settings, k) is None}
+    if encoder is not None and encoder.device.type == "cuda":
+        said = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in update.items())
+        console.print(f"chose {said} for {encoder.name} on {torch.cuda.get_device_name(encoder.device)}: "
+                      f"{chosen.why} (set them to override)", soft_wrap=True)
+    return settings.model_copy(update=update)
 
 
 def plan_batches(rows: list[int], splits: list[str], batch_size: int) -> list[np.ndarray]:

@@ -177,8 +177,10 @@ def _other_value(cls, name: str):
         last = default[-1]
         candidates = [(*default[:-1], last - 1 if isinstance(last, int) else last * 0.9), (*default, last * 2)]
     else:
-        candidates = [default + 1, default - 1, default * 0.9, default * 1.1, default / 2]
+        candidates = [default + 1, default - 1, default * 0.9, default * 1.1, default / 2, default + 0.5]
     for value in candidates:
+        if value == default:  # 0.0 scaled is still the default
+            continue
         try:
             cls.model_validate({name: value})
             return value

@@ -145,13 +145,17 @@ def patient_groups(run: Path) -> dict[str, str]:
 
 
 def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
-                      scale_fusion: str = "crops") -> TrainingSet:
-    """The training features after QC, with crops of several scales fused as ``scale_fusion`` says."""
+                      scale_fusion: str = "crops", keep_dtype: bool = False) -> TrainingSet:
+    """The training features after QC, with crops of several scales fused as ``scale_fusion`` says.
+
+    ``keep_dtype``: a float16 store's embeddings stay float16 (for ``Bags.from_rows``, which converts
+    them to float32 exactly as reading would have; nothing else may compute on them).
+    """
     run = Path(run)
     store_dir = store.find_feature_store(run, encoder)
     labels = read_labels(run)
     flagged, dup_groups = qc_flags(run)
-    features = store.read_features(store_dir, split="train")
+    features = store.read_features(store_dir, split="train", keep_dtype=keep_dtype)
     if len(features) == 0:
         raise UserError("the feature store has no training rows", path=store_dir,
                         hint="run `histoembed embed` on a run whose crops include the train split")
@@ -311,6 +315,7 @@ def fit_heads(bags: Bags, y: np.ndarray, groups: np.ndarray, settings: FitSettin
     """
     names = list(settings.heads)
     N = len(y)
+    bags.means()   # once for every fold: each fold's bags take theirs, and heads on means never copy the rows
     z = {h: np.zeros((N, n_classes), dtype=np.float32) for h in names}
     z_bags = {h: np.zeros((bags.n_bags, n_classes), dtype=np.float32) for h in names}
     models, info = [], []
@@ -465,7 +470,7 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
     if len(encoders) > 1:
         return run_fit_multi(run, settings, encoders, started)
     encoder = encoders[0] if encoders else None
-    ts = load_training_set(run, encoder, settings.include_flagged, settings.scale_fusion)
+    ts = load_training_set(run, encoder, settings.include_flagged, settings.scale_fusion, keep_dtype=True)
     check_class_counts(run, ts, settings)
     key = fit_key(ts, settings)
     with fit_lock(run):
@@ -524,6 +529,9 @@ def _fit(run: Path, ts: TrainingSet, settings: FitSettings, key: str, started: f
                          time.perf_counter() - started)
 
     bags = Bags.from_rows(ts.features.embedding, ts.row_image, ts.features.view)
+    # The bags hold the rows now: let the store's copy go (an empty array keeps the width for the manifest).
+    ts.features = dataclasses.replace(ts.features, embedding=np.zeros((0, bags.dim), np.float32))
+    gc.collect()
     C = len(ts.classes)
     seeds = [settings.seed + i for i in range(settings.seeds)]
     results: list[tuple[CVResult, dict]] = []
@@ -585,7 +593,8 @@ def run_fit_multi(run: Path, settings: FitSettings, names: list[str], started: f
     store.check_same_rows({p.name: p.store_dir for p in parts})
     for p in parts:
         p.meta = store.read_meta(store.feature_parts(p.store_dir)[0])
-    first = load_training_set(run, names[0], settings.include_flagged, settings.scale_fusion)
+    first = load_training_set(run, names[0], settings.include_flagged, settings.scale_fusion,
+                              keep_dtype=settings.encoder_fusion == "logits")
     check_class_counts(run, first, settings)
     key = store.config_key("fit", FIT_VERSION, output_settings(settings), "encoders",
                            [[p.store_dir.name, p.meta.get("key")] for p in parts], first.fingerprint(),
@@ -641,7 +650,7 @@ def _fit_multi(run: Path, settings: FitSettings, parts: list[EncoderPart], first
     if settings.encoder_fusion == "logits":
         for i, part in enumerate(parts):
             ts = first if i == 0 else load_training_set(run, part.name, settings.include_flagged,
-                                                        settings.scale_fusion)
+                                                        settings.scale_fusion, keep_dtype=True)
             _same_images(first, ts, part)
             part.dim = int(ts.features.embedding.shape[1])
             bags = Bags.from_rows(ts.features.embedding, ts.row_image, ts.features.view)

@@ -105,6 +105,43 @@ def test_bags_group_rows_by_image_and_view_whatever_their_order():
     np.testing.assert_allclose(sub.per_image(np.eye(4)[:, :2]), [[0.5, 0.5], [0.0, 0.0]])
 
 
+def test_bags_of_a_subset_copy_their_rows_only_when_read_and_match_a_copy():
+    bags, _ = make_bags(n_images=10, crops=3, views=2)
+    means = bags.means().copy()
+    old_means = (np.add.reduceat(bags.X.astype(np.float64), bags.starts[:-1], axis=0)
+                 / bags.sizes[:, None]).astype(np.float32)
+    np.testing.assert_array_equal(means, old_means)       # blockwise sums: the very same numbers
+    sub = bags.select(np.array([7, 2, 5]))
+    assert sub._rows is not None                          # nothing copied yet ...
+    np.testing.assert_array_equal(sub.means(), means[np.isin(bags.image, [2, 5, 7])])
+    assert sub._rows is not None                          # ... nor for the means the full set already has
+    subsub = sub.select(np.array([5]))
+    expect = bags.X[np.repeat(np.isin(bags.image, [2, 5, 7]), bags.sizes)]
+    np.testing.assert_array_equal(sub.X, expect)
+    np.testing.assert_array_equal(subsub.X, bags.X[np.repeat(bags.image == 5, bags.sizes)])
+    full, mask = sub.padded()
+    part, part_mask = sub.padded(np.array([3, 1]), K=4)
+    assert part.shape == (2, 4, 12) and not part[:, 3].any() and part_mask[:, :3].all()
+    np.testing.assert_array_equal(part[:, :3], full[[3, 1]])
+    half = Bags.from_rows(bags.X.astype(np.float16), bags.image[bags.row_bag], bags.view[bags.row_bag])
+    assert half.X.dtype == np.float32
+    np.testing.assert_array_equal(half.X, bags.X.astype(np.float16).astype(np.float32))
+
+
+def test_abmil_max_instances_samples_big_bags_per_step_and_leaves_small_ones_alone():
+    bags, y = make_bags(n_images=60, crops=6, seed=1)
+    (fit, y_fit), (stop, y_stop), (held, _) = split(bags, y, 40, 10)
+    s = ABMILSettings(hidden=8, attention=4, epochs=3, patience=2, batch_size=8)
+    plain = ABMILHead(s, 3, seed=0).fit(fit, y_fit, stop, y_stop).predict(held)
+    roomy = ABMILHead(s.model_copy(update={"max_instances": 6}), 3, seed=0).fit(fit, y_fit, stop, y_stop)
+    np.testing.assert_array_equal(roomy.predict(held), plain)     # no bag is larger: the same fit
+    capped = [ABMILHead(s.model_copy(update={"max_instances": 2}), 3, seed=0).fit(fit, y_fit, stop, y_stop)
+              for _ in range(2)]
+    np.testing.assert_array_equal(capped[0].predict(held), capped[1].predict(held))   # seeded
+    assert not np.array_equal(capped[0].predict(held), plain)
+    assert np.isfinite(capped[0].predict(held)).all() and len(capped[0].attention(held)) == len(held.X)
+
+
 def test_abmil_attention_finds_the_crop_that_carries_the_label():
     bags, y = make_bags(n_images=120, crops=4, signal_crops=1, seed=3)
     (fit, y_fit), (stop, y_stop), (held, _) = split(bags, y, 90, 15)

@@ -91,6 +91,31 @@ def test_rows_are_read_in_key_order_so_part_order_changes_nothing(tmp_path):
     assert keys == sorted(keys)
 
 
+def test_a_float16_store_reads_one_split_in_key_order_and_keeps_float16_when_asked(tmp_path):
+    run = tmp_path / "run"
+    store_dir = write_synthetic_features(run, n_images=12, n_test=4, crops=2, views=2, dim=8)
+    table = pq.read_table(store_dir / "part-00000.parquet")
+    emb = store.embedding_matrix(table["embedding"]).astype(np.float16)
+    half = table.set_column(table.schema.get_field_index("embedding"), "embedding",
+                            pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), 8))
+    meta = store.read_meta(store_dir / "part-00000.parquet")
+    (store_dir / "part-00000.parquet").unlink()
+    rng = np.random.default_rng(1)
+    for k, ix in enumerate(np.array_split(rng.permutation(len(half)), 3)):   # shuffled over three parts
+        store.write_table(half.take(ix), store_dir / f"part-{k:05d}.parquet", meta=meta)
+    everything = store.read_features(store_dir)
+    train = store.read_features(store_dir, split="train")
+    kept = store.read_features(store_dir, split="train", keep_dtype=True)
+    assert set(everything.split) == {"train", "test"} and set(train.split) == {"train"}
+    assert everything.embedding.dtype == train.embedding.dtype == np.float32 and kept.embedding.dtype == np.float16
+    mine = everything.split == "train"
+    np.testing.assert_array_equal(train.embedding, everything.embedding[mine])
+    np.testing.assert_array_equal(kept.embedding.astype(np.float32), train.embedding)
+    assert list(train.image_id) == list(everything.image_id[mine]) and list(kept.view) == list(train.view)
+    keys = list(zip(train.split, train.image_id, train.crop_index, train.view))
+    assert keys == sorted(keys)
+
+
 def test_duplicate_rows_are_refused(tmp_path):
     run, config, store_dir = make_run(tmp_path)
     rewrite(store_dir, lambda t: [t, t.slice(0, 6)])  # embed beside embed --shard 0/2 wrote crops twice

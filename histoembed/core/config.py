@@ -300,6 +300,9 @@ class ABMILSettings(_Settings):
     patience: int = Field(4, ge=1, description="Epochs without inner-validation improvement before stopping.")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
     class_weights: bool = Field(True, description="Weight the loss by inverse class frequency.")
+    max_instances: int = Field(0, ge=0, description="Most patches of a bag per training step: a larger bag (a slide) "
+                               "trains on a seeded sample of this many each step; prediction reads them all "
+                               "(0: every patch).")
 
 
 class FitSettings(_Settings):

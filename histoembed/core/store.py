@@ -468,10 +468,10 @@ def feature_parts(store_dir: str | Path) -> list[Path]:
     return sorted(p for p in Path(store_dir).glob("part-*.parquet"))
 
 
-def _read_part(path: Path) -> pa.Table:
-    """One part, or a clear error naming it when it cannot be read (truncated, corrupt)."""
+def _read_part(path: Path, split: str | None = None) -> pa.Table:
+    """One part (only ``split``'s rows, when given), or a clear error naming it when it cannot be read."""
     try:
-        return pq.read_table(path)
+        return pq.read_table(path, filters=None if split is None else [("split", "=", split)])
     except (OSError, pa.ArrowInvalid) as e:
         raise UserError(f"feature part is corrupt and cannot be read ({e})", path=path,
                         hint="re-run `histoembed embed`: it replaces parts it cannot read") from None
@@ -494,12 +494,33 @@ def _row_name(split, image_id, crop_index, view) -> str:
     return f"{split} image {image_id}, crop {crop_index}, view {view}"
 
 
-def read_features(store_dir: str | Path, split: str | None = None) -> Features:
+def sorted_embedding(column: pa.ChunkedArray, order: np.ndarray, keep_dtype: bool = False) -> np.ndarray:
+    """``column``'s rows in ``order`` as an [N, D] array, placed chunk by chunk: no sorted copy of the Arrow
+    column nor a combined one is made. float32, or the store's float16 with ``keep_dtype`` (fit converts
+    each bag's rows to float32 as it groups them, so a float16 store is held once in half the memory)."""
+    dim = column.type.list_size
+    half = keep_dtype and column.type.value_type == pa.float16()
+    out = np.empty((len(order), dim), np.float16 if half else np.float32)
+    where = np.empty(len(order), np.int64)
+    where[order] = np.arange(len(order))      # sorted position of each row as read
+    start = 0
+    for chunk in column.chunks:
+        values = chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+        for a in range(0, len(values), 1 << 16):
+            b = min(a + (1 << 16), len(values))
+            out[where[start + a:start + b]] = values[a:b]
+        start += len(values)
+    return out
+
+
+def read_features(store_dir: str | Path, split: str | None = None, keep_dtype: bool = False) -> Features:
     """Read every part of ``run/features/<encoder>/`` (all shards) as one table.
 
     Rows come sorted by (split, image, crop, view), whatever the parts' names or order, so
     a sharded or resumed store gives the same results as a whole one. Duplicate rows and
     non-finite embeddings are refused: a model trained on them would be silently wrong.
+    Only ``split``'s rows are read, when given; ``keep_dtype`` keeps a float16 store's embeddings
+    in float16 (see :func:`sorted_embedding`).
     """
     store_dir = Path(store_dir)
     parts = feature_parts(store_dir)
@@ -513,16 +534,16 @@ def read_features(store_dir: str | Path, split: str | None = None) -> Features:
     if len(keys) != 1:
         raise UserError("feature parts were written with different settings", path=store_dir,
                         hint="re-run `histoembed embed`; it removes parts of old settings")
-    table = pa.concat_tables(_read_part(p) for p in parts)
-    if split is not None:
-        table = table.filter(pc.equal(table["split"], split))
-    table = table.sort_by([(c, "ascending") for c in ROW_KEY])
+    table = pa.concat_tables(_read_part(p, split) for p in parts)
+    order = pc.sort_indices(table.select(list(ROW_KEY)), sort_keys=[(c, "ascending") for c in ROW_KEY])
+    embedding = sorted_embedding(table["embedding"], order.to_numpy(), keep_dtype)
+    table = table.drop_columns(["embedding"]).take(order)
     features = Features(
         image_id=table["image_id"].to_numpy(zero_copy_only=False),
         split=table["split"].to_numpy(zero_copy_only=False),
         crop_index=table["crop_index"].to_numpy(),
         view=table["view"].to_numpy(),
-        embedding=embedding_matrix(table["embedding"]),
+        embedding=embedding,
         meta=metas[0],
         crop_hash=(table[CROP_HASH].to_numpy(zero_copy_only=False) if CROP_HASH in table.column_names
                    and table[CROP_HASH].null_count == 0 else None),

@@ -6,7 +6,11 @@ bag's crops, weights the h into one bag vector, and a linear layer gives the bag
 Unlike the MLP, which labels every crop with its image's label, MIL learns *which* crops
 carry the label; ``attention(bags)`` exposes those weights (the report's crop maps).
 
-Training: bags padded to the largest bag with a mask, cross-entropy with optional class
+Training: each mini-batch's bags padded to the largest bag with a mask (built per step, so
+memory holds the rows once, not a padded copy of every bag); with ``max_instances`` set, a
+bag of more patches trains on a sample of that many per step (drawn from a generator seeded
+by the head's seed; prediction always reads every patch), which bounds a step's memory when
+an image is a slide of thousands of patches; cross-entropy with optional class
 weights and label smoothing, and the shared loop of ``training`` (early stopping on the
 image-level NLL of the caller's inner split). Weights in safetensors, settings in JSON.
 """
@@ -22,6 +26,7 @@ from histoembed.models.heads.shared import class_weights
 from histoembed.models.heads.training import TorchHead, input_scale, train
 
 WEIGHTS_FILE = "abmil.safetensors"
+PREDICT_FLOATS = 1 << 26   # at most 64 Mi floats (256 MiB) of padded input per prediction chunk
 
 
 def _net(input_dim: int, n_classes: int, s: ABMILSettings):
@@ -63,8 +68,9 @@ class ABMILHead(TorchHead):
 
         s, C = self.settings, self.n_classes
         torch.manual_seed(self.seed)
-        padded, mask = bags.padded()
-        X, M = torch.from_numpy(padded), torch.from_numpy(mask)
+        K = int(bags.sizes.max()) if bags.n_bags else 0     # every batch padded to the largest bag, as one array was
+        cap = s.max_instances if s.max_instances and K > s.max_instances else 0
+        draw = np.random.default_rng(self.seed)              # the capped bags' patches: seeded, one draw per step
         y = np.asarray(y, dtype=np.int64)
         y_t = torch.from_numpy(y)
         net = _net(bags.X.shape[1], C, s)
@@ -75,8 +81,22 @@ class ABMILHead(TorchHead):
         weight = torch.tensor(class_weights(y, C), dtype=torch.float32) if s.class_weights else None
         self.net_, self.input_dim_ = net, int(bags.X.shape[1])
 
+        def batch(idx) -> tuple:
+            """The bags ``idx`` padded (built per step: no padded copy of every bag is held)."""
+            idx = np.asarray(idx, dtype=np.int64)
+            if not cap:
+                x, m = bags.padded(idx, K)
+                return torch.from_numpy(x), torch.from_numpy(m)
+            x = np.zeros((len(idx), cap, bags.dim), np.float32)
+            m = np.zeros((len(idx), cap), bool)
+            for j, b in enumerate(idx):
+                n = int(bags.sizes[b])
+                rows = np.sort(draw.choice(n, cap, replace=False)) if n > cap else np.arange(n)
+                x[j, :len(rows)], m[j, :len(rows)] = bags.X[bags.starts[b] + rows], True
+            return torch.from_numpy(x), torch.from_numpy(m)
+
         def batch_loss(idx):
-            logits, _ = net(X[idx], M[idx])
+            logits, _ = net(*batch(idx))
             return F.cross_entropy(logits, y_t[idx], weight=weight, label_smoothing=s.label_smoothing)
 
         stop_labels = stop.image_labels(y_stop)
@@ -88,20 +108,23 @@ class ABMILHead(TorchHead):
         return self
 
     def _forward(self, bags: Bags, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """(logits per bag, attention per row) over all of each bag's rows, in chunks of bags padded on the fly;
+        a chunk is made smaller when its padded input would pass ``PREDICT_FLOATS`` (bags of thousands of patches)."""
         import torch
 
-        padded, mask = bags.padded()
+        K = int(bags.sizes.max()) if bags.n_bags else 0
+        chunk = max(1, min(chunk, PREDICT_FLOATS // max(1, K * bags.dim)))
         logits, attention = [], []
         self.net_.eval()
         with torch.inference_mode():
             for start in range(0, bags.n_bags, chunk):
-                z, a = self.net_(torch.from_numpy(padded[start:start + chunk]),
-                                 torch.from_numpy(mask[start:start + chunk]))
+                x, m = bags.padded(np.arange(start, min(start + chunk, bags.n_bags)), K)
+                z, a = self.net_(torch.from_numpy(x), torch.from_numpy(m))
                 logits.append(z.numpy())
-                attention.append(a.numpy())
+                attention.append(a.numpy()[m])
         if not logits:
             return np.zeros((0, self.n_classes), np.float32), np.zeros(0, np.float32)
-        return np.concatenate(logits), np.concatenate(attention)[mask]
+        return np.concatenate(logits), np.concatenate(attention)
 
     def predict(self, bags: Bags) -> np.ndarray:
         return self._forward(bags)[0]

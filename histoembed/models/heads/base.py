@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -47,28 +46,64 @@ def write_tensors(save_file: Callable, tensors: dict, path: Path) -> None:
                           "No space left on device" if full else f"cannot write ({e})", str(path)) from e
 
 
-@dataclass
-class Bags:
-    """Crop-view embeddings grouped by (image, view); the rows of a bag are contiguous."""
+ROWS_PER_CHUNK = 1 << 16   # rows gathered, converted or summed at a time: temporaries stay small
 
-    X: np.ndarray            # [rows, D] float32
-    starts: np.ndarray       # [bags + 1] row offset of each bag
-    image: np.ndarray        # [bags] image index
-    view: np.ndarray         # [bags] view number
-    index: np.ndarray        # [bags] position of each bag in the full set (to place out-of-fold outputs)
-    source_row: np.ndarray   # [rows] the input row each row came from
-    _means: np.ndarray | None = field(default=None, repr=False)
+
+def gather_rows(X: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``X[rows]`` as a new C-contiguous float32 array, gathered in chunks: a float16 store is converted
+    chunk by chunk, so no float16 copy of the whole selection (nor a float64 one) is ever held."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), X.shape[1]), np.float32)
+    for a in range(0, len(rows), ROWS_PER_CHUNK):
+        out[a:a + ROWS_PER_CHUNK] = X[rows[a:a + ROWS_PER_CHUNK]]
+    return out
+
+
+class Bags:
+    """Crop-view embeddings grouped by (image, view); the rows of a bag are contiguous.
+
+    ``X`` [rows, D] float32; ``starts`` [bags + 1] row offset of each bag; ``image`` [bags] image index;
+    ``view`` [bags] view number; ``index`` [bags] position of each bag in the full set (to place
+    out-of-fold outputs); ``source_row`` [rows] the input row each row came from.
+
+    A subset (``select``) takes its rows of ``X`` only when ``X`` is first read: heads that read only
+    the bags' means (XGBoost, the linear probe) never copy the rows of a fold, which matters when an
+    image is a slide of thousands of patches.
+    """
+
+    def __init__(self, X: np.ndarray, starts: np.ndarray, image: np.ndarray, view: np.ndarray, index: np.ndarray,
+                 source_row: np.ndarray, _means: np.ndarray | None = None, _rows: np.ndarray | None = None):
+        self._X, self._rows = X, _rows      # _rows: this subset's rows of _X, gathered on first use of .X
+        self.starts, self.image, self.view, self.index, self.source_row = starts, image, view, index, source_row
+        self._means = _means
+
+    def __repr__(self) -> str:
+        return f"Bags({self.n_bags} bags, {len(self.source_row)} rows x {self.dim})"
+
+    @property
+    def X(self) -> np.ndarray:
+        if self._rows is not None:
+            self._X, self._rows = gather_rows(self._X, self._rows), None
+        return self._X
+
+    @X.setter
+    def X(self, value: np.ndarray) -> None:
+        self._X, self._rows = value, None
+
+    @property
+    def dim(self) -> int:
+        return int(self._X.shape[1])
 
     @classmethod
     def from_rows(cls, X: np.ndarray, row_image: np.ndarray, row_view: np.ndarray) -> Bags:
-        """Group rows (any order) into bags sorted by (image, view)."""
+        """Group rows (any order; float32 or float16) into bags sorted by (image, view), as float32."""
         row_image = np.asarray(row_image, dtype=np.int64)
         row_view = np.asarray(row_view, dtype=np.int64)
         order = np.lexsort((row_view, row_image))
         img, view = row_image[order], row_view[order]
         new = np.r_[True, (img[1:] != img[:-1]) | (view[1:] != view[:-1])] if len(order) else np.zeros(0, bool)
         first = np.flatnonzero(new)
-        return cls(np.ascontiguousarray(X[order], dtype=np.float32), np.r_[first, len(order)].astype(np.int64),
+        return cls(gather_rows(X, order), np.r_[first, len(order)].astype(np.int64),
                    img[first], view[first], np.arange(len(first)), order)
 
     @property
@@ -87,28 +122,47 @@ class Bags:
     def means(self) -> np.ndarray:
         """[bags, D] float32: each bag's mean embedding (XGBoost's and the linear probe's samples)."""
         if self._means is None:
-            if self.n_bags == 0:
-                self._means = np.zeros((0, self.X.shape[1]), np.float32)
-            else:
-                sums = np.add.reduceat(self.X.astype(np.float64), self.starts[:-1], axis=0)
-                self._means = (sums / self.sizes[:, None]).astype(np.float32)
+            X = self.X
+            means = np.zeros((self.n_bags, self.dim), np.float32)
+            # Summed in float64 a block of whole bags at a time: the same sums as one pass over all rows,
+            # with a float64 temporary of one block rather than of every row.
+            sizes, b = self.sizes, 0
+            while b < self.n_bags:
+                e = max(b + 1, int(np.searchsorted(self.starts, self.starts[b] + ROWS_PER_CHUNK, "right")) - 1)
+                e = min(e, self.n_bags)
+                block = X[self.starts[b]:self.starts[e]].astype(np.float64)
+                sums = np.add.reduceat(block, self.starts[b:e] - self.starts[b], axis=0)
+                means[b:e] = (sums / sizes[b:e, None]).astype(np.float32)
+                b = e
+            self._means = means
         return self._means
 
     def select(self, images: np.ndarray) -> Bags:
-        """The bags of the given image indices (a copy)."""
+        """The bags of the given image indices (their rows are copied when ``X`` is first read)."""
         keep = np.isin(self.image, np.asarray(images))
-        rows = np.repeat(keep, self.sizes)
+        rows = np.flatnonzero(np.repeat(keep, self.sizes))
         sizes = self.sizes[keep]
         means = None if self._means is None else self._means[keep]
-        return Bags(self.X[rows], np.r_[0, np.cumsum(sizes)].astype(np.int64), self.image[keep], self.view[keep],
-                    self.index[keep], self.source_row[rows], means)
+        parent_rows = rows if self._rows is None else self._rows[rows]
+        return Bags(self._X, np.r_[0, np.cumsum(sizes)].astype(np.int64), self.image[keep], self.view[keep],
+                    self.index[keep], self.source_row[rows], means, parent_rows)
 
-    def padded(self) -> tuple[np.ndarray, np.ndarray]:
-        """([bags, K, D] with zeros after each bag's rows, mask [bags, K]); K is the largest bag."""
-        K = int(self.sizes.max()) if self.n_bags else 0
-        out = np.zeros((self.n_bags, K, self.X.shape[1]), np.float32)
-        mask = np.arange(K)[None, :] < self.sizes[:, None]
-        out[mask] = self.X
+    def padded(self, bags: np.ndarray | None = None, K: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """([n, K, D] with zeros after each bag's rows, mask [n, K]) of ``bags`` (indices; default all);
+        K is the largest bag of the whole set unless given."""
+        sizes = self.sizes
+        K = (int(sizes.max()) if self.n_bags else 0) if K is None else K
+        if bags is None:
+            out = np.zeros((self.n_bags, K, self.dim), np.float32)
+            mask = np.arange(K)[None, :] < sizes[:, None]
+            out[mask] = self.X
+            return out, mask
+        bags = np.asarray(bags, dtype=np.int64)
+        mask = np.arange(K)[None, :] < sizes[bags, None]
+        rows = np.concatenate([np.arange(self.starts[b], self.starts[b + 1]) for b in bags]) if len(bags) else \
+            np.zeros(0, np.int64)
+        out = np.zeros((len(bags), K, self.dim), np.float32)
+        out[mask] = self.X[rows]
         return out, mask
 
     def images(self) -> np.ndarray:

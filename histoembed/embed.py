@@ -66,15 +66,9 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
 
 def encoder_names(text: str) -> list[str]:
     """The encoders of a comma list, in order, each once; two that would share a store folder are refused."""
-    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    names = store.encoder_list(text)
     if not names:
         raise UserError("no encoder given", hint="pass --encoder NAME (`histoembed encoders` lists them)")
-    slugs: dict[str, str] = {}
-    for n in names:
-        other = slugs.setdefault(store.encoder_slug(n), n)
-        if other != n:
-            raise UserError(f"encoders {other!r} and {n!r} would write the same store "
-                            f"(run/{store.FEATURES_DIR}/{store.encoder_slug(n)})", hint="give each encoder once")
     return names
 
 

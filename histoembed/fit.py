@@ -479,14 +479,7 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
 
 def parse_encoders(value: str | None) -> list[str]:
     """Encoder names of ``--encoder A,B`` (or ``encoder = "A,B"``); [] when none is given."""
-    names = list(dict.fromkeys(n.strip() for n in str(value).split(",") if n.strip())) if value is not None else []
-    slugs: dict[str, str] = {}
-    for n in names:
-        other = slugs.setdefault(store.encoder_slug(n), n)
-        if other != n:
-            raise UserError(f"encoders {other!r} and {n!r} name the same feature store "
-                            f"(run/{store.FEATURES_DIR}/{store.encoder_slug(n)})", hint="give each encoder once")
-    return names
+    return store.encoder_list(value) if value is not None else []
 
 
 def check_class_counts(run: Path, ts: TrainingSet, settings: FitSettings) -> None:
@@ -544,21 +537,7 @@ def _fit(run: Path, ts: TrainingSet, settings: FitSettings, key: str, started: f
                 results[-1] = (_drop_heads(cv), results[-1][1])
 
     cv, cv_numbers = results[0]
-    metrics = {
-        "key": key, "version": __version__, "encoder": encoder_name(ts),
-        "classes": ts.classes, "images": len(ts.image_ids), "folds": settings.folds, "seed": settings.seed,
-        "excluded_flagged": len(ts.excluded_flagged), "unlabelled": len(ts.unlabelled),
-        "members": cv.heads,
-        "scale_fusion": {"mode": settings.scale_fusion, "scales": ts.scales,
-                         "rule": scales.RULES[settings.scale_fusion]},
-        "calibration": "per fold: each head's regularised T, the fusion weights, offsets and conformal thresholds "
-                       "chosen on the other folds' OOF predictions (cross-fitting); 'before' is T = 1 with the "
-                       "same weights",
-        **cv_numbers,
-        "final": final_summary(cv.final),
-    }
-    if len(seeds) > 1:
-        metrics["seeds"] = seed_spread(seeds, [m for _, m in results])
+    metrics = fit_metrics(key, encoder_name(ts), ts, settings, cv.heads, {}, "head", results, seeds)
     _write_outputs(run, ts, settings, cv, metrics, key)
     return FitResult(run, False, metrics, ts.classes, len(ts.image_ids), ts.excluded_flagged, ts.unlabelled,
                      time.perf_counter() - started)
@@ -694,24 +673,10 @@ def _fit_multi(run: Path, settings: FitSettings, parts: list[EncoderPart], first
         encoder = joined_name if concat else next(p.name for p in parts if p.store_dir.name == slug)
         member_rows.append({"member": m, "encoder": encoder, "head": head, "weight": cv.final["weights"][m],
                             "oof_macro_f1": cv_numbers["heads"][m]["macro_f1"]})
-    metrics = {
-        "key": key, "version": __version__, "encoder": joined_name,
-        "classes": first.classes, "images": len(first.image_ids), "folds": settings.folds, "seed": settings.seed,
-        "excluded_flagged": len(first.excluded_flagged), "unlabelled": len(first.unlabelled),
-        "members": member_rows,
-        "encoders": [p.record() for p in parts],
-        "encoder_fusion": {"mode": settings.encoder_fusion,
-                           "rule": members.CONCAT_RULE if concat else members.LOGITS_RULE},
-        "scale_fusion": {"mode": settings.scale_fusion, "scales": first.scales,
-                         "rule": scales.RULES[settings.scale_fusion]},
-        "calibration": "per fold: each member's regularised T, the fusion weights, offsets and conformal thresholds "
-                       "chosen on the other folds' OOF predictions (cross-fitting); 'before' is T = 1 with the "
-                       "same weights",
-        **cv_numbers,
-        "final": final_summary(cv.final),
-    }
-    if len(seeds) > 1:
-        metrics["seeds"] = seed_spread(seeds, [m for _, m in results])
+    encoder_fields = {"encoders": [p.record() for p in parts],
+                      "encoder_fusion": {"mode": settings.encoder_fusion,
+                                         "rule": members.CONCAT_RULE if concat else members.LOGITS_RULE}}
+    metrics = fit_metrics(key, joined_name, first, settings, member_rows, encoder_fields, "member", results, seeds)
     multi = {"encoder": joined_name, "encoder_slug": None, "feature_encoder": None, "feature_key": None,
              "dim": sum(p.dim for p in parts) if concat else None, "encoders": [p.record() for p in parts],
              "encoder_fusion": settings.encoder_fusion,
@@ -719,6 +684,30 @@ def _fit_multi(run: Path, settings: FitSettings, parts: list[EncoderPart], first
     _write_outputs(run, first, settings, cv, metrics, key, multi)
     return FitResult(run, False, metrics, first.classes, len(first.image_ids), first.excluded_flagged,
                      first.unlabelled, time.perf_counter() - started)
+
+
+def fit_metrics(key: str, encoder: str, ts: TrainingSet, settings: FitSettings, member_list: list,
+                encoder_fields: dict, member_word: str, results: list[tuple[CVResult, dict]],
+                seeds: list[int]) -> dict:
+    """``metrics.json``: the first seed's cross-validated numbers, what they were fitted on, and the seeds' spread."""
+    cv, cv_numbers = results[0]
+    metrics = {
+        "key": key, "version": __version__, "encoder": encoder,
+        "classes": ts.classes, "images": len(ts.image_ids), "folds": settings.folds, "seed": settings.seed,
+        "excluded_flagged": len(ts.excluded_flagged), "unlabelled": len(ts.unlabelled),
+        "members": member_list,
+        **encoder_fields,
+        "scale_fusion": {"mode": settings.scale_fusion, "scales": ts.scales,
+                         "rule": scales.RULES[settings.scale_fusion]},
+        "calibration": f"per fold: each {member_word}'s regularised T, the fusion weights, offsets and conformal "
+                       "thresholds chosen on the other folds' OOF predictions (cross-fitting); 'before' is T = 1 "
+                       "with the same weights",
+        **cv_numbers,
+        "final": final_summary(cv.final),
+    }
+    if len(seeds) > 1:
+        metrics["seeds"] = seed_spread(seeds, [m for _, m in results])
+    return metrics
 
 
 def encoder_name(ts: TrainingSet) -> str:

@@ -150,7 +150,7 @@ def test_stores_of_other_rows_are_refused_naming_the_store_the_count_and_what_to
 
 def test_encoder_list_from_the_settings_file_and_a_name_given_twice(tmp_path):
     run = two_encoders(tmp_path, {}, {}, n_images=30, n_classes=3)
-    with pytest.raises(UserError, match="name the same feature store"):
+    with pytest.raises(UserError, match="share the same store"):
         fit.run_fit(run, settings(folds=3), encoder="enc/a,enc--a")
     with pytest.raises(UserError, match="no feature store for encoder 'enc/c'"):
         fit.run_fit(run, settings(folds=3), encoder="enc/a,enc/c")

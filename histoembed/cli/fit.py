@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import typer
 
 from histoembed.cli import drift as drift_cli
 from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings

@@ -398,6 +398,18 @@ def crop_hashes(crops_path: str | Path) -> list[str]:
                         hint="delete it and re-run `histoembed crops`") from None
 
 
+def encoder_list(text: str) -> list[str]:
+    """The encoders of a comma list, in order, each once; two that would share a store folder are refused."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    slugs: dict[str, str] = {}
+    for n in names:
+        other = slugs.setdefault(encoder_slug(n), n)
+        if other != n:
+            raise UserError(f"encoders {other!r} and {n!r} share the same store "
+                            f"(run/{FEATURES_DIR}/{encoder_slug(n)})", hint="give each encoder once")
+    return names
+
+
 def encoder_slug(encoder: str) -> str:
     """A folder name for an encoder id or path: ``owkin/phikon-v2`` -> ``owkin--phikon-v2``."""
     name = str(encoder).rstrip("/")

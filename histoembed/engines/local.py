@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from histoembed.core import cpus, store
 from histoembed.core.console import progress
-from histoembed.core.errors import UserError
 
 if TYPE_CHECKING:
     from histoembed.core.config import AugmentSettings, EmbedSettings

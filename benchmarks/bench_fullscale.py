@@ -7,9 +7,11 @@ splits named from img_0000.png, image sizes spread like the real PNGs (0.2-3.6 M
 its own process in a folder that holds ``data/``, with ``efficientnet-lite0`` as the encoder
 of both QC and embed, and reports each stage's wall time, CPU time and peak resident memory
 (``wait4`` of that process), plus whether QC found the planted mask twins and test copies
-(missed / false pairs).
+(missed / false pairs). ``--encoder vit-s`` embeds with a ViT-S/16 of random weights instead
+(``bench_embed.MODELS``, saved once under --out; QC keeps efficientnet-lite0).
 
     python benchmarks/bench_fullscale.py                 # realistic sizes (long: see RESULTS.md)
+    python benchmarks/bench_fullscale.py --encoder vit-s
     python benchmarks/bench_fullscale.py --size-scale 0.1 --repeats 2
 """
 
@@ -80,14 +82,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=4, help="Views per crop (`embed --repeats`).")
     ap.add_argument("--folds", type=int, default=10, help="`fit --folds`.")
     ap.add_argument("--seed", type=int, default=0, help="Seed of the generated data.")
+    ap.add_argument("--encoder", choices=["efficientnet-lite0", "vit-s"], default="efficientnet-lite0",
+                    help="Encoder of the embed stage: the packaged EfficientNet-Lite0 or a ViT-S/16 of random weights.")
     args = ap.parse_args()
 
     root = args.out
     root.mkdir(parents=True, exist_ok=True)
     data, made = make_data(root, args.size_scale, args.seed)
     shutil.rmtree(root / "run", ignore_errors=True)
-    (root / "histoembed.toml").write_text('[qc]\nencoder = "efficientnet-lite0"\n\n'
-                                          '[embed]\nencoder = "efficientnet-lite0"\n')
+    encoder = args.encoder
+    if encoder == "vit-s":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_embed import save_model
+
+        encoder = str(save_model(root / "vit-s", "vit-s").resolve())
+    (root / "histoembed.toml").write_text(f'[qc]\nencoder = "efficientnet-lite0"\n\n[embed]\nencoder = "{encoder}"\n')
     sizes = sorted(p.stat().st_size for p in data.glob("*_data/img_*.png"))
     print(f"data: {len(sizes)} images, PNG {sizes[0] / 1e6:.2f}-{sizes[-1] / 1e6:.2f} MB "
           f"(median {sizes[len(sizes) // 2] / 1e6:.2f}); made in {made:.0f} s" + (" (cached)" if not made else ""))

@@ -27,6 +27,11 @@ measured in this one process, so ratios compare like with like. Sections, each o
             workers ``histoembed.models.sizing`` chooses; on the CPU batch 64, 2 decode workers) on as many
             crops as the stage section's measured run, and its rate over that hand-tuned run's (batch 256,
             6 workers: the best measured on an H100); issue 22's target is 90 %.
+- fast:     issue 22's faster forwards, each at the stage section's batch size: compiled for one batch shape
+            (``--compile``, the last batch padded) and in fp8 (``--precision fp8``, H100/H200), against the
+            package's eager bf16 (eager fp32 on a CPU): bare crops/s, seconds of the first (compiling) call,
+            and the stage's own check against eager fp32 on real crops; then the whole stage with the
+            fastest variant that passes, on the stage section's crops, and its rate over that section's.
 - ray:      the stage with ``--engine ray`` (a local Ray instance, one actor per GPU) against the local
             engine on the same crops, as a ratio; skipped without Ray, or outside a network namespace
             with loopback alone (gpu.sh makes one as root: Ray must not bind to the network).
@@ -58,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_embed, when im
 
 from bench_embed import MODELS, write_crops  # noqa: E402
 
-SECTIONS = ("env", "bare", "stage", "defaults", "pipeline", "parts", "cosine", "autocast", "ray")
+SECTIONS = ("env", "bare", "stage", "defaults", "fast", "pipeline", "parts", "cosine", "autocast", "ray")
 TARGET_DEFAULTS_SHARE = 0.9  # issue 22: at the CLI's defaults, at least 90 % of the hand-tuned stage's rate
 TARGET_VIEWS_PER_S = 3000  # issue 14: ViT-L/16, bf16, 4 views, one H100, end to end
 
@@ -88,7 +93,7 @@ class Plan:
 
 FULL = Plan(model="vit-l", cheap_model="cheap", image_size=224, bare_batches=[128, 256, 512], bare_views=3072,
             bare_cap_s=8, batch_size=256, views=4, stage_batches=40, stage_cap_s=35, workers=6, cosine_crops=256,
-            budget_s=230)
+            budget_s=420)
 SMOKE = Plan(model="vit-tiny", cheap_model="cheap-tiny", image_size=32, bare_batches=[4, 8], bare_views=16,
              bare_cap_s=5, batch_size=8, views=4, stage_batches=3, stage_cap_s=10, workers=1, cosine_crops=8,
              budget_s=120)
@@ -519,12 +524,76 @@ def section_ray(r: Run) -> dict:
     return out
 
 
+def real_crops(r: Run, n: int):
+    """``n`` synthetic H&E crops as float [n, 3, H, W] in [0, 1] on the device (what the stage's check sees)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from histoembed.core import store
+    from histoembed.engines.seams import decode_png
+
+    pngs = pq.read_table(r.crops_run(n, "fast-check") / store.CROPS_FILE, columns=["png"])["png"].to_pylist()
+    crops = torch.from_numpy(np.stack([decode_png(b) for b in pngs]))
+    return crops.to(r.device).permute(0, 3, 1, 2).float().div_(255)
+
+
+def section_fast(r: Run) -> dict:
+    """Compiled and fp8 forwards against the eager one (see the module docstring), and the stage with the best."""
+    import torch
+
+    from histoembed.models.precision import check_precision
+
+    tuned = r.done.get("stage", {})
+    bs = tuned.get("batch_size") or r.plan.batch_size
+    base = "bf16" if r.cuda else "fp32"
+    fp8_ok = not r.cuda or torch.cuda.get_device_capability(r.device) >= (8, 9)
+    variants = [(base, False), (base, True), ("fp8", False), ("fp8", True)] if r.cuda else \
+        [(base, False), (base, True), ("fp8", False)]  # one compilation on a CPU: seconds, not minutes
+    crops = real_crops(r, bs)
+    out: dict = {"batch": bs, "variants": {}}
+    for precision, compiled in variants:
+        name = precision + (" compiled" if compiled else "")
+        if r.left_s() < 45 or (precision == "fp8" and not fp8_ok):
+            out["variants"][name] = {"skipped": "time budget" if r.left_s() < 45 else "no fp8 on this GPU"}
+            continue
+        enc = dataclasses.replace(r.encoder(r.plan.model, precision), compile=compiled, fixed_batch=bs)
+        start = time.perf_counter()
+        enc(crops[:-1])  # the first call compiles, for the padded shape
+        r.sync()
+        first_s = time.perf_counter() - start
+        check = check_precision(enc, crops[:r.plan.cosine_crops])
+        m = time_forward(r, enc, bs, r.plan.bare_views, r.plan.bare_cap_s)
+        out["variants"][name] = v = {"crops_per_s": m["crops_per_s"], "first_call_s": first_s,
+                                     "min_cosine": check.min_cosine, "mean_cosine": check.mean_cosine,
+                                     "passed": check.passed}
+        print(f"  {name:<15} batch {bs}: {v['crops_per_s']:9.1f} crops/s, first call {first_s:5.1f} s, "
+              f"cosine to eager fp32 min {check.min_cosine:.5f} ({'passed' if check.passed else 'FAILED'})")
+    measured = {k: v for k, v in out["variants"].items() if "crops_per_s" in v}
+    eager = measured.get(base, {}).get("crops_per_s")
+    for v in measured.values():
+        v["ratio_to_eager"] = v["crops_per_s"] / eager if eager else None
+    passing = {k: v for k, v in measured.items() if v["passed"]}
+    best = max(passing, key=lambda k: passing[k]["crops_per_s"], default=None)
+    out["fastest_passing"] = best
+    if best and best != base and tuned.get("crop_views_per_s") and r.left_s() > 60:
+        precision, _, compiled = best.partition(" ")
+        stage = timed_stage(r, r.plan.model, "fast", precision, n_crops=tuned["crops"], batch_size=bs,
+                            workers=tuned["workers"], compile=bool(compiled))
+        out["stage"] = {k: stage[k] for k in ("precision", "crops", "crop_views_per_s", "precision_check")}
+        out["stage"]["ratio_to_stage"] = stage["crop_views_per_s"] / tuned["crop_views_per_s"]
+        print(f"  whole stage with {best}: {stage['crop_views_per_s']:9.1f} crop-views/s, "
+              f"{out['stage']['ratio_to_stage']:.1%} of the stage section's {base} eager")
+    return out
+
+
 SECTION_FNS: dict[str, Callable[[Run], dict]] = {
     "env": section_env, "bare": section_bare, "stage": section_stage, "pipeline": section_pipeline,
     "parts": section_parts, "cosine": section_cosine, "autocast": section_autocast, "defaults": section_defaults,
-    "ray": section_ray}
+    "fast": section_fast, "ray": section_ray}
 # A section starts only with this many seconds of the budget left.
-MIN_LEFT_S = {"stage": 60, "pipeline": 40, "parts": 20, "cosine": 15, "autocast": 50, "defaults": 40, "ray": 60}
+MIN_LEFT_S = {"stage": 60, "pipeline": 40, "parts": 20, "cosine": 15, "autocast": 50, "defaults": 40, "fast": 90,
+              "ray": 60}
 
 
 # ---------------------------------------------------------------- report
@@ -582,6 +651,19 @@ def markdown(results: dict) -> str:
                 f"{sec['min_cosine']:.5f} / {sec['mean_cosine']:.5f}")
             row(name, "bf16 autocast vs fp32 min / mean cosine",
                 f"{sec['autocast_min_cosine']:.5f} / {sec['autocast_mean_cosine']:.5f}")
+        elif name == "fast":
+            for variant, v in sec["variants"].items():
+                if "crops_per_s" not in v:
+                    row(name, f"{variant}, crops/s", v["skipped"])
+                    continue
+                ratio = f", {v['ratio_to_eager']:.2f}x eager" if v.get("ratio_to_eager") else ""
+                row(name, f"{variant} batch {sec['batch']}, crops/s (first call {v['first_call_s']:.1f} s; min "
+                          f"cosine to fp32 {v['min_cosine']:.5f}, {'passed' if v['passed'] else 'failed'}{ratio})",
+                    f"{v['crops_per_s']:.1f}")
+            if "stage" in sec:
+                row(name, f"whole stage with {sec['fastest_passing']}, crop-views/s ({sec['stage']['crops']} crops; "
+                          f"{sec['stage']['ratio_to_stage']:.1%} of the stage section's)",
+                    f"{sec['stage']['crop_views_per_s']:.1f}")
         elif name == "ray":
             row(name, f"ray engine crop-views/s ({sec['rows']} rows)", f"{sec['ray_crop_views_per_s']:.1f}")
             row(name, "local engine crop-views/s, same crops", f"{sec['local_crop_views_per_s']:.1f}")
@@ -607,7 +689,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
                     help="Folder for gpu_bench.json and gpu_bench.md (default: $OUT when set).")
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    ap.add_argument("--budget-s", type=float, help="Whole-run time budget (default: 230 s, smoke 120 s).")
+    ap.add_argument("--budget-s", type=float, help="Whole-run time budget (default: 420 s, smoke 120 s).")
     ap.add_argument("--workers", type=int, help="PNG decoding processes in the stage.")
     ap.add_argument("--batch-size", type=int, help="Crops per batch in the stage.")
     args = ap.parse_args(argv)

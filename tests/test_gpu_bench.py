@@ -44,6 +44,11 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert s["pipeline"]["rows"] == s["pipeline"]["crops"] * 4
     assert (s["defaults"]["batch_size"], s["defaults"]["workers"]) == (64, 2)  # EmbedSettings' defaults
     assert s["defaults"]["rows"] == s["defaults"]["crops"] * 4 and s["defaults"]["ratio_to_bare"] > 0
+    fast = s["fast"]["variants"]  # compiled and fp8 on the CPU: real forwards, checked against eager fp32
+    assert set(fast) == {"fp32", "fp32 compiled", "fp8"}
+    assert fast["fp32 compiled"]["min_cosine"] > 0.9999 and fast["fp32 compiled"]["passed"]
+    assert 0.9 < fast["fp8"]["min_cosine"] < 1 and all(v["crops_per_s"] > 0 for v in fast.values())
+    assert s["fast"]["fastest_passing"] in fast
     assert all(s["parts"][k] > 0 for k in ("decode_crops_per_s", "augment_views_per_s", "write_rows_per_s"))
     assert s["parts"]["augment_device_vs_cpu_max_abs_diff"] == 0  # the device is the CPU here
     assert s["parts"]["augment_host_syncs"] is None  # counted on a GPU only

@@ -107,3 +107,84 @@ def test_a_passing_check_is_recorded_and_a_cpu_run_skips_it_by_default(tmp_path,
                  "--repeats", "1")
     assert result.exit_code == 0, result.output
     assert _meta(tmp_path / "b")["precision_check"] is None
+
+
+# ---------------------------------------------------------------- fp8 and compile (issue 22)
+
+def test_fp8_puts_the_linear_layers_in_float8_and_stays_close_to_fp32(tmp_path):
+    from histoembed.models.encoders import FP8, Float8Linear
+
+    enc = load_encoder(str(save_tiny_vit(tmp_path / "fine")), precision="fp8")
+    low = enc._low_precision_module()
+    linears = [m for m in low.modules() if isinstance(m, Float8Linear)]
+    assert len(linears) == 8 and all(m.weight.dtype == FP8 for m in linears)  # qkv, proj, fc1, fc2 x 2 blocks
+    assert not any(isinstance(m, torch.nn.Linear) for m in low.modules())
+    assert all(isinstance(m, torch.nn.Linear) for m in enc.module.modules() if "qkv" in type(m).__name__.lower())
+    check = check_precision(enc, crops01(8), threshold=0.99)
+    assert check.passed and 0.99 < check.min_cosine < 0.99999  # float8 rounds: close, never equal
+
+
+def test_fp8_that_drowns_the_signal_is_caught(tmp_path):
+    enc = load_encoder(str(save_tiny_vit(tmp_path / "offset", patch_embed_bias=2000.0)), precision="fp8")
+    check = check_precision(enc, crops01(), threshold=0.99)
+    assert not check.passed and check.min_cosine < 0.99
+
+
+def test_fp8_is_refused_on_a_gpu_without_float8_tensor_cores(monkeypatch):
+    from histoembed.core.errors import UserError
+    from histoembed.models.encoders import check_fp8
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(UserError, match="A100-SXM4-80GB has 8.0") as e:
+        check_fp8(torch.device("cuda", 0))
+    assert "bf16" in e.value.hint
+    check_fp8(torch.device("cpu"))  # emulated on a CPU: allowed
+
+
+def test_embed_fp8_is_checked_by_default_and_keyed_apart_from_fp32(tmp_path, cli):
+    write_crops(tmp_path / "a")
+    write_crops(tmp_path / "b")
+    model = save_tiny_vit(tmp_path / "fine")
+    args = ("--encoder", model, "--workers", "0", "--repeats", "2")
+    result = cli("embed", "--run", tmp_path / "a", *args, "--precision", "fp8", "--precision-threshold", "0.99")
+    assert result.exit_code == 0, result.output
+    assert "precision check passed: fp8 vs fp32" in result.output
+    meta = _meta(tmp_path / "a")
+    assert meta["precision"] == "fp8" and meta["precision_check"]["passed"]
+    result = cli("embed", "--run", tmp_path / "a", *args, "--precision", "fp8")  # the default threshold, 0.999
+    assert result.exit_code == 2 and "fp8 vs fp32" in result.output and "--fallback-fp32" in result.output
+    assert cli("embed", "--run", tmp_path / "b", *args).exit_code == 0
+    assert _meta(tmp_path / "b")["key"] != meta["key"]
+
+
+def test_embed_compile_pads_to_one_shape_and_writes_the_eager_store(tmp_path, cli):
+    write_crops(tmp_path / "eager")
+    write_crops(tmp_path / "compiled")
+    model = save_tiny_vit(tmp_path / "fine")
+    args = ("--encoder", model, "--workers", "0", "--repeats", "2", "--batch-size", "8")  # 15 + 6 crops: padded
+    assert cli("embed", "--run", tmp_path / "eager", *args).exit_code == 0
+    result = cli("embed", "--run", tmp_path / "compiled", *args, "--compile")
+    assert result.exit_code == 0, result.output
+    assert "precision check passed: fp32 compiled vs fp32" in result.output  # checked by default, on the CPU too
+    eager, compiled = (store.read_features(next((tmp_path / r / store.FEATURES_DIR).iterdir()))
+                       for r in ("eager", "compiled"))
+    assert list(compiled.keys()) == list(eager.keys()) and len(compiled) == 21 * 2
+    assert abs(compiled.embedding - eager.embedding).max() < 1e-5
+    assert _meta(tmp_path / "compiled")["key"] == _meta(tmp_path / "eager")["key"]  # compiling changes no feature
+    result = cli("embed", "--run", tmp_path / "compiled", *args)
+    assert "up to date" in result.output
+
+
+def test_a_failed_compilation_is_a_clear_error(tmp_path, cli, monkeypatch):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
+    torch._dynamo.reset()
+    write_crops(tmp_path)
+    model = save_tiny_vit(tmp_path / "fine")
+    result = cli("embed", "--run", tmp_path, "--encoder", model, "--workers", "0", "--repeats", "1", "--compile")
+    assert result.exit_code == 2
+    assert "torch.compile could not compile encoder" in result.output and "without --compile" in result.output
+    assert not list((tmp_path / store.FEATURES_DIR).rglob("part-*.parquet"))

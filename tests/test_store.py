@@ -221,7 +221,7 @@ def test_each_stage_key_holds_exactly_the_settings_that_change_the_output():
         QCSettings, XGBSettings, runtime_only
 
     assert runtime_only(CropSettings) == {"workers", "engine", "ray_address"} and runtime_only(QCSettings) == {"workers"}
-    assert runtime_only(EmbedSettings) == {"workers", "batch_size", "device", "rows_per_part", "threads",
+    assert runtime_only(EmbedSettings) == {"workers", "batch_size", "device", "rows_per_part", "threads", "compile",
                                            "check_precision", "precision_threshold", "fallback_fp32", "engine",
                                            "ray_address", "ray_actors", "ray_actor_cpus", "stain_target"}
     assert runtime_only(FitSettings) == {"threads"}

@@ -23,6 +23,7 @@ def embed(
     batch_size: Annotated[int | None, setting("embed.batch_size")] = None,
     device: Annotated[Device | None, setting("embed.device")] = None,
     precision: Annotated[Precision | None, setting("embed.precision")] = None,
+    compile: Annotated[bool | None, setting("embed.compile")] = None,
     check_precision: Annotated[bool | None, setting("embed.check_precision")] = None,
     precision_threshold: Annotated[float | None, setting("embed.precision_threshold")] = None,
     fallback_fp32: Annotated[bool | None, setting("embed.fallback_fp32")] = None,
@@ -49,7 +50,8 @@ def embed(
     same settings does nothing; changed settings replace the old features.
     """
     settings = stage_settings(config, "embed", encoder=",".join(encoder) if encoder else None, pool=pool,
-                              repeats=repeats, tta=tta, batch_size=batch_size, device=device, precision=precision, store_dtype=store_dtype,
+                              repeats=repeats, tta=tta, batch_size=batch_size, device=device, precision=precision,
+                              compile=compile, store_dtype=store_dtype,
                               workers=workers, rows_per_part=rows_per_part, seed=seed,
                               check_precision=check_precision, precision_threshold=precision_threshold,
                               fallback_fp32=fallback_fp32, threads=threads, engine=engine, ray_address=ray_address,

@@ -29,7 +29,7 @@ FloatRange = tuple[float, float]
 Strategy = Literal["blobs", "grid", "roi-window", "center"]
 Pool = Literal["auto", "cls", "mean", "cls+mean"]
 Device = Literal["auto", "cpu", "cuda"]
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16", "fp8"]
 StoreDtype = Literal["float32", "float16"]
 Offsets = Literal["auto", "on", "off"]
 MaskMode = Literal["given", "tissue", "union"]
@@ -180,7 +180,14 @@ class EmbedSettings(_Settings):
                            "encoder run.", json_schema_extra=NO_OUTPUT_CHANGE)
     precision: Precision = Field(
         "auto", description="auto: the encoder's CUDA precision (bf16 autocast unless its entry says otherwise) on "
-        "CUDA, fp32 on the CPU.")
+        "CUDA, fp32 on the CPU. fp8: float8 weights and activations in the linear layers, bf16 elsewhere (GPUs of "
+        "compute capability 8.9 or more: H100, H200, L4, L40; it runs on a CPU too, slower, for checking); "
+        "checked against fp32 like every precision below it.")
+    compile: bool = Field(
+        False, description="Compile the encoder's forward with torch.compile, for one fixed batch shape (the last "
+        "batch is padded with copies of its last crop, whose rows are dropped); checked against eager fp32 on the "
+        "first batch. Costs a compilation (tens of seconds) per run; off by default until measured faster "
+        "(benchmarks/gpu.sh).", json_schema_extra=NO_OUTPUT_CHANGE)
     check_precision: bool | None = Field(
         None, description="Compare the chosen precision with fp32 on the first batch of real crops (cosine per crop, "
         "NaN/Inf) and stop when it falls below precision_threshold. Default: on when a GPU runs below fp32; works on "

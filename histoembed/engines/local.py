@@ -53,6 +53,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
         check_finite,
         check_slides_unchanged,
         checked_encoder,
+        configured,
         sized,
         copy_to_host,
         open_store,
@@ -79,6 +80,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
     if encoder.device.type == "cpu":
         cpus.use_threads(settings.threads)
     settings = sized(settings, encoder)
+    encoder = configured(encoder, settings)
     ids, splits, crop_index, digests = index.ids, index.splits, index.crop_index, index.digests
     mine = [r for r in range(len(ids)) if r % shard[1] == shard[0]]
     encoder, check = checked_encoder(encoder, crops_path, mine[:settings.batch_size], settings)

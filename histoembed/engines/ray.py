@@ -43,6 +43,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,6 +244,7 @@ class _Resolved:
     name: str
     dim: int
     precision: str
+    compile: bool             # after the precision check (a fallback runs eager)
     check: PrecisionCheck | None
 
 
@@ -251,9 +253,10 @@ def _resolve(encoder: Encoder | None, settings: EmbedSettings, augment: AugmentS
     """Load (unless given) and check the encoder as the local engine does; run where the actors run."""
     if encoder is None:
         encoder = load_encoder(settings.encoder, settings.pool, settings.device, settings.precision)
+    encoder = seams.configured(encoder, settings)
     encoder, check = seams.checked_encoder(encoder, crops_path, rows, settings)
     key = seams.store_key(encoder, settings, augment, normaliser)
-    return _Resolved(key, encoder.slug, encoder.name, encoder.dim, encoder.precision, check), encoder
+    return _Resolved(key, encoder.slug, encoder.name, encoder.dim, encoder.precision, encoder.compile, check), encoder
 
 
 def _probe(settings: EmbedSettings, augment: AugmentSettings, crops_path: Path, rows: list[int],
@@ -294,6 +297,7 @@ class _EmbedActor:
         s = job.settings
         if encoder is None:
             encoder = load_encoder(s.encoder, s.pool, s.device, job.resolved.precision)
+        encoder = dataclasses.replace(seams.configured(encoder, s), compile=job.resolved.compile)
         if encoder.device.type == "cpu":
             cpus.use_threads(s.threads)
         self.encoder = encoder

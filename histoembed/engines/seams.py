@@ -267,6 +267,11 @@ def sized(settings: EmbedSettings, encoder: Encoder | None) -> EmbedSettings:
     return settings.model_copy(update=update)
 
 
+def configured(encoder: Encoder, settings: EmbedSettings) -> Encoder:
+    """``encoder`` compiled or not as ``settings`` say, for batches of ``settings.batch_size`` crops (``sized``)."""
+    return dataclasses.replace(encoder, compile=settings.compile, fixed_batch=settings.batch_size)
+
+
 def plan_batches(rows: list[int], splits: list[str], batch_size: int) -> list[np.ndarray]:
     """Crop rows in batches that never mix splits, so each batch has one list of views."""
     out = []
@@ -280,12 +285,13 @@ def checked_encoder(encoder: Encoder, crops_path: Path, rows: list[int],
                     settings: EmbedSettings) -> tuple[Encoder, PrecisionCheck | None]:
     """The encoder to embed with, after comparing its precision with fp32 on the crops ``rows`` when asked.
 
-    Default: checked when a GPU runs below fp32. A failed check stops the run, naming the
-    figures, or with ``fallback_fp32`` returns the encoder in fp32.
+    Default: checked when a GPU runs below fp32, in fp8 or compiled (against eager fp32). A failed
+    check stops the run, naming the figures, or with ``fallback_fp32`` returns the encoder in eager fp32.
     """
+    below_fp32 = encoder.precision != "fp32" or encoder.compile
     wanted = (settings.check_precision if settings.check_precision is not None
-              else encoder.device.type == "cuda")
-    if not wanted or encoder.precision == "fp32" or not rows:
+              else encoder.device.type == "cuda" or encoder.compile or encoder.precision == "fp8")
+    if not wanted or not below_fp32 or not rows:
         return encoder, None
     _, crops = next(iter(CropBatches(crops_path, [np.asarray(rows)])))
     if not isinstance(crops, torch.Tensor):

@@ -54,11 +54,13 @@ class Encoder:
     pool: Pool
     weights_hash: str                  # sha256 of the weight files
     device: torch.device
-    precision: str                     # fp32 | bf16 | fp16
+    precision: str                     # fp32 | bf16 | fp16 | fp8
     module: torch.nn.Module
     features: Callable[[torch.nn.Module, torch.Tensor, Pool], torch.Tensor]
     cast_weights: bool = False         # bf16/fp16 as a low-precision copy of the weights (CUDA), not autocast
-    casts: dict = field(default_factory=dict, repr=False, compare=False)  # dtype -> that copy, made once
+    casts: dict = field(default_factory=dict, repr=False, compare=False)  # dtype or fp8 -> that copy, made once
+    compile: bool = False              # torch.compile the forward (embed --compile)
+    fixed_batch: int | None = None     # compiled: smaller calls are padded to this many crops (one shape)
 
     @property
     def slug(self) -> str:
@@ -72,28 +74,109 @@ class Encoder:
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         x = (x - mean) / std
         module, context = self.module, contextlib.nullcontext()
-        if self.precision in AUTOCAST and self.cast_weights:
-            module, x = self._low_precision_module(), x.to(AUTOCAST[self.precision])
+        if self.precision == "fp8" or (self.precision in AUTOCAST and self.cast_weights):
+            module = self._low_precision_module()
+            x = x.to(AUTOCAST.get(self.precision, torch.bfloat16))
         elif self.precision in AUTOCAST:
             context = torch.autocast(self.device.type, dtype=AUTOCAST[self.precision])
+        n = len(x)
+        if self.compile and self.fixed_batch and 0 < n < self.fixed_batch:
+            x = torch.cat([x, x[-1:].expand(self.fixed_batch - n, -1, -1, -1)])
         with torch.inference_mode(), context:
-            return self.features(module, x, self.pool).float()
+            return self._forward(module)(x)[:n].float()
+
+    def _forward(self, module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The forward of ``module``: eager, or compiled once per precision for one batch shape."""
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return self.features(module, x, self.pool)
+
+        if not self.compile:
+            return forward
+        key = ("compiled", self.precision)
+        if key not in self.casts:
+            self.casts[key] = _compile_errors_named(torch.compile(forward, dynamic=False), self.name)
+        return self.casts[key]
 
     def _low_precision_module(self) -> torch.nn.Module:
         """A copy of the weights in this precision, made once; ``module`` stays fp32 for the precision check.
 
         On a GPU, autocast re-casts every weight at every call and keeps LayerNorm and GELU in
         fp32; a bf16 copy of the weights runs the whole forward in bf16 (faster on an H100 by
-        the ratio in benchmarks/RESULTS.md, cosine to fp32 above 0.9998 on ViT-L).
+        the ratio in benchmarks/RESULTS.md, cosine to fp32 above 0.9998 on ViT-L). fp8 is that bf16
+        copy with its linear layers in float8 (``Float8Linear``).
         """
-        dtype = AUTOCAST[self.precision]
-        if dtype not in self.casts:
-            self.casts[dtype] = copy.deepcopy(self.module).to(dtype)
-        return self.casts[dtype]
+        key = AUTOCAST.get(self.precision, self.precision)  # the dtype, or "fp8"
+        if key not in self.casts:
+            low = copy.deepcopy(self.module).to(AUTOCAST.get(self.precision, torch.bfloat16))
+            self.casts[key] = to_float8(low) if self.precision == "fp8" else low
+        return self.casts[key]
 
     def with_precision(self, precision: str) -> Encoder:
-        """The same weights and preprocessing at another precision (the fp32 module is never changed)."""
-        return dataclasses.replace(self, precision=precision)
+        """The same weights and preprocessing at another precision, eager (the fp32 module is never changed)."""
+        return dataclasses.replace(self, precision=precision, compile=False)
+
+
+def _compile_errors_named(compiled: Callable, name: str) -> Callable:
+    """``compiled``, with a failed compilation (no C compiler, an unsupported operation) told as a UserError."""
+    def call(x: torch.Tensor) -> torch.Tensor:
+        try:
+            return compiled(x)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UserError(f"torch.compile could not compile encoder {name} ({type(e).__name__}: {first[:300]})",
+                            hint="embed without --compile") from None
+    return call
+
+
+# ---------------------------------------------------------------- float8
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def fp8_scales(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``x`` [M, K] as float8 and their float32 scales [M, 1]: each row's largest value maps to FP8_MAX."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
+    return (x.float() / scale).to(FP8), scale
+
+
+class Float8Linear(torch.nn.Module):
+    """A frozen Linear layer in float8: weights scaled per output row once, activations per row at each call,
+    multiplied by ``torch._scaled_mm`` into bf16 (the float8 tensor cores of an H100 or H200)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight, scale = fp8_scales(linear.weight.detach())
+        self.register_buffer("weight", weight)                   # [out, in]
+        self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out]
+        bias = linear.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+        self.out_features = linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, scale = fp8_scales(x.reshape(-1, x.shape[-1]))
+        y = torch._scaled_mm(rows, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias,
+                             out_dtype=torch.bfloat16)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def to_float8(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every Linear layer whose sides are multiples of 16 (what ``_scaled_mm`` takes) in float8."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Linear) and child.in_features % 16 == 0 and child.out_features % 16 == 0:
+            setattr(module, name, Float8Linear(child))
+        else:
+            to_float8(child)
+    return module
+
+
+def check_fp8(device: torch.device) -> None:
+    """Refuse fp8 on a GPU without float8 tensor cores (compute capability below 8.9)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise UserError(f"--precision fp8 needs a GPU of compute capability 8.9 or more (H100, H200, L4, L40); "
+                        f"{torch.cuda.get_device_name(device)} has "
+                        f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}",
+                        hint="use --precision bf16 (the default on CUDA)")
 
 
 # ---------------------------------------------------------------- pooling
@@ -592,6 +675,8 @@ def load_encoder(name: str, pool: Pool = "auto", device: str = "cpu", precision:
     dev = resolve_device(device)
     if precision == "auto":
         precision = cuda_precision if dev.type == "cuda" else "fp32"
+    if precision == "fp8":
+        check_fp8(dev)
     if dev.type == "cpu":
         keep_large_buffers_in_heap()
     module = module.eval().requires_grad_(False).to(dev)

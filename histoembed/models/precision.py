@@ -54,12 +54,13 @@ def cosine_per_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def check_precision(encoder, crops01: torch.Tensor, threshold: float = 0.999) -> PrecisionCheck:
-    """Compare ``encoder`` at its precision with the same encoder in fp32 on float crops [B, 3, H, W] in [0, 1]."""
+    """Compare ``encoder`` at its precision (compiled or not) with the same encoder in eager fp32 on float crops
+    [B, 3, H, W] in [0, 1]."""
     low = encoder(crops01)
     ref = encoder.with_precision("fp32")(crops01)
     finite = torch.isfinite(low).all(dim=1)
     cos = cosine_per_row(low[finite], ref[finite])
     return PrecisionCheck(
-        encoder=encoder.name, precision=encoder.precision, crops=len(low), nonfinite=int((~finite).sum()),
+        encoder=encoder.name, precision=encoder.precision + (" compiled" if encoder.compile else ""), crops=len(low), nonfinite=int((~finite).sum()),
         min_cosine=float(cos.min()) if len(cos) else float("nan"),
         mean_cosine=float(cos.mean()) if len(cos) else float("nan"), threshold=threshold)

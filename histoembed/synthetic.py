@@ -64,7 +64,8 @@ import pyarrow as pa
 import tifffile
 from PIL import Image
 
-from histoembed.core import store
+from histoembed.core import cpus, store
+from histoembed.engines.local import map_ordered
 from histoembed.inputs.pixels import tissue_mask_by_colour
 
 LABELS = ("HER2(+)", "Luminal A", "Luminal B", "Triple negative")
@@ -407,6 +408,37 @@ def min_train(mask_twins: int = 1, near_duplicates: int = 1) -> int:
     return 2 * max(1, mask_twins) + 2 + near_duplicates + 3
 
 
+@dataclass(frozen=True)
+class _TissueJob:
+    """One tissue image and its mask to draw and write: plain values, so a worker process can take it."""
+
+    image: Path
+    mask: Path
+    rng_key: tuple[int, int]            # (seed, image number): the image's own generator
+    label: str
+    stains: tuple[np.ndarray, np.ndarray]
+    size_scale: float | None            # reference-like sizes times this, or sides from size_range
+    size_range: tuple[int, int]
+    class_signal: str
+    partial_masks: bool
+    empty_mask: bool = False
+    ink: bool = False
+
+
+def _draw_tissue(job: _TissueJob) -> None:
+    rng = np.random.default_rng(list(job.rng_key))
+    if job.size_scale is not None:
+        w, h = reference_sizes(rng, job.size_scale)
+    else:
+        w, h = (int(v) for v in rng.integers(job.size_range[0], job.size_range[1] + 1, size=2))
+    rgb, mask = signal_image(rng, w, h, job.label, job.class_signal, job.partial_masks, empty_mask=job.empty_mask,
+                             stains=job.stains)
+    if job.ink:
+        rgb = add_ink(rgb, rng)
+    _write_png(job.image, rgb)
+    _write_png(job.mask, mask)
+
+
 def make_dataset(out: Path, n_train: int = 40, n_test: int = 16, seed: int = 0,
                  size_range: tuple[int, int] = (256, 512), outliers: bool = True, mask_twins: int = 1,
                  near_duplicates: int = 1, reference_size_scale: float | None = None,
@@ -443,7 +475,6 @@ def make_dataset(out: Path, n_train: int = 40, n_test: int = 16, seed: int = 0,
     n_near = min(near_duplicates, n_test) if outliers else 0
     if outliers and n_train < min_train(n_cartoons, n_near):
         raise ValueError(f"planting outliers needs n_train >= {min_train(n_cartoons, n_near)}")
-    lo, hi = size_range
     rng = np.random.default_rng(seed)
     counts = class_counts(n_train)
     train_labels = [k for k in LABELS for _ in range(counts[k])]
@@ -465,12 +496,6 @@ def make_dataset(out: Path, n_train: int = 40, n_test: int = 16, seed: int = 0,
         planted[f"img_{blank:04d}.png"] = "blank"
         near = list(zip(sorted(int(j) for j in rng.choice(n_test, size=n_near, replace=False)), copied))
 
-    def size_of(img_rng: np.random.Generator) -> tuple[int, int]:
-        if reference_size_scale is not None:
-            return reference_sizes(img_rng, reference_size_scale)
-        w, h = (int(v) for v in img_rng.integers(lo, hi + 1, size=2))
-        return w, h
-
     for split in ("train", "test"):
         (out / f"{split}_data").mkdir(parents=True, exist_ok=True)
     train_dir, test_dir = out / "train_data", out / "test_data"
@@ -478,41 +503,30 @@ def make_dataset(out: Path, n_train: int = 40, n_test: int = 16, seed: int = 0,
     stains = {g: shifted_stains(g, stain_shift) for g in STAIN_GROUPS}
     cartoon_of = {c: src for c, src in twins}
     copy_of = dict(near)
-    labels: dict[str, str] = {}
-    pixels: dict[int, np.ndarray] = {}      # training images a test image copies, kept until copied
-    # Tissue images first, so each cartoon can take its source's size and mask file.
-    for i in sorted(range(n_train), key=lambda i: (i in cartoon_of, i)):
-        name = f"img_{i:04d}.png"
-        img_rng = np.random.default_rng([seed, i])
-        kind = planted.get(name)
-        if i in cartoon_of:
-            src = cartoon_of[i]
-            h, w = cv2.imread(str(train_dir / f"img_{src:04d}.png"), cv2.IMREAD_UNCHANGED).shape[:2]
-            _write_png(train_dir / name, cartoon_image(img_rng, w, h))
-            shutil.copyfile(train_dir / f"mask_{src:04d}.png", train_dir / f"mask_{i:04d}.png")
-        else:
-            w, h = size_of(img_rng)
-            rgb, mask = signal_image(img_rng, w, h, train_labels[i], class_signal, partial_masks,
-                                     empty_mask=kind == "blank", stains=stains[groups[i]])
-            if kind == "ink":
-                rgb = add_ink(rgb, img_rng)
-            _write_png(train_dir / name, rgb)
-            _write_png(train_dir / f"mask_{i:04d}.png", mask)
-            if i in copy_of.values():
-                pixels[i] = rgb
-        labels[name] = train_labels[i]
-    for j in range(n_test):
-        img_rng = np.random.default_rng([seed, n_train + j])
-        if j in copy_of:
-            src = copy_of[j]
-            rgb = near_copy(pixels[src], img_rng)
-            shutil.copyfile(train_dir / f"mask_{src:04d}.png", test_dir / f"mask_{j:04d}.png")
-        else:
-            w, h = size_of(img_rng)
-            rgb, mask = signal_image(img_rng, w, h, str(test_labels[j]), class_signal, partial_masks,
-                                     stains=stains["test"])
-            _write_png(test_dir / f"mask_{j:04d}.png", mask)
-        _write_png(test_dir / f"img_{j:04d}.png", rgb)
+    sizes = (reference_size_scale, size_range)
+    # Tissue images first, in worker processes (each image draws from its own generator, so the files
+    # do not depend on the order or the number of processes); then cartoons, which take their
+    # source's size and mask file, and test copies of training images.
+    jobs = [_TissueJob(train_dir / f"img_{i:04d}.png", train_dir / f"mask_{i:04d}.png", (seed, i), train_labels[i],
+                       stains[groups[i]], *sizes, class_signal, partial_masks,
+                       empty_mask=planted.get(f"img_{i:04d}.png") == "blank",
+                       ink=planted.get(f"img_{i:04d}.png") == "ink")
+            for i in range(n_train) if i not in cartoon_of]
+    jobs += [_TissueJob(test_dir / f"img_{j:04d}.png", test_dir / f"mask_{j:04d}.png", (seed, n_train + j),
+                        str(test_labels[j]), stains["test"], *sizes, class_signal, partial_masks)
+             for j in range(n_test) if j not in copy_of]
+    with map_ordered(_draw_tissue, jobs, cpus.usable_cpus() if len(jobs) >= 64 else 1) as drawn:
+        for _ in drawn:
+            pass
+    for i, src in sorted(cartoon_of.items()):
+        h, w = cv2.imread(str(train_dir / f"img_{src:04d}.png"), cv2.IMREAD_UNCHANGED).shape[:2]
+        _write_png(train_dir / f"img_{i:04d}.png", cartoon_image(np.random.default_rng([seed, i]), w, h))
+        shutil.copyfile(train_dir / f"mask_{src:04d}.png", train_dir / f"mask_{i:04d}.png")
+    for j, src in sorted(copy_of.items()):
+        source = cv2.cvtColor(cv2.imread(str(train_dir / f"img_{src:04d}.png"), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        _write_png(test_dir / f"img_{j:04d}.png", near_copy(source, np.random.default_rng([seed, n_train + j])))
+        shutil.copyfile(train_dir / f"mask_{src:04d}.png", test_dir / f"mask_{j:04d}.png")
+    labels = {f"img_{i:04d}.png": train_labels[i] for i in range(n_train)}
 
     labels = dict(sorted(labels.items()))
     lines = ["sample_index,label"] + [f"{k},{v}" for k, v in labels.items()]

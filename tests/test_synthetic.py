@@ -285,3 +285,21 @@ def test_partial_masks_mark_a_patch_and_miss_the_tissue_that_carries_the_class(c
     planted = json.loads((tmp_path / "p/planted.json").read_text())
     assert planted["class_signal"] == "context" and planted["partial_masks"] is True
     assert cli("synth", "--out", tmp_path / "q", "--class-signal", "stroma").exit_code == 2
+
+
+def test_the_files_do_not_depend_on_how_many_processes_draw_them(tmp_path, monkeypatch):
+    import hashlib
+
+    from histoembed import synthetic
+
+    def digest(folder):
+        return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    made = {}
+    for processes in (1, 2):
+        monkeypatch.setattr(synthetic.cpus, "usable_cpus", lambda n=processes: n)
+        synthetic.make_dataset(tmp_path / str(processes), n_train=60, n_test=12, seed=5, size_range=(64, 96),
+                               mask_twins=2, near_duplicates=2, stain_shift=0.5)
+        made[processes] = digest(tmp_path / str(processes))
+    assert len(made[1]) == 2 * 72 + 2 and made[1] == made[2]

@@ -7,8 +7,10 @@ splits named from img_0000.png, image sizes spread like the real PNGs (0.2-3.6 M
 its own process in a folder that holds ``data/``, with ``efficientnet-lite0`` as the encoder
 of both QC and embed, and reports each stage's wall time, CPU time and peak resident memory
 (``wait4`` of that process), plus whether QC found the planted mask twins and test copies
-(missed / false pairs). ``--encoder vit-s`` embeds with a ViT-S/16 of random weights instead
-(``bench_embed.MODELS``, saved once under --out; QC keeps efficientnet-lite0).
+(missed / false pairs). ``--encoder vit-s`` or ``vit-l`` embeds with a ViT/16 of random weights
+instead (``bench_embed.MODELS``, saved under --out; ViT-L costs what Phikon-v2 costs; QC keeps
+efficientnet-lite0); the stages run on the GPU when there is one (``benchmarks/gpu.sh`` runs
+this with ViT-L). ``--json`` writes the figures after every stage, so a run cut short keeps them.
 
     python benchmarks/bench_fullscale.py                 # realistic sizes (long: see RESULTS.md)
     python benchmarks/bench_fullscale.py --encoder vit-s
@@ -82,8 +84,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=4, help="Views per crop (`embed --repeats`).")
     ap.add_argument("--folds", type=int, default=10, help="`fit --folds`.")
     ap.add_argument("--seed", type=int, default=0, help="Seed of the generated data.")
-    ap.add_argument("--encoder", choices=["efficientnet-lite0", "vit-s"], default="efficientnet-lite0",
-                    help="Encoder of the embed stage: the packaged EfficientNet-Lite0 or a ViT-S/16 of random weights.")
+    ap.add_argument("--encoder", choices=["efficientnet-lite0", "vit-s", "vit-l"], default="efficientnet-lite0",
+                    help="Encoder of the embed stage: the packaged EfficientNet-Lite0 or a ViT/16 of random weights.")
+    ap.add_argument("--json", type=Path, help="Write the figures here (after every stage).")
     args = ap.parse_args()
 
     root = args.out
@@ -91,11 +94,11 @@ def main() -> None:
     data, made = make_data(root, args.size_scale, args.seed)
     shutil.rmtree(root / "run", ignore_errors=True)
     encoder = args.encoder
-    if encoder == "vit-s":
+    if encoder.startswith("vit-"):
         sys.path.insert(0, str(Path(__file__).parent))
         from bench_embed import save_model
 
-        encoder = str(save_model(root / "vit-s", "vit-s").resolve())
+        encoder = str(save_model(root / encoder, encoder).resolve())
     (root / "histoembed.toml").write_text(f'[qc]\nencoder = "efficientnet-lite0"\n\n[embed]\nencoder = "{encoder}"\n')
     sizes = sorted(p.stat().st_size for p in data.glob("*_data/img_*.png"))
     print(f"data: {len(sizes)} images, PNG {sizes[0] / 1e6:.2f}-{sizes[-1] / 1e6:.2f} MB "
@@ -105,11 +108,16 @@ def main() -> None:
     commands = [["qc"], ["crops"], ["embed", "--repeats", str(args.repeats)], ["fit", "--folds", str(args.folds)],
                 ["submit"]]
     results = {}
+    record = {"encoder": args.encoder, "size_scale": args.size_scale, "images": len(sizes), "synth_s": made or None,
+              "cpus": os.cpu_count(), "stages": results}
     for cmd in commands:
-        results[" ".join(cmd)] = r = run_stage(cmd, root)
+        r = run_stage(cmd, root)
+        results[" ".join(cmd)] = {k: round(v, 1) for k, v in r.items() if k != "output"}
         print(f"histoembed {' '.join(cmd):<18} wall {r['wall_s']:7.1f} s  cpu {r['cpu_s']:7.1f} s  "
               f"peak {r['peak_mib']:6.0f} MiB  (load {os.getloadavg()[0]:.1f})", flush=True)
+        write_json(args.json, record)
     total = sum(r["wall_s"] for r in results.values())
+    record["qc_to_submission_s"] = round(total, 1)
     print(f"all stages: wall {total:.1f} s")
 
     with (root / "run" / "submission.csv").open(newline="") as f:
@@ -124,7 +132,17 @@ def main() -> None:
           f"test copies found/missed/false: {found['test_copies']}")
     for test_id, train_id in found["false_test_copies"]:
         print(f"  listed but not planted: test {test_id} ~ train {train_id}")
+    record.update(macro_f1=f1, qc_found_missed_false=found)
+    write_json(args.json, record)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
+def write_json(path: Path | None, record: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -188,3 +188,17 @@ def test_a_failed_compilation_is_a_clear_error(tmp_path, cli, monkeypatch):
     assert result.exit_code == 2
     assert "torch.compile could not compile encoder" in result.output and "without --compile" in result.output
     assert not list((tmp_path / store.FEATURES_DIR).rglob("part-*.parquet"))
+
+
+def test_a_device_without_float8_products_is_a_clear_error(tmp_path, monkeypatch):
+    from histoembed.core.errors import UserError
+
+    enc = load_encoder(str(save_tiny_vit(tmp_path / "fine")), precision="fp8")
+
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("_scaled_mm is not supported on this device")
+
+    monkeypatch.setattr(torch, "_scaled_mm", no_kernel)
+    with pytest.raises(UserError, match="float8 matrix products fail on cpu") as e:
+        enc(crops01())
+    assert "bf16" in e.value.hint

@@ -155,8 +155,12 @@ class Float8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, scale = fp8_scales(x.reshape(-1, x.shape[-1]))
-        y = torch._scaled_mm(rows, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias,
-                             out_dtype=torch.bfloat16)
+        try:
+            y = torch._scaled_mm(rows, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias,
+                                 out_dtype=torch.bfloat16)
+        except RuntimeError as e:  # a torch build or device without this float8 kernel
+            raise UserError(f"float8 matrix products fail on {x.device} with this torch build ({str(e)[:200]})",
+                            hint="use --precision bf16") from None
         return y.reshape(*x.shape[:-1], self.out_features)
 
 

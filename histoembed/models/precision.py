@@ -61,6 +61,7 @@ def check_precision(encoder, crops01: torch.Tensor, threshold: float = 0.999) ->
     finite = torch.isfinite(low).all(dim=1)
     cos = cosine_per_row(low[finite], ref[finite])
     return PrecisionCheck(
-        encoder=encoder.name, precision=encoder.precision + (" compiled" if encoder.compile else ""), crops=len(low), nonfinite=int((~finite).sum()),
+        encoder=encoder.name, precision=encoder.precision + (" compiled" if encoder.compile else ""),
+        crops=len(low), nonfinite=int((~finite).sum()),
         min_cosine=float(cos.min()) if len(cos) else float("nan"),
         mean_cosine=float(cos.mean()) if len(cos) else float("nan"), threshold=threshold)

@@ -21,7 +21,7 @@ from pathlib import Path
 CHILD = """
 import json, sys
 from pathlib import Path
-from histoembed import crops, qc
+from histoembed.stages import crops, qc
 from histoembed.core.config import CropSettings, QCSettings
 data, run, stage = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 if stage == "qc":
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=30_000, help="the bomb's width and height")
     args = ap.parse_args()
 
-    from histoembed.synthetic import make_dataset, write_blank_png
+    from histoembed.tools.synthetic import make_dataset, write_blank_png
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

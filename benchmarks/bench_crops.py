@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def make_images(root: Path, n: int, side: int, seed: int) -> Path:
     """n synthetic side x side training images in the reference layout, made once per (n, side, seed)."""
-    from histoembed.synthetic import make_dataset
+    from histoembed.tools.synthetic import make_dataset
 
     marker = root / f".made-{n}-{side}-{seed}"
     if marker.exists():
@@ -47,7 +47,7 @@ def time_stage(data: Path, workers: int, repeats: int, strategy: str, keep: Path
     """Best wall time of ``repeats`` full runs of the stage, and the crops written (the last crops.parquet
     is copied to ``keep`` when given)."""
     from histoembed.core.config import CropSettings
-    from histoembed.crops import run_crops
+    from histoembed.stages.crops import run_crops
 
     best, n_crops = float("inf"), 0
     for _ in range(repeats):
@@ -82,7 +82,7 @@ def same_rows(a: Path, b: Path) -> bool:
 
 
 def compare(args: argparse.Namespace, data: Path) -> None:
-    from histoembed.crops import n_workers
+    from histoembed.stages.crops import n_workers
 
     cores = n_workers(0)
     sides = {"baseline": args.baseline.resolve(), "this": ROOT}
@@ -108,7 +108,7 @@ def compare(args: argparse.Namespace, data: Path) -> None:
 
 
 def main() -> None:
-    from histoembed.crops import n_workers
+    from histoembed.stages.crops import n_workers
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=16, help="Generated images.")

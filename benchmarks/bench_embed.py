@@ -53,7 +53,7 @@ def write_crops(run: Path, n_crops: int, seed: int = 0, size: int = 224) -> None
     import pyarrow.parquet as pq
 
     from histoembed.core import store
-    from histoembed.synthetic import LABELS, tissue_image
+    from histoembed.tools.synthetic import LABELS, tissue_image
 
     pngs = []
     for i in range(16):
@@ -82,7 +82,7 @@ def throughput(model: Path, n_crops: int, repeats: int, batch_size: int, workers
     import torch
 
     from histoembed.core.config import AugmentSettings, EmbedSettings
-    from histoembed.embed import run_embed
+    from histoembed.stages.embed import run_embed
 
     settings = EmbedSettings(encoder=str(model), repeats=repeats, batch_size=batch_size, workers=workers,
                              device=device)
@@ -162,7 +162,7 @@ def vm_hwm_mib() -> float:
 def peak_rss_child(model: Path, n_crops: int, workers: int) -> None:
     """Runs in a fresh process: prints the stage's peak RSS (MiB) as JSON."""
     from histoembed.core.config import AugmentSettings, EmbedSettings
-    from histoembed.embed import run_embed
+    from histoembed.stages.embed import run_embed
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp)

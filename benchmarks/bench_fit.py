@@ -60,7 +60,7 @@ def main() -> None:
     head_sets = args.heads or ["mlp,xgb", "mlp,xgb,logreg,abmil"]
     jobs = ([("baseline", None, args.baseline)] if args.baseline else []) + [(h, h, None) for h in head_sets]
 
-    from histoembed.synthetic import write_synthetic_features
+    from histoembed.tools.synthetic import write_synthetic_features
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 def make_data(root: Path, size_scale: float, seed: int) -> tuple[Path, float]:
     """The full-scale dataset under root/data, made once per (size_scale, seed); seconds spent making it."""
-    from histoembed.synthetic import reference_scale
+    from histoembed.tools.synthetic import reference_scale
 
     data = root / "data"
     marker = root / f".made-{size_scale}-{seed}"

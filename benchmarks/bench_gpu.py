@@ -10,7 +10,7 @@ measured in this one process, so ratios compare like with like. Sections, each o
             with ``save_pretrained`` and loaded by ``histoembed.models.encoders``) on ready float
             tensors, the package's bf16 (on CUDA a bf16 copy of the weights) and fp32, crops/s
             at several batch sizes.
-- stage:    ``histoembed.embed.run_embed`` (what ``histoembed embed`` calls) from a
+- stage:    ``histoembed.stages.embed.run_embed`` (what ``histoembed embed`` calls) from a
             crops.parquet of synthetic H&E crops: read, decode PNG in workers, augment on the
             device, forward, write the Parquet store; 4 views in bf16, crop-views/s and its
             ratio to the bare bf16 forward at the same batch size. The store of a 2-batch
@@ -257,7 +257,7 @@ def timed_stage(r: Run, model: str, tag: str, precision: str | None = None, n_cr
     time left (or ``n_crops``, rounded up to whole batches); each in a run folder of its own (``tag``).
     Settings left None are chosen as ``histoembed embed`` chooses them (``seams.sized``)."""
     from histoembed.core.config import AugmentSettings
-    from histoembed.embed import run_embed
+    from histoembed.stages.embed import run_embed
     from histoembed.engines.seams import sized
 
     p = r.plan

@@ -1,7 +1,7 @@
 """Peak memory of `histoembed fit --encoder A,B` on two generated 1,536-d stores of the reference size.
 
 691 training + 477 test images x 10 crops x 4 views, two encoders of 1,536-d each (the same crops
-and views), 4 classes. Each fit is a fresh process (the fit stage, ``histoembed.fit.run_fit`` with the
+and views), 4 classes. Each fit is a fresh process (the fit stage, ``histoembed.stages.fit.run_fit`` with the
 settings ``histoembed fit ARGS`` resolves, without the drift check the command runs after it) that
 reports its own peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``):
 
@@ -26,12 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-# The fit stage alone (histoembed.fit.run_fit with the settings `histoembed fit ARGS` resolves), without the
+# The fit stage alone (histoembed.stages.fit.run_fit with the settings `histoembed fit ARGS` resolves), without the
 # drift check the command runs after it, so the peak is the fit's.
 CHILD = ("import resource, sys\n"
          "from histoembed.cli.app import show_settings\n"
          "from histoembed.core import config as cfg\n"
-         "from histoembed.fit import run_fit\n"
+         "from histoembed.stages.fit import run_fit\n"
          "import tomllib\n"
          "settings = cfg.FitSettings.model_validate(tomllib.loads(show_settings('fit', {args!r}))['fit'])\n"
          "run_fit({run!r}, settings)\n"
@@ -49,7 +49,7 @@ batch_size = 512
 
 
 def make_run(run: Path, train: int, test: int, crops: int, views: int, dim: int) -> None:
-    from histoembed import synthetic
+    from histoembed.tools import synthetic
 
     common = {"n_images": train, "n_test": test, "n_classes": 4, "crops": crops, "views": views, "dim": dim,
               "seed": 0}

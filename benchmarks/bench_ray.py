@@ -59,7 +59,7 @@ def compare(make_run: Callable[[str], Path], settings, augment, rounds: int = 1)
     """
     import numpy as np
 
-    from histoembed.embed import read_store, run_embed
+    from histoembed.stages.embed import read_store, run_embed
     from histoembed.engines import ray as ray_engine
 
     done = {"local": [], "ray": []}  # (rows, seconds, run folder) of each embed

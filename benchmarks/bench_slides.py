@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from histoembed.core import store  # noqa: E402
 from histoembed.engines.seams import CropBatches  # noqa: E402
 from histoembed.inputs import slides  # noqa: E402
-from histoembed.synthetic import SlideSpec, write_slide  # noqa: E402
+from histoembed.tools.synthetic import SlideSpec, write_slide  # noqa: E402
 
 
 def child_peak_mb(args: list[str], cwd: Path) -> tuple[float, float]:

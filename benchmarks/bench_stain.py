@@ -28,7 +28,7 @@ from bench_embed import save_model, write_crops  # noqa: E402  (a sibling script
 def stage_seconds(run: Path, model: Path, method: str, args) -> tuple[float, dict | None]:
     from histoembed.core import store
     from histoembed.core.config import AugmentSettings, EmbedSettings
-    from histoembed.embed import run_embed
+    from histoembed.stages.embed import run_embed
 
     shutil.rmtree(run / store.FEATURES_DIR, ignore_errors=True)   # a fresh store, and a fresh target
     settings = EmbedSettings(encoder=str(model), repeats=args.repeats, batch_size=args.batch_size,

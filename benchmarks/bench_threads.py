@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from histoembed.core.cpus import usable_cpus
-    from histoembed.synthetic import write_synthetic_features
+    from histoembed.tools.synthetic import write_synthetic_features
 
     cpus = usable_cpus()
     half = max(1, cpus // 2)

@@ -36,7 +36,7 @@ PYEOF
     fi
 fi
 export PYTHONPATH=$PYPATH${PYTHONPATH:+:$PYTHONPATH}
-"$PY" -c 'import histoembed.embed' || echo "warning: histoembed.embed does not import; see above" >&2
+"$PY" -c 'import histoembed.stages.embed' || echo "warning: histoembed.stages.embed does not import; see above" >&2
 # The ray section starts a local Ray instance, which binds to the machine's network address unless
 # it runs in a network namespace with loopback alone: as root, the benchmark runs in one.
 NETNS=()

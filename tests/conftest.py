@@ -63,8 +63,8 @@ def pipeline_run(tmp_path_factory, pipeline_settings) -> tuple[Path, Path]:
 
     Test images are named img_0000.png on, like the training images (the real challenge's layout).
     """
-    from histoembed.demo import run_pipeline
-    from histoembed.synthetic import make_dataset
+    from histoembed.tools.demo import run_pipeline
+    from histoembed.tools.synthetic import make_dataset
 
     root = tmp_path_factory.mktemp("pipeline")
     data, run = root / "data", root / "run"

@@ -2,10 +2,11 @@
 function except a heavy one.
 
 The layers, lowest first (``histoembed/<layer>/``): ``core`` (settings, the run folder's files, errors),
-``inputs`` (the data folder, pixel rules), ``maths``, ``models`` (encoders, heads, the fold ensemble),
-``engines`` (local, ray, and the seams they share), then the stages, one module per verb at the package's
-top (``histoembed/qc.py`` .. ``histoembed/submit.py``), and the command line (``cli``) above them all. A
-module imports from its own layer or a lower one, deferred imports included.
+``inputs`` (the data folder, the crop recipe, the run's provenance), ``maths``, ``models`` (encoders, heads,
+the fold ensemble, maps), ``engines`` (local, ray, and what they share), ``stages`` (one module or package per
+verb, listed in pipeline order in ``stages/__init__.py``), ``tools`` (demo, synthetic data, compare), and the
+command line (``cli``) above them all. A module imports from its own layer or a lower one, deferred imports
+included, and a stage never imports another stage: what two stages share lives below them.
 
 An import inside a function hides a dependency from the reader; it is allowed only where it keeps a
 heavy library (torch and friends, scikit-learn, matplotlib) out of commands that do not need it, e.g.
@@ -102,25 +103,84 @@ def test_no_import_cycle():
     assert not find_cycles(edges), "import cycles: " + "; ".join(" -> ".join(c) for c in find_cycles(edges))
 
 
-LAYERS = ("core", "inputs", "maths", "models", "engines", "stages", "cli")
+LAYERS = ("core", "inputs", "maths", "models", "engines", "stages", "tools", "cli")
 
 
 def layer(module: str) -> str:
-    """The layer of a histoembed module: its subpackage, ``stages`` for the top-level modules."""
+    """The layer of a histoembed module: its subpackage."""
     parts = module.split(".")
     if module in ("histoembed", "histoembed.core.errors"):
         return "core"  # the package itself only names the version and UserError
     if parts[1:2] == ["__main__"]:
         return "cli"
-    return parts[1] if len(parts) >= 2 and parts[1] in LAYERS else "stages"
+    assert len(parts) >= 2 and parts[1] in LAYERS, f"{module} sits in no layer"
+    return parts[1]
+
+
+def stage_of(module: str) -> str | None:
+    """The stage a module belongs to (``histoembed.stages.fit.folds`` -> ``fit``), None outside the stages."""
+    parts = module.split(".")
+    return parts[2] if len(parts) >= 3 and parts[1] == "stages" else None
 
 
 def test_every_module_sits_in_a_layer():
-    packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
-    assert packages == set(LAYERS) - {"stages"}, packages
-    stages = sorted(m for m in MODULES if layer(m) == "stages")
-    assert stages == [f"histoembed.{s}" for s in ("compare", "crops", "demo", "drift", "embed", "fit", "predict", "qc",
-                                                   "report", "submit", "synthetic")], stages
+    packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py") if p.parent.parent == PACKAGE}
+    assert packages == set(LAYERS), packages
+    top_files = {p.name for p in PACKAGE.glob("*.py")}
+    assert top_files == {"__init__.py", "__main__.py"}, f"modules at the top: {top_files}"
+    for name in MODULES:
+        layer(name)
+
+
+def test_the_stages_are_listed_in_pipeline_order():
+    from histoembed.stages import PIPELINE
+    on_disk = {stage_of(m) for m in MODULES} - {None}
+    assert set(PIPELINE) == on_disk, on_disk
+    assert PIPELINE[:5] == ("qc", "crops", "embed", "fit", "submit")
+
+
+def test_no_stage_imports_another_stage():
+    crossing = [f"{MODULES[name].relative_to(PACKAGE.parent)}:{line} imports {m}"
+                for name, (top, deferred) in GRAPH.items() for m, line in top + deferred
+                if stage_of(name) and stage_of(m) and stage_of(m) != stage_of(name)]
+    assert not crossing, "stages import stages:\n" + "\n".join(crossing)
+
+
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+
+
+def test_modules_and_functions_stay_small():
+    """Outside ``cli/`` (where a command's function lists its options), no module over 500 lines and no function
+    over 80: past that a reader cannot hold the module's one job, or the function's, at once."""
+    long_modules, long_functions = [], []
+    for name, path in MODULES.items():
+        if layer(name) == "cli":
+            continue
+        text = path.read_text()
+        if text.count("\n") > MAX_MODULE_LINES:
+            long_modules.append(f"{path.relative_to(PACKAGE.parent)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}: {n} lines")
+    assert not long_modules + long_functions, "\n".join(long_modules + long_functions)
+
+
+def test_the_import_chain_below_the_command_line_is_short():
+    """The longest chain of top-level imports from a stage or tool down to the last module it needs, in files:
+    a reader following an import from a verb's code reaches the bottom in a few steps."""
+    edges = {name: sorted({m for m, _ in top if m in MODULES and m != name}) for name, (top, _) in GRAPH.items()}
+    depth: dict[str, int] = {}
+
+    def deepest(name: str) -> int:
+        if name not in depth:
+            depth[name] = 1 + max((deepest(m) for m in edges[name] if not m.startswith(name + ".")), default=0)
+        return depth[name]
+
+    longest = max((deepest(m), m) for m in MODULES if layer(m) in ("stages", "tools"))
+    assert longest[0] <= 9, f"{longest[1]} sits {longest[0]} files above the bottom"
 
 
 def test_imports_point_down_the_layers():
@@ -153,11 +213,12 @@ def test_imports_inside_functions_are_heavy_only():
 
 def test_the_walk_sees_what_it_checks():
     """The checks above would pass on an empty graph; make sure they look at the real one."""
-    assert {"histoembed.qc", "histoembed.crops", "histoembed.inputs.pixels", "histoembed.cli.app"} <= set(MODULES)
-    assert is_heavy("histoembed.embed") and not is_heavy("histoembed.inputs.pixels")
-    assert "histoembed.inputs.pixels" in {m for m, _ in GRAPH["histoembed.qc"][0]}
-    assert "histoembed.engines.seams" in {m for m, _ in GRAPH["histoembed.qc"][1]}  # deferred: it loads torch
-    assert layer("histoembed.models.heads.mlp") == "models" and layer("histoembed.fit") == "stages"
+    assert {"histoembed.stages.qc", "histoembed.stages.crops", "histoembed.inputs.pixels", "histoembed.cli.app"} <= set(MODULES)
+    assert is_heavy("histoembed.stages.embed") and not is_heavy("histoembed.inputs.pixels")
+    assert "histoembed.inputs.pixels" in {m for m, _ in GRAPH["histoembed.stages.qc"][0]}
+    assert "histoembed.engines.seams" in {m for m, _ in GRAPH["histoembed.stages.qc"][1]}  # deferred: it loads torch
+    assert layer("histoembed.models.heads.mlp") == "models" and layer("histoembed.stages.fit") == "stages"
+    assert stage_of("histoembed.stages.fit") == "fit" and stage_of("histoembed.models.drift") is None
     assert find_cycles({"a": ["b"], "b": ["a"]}) and not find_cycles({"a": ["b"], "b": []})
 
 
@@ -168,7 +229,7 @@ def test_ray_is_optional_and_loaded_only_for_its_engine():
            if m.split(".")[0] == "ray" or m == "histoembed.engines.ray"]
     assert not top, top
     deferred = {name for name, (_, d) in GRAPH.items() for m, _ in d if m == "histoembed.engines.ray"}
-    assert deferred == {"histoembed.embed", "histoembed.crops"}
+    assert deferred == {"histoembed.stages.embed", "histoembed.stages.crops"}
     assert {m for m, _ in GRAPH["histoembed.engines.ray"][1]} == {"ray", "ray.data"}
 
 

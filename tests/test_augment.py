@@ -229,7 +229,7 @@ def test_stain_scales_and_shifts_the_hed_densities():
 
 def he_crops(n: int, size: int = 64) -> torch.Tensor:
     """Synthetic H&E crops, [n, 3, size, size] in [0, 1]."""
-    from histoembed.synthetic import LABELS, tissue_image
+    from histoembed.tools.synthetic import LABELS, tissue_image
 
     rgb = [tissue_image(np.random.default_rng([5, i]), size, size, LABELS[i % 4])[0] for i in range(n)]
     return torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2).float() / 255
@@ -257,7 +257,7 @@ def test_the_macenko_perturbation_scales_and_shifts_each_crops_own_stain_concent
 
 
 def test_the_macenko_perturbation_keeps_every_other_draw_and_depends_on_the_key_alone():
-    from histoembed.synthetic import cartoon_image
+    from histoembed.tools.synthetic import cartoon_image
 
     ids, index, views = ["a", "b", "c", "d"], [0, 1, 2, 3], [1, 1, 2, 3]
     off = draw_view_params(ids, index, views, AugmentSettings(), 0, 64, 64)

@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from histoembed import compare, fit, synthetic
+from histoembed.tools import compare, synthetic
+from histoembed.stages import fit
 from histoembed.core.config import FitSettings, MLPSettings, XGBSettings
 from histoembed.core.errors import UserError
 

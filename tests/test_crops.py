@@ -18,10 +18,10 @@ from skimage.filters import threshold_otsu
 from skimage.measure import label as sk_label
 from skimage.measure import regionprops
 
-from histoembed import crops as crops_mod
+from histoembed.stages import crops as crops_mod
 from histoembed.core import store
 from histoembed.core.config import MEAN_FILL, CropSettings
-from histoembed.crops import components, crop_image, grow_box, otsu_binarise, square_crop, tile_starts
+from histoembed.inputs.cropping import components, crop_image, grow_box, otsu_binarise, square_crop, tile_starts
 from histoembed.inputs.pixels import tissue_mask_by_colour
 
 PINK = (220, 130, 190)
@@ -401,7 +401,7 @@ def test_a_cartoon_copied_over_an_image_after_qc_stops_crops(cli, tmp_path):
     after QC would go into training unflagged; crops names the image, qc.parquet and what to run."""
     import shutil
 
-    from histoembed.synthetic import make_dataset
+    from histoembed.tools.synthetic import make_dataset
 
     data, run = tmp_path / "data", tmp_path / "run"
     make_dataset(data, n_train=12, n_test=2, seed=3, size_range=(128, 192))
@@ -426,7 +426,7 @@ def test_a_cartoon_copied_over_an_image_after_qc_stops_crops(cli, tmp_path):
 
 
 def test_a_qc_table_lists_the_images_it_checked_and_what_changed_since():
-    from histoembed.qc import SAMPLE_STAMPS, changed_since
+    from histoembed.inputs.provenance import SAMPLE_STAMPS, changed_since
 
     meta = {SAMPLE_STAMPS: [["train", "a.png", "1", "m1"], ["test", "a.png", "2", None]]}
     assert changed_since(meta, [("train", "a.png", "1", "m1"), ("test", "a.png", "2", None)]) == []
@@ -493,7 +493,7 @@ def test_a_label_that_qc_empties_stops_crops_and_names_it(cli, tmp_path):
 
 
 def test_qc_ink_is_repaired_before_cropping(cli, tmp_path):
-    pytest.importorskip("histoembed.qc")
+    pytest.importorskip("histoembed.stages.qc")
     rgb = pink_image(120, 120)
     cv2.line(rgb, (10, 40), (110, 60), (40, 150, 70), 8)
     mask = np.zeros((120, 120), np.uint8)

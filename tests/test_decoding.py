@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from histoembed import crops as crops_mod
+from histoembed.inputs import cropping
+from histoembed.stages import crops as crops_mod
 from histoembed.core import store
 from histoembed.core.config import CropSettings
 from histoembed.core.errors import UserError
@@ -80,14 +81,14 @@ def test_bad_files_keep_their_messages(pngs, tmp_path):
 def _old_path(monkeypatch) -> None:
     """Decode with PIL and label components with OpenCV's default algorithm, as before."""
     monkeypatch.setattr(dataset, "_plain_png", lambda path, max_pixels: None)
-    monkeypatch.setattr(crops_mod.cv2, "connectedComponentsWithStatsWithAlgorithm",
+    monkeypatch.setattr(cropping.cv2, "connectedComponentsWithStatsWithAlgorithm",
                         lambda img, conn, ltype, algo: cv2.connectedComponentsWithStats(img, connectivity=conn))
 
 
 @pytest.mark.parametrize("settings", [dict(), dict(strategy="grid"), dict(mask_mode="union", fill_outside_mask=True),
                                       dict(strategy="center", scales=(1.0, 2.0))])
 def test_crops_parquet_is_unchanged(tmp_path, monkeypatch, settings):
-    from histoembed.synthetic import make_dataset
+    from histoembed.tools.synthetic import make_dataset
 
     data = tmp_path / "data"
     make_dataset(data, n_train=10, n_test=3, seed=3, size_range=(150, 260))  # outliers: ink, blank, cartoon
@@ -106,7 +107,7 @@ def test_crops_parquet_is_unchanged(tmp_path, monkeypatch, settings):
 def test_components_match_the_default_algorithm():
     """Labelled in the foreground's box by BBDT: the same components, boxes and centroids (to the bit)."""
     rng = np.random.default_rng(1)
-    assert crops_mod.components(np.zeros((9, 7), bool), k=5, min_area=1) == []
+    assert cropping.components(np.zeros((9, 7), bool), k=5, min_area=1) == []
     for t in range(40):
         blobs = cv2.GaussianBlur(rng.random((120, 150)).astype(np.float32), (0, 0), 1 + t % 4) > 0.5
         binary = np.zeros((120 + 2 * t, 150 + 3 * t), bool)  # blobs away from the corner, at odd offsets too
@@ -114,7 +115,7 @@ def test_components_match_the_default_algorithm():
             binary[:120, :150] = blobs
         else:
             binary[t:t + 120, 2 * t + 1:2 * t + 151] = blobs & (rng.random(blobs.shape) < 0.97)
-        got = crops_mod.components(binary, k=50, min_area=1)
+        got = cropping.components(binary, k=50, min_area=1)
         n, _, stats, centroids = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
         want = sorted(((int(stats[i][4]), int(stats[i][1]), int(stats[i][0]), tuple(centroids[i])) for i in range(1, n)),
                       key=lambda t: (-t[0], t[1], t[2]))

@@ -215,7 +215,7 @@ def test_the_readme_first_commands_run_on_a_small_dataset(app, tmp_path, monkeyp
     import tomllib
 
     from histoembed.core import config as cfg
-    from histoembed.synthetic import make_dataset
+    from histoembed.tools.synthetic import make_dataset
 
     make_dataset(tmp_path / "data", n_train=8, n_test=3, seed=0, size_range=(96, 128), outliers=False)
     monkeypatch.chdir(tmp_path)

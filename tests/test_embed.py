@@ -17,7 +17,7 @@ import torch
 from histoembed.core import store
 from histoembed.core.config import AugmentSettings, EmbedSettings
 from histoembed.core.errors import UserError
-from histoembed.embed import read_store, run_embed
+from histoembed.stages.embed import read_store, run_embed
 from histoembed.engines.seams import STOP_AFTER_ENV, embed_crops
 from histoembed.models.encoders import load_encoder
 
@@ -309,7 +309,7 @@ def test_a_store_written_before_split_keys_is_refused(tmp_path, tiny_dinov2):
 
 
 def test_encoder_lists_keep_order_drop_repeats_and_refuse_two_names_for_one_store():
-    from histoembed.embed import encoder_names
+    from histoembed.stages.embed import encoder_names
 
     assert encoder_names("virchow2, uni2-h,virchow2") == ["virchow2", "uni2-h"]
     with pytest.raises(UserError, match="same store"):

@@ -60,7 +60,7 @@ early_stopping_rounds = 5
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_dinov2) -> Path:
-    from histoembed.synthetic import make_dataset
+    from histoembed.tools.synthetic import make_dataset
     root = tmp_path_factory.mktemp("e2e")
     make_dataset(root / "data", n_train=100, n_test=8, seed=3, outliers=True)  # >= 10 images a class
     (root / "histoembed.toml").write_text(small_settings_toml(tiny_dinov2))

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from histoembed.core import store
-from histoembed.synthetic import write_synthetic_features
+from histoembed.tools.synthetic import write_synthetic_features
 
 
 def small_data(root: Path) -> Path:
-    from histoembed.synthetic import make_dataset
+    from histoembed.tools.synthetic import make_dataset
 
     make_dataset(root, n_train=6, n_test=2, seed=0, outliers=False, size_range=(160, 200))
     return root

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support
 
-from histoembed import fit, synthetic
+from histoembed.stages import fit
+from histoembed.tools import synthetic
 from histoembed.core import store
 from histoembed.core.config import ABMILSettings, FitSettings, MLPSettings, XGBSettings
 from histoembed.core.errors import UserError

@@ -32,7 +32,7 @@ THREADS = {"OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_dinov2) -> Path:
-    from histoembed.synthetic import reference_scale
+    from histoembed.tools.synthetic import reference_scale
 
     root = tmp_path_factory.mktemp("fullscale")
     reference_scale(root / "data", seed=0, size_scale=SIZE_SCALE)

@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from histoembed import compare, fit, synthetic
+from histoembed.tools import compare, synthetic
+from histoembed.stages import fit
 from histoembed.core import store
 from histoembed.core.config import FitSettings, LogRegSettings, MLPSettings, XGBSettings
 from histoembed.core.errors import UserError
@@ -201,7 +202,7 @@ patience = 2
 @pytest.mark.slow
 def test_embed_fit_submit_predict_report_and_compare_with_two_encoders_through_the_cli(tmp_path, cli,
                                                                                        two_tiny_dinov2):
-    from histoembed.synthetic import make_dataset
+    from histoembed.tools.synthetic import make_dataset
 
     narrow, wide = two_tiny_dinov2
     data, run = tmp_path / "data", tmp_path / "run"

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from histoembed.core import store
-from histoembed.predict import predict_images
+from histoembed.stages.predict import predict_images
 
 
 def test_a_test_image_is_predicted_as_submit_predicted_it(pipeline_run):

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from histoembed import qc
+from histoembed.inputs import provenance
+from histoembed.stages import qc
 from histoembed.core import store
 from histoembed.core.config import QCSettings
 from histoembed.inputs import pixels
@@ -85,7 +86,7 @@ def clean_images(n: int, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarra
 def planted_dataset(root: Path, seed: int = 0, **kwargs) -> tuple[Path, dict[str, str]]:
     """The synthetic dataset with its planted cartoon (a mask twin), ink smear, empty mask and test near-copy;
     the flag of each planted training image."""
-    from histoembed.synthetic import make_dataset
+    from histoembed.tools.synthetic import make_dataset
 
     make_dataset(root, kwargs.pop("n_train", 16), kwargs.pop("n_test", 4), seed, outliers=True, **kwargs)
     planted = json.loads((root / "planted.json").read_text())
@@ -345,15 +346,15 @@ def test_qc_records_the_bytes_it_checked_and_an_older_table_without_them_is_redo
     run = tmp_path / "run"
     assert cli("qc", "--data", data, "--run", run, "--no-embed").exit_code == 0
     meta = store.read_meta(run / store.QC_FILE)
-    stamps = {(split, image_id): (image, mask) for split, image_id, image, mask in meta[qc.SAMPLE_STAMPS]}
+    stamps = {(split, image_id): (image, mask) for split, image_id, image, mask in meta[provenance.SAMPLE_STAMPS]}
     image = data / "train_data" / "img_0000.png"
     assert stamps[("train", "img_0000.png")][0] == hashlib.sha256(image.read_bytes()).hexdigest()
-    del meta[qc.SAMPLE_STAMPS]
+    del meta[provenance.SAMPLE_STAMPS]
     table = pq.read_table(run / store.QC_FILE)
     pq.write_table(table.replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), run / store.QC_FILE)
     again = cli("qc", "--data", data, "--run", run, "--no-embed")
     assert again.exit_code == 0 and "up to date" not in again.output
-    assert qc.SAMPLE_STAMPS in store.read_meta(run / store.QC_FILE)
+    assert provenance.SAMPLE_STAMPS in store.read_meta(run / store.QC_FILE)
 
 
 def test_rerun_with_unchanged_inputs_does_nothing(cli, tmp_path):

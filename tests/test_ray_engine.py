@@ -28,7 +28,7 @@ from test_embed import settings, sorted_rows, write_crops
 from histoembed.core import store
 from histoembed.core.config import AugmentSettings
 from histoembed.core.errors import UserError
-from histoembed.embed import read_store, run_embed
+from histoembed.stages.embed import read_store, run_embed
 from histoembed.engines import ray as ray_engine
 from histoembed.engines.seams import STOP_AFTER_ENV
 
@@ -329,7 +329,7 @@ def test_a_local_ray_instance_goes_with_its_terminated_or_killed_driver(tmp_path
 @pytest.fixture(scope="module")
 def slide_cohort(tmp_path_factory) -> Path:
     """Four small synthetic slides (3 train, 1 test), about 2000 px a side at 0.25 um/px."""
-    from histoembed.synthetic import make_slide_cohort
+    from histoembed.tools.synthetic import make_slide_cohort
 
     root = tmp_path_factory.mktemp("slide-cohort")
     make_slide_cohort(root, n=4, seed=7, size=2000, n_test=1)
@@ -391,7 +391,7 @@ def test_a_ray_worker_opens_each_slide_once(slide_cohort, cluster):
     run = slide_cohort / "local"  # the crops of the first slide test, or cut here
     if not (run / store.CROPS_FILE).exists():
         from histoembed.core.config import CropSettings
-        from histoembed.crops import run_crops
+        from histoembed.stages.crops import run_crops
 
         run_crops(slide_cohort / "manifest.csv", run, CropSettings(size=64, mpp=0.5, max_patches=3, workers=1))
     index = ray_engine.CropIndex.read(run)

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histoembed import report
+from histoembed.stages import report
 from histoembed.core import store
-from histoembed.crops import DataChanged
+from histoembed.inputs.provenance import DataChanged
 
 WIDTH = 1280
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -256,7 +256,7 @@ def test_render_check_catches_broken_and_blank_images(tmp_path):
 
 def test_report_ece_equals_metrics_json(written):
     """ECE and NLL in the calibration table are metrics.json's, for the probabilities the curves draw."""
-    from histoembed.fit import calibrated_probabilities
+    from histoembed.models.heads.decisions import calibrated_probabilities
     from histoembed.maths import metrics
 
     _, run, page = written
@@ -277,7 +277,7 @@ def test_report_ece_equals_metrics_json(written):
 
 def test_report_with_attention_mil_maps_its_attention_and_tables_n_way_weights(pipeline_run, tmp_path):
     from histoembed.core.config import FitSettings, MLPSettings
-    from histoembed.fit import run_fit
+    from histoembed.stages.fit import run_fit
 
     data, run = pipeline_run
     copy = tmp_path / "run"
@@ -315,7 +315,7 @@ def test_report_of_a_slide_run_draws_tissue_patch_grid_and_attention(tmp_path, t
     """Ten small slides through crops, embed and fit (abmil): the report draws each slide's thumbnail with its
     tissue outline and patches, and the attention beside it, for the first MAX_SLIDES slides; the flat-image
     sections neither read the slides as images nor fail."""
-    from histoembed.synthetic import make_slide_cohort
+    from histoembed.tools.synthetic import make_slide_cohort
 
     make_slide_cohort(tmp_path, n=10, seed=3, size=2000, n_test=2)
     (tmp_path / "histoembed.toml").write_text(SLIDE_RUN_TOML.format(encoder=tiny_dinov2))
@@ -345,9 +345,9 @@ def test_report_of_a_slide_run_draws_tissue_patch_grid_and_attention(tmp_path, t
 def test_a_slide_figure_puts_patch_boxes_where_the_crops_are(tmp_path):
     """The patch grid is drawn in thumbnail pixels: a level-0 box times the thumbnail's scale."""
     from histoembed.core.config import CropSettings
-    from histoembed.crops import slide_patches, slide_tissue
+    from histoembed.inputs.cropping import slide_patches, slide_tissue
     from histoembed.inputs.dataset import Sample
-    from histoembed.synthetic import SlideSpec, write_slide
+    from histoembed.tools.synthetic import SlideSpec, write_slide
 
     path = write_slide(tmp_path / "a.svs", SlideSpec(4, 2400, 1800, "benign"))
     sample = Sample("a.svs", "train", path, None, "benign", slide=True)

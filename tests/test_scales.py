@@ -63,7 +63,7 @@ def context_run(tmp_path_factory, pipeline_settings):
     from typer.testing import CliRunner
 
     from histoembed.cli import app
-    from histoembed.synthetic import make_dataset
+    from histoembed.tools.synthetic import make_dataset
 
     root = tmp_path_factory.mktemp("scales")
     data, run = root / "data", root / "run"
@@ -102,7 +102,7 @@ def test_context_crops_flow_through_embed_fit_submit_report_and_predict(context_
     rows = list(csv.DictReader((run / store.SUBMISSION_FILE).open()))
     assert len(rows) == 4
     # a test image through predict gets the probabilities submit gave it (its crops at both scales, fused alike)
-    from histoembed.predict import predict_images
+    from histoembed.stages.predict import predict_images
 
     image = data / "test_data" / "img_0000.png"
     [pred] = predict_images(run, [image], [image.with_name("mask_0000.png")], device="cpu")

@@ -19,7 +19,7 @@ from histoembed.core import store
 from histoembed.core.config import CropSettings
 from histoembed.inputs import slides
 from histoembed.inputs.dataset import load_dataset
-from histoembed.synthetic import SlideSpec, make_slide_cohort, write_slide
+from histoembed.tools.synthetic import SlideSpec, make_slide_cohort, write_slide
 
 
 def reference_patch(path: Path, x0: int, y0: int, level: int, side0: int, size: int) -> np.ndarray:
@@ -148,7 +148,7 @@ def test_embedded_patches_are_the_slides_pixels(cohort, cli):
 
 def test_predict_on_a_slide_gives_what_submit_gave(cohort, cli, tmp_path):
     """`histoembed predict` on a slide cuts the run's patches, reads them as embed does and predicts as submit did."""
-    from histoembed.predict import predict_images
+    from histoembed.stages.predict import predict_images
 
     run = cohort / "run"
     table = pq.read_table(run / store.TEST_PREDICTIONS_FILE).to_pydict()
@@ -169,7 +169,7 @@ def test_predict_on_a_slide_gives_what_submit_gave(cohort, cli, tmp_path):
 
 
 def test_fit_folds_keep_a_patients_slides_together(cohort):
-    from histoembed.fit import load_training_set, patient_groups
+    from histoembed.stages.fit import load_training_set, patient_groups
 
     ts = load_training_set(cohort / "run", None, include_flagged=False)
     patients = patient_groups(cohort / "run")

@@ -14,7 +14,7 @@ from histoembed.core import store
 from histoembed.core.config import MEAN_FILL
 from histoembed.core.errors import UserError
 from histoembed.maths import stain
-from histoembed.synthetic import LABELS, cartoon_image, shifted_stains, tissue_image
+from histoembed.tools.synthetic import LABELS, cartoon_image, shifted_stains, tissue_image
 
 
 def to_batch(*crops: np.ndarray) -> torch.Tensor:

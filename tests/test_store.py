@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from histoembed.core import store
-from histoembed.synthetic import write_synthetic_features
+from histoembed.tools.synthetic import write_synthetic_features
 
 TOML = """
 [fit]
@@ -237,9 +237,9 @@ def test_each_stage_key_holds_exactly_the_settings_that_change_the_output():
 
 
 def test_changing_each_setting_re_runs_exactly_the_stages_it_should(tmp_path, tiny_dinov2):
-    from histoembed import crops, embed, fit, qc
+    from histoembed.stages import crops, embed, fit, qc
     from histoembed.core.config import Settings, override
-    from histoembed.synthetic import make_dataset
+    from histoembed.tools.synthetic import make_dataset
 
     data, run = tmp_path / "data", tmp_path / "run"
     make_dataset(data, n_train=16, n_test=2, seed=0, outliers=False, size_range=(96, 128))  # 2+ per class

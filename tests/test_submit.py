@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from histoembed.core import store
-from histoembed.submit import run_submit
+from histoembed.stages.submit import run_submit
 
 
 def _rows(path):
@@ -40,7 +40,7 @@ def test_submission_follows_the_test_folder_and_training_spellings(pipeline_run)
 
 
 def test_a_test_image_without_features_gets_the_prior_and_is_listed(pipeline_run, pipeline_settings, tmp_path, cli):
-    from histoembed.demo import run_pipeline
+    from histoembed.tools.demo import run_pipeline
 
     data, run = pipeline_run
     copy = tmp_path / "data"
@@ -110,7 +110,7 @@ def test_submit_before_fit_says_what_to_run(tmp_path, cli, pipeline_run):
 
 def test_features_the_models_were_not_fitted_on_are_refused(pipeline_run, tmp_path, cli):
     from histoembed.models.inference import load_ensemble
-    from histoembed.synthetic import write_synthetic_features
+    from histoembed.tools.synthetic import write_synthetic_features
 
     data, run = pipeline_run
     run_copy = tmp_path / "run"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from histoembed.inputs.dataset import load_dataset, read_image, read_mask
-from histoembed.synthetic import LABELS, class_counts, make_dataset, tissue_image
+from histoembed.tools.synthetic import LABELS, class_counts, make_dataset, tissue_image
 
 
 def test_reference_layout_labels_and_names_like_the_challenge(tmp_path):
@@ -146,7 +146,7 @@ def test_synth_rejects_bad_sizes(cli, tmp_path, bad):
 
 def test_full_scale_layout_like_the_challenge(cli, tmp_path):
     """691 training images with the real label counts, 477 test images, both from img_0000.png, 60 mask twins."""
-    from histoembed.synthetic import REFERENCE_PIXELS, reference_sizes
+    from histoembed.tools.synthetic import REFERENCE_PIXELS, reference_sizes
 
     out = tmp_path / "full"
     res = cli("synth", "--out", out, "--full-scale", "--size-scale", "0.06", "--seed", 1)
@@ -230,7 +230,7 @@ def test_stain_shift_recolours_groups_of_training_images_and_the_test_split(cli,
 
 def _tinted_towards(rgb: np.ndarray, plain: np.ndarray, region: np.ndarray, label: str) -> bool:
     """Whether ``region``'s pixels moved from ``plain`` towards ``label``'s tint colour (and nothing else moved)."""
-    from histoembed.synthetic import CLASS_TINT
+    from histoembed.tools.synthetic import CLASS_TINT
 
     target = np.asarray(CLASS_TINT[label], float)
     before = np.abs(plain[region].astype(float) - target).mean()
@@ -240,8 +240,8 @@ def _tinted_towards(rgb: np.ndarray, plain: np.ndarray, region: np.ndarray, labe
 
 def test_context_signal_is_a_class_ring_outside_every_default_crop_and_inside_its_context_crop():
     from histoembed.core.config import CropSettings
-    from histoembed.crops import crop_image
-    from histoembed.synthetic import NEUTRAL_LABEL, context_ring, signal_image
+    from histoembed.inputs.cropping import crop_image
+    from histoembed.tools.synthetic import NEUTRAL_LABEL, context_ring, signal_image
 
     for seed, label in enumerate(LABELS):
         rgb, mask = signal_image(np.random.default_rng(seed), 192, 160, label, "context")
@@ -259,9 +259,9 @@ def test_context_signal_is_a_class_ring_outside_every_default_crop_and_inside_it
 
 def test_partial_masks_mark_a_patch_and_miss_the_tissue_that_carries_the_class(cli, tmp_path):
     from histoembed.core.config import CropSettings
-    from histoembed.crops import crop_image
+    from histoembed.inputs.cropping import crop_image
     from histoembed.inputs.pixels import tissue_mask_by_colour
-    from histoembed.synthetic import NEUTRAL_LABEL, signal_image
+    from histoembed.tools.synthetic import NEUTRAL_LABEL, signal_image
 
     for seed, label in enumerate(LABELS):
         rgb, patch = signal_image(np.random.default_rng(seed), 192, 160, label, "tumour", partial=True)
@@ -290,7 +290,7 @@ def test_partial_masks_mark_a_patch_and_miss_the_tissue_that_carries_the_class(c
 def test_the_files_do_not_depend_on_how_many_processes_draw_them(tmp_path, monkeypatch):
     import hashlib
 
-    from histoembed import synthetic
+    from histoembed.tools import synthetic
 
     def digest(folder):
         return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()

@@ -267,7 +267,7 @@ def test_timm_encoders_from_the_cache_run_embed_fit_submit_predict_offline(zoo_c
     import csv
 
     from histoembed.core import store
-    from histoembed.synthetic import make_dataset
+    from histoembed.tools.synthetic import make_dataset
     from test_end_to_end import small_settings_toml
 
     cache, _ = zoo_cache

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from histoembed.cli.app import SeedOpt, command
-from histoembed.compare import run_compare
+from histoembed.tools.compare import run_compare
 from histoembed.core import store
 from histoembed.core.console import console, table
 

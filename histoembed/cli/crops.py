@@ -13,7 +13,7 @@ from histoembed.core import config as cfg
 from histoembed.core.config import Engine, MaskMode, Strategy
 from histoembed.core.console import console
 from histoembed.core.errors import UserError
-from histoembed.crops import run_crops
+from histoembed.stages.crops import run_crops
 
 
 def _parse_fill(text: str | None) -> tuple[int, int, int] | None:

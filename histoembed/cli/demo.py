@@ -11,7 +11,7 @@ import typer
 from histoembed.cli.app import EncoderOpt, SeedOpt, command
 from histoembed.core.config import Settings, load_settings
 from histoembed.core.console import console, table
-from histoembed.demo import DEMO_ENCODER, demo_settings, run_demo
+from histoembed.tools.demo import DEMO_ENCODER, demo_settings, run_demo
 
 
 @command("demo")

@@ -9,7 +9,7 @@ import typer
 
 from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
 from histoembed.core.console import console, table
-from histoembed.drift import DriftResult, run_drift
+from histoembed.stages.drift import DriftResult, run_drift
 
 
 @command("drift")

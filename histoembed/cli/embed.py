@@ -57,7 +57,7 @@ def embed(
                               fallback_fp32=fallback_fp32, threads=threads, engine=engine, ray_address=ray_address,
                               ray_actors=ray_actors, ray_actor_cpus=ray_actor_cpus, stain_norm=stain_norm,
                               stain_target=stain_target, stain_min_tissue=stain_min_tissue)
-    from histoembed.embed import default_shard, parse_shard, run_embeds  # torch: loaded only to embed
+    from histoembed.stages.embed import default_shard, parse_shard, run_embeds  # torch: loaded only to embed
 
     shard_ = parse_shard(shard) if shard else default_shard()
     for result in run_embeds(run, settings.embed, settings.augment, shard=shard_):

@@ -11,8 +11,8 @@ from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settin
 from histoembed.core.config import EncoderFusion, Offsets, ScaleFusion
 from histoembed.core.console import console, table
 from histoembed.core.errors import UserError
-from histoembed.drift import run_drift
-from histoembed.fit import parse_encoders, run_fit
+from histoembed.stages.drift import run_drift
+from histoembed.stages.fit import parse_encoders, run_fit
 from histoembed.models.heads import check_names
 
 

@@ -14,7 +14,7 @@ from histoembed.core import store
 from histoembed.core.config import Device
 from histoembed.core.console import console, table
 from histoembed.core.errors import UserError
-from histoembed.predict import predict_images, resolve_images
+from histoembed.stages.predict import predict_images, resolve_images
 
 
 @command("predict")

@@ -11,7 +11,7 @@ from rich.markup import escape
 from histoembed.cli.app import ConfigOpt, DataOpt, RunOpt, StrictOpt, command, setting, stage_settings
 from histoembed.core import config as cfg
 from histoembed.core.console import console, table
-from histoembed.qc import run_qc
+from histoembed.stages.qc import run_qc
 
 
 @command("qc")

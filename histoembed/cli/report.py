@@ -10,7 +10,7 @@ import typer
 from histoembed.cli.app import RunOpt, VerifyDataOpt, command
 from histoembed.core import store
 from histoembed.core.console import console
-from histoembed.report import write_report
+from histoembed.stages.report import write_report
 
 
 @command("report")

@@ -9,7 +9,7 @@ import typer
 
 from histoembed.cli.app import EncoderOpt, RunDataOpt, RunOpt, VerifyDataOpt, command
 from histoembed.core.console import console, table
-from histoembed.submit import run_submit
+from histoembed.stages.submit import run_submit
 
 
 @command("submit")

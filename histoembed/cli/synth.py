@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from histoembed import synthetic
+from histoembed.tools import synthetic
 from histoembed.cli.app import command
 from histoembed.core.console import console
 from histoembed.core.errors import UserError

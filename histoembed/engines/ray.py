@@ -20,7 +20,7 @@ Exactly once:
   (or a local run, which removes the id) that already counted its crops as missing.
 - At the end the driver checks the store's index: every crop view once, none missing.
 
-crops: one Ray task per image, each running :func:`histoembed.crops._crop_one` (what the local
+crops: one Ray task per image, each running :func:`histoembed.stages.crops._crop_one` (what the local
 worker processes run); the driver writes ``crops.parquet`` in the images' order as before.
 
 Ray moves data between processes with its own in-memory serialisation; nothing it pickles is
@@ -479,7 +479,7 @@ def check_store(store_dir: Path, expected: int) -> None:
 
 def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shard: tuple[int, int] = (0, 1),
               encoder: Encoder | None = None) -> EmbedResult:
-    """``histoembed.embed.run_embed`` on Ray: the same store, written in parts named from their crops."""
+    """``histoembed.stages.embed.run_embed`` on Ray: the same store, written in parts named from their crops."""
     if shard != (0, 1):
         raise UserError(f"--shard {shard[0]}/{shard[1]} splits the crops by hand; --engine ray spreads them over the "
                         "cluster itself", hint="drop --shard (and torchrun) with --engine ray")

@@ -1,6 +1,6 @@
 """What both engines of the embed stage share: the forward of a batch's views, the crops to embed, the store.
 
-The store (``run/features/<encoder-slug>/``) and its contract are described in :mod:`histoembed.embed`.
+The store (``run/features/<encoder-slug>/``) and its contract are described in :mod:`histoembed.stages.embed`.
 Either engine plans the crops still to embed with ``open_store`` (under ``shard_lock``), runs each
 batch through ``queue_batch`` and writes rows built by ``part_rows`` with the schema and metadata
 of ``part_schema``/``store_meta``, so their parts are interchangeable.

@@ -111,3 +111,23 @@ def apply_cross_fitted(per_fold: list[dict], fold: np.ndarray, z: dict[str, np.n
               "weights": {h: per_row(per_fold, fold, "weights", h)[:, None] for h in heads}}
     probs = softmax(fused_logits(params, z))
     return _decide(probs, per_row(per_fold, fold, "offsets"), per_row(per_fold, fold, "conformal_threshold"))
+
+
+def calibrated_probabilities(z: dict[str, np.ndarray], fold: np.ndarray,
+                             fold_params: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per head and fused: (probabilities at T = 1, calibrated), each row with its own fold's T and w.
+
+    ``z`` are the heads' out-of-fold logits, ``fold_params`` calibration.json's ``folds``: the report
+    draws the very probabilities that ``fit`` scored.
+    """
+    heads = fold_params[0]["heads"]
+    out = {}
+    for h in heads:
+        t = per_row(fold_params, fold, "T", h)[:, None]
+        logits = np.asarray(z[h], dtype=np.float64)
+        out[h] = (softmax(logits), softmax(logits / t))
+    weights = {h: per_row(fold_params, fold, "weights", h)[:, None] for h in heads}
+    uncalibrated = {"heads": heads, "weights": weights, "T": dict.fromkeys(heads, 1.0)}
+    out["fused"] = (softmax(fused_logits(uncalibrated, z)),
+                    apply_cross_fitted(fold_params, fold, z).probs)
+    return out

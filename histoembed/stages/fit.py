@@ -42,7 +42,7 @@ from histoembed.core.config import FitSettings, output_settings
 from histoembed.core.console import progress
 from histoembed.core.errors import UserError, from_os_error
 from histoembed.maths import scales
-from histoembed.maths.metrics import accuracy_by_quantile, softmax, summary, view_spread
+from histoembed.maths.metrics import accuracy_by_quantile, summary, view_spread
 from histoembed.models.heads import Bags, Head, check_names, conformal, decisions, fusion
 from histoembed.models.heads import get as get_head
 from histoembed.models import members
@@ -348,27 +348,7 @@ def fit_heads(bags: Bags, y: np.ndarray, groups: np.ndarray, settings: FitSettin
 
 def oof_probabilities(cv: CVResult) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per head and fused: (OOF probabilities at T = 1, calibrated), each row with its own fold's T and w."""
-    return calibrated_probabilities(cv.z, cv.fold, cv.fold_params)
-
-
-def calibrated_probabilities(z: dict[str, np.ndarray], fold: np.ndarray,
-                             fold_params: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per head and fused: (probabilities at T = 1, calibrated), each row with its own fold's T and w.
-
-    ``z`` are the heads' out-of-fold logits, ``fold_params`` calibration.json's ``folds``: the report
-    draws the very probabilities that ``fit`` scored.
-    """
-    heads = fold_params[0]["heads"]
-    out = {}
-    for h in heads:
-        t = decisions.per_row(fold_params, fold, "T", h)[:, None]
-        logits = np.asarray(z[h], dtype=np.float64)
-        out[h] = (softmax(logits), softmax(logits / t))
-    weights = {h: decisions.per_row(fold_params, fold, "weights", h)[:, None] for h in heads}
-    uncalibrated = {"heads": heads, "weights": weights, "T": dict.fromkeys(heads, 1.0)}
-    out["fused"] = (softmax(decisions.fused_logits(uncalibrated, z)),
-                    decisions.apply_cross_fitted(fold_params, fold, z).probs)
-    return out
+    return decisions.calibrated_probabilities(cv.z, cv.fold, cv.fold_params)
 
 
 def oof_view_spread(cv: CVResult) -> np.ndarray:

@@ -1,40 +1,30 @@
-"""Train-versus-test drift: can a classifier tell the test images from the training images?
-
-A cross-validated score promises what the test set gives only when the test images come
-from the training images' distribution. The check is a classifier two-sample test: a
-fixed, regularised linear classifier (standardise, PCA, logistic regression; nothing is
-tuned, so its score is honest) learns "test or train?" from each image's mean clean-view
-embedding, and its out-of-fold AUC says how separable the splits are (0.5: not at all),
-with a bootstrap interval over images. Beside it, each split's stain statistics (the
-haematoxylin and eosin densities of the crops' tissue pixels, Ruifrok-Johnston colour
-deconvolution) say whether the difference looks like staining.
-
-Written to ``run/drift.json``, keyed by the feature store and the crops it was computed on.
-"""
+"""The train-versus-test check's maths and its file: can a classifier tell test from training images by their
+embeddings, and do the stains differ? ``stages/drift.py`` runs it; the report reads ``run/drift.json`` through
+:func:`read_drift`, which refuses a file computed on other features or crops."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from histoembed import __version__
 from histoembed.core import store
 from histoembed.core.config import DriftSettings
 from histoembed.core.errors import UserError
 from histoembed.inputs.pixels import HED_FROM_RGB, OD_EPS
 
-DRIFT_VERSION = 1
+
 DRIFT_FILE = "drift.json"
+
+
 TISSUE_OD = 0.15        # a pixel is tissue when its optical densities sum above this (Macenko's threshold)
+
+
 STAIN_SHIFT_SD = 0.5    # a standardised difference of stain density worth a sentence
-MIN_IMAGES = 5          # per split, below which the test says nothing
+
+
 STAINS = ("haematoxylin", "eosin")
 
-
-# ---------------------------------------------------------------- the maths
 
 def image_means(features: store.Features) -> tuple[np.ndarray, np.ndarray]:
     """(image keys ``split/image_id``, [N, D] mean clean-view embedding per image), keys sorted."""
@@ -129,64 +119,7 @@ def verdict(auc: float, lo: float, hi: float, stain_difference: dict[str, float]
     return True, words
 
 
-# ---------------------------------------------------------------- the stage
-
-@dataclass
-class DriftResult:
-    report: dict      # the content of drift.json
-    skipped: bool     # up to date: nothing computed
-    path: Path
-
-    @property
-    def shifted(self) -> bool:
-        return bool(self.report.get("shifted"))
-
-    @property
-    def finding(self) -> str:
-        return self.report["finding"]
-
-
-def _qc_flagged(run: Path) -> set[str]:
-    table = store.read_qc(run)
-    if table is None:
-        return set()
-    return {f"{s}/{i}" for i, s, f in zip(*(table[c].to_pylist() for c in ("image_id", "split", "flagged"))) if f}
-
-
-def _crops_meta(run: Path) -> dict:
-    path = run / store.CROPS_FILE
-    if not path.exists():
-        raise UserError("crops file not found", path=path, hint="run `histoembed crops`")
-    return store.check_schema(path, "crops")
-
-
-def _stain_table(run: Path, keys: np.ndarray, fill, settings: DriftSettings) -> dict[str, np.ndarray]:
-    """Per image (in ``keys`` order) the mean haematoxylin and eosin density of its first scale-1 crops
-    (context crops show the same tissue again, with more padding)."""
-    table = store.read_table(run / store.CROPS_FILE, "crops file", columns=["image_id", "split", "crop_index", "png"])
-    scales = store.crop_scales(run)
-    index = {k: i for i, k in enumerate(keys)}
-    sums, counts = np.zeros((len(keys), 2)), np.zeros(len(keys))
-    for image_id, split, crop, png in zip(*(table[c].to_pylist() for c in ("image_id", "split", "crop_index", "png"))):
-        i = index.get(f"{split}/{image_id}")
-        if i is None or crop >= settings.stain_crops or not png or scales[(split, image_id, crop)] != 1:
-            continue
-        bgr = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
-        hed = None if bgr is None else stain_densities(bgr[..., ::-1], fill)
-        if hed is not None:
-            sums[i] += hed
-            counts[i] += 1
-    with np.errstate(invalid="ignore"):
-        means = sums / counts[:, None]
-    return {stain: means[:, j] for j, stain in enumerate(STAINS)}
-
-
-def _stain_summary(values: np.ndarray) -> dict:
-    q25, median, q75 = np.percentile(values, [25, 50, 75]) if len(values) else (np.nan,) * 3
-    return {"median": float(median), "q25": float(q25), "q75": float(q75), "images": int(len(values))}
-
-
-def _inputs(run: Path, store_dir: Path) -> dict:
+def drift_inputs(run: Path, store_dir: Path) -> dict:
     """The keys of what the check reads: the feature store and crops.parquet."""
     parts = store.feature_parts(store_dir)
     return {"features": store.read_meta(parts[0]).get("key") if parts else None,
@@ -205,55 +138,6 @@ def read_drift(run: Path) -> tuple[dict | None, str | None]:
         return None, str(e)
     inputs = report.get("inputs") or {}
     store_dir = run / store.FEATURES_DIR / str(inputs.get("store"))
-    if not store_dir.is_dir() or _inputs(run, store_dir) != inputs:
+    if not store_dir.is_dir() or drift_inputs(run, store_dir) != inputs:
         return None, f"{DRIFT_FILE} was computed on other features or crops (re-run `histoembed drift`)"
     return report, None
-
-
-def _compare_splits(run: Path, keys: np.ndarray, x: np.ndarray, is_test: np.ndarray, crops_meta: dict,
-                    settings: DriftSettings) -> dict:
-    auc, lo, hi = two_sample_auc(x, is_test, settings)
-    fill = tuple((crops_meta.get("settings") or {}).get("fill", ())) or None
-    stain, difference = {"train": {}, "test": {}}, {}
-    for name, values in _stain_table(run, keys, fill, settings).items():
-        ok = np.isfinite(values)
-        train, test = values[ok & ~is_test], values[ok & is_test]
-        stain["train"][name], stain["test"][name] = _stain_summary(train), _stain_summary(test)
-        difference[name] = standardised_difference(train, test) if min(len(train), len(test)) > 1 else 0.0
-    shifted, finding = verdict(auc, lo, hi, difference)
-    dims = pca_dims(len(x) - len(x) // settings.folds, x.shape[1], settings.pca_dims)
-    return {"classifier": f"standardise, PCA to {dims} dims, logistic regression (C={settings.c}); out-of-fold "
-                          f"scores ({settings.folds} folds, mean over {settings.repeats} shuffles) of each image's "
-                          "mean clean-view embedding",
-            "auc": auc, "auc_ci": [lo, hi], "bootstrap": settings.bootstrap, "shifted": shifted,
-            "stain": stain, "stain_difference": difference, "finding": finding}
-
-
-def run_drift(run: Path, settings: DriftSettings, encoder: str | None = None) -> DriftResult:
-    """Compare the splits' embeddings and stains (a finding without numbers when a split has too few images)."""
-    run = Path(run)
-    store_dir = store.find_feature_store(run, encoder)
-    crops_meta = _crops_meta(run)
-    inputs = _inputs(run, store_dir)
-    key = store.stage_key("drift", DRIFT_VERSION, settings, inputs)
-    path = run / DRIFT_FILE
-    if path.exists():
-        previous = store.read_json(path, "drift report")
-        if previous.get("key") == key:
-            return DriftResult(previous, True, path)
-    features = store.read_features(store_dir)
-    keys, x = image_means(features)
-    flagged = set() if settings.include_flagged else _qc_flagged(run)
-    keep = np.array([k not in flagged for k in keys], dtype=bool)
-    keys, x = keys[keep], x[keep]
-    is_test = np.array([k.startswith("test/") for k in keys])
-    counts = {"train": int((~is_test).sum()), "test": int(is_test.sum())}
-    report = {"key": key, "version": __version__, "encoder": features.meta.get("encoder"), "inputs": inputs,
-              "images": counts, "left_out_flagged": int((~keep).sum()), "auc": None, "shifted": False}
-    if min(counts.values()) < MIN_IMAGES:
-        report["finding"] = (f"No train-versus-test check: it needs at least {MIN_IMAGES} images of each split "
-                             f"in the features ({counts['train']} training, {counts['test']} test).")
-    else:
-        report.update(_compare_splits(run, keys, x, is_test, crops_meta, settings))
-    store.write_json(report, path)
-    return DriftResult(report, False, path)

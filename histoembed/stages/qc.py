@@ -58,6 +58,7 @@ from histoembed.inputs.dataset import (
     read_image_and_mask,
     read_slide_thumbnail,
 )
+from histoembed.inputs.provenance import SAMPLE_STAMPS, checked_stamps
 from histoembed.inputs.pixels import hue_in, ink_mask, to_hsv, tissue_mask_by_colour
 
 MAX_SIDE = 512          # the colour pass works on images downscaled to this longest side
@@ -384,29 +385,6 @@ def _embed_thumbnails(encoder, thumbs: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- the stage
-
-SAMPLE_STAMPS = "sample_stamps"  # metadata: [split, image_id, image sha256, mask sha256] of every sample checked
-
-
-def checked_stamps(samples: Sequence[Sample], stamp: store.ContentStamps) -> list[list]:
-    """What QC checked, by content: later stages compare it with the data they read (a flag is only
-    as good as the bytes it was computed from)."""
-    return [[s.split, s.image_id, stamp(s.image), stamp(s.mask)] for s in samples]
-
-
-def changed_since(qc_meta: dict, samples: Sequence[tuple[str, str, str | None, str | None]]) -> list[str] | None:
-    """``split/image_id`` of each sample whose image or mask bytes differ from what QC checked, or that QC never
-    saw; None when ``qc_meta`` does not record what it checked (a table written by hand or an older histoembed).
-
-    ``samples``: (split, image_id, image sha256, mask sha256), as :func:`checked_stamps` gives them.
-    """
-    checked = qc_meta.get(SAMPLE_STAMPS)
-    if checked is None:
-        return None
-    seen = {(split, image_id): (image, mask) for split, image_id, image, mask in checked}
-    return [f"{split}/{image_id}" for split, image_id, image, mask in samples
-            if seen.get((split, image_id)) != (image, mask)]
-
 
 @dataclass
 class QCResult:

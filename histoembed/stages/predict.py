@@ -15,7 +15,8 @@ import numpy as np
 from histoembed.core import store
 from histoembed.core.config import AugmentSettings, CropSettings
 from histoembed.core.errors import UserError
-from histoembed.crops import crop_image, run_data, slide_patches
+from histoembed.inputs.cropping import crop_image, slide_patches
+from histoembed.inputs.provenance import run_data
 from histoembed.inputs import slides
 from histoembed.inputs.dataset import MAX_PIXELS, Sample, read_image_and_mask
 from histoembed.models.inference import check_same_crops, load_ensemble

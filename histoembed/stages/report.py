@@ -10,7 +10,7 @@ can be written after any stage.
 The report does no maths of its own: every number (macro-F1 and its interval, per-fold
 scores, confusion matrix, per-class F1, ECE, NLL, fusion weights and the weight curve) is read
 from ``metrics.json`` and ``calibration.json``; the reliability curves are
-:func:`metrics.reliability` of :func:`fit.calibrated_probabilities`, the probabilities ``fit`` scored.
+:func:`metrics.reliability` of :func:`decisions.calibrated_probabilities`, the probabilities ``fit`` scored.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from histoembed import __version__
 from histoembed.core import store
 from histoembed.core.config import CropSettings
 from histoembed.core.errors import UserError
-from histoembed.crops import DataChanged, run_data, slide_tissue
-from histoembed.drift import read_drift
-from histoembed.fit import calibrated_probabilities
+from histoembed.inputs.cropping import slide_tissue
+from histoembed.inputs.provenance import DataChanged, run_data
+from histoembed.models.drift import read_drift
+from histoembed.models.heads.decisions import calibrated_probabilities
 from histoembed.inputs.dataset import Sample, load_dataset, read_image, read_slide_thumbnail
 from histoembed.maths.metrics import reliability
 from histoembed.models.inference import check_one_set, load_ensemble

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from histoembed.core import store
 from histoembed.core.errors import UserError
-from histoembed.crops import run_data
+from histoembed.inputs.provenance import run_data
 from histoembed.inputs.dataset import submission_ids
 from histoembed.models.inference import check_same_crops, load_ensemble, read_run_features
 

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from histoembed import crops, drift, fit, qc, report, submit
+from histoembed.stages import crops, drift, fit, qc, report, submit
 from histoembed.core import store
 from histoembed.core.config import Settings, override
 from histoembed.core.errors import UserError
-from histoembed.synthetic import make_dataset
+from histoembed.tools.synthetic import make_dataset
 
 DEMO_ENCODER = "efficientnet-lite0"
 DATA_PARAMS_FILE = "demo.json"
@@ -70,7 +70,7 @@ STAGES = ("qc", "crops", "embed", "fit", "submit", "report")
 def run_pipeline(data: Path, run: Path, settings: Settings, say: Callable[[str], None] = lambda msg: None,
                  stages: tuple[str, ...] = STAGES) -> dict[str, float]:
     """The ``stages`` (default: all, in order) on ``data`` into ``run``; wall seconds per stage."""
-    from histoembed import embed  # torch: loaded only when the pipeline runs
+    from histoembed.stages import embed  # torch: loaded only when the pipeline runs
 
     every = [
         ("qc", lambda: qc.run_qc(data, run, settings.qc)),

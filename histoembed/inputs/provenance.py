@@ -1,0 +1,80 @@
+"""Where a run's data came from and whether it is still the same: the stamps ``qc`` and ``crops`` record, and
+the check every later stage makes before it trusts ``run/crops.parquet`` (a run describes these bytes, no others).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from histoembed.core import store
+from histoembed.core.errors import UserError
+from histoembed.inputs.dataset import Dataset, Sample, load_dataset
+
+SAMPLE_STAMPS = "sample_stamps"  # metadata: [split, image_id, image sha256, mask sha256] of every sample checked
+
+
+def checked_stamps(samples: Sequence[Sample], stamp: store.ContentStamps) -> list[list]:
+    """What QC checked, by content: later stages compare it with the data they read (a flag is only
+    as good as the bytes it was computed from)."""
+    return [[s.split, s.image_id, stamp(s.image), stamp(s.mask)] for s in samples]
+
+
+def changed_since(qc_meta: dict, samples: Sequence[tuple[str, str, str | None, str | None]]) -> list[str] | None:
+    """``split/image_id`` of each sample whose image or mask bytes differ from what QC checked, or that QC never
+    saw; None when ``qc_meta`` does not record what it checked (a table written by hand or an older histoembed).
+
+    ``samples``: (split, image_id, image sha256, mask sha256), as :func:`checked_stamps` gives them.
+    """
+    checked = qc_meta.get(SAMPLE_STAMPS)
+    if checked is None:
+        return None
+    seen = {(split, image_id): (image, mask) for split, image_id, image, mask in checked}
+    return [f"{split}/{image_id}" for split, image_id, image, mask in samples
+            if seen.get((split, image_id)) != (image, mask)]
+
+
+def sample_stamps(ds: Dataset, stamp: store.ContentStamps) -> list[list]:
+    """One [split, image_id, label, image content, mask content] per sample, in the dataset's order."""
+    return [[s.split, s.image_id, s.label, stamp(s.image), stamp(s.mask)] for s in ds.samples]
+
+
+def data_stamp(ds: Dataset, stamp: store.ContentStamps | None = None) -> str:
+    """A key of every image, mask and label of ``ds`` by content, wherever the folder is: it changes when a
+    file is added, removed or edited (a ``touch`` or a copy changes nothing)."""
+    return store.config_key("data", sample_stamps(ds, stamp or store.ContentStamps()))
+
+
+class DataChanged(UserError):
+    """The data's files changed since the crops were cut: every stage after crops must stop, not only note it."""
+
+
+def run_data(run: Path, data: Path | None = None, verify: bool = False) -> tuple[Path, Dataset]:
+    """(data path, dataset) of the data ``run/crops.parquet`` was cut from (``data`` overrides the recorded path).
+
+    Later stages (submit, predict, report) use it so a user who passed ``--data`` to ``crops`` is not
+    asked again; they stop (:class:`DataChanged`) when the files changed since the crops were cut, since
+    the crops, features and models would then describe other images. Files keep their cached stamps while
+    their size and modification time are unchanged; ``verify`` hashes every file again.
+    """
+    run = Path(run)
+    path = run / store.CROPS_FILE
+    if not path.exists():
+        raise UserError("crops file not found", path=path, hint="run `histoembed crops` first")
+    meta = store.check_schema(path, "crops")
+    if data is None:
+        if not meta.get("data"):
+            raise UserError("the crops file does not say which data folder it was cut from", path=path,
+                            hint="pass --data, or re-run `histoembed crops`")
+        data = Path(meta["data"])
+        if not data.exists():
+            raise UserError(f"the data the crops were cut from is gone: {data}", path=path,
+                            hint="pass --data with its new place, or re-run `histoembed crops --data DIR`")
+    ds = load_dataset(data)
+    recorded = meta.get("data_stamp")
+    cache = None if verify else meta.get("content_stamps")
+    if recorded is not None and recorded != data_stamp(ds, store.ContentStamps(cache)):
+        raise DataChanged(f"the files under {data} changed since `histoembed crops` cut {path.name} "
+                        "(an image, mask or label was added, removed or edited)", path=data,
+                        hint="re-run `histoembed crops` and the stages after it")
+    return data, ds

@@ -1,0 +1,347 @@
+"""``histoembed crops``: cut every image's crops and lay every slide's patch grid, writing ``run/crops.parquet``.
+
+The recipe itself (strategies, mask modes, scales, crop identity) is ``inputs/cropping.py``; this module runs it
+over a dataset in worker processes (or on Ray), skips what is unchanged, and records the data it read
+(``inputs/provenance.py``) so that later stages can tell when it changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from histoembed.core import cpus, store
+from histoembed.core.config import CropSettings, QCSettings
+from histoembed.core.console import progress
+from histoembed.core.errors import UserError
+from histoembed.engines import local
+from histoembed.inputs import slides
+from histoembed.inputs.dataset import (
+    MAX_PIXELS,
+    Problem,
+    Sample,
+    load_dataset,
+    read_image_and_mask,
+)
+from histoembed.inputs.cropping import crop_image, patch_digest, slide_patches
+from histoembed.inputs.pixels import repair_ink
+from histoembed.inputs.provenance import changed_since, sample_stamps
+
+CROPS_VERSION = 2                 # bump when the crops' definition changes (part of the skip key)
+SUMMARY_KEY = "histoembed_summary"  # footer metadata: what the run skipped and why
+
+
+# ---------------------------------------------------------------- one image in a worker
+
+@dataclass
+class _CropJob:
+    sample: Sample
+    settings: CropSettings
+    repair: dict | None  # QC settings to repair ink with, or None
+    slide_mpp: float | None = None  # a slide's microns per pixel when its file does not say
+    stamp: str | None = None        # a slide's content stamp (part of each patch's digest)
+
+
+@dataclass
+class _CroppedImage:
+    key: tuple[str, str]  # (split, image_id)
+    rows: list[tuple] = field(default_factory=list)  # (crop_index, x0, y0, x1, y1, fraction, strategy, scale, png)
+    fallback: str | None = None
+    problem: Problem | None = None
+    repaired: bool = False
+
+
+def _encode_png(rgb: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def _crop_slide(job: _CropJob) -> _CroppedImage:
+    sample, settings = job.sample, job.settings
+    try:
+        boxes, geo, _ = slide_patches(sample, settings, job.slide_mpp)
+    except UserError as e:
+        return _CroppedImage(sample.key, problem=Problem(e.path or sample.image, f"{e.problem}; slide skipped"))
+    source = str(Path(sample.image).resolve())
+    rows = [(i, *b, f, "slide-grid", 1.0, None, geo.level, settings.mpp, source,
+             patch_digest(job.stamp, geo.level, b, settings.size, settings.mpp))
+            for i, (b, f) in enumerate(boxes)]
+    return _CroppedImage(sample.key, rows)
+
+
+def _crop_one(job: _CropJob) -> _CroppedImage:
+    sample = job.sample
+    if sample.slide:
+        return _crop_slide(job)
+    try:
+        rgb, mask = read_image_and_mask(sample.image, sample.mask, max_pixels=None)  # checked by load_dataset
+    except UserError as e:
+        return _CroppedImage(sample.key,
+                             problem=Problem(e.path or sample.image, f"{e.problem}; image skipped"))
+    repaired = False
+    if job.repair is not None:
+        base = mask if mask is not None else np.full(rgb.shape[:2], 255, np.uint8)
+        rgb, fixed = repair_ink(rgb, base, QCSettings.model_validate(job.repair))
+        mask = fixed if mask is not None else None
+        repaired = True
+    crops, fallback = crop_image(rgb, mask, job.settings)
+    rows = [(i, *c.box, c.tissue_fraction, c.strategy, c.scale, _encode_png(c.pixels)) for i, c in enumerate(crops)]
+    return _CroppedImage(sample.key, rows, fallback, repaired=repaired)
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one image per process; OpenCV's own threads would oversubscribe
+
+
+def _crop_alone(job: _CropJob) -> _CroppedImage:
+    """``_crop_one`` in a process that runs one image at a time (a Ray task)."""
+    _init_worker()
+    return _crop_one(job)
+
+
+@contextlib.contextmanager
+def cropped_images(jobs: list[_CropJob], settings: CropSettings) -> Iterator[Iterator[_CroppedImage]]:
+    """Every job's ``_crop_one`` result, in the jobs' order, by the engine ``settings`` name.
+
+    local: worker processes of this machine (or this process); ray: one Ray task per image
+    over a cluster. Either way each image goes through the same ``_crop_one``.
+    """
+    if settings.engine == "ray":
+        from histoembed.engines import ray as ray_engine  # Ray: an optional extra, loaded only for this engine
+
+        with ray_engine.session(settings.ray_address):
+            yield ray_engine.map_ordered(_crop_alone, jobs)
+        return
+    with local.map_ordered(_crop_one, jobs, n_workers(settings.workers), _init_worker) as results:
+        yield results
+
+
+# ---------------------------------------------------------------- the stage
+
+@dataclass
+class CropsResult:
+    path: Path
+    images: int                       # images that got crops
+    crops: int
+    per_image: tuple[int, float, int]  # crops per image: min, median, max
+    fallbacks: list[tuple[str, str, str]]  # (split, image_id, why) for images cut by grid-fallback
+    problems: list[Problem]           # items skipped, with why (data checks and unreadable files)
+    left_out: list[str]               # training images (names) left out because QC flagged them
+    repaired: list[tuple[str, str]]   # (split, image_id) of images whose ink was repaired before cropping
+    skipped: bool                     # True: inputs and settings unchanged, nothing was done
+    warnings: list[str] = field(default_factory=list)  # e.g. a patient in both splits (leakage)
+
+
+def _read_qc(run: Path, stamp: store.ContentStamps) -> tuple[dict[tuple[str, str], dict], dict | None, list | None]:
+    """({(split, image_id): row}, QC settings as a dict, the file's stamp) of run/qc.parquet, if any."""
+    table = store.read_qc(run)
+    if table is None:
+        return {}, None, None
+    path = run / store.QC_FILE
+    missing = [c for c in ("image_id", "split", "flagged", "ink") if c not in table.column_names]
+    if missing:
+        raise UserError(f"QC table lacks column(s) {', '.join(missing)}", path=path, hint="re-run `histoembed qc`")
+    rows = {(r["split"], r["image_id"]): r for r in table.select(["image_id", "split", "flagged", "ink"]).to_pylist()}
+    meta = store.read_meta(path)
+    return rows, meta.get("settings"), [stamp(path), meta.get("key")]
+
+
+def _summary(path: Path) -> dict:
+    raw = (pq.ParquetFile(path).metadata.metadata or {}).get(SUMMARY_KEY.encode())
+    return json.loads(raw) if raw else {}
+
+
+def _counts(keys: Sequence[str]) -> tuple[int, float, int]:
+    """Crops per image (min, median, max) from one ``split/image_id`` key per crop."""
+    if not len(keys):
+        return (0, 0.0, 0)
+    _, n = np.unique(np.asarray(keys, dtype=object), return_counts=True)
+    return int(n.min()), float(np.median(n)), int(n.max())
+
+
+def _previous(out: Path) -> CropsResult:
+    t = pq.read_table(out, columns=["image_id", "split"])
+    keys = store.image_keys(t["split"].to_pylist(), t["image_id"].to_pylist())
+    sm = _summary(out)
+    return CropsResult(out, len(set(keys)), len(keys), _counts(keys), [tuple(f) for f in sm.get("fallbacks", [])],
+                       [Problem(Path(p), why) for p, why in sm.get("problems", [])], sm.get("left_out", []),
+                       [tuple(r) for r in sm.get("repaired", [])], skipped=True)
+
+
+def n_workers(requested: int) -> int:
+    """0 means every CPU this process may use (affinity and cgroup quota)."""
+    return requested if requested > 0 else cpus.usable_cpus()
+
+
+def _refuse_lost_classes(ds, samples: list[Sample], flagged: set[tuple[str, str]], data: Path) -> None:
+    """Stop when a label given in the data has no training image left: a model would silently lack it."""
+    kept = {s.label for s in samples if s.split == "train"}
+    for label in ds.classes:
+        if label in kept:
+            continue
+        n = sum(1 for s in ds.samples if s.label == label and s.key in flagged)
+        why = (f"QC flagged all {n} of its usable image(s)" if n else
+               "every image with this label was skipped by the data check")
+        raise UserError(f"label {label!r} has no training image left to crop: {why}", path=data,
+                        hint="pass --include-flagged (or --keep ID for some of them) to keep flagged images"
+                        if n else "fix the problems listed for its images (run `histoembed crops --strict` "
+                                  "to see the first)")
+
+
+def _refuse_stale_qc(run: Path, stamps: list[list]) -> None:
+    """Stop when an image or mask changed since QC checked it: its flags (and ink repairs) would describe
+    other pixels, and a paste copied over a clean image would go into training unflagged."""
+    path = run / store.QC_FILE
+    if not path.exists():
+        return
+    changed = changed_since(store.read_meta(path), [(sp, i, im, m) for sp, i, _, im, m in stamps])
+    if changed:
+        raise UserError(f"the data changed since `histoembed qc` checked it: {len(changed)} image(s) differ from "
+                        f"the bytes QC flagged or were never checked ({_first(changed)})", path=path,
+                        hint="run `histoembed qc`, then `histoembed crops` again")
+
+
+def check_slide_mpp(samples: Sequence[Sample], slide_mpp: float | None) -> None:
+    """Stop before any work when a slide does not say its microns per pixel and ``--slide-mpp`` is not given."""
+    if slide_mpp:
+        return
+    for s in samples:
+        if s.slide:
+            with slides.open_slide(s.image) as slide:
+                slides.base_mpp(slide, s.image)
+
+
+def _first(names: Sequence[str], n: int = 5) -> str:
+    """The first ``n`` names, comma-separated, with `...` when there are more."""
+    return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
+
+
+def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = False, keep: Sequence[str] = (),
+              include_flagged: bool = False, max_pixels: int = MAX_PIXELS, verify_data: bool = False,
+              slide_mpp: float | None = None) -> CropsResult:
+    """Cut the crops of both splits into ``run/crops.parquet`` (nothing to do when unchanged).
+
+    ``strict`` stops at the first bad item, before anything is written. With a
+    ``run/qc.parquet``, flagged training images are left out (unless ``include_flagged`` or
+    named in ``keep``) and images with ink are repaired first; test images are never left out.
+    The QC table must have checked the same image and mask bytes. ``verify_data`` hashes every
+    file again instead of trusting the stamps cached by size and modification time.
+
+    Whole slides (``Sample.slide``) get patches as coordinates (no pixels): a grid at ``settings.mpp`` over
+    the tissue of a thumbnail; ``slide_mpp`` is the microns per pixel of slides whose file does not say.
+    """
+    data, run = Path(data), Path(run)
+    out = run / store.CROPS_FILE
+    store.remove_stale(run, ".*.tmp-*")  # what killed runs left
+    ds = load_dataset(data, strict=strict, max_pixels=max_pixels)
+    train_names = {s.image_id for s in ds.split("train")}
+    unknown = [k for k in keep if k not in train_names]
+    if unknown:
+        raise UserError(f"--keep names image(s) not in the training data: {', '.join(unknown)}", path=data,
+                        hint="use training image ids as in train_labels.csv or the manifest, e.g. img_0003.png "
+                             "(test images are never left out)")
+    stamp = store.ContentStamps(None if verify_data else store.read_meta(out).get("content_stamps"))
+    stamps = sample_stamps(ds, stamp)
+    _refuse_stale_qc(run, stamps)
+    qc_rows, qc_settings, qc_stamp = _read_qc(run, stamp)
+    repair_on = qc_settings is None or qc_settings.get("repair_ink", True)
+
+    left_out = [s.image_id for s in ds.split("train")
+                if qc_rows.get(s.key, {}).get("flagged") and not include_flagged and s.image_id not in keep]
+    dropped = {("train", name) for name in left_out}
+    samples = [s for s in ds.samples if s.key not in dropped]
+    if not samples:
+        raise UserError("every image was left out (all training images flagged by QC and no test images)",
+                        path=run / store.QC_FILE, hint="pass --include-flagged or --keep ID")
+    _refuse_lost_classes(ds, samples, dropped, data)
+
+    check_slide_mpp(samples, slide_mpp)
+    key = store.stage_key(
+        "crops", CROPS_VERSION, settings, sorted(keep), include_flagged, qc_stamp,
+        stamps, [str(p) for p in ds.problems], slide_mpp if any(s.slide for s in samples) else None,
+        [s.group for s in samples] if any(s.group for s in samples) else None,
+    )
+    old = store.read_meta(out) if out.exists() else {}
+    if old.get("key") == key and old.get("schema") == store.SCHEMA:  # an older file is cut again
+        result = _previous(out)
+        result.warnings = ds.warnings
+        return result
+
+    stamp_of = {(sp, i): im for sp, i, _, im, _ in stamps}
+    jobs = []
+    for s in samples:
+        ink = bool(qc_rows.get(s.key, {}).get("ink"))
+        jobs.append(_CropJob(s, settings, (qc_settings or {}) if (ink and repair_on and not s.slide) else None,
+                             slide_mpp, stamp_of.get(s.key)))
+    label_of = {s.key: s.label for s in samples}
+    group_of = {s.key: s.group for s in samples}
+    has_slides, has_groups = any(s.slide for s in samples), any(s.group for s in samples)
+
+    meta = {"key": key, "settings": settings.model_dump(), "data": str(data.resolve()),
+            "data_stamp": store.config_key("data", stamps), "qc": qc_stamp[1] if qc_stamp else None,
+            "images": len(samples), "left_out": len(left_out), "classes": ds.classes, "content_stamps": stamp.used,
+            "slides": sum(s.slide for s in samples), "slide_mpp": slide_mpp}
+    schema = store.with_meta(store.crops_schema(has_slides, has_groups), meta)
+    fallbacks: list[tuple[str, str, str]] = []
+    problems: list[Problem] = list(ds.problems)
+    repaired: list[tuple[str, str]] = []
+    written: list[str] = []  # split/image_id of every crop written
+    batch: list[tuple] = []
+
+    def flush(writer: pq.ParquetWriter) -> None:
+        if batch:
+            cols = list(zip(*batch))
+            writer.write_table(pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, schema)],
+                                                    schema=schema))
+            batch.clear()
+
+    with store.atomic_path(out) as tmp:
+        writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+        try:
+            with cropped_images(jobs, settings) as results, progress("images") as bar:
+                bar_id = bar.add_task("crops", total=len(jobs))
+                for done in results:
+                    bar.advance(bar_id)
+                    if done.problem is not None:
+                        if strict:
+                            raise UserError(f"{done.problem.problem.removesuffix('; image skipped')} "
+                                            "(--strict: nothing written)", path=done.problem.path)
+                        problems.append(done.problem)
+                        continue
+                    split, image_id = done.key
+                    if done.fallback is not None:
+                        fallbacks.append((split, image_id, done.fallback))
+                    if done.repaired:
+                        repaired.append(done.key)
+                    for row in done.rows:
+                        if has_slides and len(row) == 9:  # a flat image's row: no slide columns
+                            row = (*row, None, None, None, None)
+                        elif not has_slides:
+                            row = row[:9]
+                        if has_groups:
+                            row = (*row, group_of[done.key])
+                        batch.append((image_id, split, label_of[done.key], *row))
+                        written.append(f"{split}/{image_id}")
+                    if len(batch) >= 256:
+                        flush(writer)
+            flush(writer)
+            if not written:
+                raise UserError("no image could be cropped", path=data,
+                                hint="\n  ".join(map(str, problems[:20])) or None)
+            writer.add_key_value_metadata({SUMMARY_KEY: json.dumps({
+                "fallbacks": fallbacks, "problems": [[str(p.path), p.problem] for p in problems],
+                "left_out": left_out, "repaired": repaired})})
+        finally:
+            writer.close()
+    return CropsResult(out, len(set(written)), len(written), _counts(written), fallbacks, problems,
+                       left_out, repaired, skipped=False, warnings=ds.warnings)

@@ -78,8 +78,11 @@ class DataSettings(_Settings):
                             "(width x height) are skipped before decoding, as likely decompression bombs; "
                             "raise it for real large images (about 20 bytes of memory per pixel).")
     slide_mpp: float | None = Field(None, gt=0, description="Whole slides: microns per level-0 pixel for slides "
-                                    "whose file does not say (openslide.mpp-x/y missing); a slide that says keeps "
-                                    "its own. Unset: such a slide stops the stage, named.")
+                                    "whose file does not state a plausible one (openslide.mpp-x/y missing, or "
+                                    "outside 0.05-20 um/px such as a TIFF's default 72 dpi); a slide that states "
+                                    "one keeps its own. Unset: such a slide stops the stage, named.")
+    force_slide_mpp: bool = Field(False, description="Whole slides: use --slide-mpp for every slide, even those "
+                                  "that state their own microns per pixel (a scanner known to write a wrong one).")
 
 
 class CropSettings(_Settings):
@@ -109,6 +112,8 @@ class CropSettings(_Settings):
                            "fraction of the patch side (the grid's step is side x (1 - overlap)).")
     max_patches: int = Field(0, ge=0, description="Whole slides: at most this many patches per slide, an evenly "
                              "spaced subsample of the tissue patches in reading order (0: all).")
+    allow_upsample: bool = Field(False, description="Whole slides: allow an --mpp finer than a slide's own (each "
+                                 "patch enlarged from fewer pixels); refused by default, naming the slide.")
     thumb_mpp: float = Field(8.0, gt=0, description="Whole slides: microns per pixel of the thumbnail tissue is "
                              "found on (saturation Otsu, closing, holes filled).")
     min_tissue_area: float = Field(10_000.0, ge=0, description="Whole slides: tissue pieces smaller than this "

@@ -355,14 +355,15 @@ class SlideTissue:
     mpp0: float                  # the slide's microns per level-0 pixel
 
 
-def slide_tissue(sample: Sample, settings: CropSettings, slide_mpp: float | None = None) -> SlideTissue:
+def slide_tissue(sample: Sample, settings: CropSettings, slide_mpp: float | None = None,
+                 force_mpp: bool = False) -> SlideTissue:
     """The slide's thumbnail at ``thumb_mpp`` and its tissue: found by saturation Otsu, or taken from the slide's
     mask (``mask_mode`` tissue ignores the mask, union adds the tissue found). What ``slide_patches`` lays its grid
     on, and what the report draws."""
     with slides.open_slide(sample.image) as slide:
-        mpp0 = slides.base_mpp(slide, sample.image, slide_mpp)
+        mpp0 = slides.base_mpp(slide, sample.image, slide_mpp, force_mpp)
+        geo = slides.geometry(slide, mpp0, settings.mpp, settings.size, sample.image, settings.allow_upsample)
         thumb, scale = slides.thumbnail(slide, sample.image, mpp0, settings.thumb_mpp)
-        geo = slides.geometry(slide, mpp0, settings.mpp, settings.size)
         size0 = slide.dimensions
     thumb_mpp = mpp0 / scale
     given = read_slide_mask(sample, thumb.shape[:2]) if settings.mask_mode != "tissue" else None
@@ -373,13 +374,18 @@ def slide_tissue(sample: Sample, settings: CropSettings, slide_mpp: float | None
     return SlideTissue(thumb, scale, tissue, given is not None, geo, tuple(size0), mpp0)
 
 
-def slide_patches(sample: Sample, settings: CropSettings, slide_mpp: float | None = None,
+def slide_patches(sample: Sample, settings: CropSettings, slide_mpp: float | None = None, force_mpp: bool = False,
                   ) -> tuple[list[tuple[Box, float]], slides.Geometry, float]:
     """(patches as (level-0 box, tissue fraction), the geometry they are read with, the slide's own mpp).
 
     Tissue as ``slide_tissue`` finds it; a slide with no tissue is a UserError naming it.
     """
-    t = slide_tissue(sample, settings, slide_mpp)
+    t = slide_tissue(sample, settings, slide_mpp, force_mpp)
+    w0, h0 = t.size0
+    if min(w0, h0) < t.geo.side0:
+        raise UserError(f"the slide is {w0}x{h0} level-0 px, smaller than one {settings.size}-px patch at "
+                        f"{settings.mpp:g} um/px ({t.geo.side0} level-0 px at its {t.mpp0:.4g} um/px)",
+                        path=sample.image, hint="use a finer --mpp or a smaller --size, or leave the slide out")
     if not t.tissue.any():
         raise UserError("no tissue found on the slide's thumbnail" if not t.given else "the slide's mask is empty",
                         path=sample.mask if t.given else sample.image,

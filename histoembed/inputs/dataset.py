@@ -450,13 +450,38 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
 
 
 def _inside(root: Path, rel: str, path: Path, lineno: int) -> Path:
+    """A manifest path: absolute as the user wrote it (a cohort's slides often live on shared storage), or
+    relative to the manifest and staying inside its folder (no ``..`` out of it, no symlink leading out)."""
+    if Path(rel).is_absolute():
+        return Path(rel).resolve()
     p = (root / rel).resolve()
     if not p.is_relative_to(root.resolve()):
         lexical = Path(os.path.normpath(root.resolve() / rel))
         how = (f"is a symlink to {p}, outside" if lexical.is_relative_to(root.resolve()) else "escapes")
         raise UserError(f"line {lineno}: path {rel!r} {how} the data folder {root}", path=path,
-                        hint="manifest paths must be relative and stay inside the manifest's folder")
+                        hint="a relative path stays inside the manifest's folder; for a file elsewhere, write "
+                             "its absolute path")
     return p
+
+
+# Suffixes only whole slides use: such a file that OpenSlide cannot read is an unreadable slide, not an image.
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm")
+
+
+def _not_a_file(image: Path, rel: str, lineno: int) -> str | None:
+    """Why the manifest's ``image`` cannot be read as what its name says, or None."""
+    what = "slide" if image.suffix.lower() in SLIDE_SUFFIXES else "image"
+    if image.is_dir():
+        return f"{what} {rel!r} (line {lineno}) is a directory, not a file; skipped"
+    if image.stat().st_size == 0:
+        return f"{what} {rel!r} (line {lineno}) is empty (0 bytes); skipped"
+    if what == "slide" and not slides.is_slide(image):
+        try:
+            slides.open_slide(image).close()
+        except UserError as e:
+            return f"{e.problem} (line {lineno}); skipped"
+        return f"slide {rel!r} (line {lineno}) is not a format OpenSlide reads as a slide; skipped"
+    return None
 
 
 def _from_manifest(path: Path) -> Dataset:
@@ -464,6 +489,7 @@ def _from_manifest(path: Path) -> Dataset:
     problems: list[Problem] = []
     samples: list[Sample] = []
     seen: dict[Path, int] = {}  # resolved image -> line, so a/../x.png and x.png are one image
+    test_labels = 0
     rows = _read_csv(path, required=("image", "mask", "label", "split"))
     given = [((row["label"] or "").strip(), lineno) for lineno, row in rows
              if (row["split"] or "").strip().lower() == "train" and (row["label"] or "").strip()]
@@ -486,6 +512,9 @@ def _from_manifest(path: Path) -> Dataset:
         if not image.exists():
             problems.append(Problem(image, f"listed on line {lineno} of {path.name} but does not exist; skipped"))
             continue
+        if (why := _not_a_file(image, rel, lineno)) is not None:
+            problems.append(Problem(image, why))
+            continue
         if mask is not None and not mask.exists():
             problems.append(Problem(mask, f"mask of {rel} (line {lineno}) does not exist; image skipped"))
             continue
@@ -493,6 +522,12 @@ def _from_manifest(path: Path) -> Dataset:
             problems.append(Problem(image, f"training image has no label (line {lineno}); skipped"))
             continue
         group = (row.get("group") or "").strip() or None
+        test_labels += split == "test" and label is not None
         samples.append(Sample(rel, split, image, mask, label if split == "train" else None, group,
                               slides.is_slide(image)))
-    return Dataset(root, samples, sorted({label for label, _ in given}), problems)
+    notes = [f"{test_labels} test row(s) of {path.name} have a label: test labels are never used (ignored)"
+             ] if test_labels else []
+    outside = sum(Path((row["image"] or "").strip()).is_absolute() for _, row in rows)
+    notes += [f"{outside} image path(s) of {path.name} are absolute, outside its folder: read as written"
+              ] if outside else []
+    return Dataset(root, samples, sorted({label for label, _ in given}), problems, notes)

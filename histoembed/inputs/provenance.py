@@ -72,9 +72,37 @@ def run_data(run: Path, data: Path | None = None, verify: bool = False) -> tuple
                             hint="pass --data with its new place, or re-run `histoembed crops --data DIR`")
     ds = load_dataset(data)
     recorded = meta.get("data_stamp")
-    cache = None if verify else meta.get("content_stamps")
-    if recorded is not None and recorded != data_stamp(ds, store.ContentStamps(cache)):
-        raise DataChanged(f"the files under {data} changed since `histoembed crops` cut {path.name} "
-                        "(an image, mask or label was added, removed or edited)", path=data,
-                        hint="re-run `histoembed crops` and the stages after it")
+    cache = meta.get("content_stamps") or {}
+    try:
+        same = recorded is None or recorded == data_stamp(ds, store.ContentStamps(None if verify else cache))
+    except OSError:
+        same = False  # a file that cannot be read any more: named below
+    if not same:
+        changes = changed_files(ds, cache)
+        named = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+        raise DataChanged(f"the data under {data} changed since `histoembed crops` cut {path.name}: "
+                          f"{named or 'a label or the list of images changed'}", path=data,
+                          hint="put the files back as they were, or re-run `histoembed crops` and the stages "
+                               "after it")
     return data, ds
+
+
+def changed_files(ds: Dataset, recorded: dict[str, list]) -> list[str]:
+    """In words, each image, mask or slide that differs from what ``crops`` stamped (``recorded``: its
+    ``content_stamps``): gone, unreadable, new, or edited."""
+    out = []
+    listed = {str(Path(f).resolve()) for s in ds.samples for f in (s.image, s.mask) if f is not None}
+    for name in sorted(set(recorded) - listed):
+        out.append(f"{name} is gone (deleted or moved)" if not Path(name).exists() else f"{name} is no longer listed")
+    stamp = store.ContentStamps()
+    for name in sorted(listed):
+        try:
+            digest = stamp(name)
+        except OSError as e:
+            out.append(f"{name} cannot be read ({e.strerror or e})")
+            continue
+        if name not in recorded:
+            out.append(f"{name} is new")
+        elif recorded[name][2] != digest:
+            out.append(f"{name} was edited (its bytes differ)")
+    return out

@@ -67,20 +67,58 @@ def open_slide(path: str | Path):
                         hint="re-export or re-copy the slide, or remove it from the manifest") from None
 
 
-def base_mpp(slide, path: str | Path, override: float | None = None) -> float:
-    """Microns per level-0 pixel: ``openslide.mpp-x/y`` (their mean), else ``override``, else a UserError."""
-    if override:
-        return float(override)
+# What scanners write at level 0: about 0.1-0.5 um/px (40x ~0.25, 20x ~0.5); 0.05 leaves room for oil-immersion
+# scans, 20 for a slide saved at about 0.5x. Outside it, a stated scale is not a scale: a generic TIFF's resolution
+# tags often hold a writer's default of 72 or 96 dpi (OpenSlide then reports 352.8 or 264.6 um/px), which means
+# "unknown". Believing it makes every patch a box of a pixel or two, blown up to the patch size.
+PLAUSIBLE_MPP = (0.05, 20.0)
+DEFAULT_DPI = (72.0, 96.0, 150.0, 300.0, 600.0)  # writers' defaults, not measurements
+UPSAMPLE_TOLERANCE = 0.10   # --mpp may be this much finer than the slide's own before it counts as enlarging
+MIN_PATCH_PX0 = 8           # a patch is never read from a level-0 box smaller than this
+
+
+def default_dpi(props) -> float | None:
+    """The dpi of a generic TIFF's resolution tags when it is one of the writers' defaults, else None."""
+    try:
+        res, unit = float(props["tiff.XResolution"]), str(props.get("tiff.ResolutionUnit", "inch"))
+    except (KeyError, ValueError):
+        return None
+    dpi = res * 2.54 if unit == "centimeter" else res
+    return next((d for d in DEFAULT_DPI if abs(dpi - d) < 0.01 * d), None)
+
+
+def stated_mpp(slide) -> tuple[float | None, str]:
+    """(the slide's own microns per level-0 pixel, or None, and in words why it is not believed)."""
     props = slide.properties
     try:
         x, y = float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])
     except (KeyError, ValueError):
-        raise UserError("slide has no microns per pixel (openslide.mpp-x/y missing from its properties)",
-                        path=path, hint="give the scanner's resolution with --slide-mpp MPP (e.g. 0.25 at 40x, "
-                                        "0.5 at 20x)") from None
-    if not (x > 0 and y > 0):
-        raise UserError(f"slide says {x} x {y} microns per pixel", path=path, hint="pass --slide-mpp MPP")
-    return (x + y) / 2
+        return None, "slide has no microns per pixel (openslide.mpp-x/y missing from its properties)"
+    if not (x > 0 and y > 0) or not math.isfinite(x + y):
+        return None, f"slide says {x} x {y} microns per pixel"
+    mpp = (x + y) / 2
+    lo, hi = PLAUSIBLE_MPP
+    if lo <= mpp <= hi:
+        return mpp, ""
+    dpi = default_dpi(props)
+    why = f" (its TIFF resolution is {dpi:g} dpi, a writer's default that means 'unknown')" if dpi else ""
+    return None, (f"slide says {mpp:.4g} microns per pixel, outside what scanners write ({lo:g}-{hi:g} um/px)"
+                  f"{why}")
+
+
+def base_mpp(slide, path: str | Path, fallback: float | None = None, force: bool = False) -> float:
+    """Microns per level-0 pixel: the slide's own when it states a plausible one (``stated_mpp``), else
+    ``fallback`` (``--slide-mpp``), else a UserError naming the slide. ``force`` puts ``fallback`` above the
+    slide's own (``--force-slide-mpp``)."""
+    if force and fallback:
+        return float(fallback)
+    own, why = stated_mpp(slide)
+    if own is not None:
+        return own
+    if fallback:
+        return float(fallback)
+    raise UserError(why, path=path, hint="give the scanner's resolution with --slide-mpp MPP (e.g. 0.25 at 40x, "
+                                         "0.5 at 20x); it applies to slides that do not state a plausible one")
 
 
 @dataclass(frozen=True)
@@ -101,10 +139,23 @@ def read_side(side0: int, downsample: float) -> int:
     return max(1, round(side0 / downsample))
 
 
-def geometry(slide, mpp0: float, target_mpp: float, size: int) -> Geometry:
-    """The level and the level-0 patch side for patches of ``size`` px at ``target_mpp``."""
+def geometry(slide, mpp0: float, target_mpp: float, size: int, path: str | Path = "",
+             allow_upsample: bool = False) -> Geometry:
+    """The level and the level-0 patch side for patches of ``size`` px at ``target_mpp``.
+
+    A ``target_mpp`` finer than the slide's own (beyond ``UPSAMPLE_TOLERANCE``) would enlarge every patch:
+    refused unless ``allow_upsample``; a patch box under ``MIN_PATCH_PX0`` level-0 pixels is always refused.
+    """
     factor = target_mpp / mpp0
     side0 = max(1, round(size * factor))
+    if factor < 1 - UPSAMPLE_TOLERANCE and not allow_upsample:
+        raise UserError(f"--mpp {target_mpp:g} is finer than the slide's own {mpp0:.4g} um/px: every {size}-px patch "
+                        f"would be a {side0}-px box enlarged {1 / factor:.1f}x", path=Path(path),
+                        hint=f"use --mpp {mpp0:.3g} or coarser, or --allow-upsample to enlarge anyway")
+    if side0 < MIN_PATCH_PX0:
+        raise UserError(f"a {size}-px patch at --mpp {target_mpp:g} is a {side0}-px box of the slide (at "
+                        f"{mpp0:.4g} um/px): too few pixels to embed", path=Path(path),
+                        hint="check the slide's microns per pixel (--slide-mpp), or use a coarser --mpp")
     level = slide.get_best_level_for_downsample(factor) if factor >= 1 else 0
     return Geometry(int(level), side0, float(slide.level_downsamples[level]))
 

@@ -52,6 +52,7 @@ from histoembed.core.config import QCSettings
 from histoembed.inputs.pixels import hue_in, to_hsv
 
 _QC = QCSettings()
+HSV = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,7 @@ INK_MIN_AREA_UM2 = 20_000.0   # thumbnail ink pieces under this (a 140-um square
 INK_MARGIN_UM = 64.0          # ink grows by this on the thumbnail before it leaves the tissue: the stroke's edge
 BORDER_MAX_VALUE = 70         # the scanner's border and the slide's edge are darker than this ...
 BORDER_LINE_SHARE = 0.5       # ... on at least this share of each row or column from the image's edge inward
-GLASS_MIN_VALUE = 200         # bright and ...
-GLASS_MAX_SATURATION = 20     # ... unsaturated: glass (the floor tissue_by_saturation never goes under)
+GLASS_MAX_SATURATION = 20     # unsaturated: glass, grey dust, not stain (the floor tissue_by_saturation keeps too)
 STAIN_MIN_VALUE = 30          # stained pixels: saturation >= GLASS_MAX_SATURATION and value above this
 
 COARSE_MPP = 4.0              # per-patch ink and fold are judged at this many um/px (nuclei averaged away)
@@ -87,8 +87,7 @@ FOLD_SATURATION_RATIO = 1.6   # fold pixel: saturation this many times the slide
 FOLD_MIN_SATURATION = 110     # ... and never under this (43 %), however pale the slide
 FOLD_DEFAULT_SATURATION = 160  # the cut when no thumbnail gives the slide's own (63 %)
 FOLD_MIN_TISSUE = 0.1         # fold is not judged (0) when less of the coarse patch than this is tissue off the ink
-SHARP_ERODE_PX = 5            # tissue eroded by this (px, square) before the Laplacian: its edge on glass is no texture
-SHARP_MIN_PIXELS = 0.05       # sharpness is NaN (not judged) when less of the patch than this is eroded tissue
+SHARP_MIN_PIXELS = 0.05       # sharpness is NaN (not judged) when less of the patch than this is tissue (eroded 4 um)
 
 SCORE_COLUMNS = ("sharpness", "ink_fraction", "fold_fraction", "background_fraction")
 FLAG_NAMES = ("background", "ink", "fold", "blur")
@@ -112,9 +111,10 @@ BACKGROUND_MAX_FRACTION = 0.8  # unstained on this much of the patch: flagged ba
 
 # ---------------------------------------------------------------- ink and background, pixel rules
 
-def marker_pixels(rgb: np.ndarray) -> dict[str, np.ndarray]:
-    """Each pen colour's pixels (bool HxW per ``PEN_MARKERS`` name), by colour alone (no shape rule)."""
-    hue, sat, val = to_hsv(rgb)
+def marker_pixels(rgb: np.ndarray, hsv: HSV | None = None) -> dict[str, np.ndarray]:
+    """Each pen colour's pixels (bool HxW per ``PEN_MARKERS`` name), by colour alone (no shape rule); ``hsv``:
+    ``to_hsv(rgb)`` when the caller has it."""
+    hue, sat, val = hsv or to_hsv(rgb)
     out = {}
     for m in PEN_MARKERS:
         sel = (sat >= m.min_saturation) & (val >= m.min_value) & (val < m.max_value)
@@ -124,9 +124,9 @@ def marker_pixels(rgb: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def stained(rgb: np.ndarray) -> np.ndarray:
+def stained(rgb: np.ndarray, hsv: HSV | None = None) -> np.ndarray:
     """Pixels carrying stain (bool HxW): saturated enough and not black. Glass, grey and black are not."""
-    _, sat, val = to_hsv(rgb)
+    _, sat, val = hsv or to_hsv(rgb)
     return (sat >= GLASS_MAX_SATURATION) & (val >= STAIN_MIN_VALUE)
 
 
@@ -223,10 +223,10 @@ def _coarse(rgb: np.ndarray, mpp: float) -> np.ndarray:
     return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
 
 
-def patch_ink(coarse: np.ndarray) -> np.ndarray:
+def patch_ink(coarse: np.ndarray, hsv: HSV | None = None) -> np.ndarray:
     """Ink on a patch at COARSE_MPP (bool HxW): marker colours, opened so nothing nucleus-sized remains."""
     any_ink = np.zeros(coarse.shape[:2], np.uint8)
-    for v in marker_pixels(coarse).values():
+    for v in marker_pixels(coarse, hsv).values():
         any_ink |= v.astype(np.uint8)
     if not any_ink.any():
         return any_ink.astype(bool)
@@ -242,42 +242,45 @@ def fold_saturation(thumb: np.ndarray, tissue: np.ndarray) -> float:
     return float(min(250.0, max(FOLD_MIN_SATURATION, FOLD_SATURATION_RATIO * float(np.median(sat[tissue])))))
 
 
-def fold_pixels(coarse: np.ndarray, cut: float = FOLD_DEFAULT_SATURATION) -> np.ndarray:
+def fold_pixels(coarse: np.ndarray, cut: float = FOLD_DEFAULT_SATURATION, hsv: HSV | None = None) -> np.ndarray:
     """Doubled tissue on a patch at COARSE_MPP (bool HxW): saturation of at least ``cut`` (``fold_saturation``),
     not black."""
-    _, sat, val = to_hsv(coarse)
+    _, sat, val = hsv or to_hsv(coarse)
     return (sat >= cut) & (val >= INK_DARK_VALUE)
 
 
-def sharpness(rgb: np.ndarray, tissue: np.ndarray) -> float:
-    """Variance of the 3x3 Laplacian of the grey patch over its eroded ``tissue``; NaN when too little is left."""
-    inner = cv2.erode(tissue.astype(np.uint8), np.ones((SHARP_ERODE_PX, SHARP_ERODE_PX), np.uint8)).astype(bool)
-    if inner.sum() < SHARP_MIN_PIXELS * inner.size:
+def sharpness(rgb: np.ndarray, inner: np.ndarray) -> float:
+    """Variance of the 3x3 Laplacian of the grey patch over ``inner`` (its tissue, eroded: the tissue's edge on
+    glass is no texture); NaN when that is under SHARP_MIN_PIXELS of the patch."""
+    mask = inner.astype(np.uint8)
+    if cv2.countNonZero(mask) < SHARP_MIN_PIXELS * mask.size:
         return math.nan
-    grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY).astype(np.float32)
+    grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
     lap = cv2.Laplacian(grey, cv2.CV_32F, ksize=1)
-    return float(lap[inner].var())
+    _, sd = cv2.meanStdDev(lap, mask=mask)
+    return float(sd[0, 0] ** 2)
 
 
 def score_patch(rgb: np.ndarray, mpp: float, fold_cut: float = FOLD_DEFAULT_SATURATION) -> dict[str, float]:
     """The artifact scores of one RGB patch read at ``mpp`` microns per pixel (``SCORE_COLUMNS``); ``fold_cut``:
-    the slide's ``fold_saturation``."""
+    the slide's ``fold_saturation``. Masks are made at COARSE_MPP (one colour conversion of a small copy); only
+    the Laplacian runs at the patch's own resolution."""
     coarse = _coarse(rgb, mpp)
-    ink_c = patch_ink(coarse)
-    near_ink = cv2.dilate(ink_c.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)  # ink's faint edge
-    stain_c = stained(coarse) & ~near_ink
-    fold_c = fold_pixels(coarse, fold_cut) & stain_c
-    if ink_c.shape == rgb.shape[:2]:
-        ink = ink_c
-    else:
-        ink = cv2.resize(ink_c.astype(np.uint8), (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
-    tissue = stained(rgb) & ~ink.astype(bool)
-    n_stain = int(stain_c.sum())
-    judged = n_stain > 0 and n_stain >= FOLD_MIN_TISSUE * stain_c.size
-    return {"sharpness": sharpness(rgb, tissue),
-            "ink_fraction": float(ink_c.mean()),
-            "fold_fraction": float(fold_c.sum() / n_stain) if judged else 0.0,
-            "background_fraction": float(1.0 - tissue.mean() - ink.astype(bool).mean())}
+    hsv = to_hsv(coarse)
+    ink = patch_ink(coarse, hsv)
+    near_ink = cv2.dilate(ink.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)  # ink's faint edge
+    stain = stained(coarse, hsv)
+    tissue = stain & ~near_ink
+    fold = fold_pixels(coarse, fold_cut, hsv) & tissue
+    inner = cv2.erode(tissue.astype(np.uint8), np.ones((3, 3), np.uint8))   # one coarse pixel: 4 um
+    if inner.shape != rgb.shape[:2]:
+        inner = cv2.resize(inner, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
+    n_tissue = int(tissue.sum())
+    judged = n_tissue > 0 and n_tissue >= FOLD_MIN_TISSUE * tissue.size
+    return {"sharpness": sharpness(rgb, inner),
+            "ink_fraction": float(ink.mean()),
+            "fold_fraction": float(fold.sum() / n_tissue) if judged else 0.0,
+            "background_fraction": float(1.0 - (stain | ink).mean())}
 
 
 # ---------------------------------------------------------------- a slide's flags

@@ -74,7 +74,7 @@ PEN_MARKERS = (
     Marker("red", (172.0, 6.0), 190, INK_DARK_VALUE),
     Marker("black", None, 0, 0, INK_DARK_VALUE),
 )
-INK_MIN_AREA_UM2 = 20_000.0   # thumbnail ink pieces under this (a 140-um square) are dust, not a marker
+INK_MIN_AREA_UM2 = 5_000.0    # thumbnail ink pieces under this (a 70-um square) are dust, not a marker
 INK_MARGIN_UM = 64.0          # ink grows by this on the thumbnail before it leaves the tissue: the stroke's edge
 BORDER_MAX_VALUE = 70         # the scanner's border and the slide's edge are darker than this ...
 BORDER_LINE_SHARE = 0.5       # ... on at least this share of each row or column from the image's edge inward
@@ -88,6 +88,8 @@ FOLD_MIN_SATURATION = 110     # ... and never under this (43 %), however pale th
 FOLD_DEFAULT_SATURATION = 160  # the cut when no thumbnail gives the slide's own (63 %)
 FOLD_MIN_TISSUE = 0.1         # fold is not judged (0) when less of the coarse patch than this is tissue off the ink
 SHARP_MIN_PIXELS = 0.05       # sharpness is NaN (not judged) when less of the patch than this is tissue (eroded 4 um)
+SHARP_MIN_CONTRAST = 30.0     # ... or when nothing at COARSE_MPP has a Laplacian this strong (contrast()): flat
+                              # tissue has nothing focus would sharpen; a nucleus, blurred or not, reaches 50-100
 
 SCORE_COLUMNS = ("sharpness", "ink_fraction", "fold_fraction", "background_fraction")
 FLAG_NAMES = ("background", "ink", "fold", "blur")
@@ -249,6 +251,17 @@ def fold_pixels(coarse: np.ndarray, cut: float = FOLD_DEFAULT_SATURATION, hsv: H
     return (sat >= cut) & (val >= INK_DARK_VALUE)
 
 
+def contrast(coarse: np.ndarray, inner: np.ndarray) -> float:
+    """The 99th percentile of the 3x3 Laplacian's magnitude on the grey patch at COARSE_MPP over ``inner``: is
+    there structure of nuclear size that focus would sharpen? A blurred nucleus is still a blob at 4 um/px; flat
+    stroma and the ramp of a tissue's edge are not, and they cannot tell focus from blur."""
+    sel = inner.astype(bool)
+    if not sel.any():
+        return 0.0
+    grey = cv2.cvtColor(np.ascontiguousarray(coarse), cv2.COLOR_RGB2GRAY)
+    return float(np.percentile(np.abs(cv2.Laplacian(grey, cv2.CV_32F, ksize=1)[sel]), 99))
+
+
 def sharpness(rgb: np.ndarray, inner: np.ndarray) -> float:
     """Variance of the 3x3 Laplacian of the grey patch over ``inner`` (its tissue, eroded: the tissue's edge on
     glass is no texture); NaN when that is under SHARP_MIN_PIXELS of the patch."""
@@ -272,12 +285,14 @@ def score_patch(rgb: np.ndarray, mpp: float, fold_cut: float = FOLD_DEFAULT_SATU
     stain = stained(coarse, hsv)
     tissue = stain & ~near_ink
     fold = fold_pixels(coarse, fold_cut, hsv) & tissue
-    inner = cv2.erode(tissue.astype(np.uint8), np.ones((3, 3), np.uint8))   # one coarse pixel: 4 um
+    inner_c = cv2.erode(tissue.astype(np.uint8), np.ones((3, 3), np.uint8))   # one coarse pixel: 4 um
+    inner = inner_c
     if inner.shape != rgb.shape[:2]:
-        inner = cv2.resize(inner, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
+        inner = cv2.resize(inner_c, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
     n_tissue = int(tissue.sum())
     judged = n_tissue > 0 and n_tissue >= FOLD_MIN_TISSUE * tissue.size
-    return {"sharpness": sharpness(rgb, inner),
+    flat = contrast(coarse, inner_c) < SHARP_MIN_CONTRAST    # nothing that focus would sharpen: not judged
+    return {"sharpness": math.nan if flat else sharpness(rgb, inner),
             "ink_fraction": float(ink.mean()),
             "fold_fraction": float(fold.sum() / n_tissue) if judged else 0.0,
             "background_fraction": float(1.0 - (stain | ink).mean())}

@@ -77,9 +77,10 @@ def place(spec: SlideSpec) -> Planted:
     def at(fx: float, fy: float) -> tuple[int, int]:
         return int(x0 + fx * w), int(y0 + fy * h)
 
-    W, H = spec.width - 1, spec.height - 1  # noqa: N806 - the slide's far corner
-    strokes = [Stroke("blue", (0, 0), at(0.35, 0.22), width), Stroke("green", (W, 0), at(0.65, 0.22), width),
-               Stroke("red", (0, H), at(0.35, 0.9), width), Stroke("black", (W, H), at(0.65, 0.9), width)]
+    far_x, far_y = spec.width - 1, spec.height - 1
+    strokes = [Stroke("blue", (0, 0), at(0.35, 0.22), width), Stroke("green", (far_x, 0), at(0.65, 0.22), width),
+               Stroke("red", (0, far_y), at(0.35, 0.9), width),
+               Stroke("black", (far_x, far_y), at(0.65, 0.9), width)]
     r = round(0.07 * min(w, h))
     return Planted(SLIDE_MPP, strokes, blur=(x0, *at(0, 0.62)[1:], x1, at(0, 0.76)[1]),
                    fold=(*at(0.15, 0.38), *at(0.55, 0.5)), bubble=(*at(0.78, 0.44), r))

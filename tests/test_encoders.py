@@ -253,7 +253,7 @@ def test_a_registry_entry_reads_its_weights_from_the_models_folder(tmp_path, mon
     import timm
     from timm.models import save_for_hf
 
-    from histoembed.models.encoders import weights_available
+    from histoembed.models.weights import weights_available
     from histoembed.models.zoo import HALF, get
 
     monkeypatch.setenv("HISTOEMBED_MODELS", str(tmp_path))

@@ -163,5 +163,5 @@ def hub_source(repo_id: str) -> str:
         return repo_id
     if snapshot is not None:
         return str(snapshot)
-    raise not_found(repo_id, f"the hub ({constants.ENDPOINT}) did not answer within {PROBE_TIMEOUT_S:g} s, as on "
-                             "a machine without internet, and the model is not in the cache")
+    raise not_found(repo_id, f"it is not in the cache, and the hub ({constants.ENDPOINT}) cannot be reached "
+                             f"(no answer within {PROBE_TIMEOUT_S:g} s: no internet here?)")

@@ -112,7 +112,7 @@ def test_a_passing_check_is_recorded_and_a_cpu_run_skips_it_by_default(tmp_path,
 # ---------------------------------------------------------------- fp8 and compile (issue 22)
 
 def test_fp8_puts_the_linear_layers_in_float8_and_stays_close_to_fp32(tmp_path):
-    from histoembed.models.encoders import FP8, Float8Linear
+    from histoembed.models.float8 import FP8, Float8Linear
 
     enc = load_encoder(str(save_tiny_vit(tmp_path / "fine")), precision="fp8")
     low = enc._low_precision_module()
@@ -132,7 +132,7 @@ def test_fp8_that_drowns_the_signal_is_caught(tmp_path):
 
 def test_fp8_is_refused_on_a_gpu_without_float8_tensor_cores(monkeypatch):
     from histoembed.core.errors import UserError
-    from histoembed.models.encoders import check_fp8
+    from histoembed.models.float8 import check_fp8
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")

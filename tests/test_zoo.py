@@ -21,7 +21,7 @@ import torch
 
 from histoembed.core.errors import UserError
 from histoembed.models import zoo
-from histoembed.models.encoders import pool_tokens, timm_features
+from histoembed.models.loaders import pool_tokens, timm_features
 
 SIDE = 32
 # The network's size, shrunk; everything else (layer types, registers, LayerScale) stays the entry's.

@@ -14,6 +14,7 @@ from histoembed import __version__
 from histoembed.core import config as cfg
 from histoembed.core.console import console, show_progress
 from histoembed.core.errors import UserError, from_os_error
+from histoembed.stages import PIPELINE
 
 app = typer.Typer(
     name="histoembed",
@@ -41,6 +42,10 @@ VerifyDataOpt = Annotated[bool, typer.Option(
     "--verify-data", help="Hash every image and mask again to check the data is unchanged, instead of trusting "
                           "stamps cached by file size and modification time (which miss an in-place edit that "
                           "keeps both, e.g. `cp -p`, `rsync -t`). Slower; use it before a final submission.")]
+
+# `histoembed --help` lists the stages in pipeline order in one panel, then the tools beside the pipeline.
+TOOLS = ("synth", "demo", "compare", "config", "encoders")
+HELP_ORDER = (*PIPELINE, *TOOLS)
 
 # The settings tables each stage reads (``histoembed config STAGE`` prints these).
 STAGE_TABLES = {"qc": ("qc",), "crops": ("crops",), "embed": ("embed", "augment"), "fit": ("fit", "drift"),
@@ -110,7 +115,13 @@ def show_settings(stage: str, args: list[str]) -> str:
 
 
 def command(name: str | None = None, **kwargs):
-    """Register a command whose user errors print one clear message (exit 2), never a traceback."""
+    """Register a command whose user errors print one clear message (exit 2), never a traceback.
+
+    Help shows it in the "Stages" panel (pipeline order) or the "Tools" one, wherever its module is imported.
+    """
+    if name not in HELP_ORDER:
+        raise ValueError(f"command {name!r} is neither a stage (stages.PIPELINE) nor one of the tools (TOOLS)")
+    kwargs.setdefault("rich_help_panel", "Stages" if name in PIPELINE else "Tools")
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -129,6 +140,7 @@ def command(name: str | None = None, **kwargs):
                 raise typer.Exit(130) from None
 
         app.command(name, **kwargs)(wrapper)
+        app.registered_commands.sort(key=lambda c: HELP_ORDER.index(c.name))  # help lists them in this order
         return fn
 
     return decorate

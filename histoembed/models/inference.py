@@ -20,6 +20,7 @@ from histoembed.maths import scales
 from histoembed.maths.metrics import softmax, view_spread
 from histoembed.models import members
 from histoembed.models.heads import Bags, Head, decisions
+from histoembed.models.heads.base import CAPABILITIES
 from histoembed.models.heads import get as get_head
 from histoembed.models.heads.shared import first_seen_index
 
@@ -165,27 +166,38 @@ class Ensemble:
         return ImagePredictions(image_ids, [split for split, _ in keys], probs, pred, decided.sets,
                                 view_spread(view_probs, bags.image, len(image_ids)))
 
+    def member_that(self, can: str) -> str | None:
+        """The first member whose head declares ``can`` (``"gives_attention"`` or ``"scores_crops"``, see
+        ``heads.base.Head``), None when none does: callers ask what a head can do, never its name."""
+        if can not in CAPABILITIES:
+            raise ValueError(f"{can!r} is no head capability ({', '.join(CAPABILITIES)})")
+        fold_models = self.models[0] if self.models else {}
+        return next((h for h in self.heads if getattr(fold_models.get(h), can, False)), None)
+
     def predict_crops(self, features: store.Features) -> np.ndarray | None:
-        """Per feature row (crop-view): calibrated MLP probabilities averaged over folds (None without an MLP, or
-        when the heads read per-scale image means rather than crops)."""
-        if "mlp" not in self.heads or self.scale_fusion != "crops" or self.encoders:
+        """Per feature row (crop-view): calibrated probabilities of the head that scores crops (the MLP), averaged
+        over folds (None without such a head, or when the heads read per-scale image means rather than crops)."""
+        member = self.member_that("scores_crops")
+        if member is None or self.scale_fusion != "crops" or self.encoders:
             return None
         self._check(features)
         probs = np.zeros((len(features), len(self.classes)))
         for fold_models in self.models:
-            probs += softmax(fold_models["mlp"].row_logits(features.embedding) / self.final["T"]["mlp"])
+            probs += softmax(fold_models[member].row_logits(features.embedding) / self.final["T"][member])
         return probs / max(1, len(self.models))
 
     def crop_attention(self, features: store.Features) -> np.ndarray | None:
-        """Per feature row: the attention-MIL weight of the crop within its (image, view) bag, averaged over
-        folds (None without an abmil head, or when the heads read per-scale image means rather than crops)."""
-        if "abmil" not in self.heads or self.scale_fusion != "crops" or self.encoders:
+        """Per feature row: the weight of the crop within its (image, view) bag from the head that gives attention
+        (attention-MIL), averaged over folds (None without such a head, or when the heads read per-scale image
+        means rather than crops)."""
+        member = self.member_that("gives_attention")
+        if member is None or self.scale_fusion != "crops" or self.encoders:
             return None
         self._check(features)
         _, bags = self._bags(features)
         out = np.zeros(len(features))
         for fold_models in self.models:
-            out[bags.source_row] += fold_models["abmil"].attention(bags)
+            out[bags.source_row] += fold_models[member].attention(bags)
         return out / max(1, len(self.models))
 
 

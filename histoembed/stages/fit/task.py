@@ -80,6 +80,7 @@ def cv_metrics(cv: CVResult, y: np.ndarray, classes: list[str], settings: FitSet
                     "fold chosen on the other folds; the plain argmax is always reported beside it",
         },
         "calibration_notes": notes,
+        "temperatures": temperature_decisions(cv),
         "conformal": {**conformal.coverage_summary(applied.sets, y, classes, settings.alpha),
                       "class_conditional": settings.class_conditional,
                       "rule": "split-conformal on 1 - p(class); each fold's thresholds from the other folds"},
@@ -87,3 +88,15 @@ def cv_metrics(cv: CVResult, y: np.ndarray, classes: list[str], settings: FitSet
                                       "from the image's mean", "median": float(np.median(spread)),
                         "accuracy_by_quantile": accuracy_by_quantile(spread, applied.pred == y)},
     }
+
+
+def temperature_decisions(cv: CVResult) -> dict:
+    """Per head: the final T, its estimate, whether it is applied and why, and in how many folds one was applied;
+    and whether the fused decision uses the heads' temperatures."""
+    out = {h: {"T": cv.final["T"][h], "fitted": cv.final.get("T_fitted", cv.final["T"])[h],
+               "applied": cv.final.get("T_applied", {}).get(h, cv.final["T_note"][h] is None),
+               "why": cv.final.get("T_why", {}).get(h, cv.final["T_note"][h]),
+               "folds_applied": sum(p["T_note"][h] is None for p in cv.fold_params), "folds": len(cv.fold_params)}
+           for h in cv.heads}
+    out["fused"] = cv.final.get("fused_calibration")
+    return out

@@ -297,7 +297,7 @@ def test_evaluation_fold_never_reaches_training_stopping_temperature_weights_off
     choose_t, choose_w = calibration.choose_temperature, fusion.choose_weights
     choose_b, choose_q = offsets.choose_offsets, conformal.thresholds
     monkeypatch.setattr(calibration, "choose_temperature",
-                        lambda z, y: seen["T"].append((np.array(z), choose_t(z, y))) or seen["T"][-1][1])
+                        lambda z, y, *a: seen["T"].append((np.array(z), choose_t(z, y, *a))) or seen["T"][-1][1])
     monkeypatch.setattr(fusion, "choose_weights",
                         lambda z, y, t, p: seen["w"].append([np.array(m) for m in z]) or choose_w(z, y, t, p))
     monkeypatch.setattr(offsets, "choose_offsets", lambda L, y: seen["offsets"].append(len(y)) or choose_b(L, y))
@@ -705,7 +705,7 @@ def test_with_two_encoders_no_oof_prediction_helps_choose_a_weight_or_temperatur
         monkeypatch.setattr(heads.REGISTRY[h], "fit", record)
     choose_t, choose_w = calibration.choose_temperature, fusion.choose_weights
     monkeypatch.setattr(calibration, "choose_temperature",
-                        lambda z, y: seen["T"].append((np.array(z), choose_t(z, y))) or seen["T"][-1][1])
+                        lambda z, y, *a: seen["T"].append((np.array(z), choose_t(z, y, *a))) or seen["T"][-1][1])
     monkeypatch.setattr(fusion, "choose_weights",
                         lambda z, y, t, p, **kw: seen["w"].append([np.array(m) for m in z]) or choose_w(z, y, t, p, **kw))
     fit.run_fit(run, tiny_settings(heads=names), encoder="synthetic,other/enc")

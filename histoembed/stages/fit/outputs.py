@@ -31,7 +31,7 @@ from histoembed.stages.fit.task import oof_view_spread
 from histoembed.stages.fit.training import TrainingSet
 
 FUSION_RULE = "sum over heads of w_h * z_h / T_h (weights on the simplex)"
-FIT_VERSION = 1  # bump when the fit's outputs change meaning (part of the skip key)
+FIT_VERSION = 2  # bump when the fit's outputs change meaning (part of the skip key)
 
 
 @dataclass

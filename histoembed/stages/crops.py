@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from histoembed.core import cpus, store
 from histoembed.core.config import CropSettings, QCSettings
-from histoembed.core.console import progress
+from histoembed.core.console import noun, progress
 from histoembed.core.errors import UserError
 from histoembed.engines import local
 from histoembed.inputs import slides
@@ -141,6 +141,16 @@ class CropsResult:
     repaired: list[tuple[str, str]]   # (split, image_id) of images whose ink was repaired before cropping
     skipped: bool                     # True: inputs and settings unchanged, nothing was done
     warnings: list[str] = field(default_factory=list)  # e.g. a patient in both splits (leakage)
+    slide_keys: frozenset[str] = frozenset()  # split/image_id of every whole slide in the data (left out or not)
+    slides: int = 0                   # of ``images``, how many are whole slides
+    patches: int = 0                  # of ``crops``, how many are patches of a slide
+
+    def counted(self, keys: Sequence[str], slide_keys: frozenset[str]) -> CropsResult:
+        """Count the slides and their patches among ``keys`` (one ``split/image_id`` per crop written)."""
+        self.slide_keys = slide_keys
+        self.slides = len(set(keys) & slide_keys)
+        self.patches = sum(k in slide_keys for k in keys)
+        return self
 
 
 def _read_qc(run: Path, stamp: store.ContentStamps) -> tuple[dict[tuple[str, str], dict], dict | None, list | None]:
@@ -170,13 +180,13 @@ def _counts(keys: Sequence[str]) -> tuple[int, float, int]:
     return int(n.min()), float(np.median(n)), int(n.max())
 
 
-def _previous(out: Path) -> CropsResult:
+def _previous(out: Path, slide_keys: frozenset[str]) -> CropsResult:
     t = pq.read_table(out, columns=["image_id", "split"])
     keys = store.image_keys(t["split"].to_pylist(), t["image_id"].to_pylist())
     sm = _summary(out)
     return CropsResult(out, len(set(keys)), len(keys), _counts(keys), [tuple(f) for f in sm.get("fallbacks", [])],
                        [Problem(Path(p), why) for p, why in sm.get("problems", [])], sm.get("left_out", []),
-                       [tuple(r) for r in sm.get("repaired", [])], skipped=True)
+                       [tuple(r) for r in sm.get("repaired", [])], skipped=True).counted(keys, slide_keys)
 
 
 def n_workers(requested: int) -> int:
@@ -309,10 +319,12 @@ class _Written:
 def _write_crops(out: Path, written: _Written, jobs: list[_CropJob], settings: CropSettings, strict: bool,
                  left_out: list[str], data: Path) -> None:
     """Crop every job (on the engine ``settings`` name) into ``out``, atomically, with the summary in its footer."""
+    slides = sum(j.sample.slide for j in jobs)
+    unit = noun(len(jobs) - slides, slides, number="s")
     with store.atomic_path(out) as tmp:
         writer = pq.ParquetWriter(tmp, written.schema, compression="zstd")
         try:
-            with cropped_images(jobs, settings) as results, progress("images") as bar:
+            with cropped_images(jobs, settings) as results, progress(unit) as bar:
                 bar_id = bar.add_task("crops", total=len(jobs))
                 for done in results:
                     bar.advance(bar_id)
@@ -363,6 +375,7 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
     check_slide_mpp(samples, slide_mpp)
 
     has_slides, has_groups = any(s.slide for s in samples), any(s.group for s in samples)
+    slide_keys = frozenset(f"{s.split}/{s.image_id}" for s in ds.samples if s.slide)
     key = store.stage_key(
         "crops", CROPS_VERSION, settings, sorted(keep), include_flagged, qc_stamp,
         stamps, [str(p) for p in ds.problems], slide_mpp if has_slides else None,
@@ -370,7 +383,7 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
     )
     old = store.read_meta(out) if out.exists() else {}
     if old.get("key") == key and old.get("schema") == store.SCHEMA:  # an older file is cut again
-        result = _previous(out)
+        result = _previous(out, slide_keys)
         result.warnings = ds.warnings
         return result
 
@@ -384,4 +397,4 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
                  strict, left_out, data)
     w = written.written
     return CropsResult(out, len(set(w)), len(w), _counts(w), written.fallbacks, written.problems,
-                       left_out, written.repaired, skipped=False, warnings=ds.warnings)
+                       left_out, written.repaired, skipped=False, warnings=ds.warnings).counted(w, slide_keys)

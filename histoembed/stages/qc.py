@@ -50,7 +50,7 @@ import pyarrow as pa
 
 from histoembed.core import store
 from histoembed.core.config import QCSettings
-from histoembed.core.console import progress
+from histoembed.core.console import noun, progress
 from histoembed.core.errors import UserError
 from histoembed.inputs.dataset import (
     MAX_PIXELS,
@@ -118,7 +118,8 @@ def _map_images(samples: list[Sample], settings: QCSettings, thumb_size: int) ->
     jobs = [(s, settings, thumb_size) for s in samples]
     workers = settings.workers or min(os.cpu_count() or 1, 8)
     results: list[_ImageResult] = []
-    with progress("images") as bar:
+    slides = sum(s.slide for s in samples)
+    with progress(noun(len(samples) - slides, slides, number="s")) as bar:
         task = bar.add_task("qc colour pass", total=len(jobs))
         if workers <= 1 or len(jobs) < 16:
             for job in jobs:
@@ -164,6 +165,13 @@ class QCResult:
     problems: list[Problem] = field(default_factory=list)  # images that could not be read
     embedding: str = ""                             # where embeddings came from, or why there were none
     warning: str | None = None                      # what the user should know and can fix (e.g. no encoder)
+    slide_keys: frozenset[str] = frozenset()        # split/image_id of every whole slide in the data
+
+    def kinds(self) -> tuple[int, int]:
+        """(flat images, whole slides) among the table's rows: the console counts each in its own words."""
+        t = self.table.to_pydict()
+        slides = sum(f"{sp}/{i}" in self.slide_keys for i, sp in zip(t["image_id"], t["split"]))
+        return self.table.num_rows - slides, slides
 
     def count(self, column: str) -> int:
         col = self.table[column].to_pylist()
@@ -196,10 +204,10 @@ def _qc_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def _previous_result(out: Path, meta: dict, warning: str | None = None) -> QCResult:
+def _previous_result(out: Path, meta: dict, warning: str | None, slide_keys: frozenset[str]) -> QCResult:
     problems = [Problem(Path(p), why) for p, why in meta.get("problems", [])]
     return QCResult(out, store.read_qc(out.parent), skipped=True, problems=problems,
-                    embedding=meta.get("embedding", ""), warning=warning)
+                    embedding=meta.get("embedding", ""), warning=warning, slide_keys=slide_keys)
 
 
 def _check_keep(ds: Dataset, keep: Sequence[str], data: Path) -> None:
@@ -368,6 +376,7 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
     store.remove_stale(run, ".*.tmp-*")  # what killed runs left
     ds = load_dataset(data, strict=strict, max_pixels=max_pixels)
     _check_keep(ds, keep, data)
+    slide_keys = frozenset(f"{s.split}/{s.image_id}" for s in ds.samples if s.slide)
 
     enc_name = (encoder or settings.encoder) if embed else None
     stamp = store.ContentStamps(store.read_meta(out).get("content_stamps") if out.exists() else None)
@@ -382,10 +391,10 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
     unchanged = old.get("key") == key and old.get("schema") == store.SCHEMA and SAMPLE_STAMPS in old
     leak = "; ".join(ds.warnings) or None  # patients in both splits
     if unchanged and not old.get("embedding_failed"):
-        return _previous_result(out, old, leak)
+        return _previous_result(out, old, leak, slide_keys)
     emb = _embedding_pass(embed, enc_name)
     if emb.failed and unchanged:  # same inputs, and the encoder still cannot be loaded: nothing new to do
-        return _previous_result(out, old, emb.warning)
+        return _previous_result(out, old, emb.warning, slide_keys)
 
     good, problems = _colour_pass(ds, settings, emb.thumb_size, strict, data)
     nb = _neighbours(emb, good, settings)
@@ -395,4 +404,5 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
             "content_stamps": stamp.used, SAMPLE_STAMPS: checked}
     store.write_table(table, out, meta)
     warning = "; ".join(w for w in (emb.warning, leak) if w) or None
-    return QCResult(out, table, skipped=False, problems=problems, embedding=emb.note, warning=warning)
+    return QCResult(out, table, skipped=False, problems=problems, embedding=emb.note, warning=warning,
+                    slide_keys=slide_keys)

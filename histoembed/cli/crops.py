@@ -68,10 +68,10 @@ def crops(
     strict: StrictOpt = False,
     max_pixels: Annotated[int | None, setting("data.max_pixels")] = None,
     keep: Annotated[list[str] | None, typer.Option(
-        "--keep", help="Crop this QC-flagged training image anyway (repeatable), e.g. --keep img_0042.png.")]
+        "--keep", help="Crop this QC-flagged training image or slide anyway (repeatable), e.g. --keep img_0042.png.")]
         = None,
     include_flagged: Annotated[bool, typer.Option(
-        "--include-flagged", help="Crop every training image, even those QC flagged.")] = False,
+        "--include-flagged", help="Crop every training image and slide, even those QC flagged.")] = False,
     verify_data: VerifyDataOpt = False,
 ) -> None:
     """Cut square tissue crops from the images of both splits (patches from whole slides) into run/crops.parquet.

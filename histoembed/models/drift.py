@@ -101,14 +101,16 @@ def standardised_difference(train: np.ndarray, test: np.ndarray) -> float:
     return float((test.mean() - train.mean()) / pooled) if pooled > 0 else 0.0
 
 
-def verdict(auc: float, lo: float, hi: float, stain_difference: dict[str, float]) -> tuple[bool, str]:
-    """(shifted, the finding in words): shifted when the AUC interval lies above 0.5."""
+def verdict(auc: float, lo: float, hi: float, stain_difference: dict[str, float],
+            items: str = "images") -> tuple[bool, str]:
+    """(shifted, the finding in words): shifted when the AUC interval lies above 0.5. ``items``: what the splits
+    hold, in the console's words ("images", "slides", "images or slides")."""
     shifted = bool(lo > 0.5)
     if not shifted:
-        return False, (f"No detectable difference between the training and test images' embeddings "
+        return False, (f"No detectable difference between the training and test {items}' embeddings "
                        f"(AUC {auc:.2f}, 95% interval {lo:.2f}-{hi:.2f} includes 0.5, which means indistinguishable).")
     strength = "strongly " if lo > 0.75 else ""
-    words = (f"The test images differ {strength}from the training images: a classifier tells them apart by their "
+    words = (f"The test {items} differ {strength}from the training {items}: a classifier tells them apart by their "
              f"embeddings with AUC {auc:.2f} (95% interval {lo:.2f}-{hi:.2f}; 0.5 means indistinguishable). "
              "The cross-validated score may promise more than the test set gives.")
     stained = {s: d for s, d in stain_difference.items() if abs(d) >= STAIN_SHIFT_SD}

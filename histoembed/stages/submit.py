@@ -39,6 +39,7 @@ class SubmitResult:
     classes: list[str]
     counts: dict[str, int]                                # predicted label -> images
     fallbacks: list[str] = field(default_factory=list)    # test images predicted by the prior
+    image_ids: list[str] = field(default_factory=list)    # the test images, in the submission's order
 
 
 def _class_prior(run: Path, classes: list[str]) -> np.ndarray:
@@ -118,4 +119,4 @@ def run_submit(data: Path | None, run: Path, encoder: str | None = None, tta: bo
                                            "from their mean (NaN for a fallback)",
                             "fallback": "training-class prior (most frequent class)"})
     counts = {c: labels.count(c) for c in ensemble.classes}
-    return SubmitResult(submission, predictions, len(ids), ensemble.classes, counts, fallbacks)
+    return SubmitResult(submission, predictions, len(ids), ensemble.classes, counts, fallbacks, list(ids))

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from histoembed.core import store
+from histoembed.core import feature_store
 from histoembed.core.config import IMAGENET_MEAN, IMAGENET_STD
 from histoembed.core.config import Pool as SettingsPool
 from histoembed.core.errors import UserError
@@ -64,7 +64,7 @@ class Encoder:
 
     @property
     def slug(self) -> str:
-        return store.encoder_slug(self.name)
+        return feature_store.encoder_slug(self.name)
 
     def __call__(self, crops: torch.Tensor) -> torch.Tensor:
         x = crops.to(self.device, torch.float32, non_blocking=True)

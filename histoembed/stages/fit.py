@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from histoembed import __version__
-from histoembed.core import cpus, locks, store
+from histoembed.core import cpus, feature_store, locks, store
 from histoembed.core.config import FitSettings, output_settings
 from histoembed.core.console import progress
 from histoembed.core.errors import UserError, from_os_error
@@ -59,7 +59,7 @@ FIT_VERSION = 1  # bump when the fit's outputs change meaning (part of the skip 
 class TrainingSet:
     """The training split's features with one label per image, after QC."""
 
-    features: store.Features
+    features: feature_store.Features
     store_dir: Path
     image_ids: list[str]          # first-seen order in the features (all of the train split)
     row_image: np.ndarray         # image index of each feature row
@@ -152,15 +152,15 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
     them to float32 exactly as reading would have; nothing else may compute on them).
     """
     run = Path(run)
-    store_dir = store.find_feature_store(run, encoder)
+    store_dir = feature_store.find_feature_store(run, encoder)
     labels = read_labels(run)
     flagged, dup_groups = qc_flags(run)
-    features = store.read_features(store_dir, split="train", keep_dtype=keep_dtype)
+    features = feature_store.read_features(store_dir, split="train", keep_dtype=keep_dtype)
     if len(features) == 0:
         raise UserError("the feature store has no training rows", path=store_dir,
                         hint="run `histoembed embed` on a run whose crops include the train split")
-    store.check_complete(features, run, "train")
-    features = store.with_scales(features, run)
+    feature_store.check_complete(features, run, "train")
+    features = feature_store.with_scales(features, run)
     crop_scales = scales.scales_of(features)
     features = scales.fuse_scales(features, scale_fusion, crop_scales)
     keys = features.keys()
@@ -459,7 +459,7 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
 
 def parse_encoders(value: str | None) -> list[str]:
     """Encoder names of ``--encoder A,B`` (or ``encoder = "A,B"``); [] when none is given."""
-    return store.encoder_list(value) if value is not None else []
+    return feature_store.encoder_list(value) if value is not None else []
 
 
 def check_class_counts(run: Path, ts: TrainingSet, settings: FitSettings) -> None:
@@ -548,10 +548,10 @@ def run_fit_multi(run: Path, settings: FitSettings, names: list[str], started: f
     store is read, fitted and let go before the next one is read, so only one store's
     features are in memory at a time; concat mode holds them all (side by side).
     """
-    parts = [EncoderPart(name, store.find_feature_store(run, name), {}) for name in names]
-    store.check_same_rows({p.name: p.store_dir for p in parts})
+    parts = [EncoderPart(name, feature_store.find_feature_store(run, name), {}) for name in names]
+    feature_store.check_same_rows({p.name: p.store_dir for p in parts})
     for p in parts:
-        p.meta = store.read_meta(store.feature_parts(p.store_dir)[0])
+        p.meta = store.read_meta(feature_store.feature_parts(p.store_dir)[0])
     first = load_training_set(run, names[0], settings.include_flagged, settings.scale_fusion,
                               keep_dtype=settings.encoder_fusion == "logits")
     check_class_counts(run, first, settings)
@@ -693,7 +693,7 @@ def fit_metrics(key: str, encoder: str, ts: TrainingSet, settings: FitSettings, 
 def encoder_name(ts: TrainingSet) -> str:
     """The encoder as the feature store names it, in a form ``find_feature_store`` finds again."""
     named = ts.features.meta.get("encoder")
-    return named if named and store.encoder_slug(named) == ts.store_dir.name else ts.store_dir.name
+    return named if named and feature_store.encoder_slug(named) == ts.store_dir.name else ts.store_dir.name
 
 
 def _drop_heads(cv: CVResult) -> CVResult:

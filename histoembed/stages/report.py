@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from histoembed import __version__
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.config import CropSettings
 from histoembed.core.errors import UserError
 from histoembed.inputs.cropping import slide_tissue
@@ -742,7 +742,7 @@ def _maps_section(r: _Run) -> str:
         if ensemble.encoders:
             return _section("maps", title, _missing(f"per-crop maps of one encoder: this run fuses the members of "
                                                     f"{len(ensemble.encoders)} encoders ({ensemble.encoder})"))
-        features = store.read_features(store.find_feature_store(r.run, ensemble.encoder))
+        features = feature_store.read_features(feature_store.find_feature_store(r.run, ensemble.encoder))
     except UserError as e:
         return _section("maps", title, _missing(str(e)))
     if ensemble.scale_fusion != "crops":
@@ -837,7 +837,7 @@ def _slide_attention(r: _Run, keys: list[str]) -> tuple[dict, str]:
         return {}, (f"No attention maps: with --scale-fusion {ensemble.scale_fusion} the heads read per-scale "
                     "means, not single patches.")
     try:
-        features = store.read_features(store.find_feature_store(r.run, ensemble.encoder))
+        features = feature_store.read_features(feature_store.find_feature_store(r.run, ensemble.encoder))
     except UserError as e:
         return {}, f"No attention maps: {e.problem}."
     clean = features.subset(features.view == 0)

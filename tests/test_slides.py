@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.config import CropSettings
 from histoembed.inputs import slides
 from histoembed.inputs.dataset import load_dataset
@@ -137,13 +137,13 @@ def test_readme_commands_on_a_slide_cohort_give_one_row_per_test_slide(cohort, c
     with (cohort / "run" / "submission.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["sample_index"] for r in rows] == tests
-    feats = store.read_features(store.find_feature_store(cohort / "run"))
+    feats = feature_store.read_features(feature_store.find_feature_store(cohort / "run"))
     assert set(np.unique(feats.view)) == {0, 1}
 
 
 def test_embedded_patches_are_the_slides_pixels(cohort, cli):
     """What the embed workers read (CropBatches) equals OpenSlide's read_region of the stored box and level."""
-    from histoembed.engines.seams import CropBatches
+    from histoembed.engines.batches import CropBatches
 
     path = cohort / "run" / store.CROPS_FILE
     t = pq.read_table(path).slice(0, 5).to_pylist()

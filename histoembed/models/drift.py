@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.config import DriftSettings
 from histoembed.core.errors import UserError
 from histoembed.inputs.pixels import HED_FROM_RGB, OD_EPS
@@ -26,7 +26,7 @@ STAIN_SHIFT_SD = 0.5    # a standardised difference of stain density worth a sen
 STAINS = ("haematoxylin", "eosin")
 
 
-def image_means(features: store.Features) -> tuple[np.ndarray, np.ndarray]:
+def image_means(features: feature_store.Features) -> tuple[np.ndarray, np.ndarray]:
     """(image keys ``split/image_id``, [N, D] mean clean-view embedding per image), keys sorted."""
     clean = features.subset(features.view == 0)
     keys, row_image = np.unique(clean.keys(), return_inverse=True)
@@ -123,7 +123,7 @@ def verdict(auc: float, lo: float, hi: float, stain_difference: dict[str, float]
 
 def drift_inputs(run: Path, store_dir: Path) -> dict:
     """The keys of what the check reads: the feature store and crops.parquet."""
-    parts = store.feature_parts(store_dir)
+    parts = feature_store.feature_parts(store_dir)
     return {"features": store.read_meta(parts[0]).get("key") if parts else None,
             "store": store_dir.name, "crops": store.read_meta(run / store.CROPS_FILE).get("key")}
 

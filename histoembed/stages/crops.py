@@ -18,11 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from histoembed import engines
 from histoembed.core import cpus, store
 from histoembed.core.config import CropSettings, QCSettings
 from histoembed.core.console import noun, progress
 from histoembed.core.errors import UserError
-from histoembed.engines import local
 from histoembed.inputs import slides
 from histoembed.inputs.dataset import (
     MAX_PIXELS,
@@ -104,12 +104,6 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)  # one image per process; OpenCV's own threads would oversubscribe
 
 
-def _crop_alone(job: _CropJob) -> _CroppedImage:
-    """``_crop_one`` in a process that runs one image at a time (a Ray task)."""
-    _init_worker()
-    return _crop_one(job)
-
-
 @contextlib.contextmanager
 def cropped_images(jobs: list[_CropJob], settings: CropSettings) -> Iterator[Iterator[_CroppedImage]]:
     """Every job's ``_crop_one`` result, in the jobs' order, by the engine ``settings`` name.
@@ -117,13 +111,9 @@ def cropped_images(jobs: list[_CropJob], settings: CropSettings) -> Iterator[Ite
     local: worker processes of this machine (or this process); ray: one Ray task per image
     over a cluster. Either way each image goes through the same ``_crop_one``.
     """
-    if settings.engine == "ray":
-        from histoembed.engines import ray as ray_engine  # Ray: an optional extra, loaded only for this engine
-
-        with ray_engine.session(settings.ray_address):
-            yield ray_engine.map_ordered(_crop_alone, jobs)
-        return
-    with local.map_ordered(_crop_one, jobs, n_workers(settings.workers), _init_worker) as results:
+    engine = engines.pick(settings.engine)
+    with engine.session(settings.ray_address), \
+            engine.map_ordered(_crop_one, jobs, n_workers(settings.workers), _init_worker) as results:
         yield results
 
 

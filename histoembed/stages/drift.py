@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from histoembed import __version__
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.config import DriftSettings
 from histoembed.core.console import noun
 from histoembed.core.errors import UserError
@@ -124,7 +124,7 @@ def _compare_splits(run: Path, keys: np.ndarray, x: np.ndarray, is_test: np.ndar
 def run_drift(run: Path, settings: DriftSettings, encoder: str | None = None) -> DriftResult:
     """Compare the splits' embeddings and stains (a finding without numbers when a split has too few images)."""
     run = Path(run)
-    store_dir = store.find_feature_store(run, encoder)
+    store_dir = feature_store.find_feature_store(run, encoder)
     crops_meta = _crops_meta(run)
     inputs = drift_inputs(run, store_dir)
     key = store.stage_key("drift", DRIFT_VERSION, settings, inputs)
@@ -133,7 +133,7 @@ def run_drift(run: Path, settings: DriftSettings, encoder: str | None = None) ->
         previous = store.read_json(path, "drift report")
         if previous.get("key") == key:
             return DriftResult(previous, True, path)
-    features = store.read_features(store_dir)
+    features = feature_store.read_features(store_dir)
     keys, x = image_means(features)
     flagged = set() if settings.include_flagged else _qc_flagged(run)
     keep = np.array([k not in flagged for k in keys], dtype=bool)

@@ -150,7 +150,7 @@ def _load_encoder(name: str):
 
 def _embed_thumbnails(encoder, thumbs: np.ndarray) -> np.ndarray:
     """[N, D] embeddings of uint8 thumbnails [N, H, W, 3], one clean view each."""
-    from histoembed.engines.seams import embed_crops  # torch
+    from histoembed.engines.forward import embed_crops  # torch
 
     return embed_crops(encoder, thumbs, views=1)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.config import FitSettings, output_settings
 from histoembed.core.console import progress
 from histoembed.core.errors import UserError
@@ -49,10 +49,10 @@ class EncoderPart:
 
 def run_fit_multi(run: Path, settings: FitSettings, names: list[str], started: float) -> FitResult:
     """Every head on each of the encoders ``names``, the same folds, all members fused (see the module docstring)."""
-    parts = [EncoderPart(name, store.find_feature_store(run, name), {}) for name in names]
-    store.check_same_rows({p.name: p.store_dir for p in parts})
+    parts = [EncoderPart(name, feature_store.find_feature_store(run, name), {}) for name in names]
+    feature_store.check_same_rows({p.name: p.store_dir for p in parts})
     for p in parts:
-        p.meta = store.read_meta(store.feature_parts(p.store_dir)[0])
+        p.meta = store.read_meta(feature_store.feature_parts(p.store_dir)[0])
     first = load_training_set(run, names[0], settings.include_flagged, settings.scale_fusion,
                               keep_dtype=settings.encoder_fusion == "logits")
     check_class_counts(run, first, settings)

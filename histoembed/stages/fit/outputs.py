@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from histoembed import __version__
-from histoembed.core import locks, store
+from histoembed.core import feature_store, locks, store
 from histoembed.core.config import FitSettings, output_settings
 from histoembed.core.errors import UserError, from_os_error
 from histoembed.maths import scales
@@ -124,7 +124,7 @@ def fit_metrics(key: str, encoder: str, ts: TrainingSet, settings: FitSettings, 
 def encoder_name(ts: TrainingSet) -> str:
     """The encoder as the feature store names it, in a form ``find_feature_store`` finds again."""
     named = ts.features.meta.get("encoder")
-    return named if named and store.encoder_slug(named) == ts.store_dir.name else ts.store_dir.name
+    return named if named and feature_store.encoder_slug(named) == ts.store_dir.name else ts.store_dir.name
 
 
 def final_summary(final: dict) -> dict:

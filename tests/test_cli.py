@@ -57,6 +57,24 @@ def test_help_shows_the_settings_defaults(cli, monkeypatch):
     assert "[default: 10]" in out and "[default: [124, 116, 104]]" in out and "roi-window" in out
 
 
+def test_help_lists_the_stages_in_pipeline_order_then_the_tools(cli, monkeypatch):
+    """Issue 36: `histoembed --help` showed the verbs alphabetically; now two panels, stages in run order."""
+    from histoembed.stages import PIPELINE
+
+    monkeypatch.setenv("COLUMNS", "300")  # one line per command
+    out = cli("--help").output
+    panels: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        if line.startswith("╭─"):
+            panel = panels.setdefault(line.strip("╭─╮ "), [])
+        elif line.startswith("│ ") and line[2:3].isalpha():
+            panel.append(line[2:].split()[0])
+    assert list(panels) == ["Options", "Stages", "Tools"]
+    assert tuple(panels["Stages"]) == PIPELINE == ("qc", "crops", "embed", "fit", "submit", "report", "predict", "drift")
+    assert panels["Tools"] == ["synth", "demo", "compare", "config", "encoders"]
+    assert list(COMMANDS) == panels["Stages"] + panels["Tools"]  # every command, each in one panel
+
+
 def test_config_prints_every_setting_as_toml(cli, tmp_path):
     res = cli("config", cwd=tmp_path)
     assert res.exit_code == 0, res.output

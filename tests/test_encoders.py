@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -87,12 +90,74 @@ def test_pickled_weights_are_never_loaded(model, message, tmp_path, request):
         load_encoder(str(folder))
 
 
-def test_missing_hub_weights_say_where_they_looked_and_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(UserError) as e:
-        load_encoder("phikon-v2")
-    msg = str(e.value)
-    assert "owkin/phikon-v2" in msg and "cache" in msg and "--encoder ./phikon-v2" in msg
+def _closed_port() -> int:
+    """A local port nothing listens on: a connection to it is refused at once, as a hub out of reach."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("encoder", ["phikon-v2", "hf-hub:someone/absent"])
+def test_a_hub_model_neither_cached_nor_reachable_is_named_before_any_hub_retry(encoder, tmp_path, cli, monkeypatch):
+    """Issue 36: offline, embed said how to get the weights only after huggingface_hub's retries (about 50 s).
+    Now the cache is looked at first, then (offline mode off) one request to the hub; no loader is reached."""
+    import transformers
+    import transformers.utils
+    from huggingface_hub import constants
+    from test_embed import write_crops
+
+    from histoembed.models import sources
+
+    def the_retry_path(*args, **kwargs):
+        pytest.fail("a loader asked the hub, whose client retries for most of a minute")
+
+    for loader in (transformers.AutoConfig, transformers.AutoModel):
+        monkeypatch.setattr(loader, "from_pretrained", the_retry_path)
+    monkeypatch.setattr(transformers.utils, "cached_file", the_retry_path)   # config.json of timm and transformers
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    write_crops(tmp_path)
+    hub_id = zoo.get(encoder).hub_id if zoo.get(encoder) else encoder.removeprefix("hf-hub:")
+
+    probe = sources.hub_answers
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")  # refuses at once
+    for offline, said in ((True, "offline mode is on"), (False, "cannot be reached")):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+        monkeypatch.setattr(sources, "hub_answers", the_retry_path if offline else probe)  # offline: not asked
+        r = cli("embed", "--run", tmp_path, "--encoder", encoder, "--repeats", "2")
+        assert r.exit_code == 2 and hub_id in r.output and said in r.output, r.output
+        assert "--encoder efficientnet-lite0" in r.output and "--encoder ./phikon-v2" in r.output
+
+
+def test_a_cached_model_loads_from_the_cache_when_the_hub_is_out_of_reach(tiny_dinov2, tmp_path, hub_layout,
+                                                                          monkeypatch):
+    """A hub that answers gets the hub id (the loader may refresh the model); one out of reach, the cached copy."""
+    from huggingface_hub import constants
+
+    from histoembed.models import sources
+
+    hub_layout(tmp_path / "hub", "owkin/phikon-v2",
+               {name: (tiny_dinov2 / name).read_bytes() for name in ("config.json", "model.safetensors")})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub) as hub:
+        threading.Thread(target=hub.serve_forever, daemon=True).start()
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{hub.server_port}")
+        assert sources.hub_source("owkin/phikon-v2") == "owkin/phikon-v2"
+        hub.shutdown()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    snapshot = sources.cached_snapshot("owkin/phikon-v2")
+    assert sources.hub_source("owkin/phikon-v2") == str(snapshot) and snapshot.parent.parent.name.endswith("phikon-v2")
+    enc = load_encoder("phikon-v2")
+    assert enc.encoder_id == "owkin/phikon-v2" and enc.weights_hash == load_encoder(str(tiny_dinov2)).weights_hash
 
 
 def test_cuda_asked_for_without_a_gpu_is_a_clear_error(tiny_dinov2):
@@ -253,7 +318,7 @@ def test_a_registry_entry_reads_its_weights_from_the_models_folder(tmp_path, mon
     import timm
     from timm.models import save_for_hf
 
-    from histoembed.models.encoders import weights_available
+    from histoembed.models.weights import weights_available
     from histoembed.models.zoo import HALF, get
 
     monkeypatch.setenv("HISTOEMBED_MODELS", str(tmp_path))

@@ -14,6 +14,7 @@ from histoembed.models.heads.abmil import ABMILHead
 from histoembed.models.heads.mlp import MLPHead
 from histoembed.models.heads.training import lr_factor
 from histoembed.models.heads.xgb import PCA_FILE, XGBHead, fit_pca
+from histoembed.models.maps import heads_that, heads_that_see_crops
 
 SMALL = {"mlp": MLPSettings(hidden=16, epochs=30, patience=5, batch_size=32),
          "xgb": XGBSettings(n_estimators=40, pca_dims=6, early_stopping_rounds=5),
@@ -52,6 +53,10 @@ def split(bags, y, n_fit=60, n_stop=15):
 
 def test_registry_holds_every_head_in_one_place_and_names_unknown_ones():
     assert set(REGISTRY) == {"mlp", "xgb", "logreg", "abmil"}
+    assert heads_that("gives_attention") == ["abmil"] and heads_that("scores_crops") == ["mlp"]
+    assert heads_that_see_crops() == ["mlp", "abmil"]
+    with pytest.raises(ValueError, match="no head capability"):
+        heads_that("abmil")
     assert check_names(["mlp", " xgb", "mlp", ""]) == ("mlp", "xgb")
     with pytest.raises(UserError, match="(?s)unknown head 'svm'.*mlp, xgb, logreg, abmil"):
         get("svm")
@@ -75,6 +80,18 @@ def test_head_contract(name, tmp_path):
     image_acc = (held.per_image(z).argmax(1) == held.image_labels(y_held)).mean()
     assert image_acc > 0.7                                                   # it learns the signal
     assert head.predict(held.select(np.array([], dtype=int))).shape == (0, 3)
+    # what it declares beyond the contract, it does (crop maps ask the declaration, never the name)
+    if cls.gives_attention:
+        weight = head.attention(held)
+        assert weight.shape == (len(held.X),) and np.allclose(np.add.reduceat(weight, held.starts[:-1]), 1)
+    else:
+        with pytest.raises(NotImplementedError, match="no attention"):
+            head.attention(held)
+    if cls.scores_crops:
+        assert head.row_logits(held.X).shape == (len(held.X), 3)
+    else:
+        with pytest.raises(NotImplementedError, match="single crops"):
+            head.row_logits(held.X)
     # deterministic for a seed
     np.testing.assert_array_equal(cls(SMALL[name], 3, seed=0).fit(fit, y_fit, stop, y_stop).predict(held), z)
     # save / load: the same logits, no pickle, the classes and dimension recorded

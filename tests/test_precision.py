@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.models.encoders import load_encoder
 from histoembed.models.precision import check_precision, cosine_per_row
 from test_embed import write_crops
@@ -112,7 +112,7 @@ def test_a_passing_check_is_recorded_and_a_cpu_run_skips_it_by_default(tmp_path,
 # ---------------------------------------------------------------- fp8 and compile (issue 22)
 
 def test_fp8_puts_the_linear_layers_in_float8_and_stays_close_to_fp32(tmp_path):
-    from histoembed.models.encoders import FP8, Float8Linear
+    from histoembed.models.float8 import FP8, Float8Linear
 
     enc = load_encoder(str(save_tiny_vit(tmp_path / "fine")), precision="fp8")
     low = enc._low_precision_module()
@@ -132,7 +132,7 @@ def test_fp8_that_drowns_the_signal_is_caught(tmp_path):
 
 def test_fp8_is_refused_on_a_gpu_without_float8_tensor_cores(monkeypatch):
     from histoembed.core.errors import UserError
-    from histoembed.models.encoders import check_fp8
+    from histoembed.models.float8 import check_fp8
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
@@ -167,7 +167,7 @@ def test_embed_compile_pads_to_one_shape_and_writes_the_eager_store(tmp_path, cl
     result = cli("embed", "--run", tmp_path / "compiled", *args, "--compile")
     assert result.exit_code == 0, result.output
     assert "precision check passed: fp32 compiled vs fp32" in result.output  # checked by default, on the CPU too
-    eager, compiled = (store.read_features(next((tmp_path / r / store.FEATURES_DIR).iterdir()))
+    eager, compiled = (feature_store.read_features(next((tmp_path / r / store.FEATURES_DIR).iterdir()))
                        for r in ("eager", "compiled"))
     assert list(compiled.keys()) == list(eager.keys()) and len(compiled) == 21 * 2
     assert abs(compiled.embedding - eager.embedding).max() < 1e-5

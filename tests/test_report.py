@@ -263,9 +263,9 @@ def test_report_ece_equals_metrics_json(written):
     saved = json.loads((run / store.METRICS_FILE).read_text())["heads"]
     table = re.search(r'<section id="calibration">.*?<tbody>(.*?)</tbody>', page.read_text(), re.S).group(1)
     rows = re.findall(r"<tr><td>(\w+)</td><td>(.*?)</td><td>([0-9.]+)</td><td>([0-9.]+)</td></tr>", table)
-    oof = report._read_oof(run / store.OOF_FILE)
+    oof = report.load.read_out_of_fold(run / store.OOF_FILE)
     folds = json.loads((run / store.CALIBRATION_FILE).read_text())["folds"]
-    probs = calibrated_probabilities(oof.z, oof.fold, folds)
+    probs = calibrated_probabilities(oof.logits, oof.fold, folds)
     assert len(rows) == 2 * len(probs) == 2 * len(saved)
     for (head, when, ece, nll), (name, phase) in zip(rows, [(h, k) for h in probs for k in (0, 1)]):
         assert head == name and ("before" in when) == (phase == 0)
@@ -323,7 +323,7 @@ def test_report_of_a_slide_run_draws_tissue_patch_grid_and_attention(tmp_path, t
                  ["embed", "--repeats", 1], ["fit", "--folds", 2, "--heads", "abmil,xgb"]):
         r = cli(*args, cwd=tmp_path)
         assert r.exit_code == 0, (args, r.output)
-    monkeypatch.setattr(report, "MAX_SLIDES", 6)
+    monkeypatch.setattr(report.slides, "MAX_SLIDES", 6)
     page = report.write_report(tmp_path / "run")
     text = page.read_text(encoding="utf-8")
     slides = text[text.index('<section id="slides">'):]
@@ -358,6 +358,6 @@ def test_a_slide_figure_puts_patch_boxes_where_the_crops_are(tmp_path):
     for (x0, y0, x1, y1), fraction in boxes:  # each box, scaled to the thumbnail, covers the tissue crops counted
         drawn = t.tissue[int(y0 * t.scale):math.ceil(y1 * t.scale), int(x0 * t.scale):math.ceil(x1 * t.scale)]
         assert drawn.mean() == pytest.approx(fraction) and fraction >= settings.min_tissue
-    img = report._slide_figure("train/a.svs", "benign", t, np.array([b for b, _ in boxes], float),
-                               np.arange(len(boxes)), ({i: 1.0 for i in range(len(boxes))}, "benign", 0.9))
+    img = report.slides.slide_figure("train/a.svs", "benign", t, np.array([b for b, _ in boxes], float),
+                                     np.arange(len(boxes)), ({i: 1.0 for i in range(len(boxes))}, "benign", 0.9))
     assert img.startswith('<img class="plot" alt="slide a.svs (train): tissue, patch grid and attention"')

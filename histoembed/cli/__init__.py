@@ -6,7 +6,7 @@ from histoembed.cli import compare, config, crops, demo, drift, embed, encoders,
 from histoembed.cli.app import app
 
 # Each module adds its command to `app` when imported.
-COMMANDS = (qc, crops, embed, fit, drift, submit, predict, report, compare, demo, synth, encoders, config)
+COMMANDS = (qc, crops, embed, fit, submit, report, predict, drift, synth, demo, compare, config, encoders)
 
 
 def main() -> None:

@@ -14,10 +14,11 @@ from histoembed import __version__
 from histoembed.core import config as cfg
 from histoembed.core.console import console, show_progress
 from histoembed.core.errors import UserError, from_os_error
+from histoembed.stages import PIPELINE
 
 app = typer.Typer(
     name="histoembed",
-    help="Classify histology images with a frozen pathology foundation model.\n\n"
+    help="Classify histology images and whole slides with a frozen pathology foundation model.\n\n"
          "Run the stages in order in a folder that holds data/: qc, crops, embed, fit, submit. "
          "Each writes to run/ and skips work whose inputs and settings have not changed.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -26,7 +27,8 @@ app = typer.Typer(
 
 DataOpt = Annotated[Path, typer.Option(
     "--data", help="Data folder (reference layout: train_data/, test_data/, train_labels.csv) "
-                   "or a manifest CSV with columns image,mask,label,split.")]
+                   "or a manifest CSV with columns image,mask,label,split (and group); an image may be a whole "
+                   "slide (SVS, NDPI, MRXS, pyramidal TIFF, ...).")]
 RunDataOpt = Annotated[Path | None, typer.Option(
     "--data", help="Data folder or manifest CSV; default: the one `histoembed crops` cut this run's crops from "
                    "(its files must be unchanged since).")]
@@ -38,9 +40,13 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed of every rando
 StrictOpt = Annotated[bool, typer.Option(
     "--strict", help="Stop on the first bad item instead of skipping it and listing it at the end.")]
 VerifyDataOpt = Annotated[bool, typer.Option(
-    "--verify-data", help="Hash every image and mask again to check the data is unchanged, instead of trusting "
-                          "stamps cached by file size and modification time (which miss an in-place edit that "
-                          "keeps both, e.g. `cp -p`, `rsync -t`). Slower; use it before a final submission.")]
+    "--verify-data", help="Hash every image (or slide) and mask again to check the data is unchanged, instead of "
+                          "trusting stamps cached by file size and modification time (which miss an in-place edit "
+                          "that keeps both, e.g. `cp -p`, `rsync -t`). Slower; use it before a final submission.")]
+
+# `histoembed --help` lists the stages in pipeline order in one panel, then the tools beside the pipeline.
+TOOLS = ("synth", "demo", "compare", "config", "encoders")
+HELP_ORDER = (*PIPELINE, *TOOLS)
 
 # The settings tables each stage reads (``histoembed config STAGE`` prints these).
 STAGE_TABLES = {"qc": ("qc",), "crops": ("crops",), "embed": ("embed", "augment"), "fit": ("fit", "drift"),
@@ -110,7 +116,13 @@ def show_settings(stage: str, args: list[str]) -> str:
 
 
 def command(name: str | None = None, **kwargs):
-    """Register a command whose user errors print one clear message (exit 2), never a traceback."""
+    """Register a command whose user errors print one clear message (exit 2), never a traceback.
+
+    Help shows it in the "Stages" panel (pipeline order) or the "Tools" one, wherever its module is imported.
+    """
+    if name not in HELP_ORDER:
+        raise ValueError(f"command {name!r} is neither a stage (stages.PIPELINE) nor one of the tools (TOOLS)")
+    kwargs.setdefault("rich_help_panel", "Stages" if name in PIPELINE else "Tools")
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -129,6 +141,7 @@ def command(name: str | None = None, **kwargs):
                 raise typer.Exit(130) from None
 
         app.command(name, **kwargs)(wrapper)
+        app.registered_commands.sort(key=lambda c: HELP_ORDER.index(c.name))  # help lists them in this order
         return fn
 
     return decorate
@@ -146,6 +159,6 @@ def _root(ctx: typer.Context,
               "--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
           progress: Annotated[bool, typer.Option(
               "--progress/--no-progress", help="Progress bars on stderr while a stage works.")] = True) -> None:
-    """Classify histology images with a frozen pathology foundation model."""
+    """Classify histology images and whole slides with a frozen pathology foundation model."""
     previous = show_progress(progress)
     ctx.call_on_close(lambda: show_progress(previous))  # in-process callers (tests, notebooks) get theirs back

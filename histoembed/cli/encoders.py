@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from histoembed.cli.app import command
+from histoembed.models.weights import encoder_rows
 
 
 @command("encoders")
@@ -24,8 +25,6 @@ def encoders(
     "here" means readable offline now: in a folder under $HISTOEMBED_MODELS (one subfolder
     per name), in the Hugging Face cache, or in the package. It never uses the network.
     """
-    from histoembed.models.encoders import encoder_rows  # torch: loaded only for this command
-
     rows = encoder_rows(include_refused=all_)
     if as_json:
         typer.echo(json.dumps(rows, indent=1))

@@ -58,6 +58,8 @@ def _net(input_dim: int, n_classes: int, s: ABMILSettings):
 class ABMILHead(TorchHead):
     name = "abmil"
     weights_file = WEIGHTS_FILE
+    gives_attention = True       # attention(bags): the crop maps colour crops by it
+    scores_crops = False         # a crop alone is no bag
     Settings = ABMILSettings
     build_net = staticmethod(_net)
     description = "gated attention-MIL over each view's crops (attention weights for the crop maps)"

@@ -13,6 +13,11 @@ gives logits [bags, classes]; ``save(folder, classes)`` writes the head's own fi
 (safetensors, JSON, XGBoost UBJ: never pickle) and ``Head.load(folder)`` reads them back.
 ``stop`` is the caller's inner split for early stopping or model selection: a head never
 sees the images it is evaluated on. Heads are registered in ``histoembed.models.heads.REGISTRY``.
+
+**What a head can do beyond that**, it declares (class attributes), and callers ask the declaration,
+never a head's name: ``gives_attention`` (``attention(bags)``: each row's weight within its bag, as
+attention-MIL learns it) and ``scores_crops`` (``row_logits(X)``: logits of each crop-view row on its
+own, as the MLP gives them). A head that reads only each bag's mean declares neither.
 """
 
 from __future__ import annotations
@@ -183,12 +188,17 @@ class Bags:
         return np.asarray(y_bags)[first]
 
 
+CAPABILITIES = ("gives_attention", "scores_crops")   # what a head may declare beyond the contract
+
+
 class Head:
     """Base of every head: settings, seed, and saving/loading the parts every head has."""
 
     name: ClassVar[str]
     Settings: ClassVar[type[BaseModel]]
     description: ClassVar[str] = ""
+    gives_attention: ClassVar[bool] = False   # implements attention(bags)
+    scores_crops: ClassVar[bool] = False      # implements row_logits(X)
 
     def __init__(self, settings: BaseModel | None = None, n_classes: int = 2, seed: int = 0):
         self.settings = settings if settings is not None else self.Settings()
@@ -204,6 +214,15 @@ class Head:
     def predict(self, bags: Bags) -> np.ndarray:
         """Logits [bags, classes]."""
         raise NotImplementedError
+
+    def attention(self, bags: Bags) -> np.ndarray:
+        """Weight of each row of ``bags`` within its bag (each bag's weights sum to 1); heads that
+        declare ``gives_attention``."""
+        raise NotImplementedError(f"the {self.name} head gives no attention over a bag")
+
+    def row_logits(self, X: np.ndarray) -> np.ndarray:
+        """Logits [rows, classes] of each crop-view row on its own; heads that declare ``scores_crops``."""
+        raise NotImplementedError(f"the {self.name} head does not score single crops")
 
     def fitted_info(self) -> dict:
         """Fitted numbers worth keeping in the JSON file (best epoch, chosen C, ...)."""

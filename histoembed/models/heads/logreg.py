@@ -25,6 +25,8 @@ ABSENT_CLASS_LOGIT = -30.0   # a class missing from the training rows is never p
 class LogRegHead(Head):
     name = "logreg"
     Settings = LogRegSettings
+    gives_attention = False      # reads each bag's mean: no per-crop view
+    scores_crops = False
     description = "logistic-regression probe on per-view image means (linear baseline)"
 
     def __init__(self, settings: LogRegSettings | None = None, n_classes: int = 2, seed: int = 0):

@@ -52,6 +52,8 @@ class MLPHead(TorchHead):
 
     name = "mlp"
     weights_file = WEIGHTS_FILE
+    gives_attention = False      # each crop-view row is scored alone
+    scores_crops = True          # row_logits: the crop maps colour crops by it
     Settings = MLPSettings
     build_net = staticmethod(_net)
     description = "MLP on crop-view embeddings (the reference recipe)"

@@ -71,6 +71,8 @@ class XGBHead(Head):
 
     name = "xgb"
     Settings = XGBSettings
+    gives_attention = False      # reads each bag's mean: no per-crop view
+    scores_crops = False
     description = "XGBoost on per-view image means, PCA inside the fold (the reference recipe)"
 
     def __init__(self, settings: XGBSettings | None = None, n_classes: int = 2, seed: int = 0):

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from histoembed.core.config import QCSettings
+from histoembed.core.config import ARTIFACTS, QCSettings
 from histoembed.inputs.pixels import hue_in, to_hsv
 
 _QC = QCSettings()
@@ -87,12 +87,12 @@ FOLD_SATURATION_RATIO = 1.6   # fold pixel: saturation this many times the slide
 FOLD_MIN_SATURATION = 110     # ... and never under this (43 %), however pale the slide
 FOLD_DEFAULT_SATURATION = 160  # the cut when no thumbnail gives the slide's own (63 %)
 FOLD_MIN_TISSUE = 0.1         # fold is not judged (0) when less of the coarse patch than this is tissue off the ink
-SHARP_MIN_PIXELS = 0.05       # sharpness is NaN (not judged) when less of the patch than this is tissue (eroded 4 um)
-SHARP_MIN_CONTRAST = 30.0     # ... or when nothing at COARSE_MPP has a Laplacian this strong (contrast()): flat
-                              # tissue has nothing focus would sharpen; a nucleus, blurred or not, reaches 50-100
+SHARP_MIN_CONTRAST = 35.0     # structure(): a Laplacian this strong at COARSE_MPP; a nucleus, blurred or not,
+                              # reaches 50-100 there, flat stroma and glass stay under 20
+SHARP_MIN_PIXELS = 0.02       # sharpness is NaN (not judged) when less of the patch than this is such structure
 
 SCORE_COLUMNS = ("sharpness", "ink_fraction", "fold_fraction", "background_fraction")
-FLAG_NAMES = ("background", "ink", "fold", "blur")
+FLAG_NAMES = ARTIFACTS     # background, ink, fold, blur: the order flags are listed in
 
 # Flag thresholds (artifact_flags). Blur is judged against the slide itself, on log sharpness: a patch is blurred
 # when it is below the slide's median by more than BLUR_Z robust deviations (1.4826 x the median absolute deviation
@@ -251,21 +251,22 @@ def fold_pixels(coarse: np.ndarray, cut: float = FOLD_DEFAULT_SATURATION, hsv: H
     return (sat >= cut) & (val >= INK_DARK_VALUE)
 
 
-def contrast(coarse: np.ndarray, inner: np.ndarray) -> float:
-    """The 99th percentile of the 3x3 Laplacian's magnitude on the grey patch at COARSE_MPP over ``inner``: is
-    there structure of nuclear size that focus would sharpen? A blurred nucleus is still a blob at 4 um/px; flat
-    stroma and the ramp of a tissue's edge are not, and they cannot tell focus from blur."""
-    sel = inner.astype(bool)
-    if not sel.any():
-        return 0.0
+def structure(coarse: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """Where a patch at COARSE_MPP has structure of nuclear size (bool HxW): the 3x3 Laplacian of its grey reaches
+    SHARP_MIN_CONTRAST within ``inner``, grown by a pixel. A nucleus is such a blob at 4 um/px whether in focus or
+    not; flat stroma and the ramp of a tissue's edge are not, and cannot tell focus from blur."""
     grey = cv2.cvtColor(np.ascontiguousarray(coarse), cv2.COLOR_RGB2GRAY)
-    return float(np.percentile(np.abs(cv2.Laplacian(grey, cv2.CV_32F, ksize=1)[sel]), 99))
+    strong = (np.abs(cv2.Laplacian(grey, cv2.CV_32F, ksize=1)) >= SHARP_MIN_CONTRAST) & inner.astype(bool)
+    strong[[0, -1], :] = strong[:, [0, -1]] = False      # the Laplacian's edge pixels see a reflected border
+    if not strong.any():
+        return strong
+    return cv2.dilate(strong.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & inner.astype(bool)
 
 
-def sharpness(rgb: np.ndarray, inner: np.ndarray) -> float:
-    """Variance of the 3x3 Laplacian of the grey patch over ``inner`` (its tissue, eroded: the tissue's edge on
-    glass is no texture); NaN when that is under SHARP_MIN_PIXELS of the patch."""
-    mask = inner.astype(np.uint8)
+def sharpness(rgb: np.ndarray, where: np.ndarray) -> float:
+    """Variance of the 3x3 Laplacian of the grey patch over ``where`` (its tissue's structure); NaN when that is
+    under SHARP_MIN_PIXELS of the patch."""
+    mask = where.astype(np.uint8)
     if cv2.countNonZero(mask) < SHARP_MIN_PIXELS * mask.size:
         return math.nan
     grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
@@ -285,14 +286,13 @@ def score_patch(rgb: np.ndarray, mpp: float, fold_cut: float = FOLD_DEFAULT_SATU
     stain = stained(coarse, hsv)
     tissue = stain & ~near_ink
     fold = fold_pixels(coarse, fold_cut, hsv) & tissue
-    inner_c = cv2.erode(tissue.astype(np.uint8), np.ones((3, 3), np.uint8))   # one coarse pixel: 4 um
-    inner = inner_c
-    if inner.shape != rgb.shape[:2]:
-        inner = cv2.resize(inner_c, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
+    inner = cv2.erode(tissue.astype(np.uint8), np.ones((3, 3), np.uint8))   # one coarse pixel: 4 um
+    where = structure(coarse, inner).astype(np.uint8)
+    if where.shape != rgb.shape[:2]:
+        where = cv2.resize(where, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
     n_tissue = int(tissue.sum())
     judged = n_tissue > 0 and n_tissue >= FOLD_MIN_TISSUE * tissue.size
-    flat = contrast(coarse, inner_c) < SHARP_MIN_CONTRAST    # nothing that focus would sharpen: not judged
-    return {"sharpness": math.nan if flat else sharpness(rgb, inner),
+    return {"sharpness": sharpness(rgb, where),
             "ink_fraction": float(ink.mean()),
             "fold_fraction": float(fold.sum() / n_tissue) if judged else 0.0,
             "background_fraction": float(1.0 - (stain | ink).mean())}

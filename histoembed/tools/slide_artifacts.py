@@ -82,7 +82,7 @@ def place(spec: SlideSpec) -> Planted:
                Stroke("red", (0, far_y), at(0.35, 0.9), width),
                Stroke("black", (far_x, far_y), at(0.65, 0.9), width)]
     r = round(0.07 * min(w, h))
-    return Planted(SLIDE_MPP, strokes, blur=(x0, *at(0, 0.62)[1:], x1, at(0, 0.76)[1]),
+    return Planted(SLIDE_MPP, strokes, blur=(x0, *at(0, 0.58)[1:], x1, at(0, 0.82)[1]),
                    fold=(*at(0.15, 0.38), *at(0.55, 0.5)), bubble=(*at(0.78, 0.44), r))
 
 

@@ -13,6 +13,7 @@ from histoembed.core import store
 from histoembed.core.config import EncoderFusion, Offsets, ScaleFusion
 from histoembed.core.console import console, items, noun, table
 from histoembed.core.errors import UserError
+from histoembed.inputs import patch_flags
 from histoembed.inputs.provenance import run_kinds
 from histoembed.stages.drift import run_drift
 from histoembed.stages.fit import parse_encoders, run_fit
@@ -44,6 +45,7 @@ def fit(
     class_conditional: Annotated[bool | None, setting("fit.class_conditional", "--class-conditional/--marginal")]
         = None,
     scale_fusion: Annotated[ScaleFusion | None, setting("fit.scale_fusion")] = None,
+    keep_artifacts: Annotated[str | None, setting("fit.keep_artifacts", metavar="KIND,KIND")] = None,
 ) -> None:
     """Cross-validate heads on the training features; calibrate, fuse, choose class offsets and conformal sets.
 
@@ -63,6 +65,8 @@ def fit(
                                   bootstrap=bootstrap, offsets=offsets, alpha=alpha, threads=threads,
                                   class_conditional=class_conditional, scale_fusion=scale_fusion,
                                   encoder=encoder, encoder_fusion=encoder_fusion,
+                                  keep_artifacts=None if keep_artifacts is None else
+                                  [k.strip() for k in keep_artifacts.split(",") if k.strip()],
                                   heads=None if heads is None else check_names(heads.split(",")),
                                   mlp=dict(hidden=mlp_hidden, depth=mlp_depth, epochs=mlp_epochs, mixup_alpha=mixup),
                                   xgb=dict(n_estimators=xgb_rounds, pca_dims=pca_dims))
@@ -75,6 +79,10 @@ def fit(
     if result.excluded_flagged:
         console.print(f"QC: {len(result.excluded_flagged)} flagged training {_noun(run, result.excluded_flagged)} "
                       "left out (--include-flagged keeps them)", soft_wrap=True)
+    left_out = result.metrics.get("artifacts_left_out")
+    said = patch_flags.describe(patch_flags.LeftOut(**left_out), settings.fit.keep_artifacts) if left_out else None
+    if said:
+        console.print(said, soft_wrap=True)
     if result.skipped:
         console.print(f"{run}/models is up to date (same features, labels, QC and settings); nothing to do.",
                       soft_wrap=True)

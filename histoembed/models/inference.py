@@ -16,6 +16,7 @@ import numpy as np
 
 from histoembed.core import feature_store, store
 from histoembed.core.errors import UserError
+from histoembed.inputs import patch_flags
 from histoembed.maths import scales
 from histoembed.maths.metrics import softmax, view_spread
 from histoembed.models import members
@@ -280,6 +281,12 @@ def load_ensemble(run: Path) -> Ensemble:
                     manifest.get("scales"), encoders, fusion_mode)
 
 
+def kept_artifacts(ensemble: Ensemble) -> tuple[str, ...]:
+    """The artifact flags whose slide patches the models were fitted with (fit --keep-artifacts): inference
+    leaves out the same patches fit did."""
+    return tuple(ensemble.manifest.get("settings", {}).get("keep_artifacts", ()))
+
+
 def read_run_features(run: Path, ensemble: Ensemble, split: str, tta: bool = True,
                       encoder: str | None = None) -> feature_store.Features | dict[str, feature_store.Features]:
     """``split``'s features of every store the run was fitted on, checked complete and with their crop scales.
@@ -290,7 +297,8 @@ def read_run_features(run: Path, ensemble: Ensemble, split: str, tta: bool = Tru
     def read(store_dir: Path) -> feature_store.Features:
         features = feature_store.read_features(store_dir, split=split)
         feature_store.check_complete(features, run, split)
-        features = feature_store.with_scales(features, run)
+        use, _ = patch_flags.usable_rows(features.image_id, features.crop_index, run, split, kept_artifacts(ensemble))
+        features = feature_store.with_scales(features if use.all() else features.subset(use), run)
         return features if tta else features.subset(features.view == 0)
 
     if not ensemble.encoders:

@@ -52,7 +52,7 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
     if len(encoders) > 1:
         return run_fit_multi(run, settings, encoders, started)
     ts = load_training_set(run, encoders[0] if encoders else None, settings.include_flagged,
-                           settings.scale_fusion, keep_dtype=True)
+                           settings.scale_fusion, keep_dtype=True, keep_artifacts=settings.keep_artifacts)
     check_class_counts(run, ts, settings)
     key = fit_key(ts, settings)
     with fit_lock(run):

@@ -54,7 +54,7 @@ def run_fit_multi(run: Path, settings: FitSettings, names: list[str], started: f
     for p in parts:
         p.meta = store.read_meta(feature_store.feature_parts(p.store_dir)[0])
     first = load_training_set(run, names[0], settings.include_flagged, settings.scale_fusion,
-                              keep_dtype=settings.encoder_fusion == "logits")
+                              keep_dtype=settings.encoder_fusion == "logits", keep_artifacts=settings.keep_artifacts)
     check_class_counts(run, first, settings)
     key = store.config_key("fit", FIT_VERSION, output_settings(settings), "encoders",
                            [[p.store_dir.name, p.meta.get("key")] for p in parts], first.fingerprint(),
@@ -122,7 +122,8 @@ def _fit_each_encoder(run: Path, settings: FitSettings, parts: list[EncoderPart]
     first = fitted.first
     for i, part in enumerate(parts):
         ts = first if i == 0 else load_training_set(run, part.name, settings.include_flagged,
-                                                    settings.scale_fusion, keep_dtype=True)
+                                                    settings.scale_fusion, keep_dtype=True,
+                                                    keep_artifacts=settings.keep_artifacts)
         _same_images(first, ts, part)
         part.dim = int(ts.features.embedding.shape[1])
         bags = Bags.from_rows(ts.features.embedding, ts.row_image, ts.features.view)
@@ -137,7 +138,8 @@ def _fit_concatenated(run: Path, settings: FitSettings, parts: list[EncoderPart]
     first = fitted.first
     blocks = []
     for i, part in enumerate(parts):
-        ts = first if i == 0 else load_training_set(run, part.name, settings.include_flagged, settings.scale_fusion)
+        ts = first if i == 0 else load_training_set(run, part.name, settings.include_flagged, settings.scale_fusion,
+                                                    keep_artifacts=settings.keep_artifacts)
         _same_images(first, ts, part)
         part.dim = int(ts.features.embedding.shape[1])
         part.scaling = members.block_scaling(ts.features.embedding)

@@ -18,8 +18,8 @@ from histoembed.core import feature_store, store
 from histoembed.core.config import FitSettings
 from histoembed.core.errors import UserError
 from histoembed.inputs import patch_flags
-from histoembed.maths import scales
-from histoembed.models.heads.shared import first_seen_index
+from histoembed.maths import multiscale
+from histoembed.models.heads.indexing import first_seen_index
 
 
 @dataclass
@@ -135,8 +135,8 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
     if not use.all():
         features = features.subset(use)
     features = feature_store.with_scales(features, run)
-    crop_scales = scales.scales_of(features)
-    features = scales.fuse_scales(features, scale_fusion, crop_scales)
+    crop_scales = multiscale.scales_of(features)
+    features = multiscale.fuse_scales(features, scale_fusion, crop_scales)
     keys = features.keys()
     present = np.unique(keys)
     unlabelled = sorted(k for k in present if k not in labels)

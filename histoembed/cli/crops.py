@@ -145,6 +145,9 @@ def show_artifacts(per_slide: list[dict]) -> None:
     total = sum(a["patches"] for a in per_slide)
     causes = {k: sum(a["flagged"][k] for a in per_slide) for k in per_slide[0]["flagged"]}
     n_flagged = round(sum((1 - a["usable"]) * a["patches"] for a in per_slide))
+    if not n_flagged and not flagged:
+        console.print(f"artifacts: none of {total} patches flagged (blur, ink, fold, background)", soft_wrap=True)
+        return
     console.print(f"artifacts: {n_flagged} of {total} patches flagged ("
                   + (", ".join(f"{k} {v}" for k, v in causes.items() if v) or "none") + f") on {len(flagged)} of "
                   f"{len(per_slide)} slides; fit and inference leave them out (fit --keep-artifacts keeps a kind)",

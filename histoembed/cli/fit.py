@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from histoembed.cli import drift as drift_cli
 from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
 from histoembed.core import store
-from histoembed.core.config import EncoderFusion, Offsets, ScaleFusion
+from histoembed.core.config import ARTIFACTS, EncoderFusion, Offsets, ScaleFusion
 from histoembed.core.console import console, items, noun, table
 from histoembed.core.errors import UserError
 from histoembed.inputs import patch_flags
@@ -65,8 +65,7 @@ def fit(
                                   bootstrap=bootstrap, offsets=offsets, alpha=alpha, threads=threads,
                                   class_conditional=class_conditional, scale_fusion=scale_fusion,
                                   encoder=encoder, encoder_fusion=encoder_fusion,
-                                  keep_artifacts=None if keep_artifacts is None else
-                                  [k.strip() for k in keep_artifacts.split(",") if k.strip()],
+                                  keep_artifacts=_parse_artifacts(keep_artifacts),
                                   heads=None if heads is None else check_names(heads.split(",")),
                                   mlp=dict(hidden=mlp_hidden, depth=mlp_depth, epochs=mlp_epochs, mixup_alpha=mixup),
                                   xgb=dict(n_estimators=xgb_rounds, pca_dims=pca_dims))
@@ -96,6 +95,18 @@ def fit(
         drift_cli.show(run_drift(run, settings.drift, encoder=encoders[0] if encoders else None))
     except (UserError, OSError) as e:
         console.print(f"[yellow]drift check skipped:[/] {e}", soft_wrap=True)
+
+
+def _parse_artifacts(text: str | None) -> list[str] | None:
+    """``--keep-artifacts blur,ink``: the artifact flags named, each one known."""
+    if text is None:
+        return None
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in ARTIFACTS]
+    if unknown:
+        raise UserError(f"--keep-artifacts names {', '.join(map(repr, unknown))}, not an artifact flag",
+                        hint=f"choose among {', '.join(ARTIFACTS)}, comma-separated (e.g. --keep-artifacts blur,fold)")
+    return kinds
 
 
 def temperature_cell(decision: dict | None) -> str:

@@ -13,6 +13,8 @@ paler through air.
 from __future__ import annotations
 
 import json
+import math
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,7 +30,8 @@ BUBBLE_SIGMA_UM = 2.0    # tissue under an air bubble is out of focus too, a lit
 GLASS = 244.0            # the synthetic slide's glass grey level (no density)
 STROKE_WIDTH = 0.035     # a stroke's width, as a share of the tissue's shorter side
 MIN_STROKE_UM = 30.0     # and never thinner than this (a fine-tip marker is about 300 um; these slides are small)
-INK_EDGE_UM = 4.0        # a stroke's edge fades over this many microns
+INK_EDGE_UM = 4.0
+PLAIN_CACHE = 256        # plain tiles kept for the blurred regions' neighbourhoods        # a stroke's edge fades over this many microns
 
 
 @dataclass
@@ -108,6 +111,7 @@ class ArtifactSlideSpec(SlideSpec):
     def __init__(self, seed: int, width: int, height: int, label: str, blank: bool = False):
         super().__init__(seed, width, height, label, blank)
         self.planted = None if blank or not (self.field > 0.5).any() else place(self)
+        self._plain: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
 
     def tile(self, ds: int, x: int, y: int) -> np.ndarray:
         p = self.planted
@@ -143,7 +147,17 @@ class ArtifactSlideSpec(SlideSpec):
         """The plain tile through a Gaussian of ``sigma_um``, from a 3 x 3 mosaic of plain tiles (no seams at the
         tile's edges)."""
         def plain(tx: int, ty: int) -> np.ndarray:   # beyond the slide's top or left: white, as beyond its end
-            return SlideSpec.tile(self, ds, tx, ty) if tx >= 0 and ty >= 0 else np.full((TILE, TILE, 3), 255, np.uint8)
+            if tx < 0 or ty < 0:
+                return np.full((TILE, TILE, 3), 255, np.uint8)
+            key = (ds, tx, ty)
+            if key not in self._plain:                # tiles are written row by row: keep about three rows
+                self._plain[key] = SlideSpec.tile(self, ds, tx, ty)
+                while len(self._plain) > PLAIN_CACHE:
+                    self._plain.popitem(last=False)
+            return self._plain[key]
 
+        sigma = sigma_um / self.planted.mpp / ds
+        m = min(TILE, math.ceil(4 * sigma))            # the Gaussian's reach beyond the tile
         mosaic = np.vstack([np.hstack([plain(x + dx * TILE, y + dy * TILE) for dx in (-1, 0, 1)]) for dy in (-1, 0, 1)])
-        return cv2.GaussianBlur(mosaic, (0, 0), sigma_um / self.planted.mpp / ds)[TILE:2 * TILE, TILE:2 * TILE]
+        near = mosaic[TILE - m:2 * TILE + m, TILE - m:2 * TILE + m]
+        return cv2.GaussianBlur(near, (0, 0), sigma)[m:m + TILE, m:m + TILE]

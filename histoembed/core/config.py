@@ -120,13 +120,10 @@ class CropSettings(_Settings):
                              "found on (saturation Otsu, closing, holes filled).")
     min_tissue_area: float = Field(10_000.0, ge=0, description="Whole slides: tissue pieces smaller than this "
                                    "many square microns are dropped (dust, pen dots).")
-    score_patches: bool = Field(True, description="Whole slides: read every patch in crops and score its artifacts "
-                                "(blur, ink, fold, background; the flags column of crops.parquet). Off: patches "
-                                "are not read and none is flagged (pen ink and the scanner's border are kept off "
-                                "the thumbnail's tissue either way).")
-    min_usable: float = Field(0.0, ge=0, le=1, description="Whole slides: name each slide whose share of usable "
-                              "patches (no artifact flag) falls under this fraction: a warning, or the slide is "
-                              "left out with --strict (0: never).")
+    score_patches: bool = Field(True, description="Whole slides: read every patch and flag its artifacts (blur, ink, "
+                                "fold, background; crops.parquet's flags). Off: none is read or flagged.")
+    min_usable: float = Field(0.0, ge=0, le=1, description="Whole slides: name each slide whose share of unflagged "
+                              "patches is under this: a warning, or the slide left out with --strict (0: never).")
     workers: int = Field(0, ge=0, description="Worker processes (0: all cores; 1: in this process).",
                          json_schema_extra=NO_OUTPUT_CHANGE)
     engine: Engine = Field("local", description="local: worker processes on this machine; ray: one Ray task per "
@@ -332,10 +329,9 @@ class FitSettings(_Settings):
     seeds: int = Field(1, ge=1, description="Repeat the whole cross-validation with this many seeds (seed, seed+1, ...) "
                        "and report the spread of macro-F1; the first seed's models are kept.")
     include_flagged: bool = Field(False, description="Train on training images (or slides) that `histoembed qc` flagged.")
-    keep_artifacts: tuple[Artifact, ...] = Field(
-        (), description="Whole slides: artifact flags whose patches are still used (comma-separated: blur, ink, fold, "
-        "background); every other flagged patch is left out of fit and of inference (submit, predict), which read "
-        "this from the fitted models. A slide whose every patch is flagged keeps them all, named.")
+    keep_artifacts: tuple[Artifact, ...] = Field((), description="Whole slides: artifact flags whose patches are "
+        "used anyway (comma-separated: blur, ink, fold, background); other flagged patches are left out of fit, submit "
+        "and predict alike.")
     inner_val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of the training folds kept for early stopping.")
     weight_grid: int = Field(21, ge=2, description="Fusion weights tried on [0, 1].")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the macro-F1 95% interval (0: none).")

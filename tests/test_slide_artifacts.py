@@ -112,6 +112,12 @@ def test_crops_flags_each_artifact_against_the_planted_truth(planted, cli):
     assert len(clean) >= 100 and np.mean(clean) < 0.02
     assert all(r["sharpness"] is None or r["sharpness"] >= 0 for r in rows)
 
+    r = cli("report", "--run", "run", "--data", "manifest.csv", cwd=planted)   # flagged patches drawn by cause
+    page = (planted / "run" / "report.html").read_text()
+    assert r.exit_code == 0 and "Artifact flags per slide" in page
+    usable = np.mean([not r["flags"] for r in art])
+    assert f"<td>art.svs (train)</td><td>{len(art)}</td><td>{usable:.0%}</td>" in page.replace("\n", "")
+
     strict = cli(*CROPS, "--min-usable", "0.9", "--strict", "--run", "strict-run", cwd=planted)
     assert strict.exit_code == 0, strict.output
     left = {r["image_id"] for r in pq.read_table(planted / "strict-run" / store.CROPS_FILE).to_pylist()}

@@ -50,7 +50,7 @@ def planted(tmp_path_factory, tiny_dinov2) -> Path:
                               ("test.svs", ArtifactSlideSpec(13, 2400, 2400, "malignant"), "test")):
         path = write_slide(root / name, spec)
         if isinstance(spec, ArtifactSlideSpec):
-            spec.planted.write(path)
+            spec.write_truth(path)
         rows.append([name, "", spec.label if split == "train" else "", split])
     with (root / "manifest.csv").open("w", newline="") as f:
         csv.writer(f).writerows([["image", "mask", "label", "split"], *rows])

@@ -110,8 +110,17 @@ class ArtifactSlideSpec(SlideSpec):
 
     def __init__(self, seed: int, width: int, height: int, label: str, blank: bool = False):
         super().__init__(seed, width, height, label, blank)
+        self.args = (seed, width, height, label, blank)
         self.planted = None if blank or not (self.field > 0.5).any() else place(self)
         self._plain: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+
+    def __reduce__(self):
+        """Pickled as its arguments (a worker process that draws its tiles rebuilds it, artifacts and all)."""
+        return ArtifactSlideSpec, self.args
+
+    def write_truth(self, slide_path: Path) -> Path | None:
+        """Where the artifacts are, beside the slide (``<slide>.artifacts.json``)."""
+        return self.planted.write(slide_path) if self.planted is not None else None
 
     def tile(self, ds: int, x: int, y: int) -> np.ndarray:
         p = self.planted

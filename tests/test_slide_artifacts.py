@@ -84,6 +84,9 @@ def _ink(box, truth: Planted, step: int = 8) -> tuple[float, float]:
 
 
 def test_crops_flags_each_artifact_against_the_planted_truth(planted, cli):
+    assert cli("qc", "--data", "manifest.csv", cwd=planted).exit_code == 0
+    qc = {r["image_id"]: r for r in pq.read_table(planted / "run" / store.QC_FILE).to_pylist()}
+    assert qc["art.svs"]["ink"] and not qc["art.svs"]["flagged"]   # a slide's ink is crops' to handle, per patch
     r = cli(*CROPS, "--min-usable", "0.9", cwd=planted)
     assert r.exit_code == 0, r.output
     said = " ".join(r.output.split())

@@ -290,6 +290,7 @@ def test_partial_masks_mark_a_patch_and_miss_the_tissue_that_carries_the_class(c
 def test_the_files_do_not_depend_on_how_many_processes_draw_them(tmp_path, monkeypatch):
     import hashlib
 
+    from histoembed.core import cpus
     from histoembed.tools import synthetic
 
     def digest(folder):
@@ -298,7 +299,7 @@ def test_the_files_do_not_depend_on_how_many_processes_draw_them(tmp_path, monke
 
     made = {}
     for processes in (1, 2):
-        monkeypatch.setattr(synthetic.cpus, "usable_cpus", lambda n=processes: n)
+        monkeypatch.setattr(cpus, "usable_cpus", lambda n=processes: n)
         synthetic.make_dataset(tmp_path / str(processes), n_train=60, n_test=12, seed=5, size_range=(64, 96),
                                mask_twins=2, near_duplicates=2, stain_shift=0.5)
         made[processes] = digest(tmp_path / str(processes))

@@ -2,7 +2,8 @@
 
 - :func:`write_synthetic_features`: a feature store and crops.parquet with a known class signal, as the
   embed stage writes them, without drawing or embedding a pixel (tests of fit, submit, drift, compare);
-- :func:`write_blank_png`: what a decompression bomb looks like (tests of the data check).
+- :func:`write_blank_png`: what a decompression bomb looks like (tests of the data check);
+- :func:`folder_digest`: one sha256 over a folder's files, to pin what a seed writes.
 
 Tests import it as ``synthetic_inputs`` (pytest puts tests/ on the path); the benchmarks put tests/ on
 ``sys.path`` and import the same module, so there is one copy.
@@ -11,6 +12,7 @@ Tests import it as ``synthetic_inputs`` (pytest puts tests/ on the path); the be
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import shutil
 import struct
 import zlib
@@ -113,3 +115,12 @@ def write_blank_png(path: Path, width: int, height: int, complete: bool = True) 
             data = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
             f.write(chunk(b"IDAT", data))
         f.write(chunk(b"IEND", b""))
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over each file's relative path and sha256, in path order: equal iff the same files, byte for byte."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(f"{p.relative_to(folder).as_posix()} {hashlib.sha256(p.read_bytes()).hexdigest()}\n".encode())
+    return h.hexdigest()

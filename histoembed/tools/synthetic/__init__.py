@@ -62,6 +62,7 @@ from histoembed.tools.synthetic.slides import (
     SlideSpec,
     make_slide_cohort,
     write_slide,
+    write_slides,
 )
 
 __all__ = [
@@ -72,4 +73,5 @@ __all__ = [
     "class_counts", "context_ring", "make_dataset", "make_slide_cohort", "min_train", "near_copy",
     "partial_mask", "reference_scale", "reference_sizes", "render", "shifted_stains", "signal_image",
     "stain_groups", "tint", "tissue_image", "tumour_mask", "write_slide",
+    "write_slides",
 ]

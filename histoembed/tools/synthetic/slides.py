@@ -44,7 +44,7 @@ FIELD = 64  # level-0 pixels per cell of the coarse tissue field
 JPEG_QUALITY = 85
 ZLIB_LEVEL = 6
 # Tiles (all levels, all slides) from which worker processes pay for their start: a tile takes 1-3 ms,
-# a spawned worker about 2 s to import its modules.
+# a spawned worker about a second to import its modules.
 PARALLEL_TILES = 4000
 
 
@@ -173,12 +173,6 @@ class SlideSpec:
                 cv2.circle(nuclei, (int(px), int(py)), r, 1, -1)
         out[nuclei.astype(bool)] = np.clip(self.nucleus, 0, 255).astype(np.uint8)
         return out
-
-    def level_tiles(self, ds: int):
-        w, h = -(-self.width // ds), -(-self.height // ds)
-        for ty in range(0, h, TILE):
-            for tx in range(0, w, TILE):
-                yield self.tile(ds, tx, ty)
 
 
 @functools.lru_cache(maxsize=8)

@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from histoembed.tools import compare, synthetic
+from histoembed.tools import compare
+from synthetic_inputs import write_synthetic_features
 from histoembed.stages import fit
 from histoembed.core.config import FitSettings, MLPSettings, XGBSettings
 from histoembed.core.errors import UserError
@@ -23,7 +24,7 @@ def two_seeds(tmp_path_factory):
     """The same features fitted with seed 0 and seed 1: a change that should be noise."""
     root = tmp_path_factory.mktemp("compare")
     a, b = root / "a", root / "b"
-    synthetic.write_synthetic_features(a, n_images=90, n_classes=3, signal=0.6, seed=3)
+    write_synthetic_features(a, n_images=90, n_classes=3, signal=0.6, seed=3)
     shutil.copytree(a, b)
     fit.run_fit(a, _settings(0))
     fit.run_fit(b, _settings(1))
@@ -79,7 +80,7 @@ def test_a_real_improvement_is_detected(two_seeds, tmp_path):
 def test_runs_over_different_training_images_are_refused(two_seeds, tmp_path):
     a, _ = two_seeds
     other = tmp_path / "other"
-    synthetic.write_synthetic_features(other, n_images=60, n_classes=3, seed=3)
+    write_synthetic_features(other, n_images=60, n_classes=3, seed=3)
     fit.run_fit(other, _settings(0))
     with pytest.raises(UserError, match="different training images"):
         compare.run_compare(a, other)

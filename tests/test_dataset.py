@@ -324,7 +324,7 @@ def test_a_symlink_leaving_the_data_folder_is_refused_in_the_reference_layout(cl
 
 
 def test_a_decompression_bomb_is_skipped_from_its_header_and_the_limit_is_an_option(cli, tmp_path):
-    from histoembed.tools.synthetic import write_blank_png
+    from synthetic_inputs import write_blank_png
 
     data = write_reference(tmp_path / "d", n_train=6)
     write_blank_png(data / "train_data/img_0002.png", 30_000, 30_000, complete=False)   # header only

@@ -14,7 +14,7 @@ import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support
 
 from histoembed.stages import fit
-from histoembed.tools import synthetic
+from synthetic_inputs import write_synthetic_features
 from histoembed.core import feature_store, store
 from histoembed.core.config import ABMILSettings, FitSettings, MLPSettings, XGBSettings
 from histoembed.core.errors import UserError
@@ -44,7 +44,7 @@ def tiny_settings(**kw) -> FitSettings:
 def make_run(root: Path, **kw) -> tuple[Path, Path]:
     """(run, config): 60 images x 2 crops x 2 views x 16-d, 3 classes, plus 5 test images."""
     run = root / "run"
-    synthetic.write_synthetic_features(run, **{"n_images": 60, "n_classes": 3, "n_test": 5, **kw})
+    write_synthetic_features(run, **{"n_images": 60, "n_classes": 3, "n_test": 5, **kw})
     config = root / "histoembed.toml"
     config.write_text(TOML)
     return run, config
@@ -223,7 +223,7 @@ def test_heads_offsets_alpha_and_class_conditional_options_reach_the_outputs(tmp
 def test_separable_features_keep_the_calibrated_nll_at_or_below_t_equal_one(tmp_path):
     """The issue's failure: strong features, separable OOF logits, T running to its bound."""
     run = tmp_path / "run"
-    synthetic.write_synthetic_features(run, n_images=48, n_classes=3, crops=2, views=2, dim=16, signal=4.0, seed=2)
+    write_synthetic_features(run, n_images=48, n_classes=3, crops=2, views=2, dim=16, signal=4.0, seed=2)
     result = fit.run_fit(run, tiny_settings(bootstrap=0))
     for head in ("mlp", "xgb", "fused"):
         m = result.metrics["heads"][head]
@@ -271,7 +271,7 @@ def test_on_a_dozen_images_calibration_never_raises_the_oof_nll_and_the_decision
 
 def test_fused_macro_f1_is_at_least_each_head_s_within_noise(tmp_path):
     run = tmp_path / "run"
-    synthetic.write_synthetic_features(run, n_images=150, n_classes=3, crops=3, views=2, dim=24, signal=1.0, seed=4)
+    write_synthetic_features(run, n_images=150, n_classes=3, crops=3, views=2, dim=24, signal=1.0, seed=4)
     result = fit.run_fit(run, tiny_settings())
     heads = result.metrics["heads"]
     assert heads["fused"]["macro_f1"] > 0.6   # the signal is learnt
@@ -539,7 +539,7 @@ def test_clear_errors_without_features_or_labels(tmp_path):
 
 def test_encoder_picks_the_store_when_there_are_several(tmp_path):
     run, config = make_run(tmp_path)
-    synthetic.write_synthetic_features(tmp_path / "other", n_images=60, n_classes=3, n_test=5, dim=8,
+    write_synthetic_features(tmp_path / "other", n_images=60, n_classes=3, n_test=5, dim=8,
                                        encoder="other/enc")  # the same crops, another encoder
     shutil.copytree(tmp_path / "other" / "features" / "other--enc", run / "features" / "other--enc")
     result = invoke("fit", "--run", run, "--config", config, "--folds", 3)
@@ -691,7 +691,7 @@ def test_with_two_encoders_no_oof_prediction_helps_choose_a_weight_or_temperatur
     stop on fold k, and fold k's temperatures and fusion weights see exactly the other folds' OOF logits of
     every member (both encoders'), never fold k's."""
     run, _ = make_run(tmp_path)
-    synthetic.write_synthetic_features(tmp_path / "other", n_images=60, n_classes=3, n_test=5, dim=8,
+    write_synthetic_features(tmp_path / "other", n_images=60, n_classes=3, n_test=5, dim=8,
                                        encoder="other/enc", feature_seed=5)  # the same crops, another encoder
     shutil.copytree(tmp_path / "other" / "features" / "other--enc", run / "features" / "other--enc")
     seen = {"fit": [], "T": [], "w": []}

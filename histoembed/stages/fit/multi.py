@@ -39,7 +39,7 @@ class EncoderPart:
     store_dir: Path
     meta: dict                    # the store's metadata (its first part's)
     dim: int = 0
-    scaling: dict | None = None   # concat mode: members.block_scaling of its training rows
+    scaling: dict | None = None   # concat mode: encoder_fusion.block_scaling of its training rows
 
     def record(self) -> dict:
         out = {"encoder": self.name, "slug": self.store_dir.name, "feature_encoder": self.meta.get("encoder"),

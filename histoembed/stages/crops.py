@@ -33,10 +33,10 @@ from histoembed.inputs.dataset import (
 )
 from histoembed.inputs.cropping import crop_image, patch_digest, slide_patches
 from histoembed.inputs.pixels import repair_ink
-from histoembed.inputs.provenance import changed_since, sample_stamps
+from histoembed.inputs.provenance import CROPS_SUMMARY_KEY, changed_since, crops_summary, sample_stamps
 
 CROPS_VERSION = 2                 # bump when the crops' definition changes (part of the skip key)
-SUMMARY_KEY = "histoembed_summary"  # footer metadata: what the run skipped and why
+SUMMARY_KEY = CROPS_SUMMARY_KEY  # footer metadata: what the run skipped and why
 
 
 # ---------------------------------------------------------------- one image in a worker
@@ -157,8 +157,7 @@ def _read_qc(run: Path, stamp: store.ContentStamps) -> tuple[dict[tuple[str, str
 
 
 def _summary(path: Path) -> dict:
-    raw = (pq.ParquetFile(path).metadata.metadata or {}).get(SUMMARY_KEY.encode())
-    return json.loads(raw) if raw else {}
+    return crops_summary(path)
 
 
 def _counts(keys: Sequence[str]) -> tuple[int, float, int]:

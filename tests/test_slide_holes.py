@@ -115,3 +115,16 @@ def test_embed_verify_data_hashes_slides_and_images_again(copy, cli):
     r = cli("embed", "--verify-data", cwd=copy)
     assert r.exit_code != 0 and "a.png" in _out(r) and "changed" in _out(r), r.output
     assert "Traceback" not in r.output
+
+
+def test_a_label_left_without_images_lists_the_causes(copy, cli):
+    """Item 9: the only 'benign' training slide has a mask of the wrong aspect (said only with --strict before):
+    the stop names the mask and its problem, not "the problems listed" with nothing listed."""
+    Image.fromarray(np.full((100, 100), 255, np.uint8)).save(copy / "square_mask.png")  # the slide is 4:3
+    _manifest(copy, [("s0.svs", "square_mask.png", "benign", "train", ""), ("s1.svs", "", "malignant", "train", ""),
+                     ("s2.svs", "", "", "test", "")])
+    r = cli("crops", "--data", "manifest.csv", cwd=copy)
+    out = _out(r)
+    assert r.exit_code != 0 and "label 'benign' has no training image left" in out, r.output
+    assert "square_mask.png" in out and "aspect" in out and "Traceback" not in r.output
+    assert not (copy / "run" / store.CROPS_FILE).exists()

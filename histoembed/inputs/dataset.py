@@ -244,7 +244,7 @@ def _check_sizes(ds: Dataset, max_pixels: int) -> Dataset:
                 if msize != size:
                     raise size_mismatch(s.mask, msize, s.image, size)
         except UserError as e:
-            problems.append(Problem(e.path or s.image, f"{e.problem}; image skipped"))
+            problems.append(Problem(e.path or s.image, f"{e.problem}; image skipped", s.label))
             continue
         kept.append(s)
     return Dataset(ds.root, kept, ds.classes, problems, ds.warnings)

@@ -128,3 +128,28 @@ def test_a_label_left_without_images_lists_the_causes(copy, cli):
     assert r.exit_code != 0 and "label 'benign' has no training image left" in out, r.output
     assert "square_mask.png" in out and "aspect" in out and "Traceback" not in r.output
     assert not (copy / "run" / store.CROPS_FILE).exists()
+
+
+def test_max_patches_caps_a_big_one_level_tiff_read_as_an_image(copy, cli):
+    """Item 12: a one-level TIFF is read as an image (no pyramid), through the image crop path: --max-patches
+    caps its crops as it caps a slide's patches, and its pixels are those PIL reads (tifffile reads such a plain
+    TIFF straight into one array: 3 bytes a pixel, where PIL held 4 and copied out 3 more)."""
+    import pyarrow.parquet as pq
+    import tifffile
+
+    from histoembed.inputs.dataset import read_image
+
+    rgb = tissue_image(np.random.default_rng(1), 1400, 1200, "Luminal A")[0]
+    tifffile.imwrite(copy / "big.tif", rgb, tile=(256, 256), photometric="rgb", compression="zlib")
+    assert np.array_equal(read_image(copy / "big.tif"), np.asarray(Image.open(copy / "big.tif").convert("RGB")))
+    _manifest(copy, [("s0.svs", "", "benign", "train", ""), ("big.tif", "", "malignant", "train", ""),
+                     ("a.png", "", "", "test", "")])
+    for strategy in ("grid", "blobs"):
+        r = cli("crops", "--data", "manifest.csv", "--strategy", strategy, "--max-patches", 4, "--k", 10,
+                "--scales", "1,2", cwd=copy)
+        assert r.exit_code == 0, r.output
+        t = pq.read_table(copy / "run" / store.CROPS_FILE, columns=["image_id", "scale"]).to_pydict()
+        for name in ("big.tif", "a.png", "s0.svs"):
+            n = sum(i == name and s == 1 for i, s in zip(t["image_id"], t["scale"]))
+            assert 1 <= n <= 4, (strategy, name, n)
+        assert sum(i == "big.tif" and s == 1 for i, s in zip(t["image_id"], t["scale"])) == 4, strategy

@@ -153,3 +153,46 @@ def test_max_patches_caps_a_big_one_level_tiff_read_as_an_image(copy, cli):
             n = sum(i == name and s == 1 for i, s in zip(t["image_id"], t["scale"]))
             assert 1 <= n <= 4, (strategy, name, n)
         assert sum(i == "big.tif" and s == 1 for i, s in zip(t["image_id"], t["scale"])) == 4, strategy
+
+
+def _alive_with(text: str) -> list[int]:
+    """Pids of live (not zombie) processes whose command line holds ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if text in (proc / "cmdline").read_bytes().decode(errors="replace") and \
+                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(proc.name))
+        except OSError:  # it ended meanwhile
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux's /proc (PR_SET_PDEATHSIG)")
+def test_dataloader_workers_end_with_a_killed_embed(copy, cli):
+    """Item 13: `embed --workers 2` killed (-9) after its first batch: its DataLoader workers (forked: the same
+    command line, naming this run) are gone at once, not when the loader's five-second watchdog looks."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from histoembed.engines.base import STOP_AFTER_ENV
+
+    _crops(cli, copy)
+    run = copy / "run"
+    cmd = [sys.executable, "-m", "histoembed", "embed", "--run", str(run), "--workers", "2", "--batch-size", "2"]
+    log = copy / "embed.log"  # a file, not a pipe: reading a pipe to its end would wait for the workers too
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=copy, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", STOP_AFTER_ENV: "1:SIGKILL"})
+        assert proc.wait(timeout=300) == -signal.SIGKILL, log.read_text()
+    deadline = time.monotonic() + 2.0  # the watchdog would take up to 5 s; a parent-death signal, milliseconds
+    while _alive_with(str(run)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = _alive_with(str(run))
+    for pid in left:  # never leave them behind, whatever the result
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"{len(left)} DataLoader worker(s) outlived the killed embed"

@@ -91,6 +91,18 @@ def test_a_slide_zeroed_in_place_after_crops_is_named_by_embed(copy, cli, worker
     r = cli("embed", "--workers", workers, cwd=copy)
     assert r.exit_code != 0 and "s2.svs" in _out(r), r.output
     assert "Traceback" not in r.output and "attribute" not in r.output
+    if workers == 0:  # the Ray engine's decode task reads the same records (no cluster needed to call it)
+        import pyarrow.parquet as pq
+
+        from histoembed.core.errors import UserError
+        from histoembed.engines.ray import _decode
+
+        crops = copy / "run" / store.CROPS_FILE
+        t = pq.read_table(crops, columns=["image_id", "split", "crop_index"]).to_pydict()
+        rows = np.array([i for i, name in enumerate(t["image_id"]) if name == "s2.svs"])
+        with pytest.raises(UserError) as stop:
+            _decode({"row": rows, **{k: np.array(v)[rows] for k, v in t.items()}}, str(crops))
+        assert Path(stop.value.path).name == "s2.svs"
 
 
 def test_embed_verify_data_hashes_slides_and_images_again(copy, cli):

@@ -314,13 +314,18 @@ early_stopping_rounds = 3
 def test_report_of_a_slide_run_draws_tissue_patch_grid_and_attention(tmp_path, tiny_dinov2, cli, monkeypatch):
     """Ten small slides through crops, embed and fit (abmil): the report draws each slide's thumbnail with its
     tissue outline and patches, and the attention beside it, for the first MAX_SLIDES slides; the flat-image
-    sections neither read the slides as images nor fail."""
-    from histoembed.tools.synthetic import make_slide_cohort
+    sections neither read the slides as images nor fail. Issue 28 item 5: two test slides `crops` skipped (no
+    tissue, unreadable) are listed with their reasons, and named as the rows `submit` gave the class prior."""
+    from histoembed.tools.synthetic import SlideSpec, make_slide_cohort, write_slide
 
     make_slide_cohort(tmp_path, n=10, seed=3, size=2000, n_test=2)
+    write_slide(tmp_path / "slides" / "blank.svs", SlideSpec(6, 2000, 1500, "benign", blank=True))
+    (tmp_path / "slides" / "garbage.svs").write_bytes(b"II*\0" + bytes(range(256)) * 20)
+    with (tmp_path / "manifest.csv").open("a") as f:
+        f.write("slides/blank.svs,,,test,patient_900\nslides/garbage.svs,,,test,patient_901\n")
     (tmp_path / "histoembed.toml").write_text(SLIDE_RUN_TOML.format(encoder=tiny_dinov2))
     for args in (["crops", "--data", "manifest.csv", "--size", 64, "--mpp", 0.5, "--max-patches", 12],
-                 ["embed", "--repeats", 1], ["fit", "--folds", 2, "--heads", "abmil,xgb"]):
+                 ["embed", "--repeats", 1], ["fit", "--folds", 2, "--heads", "abmil,xgb"], ["submit"]):
         r = cli(*args, cwd=tmp_path)
         assert r.exit_code == 0, (args, r.output)
     monkeypatch.setattr(report.slides, "MAX_SLIDES", 6)
@@ -331,6 +336,11 @@ def test_report_of_a_slide_run_draws_tissue_patch_grid_and_attention(tmp_path, t
     assert "outlined in green" in slides
     crops = text[text.index('<section id="crops">'):text.index('<section id="scores">')]
     assert 'href="#slides"' in crops and "Not shown" not in crops
+    skipped = html.unescape(text[text.index('<section id="skipped">'):text.index('<section id="crops">')])
+    assert "blank.svs</td><td>no tissue found" in skipped and "garbage.svs</td><td>" in skipped
+    prior = skipped[skipped.index("class prior"):]
+    assert "slides/blank.svs</td><td>no tissue found" in prior and "slides/garbage.svs</td>" in prior
+    assert "Not shown" not in skipped and "2 test row(s)" in skipped
     (tmp_path / "render").mkdir()
     rendered = render(page, tmp_path / "render")
     drawn = [im for im in rendered.images if im["alt"].startswith("slide ")]

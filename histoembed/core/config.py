@@ -110,8 +110,10 @@ class CropSettings(_Settings):
                        "40x); each patch is read from the best pyramid level and resized to size x size.")
     overlap: float = Field(0.0, ge=0, lt=1, description="Whole slides: overlap of neighbouring patches, as a "
                            "fraction of the patch side (the grid's step is side x (1 - overlap)).")
-    max_patches: int = Field(0, ge=0, description="Whole slides: at most this many patches per slide, an evenly "
-                             "spaced subsample of the tissue patches in reading order (0: all).")
+    max_patches: int = Field(0, ge=0, description="At most this many patches per whole slide, an evenly spaced "
+                             "subsample of the tissue patches in reading order (0: all); it caps an image's crops "
+                             "too (with max_crops; a big one-level TIFF is an image), each --scales adding its "
+                             "context crop of the same places.")
     allow_upsample: bool = Field(False, description="Whole slides: allow an --mpp finer than a slide's own (each "
                                  "patch enlarged from fewer pixels); refused by default, naming the slide.")
     thumb_mpp: float = Field(8.0, gt=0, description="Whole slides: microns per pixel of the thumbnail tissue is "

@@ -14,7 +14,7 @@ from ``metrics.json`` and ``calibration.json``; the reliability curves are
 the crop maps and the slides' attention are ``models.maps``'.
 
 The package: ``load`` reads the run once, ``html`` holds the page's building blocks, and one
-module per group of sections, in the page's order: ``data`` (run, dataset, QC), ``crops``,
+module per group of sections, in the page's order: ``data`` (run, dataset, QC, skipped items), ``crops``,
 ``scores`` (macro-F1, drift, confusion), ``calibration`` (calibration, fusion, decisions),
 ``maps`` (crop maps) and ``slides`` (whole slides).
 """
@@ -29,7 +29,7 @@ from histoembed.core import store
 from histoembed.core.errors import UserError
 from histoembed.stages.report.calibration import calibration_section, decisions_section, fusion_section
 from histoembed.stages.report.crops import crops_section
-from histoembed.stages.report.data import dataset_section, overview, qc_section
+from histoembed.stages.report.data import dataset_section, overview, qc_section, skipped_section
 from histoembed.stages.report.html import CSS, esc
 from histoembed.stages.report.load import load_run
 from histoembed.stages.report.maps import maps_section
@@ -38,7 +38,8 @@ from histoembed.stages.report.slides import slides_section
 
 # The page's sections in order (overview first, unlisted in the navigation): (anchor, link text, drawn by).
 SECTIONS = ((None, None, overview), ("dataset", "Dataset", dataset_section), ("qc", "QC", qc_section),
-            ("crops", "Crops", crops_section), ("scores", "Macro-F1", scores_section),
+            ("skipped", "Skipped", skipped_section), ("crops", "Crops", crops_section),
+            ("scores", "Macro-F1", scores_section),
             ("drift", "Drift", drift_section), ("confusion", "Confusion", confusion_section),
             ("calibration", "Calibration", calibration_section), ("fusion", "Fusion", fusion_section),
             ("decisions", "Decisions", decisions_section), ("maps", "Crop maps", maps_section),

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from histoembed.core import feature_store, store
 from histoembed.core.errors import UserError
 from histoembed.inputs.dataset import load_dataset
-from histoembed.inputs.provenance import DataChanged, run_data
+from histoembed.inputs.provenance import DataChanged, crops_summary, run_data
 from histoembed.models.inference import Ensemble, check_one_set, load_ensemble
 
 
@@ -50,6 +50,9 @@ class LoadedRun:
     metrics: dict | None = None
     calibration: dict | None = None
     dataset = None          # inputs.dataset.Dataset, or None
+    skipped: list[tuple[str, str]] | None = None   # (path, why) of every item `crops` skipped; None: no record
+    left_out: list[str] = field(default_factory=list)  # training images `crops` left out because QC flagged them
+    fallbacks: list[str] | None = None  # test images `submit` gave the class prior (no crop); None: no submit
     classes: list[str] = field(default_factory=list)
     _loaded: dict = field(default_factory=dict)      # what the sections share, read once: a value or its UserError
 
@@ -143,6 +146,21 @@ def _read_crops(run: LoadedRun, crops_path: Path) -> None:
         run.notes.append(str(e))
 
 
+def _read_skipped(run: LoadedRun, crops_path: Path) -> None:
+    """What ``crops`` skipped (its file's footer) and the test rows ``submit`` filled with the class prior."""
+    summary = crops_summary(crops_path) if crops_path.exists() else {}
+    if "problems" in summary:
+        run.skipped = [(str(p), str(why)) for p, why in summary["problems"]]
+        run.left_out = list(summary.get("left_out") or [])
+    predictions = run.folder / store.TEST_PREDICTIONS_FILE
+    if predictions.exists():
+        try:
+            t = store.read_table(predictions, "test predictions", columns=["image_id", "fallback"], stage="submit")
+            run.fallbacks = [i for i, f in zip(t["image_id"].to_pylist(), t["fallback"].to_pylist()) if f]
+        except (UserError, KeyError) as e:
+            run.notes.append(f"{predictions}: cannot be used ({e})")
+
+
 def _read_fit_outputs(run: LoadedRun) -> None:
     """metrics.json, calibration.json and oof.parquet, refusing models of one fit beside outputs of another."""
     folder = run.folder
@@ -190,6 +208,7 @@ def load_run(folder: Path, data: Path | None, verify_data: bool = False) -> Load
             run.qc = store.read_table(qc_path, "QC table", stage="qc").to_pandas()
         except UserError as e:
             run.notes.append(str(e))
+    _read_skipped(run, crops_path)
     _read_fit_outputs(run)
     _read_data(run, data, verify_data)
     if run.oof is not None:

@@ -33,7 +33,6 @@ from histoembed.inputs.exchange.record import (
     check_inside,
     dataset,
     number,
-    plain_number,
     shape,
     square_side,
     text,

@@ -11,10 +11,13 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import openslide
+import pyarrow.parquet as pq
 import pytest
 import shapely
 from shapely.geometry import box, shape
 
+from histoembed.core import store
 from histoembed.core.config import CropSettings
 from histoembed.core.errors import UserError
 from histoembed.inputs.cropping import slide_patches
@@ -22,6 +25,7 @@ from histoembed.inputs.dataset import load_dataset
 from histoembed.inputs.exchange import geojson, geojson_out, stamp, trident
 from histoembed.inputs.exchange.folder import read_feature_file, read_feature_folder
 from histoembed.inputs.exchange.record import Patching
+from histoembed.inputs.exchange.rows import patch_level, slide_rows
 from histoembed.tools.synthetic import SlideSpec, write_slide
 
 PATCHING = Patching("slide_a", patch_size=256, mpp=0.5, level0_mpp=0.25, level0_size=(10_000, 8_000))
@@ -323,3 +327,26 @@ def test_a_slides_geojson_mask_keeps_its_patches_inside_the_polygon(slide_with_g
     assert any(b[1] > 900 for b, _ in boxes) and any(b[3] < 300 for b, _ in boxes)  # both sides of the hole
     by_colour, _, _ = slide_patches(sample, settings.model_copy(update={"mask_mode": "tissue"}))
     assert not shapely.contains(region, shapely.points([b[:2] for b, _ in by_colour])).all()  # the mask did it
+
+
+def test_a_read_feature_file_becomes_the_slides_rows_of_the_crops_file(slide_with_geojson_mask, tmp_path):
+    """The sketch ``histoembed import`` builds on: crop i is feature row i, boxes and scale from the file."""
+    (sample,) = load_dataset(slide_with_geojson_mask / "manifest.csv").samples
+    p = Patching("s", patch_size=32, mpp=1.0, level0_mpp=0.25, level0_size=(1600, 1200))
+    boxes = np.array([[0, 0, 128, 128], [128, 0, 256, 128], [640, 1024, 768, 1152]])
+    record = read_feature_file(trident.write_trident(trident.feature_path(tmp_path, p, "uni"), features(3), boxes,
+                                                     p, "uni"))
+    with openslide.OpenSlide(str(sample.image)) as s:
+        level = patch_level(s.level_downsamples, record.patch_size_level0, record.patch_size)
+        assert level == s.get_best_level_for_downsample(128 / 32) == 1
+    table = slide_rows(record, sample, level=level, level0_mpp=0.25, stamp="slide+file")
+    assert table.schema.equals(store.crops_schema(slides=True, groups=False))
+    rows = table.to_pylist()
+    assert [(r["x0"], r["y0"], r["x1"], r["y1"]) for r in rows] == [tuple(b) for b in boxes.tolist()]
+    assert {(r["image_id"], r["split"], r["label"], r["level"], r["mpp"], r["strategy"]) for r in rows} == \
+        {("s.svs", "train", "malignant", 1, 1.0, "import-trident")}
+    assert [r["crop_index"] for r in rows] == [0, 1, 2] and len({r["patch_digest"] for r in rows}) == 3
+    pq.write_table(table, tmp_path / "crops.parquet")
+    assert store.crop_hashes(tmp_path / "crops.parquet") == [r["patch_digest"] for r in rows]
+    other = slide_rows(record, sample, level=level, level0_mpp=0.25, stamp="slide+changed file")
+    assert other["patch_digest"].to_pylist() != table["patch_digest"].to_pylist()  # a changed file is stale

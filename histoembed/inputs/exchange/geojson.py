@@ -99,8 +99,10 @@ def read_polygons(path: str | Path, classes: Sequence[str] | None = None) -> lis
     polygons, seen = [], set()
     for i, feature in enumerate(_features_of(doc, path)):
         found, names = _annotation_polygons(feature, i, path)
-        seen.update(names or ["(unclassified)"] if found else [])
-        if found and (not wanted or wanted & {n.lower() for n in names}):
+        if not found:
+            continue
+        seen.update(names or ["(unclassified)"])
+        if not wanted or wanted & {n.lower() for n in names}:
             polygons += found
     if not polygons:
         what = f"no polygon annotation of class {', '.join(sorted(classes or []))}" if wanted else \

@@ -124,13 +124,15 @@ def patch_detections(boxes: np.ndarray, measurements: Mapping[str, Sequence[floa
     return out
 
 
-def write_geojson(path: str | Path, features: Sequence[dict]) -> Path:
-    """A FeatureCollection QuPath opens, written atomically; every polygon is checked valid first."""
+def write_geojson(path: str | Path, features: Sequence[dict], extra: Mapping | None = None) -> Path:
+    """A FeatureCollection QuPath opens, written atomically; every polygon is checked valid first. ``extra``:
+    foreign members of the collection (GeoJSON allows them; QuPath reads ``features`` alone)."""
     path = Path(path)
     for i, feature in enumerate(features):
         g = shape(feature["geometry"])
         if not polygons_of(g) or not g.is_valid:
             raise ValueError(f"feature {i} of {path.name} is not a valid polygon: {shapely.is_valid_reason(g)}")
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({"type": "FeatureCollection", "features": list(features)}, allow_nan=False))
+        tmp.write_text(json.dumps({"type": "FeatureCollection", **dict(extra or {}),
+                                   "features": list(features)}, allow_nan=False))
     return path

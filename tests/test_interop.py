@@ -17,7 +17,7 @@ import pytest
 import shapely
 from shapely.geometry import box, shape
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.tools.synthetic import SlideSpec, make_slide_cohort, write_slide
 
 SETTINGS = """
@@ -71,7 +71,7 @@ def test_export_import_round_trip_gives_the_same_out_of_fold_numbers(slide_run, 
     r = cli("export", "--run", run, "--format", "trident", "--out", out, cwd=slide_run)
     assert r.exit_code == 0, r.output
     crops = pq.read_table(run / store.CROPS_FILE).to_pandas()
-    features = store.read_features(store.find_feature_store(run))
+    features = feature_store.read_features(feature_store.find_feature_store(run))
     files = sorted(out.rglob("*.h5"))
     assert len(files) == crops["image_id"].nunique() == 14
     folder = files[0].parent
@@ -166,9 +166,9 @@ def test_a_file_laid_out_by_hand_as_trident_writes_it_imports(tmp_path, cli):
     crops = pq.read_table(tmp_path / "run" / store.CROPS_FILE).to_pylist()
     assert [(c["image_id"], c["x0"], c["x1"], c["level"], c["mpp"]) for c in crops[:3]] == \
         [("case_1.svs", 0, 512, 0, 0.5), ("case_1.svs", 512, 1024, 0, 0.5), ("case_1.svs", 512, 1024, 0, 0.5)]
-    features = store.read_features(tmp_path / "run" / "features" / "conch_v15")
+    features = feature_store.read_features(tmp_path / "run" / "features" / "conch_v15")
     assert features.meta["encoder"] == "conch_v15" and features.embedding.shape == (6, 8)
-    store.check_complete(features, tmp_path / "run", "train")
+    feature_store.check_complete(features, tmp_path / "run", "train")
     r = cli("import", folder, "--data", tmp_path / "manifest.csv", "--run", tmp_path / "run", "--encoder", "uni")
     assert r.exit_code == 0   # a name given over the folder's: another store
     assert (tmp_path / "run" / "features" / "uni").is_dir()

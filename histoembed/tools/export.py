@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 import pyarrow.parquet as pq
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.config import CropSettings
 from histoembed.core.errors import UserError
 from histoembed.inputs import slides
@@ -150,7 +150,7 @@ def _h5_key(path: Path) -> str | None:
     return value.decode() if isinstance(value, bytes) else (str(value) if value is not None else None)
 
 
-def _view_rows(features: store.Features, view: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _view_rows(features: feature_store.Features, view: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``split/image_id`` -> (crop_index, embedding rows) of one view (the store reads sorted by crop)."""
     sub = features.subset(features.view == view)
     keys = sub.keys()
@@ -166,10 +166,10 @@ def export_features(run: Path, fmt: str, out: Path, views: list[int] | None, enc
     ``OUT/view-<v>/`` (else the one view given, straight under ``out``)."""
     settings, meta = crop_settings(run)
     slide_list = run_slides(run)
-    store_dir = store.find_feature_store(run, encoder)
-    features = store.read_features(store_dir)
+    store_dir = feature_store.find_feature_store(run, encoder)
+    features = feature_store.read_features(store_dir)
     for split in ("train", "test"):
-        store.check_complete(features, run, split)
+        feature_store.check_complete(features, run, split)
     name = str(features.meta.get("encoder") or store_dir.name)
     stored = sorted(int(v) for v in np.unique(features.view))
     if views is not None and not set(views) <= set(stored):

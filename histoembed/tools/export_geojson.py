@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.errors import UserError
 from histoembed.inputs.cropping import slide_tissue
 from histoembed.inputs.exchange import geojson_out
@@ -73,9 +73,9 @@ def attention_of(run: Path, notes: list[str], encoder: str | None) -> tuple[Ense
     if why:
         notes.append(f"no attention: {why}")
         return None, [], None
-    features = store.read_features(store.find_feature_store(run, encoder or ensemble.encoder))
+    features = feature_store.read_features(feature_store.find_feature_store(run, encoder or ensemble.encoder))
     for split in ("train", "test"):
-        store.check_complete(features, run, split)
+        feature_store.check_complete(features, run, split)
     return ensemble, members, features.subset(features.view == 0)
 
 

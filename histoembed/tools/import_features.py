@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from histoembed.core import store
+from histoembed import __version__
+from histoembed.core import feature_store, store
 from histoembed.core.config import CropSettings
 from histoembed.core.errors import UserError
 from histoembed.inputs import slides
@@ -118,47 +119,47 @@ def read_records(files: list[SlideFile], folder: Path, encoder: str | None, patc
     return name, int(size)
 
 
-def _store_meta(key: str, encoder: str, dim: int, size: int, crops_key: str, files: list[SlideFile]) -> dict:
-    return {"key": key, "encoder": encoder, "encoder_id": encoder, "dim": dim, "pool": "imported", "size": size,
-            "precision": None, "repeats": 1, "tta": False, "seed": 0, "augment": None, "store_dtype": "float32",
-            "crops_key": crops_key, "shard": "0/1",
-            "imported": {"kind": files[0].record.kind, "files": len(files)}}
+def _store_meta(key: str, encoder: str, dim: int, size: int, crops_key: str, kind: str) -> dict:
+    """What ``feature_store.store_meta`` records for an embed, for features another tool embedded: one view
+    (``repeats`` 1, no test-time views, so completeness checks expect view 0 alone), no weights of ours."""
+    return {"key": key, "encoder": encoder, "encoder_id": encoder, "weights_hash": None, "dim": dim,
+            "pool": f"imported from {kind}", "size": size, "precision": None, "repeats": 1, "tta": False, "seed": 0,
+            "augment": None, "store_dtype": "float32", "crops_key": crops_key, "shard": "0/1",
+            "package_version": __version__, "precision_check": None, "stain": None}
 
 
-def write_store(store_dir: Path, files: list[SlideFile], crops: pa.Table, meta_of, encoder: str) -> int:
-    """The feature store of ``files`` (view 0 of every patch, keyed by its digest) into ``store_dir``, written
-    whole under a temporary name and renamed; ``meta_of(dim)`` gives the parts' metadata. Returns the rows."""
-    digests = crops["patch_digest"].to_pylist()
+def write_store(store_dir: Path, files: list[SlideFile], digests: list[str], meta_of, encoder: str) -> int:
+    """The feature store of ``files`` (view 0 of every patch, keyed by its digest: ``digests`` in the files'
+    order) into ``store_dir``, built under a temporary name and renamed over the old store when whole;
+    ``meta_of(dim)`` gives the parts' metadata. Returns the rows written."""
     tmp = store_dir.parent / f".{store_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    batch: list[tuple[Sample, np.ndarray, list[str]]] = []
-    start, rows, part = 0, 0, 0
+    batch: list[tuple[Sample, np.ndarray]] = []
+    start = written = part = 0
 
     def flush() -> None:
-        nonlocal part
+        nonlocal part, written
         if not batch:
             return
-        emb = np.concatenate([f for _, f, _ in batch])
-        dim = emb.shape[1]
-        table = pa.table({
-            "image_id": pa.array([s.image_id for s, f, _ in batch for _ in range(len(f))], pa.string()),
-            "split": pa.array([s.split for s, f, _ in batch for _ in range(len(f))], pa.string()),
-            "crop_index": pa.array(np.concatenate([np.arange(len(f), dtype=np.int32) for _, f, _ in batch])),
-            "view": pa.array(np.zeros(len(emb), np.int16)),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim),
-            store.CROP_HASH: pa.array([d for _, _, ds in batch for d in ds], pa.string()),
-        }, schema=store.feature_schema(dim, crop_hash=True))
-        store.write_table(table, tmp / f"part-{part:05d}.parquet", meta=meta_of(dim))
-        part += 1
+        emb = np.concatenate([f for _, f in batch])
+        n = len(emb)
+        schema = feature_store.part_schema(emb.shape[1], "float32", meta_of(emb.shape[1]))
+        table = feature_store.part_rows([s.image_id for s, f in batch for _ in range(len(f))],
+                                        [s.split for s, f in batch for _ in range(len(f))],
+                                        np.concatenate([np.arange(len(f)) for _, f in batch]).tolist(), [0],
+                                        emb[:, None, :], schema, digests[written:written + n])
+        feature_store.write_part(table, tmp / f"part-import-{part:05d}.parquet")
+        part, written = part + 1, written + n
         batch.clear()
 
     for f in files:
         features = read_feature_file(f.path, encoder, f.level0_mpp).features
-        n = len(features)
-        batch.append((f.sample, features, digests[start:start + n]))
-        start, rows = start + n, rows + n
-        if sum(len(b[1]) for b in batch) >= PART_ROWS:
+        if len(features) != len(f.record):
+            raise UserError("the file changed while it was read", path=f.path, hint="import again")
+        batch.append((f.sample, features))
+        start += len(features)
+        if start - written >= PART_ROWS:
             flush()
     flush()
     old = store_dir.parent / f".{store_dir.name}.old-{os.getpid()}"
@@ -166,7 +167,7 @@ def write_store(store_dir: Path, files: list[SlideFile], crops: pa.Table, meta_o
         store_dir.rename(old)
     tmp.rename(store_dir)
     shutil.rmtree(old, ignore_errors=True)
-    return rows
+    return written
 
 
 def _refuse_foreign_crops(out: Path) -> dict:
@@ -211,11 +212,12 @@ def run_import(folder: Path, data: Path, run: Path, encoder: str | None = None, 
                             overlap=min(0.99, r0.overlap / size), max_patches=0, min_tissue=0.0)
     key = store.stage_key("import", IMPORT_VERSION, settings, stamps, name, slide_mpp,
                           [[f.sample.split, f.sample.image_id, f.path.name, file_stamp(f.path)] for f in files])
-    store_dir = run / store.FEATURES_DIR / store.encoder_slug(name)
+    store_dir = run / store.FEATURES_DIR / feature_store.encoder_slug(name)
     store_key = store.config_key("imported-features", key)
     result = ImportResult(run, name, store_dir, len(files), 0, no_file, no_slide)
-    if old.get("key") == key and old.get("schema") == store.SCHEMA and store.feature_parts(store_dir) and \
-            {m.get("key") for m in map(store.read_meta, store.feature_parts(store_dir))} == {store_key}:
+    parts = feature_store.feature_parts(store_dir)
+    if old.get("key") == key and old.get("schema") == store.SCHEMA and parts and \
+            {store.read_meta(p).get("key") for p in parts} == {store_key}:
         result.patches, result.skipped = int(old.get("patches", 0)), True
         return result
     table = crops_table(files, size, stamp, file_stamp, has_groups)
@@ -229,7 +231,7 @@ def run_import(folder: Path, data: Path, run: Path, encoder: str | None = None, 
     store_dir.parent.mkdir(parents=True, exist_ok=True)
     store.remove_stale(store_dir.parent, ".*.tmp-*")
     out.unlink(missing_ok=True)   # the store and crops of two imports never pair up: crops go in last
-    result.patches = write_store(store_dir, files, table,
-                                 lambda dim: _store_meta(store_key, name, dim, size, key, files), name)
+    result.patches = write_store(store_dir, files, table["patch_digest"].to_pylist(),
+                                 lambda dim: _store_meta(store_key, name, dim, size, key, r0.kind), name)
     store.write_table(table, out, meta=meta)
     return result

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from histoembed.core.errors import UserError
-from histoembed.core.store import encoder_slug
+from histoembed.core.feature_store import encoder_slug
 from histoembed.inputs.exchange.record import (
     FeatureFile,
     Patching,

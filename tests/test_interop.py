@@ -100,6 +100,11 @@ def test_export_import_round_trip_gives_the_same_out_of_fold_numbers(slide_run, 
         first = crops[crops["source"].map(lambda s: Path(s).stem) == "slide_000"].sort_values("crop_index")
         np.testing.assert_allclose(f["coords"][:], first[["x0", "y0"]].to_numpy() * 0.25)
 
+    r = cli("export", "--run", run, "--format", "trident", "--out", slide_run / "v1", "--view", 1, cwd=slide_run)
+    assert r.exit_code == 2 and "holds views 0, not view 1" in r.output
+    r = cli("import", folder, "--data", "manifest.csv", "--run", run, cwd=slide_run)
+    assert r.exit_code == 2 and "already holds crops cut by `histoembed crops`" in r.output
+
     new = slide_run / "imported"
     r = cli("import", folder, "--data", "manifest.csv", "--run", new, cwd=slide_run)
     assert r.exit_code == 0, r.output
@@ -169,6 +174,14 @@ def test_a_file_laid_out_by_hand_as_trident_writes_it_imports(tmp_path, cli):
     features = feature_store.read_features(tmp_path / "run" / "features" / "conch_v15")
     assert features.meta["encoder"] == "conch_v15" and features.embedding.shape == (6, 8)
     feature_store.check_complete(features, tmp_path / "run", "train")
+    with h5py.File(folder / "case_2.h5", "r+") as f:   # a changed file: its slide's patches are new ones
+        f["features"][0] = 0.0
+    r = cli("import", folder, "--data", tmp_path / "manifest.csv", "--run", tmp_path / "run")
+    assert r.exit_code == 0 and "up to date" not in r.output
+    changed = pq.read_table(tmp_path / "run" / store.CROPS_FILE).to_pylist()
+    assert [c["patch_digest"] for c in changed[:3]] == [c["patch_digest"] for c in crops[:3]]
+    assert all(a["patch_digest"] != b["patch_digest"] for a, b in zip(changed[3:], crops[3:]))
+    assert not feature_store.read_features(tmp_path / "run" / "features" / "conch_v15").embedding[3].any()
     r = cli("import", folder, "--data", tmp_path / "manifest.csv", "--run", tmp_path / "run", "--encoder", "uni")
     assert r.exit_code == 0   # a name given over the folder's: another store
     assert (tmp_path / "run" / "features" / "uni").is_dir()

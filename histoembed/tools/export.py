@@ -14,6 +14,7 @@ Slides only: a flat image's crops have no level-0 scale and no file of these for
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -134,8 +135,8 @@ def slide_patching(s: SlidePatches, settings: CropSettings, slide_mpp: float | N
 
 def content_key(fmt: str, *parts) -> str:
     """The key a file carries: what it was written from (a re-run with the same key leaves the file alone)."""
-    digests = [store.config_key(np.ascontiguousarray(p).tobytes().hex()) if isinstance(p, np.ndarray) else p
-               for p in parts]
+    digests = [[str(p.dtype), list(p.shape), hashlib.sha256(np.ascontiguousarray(p).tobytes()).hexdigest()]
+               if isinstance(p, np.ndarray) else p for p in parts]
     return store.config_key("export", EXPORT_VERSION, fmt, *digests)
 
 

@@ -118,6 +118,12 @@ def test_export_import_round_trip_gives_the_same_out_of_fold_numbers(slide_run, 
     r = cli("submit", "--run", new, cwd=slide_run)
     assert r.exit_code == 0, r.output
     assert (new / store.SUBMISSION_FILE).read_text() == (run / store.SUBMISSION_FILE).read_text()
+    r = cli("compare", run, new, "--bootstrap", 50, cwd=slide_run)
+    assert r.exit_code == 0 and "B - A = +0.000" in r.output, r.output
+    r = cli("report", "--run", new, cwd=slide_run)
+    assert r.exit_code == 0, r.output
+    assert "attention-MIL head&#x27;s weight on each patch" in (new / store.REPORT_FILE).read_text() or \
+        "attention-MIL head's weight on each patch" in (new / store.REPORT_FILE).read_text()  # heat maps drawn
 
 
 def test_geojson_export_holds_valid_polygons_and_attention_on_every_patch(slide_run, cli):

@@ -69,6 +69,8 @@ def crops(
     thumb_mpp: Annotated[float | None, setting("crops.thumb_mpp")] = None,
     min_tissue_area: Annotated[float | None, setting("crops.min_tissue_area")] = None,
     slide_mpp: Annotated[float | None, setting("data.slide_mpp")] = None,
+    force_slide_mpp: Annotated[bool | None, setting("data.force_slide_mpp")] = None,
+    allow_upsample: Annotated[bool | None, setting("crops.allow_upsample")] = None,
     workers: Annotated[int | None, setting("crops.workers")] = None,
     engine: Annotated[Engine | None, setting("crops.engine")] = None,
     ray_address: Annotated[str | None, setting("crops.ray_address")] = None,
@@ -96,10 +98,13 @@ def crops(
                               scales=_parse_scales(scales), mpp=mpp, overlap=overlap, max_patches=max_patches,
                               mask_classes=_parse_classes(mask_classes), thumb_mpp=thumb_mpp,
                               min_tissue_area=min_tissue_area, workers=workers, engine=engine,
+                              allow_upsample=allow_upsample,
                               ray_address=ray_address)
-    data_settings = cfg.override(settings.data, max_pixels=max_pixels, slide_mpp=slide_mpp)
+    data_settings = cfg.override(settings.data, max_pixels=max_pixels, slide_mpp=slide_mpp,
+                                 force_slide_mpp=force_slide_mpp)
     result = run_crops(data, run, settings.crops, strict=strict, keep=list(keep or []), include_flagged=include_flagged,
-                       max_pixels=data_settings.max_pixels, verify_data=verify_data, slide_mpp=data_settings.slide_mpp)
+                       max_pixels=data_settings.max_pixels, verify_data=verify_data, slide_mpp=data_settings.slide_mpp,
+                       force_slide_mpp=data_settings.force_slide_mpp)
     for w in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
     if result.skipped:

@@ -47,8 +47,9 @@ class _CropJob:
     sample: Sample
     settings: CropSettings
     repair: dict | None  # QC settings to repair ink with, or None
-    slide_mpp: float | None = None  # a slide's microns per pixel when its file does not say
+    slide_mpp: float | None = None  # a slide's microns per pixel when its file does not state a plausible one
     stamp: str | None = None        # a slide's content stamp (part of each patch's digest)
+    force_mpp: bool = False         # slide_mpp for every slide, over its own
 
 
 @dataclass
@@ -70,7 +71,7 @@ def _encode_png(rgb: np.ndarray) -> bytes:
 def _crop_slide(job: _CropJob) -> _CroppedImage:
     sample, settings = job.sample, job.settings
     try:
-        boxes, geo, _ = slide_patches(sample, settings, job.slide_mpp)
+        boxes, geo, _ = slide_patches(sample, settings, job.slide_mpp, job.force_mpp)
     except UserError as e:
         return _CroppedImage(sample.key, problem=Problem(e.path or sample.image, f"{e.problem}; slide skipped"))
     source = str(Path(sample.image).resolve())
@@ -212,14 +213,24 @@ def _refuse_stale_qc(run: Path, stamps: list[list]) -> None:
                         hint="run `histoembed qc`, then `histoembed crops` again")
 
 
-def check_slide_mpp(samples: Sequence[Sample], slide_mpp: float | None) -> None:
-    """Stop before any work when a slide does not say its microns per pixel and ``--slide-mpp`` is not given."""
-    if slide_mpp:
-        return
+def check_slide_scales(samples: Sequence[Sample], settings: CropSettings, slide_mpp: float | None,
+                       force: bool = False) -> None:
+    """Stop before any work when a slide's scale cannot be trusted or the settings misuse it: no plausible microns
+    per pixel and no ``--slide-mpp`` (``inputs/slides.stated_mpp``), ``--force-slide-mpp`` without a value, or an
+    ``--mpp`` that would enlarge its patches (``slides.geometry``). Opens each slide, reads no pixels."""
+    if force and not slide_mpp:
+        raise UserError("--force-slide-mpp needs --slide-mpp MPP: the value to put on every slide",
+                        hint="add --slide-mpp MPP (e.g. 0.25 at 40x, 0.5 at 20x)")
     for s in samples:
         if s.slide:
             with slides.open_slide(s.image) as slide:
-                slides.base_mpp(slide, s.image)
+                mpp0 = slides.base_mpp(slide, s.image, slide_mpp, force)
+                slides.geometry(slide, mpp0, settings.mpp, settings.size, s.image, settings.allow_upsample)
+
+
+def _scale_key(slide_mpp: float | None, force: bool) -> float | list | None:
+    """What the user said about slides' scale, as the skip key holds it (as before --force-slide-mpp when unset)."""
+    return [slide_mpp, "force"] if force else slide_mpp
 
 
 def _first(names: Sequence[str], n: int = 5) -> str:
@@ -252,7 +263,7 @@ def _leave_out_flagged(ds: Dataset, run: Path, qc_rows: dict, keep: Sequence[str
 
 
 def _jobs(samples: list[Sample], settings: CropSettings, qc_rows: dict, qc_settings: dict | None,
-          slide_mpp: float | None, stamps: list[list]) -> list[_CropJob]:
+          slide_mpp: float | None, stamps: list[list], force_mpp: bool = False) -> list[_CropJob]:
     """One job per sample; images QC found ink on are repaired first (unless QC's settings turned repair off)."""
     repair_on = qc_settings is None or qc_settings.get("repair_ink", True)
     stamp_of = {(sp, i): im for sp, i, _, im, _ in stamps}
@@ -260,7 +271,7 @@ def _jobs(samples: list[Sample], settings: CropSettings, qc_rows: dict, qc_setti
     for s in samples:
         ink = bool(qc_rows.get(s.key, {}).get("ink"))
         jobs.append(_CropJob(s, settings, (qc_settings or {}) if (ink and repair_on and not s.slide) else None,
-                             slide_mpp, stamp_of.get(s.key)))
+                             slide_mpp, stamp_of.get(s.key), force_mpp))
     return jobs
 
 
@@ -340,7 +351,7 @@ def _write_crops(out: Path, written: _Written, jobs: list[_CropJob], settings: C
 
 def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = False, keep: Sequence[str] = (),
               include_flagged: bool = False, max_pixels: int = MAX_PIXELS, verify_data: bool = False,
-              slide_mpp: float | None = None) -> CropsResult:
+              slide_mpp: float | None = None, force_slide_mpp: bool = False) -> CropsResult:
     """Cut the crops of both splits into ``run/crops.parquet`` (nothing to do when unchanged).
 
     ``strict`` stops at the first bad item, before anything is written. With a
@@ -350,7 +361,8 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
     file again instead of trusting the stamps cached by size and modification time.
 
     Whole slides (``Sample.slide``) get patches as coordinates (no pixels): a grid at ``settings.mpp`` over
-    the tissue of a thumbnail; ``slide_mpp`` is the microns per pixel of slides whose file does not say.
+    the tissue of a thumbnail; ``slide_mpp`` is the microns per pixel of slides whose file does not state a
+    plausible one (of every slide with ``force_slide_mpp``).
     """
     data, run = Path(data), Path(run)
     out = run / store.CROPS_FILE
@@ -362,13 +374,13 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
     _refuse_stale_qc(run, stamps)
     qc_rows, qc_settings, qc_stamp = _read_qc(run, stamp)
     left_out, samples = _leave_out_flagged(ds, run, qc_rows, keep, include_flagged, data)
-    check_slide_mpp(samples, slide_mpp)
+    check_slide_scales(samples, settings, slide_mpp, force_slide_mpp)
 
     has_slides, has_groups = any(s.slide for s in samples), any(s.group for s in samples)
     slide_keys = frozenset(f"{s.split}/{s.image_id}" for s in ds.samples if s.slide)
     key = store.stage_key(
         "crops", CROPS_VERSION, settings, sorted(keep), include_flagged, qc_stamp,
-        stamps, [str(p) for p in ds.problems], slide_mpp if has_slides else None,
+        stamps, [str(p) for p in ds.problems], _scale_key(slide_mpp, force_slide_mpp) if has_slides else None,
         [s.group for s in samples] if has_groups else None,
     )
     old = store.read_meta(out) if out.exists() else {}
@@ -380,10 +392,11 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
     meta = {"key": key, "settings": settings.model_dump(), "data": str(data.resolve()),
             "data_stamp": store.config_key("data", stamps), "qc": qc_stamp[1] if qc_stamp else None,
             "images": len(samples), "left_out": len(left_out), "classes": ds.classes, "content_stamps": stamp.used,
-            "slides": sum(s.slide for s in samples), "slide_mpp": slide_mpp}
+            "slides": sum(s.slide for s in samples), "slide_mpp": slide_mpp, "force_slide_mpp": force_slide_mpp}
     written = _Written(store.with_meta(store.crops_schema(has_slides, has_groups), meta), samples,
                        list(ds.problems))
-    _write_crops(out, written, _jobs(samples, settings, qc_rows, qc_settings, slide_mpp, stamps), settings,
+    _write_crops(out, written, _jobs(samples, settings, qc_rows, qc_settings, slide_mpp, stamps, force_slide_mpp),
+                 settings,
                  strict, left_out, data)
     w = written.written
     return CropsResult(out, len(set(w)), len(w), _counts(w), written.fallbacks, written.problems,

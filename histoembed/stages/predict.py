@@ -123,7 +123,7 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
                 emb, n_crops = embed(np.stack([c.pixels for c in crops])), len(crops)
                 scale = np.repeat(np.array([c.scale for c in crops], np.float32), views)
             else:  # a whole slide: its patches, read as embed reads them
-                emb = _embed_slide(Path(image), mask, crop_settings, crop_meta.get("slide_mpp"), embed, batch_size)
+                emb = _embed_slide(Path(image), mask, crop_settings, crop_meta, embed, batch_size)
                 n_crops, scale = len(emb) // views, np.ones(len(emb), np.float32)
             n = len(emb)
             by_encoder[slug] = feature_store.Features(
@@ -140,11 +140,13 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
 SLIDE_CHUNK = 1024  # patches read and embedded at a time: memory holds these, never all of a slide's
 
 
-def _embed_slide(path: Path, mask: Path | None, settings: CropSettings, slide_mpp: float | None, embed,
+def _embed_slide(path: Path, mask: Path | None, settings: CropSettings, crop_meta: dict, embed,
                  batch_size: int) -> np.ndarray:
-    """The features of a slide's patches, cut as the run's crops were and read as ``embed`` reads them."""
+    """The features of a slide's patches, cut as the run's crops were (its slide scale rules too: ``crop_meta``)
+    and read as ``embed`` reads them."""
     sample = Sample(path.name, "test", path, mask, None, slide=True)
-    boxes, geo, _ = slide_patches(sample, settings, slide_mpp)   # names a slide without tissue or mpp
+    boxes, geo, _ = slide_patches(sample, settings, crop_meta.get("slide_mpp"),   # names a slide without tissue,
+                                  bool(crop_meta.get("force_slide_mpp")))        # or without a plausible mpp
     parts = []
     with slides.open_slide(path) as slide:
         for first in range(0, len(boxes), max(SLIDE_CHUNK, batch_size)):

@@ -115,14 +115,14 @@ def _refuse_shared_stems(slides_: list[SlidePatches], path: Path) -> None:
                             hint="rename one of the slides (and run `histoembed crops` again)")
 
 
-def slide_patching(s: SlidePatches, settings: CropSettings, slide_mpp: float | None, stamps: dict) -> Patching:
+def slide_patching(s: SlidePatches, settings: CropSettings, meta: dict) -> Patching:
     """How the slide's patches were cut, from the crops' settings and the slide itself (unchanged since)."""
-    recorded = stamps.get(str(s.source.resolve()))
+    recorded = (meta.get("content_stamps") or {}).get(str(s.source.resolve()))
     if recorded is not None and store.ContentStamps({str(s.source.resolve()): recorded})(s.source) != recorded[2]:
         raise UserError("slide changed since `histoembed crops` cut its patches", path=s.source,
                         hint="run `histoembed crops` and `histoembed embed` again, then export")
     with slides.open_slide(s.source) as slide:
-        mpp0 = slides.base_mpp(slide, s.source, slide_mpp)
+        mpp0 = slides.base_mpp(slide, s.source, meta.get("slide_mpp"), bool(meta.get("force_slide_mpp")))
         power = slide.properties.get("openslide.objective-power")
         size0 = tuple(int(v) for v in slide.dimensions)
     try:
@@ -177,8 +177,7 @@ def export_features(run: Path, fmt: str, out: Path, views: list[int] | None, enc
         raise UserError(f"the store holds views {', '.join(map(str, stored))}, not view {views[0]}", path=store_dir,
                         hint="view 0 is the clean crop; others are augmented copies (`histoembed embed --repeats`)")
     result = ExportResult(out, fmt)
-    stamps = meta.get("content_stamps") or {}
-    patchings = {s.key: slide_patching(s, settings, meta.get("slide_mpp"), stamps) for s in slide_list}
+    patchings = {s.key: slide_patching(s, settings, meta) for s in slide_list}
     writer, where = (trident.write_trident, trident.feature_path) if fmt == "trident" else \
         (stamp.write_stamp, stamp.feature_path)
     for view in views if views is not None else stored:

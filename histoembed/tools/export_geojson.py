@@ -113,7 +113,7 @@ def export_geojson(run: Path, out: Path, encoder: str | None) -> ExportResult:
             result.left_out.append(f"{s.key}: not in the data the crops were cut from")
             continue
         try:
-            t = slide_tissue(sample, settings, meta.get("slide_mpp"))
+            t = slide_tissue(sample, settings, meta.get("slide_mpp"), bool(meta.get("force_slide_mpp")))
         except UserError as e:
             result.left_out.append(f"{s.key}: {e}")
             continue

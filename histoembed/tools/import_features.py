@@ -223,7 +223,7 @@ def run_import(folder: Path, data: Path, run: Path, encoder: str | None = None, 
     table = crops_table(files, size, stamp, file_stamp, has_groups)
     meta = {"key": key, "settings": settings.model_dump(), "data": str(data.resolve()),
             "data_stamp": store.config_key("data", stamps), "qc": None, "images": len(files), "left_out": 0,
-            "classes": ds.classes, "content_stamps": stamp.used, "slides": len(files), "slide_mpp": slide_mpp,
+            "classes": ds.classes, "content_stamps": stamp.used, "slides": len(files), "slide_mpp": slide_mpp, "force_slide_mpp": False,
             "imported": {"folder": str(folder.resolve()), "kind": r0.kind, "encoder": name,
                          "no_file": no_file, "no_slide": no_slide},
             IMPORT_STAMPS: file_stamp.used, "patches": len(table)}

@@ -100,6 +100,17 @@ def test_export_import_round_trip_gives_the_same_out_of_fold_numbers(slide_run, 
         first = crops[crops["source"].map(lambda s: Path(s).stem) == "slide_000"].sort_values("crop_index")
         np.testing.assert_allclose(f["coords"][:], first[["x0", "y0"]].to_numpy() * 0.25)
 
+    stamp_run = slide_run / "from-stamp"   # micrometres back to the same level-0 boxes and features
+    r = cli("import", next((slide_run / "stamp").iterdir()), "--data", "manifest.csv", "--run", stamp_run,
+            cwd=slide_run)
+    assert r.exit_code == 0, r.output
+    back = pq.read_table(stamp_run / store.CROPS_FILE).to_pandas()
+    cols = ["split", "image_id", "crop_index", "x0", "y0", "x1", "y1", "level", "mpp"]
+    assert back[cols].sort_values(cols[:3]).reset_index(drop=True).equals(
+        crops[cols].sort_values(cols[:3]).reset_index(drop=True))
+    np.testing.assert_array_equal(feature_store.read_features(feature_store.find_feature_store(stamp_run)).embedding,
+                                  features.embedding[features.view == 0])
+
     r = cli("export", "--run", run, "--format", "trident", "--out", slide_run / "v1", "--view", 1, cwd=slide_run)
     assert r.exit_code == 2 and "holds views 0, not view 1" in r.output
     r = cli("import", folder, "--data", "manifest.csv", "--run", run, cwd=slide_run)

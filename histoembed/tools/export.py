@@ -199,9 +199,7 @@ def export_features(run: Path, fmt: str, out: Path, views: list[int] | None, enc
                 result.unchanged.append(path)
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
-            writer(path, emb, s.boxes, p, name)
-            with h5py.File(path, "r+") as f:  # the key goes last: a file without it is written again
-                f.attrs[KEY_ATTRIBUTE] = key
+            writer(path, emb, s.boxes, p, name, extra={KEY_ATTRIBUTE: key})
             result.written.append(path)
     return result
 

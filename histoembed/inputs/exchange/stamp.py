@@ -45,7 +45,8 @@ def feature_path(out: str | Path, p: Patching, encoder: str) -> Path:
     return Path(out) / encoder_slug(encoder) / f"{p.slide}.h5"
 
 
-def write_stamp(path: str | Path, features: np.ndarray, boxes: np.ndarray, p: Patching, encoder: str) -> Path:
+def write_stamp(path: str | Path, features: np.ndarray, boxes: np.ndarray, p: Patching, encoder: str,
+                extra: dict | None = None) -> Path:
     """Write one slide's features as STAMP does (atomically): corners in micrometres, tile size in both units."""
     path = Path(path)
     features = writable_features(features, path)
@@ -53,6 +54,7 @@ def write_stamp(path: str | Path, features: np.ndarray, boxes: np.ndarray, p: Pa
     boxes = np.asarray(boxes, np.int64)
     check_inside(boxes, p.level0_size, path)
     with writing(path) as f:
+        f.attrs.update(extra or {})  # e.g. histoembed's content key: written with the file, renamed with it
         f.create_dataset(COORDS, data=(boxes[:, :2] * float(p.level0_mpp)).astype(np.float32))
         f.create_dataset(FEATURES, data=features)
         w, h = p.level0_size

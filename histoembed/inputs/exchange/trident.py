@@ -63,13 +63,15 @@ def coords_attributes(p: Patching, side0: int, savetodir: str) -> dict:
             "level0_mpp": float(p.level0_mpp), "mpp": float(p.mpp)}
 
 
-def write_trident(path: str | Path, features: np.ndarray, boxes: np.ndarray, p: Patching, encoder: str) -> Path:
+def write_trident(path: str | Path, features: np.ndarray, boxes: np.ndarray, p: Patching, encoder: str,
+                  extra: dict | None = None) -> Path:
     """Write one slide's features as TRIDENT does (atomically); ``boxes`` are (N, 4) square level-0 boxes."""
     path = Path(path)
     features = writable_features(features, path)
     side0 = square_side(boxes, len(features), path)
     check_inside(np.asarray(boxes, np.int64), p.level0_size, path)
     with writing(path) as f:
+        f.attrs.update(extra or {})  # e.g. histoembed's content key: written with the file, renamed with it
         feats = f.create_dataset(FEATURES, data=features)
         for k, v in {"name": p.slide, "savetodir": str(path.parent), "encoder": encoder}.items():
             feats.attrs[k] = v

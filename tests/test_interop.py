@@ -91,6 +91,8 @@ def test_export_import_round_trip_gives_the_same_out_of_fold_numbers(slide_run, 
                 assert (a["level0_width"], a["level0_height"]) == s.dimensions
     again = cli("export", "--run", run, "--format", "trident", "--out", out, cwd=slide_run)
     assert "0 trident file(s) written, 14 unchanged" in again.output
+    r = cli("export", "--run", run, "--format", "trident", "--out", slide_run / "views", "--all-views", cwd=slide_run)
+    assert r.exit_code == 0 and len(list((slide_run / "views" / "view-0").rglob("*.h5"))) == 14  # repeats 1
 
     r = cli("export", "--run", run, "--format", "stamp", "--out", slide_run / "stamp", cwd=slide_run)
     assert r.exit_code == 0, r.output

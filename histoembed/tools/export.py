@@ -90,8 +90,7 @@ def run_slides(run: Path) -> list[SlidePatches]:
         raise UserError("the run holds no whole slide: export writes slides' patch features (level-0 "
                         "coordinates), and flat images' crops have none", path=path)
     t = pq.read_table(path, columns=CROP_COLUMNS).to_pandas()
-    flat = t["source"].isna()
-    t = t[~flat].sort_values(["split", "image_id", "crop_index"], kind="stable")
+    t = t[t["source"].notna()].sort_values(["split", "image_id", "crop_index"], kind="stable")
     out = []
     for (split, image_id), rows in t.groupby(["split", "image_id"], sort=False):
         out.append(SlidePatches(split, image_id, rows["label"].iloc[0], Path(rows["source"].iloc[0]),
@@ -102,6 +101,13 @@ def run_slides(run: Path) -> list[SlidePatches]:
                         path=path)
     _refuse_shared_stems(out, path)
     return out
+
+
+def flat_images(run: Path) -> list[str]:
+    """A note on the run's flat images, which no export writes (their crops have no level-0 coordinates)."""
+    t = pq.read_table(run / store.CROPS_FILE, columns=["split", "image_id", "source"])
+    flat = {(s, i) for s, i, src in zip(*(t[c].to_pylist() for c in ("split", "image_id", "source"))) if src is None}
+    return [f"{len(flat)} flat image(s) left out: their crops have no level-0 coordinates"] if flat else []
 
 
 def _refuse_shared_stems(slides_: list[SlidePatches], path: Path) -> None:
@@ -176,7 +182,7 @@ def export_features(run: Path, fmt: str, out: Path, views: list[int] | None, enc
     if views is not None and not set(views) <= set(stored):
         raise UserError(f"the store holds views {', '.join(map(str, stored))}, not view {views[0]}", path=store_dir,
                         hint="view 0 is the clean crop; others are augmented copies (`histoembed embed --repeats`)")
-    result = ExportResult(out, fmt)
+    result = ExportResult(out, fmt, notes=flat_images(run))
     patchings = {s.key: slide_patching(s, settings, meta) for s in slide_list}
     writer, where = (trident.write_trident, trident.feature_path) if fmt == "trident" else \
         (stamp.write_stamp, stamp.feature_path)

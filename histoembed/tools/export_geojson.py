@@ -29,6 +29,7 @@ from histoembed.tools.export import (
     SlidePatches,
     content_key,
     crop_settings,
+    flat_images,
     json_key,
     run_samples,
     run_slides,
@@ -99,7 +100,7 @@ def export_geojson(run: Path, out: Path, encoder: str | None) -> ExportResult:
     """One ``<slide stem>.geojson`` per slide of ``run`` in ``out`` (see the module docstring)."""
     settings, meta = crop_settings(run)
     slide_list = run_slides(run)
-    result = ExportResult(out, "geojson")
+    result = ExportResult(out, "geojson", notes=flat_images(run))
     samples, note = run_samples(meta, slide_list)
     if note:
         result.notes.append(note)

@@ -45,7 +45,7 @@ VerifyDataOpt = Annotated[bool, typer.Option(
                           "that keeps both, e.g. `cp -p`, `rsync -t`). Slower; use it before a final submission.")]
 
 # `histoembed --help` lists the stages in pipeline order in one panel, then the tools beside the pipeline.
-TOOLS = ("synth", "demo", "compare", "config", "encoders")
+TOOLS = ("synth", "demo", "compare", "export", "import", "config", "encoders")
 HELP_ORDER = (*PIPELINE, *TOOLS)
 
 # The settings tables each stage reads (``histoembed config STAGE`` prints these).

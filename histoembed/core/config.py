@@ -116,6 +116,10 @@ class CropSettings(_Settings):
                              "context crop of the same places.")
     allow_upsample: bool = Field(False, description="Whole slides: allow an --mpp finer than a slide's own (each "
                                  "patch enlarged from fewer pixels); refused by default, naming the slide.")
+    mask_classes: tuple[str, ...] = Field(
+        (), description="Whole slides with a QuPath GeoJSON mask: keep only the annotations of these classes "
+        "(comma-separated, e.g. Tumor,Stroma; case ignored; a derived class such as 'Tumor: Positive' counts as "
+        "Tumor); empty: every annotation. A mask image ignores it.")
     thumb_mpp: float = Field(8.0, gt=0, description="Whole slides: microns per pixel of the thumbnail tissue is "
                              "found on (saturation Otsu, closing, holes filled).")
     min_tissue_area: float = Field(10_000.0, ge=0, description="Whole slides: tissue pieces smaller than this "

@@ -368,7 +368,8 @@ def slide_tissue(sample: Sample, settings: CropSettings, slide_mpp: float | None
         thumb, scale = slides.thumbnail(slide, sample.image, mpp0, settings.thumb_mpp)
         size0 = slide.dimensions
     thumb_mpp = mpp0 / scale
-    given = read_slide_mask(sample, thumb.shape[:2]) if settings.mask_mode != "tissue" else None
+    given = (read_slide_mask(sample, thumb.shape[:2], settings.mask_classes or None)
+             if settings.mask_mode != "tissue" else None)
     tissue = given
     if given is None or settings.mask_mode == "union":
         found = slides.tissue_by_saturation(thumb, thumb_mpp, settings.min_tissue_area)

@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from histoembed.core.config import DataSettings
 from histoembed.core.errors import UserError
 from histoembed.inputs import slides
+from histoembed.inputs.exchange import geojson
 from histoembed.inputs.layouts import from_manifest, from_reference, submission_ids
 from histoembed.inputs.samples import (
     IMAGE_SUFFIXES,
@@ -290,12 +291,12 @@ def _check_sizes(ds: Dataset, max_pixels: int) -> Dataset:
 
 
 def check_slide(s: Sample) -> None:
-    """A slide must open, and its mask (if any) must have the slide's aspect at some level (UserError naming it)."""
+    """A slide must open; its mask, an image of the slide's aspect or QuPath GeoJSON on it (UserError naming it)."""
     with slides.open_slide(s.image) as slide:
         size = slide.dimensions
     if s.mask is not None:
-        msize = image_size(s.mask, None)
-        slides.check_aspect(msize, s.mask, size)
+        (geojson.check_on_slide(geojson.read_polygons(s.mask), size, s.mask) if geojson.is_geojson(s.mask)
+         else slides.check_aspect(image_size(s.mask, None), s.mask, size))
 
 
 def leakage(samples: list[Sample]) -> list[str]:
@@ -308,13 +309,15 @@ def leakage(samples: list[Sample]) -> list[str]:
             for g in sorted(g for g, sp in splits.items() if len(sp) > 1)]
 
 
-def read_slide_mask(s: Sample, shape: tuple[int, int]) -> "np.ndarray | None":
-    """A slide's mask file resized to a thumbnail ``shape`` as bool (None without a mask)."""
+def read_slide_mask(s: Sample, shape: tuple[int, int], classes=None) -> "np.ndarray | None":
+    """A slide's mask on a thumbnail ``shape`` as bool (None without one): an image resized, or QuPath GeoJSON
+    polygons filled (those of ``classes`` when given), holes excluded."""
     if s.mask is None:
         return None
     with slides.open_slide(s.image) as slide:
         size = slide.dimensions
-    return slides.mask_on_thumbnail(read_mask(s.mask, None), s.mask, size, shape)
+    return (geojson.geojson_mask(s.mask, size, shape, classes) if geojson.is_geojson(s.mask)
+            else slides.mask_on_thumbnail(read_mask(s.mask, None), s.mask, size, shape))
 
 
 def read_slide_thumbnail(s: Sample, max_side: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
@@ -325,8 +328,7 @@ def read_slide_thumbnail(s: Sample, max_side: int = 1024) -> tuple[np.ndarray, n
         rgb, _ = slides.thumbnail(slide, s.image, 1.0, max(1.0, max(size) / max_side))
     if s.mask is None:
         return rgb, None
-    mask = slides.mask_on_thumbnail(read_mask(s.mask, None), s.mask, size, rgb.shape[:2])
-    return rgb, mask.astype(np.uint8) * 255
+    return rgb, read_slide_mask(s, rgb.shape[:2]).astype(np.uint8) * 255
 
 
 # Suffixes only whole slides use: such a file that OpenSlide cannot read is an unreadable slide, not an image.

@@ -91,16 +91,17 @@ class Resampler:
         return self._order[np.repeat(self._starts[chosen], counts) + offsets]
 
 
-def _score(metric: Callable[..., float], arrays: Sequence[np.ndarray], idx: np.ndarray | None) -> float:
-    """The metric on the rows ``idx`` (all rows when None); NaN when it is undefined there."""
+def _score(metric: Callable, arrays: Sequence[np.ndarray], idx: np.ndarray | None, size: int = 1) -> np.ndarray:
+    """The metric (``size`` numbers) on the rows ``idx`` (all rows when None); NaN where it is undefined."""
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
-            value = metric(*(a if idx is None else a[idx] for a in arrays))
+            value = np.asarray(metric(*(a if idx is None else a[idx] for a in arrays)), dtype=np.float64).ravel()
     except (ValueError, ZeroDivisionError, FloatingPointError):
-        return float("nan")
-    value = float(value)
-    return value if math.isfinite(value) else float("nan")
+        return np.full(size, np.nan)
+    if len(value) != size:
+        raise ValueError(f"the metric gave {len(value)} numbers, expected {size}")
+    return np.where(np.isfinite(value), value, np.nan)
 
 
 def _interval(value: float, draws: np.ndarray, unit: str, n: int, level: float) -> Interval:
@@ -127,14 +128,22 @@ def bootstrap(metric: Callable[..., float], *arrays, groups=None, n: int = BOOTS
     ``arrays`` are row-aligned (first axis); the metric receives each one indexed by the resample. ``n=0``
     gives the estimate with a NaN interval. Same seed, same data, same interval.
     """
+    return bootstrap_many(metric, *arrays, size=1, groups=groups, n=n, seed=seed, level=level)[0]
+
+
+def bootstrap_many(metric: Callable[..., Sequence[float]], *arrays, size: int, groups=None,
+                   n: int = BOOTSTRAP_RESAMPLES, seed: int = 0, level: float = LEVEL) -> list[Interval]:
+    """Like :func:`bootstrap` for a metric returning ``size`` numbers at once (e.g. Harrell's and Uno's C,
+    which share their pairs): one interval per number, all from the same resamples, each number's
+    degenerate resamples skipped on their own."""
     arrays = [np.asarray(a) for a in arrays]
     rows = _check(arrays)
     sampler = Resampler(rows, groups, seed)
-    value = _score(metric, arrays, None)
+    value = _score(metric, arrays, None, size)
     if n <= 0 or rows == 0:
-        return Interval(value, float("nan"), float("nan"), sampler.unit, 0, 0)
-    draws = np.array([_score(metric, arrays, sampler.draw()) for _ in range(n)])
-    return _interval(value, draws, sampler.unit, n, level)
+        return [Interval(float(v), float("nan"), float("nan"), sampler.unit, 0, 0) for v in value]
+    draws = np.stack([_score(metric, arrays, sampler.draw(), size) for _ in range(n)])
+    return [_interval(float(value[k]), draws[:, k], sampler.unit, n, level) for k in range(size)]
 
 
 def paired_bootstrap(metric: Callable[..., float], arrays_a: Sequence, arrays_b: Sequence, groups=None,
@@ -149,11 +158,11 @@ def paired_bootstrap(metric: Callable[..., float], arrays_a: Sequence, arrays_b:
     arrays_b = [np.asarray(b) for b in arrays_b]
     rows = _check(arrays_a + arrays_b)
     sampler = Resampler(rows, groups, seed)
-    value = _score(metric, arrays_b, None) - _score(metric, arrays_a, None)
+    value = float((_score(metric, arrays_b, None) - _score(metric, arrays_a, None))[0])
     if n <= 0 or rows == 0:
         return Interval(value, float("nan"), float("nan"), sampler.unit, 0, 0)
     draws = np.empty(n)
     for b in range(n):
         idx = sampler.draw()
-        draws[b] = _score(metric, arrays_b, idx) - _score(metric, arrays_a, idx)
+        draws[b] = (_score(metric, arrays_b, idx) - _score(metric, arrays_a, idx))[0]
     return _interval(value, draws, sampler.unit, n, level)

@@ -222,3 +222,36 @@ def test_degenerate_resamples_are_skipped_and_counted_and_the_paired_difference_
     assert d.unit == "patients" and 0 < d.lo < d.value < d.hi
     same = paired_bootstrap(metrics.auroc, (y, good), (y, good), n=50)
     assert (same.value, same.lo, same.hi) == (0.0, 0.0, 0.0)
+
+
+# ----- Regression numbers and conformal intervals (issue 29)
+
+def test_regression_numbers_equal_sklearn_and_scipy_and_conformal_coverage_holds():
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import mean_absolute_error, r2_score
+
+    from histoembed.maths import regression
+
+    rng = np.random.default_rng(7)
+    y = np.round(rng.normal(size=400), 1)             # rounded: ties in both ranks
+    pred = np.round(0.8 * y + 0.5 * rng.normal(size=400), 1)
+    assert regression.r2(y, pred) == pytest.approx(r2_score(y, pred), abs=1e-12)
+    assert regression.pearson_r(y, pred) == pytest.approx(pearsonr(y, pred)[0], abs=1e-12)
+    assert regression.spearman_r(y, pred) == pytest.approx(spearmanr(y, pred)[0], abs=1e-12)
+    assert regression.mae(y, pred) == pytest.approx(mean_absolute_error(y, pred), abs=1e-12)
+    assert np.isnan(regression.r2(np.ones(5), np.arange(5.0)))
+    out = regression.regression_numbers(y, pred, groups=np.arange(400) // 4, n=200)
+    assert out["unit"] == "patients"
+    for name in regression.NAMES:
+        assert out[name]["lo"] < out[name]["value"] < out[name]["hi"]
+    noise = regression.regression_numbers(y, rng.permutation(pred), n=200)
+    assert noise["pearson_r"]["lo"] < 0 < noise["pearson_r"]["hi"] and noise["r2"]["hi"] < 0
+    folds = np.arange(400) % 5
+    conf = regression.conformal_summary(y, pred, folds, alpha=0.1)
+    assert 0.86 <= conf["coverage"] <= 0.95 and len(conf["row_half_width"]) == 400
+    assert conf["half_width"] == pytest.approx(np.sort(np.abs(y - pred))[int(np.ceil(401 * 0.9)) - 1])
+    assert set(conf["fold_half_width"]) == {"0", "1", "2", "3", "4"}
+    import json
+    json.dumps([out, conf], allow_nan=False)
+    few = regression.conformal_summary(y[:6], pred[:6], folds[:6] % 2, alpha=0.1)   # too few for 90 %
+    assert few["half_width"] is None and few["coverage"] == 1.0 and few["mean_width"] is None

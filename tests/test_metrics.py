@@ -255,3 +255,18 @@ def test_regression_numbers_equal_sklearn_and_scipy_and_conformal_coverage_holds
     json.dumps([out, conf], allow_nan=False)
     few = regression.conformal_summary(y[:6], pred[:6], folds[:6] % 2, alpha=0.1)   # too few for 90 %
     assert few["half_width"] is None and few["coverage"] == 1.0 and few["mean_width"] is None
+
+
+def test_scorers_by_name_feed_the_paired_bootstrap_over_patients(tied_predictions):
+    from histoembed.maths.resample import paired_bootstrap
+
+    y, probs = tied_predictions
+    worse = metrics.softmax(np.log(probs) * 0.3 + np.random.default_rng(0).normal(size=probs.shape))
+    ranks = metrics.class_ranks(list("abcd"), list("abcd"))
+    for name in metrics.SELECTABLE:
+        score = metrics.scorer(name, 4, ranks)
+        d = paired_bootstrap(score, (y, worse), (y, probs), groups=np.arange(300) // 3, n=100)
+        better = d.value < 0 if name in metrics.LOWER_IS_BETTER else d.value > 0
+        assert better and d.unit == "patients", name
+    with pytest.raises(ValueError, match="order"):
+        metrics.scorer("kappa", 4)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from histoembed.maths.resample import BOOTSTRAP_RESAMPLES, LEVEL, bootstrap
+from histoembed.maths.resample import BOOTSTRAP_RESAMPLES, LEVEL, Interval, bootstrap_many
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -325,22 +325,60 @@ def ranking_numbers(y: np.ndarray, probs: np.ndarray, classes: list[str], *, pre
     C = len(classes)
     if probs.ndim != 2 or probs.shape[1] != C:
         raise ValueError(f"probabilities of shape {probs.shape} for {C} classes")
+    ranks = class_ranks(classes, order) if order is not None else None
+    head = ["auroc", "average_precision", "balanced_accuracy"] + (["quadratic_kappa"] if order is not None else [])
 
-    def interval(metric, *arrays, draws: int = n) -> dict:
-        return bootstrap(metric, *arrays, groups=groups, n=draws, seed=seed, level=level).as_dict()
+    def numbers(yy, pp, dd, with_classes: bool) -> np.ndarray:
+        """One resample's numbers: the head ones, then (with_classes) AUROC and AP of each class."""
+        if C == 2:
+            au, ap = [binary_auroc(yy == 1, pp[:, 1])], [binary_average_precision(yy == 1, pp[:, 1])]
+        else:
+            au, ap = auroc_per_class(yy, pp), average_precision_per_class(yy, pp)
+        first = [np.mean(au), np.mean(ap), balanced_accuracy(yy, dd)]
+        first += [quadratic_kappa(yy, dd, ranks)] if ranks is not None else []
+        return np.concatenate([first, au, ap] if with_classes else [first])
 
-    out = {"resamples": n, "level": level, "positive_class": classes[1] if C == 2 else None,
-           "auroc": interval(auroc, y, probs),
-           "average_precision": interval(average_precision, y, probs),
-           "balanced_accuracy": interval(balanced_accuracy, y, pred)}
-    out["unit"] = out["auroc"]["unit"]
+    per_class = C > 2 and per_class_intervals
+    intervals = bootstrap_many(lambda a, b, c: numbers(a, b, c, per_class), y, probs, pred,
+                               size=len(head) + (2 * C if per_class else 0), groups=groups, n=n, seed=seed,
+                               level=level)
+    if C > 2 and not per_class:  # the per-class values without their intervals
+        unit = intervals[0].unit
+        intervals += [Interval(float(v), float("nan"), float("nan"), unit) for v in numbers(y, probs, pred, True)[len(head):]]
+    out = {"unit": intervals[0].unit, "resamples": n, "level": level, "positive_class": classes[1] if C == 2 else None}
+    out.update({name: iv.as_dict() for name, iv in zip(head, intervals)})
     if C > 2:
-        draws = n if per_class_intervals else 0
-        for name, fn in (("auroc_per_class", binary_auroc), ("average_precision_per_class", binary_average_precision)):
-            out[name] = {c: interval(lambda yy, pp, k=k, fn=fn: fn(yy == k, pp), y, probs[:, k], draws=draws)
-                         for k, c in enumerate(classes)}
+        rest = intervals[len(head):]
+        out["auroc_per_class"] = {c: rest[k].as_dict() for k, c in enumerate(classes)}
+        out["average_precision_per_class"] = {c: rest[C + k].as_dict() for k, c in enumerate(classes)}
     if order is not None:
-        ranks = class_ranks(classes, order)
         out["class_order"] = list(order)
-        out["quadratic_kappa"] = interval(lambda a, b: quadratic_kappa(a, b, ranks), y, pred)
     return out
+
+
+SELECTABLE = ("auroc", "average_precision", "balanced_accuracy", "kappa", "macro_f1", "nll")
+LOWER_IS_BETTER = frozenset({"nll"})
+
+
+def scorer(name: str, n_classes: int, ranks: np.ndarray | None = None):
+    """The metric ``name`` as a function of (class indices, probabilities [n, C]): what ``compare --metric``
+    feeds to :func:`histoembed.maths.resample.paired_bootstrap` and ``--select-by`` maximises.
+
+    Decisions are the argmax of the probabilities; ``kappa`` needs ``ranks`` (:func:`class_ranks`).
+    ``nll`` is in :data:`LOWER_IS_BETTER`: a positive paired difference there means b is worse.
+    """
+    argmax = lambda p: np.asarray(p).argmax(axis=1)  # noqa: E731
+    table = {
+        "auroc": auroc,
+        "average_precision": average_precision,
+        "balanced_accuracy": lambda y, p: balanced_accuracy(y, argmax(p)),
+        "macro_f1": lambda y, p: macro_f1(y, argmax(p), n_classes),
+        "nll": lambda y, p: nll(p, y),
+    }
+    if name == "kappa":
+        if ranks is None:
+            raise ValueError("kappa needs the order of the classes (e.g. [fit] class_order)")
+        return lambda y, p: quadratic_kappa(y, argmax(p), ranks)
+    if name not in table:
+        raise ValueError(f"unknown metric {name!r}; choose one of {', '.join(SELECTABLE)}")
+    return table[name]

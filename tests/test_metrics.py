@@ -270,3 +270,11 @@ def test_scorers_by_name_feed_the_paired_bootstrap_over_patients(tied_prediction
         assert better and d.unit == "patients", name
     with pytest.raises(ValueError, match="order"):
         metrics.scorer("kappa", 4)
+
+
+def test_spread_over_repeats_leaves_out_undefined_repeats():
+    from histoembed.maths.resample import spread_over_repeats
+
+    out = spread_over_repeats([0.8, 0.9, float("nan"), None, 0.7])
+    assert out["repeats"] == 3 and out["mean"] == pytest.approx(0.8) and out["std"] == pytest.approx(0.1)
+    assert spread_over_repeats([None])["mean"] is None and spread_over_repeats([0.5])["std"] is None

@@ -166,3 +166,17 @@ def paired_bootstrap(metric: Callable[..., float], arrays_a: Sequence, arrays_b:
         idx = sampler.draw()
         draws[b] = (_score(metric, arrays_b, idx) - _score(metric, arrays_a, idx))[0]
     return _interval(value, draws, sampler.unit, n, level)
+
+
+def spread_over_repeats(values: Sequence[float]) -> dict:
+    """Mean and spread of one metric over repeated cross-validations (``fit --repeats-cv N``, eva's practice):
+    ``{"repeats", "mean", "std" (sample, ddof=1), "min", "max"}``, undefined repeats (NaN/None) left out.
+
+    The spread says how much the number moves with the fold assignment alone; the bootstrap interval says
+    how much it moves with the cohort. Both are worth reporting; they answer different questions.
+    """
+    ok = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if not len(ok):
+        return {"repeats": 0, "mean": None, "std": None, "min": None, "max": None}
+    return {"repeats": int(len(ok)), "mean": float(ok.mean()), "std": float(ok.std(ddof=1)) if len(ok) > 1 else None,
+            "min": float(ok.min()), "max": float(ok.max())}

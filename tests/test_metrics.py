@@ -278,3 +278,13 @@ def test_spread_over_repeats_leaves_out_undefined_repeats():
     out = spread_over_repeats([0.8, 0.9, float("nan"), None, 0.7])
     assert out["repeats"] == 3 and out["mean"] == pytest.approx(0.8) and out["std"] == pytest.approx(0.1)
     assert spread_over_repeats([None])["mean"] is None and spread_over_repeats([0.5])["std"] is None
+
+
+def test_a_curve_of_a_class_without_positives_is_json_ready():
+    import json
+
+    from histoembed.maths import curves
+
+    band = curves.curve_band("roc", np.zeros(10, bool), np.linspace(0, 1, 10), n=5)
+    assert band["area"] is None and band["resamples"] == 0 and band["skipped"] == 5
+    json.dumps(band, allow_nan=False)

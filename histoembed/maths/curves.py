@@ -88,11 +88,15 @@ def curve_band(kind: str, positive: np.ndarray, score: np.ndarray, *, groups=Non
         lo, hi = np.percentile(np.stack(curves), [tail, 100 - tail], axis=0)
     else:
         lo = hi = np.full(points, np.nan)
-    return {"kind": kind, "x": grid.tolist(), "y": on_grid(positive, score, grid).tolist(),
-            "lo": [None if not np.isfinite(v) else float(v) for v in lo],
-            "hi": [None if not np.isfinite(v) else float(v) for v in hi],
-            "area": float(area(positive, score)), "unit": sampler.unit,
+    whole = area(positive, score)
+    return {"kind": kind, "x": grid.tolist(), "y": _json(on_grid(positive, score, grid)), "lo": _json(lo),
+            "hi": _json(hi), "area": float(whole) if np.isfinite(whole) else None, "unit": sampler.unit,
             "resamples": len(curves), "skipped": max(n, 0) - len(curves)}
+
+
+def _json(values: np.ndarray) -> list:
+    """NaN (a class without positives or negatives) as None: JSON has no NaN."""
+    return [float(v) if np.isfinite(v) else None for v in values]
 
 
 def curve_bands(y: np.ndarray, probs: np.ndarray, classes: list[str], *, groups=None, n: int = CURVE_RESAMPLES,

@@ -7,6 +7,8 @@ so the numbers equal scikit-learn's (``f1_score(average="macro")``, ``log_loss``
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from histoembed.maths.resample import BOOTSTRAP_RESAMPLES, LEVEL, Interval, bootstrap_many
@@ -345,7 +347,11 @@ def ranking_numbers(y: np.ndarray, probs: np.ndarray, classes: list[str], *, pre
     if C > 2 and not per_class:  # the per-class values without their intervals
         unit = intervals[0].unit
         intervals += [Interval(float(v), float("nan"), float("nan"), unit) for v in numbers(y, probs, pred, True)[len(head):]]
-    out = {"unit": intervals[0].unit, "resamples": n, "level": level, "positive_class": classes[1] if C == 2 else None}
+    exact = sklearn_values(y, probs, pred, ranks)   # the reported values are scikit-learn's own
+    names = head + ([f"auroc:{k}" for k in range(C)] + [f"average_precision:{k}" for k in range(C)] if C > 2 else [])
+    intervals = [iv._replace(value=exact[name]) for name, iv in zip(names, intervals)]
+    out = {"unit": intervals[0].unit, "resamples": n, "level": level, "positive_class": classes[1] if C == 2 else None,
+           "computed_by": "scikit-learn (values); numpy twins equal to it (the bootstrap resamples)"}
     out.update({name: iv.as_dict() for name, iv in zip(head, intervals)})
     if C > 2:
         rest = intervals[len(head):]
@@ -353,6 +359,59 @@ def ranking_numbers(y: np.ndarray, probs: np.ndarray, classes: list[str], *, pre
         out["average_precision_per_class"] = {c: rest[C + k].as_dict() for k, c in enumerate(classes)}
     if order is not None:
         out["class_order"] = list(order)
+    return out
+
+
+def _sklearn(fn, *args, **kwargs) -> float:
+    """A scikit-learn metric, NaN where it raises or warns of an undefined value (one class only)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = float(fn(*args, **kwargs))
+    except ValueError:
+        return float("nan")
+    return value if math.isfinite(value) else float("nan")
+
+
+def sklearn_values(y: np.ndarray, probs: np.ndarray, pred: np.ndarray, ranks: np.ndarray | None = None) -> dict:
+    """The numbers of :func:`ranking_numbers` from scikit-learn's own functions (``roc_auc_score``,
+    ``average_precision_score``, ``balanced_accuracy_score``, ``cohen_kappa_score(weights="quadratic")``):
+    the values ``metrics.json`` reports. Keys: ``auroc``, ``average_precision``, ``balanced_accuracy``,
+    ``quadratic_kappa`` (with ``ranks``) and, for more than two classes, ``auroc:<k>`` and
+    ``average_precision:<k>`` by class index k.
+
+    A class without a positive row has no AUROC and no average precision (scikit-learn raises for the
+    first and gives 0 for the second; both are NaN here, and so is their macro mean, as in the twins).
+    """
+    from sklearn.metrics import (average_precision_score, balanced_accuracy_score, cohen_kappa_score,
+                                 roc_auc_score)
+
+    y, p = np.asarray(y, dtype=np.int64), np.asarray(probs, dtype=np.float64)
+    pred = np.asarray(pred, dtype=np.int64)
+    C = p.shape[1]
+
+    def ap(positive, score) -> float:
+        return _sklearn(average_precision_score, positive, score) if positive.any() else float("nan")
+
+    out = {"balanced_accuracy": _sklearn(balanced_accuracy_score, y, pred) if len(y) else float("nan")}
+    if C == 2:
+        out["auroc"] = _sklearn(roc_auc_score, y == 1, p[:, 1])
+        out["average_precision"] = ap(y == 1, p[:, 1])
+    else:
+        per_auc = [_sklearn(roc_auc_score, y == k, p[:, k]) for k in range(C)]
+        per_ap = [ap(y == k, p[:, k]) for k in range(C)]
+        everyone = len(np.unique(y)) == C
+        out["auroc"] = _sklearn(roc_auc_score, y, p, multi_class="ovr", average="macro",
+                                labels=list(range(C))) if everyone else float("nan")
+        out["average_precision"] = float(np.mean(per_ap))
+        out.update({f"auroc:{k}": v for k, v in enumerate(per_auc)})
+        out.update({f"average_precision:{k}": v for k, v in enumerate(per_ap)})
+    if ranks is not None:
+        ranks = np.asarray(ranks)
+        out["quadratic_kappa"] = _sklearn(cohen_kappa_score, ranks[y], ranks[pred], weights="quadratic",
+                                          labels=list(range(len(ranks))))
     return out
 
 
@@ -382,3 +441,29 @@ def scorer(name: str, n_classes: int, ranks: np.ndarray | None = None):
     if name not in table:
         raise ValueError(f"unknown metric {name!r}; choose one of {', '.join(SELECTABLE)}")
     return table[name]
+
+
+DECISION_METRICS = frozenset({"balanced_accuracy", "kappa", "macro_f1"})  # read the decided class, not the probabilities
+
+
+def selection_score(name: str, n_classes: int, ranks: np.ndarray | None = None):
+    """``fit --select-by NAME`` as a score of (class indices, probabilities), higher always better (NLL negated):
+    what the fusion weights maximise on held-out rows."""
+    score = scorer(name, n_classes, ranks)
+    if name in LOWER_IS_BETTER:
+        return lambda y, p: -score(y, p)
+    return score
+
+
+def decision_score(name: str, n_classes: int, ranks: np.ndarray | None = None):
+    """The metric ``name`` of (class indices, decided classes), higher better, for choosing class offsets;
+    None for a metric of the probabilities (AUROC, AP, NLL), which offsets cannot move."""
+    if name not in DECISION_METRICS:
+        return None
+    if name == "macro_f1":
+        return lambda y, pred: macro_f1(y, pred, n_classes)
+    if name == "balanced_accuracy":
+        return balanced_accuracy
+    if ranks is None:
+        raise ValueError("kappa needs the order of the classes (e.g. [fit] class_order)")
+    return lambda y, pred: quadratic_kappa(y, pred, ranks)

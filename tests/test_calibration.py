@@ -7,8 +7,8 @@ import pytest
 from scipy.optimize import minimize_scalar
 
 from histoembed.core.errors import UserError
-from histoembed.maths.metrics import softmax
-from histoembed.models.heads import calibration
+from histoembed.maths.metrics import nll, softmax
+from histoembed.models.heads import calibration, decisions
 
 
 def _overconfident(n, seed):
@@ -102,3 +102,63 @@ def test_non_finite_logits_are_an_error_not_a_silent_t_of_one():
     z[3, 1] = np.nan
     with pytest.raises(UserError, match="not finite"):
         calibration.fit_temperature(z, y)
+
+
+# ---------------------------------------------------------------- a temperature only where it helps (issue 35)
+
+def _noisy(n, seed, C=3, signal=1.0):
+    """Logits with a little signal and much noise, at a random scale (over- or under-confident)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % C
+    z = rng.normal(size=(n, C))
+    z[np.arange(n), y] += signal
+    return z * rng.choice([0.3, 1.0, 3.0, 10.0]), y
+
+
+def _oof_nll(z, y, fold, temps):
+    t = np.array([temps[int(k)].value for k in fold])[:, None]
+    return nll(softmax(z), y), nll(softmax(z / t), y)
+
+
+@pytest.mark.parametrize("n", [8, 12, 16])
+@pytest.mark.parametrize("folds", [2, 3, 5])
+def test_on_tiny_cohorts_the_checked_temperatures_never_raise_the_out_of_fold_nll(n, folds):
+    """8-16 items, 2-5 folds, separable and noisy logits, heads and fused: after <= before (issue 35)."""
+    for seed in range(6):
+        for z, y in (_separable_with_one_mistake(n, [0.3, 3.0, 30.0][seed % 3], seed), _noisy(n, seed)):
+            fold = np.random.default_rng(seed).permutation(n) % folds
+            per_fold, final = calibration.cross_fitted_temperatures(z, y, fold)
+            before, after = _oof_nll(z, y, fold, per_fold)
+            assert after <= before + 1e-9, (n, folds, seed, before, after, per_fold)
+            assert all(c.value == (c.fitted if c.applied else 1.0) and c.why for c in per_fold + [final])
+            z2 = z[:, ::-1] * 0.5 + _noisy(n, seed + 100)[0]      # a second head for the fused decision
+            params, last = decisions.cross_fit({"a": z, "b": z2}, y, fold, decisions.DecisionSettings())
+            for key, (plain, calibrated) in decisions.calibrated_probabilities({"a": z, "b": z2}, fold,
+                                                                                params).items():
+                assert nll(calibrated, y) <= nll(plain, y) + 1e-9, (key, n, folds, seed)
+            assert set(last["fused_calibration"]) == {"applied", "why"}
+
+
+def test_a_temperature_is_kept_at_1_when_the_nested_check_finds_no_gain_and_says_why():
+    z, y = _separable_with_one_mistake(12, 1.0, 0)
+    fold = np.arange(12) % 3        # 8 images choose fold k's T, 4 and 4 remain for the nested check
+    per_fold, final = calibration.cross_fitted_temperatures(z, y, fold)
+    for c in per_fold:
+        assert not c.applied and c.value == 1.0
+        assert "images" in c.why       # too few to fit on 4, or no gain on the held-out folds: said in words
+    two = calibration.cross_fitted_temperatures(*_overconfident(60, 0), np.arange(60) % 2)[0]
+    assert all("no fold to check" in c.why and c.value == 1.0 for c in two)
+
+
+def test_on_reference_sized_data_the_checked_temperature_keeps_its_gain():
+    """600 over-confident images, 10 folds: every fold and the final apply T (about 4), as the plain rule did."""
+    z, y = _overconfident(600, 0)
+    fold = np.arange(600) % 10
+    per_fold, final = calibration.cross_fitted_temperatures(z, y, fold)
+    assert all(c.applied for c in per_fold) and final.applied and 3.0 < final.value < 5.5
+    for k, c in enumerate(per_fold):
+        assert c.value == calibration.fit_temperature(z[fold != k], y[fold != k])  # the unchecked rule's T
+    before, after = _oof_nll(z, y, fold, per_fold)
+    assert after < 0.7 * before
+    z_new, y_new = _overconfident(600, 1)
+    assert calibration.temperature_nll(z_new, y_new, final.value) < 0.7 * calibration.temperature_nll(z_new, y_new, 1)

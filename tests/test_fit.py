@@ -243,6 +243,30 @@ def test_too_few_images_for_a_temperature_gives_t_1_and_says_so(tmp_path, monkey
     assert calib["folds"][0]["T"]["mlp"] == 1.0 and "held-out images" in calib["folds"][0]["T_note"]["mlp"]
 
 
+def test_on_a_dozen_images_calibration_never_raises_the_oof_nll_and_the_decision_is_reported(tmp_path):
+    """Issue 35: per head and fused, T only where it lowers the NLL of images that did not choose it; the
+    decision (T, applied or not, why) in metrics.json, calibration.json and fit's console table."""
+    run, config = make_run(tmp_path, n_images=12, signal=4.0)
+    result = invoke("fit", "--run", run, "--config", config, "--folds", 3)
+    assert result.exit_code == 0, result.output
+    assert "calibration, mlp: T = " in result.output and "calibration, fused:" in result.output
+    metrics = json.loads((run / store.METRICS_FILE).read_text())
+    for head in ("mlp", "xgb", "fused"):
+        m = metrics["heads"][head]
+        assert m["nll"] <= m["nll_before_calibration"] + 1e-9, (head, m)
+        decision = metrics["temperatures"][head]
+        assert isinstance(decision["applied"], bool) and decision["why"]
+    for head in ("mlp", "xgb"):
+        decision = metrics["temperatures"][head]
+        assert decision["T"] == (decision["fitted"] if decision["applied"] else 1.0)
+        assert 0 <= decision["folds_applied"] <= decision["folds"] == 3
+    calib = json.loads((run / store.CALIBRATION_FILE).read_text())
+    for p in calib["folds"] + [calib["final"]]:
+        assert set(p["T_applied"]) == set(p["T_why"]) == set(p["T_fitted"]) == {"mlp", "xgb"}
+        assert all(p["T"][h] == 1.0 or p["T_applied"][h] for h in ("mlp", "xgb"))
+    assert calib["final"]["fused_calibration"] == metrics["temperatures"]["fused"]
+
+
 # ---------------------------------------------------------------- quality and honesty
 
 def test_fused_macro_f1_is_at_least_each_head_s_within_noise(tmp_path):
@@ -272,7 +296,8 @@ def test_evaluation_fold_never_reaches_training_stopping_temperature_weights_off
         monkeypatch.setattr(heads.REGISTRY[h], "fit", recorder(heads.REGISTRY[h]))
     choose_t, choose_w = calibration.choose_temperature, fusion.choose_weights
     choose_b, choose_q = offsets.choose_offsets, conformal.thresholds
-    monkeypatch.setattr(calibration, "choose_temperature", lambda z, y: seen["T"].append(np.array(z)) or choose_t(z, y))
+    monkeypatch.setattr(calibration, "choose_temperature",
+                        lambda z, y, *a: seen["T"].append((np.array(z), choose_t(z, y, *a))) or seen["T"][-1][1])
     monkeypatch.setattr(fusion, "choose_weights",
                         lambda z, y, t, p: seen["w"].append([np.array(m) for m in z]) or choose_w(z, y, t, p))
     monkeypatch.setattr(offsets, "choose_offsets", lambda L, y: seen["offsets"].append(len(y)) or choose_b(L, y))
@@ -284,6 +309,11 @@ def test_evaluation_fold_never_reaches_training_stopping_temperature_weights_off
     oof, lists, _ = read_oof(run)
     folds = oof["fold"].to_numpy()
     everyone = set(range(60))
+    calib = json.loads((run / store.CALIBRATION_FILE).read_text())
+    # every temperature is fitted on whole folds' OOF logits: fold k's on the other folds, the nested check's
+    # on the other folds but one, the final one on all; seen["T"] holds (logits, T) of each fit
+    fitted_on = temperature_fits(seen["T"], lists, names, folds)
+    w_rounds, q_rounds = seen["w"][-4:], (seen["offsets"][-4:], seen["conformal"][-4:])  # the pass that was kept
     for k in range(3):
         evaluated = set(np.flatnonzero(folds == k).tolist())
         for h in names:
@@ -294,14 +324,28 @@ def test_evaluation_fold_never_reaches_training_stopping_temperature_weights_off
         # fold k's temperatures, weights, offsets and thresholds see exactly the other folds' OOF logits
         others = folds != k
         for j, h in enumerate(names):
-            np.testing.assert_array_equal(seen["T"][4 * k + j], lists[f"logits_{h}"][others])
-            np.testing.assert_array_equal(seen["w"][k][j], lists[f"logits_{h}"][others])
-        assert seen["offsets"][k] == seen["conformal"][k] == others.sum()
+            p = calib["folds"][k]
+            assert p["T"][h] == (fitted_on[h][frozenset([k])].value if p["T_applied"][h] else 1.0)
+            np.testing.assert_array_equal(w_rounds[k][j], lists[f"logits_{h}"][others])
+        assert q_rounds[0][k] == q_rounds[1][k] == others.sum()
     # then the final parameters (for the test set) on all OOF logits
-    assert len(seen["T"]) == 16 and len(seen["w"]) == 4
-    np.testing.assert_array_equal(seen["T"][12], lists["logits_mlp"])
-    np.testing.assert_array_equal(seen["w"][3][3], lists["logits_abmil"])
-    assert seen["offsets"][3] == seen["conformal"][3] == 60
+    assert len(seen["w"]) % 4 == 0
+    assert calib["final"]["T"]["mlp"] == (fitted_on["mlp"][frozenset()].value if calib["final"]["T_applied"]["mlp"]
+                                          else 1.0)
+    np.testing.assert_array_equal(w_rounds[3][3], lists["logits_abmil"])
+    assert q_rounds[0][3] == q_rounds[1][3] == 60
+
+
+def temperature_fits(seen: list, lists: dict, members, folds: np.ndarray) -> dict:
+    """{member: {folds left out: the Temperature fitted}} of recorded (logits, Temperature) fits; each fit must be
+    on whole folds' OOF logits (fold k's T on the other folds, its nested check's on the other folds but one)."""
+    subsets = [[], [0], [1], [2], [0, 1], [0, 2], [1, 2]]
+    out = {m: {} for m in members}
+    for z, t in seen:
+        m, left_out = next((m, frozenset(s)) for m in members for s in subsets
+                           if np.array_equal(z, lists[f"logits_{m}"][~np.isin(folds, s)]))
+        out[m][left_out] = t
+    return out
 
 
 def test_same_seed_gives_identical_metrics_json(tmp_path):
@@ -660,7 +704,8 @@ def test_with_two_encoders_no_oof_prediction_helps_choose_a_weight_or_temperatur
             return original(self, bags, y, stop, y_stop)
         monkeypatch.setattr(heads.REGISTRY[h], "fit", record)
     choose_t, choose_w = calibration.choose_temperature, fusion.choose_weights
-    monkeypatch.setattr(calibration, "choose_temperature", lambda z, y: seen["T"].append(np.array(z)) or choose_t(z, y))
+    monkeypatch.setattr(calibration, "choose_temperature",
+                        lambda z, y, *a: seen["T"].append((np.array(z), choose_t(z, y, *a))) or seen["T"][-1][1])
     monkeypatch.setattr(fusion, "choose_weights",
                         lambda z, y, t, p, **kw: seen["w"].append([np.array(m) for m in z]) or choose_w(z, y, t, p, **kw))
     fit.run_fit(run, tiny_settings(heads=names), encoder="synthetic,other/enc")
@@ -677,10 +722,14 @@ def test_with_two_encoders_no_oof_prediction_helps_choose_a_weight_or_temperatur
         assert stopped and not stopped & trained and not (trained | stopped) & evaluated
         assert trained | stopped == everyone - evaluated
         assert (trained, stopped) == seen["fit"][(j + 6) % 12][1:]   # the other encoder: the same images
+    calib = json.loads((run / store.CALIBRATION_FILE).read_text())
+    fitted_on = temperature_fits(seen["T"], lists, members, folds)
+    w_rounds = seen["w"][-4:]   # the pass that was kept
     for k in range(3):
         others = folds != k
         for j, m in enumerate(members):
-            np.testing.assert_array_equal(seen["T"][4 * k + j], lists[f"logits_{m}"][others])
-            np.testing.assert_array_equal(seen["w"][k][j], lists[f"logits_{m}"][others])
-    assert len(seen["w"]) == 4 and len(seen["T"]) == 16
-    np.testing.assert_array_equal(seen["w"][3][2], lists["logits_other--enc:mlp"])
+            p = calib["folds"][k]
+            assert p["T"][m] == (fitted_on[m][frozenset([k])].value if p["T_applied"][m] else 1.0)
+            np.testing.assert_array_equal(w_rounds[k][j], lists[f"logits_{m}"][others])
+    assert len(seen["w"]) % 4 == 0
+    np.testing.assert_array_equal(w_rounds[3][2], lists["logits_other--enc:mlp"])

@@ -86,17 +86,41 @@ def fit(
         console.print(f"[yellow]drift check skipped:[/] {e}", soft_wrap=True)
 
 
+def temperature_cell(decision: dict | None) -> str:
+    """The table's T column: the T for the test set, 1 when none is applied."""
+    if not decision:
+        return "-"
+    if "folds" not in decision:   # the fused decision: the heads' temperatures or none
+        return "heads'" if decision["applied"] else "1"
+    return f"{decision['T']:.2f}" if decision["applied"] else "1"
+
+
+def temperature_line(head: str, decision: dict) -> str:
+    """One head's calibration decision in words: where a T is applied and why."""
+    if "folds" not in decision:
+        return f"calibration, {head}: " + ("the heads' temperatures" if decision["applied"] else "T = 1") \
+            + f" ({decision['why']})"
+    where = f"applied in {decision['folds_applied']} of {decision['folds']} folds"
+    if decision["applied"]:
+        return f"calibration, {head}: T = {decision['T']:.3g} for the test set, {where} ({decision['why']})"
+    return f"calibration, {head}: T = 1 for the test set, {where} (T = 1 because {decision['why']})"
+
+
 def print_summary(metrics: dict) -> None:
     rows = []
+    temps = metrics.get("temperatures", {})
     for head, m in metrics["heads"].items():
         ci = f"{m['macro_f1_ci'][0]:.2f}-{m['macro_f1_ci'][1]:.2f}" if m.get("macro_f1_ci") else "-"
         rows.append([head, m["macro_f1"], ci, f"{m['fold_mean']:.2f}±{m['fold_std']:.2f}", m["accuracy"],
                      f"{m['nll_before_calibration']:.2f}→{m['nll']:.2f}",
-                     f"{m['ece_before_calibration']:.2f}→{m['ece']:.2f}"])
+                     f"{m['ece_before_calibration']:.2f}→{m['ece']:.2f}", temperature_cell(temps.get(head))])
     flagged = metrics.get("excluded_flagged")
     table(f"Out of fold: {metrics['images']} images, {metrics['folds']} folds, seed {metrics['seed']}"
           + (f" ({flagged} QC-flagged left out)" if flagged else ""),
-          ["head", "macro-F1", "95% CI", "folds", "acc.", "NLL T=1→T", "ECE T=1→T"], rows)
+          ["head", "macro-F1", "95% CI", "folds", "acc.", "NLL T=1→T", "ECE T=1→T", "T"], rows)
+    for head, decision in temps.items():
+        if decision:
+            console.print(temperature_line(head, decision), soft_wrap=True)
     sf = metrics.get("scale_fusion")
     if sf and (len(sf["scales"]) > 1 or sf["mode"] != "crops"):
         console.print(f"crop scales {', '.join(f'{s:g}' for s in sf['scales'])}, scale fusion {sf['mode']}: "
@@ -119,7 +143,8 @@ def print_summary(metrics: dict) -> None:
               ["member", "encoder", "head", "macro-F1", "weight"],
               [[m["member"], m["encoder"], m["head"], m["oof_macro_f1"], m["weight"]] for m in metrics["members"]]
               + [["fused", "", "", metrics["heads"]["fused"]["macro_f1"], 1.0]])
-    for note in metrics.get("calibration_notes", []):
+    notes = metrics.get("calibration_notes", [])
+    for note in notes if not temps else []:   # older metrics.json: no decision per head above
         console.print(f"[yellow]calibration:[/] {note}", soft_wrap=True)
     final = metrics.get("final")
     if final:

@@ -22,6 +22,18 @@ When the data cannot support a temperature (too few images, one class, logits wi
 or an estimate at the search bound) the temperature is 1 and ``Temperature.note`` says why;
 the fit stage copies the note into ``metrics.json`` and the report. Non-finite logits are an
 error (a head diverged), never a silent T = 1.
+
+A temperature only where it helps (``cross_fitted_temperatures``). On a dozen slides even the
+regularised T can raise the held-out NLL, so a T is applied only when it lowers the NLL of images
+that did not choose it. Fold k's T is fitted on the other folds' OOF logits; a nested check
+(leave one of those other folds out: fit T on the rest, score the one left out, against T = 1)
+decides whether it is applied, else T = 1 (the nested fits may use as few as ``NESTED_MIN_IMAGES``
+images: a noisier inner T scores worse on the fold left out, so it tends to make the check stricter,
+not laxer). The final T (for the test set) is fitted on all folds and checked the same way one
+level up: each fold scored with the T fitted on the other folds. Last, a
+guard: if the temperatures so decided still raise the head's out-of-fold NLL (as the fit reports
+it) above T = 1's, every fold and the final keep T = 1, so the reported calibration never costs NLL.
+The guard is one yes/no per head, taken on the reported rows; it can only turn calibration off.
 """
 
 from __future__ import annotations
@@ -31,11 +43,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from histoembed.core.errors import UserError
-from histoembed.maths.metrics import log_softmax
+from histoembed.maths.metrics import log_softmax, nll, softmax
 
 LOG_T_BOUNDS = (np.log(1e-2), np.log(1e2))
 PRIOR_SD = 2.0          # sd of log T: T within [e^-4, e^4] ~ [0.02, 55] at two sd
 MIN_IMAGES = 8          # fewer held-out images than this cannot support a temperature
+NESTED_MIN_IMAGES = 4   # the nested check's own fits may use fewer images than MIN_IMAGES
+CHECK_MARGIN = 1e-9     # a temperature must lower the checked NLL by more than this per image
 
 
 @dataclass(frozen=True)
@@ -77,16 +91,18 @@ def check_finite(logits: np.ndarray, what: str = "logits") -> None:
                         hint="check the features for NaN/inf, or lower the head's learning rate")
 
 
-def choose_temperature(logits: np.ndarray, labels: np.ndarray) -> Temperature:
-    """The regularised temperature of held-out ``logits`` (see the module docstring)."""
+def choose_temperature(logits: np.ndarray, labels: np.ndarray, min_images: int | None = None) -> Temperature:
+    """The regularised temperature of held-out ``logits`` (see the module docstring); T = 1 on fewer than
+    ``min_images`` (default ``MIN_IMAGES``)."""
     from scipy.optimize import minimize_scalar
 
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     check_finite(logits)
     n = len(labels)
-    if n < MIN_IMAGES:
-        return Temperature(1.0, f"only {n} held-out images (a temperature needs at least {MIN_IMAGES})")
+    min_images = MIN_IMAGES if min_images is None else min_images
+    if n < min_images:
+        return Temperature(1.0, f"only {n} held-out images (a temperature needs at least {min_images})")
     if len(np.unique(labels)) < 2:
         return Temperature(1.0, "the held-out images are all of one class")
     spread = logits - logits.mean(axis=1, keepdims=True)
@@ -107,3 +123,75 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     return np.asarray(logits, dtype=np.float64) / temperature
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A temperature after the check: the estimate, whether it is applied, and why (in words)."""
+
+    value: float          # the T to divide by: ``fitted`` when applied, else 1
+    fitted: float         # the estimate on the rows that chose it (1 when they could not support one)
+    applied: bool
+    why: str
+
+    @property
+    def note(self) -> str | None:
+        """Why T = 1 (None when a temperature is applied), as ``Temperature.note``."""
+        return None if self.applied else self.why
+
+    def kept(self, why: str) -> Checked:
+        """T = 1 because of ``why``; one already at 1 keeps its own reason."""
+        return Checked(1.0, self.fitted, False, why) if self.applied else self
+
+
+def cross_fitted_temperatures(logits: np.ndarray, labels: np.ndarray,
+                              fold: np.ndarray) -> tuple[list[Checked], Checked]:
+    """(per fold, in ``np.unique(fold)`` order, the temperature applied to it; the final one).
+
+    See the module docstring: fold k's T only when a nested check says it helps, the final one likewise.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    fold = np.asarray(fold)
+    check_finite(logits)
+    folds = [int(k) for k in np.unique(fold)]
+    fits: dict[frozenset, Temperature] = {}
+
+    def fitted(left_out: frozenset, nested: bool = False) -> Temperature:
+        if left_out not in fits:
+            rows = ~np.isin(fold, list(left_out))
+            fits[left_out] = choose_temperature(logits[rows], labels[rows],
+                                                min(MIN_IMAGES, NESTED_MIN_IMAGES) if nested else None)
+        return fits[left_out]
+
+    def decide(left_out: frozenset) -> Checked:
+        candidate = fitted(left_out)
+        if candidate.note:
+            return Checked(1.0, 1.0, False, candidate.note)
+        checked = [j for j in folds if j not in left_out]
+        if len(checked) < 2:
+            return Checked(1.0, candidate.value, False, "a single fold chose it, which leaves no fold to check it on")
+        with_t = at_one = 0.0
+        inner = [fitted(left_out | {j}, nested=True) for j in checked]
+        if all(t.note for t in inner):
+            return Checked(1.0, candidate.value, False, f"nothing to check it on: every nested fit had {inner[0].note}")
+        for j, t in zip(checked, inner):
+            rows = fold == j
+            with_t += temperature_nll(logits[rows], labels[rows], t.value) * rows.sum()
+            at_one += temperature_nll(logits[rows], labels[rows], 1.0) * rows.sum()
+        n = int(np.isin(fold, checked).sum())
+        verdict = (f"NLL {with_t / n:.4f} with T vs {at_one / n:.4f} at T = 1 on {n} images of {len(checked)} "
+                   "folds, each scored with a T fitted without it")
+        if with_t < at_one - CHECK_MARGIN * n:
+            return Checked(candidate.value, candidate.value, True, "it lowers the held-out " + verdict)
+        return Checked(1.0, candidate.value, False, f"T = {candidate.value:.3g} did not lower the held-out " + verdict)
+
+    per_fold = [decide(frozenset({k})) for k in folds]
+    final = decide(frozenset())
+    t_row = np.array([per_fold[folds.index(int(k))].value for k in fold])[:, None]
+    before, after = nll(softmax(logits), labels), nll(softmax(logits / t_row), labels)
+    if after > before:
+        why = (f"the temperatures applied fold by fold raised the out-of-fold NLL ({before:.4f} at T = 1, "
+               f"{after:.4f} with them), so every fold keeps T = 1")
+        return [c.kept(why) for c in per_fold], final.kept(why)
+    return per_fold, final

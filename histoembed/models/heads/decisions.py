@@ -12,7 +12,14 @@ and the inference ensemble:
 
 ``{"heads": [...], "T": {head: T}, "T_note": {head: why T = 1 or None}, "weights": {head: w},
 "macro_f1_by_w": [...] (two heads) or None, "offsets": [C], "conformal_threshold": [C] (None:
-every class), "images": n}``
+every class), "images": n}``; cross-fitted parameters add ``"T_fitted"``, ``"T_applied"`` and
+``"T_why"`` per head (the estimate, whether the check let it through, and why), and the final ones
+``"fused_calibration"``.
+
+A temperature is applied only where it lowers the NLL of images that did not choose it
+(``calibration.cross_fitted_temperatures``). The fused decision follows the same rule: when the
+heads' temperatures, so decided, still raise the fused out-of-fold NLL above the fusion of the same
+heads at T = 1, every head keeps T = 1 and the weights are chosen again.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from histoembed.maths import metrics
-from histoembed.maths.metrics import log_softmax, softmax
+from histoembed.maths.metrics import log_softmax, nll, softmax
 from histoembed.models.heads import calibration, conformal, fusion, offsets
 
 
@@ -41,11 +48,15 @@ class DecisionSettings:
     ranks: tuple[int, ...] | None = None   # class index -> grade, for kappa (``metrics.class_ranks``)
 
 
-def choose(z: dict[str, np.ndarray], y: np.ndarray, rows: np.ndarray, s: DecisionSettings) -> dict:
-    """Every decision parameter, chosen on ``rows`` of the members' logits ``z``."""
+def choose(z: dict[str, np.ndarray], y: np.ndarray, rows: np.ndarray, s: DecisionSettings,
+           temps: dict[str, calibration.Checked] | None = None) -> dict:
+    """Every decision parameter, chosen on ``rows`` of the members' logits ``z`` (with ``temps``, when given,
+    the temperatures decided by ``cross_fit``; else each fitted on the rows and applied unchecked)."""
     heads = list(z)
     y_rows = np.asarray(y)[rows]
-    temps = {h: calibration.choose_temperature(z[h][rows], y_rows) for h in heads}
+    checked = temps is not None
+    if temps is None:
+        temps = {h: calibration.choose_temperature(z[h][rows], y_rows) for h in heads}
     t = [temps[h].value for h in heads]
     extra = {} if s.nll_images is None else {"nll_within": s.nll_images / max(len(rows), 1)}
     weight_score, offset_score = selection(s, z[heads[0]].shape[1])
@@ -57,6 +68,9 @@ def choose(z: dict[str, np.ndarray], y: np.ndarray, rows: np.ndarray, s: Decisio
               "images": int(len(rows))}
     if s.select_by != "macro_f1":   # the curve above is of this metric then
         params["selected_by"] = s.select_by
+    if checked:
+        params.update(T_fitted={h: temps[h].fitted for h in heads}, T_applied={h: temps[h].applied for h in heads},
+                      T_why={h: temps[h].why for h in heads})
     logp = log_softmax(fused_logits(params, {h: z[h][rows] for h in heads}))
     params["offsets"] = (offsets.choose_offsets(logp, y_rows) if offset_score is None else
                          offsets.choose_offsets(logp, y_rows, score=offset_score)).tolist()
@@ -110,9 +124,37 @@ def _decide(probs: np.ndarray, offs: np.ndarray, q: np.ndarray) -> Applied:
 
 def cross_fit(z: dict[str, np.ndarray], y: np.ndarray, fold: np.ndarray,
               s: DecisionSettings) -> tuple[list[dict], dict]:
-    """Per fold: parameters chosen on the other folds' rows; and the final ones, chosen on all rows."""
-    per_fold = [{"fold": int(k), **choose(z, y, np.flatnonzero(fold != k), s)} for k in np.unique(fold)]
-    return per_fold, choose(z, y, np.arange(len(y)), s)
+    """Per fold: parameters chosen on the other folds' rows; and the final ones, chosen on all rows.
+
+    Temperatures are applied only where they lower the NLL on images that did not choose them, for each
+    head and for the fused decision (see the module docstring).
+    """
+    temps = {h: calibration.cross_fitted_temperatures(z[h], y, fold) for h in z}
+    per_fold, final = _cross_fit(z, y, fold, s, temps)
+    before, after = (nll(p, y) for p in calibrated_probabilities(z, fold, per_fold)["fused"])
+    if after > before:
+        why = (f"the heads' temperatures raised the fused out-of-fold NLL ({before:.4f} at T = 1, {after:.4f} with "
+               "them), so every head keeps T = 1")
+        temps = {h: ([c.kept(why) for c in per], last.kept(why)) for h, (per, last) in temps.items()}
+        per_fold, final = _cross_fit(z, y, fold, s, temps)
+        final["fused_calibration"] = {"applied": False, "why": why}
+    elif any(p["T_applied"][h] for p in per_fold for h in p["heads"]):
+        final["fused_calibration"] = {"applied": True, "why": f"the heads' temperatures keep or lower the fused "
+                                                             f"out-of-fold NLL ({before:.4f} at T = 1, {after:.4f} "
+                                                             "with them)"}
+    elif any(final["T_applied"].values()):
+        final["fused_calibration"] = {"applied": True, "why": "no fold applies a temperature, so the fused out-of-fold "
+                                                             "NLL is T = 1's; the test set gets the heads' final ones"}
+    else:
+        final["fused_calibration"] = {"applied": False, "why": "every head keeps T = 1"}
+    return per_fold, final
+
+
+def _cross_fit(z: dict[str, np.ndarray], y: np.ndarray, fold: np.ndarray, s: DecisionSettings,
+               temps: dict[str, tuple[list[calibration.Checked], calibration.Checked]]) -> tuple[list[dict], dict]:
+    per_fold = [{"fold": int(k), **choose(z, y, np.flatnonzero(fold != k), s, {h: temps[h][0][i] for h in z})}
+                for i, k in enumerate(np.unique(fold))]
+    return per_fold, choose(z, y, np.arange(len(y)), s, {h: temps[h][1] for h in z})
 
 
 def per_row(per_fold: list[dict], fold: np.ndarray, name: str, head: str | None = None) -> np.ndarray:

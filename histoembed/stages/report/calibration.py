@@ -55,13 +55,15 @@ def calibration_section(run: LoadedRun) -> str:
         ax.legend(fontsize=8, loc="upper left")
     temps = "; ".join(f"fold {p['fold']}: " + ", ".join(f"T_{h} {p['T'][h]:.2f}" for h in p["heads"]) for p in params)
     notes = (run.metrics or {}).get("calibration_notes") or []
-    note_html = ("<p>Where the data could not support a temperature, T = 1:</p><ul>"
+    note_html = ("<p>Where T = 1 (the data could not support a temperature, or it did not lower the NLL of "
+                 "images that did not choose it):</p><ul>"
                  + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>") if notes else \
         "<p class='small'>Every temperature was fitted (none fell back to T = 1).</p>"
     body = ("<p>The out-of-fold predictions as <code>fit</code> scored them: each fold's logits are divided by "
             "the temperature chosen on the other folds (cross-fitting), so the 'after' curves are honest. "
             "Temperatures are regularised (smoothed targets and a prior on log T), so separable held-out logits "
-            f"cannot drive T to zero. ECE and NLL are those of {store.METRICS_FILE}.</p>"
+            "cannot drive T to zero, and one is applied only where it lowers the NLL of images that did not choose "
+            f"it (a nested check). ECE and NLL are those of {store.METRICS_FILE}.</p>"
             + fig_img(fig, "reliability diagrams") + table(["head", "", "ECE", "NLL"], rows)
             + note_html + f"<p class='small'>{esc(temps)}</p>")
     return section("calibration", title, body)

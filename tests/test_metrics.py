@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score, log_loss, precision_recall_fscore_support
 
-from histoembed.maths import metrics
+from histoembed.maths import metrics, reported
 
 
 @pytest.fixture
@@ -176,7 +176,7 @@ def test_curve_points_equal_sklearn_and_the_band_holds_the_curve(tied_prediction
 def test_ranking_numbers_resample_patients_and_report_every_number(tied_predictions):
     y, probs = tied_predictions
     classes = ["a", "b", "c", "d"]
-    out = metrics.ranking_numbers(y, probs, classes, groups=np.arange(300) // 2, order=["a", "b", "c", "d"],
+    out = reported.ranking_numbers(y, probs, classes, groups=np.arange(300) // 2, order=["a", "b", "c", "d"],
                                   n=100, per_class_intervals=False)
     assert out["unit"] == "patients" and out["auroc"]["unit"] == "patients"
     assert out["auroc"]["value"] == pytest.approx(metrics.auroc(y, probs))
@@ -185,7 +185,7 @@ def test_ranking_numbers_resample_patients_and_report_every_number(tied_predicti
     assert set(out["auroc_per_class"]) == set(classes) and out["auroc_per_class"]["a"]["lo"] is None
     import json
     json.dumps(out, allow_nan=False)
-    binary = metrics.ranking_numbers((y > 1).astype(int), np.stack([probs[:, :2].sum(1), probs[:, 2:].sum(1)], 1),
+    binary = reported.ranking_numbers((y > 1).astype(int), np.stack([probs[:, :2].sum(1), probs[:, 2:].sum(1)], 1),
                                      ["low", "high"], n=20)
     assert binary["positive_class"] == "high" and binary["unit"] == "images" and "auroc_per_class" not in binary
 
@@ -300,7 +300,7 @@ def test_reported_values_are_scikit_learns_and_the_twins_agree(tied_predictions)
     pred[:7] = 0                                    # the decisions need not be the argmax (class offsets)
     order = ["b", "a", "d", "c"]
     ranks = metrics.class_ranks(["a", "b", "c", "d"], order)
-    out = metrics.ranking_numbers(y, probs, ["a", "b", "c", "d"], pred=pred, order=order, n=0)
+    out = reported.ranking_numbers(y, probs, ["a", "b", "c", "d"], pred=pred, order=order, n=0)
     assert out["auroc"]["value"] == roc_auc_score(y, probs, multi_class="ovr")
     assert out["balanced_accuracy"]["value"] == balanced_accuracy_score(y, pred)
     assert out["quadratic_kappa"]["value"] == cohen_kappa_score(ranks[y], ranks[pred], weights="quadratic",
@@ -312,7 +312,10 @@ def test_reported_values_are_scikit_learns_and_the_twins_agree(tied_predictions)
              "quadratic_kappa": metrics.quadratic_kappa(y, pred, ranks)}
     for name, twin in twins.items():
         assert out[name]["value"] == pytest.approx(twin, abs=1e-12)
-    absent = metrics.sklearn_values(np.where(y == 3, 0, y), probs, pred)   # class d has no image
+    offsets = reported.decision_numbers(y, pred, groups=np.arange(300) // 3, ranks=ranks, n=50)
+    assert offsets["balanced_accuracy"]["value"] == out["balanced_accuracy"]["value"]
+    assert offsets["quadratic_kappa"]["unit"] == "patients" and offsets["quadratic_kappa"]["lo"] is not None
+    absent = reported.sklearn_values(np.where(y == 3, 0, y), probs, pred)   # class d has no image
     assert np.isnan(absent["auroc"]) and np.isnan(absent["average_precision:3"]) and absent["auroc:0"] > 0.5
 
 

@@ -7,11 +7,9 @@ so the numbers equal scikit-learn's (``f1_score(average="macro")``, ``log_loss``
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from histoembed.maths.resample import BOOTSTRAP_RESAMPLES, LEVEL, Interval, bootstrap_many
+from histoembed.maths.resample import bootstrap
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -102,11 +100,12 @@ def ece(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
 
 
 def summary(y: np.ndarray, probs: np.ndarray, classes: list[str], *, probs_before: np.ndarray | None = None,
-            folds: np.ndarray | None = None, bootstrap: int = 1000, seed: int = 0) -> dict:
+            folds: np.ndarray | None = None, bootstrap: int = 1000, seed: int = 0, groups=None) -> dict:
     """Every reported number of one head from its out-of-fold (calibrated) probabilities.
 
     ``probs_before`` are the same predictions before temperature scaling (for NLL and ECE
-    before/after); ``folds`` gives each row's fold for the per-fold mean and spread.
+    before/after); ``folds`` gives each row's fold for the per-fold mean and spread; ``groups``
+    the patient of each row, when the macro-F1 interval should resample patients (else images).
     """
     y = np.asarray(y)
     C = len(classes)
@@ -115,7 +114,7 @@ def summary(y: np.ndarray, probs: np.ndarray, classes: list[str], *, probs_befor
     precision, recall, f1, support = per_class_scores(cm)
     out = {
         "macro_f1": macro_f1(y, pred, C),
-        "macro_f1_ci": list(bootstrap_macro_f1(y, pred, C, n=bootstrap, seed=seed)) if bootstrap > 0 else None,
+        "macro_f1_ci": _macro_f1_interval(y, pred, C, bootstrap, seed, groups) if bootstrap > 0 else None,
         "accuracy": float((pred == y).mean()) if len(y) else 0.0,
         "nll": nll(probs, y),
         "ece": ece(probs, y),
@@ -131,6 +130,14 @@ def summary(y: np.ndarray, probs: np.ndarray, classes: list[str], *, probs_befor
         out["fold_mean"] = float(np.mean(per_fold))
         out["fold_std"] = float(np.std(per_fold))
     return out
+
+
+def _macro_f1_interval(y: np.ndarray, pred: np.ndarray, C: int, n: int, seed: int, groups) -> list[float]:
+    """[low, high] of macro-F1: over images as before groups existed, over patients when ``groups`` is given."""
+    if groups is None:
+        return list(bootstrap_macro_f1(y, pred, C, n=n, seed=seed))
+    iv = bootstrap(lambda yy, pp: macro_f1(yy, pp, C), y, pred, groups=groups, n=n, seed=seed)
+    return [iv.lo, iv.hi]
 
 
 def view_spread(view_probs: np.ndarray, view_image: np.ndarray, n_images: int) -> np.ndarray:
@@ -296,123 +303,6 @@ def quadratic_kappa(y: np.ndarray, pred: np.ndarray, ranks: np.ndarray | None = 
     weight = (grade[:, None] - grade[None, :]) ** 2
     denom = float((weight * expected).sum())
     return 1.0 - float((weight * observed).sum()) / denom if denom > 0 else float("nan")
-
-
-def ranking_numbers(y: np.ndarray, probs: np.ndarray, classes: list[str], *, pred: np.ndarray | None = None,
-                    groups: np.ndarray | None = None, order: list[str] | None = None,
-                    n: int = BOOTSTRAP_RESAMPLES, seed: int = 0, level: float = LEVEL,
-                    per_class_intervals: bool = True) -> dict:
-    """AUROC, average precision, balanced accuracy and (with ``order``) quadratic kappa, each with its interval.
-
-    Inputs are one head's (or the fusion's) out-of-fold rows: ``y`` class indices into ``classes``,
-    ``probs`` [n, C] probabilities, ``pred`` the decided class (argmax of ``probs`` when None; pass the
-    decisions after class offsets to score what ``submit`` writes), ``groups`` the patient of each row
-    (intervals then resample patients, else images), ``order`` the classes from lowest to highest grade.
-    Every interval uses the same ``seed``, so the numbers of one run resample the same patients.
-
-    Returns a JSON-ready dict, e.g. for three classes::
-
-        {"unit": "patients", "resamples": 1000, "level": 0.95, "positive_class": None,
-         "auroc": {"value": .91, "lo": .86, "hi": .95, "unit": "patients", "resamples": 1000, "skipped": 0},
-         "average_precision": {...}, "balanced_accuracy": {...},
-         "auroc_per_class": {"a": {...}, ...}, "average_precision_per_class": {...},
-         "quadratic_kappa": {...}}      # only with ``order``
-
-    Binary runs (two classes) report AUROC and AP of ``classes[1]`` (named in ``positive_class``) and no
-    per-class entries. ``per_class_intervals=False`` keeps the per-class values but skips their
-    bootstraps (C times fewer resamples for many classes).
-    """
-    y, probs = np.asarray(y, dtype=np.int64), np.asarray(probs, dtype=np.float64)
-    pred = probs.argmax(axis=1) if pred is None else np.asarray(pred, dtype=np.int64)
-    C = len(classes)
-    if probs.ndim != 2 or probs.shape[1] != C:
-        raise ValueError(f"probabilities of shape {probs.shape} for {C} classes")
-    ranks = class_ranks(classes, order) if order is not None else None
-    head = ["auroc", "average_precision", "balanced_accuracy"] + (["quadratic_kappa"] if order is not None else [])
-
-    def numbers(yy, pp, dd, with_classes: bool) -> np.ndarray:
-        """One resample's numbers: the head ones, then (with_classes) AUROC and AP of each class."""
-        if C == 2:
-            au, ap = [binary_auroc(yy == 1, pp[:, 1])], [binary_average_precision(yy == 1, pp[:, 1])]
-        else:
-            au, ap = auroc_per_class(yy, pp), average_precision_per_class(yy, pp)
-        first = [np.mean(au), np.mean(ap), balanced_accuracy(yy, dd)]
-        first += [quadratic_kappa(yy, dd, ranks)] if ranks is not None else []
-        return np.concatenate([first, au, ap] if with_classes else [first])
-
-    per_class = C > 2 and per_class_intervals
-    intervals = bootstrap_many(lambda a, b, c: numbers(a, b, c, per_class), y, probs, pred,
-                               size=len(head) + (2 * C if per_class else 0), groups=groups, n=n, seed=seed,
-                               level=level)
-    if C > 2 and not per_class:  # the per-class values without their intervals
-        unit = intervals[0].unit
-        intervals += [Interval(float(v), float("nan"), float("nan"), unit) for v in numbers(y, probs, pred, True)[len(head):]]
-    exact = sklearn_values(y, probs, pred, ranks)   # the reported values are scikit-learn's own
-    names = head + ([f"auroc:{k}" for k in range(C)] + [f"average_precision:{k}" for k in range(C)] if C > 2 else [])
-    intervals = [iv._replace(value=exact[name]) for name, iv in zip(names, intervals)]
-    out = {"unit": intervals[0].unit, "resamples": n, "level": level, "positive_class": classes[1] if C == 2 else None,
-           "computed_by": "scikit-learn (values); numpy twins equal to it (the bootstrap resamples)"}
-    out.update({name: iv.as_dict() for name, iv in zip(head, intervals)})
-    if C > 2:
-        rest = intervals[len(head):]
-        out["auroc_per_class"] = {c: rest[k].as_dict() for k, c in enumerate(classes)}
-        out["average_precision_per_class"] = {c: rest[C + k].as_dict() for k, c in enumerate(classes)}
-    if order is not None:
-        out["class_order"] = list(order)
-    return out
-
-
-def _sklearn(fn, *args, **kwargs) -> float:
-    """A scikit-learn metric, NaN where it raises or warns of an undefined value (one class only)."""
-    import warnings
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            value = float(fn(*args, **kwargs))
-    except ValueError:
-        return float("nan")
-    return value if math.isfinite(value) else float("nan")
-
-
-def sklearn_values(y: np.ndarray, probs: np.ndarray, pred: np.ndarray, ranks: np.ndarray | None = None) -> dict:
-    """The numbers of :func:`ranking_numbers` from scikit-learn's own functions (``roc_auc_score``,
-    ``average_precision_score``, ``balanced_accuracy_score``, ``cohen_kappa_score(weights="quadratic")``):
-    the values ``metrics.json`` reports. Keys: ``auroc``, ``average_precision``, ``balanced_accuracy``,
-    ``quadratic_kappa`` (with ``ranks``) and, for more than two classes, ``auroc:<k>`` and
-    ``average_precision:<k>`` by class index k.
-
-    A class without a positive row has no AUROC and no average precision (scikit-learn raises for the
-    first and gives 0 for the second; both are NaN here, and so is their macro mean, as in the twins).
-    """
-    from sklearn.metrics import (average_precision_score, balanced_accuracy_score, cohen_kappa_score,
-                                 roc_auc_score)
-
-    y, p = np.asarray(y, dtype=np.int64), np.asarray(probs, dtype=np.float64)
-    pred = np.asarray(pred, dtype=np.int64)
-    C = p.shape[1]
-
-    def ap(positive, score) -> float:
-        return _sklearn(average_precision_score, positive, score) if positive.any() else float("nan")
-
-    out = {"balanced_accuracy": _sklearn(balanced_accuracy_score, y, pred) if len(y) else float("nan")}
-    if C == 2:
-        out["auroc"] = _sklearn(roc_auc_score, y == 1, p[:, 1])
-        out["average_precision"] = ap(y == 1, p[:, 1])
-    else:
-        per_auc = [_sklearn(roc_auc_score, y == k, p[:, k]) for k in range(C)]
-        per_ap = [ap(y == k, p[:, k]) for k in range(C)]
-        everyone = len(np.unique(y)) == C
-        out["auroc"] = _sklearn(roc_auc_score, y, p, multi_class="ovr", average="macro",
-                                labels=list(range(C))) if everyone else float("nan")
-        out["average_precision"] = float(np.mean(per_ap))
-        out.update({f"auroc:{k}": v for k, v in enumerate(per_auc)})
-        out.update({f"average_precision:{k}": v for k, v in enumerate(per_ap)})
-    if ranks is not None:
-        ranks = np.asarray(ranks)
-        out["quadratic_kappa"] = _sklearn(cohen_kappa_score, ranks[y], ranks[pred], weights="quadratic",
-                                          labels=list(range(len(ranks))))
-    return out
 
 
 SELECTABLE = ("auroc", "average_precision", "balanced_accuracy", "kappa", "macro_f1", "nll")

@@ -11,6 +11,7 @@ because every interval calls them a thousand times per head and class.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -85,8 +86,6 @@ def ranking_numbers(y: np.ndarray, probs: np.ndarray, classes: list[str], *, pre
 
 def _sklearn(fn, *args, **kwargs) -> float:
     """A scikit-learn metric, NaN where it raises or warns of an undefined value (one class only)."""
-    import warnings
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -28,6 +28,7 @@ from histoembed.core import store
 from histoembed.core.errors import UserError
 from histoembed.maths import metrics
 from histoembed.maths.resample import paired_bootstrap
+from histoembed.stages.fit import patient_groups
 
 DECISIONS = {"argmax": "prediction", "offsets": "prediction_offsets"}
 METRICS = ("macro_f1", "auroc", "average_precision", "balanced_accuracy", "kappa", "nll")
@@ -103,8 +104,6 @@ def _patients(run: Path, table, ids: list[str]) -> list | None:
     """Each image's patient: oof.parquet's ``group`` column, else the run's crops table's; None without one."""
     groups = table["group"].to_pylist() if "group" in table.column_names else []
     if not any(g not in (None, "") for g in groups):   # an older fit's table: the crops table's groups
-        from histoembed.stages.fit import patient_groups
-
         try:
             by_key = patient_groups(run) if (run / store.CROPS_FILE).exists() else {}
         except (OSError, ValueError):

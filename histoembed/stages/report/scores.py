@@ -96,8 +96,9 @@ def field_html(metrics: dict) -> str:
              " No kappa: the classes have no order (set class_order or ordinal).")
     rows = [[head, *(_with_interval(m.get(k)) for k, _ in shown)] for head, m in heads.items()]
     out = (f"<h3>AUROC, balanced accuracy, kappa</h3><p>Out of fold, scikit-learn's values with 95% bootstrap "
-           f"intervals over {iv.get('resamples', 0)} resamples of the {drawn}; {scope}.{kappa} Fusion weights and "
-           f"class offsets chosen by <b>{esc(metrics.get('select_by', 'macro_f1'))}</b>.</p>"
+           f"intervals over {iv.get('resamples', 0)} resamples of the {drawn}; {scope}.{kappa} Fusion weights chosen "
+           f"by <b>{esc(metrics.get('select_by', 'macro_f1'))}</b>, class offsets by "
+           f"<b>{esc((metrics.get('decision') or {}).get('offsets_compared_by', 'macro_f1'))}</b>.</p>"
            + table(["head", *(name for _, name in shown)], rows))
     repeats = ((metrics.get("seeds") or {}).get("metrics") or {}).get("fused")
     if repeats:

@@ -46,7 +46,7 @@ LABELS = ("benign", "malignant", "in-situ", "invasive")
 def write_slide_store(run: Path, slides: int, test_slides: int, patches: int, views: int, dim: int,
                       classes: int, parts: int, dtype: str, signal: float, seed: int = 0) -> Path:
     """crops.parquet and ``features/synthetic-slides/part-*.parquet`` of slide-like bags; returns the store."""
-    from histoembed.core import store
+    from histoembed.core import feature_store, store
 
     rng = np.random.default_rng(seed)
     rank = min(dim, 32)
@@ -77,7 +77,7 @@ def write_slide_store(run: Path, slides: int, test_slides: int, patches: int, vi
     meta = {"key": key, "encoder": "synthetic-slides", "dim": dim, "pool": "synthetic", "seed": seed,
             "crops_key": crops_key, "repeats": views, "tta": True, "store_dtype": dtype}
     np_dtype = np.float16 if dtype == "float16" else np.float32
-    schema = store.feature_schema(dim, dtype)
+    schema = feature_store.feature_schema(dim, dtype)
     order = rng.permutation(len(ids))        # parts hold slides in no particular order, as shards do
     for p, chunk in enumerate(np.array_split(order, parts)):
         cols = {"image_id": [], "split": [], "crop_index": [], "view": [], "embedding": []}

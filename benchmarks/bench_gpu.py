@@ -24,7 +24,7 @@ measured in this one process, so ratios compare like with like. Sections, each o
 - autocast: the stage and its bare forward in bf16 autocast over fp32 weights, against the
             package's bf16 (on CUDA a bf16 copy of the weights, every operation in bf16).
 - defaults: the stage as ``histoembed embed`` runs without options (on CUDA the batch size and decode
-            workers ``histoembed.models.sizing`` chooses; on the CPU batch 64, 2 decode workers) on as many
+            workers ``histoembed.models.gpu_sizing`` chooses; on the CPU batch 64, 2 decode workers) on as many
             crops as the stage section's measured run, and its rate over that hand-tuned run's (batch 256,
             6 workers: the best measured on an H100); issue 22's target is 90 %.
 - fast:     issue 22's faster forwards, each at the stage section's batch size: compiled for one batch shape
@@ -255,10 +255,10 @@ def timed_stage(r: Run, model: str, tag: str, precision: str | None = None, n_cr
                 **settings_kw) -> dict:
     """Warm-up run (2 batches, checked against in-memory features), then the measured run, sized to the
     time left (or ``n_crops``, rounded up to whole batches); each in a run folder of its own (``tag``).
-    Settings left None are chosen as ``histoembed embed`` chooses them (``seams.sized``)."""
+    Settings left None are chosen as ``histoembed embed`` chooses them (``forward.sized``)."""
     from histoembed.core.config import AugmentSettings
     from histoembed.stages.embed import run_embed
-    from histoembed.engines.seams import sized
+    from histoembed.engines.forward import sized
 
     p = r.plan
     enc = r.encoder(model, precision or ("bf16" if r.cuda else "fp32"))
@@ -300,16 +300,17 @@ def store_against_memory(r: Run, run: Path, store_dir: Path, enc, seed: int, bat
     import numpy as np
     import pyarrow.parquet as pq
 
-    from histoembed.core import store
+    from histoembed.core import feature_store, store
     from histoembed.core.config import AugmentSettings
-    from histoembed.engines.seams import decode_png, embed_crops
+    from histoembed.engines.forward import embed_crops
+    from histoembed.inputs.pixels import decode_png
 
     t = pq.read_table(run / store.CROPS_FILE, columns=["image_id", "crop_index", "png"])
     crops = np.stack([decode_png(b) for b in t["png"].to_pylist()])
     mem = embed_crops(enc, crops, views=r.plan.views, augment=AugmentSettings(), seed=seed,
                       image_ids=t["image_id"].to_pylist(), crop_index=t["crop_index"].to_pylist(),
                       batch_size=batch_size)
-    f = store.read_features(store_dir)
+    f = feature_store.read_features(store_dir)
     order = np.lexsort((f.view, f.crop_index, f.image_id.astype(str)))  # crop-major, as embed_crops
     diff = float(np.abs(f.embedding[order] - mem).max())
     scale = float(np.abs(mem).max())
@@ -399,9 +400,11 @@ def section_parts(r: Run) -> dict:
     """Each piece of the stage alone, to name the bottleneck when the stage falls short."""
     import torch
 
-    from histoembed.core import store
+    from histoembed.core import feature_store, store
     from histoembed.core.config import AugmentSettings
-    from histoembed.engines.seams import CropBatches, PartWriter, copy_to_host, part_rows, plan_batches, queue_views
+    from histoembed.core.feature_store import PartWriter, part_rows
+    from histoembed.engines.batches import CropBatches, plan_batches
+    from histoembed.engines.forward import copy_to_host, queue_views
     from histoembed.maths.augment import augment_batch
 
     p, out = r.plan, {}
@@ -442,8 +445,8 @@ def section_parts(r: Run) -> dict:
         r, lambda: queue_views(enc, first, ids, idx, list(range(p.views)), AugmentSettings(), 0))
     # 3. writing rows of the model's width to the store (Arrow table + zstd Parquet).
     dim, b = MODELS[p.model]["hidden_size"], p.batch_size
-    schema = store.feature_schema(dim, "float32")
-    feats = torch.randn(b, p.views, dim)
+    schema = feature_store.feature_schema(dim, "float32")
+    feats = torch.randn(b, p.views, dim).numpy()
     folder = r.tmp / "parts-store"
     folder.mkdir(exist_ok=True)
     writer = PartWriter(folder, (0, 1), schema, 1 << 30)
@@ -477,7 +480,8 @@ def section_cosine(r: Run) -> dict:
     import pyarrow.parquet as pq
 
     from histoembed.core import store
-    from histoembed.engines.seams import decode_png, embed_crops
+    from histoembed.engines.forward import embed_crops
+    from histoembed.inputs.pixels import decode_png
 
     n = r.plan.cosine_crops
     run = r.crops_run(max(n, 2 * r.plan.batch_size), "warm")
@@ -533,7 +537,7 @@ def real_crops(r: Run, n: int):
     import torch
 
     from histoembed.core import store
-    from histoembed.engines.seams import decode_png
+    from histoembed.inputs.pixels import decode_png
 
     pngs = pq.read_table(r.crops_run(n, "fast-check") / store.CROPS_FILE, columns=["png"])["png"].to_pylist()
     crops = torch.from_numpy(np.stack([decode_png(b) for b in pngs]))

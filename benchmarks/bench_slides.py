@@ -7,7 +7,7 @@ For each size it writes one synthetic Aperio-like slide (and a second, for a two
 `histoembed crops --max-patches N` and `histoembed embed` (tiny random Dinov2, CPU) in child processes and
 reads their peak RSS (``ru_maxrss`` of the child), then times, in this process, (a) bare
 ``read_region`` + composite + resize of every patch box and (b) the same boxes through
-``histoembed.engines.seams.CropBatches`` (what embed's workers run), one process, no encoder.
+``histoembed.engines.batches.CropBatches`` (what embed's workers run), one process, no encoder.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from histoembed.core import store  # noqa: E402
-from histoembed.engines.seams import CropBatches  # noqa: E402
+from histoembed.engines.batches import CropBatches  # noqa: E402
 from histoembed.inputs import slides  # noqa: E402
 from histoembed.tools.synthetic import SlideSpec, write_slide  # noqa: E402
 

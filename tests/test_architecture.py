@@ -216,7 +216,7 @@ def test_the_walk_sees_what_it_checks():
     assert {"histoembed.stages.qc", "histoembed.stages.crops", "histoembed.inputs.pixels", "histoembed.cli.app"} <= set(MODULES)
     assert is_heavy("histoembed.stages.embed") and not is_heavy("histoembed.inputs.pixels")
     assert "histoembed.inputs.pixels" in {m for m, _ in GRAPH["histoembed.stages.qc"][0]}
-    assert "histoembed.engines.seams" in {m for m, _ in GRAPH["histoembed.stages.qc"][1]}  # deferred: it loads torch
+    assert "histoembed.engines.forward" in {m for m, _ in GRAPH["histoembed.stages.qc"][1]}  # deferred: it loads torch
     assert layer("histoembed.models.heads.mlp") == "models" and layer("histoembed.stages.fit") == "stages"
     assert stage_of("histoembed.stages.fit") == "fit" and stage_of("histoembed.models.drift") is None
     assert find_cycles({"a": ["b"], "b": ["a"]}) and not find_cycles({"a": ["b"], "b": []})
@@ -224,13 +224,14 @@ def test_the_walk_sees_what_it_checks():
 
 def test_ray_is_optional_and_loaded_only_for_its_engine():
     """Ray is an extra (histoembed[ray]): no module imports it at its top, and its engine is loaded only for
-    --engine ray (by embed and crops, inside the function that picks the engine)."""
+    --engine ray (by ``histoembed.engines.pick``, inside the function that picks the engine for embed and crops)."""
     top = [f"{name} imports {m}" for name, (t, _) in GRAPH.items() for m, _ in t
            if m.split(".")[0] == "ray" or m == "histoembed.engines.ray"]
     assert not top, top
     deferred = {name for name, (_, d) in GRAPH.items() for m, _ in d if m == "histoembed.engines.ray"}
-    assert deferred == {"histoembed.stages.embed", "histoembed.stages.crops"}
-    assert {m for m, _ in GRAPH["histoembed.engines.ray"][1]} == {"ray", "ray.data"}
+    assert deferred == {"histoembed.engines"}
+    ray_modules = ("histoembed.engines.ray", "histoembed.engines.ray_session")
+    assert {m for name in ray_modules for m, _ in GRAPH[name][1]} == {"ray", "ray.data"}
 
 
 def test_the_command_line_loads_without_torch():

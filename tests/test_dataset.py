@@ -219,8 +219,9 @@ def test_duplicate_ids_stop_the_stage(cli, tmp_path):
     assert res.exit_code == 2 and "m.csv: line 3: duplicate image './a.png' (also on line 2)" in res.output
 
 
-@pytest.mark.parametrize("rel", ["../outside.png", "/etc/hostname", "sub/../../outside.png"])
+@pytest.mark.parametrize("rel", ["../outside.png", "sub/../../outside.png"])
 def test_manifest_path_escaping_the_data_folder(cli, tmp_path, rel):
+    """A relative path that climbs out is refused (an absolute one is read as written: tests/test_slide_scale.py)."""
     root = tmp_path / "d"
     root.mkdir()
     rgb, mask = tissue()
@@ -230,7 +231,7 @@ def test_manifest_path_escaping_the_data_folder(cli, tmp_path, rel):
     res = crops(cli, root, tmp_path / "run")
     assert res.exit_code == 2
     assert f"manifest.csv: line 3: path '{rel}' escapes the data folder" in res.output
-    assert "hint: manifest paths must be relative" in res.output
+    assert "hint: a relative path stays inside the manifest's folder" in " ".join(res.output.split())
     assert not (tmp_path / "run" / store.CROPS_FILE).exists()
 
 

@@ -14,11 +14,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.config import AugmentSettings, EmbedSettings
 from histoembed.core.errors import UserError
 from histoembed.stages.embed import read_store, run_embed
-from histoembed.engines.seams import STOP_AFTER_ENV, embed_crops
+from histoembed.engines.base import STOP_AFTER_ENV
+from histoembed.engines.forward import embed_crops
 from histoembed.models.encoders import load_encoder
 
 
@@ -54,7 +55,7 @@ def settings(encoder: Path, **kw) -> EmbedSettings:
     return EmbedSettings(**{"encoder": str(encoder), "workers": 0, "repeats": 2, **kw})
 
 
-def sorted_rows(f: store.Features):
+def sorted_rows(f: feature_store.Features):
     order = np.lexsort((f.view, f.crop_index, f.image_id.astype(str), f.split != "train"))
     return [tuple(r) for r in zip(f.image_id[order], f.split[order], f.crop_index[order], f.view[order])], \
         f.embedding[order]
@@ -143,12 +144,12 @@ def test_the_store_records_its_provenance_and_float16_on_request(tmp_path, tiny_
     assert meta["weights_hash"] == load_encoder(str(tiny_dinov2)).weights_hash
     assert meta["augment"] == AugmentSettings().model_dump(mode="json") and meta["seed"] == 0
     assert meta["repeats"] == 2 and meta["package_version"]
-    part = store.feature_parts(f32_dir := store.find_feature_store(tmp_path))[0]
+    part = feature_store.feature_parts(f32_dir := feature_store.find_feature_store(tmp_path))[0]
     assert pa.types.is_fixed_size_list(pa.parquet.read_schema(part).field("embedding").type)
     run_embed(tmp_path, settings(tiny_dinov2, store_dtype="float16"), AugmentSettings())
     f16 = read_store(tmp_path)
     assert f16.embedding.dtype == np.float32
-    assert pa.parquet.read_schema(store.feature_parts(f32_dir)[0]).field("embedding").type.value_type == pa.float16()
+    assert pa.parquet.read_schema(feature_store.feature_parts(f32_dir)[0]).field("embedding").type.value_type == pa.float16()
     np.testing.assert_allclose(sorted_rows(f16)[1], sorted_rows(f32)[1], atol=1e-2, rtol=1e-2)
 
 
@@ -162,7 +163,7 @@ def test_shards_together_equal_one_run(tmp_path, tiny_dinov2, cli):
         r = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--repeats", "2", "--workers", "0",
                 "--shard", f"{i}/3")
         assert r.exit_code == 0, r.output
-    parts = store.feature_parts(store.find_feature_store(tmp_path))
+    parts = feature_store.feature_parts(feature_store.find_feature_store(tmp_path))
     assert {p.name.split("-")[1] for p in parts} == {"s0of3", "s1of3", "s2of3"}
     rows, emb = sorted_rows(read_store(tmp_path))
     expected_rows, expected = sorted_rows(read_store(whole))
@@ -188,8 +189,8 @@ def test_an_interrupted_run_resumes_to_the_same_store(tmp_path, tiny_dinov2, sig
     proc = _embed_process(tmp_path / "killed", tiny_dinov2, f"3:{sig}")
     # 3 batches of 4 training crops x 2 views = 3 parts of 8 rows, whatever the machine's load.
     assert proc.returncode == (-signal.SIGKILL if sig == "SIGKILL" else 130), proc.stderr
-    assert len(store.feature_parts(store_dir)) == 3
-    rows_then = len(store.read_features(store_dir))
+    assert len(feature_store.feature_parts(store_dir)) == 3
+    rows_then = len(feature_store.read_features(store_dir))
     assert rows_then == 3 * 4 * 2
     if sig == "SIGINT":
         assert not list(store_dir.glob(".part-*")), "Ctrl-C left a temporary file"
@@ -244,7 +245,7 @@ def test_a_corrupt_crop_names_the_file(tmp_path, tiny_dinov2):
     with pytest.raises(UserError, match="img_0001.png") as e:
         run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings())
     assert "crops.parquet" in str(e.value)
-    assert not store.feature_parts(tmp_path / store.FEATURES_DIR / tiny_dinov2.name)
+    assert not feature_store.feature_parts(tmp_path / store.FEATURES_DIR / tiny_dinov2.name)
 
 
 def test_under_torchrun_each_process_takes_its_rank_as_shard(tmp_path, tiny_dinov2, cli, monkeypatch):
@@ -254,7 +255,7 @@ def test_under_torchrun_each_process_takes_its_rank_as_shard(tmp_path, tiny_dino
         monkeypatch.setenv("RANK", rank)
         r = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--workers", "0")
         assert r.exit_code == 0, r.output
-    parts = store.feature_parts(store.find_feature_store(tmp_path))
+    parts = feature_store.feature_parts(feature_store.find_feature_store(tmp_path))
     assert {p.name.split("-")[1] for p in parts} == {"s0of2", "s1of2"}
     assert len(read_store(tmp_path)) == 21 * 4
 
@@ -283,7 +284,7 @@ def test_every_embed_option_reaches_the_store(tmp_path, tiny_dinov2, cli):
         ("mean", 3, False, 7, "fp32")
     assert f.meta["store_dtype"] == "float16" and f.meta["shard"] == "0/1"
     assert set(f.view[f.split == "test"]) == {0} and set(f.view[f.split == "train"]) == {0, 1, 2}
-    parts = store.feature_parts(store.find_feature_store(tmp_path))
+    parts = feature_store.feature_parts(feature_store.find_feature_store(tmp_path))
     assert len(parts) == 4  # 15 train crops x 3 views + 6 test crops = 51 rows, whole crops of 5 per batch
     assert "embedded 51 views" in r.output
 
@@ -299,7 +300,7 @@ def test_a_store_written_before_split_keys_is_refused(tmp_path, tiny_dinov2):
     rows, _ = sorted_rows(read_store(tmp_path))
     assert [(r[0], r[1]) for r in rows] == [("img_0000.png", "train"), ("img_0001.png", "train"),
                                             ("img_0000.png", "test"), ("img_0001.png", "test")]
-    part = store.feature_parts(store.find_feature_store(tmp_path))[0]
+    part = feature_store.feature_parts(feature_store.find_feature_store(tmp_path))[0]
     table = pq.read_table(part)
     meta = {k: v for k, v in store.read_meta(part).items() if k != "schema"}   # as written before schema 2
     pq.write_table(table.replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), part)
@@ -325,7 +326,7 @@ def test_an_embed_beside_another_shard_count_is_refused(tmp_path, tiny_dinov2, c
     (store_dir / ".lock-s0of2").write_text(str(os.getppid()))   # `embed --shard 0/2` is running
     r = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--workers", "0")
     assert r.exit_code == 2 and "shard 0/2" in r.output and "same count" in r.output
-    assert not store.feature_parts(store_dir) and not (store_dir / ".lock-s0of1").exists()
+    assert not feature_store.feature_parts(store_dir) and not (store_dir / ".lock-s0of1").exists()
     r = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--workers", "0", "--shard", "1/2")
     assert r.exit_code == 0, r.output                           # the same count may run beside it
 
@@ -345,7 +346,7 @@ def test_non_finite_encoder_output_stops_embed_naming_the_crop(tmp_path, tiny_di
     r = cli("embed", "--run", tmp_path / "run", "--encoder", broken, "--workers", "0")
     assert r.exit_code == 2, r.output
     assert "NaN or infinity for train image img_0000.png, crop 0, view 0" in r.output
-    assert not store.feature_parts(tmp_path / "run" / store.FEATURES_DIR / "broken")
+    assert not feature_store.feature_parts(tmp_path / "run" / store.FEATURES_DIR / "broken")
 
 
 def test_only_crops_whose_pixels_changed_are_embedded_again(tmp_path, tiny_dinov2):
@@ -363,8 +364,8 @@ def test_only_crops_whose_pixels_changed_are_embedded_again(tmp_path, tiny_dinov
     again = run_embed(tmp_path, settings(tiny_dinov2, rows_per_part=12), AugmentSettings())
     assert again.new_rows == 2 and again.rows == 36                 # crop 1 of img_0001, 2 views; 18 crops
     after = read_store(tmp_path)
-    store.check_complete(after.subset(after.split == "train"), tmp_path, "train")
-    store.check_complete(after.subset(after.split == "test"), tmp_path, "test")
+    feature_store.check_complete(after.subset(after.split == "train"), tmp_path, "train")
+    feature_store.check_complete(after.subset(after.split == "test"), tmp_path, "test")
     key = lambda f: list(zip(f.split, f.image_id, f.crop_index, f.view))  # noqa: E731
     old = dict(zip(key(before), before.embedding))
     for k, emb in zip(key(after), after.embedding):

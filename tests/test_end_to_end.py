@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +88,7 @@ def test_the_readme_commands_give_a_valid_submission(project, cli):
                  store.CALIBRATION_FILE, store.TEST_PREDICTIONS_FILE):
         assert (run / name).exists(), name
     assert len(list((run / store.MODELS_DIR).glob("fold-*"))) == 10
-    features = store.read_features(store.find_feature_store(run))
+    features = feature_store.read_features(feature_store.find_feature_store(run))
     assert set(features.view.tolist()) == {0, 1, 2, 3}
 
     rows = _read_csv(run / store.SUBMISSION_FILE)
@@ -101,13 +101,13 @@ def test_the_readme_commands_give_a_valid_submission(project, cli):
 
     # Again, in-process: every stage finds its inputs and settings unchanged; same submission.
     before = (run / store.SUBMISSION_FILE).read_bytes()
-    features_before = sorted(p.stat().st_mtime_ns for p in store.feature_parts(store.find_feature_store(run)))
+    features_before = sorted(p.stat().st_mtime_ns for p in feature_store.feature_parts(feature_store.find_feature_store(run)))
     oof_before = (run / store.OOF_FILE).stat().st_mtime_ns
     for args in COMMANDS:
         result = cli(*args, cwd=project)
         assert result.exit_code == 0, result.output
     assert (run / store.SUBMISSION_FILE).read_bytes() == before
-    assert sorted(p.stat().st_mtime_ns for p in store.feature_parts(store.find_feature_store(run))) \
+    assert sorted(p.stat().st_mtime_ns for p in feature_store.feature_parts(feature_store.find_feature_store(run))) \
         == features_before
     assert (run / store.OOF_FILE).stat().st_mtime_ns == oof_before
 

@@ -15,7 +15,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss
 
 from histoembed.stages import fit
 from histoembed.tools import synthetic
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.config import ABMILSettings, FitSettings, MLPSettings, XGBSettings
 from histoembed.core.errors import UserError
 from histoembed.maths.metrics import softmax
@@ -478,7 +478,7 @@ def test_ensemble_round_trip_reproduces_oof_and_predicts_new_features(fitted):
     assert ensemble.classes == ["HER2(+)", "Luminal A", "Luminal B"] and ensemble.dim == 16
     calib = json.loads((fitted / store.CALIBRATION_FILE).read_text())
     oof, lists, _ = read_oof(fitted)
-    features = store.read_features(store.find_feature_store(fitted), split="train")
+    features = feature_store.read_features(feature_store.find_feature_store(fitted), split="train")
     for k in range(3):   # fold k's saved heads with fold k's parameters give back the OOF decisions
         one = dataclasses.replace(ensemble, models=[ensemble.models[k]], final=calib["folds"][k], use_offsets=True)
         ids = set(oof["image_id"][oof["fold"] == k])
@@ -490,7 +490,7 @@ def test_ensemble_round_trip_reproduces_oof_and_predicts_new_features(fitted):
             [list(v) for v in oof["set"].iloc[rows]]
         np.testing.assert_allclose(pred.view_spread, oof["view_spread"].iloc[rows], atol=1e-5)
 
-    test = store.read_features(store.find_feature_store(fitted), split="test")
+    test = feature_store.read_features(feature_store.find_feature_store(fitted), split="test")
     pred = ensemble.predict(test)
     # the test split reuses the training names (img_0000.png ...): predictions keep the split
     assert pred.keys() == [("test", f"img_{i:04d}.png") for i in range(5)]

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 
 
 @pytest.mark.parametrize("name", ["mlp.safetensors", "xgb.ubj"])
@@ -50,7 +50,7 @@ def test_crop_maps_ask_what_the_heads_can_do(pipeline_run):
     assert ensemble.member_that("scores_crops") == "mlp" and ensemble.member_that("gives_attention") is None
     with pytest.raises(ValueError, match="no head capability"):
         ensemble.member_that("mlp")
-    features = store.read_features(store.find_feature_store(run, ensemble.encoder))
+    features = feature_store.read_features(feature_store.find_feature_store(run, ensemble.encoder))
     with pytest.raises(ValueError, match="gives_attention"):
         CropMaps(ensemble, features, attention=True)
     maps = CropMaps(ensemble, features)

@@ -20,7 +20,7 @@ import pytest
 
 from histoembed.tools import compare, synthetic
 from histoembed.stages import fit
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.config import FitSettings, LogRegSettings, MLPSettings, XGBSettings
 from histoembed.core.errors import UserError
 from histoembed.models import inference
@@ -101,7 +101,7 @@ def test_a_multi_encoder_fit_keeps_each_encoder_s_models_apart_and_skips_when_no
     pred = ensemble.predict(inference.read_run_features(run, ensemble, "test"))
     assert len(pred.image_ids) == 6 and np.allclose(pred.probs.sum(axis=1), 1)
     with pytest.raises(UserError, match="needs every one's features"):
-        ensemble.predict(store.read_features(store.find_feature_store(run, "enc/a"), split="test"))
+        ensemble.predict(feature_store.read_features(feature_store.find_feature_store(run, "enc/a"), split="test"))
 
 
 def test_an_encoder_without_signal_gets_nearly_no_weight_and_leaves_the_score_as_it_was(tmp_path):
@@ -136,7 +136,7 @@ def test_concat_fusion_gives_each_head_both_encoders_side_by_side(tmp_path):
 
 def test_stores_of_other_rows_are_refused_naming_the_store_the_count_and_what_to_run(tmp_path):
     run = two_encoders(tmp_path, {}, {}, n_images=30, n_classes=3)
-    part = store.feature_parts(run / "features" / "enc--b")[0]
+    part = feature_store.feature_parts(run / "features" / "enc--b")[0]
     table = pq.read_table(part)
     keep = [not (i == "img_0007.png" and s == "train" and v == 1) for i, s, v in
             zip(table["image_id"].to_pylist(), table["split"].to_pylist(), table["view"].to_pylist())]
@@ -244,7 +244,7 @@ def test_embed_fit_submit_predict_report_and_compare_with_two_encoders_through_t
     assert "macro-F1" in out
 
     # stores of other rows stop the fit with the store, the count and what to run
-    shutil.rmtree(run / "features" / store.encoder_slug(str(wide)))
+    shutil.rmtree(run / "features" / feature_store.encoder_slug(str(wide)))
     ok("embed", "--encoder", wide, "--repeats", "1", *common)
     r = cli("fit", "--encoder", f"{narrow},{wide}", *common)
     assert r.exit_code == 2 and f"histoembed embed --encoder {wide}" in r.output and "lacks" in r.output

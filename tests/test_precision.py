@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.models.encoders import load_encoder
 from histoembed.models.precision import check_precision, cosine_per_row
 from test_embed import write_crops
@@ -167,7 +167,7 @@ def test_embed_compile_pads_to_one_shape_and_writes_the_eager_store(tmp_path, cl
     result = cli("embed", "--run", tmp_path / "compiled", *args, "--compile")
     assert result.exit_code == 0, result.output
     assert "precision check passed: fp32 compiled vs fp32" in result.output  # checked by default, on the CPU too
-    eager, compiled = (store.read_features(next((tmp_path / r / store.FEATURES_DIR).iterdir()))
+    eager, compiled = (feature_store.read_features(next((tmp_path / r / store.FEATURES_DIR).iterdir()))
                        for r in ("eager", "compiled"))
     assert list(compiled.keys()) == list(eager.keys()) and len(compiled) == 21 * 2
     assert abs(compiled.embedding - eager.embedding).max() < 1e-5

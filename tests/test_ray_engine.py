@@ -25,12 +25,12 @@ import pytest
 from test_crops import read_crops, small_data
 from test_embed import settings, sorted_rows, write_crops
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.config import AugmentSettings
 from histoembed.core.errors import UserError
 from histoembed.stages.embed import read_store, run_embed
 from histoembed.engines import ray as ray_engine
-from histoembed.engines.seams import STOP_AFTER_ENV
+from histoembed.engines.base import STOP_AFTER_ENV
 
 
 def loopback_only() -> bool:
@@ -97,7 +97,7 @@ def test_two_nodes_write_the_local_engine_s_store(tmp_path, tiny_dinov2, cluster
     assert r.exit_code == 0, r.output
     assert f"embedded {TOTAL_ROWS} views" in r.output
     assert_same_store(tmp_path, local_store)
-    parts = store.feature_parts(store.find_feature_store(tmp_path))
+    parts = feature_store.feature_parts(feature_store.find_feature_store(tmp_path))
     assert all(p.name.startswith(ray_engine.PART_PREFIX) for p in parts)
     nodes = {store.read_meta(p)["ray_node"] for p in parts}
     assert nodes == {n["NodeID"] for n in __import__("ray").nodes()}  # one actor per node (a GPU each), both wrote
@@ -123,7 +123,7 @@ def test_a_killed_actor_is_restarted_and_rewrites_its_part(tmp_path, tiny_dinov2
     assert_same_store(tmp_path, local_store)
     crops = (N_TRAIN + N_TEST) * PER_IMAGE
     per_part = ray_engine.part_crops(ray_settings(tiny_dinov2, repeats=REPEATS))
-    parts = store.feature_parts(store.find_feature_store(tmp_path))
+    parts = feature_store.feature_parts(feature_store.find_feature_store(tmp_path))
     assert len(parts) >= -(-crops // per_part)
     assert not list(parts[0].parent.glob(".part-*")), "a temporary was left behind"
 
@@ -140,14 +140,14 @@ def test_a_killed_driver_is_resumed_by_a_rerun(tmp_path, tiny_dinov2, cluster, l
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
     store_dir = tmp_path / store.FEATURES_DIR / tiny_dinov2.name
-    parts_then = store.feature_parts(store_dir)
+    parts_then = feature_store.feature_parts(store_dir)
     assert 2 <= len(parts_then) <= 3
     rows_then = sum(pq.read_metadata(p).num_rows for p in parts_then)
 
     resumed = run_embed(tmp_path, ray_settings(tiny_dinov2, repeats=REPEATS), AugmentSettings())
     assert resumed.new_rows == TOTAL_ROWS - rows_then and resumed.rows == TOTAL_ROWS
     assert_same_store(tmp_path, local_store)
-    assert set(parts_then) <= set(store.feature_parts(store_dir))  # finished parts were kept, not redone
+    assert set(parts_then) <= set(feature_store.feature_parts(store_dir))  # finished parts were kept, not redone
 
 
 @needs_ray
@@ -156,9 +156,9 @@ def test_crops_over_ray_tasks_equal_the_local_crops(tmp_path, cluster, cli, monk
     local = cli("crops", "--data", data, "--run", tmp_path / "local", "--size", 32, "--workers", 1)
     mapped = []
     real = ray_engine.map_ordered
-    monkeypatch.setattr(ray_engine, "map_ordered", lambda fn, items: mapped.append(fn) or real(fn, items))
+    monkeypatch.setattr(ray_engine, "map_ordered", lambda fn, *args: mapped.append(fn) or real(fn, *args))
     spread = cli("crops", "--data", data, "--run", tmp_path / "ray", "--size", 32, "--engine", "ray")
-    assert [fn.__name__ for fn in mapped] == ["_crop_alone"]  # the images went out as Ray tasks
+    assert [fn.__name__ for fn in mapped] == ["_crop_one"]  # the images went out as Ray tasks
     assert local.exit_code == 0 and spread.exit_code == 0, spread.output
     assert read_crops(tmp_path / "ray") == read_crops(tmp_path / "local")
     key = store.read_meta(tmp_path / "ray" / store.CROPS_FILE)["key"]
@@ -184,18 +184,16 @@ def test_an_actor_of_a_superseded_run_adds_no_part(tmp_path, tiny_dinov2):
     """The store's run id decides who may add parts: a re-run (or a local run) takes it from a killed driver's actors."""
     write_crops(tmp_path, n_train=2, n_test=0, per_image=1)
     first = run_embed(tmp_path, settings(tiny_dinov2), AugmentSettings())
-    table = pq.read_table(store.feature_parts(first.store_dir)[0])
+    table = pq.read_table(feature_store.feature_parts(first.store_dir)[0])
     run_id = first.store_dir / ray_engine.RUN_ID_FILE
     assert not run_id.exists()  # the local engine removes it
-    job = ray_engine._Job(settings(tiny_dinov2), AugmentSettings(), first.store_dir, None, None, "run-a", None)
-    actor = ray_engine._EmbedActor.__new__(ray_engine._EmbedActor)  # its writer alone, outside Ray
-    actor.job = job
     run_id.write_text("run-a")
-    actor._write(table, first.store_dir / "part-ray-mine.parquet")
+    # what an encoder actor of run a calls to write its part
+    feature_store.write_part(table, first.store_dir / "part-ray-mine.parquet", run_id="run-a")
     assert (first.store_dir / "part-ray-mine.parquet").exists()
     run_id.write_text("run-b")  # another run took the store over
     with pytest.raises(UserError, match="took over"):
-        actor._write(table, first.store_dir / "part-ray-late.parquet")
+        feature_store.write_part(table, first.store_dir / "part-ray-late.parquet", run_id="run-a")
     assert not list(first.store_dir.glob("*late*")) and not list(first.store_dir.glob(".part-*"))
 
 
@@ -206,7 +204,7 @@ def test_the_final_check_refuses_a_duplicate_or_missing_row(tmp_path, tiny_dinov
     ray_engine.check_store(store_dir, result.rows)
     with pytest.raises(UserError, match="were expected"):
         ray_engine.check_store(store_dir, result.rows + 1)
-    part = store.feature_parts(store_dir)[0]
+    part = feature_store.feature_parts(store_dir)[0]
     (store_dir / "part-ray-copy.parquet").write_bytes(part.read_bytes())  # what a blind appender would do
     with pytest.raises(UserError, match="distinct"):
         ray_engine.check_store(store_dir, result.rows)
@@ -230,6 +228,25 @@ def test_ray_engine_refuses_a_hand_made_shard(tmp_path, tiny_dinov2):
         run_embed(tmp_path, ray_settings(tiny_dinov2), AugmentSettings(), shard=(0, 2))
 
 
+def test_both_engines_provide_the_engine_interface():
+    """``engines.base.Engine`` names what a stage calls; each engine module has it, parameter for parameter
+    (names, kinds, defaults), and ``pick`` hands out the one a setting names. Ray is not started."""
+    import inspect
+
+    from histoembed import engines
+    from histoembed.engines import local
+    from histoembed.engines.base import Engine
+
+    wanted = {name: inspect.signature(getattr(Engine, name)) for name in ("session", "map_ordered", "run_embed")}
+    for module in (local, ray_engine):
+        for name, signature in wanted.items():
+            params = list(signature.parameters.values())[1:]  # without self
+            found = list(inspect.signature(getattr(module, name)).parameters.values())
+            assert [(p.name, p.kind, p.default) for p in found] == [(p.name, p.kind, p.default) for p in params], \
+                f"{module.__name__}.{name}"
+    assert engines.pick("local") is local and engines.pick("ray") is ray_engine
+
+
 class _FakeRay:
     def __init__(self, cpus: float, gpus: int, nodes: int):
         self.resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
@@ -244,8 +261,8 @@ class _FakeRay:
 
 def test_actors_one_per_gpu_else_one_per_node_and_never_every_cpu(tiny_dinov2):
     s = settings(tiny_dinov2, engine="ray")
-    assert ray_engine._layout(_FakeRay(16, 4, 2), s, 100) == ray_engine._Layout(4, 1.0, 1.0)
-    assert ray_engine._layout(_FakeRay(16, 0, 3), s, 100) == ray_engine._Layout(3, 0.0, 1.0)
+    assert ray_engine._layout(_FakeRay(16, 4, 2), s, 100) == ray_engine._ActorLayout(4, 1.0, 1.0)
+    assert ray_engine._layout(_FakeRay(16, 0, 3), s, 100) == ray_engine._ActorLayout(3, 0.0, 1.0)
     assert ray_engine._layout(_FakeRay(16, 0, 3), s, 2).actors == 2  # no more actors than parts
     assert ray_engine._layout(_FakeRay(16, 0, 1), s.model_copy(update={"ray_actors": 5}), 100).actors == 5
     with pytest.raises(UserError, match="one per actor"):
@@ -262,8 +279,6 @@ def test_stain_normalisation_over_ray_gives_the_local_store(tmp_path, tiny_dinov
     target once), and their parts' footers count the crops left unchanged as local parts do."""
     from test_stain import synth_and_crops
 
-    from histoembed.maths import stain
-
     local = synth_and_crops(cli, tmp_path, train=8, shift=1.0, outliers=True)
     on_ray = tmp_path / "run-ray"
     r = cli("crops", "--data", tmp_path / "data", "--run", on_ray, "--size", 64, "--k", 3, "--workers", 1)
@@ -278,10 +293,10 @@ def test_stain_normalisation_over_ray_gives_the_local_store(tmp_path, tiny_dinov
     rows, emb = sorted_rows(read_store(on_ray))
     assert (rows, emb.shape) == (sorted_rows(read_store(local))[0], sorted_rows(read_store(local))[1].shape)
     np.testing.assert_allclose(emb, sorted_rows(read_store(local))[1], atol=1e-5, rtol=0)
-    ray_dir, local_dir = store.find_feature_store(on_ray), store.find_feature_store(local)
-    assert stain.store_summary(ray_dir) == stain.store_summary(local_dir)
-    assert store.read_meta(store.feature_parts(ray_dir)[0])["stain"] == \
-        store.read_meta(store.feature_parts(local_dir)[0])["stain"]
+    ray_dir, local_dir = feature_store.find_feature_store(on_ray), feature_store.find_feature_store(local)
+    assert feature_store.stain_summary(ray_dir) == feature_store.stain_summary(local_dir)
+    assert store.read_meta(feature_store.feature_parts(ray_dir)[0])["stain"] == \
+        store.read_meta(feature_store.feature_parts(local_dir)[0])["stain"]
 
 
 def ray_processes_of(marker: str) -> list[str]:
@@ -346,10 +361,10 @@ def test_slide_crops_over_ray_tasks_equal_the_local_crops(slide_cohort, cluster,
     local = cli("crops", "--data", data, "--run", slide_cohort / "local", *SLIDE_CROPS, "--workers", 1)
     mapped = []
     real = ray_engine.map_ordered
-    monkeypatch.setattr(ray_engine, "map_ordered", lambda fn, items: mapped.append(fn) or real(fn, items))
+    monkeypatch.setattr(ray_engine, "map_ordered", lambda fn, *args: mapped.append(fn) or real(fn, *args))
     spread = cli("crops", "--data", data, "--run", slide_cohort / "ray", *SLIDE_CROPS, "--engine", "ray")
     assert local.exit_code == 0 and spread.exit_code == 0, local.output + spread.output
-    assert [fn.__name__ for fn in mapped] == ["_crop_alone"]  # the slides went out as Ray tasks
+    assert [fn.__name__ for fn in mapped] == ["_crop_one"]  # the slides went out as Ray tasks
     rows = read_crops(slide_cohort / "ray")
     assert rows == read_crops(slide_cohort / "local")
     assert len(rows) == 4 * 3 and {r["png"] for r in rows} == {None} and {r["level"] for r in rows} == {0}
@@ -376,7 +391,7 @@ def test_slide_patches_embedded_over_ray_give_the_local_engine_s_store(slide_coh
     assert f"embedded {crops * REPEATS} views" in r.output
     local = sorted_rows(read_store(runs["local"]))
     assert_same_store(runs["ray"], local)
-    parts = store.feature_parts(store.find_feature_store(runs["ray"]))
+    parts = feature_store.feature_parts(feature_store.find_feature_store(runs["ray"]))
     assert len(parts) > 1 and all(p.name.startswith(ray_engine.PART_PREFIX) for p in parts)
     again = cli("embed", "--run", runs["ray"], *common)  # the local engine finds the Ray store complete
     assert again.exit_code == 0 and "up to date" in again.output
@@ -394,8 +409,8 @@ def test_a_ray_worker_opens_each_slide_once(slide_cohort, cluster):
         from histoembed.stages.crops import run_crops
 
         run_crops(slide_cohort / "manifest.csv", run, CropSettings(size=64, mpp=0.5, max_patches=3, workers=1))
-    index = ray_engine.CropIndex.read(run)
-    units = ray_engine._units(index, list(range(len(index.ids))), 2)
+    index = feature_store.CropIndex.read(run)
+    units = ray_engine._part_units(index, list(range(len(index.ids))), 2)
 
     @ray.remote(num_cpus=1)
     def decode(units, crops_path):

@@ -14,6 +14,7 @@ import pytest
 from histoembed.core import store
 from histoembed.inputs import slides
 from histoembed.tools.synthetic import SlideSpec, write_slide
+from test_slides import SMALL_FIT
 
 FIXTURES = Path(__file__).parent / "data" / "openslide"
 
@@ -131,3 +132,34 @@ def test_stated_scale_rules():
     assert slides.base_mpp(Fake({}), "x.svs", fallback=0.5) == 0.5
     assert slides.base_mpp(Fake({"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.25"}), "x.svs", 0.5) == 0.25
     assert slides.base_mpp(Fake({"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.25"}), "x.svs", 0.5, True) == 0.5
+
+
+def test_openslides_own_test_slides_mixed_with_good_ones_go_through_to_submit(tmp_path, cli, tiny_dinov2):
+    """OpenSlide's fixtures (tests/data/openslide) beside good slides, listed by absolute path: every bad one named
+    (too small, a default 72-dpi scale, undecodable tiles, an unsupported TIFF), every good one through to
+    ``submit``, whose rows cover every test slide (the skipped ones with the class prior)."""
+
+
+    rows = []
+    for i, label in enumerate(["benign", "malignant", "benign", "malignant"]):
+        write_slide(tmp_path / f"good{i}.svs", SlideSpec(40 + i, 2400, 1800, label))
+        rows.append((f"good{i}.svs", "", label, "train", f"p{i}"))
+    write_slide(tmp_path / "good4.svs", SlideSpec(44, 2400, 1800, "benign"))
+    rows.append(("good4.svs", "", "", "test", "p4"))
+    bad = ["small.svs", "boxes.tiff", "boxes_0.dcm", "unreadable.svs", "unopenable.tiff"]
+    rows += [(str(FIXTURES / name), "", "", "test", f"q{i}") for i, name in enumerate(bad)]
+    _manifest(tmp_path, rows)
+    (tmp_path / "histoembed.toml").write_text(SMALL_FIT.format(encoder=tiny_dinov2))
+    r = cli("crops", "--data", "manifest.csv", "--slide-mpp", "0.25", "--max-patches", "6", cwd=tmp_path)
+    out = _out(r)
+    assert r.exit_code == 0, r.output
+    assert "smaller than one 224-px patch" in out.split("small.svs")[1]
+    assert "boxes.tiff" in out and "boxes_0.dcm" in out and "Traceback" not in out
+    assert "unreadable.svs: unreadable or truncated slide" in out
+    assert "unopenable.tiff" in out
+    for args in (["embed", "--repeats", "1"], ["fit", "--folds", "2", "--heads", "logreg"], ["submit"]):
+        r = cli(*args, cwd=tmp_path)
+        assert r.exit_code == 0, (args, r.output)
+    with (tmp_path / "run" / "submission.csv").open() as f:
+        submitted = [row["sample_index"] for row in csv.DictReader(f)]
+    assert submitted == [row[0] for row in rows if row[3] == "test"]

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.config import CropSettings
 from histoembed.inputs import slides
 from histoembed.inputs.dataset import load_dataset
@@ -117,11 +117,18 @@ def cohort(tmp_path_factory, tiny_dinov2) -> Path:
 
 
 def test_readme_commands_on_a_slide_cohort_give_one_row_per_test_slide(cohort, cli):
+    said = {}
     for args in (["qc", "--data", "manifest.csv"], ["crops", "--data", "manifest.csv", "--mpp", "0.5"],
                  ["embed", "--repeats", "2"], ["fit", "--folds", "5", "--heads", "abmil,xgb"], ["submit"]):
         r = cli(*args, cwd=cohort)
         assert r.exit_code == 0, (args, r.output)
+        said[args[0]] = " ".join(r.output.split())
     crops = pq.read_table(cohort / "run" / store.CROPS_FILE)
+    # issue 36: the console speaks of slides and patches, never of images and crops, on a slide cohort
+    assert "QC of 16 slides" in said["qc"] and f"{len(crops)} patches from 16 slides" in said["crops"]
+    assert "patches per slide: min" in said["crops"] and "Out of fold: 12 slides" in said["fit"]
+    assert "┃ slides" in said["submit"]
+    assert not any(w in text for text in said.values() for w in (" images", "image(s)", " crops from"))
     assert crops["png"].null_count == len(crops)  # coordinates, no pixels
     assert set(crops["strategy"].to_pylist()) == {"slide-grid"} and set(crops["mpp"].to_pylist()) == {0.5}
     assert crops["x1"].to_pylist()[0] - crops["x0"].to_pylist()[0] == 448  # 224 px at 0.5 um/px from 0.25
@@ -130,13 +137,13 @@ def test_readme_commands_on_a_slide_cohort_give_one_row_per_test_slide(cohort, c
     with (cohort / "run" / "submission.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["sample_index"] for r in rows] == tests
-    feats = store.read_features(store.find_feature_store(cohort / "run"))
+    feats = feature_store.read_features(feature_store.find_feature_store(cohort / "run"))
     assert set(np.unique(feats.view)) == {0, 1}
 
 
 def test_embedded_patches_are_the_slides_pixels(cohort, cli):
     """What the embed workers read (CropBatches) equals OpenSlide's read_region of the stored box and level."""
-    from histoembed.engines.seams import CropBatches
+    from histoembed.engines.batches import CropBatches
 
     path = cohort / "run" / store.CROPS_FILE
     t = pq.read_table(path).slice(0, 5).to_pylist()
@@ -255,6 +262,28 @@ def test_no_tissue_wrong_aspect_mask_and_patient_leakage_are_named(bad_cohort, c
     assert "Traceback" not in r.output
     ds = load_dataset(bad_cohort / "manifest.csv")
     assert [s.image_id for s in ds.samples if s.slide] == ["s0.svs", "s1.svs", "blank.svs"]
+
+
+def test_a_mixed_cohort_counts_images_and_slides_each_in_their_words(bad_cohort, cli):
+    """Issue 36: flat images and slides in one manifest; qc and crops count each kind on its own."""
+    from histoembed.tools.synthetic import tissue_image
+
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(tissue_image(rng, 320, 256, "Luminal A")[0]).save(bad_cohort / name)
+    _manifest(bad_cohort, [("s0.svs", "", "benign", "train", ""), ("s1.svs", "", "malignant", "train", ""),
+                           ("a.png", "", "malignant", "train", ""), ("b.png", "", "", "test", ""),
+                           ("s2.svs", "", "", "test", "")])
+    r = cli("qc", "--data", "manifest.csv", "--no-embed", cwd=bad_cohort)
+    assert r.exit_code == 0, r.output
+    assert "QC of 2 images and 3 slides" in " ".join(r.output.split())
+    r = cli("crops", "--data", "manifest.csv", cwd=bad_cohort)
+    assert r.exit_code == 0, r.output
+    rows = pq.read_table(bad_cohort / "run" / store.CROPS_FILE, columns=["level"])["level"].to_pylist()
+    crops, patches = sum(v is None for v in rows), sum(v is not None for v in rows)
+    out = " ".join(r.output.split())
+    assert f"{crops} crops from 2 images and {patches} patches from 3 slides" in out, out
+    assert "crops or patches per image or slide: min" in out
 
 
 def test_settings_of_slides_have_help(cli):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.config import MEAN_FILL
 from histoembed.core.errors import UserError
 from histoembed.maths import stain
@@ -146,15 +146,15 @@ def test_embed_stain_norm_normalises_counts_and_keys_the_store(cli, tmp_path, ti
     run = synth_and_crops(cli, tmp_path, train=12, shift=1.0, outliers=True)   # crops of the cartoon and blank too
     plain = embed(cli, run, tiny_vit_64)
     assert "stain normalisation" not in plain
-    none = store.read_features(store.find_feature_store(run))
+    none = feature_store.read_features(feature_store.find_feature_store(run))
     out = embed(cli, run, tiny_vit_64, "--stain-norm", "macenko")
     assert "removed" in out and "stain normalisation (macenko):" in out and "passed through unchanged" in out
-    store_dir = store.find_feature_store(run)
-    meta = store.read_meta(store.feature_parts(store_dir)[0])
+    store_dir = feature_store.find_feature_store(run)
+    meta = store.read_meta(feature_store.feature_parts(store_dir)[0])
     assert meta["stain"]["target"]["source"] == "training crops" and meta["stain"]["fill"] == list(MEAN_FILL)
     saved = json.loads((run / store.FEATURES_DIR / "stain-macenko.json").read_text())
     assert saved["target"] == meta["stain"]["target"]
-    summary = stain.store_summary(store_dir)
+    summary = feature_store.stain_summary(store_dir)
     planted = json.loads((tmp_path / "data" / "planted.json").read_text())["flags"]
     left = {image for _, image, _ in summary["unchanged_crops"]}
     assert left == {k for k, v in planted.items() if v == "non_tissue"}   # the cartoon: not H&E
@@ -162,7 +162,7 @@ def test_embed_stain_norm_normalises_counts_and_keys_the_store(cli, tmp_path, ti
     keys = list(zip(crops["split"].to_pylist(), crops["image_id"].to_pylist()))
     assert len(summary["unchanged_crops"]) == keys.count(("train", next(iter(left))))   # every crop of it
     assert summary["normalised"] + summary["unchanged"] == len(crops)
-    normalised = store.read_features(store_dir)
+    normalised = feature_store.read_features(store_dir)
     assert not np.allclose(normalised.embedding, none.embedding)
     assert "up to date" in embed(cli, run, tiny_vit_64, "--stain-norm", "macenko", "--batch-size", 7)
     # A reference image: its stain (not its path) keys the store; the same image elsewhere changes nothing.
@@ -183,15 +183,15 @@ def test_embed_stain_norm_normalises_counts_and_keys_the_store(cli, tmp_path, ti
 
 def test_embed_crops_with_the_stores_normaliser_gives_the_stored_features(cli, tmp_path, tiny_vit_64):
     """What predict does for a new image: the store's metadata rebuilds the normaliser it was embedded with."""
-    from histoembed.engines.seams import embed_crops
+    from histoembed.engines.forward import embed_crops
     from histoembed.inputs.pixels import decode_png
     from histoembed.models.encoders import load_encoder
 
     run = synth_and_crops(cli, tmp_path, train=8, shift=1.0)
     embed(cli, run, tiny_vit_64, "--stain-norm", "macenko")
-    store_dir = store.find_feature_store(run)
-    feats = store.read_features(store_dir)
-    normaliser = stain.from_meta(store.read_meta(store.feature_parts(store_dir)[0])["stain"])
+    store_dir = feature_store.find_feature_store(run)
+    feats = feature_store.read_features(store_dir)
+    normaliser = stain.from_meta(store.read_meta(feature_store.feature_parts(store_dir)[0])["stain"])
     crops = store.read_table(run / store.CROPS_FILE, "crops")
     pixels = np.stack([decode_png(b) for b in crops["png"].to_pylist()[:5]])
     ids, index = crops["image_id"].to_pylist()[:5], crops["crop_index"].to_pylist()[:5]

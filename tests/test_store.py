@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.tools.synthetic import write_synthetic_features
 
 TOML = """
@@ -46,7 +46,7 @@ def make_run(root: Path) -> tuple[Path, Path, Path]:
 
 def rewrite(store_dir: Path, edit) -> None:
     """Replace the store's parts by ``edit(table)``: one table or a list of tables (one part each)."""
-    parts = store.feature_parts(store_dir)
+    parts = feature_store.feature_parts(store_dir)
     table = pa.concat_tables(pq.read_table(p) for p in parts)
     meta = store.read_meta(parts[0])
     for p in parts:
@@ -86,7 +86,7 @@ def test_rows_are_read_in_key_order_so_part_order_changes_nothing(tmp_path):
     shuffled = json.loads((run_b / store.METRICS_FILE).read_text())
     assert shuffled["heads"] == reference["heads"] and shuffled["final"] == reference["final"]
 
-    f = store.read_features(store_b)
+    f = feature_store.read_features(store_b)
     keys = list(zip(f.split, f.image_id, f.crop_index, f.view))
     assert keys == sorted(keys)
 
@@ -103,9 +103,9 @@ def test_a_float16_store_reads_one_split_in_key_order_and_keeps_float16_when_ask
     rng = np.random.default_rng(1)
     for k, ix in enumerate(np.array_split(rng.permutation(len(half)), 3)):   # shuffled over three parts
         store.write_table(half.take(ix), store_dir / f"part-{k:05d}.parquet", meta=meta)
-    everything = store.read_features(store_dir)
-    train = store.read_features(store_dir, split="train")
-    kept = store.read_features(store_dir, split="train", keep_dtype=True)
+    everything = feature_store.read_features(store_dir)
+    train = feature_store.read_features(store_dir, split="train")
+    kept = feature_store.read_features(store_dir, split="train", keep_dtype=True)
     assert set(everything.split) == {"train", "test"} and set(train.split) == {"train"}
     assert everything.embedding.dtype == train.embedding.dtype == np.float32 and kept.embedding.dtype == np.float16
     mine = everything.split == "train"
@@ -176,7 +176,7 @@ def test_stale_features_are_refused_after_the_crops_change(tmp_path):
 def test_a_corrupt_part_is_called_corrupt(tmp_path, damage):
     run, config, store_dir = make_run(tmp_path)
     rewrite(store_dir, lambda t: [t.slice(0, 40), t.slice(40)])
-    part = store.feature_parts(store_dir)[1]
+    part = feature_store.feature_parts(store_dir)[1]
     data = part.read_bytes()
     part.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"x" * len(data))
     r = fit(run, config)

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.stages.submit import run_submit
 
 
@@ -115,7 +115,7 @@ def test_features_the_models_were_not_fitted_on_are_refused(pipeline_run, tmp_pa
     data, run = pipeline_run
     run_copy = tmp_path / "run"
     shutil.copytree(run, run_copy)
-    slug = store.find_feature_store(run_copy).name
+    slug = feature_store.find_feature_store(run_copy).name
     write_synthetic_features(run_copy, n_images=24, n_test=6, dim=7, encoder=slug)  # same ids, 7-d
     r = cli("submit", "--data", data, "--run", run_copy)
     assert r.exit_code == 2 and "7-d" in r.output and f"{load_ensemble(run).dim}-d" in r.output

@@ -266,7 +266,7 @@ def test_timm_encoders_from_the_cache_run_embed_fit_submit_predict_offline(zoo_c
     on the same crops and views, then each through fit, submit and predict, as separate processes, offline."""
     import csv
 
-    from histoembed.core import store
+    from histoembed.core import feature_store, store
     from histoembed.tools.synthetic import make_dataset
     from test_end_to_end import small_settings_toml
 
@@ -286,7 +286,7 @@ def test_timm_encoders_from_the_cache_run_embed_fit_submit_predict_offline(zoo_c
     histoembed("crops")
     histoembed("embed", "--encoder", "virchow2", "--encoder", by_id, "--repeats", "2")
     run = tmp_path / "run"
-    stores = {name: store.read_features(store.find_feature_store(run, name)) for name in ("virchow2", by_id)}
+    stores = {name: feature_store.read_features(feature_store.find_feature_store(run, name)) for name in ("virchow2", by_id)}
     keys = {name: sorted(zip(f.image_id.tolist(), f.crop_index.tolist(), f.view.tolist()))
             for name, f in stores.items()}
     assert keys["virchow2"] == keys[by_id] and len(keys["virchow2"]) > 0      # the same crops and views

@@ -18,7 +18,7 @@ from histoembed.stages import PIPELINE
 
 app = typer.Typer(
     name="histoembed",
-    help="Classify histology images with a frozen pathology foundation model.\n\n"
+    help="Classify histology images and whole slides with a frozen pathology foundation model.\n\n"
          "Run the stages in order in a folder that holds data/: qc, crops, embed, fit, submit. "
          "Each writes to run/ and skips work whose inputs and settings have not changed.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -27,7 +27,8 @@ app = typer.Typer(
 
 DataOpt = Annotated[Path, typer.Option(
     "--data", help="Data folder (reference layout: train_data/, test_data/, train_labels.csv) "
-                   "or a manifest CSV with columns image,mask,label,split.")]
+                   "or a manifest CSV with columns image,mask,label,split (and group); an image may be a whole "
+                   "slide (SVS, NDPI, MRXS, pyramidal TIFF, ...).")]
 RunDataOpt = Annotated[Path | None, typer.Option(
     "--data", help="Data folder or manifest CSV; default: the one `histoembed crops` cut this run's crops from "
                    "(its files must be unchanged since).")]
@@ -39,9 +40,9 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed of every rando
 StrictOpt = Annotated[bool, typer.Option(
     "--strict", help="Stop on the first bad item instead of skipping it and listing it at the end.")]
 VerifyDataOpt = Annotated[bool, typer.Option(
-    "--verify-data", help="Hash every image and mask again to check the data is unchanged, instead of trusting "
-                          "stamps cached by file size and modification time (which miss an in-place edit that "
-                          "keeps both, e.g. `cp -p`, `rsync -t`). Slower; use it before a final submission.")]
+    "--verify-data", help="Hash every image (or slide) and mask again to check the data is unchanged, instead of "
+                          "trusting stamps cached by file size and modification time (which miss an in-place edit "
+                          "that keeps both, e.g. `cp -p`, `rsync -t`). Slower; use it before a final submission.")]
 
 # `histoembed --help` lists the stages in pipeline order in one panel, then the tools beside the pipeline.
 TOOLS = ("synth", "demo", "compare", "config", "encoders")
@@ -159,6 +160,6 @@ def _root(ctx: typer.Context,
               "--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
           progress: Annotated[bool, typer.Option(
               "--progress/--no-progress", help="Progress bars on stderr while a stage works.")] = True) -> None:
-    """Classify histology images with a frozen pathology foundation model."""
+    """Classify histology images and whole slides with a frozen pathology foundation model."""
     previous = show_progress(progress)
     ctx.call_on_close(lambda: show_progress(previous))  # in-process callers (tests, notebooks) get theirs back

@@ -1,4 +1,4 @@
-"""`histoembed crops`: cut square tissue crops into run/crops.parquet."""
+"""`histoembed crops`: cut square tissue crops of images and lay patch grids on slides into run/crops.parquet."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rich.markup import escape
 from histoembed.cli.app import ConfigOpt, DataOpt, RunOpt, StrictOpt, VerifyDataOpt, command, setting, stage_settings
 from histoembed.core import config as cfg
 from histoembed.core.config import Engine, MaskMode, Strategy
-from histoembed.core.console import console
+from histoembed.core.console import console, items, noun
 from histoembed.core.errors import UserError
 from histoembed.stages.crops import run_crops
 
@@ -62,25 +62,27 @@ def crops(
     thumb_mpp: Annotated[float | None, setting("crops.thumb_mpp")] = None,
     min_tissue_area: Annotated[float | None, setting("crops.min_tissue_area")] = None,
     slide_mpp: Annotated[float | None, setting("data.slide_mpp")] = None,
+    force_slide_mpp: Annotated[bool | None, setting("data.force_slide_mpp")] = None,
+    allow_upsample: Annotated[bool | None, setting("crops.allow_upsample")] = None,
     workers: Annotated[int | None, setting("crops.workers")] = None,
     engine: Annotated[Engine | None, setting("crops.engine")] = None,
     ray_address: Annotated[str | None, setting("crops.ray_address")] = None,
     strict: StrictOpt = False,
     max_pixels: Annotated[int | None, setting("data.max_pixels")] = None,
     keep: Annotated[list[str] | None, typer.Option(
-        "--keep", help="Crop this QC-flagged training image anyway (repeatable), e.g. --keep img_0042.png.")]
+        "--keep", help="Crop this QC-flagged training image or slide anyway (repeatable), e.g. --keep img_0042.png.")]
         = None,
     include_flagged: Annotated[bool, typer.Option(
-        "--include-flagged", help="Crop every training image, even those QC flagged.")] = False,
+        "--include-flagged", help="Crop every training image and slide, even those QC flagged.")] = False,
     verify_data: VerifyDataOpt = False,
 ) -> None:
-    """Cut square tissue crops from both splits into run/crops.parquet.
+    """Cut square tissue crops from the images of both splits (patches from whole slides) into run/crops.parquet.
 
     Whole slides (SVS, NDPI, MRXS, pyramidal TIFF, DICOM ... in a manifest) get patches as coordinates:
     a grid of --size px patches at --mpp microns per pixel over the tissue found on a thumbnail.
 
-    With run/qc.parquet present, QC-flagged training images are left out and green ink is
-    repaired before cropping; test images are never left out. Stops when the images changed
+    With run/qc.parquet present, QC-flagged training images and slides are left out and green ink is
+    repaired before cropping; test items are never left out. Stops when the images or slides changed
     since run/qc.parquet was written (run `histoembed qc` again).
     """
     settings = stage_settings(config, "crops", strategy=strategy, k=k, min_area=min_area, margin=margin,
@@ -88,21 +90,28 @@ def crops(
                               min_tissue=min_tissue, max_crops=max_crops, mask_mode=mask_mode,
                               scales=_parse_scales(scales), mpp=mpp, overlap=overlap, max_patches=max_patches,
                               thumb_mpp=thumb_mpp, min_tissue_area=min_tissue_area, workers=workers, engine=engine,
+                              allow_upsample=allow_upsample,
                               ray_address=ray_address)
-    data_settings = cfg.override(settings.data, max_pixels=max_pixels, slide_mpp=slide_mpp)
+    data_settings = cfg.override(settings.data, max_pixels=max_pixels, slide_mpp=slide_mpp,
+                                 force_slide_mpp=force_slide_mpp)
     result = run_crops(data, run, settings.crops, strict=strict, keep=list(keep or []), include_flagged=include_flagged,
-                       max_pixels=data_settings.max_pixels, verify_data=verify_data, slide_mpp=data_settings.slide_mpp)
+                       max_pixels=data_settings.max_pixels, verify_data=verify_data, slide_mpp=data_settings.slide_mpp,
+                       force_slide_mpp=data_settings.force_slide_mpp)
     for w in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
     if result.skipped:
         console.print(f"{result.path} is up to date (same inputs and settings); nothing to do.", soft_wrap=True)
     lo, median, hi = result.per_image
+    images, slides = result.images - result.slides, result.slides
     scales = settings.crops.scales
     per_scale = f" ({len(scales)} scales: {', '.join(f'{s:g}' for s in scales)})" if len(scales) > 1 else ""
-    console.print(f"{result.crops} crops{per_scale} from {result.images} images in {result.path}; "
-                  f"crops per image: min {lo}, median {median:g}, max {hi}", soft_wrap=True)
+    console.print(f"{items(images, slides, result.crops - result.patches, result.patches)}{per_scale} in "
+                  f"{result.path}; {noun(images, slides, piece=True, number='s')} per {noun(images, slides)}: "
+                  f"min {lo}, median {median:g}, max {hi}", soft_wrap=True)
     if result.left_out:
-        console.print(f"left out {len(result.left_out)} training image(s) flagged by QC: "
+        flagged_slides = sum(f"train/{name}" in result.slide_keys for name in result.left_out)
+        console.print(f"left out {len(result.left_out)} training "
+                      f"{noun(len(result.left_out) - flagged_slides, flagged_slides, number='(s)')} flagged by QC: "
                       f"{', '.join(result.left_out[:10])}{' ...' if len(result.left_out) > 10 else ''} "
                       "(--include-flagged or --keep ID to crop them)", soft_wrap=True)
     if result.repaired:

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
-from histoembed.core.console import console, table
+from histoembed.core.console import console, noun, table
+from histoembed.inputs.provenance import run_kinds
 from histoembed.stages.drift import DriftResult, run_drift
 
 
@@ -47,8 +48,10 @@ def show(result: DriftResult) -> None:
         return
     rows = [[stain, f"{r['stain']['train'][stain]['median']:.3f}", f"{r['stain']['test'][stain]['median']:.3f}",
              f"{r['stain_difference'][stain]:+.2f}"] for stain in r["stain_difference"]]
-    table(f"Stain density of the crops' tissue (median per image; {r['images']['train']} training, "
-          f"{r['images']['test']} test images)", ["stain", "train", "test", "difference (SD)"], rows)
+    kinds = run_kinds(result.path.parent)
+    table(f"Stain density of the {noun(*kinds, piece=True, number='s')}' tissue (median per {noun(*kinds)}; "
+          f"{r['images']['train']} training, {r['images']['test']} test {noun(*kinds, number='s')})",
+          ["stain", "train", "test", "difference (SD)"], rows)
     style = "[yellow]warning:[/] " if r["shifted"] else ""
     console.print(f"{style}{r['finding']}", soft_wrap=True)
     if not result.skipped:

@@ -1,4 +1,4 @@
-"""`histoembed embed`: embed every crop in r views with a frozen encoder into run/features/<encoder>/."""
+"""`histoembed embed`: embed every crop or slide patch in r views with a frozen encoder into run/features/<encoder>/."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import typer
 
 from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
 from histoembed.core.config import Device, Engine, Pool, Precision, StainNorm, StoreDtype
-from histoembed.core.console import console
+from histoembed.core.console import console, noun
+from histoembed.inputs.provenance import run_kinds
 
 
 @command("embed")
@@ -40,11 +41,12 @@ def embed(
     stain_target: Annotated[str | None, setting("embed.stain_target", metavar="FILE")] = None,
     stain_min_tissue: Annotated[float | None, setting("embed.stain_min_tissue")] = None,
     shard: Annotated[str | None, typer.Option(
-        "--shard", metavar="I/N", help="Embed only the I-th of N deterministic slices of the crops (from 0), into "
-                                       "this shard's own parts, so N processes or GPUs share one run; readers see "
-                                       "all. Default: the whole run, or RANK/WORLD_SIZE under torchrun.")] = None,
+        "--shard", metavar="I/N", help="Embed only the I-th of N deterministic slices of the crops or patches (from "
+                                       "0), into this shard's own parts, so N processes or GPUs share one run; readers "
+                                       "see all. Default: the whole run, or RANK/WORLD_SIZE under torchrun.")] = None,
 ) -> None:
-    """Embed every crop of run/crops.parquet in r views with one or more frozen encoders into run/features/<encoder>/.
+    """Embed every crop (or slide patch) of run/crops.parquet in r views with one or more frozen encoders into
+    run/features/<encoder>/.
 
     Interrupted runs (Ctrl-C, a killed job) resume where they stopped; a finished run with the
     same settings does nothing; changed settings replace the old features.
@@ -61,10 +63,12 @@ def embed(
 
     shard_ = parse_shard(shard) if shard else default_shard()
     for result in run_embeds(run, settings.embed, settings.augment, shard=shard_):
+        kinds = run_kinds(run)
         if result.removed_parts:
             console.print(f"removed {result.removed_parts} part(s) written with other settings", soft_wrap=True)
         if result.skipped:
-            console.print(f"{result.store_dir} is up to date ({result.rows:,} rows, same crops and settings); "
+            console.print(f"{result.store_dir} is up to date ({result.rows:,} rows, same "
+                          f"{noun(*kinds, piece=True, number='s')} and settings); "
                           "nothing to do.", soft_wrap=True)
             continue
         if result.precision_check:
@@ -75,14 +79,14 @@ def embed(
         console.print(f"embedded {result.new_rows:,} views ({rate:,.1f}/s) with {result.encoder} "
                       f"({result.dim}-d); {result.rows:,} rows in {result.store_dir}", soft_wrap=True)
         if result.stain:
-            console.print(stain_line(result.stain_norm, result.stain), soft_wrap=True)
+            console.print(stain_line(result.stain_norm, result.stain, kinds), soft_wrap=True)
 
 
-def stain_line(method: str, summary: dict) -> str:
-    """What stain normalisation did to the store's crops, in words."""
-    line = f"stain normalisation ({method}): {summary['normalised']:,} crop(s) normalised"
+def stain_line(method: str, summary: dict, kinds: tuple[int, int] = (1, 0)) -> str:
+    """What stain normalisation did to the store's crops (or patches: ``kinds`` is (images, slides)), in words."""
+    line = f"stain normalisation ({method}): {summary['normalised']:,} {noun(*kinds, True, '(s)')} normalised"
     if summary["unchanged"]:
-        examples = ", ".join(f"{s} {i} crop {c}" for s, i, c in summary["unchanged_crops"][:3])
+        examples = ", ".join(f"{s} {i} {noun(*kinds, True)} {c}" for s, i, c in summary["unchanged_crops"][:3])
         line += (f", {summary['unchanged']:,} passed through unchanged (too little tissue, or not H&E), e.g. "
                  f"{examples}")
     return line

@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import pyarrow.parquet as pq
 
 from histoembed.cli import drift as drift_cli
 from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
+from histoembed.core import store
 from histoembed.core.config import EncoderFusion, Offsets, ScaleFusion, SelectBy
-from histoembed.core.console import console, table
+from histoembed.core.console import console, items, noun, table
 from histoembed.core.errors import UserError
+from histoembed.inputs.provenance import run_kinds
 from histoembed.stages.drift import run_drift
 from histoembed.stages.fit import parse_encoders, run_fit
 from histoembed.models.heads import check_names
@@ -48,7 +51,7 @@ def fit(
     """Cross-validate heads on the training features; calibrate, fuse, choose class offsets and conformal sets.
 
     Writes run/models/, run/calibration.json, run/oof.parquet and run/metrics.json; then checks whether the
-    test images look like the training images (run/drift.json, see `histoembed drift`).
+    test images (or slides) look like the training ones (run/drift.json, see `histoembed drift`).
 
     Every reported number comes from predictions whose model, temperatures, fusion weights, offsets and
     conformal thresholds never saw the image.
@@ -72,15 +75,16 @@ def fit(
     result = run_fit(run, settings.fit)
     encoders = parse_encoders(settings.fit.encoder)
     if result.unlabelled:
-        console.print(f"[yellow]note:[/] {len(result.unlabelled)} training image(s) in the features have no label "
-                      f"in crops.parquet and were left out (e.g. {result.unlabelled[0]})", soft_wrap=True)
+        console.print(f"[yellow]note:[/] {len(result.unlabelled)} training {_noun(run, result.unlabelled)} in "
+                      f"the features have no label in crops.parquet and were left out (e.g. {result.unlabelled[0]})",
+                      soft_wrap=True)
     if result.excluded_flagged:
-        console.print(f"QC: {len(result.excluded_flagged)} flagged training image(s) left out "
-                      "(--include-flagged keeps them)", soft_wrap=True)
+        console.print(f"QC: {len(result.excluded_flagged)} flagged training {_noun(run, result.excluded_flagged)} "
+                      "left out (--include-flagged keeps them)", soft_wrap=True)
     if result.skipped:
         console.print(f"{run}/models is up to date (same features, labels, QC and settings); nothing to do.",
                       soft_wrap=True)
-    print_summary(result.metrics)
+    print_summary(result.metrics, _trained(run, result.metrics["images"]))
     if not result.skipped:
         console.print(f"wrote {run}/models, calibration.json, oof.parquet, metrics.json "
                       f"in {result.seconds:.1f} s", soft_wrap=True)
@@ -112,7 +116,22 @@ def temperature_line(head: str, decision: dict) -> str:
     return f"calibration, {head}: T = 1 for the test set, {where} (T = 1 because {decision['why']})"
 
 
-def print_summary(metrics: dict) -> None:
+def _noun(run: Path, names: list[str]) -> str:
+    """"image(s)", "slide(s)" or both, for these training items."""
+    return noun(*run_kinds(run, [f"train/{name}" for name in names]), number="(s)")
+
+
+def _trained(run: Path, n: int) -> tuple[int, int]:
+    """(images, slides) among the ``n`` training items of the out-of-fold table."""
+    oof = run / store.OOF_FILE
+    if not run_kinds(run)[1] or not oof.exists():
+        return n, 0
+    ids = pq.read_table(oof, columns=["image_id"])["image_id"].to_pylist()
+    return run_kinds(run, [f"train/{i}" for i in dict.fromkeys(ids)])
+
+
+def print_summary(metrics: dict, kinds: tuple[int, int] | None = None) -> None:
+    """The out-of-fold table; ``kinds``: (images, slides) the metrics count (all images when not given)."""
     rows = []
     temps = metrics.get("temperatures", {})
     for head, m in metrics["heads"].items():
@@ -121,7 +140,7 @@ def print_summary(metrics: dict) -> None:
                      f"{m['nll_before_calibration']:.2f}→{m['nll']:.2f}",
                      f"{m['ece_before_calibration']:.2f}→{m['ece']:.2f}", temperature_cell(temps.get(head))])
     flagged = metrics.get("excluded_flagged")
-    table(f"Out of fold: {metrics['images']} images, {metrics['folds']} folds, seed {metrics['seed']}"
+    table(f"Out of fold: {items(*(kinds or (metrics['images'], 0)))}, {metrics['folds']} folds, seed {metrics['seed']}"
           + (f" ({flagged} QC-flagged left out)" if flagged else ""),
           ["head", "macro-F1", "95% CI", "folds", "acc.", "NLL T=1→T", "ECE T=1→T", "T"], rows)
     for head, decision in temps.items():

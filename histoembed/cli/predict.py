@@ -12,8 +12,9 @@ from histoembed.cli.app import ConfigOpt, RunDataOpt, RunOpt, VerifyDataOpt, com
 from histoembed.core import config as cfg
 from histoembed.core import store
 from histoembed.core.config import Device
-from histoembed.core.console import console, table
+from histoembed.core.console import console, noun, table
 from histoembed.core.errors import UserError
+from histoembed.inputs.slides import is_slide
 from histoembed.stages.predict import predict_images, resolve_images
 
 
@@ -55,7 +56,9 @@ def predict(
     names = [None if Path(i).is_file() else str(i) for i in images]  # a name from the run's data keys its views
     preds = predict_images(run, paths, masks, tta=tta, device=device, max_pixels=limit, image_ids=names)
     classes = list(preds[0].probs)
-    table("Predictions", ["image", "label", *classes, "crops"],
+    slides = sum(is_slide(p.image) for p in preds)
+    kinds = (len(preds) - slides, slides)
+    table("Predictions", [noun(*kinds), "label", *classes, noun(*kinds, piece=True, number="s")],
           [[p.image.name, p.label, *p.probs.values(), p.crops] for p in preds])
     for p in preds:
         if p.fallback:

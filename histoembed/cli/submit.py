@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from histoembed.cli.app import EncoderOpt, RunDataOpt, RunOpt, VerifyDataOpt, command
-from histoembed.core.console import console, table
+from histoembed.core.console import console, noun, table
+from histoembed.inputs.provenance import run_kinds
 from histoembed.stages.submit import run_submit
 
 
@@ -23,8 +24,11 @@ def submit(
 ) -> None:
     """Predict the test split with the fold ensemble and write run/submission.csv."""
     result = run_submit(data, run, encoder=encoder, tta=tta, verify_data=verify_data)
-    table("Predicted labels", ["label", "images"], [[c, n] for c, n in result.counts.items()])
+    kinds = run_kinds(run, [f"test/{name}" for name in result.image_ids])
+    table("Predicted labels", ["label", noun(*kinds, number="s")], [[c, n] for c, n in result.counts.items()])
     if result.fallbacks:
-        console.print(f"[yellow]{len(result.fallbacks)} test image(s) had no usable crop and were predicted "
+        lost = run_kinds(run, [f"test/{name}" for name in result.fallbacks])
+        console.print(f"[yellow]{len(result.fallbacks)} test {noun(*lost, number='(s)')} had no usable "
+                      f"{noun(*lost, piece=True)} and were predicted "
                       f"by the training-class prior:[/] {', '.join(result.fallbacks)}", soft_wrap=True)
     console.print(f"wrote {result.submission} ({result.n_images} rows) and {result.predictions}", soft_wrap=True)

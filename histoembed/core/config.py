@@ -73,7 +73,7 @@ def runtime_only(settings: type[BaseModel]) -> set[str]:
 
 
 class DataSettings(_Settings):
-    """How images are read, by every stage that reads them (qc, crops, predict)."""
+    """How images and whole slides are read, by every stage that reads them (qc, crops, predict)."""
 
     max_pixels: int = Field(64_000_000, ge=1, description="Images whose header says more pixels than this "
                             "(width x height) are skipped before decoding, as likely decompression bombs; "
@@ -122,8 +122,8 @@ class CropSettings(_Settings):
     workers: int = Field(0, ge=0, description="Worker processes (0: all cores; 1: in this process).",
                          json_schema_extra=NO_OUTPUT_CHANGE)
     engine: Engine = Field("local", description="local: worker processes on this machine; ray: one Ray task per "
-                           "image over a Ray cluster (needs `pip install histoembed[ray]`; the data folder must be "
-                           "on a file system every node sees). Same crops either way.",
+                           "image or slide over a Ray cluster (needs `pip install histoembed[ray]`; the data folder "
+                           "must be on a file system every node sees). Same crops either way.",
                            json_schema_extra=NO_OUTPUT_CHANGE)
     ray_address: str | None = Field(None, description=RAY_ADDRESS_HELP, json_schema_extra=NO_OUTPUT_CHANGE)
 
@@ -255,7 +255,7 @@ class QCSettings(_Settings):
     max_flat_fraction: float = Field(0.6, ge=0, le=1, description="Flag non_tissue when this share of the non-background is flat colour.")
     max_ink_fraction: float = Field(0.5, ge=0, le=1, description="Flag non_tissue when green 'ink' covers this much (not a smear).")
     min_tissue_in_mask: float = Field(0.05, ge=0, le=1, description="Flag blank when less of the mask than this is tissue.")
-    encoder: str = Field("efficientnet-lite0", description="Encoder of the image thumbnails for the outlier score.")
+    encoder: str = Field("efficientnet-lite0", description="Encoder of the image (or slide) thumbnails for the outlier score.")
     knn_k: int = Field(5, ge=1, description="Neighbours for the embedding outlier score.")
     outlier_z: float = Field(6.0, gt=0, description="Flag outlier above this robust z-score of the kNN embedding distance.")
     duplicate_cosine: float = Field(0.98, gt=0, le=1, description="Near-duplicates: centred cosine of mean embeddings at least this.")
@@ -324,7 +324,7 @@ class FitSettings(_Settings):
     seeds: int = Field(1, ge=1, description="Repeated cross-validation: rerun the folds with this many seeds (seed, "
                        "seed+1, ...) and report the mean and spread of every metric over the repeats; the first seed's "
                        "models, decisions and intervals are kept (what submit uses does not change).")
-    include_flagged: bool = Field(False, description="Train on training images that `histoembed qc` flagged.")
+    include_flagged: bool = Field(False, description="Train on training images (or slides) that `histoembed qc` flagged.")
     inner_val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of the training folds kept for early stopping.")
     weight_grid: int = Field(21, ge=2, description="Fusion weights tried on [0, 1].")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples of every 95% interval in metrics.json (macro-F1, "

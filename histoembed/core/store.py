@@ -1,4 +1,4 @@
-"""Parquet schemas, readers and atomic writers: the contracts between stages.
+"""The run folder's files: names, atomic writers, JSON, keys and stamps, Parquet helpers, the crops and QC tables.
 
 Every file a stage writes goes to a temporary name in the same folder and is renamed
 into place only when complete, so a crash or Ctrl-C never leaves a file that a later
@@ -9,6 +9,8 @@ that produced it), ``version`` and ``schema``.
 Every table identifies an image by ``(split, image_id)``: the reference challenge numbers
 both splits from ``img_0000.png``, so a name alone is ambiguous. Files written before that
 (``schema`` 1 or missing) are refused where they are read, never joined by name.
+
+The feature store (``run/features/<encoder>/``) has its own module, :mod:`histoembed.core.feature_store`.
 """
 
 from __future__ import annotations
@@ -20,12 +22,10 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
@@ -348,23 +348,7 @@ def read_qc(run: str | Path) -> pa.Table | None:
     return read_table(path, "QC table", hint="re-run `histoembed qc`", stage="qc")
 
 
-# ---------------------------------------------------------------- features/<encoder>/
-
-FEATURE_COLUMNS = ("image_id", "split", "crop_index", "view", "embedding")
-CROP_HASH = "crop_hash"  # optional column: the digest of the crop's PNG, so changed crops are found one by one
-
-
-def feature_schema(dim: int, dtype: str = "float32", crop_hash: bool = False) -> pa.Schema:
-    value = pa.float16() if dtype == "float16" else pa.float32()
-    return pa.schema([
-        ("image_id", pa.string()),
-        ("split", pa.string()),
-        ("crop_index", pa.int32()),
-        ("view", pa.int16()),
-        ("embedding", pa.list_(value, dim)),
-        *([(CROP_HASH, pa.string())] if crop_hash else []),
-    ])
-
+# ---------------------------------------------------------------- crops' digests and image keys
 
 def train_crops_digest(run: str | Path) -> str:
     """The digest of every training crop's pixels in ``run/crops.parquet``, in the store's order."""
@@ -398,65 +382,6 @@ def crop_hashes(crops_path: str | Path) -> list[str]:
                         hint="delete it and re-run `histoembed crops`") from None
 
 
-def encoder_list(text: str) -> list[str]:
-    """The encoders of a comma list, in order, each once; two that would share a store folder are refused."""
-    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    slugs: dict[str, str] = {}
-    for n in names:
-        other = slugs.setdefault(encoder_slug(n), n)
-        if other != n:
-            raise UserError(f"encoders {other!r} and {n!r} share the same store "
-                            f"(run/{FEATURES_DIR}/{encoder_slug(n)})", hint="give each encoder once")
-    return names
-
-
-def encoder_slug(encoder: str) -> str:
-    """A folder name for an encoder id or path: ``owkin/phikon-v2`` -> ``owkin--phikon-v2``."""
-    name = str(encoder).rstrip("/")
-    if os.sep in name and Path(name).exists():
-        name = Path(name).name
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.replace("/", "--"))
-
-
-@dataclass
-class Features:
-    """All embeddings of a feature store, one row per (image, crop, view)."""
-
-    image_id: np.ndarray    # object array of str
-    split: np.ndarray       # object array of str
-    crop_index: np.ndarray  # int32
-    view: np.ndarray        # int16
-    embedding: np.ndarray   # float32 [N, D]
-    meta: dict              # the store's metadata (encoder, dim, pool, augment, seed, ...)
-    crop_hash: np.ndarray | None = None  # digest of each row's crop PNG, where the store has it
-    scale: np.ndarray | None = None      # float32 scale of each row's crop, once :func:`with_scales` added it
-
-    def __len__(self) -> int:
-        return len(self.image_id)
-
-    def subset(self, mask: np.ndarray) -> Features:
-        return Features(self.image_id[mask], self.split[mask], self.crop_index[mask],
-                        self.view[mask], self.embedding[mask], self.meta,
-                        None if self.crop_hash is None else self.crop_hash[mask],
-                        None if self.scale is None else self.scale[mask])
-
-    def keys(self) -> np.ndarray:
-        """Each row's image as one string ``split/image_id`` (object array), for grouping and joins."""
-        return image_keys(self.split, self.image_id)
-
-
-def with_scales(features: Features, run: str | Path) -> Features:
-    """``features`` with each row's crop scale from ``run/crops.parquet`` (the store itself holds crops by index)."""
-    scales = crop_scales(run)
-    try:
-        scale = np.array([scales[(s, i, int(c))] for s, i, c in zip(features.split, features.image_id,
-                                                                     features.crop_index)], dtype=np.float32)
-    except KeyError as e:
-        raise UserError(f"the features hold a crop that {CROPS_FILE} does not ({e.args[0]})",
-                        path=Path(run) / CROPS_FILE, hint="run `histoembed embed` after `histoembed crops`") from None
-    return replace(features, scale=scale)
-
-
 def image_keys(split, image_id) -> np.ndarray:
     """``split/image_id`` strings: one value per image even when names repeat across splits.
 
@@ -473,222 +398,3 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     dim = arr.type.list_size
     values = arr.flatten().to_numpy(zero_copy_only=False)
     return values.reshape(-1, dim).astype(np.float32, copy=False)
-
-
-def feature_parts(store_dir: str | Path) -> list[Path]:
-    """The complete part files of a store (temporaries are never listed)."""
-    return sorted(p for p in Path(store_dir).glob("part-*.parquet"))
-
-
-def _read_part(path: Path, split: str | None = None) -> pa.Table:
-    """One part (only ``split``'s rows, when given), or a clear error naming it when it cannot be read."""
-    try:
-        return pq.read_table(path, filters=None if split is None else [("split", "=", split)])
-    except (OSError, pa.ArrowInvalid) as e:
-        raise UserError(f"feature part is corrupt and cannot be read ({e})", path=path,
-                        hint="re-run `histoembed embed`: it replaces parts it cannot read") from None
-
-
-def _part_meta(path: Path) -> dict:
-    try:
-        md = pq.read_schema(path).metadata or {}
-    except (OSError, pa.ArrowInvalid) as e:
-        raise UserError(f"feature part is corrupt and cannot be read ({e})", path=path,
-                        hint="re-run `histoembed embed`: it replaces parts it cannot read") from None
-    raw = md.get(META_KEY)
-    return json.loads(raw) if raw else {}
-
-
-ROW_KEY = ("split", "image_id", "crop_index", "view")  # one feature row; the store's reading order
-
-
-def _row_name(split, image_id, crop_index, view) -> str:
-    return f"{split} image {image_id}, crop {crop_index}, view {view}"
-
-
-def sorted_embedding(column: pa.ChunkedArray, order: np.ndarray, keep_dtype: bool = False) -> np.ndarray:
-    """``column``'s rows in ``order`` as an [N, D] array, placed chunk by chunk: no sorted copy of the Arrow
-    column nor a combined one is made. float32, or the store's float16 with ``keep_dtype`` (fit converts
-    each bag's rows to float32 as it groups them, so a float16 store is held once in half the memory)."""
-    dim = column.type.list_size
-    half = keep_dtype and column.type.value_type == pa.float16()
-    out = np.empty((len(order), dim), np.float16 if half else np.float32)
-    where = np.empty(len(order), np.int64)
-    where[order] = np.arange(len(order))      # sorted position of each row as read
-    start = 0
-    for chunk in column.chunks:
-        values = chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-        for a in range(0, len(values), 1 << 16):
-            b = min(a + (1 << 16), len(values))
-            out[where[start + a:start + b]] = values[a:b]
-        start += len(values)
-    return out
-
-
-def read_features(store_dir: str | Path, split: str | None = None, keep_dtype: bool = False) -> Features:
-    """Read every part of ``run/features/<encoder>/`` (all shards) as one table.
-
-    Rows come sorted by (split, image, crop, view), whatever the parts' names or order, so
-    a sharded or resumed store gives the same results as a whole one. Duplicate rows and
-    non-finite embeddings are refused: a model trained on them would be silently wrong.
-    Only ``split``'s rows are read, when given; ``keep_dtype`` keeps a float16 store's embeddings
-    in float16 (see :func:`sorted_embedding`).
-    """
-    store_dir = Path(store_dir)
-    parts = feature_parts(store_dir)
-    if not parts:
-        raise UserError("no feature parts found", path=store_dir,
-                        hint="run `histoembed embed` first")
-    metas = [_part_meta(p) for p in parts]
-    for p, m in zip(parts, metas):
-        check_schema(p, "embed", m)
-    keys = {m.get("key") for m in metas}
-    if len(keys) != 1:
-        raise UserError("feature parts were written with different settings", path=store_dir,
-                        hint="re-run `histoembed embed`; it removes parts of old settings")
-    table = pa.concat_tables(_read_part(p, split) for p in parts)
-    order = pc.sort_indices(table.select(list(ROW_KEY)), sort_keys=[(c, "ascending") for c in ROW_KEY])
-    embedding = sorted_embedding(table["embedding"], order.to_numpy(), keep_dtype)
-    table = table.drop_columns(["embedding"]).take(order)
-    features = Features(
-        image_id=table["image_id"].to_numpy(zero_copy_only=False),
-        split=table["split"].to_numpy(zero_copy_only=False),
-        crop_index=table["crop_index"].to_numpy(),
-        view=table["view"].to_numpy(),
-        embedding=embedding,
-        meta=metas[0],
-        crop_hash=(table[CROP_HASH].to_numpy(zero_copy_only=False) if CROP_HASH in table.column_names
-                   and table[CROP_HASH].null_count == 0 else None),
-    )
-    _refuse_duplicates(features, store_dir)
-    _refuse_non_finite(features, store_dir)
-    return features
-
-
-def _refuse_duplicates(f: Features, store_dir: Path) -> None:
-    if len(f) < 2:
-        return
-    same = ((f.split[1:] == f.split[:-1]) & (f.image_id[1:] == f.image_id[:-1])
-            & (f.crop_index[1:] == f.crop_index[:-1]) & (f.view[1:] == f.view[:-1]))
-    if same.any():
-        i = int(np.flatnonzero(same)[0])
-        raise UserError(f"{int(same.sum())} duplicate feature row(s), e.g. "
-                        f"{_row_name(f.split[i], f.image_id[i], f.crop_index[i], f.view[i])}",
-                        path=store_dir, hint="two embed runs wrote the same crops: delete the folder and "
-                                             "re-run `histoembed embed`")
-
-
-def _refuse_non_finite(f: Features, store_dir: Path) -> None:
-    bad = ~np.isfinite(f.embedding).all(axis=1) if len(f) else np.zeros(0, bool)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise UserError(f"{int(bad.sum())} embedding(s) hold NaN or infinity, e.g. "
-                        f"{_row_name(f.split[i], f.image_id[i], f.crop_index[i], f.view[i])}",
-                        path=store_dir, hint="delete the folder and re-run `histoembed embed` "
-                                             "(try --precision fp32)")
-
-
-def views_of(split: str, repeats: int, tta: bool) -> list[int]:
-    """The views a crop of ``split`` is embedded in: all r for train (and test with TTA), else view 0."""
-    return list(range(repeats)) if split == "train" or tta else [0]
-
-
-def check_complete(features: Features, run: str | Path, split: str) -> None:
-    """Refuse features that are stale (embedded from other crops) or partial (a crop or a view missing).
-
-    ``features`` hold ``split``'s rows of a store; ``run/crops.parquet`` says which crops it
-    must hold (by their pixels, where the store records each crop's digest, else by the
-    crops file's key), and the store's metadata how many views each.
-    """
-    crops_path = Path(run) / CROPS_FILE
-    hint = "run `histoembed embed` (it resumes a partial store and replaces what is stale)"
-    index = read_table(crops_path, "crops file", columns=["image_id", "split", "crop_index"],
-                       hint="run `histoembed crops` first", stage="crops")
-    mine = features.split == split
-    keys = [index["image_id"].to_pylist(), index["crop_index"].to_pylist()]
-    found_keys = [features.image_id[mine].tolist(), features.crop_index[mine].tolist()]
-    if features.crop_hash is not None:
-        keys.append(crop_hashes(crops_path))
-        found_keys.append(features.crop_hash[mine].tolist())
-    elif features.meta.get("crops_key") != read_meta(crops_path).get("key"):
-        raise UserError(f"the features were embedded from other crops than {CROPS_FILE} holds now "
-                        "(crops changed since `histoembed embed`)", path=crops_path, hint=hint)
-    views = views_of(split, int(features.meta.get("repeats", 1)), bool(features.meta.get("tta", True)))
-    # One tuple per crop view: (image, crop, view, digest or None).
-    digests = keys[2] if len(keys) > 2 else [None] * len(keys[0])
-    expected = {(i, c, v, h) for i, c, h, s in zip(*keys[:2], digests, index["split"].to_pylist()) if s == split
-                for v in views}
-    found_digests = found_keys[2] if len(found_keys) > 2 else [None] * len(found_keys[0])
-    found = set(zip(*found_keys[:2], features.view[mine].tolist(), found_digests))
-    missing, extra = expected - found, found - expected
-    where = crops_path.parent / FEATURES_DIR
-    if extra and features.crop_hash is not None:
-        stale = {f[:2] for f in extra} & {m[:2] for m in missing}
-        if stale:
-            i, c = min(stale)
-            raise UserError(f"the features of {len(stale)} {split} crop(s) were embedded from other pixels than "
-                            f"{CROPS_FILE} holds now, e.g. {split} image {i}, crop {c}", path=where, hint=hint)
-    if missing:
-        i, c, v, _ = min(missing, key=lambda m: m[:3])
-        crops = len({m[:2] for m in missing})
-        raise UserError(f"the features are partial: {len(missing)} of {len(expected)} {split} crop views "
-                        f"({crops} crop(s)) are missing, e.g. {_row_name(split, i, c, v)}", path=where, hint=hint)
-    if extra:
-        i, c, v, _ = min(extra, key=lambda m: m[:3])
-        raise UserError(f"the features hold {len(extra)} {split} crop view(s) that {CROPS_FILE} does not, "
-                        f"e.g. {_row_name(split, i, c, v)}", path=where, hint=hint)
-
-
-def find_feature_store(run_dir: str | Path, encoder: str | None = None) -> Path:
-    """The one feature store under ``run/features`` (or the one named by ``encoder``)."""
-    root = Path(run_dir) / FEATURES_DIR
-    stores = sorted(d for d in root.glob("*") if d.is_dir() and feature_parts(d)) if root.exists() else []
-    if encoder is not None:
-        slug = encoder_slug(encoder)
-        match = [d for d in stores if d.name == slug]
-        if not match:
-            names = ", ".join(d.name for d in stores) or "none"
-            raise UserError(f"no feature store for encoder {encoder!r} (found: {names})", path=root,
-                            hint=f"run `histoembed embed --encoder {encoder}` first")
-        return match[0]
-    if not stores:
-        raise UserError("no feature store found", path=root, hint="run `histoembed embed` first")
-    if len(stores) > 1:
-        names = ", ".join(d.name for d in stores)
-        raise UserError(f"several feature stores ({names})", path=root,
-                        hint="choose one with --encoder")
-    return stores[0]
-
-
-def feature_rows(store_dir: str | Path) -> set[tuple[str, str, int, int]]:
-    """The (split, image_id, crop_index, view) rows of a store, read without the embeddings."""
-    rows: set[tuple[str, str, int, int]] = set()
-    for part in feature_parts(store_dir):
-        try:
-            t = pq.read_table(part, columns=list(ROW_KEY))
-        except (OSError, pa.ArrowInvalid) as e:
-            raise UserError(f"feature part is corrupt and cannot be read ({e})", path=part,
-                            hint="re-run `histoembed embed`: it replaces parts it cannot read") from None
-        rows.update(zip(t["split"].to_pylist(), t["image_id"].to_pylist(), t["crop_index"].to_pylist(),
-                        t["view"].to_pylist()))
-    return rows
-
-
-def check_same_rows(stores: dict[str, Path]) -> None:
-    """Refuse feature stores (encoder -> folder) that do not hold exactly the same (split, image, crop, view) rows.
-
-    Encoders fused into one decision must see the same crops in the same views; the message names the
-    store that lacks rows, how many, the first few, and the embed run that fills them in.
-    """
-    rows = {name: feature_rows(d) for name, d in stores.items()}
-    union = set().union(*rows.values())
-    for name, have in rows.items():
-        missing = union - have
-        if missing:
-            first = "; ".join(_row_name(*r) for r in sorted(missing)[:3])
-            others = [n for n, r in rows.items() if n != name and r & missing]
-            raise UserError(f"the feature store of encoder {name!r} lacks {len(missing)} of the {len(union)} "
-                            f"(split, image, crop, view) rows that the store(s) of {', '.join(map(repr, others))} "
-                            f"hold ({len(have)} rows here), e.g. {first}", path=stores[name],
-                            hint=f"run `histoembed embed --encoder {name}` (it fills in what is missing), or "
-                                 "embed every encoder from the same crops with the same --repeats and --tta")

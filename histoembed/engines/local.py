@@ -16,13 +16,19 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from histoembed.core import cpus, store
+from histoembed.core import cpus, feature_store, store
 from histoembed.core.console import progress
+from histoembed.engines.base import EmbedResult
 
 if TYPE_CHECKING:
     from histoembed.core.config import AugmentSettings, EmbedSettings
-    from histoembed.engines.seams import EmbedResult
+    from histoembed.maths.stain import StainNormaliser
     from histoembed.models.encoders import Encoder
+
+
+def session(address: str | None) -> contextlib.AbstractContextManager[None]:
+    """Nothing to open for a command on this machine (``address`` is Ray's)."""
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -44,110 +50,98 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
     """Embed this shard's crops of ``run/crops.parquet`` into ``run/features/<encoder>/`` with this machine's
     processes (DataLoader workers decode, this process runs the encoder); resume if interrupted.
     """
-    import torch  # torch and the encoders: loaded only to embed, not to crop
-
-    from histoembed.engines.seams import (
-        CropBatches,
-        CropIndex,
-        PartWriter,
-        check_finite,
-        check_slides_unchanged,
-        checked_encoder,
-        configured,
-        sized,
-        copy_to_host,
-        open_store,
-        part_rows,
-        part_schema,
-        plan_batches,
-        queue_batch,
-        raise_batch_problem,
-        shard_lock,
-        stop_for_tests,
-        store_key,
-        store_meta,
-        views_of,
-    )
+    from histoembed.engines import forward  # torch and the encoders: loaded only to embed, not to crop
+    from histoembed.engines.batches import check_slides_unchanged
     from histoembed.maths import stain
     from histoembed.models.encoders import load_encoder
 
     started = time.perf_counter()
-    index = CropIndex.read(run)
-    crops_path = index.path
-    check_slides_unchanged(crops_path)
+    index = feature_store.CropIndex.read(run)
+    check_slides_unchanged(index.path)
     if encoder is None:
         encoder = load_encoder(settings.encoder, settings.pool, settings.device, settings.precision)
     if encoder.device.type == "cpu":
         cpus.use_threads(settings.threads)
-    settings = sized(settings, encoder)
-    encoder = configured(encoder, settings)
-    ids, splits, crop_index, digests = index.ids, index.splits, index.crop_index, index.digests
-    mine = [r for r in range(len(ids)) if r % shard[1] == shard[0]]
-    encoder, check = checked_encoder(encoder, crops_path, mine[:settings.batch_size], settings)
+    settings = forward.sized(settings, encoder)
+    encoder = forward.configured(encoder, settings)
+    mine = [r for r in range(len(index.ids)) if r % shard[1] == shard[0]]
+    encoder, check = forward.checked_encoder(encoder, index.path, mine[:settings.batch_size], settings)
     normaliser = stain.for_run(run, settings.stain_norm, settings.stain_target, settings.stain_min_tissue,
                                encoder.device)
-    key = store_key(encoder, settings, augment, normaliser)
+    key = feature_store.store_key(encoder, settings, augment, stain.target_key(normaliser))
     store_dir = Path(run) / store.FEATURES_DIR / encoder.slug
-    with shard_lock(store_dir, shard):
-        todo, result = open_store(store_dir, key, index, mine, settings, encoder.name, encoder.dim, check)
-        if not todo:
-            result.stain = stain.store_summary(store_dir) if normaliser else None
-            result.seconds = time.perf_counter() - started
-            return result
+    with feature_store.shard_lock(store_dir, shard):
+        plan = feature_store.open_store(store_dir, key, index, mine, settings)
+        result = EmbedResult.planned(plan, encoder.name, encoder.dim, check, settings.stain_norm)
+        if plan.todo:
+            meta = feature_store.store_meta(encoder, settings, augment, key, index.key,
+                                            check.as_meta() if check else None, f"{shard[0]}/{shard[1]}",
+                                            stain.as_meta(normaliser))
+            writer = feature_store.PartWriter(store_dir, shard,
+                                              feature_store.part_schema(encoder.dim, settings.store_dtype, meta),
+                                              settings.rows_per_part)
+            try:
+                _embed(index, plan.todo, encoder, settings, augment, normaliser, writer, result)
+                writer.commit()
+            except KeyboardInterrupt:
+                writer.commit()  # the part holds whole crops only: keep them
+                raise
+            except BaseException:
+                writer.discard()
+                raise
+        result.stain = feature_store.stain_summary(store_dir) if normaliser else None
+    result.seconds = time.perf_counter() - started
+    return result
 
-        batches = plan_batches(todo, splits, settings.batch_size)
-        schema = part_schema(encoder, settings,
-                             store_meta(encoder, settings, augment, key, index.key, check, f"{shard[0]}/{shard[1]}",
-                                        normaliser))
-        workers = min(settings.workers, len(batches))
-        loader = torch.utils.data.DataLoader(
-            CropBatches(crops_path, batches), batch_size=None, num_workers=workers,
-            pin_memory=encoder.device.type == "cuda")
-        writer = PartWriter(store_dir, shard, schema, settings.rows_per_part)
-        bar_context = progress("crops")
-        try:
-            with bar_context as bar:
-                job = bar.add_task(f"embed {encoder.name}", total=len(todo)) if bar else None
-                pending = None  # the previous batch: written once this one is queued on the device
-                written = 0
 
-                def write(batch) -> None:
-                    nonlocal written
-                    bid, bsplit, bcidx, bhash, views, unchanged, feats, copied = batch
-                    if copied is not None:
-                        copied.synchronize()
-                    check_finite(feats, bid, bcidx, views, bsplit, encoder.name)
-                    if unchanged is not None:
-                        writer.note_stain(stain.note(unchanged, bsplit, bid, bcidx))
-                    writer.write(part_rows(bid, bsplit, bcidx, views, feats, schema, bhash))
-                    result.rows += len(bid) * len(views)
-                    result.new_rows += len(bid) * len(views)
-                    if bar:
-                        bar.advance(job, len(bid))
-                    written += 1
-                    stop_for_tests(written)
+def _embed(index: feature_store.CropIndex, todo: list[int], encoder: Encoder, settings: EmbedSettings,
+           augment: AugmentSettings, normaliser: StainNormaliser | None, writer: feature_store.PartWriter,
+           result: EmbedResult) -> None:
+    """The crops ``todo`` through the encoder into ``writer``'s parts: DataLoader workers decode the batches,
+    and each batch's rows are written while the device works on the next one."""
+    import torch
 
-                for b, crops in loader:
-                    if not isinstance(crops, torch.Tensor):
-                        raise_batch_problem(crops, index)
-                    rows = batches[b]
-                    bid, bsplit, bcidx, bhash = ([col[r] for r in rows] for col in (ids, splits, crop_index, digests))
-                    views = views_of(bsplit[0], settings)
-                    feats = queue_batch(encoder, crops, bid, bcidx, views, settings, augment, normaliser)
-                    unchanged = normaliser.last_unchanged if normaliser else None
-                    queued = (bid, bsplit, bcidx, bhash, views, unchanged, *copy_to_host(feats))
-                    if pending is not None:
-                        write(pending)
-                    pending = queued
-                if pending is not None:
-                    write(pending)
-            writer.commit()
-            result.stain = stain.store_summary(store_dir) if normaliser else None
-        except KeyboardInterrupt:
-            writer.commit()  # the part holds whole crops only: keep them
-            raise
-        except BaseException:
-            writer.discard()
-            raise
-        result.seconds = time.perf_counter() - started
-        return result
+    from histoembed.engines import forward
+    from histoembed.engines.base import stop_for_tests
+    from histoembed.engines.batches import CropBatches, plan_batches, raise_batch_problem
+
+    ids, splits, crop_index, digests = index.ids, index.splits, index.crop_index, index.digests
+    batches = plan_batches(todo, splits, settings.batch_size)
+    loader = torch.utils.data.DataLoader(
+        CropBatches(index.path, batches), batch_size=None, num_workers=min(settings.workers, len(batches)),
+        pin_memory=encoder.device.type == "cuda")
+    with progress("crops") as bar:
+        job = bar.add_task(f"embed {encoder.name}", total=len(todo)) if bar else None
+        pending = None  # the previous batch: written once this one is queued on the device
+        written = 0
+
+        def write(batch) -> None:
+            nonlocal written
+            bid, bsplit, bcidx, bhash, views, unchanged, feats, copied = batch
+            if copied is not None:
+                copied.synchronize()
+            forward.check_finite(feats, bid, bcidx, views, bsplit, encoder.name)
+            if unchanged is not None:
+                writer.note_stain(feature_store.stain_note(unchanged.cpu().numpy(), bsplit, bid, bcidx))
+            writer.write(feature_store.part_rows(bid, bsplit, bcidx, views, feats.numpy(), writer.schema, bhash))
+            result.rows += len(bid) * len(views)
+            result.new_rows += len(bid) * len(views)
+            if bar:
+                bar.advance(job, len(bid))
+            written += 1
+            stop_for_tests(written)
+
+        for b, crops in loader:
+            if not isinstance(crops, torch.Tensor):
+                raise_batch_problem(crops, index)
+            rows = batches[b]
+            bid, bsplit, bcidx, bhash = ([col[r] for r in rows] for col in (ids, splits, crop_index, digests))
+            views = feature_store.views_of(bsplit[0], settings.repeats, settings.tta)
+            feats = forward.queue_batch(encoder, crops, bid, bcidx, views, settings, augment, normaliser)
+            unchanged = normaliser.last_unchanged if normaliser else None
+            queued = (bid, bsplit, bcidx, bhash, views, unchanged, *forward.copy_to_host(feats))
+            if pending is not None:
+                write(pending)
+            pending = queued
+        if pending is not None:
+            write(pending)

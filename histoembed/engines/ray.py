@@ -3,9 +3,10 @@
 embed: the driver plans the crops still to embed in units of about ``rows_per_part`` rows (one
 Ray block each); CPU tasks read each unit's PNGs from ``crops.parquet`` and decode them; a pool
 of actors (``ray.data.ActorPoolStrategy``: one GPU each when the cluster has GPUs, CPU actors
-otherwise) holds the encoder, embeds every batch with :func:`histoembed.seams.queue_batch` (what
-the local loop calls) and writes each unit as one part of the same store, with the same schema,
-key and metadata, so every later stage reads it as it reads a local store.
+otherwise) holds the encoder, embeds every batch with :func:`histoembed.engines.forward.queue_batch`
+(what the local loop calls) and writes each unit as one part of the same store through
+:mod:`histoembed.core.feature_store`, with the same schema, key and metadata, so every later stage
+reads it as it reads a local store. The connection itself is :mod:`histoembed.engines.ray_session`'s.
 
 Exactly once:
 
@@ -20,8 +21,9 @@ Exactly once:
   (or a local run, which removes the id) that already counted its crops as missing.
 - At the end the driver checks the store's index: every crop view once, none missing.
 
-crops: one Ray task per image, each running :func:`histoembed.stages.crops._crop_one` (what the local
-worker processes run); the driver writes ``crops.parquet`` in the images' order as before.
+crops: one Ray task per image, each running the function the stage gives ``map_ordered``
+(:func:`histoembed.stages.crops._crop_one`, what the local worker processes run); the driver writes
+``crops.parquet`` in the images' order as before.
 
 Ray moves data between processes with its own in-memory serialisation; nothing it pickles is
 written to the run folder. The run folder (and a model given as a folder) must be on a file
@@ -32,18 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import logging
 import math
 import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,21 +48,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from histoembed.core import cpus, store
+from histoembed.core import cpus, feature_store, store
 from histoembed.core.config import AugmentSettings, EmbedSettings
 from histoembed.core.console import progress
 from histoembed.core.errors import UserError
-from histoembed.engines import seams
-from histoembed.engines.seams import CropIndex, EmbedResult
+from histoembed.core.feature_store import CropIndex
+from histoembed.engines import forward
+from histoembed.engines.base import EmbedResult, stop_for_tests
+from histoembed.engines.batches import CropBatches, check_slides_unchanged, raise_batch_problem
+from histoembed.engines.ray_session import quiet, ray_module, session, user_errors
 from histoembed.maths import stain
 from histoembed.models.encoders import Encoder, load_encoder
 from histoembed.models.precision import PrecisionCheck
 
-INSTALL_HINT = "install the extra: pip install 'histoembed[ray]' (Ray Data 2.60), or run with --engine local"
 RETRIES = 3            # retries of a crop task whose process died
 ACTOR_START_S = 900    # the encoder actors must all be up within this (model loading included)
 PART_PREFIX = "part-ray-"
-RUN_ID_FILE = seams.RUN_ID_FILE
+RUN_ID_FILE = feature_store.RUN_ID_FILE
 # Test hook, acting in an encoder actor right after it wrote its N-th part, before returning it:
 # "N:exit:MARKER": the first actor to get there creates MARKER and its process exits (Ray restarts it
 # and retries the task, which rewrites that part); "N:stall": every actor stops there for good, so a
@@ -77,153 +75,37 @@ ACTOR_HOOK_ENV = "HISTOEMBED_TEST_RAY_ACTOR_AFTER_PARTS"
 TEST_WAIT_S = 120
 
 
-def _ray():
-    """The ``ray`` module with Ray Data, or a clear message when the extra is not installed."""
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError as e:
-        raise UserError(f"--engine ray needs Ray, which is not installed here ({e.msg})", hint=INSTALL_HINT) from None
-    return ray
-
-
-@contextlib.contextmanager
-def session(address: str | None) -> Iterator[None]:
-    """A Ray connection for the command: join ``address`` (or RAY_ADDRESS), else start Ray on this machine.
-
-    An already connected process (a notebook, a test) keeps its connection and it is not closed.
-    """
-    ray = _ray()
-    if ray.is_initialized():
-        yield
-        return
-    kwargs: dict = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    # "local" always starts an instance of its own: Ray's default (None) would join any Ray it finds
-    # running on this machine, another user's or another run's included.
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    if address == "local":
-        kwargs["num_cpus"] = cpus.usable_cpus()  # the CPUs this process may use
-    previous = _signal_handlers()
-    try:
-        ray.init(address=address, **kwargs)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        _restore(previous)
-        where = "this machine" if address == "local" else address
-        raise UserError(f"cannot start or join Ray at {where} ({e})",
-                        hint="start the cluster with `ray start --head` (and `ray start --address HEAD:6379` on "
-                             "the other machines), then pass --ray-address auto or HEAD:6379") from None
-    watchdog = _start_watchdog(ray) if address == "local" else None
-    _interrupt_on_signals(previous)
-    try:
-        yield
-    finally:
-        try:
-            ray.shutdown()
-        finally:
-            _restore(previous)
-            if watchdog is not None:
-                _stop_watchdog(watchdog)
-
-
-SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
-
-
-def _signal_handlers() -> dict | None:
-    """The handlers now installed, or None off the main thread (where none can be installed)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return {sig: signal.getsignal(sig) for sig in SIGNALS}
-
-
-def _interrupt_on_signals(previous: dict | None) -> None:
-    """SIGTERM, SIGINT and SIGHUP raise KeyboardInterrupt, so ``session``'s ``ray.shutdown()`` runs.
-
-    Killed by a signal's default action, the driver would leave the instance's agents and workers
-    behind (Ray's own SIGTERM handler, set by ``ray.init``, is never taken back).
-    """
-    if previous is None:
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for sig in SIGNALS:
-        if previous[sig] is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
-            signal.signal(sig, interrupt)
-
-
-def _restore(previous: dict | None) -> None:
-    for sig, handler in (previous or {}).items():
-        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-
-def _start_watchdog(ray) -> subprocess.Popen | None:
-    """``histoembed.engines.ray_watchdog`` beside a local instance: it ends the instance if this process is killed."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        session_dir = ray._private.worker._global_node.get_session_dir_path()
-        return subprocess.Popen([sys.executable, "-m", "histoembed.engines.ray_watchdog", session_dir,
-                                 os.path.dirname(ray.__file__)], stdin=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)  # it outlives a closed terminal's SIGHUP
-    except (AttributeError, OSError):  # Ray's internals moved: no watchdog, Ray's own clean-up only
-        return None
-
-
-def _stop_watchdog(watchdog: subprocess.Popen) -> None:
-    """Ray was shut down here: the watchdog leaves without killing anything."""
-    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-        watchdog.communicate(b"done\n", timeout=10)
-
-
-@contextlib.contextmanager
-def _quiet(name: str) -> Iterator[None]:
-    """Only critical log records of logger ``name`` (and its children) while inside."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def user_error(e: BaseException) -> UserError | None:
-    """The UserError a Ray task raised, from inside Ray's wrappers (RayTaskError, Ray Data's), if any."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, UserError):
-            return e
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
-    return None
-
-
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """Re-raise a task's UserError as itself, so the command prints it as one clear message."""
-    try:
-        yield
-    except Exception as e:
-        found = user_error(e)
-        if found is None:
-            raise
-        raise UserError(found.problem, path=found.path, hint=found.hint) from None
-
-
 # ---------------------------------------------------------------- crops
 
-def map_ordered(fn: Callable, items: Iterable) -> Iterator:
-    """``map(fn, items)`` as Ray tasks over the cluster, results in order, a bounded number in flight."""
-    ray = _ray()
-    task = ray.remote(max_retries=RETRIES)(fn)
+@contextlib.contextmanager
+def map_ordered(fn: Callable, items: Sequence, workers: int, initializer: Callable | None = None) -> Iterator[Iterator]:
+    """``fn`` of every item as Ray tasks over the cluster, results in order, a bounded number in flight.
+
+    Each task runs ``initializer`` before ``fn`` (a task's process runs one item at a time); ``workers``
+    counts the local engine's processes: here the cluster's CPUs decide. Inside ``session``.
+    """
+    results = _ordered(fn, items, initializer)
+    try:
+        yield results
+    finally:
+        results.close()  # the tasks still in flight are cancelled
+
+
+def _initialized(initializer: Callable | None, fn: Callable, item):
+    if initializer is not None:
+        initializer()
+    return fn(item)
+
+
+def _ordered(fn: Callable, items: Iterable, initializer: Callable | None) -> Iterator:
+    ray = ray_module()
+    task = ray.remote(max_retries=RETRIES)(_initialized)
     window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     pending: deque = deque()
     try:
-        with _user_errors():
+        with user_errors():
             for item in items:
-                pending.append(task.remote(item))
+                pending.append(task.remote(initializer, fn, item))
                 if len(pending) >= window:
                     yield ray.get(pending.popleft())
             while pending:
@@ -253,13 +135,13 @@ def _resolve(encoder: Encoder | None, settings: EmbedSettings, augment: AugmentS
     """Load (unless given) and check the encoder as the local engine does; run where the actors run."""
     if encoder is None:
         encoder = load_encoder(settings.encoder, settings.pool, settings.device, settings.precision)
-    encoder = seams.configured(encoder, settings)
-    encoder, check = seams.checked_encoder(encoder, crops_path, rows, settings)
-    key = seams.store_key(encoder, settings, augment, normaliser)
+    encoder = forward.configured(encoder, settings)
+    encoder, check = forward.checked_encoder(encoder, crops_path, rows, settings)
+    key = feature_store.store_key(encoder, settings, augment, stain.target_key(normaliser))
     return _Resolved(key, encoder.slug, encoder.name, encoder.dim, encoder.precision, encoder.compile, check), encoder
 
 
-def _probe(settings: EmbedSettings, augment: AugmentSettings, crops_path: Path, rows: list[int],
+def _resolve_on_driver(settings: EmbedSettings, augment: AugmentSettings, crops_path: Path, rows: list[int],
            normaliser: stain.StainNormaliser | None) -> _Resolved:
     return _resolve(None, settings, augment, crops_path, rows, normaliser)[0]
 
@@ -283,10 +165,6 @@ def part_name(key: str, crops: Iterable[tuple]) -> str:
     return f"{PART_PREFIX}{store.config_key(key, sorted(crops))}.parquet"
 
 
-class _Superseded(Exception):
-    """Another run owns the store now: this part must not be renamed into place."""
-
-
 class _EmbedActor:
     """One encoder, loaded once per actor: each call embeds one Ray batch of decoded crops into one part."""
 
@@ -297,15 +175,16 @@ class _EmbedActor:
         s = job.settings
         if encoder is None:
             encoder = load_encoder(s.encoder, s.pool, s.device, job.resolved.precision)
-        encoder = dataclasses.replace(seams.configured(encoder, s), compile=job.resolved.compile)
+        encoder = dataclasses.replace(forward.configured(encoder, s), compile=job.resolved.compile)
         if encoder.device.type == "cpu":
             cpus.use_threads(s.threads)
         self.encoder = encoder
-        self.key = seams.store_key(encoder, s, job.augment, job.normaliser)
-        meta = seams.store_meta(encoder, s, job.augment, job.resolved.key, job.crops_key, job.resolved.check, "0/1",
-                                job.normaliser)
+        self.key = feature_store.store_key(encoder, s, job.augment, stain.target_key(job.normaliser))
+        check = job.resolved.check.as_meta() if job.resolved.check else None
+        meta = feature_store.store_meta(encoder, s, job.augment, job.resolved.key, job.crops_key, check, "0/1",
+                                        stain.as_meta(job.normaliser))
         meta.update(engine="ray", ray_node=ray.get_runtime_context().get_node_id())
-        self.schema = seams.part_schema(encoder, s, meta)
+        self.schema = feature_store.part_schema(encoder.dim, s.store_dtype, meta)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.key != self.job.resolved.key:  # checked here, not at start-up, so the message reaches the driver
@@ -317,11 +196,9 @@ class _EmbedActor:
         if not ids:
             return {"part": np.array([], object), "crops": np.array([], np.int64), "rows": np.array([], np.int64)}
         tables, note = self._tables(batch["pixels"], ids, splits, crop_index, digests)
-        table = pa.concat_tables(tables)
+        table = feature_store.with_stain_note(pa.concat_tables(tables), note)  # crops left as they were
         name = part_name(self.job.resolved.key, zip(splits, ids, crop_index, digests))
-        if note is not None:  # the part's footer says which crops stain normalisation left as they were
-            table = table.replace_schema_metadata({**table.schema.metadata, stain.SUMMARY_KEY: json.dumps(note)})
-        self._write(table, self.job.store_dir / name)
+        feature_store.write_part(table, self.job.store_dir / name, run_id=self.job.run_id)
         self.parts += 1
         self._hook_for_tests()
         return {"part": np.array([name], object), "crops": np.array([len(ids)]), "rows": np.array([len(table)])}
@@ -329,7 +206,7 @@ class _EmbedActor:
     def _tables(self, pixels: np.ndarray, ids: list, splits: list, crop_index: list,
                 digests: list) -> tuple[list[pa.Table], dict | None]:
         """The batch's rows, split by split (each has its views) and cut into batches of ``batch_size`` crops,
-        and its stain note (``stain.note``; None without stain normalisation)."""
+        and its stain note (``feature_store.stain_note``; None without stain normalisation)."""
         s, out, pending, note = self.job.settings, [], None, None
 
         def rows(done) -> pa.Table:
@@ -338,37 +215,27 @@ class _EmbedActor:
             if copied is not None:
                 copied.synchronize()
             bid, bsplit, bcidx, bhash = ([col[i] for i in sel] for col in (ids, splits, crop_index, digests))
-            seams.check_finite(feats, bid, bcidx, views, bsplit, self.encoder.name)
+            forward.check_finite(feats, bid, bcidx, views, bsplit, self.encoder.name)
             if unchanged is not None:
-                note = stain.add_notes(note, stain.note(unchanged, bsplit, bid, bcidx))
-            return seams.part_rows(bid, bsplit, bcidx, views, feats, self.schema, bhash)
+                note = feature_store.add_stain_notes(
+                    note, feature_store.stain_note(unchanged.cpu().numpy(), bsplit, bid, bcidx))
+            return feature_store.part_rows(bid, bsplit, bcidx, views, feats.numpy(), self.schema, bhash)
 
         for split in dict.fromkeys(splits):
             mine = [i for i, sp in enumerate(splits) if sp == split]
-            views = seams.views_of(split, s)
+            views = feature_store.views_of(split, s.repeats, s.tta)
             for start in range(0, len(mine), s.batch_size):
                 sel = mine[start:start + s.batch_size]
                 crops = torch.from_numpy(np.ascontiguousarray(pixels[sel]))  # a copy: the batch is read-only
-                feats = seams.queue_batch(self.encoder, crops, [ids[i] for i in sel], [crop_index[i] for i in sel],
-                                          views, s, self.job.augment, self.job.normaliser)
+                feats = forward.queue_batch(self.encoder, crops, [ids[i] for i in sel], [crop_index[i] for i in sel],
+                                            views, s, self.job.augment, self.job.normaliser)
                 unchanged = self.job.normaliser.last_unchanged if self.job.normaliser else None
-                queued = (sel, views, unchanged, *seams.copy_to_host(feats))
+                queued = (sel, views, unchanged, *forward.copy_to_host(feats))
                 if pending is not None:
                     out.append(rows(pending))  # while the device works on the next batch
                 pending = queued
         out.append(rows(pending))
         return out, note
-
-    def _write(self, table: pa.Table, path: Path) -> None:
-        run_id = self.job.store_dir / RUN_ID_FILE
-        try:
-            with store.atomic_path(path) as tmp:
-                pq.write_table(table, tmp, **seams.PART_OPTIONS)
-                if _read_text(run_id) != self.job.run_id:
-                    raise _Superseded
-        except _Superseded:
-            raise UserError("another embed run took over this store; this one stops", path=self.job.store_dir,
-                            hint="run one embed per store at a time") from None
 
     def _hook_for_tests(self) -> None:
         if not self.job.test_hook:
@@ -381,7 +248,7 @@ class _EmbedActor:
                 time.sleep(1)
         if action == "wait":
             deadline = time.monotonic() + TEST_WAIT_S
-            while len(store.feature_parts(self.job.store_dir)) < int(marker[0]) and time.monotonic() < deadline:
+            while len(feature_store.feature_parts(self.job.store_dir)) < int(marker[0]) and time.monotonic() < deadline:
                 time.sleep(0.05)
             return
         try:
@@ -391,19 +258,12 @@ class _EmbedActor:
         os._exit(1)
 
 
-def _read_text(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        return None
-
-
 def _decode(batch: dict[str, np.ndarray], crops_path: str) -> dict[str, np.ndarray]:
     """A CPU task: the crops of one unit (rows of crops.parquet) decoded to uint8 [B, H, W, 3]."""
     rows = batch["row"]
-    _, crops = next(iter(seams.CropBatches(Path(crops_path), [rows])))
+    _, crops = next(iter(CropBatches(Path(crops_path), [rows])))
     if isinstance(crops, tuple):  # a slide patch that cannot be read: the slide is named
-        seams.raise_batch_problem(crops, None)
+        raise_batch_problem(crops, None)
     if isinstance(crops, int):
         i = int(np.flatnonzero(rows == crops)[0])
         raise UserError(f"crop {batch['crop_index'][i]} of {batch['image_id'][i]} ({batch['split'][i]}) is not a "
@@ -411,7 +271,7 @@ def _decode(batch: dict[str, np.ndarray], crops_path: str) -> dict[str, np.ndarr
     return {**batch, "pixels": crops.numpy()}
 
 
-def _units(index: CropIndex, todo: list[int], per_part: int) -> list[pa.Table]:
+def _part_units(index: CropIndex, todo: list[int], per_part: int) -> list[pa.Table]:
     """The crops ``todo`` in units of ``per_part`` (one Ray block each, so actors share the work evenly)."""
     crops = index.crops()
     out = []
@@ -426,9 +286,9 @@ def _units(index: CropIndex, todo: list[int], per_part: int) -> list[pa.Table]:
 
 def _crop_shape(index: CropIndex, row: int) -> tuple[int, ...]:
     """The decoded shape of crop ``row`` (a crops file holds crops of one size)."""
-    _, crops = next(iter(seams.CropBatches(index.path, [np.array([row])])))
+    _, crops = next(iter(CropBatches(index.path, [np.array([row])])))
     if isinstance(crops, tuple):
-        seams.raise_batch_problem(crops, index)
+        raise_batch_problem(crops, index)
     if isinstance(crops, int):
         raise UserError(f"crop {index.crop_index[row]} of {index.ids[row]} ({index.splits[row]}) is not a readable "
                         "PNG", path=index.path, hint="re-run `histoembed crops` (delete the file first)")
@@ -436,13 +296,13 @@ def _crop_shape(index: CropIndex, row: int) -> tuple[int, ...]:
 
 
 @dataclass
-class _Layout:
+class _ActorLayout:
     actors: int
     gpus: float  # per actor
     cpus: float  # per actor
 
 
-def _layout(ray, settings: EmbedSettings, todo_parts: int) -> _Layout:
+def _layout(ray, settings: EmbedSettings, todo_parts: int) -> _ActorLayout:
     """How many encoder actors, each with what: one GPU each when the cluster has GPUs."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -456,21 +316,21 @@ def _layout(ray, settings: EmbedSettings, todo_parts: int) -> _Layout:
         raise UserError(f"{actors} encoder actor(s) of {settings.ray_actor_cpus:g} CPU(s) each would leave "
                         f"{max(left, 0):g} of the cluster's {resources.get('CPU', 0):g} CPUs to decode crops: "
                         "the run would wait forever", hint="lower --ray-actors or --ray-actor-cpus")
-    return _Layout(actors, 1.0 if gpus else 0.0, settings.ray_actor_cpus)
+    return _ActorLayout(actors, 1.0 if gpus else 0.0, settings.ray_actor_cpus)
 
 
 def part_crops(settings: EmbedSettings) -> int:
     """Crops per Ray batch, i.e. per part: about ``rows_per_part`` rows, whole encoder batches."""
-    settings = seams.sized(settings, None)  # an unset batch size: the CPU default, as in run_embed
+    settings = forward.sized(settings, None)  # an unset batch size: the CPU default, as in run_embed
     per_part = max(1, settings.rows_per_part // settings.repeats)
     return settings.batch_size * max(1, round(per_part / settings.batch_size))
 
 
 def check_store(store_dir: Path, expected: int) -> None:
     """Stop unless the store holds ``expected`` rows, each (split, image, crop, view) once."""
-    tables = [pq.read_table(p, columns=list(store.ROW_KEY)) for p in store.feature_parts(store_dir)]
-    index = pa.concat_tables(tables) if tables else pa.table({c: [] for c in store.ROW_KEY})
-    unique = index.group_by(list(store.ROW_KEY)).aggregate([]).num_rows
+    tables = [pq.read_table(p, columns=list(feature_store.ROW_KEY)) for p in feature_store.feature_parts(store_dir)]
+    index = pa.concat_tables(tables) if tables else pa.table({c: [] for c in feature_store.ROW_KEY})
+    unique = index.group_by(list(feature_store.ROW_KEY)).aggregate([]).num_rows
     if unique != index.num_rows or unique != expected:
         raise UserError(f"after the Ray run the store holds {index.num_rows} rows, {unique} distinct, where "
                         f"{expected} were expected", path=store_dir,
@@ -484,32 +344,32 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
         raise UserError(f"--shard {shard[0]}/{shard[1]} splits the crops by hand; --engine ray spreads them over the "
                         "cluster itself", hint="drop --shard (and torchrun) with --engine ray")
     started = time.perf_counter()
-    settings = seams.sized(settings, None)  # unset sizes: the CPU defaults (actors may sit on other machines)
+    settings = forward.sized(settings, None)  # unset sizes: the CPU defaults (actors may sit on other machines)
     index = CropIndex.read(run)
-    seams.check_slides_unchanged(index.path)
+    check_slides_unchanged(index.path)
     mine = list(range(len(index.ids)))
     normaliser = stain.for_run(run, settings.stain_norm, settings.stain_target, settings.stain_min_tissue,
                                torch.device("cpu"))
-    with session(settings.ray_address), _user_errors():
-        ray = _ray()
+    with session(settings.ray_address), user_errors():
+        ray = ray_module()
         first = mine[:settings.batch_size]
         if encoder is None and ray.cluster_resources().get("GPU", 0):
             # Load and check the encoder where the actors will run (a GPU), to fix the store's key.
-            probe = ray.remote(num_gpus=1, num_cpus=settings.ray_actor_cpus, max_retries=RETRIES)(_probe)
+            probe = ray.remote(num_gpus=1, num_cpus=settings.ray_actor_cpus, max_retries=RETRIES)(_resolve_on_driver)
             resolved = ray.get(probe.remote(settings, augment, index.path, first, normaliser))
         else:  # CPU actors: this process resolves it as they will (the actors check that their key agrees)
             resolved, checked = _resolve(encoder, settings, augment, index.path, first, normaliser)
             encoder = checked if encoder is not None else None  # a given encoder goes to the actors as checked
         store_dir = Path(run) / store.FEATURES_DIR / resolved.slug
         run_id = uuid.uuid4().hex
-        with seams.shard_lock(store_dir, (0, 1)):
-            todo, result = seams.open_store(store_dir, resolved.key, index, mine, settings, resolved.name,
-                                            resolved.dim, resolved.check, run_id=run_id)
-            if todo:
-                _embed_todo(ray, index, todo, settings, augment, store_dir, resolved, run_id, encoder, result,
+        with feature_store.shard_lock(store_dir, (0, 1)):
+            plan = feature_store.open_store(store_dir, resolved.key, index, mine, settings, run_id=run_id)
+            result = EmbedResult.planned(plan, resolved.name, resolved.dim, resolved.check, settings.stain_norm)
+            if plan.todo:
+                _embed_todo(ray, index, plan.todo, settings, augment, store_dir, resolved, run_id, encoder, result,
                             normaliser)
                 check_store(store_dir, result.rows)
-            result.stain = stain.store_summary(store_dir) if normaliser else None
+            result.stain = feature_store.stain_summary(store_dir) if normaliser else None
     result.seconds = time.perf_counter() - started
     return result
 
@@ -528,7 +388,7 @@ def _embed_todo(ray, index: CropIndex, todo: list[int], settings: EmbedSettings,
     # Each decode task reserves the memory of its unit (PNG bytes, decoded crops and their copy in the
     # block); that also keeps Ray Data from fusing decoding into CPU actors of the same CPU count.
     unit_bytes = 3 * per_part * math.prod(_crop_shape(index, todo[0]))
-    ds = ray.data.from_arrow(_units(index, todo, per_part))
+    ds = ray.data.from_arrow(_part_units(index, todo, per_part))
     ds = ds.map_batches(_decode, fn_kwargs={"crops_path": str(index.path)}, batch_format="numpy",
                         memory=unit_bytes)
     # Ray Data restarts a dead actor and retries its task by default (max_restarts, max_task_retries -1).
@@ -536,7 +396,7 @@ def _embed_todo(ray, index: CropIndex, todo: list[int], settings: EmbedSettings,
                         compute=ray.data.ActorPoolStrategy(size=layout.actors, max_tasks_in_flight_per_actor=2),
                         batch_size=per_part, batch_format="numpy", num_gpus=layout.gpus, num_cpus=layout.cpus)
     try:
-        with _quiet("ray.data"):  # its plan, and the traceback of a task's error that the user gets as a message
+        with quiet("ray.data"):  # its plan, and the traceback of a task's error that the user gets as a message
             _count_parts(ds, result, len(todo), f"embed {resolved.name} (ray, {layout.actors} actor(s))")
     except ray.exceptions.GetTimeoutError:
         raise UserError(f"the {layout.actors} encoder actor(s) did not all start within {ACTOR_START_S} s",
@@ -558,4 +418,4 @@ def _count_parts(ds, result: EmbedResult, crops: int, what: str) -> None:
                 result.rows += int(rows)
                 result.new_rows += int(rows)
                 bar.advance(job_bar, int(n))
-                seams.stop_for_tests(len(parts))
+                stop_for_tests(len(parts))

@@ -1,7 +1,7 @@
 """Ends what is left of a local Ray instance when the histoembed process that started it dies.
 
 Ray ties its raylet and GCS to the driver (the kernel kills them with it), but its agents then
-wait 60 s for the dead GCS before exiting, and workers may linger too. ``ray_engine.session``
+wait 60 s for the dead GCS before exiting, and workers may linger too. ``ray_session.session``
 starts this small process (standard library only) beside a local instance; it waits for its
 stdin to close. "done" first means the driver shut Ray down itself; end of file without it means
 the driver died, so every process that has a file open in the instance's session folder and runs

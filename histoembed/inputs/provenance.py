@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from histoembed.core import store
 from histoembed.core.errors import UserError
 from histoembed.inputs.dataset import Dataset, Sample, load_dataset
@@ -106,3 +108,33 @@ def changed_files(ds: Dataset, recorded: dict[str, list]) -> list[str]:
         elif recorded[name][2] != digest:
             out.append(f"{name} was edited (its bytes differ)")
     return out
+
+
+def slide_keys(run: Path) -> frozenset[str]:
+    """``split/image_id`` of every whole slide ``run/crops.parquet`` has patches of (empty when it has none, or
+    there is no crops file): later stages count these as slides, and their crops as patches."""
+    path = Path(run) / store.CROPS_FILE
+    if not path.exists() or not store.read_meta(path).get("slides"):
+        return frozenset()
+    t = pq.read_table(path, columns=["image_id", "split", "level"]).to_pydict()
+    return frozenset(f"{sp}/{i}" for i, sp, level in zip(t["image_id"], t["split"], t["level"]) if level is not None)
+
+
+def run_kinds(run: Path, keys: Sequence[str] | None = None) -> tuple[int, int]:
+    """(flat images, whole slides) among ``keys`` (``split/image_id``), or among everything ``run/crops.parquet``
+    was cut from: which words the console uses for the run's items ((0, 0) without a crops file).
+
+    A key without patches in the crops file (a slide with no tissue, say) counts as a slide only when the run
+    has no flat images at all.
+    """
+    path = Path(run) / store.CROPS_FILE
+    meta = store.read_meta(path) if path.exists() else {}
+    slides = int(meta.get("slides") or 0)
+    images = int(meta.get("images") or 0) - slides
+    if keys is None:
+        return images, slides
+    if not slides or not images:
+        return (0, len(keys)) if slides else (len(keys), 0)
+    known = slide_keys(run)
+    n = sum(k in known for k in keys)
+    return len(keys) - n, n

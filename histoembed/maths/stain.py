@@ -27,7 +27,7 @@ torchstain takes them over the whole image, padding aside. torchstain's colour c
 the CPU, so on a GPU this step runs on the CPU.
 
 A crop whose stain cannot be estimated passes through unchanged, and is counted (the part
-footers list them, ``store_summary`` adds them up): less than ``min_tissue`` of its
+footers list them, ``feature_store.stain_summary`` adds them up): less than ``min_tissue`` of its
 non-padding pixels stained (a blank crop, a crop of slide), fewer than
 ``MIN_STAINED_PIXELS`` pixels to estimate from, colours no H&E stain makes (more than
 ``MAX_FOREIGN_SHARE`` of the stained pixels absorbing nearly as much blue as green or more, or
@@ -385,9 +385,6 @@ def training_target(run: Path, method: str, fill: tuple[int, int, int] | None, m
 
 # ---------------------------------------------------------------- the embed stage's normaliser
 
-SUMMARY_KEY = "histoembed_stain"  # part footer: the crops of the part that passed through unchanged
-
-
 def crops_fill(run: Path) -> tuple[int, int, int]:
     """The padding colour the run's crops were cut with (pixels of it are neither counted nor changed)."""
     settings = store.read_meta(Path(run) / store.CROPS_FILE).get("settings") or {}
@@ -423,27 +420,6 @@ def from_meta(meta: dict | None) -> StainNormaliser | None:
     return StainNormaliser(StainTarget(**meta["target"]), fill, float(meta["min_tissue"]))
 
 
-def note(unchanged: torch.Tensor, splits: list[str], ids: list[str], crop_index: list[int]) -> dict:
-    """A batch's stain note: how many crops were normalised, and which passed through unchanged."""
-    left = np.flatnonzero(unchanged.cpu().numpy())
-    return {"normalised": len(ids) - len(left),
-            "unchanged": [[str(splits[i]), str(ids[i]), int(crop_index[i])] for i in left]}
-
-
-def add_notes(a: dict | None, b: dict) -> dict:
-    """Two notes as one (a part's note grows batch by batch)."""
-    if a is None:
-        return {"normalised": b["normalised"], "unchanged": list(b["unchanged"])}
-    return {"normalised": a["normalised"] + b["normalised"], "unchanged": a["unchanged"] + b["unchanged"]}
-
-
-def store_summary(store_dir: Path) -> dict:
-    """Crops normalised and crops passed through unchanged, over every part of a feature store."""
-    normalised, unchanged = 0, []
-    for part in store.feature_parts(store_dir):
-        raw = (pq.ParquetFile(part).metadata.metadata or {}).get(SUMMARY_KEY.encode())
-        if raw:
-            note = json.loads(raw)
-            normalised += note["normalised"]
-            unchanged += note["unchanged"]
-    return {"normalised": normalised, "unchanged": len(unchanged), "unchanged_crops": sorted(unchanged)}
+def target_key(normaliser: StainNormaliser | None) -> dict | None:
+    """What of the normaliser keys a feature store (``feature_store.store_key``): its target's values."""
+    return normaliser.target.key() if normaliser is not None else None

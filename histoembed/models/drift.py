@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.config import DriftSettings
 from histoembed.core.errors import UserError
 from histoembed.inputs.pixels import HED_FROM_RGB, OD_EPS
@@ -26,7 +26,7 @@ STAIN_SHIFT_SD = 0.5    # a standardised difference of stain density worth a sen
 STAINS = ("haematoxylin", "eosin")
 
 
-def image_means(features: store.Features) -> tuple[np.ndarray, np.ndarray]:
+def image_means(features: feature_store.Features) -> tuple[np.ndarray, np.ndarray]:
     """(image keys ``split/image_id``, [N, D] mean clean-view embedding per image), keys sorted."""
     clean = features.subset(features.view == 0)
     keys, row_image = np.unique(clean.keys(), return_inverse=True)
@@ -101,14 +101,16 @@ def standardised_difference(train: np.ndarray, test: np.ndarray) -> float:
     return float((test.mean() - train.mean()) / pooled) if pooled > 0 else 0.0
 
 
-def verdict(auc: float, lo: float, hi: float, stain_difference: dict[str, float]) -> tuple[bool, str]:
-    """(shifted, the finding in words): shifted when the AUC interval lies above 0.5."""
+def verdict(auc: float, lo: float, hi: float, stain_difference: dict[str, float],
+            items: str = "images") -> tuple[bool, str]:
+    """(shifted, the finding in words): shifted when the AUC interval lies above 0.5. ``items``: what the splits
+    hold, in the console's words ("images", "slides", "images or slides")."""
     shifted = bool(lo > 0.5)
     if not shifted:
-        return False, (f"No detectable difference between the training and test images' embeddings "
+        return False, (f"No detectable difference between the training and test {items}' embeddings "
                        f"(AUC {auc:.2f}, 95% interval {lo:.2f}-{hi:.2f} includes 0.5, which means indistinguishable).")
     strength = "strongly " if lo > 0.75 else ""
-    words = (f"The test images differ {strength}from the training images: a classifier tells them apart by their "
+    words = (f"The test {items} differ {strength}from the training {items}: a classifier tells them apart by their "
              f"embeddings with AUC {auc:.2f} (95% interval {lo:.2f}-{hi:.2f}; 0.5 means indistinguishable). "
              "The cross-validated score may promise more than the test set gives.")
     stained = {s: d for s, d in stain_difference.items() if abs(d) >= STAIN_SHIFT_SD}
@@ -121,7 +123,7 @@ def verdict(auc: float, lo: float, hi: float, stain_difference: dict[str, float]
 
 def drift_inputs(run: Path, store_dir: Path) -> dict:
     """The keys of what the check reads: the feature store and crops.parquet."""
-    parts = store.feature_parts(store_dir)
+    parts = feature_store.feature_parts(store_dir)
     return {"features": store.read_meta(parts[0]).get("key") if parts else None,
             "store": store_dir.name, "crops": store.read_meta(run / store.CROPS_FILE).get("key")}
 

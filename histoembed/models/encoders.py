@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from histoembed.core import store
+from histoembed.core import feature_store
 from histoembed.core.errors import UserError
 from histoembed.models import zoo
 from histoembed.models.float8 import check_fp8, to_float8
@@ -60,7 +60,7 @@ class Encoder:
 
     @property
     def slug(self) -> str:
-        return store.encoder_slug(self.name)
+        return feature_store.encoder_slug(self.name)
 
     def __call__(self, crops: torch.Tensor) -> torch.Tensor:
         x = crops.to(self.device, torch.float32, non_blocking=True)

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.errors import UserError
-from histoembed.maths import scales
+from histoembed.maths import multiscale
 from histoembed.maths.metrics import softmax, view_spread
-from histoembed.models import members
+from histoembed.models import encoder_fusion
 from histoembed.models.heads import Bags, Head, decisions
 from histoembed.models.heads.base import CAPABILITIES
 from histoembed.models.heads import get as get_head
-from histoembed.models.heads.shared import first_seen_index
+from histoembed.models.heads.indexing import first_seen_index
 
 
 @dataclass
@@ -62,11 +62,11 @@ class Ensemble:
         """The feature-store folder of every encoder the run uses, in the fit's order."""
         return [e["slug"] for e in self.encoders] if self.encoders else [self.encoder_slug]
 
-    def fuse_scales(self, features: store.Features) -> store.Features:
-        """``features`` (with their scales, ``store.with_scales``) as the heads were fitted on them."""
-        return scales.fuse_scales(features, self.scale_fusion, self.scales)
+    def fuse_scales(self, features: feature_store.Features) -> feature_store.Features:
+        """``features`` (with their scales, ``feature_store.with_scales``) as the heads were fitted on them."""
+        return multiscale.fuse_scales(features, self.scale_fusion, self.scales)
 
-    def _check(self, features: store.Features, part: dict | None = None) -> None:
+    def _check(self, features: feature_store.Features, part: dict | None = None) -> None:
         """Refuse features of another width, encoder or embedding than the models' (``part``: one encoder's)."""
         want_dim = self.dim if part is None else part["dim"]
         encoder = self.encoder if part is None else part["encoder"]
@@ -86,13 +86,13 @@ class Ensemble:
                             "(embedded again with other settings since `histoembed fit`)",
                             hint="run `histoembed fit` again")
 
-    def _bags(self, features: store.Features) -> tuple[list[tuple[str, str]], Bags]:
+    def _bags(self, features: feature_store.Features) -> tuple[list[tuple[str, str]], Bags]:
         """((split, image_id) per image in first-seen order, the bags): names repeat across splits."""
         keys, row_image = first_seen_index(features.keys())
         return [tuple(str(k).split("/", 1)) for k in keys], Bags.from_rows(features.embedding, row_image,
                                                                           features.view)
 
-    def predict(self, features: store.Features | dict[str, store.Features]) -> ImagePredictions:
+    def predict(self, features: feature_store.Features | dict[str, feature_store.Features]) -> ImagePredictions:
         """Image probabilities, decisions, sets and view spread (see the module docstring).
 
         A run fitted on several encoders takes a dict: encoder slug (``slugs``) -> that store's features.
@@ -141,7 +141,7 @@ class Ensemble:
                 z.update({m: fold_models[m].predict(bags) for m in mine})
             del features
         if self.encoder_fusion == "concat":
-            joined = members.concat_features(blocks, [p["scaling"] for p in self.encoders])
+            joined = encoder_fusion.concat_features(blocks, [p["scaling"] for p in self.encoders])
             del blocks
             self._check(joined)
             if len(joined) == 0:
@@ -174,7 +174,7 @@ class Ensemble:
         fold_models = self.models[0] if self.models else {}
         return next((h for h in self.heads if getattr(fold_models.get(h), can, False)), None)
 
-    def predict_crops(self, features: store.Features) -> np.ndarray | None:
+    def predict_crops(self, features: feature_store.Features) -> np.ndarray | None:
         """Per feature row (crop-view): calibrated probabilities of the head that scores crops (the MLP), averaged
         over folds (None without such a head, or when the heads read per-scale image means rather than crops)."""
         member = self.member_that("scores_crops")
@@ -186,7 +186,7 @@ class Ensemble:
             probs += softmax(fold_models[member].row_logits(features.embedding) / self.final["T"][member])
         return probs / max(1, len(self.models))
 
-    def crop_attention(self, features: store.Features) -> np.ndarray | None:
+    def crop_attention(self, features: feature_store.Features) -> np.ndarray | None:
         """Per feature row: the weight of the crop within its (image, view) bag from the head that gives attention
         (attention-MIL), averaged over folds (None without such a head, or when the heads read per-scale image
         means rather than crops)."""
@@ -281,24 +281,24 @@ def load_ensemble(run: Path) -> Ensemble:
 
 
 def read_run_features(run: Path, ensemble: Ensemble, split: str, tta: bool = True,
-                      encoder: str | None = None) -> store.Features | dict[str, store.Features]:
+                      encoder: str | None = None) -> feature_store.Features | dict[str, feature_store.Features]:
     """``split``'s features of every store the run was fitted on, checked complete and with their crop scales.
 
     One encoder: its Features (``encoder`` may name another store of the same encoder). Several: a lazy
     dict slug -> Features that reads a store when asked, so logits-mode inference holds one at a time.
     """
-    def read(store_dir: Path) -> store.Features:
-        features = store.read_features(store_dir, split=split)
-        store.check_complete(features, run, split)
-        features = store.with_scales(features, run)
+    def read(store_dir: Path) -> feature_store.Features:
+        features = feature_store.read_features(store_dir, split=split)
+        feature_store.check_complete(features, run, split)
+        features = feature_store.with_scales(features, run)
         return features if tta else features.subset(features.view == 0)
 
     if not ensemble.encoders:
-        return read(store.find_feature_store(run, encoder or ensemble.encoder))
-    if encoder is not None and store.encoder_slug(encoder) not in ensemble.slugs:
+        return read(feature_store.find_feature_store(run, encoder or ensemble.encoder))
+    if encoder is not None and feature_store.encoder_slug(encoder) not in ensemble.slugs:
         raise UserError(f"this run was fitted on the encoders {ensemble.encoder}, not {encoder!r}",
                         hint="leave --encoder out: every encoder the run used is read")
-    dirs = {e["slug"]: store.find_feature_store(run, e["encoder"]) for e in ensemble.encoders}
+    dirs = {e["slug"]: feature_store.find_feature_store(run, e["encoder"]) for e in ensemble.encoders}
     return _LazyStores(dirs, read)
 
 
@@ -309,7 +309,7 @@ class _LazyStores(dict):
         super().__init__()
         self.dirs, self.read = dirs, read
 
-    def __missing__(self, slug: str) -> store.Features:
+    def __missing__(self, slug: str) -> feature_store.Features:
         return self.read(self.dirs[slug])
 
     def __bool__(self) -> bool:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from histoembed.core import store
+from histoembed.core import feature_store
 from histoembed.models.heads import REGISTRY
 from histoembed.models.heads.base import CAPABILITIES
 from histoembed.models.inference import Ensemble
@@ -49,7 +49,7 @@ class CropMaps:
     ``--scale-fusion crops``) and have such a head: the caller checks, as it words what is missing.
     """
 
-    def __init__(self, ensemble: Ensemble, features: store.Features, attention: bool | None = None):
+    def __init__(self, ensemble: Ensemble, features: feature_store.Features, attention: bool | None = None):
         gives_attention = ensemble.member_that("gives_attention") is not None
         self.attention = gives_attention if attention is None else attention
         can = "gives_attention" if self.attention else "scores_crops"

@@ -18,14 +18,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from histoembed import engines
 from histoembed.core import cpus, store
 from histoembed.core.config import CropSettings, QCSettings
-from histoembed.core.console import progress
+from histoembed.core.console import noun, progress
 from histoembed.core.errors import UserError
-from histoembed.engines import local
 from histoembed.inputs import slides
 from histoembed.inputs.dataset import (
     MAX_PIXELS,
+    Dataset,
     Problem,
     Sample,
     load_dataset,
@@ -46,8 +47,9 @@ class _CropJob:
     sample: Sample
     settings: CropSettings
     repair: dict | None  # QC settings to repair ink with, or None
-    slide_mpp: float | None = None  # a slide's microns per pixel when its file does not say
+    slide_mpp: float | None = None  # a slide's microns per pixel when its file does not state a plausible one
     stamp: str | None = None        # a slide's content stamp (part of each patch's digest)
+    force_mpp: bool = False         # slide_mpp for every slide, over its own
 
 
 @dataclass
@@ -69,7 +71,7 @@ def _encode_png(rgb: np.ndarray) -> bytes:
 def _crop_slide(job: _CropJob) -> _CroppedImage:
     sample, settings = job.sample, job.settings
     try:
-        boxes, geo, _ = slide_patches(sample, settings, job.slide_mpp)
+        boxes, geo, _ = slide_patches(sample, settings, job.slide_mpp, job.force_mpp)
     except UserError as e:
         return _CroppedImage(sample.key, problem=Problem(e.path or sample.image, f"{e.problem}; slide skipped"))
     source = str(Path(sample.image).resolve())
@@ -103,12 +105,6 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)  # one image per process; OpenCV's own threads would oversubscribe
 
 
-def _crop_alone(job: _CropJob) -> _CroppedImage:
-    """``_crop_one`` in a process that runs one image at a time (a Ray task)."""
-    _init_worker()
-    return _crop_one(job)
-
-
 @contextlib.contextmanager
 def cropped_images(jobs: list[_CropJob], settings: CropSettings) -> Iterator[Iterator[_CroppedImage]]:
     """Every job's ``_crop_one`` result, in the jobs' order, by the engine ``settings`` name.
@@ -116,13 +112,9 @@ def cropped_images(jobs: list[_CropJob], settings: CropSettings) -> Iterator[Ite
     local: worker processes of this machine (or this process); ray: one Ray task per image
     over a cluster. Either way each image goes through the same ``_crop_one``.
     """
-    if settings.engine == "ray":
-        from histoembed.engines import ray as ray_engine  # Ray: an optional extra, loaded only for this engine
-
-        with ray_engine.session(settings.ray_address):
-            yield ray_engine.map_ordered(_crop_alone, jobs)
-        return
-    with local.map_ordered(_crop_one, jobs, n_workers(settings.workers), _init_worker) as results:
+    engine = engines.pick(settings.engine)
+    with engine.session(settings.ray_address), \
+            engine.map_ordered(_crop_one, jobs, n_workers(settings.workers), _init_worker) as results:
         yield results
 
 
@@ -140,6 +132,16 @@ class CropsResult:
     repaired: list[tuple[str, str]]   # (split, image_id) of images whose ink was repaired before cropping
     skipped: bool                     # True: inputs and settings unchanged, nothing was done
     warnings: list[str] = field(default_factory=list)  # e.g. a patient in both splits (leakage)
+    slide_keys: frozenset[str] = frozenset()  # split/image_id of every whole slide in the data (left out or not)
+    slides: int = 0                   # of ``images``, how many are whole slides
+    patches: int = 0                  # of ``crops``, how many are patches of a slide
+
+    def counted(self, keys: Sequence[str], slide_keys: frozenset[str]) -> CropsResult:
+        """Count the slides and their patches among ``keys`` (one ``split/image_id`` per crop written)."""
+        self.slide_keys = slide_keys
+        self.slides = len(set(keys) & slide_keys)
+        self.patches = sum(k in slide_keys for k in keys)
+        return self
 
 
 def _read_qc(run: Path, stamp: store.ContentStamps) -> tuple[dict[tuple[str, str], dict], dict | None, list | None]:
@@ -169,13 +171,13 @@ def _counts(keys: Sequence[str]) -> tuple[int, float, int]:
     return int(n.min()), float(np.median(n)), int(n.max())
 
 
-def _previous(out: Path) -> CropsResult:
+def _previous(out: Path, slide_keys: frozenset[str]) -> CropsResult:
     t = pq.read_table(out, columns=["image_id", "split"])
     keys = store.image_keys(t["split"].to_pylist(), t["image_id"].to_pylist())
     sm = _summary(out)
     return CropsResult(out, len(set(keys)), len(keys), _counts(keys), [tuple(f) for f in sm.get("fallbacks", [])],
                        [Problem(Path(p), why) for p, why in sm.get("problems", [])], sm.get("left_out", []),
-                       [tuple(r) for r in sm.get("repaired", [])], skipped=True)
+                       [tuple(r) for r in sm.get("repaired", [])], skipped=True).counted(keys, slide_keys)
 
 
 def n_workers(requested: int) -> int:
@@ -211,14 +213,24 @@ def _refuse_stale_qc(run: Path, stamps: list[list]) -> None:
                         hint="run `histoembed qc`, then `histoembed crops` again")
 
 
-def check_slide_mpp(samples: Sequence[Sample], slide_mpp: float | None) -> None:
-    """Stop before any work when a slide does not say its microns per pixel and ``--slide-mpp`` is not given."""
-    if slide_mpp:
-        return
+def check_slide_scales(samples: Sequence[Sample], settings: CropSettings, slide_mpp: float | None,
+                       force: bool = False) -> None:
+    """Stop before any work when a slide's scale cannot be trusted or the settings misuse it: no plausible microns
+    per pixel and no ``--slide-mpp`` (``inputs/slides.stated_mpp``), ``--force-slide-mpp`` without a value, or an
+    ``--mpp`` that would enlarge its patches (``slides.geometry``). Opens each slide, reads no pixels."""
+    if force and not slide_mpp:
+        raise UserError("--force-slide-mpp needs --slide-mpp MPP: the value to put on every slide",
+                        hint="add --slide-mpp MPP (e.g. 0.25 at 40x, 0.5 at 20x)")
     for s in samples:
         if s.slide:
             with slides.open_slide(s.image) as slide:
-                slides.base_mpp(slide, s.image)
+                mpp0 = slides.base_mpp(slide, s.image, slide_mpp, force)
+                slides.geometry(slide, mpp0, settings.mpp, settings.size, s.image, settings.allow_upsample)
+
+
+def _scale_key(slide_mpp: float | None, force: bool) -> float | list | None:
+    """What the user said about slides' scale, as the skip key holds it (as before --force-slide-mpp when unset)."""
+    return [slide_mpp, "force"] if force else slide_mpp
 
 
 def _first(names: Sequence[str], n: int = 5) -> str:
@@ -226,9 +238,120 @@ def _first(names: Sequence[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
 
 
+def _check_keep(ds: Dataset, keep: Sequence[str], data: Path) -> None:
+    """Stop when ``--keep`` names an image that is not a training image."""
+    train_names = {s.image_id for s in ds.split("train")}
+    unknown = [k for k in keep if k not in train_names]
+    if unknown:
+        raise UserError(f"--keep names image(s) not in the training data: {', '.join(unknown)}", path=data,
+                        hint="use training image ids as in train_labels.csv or the manifest, e.g. img_0003.png "
+                             "(test images are never left out)")
+
+
+def _leave_out_flagged(ds: Dataset, run: Path, qc_rows: dict, keep: Sequence[str], include_flagged: bool,
+                       data: Path) -> tuple[list[str], list[Sample]]:
+    """(training images QC flagged and left out, the samples to crop); stops when a label loses every image."""
+    left_out = [s.image_id for s in ds.split("train")
+                if qc_rows.get(s.key, {}).get("flagged") and not include_flagged and s.image_id not in keep]
+    dropped = {("train", name) for name in left_out}
+    samples = [s for s in ds.samples if s.key not in dropped]
+    if not samples:
+        raise UserError("every image was left out (all training images flagged by QC and no test images)",
+                        path=run / store.QC_FILE, hint="pass --include-flagged or --keep ID")
+    _refuse_lost_classes(ds, samples, dropped, data)
+    return left_out, samples
+
+
+def _jobs(samples: list[Sample], settings: CropSettings, qc_rows: dict, qc_settings: dict | None,
+          slide_mpp: float | None, stamps: list[list], force_mpp: bool = False) -> list[_CropJob]:
+    """One job per sample; images QC found ink on are repaired first (unless QC's settings turned repair off)."""
+    repair_on = qc_settings is None or qc_settings.get("repair_ink", True)
+    stamp_of = {(sp, i): im for sp, i, _, im, _ in stamps}
+    jobs = []
+    for s in samples:
+        ink = bool(qc_rows.get(s.key, {}).get("ink"))
+        jobs.append(_CropJob(s, settings, (qc_settings or {}) if (ink and repair_on and not s.slide) else None,
+                             slide_mpp, stamp_of.get(s.key), force_mpp))
+    return jobs
+
+
+@dataclass
+class _Written:
+    """The crops as they are written, in batches, and what the summary says about the images they came from."""
+    schema: pa.Schema
+    samples: list[Sample]
+    problems: list[Problem]                                      # the data check's, then the unreadable
+    fallbacks: list[tuple[str, str, str]] = field(default_factory=list)
+    repaired: list[tuple[str, str]] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)             # split/image_id of every crop written
+    batch: list[tuple] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.label_of = {s.key: s.label for s in self.samples}
+        self.group_of = {s.key: s.group for s in self.samples}
+        self.has_slides = any(s.slide for s in self.samples)
+        self.has_groups = any(s.group for s in self.samples)
+
+    def add(self, done: _CroppedImage) -> None:
+        """One image's (or slide's) rows, shaped to the table's columns."""
+        split, image_id = done.key
+        if done.fallback is not None:
+            self.fallbacks.append((split, image_id, done.fallback))
+        if done.repaired:
+            self.repaired.append(done.key)
+        for row in done.rows:
+            if self.has_slides and len(row) == 9:  # a flat image's row: no slide columns
+                row = (*row, None, None, None, None)
+            elif not self.has_slides:
+                row = row[:9]
+            if self.has_groups:
+                row = (*row, self.group_of[done.key])
+            self.batch.append((image_id, split, self.label_of[done.key], *row))
+            self.written.append(f"{split}/{image_id}")
+
+    def flush(self, writer: pq.ParquetWriter) -> None:
+        if self.batch:
+            cols = list(zip(*self.batch))
+            writer.write_table(pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, self.schema)],
+                                                    schema=self.schema))
+            self.batch.clear()
+
+
+def _write_crops(out: Path, written: _Written, jobs: list[_CropJob], settings: CropSettings, strict: bool,
+                 left_out: list[str], data: Path) -> None:
+    """Crop every job (on the engine ``settings`` name) into ``out``, atomically, with the summary in its footer."""
+    slides = sum(j.sample.slide for j in jobs)
+    unit = noun(len(jobs) - slides, slides, number="s")
+    with store.atomic_path(out) as tmp:
+        writer = pq.ParquetWriter(tmp, written.schema, compression="zstd")
+        try:
+            with cropped_images(jobs, settings) as results, progress(unit) as bar:
+                bar_id = bar.add_task("crops", total=len(jobs))
+                for done in results:
+                    bar.advance(bar_id)
+                    if done.problem is not None:
+                        if strict:
+                            raise UserError(f"{done.problem.problem.removesuffix('; image skipped')} "
+                                            "(--strict: nothing written)", path=done.problem.path)
+                        written.problems.append(done.problem)
+                        continue
+                    written.add(done)
+                    if len(written.batch) >= 256:
+                        written.flush(writer)
+            written.flush(writer)
+            if not written.written:
+                raise UserError("no image could be cropped", path=data,
+                                hint="\n  ".join(map(str, written.problems[:20])) or None)
+            writer.add_key_value_metadata({SUMMARY_KEY: json.dumps({
+                "fallbacks": written.fallbacks, "problems": [[str(p.path), p.problem] for p in written.problems],
+                "left_out": left_out, "repaired": written.repaired})})
+        finally:
+            writer.close()
+
+
 def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = False, keep: Sequence[str] = (),
               include_flagged: bool = False, max_pixels: int = MAX_PIXELS, verify_data: bool = False,
-              slide_mpp: float | None = None) -> CropsResult:
+              slide_mpp: float | None = None, force_slide_mpp: bool = False) -> CropsResult:
     """Cut the crops of both splits into ``run/crops.parquet`` (nothing to do when unchanged).
 
     ``strict`` stops at the first bad item, before anything is written. With a
@@ -238,110 +361,43 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
     file again instead of trusting the stamps cached by size and modification time.
 
     Whole slides (``Sample.slide``) get patches as coordinates (no pixels): a grid at ``settings.mpp`` over
-    the tissue of a thumbnail; ``slide_mpp`` is the microns per pixel of slides whose file does not say.
+    the tissue of a thumbnail; ``slide_mpp`` is the microns per pixel of slides whose file does not state a
+    plausible one (of every slide with ``force_slide_mpp``).
     """
     data, run = Path(data), Path(run)
     out = run / store.CROPS_FILE
     store.remove_stale(run, ".*.tmp-*")  # what killed runs left
     ds = load_dataset(data, strict=strict, max_pixels=max_pixels)
-    train_names = {s.image_id for s in ds.split("train")}
-    unknown = [k for k in keep if k not in train_names]
-    if unknown:
-        raise UserError(f"--keep names image(s) not in the training data: {', '.join(unknown)}", path=data,
-                        hint="use training image ids as in train_labels.csv or the manifest, e.g. img_0003.png "
-                             "(test images are never left out)")
+    _check_keep(ds, keep, data)
     stamp = store.ContentStamps(None if verify_data else store.read_meta(out).get("content_stamps"))
     stamps = sample_stamps(ds, stamp)
     _refuse_stale_qc(run, stamps)
     qc_rows, qc_settings, qc_stamp = _read_qc(run, stamp)
-    repair_on = qc_settings is None or qc_settings.get("repair_ink", True)
+    left_out, samples = _leave_out_flagged(ds, run, qc_rows, keep, include_flagged, data)
+    check_slide_scales(samples, settings, slide_mpp, force_slide_mpp)
 
-    left_out = [s.image_id for s in ds.split("train")
-                if qc_rows.get(s.key, {}).get("flagged") and not include_flagged and s.image_id not in keep]
-    dropped = {("train", name) for name in left_out}
-    samples = [s for s in ds.samples if s.key not in dropped]
-    if not samples:
-        raise UserError("every image was left out (all training images flagged by QC and no test images)",
-                        path=run / store.QC_FILE, hint="pass --include-flagged or --keep ID")
-    _refuse_lost_classes(ds, samples, dropped, data)
-
-    check_slide_mpp(samples, slide_mpp)
+    has_slides, has_groups = any(s.slide for s in samples), any(s.group for s in samples)
+    slide_keys = frozenset(f"{s.split}/{s.image_id}" for s in ds.samples if s.slide)
     key = store.stage_key(
         "crops", CROPS_VERSION, settings, sorted(keep), include_flagged, qc_stamp,
-        stamps, [str(p) for p in ds.problems], slide_mpp if any(s.slide for s in samples) else None,
-        [s.group for s in samples] if any(s.group for s in samples) else None,
+        stamps, [str(p) for p in ds.problems], _scale_key(slide_mpp, force_slide_mpp) if has_slides else None,
+        [s.group for s in samples] if has_groups else None,
     )
     old = store.read_meta(out) if out.exists() else {}
     if old.get("key") == key and old.get("schema") == store.SCHEMA:  # an older file is cut again
-        result = _previous(out)
+        result = _previous(out, slide_keys)
         result.warnings = ds.warnings
         return result
-
-    stamp_of = {(sp, i): im for sp, i, _, im, _ in stamps}
-    jobs = []
-    for s in samples:
-        ink = bool(qc_rows.get(s.key, {}).get("ink"))
-        jobs.append(_CropJob(s, settings, (qc_settings or {}) if (ink and repair_on and not s.slide) else None,
-                             slide_mpp, stamp_of.get(s.key)))
-    label_of = {s.key: s.label for s in samples}
-    group_of = {s.key: s.group for s in samples}
-    has_slides, has_groups = any(s.slide for s in samples), any(s.group for s in samples)
 
     meta = {"key": key, "settings": settings.model_dump(), "data": str(data.resolve()),
             "data_stamp": store.config_key("data", stamps), "qc": qc_stamp[1] if qc_stamp else None,
             "images": len(samples), "left_out": len(left_out), "classes": ds.classes, "content_stamps": stamp.used,
-            "slides": sum(s.slide for s in samples), "slide_mpp": slide_mpp}
-    schema = store.with_meta(store.crops_schema(has_slides, has_groups), meta)
-    fallbacks: list[tuple[str, str, str]] = []
-    problems: list[Problem] = list(ds.problems)
-    repaired: list[tuple[str, str]] = []
-    written: list[str] = []  # split/image_id of every crop written
-    batch: list[tuple] = []
-
-    def flush(writer: pq.ParquetWriter) -> None:
-        if batch:
-            cols = list(zip(*batch))
-            writer.write_table(pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, schema)],
-                                                    schema=schema))
-            batch.clear()
-
-    with store.atomic_path(out) as tmp:
-        writer = pq.ParquetWriter(tmp, schema, compression="zstd")
-        try:
-            with cropped_images(jobs, settings) as results, progress("images") as bar:
-                bar_id = bar.add_task("crops", total=len(jobs))
-                for done in results:
-                    bar.advance(bar_id)
-                    if done.problem is not None:
-                        if strict:
-                            raise UserError(f"{done.problem.problem.removesuffix('; image skipped')} "
-                                            "(--strict: nothing written)", path=done.problem.path)
-                        problems.append(done.problem)
-                        continue
-                    split, image_id = done.key
-                    if done.fallback is not None:
-                        fallbacks.append((split, image_id, done.fallback))
-                    if done.repaired:
-                        repaired.append(done.key)
-                    for row in done.rows:
-                        if has_slides and len(row) == 9:  # a flat image's row: no slide columns
-                            row = (*row, None, None, None, None)
-                        elif not has_slides:
-                            row = row[:9]
-                        if has_groups:
-                            row = (*row, group_of[done.key])
-                        batch.append((image_id, split, label_of[done.key], *row))
-                        written.append(f"{split}/{image_id}")
-                    if len(batch) >= 256:
-                        flush(writer)
-            flush(writer)
-            if not written:
-                raise UserError("no image could be cropped", path=data,
-                                hint="\n  ".join(map(str, problems[:20])) or None)
-            writer.add_key_value_metadata({SUMMARY_KEY: json.dumps({
-                "fallbacks": fallbacks, "problems": [[str(p.path), p.problem] for p in problems],
-                "left_out": left_out, "repaired": repaired})})
-        finally:
-            writer.close()
-    return CropsResult(out, len(set(written)), len(written), _counts(written), fallbacks, problems,
-                       left_out, repaired, skipped=False, warnings=ds.warnings)
+            "slides": sum(s.slide for s in samples), "slide_mpp": slide_mpp, "force_slide_mpp": force_slide_mpp}
+    written = _Written(store.with_meta(store.crops_schema(has_slides, has_groups), meta), samples,
+                       list(ds.problems))
+    _write_crops(out, written, _jobs(samples, settings, qc_rows, qc_settings, slide_mpp, stamps, force_slide_mpp),
+                 settings,
+                 strict, left_out, data)
+    w = written.written
+    return CropsResult(out, len(set(w)), len(w), _counts(w), written.fallbacks, written.problems,
+                       left_out, written.repaired, skipped=False, warnings=ds.warnings).counted(w, slide_keys)

@@ -21,9 +21,11 @@ import cv2
 import numpy as np
 
 from histoembed import __version__
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.config import DriftSettings
+from histoembed.core.console import noun
 from histoembed.core.errors import UserError
+from histoembed.inputs.provenance import run_kinds
 from histoembed.models.drift import (
     DRIFT_FILE,
     STAINS,
@@ -101,7 +103,7 @@ def _stain_summary(values: np.ndarray) -> dict:
 
 
 def _compare_splits(run: Path, keys: np.ndarray, x: np.ndarray, is_test: np.ndarray, crops_meta: dict,
-                    settings: DriftSettings) -> dict:
+                    settings: DriftSettings, kinds: tuple[int, int]) -> dict:
     auc, lo, hi = two_sample_auc(x, is_test, settings)
     fill = tuple((crops_meta.get("settings") or {}).get("fill", ())) or None
     stain, difference = {"train": {}, "test": {}}, {}
@@ -110,10 +112,10 @@ def _compare_splits(run: Path, keys: np.ndarray, x: np.ndarray, is_test: np.ndar
         train, test = values[ok & ~is_test], values[ok & is_test]
         stain["train"][name], stain["test"][name] = _stain_summary(train), _stain_summary(test)
         difference[name] = standardised_difference(train, test) if min(len(train), len(test)) > 1 else 0.0
-    shifted, finding = verdict(auc, lo, hi, difference)
+    shifted, finding = verdict(auc, lo, hi, difference, noun(*kinds, number="s"))
     dims = pca_dims(len(x) - len(x) // settings.folds, x.shape[1], settings.pca_dims)
     return {"classifier": f"standardise, PCA to {dims} dims, logistic regression (C={settings.c}); out-of-fold "
-                          f"scores ({settings.folds} folds, mean over {settings.repeats} shuffles) of each image's "
+                          f"scores ({settings.folds} folds, mean over {settings.repeats} shuffles) of each {noun(*kinds)}'s "
                           "mean clean-view embedding",
             "auc": auc, "auc_ci": [lo, hi], "bootstrap": settings.bootstrap, "shifted": shifted,
             "stain": stain, "stain_difference": difference, "finding": finding}
@@ -122,7 +124,7 @@ def _compare_splits(run: Path, keys: np.ndarray, x: np.ndarray, is_test: np.ndar
 def run_drift(run: Path, settings: DriftSettings, encoder: str | None = None) -> DriftResult:
     """Compare the splits' embeddings and stains (a finding without numbers when a split has too few images)."""
     run = Path(run)
-    store_dir = store.find_feature_store(run, encoder)
+    store_dir = feature_store.find_feature_store(run, encoder)
     crops_meta = _crops_meta(run)
     inputs = drift_inputs(run, store_dir)
     key = store.stage_key("drift", DRIFT_VERSION, settings, inputs)
@@ -131,19 +133,21 @@ def run_drift(run: Path, settings: DriftSettings, encoder: str | None = None) ->
         previous = store.read_json(path, "drift report")
         if previous.get("key") == key:
             return DriftResult(previous, True, path)
-    features = store.read_features(store_dir)
+    features = feature_store.read_features(store_dir)
     keys, x = image_means(features)
     flagged = set() if settings.include_flagged else _qc_flagged(run)
     keep = np.array([k not in flagged for k in keys], dtype=bool)
     keys, x = keys[keep], x[keep]
     is_test = np.array([k.startswith("test/") for k in keys])
     counts = {"train": int((~is_test).sum()), "test": int(is_test.sum())}
+    kinds = run_kinds(run, list(keys))
     report = {"key": key, "version": __version__, "encoder": features.meta.get("encoder"), "inputs": inputs,
               "images": counts, "left_out_flagged": int((~keep).sum()), "auc": None, "shifted": False}
     if min(counts.values()) < MIN_IMAGES:
-        report["finding"] = (f"No train-versus-test check: it needs at least {MIN_IMAGES} images of each split "
+        report["finding"] = (f"No train-versus-test check: it needs at least {MIN_IMAGES} "
+                             f"{noun(*kinds, number='s')} of each split "
                              f"in the features ({counts['train']} training, {counts['test']} test).")
     else:
-        report.update(_compare_splits(run, keys, x, is_test, crops_meta, settings))
+        report.update(_compare_splits(run, keys, x, is_test, crops_meta, settings, kinds))
     store.write_json(report, path)
     return DriftResult(report, False, path)

@@ -1,22 +1,8 @@
 """The embed stage: every crop, in r views, through a frozen encoder into a Parquet store.
 
-``run/features/<encoder-slug>/`` holds parts named ``part-s{i}of{n}-{seq}.parquet``. A
-part is written in row groups to a hidden temporary file and renamed into place when it
-holds ``rows_per_part`` rows (or the run ends, or is interrupted with Ctrl-C), so a
-killed run loses at most the part in flight. Each part holds whole crops (all views),
-and each carries the store's key: on the next call, crops found in parts with the same
-key are skipped, and parts with another key (other settings, crops or weights) are
-removed, so rows of different settings never mix.
-
-The ``ray`` engine (:mod:`histoembed.engines.ray`) writes parts of the same schema and key,
-named ``part-ray-<digest of the key and the crops they hold>.parquet`` so that a retried
-task rewrites its part; the local engine keeps its numbered parts, written by one process
-per shard under a lock. Readers take every ``part-*.parquet`` alike, and both engines skip
-the crops that any finished part holds.
-
-Views: view 0 is the clean crop, views 1..r-1 are augmented with parameters that depend
-only on (seed, image id, crop index, view). Test crops get the same views when ``tta``
-is on, else view 0 only.
+``run/features/<encoder-slug>/`` is the feature store; its contract (rows, views, metadata and key, parts,
+resuming, what readers refuse) is :mod:`histoembed.core.feature_store`'s docstring. The engine that
+``settings.engine`` names (:func:`histoembed.engines.pick`: ``local`` or ``ray``) does the work.
 """
 
 from __future__ import annotations
@@ -25,11 +11,11 @@ import contextlib
 import os
 from pathlib import Path
 
-from histoembed.core import store
+from histoembed import engines
+from histoembed.core import feature_store
 from histoembed.core.config import AugmentSettings, EmbedSettings
 from histoembed.core.errors import UserError
-from histoembed.engines import local
-from histoembed.engines.seams import EmbedResult
+from histoembed.engines.base import EmbedResult
 from histoembed.models.encoders import Encoder
 
 
@@ -57,16 +43,12 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
     ``settings.engine`` picks who does the work: ``local`` (:mod:`histoembed.engines.local`) or
     ``ray``, a Ray cluster (:mod:`histoembed.engines.ray`).
     """
-    if settings.engine == "ray":
-        from histoembed.engines import ray as ray_engine  # Ray: an optional extra, loaded only for this engine
-
-        return ray_engine.run_embed(run, settings, augment, shard, encoder)
-    return local.run_embed(run, settings, augment, shard, encoder)
+    return engines.pick(settings.engine).run_embed(run, settings, augment, shard, encoder)
 
 
 def encoder_names(text: str) -> list[str]:
     """The encoders of a comma list, in order, each once; two that would share a store folder are refused."""
-    names = store.encoder_list(text)
+    names = feature_store.encoder_list(text)
     if not names:
         raise UserError("no encoder given", hint="pass --encoder NAME (`histoembed encoders` lists them)")
     return names
@@ -86,13 +68,9 @@ def run_embeds(run: Path, settings: EmbedSettings, augment: AugmentSettings,
 
 def engine_session(engine: str, ray_address: str | None) -> contextlib.AbstractContextManager:
     """What the engine needs for a whole command: a Ray connection for ``ray``, nothing for ``local``."""
-    if engine != "ray":
-        return contextlib.nullcontext()
-    from histoembed.engines import ray as ray_engine  # Ray: an optional extra, loaded only for this engine
-
-    return ray_engine.session(ray_address)
+    return engines.pick(engine).session(ray_address)
 
 
-def read_store(run: Path, encoder: str | None = None, split: str | None = None) -> store.Features:
+def read_store(run: Path, encoder: str | None = None, split: str | None = None) -> feature_store.Features:
     """Every embedding of the run's feature store (all shards) as one ``Features``."""
-    return store.read_features(store.find_feature_store(run, encoder), split=split)
+    return feature_store.read_features(feature_store.find_feature_store(run, encoder), split=split)

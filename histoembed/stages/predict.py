@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.config import AugmentSettings, CropSettings
 from histoembed.core.errors import UserError
 from histoembed.inputs.cropping import crop_image, slide_patches
@@ -74,7 +74,7 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
     read from the slide as ``embed`` reads it. ``image_ids``: the name each image's augmented views are
     keyed by (None: its file name); the run's own name of an image gives its views exactly.
     """
-    from histoembed.engines.seams import embed_crops
+    from histoembed.engines.forward import embed_crops
     from histoembed.maths import stain                   # torch: loaded only when predicting
     from histoembed.models.encoders import load_encoder
 
@@ -90,7 +90,7 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
     crop_settings = CropSettings.model_validate(crop_meta["settings"])
     # New images must be cut, embedded and classified as the models' training images were: with every
     # encoder the run was fitted on (fit --encoder A,B), each as its store was embedded.
-    metas = [(slug, store.read_meta(store.feature_parts(store.find_feature_store(run, name))[0]))
+    metas = [(slug, store.read_meta(feature_store.feature_parts(feature_store.find_feature_store(run, name))[0]))
              for slug, name in _run_encoders(ensemble)]
     check_same_crops(run, ensemble)
     embedders = [(slug, meta, load_encoder(meta["encoder"], meta.get("pool", "cls"), device,
@@ -123,10 +123,10 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
                 emb, n_crops = embed(np.stack([c.pixels for c in crops])), len(crops)
                 scale = np.repeat(np.array([c.scale for c in crops], np.float32), views)
             else:  # a whole slide: its patches, read as embed reads them
-                emb = _embed_slide(Path(image), mask, crop_settings, crop_meta.get("slide_mpp"), embed, batch_size)
+                emb = _embed_slide(Path(image), mask, crop_settings, crop_meta, embed, batch_size)
                 n_crops, scale = len(emb) // views, np.ones(len(emb), np.float32)
             n = len(emb)
-            by_encoder[slug] = store.Features(
+            by_encoder[slug] = feature_store.Features(
                 np.array([image_id] * n, object), np.array(["test"] * n, object),
                 np.repeat(np.arange(n_crops, dtype=np.int32), views),
                 np.tile(np.arange(views, dtype=np.int16), n_crops), emb, features_meta, scale=scale)
@@ -140,11 +140,13 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
 SLIDE_CHUNK = 1024  # patches read and embedded at a time: memory holds these, never all of a slide's
 
 
-def _embed_slide(path: Path, mask: Path | None, settings: CropSettings, slide_mpp: float | None, embed,
+def _embed_slide(path: Path, mask: Path | None, settings: CropSettings, crop_meta: dict, embed,
                  batch_size: int) -> np.ndarray:
-    """The features of a slide's patches, cut as the run's crops were and read as ``embed`` reads them."""
+    """The features of a slide's patches, cut as the run's crops were (its slide scale rules too: ``crop_meta``)
+    and read as ``embed`` reads them."""
     sample = Sample(path.name, "test", path, mask, None, slide=True)
-    boxes, geo, _ = slide_patches(sample, settings, slide_mpp)   # names a slide without tissue or mpp
+    boxes, geo, _ = slide_patches(sample, settings, crop_meta.get("slide_mpp"),   # names a slide without tissue,
+                                  bool(crop_meta.get("force_slide_mpp")))        # or without a plausible mpp
     parts = []
     with slides.open_slide(path) as slide:
         for first in range(0, len(boxes), max(SLIDE_CHUNK, batch_size)):

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.errors import UserError
 from histoembed.inputs.provenance import run_data
 from histoembed.inputs.dataset import submission_ids
@@ -39,6 +39,7 @@ class SubmitResult:
     classes: list[str]
     counts: dict[str, int]                                # predicted label -> images
     fallbacks: list[str] = field(default_factory=list)    # test images predicted by the prior
+    image_ids: list[str] = field(default_factory=list)    # the test images, in the submission's order
 
 
 def _class_prior(run: Path, classes: list[str]) -> np.ndarray:
@@ -66,7 +67,7 @@ def run_submit(data: Path | None, run: Path, encoder: str | None = None, tta: bo
         raise UserError("the data has no test images", path=data)
     features = read_run_features(run, ensemble, "test", tta=tta, encoder=encoder)
     # Several encoders: each store is read once, while predicting (checked for strays below).
-    found = set(features.image_id) if isinstance(features, store.Features) else set()
+    found = set(features.image_id) if isinstance(features, feature_store.Features) else set()
     pred = None
     if isinstance(features, dict):
         pred = ensemble.predict(features)
@@ -75,7 +76,7 @@ def run_submit(data: Path | None, run: Path, encoder: str | None = None, tta: bo
     if unknown:
         raise UserError(f"{len(unknown)} test image(s) in the features are not in the data "
                         f"(e.g. {unknown[0]})", path=run / store.FEATURES_DIR if ensemble.encoders else
-                        store.find_feature_store(run, encoder or ensemble.encoder),
+                        feature_store.find_feature_store(run, encoder or ensemble.encoder),
                         hint="the features were embedded from another data folder; re-run crops and embed")
     prior = _class_prior(run, ensemble.classes)
     C = len(ensemble.classes)
@@ -118,4 +119,4 @@ def run_submit(data: Path | None, run: Path, encoder: str | None = None, tta: bo
                                            "from their mean (NaN for a fallback)",
                             "fallback": "training-class prior (most frequent class)"})
     counts = {c: labels.count(c) for c in ensemble.classes}
-    return SubmitResult(submission, predictions, len(ids), ensemble.classes, counts, fallbacks)
+    return SubmitResult(submission, predictions, len(ids), ensemble.classes, counts, fallbacks, list(ids))

@@ -64,7 +64,7 @@ import pyarrow as pa
 import tifffile
 from PIL import Image
 
-from histoembed.core import cpus, store
+from histoembed.core import cpus, feature_store, store
 from histoembed.engines.local import map_ordered
 from histoembed.inputs.pixels import tissue_mask_by_colour
 
@@ -716,8 +716,8 @@ def write_synthetic_features(run: Path, n_images: int = 60, n_classes: int = 3, 
         "image_id": pa.array(rows["image_id"], pa.string()), "split": pa.array(rows["split"], pa.string()),
         "crop_index": pa.array(rows["crop_index"], pa.int32()), "view": pa.array(rows["view"], pa.int16()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embedding.ravel()), dim),
-    }, schema=store.feature_schema(dim))
-    store_dir = run / store.FEATURES_DIR / store.encoder_slug(encoder)
+    }, schema=feature_store.feature_schema(dim))
+    store_dir = run / store.FEATURES_DIR / feature_store.encoder_slug(encoder)
     key = store.config_key("synthetic", n_images, n_classes, crops, views, dim, signal, seed, n_test,
                            *([] if visible is None and feature_seed is None else [shown, feature_seed]))
     with contextlib.suppress(FileNotFoundError):

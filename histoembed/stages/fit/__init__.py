@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histoembed.core import cpus, store
+from histoembed.core import cpus, feature_store
 from histoembed.core.config import FitSettings
 from histoembed.models.heads import Bags, check_names
 from histoembed.stages.fit.cv import CVResult, cross_validate, fit_heads, run_cv, seeds_of
@@ -71,7 +71,7 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
 
 def parse_encoders(value: str | None) -> list[str]:
     """Encoder names of ``--encoder A,B`` (or ``encoder = "A,B"``); [] when none is given."""
-    return store.encoder_list(value) if value is not None else []
+    return feature_store.encoder_list(value) if value is not None else []
 
 
 def take_bags(ts: TrainingSet) -> Bags:

@@ -20,12 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from histoembed import __version__
-from histoembed.core import locks, store
+from histoembed.core import feature_store, locks, store
 from histoembed.core.config import FitSettings, output_settings
 from histoembed.core.errors import UserError, from_os_error
-from histoembed.maths import scales
+from histoembed.maths import multiscale
 from histoembed.maths.resample import spread_over_repeats
-from histoembed.models import members
+from histoembed.models import encoder_fusion
 from histoembed.models.heads import decisions, fusion
 from histoembed.stages.fit.cv import CVResult
 from histoembed.stages.fit.task import oof_view_spread
@@ -110,7 +110,7 @@ def fit_metrics(key: str, encoder: str, ts: TrainingSet, settings: FitSettings, 
         "members": member_list,
         **encoder_fields,
         "scale_fusion": {"mode": settings.scale_fusion, "scales": ts.scales,
-                         "rule": scales.RULES[settings.scale_fusion]},
+                         "rule": multiscale.RULES[settings.scale_fusion]},
         "calibration": f"per fold: each {member_word}'s regularised T, the fusion weights, offsets and conformal "
                        "thresholds chosen on the other folds' OOF predictions (cross-fitting); 'before' is T = 1 "
                        "with the same weights",
@@ -125,7 +125,7 @@ def fit_metrics(key: str, encoder: str, ts: TrainingSet, settings: FitSettings, 
 def encoder_name(ts: TrainingSet) -> str:
     """The encoder as the feature store names it, in a form ``find_feature_store`` finds again."""
     named = ts.features.meta.get("encoder")
-    return named if named and store.encoder_slug(named) == ts.store_dir.name else ts.store_dir.name
+    return named if named and feature_store.encoder_slug(named) == ts.store_dir.name else ts.store_dir.name
 
 
 def final_summary(final: dict) -> dict:
@@ -258,7 +258,7 @@ def save_fold(folder: Path, heads: list[str], fold_models: list, classes: list[s
     """One fold's heads; with several encoders' logits fused, each encoder's heads in a folder of its slug."""
     folder.mkdir(parents=True)
     for member, head in zip(heads, fold_models):
-        slug = members.split_member(member)[0] if multi and multi["encoder_fusion"] == "logits" else None
+        slug = encoder_fusion.split_member(member)[0] if multi and multi["encoder_fusion"] == "logits" else None
         head.save(folder / slug if slug else folder, classes)
 
 

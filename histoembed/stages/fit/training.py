@@ -13,18 +13,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.config import FitSettings
 from histoembed.core.errors import UserError
-from histoembed.maths import scales
-from histoembed.models.heads.shared import first_seen_index
+from histoembed.maths import multiscale
+from histoembed.models.heads.indexing import first_seen_index
 
 
 @dataclass
 class TrainingSet:
     """The training split's features with one label per image, after QC."""
 
-    features: store.Features
+    features: feature_store.Features
     store_dir: Path
     image_ids: list[str]          # first-seen order in the features (all of the train split)
     row_image: np.ndarray         # image index of each feature row
@@ -125,17 +125,17 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
     them to float32 exactly as reading would have; nothing else may compute on them).
     """
     run = Path(run)
-    store_dir = store.find_feature_store(run, encoder)
+    store_dir = feature_store.find_feature_store(run, encoder)
     labels = read_labels(run)
     flagged, dup_groups = qc_flags(run)
-    features = store.read_features(store_dir, split="train", keep_dtype=keep_dtype)
+    features = feature_store.read_features(store_dir, split="train", keep_dtype=keep_dtype)
     if len(features) == 0:
         raise UserError("the feature store has no training rows", path=store_dir,
                         hint="run `histoembed embed` on a run whose crops include the train split")
-    store.check_complete(features, run, "train")
-    features = store.with_scales(features, run)
-    crop_scales = scales.scales_of(features)
-    features = scales.fuse_scales(features, scale_fusion, crop_scales)
+    feature_store.check_complete(features, run, "train")
+    features = feature_store.with_scales(features, run)
+    crop_scales = multiscale.scales_of(features)
+    features = multiscale.fuse_scales(features, scale_fusion, crop_scales)
     keys = features.keys()
     present = np.unique(keys)
     unlabelled = sorted(k for k in present if k not in labels)

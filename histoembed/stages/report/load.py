@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.errors import UserError
 from histoembed.inputs.dataset import load_dataset
 from histoembed.inputs.provenance import DataChanged, run_data
@@ -81,10 +81,10 @@ class LoadedRun:
         """The fitted models of ``run/models`` (read once; raises the same UserError each time they cannot be)."""
         return self._once("ensemble", lambda: load_ensemble(self.folder))
 
-    def features(self, encoder: str) -> store.Features:
+    def features(self, encoder: str) -> feature_store.Features:
         """Every split and view of ``encoder``'s feature store in the run (read once)."""
         return self._once(("features", encoder),
-                          lambda: store.read_features(store.find_feature_store(self.folder, encoder)))
+                          lambda: feature_store.read_features(feature_store.find_feature_store(self.folder, encoder)))
 
     def _once(self, key, read):
         if key not in self._loaded:

@@ -26,10 +26,11 @@ def _crop_settings(folder: Path):
     meta = store.read_meta(folder / store.CROPS_FILE)
     given = meta.get("settings") or {}
     known = {k: v for k, v in given.items() if k in CropSettings.model_fields}
+    scale = (meta.get("slide_mpp"), bool(meta.get("force_slide_mpp")))
     try:
-        return CropSettings(**known), meta.get("slide_mpp")
+        return CropSettings(**known), scale
     except ValueError:
-        return CropSettings(), meta.get("slide_mpp")
+        return CropSettings(), scale
 
 
 def _slide_attention(run: LoadedRun, keys: list[str]) -> tuple[dict, str]:
@@ -121,7 +122,7 @@ def slides_section(run: LoadedRun) -> str:
         return section("slides", title, "<p class='small'>No whole slide in this run.</p>")
     order = [k for k in run.crops["key"].drop_duplicates() if k in slide_keys]
     chosen = order[:MAX_SLIDES]
-    settings, slide_mpp = _crop_settings(run.folder)
+    settings, (slide_mpp, force_mpp) = _crop_settings(run.folder)
     samples = run.samples()
     attention, note = _slide_attention(run, chosen)
     parts = [f"<p>Each slide's thumbnail at {settings.thumb_mpp:g} &micro;m per pixel as <code>crops</code> saw it: "
@@ -140,7 +141,7 @@ def slides_section(run: LoadedRun) -> str:
         sample = samples.get(key) or Sample(image_id, split, Path(rows["source"].iloc[0]), None,
                                             rows["label"].iloc[0], slide=True)
         try:
-            t = slide_tissue(sample, settings, slide_mpp)
+            t = slide_tissue(sample, settings, slide_mpp, force_mpp)
         except UserError as e:
             parts.append(missing(f"{display_name(key)}: {e.problem}"))
             continue

@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from histoembed.core import store
+from histoembed.core import feature_store
 from histoembed.core.errors import UserError
 
 SEPARATOR = ":"   # encoder slugs hold only letters, digits and -_. so the first ':' splits a member name
@@ -50,7 +50,7 @@ def block_scaling(X: np.ndarray) -> dict:
     return {"mean": mean.astype(np.float32).tolist(), "scale": scale if scale > 1e-12 else 1.0}
 
 
-def concat_features(parts: list[store.Features], scalings: list[dict]) -> store.Features:
+def concat_features(parts: list[feature_store.Features], scalings: list[dict]) -> feature_store.Features:
     """The encoders' features (the same rows, in the same order) side by side, each block scaled."""
     first = parts[0]
     for f in parts[1:]:

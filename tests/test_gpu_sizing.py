@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from histoembed.core.config import EmbedSettings
-from histoembed.engines import seams
-from histoembed.models.sizing import CPU_BATCH_SIZE, CPU_WORKERS, MAX_BATCH, MAX_WORKERS, MIN_BATCH, cuda_sizes
+from histoembed.engines import forward
+from histoembed.models.gpu_sizing import CPU_BATCH_SIZE, CPU_WORKERS, MAX_BATCH, MAX_WORKERS, MIN_BATCH, cuda_sizes
 
 GIB = 2**30
 VIT_L = dict(params=304_000_000, dim=1024, input_size=224)
@@ -48,11 +48,11 @@ def _fake_cuda_encoder():
 def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * GIB, 80 * GIB))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
-    monkeypatch.setattr(seams.cpus, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(forward.cpus, "usable_cpus", lambda: 4)
 
 
 def test_unset_sizes_resolve_on_cuda_and_say_so(fake_gpu, capsys):
-    settings = seams.sized(EmbedSettings(), _fake_cuda_encoder())
+    settings = forward.sized(EmbedSettings(), _fake_cuda_encoder())
     expected = cuda_sizes(40 * GIB, 1000 * 1000 + 1000, 1024, 224, 4, views=EmbedSettings().repeats)
     assert (settings.batch_size, settings.workers) == (expected.batch_size, expected.workers)
     out = capsys.readouterr().err
@@ -60,19 +60,19 @@ def test_unset_sizes_resolve_on_cuda_and_say_so(fake_gpu, capsys):
 
 
 def test_explicit_sizes_win_on_cuda(fake_gpu, capsys):
-    settings = seams.sized(EmbedSettings(batch_size=32, workers=0), _fake_cuda_encoder())
+    settings = forward.sized(EmbedSettings(batch_size=32, workers=0), _fake_cuda_encoder())
     assert (settings.batch_size, settings.workers) == (32, 0)
     assert capsys.readouterr().err == ""
-    half = seams.sized(EmbedSettings(batch_size=32), _fake_cuda_encoder())
+    half = forward.sized(EmbedSettings(batch_size=32), _fake_cuda_encoder())
     assert half.batch_size == 32 and half.workers == cuda_sizes(40 * GIB, 1_001_000, 1024, 224, 4).workers
     assert "--workers" in capsys.readouterr().err
 
 
 def test_the_cpu_keeps_its_defaults(capsys):
     cpu = SimpleNamespace(device=torch.device("cpu"), name="x")
-    assert (seams.sized(EmbedSettings(), cpu).batch_size, seams.sized(EmbedSettings(), cpu).workers) == \
+    assert (forward.sized(EmbedSettings(), cpu).batch_size, forward.sized(EmbedSettings(), cpu).workers) == \
         (CPU_BATCH_SIZE, CPU_WORKERS) == (64, 2)
-    assert seams.sized(EmbedSettings(workers=5), None).workers == 5
+    assert forward.sized(EmbedSettings(workers=5), None).workers == 5
     assert capsys.readouterr().err == ""
 
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from histoembed.core.errors import UserError
-from histoembed.core.store import Features
+from histoembed.core.feature_store import Features
 
 RULES = {
     "crops": "every crop, whatever its scale, is one crop of its image",
@@ -44,7 +44,7 @@ def fuse_scales(features: Features, mode: str, scales: Sequence[float] | None = 
     if mode != "concat":
         raise ValueError(f"unknown scale fusion {mode!r}")
     if features.scale is None:
-        raise ValueError("concat needs each row's scale (store.with_scales)")
+        raise ValueError("concat needs each row's scale (feature_store.with_scales)")
     scales = [float(s) for s in (scales if scales is not None else scales_of(features))]
     dim = features.embedding.shape[1] if features.embedding.ndim == 2 else 0
     if len(features) == 0:

@@ -9,16 +9,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.errors import UserError
-from histoembed.maths.scales import fuse_scales, scales_of
+from histoembed.maths.multiscale import fuse_scales, scales_of
 
 
-def features(rows: list[tuple[str, str, int, int, float]], dim: int = 3, seed: int = 0) -> store.Features:
+def features(rows: list[tuple[str, str, int, int, float]], dim: int = 3, seed: int = 0) -> feature_store.Features:
     """Features of (split, image_id, crop_index, view, scale) rows with random embeddings."""
     rng = np.random.default_rng(seed)
     split, image_id, crop, view, scale = (np.array(c) for c in zip(*rows))
-    return store.Features(split=split.astype(object), image_id=image_id.astype(object),
+    return feature_store.Features(split=split.astype(object), image_id=image_id.astype(object),
                           crop_index=crop.astype(np.int32), view=view.astype(np.int16),
                           embedding=rng.normal(size=(len(rows), dim)).astype(np.float32), meta={},
                           scale=scale.astype(np.float32))
@@ -93,7 +93,7 @@ def test_context_crops_flow_through_embed_fit_submit_report_and_predict(context_
     metrics = json.loads((run / store.METRICS_FILE).read_text())
     assert metrics["scale_fusion"]["mode"] == "concat" and metrics["scale_fusion"]["scales"] == [1.0, 2.0]
     manifest = json.loads((run / store.MODELS_DIR / store.MODELS_MANIFEST_FILE).read_text())
-    features = store.read_features(store.find_feature_store(run))
+    features = feature_store.read_features(feature_store.find_feature_store(run))
     assert manifest["dim"] == 2 * features.embedding.shape[1]      # the heads read [scale 1 mean, scale 2 mean]
     html = (run / store.REPORT_FILE).read_text()
     assert "scale fusion <b>concat</b>" in html and "scale 1" in html and "scale 2" in html
@@ -118,8 +118,8 @@ def test_fitting_the_same_context_crops_as_more_crops(context_run):
               "--mlp-epochs", 3, "--scale-fusion", "crops")
     assert "scale fusion crops: every crop, whatever its scale, is one crop of its image" in out
     manifest = json.loads((run / store.MODELS_DIR / store.MODELS_MANIFEST_FILE).read_text())
-    assert manifest["scale_fusion"] == "crops" and manifest["dim"] == store.read_features(
-        store.find_feature_store(run)).embedding.shape[1]
+    assert manifest["scale_fusion"] == "crops" and manifest["dim"] == feature_store.read_features(
+        feature_store.find_feature_store(run)).embedding.shape[1]
     cli("submit", "--run", run)
     cli("report", "--run", run)
     html = (run / store.REPORT_FILE).read_text()

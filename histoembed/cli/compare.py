@@ -26,8 +26,8 @@ def compare(
         "--decision", help="Which out-of-fold decisions macro_f1, balanced_accuracy and kappa read: argmax (the "
                            "fused argmax) or offsets (argmax with the class offsets).")] = "argmax",
     class_order: Annotated[str | None, typer.Option(
-        "--class-order", metavar="CLASS,CLASS", help="For kappa: the classes from the lowest grade up (default: "
-                                                     "the order RUN_A's fit recorded).")] = None,
+        "--class-order", metavar="CLASS,CLASS", help="For kappa: the classes from the lowest grade up; without it, "
+                                                     "the order RUN_A's fit recorded.")] = None,
     bootstrap: Annotated[int, typer.Option(
         "--bootstrap", min=1, help="Paired bootstrap resamples of the patients (images without patients).")] = 2000,
     seed: SeedOpt = None,

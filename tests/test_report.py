@@ -50,7 +50,8 @@ window.addEventListener('load', () => {
 EXPECTED_PLOTS = ["class balance and crops per image", "crops drawn on images",
                   "per-fold and out-of-fold macro-F1", "confusion matrix and per-class F1",
                   "reliability diagrams", "fusion weight curve", "accuracy by view spread",
-                  "per-image crop prediction maps"]
+                  "per-image crop prediction maps",
+                  "ROC and precision-recall curves of the fused out-of-fold probabilities"]
 
 
 @dataclass
@@ -142,6 +143,40 @@ def test_report_numbers_match_metrics(written):
     expected = f1_score(oof["label"], oof["prediction"], average="macro")
     row = re.search(r"<tr><td>fused</td><td>([0-9.]+)</td>", page.read_text())
     assert row and abs(float(row.group(1)) - expected) < 1e-3
+    # the field's numbers in the scores table: metrics.json's, scikit-learn's on oof.parquet
+    from sklearn.metrics import roc_auc_score
+
+    metrics = json.loads((run / store.METRICS_FILE).read_text())
+    auroc = metrics["heads"]["fused"]["auroc"]
+    assert f"<td>fused</td><td>{auroc['value']:.3f} [{auroc['lo']:.3f}, {auroc['hi']:.3f}]</td>" in page.read_text()
+    classes = store.read_meta(run / store.OOF_FILE)["classes"]
+    prob = np.stack(oof["prob"].to_numpy()).astype(np.float64)
+    y = oof["label"].map(classes.index).to_numpy()
+    assert auroc["value"] == pytest.approx(
+        roc_auc_score(y, prob / prob.sum(1, keepdims=True), multi_class="ovr"), abs=1e-6)
+
+
+def test_curves_section_draws_bands_over_patients(tmp_path):
+    """ROC and PR of the fused out-of-fold probabilities, the band resampling oof.parquet's patients."""
+    from histoembed.maths.metrics import softmax
+    from histoembed.stages.report.curves import curves_section
+    from histoembed.stages.report.load import LoadedRun, OutOfFold
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 90)
+    prob = softmax(rng.normal(size=(90, 3)) + 2 * np.eye(3)[y])
+    run = LoadedRun(folder=tmp_path, data=None)
+    run.oof = OutOfFold(image_id=np.array([f"i{k}" for k in range(90)], dtype=object), fold=np.arange(90) % 3, y=y,
+                        classes=["a", "b", "c"], logits={}, prob=prob, pred=prob.argmax(1),
+                        groups=np.array([f"p{k // 3}" for k in range(90)], dtype=object))
+    page = curves_section(run)
+    assert "30 patients" in page and 'alt="ROC and precision-recall curves' in page and "one-vs-rest" in page
+    run.oof.groups, run.oof.classes, run.oof.y = None, ["no", "yes"], (y > 0).astype(int)
+    run.oof.prob = np.stack([prob[:, 0], 1 - prob[:, 0]], 1)
+    binary = curves_section(run)
+    assert "90 images" in binary and "the curve of yes" in binary
+    run.oof = None
+    assert "Not shown" in curves_section(run)
 
 
 def test_report_cli(written, cli, tmp_path):

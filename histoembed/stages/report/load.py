@@ -34,6 +34,7 @@ class OutOfFold:
     pred_offsets: np.ndarray | None = None   # class index with the class offsets
     sets: list[list[str]] | None = None      # conformal sets
     view_spread: np.ndarray | None = None
+    groups: np.ndarray | None = None          # patient of each image (an image without one is its own), or None
 
 
 @dataclass
@@ -126,7 +127,18 @@ def read_out_of_fold(path: Path) -> OutOfFold:
                      prob=_list_column(table, "prob"), pred=classes_of("prediction"),
                      pred_offsets=classes_of("prediction_offsets"),
                      sets=table["set"].to_pylist() if "set" in table.column_names else None,
-                     view_spread=table["view_spread"].to_numpy() if "view_spread" in table.column_names else None)
+                     view_spread=table["view_spread"].to_numpy() if "view_spread" in table.column_names else None,
+                     groups=_patients(table))
+
+
+def _patients(table) -> np.ndarray | None:
+    """oof.parquet's ``group`` column as resampling units, None when no image has a patient."""
+    if "group" not in table.column_names:
+        return None
+    groups = table["group"].to_pylist()
+    if not any(groups):
+        return None
+    return np.array([g if g else f"\0image:{i}" for g, i in zip(groups, table["image_id"].to_pylist())], dtype=object)
 
 
 def _read_crops(run: LoadedRun, crops_path: Path) -> None:

@@ -290,7 +290,7 @@ def test_label_spellings_that_differ_only_by_case_or_spaces_stop(cli, tmp_path, 
     assert f"labels 'Triple negative' (line 3) and {spelling.strip()!r} (line 7) differ only by case or spaces" \
         in res.output
     assert not (tmp_path / "run" / store.CROPS_FILE).exists()
-    (tmp_path / "m.csv").write_text(f"image,mask,label,split\na.png,,Luminal A,train\nb.png,,luminal a,train\n")
+    (tmp_path / "m.csv").write_text("image,mask,label,split\na.png,,Luminal A,train\nb.png,,luminal a,train\n")
     res = crops(cli, tmp_path / "m.csv", tmp_path / "run")
     assert res.exit_code == 2 and "'Luminal A' (line 2) and 'luminal a' (line 3)" in res.output
 

@@ -15,6 +15,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss
 
 from histoembed.stages import fit
 from synthetic_inputs import write_synthetic_features
+from histoembed.tools import synthetic
 from histoembed.core import feature_store, store
 from histoembed.core.config import ABMILSettings, FitSettings, MLPSettings, XGBSettings
 from histoembed.core.errors import UserError

@@ -16,7 +16,7 @@ import pytest
 
 from histoembed.core import store
 from histoembed.inputs import patch_flags
-from histoembed.tools.slide_artifacts import ArtifactSlideSpec, Planted, stroke_cover
+from histoembed.tools.synthetic.artifacts import ArtifactSlideSpec, Planted, stroke_cover
 from histoembed.tools.synthetic import SlideSpec, write_slide
 
 SETTINGS = """

@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from histoembed.tools.synthetic import FIELD, SLIDE_MPP, TILE, SlideSpec
+from histoembed.tools.synthetic.slides import FIELD, SLIDE_MPP, TILE, SlideSpec
 
 INK_OD = {"blue": (1.6, 0.9, 0.15), "green": (1.3, 0.25, 1.1), "red": (0.1, 2.0, 1.7), "black": (2.6, 2.6, 2.6)}
 FOLD_OD = 2.3            # a fold: the tissue's optical density times this (two layers and a bit)

@@ -176,3 +176,18 @@ def test_a_slide_whose_every_patch_is_flagged_keeps_them_all(tmp_path):
     use, left = patch_flags.usable_rows(ids, crops, tmp_path, "train", keep=("blur",))
     assert use.tolist() == [True, True, False, True, False, True] and left.by_cause == {"ink": 1, "fold": 1}
     assert not left.kept_whole and "2 flagged patches of 2 slide(s) left out" in patch_flags.describe(left)
+
+
+def test_synth_plants_artifacts_in_a_slide_cohort_and_says_where(tmp_path, cli):
+    r = cli("synth", "--out", tmp_path / "c", "--slides", 4, "--slide-size", 1600, "--artifacts", "--seed", 2)
+    assert r.exit_code == 0, r.output
+    assert "planted artifacts" in " ".join(r.output.split())
+    slides = sorted((tmp_path / "c" / "slides").glob("*.svs"))
+    assert len(slides) == 4
+    for path in slides:
+        truth = Planted.read(path.with_name(path.name + ".artifacts.json"))
+        assert [s.colour for s in truth.strokes] == ["blue", "green", "red", "black"]
+        (x0, y0, x1, y1), (fx0, fy0, fx1, fy1) = truth.blur, truth.fold
+        assert x1 > x0 and y1 > y0 and fx1 > fx0 and fy1 > fy0 and truth.bubble[2] > 0 and truth.mpp == 0.25
+    bad = cli("synth", "--out", tmp_path / "d", "--artifacts")
+    assert bad.exit_code != 0 and "--slides" in bad.output and "Traceback" not in bad.output

@@ -29,6 +29,10 @@ class Classification:
 
     classes: list[str]
     decision: decisions.DecisionSettings
+    objective = None   # the heads' default: one logit per class
+
+    def strata(self, y: np.ndarray) -> np.ndarray:
+        return y
 
     @property
     def width(self) -> int:

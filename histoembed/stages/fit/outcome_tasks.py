@@ -26,7 +26,7 @@ from histoembed.models.heads import outcome_fusion
 from histoembed.models.heads.objectives import OUTPUT, Objective
 from histoembed.stages.fit.cv import CVResult
 
-SCORE = {"survival": "c_index", "regression": "r2"}   # each head's headline number (and the seeds' spread)
+SCORE = {"survival": "c_index", "regression": "r2"}   # what each head's "score" is (and the seeds' spread)
 FUSION_RULES = {
     "survival": "sum over heads of w_h * (risk_h - mean_h) / std_h, each fold model's risks standardised on the "
                 "rows it scores; weights on the simplex by the out-of-fold Harrell C of the other folds",
@@ -68,7 +68,7 @@ class OutcomeTask:
         heads = {}
         for h, out in outputs.items():
             got = numbers(*args, out, groups=self.groups, n=settings.bootstrap, seed=cv.seed)
-            heads[h] = {SCORE[self.task]: got["harrell_c" if self.task == "survival" else "r2"]["value"], **got}
+            heads[h] = {**got, "score": got["harrell_c" if self.task == "survival" else "r2"]["value"]}
         out = {"task": self.task, "score": SCORE[self.task], "heads": heads,
                "fusion": {"weights": cv.final["weights"], "rule": FUSION_RULES[self.task],
                           "fold_weights": [p["weights"] for p in cv.fold_params]}}

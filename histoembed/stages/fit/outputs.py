@@ -139,10 +139,10 @@ def final_summary(final: dict) -> dict:
 
 def seed_spread(seeds: list[int], per_seed: list[dict]) -> dict:
     """Each head's OOF macro-F1 per seed and its spread (how much of a difference is noise)."""
-    score = per_seed[0].get("score", "macro_f1")   # survival: c_index, regression: r2
+    score = per_seed[0].get("score", "macro_f1")   # survival: c_index, regression: r2 (each head's "score")
     out = {"seeds": seeds, score: {}, "spread": {}}
     for head in per_seed[0]["heads"]:
-        scores = [m["heads"][head][score] for m in per_seed]
+        scores = [m["heads"][head]["score" if "score" in per_seed[0] else score] for m in per_seed]
         out[score][head] = scores
         out["spread"][head] = {"mean": float(np.mean(scores)), "std": float(np.std(scores, ddof=1)),
                                "min": float(np.min(scores)), "max": float(np.max(scores))}

@@ -35,8 +35,7 @@ Offsets = Literal["auto", "on", "off"]
 MaskMode = Literal["given", "tissue", "union"]
 ScaleFusion = Literal["crops", "concat"]
 EncoderFusion = Literal["logits", "concat"]
-TaskName = Literal["auto", "classification", "survival", "regression"]
-RegressionLoss = Literal["squared", "huber"]
+TaskName, RegressionLoss = Literal["auto", "classification", "survival", "regression"], Literal["squared", "huber"]
 MAX_SCALE = 8.0
 Engine = Literal["local", "ray"]
 StainNorm = Literal["none", "macenko", "reinhard"]
@@ -319,17 +318,9 @@ class ABMILSettings(_Settings):
                                "(0: every patch).")
 
 
-class RidgeSettings(_Settings):
-    alpha_grid: tuple[float, ...] = Field((1.0, 10.0, 100.0, 1000.0), min_length=1, description="L2 strengths tried "
-                                          "(on standardised inputs; regression); the inner split's squared error picks one.")
-
-
 class CoxNetSettings(_Settings):
-    model_config = ConfigDict(title="CoxNet")
     l1_ratio: float = Field(0.5, gt=0, le=1, description="Elastic-net mix of scikit-survival's CoxNet (1: lasso).")
     n_alphas: int = Field(20, ge=1, description="Penalties along the path; the inner split's partial likelihood picks one.")
-    alpha_min_ratio: float = Field(0.05, gt=0, lt=1, description="Smallest penalty as a share of the largest on the path.")
-    max_iter: int = Field(10000, ge=1, description="Most coordinate-descent iterations.")
 
 
 class FitSettings(_Settings):
@@ -364,24 +355,17 @@ class FitSettings(_Settings):
         "and scaled to unit mean variance, as one input).")
     threads: int = Field(0, ge=0, description="CPU threads of the heads, torch and XGBoost (0: the CPUs this process "
                          "may use, from its affinity and cgroup quota).", json_schema_extra=NO_OUTPUT_CHANGE)
-    task: TaskName = Field(
-        "auto", description="What the heads predict: classification (the label column), survival (time to event: "
-        "the time and event columns) or regression (the target column); auto: classification when the training "
-        "images have labels, else what the data's columns give.")
-    time_column: str = Field("time", description="Survival: the column of the manifest or train_labels.csv with each "
-                             "training item's time (positive, any unit).")
-    event_column: str = Field("event", description="Survival: the column with 1 (the event was observed) or 0 "
-                              "(censored at that time).")
+    task: TaskName = Field("auto", description="What the heads predict: classification (label column), survival (time and event columns) or regression (target column); auto: classification when the training images have labels, else what the data's columns give.")
+    time_column: str = Field("time", description="Survival: the column (manifest or train_labels.csv) of each training item's time (positive, any unit).")
+    event_column: str = Field("event", description="Survival: the column with 1 (the event was observed) or 0 (censored at that time).")
     target_column: str = Field("target", description="Regression: the column with each training item's number.")
-    strict: bool = Field(False, description="Survival and regression: stop at a row with a bad time, event or target "
-                         "rather than skip it (every skipped row is listed either way).")
-    regression_loss: RegressionLoss = Field("squared", description="Regression loss of the MLP, attention-MIL and "
-                                            "XGBoost heads: squared error, or Huber (less pulled by outliers).")
+    strict: bool = Field(False, description="Survival and regression: stop at a row with a bad time, event or target rather than skip it (skipped rows are listed).")
+    regression_loss: RegressionLoss = Field("squared", description="Regression loss of the MLP, attention-MIL and XGBoost heads: squared error or Huber.")
     mlp: MLPSettings = MLPSettings()
     xgb: XGBSettings = XGBSettings()
     logreg: LogRegSettings = LogRegSettings()
     abmil: ABMILSettings = ABMILSettings()
-    ridge: RidgeSettings = RidgeSettings()
+    ridge: LogRegSettings = LogRegSettings()   # ridge regression: the L2 strength is 1 / C (c_grid)
     coxnet: CoxNetSettings = CoxNetSettings()
 
 

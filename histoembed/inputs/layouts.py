@@ -103,8 +103,9 @@ def _inside_data(root: Path, path: Path) -> None:
 def _read_labels(path: Path) -> dict[str, str | None]:
     """sample_index -> label; a file of outcomes only (``sample_index,time,event`` or ``sample_index,target``:
     survival or regression, no label column) lists its images with no label."""
-    rows = _read_csv(path, required=("sample_index",) if _outcomes_only(path) else ("sample_index", "label"))
-    if _outcomes_only(path):
+    outcomes_only = _outcomes_only(path, ("sample_index",))
+    rows = _read_csv(path, required=("sample_index",) if outcomes_only else ("sample_index", "label"))
+    if outcomes_only:
         ids = [(row["sample_index"] or "").strip() for _, row in rows]
         for (lineno, _), key in zip(rows, ids):
             if not key:
@@ -130,10 +131,11 @@ def _read_labels(path: Path) -> dict[str, str | None]:
 LISTING_COLUMNS = ("image", "mask", "label", "split", "group", "sample_index")
 
 
-def _outcomes_only(path: Path) -> bool:
-    """A listing without a label column but with other columns (outcomes: time, event, target, ...)."""
+def _outcomes_only(path: Path, needed: tuple[str, ...]) -> bool:
+    """A listing with its ``needed`` columns and others (outcomes: time, event, target, ...) but no label column."""
     header = csv_header(path)
-    return "label" not in header and any(h not in LISTING_COLUMNS for h in header)
+    return all(c in header for c in needed) and "label" not in header and any(h not in LISTING_COLUMNS
+                                                                                for h in header)
 
 
 def csv_header(path: Path) -> list[str]:
@@ -222,7 +224,7 @@ def from_manifest(path: Path) -> Dataset:
     samples: list[Sample] = []
     seen: dict[Path, int] = {}  # resolved image -> line, so a/../x.png and x.png are one image
     test_labels = 0
-    outcomes_only = _outcomes_only(path)   # survival or regression: time/event or target, no label column
+    outcomes_only = _outcomes_only(path, ("image", "mask", "split"))   # survival or regression: time/event or target, no label column
     rows = _read_csv(path, required=("image", "mask", "split") if outcomes_only else ("image", "mask", "label", "split"))
     if outcomes_only:
         for _, row in rows:

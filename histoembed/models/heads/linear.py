@@ -1,7 +1,7 @@
 """The linear heads of the outcome tasks (issue 29), on each bag's mean embedding like the linear probe:
 
-- ``ridge`` (regression): scikit-learn's ridge regression, its L2 strength chosen from ``alpha_grid`` by the
-  squared error of the caller's inner split;
+- ``ridge`` (regression): scikit-learn's ridge regression, its L2 strength (1 / C, ``c_grid`` of ``[fit.ridge]``)
+  chosen by the squared error of the caller's inner split;
 - ``coxnet`` (survival): scikit-survival's CoxNet, a penalised (elastic-net) Cox model fitted along a path of
   penalties, the penalty chosen by the Cox partial likelihood of the caller's inner split; the output is the
   linear predictor (a log hazard ratio).
@@ -16,16 +16,19 @@ import warnings
 
 import numpy as np
 
-from histoembed.core.config import CoxNetSettings, RidgeSettings
+from histoembed.core.config import CoxNetSettings, LogRegSettings
 from histoembed.core.errors import UserError
 from histoembed.models.heads import objectives
 from histoembed.models.heads.base import Bags
 from histoembed.models.heads.logreg import LogRegHead
 
 
+ALPHA_MIN_RATIO = 0.05   # CoxNet's path stops at this share of its largest penalty (smaller ones overfit)
+
+
 class RidgeHead(LogRegHead):
     name = "ridge"
-    Settings = RidgeSettings
+    Settings = LogRegSettings     # [fit.ridge] c_grid: the L2 strengths are 1 / C
     tasks = ("regression",)
     weights_file = "ridge.safetensors"
     description = "ridge regression on per-view image means (regression's linear baseline)"
@@ -35,7 +38,7 @@ class RidgeHead(LogRegHead):
 
         Xs = self.fit_scaling(bags.means().astype(np.float64))
         y = np.asarray(y, dtype=np.float64).reshape(-1)
-        grid = sorted(self.settings.alpha_grid)
+        grid = sorted(1.0 / c for c in self.settings.c_grid)
         if not stop.n_bags:
             grid = [grid[len(grid) // 2]]
         best = None
@@ -75,15 +78,15 @@ class CoxNetHead(LogRegHead):
         if not (y[:, 1] > 0).any():
             raise UserError("a fold's training rows have no event: CoxNet cannot fit",
                             hint="use fewer --folds, or a cohort with more events")
-        model = CoxnetSurvivalAnalysis(l1_ratio=s.l1_ratio, n_alphas=s.n_alphas, alpha_min_ratio=s.alpha_min_ratio,
-                                       max_iter=s.max_iter)
+        model = CoxnetSurvivalAnalysis(l1_ratio=s.l1_ratio, n_alphas=s.n_alphas, alpha_min_ratio=ALPHA_MIN_RATIO,
+                                       max_iter=100_000)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
                 model.fit(Xs, Surv.from_arrays(y[:, 1] > 0, y[:, 0]))
             except ArithmeticError as e:
                 raise UserError(f"CoxNet did not converge ({e})",
-                                hint="raise [fit.coxnet] alpha_min_ratio in histoembed.toml") from None
+                                hint="lower [fit.coxnet] l1_ratio or n_alphas in histoembed.toml") from None
         paths = model.coef_          # [D, alphas]
         pick = paths.shape[1] // 2
         losses = None

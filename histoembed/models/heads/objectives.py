@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from histoembed.core.errors import UserError
+from histoembed.models.heads.cox_loss import cox_partial_likelihood_loss
+
 TASKS = ("classification", "survival", "regression")
 OUTPUT = {"survival": "risk", "regression": "prediction"}   # the one output column of each outcome task
 HUBER_DELTA = 1.0   # in standard deviations of the training target
@@ -58,8 +61,6 @@ def torch_outcome_loss(objective: Objective, out, y, scale: tuple[float, float] 
     """The loss of torch outputs ``out`` [n, 1] for outcome ``y`` (a tensor: [n, 2] time and event, or [n])."""
     import torch.nn.functional as F
 
-    from histoembed.models.heads.cox_loss import cox_partial_likelihood_loss
-
     out = out.reshape(-1)
     if objective.task == "survival":
         return cox_partial_likelihood_loss(out, y[:, 0], y[:, 1])
@@ -75,8 +76,6 @@ def stop_loss(objective: Objective, z: np.ndarray, y: np.ndarray) -> float:
     if objective.task == "survival":
         import torch
 
-        from histoembed.models.heads.cox_loss import cox_partial_likelihood_loss
-
         y = np.asarray(y, dtype=np.float64)
         return float(cox_partial_likelihood_loss(torch.from_numpy(z), y[:, 0], y[:, 1]))
     return float(np.mean((z - np.asarray(y, dtype=np.float64).reshape(-1)) ** 2))
@@ -84,8 +83,6 @@ def stop_loss(objective: Objective, z: np.ndarray, y: np.ndarray) -> float:
 
 def check_task(head_cls, objective: Objective) -> None:
     """Refuse a head that does not declare ``objective.task`` (a clear error, never a silent classifier)."""
-    from histoembed.core.errors import UserError
-
     if objective.task not in head_cls.tasks:
         raise UserError(f"the {head_cls.name} head does not fit the {objective.task} task "
                         f"(it fits {', '.join(head_cls.tasks)})",

@@ -145,6 +145,10 @@ def test_fit_survival_planted_signal_matches_sksurv(tmp_path):
     assert manifest["task"] == "survival" and manifest["classes"] == ["risk"]
     info = json.loads((run / "models" / "fold-00" / "xgb.json").read_text())
     assert info["task"] == "survival"
+    ensemble = __import__("histoembed.models.inference", fromlist=["x"]).load_ensemble(run)
+    train = ensemble.predict(__import__("histoembed.core.feature_store", fromlist=["x"]).read_features(
+        ensemble_store(run), split="train"))
+    assert np.isfinite(train.value).all() and len(train.value) == 60
 
     # no-signal control: times drawn regardless of the tissue; the interval holds 0.5
     control, config = outcome_run(tmp_path / "control", signal=False)
@@ -176,3 +180,20 @@ def test_fit_regression_from_the_columns_matches_sklearn(tmp_path):
     inside = (oof["interval_low"] <= oof["target"]) & (oof["target"] <= oof["interval_high"])
     assert metrics["conformal"]["coverage"] == pytest.approx(inside.mean()) and inside.mean() > 0.7
     assert metrics["final"]["conformal_half_width"] > 0
+    from histoembed.core import feature_store
+    from histoembed.models.inference import load_ensemble
+    from histoembed.stages.submit import _submit_outcome
+
+    ensemble = load_ensemble(run)    # the test items' names repeat training ones here: no manifest lists both
+    test_ids = [f"img_{i:04d}.png" for i in range(4)]
+    pred = ensemble.predict(feature_store.read_features(ensemble_store(run), split="test"))
+    _submit_outcome(run, ensemble, test_ids, pred, tta=True)
+    rows = (run / store.SUBMISSION_FILE).read_text().splitlines()
+    assert rows[0] == "sample_index,prediction" and len(rows) == 5
+    test = pq.read_table(run / store.TEST_PREDICTIONS_FILE).to_pandas()
+    width = test["interval_high"] - test["interval_low"]
+    assert np.allclose(width, 2 * metrics["final"]["conformal_half_width"])
+
+
+def ensemble_store(run: Path) -> Path:
+    return next((run / store.FEATURES_DIR).iterdir())

@@ -193,7 +193,22 @@ def test_fit_regression_from_the_columns_matches_sklearn(tmp_path):
     test = pq.read_table(run / store.TEST_PREDICTIONS_FILE).to_pandas()
     width = test["interval_high"] - test["interval_low"]
     assert np.allclose(width, 2 * metrics["final"]["conformal_half_width"])
+    from histoembed.stages.report import render_report
+
+    page = render_report(run)
+    assert "<h2" in page and "Regression" in page and "Conformal intervals" in page and "R²" in page
 
 
 def ensemble_store(run: Path) -> Path:
     return next((run / store.FEATURES_DIR).iterdir())
+
+
+def test_report_of_a_survival_run(tmp_path):
+    """The report shows the survival numbers and the Kaplan–Meier halves in place of the classification sections."""
+    from histoembed.stages.report import render_report
+
+    run, config = outcome_run(tmp_path)
+    assert invoke("fit", "--run", run, "--config", config, "--task", "survival", "--heads", "coxnet").exit_code == 0
+    page = render_report(run)
+    assert "Survival (time to event)" in page and "log-rank p" in page and "C-index" in page
+    assert "Cross-validated macro-F1" not in page and "data:image/png;base64" in page

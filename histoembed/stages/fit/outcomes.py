@@ -51,20 +51,17 @@ def choose_task(run: Path, settings: FitSettings) -> TaskChoice:
     try:
         read_labels(run)
         return TaskChoice("classification", "the training images have labels")
-    except UserError as no_labels:
-        try:
-            path, header, _ = outcome_rows(data_of(run))
-        except UserError:
-            raise no_labels from None
-        task = columns_of(header, settings.time_column, settings.event_column, settings.target_column)
-        if task is None:
-            raise UserError(f"no training label, and {path.name} has no {settings.time_column} and "
-                            f"{settings.event_column} columns (survival) nor a {settings.target_column} column "
-                            "(regression)", path=path,
-                            hint="add a label column (classification), time and event (survival) or target "
-                                 "(regression); --time-column, --event-column and --target-column name others")
-        cols = ([settings.time_column, settings.event_column] if task == "survival" else [settings.target_column])
-        return TaskChoice(task, f"no labels; the columns {', '.join(cols)} of {path.name}")
+    except UserError:
+        pass
+    try:
+        path, header, _ = outcome_rows(data_of(run))
+    except UserError:   # no crops or no data: the classification path says what is missing, as it always did
+        return TaskChoice("classification", "no outcome columns")
+    task = columns_of(header, settings.time_column, settings.event_column, settings.target_column)
+    if task is None:
+        return TaskChoice("classification", "no outcome columns")
+    cols = [settings.time_column, settings.event_column] if task == "survival" else [settings.target_column]
+    return TaskChoice(task, f"no labels; the columns {', '.join(cols)} of {path.name}")
 
 
 def strata_of(task: str, values: np.ndarray, folds: int) -> np.ndarray:

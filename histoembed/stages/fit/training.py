@@ -55,7 +55,8 @@ def read_labels(run: Path) -> dict[str, str]:
             labels[f"{split}/{image_id}"] = label
     if not labels:
         raise UserError("no labelled training images", path=path,
-                        hint="the crops stage reads labels from train_labels.csv (or the manifest's label column)")
+                        hint="the crops stage reads labels from train_labels.csv (or the manifest's label column); "
+                             "survival and regression read time and event, or target columns (fit --task)")
     return labels
 
 

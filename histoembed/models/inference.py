@@ -16,13 +16,13 @@ import numpy as np
 
 from histoembed.core import feature_store, store
 from histoembed.core.errors import UserError
-from histoembed.maths import scales
+from histoembed.maths import multiscale
 from histoembed.maths.metrics import softmax, view_spread
-from histoembed.models import members
+from histoembed.models import encoder_fusion
 from histoembed.models.heads import Bags, Head, decisions, outcome_fusion
 from histoembed.models.heads.base import CAPABILITIES
 from histoembed.models.heads import get as get_head
-from histoembed.models.heads.shared import first_seen_index
+from histoembed.models.heads.indexing import first_seen_index
 
 
 @dataclass
@@ -70,7 +70,7 @@ class Ensemble:
 
     def fuse_scales(self, features: feature_store.Features) -> feature_store.Features:
         """``features`` (with their scales, ``feature_store.with_scales``) as the heads were fitted on them."""
-        return scales.fuse_scales(features, self.scale_fusion, self.scales)
+        return multiscale.fuse_scales(features, self.scale_fusion, self.scales)
 
     def _check(self, features: feature_store.Features, part: dict | None = None) -> None:
         """Refuse features of another width, encoder or embedding than the models' (``part``: one encoder's)."""
@@ -147,7 +147,7 @@ class Ensemble:
                 z.update({m: fold_models[m].predict(bags) for m in mine})
             del features
         if self.encoder_fusion == "concat":
-            joined = members.concat_features(blocks, [p["scaling"] for p in self.encoders])
+            joined = encoder_fusion.concat_features(blocks, [p["scaling"] for p in self.encoders])
             del blocks
             self._check(joined)
             if len(joined) == 0:

@@ -19,7 +19,7 @@ from histoembed.core import feature_store, store
 from histoembed.core.config import FitSettings, output_settings
 from histoembed.core.console import progress
 from histoembed.core.errors import UserError
-from histoembed.models import members
+from histoembed.models import encoder_fusion
 from histoembed.models.heads import Bags, Head
 from histoembed.stages.fit.cv import CVResult, fit_heads, seeds_of
 from histoembed.stages.fit.folds import make_folds
@@ -127,7 +127,7 @@ def _fit_each_encoder(run: Path, settings: FitSettings, parts: list[EncoderPart]
         part.dim = int(ts.features.embedding.shape[1])
         bags = Bags.from_rows(ts.features.embedding, ts.row_image, ts.features.view)
         ts.features = ts.features.subset(np.zeros(len(ts.features), bool))   # let this store's features go
-        fitted.fit(bags, part.store_dir.name, lambda h, slug=part.store_dir.name: members.member_name(slug, h))
+        fitted.fit(bags, part.store_dir.name, lambda h, slug=part.store_dir.name: encoder_fusion.member_name(slug, h))
         del bags, ts
         gc.collect()
 
@@ -140,9 +140,9 @@ def _fit_concatenated(run: Path, settings: FitSettings, parts: list[EncoderPart]
         ts = first if i == 0 else load_training_set(run, part.name, settings.include_flagged, settings.scale_fusion)
         _same_images(first, ts, part)
         part.dim = int(ts.features.embedding.shape[1])
-        part.scaling = members.block_scaling(ts.features.embedding)
+        part.scaling = encoder_fusion.block_scaling(ts.features.embedding)
         blocks.append(ts.features)
-    joined = members.concat_features(blocks, [p.scaling for p in parts])
+    joined = encoder_fusion.concat_features(blocks, [p.scaling for p in parts])
     del blocks
     bags = Bags.from_rows(joined.embedding, first.row_image, joined.view)
     del joined
@@ -184,16 +184,16 @@ def _records(parts: list[EncoderPart], first: TrainingSet, settings: FitSettings
     joined_name = ",".join(p.name for p in parts)
     member_rows = []
     for m in cv.heads:
-        slug, head = members.split_member(m)
+        slug, head = encoder_fusion.split_member(m)
         encoder = joined_name if concat else next(p.name for p in parts if p.store_dir.name == slug)
         member_rows.append({"member": m, "encoder": encoder, "head": head, "weight": cv.final["weights"][m],
                             "oof_macro_f1": cv_numbers["heads"][m]["macro_f1"]})
     encoder_fields = {"encoders": [p.record() for p in parts],
                       "encoder_fusion": {"mode": settings.encoder_fusion,
-                                         "rule": members.CONCAT_RULE if concat else members.LOGITS_RULE}}
+                                         "rule": encoder_fusion.CONCAT_RULE if concat else encoder_fusion.LOGITS_RULE}}
     metrics = fit_metrics(key, joined_name, first, settings, member_rows, encoder_fields, "member", results, seeds)
     multi = {"encoder": joined_name, "encoder_slug": None, "feature_encoder": None, "feature_key": None,
              "dim": sum(p.dim for p in parts) if concat else None, "encoders": [p.record() for p in parts],
              "encoder_fusion": settings.encoder_fusion,
-             "members": {m: dict(zip(("encoder_slug", "head"), members.split_member(m))) for m in cv.heads}}
+             "members": {m: dict(zip(("encoder_slug", "head"), encoder_fusion.split_member(m))) for m in cv.heads}}
     return metrics, multi

@@ -23,8 +23,8 @@ from histoembed import __version__
 from histoembed.core import feature_store, locks, store
 from histoembed.core.config import FitSettings, output_settings
 from histoembed.core.errors import UserError, from_os_error
-from histoembed.maths import scales
-from histoembed.models import members
+from histoembed.maths import multiscale
+from histoembed.models import encoder_fusion
 from histoembed.models.heads import decisions, fusion
 from histoembed.stages.fit.cv import CVResult
 from histoembed.stages.fit.outcome_tasks import FUSION_RULES, oof_columns
@@ -110,7 +110,7 @@ def fit_metrics(key: str, encoder: str, ts: TrainingSet, settings: FitSettings, 
         "members": member_list,
         **encoder_fields,
         "scale_fusion": {"mode": settings.scale_fusion, "scales": ts.scales,
-                         "rule": scales.RULES[settings.scale_fusion]},
+                         "rule": multiscale.RULES[settings.scale_fusion]},
         "calibration": f"per fold: each {member_word}'s regularised T, the fusion weights, offsets and conformal "
                        "thresholds chosen on the other folds' OOF predictions (cross-fitting); 'before' is T = 1 "
                        "with the same weights",
@@ -245,7 +245,7 @@ def save_fold(folder: Path, heads: list[str], fold_models: list, classes: list[s
     """One fold's heads; with several encoders' logits fused, each encoder's heads in a folder of its slug."""
     folder.mkdir(parents=True)
     for member, head in zip(heads, fold_models):
-        slug = members.split_member(member)[0] if multi and multi["encoder_fusion"] == "logits" else None
+        slug = encoder_fusion.split_member(member)[0] if multi and multi["encoder_fusion"] == "logits" else None
         head.save(folder / slug if slug else folder, classes)
 
 

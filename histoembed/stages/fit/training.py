@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 from histoembed.core import feature_store, store
 from histoembed.core.config import FitSettings
 from histoembed.core.errors import UserError
-from histoembed.maths import scales
-from histoembed.models.heads.shared import first_seen_index
+from histoembed.maths import multiscale
+from histoembed.models.heads.indexing import first_seen_index
 
 
 @dataclass
@@ -133,8 +133,8 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
                         hint="run `histoembed embed` on a run whose crops include the train split")
     feature_store.check_complete(features, run, "train")
     features = feature_store.with_scales(features, run)
-    crop_scales = scales.scales_of(features)
-    features = scales.fuse_scales(features, scale_fusion, crop_scales)
+    crop_scales = multiscale.scales_of(features)
+    features = multiscale.fuse_scales(features, scale_fusion, crop_scales)
     keys = features.keys()
     present = np.unique(keys)
     unlabelled = sorted(k for k in present if k not in labels)

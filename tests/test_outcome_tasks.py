@@ -4,6 +4,7 @@ scikit-survival and scikit-learn on the run's own out-of-fold file, a planted si
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,15 @@ def test_fit_survival_planted_signal_matches_sksurv(tmp_path):
 
     result = invoke("fit", "--run", control, "--config", config, "--task", "survival", "--heads", "logreg")
     assert result.exit_code == 2 and "does not fit the survival task" in result.output
+
+    # compare: the same items and times, one run fitted on the planted signal and one without
+    shutil.copytree(run, tmp_path / "copy")
+    result = invoke("compare", run, tmp_path / "copy", "--bootstrap", 200, "--json", tmp_path / "c.json")
+    assert result.exit_code == 0, result.output
+    same = json.loads((tmp_path / "c.json").read_text())
+    assert same["metric"] == "C-index" and same["difference_b_minus_a"] == 0 and same["interval_95"] == [0, 0]
+    result = invoke("compare", run, control)
+    assert result.exit_code == 2 and "different time / event" in result.output
 
 
 def test_fit_regression_from_the_columns_matches_sklearn(tmp_path):

@@ -222,3 +222,59 @@ def test_report_of_a_survival_run(tmp_path):
     page = render_report(run)
     assert "Survival (time to event)" in page and "log-rank p" in page and "C-index" in page
     assert "Cross-validated macro-F1" not in page and "data:image/png;base64" in page
+
+
+def test_synth_survival_then_regression_through_every_stage(tmp_path, cli, pipeline_settings):
+    """synth --task survival (images) -> qc, crops, embed, fit --task survival, submit, report; then a target
+    column beside the times and the same crops and features fitted and submitted for regression."""
+    from sksurv.metrics import concordance_index_censored
+
+    from histoembed.core.config import override
+    from histoembed.tools.demo import run_pipeline
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    result = cli("synth", "--out", data, "--train", 24, "--test", 6, "--task", "survival", "--no-outliers",
+                 "--min-size", 128, "--max-size", 160)
+    assert result.exit_code == 0, result.output
+    assert (data / "train_labels.csv").read_text().splitlines()[0] == "sample_index,time,event"
+    planted = json.loads((data / "outcomes.json").read_text())
+    settings = pipeline_settings.model_copy(deep=True)
+    settings.fit = override(settings.fit, heads=("coxnet", "mlp"), bootstrap=50)
+    run_pipeline(data, run, settings, stages=("qc", "crops", "embed", "fit", "submit", "report"))
+    rows = (run / store.SUBMISSION_FILE).read_text().splitlines()
+    assert rows[0] == "sample_index,risk" and len(rows) == 7
+    oof = pq.read_table(run / store.OOF_FILE).to_pandas()
+    metrics = json.loads((run / store.METRICS_FILE).read_text())
+    assert metrics["task_from"].startswith("no labels; the columns time, event")
+    c = concordance_index_censored(oof["event"].astype(bool), oof["time"], oof["risk"])[0]
+    assert metrics["heads"]["fused"]["harrell_c"]["value"] == pytest.approx(c)
+    assert "Survival (time to event)" in (run / store.REPORT_FILE).read_text()
+
+    lines = (data / "train_labels.csv").read_text().splitlines()
+    rng = np.random.default_rng(0)
+    lines = [lines[0] + ",target"] + [f"{line},{planted['rank'][line.split(',')[0]] + rng.normal(0, 0.3):.3f}"
+                                      for line in lines[1:]]
+    (data / "train_labels.csv").write_text("\n".join(lines) + "\n")
+    settings.fit = override(settings.fit, task="regression", heads=("ridge", "xgb"))
+    run_pipeline(data, run, settings, stages=("fit", "submit"))
+    assert (run / store.SUBMISSION_FILE).read_text().splitlines()[0] == "sample_index,prediction"
+    assert json.loads((run / store.METRICS_FILE).read_text())["task"] == "regression"
+
+
+def test_synth_outcomes_on_a_slide_manifest(tmp_path):
+    """--slides writes a manifest: its labels become times and events (test rows empty), read back by the fit's
+    reader; the control's ranks ignore the class."""
+    from histoembed.tools.synthetic_outcomes import plant_outcomes
+
+    rows = [f"slides/s{i}.svs,,{'benign' if i % 2 else 'malignant'},train,p{i}" for i in range(40)]
+    rows += ["slides/t0.svs,,,test,q0"]
+    (tmp_path / "manifest.csv").write_text("image,mask,label,split,group\n" + "\n".join(rows) + "\n")
+    record = plant_outcomes(tmp_path, "survival", signal=True, seed=3)
+    assert (tmp_path / "manifest.csv").read_text().splitlines()[0] == "image,mask,split,group,time,event"
+    got = read_outcomes(tmp_path / "manifest.csv", "survival")
+    assert len(got.values) == 40 and not got.skipped
+    assert all(record["rank"][f"slides/s{i}.svs"] == (0 if i % 2 else 1) for i in range(40))
+    (tmp_path / "manifest.csv").write_text("image,mask,label,split,group\n" + "\n".join(rows) + "\n")
+    control = plant_outcomes(tmp_path, "regression", signal=False, seed=3)
+    assert any(control["rank"][f"slides/s{i}.svs"] != (0 if i % 2 else 1) for i in range(40))
+    assert len(read_outcomes(tmp_path / "manifest.csv", "regression").values) == 40

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from histoembed.tools import synthetic
+from histoembed.tools.synthetic_outcomes import plant_outcomes
 from histoembed.cli.app import command
 from histoembed.core.console import console
 from histoembed.core.errors import UserError
@@ -67,8 +68,18 @@ def synth(
     partial_masks: Annotated[bool, typer.Option(
         "--partial-masks", help="Mask files mark a patch of tissue away from the tumour and miss the tumour "
                                 "(with its class signal): what `crops --mask-mode union` recovers.")] = False,
+    task: Annotated[str, typer.Option(
+        "--task", help="classification (labels), survival (time and event columns driven by the class, a tissue "
+                       "property the images show) or regression (a target column driven by it); outcomes.json "
+                       "says how.")] = "classification",
+    outcome_signal: Annotated[bool, typer.Option(
+        "--outcome-signal/--no-outcome-signal", help="With --task survival or regression: --no-outcome-signal "
+                                                     "draws the outcomes regardless of the images (a control).")]
+        = True,
 ) -> None:
     """Write a synthetic H&E dataset (images, tumour masks, labels) for trying the pipeline."""
+    if task not in ("classification", "survival", "regression"):
+        raise UserError(f"--task {task!r}: expected classification, survival or regression")
     if slides:
         if slide_format not in ("svs", "tiff"):
             raise UserError(f"--slide-format {slide_format!r}: expected svs or tiff")
@@ -82,6 +93,7 @@ def synth(
                                                   n_test=test)
         console.print(f"wrote {done['train']} training and {done['test']} test slides to {out / 'slides'}; "
                       f"manifest: {done['manifest']}", soft_wrap=True)
+        _plant(out, task, outcome_signal, seed)
         return
     if full_scale:
         if train is not None or test is not None:
@@ -114,6 +126,7 @@ def synth(
     counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
     console.print(f"wrote {len(summary['train'])} training and {len(summary['test'])} test images to {out}")
     console.print(f"labels: {counts}")
+    _plant(out, task, outcome_signal, seed)
     if summary["class_signal"] != "morphology" or summary["partial_masks"]:
         console.print(f"class signal: {summary['class_signal']}"
                       + ("; masks miss the tumour (--partial-masks)" if summary["partial_masks"] else ""),
@@ -129,3 +142,11 @@ def synth(
         console.print(f"planted a stain shift of strength {stain_shift:g}: {sum(g == 'train-b' for g in groups)} "
                       "training image(s) in stain group train-b, the other tissue images train-a, test images "
                       "group test; listed in planted.json", soft_wrap=True)
+
+
+def _plant(out: Path, task: str, signal: bool, seed: int) -> None:
+    """Survival or regression: the outcomes in place of the labels (``synthetic_outcomes``)."""
+    if task == "classification":
+        return
+    record = plant_outcomes(out, task, signal, seed)
+    console.print(f"{task} outcomes in {record['file']} ({record['rule']}); outcomes.json", soft_wrap=True)

@@ -2,7 +2,7 @@
 
 Settings come from, in rising priority: these defaults, a ``histoembed.toml`` (one table
 per stage: ``[data]``, ``[crops]``, ``[augment]``, ``[embed]``, ``[qc]``, ``[fit]``, ``[fit.mlp]``,
-``[fit.xgb]``, ``[fit.logreg]``, ``[fit.abmil]``), and command-line options. Each stage stores the settings that produced
+``[fit.xgb]``, ``[fit.logreg]``, ``[fit.abmil]``, ``[fit.ridge]``, ``[fit.coxnet]``), and command-line options. Each stage stores the settings that produced
 its output, so a re-run with the same settings can skip its work.
 """
 

@@ -198,11 +198,18 @@ class Ensemble:
 
     def predict_crops(self, features: feature_store.Features) -> np.ndarray | None:
         """Per feature row (crop-view): calibrated probabilities of the head that scores crops (the MLP), averaged
-        over folds (None without such a head, or when the heads read per-scale image means rather than crops)."""
+        over folds (survival and regression: the crop's own risk or prediction, [rows, 1]) (None without such a head, or when the heads read per-scale image means rather than crops)."""
         member = self.member_that("scores_crops")
-        if member is None or self.scale_fusion != "crops" or self.encoders or self.outcome:
+        if member is None or self.scale_fusion != "crops" or self.encoders:
             return None
         self._check(features)
+        if self.outcome:   # each crop's own risk (standardised as its fold's) or prediction: [rows, 1]
+            out = np.zeros(len(features))
+            for k, fold_models in enumerate(self.models):
+                rows = fold_models[member].row_logits(features.embedding)[:, 0]
+                scale = self.final["scales"][k][member] if self.task == "survival" else None
+                out += outcome_fusion.standardised(self.task, rows, scale)
+            return (out / max(1, len(self.models)))[:, None]
         probs = np.zeros((len(features), len(self.classes)))
         for fold_models in self.models:
             probs += softmax(fold_models[member].row_logits(features.embedding) / self.final["T"][member])

@@ -249,6 +249,10 @@ def test_synth_survival_then_regression_through_every_stage(tmp_path, cli, pipel
     c = concordance_index_censored(oof["event"].astype(bool), oof["time"], oof["risk"])[0]
     assert metrics["heads"]["fused"]["harrell_c"]["value"] == pytest.approx(c)
     assert "Survival (time to event)" in (run / store.REPORT_FILE).read_text()
+    first = rows[1].split(",")
+    result = cli("predict", "--run", run, first[0], "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "risk" in result.output and f"{float(first[1]):.3f}" in result.output   # the value submit wrote
 
     lines = (data / "train_labels.csv").read_text().splitlines()
     rng = np.random.default_rng(0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score, log_loss, precision_recall_fscore_support
 
-from histoembed.maths import metrics
+from histoembed.maths import metrics, reported
 
 
 @pytest.fixture
@@ -176,7 +176,7 @@ def test_curve_points_equal_sklearn_and_the_band_holds_the_curve(tied_prediction
 def test_ranking_numbers_resample_patients_and_report_every_number(tied_predictions):
     y, probs = tied_predictions
     classes = ["a", "b", "c", "d"]
-    out = metrics.ranking_numbers(y, probs, classes, groups=np.arange(300) // 2, order=["a", "b", "c", "d"],
+    out = reported.ranking_numbers(y, probs, classes, groups=np.arange(300) // 2, order=["a", "b", "c", "d"],
                                   n=100, per_class_intervals=False)
     assert out["unit"] == "patients" and out["auroc"]["unit"] == "patients"
     assert out["auroc"]["value"] == pytest.approx(metrics.auroc(y, probs))
@@ -185,7 +185,7 @@ def test_ranking_numbers_resample_patients_and_report_every_number(tied_predicti
     assert set(out["auroc_per_class"]) == set(classes) and out["auroc_per_class"]["a"]["lo"] is None
     import json
     json.dumps(out, allow_nan=False)
-    binary = metrics.ranking_numbers((y > 1).astype(int), np.stack([probs[:, :2].sum(1), probs[:, 2:].sum(1)], 1),
+    binary = reported.ranking_numbers((y > 1).astype(int), np.stack([probs[:, :2].sum(1), probs[:, 2:].sum(1)], 1),
                                      ["low", "high"], n=20)
     assert binary["positive_class"] == "high" and binary["unit"] == "images" and "auroc_per_class" not in binary
 
@@ -288,3 +288,58 @@ def test_a_curve_of_a_class_without_positives_is_json_ready():
     band = curves.curve_band("roc", np.zeros(10, bool), np.linspace(0, 1, 10), n=5)
     assert band["area"] is None and band["resamples"] == 0 and band["skipped"] == 5
     json.dumps(band, allow_nan=False)
+
+
+def test_reported_values_are_scikit_learns_and_the_twins_agree(tied_predictions):
+    """metrics.json's values come from scikit-learn's functions; the bootstrap's numpy twins give the same."""
+    from sklearn.metrics import (average_precision_score, balanced_accuracy_score, cohen_kappa_score,
+                                 roc_auc_score)
+
+    y, probs = tied_predictions
+    pred = probs.argmax(1)
+    pred[:7] = 0                                    # the decisions need not be the argmax (class offsets)
+    order = ["b", "a", "d", "c"]
+    ranks = metrics.class_ranks(["a", "b", "c", "d"], order)
+    out = reported.ranking_numbers(y, probs, ["a", "b", "c", "d"], pred=pred, order=order, n=0)
+    assert out["auroc"]["value"] == roc_auc_score(y, probs, multi_class="ovr")
+    assert out["balanced_accuracy"]["value"] == balanced_accuracy_score(y, pred)
+    assert out["quadratic_kappa"]["value"] == cohen_kappa_score(ranks[y], ranks[pred], weights="quadratic",
+                                                                labels=range(4))
+    assert out["auroc_per_class"]["c"]["value"] == roc_auc_score(y == 2, probs[:, 2])
+    assert out["average_precision_per_class"]["d"]["value"] == average_precision_score(y == 3, probs[:, 3])
+    twins = {"auroc": metrics.auroc(y, probs), "average_precision": metrics.average_precision(y, probs),
+             "balanced_accuracy": metrics.balanced_accuracy(y, pred),
+             "quadratic_kappa": metrics.quadratic_kappa(y, pred, ranks)}
+    for name, twin in twins.items():
+        assert out[name]["value"] == pytest.approx(twin, abs=1e-12)
+    offsets = reported.decision_numbers(y, pred, groups=np.arange(300) // 3, ranks=ranks, n=50)
+    assert offsets["balanced_accuracy"]["value"] == out["balanced_accuracy"]["value"]
+    assert offsets["quadratic_kappa"]["unit"] == "patients" and offsets["quadratic_kappa"]["lo"] is not None
+    absent = reported.sklearn_values(np.where(y == 3, 0, y), probs, pred)   # class d has no image
+    assert np.isnan(absent["auroc"]) and np.isnan(absent["average_precision:3"]) and absent["auroc:0"] > 0.5
+
+
+def test_selection_scores_choose_weights_and_offsets_by_the_named_metric():
+    """fit --select-by: the fusion weights maximise the named metric of the fused probabilities; offsets follow
+    a metric of decisions and are left to macro-F1 for one of probabilities."""
+    from histoembed.models.heads import decisions, fusion
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 120)
+    z = {"good": rng.normal(size=(120, 3)) + 2 * np.eye(3)[y], "noise": rng.normal(size=(120, 3)) * 3}
+    auc = metrics.selection_score("auroc", 3)
+    choice = fusion.choose_weights(list(z.values()), y, points=11, score=auc)
+    assert choice.weights[0] > 0.5
+    assert choice.macro_f1 == pytest.approx(metrics.auroc(y, metrics.softmax(
+        fusion.fuse_members(list(z.values()), choice.weights))))
+    nll = metrics.selection_score("nll", 3)
+    assert nll(y, metrics.softmax(z["good"])) == pytest.approx(-metrics.nll(metrics.softmax(z["good"]), y))
+    assert metrics.decision_score("auroc", 3) is None
+    with pytest.raises(ValueError, match="order"):
+        metrics.decision_score("kappa", 3)
+    for name in ("balanced_accuracy", "kappa", "auroc"):
+        s = decisions.DecisionSettings(weight_points=6, select_by=name, ranks=(0, 1, 2))
+        params = decisions.choose(z, y, np.arange(120), s)
+        assert params["selected_by"] == name and len(params["offsets"]) == 3
+    default = decisions.choose(z, y, np.arange(120), decisions.DecisionSettings(weight_points=6))
+    assert "selected_by" not in default

@@ -39,6 +39,12 @@ def _parse_scales(text: str | None) -> tuple[float, ...] | None:
                         hint="e.g. --scales 1,2 (the crops as cut, and each with twice the context)") from None
 
 
+def _parse_classes(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    return tuple(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
+
+
 @command("crops")
 def crops(
     data: DataOpt = Path("data"),
@@ -59,6 +65,7 @@ def crops(
     mpp: Annotated[float | None, setting("crops.mpp")] = None,
     overlap: Annotated[float | None, setting("crops.overlap")] = None,
     max_patches: Annotated[int | None, setting("crops.max_patches")] = None,
+    mask_classes: Annotated[str | None, setting("crops.mask_classes", metavar="CLASS,CLASS")] = None,
     thumb_mpp: Annotated[float | None, setting("crops.thumb_mpp")] = None,
     min_tissue_area: Annotated[float | None, setting("crops.min_tissue_area")] = None,
     slide_mpp: Annotated[float | None, setting("data.slide_mpp")] = None,
@@ -89,7 +96,8 @@ def crops(
                               size=size, fill=_parse_fill(fill), fill_outside_mask=fill_outside_mask, tile=tile,
                               min_tissue=min_tissue, max_crops=max_crops, mask_mode=mask_mode,
                               scales=_parse_scales(scales), mpp=mpp, overlap=overlap, max_patches=max_patches,
-                              thumb_mpp=thumb_mpp, min_tissue_area=min_tissue_area, workers=workers, engine=engine,
+                              mask_classes=_parse_classes(mask_classes), thumb_mpp=thumb_mpp,
+                              min_tissue_area=min_tissue_area, workers=workers, engine=engine,
                               allow_upsample=allow_upsample,
                               ray_address=ray_address)
     data_settings = cfg.override(settings.data, max_pixels=max_pixels, slide_mpp=slide_mpp,

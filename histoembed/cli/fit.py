@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from histoembed.cli import drift as drift_cli
 from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
 from histoembed.core import store
-from histoembed.core.config import EncoderFusion, Offsets, RegressionLoss, ScaleFusion, TaskName
+from histoembed.core.config import EncoderFusion, Offsets, RegressionLoss, ScaleFusion, SelectBy, TaskName
 from histoembed.core.console import console, items, noun, table
 from histoembed.core.errors import UserError
 from histoembed.inputs.provenance import run_kinds
@@ -27,7 +27,7 @@ def fit(
     encoder_fusion: Annotated[EncoderFusion | None, setting("fit.encoder_fusion")] = None,
     folds: Annotated[int | None, setting("fit.folds")] = None,
     seed: Annotated[int | None, setting("fit.seed")] = None,
-    seeds: Annotated[int | None, setting("fit.seeds")] = None,
+    seeds: Annotated[int | None, setting("fit.seeds", "--repeats-cv", "--seeds")] = None,
     include_flagged: Annotated[bool | None, setting("fit.include_flagged", "--include-flagged/--exclude-flagged")]
         = None,
     mlp_hidden: Annotated[int | None, setting("fit.mlp.hidden", "--mlp-hidden")] = None,
@@ -40,6 +40,9 @@ def fit(
     threads: Annotated[int | None, setting("fit.threads")] = None,
     heads: Annotated[str | None, setting("fit.heads", metavar="HEAD,HEAD")] = None,
     offsets: Annotated[Offsets | None, setting("fit.offsets")] = None,
+    select_by: Annotated[SelectBy | None, setting("fit.select_by")] = None,
+    class_order: Annotated[str | None, setting("fit.class_order", metavar="CLASS,CLASS")] = None,
+    ordinal: Annotated[bool | None, setting("fit.ordinal")] = None,
     alpha: Annotated[float | None, setting("fit.alpha")] = None,
     class_conditional: Annotated[bool | None, setting("fit.class_conditional", "--class-conditional/--marginal")]
         = None,
@@ -71,6 +74,9 @@ def fit(
     """
     settings = stage_settings(config, "fit", folds=folds, seed=seed, seeds=seeds, include_flagged=include_flagged,
                                   bootstrap=bootstrap, offsets=offsets, alpha=alpha, threads=threads,
+                                  select_by=select_by, ordinal=ordinal,
+                                  class_order=None if class_order is None else
+                                  [c.strip() for c in class_order.split(",") if c.strip()],
                                   class_conditional=class_conditional, scale_fusion=scale_fusion,
                                   encoder=encoder, encoder_fusion=encoder_fusion, task=task,
                                   time_column=time_column, event_column=event_column, target_column=target_column,
@@ -158,6 +164,7 @@ def print_summary(metrics: dict, kinds: tuple[int, int] | None = None) -> None:
     for head, decision in temps.items():
         if decision:
             console.print(temperature_line(head, decision), soft_wrap=True)
+    field_numbers(metrics)
     sf = metrics.get("scale_fusion")
     if sf and (len(sf["scales"]) > 1 or sf["mode"] != "crops"):
         console.print(f"crop scales {', '.join(f'{s:g}' for s in sf['scales'])}, scale fusion {sf['mode']}: "
@@ -195,9 +202,45 @@ def print_summary(metrics: dict, kinds: tuple[int, int] | None = None) -> None:
                           f"(mean {stats['mean']:.3f}, std {stats['std']:.3f}, "
                           f"range {stats['max'] - stats['min']:.3f})",
                           soft_wrap=True)
+        repeated_numbers(spread)
 
 
-def _interval(number: dict) -> str:
+FIELD = (("auroc", "AUROC"), ("average_precision", "AP"), ("balanced_accuracy", "bal. acc."),
+         ("quadratic_kappa", "kappa (quadratic)"))
+
+
+def _interval(number: dict | None) -> str:
+    if not isinstance(number, dict) or number.get("value") is None:
+        return "-"
+    ci = f" [{number['lo']:.2f}, {number['hi']:.2f}]" if number.get("lo") is not None else ""
+    return f"{number['value']:.3f}{ci}"
+
+
+def field_numbers(metrics: dict) -> None:
+    """AUROC, AP, balanced accuracy and kappa of each head with their intervals, and what the intervals drew."""
+    heads = metrics["heads"]
+    shown = [(k, name) for k, name in FIELD if any(k in m for m in heads.values())]
+    if not shown:
+        return
+    iv = metrics.get("intervals") or {}
+    drawn = (f"{iv.get('patients')} patients" if iv.get("unit") == "patients" else f"{metrics['images']} images")
+    binary = f", AUROC and AP of {iv['positive_class']}" if iv.get("positive_class") else ", AUROC and AP one-vs-rest macro"
+    table(f"Out of fold: 95% intervals from {iv.get('resamples', 0)} resamples of the {drawn}{binary}",
+          ["head", *(name for _, name in shown)], [[head, *(_interval(m.get(k)) for k, _ in shown)]
+                                                   for head, m in heads.items()])
+
+
+def repeated_numbers(spread: dict) -> None:
+    """--repeats-cv: the fused numbers' mean and spread over the repeats."""
+    fused = (spread.get("metrics") or {}).get("fused") or {}
+    parts = [f"{name} {s['mean']:.3f} ± {s['std']:.3f}" for name, s in fused.items()
+             if s.get("mean") is not None and s.get("std") is not None]
+    if parts:
+        console.print(f"fused over {spread['repeats']} repeats of the cross-validation (mean ± std): "
+                      + ", ".join(parts), soft_wrap=True)
+
+
+def _ci(number: dict) -> str:
     lo, hi = number.get("lo"), number.get("hi")
     return f"{lo:.2f}-{hi:.2f}" if lo is not None and hi is not None and lo == lo and hi == hi else "-"
 
@@ -212,13 +255,13 @@ def print_outcome_summary(metrics: dict, kinds: tuple[int, int] | None = None) -
         console.print(f"[yellow]skipped:[/] and {len(metrics['skipped_rows']) - 10} more rows", soft_wrap=True)
     where = f"Out of fold: {items(*(kinds or (metrics['images'], 0)))}, {metrics['folds']} folds, seed {metrics['seed']}"
     if task == "survival":
-        rows = [[h, m["harrell_c"]["value"], _interval(m["harrell_c"]), m["uno_c"]["value"], _interval(m["uno_c"]),
+        rows = [[h, m["harrell_c"]["value"], _ci(m["harrell_c"]), m["uno_c"]["value"], _ci(m["uno_c"]),
                  m["risk_halves"]["logrank_p"] if m["risk_halves"]["logrank_p"] is not None else "-"]
                 for h, m in metrics["heads"].items()]
         table(where + f", {metrics.get('events', '?')} events", ["head", "C-index", "95% CI", "Uno's C", "95% CI",
                                                                    "log-rank p"], rows)
     else:
-        rows = [[h, m["r2"]["value"], _interval(m["r2"]), m["pearson_r"]["value"], m["spearman_r"]["value"],
+        rows = [[h, m["r2"]["value"], _ci(m["r2"]), m["pearson_r"]["value"], m["spearman_r"]["value"],
                  m["mae"]["value"]] for h, m in metrics["heads"].items()]
         table(where, ["head", "R²", "95% CI", "Pearson r", "Spearman r", "MAE"], rows)
         conf = metrics["conformal"]

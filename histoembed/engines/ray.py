@@ -55,7 +55,7 @@ from histoembed.core.errors import UserError
 from histoembed.core.feature_store import CropIndex
 from histoembed.engines import forward
 from histoembed.engines.base import EmbedResult, stop_for_tests
-from histoembed.engines.batches import CropBatches, check_slides_unchanged, raise_batch_problem
+from histoembed.engines.batches import CropBatches, SlideProblem, check_slides_unchanged, raise_batch_problem
 from histoembed.engines.ray_session import quiet, ray_module, session, user_errors
 from histoembed.maths import stain
 from histoembed.models.encoders import Encoder, load_encoder
@@ -262,7 +262,7 @@ def _decode(batch: dict[str, np.ndarray], crops_path: str) -> dict[str, np.ndarr
     """A CPU task: the crops of one unit (rows of crops.parquet) decoded to uint8 [B, H, W, 3]."""
     rows = batch["row"]
     _, crops = next(iter(CropBatches(Path(crops_path), [rows])))
-    if isinstance(crops, tuple):  # a slide patch that cannot be read: the slide is named
+    if isinstance(crops, SlideProblem):  # a slide patch that cannot be read: the slide is named
         raise_batch_problem(crops, None)
     if isinstance(crops, int):
         i = int(np.flatnonzero(rows == crops)[0])
@@ -287,7 +287,7 @@ def _part_units(index: CropIndex, todo: list[int], per_part: int) -> list[pa.Tab
 def _crop_shape(index: CropIndex, row: int) -> tuple[int, ...]:
     """The decoded shape of crop ``row`` (a crops file holds crops of one size)."""
     _, crops = next(iter(CropBatches(index.path, [np.array([row])])))
-    if isinstance(crops, tuple):
+    if isinstance(crops, SlideProblem):
         raise_batch_problem(crops, index)
     if isinstance(crops, int):
         raise UserError(f"crop {index.crop_index[row]} of {index.ids[row]} ({index.splits[row]}) is not a readable "

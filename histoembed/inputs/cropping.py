@@ -286,6 +286,7 @@ def crop_image(rgb: np.ndarray, mask: np.ndarray | None, settings: CropSettings)
     """Every crop of one image (scale 1 first, then each further scale), and why it fell back to
     grid-over-tissue (None if it did not)."""
     tile = settings.tile or settings.size
+    limit = min(settings.max_crops, settings.max_patches or settings.max_crops)  # --max-patches holds for images too
     binary, comps = region_components(rgb, mask, settings)
     has_mask = binary is not None and binary.any()
     paint = binary if (settings.fill_outside_mask and has_mask) else None
@@ -295,7 +296,7 @@ def crop_image(rgb: np.ndarray, mask: np.ndarray | None, settings: CropSettings)
     measure = binary  # what tissue_fraction counts: the mask (or region) for blobs, tissue by colour for tiles
     if settings.strategy == "grid":
         measure = tissue_mask_by_colour(rgb)
-        boxes, side = grid_boxes(measure, tile, settings.min_tissue, settings.max_crops), tile
+        boxes, side = grid_boxes(measure, tile, settings.min_tissue, limit), tile
         if not boxes:
             fallback = f"no tile has {settings.min_tissue:.0%} tissue"
     elif binary is None:
@@ -310,16 +311,17 @@ def crop_image(rgb: np.ndarray, mask: np.ndarray | None, settings: CropSettings)
         if settings.strategy == "blobs":
             boxes = blob_boxes(binary, comps, settings.margin)
         elif settings.strategy == "roi-window":
-            boxes, side = roi_window_boxes(binary, comps, tile, settings.max_crops), tile
+            boxes, side = roi_window_boxes(binary, comps, tile, limit), tile
         else:  # center
             boxes, side = center_boxes(binary, comps, tile), tile
+        boxes = boxes[:limit]  # blobs and centres: the largest components first
         if not boxes:
             fallback = f"no {settings.strategy} crop is half inside the mask"
     strategy = settings.strategy
     if fallback is not None:
         if settings.strategy != "grid":
             measure = tissue_mask_by_colour(rgb)
-        boxes = grid_boxes(measure, tile, settings.min_tissue, settings.max_crops, keep_best=True)
+        boxes = grid_boxes(measure, tile, settings.min_tissue, limit, keep_best=True)
         side, paint, strategy = tile, None, "grid-fallback"
     crops = [Crop(b, f, strategy, square_crop(rgb, b, settings.fill, settings.size, mask=paint, side=side))
              for b, f in boxes]
@@ -366,7 +368,8 @@ def slide_tissue(sample: Sample, settings: CropSettings, slide_mpp: float | None
         thumb, scale = slides.thumbnail(slide, sample.image, mpp0, settings.thumb_mpp)
         size0 = slide.dimensions
     thumb_mpp = mpp0 / scale
-    given = read_slide_mask(sample, thumb.shape[:2]) if settings.mask_mode != "tissue" else None
+    given = (read_slide_mask(sample, thumb.shape[:2], settings.mask_classes or None)
+             if settings.mask_mode != "tissue" else None)
     tissue = given
     if given is None or settings.mask_mode == "union":
         found = slides.tissue_by_saturation(thumb, thumb_mpp, settings.min_tissue_area)

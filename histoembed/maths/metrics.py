@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from histoembed.maths.resample import BOOTSTRAP_RESAMPLES, LEVEL, Interval, bootstrap_many
+from histoembed.maths.resample import bootstrap
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -100,11 +100,12 @@ def ece(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
 
 
 def summary(y: np.ndarray, probs: np.ndarray, classes: list[str], *, probs_before: np.ndarray | None = None,
-            folds: np.ndarray | None = None, bootstrap: int = 1000, seed: int = 0) -> dict:
+            folds: np.ndarray | None = None, bootstrap: int = 1000, seed: int = 0, groups=None) -> dict:
     """Every reported number of one head from its out-of-fold (calibrated) probabilities.
 
     ``probs_before`` are the same predictions before temperature scaling (for NLL and ECE
-    before/after); ``folds`` gives each row's fold for the per-fold mean and spread.
+    before/after); ``folds`` gives each row's fold for the per-fold mean and spread; ``groups``
+    the patient of each row, when the macro-F1 interval should resample patients (else images).
     """
     y = np.asarray(y)
     C = len(classes)
@@ -113,7 +114,7 @@ def summary(y: np.ndarray, probs: np.ndarray, classes: list[str], *, probs_befor
     precision, recall, f1, support = per_class_scores(cm)
     out = {
         "macro_f1": macro_f1(y, pred, C),
-        "macro_f1_ci": list(bootstrap_macro_f1(y, pred, C, n=bootstrap, seed=seed)) if bootstrap > 0 else None,
+        "macro_f1_ci": _macro_f1_interval(y, pred, C, bootstrap, seed, groups) if bootstrap > 0 else None,
         "accuracy": float((pred == y).mean()) if len(y) else 0.0,
         "nll": nll(probs, y),
         "ece": ece(probs, y),
@@ -129,6 +130,14 @@ def summary(y: np.ndarray, probs: np.ndarray, classes: list[str], *, probs_befor
         out["fold_mean"] = float(np.mean(per_fold))
         out["fold_std"] = float(np.std(per_fold))
     return out
+
+
+def _macro_f1_interval(y: np.ndarray, pred: np.ndarray, C: int, n: int, seed: int, groups) -> list[float]:
+    """[low, high] of macro-F1: over images as before groups existed, over patients when ``groups`` is given."""
+    if groups is None:
+        return list(bootstrap_macro_f1(y, pred, C, n=n, seed=seed))
+    iv = bootstrap(lambda yy, pp: macro_f1(yy, pp, C), y, pred, groups=groups, n=n, seed=seed)
+    return [iv.lo, iv.hi]
 
 
 def view_spread(view_probs: np.ndarray, view_image: np.ndarray, n_images: int) -> np.ndarray:
@@ -296,66 +305,6 @@ def quadratic_kappa(y: np.ndarray, pred: np.ndarray, ranks: np.ndarray | None = 
     return 1.0 - float((weight * observed).sum()) / denom if denom > 0 else float("nan")
 
 
-def ranking_numbers(y: np.ndarray, probs: np.ndarray, classes: list[str], *, pred: np.ndarray | None = None,
-                    groups: np.ndarray | None = None, order: list[str] | None = None,
-                    n: int = BOOTSTRAP_RESAMPLES, seed: int = 0, level: float = LEVEL,
-                    per_class_intervals: bool = True) -> dict:
-    """AUROC, average precision, balanced accuracy and (with ``order``) quadratic kappa, each with its interval.
-
-    Inputs are one head's (or the fusion's) out-of-fold rows: ``y`` class indices into ``classes``,
-    ``probs`` [n, C] probabilities, ``pred`` the decided class (argmax of ``probs`` when None; pass the
-    decisions after class offsets to score what ``submit`` writes), ``groups`` the patient of each row
-    (intervals then resample patients, else images), ``order`` the classes from lowest to highest grade.
-    Every interval uses the same ``seed``, so the numbers of one run resample the same patients.
-
-    Returns a JSON-ready dict, e.g. for three classes::
-
-        {"unit": "patients", "resamples": 1000, "level": 0.95, "positive_class": None,
-         "auroc": {"value": .91, "lo": .86, "hi": .95, "unit": "patients", "resamples": 1000, "skipped": 0},
-         "average_precision": {...}, "balanced_accuracy": {...},
-         "auroc_per_class": {"a": {...}, ...}, "average_precision_per_class": {...},
-         "quadratic_kappa": {...}}      # only with ``order``
-
-    Binary runs (two classes) report AUROC and AP of ``classes[1]`` (named in ``positive_class``) and no
-    per-class entries. ``per_class_intervals=False`` keeps the per-class values but skips their
-    bootstraps (C times fewer resamples for many classes).
-    """
-    y, probs = np.asarray(y, dtype=np.int64), np.asarray(probs, dtype=np.float64)
-    pred = probs.argmax(axis=1) if pred is None else np.asarray(pred, dtype=np.int64)
-    C = len(classes)
-    if probs.ndim != 2 or probs.shape[1] != C:
-        raise ValueError(f"probabilities of shape {probs.shape} for {C} classes")
-    ranks = class_ranks(classes, order) if order is not None else None
-    head = ["auroc", "average_precision", "balanced_accuracy"] + (["quadratic_kappa"] if order is not None else [])
-
-    def numbers(yy, pp, dd, with_classes: bool) -> np.ndarray:
-        """One resample's numbers: the head ones, then (with_classes) AUROC and AP of each class."""
-        if C == 2:
-            au, ap = [binary_auroc(yy == 1, pp[:, 1])], [binary_average_precision(yy == 1, pp[:, 1])]
-        else:
-            au, ap = auroc_per_class(yy, pp), average_precision_per_class(yy, pp)
-        first = [np.mean(au), np.mean(ap), balanced_accuracy(yy, dd)]
-        first += [quadratic_kappa(yy, dd, ranks)] if ranks is not None else []
-        return np.concatenate([first, au, ap] if with_classes else [first])
-
-    per_class = C > 2 and per_class_intervals
-    intervals = bootstrap_many(lambda a, b, c: numbers(a, b, c, per_class), y, probs, pred,
-                               size=len(head) + (2 * C if per_class else 0), groups=groups, n=n, seed=seed,
-                               level=level)
-    if C > 2 and not per_class:  # the per-class values without their intervals
-        unit = intervals[0].unit
-        intervals += [Interval(float(v), float("nan"), float("nan"), unit) for v in numbers(y, probs, pred, True)[len(head):]]
-    out = {"unit": intervals[0].unit, "resamples": n, "level": level, "positive_class": classes[1] if C == 2 else None}
-    out.update({name: iv.as_dict() for name, iv in zip(head, intervals)})
-    if C > 2:
-        rest = intervals[len(head):]
-        out["auroc_per_class"] = {c: rest[k].as_dict() for k, c in enumerate(classes)}
-        out["average_precision_per_class"] = {c: rest[C + k].as_dict() for k, c in enumerate(classes)}
-    if order is not None:
-        out["class_order"] = list(order)
-    return out
-
-
 SELECTABLE = ("auroc", "average_precision", "balanced_accuracy", "kappa", "macro_f1", "nll")
 LOWER_IS_BETTER = frozenset({"nll"})
 
@@ -382,3 +331,29 @@ def scorer(name: str, n_classes: int, ranks: np.ndarray | None = None):
     if name not in table:
         raise ValueError(f"unknown metric {name!r}; choose one of {', '.join(SELECTABLE)}")
     return table[name]
+
+
+DECISION_METRICS = frozenset({"balanced_accuracy", "kappa", "macro_f1"})  # read the decided class, not the probabilities
+
+
+def selection_score(name: str, n_classes: int, ranks: np.ndarray | None = None):
+    """``fit --select-by NAME`` as a score of (class indices, probabilities), higher always better (NLL negated):
+    what the fusion weights maximise on held-out rows."""
+    score = scorer(name, n_classes, ranks)
+    if name in LOWER_IS_BETTER:
+        return lambda y, p: -score(y, p)
+    return score
+
+
+def decision_score(name: str, n_classes: int, ranks: np.ndarray | None = None):
+    """The metric ``name`` of (class indices, decided classes), higher better, for choosing class offsets;
+    None for a metric of the probabilities (AUROC, AP, NLL), which offsets cannot move."""
+    if name not in DECISION_METRICS:
+        return None
+    if name == "macro_f1":
+        return lambda y, pred: macro_f1(y, pred, n_classes)
+    if name == "balanced_accuracy":
+        return balanced_accuracy
+    if ranks is None:
+        raise ValueError("kappa needs the order of the classes (e.g. [fit] class_order)")
+    return lambda y, pred: quadratic_kappa(y, pred, ranks)

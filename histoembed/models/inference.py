@@ -191,10 +191,14 @@ class Ensemble:
     def member_that(self, can: str) -> str | None:
         """The first member whose head declares ``can`` (``"gives_attention"`` or ``"scores_crops"``, see
         ``heads.base.Head``), None when none does: callers ask what a head can do, never its name."""
+        return next(iter(self.members_that(can)), None)
+
+    def members_that(self, can: str) -> list[str]:
+        """Every member whose head declares ``can``, in the fit's order."""
         if can not in CAPABILITIES:
             raise ValueError(f"{can!r} is no head capability ({', '.join(CAPABILITIES)})")
         fold_models = self.models[0] if self.models else {}
-        return next((h for h in self.heads if getattr(fold_models.get(h), can, False)), None)
+        return [h for h in self.heads if getattr(fold_models.get(h), can, False)]
 
     def predict_crops(self, features: feature_store.Features) -> np.ndarray | None:
         """Per feature row (crop-view): calibrated probabilities of the head that scores crops (the MLP), averaged
@@ -215,11 +219,11 @@ class Ensemble:
             probs += softmax(fold_models[member].row_logits(features.embedding) / self.final["T"][member])
         return probs / max(1, len(self.models))
 
-    def crop_attention(self, features: feature_store.Features) -> np.ndarray | None:
+    def crop_attention(self, features: feature_store.Features, member: str | None = None) -> np.ndarray | None:
         """Per feature row: the weight of the crop within its (image, view) bag from the head that gives attention
-        (attention-MIL), averaged over folds (None without such a head, or when the heads read per-scale image
-        means rather than crops)."""
-        member = self.member_that("gives_attention")
+        (attention-MIL; ``member`` names one of several), averaged over folds (None without such a head, or when
+        the heads read per-scale image means rather than crops)."""
+        member = member or self.member_that("gives_attention")
         if member is None or self.scale_fusion != "crops" or self.encoders:
             return None
         self._check(features)

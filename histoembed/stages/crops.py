@@ -34,10 +34,10 @@ from histoembed.inputs.dataset import (
 )
 from histoembed.inputs.cropping import crop_image, patch_digest, slide_patches
 from histoembed.inputs.pixels import repair_ink
-from histoembed.inputs.provenance import changed_since, sample_stamps
+from histoembed.inputs.provenance import CROPS_SUMMARY_KEY, changed_since, crops_summary, sample_stamps
 
 CROPS_VERSION = 2                 # bump when the crops' definition changes (part of the skip key)
-SUMMARY_KEY = "histoembed_summary"  # footer metadata: what the run skipped and why
+SUMMARY_KEY = CROPS_SUMMARY_KEY  # footer metadata: what the run skipped and why
 
 
 # ---------------------------------------------------------------- one image in a worker
@@ -159,8 +159,7 @@ def _read_qc(run: Path, stamp: store.ContentStamps) -> tuple[dict[tuple[str, str
 
 
 def _summary(path: Path) -> dict:
-    raw = (pq.ParquetFile(path).metadata.metadata or {}).get(SUMMARY_KEY.encode())
-    return json.loads(raw) if raw else {}
+    return crops_summary(path)
 
 
 def _counts(keys: Sequence[str]) -> tuple[int, float, int]:
@@ -186,18 +185,26 @@ def n_workers(requested: int) -> int:
 
 
 def _refuse_lost_classes(ds, samples: list[Sample], flagged: set[tuple[str, str]], data: Path) -> None:
-    """Stop when a label given in the data has no training image left: a model would silently lack it."""
+    """Stop when a label given in the data has no training image left: a model would silently lack it.
+
+    The stop lists the causes: the problems of that label's items (the data checks tag each with its label),
+    or every problem the checks found when none is tagged (nothing else is printed before the stop).
+    """
     kept = {s.label for s in samples if s.split == "train"}
     for label in ds.classes:
         if label in kept:
             continue
         n = sum(1 for s in ds.samples if s.label == label and s.key in flagged)
-        why = (f"QC flagged all {n} of its usable image(s)" if n else
-               "every image with this label was skipped by the data check")
-        raise UserError(f"label {label!r} has no training image left to crop: {why}", path=data,
-                        hint="pass --include-flagged (or --keep ID for some of them) to keep flagged images"
-                        if n else "fix the problems listed for its images (run `histoembed crops --strict` "
-                                  "to see the first)")
+        if n:
+            raise UserError(f"label {label!r} has no training image left to crop: QC flagged all {n} of its "
+                            "usable image(s)", path=data,
+                            hint="pass --include-flagged (or --keep ID for some of them) to keep flagged images")
+        causes = [p for p in ds.problems if p.label == label] or list(ds.problems)
+        listed = "".join(f"\n  {p}" for p in causes[:20]) + (f"\n  ... and {len(causes) - 20} more"
+                                                           if len(causes) > 20 else "")
+        raise UserError(f"label {label!r} has no training image left to crop: every image with this label was "
+                        f"skipped by the data check{':' if listed else ''}{listed}", path=data,
+                        hint="fix the problems listed, then run `histoembed crops` again")
 
 
 def _refuse_stale_qc(run: Path, stamps: list[list]) -> None:

@@ -3,7 +3,7 @@ out-of-fold C-index (survival) or R² (regression) real or noise?
 
 As for classification (``compare``): both runs' fused out-of-fold outputs are scored on the same items, and the
 difference (B minus A) gets a paired bootstrap interval (``maths.resample.paired_bootstrap``: each resample
-scores both runs on the same draw); per-fold differences on RUN_A's folds. Runs of different tasks, items or
+scores both runs on the same draw of patients, or of items without patients); per-fold differences on RUN_A's folds. Runs of different tasks, items or
 outcomes are refused, naming what differs.
 """
 
@@ -86,8 +86,11 @@ def run_compare_outcomes(run_a: Path, run_b: Path, bootstrap: int = 2000, seed: 
     column = "risk" if task == "survival" else "prediction"
     y = [a[c].to_numpy(float) for c in outcome]
     score = _score(task)
+    groups = None   # patients when the data has them (an item without one is its own)
+    if "group" in a.columns:
+        groups = [g if g else f"\0item:{i}" for g, i in zip(a["group"], a.index)]
     got = paired_bootstrap(score, [*y, a[column].to_numpy(float)], [*y, b[column].to_numpy(float)],
-                           n=bootstrap, seed=seed)
+                           groups=groups, n=bootstrap, seed=seed)
     folds = []
     for k in np.unique(a["fold"]):
         rows = (a["fold"] == k).to_numpy()

@@ -39,7 +39,7 @@ from histoembed.stages.fit.outputs import (FIT_LOCK, FitResult, encoder_name, fi
                                            recover, up_to_date, write_outputs)
 from histoembed.stages.fit.outcome_tasks import OutcomeTask
 from histoembed.stages.fit.outcomes import TaskChoice, choose_task, load_outcome_set
-from histoembed.stages.fit.task import Classification, cv_metrics, decision_settings
+from histoembed.stages.fit.task import Classification, classification, cv_metrics
 from histoembed.stages.fit.training import (TrainingSet, check_class_counts, load_training_set, patient_groups,
                                             qc_flags, qc_mismatch, read_labels)
 
@@ -64,6 +64,7 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
     ts = load_training_set(run, encoders[0] if encoders else None, settings.include_flagged,
                            settings.scale_fusion, keep_dtype=True)
     check_class_counts(run, ts, settings)
+    task = classification(ts, settings)   # a wrong class_order is said before any fitting
     key = fit_key(ts, settings)
     with fit_lock(run):
         recover(run)
@@ -71,7 +72,6 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
         if done is not None:
             return FitResult.of(run, ts, done, started, skipped=True)
         bags = take_bags(ts)
-        task = Classification(ts.classes, decision_settings(settings))
         results = cross_validate(bags, ts.y, ts.groups, settings, task)
         cv = results[0][0]
         metrics = fit_metrics(key, encoder_name(ts), ts, settings, cv.heads, {}, "head", results, seeds_of(settings))
@@ -95,7 +95,7 @@ def run_outcome_fit(run: Path, settings: FitSettings, encoders: list[str], choic
         if done is not None:
             return FitResult.of(run, ts, done, started, skipped=True)
         bags = take_bags(ts)
-        task = OutcomeTask(choice.task, ts.y, ts.groups, objective, settings.alpha, settings.weight_grid)
+        task = OutcomeTask(choice.task, ts.y, ts.bootstrap_units(), objective, settings.alpha, settings.weight_grid)
         results = cross_validate(bags, y, ts.groups, settings, task)
         cv = results[0][0]
         metrics = fit_metrics(key, encoder_name(ts), ts, settings, cv.heads, {}, "head", results, seeds_of(settings))

@@ -8,7 +8,6 @@ head once on the joined embeddings.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from histoembed.stages.fit.cv import CVResult, fit_heads, seeds_of
 from histoembed.stages.fit.folds import make_folds
 from histoembed.stages.fit.outputs import (FIT_VERSION, FitResult, fit_lock, fit_metrics, recover, up_to_date,
                                            write_outputs)
-from histoembed.stages.fit.task import Classification, decision_settings
+from histoembed.stages.fit.task import class_order, classification
 from histoembed.stages.fit.training import TrainingSet, check_class_counts, load_training_set
 
 MULTI_NLL_IMAGES = 2.0  # several encoders: weights by NLL within two images' worth of the best macro-F1 (fusion.py)
@@ -39,7 +38,7 @@ class EncoderPart:
     store_dir: Path
     meta: dict                    # the store's metadata (its first part's)
     dim: int = 0
-    scaling: dict | None = None   # concat mode: members.block_scaling of its training rows
+    scaling: dict | None = None   # concat mode: encoder_fusion.block_scaling of its training rows
 
     def record(self) -> dict:
         out = {"encoder": self.name, "slug": self.store_dir.name, "feature_encoder": self.meta.get("encoder"),
@@ -56,6 +55,7 @@ def run_fit_multi(run: Path, settings: FitSettings, names: list[str], started: f
     first = load_training_set(run, names[0], settings.include_flagged, settings.scale_fusion,
                               keep_dtype=settings.encoder_fusion == "logits")
     check_class_counts(run, first, settings)
+    class_order(first.classes, settings)   # a wrong class_order is said before any fitting
     key = store.config_key("fit", FIT_VERSION, output_settings(settings), "encoders",
                            [[p.store_dir.name, p.meta.get("key")] for p in parts], first.fingerprint(),
                            first.train_crops)
@@ -163,8 +163,7 @@ def _fit_multi(run: Path, settings: FitSettings, parts: list[EncoderPart], first
     first.features = empty
     gc.collect()
 
-    task = Classification(first.classes, dataclasses.replace(decision_settings(settings),
-                                                             nll_images=MULTI_NLL_IMAGES))
+    task = classification(first, settings, nll_images=MULTI_NLL_IMAGES)
     results = []
     for s, seed in enumerate(seeds):
         per_fold, final = task.decide(fitted.z[s], first.y, fitted.folds[s])

@@ -41,7 +41,7 @@ class OutcomeTask:
 
     task: str
     strata_: np.ndarray                 # per image: event / target quantile (the folds' balance)
-    groups: np.ndarray                  # per image: patient (the bootstrap resamples patients)
+    groups: np.ndarray | None           # per image: patient (the bootstrap resamples patients; None: images)
     objective: Objective = field(default_factory=Objective)
     alpha: float = 0.1                  # regression: conformal intervals cover 1 - alpha
     points: int = 21                    # fusion weights tried on [0, 1]

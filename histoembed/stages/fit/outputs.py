@@ -24,6 +24,7 @@ from histoembed.core import feature_store, locks, store
 from histoembed.core.config import FitSettings, output_settings
 from histoembed.core.errors import UserError, from_os_error
 from histoembed.maths import multiscale
+from histoembed.maths.resample import spread_over_repeats
 from histoembed.models import encoder_fusion
 from histoembed.models.heads import decisions, fusion
 from histoembed.stages.fit.cv import CVResult
@@ -137,16 +138,35 @@ def final_summary(final: dict) -> dict:
     return {k: final[k] for k in ("heads", "T", "T_note", "weights", "offsets", "conformal_threshold")}
 
 
+REPEATED = ("macro_f1", "auroc", "average_precision", "balanced_accuracy", "quadratic_kappa", "accuracy", "nll")
+
+
 def seed_spread(seeds: list[int], per_seed: list[dict]) -> dict:
-    """Each head's OOF macro-F1 per seed and its spread (how much of a difference is noise)."""
-    score = per_seed[0].get("score", "macro_f1")   # survival: c_index, regression: r2 (each head's "score")
-    out = {"seeds": seeds, score: {}, "spread": {}}
+    """Repeated cross-validation (``--repeats-cv``): each head's OOF numbers per seed, their mean and spread.
+
+    ``macro_f1`` and ``spread`` keep macro-F1 alone (as before; survival: ``c_index``, regression: ``r2``, each
+    head's ``score``); ``metrics`` has every number of :data:`REPEATED` the run reports, per head:
+    ``{"values": [per seed], "repeats", "mean", "std", "min", "max"}``.
+    The spread says how much a number moves with the fold assignment alone; the interval, with the cohort.
+    """
+    score = per_seed[0].get("score", "macro_f1")
+    out = {"seeds": seeds, "repeats": len(seeds), score: {}, "spread": {}, "metrics": {}}
     for head in per_seed[0]["heads"]:
         scores = [m["heads"][head]["score" if "score" in per_seed[0] else score] for m in per_seed]
         out[score][head] = scores
         out["spread"][head] = {"mean": float(np.mean(scores)), "std": float(np.std(scores, ddof=1)),
                                "min": float(np.min(scores)), "max": float(np.max(scores))}
+        out["metrics"][head] = {}
+        for name in REPEATED:
+            if name in per_seed[0]["heads"][head]:
+                values = [_value(m["heads"][head][name]) for m in per_seed]
+                out["metrics"][head][name] = {"values": values, **spread_over_repeats(values)}
     return out
+
+
+def _value(number) -> float | None:
+    """A number of metrics.json: a float, or an interval's ``value``."""
+    return number.get("value") if isinstance(number, dict) else number
 
 
 def recover(run: Path) -> None:
@@ -250,7 +270,8 @@ def save_fold(folder: Path, heads: list[str], fold_models: list, classes: list[s
 
 
 def oof_table(ts: TrainingSet, cv: CVResult) -> pa.Table:
-    """oof.parquet: per training image its fold, label, every head's OOF logits and the cross-fitted decisions."""
+    """oof.parquet: per training image its fold, label, every head's OOF logits and the cross-fitted decisions,
+    and its patient (``group``) when the data has patients: what compare and the report resample."""
     applied = decisions.apply_cross_fitted(cv.fold_params, cv.fold, cv.z)
     spread = oof_view_spread(cv)
     C = len(ts.classes)
@@ -267,6 +288,7 @@ def oof_table(ts: TrainingSet, cv: CVResult) -> pa.Table:
         "set": pa.array([[c for c, inside in zip(ts.classes, row) if inside] for row in applied.sets],
                         pa.list_(pa.string())),
         "view_spread": pa.array(spread.astype(np.float32)),
+        **({"group": pa.array(ts.patient, pa.string())} if ts.patient is not None else {}),
     })
 
 
@@ -277,7 +299,9 @@ def outcome_oof_table(ts: TrainingSet, cv: CVResult, alpha: float) -> pa.Table:
     y = ts.outcomes if task == "survival" else ts.outcomes[:, 0]
     return pa.table({"image_id": pa.array(ts.image_ids, pa.string()),
                      "split": pa.array(["train"] * len(ts.image_ids), pa.string()),
-                     "fold": pa.array(cv.fold.astype(np.int32)), **oof_columns(task, y, cv, alpha)})
+                     "fold": pa.array(cv.fold.astype(np.int32)),
+                     **({"group": pa.array(ts.patient, pa.string())} if ts.patient is not None else {}),
+                     **oof_columns(task, y, cv, alpha)})
 
 
 def manifest(ts: TrainingSet, settings: FitSettings, cv: CVResult, metrics: dict, key: str,

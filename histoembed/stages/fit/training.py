@@ -36,6 +36,14 @@ class TrainingSet:
     train_crops: str | None = None  # digest of the training crops' pixels (crops.parquet)
     scales: list[float] = field(default_factory=lambda: [1.0])  # crop scales in the features (crops --scales)
     outcomes: np.ndarray | None = None  # survival [n, 2] time, event / regression [n, 1] target (y: their strata)
+    patient: list[str | None] | None = None  # the manifest's group of each image; None when the data has none
+
+    def bootstrap_units(self) -> np.ndarray | None:
+        """What every interval resamples: the patient of each image (an image without one is its own), or None
+        (images) when the data has no patients."""
+        if self.patient is None:
+            return None
+        return np.array([p if p else f"\0image:{i}" for p, i in zip(self.patient, self.image_ids)], dtype=object)
 
     def fingerprint(self) -> dict:
         """What the fit depends on besides the features' own key and the settings."""
@@ -171,7 +179,7 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
     name = lambda k: str(k).split("/", 1)[1]  # noqa: E731  (every key here is train/<name>)
     return TrainingSet(features, store_dir, [name(k) for k in image_keys], row_image, y, groups, classes,
                        [name(k) for k in excluded], [name(k) for k in unlabelled], store.train_crops_digest(run),
-                       crop_scales)
+                       crop_scales, [patients.get(k) for k in image_keys] if patients else None)
 
 
 

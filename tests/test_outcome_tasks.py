@@ -16,7 +16,7 @@ from histoembed.core.errors import UserError
 from histoembed.inputs.dataset import load_dataset
 from histoembed.inputs.outcomes import read_outcomes
 from histoembed.models import heads
-from histoembed.tools import synthetic
+from synthetic_inputs import write_synthetic_features
 
 TOML = """
 [fit]
@@ -49,7 +49,7 @@ def outcome_run(root: Path, signal: bool = True, n: int = 60, columns: str = "ti
     """(run, config): synthetic features of two kinds of tissue (the planted property), a manifest whose times
     (kind 1: shorter) and targets (kind 1: higher) follow it, or with ``signal`` off are drawn regardless."""
     run = root / "run"
-    synthetic.write_synthetic_features(run, n_images=n, n_classes=2, n_test=4, signal=1.5)
+    write_synthetic_features(run, n_images=n, n_classes=2, n_test=4, signal=1.5)
     rng = np.random.default_rng(1)
     kind = np.arange(n) % 2 if signal else rng.integers(0, 2, n)
     lines = [f"image,mask,split,group,{columns}"]
@@ -268,7 +268,7 @@ def test_synth_survival_then_regression_through_every_stage(tmp_path, cli, pipel
 def test_synth_outcomes_on_a_slide_manifest(tmp_path):
     """--slides writes a manifest: its labels become times and events (test rows empty), read back by the fit's
     reader; the control's ranks ignore the class."""
-    from histoembed.tools.synthetic_outcomes import plant_outcomes
+    from histoembed.tools.synthetic.outcomes import plant_outcomes
 
     rows = [f"slides/s{i}.svs,,{'benign' if i % 2 else 'malignant'},train,p{i}" for i in range(40)]
     rows += ["slides/t0.svs,,,test,q0"]

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from histoembed.tools import synthetic
-from histoembed.tools.synthetic_outcomes import plant_outcomes
+from histoembed.tools.synthetic.outcomes import plant_outcomes
 from histoembed.cli.app import command
 from histoembed.core.console import console
 from histoembed.core.errors import UserError
@@ -145,7 +145,7 @@ def synth(
 
 
 def _plant(out: Path, task: str, signal: bool, seed: int) -> None:
-    """Survival or regression: the outcomes in place of the labels (``synthetic_outcomes``)."""
+    """Survival or regression: the outcomes in place of the labels (``tools.synthetic.outcomes``)."""
     if task == "classification":
         return
     record = plant_outcomes(out, task, signal, seed)

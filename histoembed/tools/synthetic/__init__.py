@@ -5,7 +5,9 @@
 - ``signals``: planted crop problems (the class in the tumour or in a ring around it, masks that miss it);
 - ``images``: the image dataset in the reference challenge's layout (:func:`make_dataset`,
   :func:`reference_scale`);
-- ``slides``: a cohort of pyramidal whole slides and its manifest (:func:`make_slide_cohort`).
+- ``slides``: a cohort of pyramidal whole slides and its manifest (:func:`make_slide_cohort`);
+- ``outcomes``: survival times or regression targets driven by the class, in place of the labels
+  (``synth --task``, :func:`plant_outcomes`).
 
 Everything depends on the seed alone. Feature stores with a known signal, which only the tests and the
 benchmarks use, are written by ``tests/synthetic_inputs.py``.

@@ -35,8 +35,8 @@ class TrainingSet:
     unlabelled: list[str] = field(default_factory=list)
     train_crops: str | None = None  # digest of the training crops' pixels (crops.parquet)
     scales: list[float] = field(default_factory=lambda: [1.0])  # crop scales in the features (crops --scales)
-    outcomes: np.ndarray | None = None  # survival [n, 2] time, event / regression [n, 1] target (y: their strata)
     patient: list[str | None] | None = None  # the manifest's group of each image; None when the data has none
+    outcomes: np.ndarray | None = None  # survival [n, 2] time, event / regression [n, 1] target (y: their strata)
 
     def bootstrap_units(self) -> np.ndarray | None:
         """What every interval resamples: the patient of each image (an image without one is its own), or None
@@ -179,7 +179,7 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
     name = lambda k: str(k).split("/", 1)[1]  # noqa: E731  (every key here is train/<name>)
     return TrainingSet(features, store_dir, [name(k) for k in image_keys], row_image, y, groups, classes,
                        [name(k) for k in excluded], [name(k) for k in unlabelled], store.train_crops_digest(run),
-                       crop_scales, [patients.get(k) for k in image_keys] if patients else None)
+                       crop_scales, patient=[patients.get(k) for k in image_keys] if patients else None)
 
 
 

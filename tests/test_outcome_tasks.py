@@ -179,8 +179,10 @@ def test_fit_regression_from_the_columns_matches_sklearn(tmp_path):
     crops = crops.set_column(crops.schema.get_field_index("label"), "label",
                              __import__("pyarrow").nulls(len(crops), __import__("pyarrow").string()))
     store.write_table(crops, run / store.CROPS_FILE, meta=store.read_meta(run / store.CROPS_FILE))
-    result = invoke("fit", "--run", run, "--config", config, "--heads", "ridge,xgb,mlp", "--regression-loss", "huber")
+    result = invoke("fit", "--run", run, "--config", config, "--heads", "ridge,xgb,mlp", "--regression-loss", "huber",
+                    "--seeds", 2)
     assert result.exit_code == 0, result.output
+    assert "fused: R² over seeds [0, 1]" in result.output
     assert "task: regression (no labels; the columns target of manifest.csv)" in result.output
     oof = pq.read_table(run / store.OOF_FILE).to_pandas()
     metrics = json.loads((run / store.METRICS_FILE).read_text())

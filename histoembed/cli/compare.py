@@ -11,6 +11,7 @@ import typer
 from histoembed.cli.app import SeedOpt, command
 from histoembed.maths.metrics import DECISION_METRICS
 from histoembed.tools.compare import LABELS, run_compare
+from histoembed.tools.compare_outcomes import outcome_task, run_compare_outcomes
 from histoembed.core import store
 from histoembed.core.console import console, table
 
@@ -37,8 +38,11 @@ def compare(
     """Out-of-fold METRIC of RUN_B minus RUN_A, with a paired bootstrap 95% interval and per-fold differences.
 
     Both runs are scored on the same resampled patients each time. An interval that contains 0 means the runs
-    cannot be told apart on these images.
+    cannot be told apart on these images. Survival runs compare the C-index of their fused risks, regression
+    runs the R² of their fused predictions (METRIC and --decision apply to classification).
     """
+    if outcome_task(run_a) is not None:
+        return _compare_outcomes(run_a, run_b, bootstrap, seed or 0, json_out)
     order = [c.strip() for c in class_order.split(",")] if class_order else None
     r = run_compare(run_a, run_b, bootstrap=bootstrap, seed=seed or 0, decision=decision, metric=metric, order=order)
     name = LABELS[r.metric]
@@ -59,6 +63,22 @@ def compare(
                   f"B - A = {r.difference:+.3f}, paired bootstrap 95% interval [{lo:+.3f}, {hi:+.3f}] "
                   f"({r.bootstrap} resamples of the {drawn}"
                   f"{'; lower is better' if r.lower_is_better else ''}): {verdict}", soft_wrap=True)
+    if json_out is not None:
+        store.write_json(r.as_dict(), json_out)
+        console.print(f"wrote {json_out}", soft_wrap=True)
+
+
+def _compare_outcomes(run_a: Path, run_b: Path, bootstrap: int, seed: int, json_out: Path | None) -> None:
+    """Survival or regression runs: C-index or R² of RUN_B minus RUN_A, paired bootstrap, per fold."""
+    r = run_compare_outcomes(run_a, run_b, bootstrap=bootstrap, seed=seed)
+    table(f"Per fold of RUN_A ({r.items} items)", ["fold", "items", f"{r.metric} A", f"{r.metric} B", "B - A"],
+          [[f["fold"], f["items"], f["score_a"], f["score_b"], f"{f['difference']:+.3f}"] for f in r.folds])
+    lo, hi = r.interval
+    verdict = ("the interval contains 0: no detectable difference" if lo <= 0 <= hi else
+               f"RUN_B is {'better' if r.difference > 0 else 'worse'} beyond the bootstrap noise")
+    console.print(f"out-of-fold {r.metric} ({r.task}): A {r.score_a:.3f}, B {r.score_b:.3f}; B - A = "
+                  f"{r.difference:+.3f}, paired bootstrap 95% interval [{lo:+.3f}, {hi:+.3f}] ({r.bootstrap} "
+                  f"resamples): {verdict}", soft_wrap=True)
     if json_out is not None:
         store.write_json(r.as_dict(), json_out)
         console.print(f"wrote {json_out}", soft_wrap=True)

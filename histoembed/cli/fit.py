@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from histoembed.cli import drift as drift_cli
 from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
 from histoembed.core import store
-from histoembed.core.config import ARTIFACTS, EncoderFusion, Offsets, ScaleFusion, SelectBy
+from histoembed.core.config import ARTIFACTS, EncoderFusion, Offsets, RegressionLoss, ScaleFusion, SelectBy, TaskName
 from histoembed.core.console import console, items, noun, table
 from histoembed.core.errors import UserError
 from histoembed.inputs import patch_flags
@@ -49,6 +49,12 @@ def fit(
         = None,
     scale_fusion: Annotated[ScaleFusion | None, setting("fit.scale_fusion")] = None,
     keep_artifacts: Annotated[str | None, setting("fit.keep_artifacts", metavar="KIND,KIND")] = None,
+    task: Annotated[TaskName | None, setting("fit.task")] = None,
+    time_column: Annotated[str | None, setting("fit.time_column")] = None,
+    event_column: Annotated[str | None, setting("fit.event_column")] = None,
+    target_column: Annotated[str | None, setting("fit.target_column")] = None,
+    strict: Annotated[bool | None, setting("fit.strict", "--strict/--skip-bad-rows")] = None,
+    regression_loss: Annotated[RegressionLoss | None, setting("fit.regression_loss")] = None,
 ) -> None:
     """Cross-validate heads on the training features; calibrate, fuse, choose class offsets and conformal sets.
 
@@ -62,6 +68,10 @@ def fit(
     each encoder's store on the same folds and all (encoder, head) members are fused (--encoder-fusion logits),
     or each head reads the encoders' embeddings side by side (--encoder-fusion concat).
 
+    Survival (--task survival: time and event columns in the manifest or train_labels.csv) and regression
+    (--task regression: a target column): the heads predict a risk (higher = earlier event) or the target, are
+    fused with cross-fitted weights, and are measured by the C-index or R² (docs/stages.md).
+
     Other settings: the fit, fit.mlp, fit.xgb, fit.logreg, fit.abmil and drift tables of histoembed.toml.
     """
     settings = stage_settings(config, "fit", folds=folds, seed=seed, seeds=seeds, include_flagged=include_flagged,
@@ -72,14 +82,20 @@ def fit(
                                   class_conditional=class_conditional, scale_fusion=scale_fusion,
                                   encoder=encoder, encoder_fusion=encoder_fusion,
                                   keep_artifacts=_parse_artifacts(keep_artifacts),
+                                  task=task,
+                                  time_column=time_column, event_column=event_column, target_column=target_column,
+                                  strict=strict, regression_loss=regression_loss,
                                   heads=None if heads is None else check_names(heads.split(",")),
                                   mlp=dict(hidden=mlp_hidden, depth=mlp_depth, epochs=mlp_epochs, mixup_alpha=mixup),
                                   xgb=dict(n_estimators=xgb_rounds, pca_dims=pca_dims))
     result = run_fit(run, settings.fit)
     encoders = parse_encoders(settings.fit.encoder)
     if result.unlabelled:
+        missing = (f"no usable {' and '.join(result.metrics['outcome_columns'])} row in "
+                   f"{Path(result.metrics['outcome_file']).name}" if "task" in result.metrics
+                   else "no label in crops.parquet")
         console.print(f"[yellow]note:[/] {len(result.unlabelled)} training {_noun(run, result.unlabelled)} in "
-                      f"the features have no label in crops.parquet and were left out (e.g. {result.unlabelled[0]})",
+                      f"the features have {missing} and were left out (e.g. {result.unlabelled[0]})",
                       soft_wrap=True)
     if result.excluded_flagged:
         console.print(f"QC: {len(result.excluded_flagged)} flagged training {_noun(run, result.excluded_flagged)} "
@@ -91,7 +107,10 @@ def fit(
     if result.skipped:
         console.print(f"{run}/models is up to date (same features, labels, QC and settings); nothing to do.",
                       soft_wrap=True)
-    print_summary(result.metrics, _trained(run, result.metrics["images"]))
+    if "task" in result.metrics:
+        print_outcome_summary(result.metrics, _trained(run, result.metrics["images"]))
+    else:
+        print_summary(result.metrics, _trained(run, result.metrics["images"]))
     if not result.skipped:
         console.print(f"wrote {run}/models, calibration.json, oof.parquet, metrics.json "
                       f"in {result.seconds:.1f} s", soft_wrap=True)
@@ -239,3 +258,40 @@ def repeated_numbers(spread: dict) -> None:
     if parts:
         console.print(f"fused over {spread['repeats']} repeats of the cross-validation (mean ± std): "
                       + ", ".join(parts), soft_wrap=True)
+
+
+def _ci(number: dict) -> str:
+    lo, hi = number.get("lo"), number.get("hi")
+    return f"{lo:.2f}-{hi:.2f}" if lo is not None and hi is not None and lo == lo and hi == hi else "-"
+
+
+def print_outcome_summary(metrics: dict, kinds: tuple[int, int] | None = None) -> None:
+    """Survival or regression: the task and where it came from, skipped rows, each head's out-of-fold numbers."""
+    task = metrics["task"]
+    console.print(f"task: {task} ({metrics.get('task_from', '')})", soft_wrap=True)
+    for line in metrics.get("skipped_rows", [])[:10]:
+        console.print(f"[yellow]skipped:[/] {line}", soft_wrap=True)
+    if len(metrics.get("skipped_rows", [])) > 10:
+        console.print(f"[yellow]skipped:[/] and {len(metrics['skipped_rows']) - 10} more rows", soft_wrap=True)
+    where = f"Out of fold: {items(*(kinds or (metrics['images'], 0)))}, {metrics['folds']} folds, seed {metrics['seed']}"
+    if task == "survival":
+        rows = [[h, m["harrell_c"]["value"], _ci(m["harrell_c"]), m["uno_c"]["value"], _ci(m["uno_c"]),
+                 m["risk_halves"]["logrank_p"] if m["risk_halves"]["logrank_p"] is not None else "-"]
+                for h, m in metrics["heads"].items()]
+        table(where + f", {metrics.get('events', '?')} events", ["head", "C-index", "95% CI", "Uno's C", "95% CI",
+                                                                   "log-rank p"], rows)
+    else:
+        rows = [[h, m["r2"]["value"], _ci(m["r2"]), m["pearson_r"]["value"], m["spearman_r"]["value"],
+                 m["mae"]["value"]] for h, m in metrics["heads"].items()]
+        table(where, ["head", "R²", "95% CI", "Pearson r", "Spearman r", "MAE"], rows)
+        conf = metrics["conformal"]
+        console.print(f"conformal intervals at alpha {conf['alpha']}: coverage {conf['coverage']:.3f} (target "
+                      f"{conf['target_coverage']:.2f}), for the test set prediction ± {conf['half_width']}",
+                      soft_wrap=True)
+    weights = ", ".join(f"{h}: w {w:.2f}" for h, w in metrics["fusion"]["weights"].items())
+    console.print(f"for the test set: {weights} (chosen on all out-of-fold predictions)", soft_wrap=True)
+    spread, name = metrics.get("seeds"), {"c_index": "C-index", "r2": "R²"}[metrics["score"]]
+    for head, stats in (spread or {}).get("spread", {}).items():
+        console.print(f"{head}: {name} over seeds {spread['seeds']}: "
+                      + ", ".join(f"{v:.3f}" for v in spread[metrics["score"]][head])
+                      + f" (mean {stats['mean']:.3f}, std {stats['std']:.3f})", soft_wrap=True)

@@ -58,8 +58,12 @@ def predict(
     classes = list(preds[0].probs)
     slides = sum(is_slide(p.image) for p in preds)
     kinds = (len(preds) - slides, slides)
-    table("Predictions", [noun(*kinds), "label", *classes, noun(*kinds, piece=True, number="s")],
-          [[p.image.name, p.label, *p.probs.values(), p.crops] for p in preds])
+    if classes in (["risk"], ["prediction"]):   # survival or regression: one value per image, as submit writes it
+        table("Predictions", [noun(*kinds), classes[0], noun(*kinds, piece=True, number="s")],
+              [[p.image.name, p.probs[classes[0]], p.crops] for p in preds])
+    else:
+        table("Predictions", [noun(*kinds), "label", *classes, noun(*kinds, piece=True, number="s")],
+              [[p.image.name, p.label, *p.probs.values(), p.crops] for p in preds])
     for p in preds:
         if p.fallback:
             console.print(f"{p.image.name}: {p.fallback}; crops came from tissue found by colour", soft_wrap=True)

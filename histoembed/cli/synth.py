@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from histoembed.tools import synthetic
+from histoembed.tools.synthetic.outcomes import plant_outcomes
 from histoembed.cli.app import command
 from histoembed.core.console import console
 from histoembed.core.errors import UserError
@@ -71,8 +72,18 @@ def synth(
         "--artifacts", help="With --slides: draw into every slide a marker stroke of each colour (blue, green, red, "
                             "black) from the glass into the tissue, a band out of focus, a fold and an air bubble, "
                             "and write where they are beside it (SLIDE.artifacts.json, level-0 pixels).")] = False,
+    task: Annotated[str, typer.Option(
+        "--task", help="classification (labels), survival (time and event columns driven by the class, a tissue "
+                       "property the images show) or regression (a target column driven by it); outcomes.json "
+                       "says how.")] = "classification",
+    outcome_signal: Annotated[bool, typer.Option(
+        "--outcome-signal/--no-outcome-signal", help="With --task survival or regression: --no-outcome-signal "
+                                                     "draws the outcomes regardless of the images (a control).")]
+        = True,
 ) -> None:
     """Write a synthetic H&E dataset (images, tumour masks, labels) for trying the pipeline."""
+    if task not in ("classification", "survival", "regression"):
+        raise UserError(f"--task {task!r}: expected classification, survival or regression")
     if slides:
         if slide_format not in ("svs", "tiff"):
             raise UserError(f"--slide-format {slide_format!r}: expected svs or tiff")
@@ -87,6 +98,7 @@ def synth(
         console.print(f"wrote {done['train']} training and {done['test']} test slides to {out / 'slides'}"
                       + (" with planted artifacts (where: SLIDE.artifacts.json beside each)" if artifacts else "")
                       + f"; manifest: {done['manifest']}", soft_wrap=True)
+        _plant(out, task, outcome_signal, seed)
         return
     if artifacts:
         raise UserError("--artifacts draws into whole slides: pass --slides N too")
@@ -121,6 +133,7 @@ def synth(
     counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
     console.print(f"wrote {len(summary['train'])} training and {len(summary['test'])} test images to {out}")
     console.print(f"labels: {counts}")
+    _plant(out, task, outcome_signal, seed)
     if summary["class_signal"] != "morphology" or summary["partial_masks"]:
         console.print(f"class signal: {summary['class_signal']}"
                       + ("; masks miss the tumour (--partial-masks)" if summary["partial_masks"] else ""),
@@ -136,3 +149,11 @@ def synth(
         console.print(f"planted a stain shift of strength {stain_shift:g}: {sum(g == 'train-b' for g in groups)} "
                       "training image(s) in stain group train-b, the other tissue images train-a, test images "
                       "group test; listed in planted.json", soft_wrap=True)
+
+
+def _plant(out: Path, task: str, signal: bool, seed: int) -> None:
+    """Survival or regression: the outcomes in place of the labels (``tools.synthetic.outcomes``)."""
+    if task == "classification":
+        return
+    record = plant_outcomes(out, task, signal, seed)
+    console.print(f"{task} outcomes in {record['file']} ({record['rule']}); outcomes.json", soft_wrap=True)

@@ -2,7 +2,7 @@
 
 Settings come from, in rising priority: these defaults, a ``histoembed.toml`` (one table
 per stage: ``[data]``, ``[crops]``, ``[augment]``, ``[embed]``, ``[qc]``, ``[fit]``, ``[fit.mlp]``,
-``[fit.xgb]``, ``[fit.logreg]``, ``[fit.abmil]``), and command-line options. Each stage stores the settings that produced
+``[fit.xgb]``, ``[fit.logreg]``, ``[fit.abmil]``, ``[fit.ridge]``, ``[fit.coxnet]``), and command-line options. Each stage stores the settings that produced
 its output, so a re-run with the same settings can skip its work.
 """
 
@@ -37,6 +37,7 @@ ScaleFusion = Literal["crops", "concat"]
 EncoderFusion = Literal["logits", "concat"]
 Artifact = Literal["background", "ink", "fold", "blur"]   # a slide patch's artifact flags (inputs/artifacts.py)
 ARTIFACTS: tuple[str, ...] = ("background", "ink", "fold", "blur")
+TaskName, RegressionLoss = Literal["auto", "classification", "survival", "regression"], Literal["squared", "huber"]
 SelectBy = Literal["macro_f1", "auroc", "average_precision", "balanced_accuracy", "kappa", "nll"]
 MAX_SCALE = 8.0
 Engine = Literal["local", "ray"]
@@ -330,6 +331,11 @@ class ABMILSettings(_Settings):
                                "(0: every patch).")
 
 
+class CoxNetSettings(_Settings):
+    l1_ratio: float = Field(0.5, gt=0, le=1, description="Elastic-net mix of scikit-survival's CoxNet (1: lasso).")
+    n_alphas: int = Field(20, ge=1, description="Penalties along the path; the inner split's partial likelihood picks one.")
+
+
 class FitSettings(_Settings):
     folds: int = Field(10, ge=2, description="Cross-validation folds (stratified by label, QC duplicate groups kept together).")
     seed: int = Field(0, description="Seed of folds, initialisation and shuffling.")
@@ -348,7 +354,7 @@ class FitSettings(_Settings):
     heads: tuple[str, ...] = Field(
         ("mlp", "xgb"), min_length=1, description="Heads to cross-validate and fuse (comma-separated on the command "
         "line): mlp, xgb (the reference recipe), logreg (linear probe on image means), abmil (gated attention-MIL "
-        "over crops).")
+        "over crops); survival also coxnet (penalised linear Cox), regression also ridge.")
     offsets: Offsets = Field(
         "auto", description="Per-class offsets on the fused log-probabilities for the submission: on, off, or auto "
         "(on when their cross-fitted macro-F1 beats plain argmax). Both scores are always reported.")
@@ -379,10 +385,18 @@ class FitSettings(_Settings):
         "and scaled to unit mean variance, as one input).")
     threads: int = Field(0, ge=0, description="CPU threads of the heads, torch and XGBoost (0: the CPUs this process "
                          "may use, from its affinity and cgroup quota).", json_schema_extra=NO_OUTPUT_CHANGE)
+    task: TaskName = Field("auto", description="What the heads predict: classification (label column), survival (time and event columns) or regression (target column); auto: classification when the training images have labels, else what the data's columns give.")
+    time_column: str = Field("time", description="Survival: the column (manifest or train_labels.csv) of each training item's time (positive, any unit).")
+    event_column: str = Field("event", description="Survival: the column with 1 (the event was observed) or 0 (censored at that time).")
+    target_column: str = Field("target", description="Regression: the column with each training item's number.")
+    strict: bool = Field(False, description="Survival and regression: stop at a row with a bad time, event or target rather than skip it (skipped rows are listed).")
+    regression_loss: RegressionLoss = Field("squared", description="Regression loss of the MLP, attention-MIL and XGBoost heads: squared error or Huber.")
     mlp: MLPSettings = MLPSettings()
     xgb: XGBSettings = XGBSettings()
     logreg: LogRegSettings = LogRegSettings()
     abmil: ABMILSettings = ABMILSettings()
+    ridge: LogRegSettings = LogRegSettings()   # ridge regression: the L2 strength is 1 / C (c_grid)
+    coxnet: CoxNetSettings = CoxNetSettings()
 
 
 class DriftSettings(_Settings):

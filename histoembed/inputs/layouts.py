@@ -66,7 +66,7 @@ def from_reference(root: Path) -> Dataset:
             label = None
             if split == "train":
                 label = labels.get(img.name)
-                if label is None:
+                if img.name not in labels:
                     problems.append(Problem(img, f"training image has no row in {LABELS_FILE}; skipped"))
                     continue
             samples.append(Sample(img.name, split, img, mask, label))
@@ -74,7 +74,7 @@ def from_reference(root: Path) -> Dataset:
             for image_id in sorted(set(labels) - set(seen)):
                 problems.append(Problem(root / LABELS_FILE,
                                         f"label row for {image_id!r}, but train_data/{image_id} does not exist; row ignored"))
-    return Dataset(root, samples, sorted(set(labels.values())), problems)
+    return Dataset(root, samples, sorted({label for label in labels.values() if label is not None}), problems)
 
 
 def label_form(label: str) -> str:
@@ -101,8 +101,20 @@ def _inside_data(root: Path, path: Path) -> None:
                         hint="copy the file into the data folder, or list it in a manifest next to it")
 
 
-def _read_labels(path: Path) -> dict[str, str]:
-    rows = _read_csv(path, required=("sample_index", "label"))
+def _read_labels(path: Path) -> dict[str, str | None]:
+    """sample_index -> label; a file of outcomes only (``sample_index,time,event`` or ``sample_index,target``:
+    survival or regression, no label column) lists its images with no label."""
+    outcomes_only = _outcomes_only(path, ("sample_index",))
+    rows = _read_csv(path, required=("sample_index",) if outcomes_only else ("sample_index", "label"))
+    if outcomes_only:
+        ids = [(row["sample_index"] or "").strip() for _, row in rows]
+        for (lineno, _), key in zip(rows, ids):
+            if not key:
+                raise UserError(f"line {lineno}: empty sample_index", path=path)
+        dup = next((key for n, key in enumerate(ids) if key in ids[:n]), None)
+        if dup is not None:
+            raise UserError(f"duplicate id {dup!r}", path=path, hint="each image must have exactly one row")
+        return dict.fromkeys(ids)
     check_spellings([((row["label"] or "").strip(), lineno) for lineno, row in rows if (row["label"] or "").strip()],
                     path)
     labels: dict[str, str] = {}
@@ -115,6 +127,39 @@ def _read_labels(path: Path) -> dict[str, str]:
                             hint="each image must have exactly one label row")
         labels[key] = label
     return labels
+
+
+LISTING_COLUMNS = ("image", "mask", "label", "split", "group", "sample_index")
+
+
+def _outcomes_only(path: Path, needed: tuple[str, ...]) -> bool:
+    """A listing with its ``needed`` columns and others (outcomes: time, event, target, ...) but no label column."""
+    header = csv_header(path)
+    return all(c in header for c in needed) and "label" not in header and any(h not in LISTING_COLUMNS
+                                                                                for h in header)
+
+
+def csv_header(path: Path) -> list[str]:
+    """The column names of a CSV (stripped); [] when it cannot be read (the full read says why)."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            return [h.strip() for h in (next(csv.reader(f), None) or [])]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
+def outcome_rows(data: Path) -> tuple[Path, list[str], list[tuple[int, str, dict]]]:
+    """(the file, its header, (line, image_id, row) of every training row) of the listing that names the
+    training items' outcomes: the manifest (image_id = its ``image`` path) or ``train_labels.csv``."""
+    data = Path(data)
+    manifest = data if data.suffix.lower() == ".csv" else data / MANIFEST_FILE
+    if manifest.is_file():
+        rows = _read_csv(manifest, required=("image", "split"))
+        return manifest, csv_header(manifest), [(n, (r["image"] or "").strip(), r) for n, r in rows
+                                                if (r["split"] or "").strip().lower() == "train"]
+    path = data / LABELS_FILE
+    rows = _read_csv(path, required=("sample_index",))
+    return path, csv_header(path), [(n, (r["sample_index"] or "").strip(), r) for n, r in rows]
 
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
@@ -180,7 +225,11 @@ def from_manifest(path: Path) -> Dataset:
     samples: list[Sample] = []
     seen: dict[Path, int] = {}  # resolved image -> line, so a/../x.png and x.png are one image
     test_labels = 0
-    rows = _read_csv(path, required=("image", "mask", "label", "split"))
+    outcomes_only = _outcomes_only(path, ("image", "mask", "split"))   # survival or regression: time/event or target, no label column
+    rows = _read_csv(path, required=("image", "mask", "split") if outcomes_only else ("image", "mask", "label", "split"))
+    if outcomes_only:
+        for _, row in rows:
+            row["label"] = None
     given = [((row["label"] or "").strip(), lineno) for lineno, row in rows
              if (row["split"] or "").strip().lower() == "train" and (row["label"] or "").strip()]
     check_spellings(given, path)
@@ -210,7 +259,7 @@ def from_manifest(path: Path) -> Dataset:
         if mask is not None and not mask.exists():
             problems.append(Problem(mask, f"mask of {rel} (line {lineno}) does not exist; image skipped", lost))
             continue
-        if split == "train" and label is None:
+        if split == "train" and label is None and not outcomes_only:
             problems.append(Problem(image, f"training image has no label (line {lineno}); skipped"))
             continue
         group = (row.get("group") or "").strip() or None

@@ -20,7 +20,7 @@ from histoembed.inputs import patch_flags
 from histoembed.maths import multiscale
 from histoembed.maths.metrics import softmax, view_spread
 from histoembed.models import encoder_fusion
-from histoembed.models.heads import Bags, Head, decisions
+from histoembed.models.heads import Bags, Head, decisions, outcome_fusion
 from histoembed.models.heads.base import CAPABILITIES
 from histoembed.models.heads import get as get_head
 from histoembed.models.heads.indexing import first_seen_index
@@ -34,6 +34,7 @@ class ImagePredictions:
     pred: np.ndarray          # class index per image: argmax, or argmax with offsets when the run chose them
     sets: np.ndarray          # [images, classes] bool: the conformal prediction set
     view_spread: np.ndarray   # [images]: spread of the per-view fused probabilities
+    value: np.ndarray | None = None   # survival: the fused risk (higher = earlier event); regression: the prediction
 
     def keys(self) -> list[tuple[str, str]]:
         return list(zip(self.splits, self.image_ids))
@@ -57,6 +58,11 @@ class Ensemble:
     scales: list[float] | None = None  # the crop scales the heads were fitted on
     encoders: list[dict] | None = None  # fit --encoder A,B: each encoder's slug, dim, feature key (None: one encoder)
     encoder_fusion: str = "logits"   # fit --encoder-fusion: logits (members per encoder) or concat
+    task: str = "classification"     # fit --task: survival and regression give one value per image
+
+    @property
+    def outcome(self) -> bool:
+        return self.task != "classification"
 
     @property
     def slugs(self) -> list[str]:
@@ -156,6 +162,8 @@ class Ensemble:
         """Fuse each fold's member logits per (image, view) bag, average over folds, decide."""
         C = len(self.classes)
         image_ids = [name for _, name in keys]
+        if self.outcome:
+            return self._outcome(keys, bags, per_fold)
         probs, view_probs = np.zeros((len(image_ids), C)), np.zeros((bags.n_bags, C))
         for z_bags in per_fold:
             probs += softmax(decisions.fused_logits(self.final, {h: bags.per_image(z) for h, z in z_bags.items()}))
@@ -166,6 +174,20 @@ class Ensemble:
         pred = decided.pred_offsets if self.use_offsets else decided.pred
         return ImagePredictions(image_ids, [split for split, _ in keys], probs, pred, decided.sets,
                                 view_spread(view_probs, bags.image, len(image_ids)))
+
+    def _outcome(self, keys: list[tuple[str, str]], bags: Bags, per_fold: list[dict[str, np.ndarray]]
+                 ) -> ImagePredictions:
+        """Survival or regression: each fold model's heads fused as the fit fused them (``outcome_fusion``; survival
+        risks standardised with that fold's scale), averaged over folds."""
+        n = len(keys)
+        value = np.zeros(n)
+        for k, z_bags in enumerate(per_fold):
+            scales = self.final["scales"][k] if self.task == "survival" else None
+            value += outcome_fusion.fuse(self.task, {h: bags.per_image(z)[:, 0] for h, z in z_bags.items()},
+                                         self.final["weights"], scales)
+        return ImagePredictions([name for _, name in keys], [split for split, _ in keys], np.zeros((n, 0)),
+                                np.zeros(n, np.int64), np.zeros((n, 0), bool), np.full(n, np.nan),
+                                value / max(1, len(per_fold)))
 
     def member_that(self, can: str) -> str | None:
         """The first member whose head declares ``can`` (``"gives_attention"`` or ``"scores_crops"``, see
@@ -181,11 +203,18 @@ class Ensemble:
 
     def predict_crops(self, features: feature_store.Features) -> np.ndarray | None:
         """Per feature row (crop-view): calibrated probabilities of the head that scores crops (the MLP), averaged
-        over folds (None without such a head, or when the heads read per-scale image means rather than crops)."""
+        over folds (survival and regression: the crop's own risk or prediction, [rows, 1]) (None without such a head, or when the heads read per-scale image means rather than crops)."""
         member = self.member_that("scores_crops")
         if member is None or self.scale_fusion != "crops" or self.encoders:
             return None
         self._check(features)
+        if self.outcome:   # each crop's own risk (standardised as its fold's) or prediction: [rows, 1]
+            out = np.zeros(len(features))
+            for k, fold_models in enumerate(self.models):
+                rows = fold_models[member].row_logits(features.embedding)[:, 0]
+                scale = self.final["scales"][k][member] if self.task == "survival" else None
+                out += outcome_fusion.standardised(self.task, rows, scale)
+            return (out / max(1, len(self.models)))[:, None]
         probs = np.zeros((len(features), len(self.classes)))
         for fold_models in self.models:
             probs += softmax(fold_models[member].row_logits(features.embedding) / self.final["T"][member])
@@ -239,7 +268,11 @@ def load_ensemble(run: Path) -> Ensemble:
         folds, final = int(manifest["folds"]), manifest["final"]
         classes, heads = list(manifest["classes"]), list(manifest["heads"])
         dim = int(manifest["dim"]) if not encoders or fusion_mode == "concat" else 0
-        final["T"], final["weights"], final["offsets"], final["conformal_threshold"]  # noqa: B018
+        if manifest.get("task", "classification") == "classification":
+            final["T"], final["offsets"], final["conformal_threshold"]  # noqa: B018
+        elif manifest["task"] == "survival":
+            final["scales"][folds - 1]  # noqa: B018
+        final["weights"]  # noqa: B018
         if encoders:
             dims = {e["slug"]: int(e["dim"]) for e in encoders}
             where = {h: (manifest["members"][h]["encoder_slug"], manifest["members"][h]["head"]) for h in heads}
@@ -282,7 +315,7 @@ def load_ensemble(run: Path) -> Ensemble:
     return Ensemble(classes, manifest.get("encoder", ""), manifest.get("encoder_slug", ""), dim,
                     manifest.get("feature_key"), heads, fitted, final,
                     manifest.get("submission_uses") == "offsets", manifest, manifest.get("scale_fusion", "crops"),
-                    manifest.get("scales"), encoders, fusion_mode)
+                    manifest.get("scales"), encoders, fusion_mode, manifest.get("task", "classification"))
 
 
 def kept_artifacts(ensemble: Ensemble) -> tuple[str, ...]:

@@ -37,8 +37,8 @@ class CropMap:
     crop_index: np.ndarray   # [crops]: the image's crops (clean view), in the features' order
     weight: np.ndarray       # [crops] in [0, 1]: attention relative to the most attended crop (largest 1),
     #                          or the crop's probability of the class the image was called
-    called: int              # the class the image was called, an index into the ensemble's classes
-    prob: float              # the image's probability of that class
+    called: int              # the class the image was called, an index into the ensemble's classes (0: outcome)
+    prob: float              # the image's probability of that class (survival / regression: its risk / prediction)
 
 
 class CropMaps:
@@ -69,6 +69,8 @@ class CropMaps:
         if not len(crops.image_id):
             return None
         image = self.ensemble.predict(crops)
+        if self.ensemble.outcome:
+            return self._outcome_map(crops, float(image.value[0]))
         called = int(image.pred[0])
         if self.attention:   # attention is a share of the bag: scaled so the image's most attended crop is 1
             weight = np.asarray(self.ensemble.crop_attention(crops), dtype=np.float64)
@@ -76,3 +78,15 @@ class CropMaps:
         else:
             weight = np.asarray(self.ensemble.predict_crops(crops))[:, called]
         return CropMap(np.asarray(crops.crop_index), weight, called, float(np.asarray(image.probs)[0, called]))
+
+    def _outcome_map(self, crops: feature_store.Features, value: float) -> CropMap:
+        """Survival or regression: attention as for a class, or each crop's own risk (prediction) scaled to [0, 1]
+        within the image (the image's highest-risk crop 1); ``prob`` holds the image's risk or prediction."""
+        if self.attention:
+            weight = np.asarray(self.ensemble.crop_attention(crops), dtype=np.float64)
+            weight = weight / max(weight.max(), 1e-12)
+        else:
+            own = np.asarray(self.ensemble.predict_crops(crops), dtype=np.float64)[:, 0]
+            span = own.max() - own.min()
+            weight = (own - own.min()) / span if span > 1e-12 else np.ones_like(own)
+        return CropMap(np.asarray(crops.crop_index), weight, 0, value)

@@ -133,6 +133,10 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
                 np.array([image_id] * n, object), np.array(["test"] * n, object), np.repeat(crop_ids, views),
                 np.tile(np.arange(views, dtype=np.int16), n_crops), emb, features_meta, scale=scale)
         pred = ensemble.predict(by_encoder if ensemble.encoders else by_encoder[None])
+        if ensemble.outcome:   # survival: {"risk": r}, regression: {"prediction": y}
+            value = float(pred.value[0])
+            out.append(Prediction(Path(image), f"{value:.4g}", {ensemble.classes[0]: value}, n_crops, fallback))
+            continue
         probs = pred.probs[0]
         out.append(Prediction(Path(image), ensemble.classes[int(pred.pred[0])],
                               dict(zip(ensemble.classes, probs.tolist())), n_crops, fallback))

@@ -78,6 +78,10 @@ def run_submit(data: Path | None, run: Path, encoder: str | None = None, tta: bo
                         f"(e.g. {unknown[0]})", path=run / store.FEATURES_DIR if ensemble.encoders else
                         feature_store.find_feature_store(run, encoder or ensemble.encoder),
                         hint="the features were embedded from another data folder; re-run crops and embed")
+    if ensemble.outcome:
+        check_same_crops(run, ensemble)
+        return _submit_outcome(run, ensemble, ids, pred if pred is not None or not len(features)
+                               else ensemble.predict(features), tta)
     prior = _class_prior(run, ensemble.classes)
     C = len(ensemble.classes)
     probs = np.tile(prior, (len(ids), 1))
@@ -120,3 +124,36 @@ def run_submit(data: Path | None, run: Path, encoder: str | None = None, tta: bo
                             "fallback": "training-class prior (most frequent class)"})
     counts = {c: labels.count(c) for c in ensemble.classes}
     return SubmitResult(submission, predictions, len(ids), ensemble.classes, counts, fallbacks, list(ids))
+
+
+def _submit_outcome(run: Path, ensemble, ids: list[str], pred, tta: bool) -> SubmitResult:
+    """Survival or regression: ``sample_index,risk`` or ``sample_index,prediction``; an item without features
+    gets the out-of-fold median (``fallback``); regression adds the conformal interval of ``fit``."""
+    name = ensemble.classes[0]                       # "risk" or "prediction"
+    oof = store.read_table(run / store.OOF_FILE, "out-of-fold predictions", columns=[name], stage="fit")
+    value = np.full(len(ids), float(np.median(oof[name].to_numpy())))
+    have = np.zeros(len(ids), dtype=bool)
+    if pred is not None and len(pred.image_ids):
+        row_of = {("test", image_id): i for i, image_id in enumerate(ids)}
+        rows = np.array([row_of[k] for k in pred.keys()])
+        value[rows], have[rows] = pred.value, True
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["sample_index", name])
+    writer.writerows((i, f"{v:.6g}") for i, v in zip(ids, value))
+    submission = run / store.SUBMISSION_FILE
+    with store.atomic_path(submission) as tmp:
+        tmp.write_text(buf.getvalue())
+    columns = {"image_id": ids, "split": ["test"] * len(ids), name: value, "fallback": (~have).tolist()}
+    half = ensemble.final.get("conformal_half_width")
+    if ensemble.task == "regression":
+        columns["interval_low"] = value - (np.inf if half is None else half)
+        columns["interval_high"] = value + (np.inf if half is None else half)
+    predictions = run / store.TEST_PREDICTIONS_FILE
+    store.write_table(pa.table(columns), predictions,
+                      meta={"task": ensemble.task, "encoder": ensemble.encoder, "tta": tta,
+                            name: "higher = earlier event (standardised, fused over heads, averaged over folds)"
+                            if ensemble.task == "survival" else "fused over heads, averaged over folds",
+                            "fallback": "the out-of-fold median"})
+    return SubmitResult(submission, predictions, len(ids), ensemble.classes, {name: int(have.sum())},
+                        [i for i, ok in zip(ids, have) if not ok], list(ids))

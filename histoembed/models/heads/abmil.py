@@ -69,18 +69,19 @@ class ABMILHead(TorchHead):
         import torch.nn.functional as F
 
         s, C = self.settings, self.n_classes
+        outcome = self.objective.outcome
         torch.manual_seed(self.seed)
         K = int(bags.sizes.max()) if bags.n_bags else 0     # every batch padded to the largest bag, as one array was
         cap = s.max_instances if s.max_instances and K > s.max_instances else 0
         draw = np.random.default_rng(self.seed)              # the capped bags' patches: seeded, one draw per step
-        y = np.asarray(y, dtype=np.int64)
+        y = np.asarray(y, dtype=np.float64 if outcome else np.int64)
         y_t = torch.from_numpy(y)
         net = _net(bags.X.shape[1], C, s)
         with torch.no_grad():
             rows = torch.from_numpy(bags.X)
             net.input_mean.copy_(rows.mean(0))
             net.input_std.copy_(input_scale(rows.std(0)))
-        weight = torch.tensor(class_weights(y, C), dtype=torch.float32) if s.class_weights else None
+        weight = torch.tensor(class_weights(y, C), dtype=torch.float32) if s.class_weights and not outcome else None
         self.net_, self.input_dim_ = net, int(bags.X.shape[1])
 
         def batch(idx) -> tuple:
@@ -101,9 +102,13 @@ class ABMILHead(TorchHead):
             logits, _ = net(*batch(idx))
             return F.cross_entropy(logits, y_t[idx], weight=weight, label_smoothing=s.label_smoothing)
 
-        stop_labels = stop.image_labels(y_stop)
-        stop_nll = (lambda: temperature_nll(stop.per_image(self.predict(stop)), stop_labels, 1.0)) \
-            if stop.n_bags else None
+        if outcome:   # survival (Cox partial likelihood over the batch's bags) or regression (squared / Huber)
+            _, outcome_loss, stop_nll = self.outcome_training(y, stop, y_stop)
+            batch_loss = lambda idx: outcome_loss(net(*batch(idx))[0], idx)  # noqa: E731
+        else:
+            stop_labels = stop.image_labels(y_stop)
+            stop_nll = (lambda: temperature_nll(stop.per_image(self.predict(stop)), stop_labels, 1.0)) \
+                if stop.n_bags else None
         done = train(net, bags.n_bags, batch_loss, stop_nll, lr=s.lr, weight_decay=s.weight_decay, epochs=s.epochs,
                      warmup_epochs=s.warmup_epochs, batch_size=s.batch_size, patience=s.patience, seed=self.seed)
         self.best_epoch_, self.epochs_run_, self.stop_nll_ = done.best_epoch, done.epochs_run, done.stop_nll
@@ -126,7 +131,7 @@ class ABMILHead(TorchHead):
                 attention.append(a.numpy()[m])
         if not logits:
             return np.zeros((0, self.n_classes), np.float32), np.zeros(0, np.float32)
-        return np.concatenate(logits), np.concatenate(attention)
+        return self.to_target(np.concatenate(logits)), np.concatenate(attention)
 
     def predict(self, bags: Bags) -> np.ndarray:
         return self._forward(bags)[0]

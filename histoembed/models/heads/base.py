@@ -17,7 +17,9 @@ sees the images it is evaluated on. Heads are registered in ``histoembed.models.
 **What a head can do beyond that**, it declares (class attributes), and callers ask the declaration,
 never a head's name: ``gives_attention`` (``attention(bags)``: each row's weight within its bag, as
 attention-MIL learns it) and ``scores_crops`` (``row_logits(X)``: logits of each crop-view row on its
-own, as the MLP gives them). A head that reads only each bag's mean declares neither.
+own, as the MLP gives them). A head that reads only each bag's mean declares neither. ``tasks`` says what
+it can be fitted to predict (``objectives``: classification, survival, regression); the fit asks it before
+building a head with an ``objective``, which is saved with the head and read back by ``load``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pydantic import BaseModel
 
 from histoembed.core import store
 from histoembed.core.errors import UserError
+from histoembed.models.heads.objectives import Objective
 
 
 def write_tensors(save_file: Callable, tensors: dict, path: Path) -> None:
@@ -199,10 +202,13 @@ class Head:
     description: ClassVar[str] = ""
     gives_attention: ClassVar[bool] = False   # implements attention(bags)
     scores_crops: ClassVar[bool] = False      # implements row_logits(X)
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)   # what it can be fitted to predict (objectives.TASKS)
 
-    def __init__(self, settings: BaseModel | None = None, n_classes: int = 2, seed: int = 0):
+    def __init__(self, settings: BaseModel | None = None, n_classes: int = 2, seed: int = 0,
+                 objective: Objective | None = None):
         self.settings = settings if settings is not None else self.Settings()
-        self.n_classes = n_classes
+        self.objective = objective or Objective()
+        self.n_classes = 1 if self.objective.outcome else n_classes
         self.seed = seed
         self.input_dim_: int | None = None
         self.classes_: list[str] | None = None
@@ -244,7 +250,8 @@ class Head:
         folder.mkdir(parents=True, exist_ok=True)
         self._save_arrays(folder)
         store.write_json({"head": self.name, "settings": self.settings.model_dump(), "input_dim": self.input_dim_,
-                          "classes": list(classes), "seed": self.seed, **self.fitted_info()},
+                          "classes": list(classes), "seed": self.seed, **self.fitted_info(),
+                          **(self.objective.record() if self.objective.outcome else {})},
                          folder / self.info_file())
 
     @classmethod
@@ -252,7 +259,8 @@ class Head:
         folder = Path(folder)
         info = store.read_json(folder / cls.info_file(), f"{cls.name} head settings", hint="re-run `histoembed fit`")
         try:
-            head = cls(cls.Settings.model_validate(info["settings"]), len(info["classes"]), int(info.get("seed", 0)))
+            head = cls(cls.Settings.model_validate(info["settings"]), len(info["classes"]), int(info.get("seed", 0)),
+                       Objective.of(info))
             head.input_dim_, head.classes_ = int(info["input_dim"]), list(info["classes"])
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"the head's settings file is incomplete ({e})", path=folder / cls.info_file(),

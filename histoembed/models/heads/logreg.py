@@ -29,14 +29,24 @@ class LogRegHead(Head):
     scores_crops = False
     description = "logistic-regression probe on per-view image means (linear baseline)"
 
-    def __init__(self, settings: LogRegSettings | None = None, n_classes: int = 2, seed: int = 0):
-        super().__init__(settings, n_classes, seed)
+    weights_file = WEIGHTS_FILE
+
+    def __init__(self, settings: LogRegSettings | None = None, n_classes: int = 2, seed: int = 0, objective=None):
+        super().__init__(settings, n_classes, seed, objective)
         self.coef_ = None          # [C, D] on standardised inputs
         self.intercept_ = None     # [C]
         self.mean_ = None
         self.scale_ = None
         self.c_ = None
         self.stop_nll_ = None
+
+    def fit_scaling(self, X: np.ndarray) -> np.ndarray:
+        """Set the standardisation from the training means ``X``; ``X`` standardised."""
+        self.input_dim_ = int(X.shape[1])
+        self.mean_ = X.mean(axis=0)
+        std = X.std(axis=0)
+        self.scale_ = np.maximum(std, max(1e-6, 0.01 * float(np.median(std))))
+        return self._standardise(X)
 
     def _standardise(self, X: np.ndarray) -> np.ndarray:
         return (np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_
@@ -50,11 +60,7 @@ class LogRegHead(Head):
 
         s, C = self.settings, self.n_classes
         X, y = bags.means().astype(np.float64), np.asarray(y)
-        self.input_dim_ = int(X.shape[1])
-        self.mean_ = X.mean(axis=0)
-        std = X.std(axis=0)
-        self.scale_ = np.maximum(std, max(1e-6, 0.01 * float(np.median(std))))
-        Xs = self._standardise(X)
+        Xs = self.fit_scaling(X)
         Xs_stop = self._standardise(stop.means()) if stop.n_bags else None
         stop_labels = stop.image_labels(y_stop) if stop.n_bags else None
         model = LogisticRegression(max_iter=s.max_iter, warm_start=True,
@@ -105,11 +111,11 @@ class LogRegHead(Head):
         write_tensors(save_file, {"coef": np.ascontiguousarray(self.coef_, np.float32),
                                   "intercept": self.intercept_.astype(np.float64),
                                   "mean": self.mean_.astype(np.float64), "scale": self.scale_.astype(np.float64)},
-                      folder / WEIGHTS_FILE)
+                      folder / self.weights_file)
 
     def _load_arrays(self, folder: Path, info: dict) -> None:
         from safetensors.numpy import load_file
 
-        t = load_file(str(self._require(folder / WEIGHTS_FILE)))
+        t = load_file(str(self._require(folder / self.weights_file)))
         self.coef_, self.intercept_, self.mean_, self.scale_ = t["coef"], t["intercept"], t["mean"], t["scale"]
         self.c_ = info.get("C")

@@ -61,20 +61,35 @@ class MLPHead(TorchHead):
     def fit(self, bags: Bags, y: np.ndarray, stop: Bags, y_stop: np.ndarray) -> MLPHead:
         """Train on the rows of ``bags``; stop early on the image-level NLL of ``stop``."""
         import torch
-        import torch.nn.functional as F
 
         s, C = self.settings, self.n_classes
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
         X = torch.from_numpy(bags.X)
-        y_rows = np.asarray(y, dtype=np.int64)[bags.row_bag]
-        y_t = torch.from_numpy(y_rows)
         net = _net(X.shape[1], C, s)
         with torch.no_grad():
             net.input_mean.copy_(X.mean(0))
             net.input_std.copy_(input_scale(X.std(0)))
-        weight = torch.tensor(class_weights(y_rows, C), dtype=torch.float32) if s.class_weights else None
         self.net_, self.input_dim_ = net, int(X.shape[1])
+        if self.objective.outcome:   # survival (Cox) or regression: every row carries its image's outcome
+            _, outcome_loss, stop_nll = self.outcome_training(np.asarray(y)[bags.row_bag], stop, y_stop)
+            batch_loss = lambda idx: outcome_loss(net(X[idx]), idx)  # noqa: E731
+        else:
+            batch_loss, stop_nll = self._class_training(X, np.asarray(y, dtype=np.int64)[bags.row_bag], rng,
+                                                        stop, y_stop)
+        done = train(net, len(X), batch_loss, stop_nll, lr=s.lr, weight_decay=s.weight_decay, epochs=s.epochs,
+                     warmup_epochs=s.warmup_epochs, batch_size=s.batch_size, patience=s.patience, seed=self.seed)
+        self.best_epoch_, self.epochs_run_, self.stop_nll_ = done.best_epoch, done.epochs_run, done.stop_nll
+        return self
+
+    def _class_training(self, X, y_rows: np.ndarray, rng, stop: Bags, y_stop: np.ndarray):
+        """(cross-entropy batch loss with class weights, smoothing and MixUp; the inner split's NLL or None)."""
+        import torch
+        import torch.nn.functional as F
+
+        s, C, net = self.settings, self.n_classes, self.net_
+        y_t = torch.from_numpy(y_rows)
+        weight = torch.tensor(class_weights(y_rows, C), dtype=torch.float32) if s.class_weights else None
         gen = torch.Generator().manual_seed(self.seed + 1)
 
         def batch_loss(idx):
@@ -91,10 +106,7 @@ class MLPHead(TorchHead):
         stop_labels = stop.image_labels(y_stop)
         stop_nll = (lambda: temperature_nll(stop.per_image(self.predict(stop)), stop_labels, 1.0)) \
             if stop.n_bags else None
-        done = train(net, len(X), batch_loss, stop_nll, lr=s.lr, weight_decay=s.weight_decay, epochs=s.epochs,
-                     warmup_epochs=s.warmup_epochs, batch_size=s.batch_size, patience=s.patience, seed=self.seed)
-        self.best_epoch_, self.epochs_run_, self.stop_nll_ = done.best_epoch, done.epochs_run, done.stop_nll
-        return self
+        return batch_loss, stop_nll
 
     def row_logits(self, X: np.ndarray, chunk: int = 8192) -> np.ndarray:
         """Logits of each crop-view row."""
@@ -106,7 +118,7 @@ class MLPHead(TorchHead):
             for start in range(0, len(X), chunk):
                 xb = torch.from_numpy(np.array(X[start:start + chunk], dtype=np.float32))
                 out.append(self.net_(xb).numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.n_classes), np.float32)
+        return self.to_target(np.concatenate(out)) if out else np.zeros((0, self.n_classes), np.float32)
 
     def predict(self, bags: Bags) -> np.ndarray:
         if bags.n_bags == 0:

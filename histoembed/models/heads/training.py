@@ -12,7 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from histoembed.models.heads.base import Head, write_tensors
+import numpy as np
+
+from histoembed.models.heads import objectives
+from histoembed.models.heads.base import Bags, Head, write_tensors
 
 
 MIN_STEPS_PER_EPOCH = 8
@@ -95,20 +98,48 @@ class TorchHead(Head):
 
     weights_file: str
 
-    def __init__(self, settings=None, n_classes: int = 2, seed: int = 0):
-        super().__init__(settings, n_classes, seed)
+    tasks = ("classification", "survival", "regression")   # objectives.torch_outcome_loss beside cross-entropy
+
+    def __init__(self, settings=None, n_classes: int = 2, seed: int = 0, objective=None):
+        super().__init__(settings, n_classes, seed, objective)
         self.net_ = None
         self.best_epoch_ = None
         self.epochs_run_ = 0
         self.stop_nll_ = None
+        self.target_scale_ = (0.0, 1.0)   # regression: the net predicts (target - mean) / std
+
+    def outcome_training(self, y_samples: np.ndarray, stop: Bags, y_stop: np.ndarray):
+        """Survival or regression: (y as a float tensor, loss(out, idx), early-stopping loss or None), the
+        training target standardised for regression (``objectives``)."""
+        import torch
+
+        y = np.asarray(y_samples, dtype=np.float64)
+        if self.objective.task == "regression":
+            self.target_scale_ = objectives.target_scale(y)
+        y_t = torch.from_numpy(y.astype(np.float32))
+        stop_y = stop.image_labels(y_stop) if stop.n_bags else None
+        stop_loss = (lambda: objectives.stop_loss(self.objective, stop.per_image(self.predict(stop)), stop_y)) \
+            if stop.n_bags else None
+        return y_t, lambda out, idx: objectives.torch_outcome_loss(self.objective, out, y_t[idx], self.target_scale_), \
+            stop_loss
+
+    def to_target(self, out: np.ndarray) -> np.ndarray:
+        """The net's outputs on the task's scale (regression: the standardised target back in its units)."""
+        if self.objective.task != "regression":
+            return out
+        mean, std = self.target_scale_
+        return (np.asarray(out, dtype=np.float64) * std + mean).astype(np.float32)
 
     @staticmethod
     def build_net(input_dim: int, n_classes: int, settings):
         raise NotImplementedError
 
     def fitted_info(self) -> dict:
-        return {"best_epoch": self.best_epoch_, "epochs_run": self.epochs_run_, "stop_nll": self.stop_nll_,
-                "input_normalisation": "(x - input_mean) / input_std, tensors in " + self.weights_file}
+        out = {"best_epoch": self.best_epoch_, "epochs_run": self.epochs_run_, "stop_nll": self.stop_nll_,
+               "input_normalisation": "(x - input_mean) / input_std, tensors in " + self.weights_file}
+        if self.objective.task == "regression":
+            out["target_scale"] = list(self.target_scale_)
+        return out
 
     def _save_arrays(self, folder: Path) -> None:
         from safetensors.torch import save_file
@@ -123,3 +154,4 @@ class TorchHead(Head):
         net.load_state_dict(load_file(str(self._require(folder / self.weights_file))), strict=True)
         self.net_ = net.eval()
         self.best_epoch_, self.epochs_run_ = info.get("best_epoch"), info.get("epochs_run", 0)
+        self.target_scale_ = tuple(info.get("target_scale", (0.0, 1.0)))

@@ -75,8 +75,10 @@ class XGBHead(Head):
     scores_crops = False
     description = "XGBoost on per-view image means, PCA inside the fold (the reference recipe)"
 
-    def __init__(self, settings: XGBSettings | None = None, n_classes: int = 2, seed: int = 0):
-        super().__init__(settings, n_classes, seed)
+    tasks = ("classification", "survival", "regression")   # objective: softmax, Cox, squared error or Huber
+
+    def __init__(self, settings: XGBSettings | None = None, n_classes: int = 2, seed: int = 0, objective=None):
+        super().__init__(settings, n_classes, seed, objective)
         self.booster_ = None
         self.pca_mean_ = None
         self.pca_components_ = None
@@ -84,11 +86,29 @@ class XGBHead(Head):
 
     def params(self) -> dict:
         s = self.settings
-        return {"objective": "multi:softprob", "num_class": self.n_classes, "tree_method": "hist",
+        return {**self.objective_params(), "tree_method": "hist",
                 "device": xgb_device(), "max_depth": s.max_depth, "eta": s.learning_rate,
                 "subsample": s.subsample, "colsample_bytree": s.colsample_bytree, "max_bin": s.max_bin,
-                "min_child_weight": s.min_child_weight, "eval_metric": "mlogloss", "seed": self.seed,
+                "min_child_weight": s.min_child_weight, "seed": self.seed,
                 "nthread": cpus.threads()}
+
+    def objective_params(self) -> dict:
+        """XGBoost's own objective for the task: softmax, Cox partial likelihood, squared error or pseudo-Huber."""
+        task = self.objective.task
+        if task == "survival":
+            return {"objective": "survival:cox", "eval_metric": "cox-nloglik"}
+        if task == "regression":
+            huber = self.objective.loss == "huber"
+            return {"objective": "reg:pseudohubererror" if huber else "reg:squarederror",
+                    "eval_metric": "mphe" if huber else "rmse"}
+        return {"objective": "multi:softprob", "num_class": self.n_classes, "eval_metric": "mlogloss"}
+
+    def labels(self, y: np.ndarray) -> np.ndarray:
+        """XGBoost's labels: class indices; Cox: the time, negative when censored; regression: the target."""
+        if self.objective.task == "survival":
+            y = np.asarray(y, dtype=np.float64)
+            return np.where(y[:, 1] > 0, y[:, 0], -y[:, 0])
+        return np.asarray(y)
 
     def fit(self, bags: Bags, y: np.ndarray, stop: Bags, y_stop: np.ndarray) -> XGBHead:
         return self.fit_means(bags.means(), y, stop.means(), y_stop)
@@ -102,11 +122,11 @@ class XGBHead(Head):
         if s.pca_dims and s.pca_dims < X.shape[1]:
             self.pca_mean_, self.pca_components_ = fit_pca(X, s.pca_dims)
         y = np.asarray(y)
-        weight = sample_weights(y, self.n_classes) if s.class_weights else None
-        dtrain = xgboost.DMatrix(self._project(X), label=y, weight=weight)
+        weight = sample_weights(y, self.n_classes) if s.class_weights and not self.objective.outcome else None
+        dtrain = xgboost.DMatrix(self._project(X), label=self.labels(y), weight=weight)
         evals, stop = [], None
         if len(y_stop):
-            evals = [(xgboost.DMatrix(self._project(X_stop), label=np.asarray(y_stop)), "stop")]
+            evals = [(xgboost.DMatrix(self._project(X_stop), label=self.labels(y_stop)), "stop")]
             stop = s.early_stopping_rounds
         booster = xgboost.train(self.params(), dtrain, num_boost_round=s.n_estimators, evals=evals,
                                 early_stopping_rounds=stop, verbose_eval=False)
@@ -133,7 +153,9 @@ class XGBHead(Head):
     def fitted_info(self) -> dict:
         return {"best_iteration": self.best_iteration_, "pca": PCA_FILE if self.pca_mean_ is not None else None,
                 "input": "per (image, view): the mean of the view's crop embeddings",
-                "output": "untransformed multi:softprob margins (logits)"}
+                "output": {"classification": "untransformed multi:softprob margins (logits)",
+                           "survival": "Cox margins (log hazard ratios: higher = earlier event)",
+                           "regression": "the predicted target"}[self.objective.task]}
 
     def _save_arrays(self, folder: Path) -> None:
         from safetensors.numpy import save_file

@@ -12,6 +12,8 @@ The recipe (``run_fit``), one module per step:
 - ``outputs``: ``models/``, ``calibration.json``, ``oof.parquet`` and ``metrics.json``, written
   atomically and keyed (a re-run with the same inputs and settings does nothing), the fit lock,
   and the recovery of what a killed fit left;
+- ``outcomes``, ``outcome_tasks``: survival and regression (``--task``): the outcomes read from the data, the
+  strata the folds balance, the cross-fitted fusion of risks or predictions and their numbers;
 - ``multi``: several encoders (``--encoder A,B``), the same steps over each encoder's store.
 """
 
@@ -26,12 +28,17 @@ import numpy as np
 
 from histoembed.core import cpus, feature_store
 from histoembed.core.config import FitSettings
+from histoembed.core.errors import UserError
 from histoembed.models.heads import Bags, check_names
+from histoembed.models.heads import get as get_head
+from histoembed.models.heads.objectives import Objective, check_task
 from histoembed.stages.fit.cv import CVResult, cross_validate, fit_heads, run_cv, seeds_of
 from histoembed.stages.fit.folds import _group_kfold, derived_seed, inner_split, make_folds
 from histoembed.stages.fit.multi import EncoderPart, run_fit_multi
 from histoembed.stages.fit.outputs import (FIT_LOCK, FitResult, encoder_name, fit_key, fit_lock, fit_metrics,
                                            recover, up_to_date, write_outputs)
+from histoembed.stages.fit.outcome_tasks import OutcomeTask
+from histoembed.stages.fit.outcomes import TaskChoice, choose_task, load_outcome_set
 from histoembed.stages.fit.task import Classification, classification, cv_metrics
 from histoembed.stages.fit.training import (TrainingSet, check_class_counts, load_training_set, patient_groups,
                                             qc_flags, qc_mismatch, read_labels)
@@ -49,6 +56,9 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
     check_names(settings.heads)
     cpus.use_threads(settings.threads)
     encoders = parse_encoders(encoder if encoder is not None else settings.encoder)
+    choice = choose_task(run, settings)
+    if choice.task != "classification":
+        return run_outcome_fit(run, settings, encoders, choice, started)
     if len(encoders) > 1:
         return run_fit_multi(run, settings, encoders, started)
     ts = load_training_set(run, encoders[0] if encoders else None, settings.include_flagged,
@@ -65,6 +75,34 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
         results = cross_validate(bags, ts.y, ts.groups, settings, task)
         cv = results[0][0]
         metrics = fit_metrics(key, encoder_name(ts), ts, settings, cv.heads, {}, "head", results, seeds_of(settings))
+        write_outputs(run, ts, settings, cv, metrics, key)
+    return FitResult.of(run, ts, metrics, started)
+
+
+def run_outcome_fit(run: Path, settings: FitSettings, encoders: list[str], choice: TaskChoice,
+                    started: float) -> FitResult:
+    """Survival or regression: the same recipe with ``outcome_tasks.OutcomeTask`` in the fold loop."""
+    if len(encoders) > 1:
+        raise UserError(f"{choice.task} fits one encoder's features at a time", hint="pass one --encoder")
+    objective = Objective(choice.task, settings.regression_loss)
+    for name in settings.heads:
+        check_task(get_head(name), objective)
+    ts, y, outcomes = load_outcome_set(run, settings, encoders[0] if encoders else None, choice.task)
+    key = fit_key(ts, settings)
+    with fit_lock(run):
+        recover(run)
+        done = up_to_date(run, key)
+        if done is not None:
+            return FitResult.of(run, ts, done, started, skipped=True)
+        bags = take_bags(ts)
+        task = OutcomeTask(choice.task, ts.y, ts.bootstrap_units(), objective, settings.alpha, settings.weight_grid)
+        results = cross_validate(bags, y, ts.groups, settings, task)
+        cv = results[0][0]
+        metrics = fit_metrics(key, encoder_name(ts), ts, settings, cv.heads, {}, "head", results, seeds_of(settings))
+        metrics.update(task_from=choice.why, outcome_columns=outcomes.columns, outcome_file=str(outcomes.path),
+                       skipped_rows=outcomes.skipped)
+        if choice.task == "survival":
+            metrics["events"] = int(ts.outcomes[:, 1].sum())
         write_outputs(run, ts, settings, cv, metrics, key)
     return FitResult.of(run, ts, metrics, started)
 

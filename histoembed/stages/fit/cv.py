@@ -21,6 +21,7 @@ from histoembed.core.console import progress
 from histoembed.core.errors import UserError
 from histoembed.models.heads import Bags, Head
 from histoembed.models.heads import get as get_head
+from histoembed.models.heads.objectives import Objective
 from histoembed.stages.fit.folds import derived_seed, inner_split, make_folds
 
 
@@ -39,9 +40,13 @@ class CVResult:
 
 
 class Task(Protocol):
-    """What the fold loop needs of a task (classification today; survival or regression to come)."""
+    """What the fold loop needs of a task (classification; survival and regression: ``outcome_tasks``)."""
 
     width: int   # outputs per image of every head
+    objective: Objective | None   # what the heads are fitted to predict (None: classification)
+
+    def strata(self, y: np.ndarray) -> np.ndarray:
+        """What the folds are balanced on, per image: the class, or the event / target quantile."""
 
     def decide(self, z: dict[str, np.ndarray], y: np.ndarray, fold: np.ndarray) -> tuple[list[dict], dict]:
         """(per-fold parameters chosen on the other folds, final parameters chosen on all rows)."""
@@ -53,8 +58,10 @@ class Task(Protocol):
 def run_cv(bags: Bags, y: np.ndarray, groups: np.ndarray, settings: FitSettings, seed: int, task: Task,
            on_fold=lambda k: None) -> CVResult:
     """One full cross-validation with ``seed``: folds, heads, OOF outputs, cross-fitted decisions."""
-    fold = make_folds(y, groups, settings.folds, seed)
-    z, z_bags, models, info = fit_heads(bags, y, groups, settings, seed, task.width, fold, on_fold)
+    strata = task.strata(y)
+    fold = make_folds(strata, groups, settings.folds, seed)
+    z, z_bags, models, info = fit_heads(bags, y, groups, settings, seed, task.width, fold, on_fold,
+                                        strata=strata, objective=task.objective)
     per_fold, final = task.decide(z, y, fold)
     return CVResult(seed, list(settings.heads), fold, z, z_bags, bags.image, per_fold, final, models, info)
 
@@ -78,12 +85,14 @@ def seeds_of(settings: FitSettings) -> list[int]:
 
 
 def fit_heads(bags: Bags, y: np.ndarray, groups: np.ndarray, settings: FitSettings, seed: int, width: int,
-              fold: np.ndarray, on_fold=lambda k: None
+              fold: np.ndarray, on_fold=lambda k: None, strata: np.ndarray | None = None,
+              objective: Objective | None = None
               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[list[Head]], list[dict]]:
     """Every head on every fold of ``fold``: (OOF image outputs, OOF bag outputs, models per fold, info per fold).
 
     The inner (fit, stopping) split and the heads' seeds depend on (seed, fold) alone, so heads fitted on
-    another encoder's features with the same ``fold`` see the very same images.
+    another encoder's features with the same ``fold`` see the very same images. ``strata`` (default ``y``)
+    balances the inner split; ``objective`` is what every head is fitted to predict (default: classes).
     """
     names = list(settings.heads)
     N = len(y)
@@ -94,14 +103,14 @@ def fit_heads(bags: Bags, y: np.ndarray, groups: np.ndarray, settings: FitSettin
     for k in range(settings.folds):
         evaluated = np.flatnonzero(fold == k)
         training = np.flatnonzero(fold != k)
-        fit_imgs, stop_imgs = inner_split(training, y, groups, settings.inner_val_fraction, derived_seed(seed, k, 1))
+        fit_imgs, stop_imgs = inner_split(training, y if strata is None else strata, groups, settings.inner_val_fraction, derived_seed(seed, k, 1))
         head_seed = derived_seed(seed, k, 2)
         fit_bags, stop_bags, eval_bags = bags.select(fit_imgs), bags.select(stop_imgs), bags.select(evaluated)
         fold_models, fold_info = [], {"fold": k, "evaluated_images": int(len(evaluated)),
                                       "fit_images": int(len(fit_imgs)), "stopping_images": int(len(stop_imgs))}
         for name in names:
             cls = get_head(name)
-            head = cls(getattr(settings, name), width, head_seed).fit(
+            head = cls(getattr(settings, name), width, head_seed, objective).fit(
                 fit_bags, y[fit_bags.image], stop_bags, y[stop_bags.image])
             zb = head.predict(eval_bags)
             if not np.isfinite(zb).all():

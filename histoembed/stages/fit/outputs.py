@@ -28,6 +28,7 @@ from histoembed.maths.resample import spread_over_repeats
 from histoembed.models import encoder_fusion
 from histoembed.models.heads import decisions, fusion
 from histoembed.stages.fit.cv import CVResult
+from histoembed.stages.fit.outcome_tasks import FUSION_RULES, oof_columns
 from histoembed.stages.fit.task import oof_view_spread
 from histoembed.stages.fit.training import TrainingSet
 
@@ -118,6 +119,8 @@ def fit_metrics(key: str, encoder: str, ts: TrainingSet, settings: FitSettings, 
         **cv_numbers,
         "final": final_summary(cv.final),
     }
+    if "task" in cv_numbers:   # survival or regression: no temperatures, offsets or conformal sets
+        metrics.pop("calibration")
     if len(seeds) > 1:
         metrics["seeds"] = seed_spread(seeds, [m for _, m in results])
     return metrics
@@ -131,6 +134,8 @@ def encoder_name(ts: TrainingSet) -> str:
 
 def final_summary(final: dict) -> dict:
     """The parameters for the test set, as metrics.json and the manifest show them."""
+    if "task" in final:   # survival or regression: weights, each fold's scales, the conformal half-width
+        return final
     return {k: final[k] for k in ("heads", "T", "T_note", "weights", "offsets", "conformal_threshold")}
 
 
@@ -140,14 +145,16 @@ REPEATED = ("macro_f1", "auroc", "average_precision", "balanced_accuracy", "quad
 def seed_spread(seeds: list[int], per_seed: list[dict]) -> dict:
     """Repeated cross-validation (``--repeats-cv``): each head's OOF numbers per seed, their mean and spread.
 
-    ``macro_f1`` and ``spread`` keep macro-F1 alone (as before); ``metrics`` has every number of
-    :data:`REPEATED` the run reports, per head: ``{"values": [per seed], "repeats", "mean", "std", "min", "max"}``.
+    ``macro_f1`` and ``spread`` keep macro-F1 alone (as before; survival: ``c_index``, regression: ``r2``, each
+    head's ``score``); ``metrics`` has every number of :data:`REPEATED` the run reports, per head:
+    ``{"values": [per seed], "repeats", "mean", "std", "min", "max"}``.
     The spread says how much a number moves with the fold assignment alone; the interval, with the cohort.
     """
-    out = {"seeds": seeds, "repeats": len(seeds), "macro_f1": {}, "spread": {}, "metrics": {}}
+    score = per_seed[0].get("score", "macro_f1")
+    out = {"seeds": seeds, "repeats": len(seeds), score: {}, "spread": {}, "metrics": {}}
     for head in per_seed[0]["heads"]:
-        scores = [m["heads"][head]["macro_f1"] for m in per_seed]
-        out["macro_f1"][head] = scores
+        scores = [m["heads"][head]["score" if "score" in per_seed[0] else score] for m in per_seed]
+        out[score][head] = scores
         out["spread"][head] = {"mean": float(np.mean(scores)), "std": float(np.std(scores, ddof=1)),
                                "min": float(np.min(scores)), "max": float(np.max(scores))}
         out["metrics"][head] = {}
@@ -211,7 +218,7 @@ def write_outputs(run: Path, ts: TrainingSet, settings: FitSettings, cv: CVResul
     old = run / f".{store.MODELS_DIR}.old-{os.getpid()}"
     recover(run)
     shutil.rmtree(tmp, ignore_errors=True)
-    oof = oof_table(ts, cv)
+    oof = oof_table(ts, cv) if ts.outcomes is None else outcome_oof_table(ts, cv, settings.alpha)
     writing = models          # what is being written, for the message when the disk fills
     swapped = False           # models/ moved aside and the new one renamed in
     try:
@@ -286,6 +293,18 @@ def oof_table(ts: TrainingSet, cv: CVResult) -> pa.Table:
     })
 
 
+def outcome_oof_table(ts: TrainingSet, cv: CVResult, alpha: float) -> pa.Table:
+    """oof.parquet of survival or regression: per training item its fold, outcome, every head's and the fused
+    ``risk`` or ``prediction`` (``outcome_tasks.oof_columns``)."""
+    task = cv.final["task"]
+    y = ts.outcomes if task == "survival" else ts.outcomes[:, 0]
+    return pa.table({"image_id": pa.array(ts.image_ids, pa.string()),
+                     "split": pa.array(["train"] * len(ts.image_ids), pa.string()),
+                     "fold": pa.array(cv.fold.astype(np.int32)),
+                     **({"group": pa.array(ts.patient, pa.string())} if ts.patient is not None else {}),
+                     **oof_columns(task, y, cv, alpha)})
+
+
 def manifest(ts: TrainingSet, settings: FitSettings, cv: CVResult, metrics: dict, key: str,
              multi: dict | None) -> dict:
     """models/manifest.json (without its file list): what the fold models were fitted on and how to fuse them."""
@@ -297,9 +316,11 @@ def manifest(ts: TrainingSet, settings: FitSettings, cv: CVResult, metrics: dict
         "settings": settings.model_dump(exclude=set(MULTI_ONLY)),
         "train_crops": ts.train_crops, "scale_fusion": settings.scale_fusion, "scales": ts.scales,
         "heads": cv.heads, "final": final_summary(cv.final),
-        "submission_uses": metrics["decision"]["submission_uses"],
+        "submission_uses": metrics["decision"]["submission_uses"] if "decision" in metrics else None,
         "fusion": FUSION_RULE + "; probabilities averaged over folds",
     }
+    if "task" in cv.final:   # survival or regression
+        out.update(task=cv.final["task"], fusion=FUSION_RULES[cv.final["task"]] + "; averaged over folds")
     if multi:
         out.update(multi, settings=settings.model_dump())
     return out

@@ -68,6 +68,10 @@ class Classification:
     decision: decisions.DecisionSettings
     units: np.ndarray | None = None      # patient of each image for the intervals (None: images)
     order: list[str] | None = None       # ordered grades, lowest first (kappa), or None
+    objective = None   # the heads' default: one logit per class
+
+    def strata(self, y: np.ndarray) -> np.ndarray:
+        return y
 
     @property
     def width(self) -> int:

@@ -39,6 +39,7 @@ class TrainingSet:
     scales: list[float] = field(default_factory=lambda: [1.0])  # crop scales in the features (crops --scales)
     patient: list[str | None] | None = None  # the manifest's group of each image; None when the data has none
     artifacts: patch_flags.LeftOut = field(default_factory=patch_flags.LeftOut)  # flagged slide patches left out
+    outcomes: np.ndarray | None = None  # survival [n, 2] time, event / regression [n, 1] target (y: their strata)
 
     def bootstrap_units(self) -> np.ndarray | None:
         """What every interval resamples: the patient of each image (an image without one is its own), or None
@@ -49,9 +50,10 @@ class TrainingSet:
 
     def fingerprint(self) -> dict:
         """What the fit depends on besides the features' own key and the settings."""
-        return {"images": self.image_ids, "labels": self.y.tolist(), "groups": self.groups.tolist(),
-                "classes": self.classes, "excluded_flagged": self.excluded_flagged,
-                "artifacts_left_out": self.artifacts.per_slide}
+        out = {"images": self.image_ids, "labels": self.y.tolist(), "groups": self.groups.tolist(),
+               "classes": self.classes, "excluded_flagged": self.excluded_flagged,
+               "artifacts_left_out": self.artifacts.per_slide}
+        return out if self.outcomes is None else {**out, "outcomes": self.outcomes.tolist()}
 
 
 def read_labels(run: Path) -> dict[str, str]:
@@ -65,7 +67,8 @@ def read_labels(run: Path) -> dict[str, str]:
             labels[f"{split}/{image_id}"] = label
     if not labels:
         raise UserError("no labelled training images", path=path,
-                        hint="the crops stage reads labels from train_labels.csv (or the manifest's label column)")
+                        hint="the crops stage reads labels from train_labels.csv (or the manifest's label column); "
+                             "survival and regression read time and event, or target columns (fit --task)")
     return labels
 
 
@@ -123,16 +126,19 @@ def patient_groups(run: Path) -> dict[str, str]:
 
 def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
                       scale_fusion: str = "crops", keep_dtype: bool = False,
-                      keep_artifacts: Sequence[str] = ()) -> TrainingSet:
+                      keep_artifacts: Sequence[str] = (), labels: dict[str, str] | None = None) -> TrainingSet:
     """The training features after QC and the slides' artifact flags (``patch_flags``: flagged patches left
     out unless their flags are in ``keep_artifacts``), with crops of several scales fused as ``scale_fusion`` says.
 
+    ``labels``: the items to fit and a stratum of each (survival and regression: ``stages.fit.outcomes``) in
+    place of crops.parquet's classes; the class checks are then left to the caller.
     ``keep_dtype``: a float16 store's embeddings stay float16 (for ``Bags.from_rows``, which converts
     them to float32 exactly as reading would have; nothing else may compute on them).
     """
     run = Path(run)
     store_dir = feature_store.find_feature_store(run, encoder)
-    labels = read_labels(run)
+    strata = labels is not None
+    labels = read_labels(run) if labels is None else labels
     flagged, dup_groups = qc_flags(run)
     features = feature_store.read_features(store_dir, split="train", keep_dtype=keep_dtype)
     if len(features) == 0:
@@ -158,7 +164,7 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
                         hint="check the labels in crops.parquet, or pass --include-flagged")
     image_keys, row_image = first_seen_index(keys)
     classes = sorted({labels[k] for k in image_keys})
-    given = store.read_meta(run / store.CROPS_FILE).get("classes") or sorted(set(labels.values()))
+    given = [] if strata else store.read_meta(run / store.CROPS_FILE).get("classes") or sorted(set(labels.values()))
     for label in given:
         if label not in classes:
             n = sum(1 for k in excluded if labels[k] == label)
@@ -167,7 +173,7 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
                             path=run / store.CROPS_FILE,
                             hint="pass --include-flagged to keep flagged images" if n else
                             "re-run `histoembed crops` and `histoembed embed`")
-    if len(classes) < 2:
+    if len(classes) < 2 and not strata:
         raise UserError(f"only one class among the training images ({classes[0]!r})", path=run / store.CROPS_FILE,
                         hint="fitting a classifier needs at least two labels")
     index = {c: k for k, c in enumerate(classes)}
@@ -181,7 +187,8 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
     name = lambda k: str(k).split("/", 1)[1]  # noqa: E731  (every key here is train/<name>)
     return TrainingSet(features, store_dir, [name(k) for k in image_keys], row_image, y, groups, classes,
                        [name(k) for k in excluded], [name(k) for k in unlabelled], store.train_crops_digest(run),
-                       crop_scales, [patients.get(k) for k in image_keys] if patients else None, left_out)
+                       crop_scales, patient=[patients.get(k) for k in image_keys] if patients else None,
+                       artifacts=left_out)
 
 
 

@@ -18,7 +18,8 @@ The package: ``load`` reads the run once, ``html`` holds the page's building blo
 module per group of sections, in the page's order: ``data`` (run, dataset, QC, skipped items), ``crops``,
 ``scores`` (macro-F1 and the field's numbers, drift, confusion), ``curves`` (ROC and precision-recall with
 their bands), ``calibration`` (calibration, fusion, decisions),
-``maps`` (crop maps) and ``slides`` (whole slides).
+``maps`` (crop maps) and ``slides`` (whole slides); a survival or regression run shows ``outcomes`` (its
+numbers, the Kaplan–Meier halves or predicted against true) in place of the classification sections.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from histoembed.stages.report.data import dataset_section, overview, qc_section,
 from histoembed.stages.report.html import CSS, esc
 from histoembed.stages.report.load import load_run
 from histoembed.stages.report.maps import maps_section
+from histoembed.stages.report.outcomes import outcome_section
 from histoembed.stages.report.scores import confusion_section, drift_section, scores_section
 from histoembed.stages.report.slides import slides_section
 
@@ -47,14 +49,24 @@ SECTIONS = ((None, None, overview), ("dataset", "Dataset", dataset_section), ("q
             ("calibration", "Calibration", calibration_section), ("fusion", "Fusion", fusion_section),
             ("decisions", "Decisions", decisions_section), ("maps", "Crop maps", maps_section),
             ("slides", "Whole slides", slides_section))
+# A survival or regression run: its numbers and plots in place of the classification sections.
+CLASSIFICATION_ONLY = ("scores", "curves", "confusion", "calibration", "fusion", "decisions")
+OUTCOME_SECTIONS = tuple(s if s[0] != "scores" else ("outcome", "Survival / regression", outcome_section)
+                         for s in SECTIONS if s[0] not in CLASSIFICATION_ONLY[1:])
+
+
+def sections_of(metrics: dict | None) -> tuple:
+    """The page's sections for the run's task."""
+    return OUTCOME_SECTIONS if (metrics or {}).get("task") in ("survival", "regression") else SECTIONS
 
 
 def render_report(run: Path, data: Path | None = None, verify_data: bool = False) -> str:
     """The report page as one HTML string; stops (:class:`DataChanged`) when the data changed since the crops."""
     loaded = load_run(Path(run), Path(data) if data is not None else None, verify_data)
-    sections = [draw(loaded) for _, _, draw in SECTIONS]
+    chosen = sections_of(loaded.metrics)
+    sections = [draw(loaded) for _, _, draw in chosen]
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    nav = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t, _ in SECTIONS if a is not None)
+    nav = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t, _ in chosen if a is not None)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>histoembed report: {esc(loaded.folder)}</title><style>{CSS}</style></head><body>\n"
             f"<h1>histoembed report</h1><p class='small'>run <code>{esc(loaded.folder)}</code>"

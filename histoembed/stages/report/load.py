@@ -48,6 +48,7 @@ class LoadedRun:
     crops = None            # pandas DataFrame of crops.parquet without the png column, or None
     qc = None               # pandas DataFrame of qc.parquet, or None
     oof: OutOfFold | None = None
+    outcome = None          # survival or regression: oof.parquet as a pandas DataFrame (``oof`` stays None)
     metrics: dict | None = None
     calibration: dict | None = None
     dataset = None          # inputs.dataset.Dataset, or None
@@ -185,7 +186,12 @@ def _read_fit_outputs(run: LoadedRun) -> None:
                 setattr(run, attr, store.read_json(folder / name, name))
             except UserError as e:
                 run.notes.append(str(e))
-    if (folder / store.OOF_FILE).exists():
+    if (folder / store.OOF_FILE).exists() and (run.metrics or {}).get("task") in ("survival", "regression"):
+        try:
+            run.outcome = store.read_table(folder / store.OOF_FILE, "out-of-fold predictions", stage="fit").to_pandas()
+        except UserError as e:
+            run.notes.append(str(e))
+    elif (folder / store.OOF_FILE).exists():
         try:
             run.oof = read_out_of_fold(folder / store.OOF_FILE)
         except (UserError, KeyError) as e:

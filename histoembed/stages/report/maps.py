@@ -76,11 +76,14 @@ def _maps_figure(run: LoadedRun, maps: CropMaps, chosen: list[str]) -> str:
                    labels=[f"{crop_map.weight[i]:.2f}" for i in keep])
         truth = samples[key].label
         ax.set_title(f"{key.split('/', 1)[1]} ({'test' if truth is None else 'true: ' + truth})\n"
-                     f"called {maps.ensemble.classes[crop_map.called]} (p {crop_map.prob:.2f})", fontsize=9)
+                     + (f"{maps.ensemble.classes[0]} {crop_map.prob:.2f}" if maps.ensemble.outcome else
+                        f"called {maps.ensemble.classes[crop_map.called]} (p {crop_map.prob:.2f})"), fontsize=9)
     for ax in axes[len(chosen):]:
         ax.set_axis_off()
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), shrink=0.7,
-                 label="crop's attention (largest = 1)" if maps.attention else "crop's probability of the called class")
+                 label="crop's attention (largest = 1)" if maps.attention else
+                 "crop's own risk / prediction (image's range)" if maps.ensemble.outcome else
+                 "crop's probability of the called class")
     return fig_img(fig, "per-image crop prediction maps")
 
 

@@ -148,7 +148,8 @@ def slide_figure(key: str, label, t, boxes: np.ndarray, crop_index: np.ndarray, 
         ax.imshow(thumb.mean(axis=2), cmap="gray", vmin=0, vmax=255)
         im = ax.imshow(np.ma.masked_invalid(heat), cmap=cmap, norm=norm, alpha=0.75, interpolation="nearest")
         ax.set_axis_off()
-        ax.set_title(f"attention (largest = 1)\ncalled {called} (p {p:.2f})", fontsize=9)
+        said = f"{called} {p:.2f}" if called in ("risk", "prediction") else f"called {called} (p {p:.2f})"
+        ax.set_title(f"attention (largest = 1)\n{said}", fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.7)
     return fig_img(fig, f"slide {display_name(key)}: tissue, patch grid" + (" and attention" if attention else ""))
 

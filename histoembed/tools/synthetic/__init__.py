@@ -8,6 +8,8 @@
 - ``slides``: a cohort of pyramidal whole slides and its manifest (:func:`make_slide_cohort`);
 - ``artifacts``: slides with planted marker strokes, a blurred band, a fold and a bubble, and where they are
   (:class:`ArtifactSlideSpec`, ``synth --slides N --artifacts``).
+- ``outcomes``: survival times or regression targets driven by the class, in place of the labels
+  (``synth --task``, :func:`plant_outcomes`).
 
 Everything depends on the seed alone. Feature stores with a known signal, which only the tests and the
 benchmarks use, are written by ``tests/synthetic_inputs.py``.

@@ -182,7 +182,7 @@ class SlideSpec:
         return out
 
 
-@functools.lru_cache(maxsize=6)
+@functools.lru_cache(maxsize=3)  # a slide's levels: a process draws a slide's rows before the next's
 def _texture(spec: SlideSpec, ds: int) -> np.ndarray:
     """The stroma's shade (1 + 2% of the waves) at level ``ds`` over one period, wrapped TILE px further on
     each side's end so that any tile is a window of it: drawn once per slide, level and process."""

@@ -57,7 +57,8 @@ def test_synthetic_slides_are_the_bytes_a_seed_gives_in_any_number_of_processes(
     were taken in one): levels are drawn, not downsampled, from the seed. The digests changed on purpose with
     issue 36 item 1 (the files a seed gave until then are no more): a tile's glass noise became a window of its
     slide's noise bank and the stroma texture a window of one period of waves, drawn once per slide, instead of
-    65,536 fresh normal deviates and twelve outer products a tile; tissue, nuclei and classes are drawn as before."""
+    65,536 fresh normal deviates and twelve outer products a tile; the tissue outline, the nuclei
+    look and the classes are as before (the nuclei sit elsewhere: the tile generator draws the window first)."""
     from histoembed.core import cpus
     from histoembed.tools.synthetic import slides as synthetic_slides
 

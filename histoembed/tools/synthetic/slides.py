@@ -43,6 +43,8 @@ TILE = 256
 FIELD = 64  # level-0 pixels per cell of the coarse tissue field
 JPEG_QUALITY = 85
 ZLIB_LEVEL = 6
+PERIOD = 2048  # level-0 px after which the stroma texture repeats (512 um)
+BANK = 1024  # side of a slide's glass noise bank, px: tiles take windows of it
 # Tiles (all levels, all slides) from which worker processes pay for their start: a tile takes 1-3 ms,
 # a spawned worker about a second to import its modules.
 PARALLEL_TILES = 4000
@@ -87,9 +89,13 @@ class SlideSpec:
         self.radius_um = (3.2 if malignant else 2.0) * rng.uniform(0.85, 1.15)
         self.nucleus = np.array([70, 40, 120] if malignant else [110, 70, 150], np.float32) * rng.uniform(0.9, 1.1)
         self.stroma = np.array([236, 160, 196], np.float32) + rng.normal(0, 6, 3)
-        # stroma texture: waves of 10-60 um in level-0 coordinates, the same at every level
-        self.waves = [(rng.uniform(0, 2 * np.pi), 2 * np.pi / rng.uniform(40, 240), rng.uniform(0, 2 * np.pi))
-                      for _ in range(6)]
+        # stroma texture: waves of 10-60 um in level-0 coordinates, the same at every level; each wave fits a whole
+        # number of times in PERIOD px both ways, so the texture repeats every PERIOD px and a tile takes a window
+        self.waves = []
+        for _ in range(6):
+            angle, length, phase = rng.uniform(0, 2 * np.pi), rng.uniform(40, 240), rng.uniform(0, 2 * np.pi)
+            turns = np.round(PERIOD / length * np.array([np.cos(angle), np.sin(angle)]))
+            self.waves.append((*(2 * np.pi / PERIOD * turns), phase))
 
     def __reduce__(self):
         """Pickled as its arguments, not its field: a worker process rebuilds it once (cached)."""
@@ -104,27 +110,37 @@ class SlideSpec:
         """The TILE x TILE pixels of the level with downsample ``ds`` whose top-left is level pixel (x, y).
 
         Every pixel is a function of (seed, ds, x, y) alone, so tiles can be drawn in any order or process.
-        The arithmetic is that of one float blend of glass, stroma and nuclei over all three channels, done
-        once where the channels agree (the glass) and skipped where its terms are exactly 0 or 1, so the
-        pixels stay those of the plain blend while a tile costs about half as much.
+        The glass's noise is a window, at an offset the tile's generator draws, of the slide's noise bank
+        (drawn once per slide and process), not 65,536 fresh deviates a tile: they were most of its cost.
         """
         steps = np.arange(TILE, dtype=np.float32)
         cols, rows = steps * ds + x * ds < self.width, steps * ds + y * ds < self.height
         outside = None if cols.all() and rows.all() else ~(rows[:, None] & cols[None, :])
         tissue = self._tissue(ds, x * ds, y * ds, steps, outside)
         rng = np.random.default_rng([self.seed, ds, x, y])
-        glass = rng.standard_normal((TILE, TILE))   # the draws of rng.normal(0, 2), to the bit
-        glass *= 2
-        glass += 244
-        glass = glass.astype(np.float32)              # the glass's grey, the same in every channel
+        ox, oy = (int(v) for v in rng.integers(0, BANK - TILE + 1, 2))
         if tissue is not None:
-            out = self._stain(tissue, glass, rng, ds, x * ds, y * ds)
+            out = self._stain(tissue, self.glass[oy:oy + TILE, ox:ox + TILE], rng, ds, x * ds, y * ds)
         else:
-            grey = np.clip(glass, 0, 255).astype(np.uint8)
+            grey = self.grey[oy:oy + TILE, ox:ox + TILE]
             out = cv2.merge([grey, grey, grey])
         if outside is not None:
             out[outside] = 255
         return out
+
+    @functools.cached_property
+    def glass(self) -> np.ndarray:
+        """The slide's glass noise bank (BANK x BANK float32, grey 244, sd 2), from its seed alone."""
+        rng = np.random.default_rng([self.seed, 0x61A55])
+        bank = rng.standard_normal((BANK, BANK), dtype=np.float32)
+        bank *= 2
+        bank += 244
+        return bank
+
+    @functools.cached_property
+    def grey(self) -> np.ndarray:
+        """The glass bank as the uint8 grey a tile without tissue shows."""
+        return np.clip(self.glass, 0, 255).astype(np.uint8)
 
     def _tissue(self, ds: int, x0: int, y0: int, steps: np.ndarray, outside: np.ndarray | None) -> np.ndarray | None:
         """How much tissue covers each pixel (0-1, float32): the coarse field resampled to the tile's pixels,
@@ -147,28 +163,19 @@ class SlideSpec:
     def _stain(self, tissue: np.ndarray, glass: np.ndarray, rng: np.random.Generator, ds: int, x0: int,
                y0: int) -> np.ndarray:
         """Textured stroma over the glass as far as ``tissue`` (0-1) covers it, then nuclei: RGB uint8."""
-        gx = np.arange(TILE, dtype=np.float32) * ds + x0
-        gy = np.arange(TILE, dtype=np.float32) * ds + y0
-        texture = np.zeros((TILE, TILE), np.float32)
-        wave, cross = np.empty((TILE, TILE)), np.empty((TILE, TILE))
-        for a, k, p in self.waves:  # sin(u + v) = sin u cos v + cos u sin v: outer products, not 65k sines
-            u, v = np.cos(a) * k * gx, np.sin(a) * k * gy + p
-            np.multiply.outer(np.cos(v), np.sin(u), out=wave)
-            np.multiply.outer(np.sin(v), np.cos(u), out=cross)
-            wave += cross
-            texture += wave
-        shade = 1 + 0.02 * texture
-        covered = bool((tissue == 1).all())           # then glass * (1 - tissue) adds exactly 0
-        under = None if covered else glass * (1 - tissue)
-        planes = np.empty((3, TILE, TILE), np.uint8)
-        for c in range(3):
-            np.multiply(self.stroma[c], shade, out=wave)
+        texture = _texture(self, ds)
+        period = texture.shape[0] - TILE                # level px after which the texture repeats
+        ty, tx = (y0 // ds) % period, (x0 // ds) % period
+        texture = texture[ty:ty + TILE, tx:tx + TILE]
+        under = None if (tissue == 1).all() else glass * (1 - tissue)   # the glass, as far as tissue leaves it
+        planes = []
+        for c in range(3):                              # a plane at a time: numpy is slow along a last axis of 3
+            plane = texture * np.float32(self.stroma[c])  # the stroma, shaded by its texture
             if under is not None:
-                wave *= tissue
-                wave += under
-            np.clip(wave, 0, 255, out=wave)
-            planes[c] = wave
-        out = cv2.merge(list(planes))
+                plane *= tissue
+                plane += under
+            planes.append(cv2.convertScaleAbs(plane))   # rounded and saturated to uint8 (the values are >= 0)
+        out = cv2.merge(planes)
         span = TILE * ds
         n = rng.poisson(self.density * span * span / 100 * float(tissue.mean()))
         r = max(1, round(self.radius_um / SLIDE_MPP / ds))
@@ -178,6 +185,23 @@ class SlideSpec:
                 cv2.circle(nuclei, (int(px), int(py)), r, 1, -1)
         out[nuclei.astype(bool)] = np.clip(self.nucleus, 0, 255).astype(np.uint8)
         return out
+
+
+@functools.lru_cache(maxsize=3)  # a slide's levels: a process draws a slide's rows before the next's
+def _texture(spec: SlideSpec, ds: int) -> np.ndarray:
+    """The stroma's shade (1 + 2% of the waves) at level ``ds`` over one period, wrapped TILE px further on
+    each side's end so that any tile is a window of it: drawn once per slide, level and process."""
+    n = PERIOD // np.gcd(PERIOD, ds)                # level px after which the level-0 period comes round
+    g = np.arange(n, dtype=np.float64) * ds         # their level-0 coordinates
+    texture = np.zeros((n, n), np.float32)
+    for kx, ky, phase in spec.waves:                # sin(u + v) = sin u cos v + cos u sin v: outer products
+        u, v = kx * g, ky * g + phase
+        cu, su, cv, sv = (f(w).astype(np.float32) for f, w in ((np.cos, u), (np.sin, u), (np.cos, v), (np.sin, v)))
+        texture += np.multiply.outer(cv, su)
+        texture += np.multiply.outer(sv, cu)
+    texture *= 0.02
+    texture += 1
+    return np.pad(texture, (0, TILE), mode="wrap")
 
 
 @functools.lru_cache(maxsize=8)

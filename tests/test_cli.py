@@ -11,6 +11,7 @@ from rich.markup import escape
 from histoembed.cli import app
 from histoembed.cli.app import STAGE_TABLES, setting_help
 from histoembed.core import config as cfg
+from histoembed.core import settings_file
 
 COMMANDS = typer.main.get_command(app).commands
 
@@ -38,9 +39,9 @@ def test_setting_options_take_help_and_default_from_config(stage):
     options = [p for p in COMMANDS[stage].params if p.name in paths]
     assert len(options) >= 6
     for p in options:
-        field, _ = cfg.field_at(paths[p.name])
+        field, _ = settings_file.field_at(paths[p.name])
         assert p.help == escape(setting_help(paths[p.name])), p.name
-        default = "not set" if field.default is None else cfg.toml_value(field.default)
+        default = "not set" if field.default is None else settings_file.toml_value(field.default)
         assert setting_help(paths[p.name]).endswith(f"{field.description} [default: {default}]")
         assert p.default is None  # not given: histoembed.toml still applies
 
@@ -82,7 +83,7 @@ def test_config_prints_every_setting_as_toml(cli, tmp_path):
 
 
 def test_config_of_a_stage_resolves_file_then_options(cli, tmp_path):
-    (tmp_path / cfg.CONFIG_FILE).write_text("[crops]\nsize = 64\nk = 3\n[fit.mlp]\nhidden = 16\n")
+    (tmp_path / settings_file.CONFIG_FILE).write_text("[crops]\nsize = 64\nk = 3\n[fit.mlp]\nhidden = 16\n")
     res = cli("config", "crops", "--k", "5", "--strategy", "grid", cwd=tmp_path)
     assert res.exit_code == 0, res.output
     unset = {k for k, v in cfg.CropSettings().model_dump().items() if v is None}  # TOML has no null: left out
@@ -114,25 +115,25 @@ def test_a_settings_file_in_utf16_or_with_a_bom_is_read_and_other_bytes_are_a_me
     for encoded in (text.encode("utf-16"),                       # PowerShell's `histoembed config > file`
                     b"\xfe\xff" + text.encode("utf-16-be"),
                     text.encode("utf-8-sig")):                   # Out-File -Encoding utf8
-        (tmp_path / cfg.CONFIG_FILE).write_bytes(encoded)
+        (tmp_path / settings_file.CONFIG_FILE).write_bytes(encoded)
         res = cli("config", "crops", cwd=tmp_path)
         assert res.exit_code == 0, res.output
         assert tomllib.loads(res.stdout)["crops"]["size"] == 64
-    (tmp_path / cfg.CONFIG_FILE).write_bytes(b"[crops]\nsize = 64 # caf\xe9\n")   # Latin-1, no BOM
-    for args in ((), ("--config", tmp_path / cfg.CONFIG_FILE)):
+    (tmp_path / settings_file.CONFIG_FILE).write_bytes(b"[crops]\nsize = 64 # caf\xe9\n")   # Latin-1, no BOM
+    for args in ((), ("--config", tmp_path / settings_file.CONFIG_FILE)):
         res = cli("config", *args, cwd=tmp_path)
         text_out = " ".join(res.output.split())
         assert res.exit_code == 2 and "Traceback" not in res.output
-        assert cfg.CONFIG_FILE in text_out and "UTF-8" in text_out
+        assert settings_file.CONFIG_FILE in text_out and "UTF-8" in text_out
 
 
 def test_a_dangling_settings_link_is_a_message_not_the_defaults(cli, tmp_path):
-    (tmp_path / cfg.CONFIG_FILE).symlink_to(tmp_path / "moved-away.toml")
+    (tmp_path / settings_file.CONFIG_FILE).symlink_to(tmp_path / "moved-away.toml")
     res = cli("config", "crops", cwd=tmp_path)
     text_out = " ".join(res.output.split())
     assert res.exit_code == 2, res.output
-    assert cfg.CONFIG_FILE in text_out and "moved-away.toml" in text_out and "does not exist" in text_out
-    res = cli("config", "--config", tmp_path / cfg.CONFIG_FILE, cwd=tmp_path)
+    assert settings_file.CONFIG_FILE in text_out and "moved-away.toml" in text_out and "does not exist" in text_out
+    res = cli("config", "--config", tmp_path / settings_file.CONFIG_FILE, cwd=tmp_path)
     assert res.exit_code == 2 and "missing file" in " ".join(res.output.split())
 
 

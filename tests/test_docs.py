@@ -215,6 +215,7 @@ def test_the_readme_first_commands_run_on_a_small_dataset(app, tmp_path, monkeyp
     import tomllib
 
     from histoembed.core import config as cfg
+    from histoembed.core import settings_file
     from histoembed.tools.synthetic import make_dataset
 
     make_dataset(tmp_path / "data", n_train=8, n_test=3, seed=0, size_range=(96, 128), outliers=False)
@@ -227,7 +228,7 @@ def test_the_readme_first_commands_run_on_a_small_dataset(app, tmp_path, monkeyp
     assert cfg.Settings.model_validate(settings) == cfg.Settings()
     settings["qc"]["workers"] = settings["crops"]["workers"] = 1  # the file as a user edits it: one process,
     settings["crops"]["size"] = 64                                # small crops
-    (tmp_path / cfg.CONFIG_FILE).write_text(cfg.to_toml(settings))
+    (tmp_path / settings_file.CONFIG_FILE).write_text(settings_file.to_toml(settings))
 
     for verb, output in (("qc", "qc.parquet"), ("crops", "crops.parquet")):
         args = readme_command(verb)

@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from histoembed import __version__
 from histoembed.core import config as cfg
+from histoembed.core import settings_file
 from histoembed.core.console import console, show_progress
 from histoembed.core.errors import UserError, from_os_error
 from histoembed.stages import PIPELINE
@@ -35,7 +36,7 @@ RunDataOpt = Annotated[Path | None, typer.Option(
 RunOpt = Annotated[Path, typer.Option("--run", file_okay=False, help="Folder for every stage's outputs.")]
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="Settings file (TOML); default: ./histoembed.toml when it exists.")]
-EncoderOpt = Annotated[str | None, typer.Option("--encoder", help=cfg.field_at("embed.encoder")[0].description)]
+EncoderOpt = Annotated[str | None, typer.Option("--encoder", help=settings_file.field_at("embed.encoder")[0].description)]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed of every random choice.")]
 StrictOpt = Annotated[bool, typer.Option(
     "--strict", help="Stop on the first bad item instead of skipping it and listing it at the end.")]
@@ -55,9 +56,9 @@ STAGE_TABLES = {"qc": ("qc",), "crops": ("crops",), "embed": ("embed", "augment"
 
 def setting_help(path: str) -> str:
     """The help of the option for the setting at ``path``: its description and default, from config.py."""
-    field, model = cfg.field_at(path)
+    field, model = settings_file.field_at(path)
     title = model.model_config.get("title")
-    default = "not set" if field.default is None else cfg.toml_value(field.default)
+    default = "not set" if field.default is None else settings_file.toml_value(field.default)
     return f"{title + ': ' if title else ''}{field.description} [default: {default}]"
 
 
@@ -68,7 +69,7 @@ def setting(path: str, flag: str | None = None, *aliases: str, **kwargs):
     the field's name (``--min-area``), and a bool setting gets ``--x/--no-x``; ``aliases`` are other names
     of the same option (``--repeats-cv`` for ``--seeds``).
     """
-    field, _ = cfg.field_at(path)
+    field, _ = settings_file.field_at(path)
     flag = flag or "--" + path.rsplit(".", 1)[1].replace("_", "-")
     if field.annotation in (bool, bool | None) and "/" not in flag:
         flag = f"{flag}/--no-{flag[2:]}"
@@ -92,7 +93,7 @@ def stage_settings(config: Path | None, stage: str, **options) -> cfg.Settings:
     ``options`` are the command's setting options (None: not given; a dict for a sub-table such as
     ``mlp``). Under ``histoembed config STAGE ...`` the command stops here and the settings are printed.
     """
-    settings = cfg.load_settings(config)
+    settings = settings_file.load_settings(config)
     setattr(settings, stage, cfg.override(getattr(settings, stage), **options))
     if _showing.get():
         raise _Shown(settings, STAGE_TABLES[stage])
@@ -110,7 +111,7 @@ def show_settings(stage: str, args: list[str]) -> str:
             raise typer.Exit(code)
     except _Shown as shown:
         dump = shown.settings.model_dump()
-        return cfg.to_toml({t: dump[t] for t in shown.tables})
+        return settings_file.to_toml({t: dump[t] for t in shown.tables})
     finally:
         _showing.reset(token)
     raise AssertionError(f"`histoembed {stage}` did not resolve its settings")  # every stage calls stage_settings

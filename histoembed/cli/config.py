@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from histoembed.cli.app import STAGE_TABLES, ConfigOpt, command, show_settings
-from histoembed.core import config as cfg
+from histoembed.core import settings_file
 from histoembed.core.errors import UserError
 
 
@@ -26,6 +26,6 @@ def config(
     if stage is None:
         if ctx.args:
             raise UserError(f"options {' '.join(ctx.args)} need a stage, e.g. histoembed config crops --k 5")
-        typer.echo(cfg.to_toml(cfg.load_settings(config).model_dump()))
+        typer.echo(settings_file.to_toml(settings_file.load_settings(config).model_dump()))
         return
     typer.echo(show_settings(stage, [*ctx.args, *(["--config", str(config)] if config else [])]))

@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 from histoembed.cli.app import EncoderOpt, SeedOpt, command
-from histoembed.core.config import Settings, load_settings
+from histoembed.core.config import Settings
+from histoembed.core.settings_file import load_settings
 from histoembed.core.console import console, table
 from histoembed.tools.demo import DEMO_ENCODER, demo_settings, run_demo
 

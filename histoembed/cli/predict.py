@@ -10,6 +10,7 @@ import typer
 
 from histoembed.cli.app import ConfigOpt, RunDataOpt, RunOpt, VerifyDataOpt, command, setting
 from histoembed.core import config as cfg
+from histoembed.core import settings_file
 from histoembed.core import store
 from histoembed.core.config import Device
 from histoembed.core.console import console, noun, table
@@ -50,7 +51,7 @@ def predict(
     for path in mask or []:
         if not path.is_file():
             raise UserError("file not found", path=path)
-    limit = cfg.override(cfg.load_settings(config).data, max_pixels=max_pixels).max_pixels
+    limit = cfg.override(settings_file.load_settings(config).data, max_pixels=max_pixels).max_pixels
     paths, masks = resolve_images(run, images, list(mask) if mask else None, data=data, split=split,
                                   verify_data=verify_data)
     names = [None if Path(i).is_file() else str(i) for i in images]  # a name from the run's data keys its views

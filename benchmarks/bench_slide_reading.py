@@ -12,11 +12,16 @@ per slide) and the same encoder (a tiny random Dinov2 on the CPU, one view, ``--
   call per patch, in the crops file's order. ``bare_read x W`` is the reading limit of W workers.
 * ``reader``: the same boxes through histoembed's own reader (``CropBatches``, what the stage's workers run),
   in this process, no encoder: its rate against ``bare_read`` says what the reader itself gained.
+* ``bare_read_W``: the same bare loop in W processes at once (process i takes batches i, i+W, ..., as the stage's
+  workers do): what W readers really get from this machine's cores when other work shares them.
 * ``floor``: OpenSlide's C ``openslide_read_region`` alone into a numpy buffer (no conversion, no resize),
   one call per patch: what no reader built on OpenSlide can beat.
 * ``forward``: the encoder alone on uint8 batches of the stage's size, through ``forward.embed_views``.
 * ``stage``: ``stages.embed.run_embed`` (the local engine: DataLoader workers read, this process runs the
-  encoder and writes the store), wall time of the whole call, a new store each time.
+  encoder and writes the store), wall time of the whole call, a new store each time (after one untimed call,
+  so that imports are not counted).
+* ``predict``: ``predict``'s slide path (``stages.predict._embed_slide``: the run's grid on the first slide, read
+  and embedded chunk by chunk) with the same encoder; its limit is min(bare_read, forward), one process.
 
 The machine's load average is printed with each round: on a shared machine only the ratios within a round mean
 much. ``--profile`` also runs the stage in one process (``--workers 0``) under cProfile and prints the top.
@@ -108,6 +113,25 @@ def bare_read(rows: list[dict], size: int) -> float:
     return rate
 
 
+def _bare_share(args: tuple[list[dict], int]) -> int:
+    rows, size = args
+    bare_read(rows, size)
+    return len(rows)
+
+
+def bare_read_parallel(rows: list[dict], size: int, workers: int, batch_size: int) -> float:
+    import multiprocessing
+
+    if workers <= 1:
+        return bare_read(rows, size)
+    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    shares = [([r for b in batches[w::workers] for r in b], size) for w in range(workers)]
+    start = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        n = sum(pool.map(_bare_share, shares))
+    return n / (time.perf_counter() - start)
+
+
 def floor_read(rows: list[dict]) -> float:
     from openslide import lowlevel
 
@@ -164,11 +188,25 @@ def stage_rate(run: Path, enc: Path, workers: int, batch_size: int) -> float:
     return result.rows / (time.perf_counter() - start)
 
 
+def predict_rate(run: Path, encoder, batch_size: int) -> tuple[float, int]:
+    from histoembed.core.config import CropSettings
+    from histoembed.engines.forward import embed_crops
+    from histoembed.stages.predict import _embed_slide
+
+    meta = store.read_meta(run / store.CROPS_FILE)
+    settings = CropSettings.model_validate(meta["settings"])
+    source = Path(boxes(run)[0][0]["source"])
+    start = time.perf_counter()
+    feats = _embed_slide(source, None, settings, meta, lambda pixels, first: embed_crops(
+        encoder, pixels, batch_size=batch_size), batch_size)
+    return len(feats) / (time.perf_counter() - start), len(feats)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench-reading"))
     ap.add_argument("--slides", type=int, default=3)
-    ap.add_argument("--side", type=int, default=8192, help="level-0 side of each slide")
+    ap.add_argument("--side", type=int, default=12000, help="level-0 side of each slide")
     ap.add_argument("--mpp", type=float, default=0.5)
     ap.add_argument("--max-patches", type=int, default=192, help="per slide")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -191,20 +229,33 @@ def main() -> None:
     pixels = np.concatenate([pixels] * -(-len(rows) // len(pixels)))[:len(rows)]
     print(json.dumps({"patches": len(rows), "size": size, "level": rows[0]["level"],
                       "side0": rows[0]["x1"] - rows[0]["x0"], "cpus": cpus.usable_cpus()}), flush=True)
+    stage_rate(run, enc_path, 1, a.batch_size)  # imports and first reads: not timed
     for rnd in range(a.rounds):
         for w in (int(v) for v in a.workers.split(",")):
             got = {"round": rnd, "workers": w, "load_avg_1m": round(os.getloadavg()[0], 2)}
             got["bare_read"] = bare_read(rows, size)
+            got[f"bare_read_{w}"] = bare_read_parallel(rows, size, w, a.batch_size)
             got["floor"] = floor_read(rows)
             got["reader"] = reader_rate(run, a.batch_size)
             got["forward"] = forward_rate(encoder, pixels, a.batch_size)
             got["stage"] = stage_rate(run, enc_path, w, a.batch_size)
             limit = min(got["bare_read"] * max(w, 1), got["forward"])
             got = {k: round(v, 1) if isinstance(v, float) else v for k, v in got.items()}
+            here = min(got[f"bare_read_{w}"], got["forward"])
             got.update(limit=round(limit, 1), stage_vs_limit=round(got["stage"] / limit, 3),
+                       stage_vs_parallel_limit=round(got["stage"] / here, 3),
                        reader_vs_bare=round(got["reader"] / got["bare_read"], 3),
                        load_avg_after=round(os.getloadavg()[0], 2))
             print(json.dumps(got), flush=True)
+        got = {"round": rnd, "load_avg_1m": round(os.getloadavg()[0], 2)}
+        got["predict"], n = predict_rate(run, encoder, a.batch_size)
+        one = [r for r in rows if r["source"] == rows[0]["source"]]
+        got["bare_read"] = bare_read(one, size)
+        got["forward"] = forward_rate(encoder, pixels[:len(one)], a.batch_size)
+        got = {k: round(v, 1) if isinstance(v, float) else v for k, v in got.items()}
+        limit = min(got["bare_read"], got["forward"])
+        got.update(predict_patches=n, limit=limit, predict_vs_limit=round(got["predict"] / limit, 3))
+        print(json.dumps(got), flush=True)
     if a.profile:
         prof = cProfile.Profile()
         prof.enable()

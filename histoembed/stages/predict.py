@@ -137,26 +137,35 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
     return out
 
 
-SLIDE_CHUNK = 1024  # patches read and embedded at a time: memory holds these, never all of a slide's
+SLIDE_CHUNK = 512  # patches read at a time; memory holds two chunks (one embedded, the next read), never a slide
 
 
 def _embed_slide(path: Path, mask: Path | None, settings: CropSettings, crop_meta: dict, embed,
                  batch_size: int) -> np.ndarray:
     """The features of a slide's patches, cut as the run's crops were (its slide scale rules too: ``crop_meta``)
-    and read as ``embed`` reads them."""
+    and read as ``embed`` reads them: the next chunk is read (neighbours as one region, ``slides.read_patches``)
+    in a thread while this one goes through the encoder."""
+    from concurrent.futures import ThreadPoolExecutor
+
     sample = Sample(path.name, "test", path, mask, None, slide=True)
     boxes, geo, _ = slide_patches(sample, settings, crop_meta.get("slide_mpp"),   # names a slide without tissue,
                                   bool(crop_meta.get("force_slide_mpp")))        # or without a plausible mpp
+    chunk = max(SLIDE_CHUNK, batch_size)
     parts = []
-    with slides.open_slide(path) as slide:
-        for first in range(0, len(boxes), max(SLIDE_CHUNK, batch_size)):
-            chunk = boxes[first:first + max(SLIDE_CHUNK, batch_size)]
+    with slides.open_slide(path) as slide, ThreadPoolExecutor(1) as reader:
+        def read(first: int):
+            origins = [(x0, y0) for (x0, y0, _, _), _ in boxes[first:first + chunk]]
+            return reader.submit(slides.read_patches, slide, origins, geo.level, geo.side0, settings.size)
+
+        pending = read(0)
+        for first in range(0, len(boxes), chunk):
             try:
-                pixels = np.stack([slides.read_patch(slide, x0, y0, geo.level, geo.side0, settings.size)
-                                   for (x0, y0, _, _), _ in chunk])
+                pixels = pending.result()
             except Exception as e:  # noqa: BLE001 - OpenSlideError on a corrupt tile
                 raise UserError(f"slide cannot be read ({e})", path=path,
                                 hint="the slide is damaged or truncated; re-copy it") from None
+            if first + chunk < len(boxes):
+                pending = read(first + chunk)
             parts.append(embed(pixels, first))
     return np.concatenate(parts)
 

@@ -184,18 +184,15 @@ def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(rgb, (size, size), interpolation=interp)
 
 
-def _raw_reader():
-    """openslide-python's ctypes binding of ``openslide_read_region`` and its ARGB converter, or None when this
-    openslide-python does not have them where 1.3-1.4 keep them (``read_rgb`` then goes through PIL)."""
-    try:
-        from openslide import _convert, lowlevel
+# openslide-python's ctypes binding of ``openslide_read_region`` and its ARGB converter, where 1.3-1.4 keep them;
+# without them ``read_rgb`` goes through PIL.
+try:
+    from openslide import _convert, lowlevel
 
-        return lowlevel._read_region, _convert.argb2rgba
-    except (ImportError, AttributeError):
-        return None
+    _RAW = (lowlevel._read_region, _convert.argb2rgba)
+except (ImportError, AttributeError):
+    _RAW = None
 
-
-_RAW = _raw_reader()
 _UINT32_P = ctypes.POINTER(ctypes.c_uint32)
 
 

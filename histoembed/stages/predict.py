@@ -7,6 +7,7 @@ from the feature store), so a new image is embedded exactly as the training imag
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,8 +146,6 @@ def _embed_slide(path: Path, mask: Path | None, settings: CropSettings, crop_met
     """The features of a slide's patches, cut as the run's crops were (its slide scale rules too: ``crop_meta``)
     and read as ``embed`` reads them: the next chunk is read (neighbours as one region, ``slides.read_patches``)
     in a thread while this one goes through the encoder."""
-    from concurrent.futures import ThreadPoolExecutor
-
     sample = Sample(path.name, "test", path, mask, None, slide=True)
     boxes, geo, _ = slide_patches(sample, settings, crop_meta.get("slide_mpp"),   # names a slide without tissue,
                                   bool(crop_meta.get("force_slide_mpp")))        # or without a plausible mpp

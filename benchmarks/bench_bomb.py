@@ -45,7 +45,10 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=30_000, help="the bomb's width and height")
     args = ap.parse_args()
 
-    from histoembed.tools.synthetic import make_dataset, write_blank_png
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # one copy: tests/synthetic_inputs.py
+    from synthetic_inputs import write_blank_png
+
+    from histoembed.tools.synthetic import make_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

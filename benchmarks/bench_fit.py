@@ -60,7 +60,8 @@ def main() -> None:
     head_sets = args.heads or ["mlp,xgb", "mlp,xgb,logreg,abmil"]
     jobs = ([("baseline", None, args.baseline)] if args.baseline else []) + [(h, h, None) for h in head_sets]
 
-    from histoembed.tools.synthetic import write_synthetic_features
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # one copy: tests/synthetic_inputs.py
+    from synthetic_inputs import write_synthetic_features
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)

@@ -4,7 +4,7 @@ Writes a feature store of whole-slide-sized bags, as `embed --store-dtype float1
 ``--slides`` training slides (plus ``--test-slides`` test slides, which fit must not read) x
 ``--patches`` patches x ``--views`` views of ``--dim``-d features, in ``--parts`` part files,
 with a crops.parquet that labels them. The features are generated per slide (vectorised; the
-tests' ``synthetic.write_synthetic_features`` loops per row in Python and holds everything in
+tests' ``write_synthetic_features`` (tests/synthetic_inputs.py) loops per row in Python and holds everything in
 float64, which is too slow and too big at this size) with the same structure: a class signal in
 a low-rank subspace, per-slide and per-patch variation, view noise.
 

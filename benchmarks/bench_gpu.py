@@ -24,7 +24,7 @@ measured in this one process, so ratios compare like with like. Sections, each o
 - autocast: the stage and its bare forward in bf16 autocast over fp32 weights, against the
             package's bf16 (on CUDA a bf16 copy of the weights, every operation in bf16).
 - defaults: the stage as ``histoembed embed`` runs without options (on CUDA the batch size and decode
-            workers ``histoembed.models.sizing`` chooses; on the CPU batch 64, 2 decode workers) on as many
+            workers ``histoembed.models.gpu_sizing`` chooses; on the CPU batch 64, 2 decode workers) on as many
             crops as the stage section's measured run, and its rate over that hand-tuned run's (batch 256,
             6 workers: the best measured on an H100); issue 22's target is 90 %.
 - fast:     issue 22's faster forwards, each at the stage section's batch size: compiled for one batch shape

@@ -49,12 +49,13 @@ batch_size = 512
 
 
 def make_run(run: Path, train: int, test: int, crops: int, views: int, dim: int) -> None:
-    from histoembed.tools import synthetic
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # one copy: tests/synthetic_inputs.py
+    from synthetic_inputs import write_synthetic_features
 
     common = {"n_images": train, "n_test": test, "n_classes": 4, "crops": crops, "views": views, "dim": dim,
               "seed": 0}
-    synthetic.write_synthetic_features(run, encoder="a", feature_seed=1, **common)
-    synthetic.write_synthetic_features(run, encoder="b", feature_seed=2, **common)
+    write_synthetic_features(run, encoder="a", feature_seed=1, **common)
+    write_synthetic_features(run, encoder="b", feature_seed=2, **common)
 
 
 def fit(run: Path, config: Path, *args: str) -> tuple[float, float, int]:

@@ -56,7 +56,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from histoembed.core.cpus import usable_cpus
-    from histoembed.tools.synthetic import write_synthetic_features
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # one copy: tests/synthetic_inputs.py
+    from synthetic_inputs import write_synthetic_features
 
     cpus = usable_cpus()
     half = max(1, cpus // 2)

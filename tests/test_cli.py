@@ -71,7 +71,7 @@ def test_help_lists_the_stages_in_pipeline_order_then_the_tools(cli, monkeypatch
             panel.append(line[2:].split()[0])
     assert list(panels) == ["Options", "Stages", "Tools"]
     assert tuple(panels["Stages"]) == PIPELINE == ("qc", "crops", "embed", "fit", "submit", "report", "predict", "drift")
-    assert panels["Tools"] == ["synth", "demo", "compare", "config", "encoders"]
+    assert panels["Tools"] == ["synth", "demo", "compare", "export", "import", "config", "encoders"]
     assert list(COMMANDS) == panels["Stages"] + panels["Tools"]  # every command, each in one panel
 
 

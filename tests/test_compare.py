@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from histoembed.tools import compare, synthetic
+from histoembed.tools import compare
+from synthetic_inputs import write_synthetic_features
 from histoembed.stages import fit
 from histoembed.core.config import FitSettings, MLPSettings, XGBSettings
 from histoembed.core.errors import UserError
@@ -23,7 +24,7 @@ def two_seeds(tmp_path_factory):
     """The same features fitted with seed 0 and seed 1: a change that should be noise."""
     root = tmp_path_factory.mktemp("compare")
     a, b = root / "a", root / "b"
-    synthetic.write_synthetic_features(a, n_images=90, n_classes=3, signal=0.6, seed=3)
+    write_synthetic_features(a, n_images=90, n_classes=3, signal=0.6, seed=3)
     shutil.copytree(a, b)
     fit.run_fit(a, _settings(0))
     fit.run_fit(b, _settings(1))
@@ -47,6 +48,7 @@ def test_two_runs_differing_only_in_seed_give_an_interval_containing_zero(two_se
     lo, hi = r["interval_95"]
     assert lo <= 0 <= hi and lo < hi
     assert r["difference_b_minus_a"] == pytest.approx(r["macro_f1_b"] - r["macro_f1_a"])
+    assert r["metric"] == "macro_f1" and r["resampled"] == "images"
     assert r["images"] == 90 and not r["same_folds"] and len(r["folds_of_run_a"]) == 3
     assert sum(f["images"] for f in r["folds_of_run_a"]) == 90
 
@@ -73,13 +75,13 @@ def test_a_real_improvement_is_detected(two_seeds, tmp_path):
     table = table.set_column(table.schema.get_field_index("prediction"), "prediction", table["label"])
     store.write_table(table, perfect / store.OOF_FILE, meta=store.read_meta(a / store.OOF_FILE))
     r = compare.run_compare(a, perfect, bootstrap=300)
-    assert r.macro_f1_b == 1.0 and r.interval[0] > 0
+    assert r.value_b == 1.0 and r.interval[0] > 0
 
 
 def test_runs_over_different_training_images_are_refused(two_seeds, tmp_path):
     a, _ = two_seeds
     other = tmp_path / "other"
-    synthetic.write_synthetic_features(other, n_images=60, n_classes=3, seed=3)
+    write_synthetic_features(other, n_images=60, n_classes=3, seed=3)
     fit.run_fit(other, _settings(0))
     with pytest.raises(UserError, match="different training images"):
         compare.run_compare(a, other)
@@ -88,3 +90,42 @@ def test_runs_over_different_training_images_are_refused(two_seeds, tmp_path):
     assert invoke("compare", a, tmp_path / "nothing").exit_code == 2
     bad = invoke("compare", a, a, "--decision", "best")
     assert bad.exit_code == 2 and "unknown decision" in bad.output
+
+
+def test_compare_by_auroc_and_kappa_resamples_patients(two_seeds, tmp_path):
+    """--metric auroc: both runs' fused probabilities on the same resampled patients (the crops' group column);
+    the values are scikit-learn's; kappa needs the classes' order."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sklearn.metrics import roc_auc_score
+
+    from histoembed.core import store
+
+    a, b = two_seeds
+    grouped = tmp_path / "grouped"
+    shutil.copytree(a, grouped)
+    crops = pq.read_table(grouped / store.CROPS_FILE)
+    patient = [f"p{int(i[4:8]) // 2}" for i in crops["image_id"].to_pylist()]   # two images per patient
+    store.write_table(crops.append_column("group", pa.array(patient, pa.string())), grouped / store.CROPS_FILE,
+                      meta=store.read_meta(a / store.CROPS_FILE))
+    out = tmp_path / "auroc.json"
+    result = invoke("compare", grouped, b, "--metric", "auroc", "--bootstrap", 200, "--json", out)
+    assert result.exit_code == 0, result.output
+    assert "AUROC" in result.output and "45 patients" in result.output
+    r = json.loads(out.read_text())
+    assert r["resampled"] == "patients" and r["patients"] == 45 and r["metric"] == "auroc"
+    oof = pq.read_table(a / store.OOF_FILE)
+    classes = store.read_meta(a / store.OOF_FILE)["classes"]
+    y = np.array([classes.index(c) for c in oof["label"].to_pylist()])
+    probs = store.embedding_matrix(oof["prob"]).astype(np.float64)
+    assert r["value_a"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr"), abs=1e-12)
+    lo, hi = r["interval_95"]
+    assert lo <= r["difference_b_minus_a"] <= hi
+    refused = invoke("compare", a, b, "--metric", "kappa")
+    assert refused.exit_code == 2 and "order of the classes" in refused.output
+    kappa = compare.run_compare(a, b, bootstrap=50, metric="kappa", order=list(reversed(classes)))
+    assert kappa.metric == "kappa" and -1 <= kappa.value_a <= 1 and kappa.unit == "images"
+    nll = compare.run_compare(a, a, bootstrap=20, metric="nll")
+    assert nll.difference == 0 and nll.lower_is_better
+    assert invoke("compare", a, b, "--metric", "f2").exit_code == 2

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from histoembed.core import cpus
-from histoembed.tools.synthetic import write_synthetic_features
+from synthetic_inputs import write_synthetic_features
 
 
 def test_usable_cpus_follow_the_affinity_mask():

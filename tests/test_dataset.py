@@ -290,7 +290,7 @@ def test_label_spellings_that_differ_only_by_case_or_spaces_stop(cli, tmp_path, 
     assert f"labels 'Triple negative' (line 3) and {spelling.strip()!r} (line 7) differ only by case or spaces" \
         in res.output
     assert not (tmp_path / "run" / store.CROPS_FILE).exists()
-    (tmp_path / "m.csv").write_text(f"image,mask,label,split\na.png,,Luminal A,train\nb.png,,luminal a,train\n")
+    (tmp_path / "m.csv").write_text("image,mask,label,split\na.png,,Luminal A,train\nb.png,,luminal a,train\n")
     res = crops(cli, tmp_path / "m.csv", tmp_path / "run")
     assert res.exit_code == 2 and "'Luminal A' (line 2) and 'luminal a' (line 3)" in res.output
 
@@ -324,7 +324,7 @@ def test_a_symlink_leaving_the_data_folder_is_refused_in_the_reference_layout(cl
 
 
 def test_a_decompression_bomb_is_skipped_from_its_header_and_the_limit_is_an_option(cli, tmp_path):
-    from histoembed.tools.synthetic import write_blank_png
+    from synthetic_inputs import write_blank_png
 
     data = write_reference(tmp_path / "d", n_train=6)
     write_blank_png(data / "train_data/img_0002.png", 30_000, 30_000, complete=False)   # header only

@@ -10,6 +10,7 @@ import pytest
 from histoembed.models import drift as drift_check
 from histoembed.stages import drift
 from histoembed.tools import synthetic
+from synthetic_inputs import write_synthetic_features
 from histoembed.core.config import DriftSettings
 from histoembed.inputs.pixels import RGB_FROM_HED
 
@@ -65,7 +66,7 @@ def test_verdict_words_name_the_stain_when_it_differs():
 
 def test_drift_on_features_skips_when_up_to_date_and_reruns_when_settings_change(tmp_path):
     run = tmp_path / "run"
-    synthetic.write_synthetic_features(run, n_images=40, n_test=20, seed=2)
+    write_synthetic_features(run, n_images=40, n_test=20, seed=2)
     first = drift.run_drift(run, SETTINGS)
     assert first is not None and not first.skipped
     report = json.loads((run / drift_check.DRIFT_FILE).read_text())
@@ -77,7 +78,7 @@ def test_drift_on_features_skips_when_up_to_date_and_reruns_when_settings_change
 
 def test_too_few_test_images_means_no_check(tmp_path):
     run = tmp_path / "run"
-    synthetic.write_synthetic_features(run, n_images=40, n_test=3)
+    write_synthetic_features(run, n_images=40, n_test=3)
     result = drift.run_drift(run, SETTINGS)
     assert result.report["auc"] is None and "at least 5 images of each split" in result.finding
 
@@ -114,11 +115,11 @@ def test_drift_flags_a_restained_test_split_and_not_a_clean_one(embedded, cli):
 
 def test_fit_runs_the_check_and_a_changed_store_makes_drift_json_stale(tmp_path, cli):
     run = tmp_path / "run"
-    synthetic.write_synthetic_features(run, n_images=40, n_test=20, seed=2)
+    write_synthetic_features(run, n_images=40, n_test=20, seed=2)
     result = cli("fit", "--run", run, "--folds", "2", "--heads", "logreg", "--bootstrap", "0")
     assert result.exit_code == 0, result.output
     assert "No detectable difference" in result.output and (run / drift_check.DRIFT_FILE).exists()
     assert drift_check.read_drift(run)[0]["images"] == {"train": 40, "test": 20}
-    synthetic.write_synthetic_features(run, n_images=40, n_test=20, seed=3)   # new features, old drift.json
+    write_synthetic_features(run, n_images=40, n_test=20, seed=3)   # new features, old drift.json
     report, why = drift_check.read_drift(run)
     assert report is None and "other features or crops" in why

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from histoembed.core import store
-from histoembed.tools.synthetic import write_synthetic_features
+from synthetic_inputs import write_synthetic_features
 
 
 def small_data(root: Path) -> Path:

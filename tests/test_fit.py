@@ -14,6 +14,7 @@ import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support
 
 from histoembed.stages import fit
+from synthetic_inputs import write_synthetic_features
 from histoembed.tools import synthetic
 from histoembed.core import feature_store, store
 from histoembed.core.config import ABMILSettings, FitSettings, MLPSettings, XGBSettings
@@ -44,7 +45,7 @@ def tiny_settings(**kw) -> FitSettings:
 def make_run(root: Path, **kw) -> tuple[Path, Path]:
     """(run, config): 60 images x 2 crops x 2 views x 16-d, 3 classes, plus 5 test images."""
     run = root / "run"
-    synthetic.write_synthetic_features(run, **{"n_images": 60, "n_classes": 3, "n_test": 5, **kw})
+    write_synthetic_features(run, **{"n_images": 60, "n_classes": 3, "n_test": 5, **kw})
     config = root / "histoembed.toml"
     config.write_text(TOML)
     return run, config
@@ -223,7 +224,7 @@ def test_heads_offsets_alpha_and_class_conditional_options_reach_the_outputs(tmp
 def test_separable_features_keep_the_calibrated_nll_at_or_below_t_equal_one(tmp_path):
     """The issue's failure: strong features, separable OOF logits, T running to its bound."""
     run = tmp_path / "run"
-    synthetic.write_synthetic_features(run, n_images=48, n_classes=3, crops=2, views=2, dim=16, signal=4.0, seed=2)
+    write_synthetic_features(run, n_images=48, n_classes=3, crops=2, views=2, dim=16, signal=4.0, seed=2)
     result = fit.run_fit(run, tiny_settings(bootstrap=0))
     for head in ("mlp", "xgb", "fused"):
         m = result.metrics["heads"][head]
@@ -271,7 +272,7 @@ def test_on_a_dozen_images_calibration_never_raises_the_oof_nll_and_the_decision
 
 def test_fused_macro_f1_is_at_least_each_head_s_within_noise(tmp_path):
     run = tmp_path / "run"
-    synthetic.write_synthetic_features(run, n_images=150, n_classes=3, crops=3, views=2, dim=24, signal=1.0, seed=4)
+    write_synthetic_features(run, n_images=150, n_classes=3, crops=3, views=2, dim=24, signal=1.0, seed=4)
     result = fit.run_fit(run, tiny_settings())
     heads = result.metrics["heads"]
     assert heads["fused"]["macro_f1"] > 0.6   # the signal is learnt
@@ -363,7 +364,7 @@ def test_same_seed_gives_identical_metrics_json(tmp_path):
 
 def test_seeds_reports_the_spread_of_macro_f1(tmp_path):
     run, config = make_run(tmp_path)
-    result = invoke("fit", "--run", run, "--config", config, "--folds", 3, "--seeds", 2, "--seed", 1)
+    result = invoke("fit", "--run", run, "--config", config, "--folds", 3, "--repeats-cv", 2, "--seed", 1)
     assert result.exit_code == 0, result.output
     spread = json.loads((run / store.METRICS_FILE).read_text())["seeds"]
     assert spread["seeds"] == [1, 2]
@@ -376,6 +377,12 @@ def test_seeds_reports_the_spread_of_macro_f1(tmp_path):
     # the kept models and OOF are those of the first seed
     heads = json.loads((run / store.METRICS_FILE).read_text())["heads"]
     assert spread["macro_f1"]["fused"][0] == heads["fused"]["macro_f1"]
+    # --repeats-cv (eva's practice): every number's mean and spread over the repeats; the first repeat's intervals
+    auroc = spread["metrics"]["fused"]["auroc"]
+    assert auroc["values"][0] == heads["fused"]["auroc"]["value"] and auroc["repeats"] == 2
+    assert auroc["mean"] == pytest.approx(np.mean(auroc["values"])) and auroc["std"] >= 0
+    assert set(spread["metrics"]["mlp"]) >= {"macro_f1", "balanced_accuracy", "average_precision", "nll"}
+    assert "fused over 2 repeats of the cross-validation" in result.output
 
 
 def test_qc_flags_are_left_out_and_duplicate_groups_share_a_fold(tmp_path):
@@ -539,7 +546,7 @@ def test_clear_errors_without_features_or_labels(tmp_path):
 
 def test_encoder_picks_the_store_when_there_are_several(tmp_path):
     run, config = make_run(tmp_path)
-    synthetic.write_synthetic_features(tmp_path / "other", n_images=60, n_classes=3, n_test=5, dim=8,
+    write_synthetic_features(tmp_path / "other", n_images=60, n_classes=3, n_test=5, dim=8,
                                        encoder="other/enc")  # the same crops, another encoder
     shutil.copytree(tmp_path / "other" / "features" / "other--enc", run / "features" / "other--enc")
     result = invoke("fit", "--run", run, "--config", config, "--folds", 3)
@@ -691,7 +698,7 @@ def test_with_two_encoders_no_oof_prediction_helps_choose_a_weight_or_temperatur
     stop on fold k, and fold k's temperatures and fusion weights see exactly the other folds' OOF logits of
     every member (both encoders'), never fold k's."""
     run, _ = make_run(tmp_path)
-    synthetic.write_synthetic_features(tmp_path / "other", n_images=60, n_classes=3, n_test=5, dim=8,
+    write_synthetic_features(tmp_path / "other", n_images=60, n_classes=3, n_test=5, dim=8,
                                        encoder="other/enc", feature_seed=5)  # the same crops, another encoder
     shutil.copytree(tmp_path / "other" / "features" / "other--enc", run / "features" / "other--enc")
     seen = {"fit": [], "T": [], "w": []}
@@ -733,3 +740,79 @@ def test_with_two_encoders_no_oof_prediction_helps_choose_a_weight_or_temperatur
             np.testing.assert_array_equal(w_rounds[k][j], lists[f"logits_{m}"][others])
     assert len(seen["w"]) % 4 == 0
     np.testing.assert_array_equal(w_rounds[3][2], lists["logits_other--enc:mlp"])
+
+
+# ---------------------------------------------------------------- the field's numbers (issue 34)
+
+def with_patients(run: Path, per_patient: int = 2) -> None:
+    """Give the run's crops table a ``group`` column: ``per_patient`` consecutive training images per patient."""
+    crops = pq.read_table(run / store.CROPS_FILE)
+    patient = [f"p{int(i[4:8]) // per_patient}" if sp == "train" else None
+               for i, sp in zip(crops["image_id"].to_pylist(), crops["split"].to_pylist())]
+    store.write_table(crops.append_column("group", pa.array(patient, pa.string())), run / store.CROPS_FILE,
+                      meta=store.read_meta(run / store.CROPS_FILE))
+
+
+def test_field_numbers_over_patients_equal_sklearn_on_oof(tmp_path):
+    """AUROC, AP, balanced accuracy and (with an order) kappa of every head and the fusion, each scikit-learn's value
+    on oof.parquet (the heads' probabilities rebuilt from their logits and calibration.json, as the report does),
+    each with an interval that resamples patients; --select-by chooses the weights and offsets by its metric."""
+    from sklearn.metrics import (average_precision_score, balanced_accuracy_score, cohen_kappa_score,
+                                 roc_auc_score)
+
+    from histoembed.models.heads import decisions
+
+    run, config = make_run(tmp_path, n_images=72, n_classes=4)
+    with_patients(run)
+    bad = invoke("fit", "--run", run, "--config", config, "--class-order", "a,b")
+    assert bad.exit_code == 2 and "class_order" in bad.output and "each training class once" in bad.output
+    labels = synthetic.LABELS[:4]
+    order = [labels[2], labels[0], labels[3], labels[1]]          # grades that differ from the label order
+    result = invoke("fit", "--run", run, "--config", config, "--folds", 3, "--class-order", ",".join(order),
+                    "--select-by", "balanced_accuracy", "--bootstrap", 60)
+    assert result.exit_code == 0, result.output
+    assert "36 patients" in result.output and "kappa" in result.output
+    metrics = json.loads((run / store.METRICS_FILE).read_text())
+    oof, lists, meta = read_oof(run)
+    calib = json.loads((run / store.CALIBRATION_FILE).read_text())
+    classes = meta["classes"]
+    y = oof["label"].map(classes.index).to_numpy()
+    assert list(oof["group"]) == [f"p{int(i[4:8]) // 2}" for i in oof["image_id"]]
+    assert metrics["intervals"]["unit"] == "patients" and metrics["intervals"]["patients"] == 36
+    assert metrics["class_order"] == order and metrics["select_by"] == "balanced_accuracy"
+    assert calib["final"]["selected_by"] == "balanced_accuracy"
+    probs = decisions.calibrated_probabilities({h: lists[f"logits_{h}"] for h in calib["heads"]},
+                                               oof["fold"].to_numpy(), calib["folds"])
+    np.testing.assert_allclose(probs["fused"][1], lists["prob"], atol=1e-6)
+    ranks = np.array([order.index(c) for c in classes])
+    for head, (_, p) in probs.items():
+        m = metrics["heads"][head]
+        pred = p.argmax(1)
+        assert m["auroc"]["value"] == roc_auc_score(y, p, multi_class="ovr")
+        assert m["average_precision"]["value"] == pytest.approx(
+            np.mean([average_precision_score(y == k, p[:, k]) for k in range(4)]), abs=1e-15)
+        assert m["balanced_accuracy"]["value"] == balanced_accuracy_score(y, pred)
+        assert m["quadratic_kappa"]["value"] == cohen_kappa_score(ranks[y], ranks[pred], weights="quadratic",
+                                                                  labels=range(4))
+        for k, c in enumerate(classes):
+            assert m["auroc_per_class"][c]["value"] == roc_auc_score(y == k, p[:, k])
+        for name in ("auroc", "balanced_accuracy", "quadratic_kappa"):
+            assert m[name]["unit"] == "patients" and m[name]["lo"] <= m[name]["hi"]
+    offsets = oof["prediction_offsets"].map(classes.index).to_numpy()
+    decided = metrics["decision"]["offsets"]
+    assert decided["balanced_accuracy"]["value"] == balanced_accuracy_score(y, offsets)
+    assert metrics["decision"]["offsets_compared_by"] == "balanced_accuracy"
+    assert metrics["heads"]["fused"]["auroc"]["value"] == pytest.approx(
+        roc_auc_score(y, lists["prob"] / lists["prob"].sum(1, keepdims=True), multi_class="ovr"), abs=1e-6)
+    json.dumps(metrics, allow_nan=False)
+
+
+def test_select_by_kappa_needs_an_order_and_ordinal_takes_label_order(tmp_path):
+    run, config = make_run(tmp_path)
+    refused = invoke("fit", "--run", run, "--config", config, "--select-by", "kappa")
+    assert refused.exit_code == 2 and "needs the order of the classes" in refused.output
+    s = tiny_settings(ordinal=True, bootstrap=0, select_by="kappa")
+    metrics = fit.run_fit(run, s).metrics
+    assert metrics["class_order"] == metrics["classes"] and metrics["intervals"]["unit"] == "images"
+    assert metrics["heads"]["fused"]["quadratic_kappa"]["lo"] is None        # --bootstrap 0: values only
+    assert fit.task.class_order(["G10", "G2", "G1"], FitSettings(ordinal=True)) == ["G1", "G2", "G10"]

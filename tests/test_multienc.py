@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from histoembed.tools import compare, synthetic
+from histoembed.tools import compare
+from synthetic_inputs import write_synthetic_features
 from histoembed.stages import fit
 from histoembed.core import feature_store, store
 from histoembed.core.config import FitSettings, LogRegSettings, MLPSettings, XGBSettings
@@ -38,8 +39,8 @@ def two_encoders(root: Path, a: dict, b: dict, n_images: int = N_IMAGES, n_class
     """A run with crops.parquet and two stores of the same crops and views: enc/a (24-d) and enc/b (12-d)."""
     run = root / "run"
     common = {"n_images": n_images, "n_classes": n_classes, "n_test": 6, "crops": 2, "views": 2, "seed": 3}
-    synthetic.write_synthetic_features(run, encoder="enc/a", dim=24, feature_seed=11, **common, **a)
-    synthetic.write_synthetic_features(run, encoder="enc/b", dim=12, feature_seed=12, **common, **b)
+    write_synthetic_features(run, encoder="enc/a", dim=24, feature_seed=11, **common, **a)
+    write_synthetic_features(run, encoder="enc/b", dim=12, feature_seed=12, **common, **b)
     return run
 
 

@@ -261,8 +261,8 @@ class _FakeRay:
 
 def test_actors_one_per_gpu_else_one_per_node_and_never_every_cpu(tiny_dinov2):
     s = settings(tiny_dinov2, engine="ray")
-    assert ray_engine._layout(_FakeRay(16, 4, 2), s, 100) == ray_engine._Layout(4, 1.0, 1.0)
-    assert ray_engine._layout(_FakeRay(16, 0, 3), s, 100) == ray_engine._Layout(3, 0.0, 1.0)
+    assert ray_engine._layout(_FakeRay(16, 4, 2), s, 100) == ray_engine._ActorLayout(4, 1.0, 1.0)
+    assert ray_engine._layout(_FakeRay(16, 0, 3), s, 100) == ray_engine._ActorLayout(3, 0.0, 1.0)
     assert ray_engine._layout(_FakeRay(16, 0, 3), s, 2).actors == 2  # no more actors than parts
     assert ray_engine._layout(_FakeRay(16, 0, 1), s.model_copy(update={"ray_actors": 5}), 100).actors == 5
     with pytest.raises(UserError, match="one per actor"):
@@ -410,7 +410,7 @@ def test_a_ray_worker_opens_each_slide_once(slide_cohort, cluster):
 
         run_crops(slide_cohort / "manifest.csv", run, CropSettings(size=64, mpp=0.5, max_patches=3, workers=1))
     index = feature_store.CropIndex.read(run)
-    units = ray_engine._units(index, list(range(len(index.ids))), 2)
+    units = ray_engine._part_units(index, list(range(len(index.ids))), 2)
 
     @ray.remote(num_cpus=1)
     def decode(units, crops_path):

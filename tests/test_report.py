@@ -50,7 +50,8 @@ window.addEventListener('load', () => {
 EXPECTED_PLOTS = ["class balance and crops per image", "crops drawn on images",
                   "per-fold and out-of-fold macro-F1", "confusion matrix and per-class F1",
                   "reliability diagrams", "fusion weight curve", "accuracy by view spread",
-                  "per-image crop prediction maps"]
+                  "per-image crop prediction maps",
+                  "ROC and precision-recall curves of the fused out-of-fold probabilities"]
 
 
 @dataclass
@@ -142,6 +143,40 @@ def test_report_numbers_match_metrics(written):
     expected = f1_score(oof["label"], oof["prediction"], average="macro")
     row = re.search(r"<tr><td>fused</td><td>([0-9.]+)</td>", page.read_text())
     assert row and abs(float(row.group(1)) - expected) < 1e-3
+    # the field's numbers in the scores table: metrics.json's, scikit-learn's on oof.parquet
+    from sklearn.metrics import roc_auc_score
+
+    metrics = json.loads((run / store.METRICS_FILE).read_text())
+    auroc = metrics["heads"]["fused"]["auroc"]
+    assert f"<td>fused</td><td>{auroc['value']:.3f} [{auroc['lo']:.3f}, {auroc['hi']:.3f}]</td>" in page.read_text()
+    classes = store.read_meta(run / store.OOF_FILE)["classes"]
+    prob = np.stack(oof["prob"].to_numpy()).astype(np.float64)
+    y = oof["label"].map(classes.index).to_numpy()
+    assert auroc["value"] == pytest.approx(
+        roc_auc_score(y, prob / prob.sum(1, keepdims=True), multi_class="ovr"), abs=1e-6)
+
+
+def test_curves_section_draws_bands_over_patients(tmp_path):
+    """ROC and PR of the fused out-of-fold probabilities, the band resampling oof.parquet's patients."""
+    from histoembed.maths.metrics import softmax
+    from histoembed.stages.report.curves import curves_section
+    from histoembed.stages.report.load import LoadedRun, OutOfFold
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 90)
+    prob = softmax(rng.normal(size=(90, 3)) + 2 * np.eye(3)[y])
+    run = LoadedRun(folder=tmp_path, data=None)
+    run.oof = OutOfFold(image_id=np.array([f"i{k}" for k in range(90)], dtype=object), fold=np.arange(90) % 3, y=y,
+                        classes=["a", "b", "c"], logits={}, prob=prob, pred=prob.argmax(1),
+                        groups=np.array([f"p{k // 3}" for k in range(90)], dtype=object))
+    page = curves_section(run)
+    assert "30 patients" in page and 'alt="ROC and precision-recall curves' in page and "one-vs-rest" in page
+    run.oof.groups, run.oof.classes, run.oof.y = None, ["no", "yes"], (y > 0).astype(int)
+    run.oof.prob = np.stack([prob[:, 0], 1 - prob[:, 0]], 1)
+    binary = curves_section(run)
+    assert "90 images" in binary and "the curve of yes" in binary
+    run.oof = None
+    assert "Not shown" in curves_section(run)
 
 
 def test_report_cli(written, cli, tmp_path):
@@ -314,13 +349,18 @@ early_stopping_rounds = 3
 def test_report_of_a_slide_run_draws_tissue_patch_grid_and_attention(tmp_path, tiny_dinov2, cli, monkeypatch):
     """Ten small slides through crops, embed and fit (abmil): the report draws each slide's thumbnail with its
     tissue outline and patches, and the attention beside it, for the first MAX_SLIDES slides; the flat-image
-    sections neither read the slides as images nor fail."""
-    from histoembed.tools.synthetic import make_slide_cohort
+    sections neither read the slides as images nor fail. Issue 28 item 5: two test slides `crops` skipped (no
+    tissue, unreadable) are listed with their reasons, and named as the rows `submit` gave the class prior."""
+    from histoembed.tools.synthetic import SlideSpec, make_slide_cohort, write_slide
 
     make_slide_cohort(tmp_path, n=10, seed=3, size=2000, n_test=2)
+    write_slide(tmp_path / "slides" / "blank.svs", SlideSpec(6, 2000, 1500, "benign", blank=True))
+    (tmp_path / "slides" / "garbage.svs").write_bytes(b"II*\0" + bytes(range(256)) * 20)
+    with (tmp_path / "manifest.csv").open("a") as f:
+        f.write("slides/blank.svs,,,test,patient_900\nslides/garbage.svs,,,test,patient_901\n")
     (tmp_path / "histoembed.toml").write_text(SLIDE_RUN_TOML.format(encoder=tiny_dinov2))
     for args in (["crops", "--data", "manifest.csv", "--size", 64, "--mpp", 0.5, "--max-patches", 12],
-                 ["embed", "--repeats", 1], ["fit", "--folds", 2, "--heads", "abmil,xgb"]):
+                 ["embed", "--repeats", 1], ["fit", "--folds", 2, "--heads", "abmil,xgb"], ["submit"]):
         r = cli(*args, cwd=tmp_path)
         assert r.exit_code == 0, (args, r.output)
     monkeypatch.setattr(report.slides, "MAX_SLIDES", 6)
@@ -331,6 +371,11 @@ def test_report_of_a_slide_run_draws_tissue_patch_grid_and_attention(tmp_path, t
     assert "outlined in green" in slides
     crops = text[text.index('<section id="crops">'):text.index('<section id="scores">')]
     assert 'href="#slides"' in crops and "Not shown" not in crops
+    skipped = html.unescape(text[text.index('<section id="skipped">'):text.index('<section id="crops">')])
+    assert "blank.svs</td><td>no tissue found" in skipped and "garbage.svs</td><td>" in skipped
+    prior = skipped[skipped.index("class prior"):]
+    assert "slides/blank.svs</td><td>no tissue found" in prior and "slides/garbage.svs</td>" in prior
+    assert "Not shown" not in skipped and "2 test row(s)" in skipped
     (tmp_path / "render").mkdir()
     rendered = render(page, tmp_path / "render")
     drawn = [im for im in rendered.images if im["alt"].startswith("slide ")]

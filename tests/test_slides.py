@@ -20,6 +20,7 @@ from histoembed.core.config import CropSettings
 from histoembed.inputs import slides
 from histoembed.inputs.dataset import load_dataset
 from histoembed.tools.synthetic import SlideSpec, make_slide_cohort, write_slide
+from synthetic_inputs import folder_digest
 
 
 def reference_patch(path: Path, x0: int, y0: int, level: int, side0: int, size: int) -> np.ndarray:
@@ -49,6 +50,21 @@ def test_synthetic_slides_open_as_their_vendor_with_mpp(two_slides, fmt):
     assert float(s.properties["openslide.mpp-x"]) == pytest.approx(0.25)
     assert s.level_count == 3 and s.level_downsamples[1] == pytest.approx(4)
     assert slides.is_slide(two_slides[fmt])
+
+
+def test_synthetic_slides_are_the_bytes_they_always_were_in_any_number_of_processes(tmp_path, monkeypatch):
+    """Cohorts drawn row by row in two worker processes are, byte for byte, what one process wrote tile by tile
+    before issue 36 (folder_digest of the same calls then): levels are drawn, not downsampled, from the seed."""
+    from histoembed.core import cpus
+    from histoembed.tools.synthetic import slides as synthetic_slides
+
+    monkeypatch.setattr(synthetic_slides, "PARALLEL_TILES", 0)
+    monkeypatch.setattr(cpus, "usable_cpus", lambda: 2)
+    make_slide_cohort(tmp_path / "svs", n=4, seed=2, size=1500)
+    make_slide_cohort(tmp_path / "tiff", n=4, seed=3, size=1200, fmt="tiff")
+    assert folder_digest(tmp_path / "svs") == "95acf8e125a91799bcf822e575f424324659109861f95cc41105c018766bfe94"
+    assert folder_digest(tmp_path / "tiff") == "6a5a84b74ac310a40ee11a4bd05565fc93b459fd03fbbb0ca8c8854646ba30cf"
+    assert not [p for p in tmp_path.rglob(".*")]     # no temporaries left: each slide appears when complete
 
 
 def test_flat_images_are_not_slides(tmp_path):

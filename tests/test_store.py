@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from histoembed.core import feature_store, store
-from histoembed.tools.synthetic import write_synthetic_features
+from synthetic_inputs import write_synthetic_features
 
 TOML = """
 [fit]

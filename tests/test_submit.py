@@ -110,7 +110,7 @@ def test_submit_before_fit_says_what_to_run(tmp_path, cli, pipeline_run):
 
 def test_features_the_models_were_not_fitted_on_are_refused(pipeline_run, tmp_path, cli):
     from histoembed.models.inference import load_ensemble
-    from histoembed.tools.synthetic import write_synthetic_features
+    from synthetic_inputs import write_synthetic_features
 
     data, run = pipeline_run
     run_copy = tmp_path / "run"

@@ -10,6 +10,7 @@ import pytest
 
 from histoembed.inputs.dataset import load_dataset, read_image, read_mask
 from histoembed.tools.synthetic import LABELS, class_counts, make_dataset, tissue_image
+from synthetic_inputs import folder_digest
 
 
 def test_reference_layout_labels_and_names_like_the_challenge(tmp_path):
@@ -290,6 +291,7 @@ def test_partial_masks_mark_a_patch_and_miss_the_tissue_that_carries_the_class(c
 def test_the_files_do_not_depend_on_how_many_processes_draw_them(tmp_path, monkeypatch):
     import hashlib
 
+    from histoembed.core import cpus
     from histoembed.tools import synthetic
 
     def digest(folder):
@@ -298,8 +300,27 @@ def test_the_files_do_not_depend_on_how_many_processes_draw_them(tmp_path, monke
 
     made = {}
     for processes in (1, 2):
-        monkeypatch.setattr(synthetic.cpus, "usable_cpus", lambda n=processes: n)
+        monkeypatch.setattr(cpus, "usable_cpus", lambda n=processes: n)
         synthetic.make_dataset(tmp_path / str(processes), n_train=60, n_test=12, seed=5, size_range=(64, 96),
                                mask_twins=2, near_duplicates=2, stain_shift=0.5)
         made[processes] = digest(tmp_path / str(processes))
     assert len(made[1]) == 2 * 72 + 2 and made[1] == made[2]
+
+
+# What these calls wrote before synthetic.py became a package (issue 27), as folder_digest. A change here changes
+# the data every seed gives: make it on purpose and say so. The PNG encoder (OpenCV's libpng and zlib) is part of
+# the bytes, so a new OpenCV may change them too.
+DATASET_DIGESTS = {
+    "a": "50300c74e36fa0ddf0fbc1056f38ea26df0cca7eebfbfe165b50280f271efd5b",
+    "b": "9fb6f552ca0b86f23d3c02d60a16b4a6f4c5d924fc8e05ffc326ce87226b1658",
+    "c": "0f721c8ed1cf51d6dc5c5541cc20fe1503463423fb35b07403c6ac79eae2b7a8",
+}
+
+
+def test_a_seed_writes_the_bytes_it_always_wrote(tmp_path):
+    make_dataset(tmp_path / "a", n_train=10, n_test=3, seed=3, size_range=(64, 96))   # every planted outlier
+    make_dataset(tmp_path / "b", n_train=6, n_test=2, seed=4, size_range=(64, 80), outliers=False, stain_shift=1.0,
+                 class_signal="tumour", partial_masks=True)
+    make_dataset(tmp_path / "c", n_train=4, n_test=1, seed=5, size_range=(64, 80), outliers=False,
+                 class_signal="context")
+    assert {k: folder_digest(tmp_path / k) for k in DATASET_DIGESTS} == DATASET_DIGESTS

@@ -45,7 +45,7 @@ VerifyDataOpt = Annotated[bool, typer.Option(
                           "that keeps both, e.g. `cp -p`, `rsync -t`). Slower; use it before a final submission.")]
 
 # `histoembed --help` lists the stages in pipeline order in one panel, then the tools beside the pipeline.
-TOOLS = ("synth", "demo", "compare", "config", "encoders")
+TOOLS = ("synth", "demo", "compare", "export", "import", "config", "encoders")
 HELP_ORDER = (*PIPELINE, *TOOLS)
 
 # The settings tables each stage reads (``histoembed config STAGE`` prints these).
@@ -61,17 +61,18 @@ def setting_help(path: str) -> str:
     return f"{title + ': ' if title else ''}{field.description} [default: {default}]"
 
 
-def setting(path: str, flag: str | None = None, **kwargs):
+def setting(path: str, flag: str | None = None, *aliases: str, **kwargs):
     """A typer Option for the setting at ``path`` (``crops.k``, ``fit.mlp.hidden``): help and default from config.py.
 
     The option's own default stays None (not given), so histoembed.toml still applies; ``flag`` defaults to
-    the field's name (``--min-area``), and a bool setting gets ``--x/--no-x``.
+    the field's name (``--min-area``), and a bool setting gets ``--x/--no-x``; ``aliases`` are other names
+    of the same option (``--repeats-cv`` for ``--seeds``).
     """
     field, _ = cfg.field_at(path)
     flag = flag or "--" + path.rsplit(".", 1)[1].replace("_", "-")
     if field.annotation in (bool, bool | None) and "/" not in flag:
         flag = f"{flag}/--no-{flag[2:]}"
-    return typer.Option(flag, help=escape(setting_help(path)), show_default=False, **kwargs)  # help is rich markup
+    return typer.Option(flag, *aliases, help=escape(setting_help(path)), show_default=False, **kwargs)  # rich markup
 
 
 class _Shown(Exception):

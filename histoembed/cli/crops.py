@@ -39,6 +39,12 @@ def _parse_scales(text: str | None) -> tuple[float, ...] | None:
                         hint="e.g. --scales 1,2 (the crops as cut, and each with twice the context)") from None
 
 
+def _parse_classes(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    return tuple(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
+
+
 @command("crops")
 def crops(
     data: DataOpt = Path("data"),
@@ -59,8 +65,12 @@ def crops(
     mpp: Annotated[float | None, setting("crops.mpp")] = None,
     overlap: Annotated[float | None, setting("crops.overlap")] = None,
     max_patches: Annotated[int | None, setting("crops.max_patches")] = None,
+    mask_classes: Annotated[str | None, setting("crops.mask_classes", metavar="CLASS,CLASS")] = None,
     thumb_mpp: Annotated[float | None, setting("crops.thumb_mpp")] = None,
     min_tissue_area: Annotated[float | None, setting("crops.min_tissue_area")] = None,
+    score_patches: Annotated[bool | None, setting("crops.score_patches", "--score-patches/--no-score-patches")]
+        = None,
+    min_usable: Annotated[float | None, setting("crops.min_usable")] = None,
     slide_mpp: Annotated[float | None, setting("data.slide_mpp")] = None,
     force_slide_mpp: Annotated[bool | None, setting("data.force_slide_mpp")] = None,
     allow_upsample: Annotated[bool | None, setting("crops.allow_upsample")] = None,
@@ -79,7 +89,9 @@ def crops(
     """Cut square tissue crops from the images of both splits (patches from whole slides) into run/crops.parquet.
 
     Whole slides (SVS, NDPI, MRXS, pyramidal TIFF, DICOM ... in a manifest) get patches as coordinates:
-    a grid of --size px patches at --mpp microns per pixel over the tissue found on a thumbnail.
+    a grid of --size px patches at --mpp microns per pixel over the tissue found on a thumbnail, pen ink and
+    the scanner's border kept out; each patch is read and flagged for blur, ink, folds and background
+    (fit and inference leave flagged patches out; see fit --keep-artifacts).
 
     With run/qc.parquet present, QC-flagged training images and slides are left out and green ink is
     repaired before cropping; test items are never left out. Stops when the images or slides changed
@@ -89,8 +101,9 @@ def crops(
                               size=size, fill=_parse_fill(fill), fill_outside_mask=fill_outside_mask, tile=tile,
                               min_tissue=min_tissue, max_crops=max_crops, mask_mode=mask_mode,
                               scales=_parse_scales(scales), mpp=mpp, overlap=overlap, max_patches=max_patches,
-                              thumb_mpp=thumb_mpp, min_tissue_area=min_tissue_area, workers=workers, engine=engine,
-                              allow_upsample=allow_upsample,
+                              mask_classes=_parse_classes(mask_classes), thumb_mpp=thumb_mpp,
+                              min_tissue_area=min_tissue_area, score_patches=score_patches, min_usable=min_usable,
+                              workers=workers, engine=engine, allow_upsample=allow_upsample,
                               ray_address=ray_address)
     data_settings = cfg.override(settings.data, max_pixels=max_pixels, slide_mpp=slide_mpp,
                                  force_slide_mpp=force_slide_mpp)
@@ -122,7 +135,37 @@ def crops(
                       soft_wrap=True)
         for split, image_id, why in result.fallbacks:
             console.print(f"  {escape(image_id)} ({split}): {escape(why)}", soft_wrap=True)
+    show_artifacts(result.artifacts)
     if result.problems:
         console.print(f"[yellow]skipped {len(result.problems)} item(s):[/]", soft_wrap=True)
         for p in result.problems:
             console.print(f"  {escape(str(p))}", soft_wrap=True)
+
+
+SHOWN_SLIDES = 20   # slides listed one per line; the rest are counted (all are in crops.parquet)
+
+
+def show_artifacts(per_slide: list[dict]) -> None:
+    """The slides with flagged patches, one line each: how many of each cause, the usable share, pen ink."""
+    flagged = [a for a in per_slide if any(a["flagged"].values()) or a.get("ink_on_thumbnail")]
+    if not per_slide:
+        return
+    total = sum(a["patches"] for a in per_slide)
+    causes = {k: sum(a["flagged"][k] for a in per_slide) for k in per_slide[0]["flagged"]}
+    n_flagged = round(sum((1 - a["usable"]) * a["patches"] for a in per_slide))
+    if not n_flagged and not flagged:
+        console.print(f"artifacts: none of {total} patches flagged (blur, ink, fold, background)", soft_wrap=True)
+        return
+    console.print(f"artifacts: {n_flagged} of {total} patches flagged ("
+                  + (", ".join(f"{k} {v}" for k, v in causes.items() if v) or "none") + f") on {len(flagged)} of "
+                  f"{len(per_slide)} slides; fit and inference leave them out (fit --keep-artifacts keeps a kind)",
+                  soft_wrap=True)
+    for a in flagged[:SHOWN_SLIDES]:
+        what = ", ".join(f"{k} {v}" for k, v in a["flagged"].items() if v) or "none flagged"
+        ink = ", ".join(f"{k} {v:.1%}" for k, v in a.get("ink_on_thumbnail", {}).items())
+        console.print(f"  {escape(a['image_id'])} ({a['split']}): {what} of {a['patches']} patches, "
+                      f"{a['usable']:.0%} usable" + (f"; pen ink kept off the tissue: {ink}" if ink else ""),
+                      soft_wrap=True)
+    if len(flagged) > SHOWN_SLIDES:
+        console.print(f"  ... and {len(flagged) - SHOWN_SLIDES} more slides (the flags column of crops.parquet)",
+                      soft_wrap=True)

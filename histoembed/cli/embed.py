@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
+from histoembed.cli.app import ConfigOpt, RunOpt, VerifyDataOpt, command, setting, stage_settings
 from histoembed.core.config import Device, Engine, Pool, Precision, StainNorm, StoreDtype
 from histoembed.core.console import console, noun
 from histoembed.inputs.provenance import run_kinds
@@ -44,6 +44,7 @@ def embed(
         "--shard", metavar="I/N", help="Embed only the I-th of N deterministic slices of the crops or patches (from "
                                        "0), into this shard's own parts, so N processes or GPUs share one run; readers "
                                        "see all. Default: the whole run, or RANK/WORLD_SIZE under torchrun.")] = None,
+    verify_data: VerifyDataOpt = False,
 ) -> None:
     """Embed every crop (or slide patch) of run/crops.parquet in r views with one or more frozen encoders into
     run/features/<encoder>/.
@@ -62,7 +63,7 @@ def embed(
     from histoembed.stages.embed import default_shard, parse_shard, run_embeds  # torch: loaded only to embed
 
     shard_ = parse_shard(shard) if shard else default_shard()
-    for result in run_embeds(run, settings.embed, settings.augment, shard=shard_):
+    for result in run_embeds(run, settings.embed, settings.augment, shard=shard_, verify=verify_data):
         kinds = run_kinds(run)
         if result.removed_parts:
             console.print(f"removed {result.removed_parts} part(s) written with other settings", soft_wrap=True)

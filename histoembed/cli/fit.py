@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 from histoembed.cli import drift as drift_cli
 from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
 from histoembed.core import store
-from histoembed.core.config import EncoderFusion, Offsets, ScaleFusion
+from histoembed.core.config import ARTIFACTS, EncoderFusion, Offsets, ScaleFusion, SelectBy
 from histoembed.core.console import console, items, noun, table
 from histoembed.core.errors import UserError
+from histoembed.inputs import patch_flags
 from histoembed.inputs.provenance import run_kinds
 from histoembed.stages.drift import run_drift
 from histoembed.stages.fit import parse_encoders, run_fit
@@ -27,7 +28,7 @@ def fit(
     encoder_fusion: Annotated[EncoderFusion | None, setting("fit.encoder_fusion")] = None,
     folds: Annotated[int | None, setting("fit.folds")] = None,
     seed: Annotated[int | None, setting("fit.seed")] = None,
-    seeds: Annotated[int | None, setting("fit.seeds")] = None,
+    seeds: Annotated[int | None, setting("fit.seeds", "--repeats-cv", "--seeds")] = None,
     include_flagged: Annotated[bool | None, setting("fit.include_flagged", "--include-flagged/--exclude-flagged")]
         = None,
     mlp_hidden: Annotated[int | None, setting("fit.mlp.hidden", "--mlp-hidden")] = None,
@@ -40,10 +41,14 @@ def fit(
     threads: Annotated[int | None, setting("fit.threads")] = None,
     heads: Annotated[str | None, setting("fit.heads", metavar="HEAD,HEAD")] = None,
     offsets: Annotated[Offsets | None, setting("fit.offsets")] = None,
+    select_by: Annotated[SelectBy | None, setting("fit.select_by")] = None,
+    class_order: Annotated[str | None, setting("fit.class_order", metavar="CLASS,CLASS")] = None,
+    ordinal: Annotated[bool | None, setting("fit.ordinal")] = None,
     alpha: Annotated[float | None, setting("fit.alpha")] = None,
     class_conditional: Annotated[bool | None, setting("fit.class_conditional", "--class-conditional/--marginal")]
         = None,
     scale_fusion: Annotated[ScaleFusion | None, setting("fit.scale_fusion")] = None,
+    keep_artifacts: Annotated[str | None, setting("fit.keep_artifacts", metavar="KIND,KIND")] = None,
 ) -> None:
     """Cross-validate heads on the training features; calibrate, fuse, choose class offsets and conformal sets.
 
@@ -61,8 +66,12 @@ def fit(
     """
     settings = stage_settings(config, "fit", folds=folds, seed=seed, seeds=seeds, include_flagged=include_flagged,
                                   bootstrap=bootstrap, offsets=offsets, alpha=alpha, threads=threads,
+                                  select_by=select_by, ordinal=ordinal,
+                                  class_order=None if class_order is None else
+                                  [c.strip() for c in class_order.split(",") if c.strip()],
                                   class_conditional=class_conditional, scale_fusion=scale_fusion,
                                   encoder=encoder, encoder_fusion=encoder_fusion,
+                                  keep_artifacts=_parse_artifacts(keep_artifacts),
                                   heads=None if heads is None else check_names(heads.split(",")),
                                   mlp=dict(hidden=mlp_hidden, depth=mlp_depth, epochs=mlp_epochs, mixup_alpha=mixup),
                                   xgb=dict(n_estimators=xgb_rounds, pca_dims=pca_dims))
@@ -75,6 +84,10 @@ def fit(
     if result.excluded_flagged:
         console.print(f"QC: {len(result.excluded_flagged)} flagged training {_noun(run, result.excluded_flagged)} "
                       "left out (--include-flagged keeps them)", soft_wrap=True)
+    left_out = result.metrics.get("artifacts_left_out")
+    said = patch_flags.describe(patch_flags.LeftOut(**left_out), settings.fit.keep_artifacts) if left_out else None
+    if said:
+        console.print(said, soft_wrap=True)
     if result.skipped:
         console.print(f"{run}/models is up to date (same features, labels, QC and settings); nothing to do.",
                       soft_wrap=True)
@@ -88,6 +101,18 @@ def fit(
         drift_cli.show(run_drift(run, settings.drift, encoder=encoders[0] if encoders else None))
     except (UserError, OSError) as e:
         console.print(f"[yellow]drift check skipped:[/] {e}", soft_wrap=True)
+
+
+def _parse_artifacts(text: str | None) -> list[str] | None:
+    """``--keep-artifacts blur,ink``: the artifact flags named, each one known."""
+    if text is None:
+        return None
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in ARTIFACTS]
+    if unknown:
+        raise UserError(f"--keep-artifacts names {', '.join(map(repr, unknown))}, not an artifact flag",
+                        hint=f"choose among {', '.join(ARTIFACTS)}, comma-separated (e.g. --keep-artifacts blur,fold)")
+    return [k for k in ARTIFACTS if k in kinds]   # one order: `ink,blur` and `blur,ink` are one setting and key
 
 
 def temperature_cell(decision: dict | None) -> str:
@@ -140,6 +165,7 @@ def print_summary(metrics: dict, kinds: tuple[int, int] | None = None) -> None:
     for head, decision in temps.items():
         if decision:
             console.print(temperature_line(head, decision), soft_wrap=True)
+    field_numbers(metrics)
     sf = metrics.get("scale_fusion")
     if sf and (len(sf["scales"]) > 1 or sf["mode"] != "crops"):
         console.print(f"crop scales {', '.join(f'{s:g}' for s in sf['scales'])}, scale fusion {sf['mode']}: "
@@ -177,3 +203,39 @@ def print_summary(metrics: dict, kinds: tuple[int, int] | None = None) -> None:
                           f"(mean {stats['mean']:.3f}, std {stats['std']:.3f}, "
                           f"range {stats['max'] - stats['min']:.3f})",
                           soft_wrap=True)
+        repeated_numbers(spread)
+
+
+FIELD = (("auroc", "AUROC"), ("average_precision", "AP"), ("balanced_accuracy", "bal. acc."),
+         ("quadratic_kappa", "kappa (quadratic)"))
+
+
+def _interval(number: dict | None) -> str:
+    if not isinstance(number, dict) or number.get("value") is None:
+        return "-"
+    ci = f" [{number['lo']:.2f}, {number['hi']:.2f}]" if number.get("lo") is not None else ""
+    return f"{number['value']:.3f}{ci}"
+
+
+def field_numbers(metrics: dict) -> None:
+    """AUROC, AP, balanced accuracy and kappa of each head with their intervals, and what the intervals drew."""
+    heads = metrics["heads"]
+    shown = [(k, name) for k, name in FIELD if any(k in m for m in heads.values())]
+    if not shown:
+        return
+    iv = metrics.get("intervals") or {}
+    drawn = (f"{iv.get('patients')} patients" if iv.get("unit") == "patients" else f"{metrics['images']} images")
+    binary = f", AUROC and AP of {iv['positive_class']}" if iv.get("positive_class") else ", AUROC and AP one-vs-rest macro"
+    table(f"Out of fold: 95% intervals from {iv.get('resamples', 0)} resamples of the {drawn}{binary}",
+          ["head", *(name for _, name in shown)], [[head, *(_interval(m.get(k)) for k, _ in shown)]
+                                                   for head, m in heads.items()])
+
+
+def repeated_numbers(spread: dict) -> None:
+    """--repeats-cv: the fused numbers' mean and spread over the repeats."""
+    fused = (spread.get("metrics") or {}).get("fused") or {}
+    parts = [f"{name} {s['mean']:.3f} ± {s['std']:.3f}" for name, s in fused.items()
+             if s.get("mean") is not None and s.get("std") is not None]
+    if parts:
+        console.print(f"fused over {spread['repeats']} repeats of the cross-validation (mean ± std): "
+                      + ", ".join(parts), soft_wrap=True)

@@ -67,6 +67,10 @@ def synth(
     partial_masks: Annotated[bool, typer.Option(
         "--partial-masks", help="Mask files mark a patch of tissue away from the tumour and miss the tumour "
                                 "(with its class signal): what `crops --mask-mode union` recovers.")] = False,
+    artifacts: Annotated[bool, typer.Option(
+        "--artifacts", help="With --slides: draw into every slide a marker stroke of each colour (blue, green, red, "
+                            "black) from the glass into the tissue, a band out of focus, a fold and an air bubble, "
+                            "and write where they are beside it (SLIDE.artifacts.json, level-0 pixels).")] = False,
 ) -> None:
     """Write a synthetic H&E dataset (images, tumour masks, labels) for trying the pipeline."""
     if slides:
@@ -78,11 +82,14 @@ def synth(
         if (out / "manifest.csv").exists() or (out / "slides").exists():
             raise UserError("folder already holds a slide cohort", path=out,
                             hint="choose another --out, or remove the folder first")
-        done = synthetic.make_slide_cohort(out, slides, seed, slide_size, fmt=slide_format,
-                                                  n_test=test)
-        console.print(f"wrote {done['train']} training and {done['test']} test slides to {out / 'slides'}; "
-                      f"manifest: {done['manifest']}", soft_wrap=True)
+        done = synthetic.make_slide_cohort(out, slides, seed, slide_size, fmt=slide_format, n_test=test,
+                                           spec_type=synthetic.ArtifactSlideSpec if artifacts else None)
+        console.print(f"wrote {done['train']} training and {done['test']} test slides to {out / 'slides'}"
+                      + (" with planted artifacts (where: SLIDE.artifacts.json beside each)" if artifacts else "")
+                      + f"; manifest: {done['manifest']}", soft_wrap=True)
         return
+    if artifacts:
+        raise UserError("--artifacts draws into whole slides: pass --slides N too")
     if full_scale:
         if train is not None or test is not None:
             raise UserError("--full-scale sets 691 training and 477 test images; leave out --train and --test")

@@ -35,6 +35,9 @@ Offsets = Literal["auto", "on", "off"]
 MaskMode = Literal["given", "tissue", "union"]
 ScaleFusion = Literal["crops", "concat"]
 EncoderFusion = Literal["logits", "concat"]
+Artifact = Literal["background", "ink", "fold", "blur"]   # a slide patch's artifact flags (inputs/artifacts.py)
+ARTIFACTS: tuple[str, ...] = ("background", "ink", "fold", "blur")
+SelectBy = Literal["macro_f1", "auroc", "average_precision", "balanced_accuracy", "kappa", "nll"]
 MAX_SCALE = 8.0
 Engine = Literal["local", "ray"]
 StainNorm = Literal["none", "macenko", "reinhard"]
@@ -110,14 +113,24 @@ class CropSettings(_Settings):
                        "40x); each patch is read from the best pyramid level and resized to size x size.")
     overlap: float = Field(0.0, ge=0, lt=1, description="Whole slides: overlap of neighbouring patches, as a "
                            "fraction of the patch side (the grid's step is side x (1 - overlap)).")
-    max_patches: int = Field(0, ge=0, description="Whole slides: at most this many patches per slide, an evenly "
-                             "spaced subsample of the tissue patches in reading order (0: all).")
+    max_patches: int = Field(0, ge=0, description="At most this many patches per whole slide, an evenly spaced "
+                             "subsample of the tissue patches in reading order (0: all); it caps an image's crops "
+                             "too (with max_crops; a big one-level TIFF is an image), each --scales adding its "
+                             "context crop of the same places.")
     allow_upsample: bool = Field(False, description="Whole slides: allow an --mpp finer than a slide's own (each "
                                  "patch enlarged from fewer pixels); refused by default, naming the slide.")
+    mask_classes: tuple[str, ...] = Field(
+        (), description="Whole slides with a QuPath GeoJSON mask: keep only the annotations of these classes "
+        "(comma-separated, e.g. Tumor,Stroma; case ignored; a derived class such as 'Tumor: Positive' counts as "
+        "Tumor); empty: every annotation. A mask image ignores it.")
     thumb_mpp: float = Field(8.0, gt=0, description="Whole slides: microns per pixel of the thumbnail tissue is "
                              "found on (saturation Otsu, closing, holes filled).")
     min_tissue_area: float = Field(10_000.0, ge=0, description="Whole slides: tissue pieces smaller than this "
                                    "many square microns are dropped (dust, pen dots).")
+    score_patches: bool = Field(True, description="Whole slides: read every patch and flag its artifacts (blur, ink, "
+                                "fold, background; crops.parquet's flags). Off: none is read or flagged.")
+    min_usable: float = Field(0.0, ge=0, le=1, description="Whole slides: name each slide whose share of unflagged "
+                              "patches is under this: a warning, or the slide left out with --strict (0: never).")
     workers: int = Field(0, ge=0, description="Worker processes (0: all cores; 1: in this process).",
                          json_schema_extra=NO_OUTPUT_CHANGE)
     engine: Engine = Field("local", description="local: worker processes on this machine; ray: one Ray task per "
@@ -320,12 +333,18 @@ class ABMILSettings(_Settings):
 class FitSettings(_Settings):
     folds: int = Field(10, ge=2, description="Cross-validation folds (stratified by label, QC duplicate groups kept together).")
     seed: int = Field(0, description="Seed of folds, initialisation and shuffling.")
-    seeds: int = Field(1, ge=1, description="Repeat the whole cross-validation with this many seeds (seed, seed+1, ...) "
-                       "and report the spread of macro-F1; the first seed's models are kept.")
+    seeds: int = Field(1, ge=1, description="Repeated cross-validation: rerun the folds with this many seeds (seed, "
+                       "seed+1, ...) and report the mean and spread of every metric over the repeats; the first seed's "
+                       "models, decisions and intervals are kept (what submit uses does not change).")
     include_flagged: bool = Field(False, description="Train on training images (or slides) that `histoembed qc` flagged.")
+    keep_artifacts: tuple[Artifact, ...] = Field((), description="Whole slides: artifact flags whose patches are "
+        "used anyway (comma-separated: blur, ink, fold, background); other flagged patches are left out of fit, submit "
+        "and predict alike.")
     inner_val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of the training folds kept for early stopping.")
     weight_grid: int = Field(21, ge=2, description="Fusion weights tried on [0, 1].")
-    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the macro-F1 95% interval (0: none).")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples of every 95% interval in metrics.json (macro-F1, "
+                           "AUROC, average precision, balanced accuracy, kappa): patients when the manifest has a "
+                           "group column, else images (0: none).")
     heads: tuple[str, ...] = Field(
         ("mlp", "xgb"), min_length=1, description="Heads to cross-validate and fuse (comma-separated on the command "
         "line): mlp, xgb (the reference recipe), logreg (linear probe on image means), abmil (gated attention-MIL "
@@ -333,6 +352,17 @@ class FitSettings(_Settings):
     offsets: Offsets = Field(
         "auto", description="Per-class offsets on the fused log-probabilities for the submission: on, off, or auto "
         "(on when their cross-fitted macro-F1 beats plain argmax). Both scores are always reported.")
+    select_by: SelectBy = Field(
+        "macro_f1", description="The metric the fusion weights and class offsets maximise on the other folds' "
+        "out-of-fold predictions (cross-fitted): macro_f1 (the reference challenge's score), balanced_accuracy, kappa "
+        "(quadratic weighted; needs class_order or ordinal), auroc, average_precision or nll. Offsets read decisions: "
+        "with auroc, average_precision or nll they are chosen by macro-F1.")
+    class_order: tuple[str, ...] | None = Field(
+        None, description="The classes as ordered grades, lowest first (e.g. G1,G2,G3): metrics.json then reports the "
+        "quadratic weighted kappa. Must list every training class once.")
+    ordinal: bool = Field(False, description="The classes are ordered grades in label order (sorted, numbers by value: "
+                          "2 before 10) unless class_order gives the order: metrics.json reports the quadratic "
+                          "weighted kappa.")
     alpha: float = Field(0.1, gt=0, lt=1, description="Conformal prediction sets cover the true class with probability 1 - alpha.")
     class_conditional: bool = Field(False, description="Conformal thresholds per class (each class covered at 1 - alpha; larger sets).")
     scale_fusion: ScaleFusion = Field(

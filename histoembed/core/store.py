@@ -285,6 +285,11 @@ SLIDE_FIELDS = [
     ("mpp", pa.float32()),            # microns per pixel of the patch as embedded (size x size pixels)
     ("source", pa.string()),          # the slide's absolute path (a file system every worker sees)
     ("patch_digest", pa.string()),    # digest of (slide content, level, box, size, mpp): the patch's identity
+    ("flags", pa.list_(pa.string())),  # artifact flags (background, ink, fold, blur; empty: usable); null unscored
+    ("sharpness", pa.float32()),      # the scores behind them (inputs/artifacts.py): Laplacian variance in tissue,
+    ("ink_fraction", pa.float32()),   # share of the patch that is pen ink,
+    ("fold_fraction", pa.float32()),  # share of its tissue that is doubled (a fold),
+    ("background_fraction", pa.float32()),  # share that is unstained
 ]
 GROUP_FIELD = ("group", pa.string())  # patient id from the manifest's group column (a data with groups only)
 

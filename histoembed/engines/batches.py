@@ -8,7 +8,12 @@ a batch or the problem of its first unreadable crop, which ``raise_batch_problem
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +36,26 @@ def plan_batches(rows: list[int], splits: list[str], batch_size: int) -> list[np
     return out
 
 
+@dataclass(frozen=True)
+class SlideProblem:
+    """A slide patch that cannot be read, as a reader hands it back in place of a batch. Not a tuple: the
+    DataLoader's ``default_convert`` turns tuples into lists on the way out, a dataclass it passes through."""
+
+    path: str
+    problem: str
+    hint: str = ""
+
+
 class CropBatches(torch.utils.data.IterableDataset):
     """Batches of decoded crops, read from crops.parquet row group by row group.
 
     Worker w of W takes batches w, w+W, ...; the DataLoader interleaves them back in order.
     Each item: (batch number, uint8 tensor [B, H, W, 3]), or (batch number, row) for a crop
-    whose PNG cannot be decoded, or (batch number, (slide path, problem, hint)) for a slide
-    patch that cannot be read. A whole slide's patch (no PNG; ``source``, ``level`` and the
-    level-0 box in its row) is read from the slide as ``slides.read_patch`` reads it; a batch's neighbouring
-    patches are cut from one region (``slides.read_patches``); each process opens each slide once
-    (``SlideHandles``).
+    whose PNG cannot be decoded, or (batch number, ``SlideProblem``) for a slide patch that
+    cannot be read. A whole slide's patch (no PNG; ``source``, ``level`` and the level-0 box in
+    its row) is read from the slide as ``slides.read_patch`` reads it; a batch's neighbouring
+    patches are cut from one region (``slides.read_patches``); each process opens each slide
+    once (``SlideHandles``).
     """
 
     def __init__(self, path: Path, batches: list[np.ndarray]):
@@ -76,7 +91,7 @@ class CropBatches(torch.utils.data.IterableDataset):
                     read = slides.read_patches_at(source, handles, [(it[3], it[4]) for it in items[first:end]],
                                                   level, items[first][5] - items[first][3], size)
                 except UserError as e:  # a damaged slide: named by the caller, never a worker's traceback
-                    yield b, (str(e.path or source), e.problem, e.hint or "")
+                    yield b, SlideProblem(str(e.path or source), e.problem, e.hint or "")
                     return
                 crops[first:end] = list(read)
             for i, (row, item) in enumerate(zip(self.batches[b], items)):
@@ -105,27 +120,45 @@ def slide_runs(items: list[tuple]) -> list[tuple[int, int]]:
     return runs
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_parent(parent: int, worker_id: int = 0) -> None:
+    """A DataLoader worker's ``worker_init_fn`` (as ``partial(end_with_parent, os.getpid())``): the worker is
+    killed the moment the process that started it dies (``prctl(PR_SET_PDEATHSIG, SIGKILL)``, Linux).
+
+    Without it a killed ``embed`` left its workers reading slides for up to five seconds, until the
+    DataLoader's own watchdog noticed. A worker only reads crops, so nothing is lost by killing it. Elsewhere
+    (macOS, Windows) the watchdog remains. A parent that died before the call is caught by its pid.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died between the fork and the prctl
+        os._exit(1)
+
+
 def raise_batch_problem(item, index: CropIndex | None) -> None:
     """Stop with a clear message when a batch came back as an unreadable crop or slide patch."""
-    if isinstance(item, tuple):
-        path, problem, hint = item
-        raise UserError(problem, path=Path(path), hint=hint or None)
+    if isinstance(item, SlideProblem):
+        raise UserError(item.problem, path=Path(item.path), hint=item.hint or None)
     if isinstance(item, int):
         raise UserError(f"crop {index.crop_index[item]} of {index.ids[item]} ({index.splits[item]}) is not a "
                         "readable PNG", path=index.path, hint="re-run `histoembed crops` (delete the file first)")
 
 
-def check_slides_unchanged(crops_path: Path) -> None:
+def check_slides_unchanged(crops_path: Path, verify: bool = False) -> None:
     """Stop when a slide the crops file reads patches from is gone or its bytes changed since `crops`.
 
     The slide's stamp recorded by crops (``content_stamps``) is trusted while its size and modification
-    time are unchanged, as for images; otherwise the slide is stamped again and compared.
+    time are unchanged, as for images; otherwise (or with ``verify``) the slide is stamped again and compared.
     """
     if "source" not in pq.read_schema(crops_path).names:
         return
     cache = store.read_meta(crops_path).get("content_stamps") or {}
     sources = pq.read_table(crops_path, columns=["source"])["source"].unique().to_pylist()
-    stamp = store.ContentStamps(cache)
+    stamp = store.ContentStamps(None if verify else cache)
     for source in sources:
         if source is None:
             continue

@@ -24,7 +24,7 @@ from histoembed.maths import stain
 from histoembed.maths.augment import augment_batch
 from histoembed.models.encoders import Encoder
 from histoembed.models.precision import PrecisionCheck, check_precision
-from histoembed.models.sizing import CPU_BATCH_SIZE, CPU_WORKERS, Sizes, cuda_sizes
+from histoembed.models.gpu_sizing import CPU_BATCH_SIZE, CPU_WORKERS, Sizes, cuda_sizes
 
 
 def embed_views(encoder: Encoder, crops: torch.Tensor, image_ids: Sequence[str], crop_index: Sequence[int],

@@ -55,7 +55,7 @@ from histoembed.core.errors import UserError
 from histoembed.core.feature_store import CropIndex
 from histoembed.engines import forward
 from histoembed.engines.base import EmbedResult, stop_for_tests
-from histoembed.engines.batches import CropBatches, check_slides_unchanged, raise_batch_problem
+from histoembed.engines.batches import CropBatches, SlideProblem, check_slides_unchanged, raise_batch_problem
 from histoembed.engines.ray_session import quiet, ray_module, session, user_errors
 from histoembed.maths import stain
 from histoembed.models.encoders import Encoder, load_encoder
@@ -141,7 +141,7 @@ def _resolve(encoder: Encoder | None, settings: EmbedSettings, augment: AugmentS
     return _Resolved(key, encoder.slug, encoder.name, encoder.dim, encoder.precision, encoder.compile, check), encoder
 
 
-def _probe(settings: EmbedSettings, augment: AugmentSettings, crops_path: Path, rows: list[int],
+def _resolve_on_driver(settings: EmbedSettings, augment: AugmentSettings, crops_path: Path, rows: list[int],
            normaliser: stain.StainNormaliser | None) -> _Resolved:
     return _resolve(None, settings, augment, crops_path, rows, normaliser)[0]
 
@@ -262,7 +262,7 @@ def _decode(batch: dict[str, np.ndarray], crops_path: str) -> dict[str, np.ndarr
     """A CPU task: the crops of one unit (rows of crops.parquet) decoded to uint8 [B, H, W, 3]."""
     rows = batch["row"]
     _, crops = next(iter(CropBatches(Path(crops_path), [rows])))
-    if isinstance(crops, tuple):  # a slide patch that cannot be read: the slide is named
+    if isinstance(crops, SlideProblem):  # a slide patch that cannot be read: the slide is named
         raise_batch_problem(crops, None)
     if isinstance(crops, int):
         i = int(np.flatnonzero(rows == crops)[0])
@@ -271,7 +271,7 @@ def _decode(batch: dict[str, np.ndarray], crops_path: str) -> dict[str, np.ndarr
     return {**batch, "pixels": crops.numpy()}
 
 
-def _units(index: CropIndex, todo: list[int], per_part: int) -> list[pa.Table]:
+def _part_units(index: CropIndex, todo: list[int], per_part: int) -> list[pa.Table]:
     """The crops ``todo`` in units of ``per_part`` (one Ray block each, so actors share the work evenly)."""
     crops = index.crops()
     out = []
@@ -287,7 +287,7 @@ def _units(index: CropIndex, todo: list[int], per_part: int) -> list[pa.Table]:
 def _crop_shape(index: CropIndex, row: int) -> tuple[int, ...]:
     """The decoded shape of crop ``row`` (a crops file holds crops of one size)."""
     _, crops = next(iter(CropBatches(index.path, [np.array([row])])))
-    if isinstance(crops, tuple):
+    if isinstance(crops, SlideProblem):
         raise_batch_problem(crops, index)
     if isinstance(crops, int):
         raise UserError(f"crop {index.crop_index[row]} of {index.ids[row]} ({index.splits[row]}) is not a readable "
@@ -296,13 +296,13 @@ def _crop_shape(index: CropIndex, row: int) -> tuple[int, ...]:
 
 
 @dataclass
-class _Layout:
+class _ActorLayout:
     actors: int
     gpus: float  # per actor
     cpus: float  # per actor
 
 
-def _layout(ray, settings: EmbedSettings, todo_parts: int) -> _Layout:
+def _layout(ray, settings: EmbedSettings, todo_parts: int) -> _ActorLayout:
     """How many encoder actors, each with what: one GPU each when the cluster has GPUs."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -316,7 +316,7 @@ def _layout(ray, settings: EmbedSettings, todo_parts: int) -> _Layout:
         raise UserError(f"{actors} encoder actor(s) of {settings.ray_actor_cpus:g} CPU(s) each would leave "
                         f"{max(left, 0):g} of the cluster's {resources.get('CPU', 0):g} CPUs to decode crops: "
                         "the run would wait forever", hint="lower --ray-actors or --ray-actor-cpus")
-    return _Layout(actors, 1.0 if gpus else 0.0, settings.ray_actor_cpus)
+    return _ActorLayout(actors, 1.0 if gpus else 0.0, settings.ray_actor_cpus)
 
 
 def part_crops(settings: EmbedSettings) -> int:
@@ -355,7 +355,7 @@ def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shar
         first = mine[:settings.batch_size]
         if encoder is None and ray.cluster_resources().get("GPU", 0):
             # Load and check the encoder where the actors will run (a GPU), to fix the store's key.
-            probe = ray.remote(num_gpus=1, num_cpus=settings.ray_actor_cpus, max_retries=RETRIES)(_probe)
+            probe = ray.remote(num_gpus=1, num_cpus=settings.ray_actor_cpus, max_retries=RETRIES)(_resolve_on_driver)
             resolved = ray.get(probe.remote(settings, augment, index.path, first, normaliser))
         else:  # CPU actors: this process resolves it as they will (the actors check that their key agrees)
             resolved, checked = _resolve(encoder, settings, augment, index.path, first, normaliser)
@@ -388,7 +388,7 @@ def _embed_todo(ray, index: CropIndex, todo: list[int], settings: EmbedSettings,
     # Each decode task reserves the memory of its unit (PNG bytes, decoded crops and their copy in the
     # block); that also keeps Ray Data from fusing decoding into CPU actors of the same CPU count.
     unit_bytes = 3 * per_part * math.prod(_crop_shape(index, todo[0]))
-    ds = ray.data.from_arrow(_units(index, todo, per_part))
+    ds = ray.data.from_arrow(_part_units(index, todo, per_part))
     ds = ds.map_batches(_decode, fn_kwargs={"crops_path": str(index.path)}, batch_format="numpy",
                         memory=unit_bytes)
     # Ray Data restarts a dead actor and retries its task by default (max_restarts, max_task_retries -1).

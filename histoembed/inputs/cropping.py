@@ -52,6 +52,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -59,7 +60,7 @@ import numpy as np
 from histoembed.core import store
 from histoembed.core.config import CropSettings
 from histoembed.core.errors import UserError
-from histoembed.inputs import slides
+from histoembed.inputs import artifacts, slides
 from histoembed.inputs.dataset import Sample, read_slide_mask
 from histoembed.inputs.pixels import tissue_mask_by_colour
 
@@ -286,6 +287,7 @@ def crop_image(rgb: np.ndarray, mask: np.ndarray | None, settings: CropSettings)
     """Every crop of one image (scale 1 first, then each further scale), and why it fell back to
     grid-over-tissue (None if it did not)."""
     tile = settings.tile or settings.size
+    limit = min(settings.max_crops, settings.max_patches or settings.max_crops)  # --max-patches holds for images too
     binary, comps = region_components(rgb, mask, settings)
     has_mask = binary is not None and binary.any()
     paint = binary if (settings.fill_outside_mask and has_mask) else None
@@ -295,7 +297,7 @@ def crop_image(rgb: np.ndarray, mask: np.ndarray | None, settings: CropSettings)
     measure = binary  # what tissue_fraction counts: the mask (or region) for blobs, tissue by colour for tiles
     if settings.strategy == "grid":
         measure = tissue_mask_by_colour(rgb)
-        boxes, side = grid_boxes(measure, tile, settings.min_tissue, settings.max_crops), tile
+        boxes, side = grid_boxes(measure, tile, settings.min_tissue, limit), tile
         if not boxes:
             fallback = f"no tile has {settings.min_tissue:.0%} tissue"
     elif binary is None:
@@ -310,16 +312,17 @@ def crop_image(rgb: np.ndarray, mask: np.ndarray | None, settings: CropSettings)
         if settings.strategy == "blobs":
             boxes = blob_boxes(binary, comps, settings.margin)
         elif settings.strategy == "roi-window":
-            boxes, side = roi_window_boxes(binary, comps, tile, settings.max_crops), tile
+            boxes, side = roi_window_boxes(binary, comps, tile, limit), tile
         else:  # center
             boxes, side = center_boxes(binary, comps, tile), tile
+        boxes = boxes[:limit]  # blobs and centres: the largest components first
         if not boxes:
             fallback = f"no {settings.strategy} crop is half inside the mask"
     strategy = settings.strategy
     if fallback is not None:
         if settings.strategy != "grid":
             measure = tissue_mask_by_colour(rgb)
-        boxes = grid_boxes(measure, tile, settings.min_tissue, settings.max_crops, keep_best=True)
+        boxes = grid_boxes(measure, tile, settings.min_tissue, limit, keep_best=True)
         side, paint, strategy = tile, None, "grid-fallback"
     crops = [Crop(b, f, strategy, square_crop(rgb, b, settings.fill, settings.size, mask=paint, side=side))
              for b, f in boxes]
@@ -353,6 +356,8 @@ class SlideTissue:
     geo: slides.Geometry
     size0: tuple[int, int]       # level-0 width, height
     mpp0: float                  # the slide's microns per level-0 pixel
+    marks: artifacts.ThumbnailArtifacts | None = None  # pen ink and the scanner's border on the thumbnail
+    fold_cut: float = artifacts.FOLD_DEFAULT_SATURATION     # the slide's fold saturation (artifacts.fold_saturation)
 
 
 def slide_tissue(sample: Sample, settings: CropSettings, slide_mpp: float | None = None,
@@ -366,21 +371,27 @@ def slide_tissue(sample: Sample, settings: CropSettings, slide_mpp: float | None
         thumb, scale = slides.thumbnail(slide, sample.image, mpp0, settings.thumb_mpp)
         size0 = slide.dimensions
     thumb_mpp = mpp0 / scale
-    given = read_slide_mask(sample, thumb.shape[:2]) if settings.mask_mode != "tissue" else None
+    arts = artifacts.thumbnail_artifacts(thumb, thumb_mpp)
+    given = (read_slide_mask(sample, thumb.shape[:2], settings.mask_classes or None)
+             if settings.mask_mode != "tissue" else None)
     tissue = given
     if given is None or settings.mask_mode == "union":
-        found = slides.tissue_by_saturation(thumb, thumb_mpp, settings.min_tissue_area)
+        found = slides.tissue_by_saturation(artifacts.without_artifacts(thumb, arts), thumb_mpp,
+                                            settings.min_tissue_area)
         tissue = found if given is None else (given | found)
-    return SlideTissue(thumb, scale, tissue, given is not None, geo, tuple(size0), mpp0)
+    tissue = tissue & ~arts.excluded       # ink (with its margin) and the scanner's border are never tissue
+    return SlideTissue(thumb, scale, tissue, given is not None, geo, tuple(size0), mpp0, arts,
+                       artifacts.fold_saturation(thumb, tissue))
 
 
 def slide_patches(sample: Sample, settings: CropSettings, slide_mpp: float | None = None, force_mpp: bool = False,
-                  ) -> tuple[list[tuple[Box, float]], slides.Geometry, float]:
+                  tissue: SlideTissue | None = None) -> tuple[list[tuple[Box, float]], slides.Geometry, float]:
     """(patches as (level-0 box, tissue fraction), the geometry they are read with, the slide's own mpp).
 
-    Tissue as ``slide_tissue`` finds it; a slide with no tissue is a UserError naming it.
+    Tissue as ``slide_tissue`` finds it (or ``tissue``, found already); a slide with no tissue is a UserError
+    naming it.
     """
-    t = slide_tissue(sample, settings, slide_mpp, force_mpp)
+    t = tissue or slide_tissue(sample, settings, slide_mpp, force_mpp)
     w0, h0 = t.size0
     if min(w0, h0) < t.geo.side0:
         raise UserError(f"the slide is {w0}x{h0} level-0 px, smaller than one {settings.size}-px patch at "
@@ -401,3 +412,20 @@ def slide_patches(sample: Sample, settings: CropSettings, slide_mpp: float | Non
 def patch_digest(stamp: str | None, level: int, box: Box, size: int, mpp: float) -> str:
     """A slide patch's identity: what its pixels depend on (the slide's bytes, level, box, size and mpp)."""
     return store.config_key("patch", stamp, level, list(box), size, round(float(mpp), 6))[:16]
+
+
+def score_patches(slide, path: Path, boxes: list[tuple[Box, float]], geo: slides.Geometry, settings: CropSettings,
+                  fold_cut: float) -> tuple[dict[str, np.ndarray], list[list[str]]]:
+    """Every patch of a slide read as ``embed`` reads it, scored (``artifacts.SCORE_COLUMNS``), and its flags
+    judged against the slide's own patches (``artifacts.artifact_flags``). A read error names the slide."""
+    rows = []
+    try:
+        for (x0, y0, _, _), _ in boxes:
+            rgb = slides.read_patch(slide, x0, y0, geo.level, geo.side0, settings.size)
+            rows.append(artifacts.score_patch(rgb, settings.mpp, fold_cut))
+    except Exception as e:  # noqa: BLE001 - OpenSlideError on a corrupt tile
+        raise UserError(f"slide cannot be read ({e})", path=path, hint="the slide is damaged or truncated; re-copy "
+                        "it") from None
+    scores = {k: np.array([r[k] for r in rows], np.float64) for k in artifacts.SCORE_COLUMNS}
+    flags, _ = artifacts.artifact_flags(scores)
+    return scores, flags

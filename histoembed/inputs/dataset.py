@@ -25,11 +25,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import tifffile
 from PIL import Image, UnidentifiedImageError
 
 from histoembed.core.config import DataSettings
 from histoembed.core.errors import UserError
 from histoembed.inputs import slides
+from histoembed.inputs.exchange import geojson
 from histoembed.inputs.layouts import from_manifest, from_reference, submission_ids
 from histoembed.inputs.samples import (
     IMAGE_SUFFIXES,
@@ -120,6 +122,41 @@ def _plain_png(path: Path, max_pixels: int | None) -> np.ndarray | None:
     return pixels
 
 
+# TIFF compressions tifffile decodes by itself, losslessly (no imagecodecs): the same bytes PIL gives.
+_LOSSLESS_TIFF = {1, 5, 8, 32773, 32946}  # none, LZW, deflate, PackBits, old deflate
+
+
+def _plain_tiff(path: Path, max_pixels: int | None) -> np.ndarray | None:
+    """The first page of an 8-bit RGB or grey TIFF, chunky, losslessly compressed, read by tifffile straight into
+    one array (HxWx3 RGB or HxW), else None (PIL then reads it, or says what is wrong, as before).
+
+    PIL holds such an image at 4 bytes a pixel and copies it out at 3: a one-level 20000 x 20000 TIFF read as
+    an image peaked at 5.6 GB in `crops`; this read holds the array alone. A page whose tiles or strips run
+    past the end of the file (truncated) is left to PIL, which names it. ``max_pixels`` is checked first.
+    """
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            grey = page.photometric == tifffile.PHOTOMETRIC.MINISBLACK and page.samplesperpixel == 1
+            rgb = page.photometric == tifffile.PHOTOMETRIC.RGB and page.samplesperpixel == 3
+            size = path.stat().st_size
+            if (page.dtype != np.uint8 or not (grey or rgb) or page.extrasamples or page.bitspersample != 8
+                    or page.planarconfig != tifffile.PLANARCONFIG.CONTIG or int(page.compression) not in _LOSSLESS_TIFF
+                    or page.is_subsampled or page.fillorder != 1 or not page.databytecounts
+                    or any(n == 0 or o + n > size for o, n in zip(page.dataoffsets, page.databytecounts))):
+                return None
+            check_pixels((page.imagewidth, page.imagelength), path, max_pixels)
+            pixels = page.asarray()
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - anything tifffile cannot read plainly goes to PIL, which names the problem
+        return None
+    want = (page.imagelength, page.imagewidth, 3) if rgb else (page.imagelength, page.imagewidth)
+    return np.ascontiguousarray(pixels) if pixels.shape == want else None
+
+
 def read_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """Any PNG/JPEG/TIFF as HxWx3 uint8 RGB; alpha is composited onto white (slide background).
 
@@ -129,6 +166,9 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> np.ndar
     plain = _plain_png(path, max_pixels)
     if plain is not None:
         return cv2.cvtColor(plain, cv2.COLOR_GRAY2RGB if plain.ndim == 2 else cv2.COLOR_BGR2RGB)
+    tiff = _plain_tiff(path, max_pixels)
+    if tiff is not None:
+        return tiff if tiff.ndim == 3 else cv2.cvtColor(tiff, cv2.COLOR_GRAY2RGB)
     img = _open(path, max_pixels)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         rgb = np.repeat(_to_uint8(np.asarray(img))[..., None], 3, axis=2)
@@ -136,8 +176,8 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> np.ndar
         rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
         alpha = rgba[..., 3:4] / 255.0
         rgb = (rgba[..., :3] * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
-    else:
-        rgb = np.asarray(img.convert("RGB"))
+    else:  # an RGB image as it is: convert() would copy it whole first
+        rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise UserError(f"image has an unusable shape {rgb.shape}", path=path)
     return np.ascontiguousarray(rgb)
@@ -244,19 +284,19 @@ def _check_sizes(ds: Dataset, max_pixels: int) -> Dataset:
                 if msize != size:
                     raise size_mismatch(s.mask, msize, s.image, size)
         except UserError as e:
-            problems.append(Problem(e.path or s.image, f"{e.problem}; image skipped"))
+            problems.append(Problem(e.path or s.image, f"{e.problem}; image skipped", s.label))
             continue
         kept.append(s)
     return Dataset(ds.root, kept, ds.classes, problems, ds.warnings)
 
 
 def check_slide(s: Sample) -> None:
-    """A slide must open, and its mask (if any) must have the slide's aspect at some level (UserError naming it)."""
+    """A slide must open; its mask, an image of the slide's aspect or QuPath GeoJSON on it (UserError naming it)."""
     with slides.open_slide(s.image) as slide:
         size = slide.dimensions
     if s.mask is not None:
-        msize = image_size(s.mask, None)
-        slides.check_aspect(msize, s.mask, size)
+        (geojson.check_on_slide(geojson.read_polygons(s.mask), size, s.mask) if geojson.is_geojson(s.mask)
+         else slides.check_aspect(image_size(s.mask, None), s.mask, size))
 
 
 def leakage(samples: list[Sample]) -> list[str]:
@@ -269,13 +309,15 @@ def leakage(samples: list[Sample]) -> list[str]:
             for g in sorted(g for g, sp in splits.items() if len(sp) > 1)]
 
 
-def read_slide_mask(s: Sample, shape: tuple[int, int]) -> "np.ndarray | None":
-    """A slide's mask file resized to a thumbnail ``shape`` as bool (None without a mask)."""
+def read_slide_mask(s: Sample, shape: tuple[int, int], classes=None) -> "np.ndarray | None":
+    """A slide's mask on a thumbnail ``shape`` as bool (None without one): an image resized, or QuPath GeoJSON
+    polygons filled (those of ``classes`` when given), holes excluded."""
     if s.mask is None:
         return None
     with slides.open_slide(s.image) as slide:
         size = slide.dimensions
-    return slides.mask_on_thumbnail(read_mask(s.mask, None), s.mask, size, shape)
+    return (geojson.geojson_mask(s.mask, size, shape, classes) if geojson.is_geojson(s.mask)
+            else slides.mask_on_thumbnail(read_mask(s.mask, None), s.mask, size, shape))
 
 
 def read_slide_thumbnail(s: Sample, max_side: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
@@ -286,8 +328,7 @@ def read_slide_thumbnail(s: Sample, max_side: int = 1024) -> tuple[np.ndarray, n
         rgb, _ = slides.thumbnail(slide, s.image, 1.0, max(1.0, max(size) / max_side))
     if s.mask is None:
         return rgb, None
-    mask = slides.mask_on_thumbnail(read_mask(s.mask, None), s.mask, size, rgb.shape[:2])
-    return rgb, mask.astype(np.uint8) * 255
+    return rgb, read_slide_mask(s, rgb.shape[:2]).astype(np.uint8) * 255
 
 
 # Suffixes only whole slides use: such a file that OpenSlide cannot read is an unreadable slide, not an image.

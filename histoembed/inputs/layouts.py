@@ -59,7 +59,8 @@ def from_reference(root: Path) -> Dataset:
                 if alt:
                     mask = alt[0]
                 else:
-                    problems.append(Problem(img, f"no mask (expected {mask.name} beside it); image skipped"))
+                    problems.append(Problem(img, f"no mask (expected {mask.name} beside it); image skipped",
+                                            labels.get(img.name) if split == "train" else None))
                     continue
             _inside_data(root, mask)
             label = None
@@ -198,14 +199,16 @@ def from_manifest(path: Path) -> Dataset:
         seen[image] = lineno
         if split not in SPLITS:
             raise UserError(f"line {lineno}: split is {split!r}, expected train or test", path=path)
+        lost = label if split == "train" else None  # a skipped training item's label says which class lost it
         if not image.exists():
-            problems.append(Problem(image, f"listed on line {lineno} of {path.name} but does not exist; skipped"))
+            problems.append(Problem(image, f"listed on line {lineno} of {path.name} but does not exist; skipped",
+                                    lost))
             continue
         if (why := _not_a_file(image, rel, lineno)) is not None:
-            problems.append(Problem(image, why))
+            problems.append(Problem(image, why, lost))
             continue
         if mask is not None and not mask.exists():
-            problems.append(Problem(mask, f"mask of {rel} (line {lineno}) does not exist; image skipped"))
+            problems.append(Problem(mask, f"mask of {rel} (line {lineno}) does not exist; image skipped", lost))
             continue
         if split == "train" and label is None:
             problems.append(Problem(image, f"training image has no label (line {lineno}); skipped"))

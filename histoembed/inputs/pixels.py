@@ -41,10 +41,20 @@ def otsu_threshold(values: np.ndarray) -> float:
     return float(t)
 
 
+BAND_ROWS = 1024  # rows converted at a time: a big image's HSV copy and masks never exist whole
+
+
 def tissue_mask_by_colour(rgb: np.ndarray) -> np.ndarray:
-    """Stained pixels as bool HxW: not the bright, unsaturated slide background and not black."""
-    _, sat, val = to_hsv(rgb)
-    return ((sat >= 20) | (val < 200)) & (val >= 30)
+    """Stained pixels as bool HxW: not the bright, unsaturated slide background and not black.
+
+    Computed band by band of rows (each pixel on its own, so the result is the same), so memory holds the
+    mask and one band's HSV, not a second copy of a big image.
+    """
+    out = np.empty(rgb.shape[:2], bool)
+    for y in range(0, rgb.shape[0], BAND_ROWS):
+        _, sat, val = to_hsv(rgb[y:y + BAND_ROWS])
+        out[y:y + BAND_ROWS] = ((sat >= 20) | (val < 200)) & (val >= 30)
+    return out
 
 
 def ink_mask(rgb: np.ndarray, settings: QCSettings) -> np.ndarray:

@@ -4,9 +4,11 @@ the check every later stage makes before it trusts ``run/crops.parquet`` (a run 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from histoembed.core import store
@@ -14,6 +16,17 @@ from histoembed.core.errors import UserError
 from histoembed.inputs.dataset import Dataset, Sample, load_dataset
 
 SAMPLE_STAMPS = "sample_stamps"  # metadata: [split, image_id, image sha256, mask sha256] of every sample checked
+CROPS_SUMMARY_KEY = "histoembed_summary"  # crops.parquet footer: what `crops` skipped and why (JSON)
+
+
+def crops_summary(path: str | Path) -> dict:
+    """What ``crops`` recorded in its file's footer: ``problems`` ([path, why] of every item it skipped),
+    ``left_out`` (training images QC flagged), ``fallbacks`` and ``repaired``; {} when absent or unreadable."""
+    try:
+        raw = (pq.ParquetFile(path).metadata.metadata or {}).get(CROPS_SUMMARY_KEY.encode())
+    except (OSError, pa.ArrowInvalid):
+        return {}
+    return json.loads(raw) if raw else {}
 
 
 def checked_stamps(samples: Sequence[Sample], stamp: store.ContentStamps) -> list[list]:

@@ -39,6 +39,7 @@ class Sample:
 class Problem:
     path: Path
     problem: str
+    label: str | None = None  # the label of the training item it skipped (to say why a class has no image)
 
     def __str__(self) -> str:
         return f"{self.path}: {self.problem}"

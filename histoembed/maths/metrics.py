@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from histoembed.maths.resample import bootstrap
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64, stable for large logits."""
@@ -98,11 +100,12 @@ def ece(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
 
 
 def summary(y: np.ndarray, probs: np.ndarray, classes: list[str], *, probs_before: np.ndarray | None = None,
-            folds: np.ndarray | None = None, bootstrap: int = 1000, seed: int = 0) -> dict:
+            folds: np.ndarray | None = None, bootstrap: int = 1000, seed: int = 0, groups=None) -> dict:
     """Every reported number of one head from its out-of-fold (calibrated) probabilities.
 
     ``probs_before`` are the same predictions before temperature scaling (for NLL and ECE
-    before/after); ``folds`` gives each row's fold for the per-fold mean and spread.
+    before/after); ``folds`` gives each row's fold for the per-fold mean and spread; ``groups``
+    the patient of each row, when the macro-F1 interval should resample patients (else images).
     """
     y = np.asarray(y)
     C = len(classes)
@@ -111,7 +114,7 @@ def summary(y: np.ndarray, probs: np.ndarray, classes: list[str], *, probs_befor
     precision, recall, f1, support = per_class_scores(cm)
     out = {
         "macro_f1": macro_f1(y, pred, C),
-        "macro_f1_ci": list(bootstrap_macro_f1(y, pred, C, n=bootstrap, seed=seed)) if bootstrap > 0 else None,
+        "macro_f1_ci": _macro_f1_interval(y, pred, C, bootstrap, seed, groups) if bootstrap > 0 else None,
         "accuracy": float((pred == y).mean()) if len(y) else 0.0,
         "nll": nll(probs, y),
         "ece": ece(probs, y),
@@ -127,6 +130,14 @@ def summary(y: np.ndarray, probs: np.ndarray, classes: list[str], *, probs_befor
         out["fold_mean"] = float(np.mean(per_fold))
         out["fold_std"] = float(np.std(per_fold))
     return out
+
+
+def _macro_f1_interval(y: np.ndarray, pred: np.ndarray, C: int, n: int, seed: int, groups) -> list[float]:
+    """[low, high] of macro-F1: over images as before groups existed, over patients when ``groups`` is given."""
+    if groups is None:
+        return list(bootstrap_macro_f1(y, pred, C, n=n, seed=seed))
+    iv = bootstrap(lambda yy, pp: macro_f1(yy, pp, C), y, pred, groups=groups, n=n, seed=seed)
+    return [iv.lo, iv.hi]
 
 
 def view_spread(view_probs: np.ndarray, view_image: np.ndarray, n_images: int) -> np.ndarray:
@@ -174,3 +185,175 @@ def paired_bootstrap_difference(y: np.ndarray, pred_a: np.ndarray, pred_b: np.nd
         d[b] = macro_f1(y[idx], pred_b[idx], n_classes) - macro_f1(y[idx], pred_a[idx], n_classes)
     tail = 100 * (1 - level) / 2
     return float(diff), float(np.percentile(d, tail)), float(np.percentile(d, 100 - tail))
+
+
+# ----- Ranking and agreement numbers (issue 34): AUROC, average precision, balanced accuracy, weighted kappa.
+# Each is a numpy twin of scikit-learn's function (``roc_auc_score``, ``average_precision_score``,
+# ``balanced_accuracy_score``, ``cohen_kappa_score(weights="quadratic")``), equal to it on the same input,
+# ties included (tests/test_metrics.py checks each against scikit-learn), and some hundred times faster,
+# which matters because every interval calls it a thousand times per head and class. Where scikit-learn
+# raises (one class only) the twin returns NaN, which the bootstrap counts as a skipped resample.
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, tied values sharing their mean rank (``scipy.stats.rankdata(method="average")``)."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    new_block = np.concatenate([[True], xs[1:] != xs[:-1]])
+    block = np.cumsum(new_block) - 1
+    starts = np.flatnonzero(new_block)
+    ends = np.concatenate([starts[1:], [len(x)]])
+    ranks = np.empty(len(x))
+    ranks[order] = ((starts + 1 + ends) / 2.0)[block]
+    return ranks
+
+
+def binary_auroc(positive: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve: the chance a random positive scores above a random negative (ties: half)."""
+    positive = np.asarray(positive, dtype=bool)
+    n1 = int(positive.sum())
+    n0 = len(positive) - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = average_ranks(score)
+    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def binary_average_precision(positive: np.ndarray, score: np.ndarray) -> float:
+    """Average precision: precision at each distinct threshold weighted by the recall it adds (no interpolation)."""
+    positive = np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-np.asarray(score, dtype=np.float64), kind="mergesort")
+    s, t = np.asarray(score, dtype=np.float64)[order], positive[order]
+    last = np.concatenate([np.flatnonzero(s[1:] != s[:-1]), [len(s) - 1]])  # end of each tie block
+    tps = np.cumsum(t)[last]
+    precision = tps / (last + 1)
+    recall = tps / n_pos
+    return float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
+
+
+def _one_vs_rest(fn, y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    y, p = np.asarray(y), np.asarray(probs, dtype=np.float64)
+    return np.array([fn(y == c, p[:, c]) for c in range(p.shape[1])])
+
+
+def auroc_per_class(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """One-vs-rest AUROC of each class from its probability column (NaN for a class absent from ``y``)."""
+    return _one_vs_rest(binary_auroc, y, probs)
+
+
+def auroc(y: np.ndarray, probs: np.ndarray) -> float:
+    """Binary: AUROC of class 1's probability. More classes: the unweighted mean of the one-vs-rest AUROCs
+    (``roc_auc_score(multi_class="ovr", average="macro")``); NaN when some class is absent from ``y``."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.shape[1] == 2:
+        return binary_auroc(np.asarray(y) == 1, p[:, 1])
+    return float(np.mean(auroc_per_class(y, p)))
+
+
+def average_precision_per_class(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """One-vs-rest average precision of each class (NaN for a class absent from ``y``)."""
+    return _one_vs_rest(binary_average_precision, y, probs)
+
+
+def average_precision(y: np.ndarray, probs: np.ndarray) -> float:
+    """Binary: average precision of class 1. More classes: the macro mean of the one-vs-rest values
+    (``average_precision_score(label_binarize(y), probs, average="macro")``)."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.shape[1] == 2:
+        return binary_average_precision(np.asarray(y) == 1, p[:, 1])
+    return float(np.mean(average_precision_per_class(y, p)))
+
+
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y`` (a class only predicted adds nothing)."""
+    y, pred = np.asarray(y, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    if len(y) == 0:
+        return float("nan")
+    C = int(max(y.max(), pred.max())) + 1
+    cm = confusion(y, pred, C)
+    support = cm.sum(axis=1)
+    return float(np.mean(np.diag(cm)[support > 0] / support[support > 0]))
+
+
+def class_ranks(classes: list[str], order: list[str]) -> np.ndarray:
+    """Position of each class (by index in ``classes``) in the given order, lowest grade first."""
+    if sorted(order) != sorted(classes) or len(set(order)) != len(order):
+        raise ValueError(f"the class order {order} must list each class of {classes} exactly once")
+    return np.array([order.index(c) for c in classes])
+
+
+def quadratic_kappa(y: np.ndarray, pred: np.ndarray, ranks: np.ndarray | None = None) -> float:
+    """Cohen's kappa with quadratic weights on the ordered grades: 1 = perfect, 0 = chance agreement.
+
+    ``ranks`` maps class index to its grade (:func:`class_ranks`); identity when None. A miss by two grades
+    costs four times a miss by one. NaN when agreement by chance is total (one grade only).
+    """
+    y, pred = np.asarray(y, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    if ranks is not None:
+        y, pred = np.asarray(ranks)[y], np.asarray(ranks)[pred]
+    if len(y) == 0:
+        return float("nan")
+    K = int(max(y.max(), pred.max())) + 1 if ranks is None else len(ranks)
+    observed = confusion(y, pred, K).astype(np.float64)
+    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / observed.sum()
+    grade = np.arange(K)
+    weight = (grade[:, None] - grade[None, :]) ** 2
+    denom = float((weight * expected).sum())
+    return 1.0 - float((weight * observed).sum()) / denom if denom > 0 else float("nan")
+
+
+SELECTABLE = ("auroc", "average_precision", "balanced_accuracy", "kappa", "macro_f1", "nll")
+LOWER_IS_BETTER = frozenset({"nll"})
+
+
+def scorer(name: str, n_classes: int, ranks: np.ndarray | None = None):
+    """The metric ``name`` as a function of (class indices, probabilities [n, C]): what ``compare --metric``
+    feeds to :func:`histoembed.maths.resample.paired_bootstrap` and ``--select-by`` maximises.
+
+    Decisions are the argmax of the probabilities; ``kappa`` needs ``ranks`` (:func:`class_ranks`).
+    ``nll`` is in :data:`LOWER_IS_BETTER`: a positive paired difference there means b is worse.
+    """
+    argmax = lambda p: np.asarray(p).argmax(axis=1)  # noqa: E731
+    table = {
+        "auroc": auroc,
+        "average_precision": average_precision,
+        "balanced_accuracy": lambda y, p: balanced_accuracy(y, argmax(p)),
+        "macro_f1": lambda y, p: macro_f1(y, argmax(p), n_classes),
+        "nll": lambda y, p: nll(p, y),
+    }
+    if name == "kappa":
+        if ranks is None:
+            raise ValueError("kappa needs the order of the classes (e.g. [fit] class_order)")
+        return lambda y, p: quadratic_kappa(y, argmax(p), ranks)
+    if name not in table:
+        raise ValueError(f"unknown metric {name!r}; choose one of {', '.join(SELECTABLE)}")
+    return table[name]
+
+
+DECISION_METRICS = frozenset({"balanced_accuracy", "kappa", "macro_f1"})  # read the decided class, not the probabilities
+
+
+def selection_score(name: str, n_classes: int, ranks: np.ndarray | None = None):
+    """``fit --select-by NAME`` as a score of (class indices, probabilities), higher always better (NLL negated):
+    what the fusion weights maximise on held-out rows."""
+    score = scorer(name, n_classes, ranks)
+    if name in LOWER_IS_BETTER:
+        return lambda y, p: -score(y, p)
+    return score
+
+
+def decision_score(name: str, n_classes: int, ranks: np.ndarray | None = None):
+    """The metric ``name`` of (class indices, decided classes), higher better, for choosing class offsets;
+    None for a metric of the probabilities (AUROC, AP, NLL), which offsets cannot move."""
+    if name not in DECISION_METRICS:
+        return None
+    if name == "macro_f1":
+        return lambda y, pred: macro_f1(y, pred, n_classes)
+    if name == "balanced_accuracy":
+        return balanced_accuracy
+    if ranks is None:
+        raise ValueError("kappa needs the order of the classes (e.g. [fit] class_order)")
+    return lambda y, pred: quadratic_kappa(y, pred, ranks)

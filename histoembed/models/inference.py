@@ -16,13 +16,14 @@ import numpy as np
 
 from histoembed.core import feature_store, store
 from histoembed.core.errors import UserError
-from histoembed.maths import scales
+from histoembed.inputs import patch_flags
+from histoembed.maths import multiscale
 from histoembed.maths.metrics import softmax, view_spread
-from histoembed.models import members
+from histoembed.models import encoder_fusion
 from histoembed.models.heads import Bags, Head, decisions
 from histoembed.models.heads.base import CAPABILITIES
 from histoembed.models.heads import get as get_head
-from histoembed.models.heads.shared import first_seen_index
+from histoembed.models.heads.indexing import first_seen_index
 
 
 @dataclass
@@ -64,7 +65,7 @@ class Ensemble:
 
     def fuse_scales(self, features: feature_store.Features) -> feature_store.Features:
         """``features`` (with their scales, ``feature_store.with_scales``) as the heads were fitted on them."""
-        return scales.fuse_scales(features, self.scale_fusion, self.scales)
+        return multiscale.fuse_scales(features, self.scale_fusion, self.scales)
 
     def _check(self, features: feature_store.Features, part: dict | None = None) -> None:
         """Refuse features of another width, encoder or embedding than the models' (``part``: one encoder's)."""
@@ -141,7 +142,7 @@ class Ensemble:
                 z.update({m: fold_models[m].predict(bags) for m in mine})
             del features
         if self.encoder_fusion == "concat":
-            joined = members.concat_features(blocks, [p["scaling"] for p in self.encoders])
+            joined = encoder_fusion.concat_features(blocks, [p["scaling"] for p in self.encoders])
             del blocks
             self._check(joined)
             if len(joined) == 0:
@@ -169,10 +170,14 @@ class Ensemble:
     def member_that(self, can: str) -> str | None:
         """The first member whose head declares ``can`` (``"gives_attention"`` or ``"scores_crops"``, see
         ``heads.base.Head``), None when none does: callers ask what a head can do, never its name."""
+        return next(iter(self.members_that(can)), None)
+
+    def members_that(self, can: str) -> list[str]:
+        """Every member whose head declares ``can``, in the fit's order."""
         if can not in CAPABILITIES:
             raise ValueError(f"{can!r} is no head capability ({', '.join(CAPABILITIES)})")
         fold_models = self.models[0] if self.models else {}
-        return next((h for h in self.heads if getattr(fold_models.get(h), can, False)), None)
+        return [h for h in self.heads if getattr(fold_models.get(h), can, False)]
 
     def predict_crops(self, features: feature_store.Features) -> np.ndarray | None:
         """Per feature row (crop-view): calibrated probabilities of the head that scores crops (the MLP), averaged
@@ -186,11 +191,11 @@ class Ensemble:
             probs += softmax(fold_models[member].row_logits(features.embedding) / self.final["T"][member])
         return probs / max(1, len(self.models))
 
-    def crop_attention(self, features: feature_store.Features) -> np.ndarray | None:
+    def crop_attention(self, features: feature_store.Features, member: str | None = None) -> np.ndarray | None:
         """Per feature row: the weight of the crop within its (image, view) bag from the head that gives attention
-        (attention-MIL), averaged over folds (None without such a head, or when the heads read per-scale image
-        means rather than crops)."""
-        member = self.member_that("gives_attention")
+        (attention-MIL; ``member`` names one of several), averaged over folds (None without such a head, or when
+        the heads read per-scale image means rather than crops)."""
+        member = member or self.member_that("gives_attention")
         if member is None or self.scale_fusion != "crops" or self.encoders:
             return None
         self._check(features)
@@ -280,6 +285,12 @@ def load_ensemble(run: Path) -> Ensemble:
                     manifest.get("scales"), encoders, fusion_mode)
 
 
+def kept_artifacts(ensemble: Ensemble) -> tuple[str, ...]:
+    """The artifact flags whose slide patches the models were fitted with (fit --keep-artifacts): inference
+    leaves out the same patches fit did."""
+    return tuple(ensemble.manifest.get("settings", {}).get("keep_artifacts", ()))
+
+
 def read_run_features(run: Path, ensemble: Ensemble, split: str, tta: bool = True,
                       encoder: str | None = None) -> feature_store.Features | dict[str, feature_store.Features]:
     """``split``'s features of every store the run was fitted on, checked complete and with their crop scales.
@@ -290,7 +301,8 @@ def read_run_features(run: Path, ensemble: Ensemble, split: str, tta: bool = Tru
     def read(store_dir: Path) -> feature_store.Features:
         features = feature_store.read_features(store_dir, split=split)
         feature_store.check_complete(features, run, split)
-        features = feature_store.with_scales(features, run)
+        use, _ = patch_flags.usable_rows(features.image_id, features.crop_index, run, split, kept_artifacts(ensemble))
+        features = feature_store.with_scales(features if use.all() else features.subset(use), run)
         return features if tta else features.subset(features.view == 0)
 
     if not ensemble.encoders:

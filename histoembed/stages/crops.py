@@ -23,7 +23,7 @@ from histoembed.core import cpus, store
 from histoembed.core.config import CropSettings, QCSettings
 from histoembed.core.console import noun, progress
 from histoembed.core.errors import UserError
-from histoembed.inputs import slides
+from histoembed.inputs import artifacts, slides
 from histoembed.inputs.dataset import (
     MAX_PIXELS,
     Dataset,
@@ -32,12 +32,12 @@ from histoembed.inputs.dataset import (
     load_dataset,
     read_image_and_mask,
 )
-from histoembed.inputs.cropping import crop_image, patch_digest, slide_patches
+from histoembed.inputs.cropping import crop_image, patch_digest, score_patches, slide_patches, slide_tissue
 from histoembed.inputs.pixels import repair_ink
-from histoembed.inputs.provenance import changed_since, sample_stamps
+from histoembed.inputs.provenance import CROPS_SUMMARY_KEY, changed_since, crops_summary, sample_stamps
 
-CROPS_VERSION = 2                 # bump when the crops' definition changes (part of the skip key)
-SUMMARY_KEY = "histoembed_summary"  # footer metadata: what the run skipped and why
+CROPS_VERSION = 3                 # bump when the crops' definition changes (part of the skip key)
+SUMMARY_KEY = CROPS_SUMMARY_KEY  # footer metadata: what the run skipped and why
 
 
 # ---------------------------------------------------------------- one image in a worker
@@ -59,6 +59,8 @@ class _CroppedImage:
     fallback: str | None = None
     problem: Problem | None = None
     repaired: bool = False
+    flags: list[list[str]] | None = None   # a scored slide's patch flags
+    ink: dict[str, float] = field(default_factory=dict)  # a slide's pen ink on its thumbnail, share by colour
 
 
 def _encode_png(rgb: np.ndarray) -> bytes:
@@ -69,16 +71,28 @@ def _encode_png(rgb: np.ndarray) -> bytes:
 
 
 def _crop_slide(job: _CropJob) -> _CroppedImage:
+    """A slide's patch grid over its tissue (pen ink and the border kept out), each patch read and scored for
+    artifacts (``settings.score_patches``)."""
     sample, settings = job.sample, job.settings
     try:
-        boxes, geo, _ = slide_patches(sample, settings, job.slide_mpp, job.force_mpp)
+        tissue = slide_tissue(sample, settings, job.slide_mpp, job.force_mpp)
+        boxes, geo, _ = slide_patches(sample, settings, job.slide_mpp, job.force_mpp, tissue=tissue)
+        if settings.score_patches:
+            scores, flags = score_patches(slides.process_handles().get(sample.image), Path(sample.image), boxes,
+                                          geo, settings, tissue.fold_cut)
+        else:
+            scores, flags = {k: [None] * len(boxes) for k in artifacts.SCORE_COLUMNS}, [None] * len(boxes)
     except UserError as e:
         return _CroppedImage(sample.key, problem=Problem(e.path or sample.image, f"{e.problem}; slide skipped"))
     source = str(Path(sample.image).resolve())
+    score_rows = list(zip(*(scores[k] for k in artifacts.SCORE_COLUMNS)))
     rows = [(i, *b, f, "slide-grid", 1.0, None, geo.level, settings.mpp, source,
-             patch_digest(job.stamp, geo.level, b, settings.size, settings.mpp))
+             patch_digest(job.stamp, geo.level, b, settings.size, settings.mpp), flags[i],
+             *(None if v is None or not np.isfinite(v) else float(v) for v in score_rows[i]))
             for i, (b, f) in enumerate(boxes)]
-    return _CroppedImage(sample.key, rows)
+    ink = tissue.marks.ink_fractions() if tissue.marks is not None else {}
+    return _CroppedImage(sample.key, rows, flags=None if not settings.score_patches else flags,
+                         ink={k: v for k, v in ink.items() if v > 0})
 
 
 def _crop_one(job: _CropJob) -> _CroppedImage:
@@ -135,6 +149,7 @@ class CropsResult:
     slide_keys: frozenset[str] = frozenset()  # split/image_id of every whole slide in the data (left out or not)
     slides: int = 0                   # of ``images``, how many are whole slides
     patches: int = 0                  # of ``crops``, how many are patches of a slide
+    artifacts: list[dict] = field(default_factory=list)  # per scored slide: its patches, flags by cause, usable share
 
     def counted(self, keys: Sequence[str], slide_keys: frozenset[str]) -> CropsResult:
         """Count the slides and their patches among ``keys`` (one ``split/image_id`` per crop written)."""
@@ -159,8 +174,7 @@ def _read_qc(run: Path, stamp: store.ContentStamps) -> tuple[dict[tuple[str, str
 
 
 def _summary(path: Path) -> dict:
-    raw = (pq.ParquetFile(path).metadata.metadata or {}).get(SUMMARY_KEY.encode())
-    return json.loads(raw) if raw else {}
+    return crops_summary(path)
 
 
 def _counts(keys: Sequence[str]) -> tuple[int, float, int]:
@@ -177,7 +191,8 @@ def _previous(out: Path, slide_keys: frozenset[str]) -> CropsResult:
     sm = _summary(out)
     return CropsResult(out, len(set(keys)), len(keys), _counts(keys), [tuple(f) for f in sm.get("fallbacks", [])],
                        [Problem(Path(p), why) for p, why in sm.get("problems", [])], sm.get("left_out", []),
-                       [tuple(r) for r in sm.get("repaired", [])], skipped=True).counted(keys, slide_keys)
+                       [tuple(r) for r in sm.get("repaired", [])], skipped=True, warnings=sm.get("warnings", []),
+                       artifacts=sm.get("artifacts", [])).counted(keys, slide_keys)
 
 
 def n_workers(requested: int) -> int:
@@ -186,18 +201,26 @@ def n_workers(requested: int) -> int:
 
 
 def _refuse_lost_classes(ds, samples: list[Sample], flagged: set[tuple[str, str]], data: Path) -> None:
-    """Stop when a label given in the data has no training image left: a model would silently lack it."""
+    """Stop when a label given in the data has no training image left: a model would silently lack it.
+
+    The stop lists the causes: the problems of that label's items (the data checks tag each with its label),
+    or every problem the checks found when none is tagged (nothing else is printed before the stop).
+    """
     kept = {s.label for s in samples if s.split == "train"}
     for label in ds.classes:
         if label in kept:
             continue
         n = sum(1 for s in ds.samples if s.label == label and s.key in flagged)
-        why = (f"QC flagged all {n} of its usable image(s)" if n else
-               "every image with this label was skipped by the data check")
-        raise UserError(f"label {label!r} has no training image left to crop: {why}", path=data,
-                        hint="pass --include-flagged (or --keep ID for some of them) to keep flagged images"
-                        if n else "fix the problems listed for its images (run `histoembed crops --strict` "
-                                  "to see the first)")
+        if n:
+            raise UserError(f"label {label!r} has no training image left to crop: QC flagged all {n} of its "
+                            "usable image(s)", path=data,
+                            hint="pass --include-flagged (or --keep ID for some of them) to keep flagged images")
+        causes = [p for p in ds.problems if p.label == label] or list(ds.problems)
+        listed = "".join(f"\n  {p}" for p in causes[:20]) + (f"\n  ... and {len(causes) - 20} more"
+                                                           if len(causes) > 20 else "")
+        raise UserError(f"label {label!r} has no training image left to crop: every image with this label was "
+                        f"skipped by the data check{':' if listed else ''}{listed}", path=data,
+                        hint="fix the problems listed, then run `histoembed crops` again")
 
 
 def _refuse_stale_qc(run: Path, stamps: list[list]) -> None:
@@ -285,8 +308,11 @@ class _Written:
     repaired: list[tuple[str, str]] = field(default_factory=list)
     written: list[str] = field(default_factory=list)             # split/image_id of every crop written
     batch: list[tuple] = field(default_factory=list)
+    artifacts: list[dict] = field(default_factory=list)          # per scored slide (CropsResult.artifacts)
+    warnings: list[str] = field(default_factory=list)            # slides under --min-usable, kept
 
     def __post_init__(self) -> None:
+        self.path_of = {s.key: s.image for s in self.samples}
         self.label_of = {s.key: s.label for s in self.samples}
         self.group_of = {s.key: s.group for s in self.samples}
         self.has_slides = any(s.slide for s in self.samples)
@@ -301,13 +327,33 @@ class _Written:
             self.repaired.append(done.key)
         for row in done.rows:
             if self.has_slides and len(row) == 9:  # a flat image's row: no slide columns
-                row = (*row, None, None, None, None)
+                row = (*row, *[None] * len(store.SLIDE_FIELDS))
             elif not self.has_slides:
                 row = row[:9]
             if self.has_groups:
                 row = (*row, self.group_of[done.key])
             self.batch.append((image_id, split, self.label_of[done.key], *row))
             self.written.append(f"{split}/{image_id}")
+
+    def usable(self, done: _CroppedImage, settings: CropSettings, strict: bool) -> bool:
+        """Count a scored slide's flags; False when its usable share is under ``min_usable`` and ``strict``
+        leaves it out (named among the problems; without ``strict`` it is kept and named in a warning)."""
+        if done.flags is None:
+            return True
+        split, image_id = done.key
+        fractions = artifacts.flag_fractions(done.flags)
+        self.artifacts.append({"split": split, "image_id": image_id, "patches": len(done.flags),
+                               "flagged": {k: sum(k in f for f in done.flags) for k in artifacts.FLAG_NAMES},
+                               "usable": fractions["usable"], "ink_on_thumbnail": done.ink})
+        if fractions["usable"] >= settings.min_usable:
+            return True
+        why = (f"only {fractions['usable']:.0%} of its {len(done.flags)} patches are usable (no artifact flag), "
+               f"under --min-usable {settings.min_usable:g}")
+        if strict:
+            self.problems.append(Problem(self.path_of[done.key], f"{why}; slide left out (--strict)"))
+            return False
+        self.warnings.append(f"{image_id} ({split}): {why}")
+        return True
 
     def flush(self, writer: pq.ParquetWriter) -> None:
         if self.batch:
@@ -335,7 +381,8 @@ def _write_crops(out: Path, written: _Written, jobs: list[_CropJob], settings: C
                                             "(--strict: nothing written)", path=done.problem.path)
                         written.problems.append(done.problem)
                         continue
-                    written.add(done)
+                    if written.usable(done, settings, strict):
+                        written.add(done)
                     if len(written.batch) >= 256:
                         written.flush(writer)
             written.flush(writer)
@@ -344,7 +391,8 @@ def _write_crops(out: Path, written: _Written, jobs: list[_CropJob], settings: C
                                 hint="\n  ".join(map(str, written.problems[:20])) or None)
             writer.add_key_value_metadata({SUMMARY_KEY: json.dumps({
                 "fallbacks": written.fallbacks, "problems": [[str(p.path), p.problem] for p in written.problems],
-                "left_out": left_out, "repaired": written.repaired})})
+                "left_out": left_out, "repaired": written.repaired, "artifacts": written.artifacts,
+                "warnings": written.warnings})})
         finally:
             writer.close()
 
@@ -386,7 +434,7 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
     old = store.read_meta(out) if out.exists() else {}
     if old.get("key") == key and old.get("schema") == store.SCHEMA:  # an older file is cut again
         result = _previous(out, slide_keys)
-        result.warnings = ds.warnings
+        result.warnings = ds.warnings + result.warnings
         return result
 
     meta = {"key": key, "settings": settings.model_dump(), "data": str(data.resolve()),
@@ -400,4 +448,5 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
                  strict, left_out, data)
     w = written.written
     return CropsResult(out, len(set(w)), len(w), _counts(w), written.fallbacks, written.problems,
-                       left_out, written.repaired, skipped=False, warnings=ds.warnings).counted(w, slide_keys)
+                       left_out, written.repaired, skipped=False, warnings=ds.warnings + written.warnings,
+                       artifacts=written.artifacts).counted(w, slide_keys)

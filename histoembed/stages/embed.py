@@ -12,10 +12,12 @@ import os
 from pathlib import Path
 
 from histoembed import engines
-from histoembed.core import feature_store
+from histoembed.core import feature_store, store
 from histoembed.core.config import AugmentSettings, EmbedSettings
 from histoembed.core.errors import UserError
 from histoembed.engines.base import EmbedResult
+from histoembed.engines.batches import check_slides_unchanged
+from histoembed.inputs.provenance import run_data
 from histoembed.models.encoders import Encoder
 
 
@@ -36,13 +38,24 @@ def default_shard() -> tuple[int, int]:
     return (int(os.environ.get("RANK", "0") or 0), world) if world > 1 else (0, 1)
 
 
+def verify_data(run: Path) -> None:
+    """Hash every image, mask and slide ``run/crops.parquet`` was cut from again, and stop naming each that
+    changed (:class:`DataChanged`). Without it, ``embed`` checks only the slides it reads patches from, and
+    trusts a slide whose size and modification time are those ``crops`` stamped (an in-place edit that keeps
+    both, e.g. ``cp -p`` or ``rsync -t`` of another file of the same size, passes)."""
+    run_data(Path(run), None, verify=True)
+    check_slides_unchanged(Path(run) / store.CROPS_FILE, verify=True)
+
+
 def run_embed(run: Path, settings: EmbedSettings, augment: AugmentSettings, shard: tuple[int, int] = (0, 1),
-              encoder: Encoder | None = None) -> EmbedResult:
+              encoder: Encoder | None = None, verify: bool = False) -> EmbedResult:
     """Embed this shard's crops of ``run/crops.parquet`` into ``run/features/<encoder>/``; resume if interrupted.
 
     ``settings.engine`` picks who does the work: ``local`` (:mod:`histoembed.engines.local`) or
-    ``ray``, a Ray cluster (:mod:`histoembed.engines.ray`).
+    ``ray``, a Ray cluster (:mod:`histoembed.engines.ray`). ``verify``: :func:`verify_data` first.
     """
+    if verify:
+        verify_data(run)
     return engines.pick(settings.engine).run_embed(run, settings, augment, shard, encoder)
 
 
@@ -55,13 +68,15 @@ def encoder_names(text: str) -> list[str]:
 
 
 def run_embeds(run: Path, settings: EmbedSettings, augment: AugmentSettings,
-               shard: tuple[int, int] = (0, 1)) -> list[EmbedResult]:
+               shard: tuple[int, int] = (0, 1), verify: bool = False) -> list[EmbedResult]:
     """``run_embed`` for each encoder of ``settings.encoder`` (a comma list): the same crops and views, one store each.
 
     The augmented views depend only on (seed, image id, crop index, view), so every encoder
-    sees the very same pixels, and their stores line up row for row.
+    sees the very same pixels, and their stores line up row for row. ``verify``: :func:`verify_data` first.
     """
     names = encoder_names(settings.encoder)
+    if verify:
+        verify_data(run)
     with engine_session(settings.engine, settings.ray_address):  # one Ray session for every encoder
         return [run_embed(run, settings.model_copy(update={"encoder": name}), augment, shard=shard) for name in names]
 

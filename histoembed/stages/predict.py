@@ -16,11 +16,12 @@ import numpy as np
 from histoembed.core import feature_store, store
 from histoembed.core.config import AugmentSettings, CropSettings
 from histoembed.core.errors import UserError
-from histoembed.inputs.cropping import crop_image, slide_patches
+from histoembed.inputs import artifacts
+from histoembed.inputs.cropping import crop_image, slide_patches, slide_tissue
 from histoembed.inputs.provenance import run_data
 from histoembed.inputs import slides
 from histoembed.inputs.dataset import MAX_PIXELS, Sample, read_image_and_mask
-from histoembed.models.inference import check_same_crops, load_ensemble
+from histoembed.models.inference import check_same_crops, kept_artifacts, load_ensemble
 
 
 @dataclass
@@ -123,13 +124,14 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
             if crops:
                 emb, n_crops = embed(np.stack([c.pixels for c in crops])), len(crops)
                 scale = np.repeat(np.array([c.scale for c in crops], np.float32), views)
-            else:  # a whole slide: its patches, read as embed reads them
-                emb = _embed_slide(Path(image), mask, crop_settings, crop_meta, embed, batch_size)
-                n_crops, scale = len(emb) // views, np.ones(len(emb), np.float32)
+                crop_ids = np.arange(n_crops, dtype=np.int32)
+            else:  # a whole slide: its patches, read as embed reads them, flagged ones left out as fit left them
+                emb, crop_ids = _embed_slide(Path(image), mask, crop_settings, crop_meta, embed, batch_size,
+                                             kept_artifacts(ensemble))
+                n_crops, scale = len(crop_ids), np.ones(len(emb), np.float32)
             n = len(emb)
             by_encoder[slug] = feature_store.Features(
-                np.array([image_id] * n, object), np.array(["test"] * n, object),
-                np.repeat(np.arange(n_crops, dtype=np.int32), views),
+                np.array([image_id] * n, object), np.array(["test"] * n, object), np.repeat(crop_ids, views),
                 np.tile(np.arange(views, dtype=np.int16), n_crops), emb, features_meta, scale=scale)
         pred = ensemble.predict(by_encoder if ensemble.encoders else by_encoder[None])
         probs = pred.probs[0]
@@ -142,15 +144,17 @@ SLIDE_CHUNK = 512  # patches read at a time; memory holds two chunks (one embedd
 
 
 def _embed_slide(path: Path, mask: Path | None, settings: CropSettings, crop_meta: dict, embed,
-                 batch_size: int) -> np.ndarray:
-    """The features of a slide's patches, cut as the run's crops were (its slide scale rules too: ``crop_meta``)
-    and read as ``embed`` reads them: the next chunk is read (neighbours as one region, ``slides.read_patches``)
-    in a thread while this one goes through the encoder."""
+                 batch_size: int, keep: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(features, crop index of each patch embedded) of a slide's patches, cut as the run's crops were (its slide
+    scale rules too: ``crop_meta``) and read as ``embed`` reads them; patches with an artifact flag not in
+    ``keep`` are left out, as crops flags them and fit left them out (all kept when every patch is flagged).
+    The next chunk is read (neighbours as one region, ``slides.read_patches``) in a thread while this one goes
+    through the encoder."""
     sample = Sample(path.name, "test", path, mask, None, slide=True)
-    boxes, geo, _ = slide_patches(sample, settings, crop_meta.get("slide_mpp"),   # names a slide without tissue,
-                                  bool(crop_meta.get("force_slide_mpp")))        # or without a plausible mpp
+    tissue = slide_tissue(sample, settings, crop_meta.get("slide_mpp"), bool(crop_meta.get("force_slide_mpp")))
+    boxes, geo, _ = slide_patches(sample, settings, tissue=tissue)  # names a slide without tissue or plausible mpp
     chunk = max(SLIDE_CHUNK, batch_size)
-    parts = []
+    parts, scores = [], []
     with slides.open_slide(path) as slide, ThreadPoolExecutor(1) as reader:
         def read(first: int):
             origins = [(x0, y0) for (x0, y0, _, _), _ in boxes[first:first + chunk]]
@@ -165,8 +169,17 @@ def _embed_slide(path: Path, mask: Path | None, settings: CropSettings, crop_met
                                 hint="the slide is damaged or truncated; re-copy it") from None
             if first + chunk < len(boxes):
                 pending = read(first + chunk)
+            if settings.score_patches:
+                scores += [artifacts.score_patch(p, settings.mpp, tissue.fold_cut) for p in pixels]
             parts.append(embed(pixels, first))
-    return np.concatenate(parts)
+    emb = np.concatenate(parts)
+    use = np.ones(len(boxes), bool)
+    if scores:
+        flags, _ = artifacts.artifact_flags({k: np.array([r[k] for r in scores]) for k in artifacts.SCORE_COLUMNS})
+        use = np.array([artifacts.usable(f, keep) for f in flags])
+        if not use.any():
+            use[:] = True
+    return emb[np.repeat(use, len(emb) // len(boxes))], np.flatnonzero(use).astype(np.int32)
 
 
 def _run_encoders(ensemble) -> list[tuple[str | None, str]]:

@@ -342,7 +342,10 @@ def _row(idx: int, good: list[tuple[Sample, _ImageResult]], nb: _Neighbours, set
         if outlier:
             reasons.append(f"outlier: embedding kNN distance z = {nb.knn_z[idx]:.1f} "
                            f"(limit {settings.outlier_z:g})")
-    flagged = non_tissue or ink or blank or bool(outlier)
+    if ink and s.slide:   # issue 31: a slide's pen ink is kept off its tissue and its patches flagged by crops
+        reasons = [r + " (a slide: crops keeps the ink off its tissue; not left out)" if r.startswith("ink") else r
+                   for r in reasons]
+    flagged = non_tissue or (ink and not s.slide) or blank or bool(outlier)
     if nb.groups[idx] is not None:
         reasons.append(f"near-duplicate group {nb.groups[idx]}: " + "; ".join(nb.partners.get(idx, [])[:5]))
     near_name, near_dist, near_cos = None, None, None

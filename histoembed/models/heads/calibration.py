@@ -180,7 +180,7 @@ def cross_fitted_temperatures(logits: np.ndarray, labels: np.ndarray,
             with_t += temperature_nll(logits[rows], labels[rows], t.value) * rows.sum()
             at_one += temperature_nll(logits[rows], labels[rows], 1.0) * rows.sum()
         n = int(np.isin(fold, checked).sum())
-        verdict = (f"NLL {with_t / n:.4f} with T vs {at_one / n:.4f} at T = 1 on {n} images of {len(checked)} "
+        verdict = (f"NLL {with_t / n:.4f} with T vs {at_one / n:.4f} at T = 1 on {n} items of {len(checked)} "
                    "folds, each scored with a T fitted without it")
         if with_t < at_one - CHECK_MARGIN * n:
             return Checked(candidate.value, candidate.value, True, "it lowers the held-out " + verdict)

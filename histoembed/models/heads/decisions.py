@@ -2,7 +2,7 @@
 
 From the members' out-of-fold logits (one [images, classes] array per head), ``choose``
 picks, on the given rows only: a regularised temperature per member, simplex fusion weights
-(macro-F1), per-class offsets on the fused log-probabilities (macro-F1) and split-conformal
+(macro-F1, or the ``select_by`` metric), per-class offsets on the fused log-probabilities (the same) and split-conformal
 thresholds. ``cross_fit`` does that once per fold on the *other* folds' rows, and once on all
 rows (the parameters for the test set); ``apply`` turns parameters and logits into calibrated
 fused probabilities, offset predictions and prediction sets.
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from histoembed.maths import metrics
 from histoembed.maths.metrics import log_softmax, nll, softmax
 from histoembed.models.heads import calibration, conformal, fusion, offsets
 
@@ -41,6 +42,10 @@ class DecisionSettings:
     # Several encoders: the fusion weights with the lowest NLL whose macro-F1 is within this many images'
     # worth (this number / images) of the best (``fusion.choose_weights``'s ``nll_within``); None: off.
     nll_images: float | None = None
+    # ``fit --select-by``: the metric the fusion weights and class offsets maximise (``metrics.SELECTABLE``);
+    # offsets follow it when it reads decisions (macro-F1, balanced accuracy, kappa), else macro-F1.
+    select_by: str = "macro_f1"
+    ranks: tuple[int, ...] | None = None   # class index -> grade, for kappa (``metrics.class_ranks``)
 
 
 def choose(z: dict[str, np.ndarray], y: np.ndarray, rows: np.ndarray, s: DecisionSettings,
@@ -54,18 +59,33 @@ def choose(z: dict[str, np.ndarray], y: np.ndarray, rows: np.ndarray, s: Decisio
         temps = {h: calibration.choose_temperature(z[h][rows], y_rows) for h in heads}
     t = [temps[h].value for h in heads]
     extra = {} if s.nll_images is None else {"nll_within": s.nll_images / max(len(rows), 1)}
+    weight_score, offset_score = selection(s, z[heads[0]].shape[1])
+    if weight_score is not None:
+        extra["score"] = weight_score
     choice = fusion.choose_weights([z[h][rows] for h in heads], y_rows, t, s.weight_points, **extra)
     params = {"heads": heads, "T": {h: temps[h].value for h in heads}, "T_note": {h: temps[h].note for h in heads},
               "weights": dict(zip(heads, choice.weights)), "macro_f1_by_w": choice.scores,
               "images": int(len(rows))}
+    if s.select_by != "macro_f1":   # the curve above is of this metric then
+        params["selected_by"] = s.select_by
     if checked:
         params.update(T_fitted={h: temps[h].fitted for h in heads}, T_applied={h: temps[h].applied for h in heads},
                       T_why={h: temps[h].why for h in heads})
     logp = log_softmax(fused_logits(params, {h: z[h][rows] for h in heads}))
-    params["offsets"] = offsets.choose_offsets(logp, y_rows).tolist()
+    params["offsets"] = (offsets.choose_offsets(logp, y_rows) if offset_score is None else
+                         offsets.choose_offsets(logp, y_rows, score=offset_score)).tolist()
     q = conformal.thresholds(np.exp(logp), y_rows, s.alpha, s.class_conditional)
     params["conformal_threshold"] = [None if math.isinf(v) else float(v) for v in q]
     return params
+
+
+def selection(s: DecisionSettings, n_classes: int):
+    """(score of the fusion weights, score of the offsets) for ``s.select_by``; None: macro-F1 (the default)."""
+    if s.select_by == "macro_f1":
+        return None, None
+    ranks = None if s.ranks is None else np.asarray(s.ranks)
+    return (metrics.selection_score(s.select_by, n_classes, ranks),
+            metrics.decision_score(s.select_by, n_classes, ranks))
 
 
 def fused_logits(params: dict, z: dict[str, np.ndarray]) -> np.ndarray:

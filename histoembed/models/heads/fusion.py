@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from histoembed.maths.metrics import macro_f1
+from histoembed.maths.metrics import macro_f1, softmax
 
 GRID_MAX_MEMBERS = 3
 SEARCH_ROUNDS = 10
@@ -42,8 +42,8 @@ SEARCH_ROUNDS = 10
 @dataclass(frozen=True)
 class FusionChoice:
     weights: tuple[float, ...]        # one per member, on the simplex
-    macro_f1: float                   # on the logits that chose them
-    scores: list[float] | None = None  # two members: macro-F1 at each w on the grid (the first member's weight)
+    macro_f1: float                   # on the logits that chose them (the ``score`` when one was given)
+    scores: list[float] | None = None  # two members: that score at each w on the grid (the first member's weight)
 
 
 def weight_grid(points: int) -> np.ndarray:
@@ -86,12 +86,30 @@ def _lattice(n_members: int, points: int) -> list[np.ndarray]:
 
 
 def choose_weights(logits: Sequence[np.ndarray], labels: np.ndarray, temperatures: Sequence[float] | None = None,
-                   points: int = 21, nll_within: float | None = None) -> FusionChoice:
-    """Simplex weights with the best macro-F1 of the fused held-out ``logits`` (see the module docstring)."""
-    choice = _choose_weights(logits, labels, temperatures, points)
+                   points: int = 21, nll_within: float | None = None, score=None) -> FusionChoice:
+    """Simplex weights with the best macro-F1 of the fused held-out ``logits`` (see the module docstring).
+
+    ``score(labels, probabilities)`` (higher better, e.g. ``metrics.selection_score("auroc", C)``) replaces
+    macro-F1 when given (``fit --select-by``); it reads the softmax of the fused logits.
+    """
+    n_classes = np.asarray(logits[0]).shape[1] if len(logits) else 0
+    measure = _macro_f1_of(n_classes) if score is None else _score_of(score)
+    choice = _choose_weights(logits, labels, temperatures, points, measure)
     if nll_within is None or len(logits) < 2:
         return choice
-    return _lowest_nll_within(logits, labels, temperatures, points, choice, nll_within)
+    return _lowest_nll_within(logits, labels, temperatures, points, choice, nll_within, measure)
+
+
+def _macro_f1_of(n_classes: int):
+    return lambda labels, fused: macro_f1(labels, fused.argmax(axis=1), n_classes)
+
+
+def _score_of(score):
+    """``score`` of the fused logits' probabilities; an undefined value never wins."""
+    def measure(labels, fused):
+        value = float(score(labels, softmax(fused)))
+        return value if np.isfinite(value) else -np.inf
+    return measure
 
 
 def _nll(fused: np.ndarray, labels: np.ndarray) -> float:
@@ -100,16 +118,16 @@ def _nll(fused: np.ndarray, labels: np.ndarray) -> float:
     return float(-logp[np.arange(len(labels)), labels].mean())
 
 
-def _lowest_nll_within(logits, labels, temperatures, points: int, choice: FusionChoice, within: float) -> FusionChoice:
+def _lowest_nll_within(logits, labels, temperatures, points: int, choice: FusionChoice, within: float,
+                       measure) -> FusionChoice:
     labels = np.asarray(labels)
     n_members = len(logits)
     temperatures = [1.0] * n_members if temperatures is None else list(temperatures)
-    n_classes = np.asarray(logits[0]).shape[1]
     floor = choice.macro_f1 - within
 
     def both(w: np.ndarray) -> tuple[float, float]:
         fused = fuse_members(logits, w, temperatures)
-        return macro_f1(labels, fused.argmax(axis=1), n_classes), _nll(fused, labels)
+        return measure(labels, fused), _nll(fused, labels)
 
     w = np.asarray(choice.weights)
     f1, nll = both(w)
@@ -133,16 +151,15 @@ def _lowest_nll_within(logits, labels, temperatures, points: int, choice: Fusion
 
 
 def _choose_weights(logits: Sequence[np.ndarray], labels: np.ndarray, temperatures: Sequence[float] | None,
-                    points: int) -> FusionChoice:
+                    points: int, measure) -> FusionChoice:
     labels = np.asarray(labels)
     n_members = len(logits)
     if n_members == 0:
         raise ValueError("fusion needs at least one member")
     temperatures = [1.0] * n_members if temperatures is None else list(temperatures)
-    n_classes = np.asarray(logits[0]).shape[1]
 
     def score(w: np.ndarray) -> float:
-        return macro_f1(labels, fuse_members(logits, w, temperatures).argmax(axis=1), n_classes)
+        return measure(labels, fuse_members(logits, w, temperatures))
 
     if n_members == 1:
         w = np.array([1.0])

@@ -18,7 +18,7 @@ import numpy as np
 from histoembed.core.config import MLPSettings
 from histoembed.models.heads.base import Bags
 from histoembed.models.heads.calibration import temperature_nll
-from histoembed.models.heads.shared import class_weights
+from histoembed.models.heads.indexing import class_weights
 from histoembed.models.heads.training import TorchHead, input_scale, train
 
 WEIGHTS_FILE = "mlp.safetensors"

@@ -27,13 +27,19 @@ def apply_offsets(log_probs: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def choose_offsets(log_probs: np.ndarray, labels: np.ndarray, grid: np.ndarray = GRID,
-                   rounds: int = ROUNDS) -> np.ndarray:
-    """Offsets [C] with the best macro-F1 of ``argmax(log_probs + offsets)`` on these held-out rows."""
+                   rounds: int = ROUNDS, score=None) -> np.ndarray:
+    """Offsets [C] with the best macro-F1 of ``argmax(log_probs + offsets)`` on these held-out rows.
+
+    ``score(labels, decided)`` (higher better, e.g. ``metrics.decision_score("balanced_accuracy", C)``)
+    replaces macro-F1 when given (``fit --select-by``).
+    """
     L = np.asarray(log_probs, dtype=np.float64)
     labels = np.asarray(labels)
     C = L.shape[1]
+    if score is None:
+        score = lambda yy, pred: macro_f1(yy, pred, C)  # noqa: E731
     b = np.zeros(C)
-    best = macro_f1(labels, apply_offsets(L, b), C)
+    best = _finite(score(labels, apply_offsets(L, b)))
     for _ in range(rounds):
         moved = False
         for c in range(C):
@@ -42,9 +48,14 @@ def choose_offsets(log_probs: np.ndarray, labels: np.ndarray, grid: np.ndarray =
                     continue
                 trial = b.copy()
                 trial[c] = value
-                s = macro_f1(labels, apply_offsets(L, trial), C)
+                s = _finite(score(labels, apply_offsets(L, trial)))
                 if s > best + 1e-12:
                     b, best, moved = trial, s, True
         if not moved:
             break
     return b
+
+
+def _finite(value: float) -> float:
+    """An undefined score (kappa of one grade only) never wins a move."""
+    return float(value) if np.isfinite(value) else -np.inf

@@ -20,7 +20,7 @@ import numpy as np
 from histoembed.core import cpus, store
 from histoembed.core.config import XGBSettings
 from histoembed.models.heads.base import Bags, Head, write_tensors
-from histoembed.models.heads.shared import class_weights
+from histoembed.models.heads.indexing import class_weights
 
 MODEL_FILE = "xgb.ubj"
 PCA_FILE = "xgb_pca.safetensors"

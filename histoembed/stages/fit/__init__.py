@@ -32,7 +32,7 @@ from histoembed.stages.fit.folds import _group_kfold, derived_seed, inner_split,
 from histoembed.stages.fit.multi import EncoderPart, run_fit_multi
 from histoembed.stages.fit.outputs import (FIT_LOCK, FitResult, encoder_name, fit_key, fit_lock, fit_metrics,
                                            recover, up_to_date, write_outputs)
-from histoembed.stages.fit.task import Classification, cv_metrics, decision_settings
+from histoembed.stages.fit.task import Classification, classification, cv_metrics
 from histoembed.stages.fit.training import (TrainingSet, check_class_counts, load_training_set, patient_groups,
                                             qc_flags, qc_mismatch, read_labels)
 
@@ -52,8 +52,9 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
     if len(encoders) > 1:
         return run_fit_multi(run, settings, encoders, started)
     ts = load_training_set(run, encoders[0] if encoders else None, settings.include_flagged,
-                           settings.scale_fusion, keep_dtype=True)
+                           settings.scale_fusion, keep_dtype=True, keep_artifacts=settings.keep_artifacts)
     check_class_counts(run, ts, settings)
+    task = classification(ts, settings)   # a wrong class_order is said before any fitting
     key = fit_key(ts, settings)
     with fit_lock(run):
         recover(run)
@@ -61,7 +62,6 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
         if done is not None:
             return FitResult.of(run, ts, done, started, skipped=True)
         bags = take_bags(ts)
-        task = Classification(ts.classes, decision_settings(settings))
         results = cross_validate(bags, ts.y, ts.groups, settings, task)
         cv = results[0][0]
         metrics = fit_metrics(key, encoder_name(ts), ts, settings, cv.heads, {}, "head", results, seeds_of(settings))

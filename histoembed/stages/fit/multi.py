@@ -8,7 +8,6 @@ head once on the joined embeddings.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +18,13 @@ from histoembed.core import feature_store, store
 from histoembed.core.config import FitSettings, output_settings
 from histoembed.core.console import progress
 from histoembed.core.errors import UserError
-from histoembed.models import members
+from histoembed.models import encoder_fusion
 from histoembed.models.heads import Bags, Head
 from histoembed.stages.fit.cv import CVResult, fit_heads, seeds_of
 from histoembed.stages.fit.folds import make_folds
 from histoembed.stages.fit.outputs import (FIT_VERSION, FitResult, fit_lock, fit_metrics, recover, up_to_date,
                                            write_outputs)
-from histoembed.stages.fit.task import Classification, decision_settings
+from histoembed.stages.fit.task import class_order, classification
 from histoembed.stages.fit.training import TrainingSet, check_class_counts, load_training_set
 
 MULTI_NLL_IMAGES = 2.0  # several encoders: weights by NLL within two images' worth of the best macro-F1 (fusion.py)
@@ -39,7 +38,7 @@ class EncoderPart:
     store_dir: Path
     meta: dict                    # the store's metadata (its first part's)
     dim: int = 0
-    scaling: dict | None = None   # concat mode: members.block_scaling of its training rows
+    scaling: dict | None = None   # concat mode: encoder_fusion.block_scaling of its training rows
 
     def record(self) -> dict:
         out = {"encoder": self.name, "slug": self.store_dir.name, "feature_encoder": self.meta.get("encoder"),
@@ -54,8 +53,9 @@ def run_fit_multi(run: Path, settings: FitSettings, names: list[str], started: f
     for p in parts:
         p.meta = store.read_meta(feature_store.feature_parts(p.store_dir)[0])
     first = load_training_set(run, names[0], settings.include_flagged, settings.scale_fusion,
-                              keep_dtype=settings.encoder_fusion == "logits")
+                              keep_dtype=settings.encoder_fusion == "logits", keep_artifacts=settings.keep_artifacts)
     check_class_counts(run, first, settings)
+    class_order(first.classes, settings)   # a wrong class_order is said before any fitting
     key = store.config_key("fit", FIT_VERSION, output_settings(settings), "encoders",
                            [[p.store_dir.name, p.meta.get("key")] for p in parts], first.fingerprint(),
                            first.train_crops)
@@ -122,12 +122,13 @@ def _fit_each_encoder(run: Path, settings: FitSettings, parts: list[EncoderPart]
     first = fitted.first
     for i, part in enumerate(parts):
         ts = first if i == 0 else load_training_set(run, part.name, settings.include_flagged,
-                                                    settings.scale_fusion, keep_dtype=True)
+                                                    settings.scale_fusion, keep_dtype=True,
+                                                    keep_artifacts=settings.keep_artifacts)
         _same_images(first, ts, part)
         part.dim = int(ts.features.embedding.shape[1])
         bags = Bags.from_rows(ts.features.embedding, ts.row_image, ts.features.view)
         ts.features = ts.features.subset(np.zeros(len(ts.features), bool))   # let this store's features go
-        fitted.fit(bags, part.store_dir.name, lambda h, slug=part.store_dir.name: members.member_name(slug, h))
+        fitted.fit(bags, part.store_dir.name, lambda h, slug=part.store_dir.name: encoder_fusion.member_name(slug, h))
         del bags, ts
         gc.collect()
 
@@ -137,12 +138,13 @@ def _fit_concatenated(run: Path, settings: FitSettings, parts: list[EncoderPart]
     first = fitted.first
     blocks = []
     for i, part in enumerate(parts):
-        ts = first if i == 0 else load_training_set(run, part.name, settings.include_flagged, settings.scale_fusion)
+        ts = first if i == 0 else load_training_set(run, part.name, settings.include_flagged, settings.scale_fusion,
+                                                    keep_artifacts=settings.keep_artifacts)
         _same_images(first, ts, part)
         part.dim = int(ts.features.embedding.shape[1])
-        part.scaling = members.block_scaling(ts.features.embedding)
+        part.scaling = encoder_fusion.block_scaling(ts.features.embedding)
         blocks.append(ts.features)
-    joined = members.concat_features(blocks, [p.scaling for p in parts])
+    joined = encoder_fusion.concat_features(blocks, [p.scaling for p in parts])
     del blocks
     bags = Bags.from_rows(joined.embedding, first.row_image, joined.view)
     del joined
@@ -163,8 +165,7 @@ def _fit_multi(run: Path, settings: FitSettings, parts: list[EncoderPart], first
     first.features = empty
     gc.collect()
 
-    task = Classification(first.classes, dataclasses.replace(decision_settings(settings),
-                                                             nll_images=MULTI_NLL_IMAGES))
+    task = classification(first, settings, nll_images=MULTI_NLL_IMAGES)
     results = []
     for s, seed in enumerate(seeds):
         per_fold, final = task.decide(fitted.z[s], first.y, fitted.folds[s])
@@ -184,16 +185,16 @@ def _records(parts: list[EncoderPart], first: TrainingSet, settings: FitSettings
     joined_name = ",".join(p.name for p in parts)
     member_rows = []
     for m in cv.heads:
-        slug, head = members.split_member(m)
+        slug, head = encoder_fusion.split_member(m)
         encoder = joined_name if concat else next(p.name for p in parts if p.store_dir.name == slug)
         member_rows.append({"member": m, "encoder": encoder, "head": head, "weight": cv.final["weights"][m],
                             "oof_macro_f1": cv_numbers["heads"][m]["macro_f1"]})
     encoder_fields = {"encoders": [p.record() for p in parts],
                       "encoder_fusion": {"mode": settings.encoder_fusion,
-                                         "rule": members.CONCAT_RULE if concat else members.LOGITS_RULE}}
+                                         "rule": encoder_fusion.CONCAT_RULE if concat else encoder_fusion.LOGITS_RULE}}
     metrics = fit_metrics(key, joined_name, first, settings, member_rows, encoder_fields, "member", results, seeds)
     multi = {"encoder": joined_name, "encoder_slug": None, "feature_encoder": None, "feature_key": None,
              "dim": sum(p.dim for p in parts) if concat else None, "encoders": [p.record() for p in parts],
              "encoder_fusion": settings.encoder_fusion,
-             "members": {m: dict(zip(("encoder_slug", "head"), members.split_member(m))) for m in cv.heads}}
+             "members": {m: dict(zip(("encoder_slug", "head"), encoder_fusion.split_member(m))) for m in cv.heads}}
     return metrics, multi

@@ -23,8 +23,9 @@ from histoembed import __version__
 from histoembed.core import feature_store, locks, store
 from histoembed.core.config import FitSettings, output_settings
 from histoembed.core.errors import UserError, from_os_error
-from histoembed.maths import scales
-from histoembed.models import members
+from histoembed.maths import multiscale
+from histoembed.maths.resample import spread_over_repeats
+from histoembed.models import encoder_fusion
 from histoembed.models.heads import decisions, fusion
 from histoembed.stages.fit.cv import CVResult
 from histoembed.stages.fit.task import oof_view_spread
@@ -106,10 +107,11 @@ def fit_metrics(key: str, encoder: str, ts: TrainingSet, settings: FitSettings, 
         "key": key, "version": __version__, "encoder": encoder,
         "classes": ts.classes, "images": len(ts.image_ids), "folds": settings.folds, "seed": settings.seed,
         "excluded_flagged": len(ts.excluded_flagged), "unlabelled": len(ts.unlabelled),
+        "artifacts_left_out": ts.artifacts.as_dict(),
         "members": member_list,
         **encoder_fields,
         "scale_fusion": {"mode": settings.scale_fusion, "scales": ts.scales,
-                         "rule": scales.RULES[settings.scale_fusion]},
+                         "rule": multiscale.RULES[settings.scale_fusion]},
         "calibration": f"per fold: each {member_word}'s regularised T, the fusion weights, offsets and conformal "
                        "thresholds chosen on the other folds' OOF predictions (cross-fitting); 'before' is T = 1 "
                        "with the same weights",
@@ -132,15 +134,33 @@ def final_summary(final: dict) -> dict:
     return {k: final[k] for k in ("heads", "T", "T_note", "weights", "offsets", "conformal_threshold")}
 
 
+REPEATED = ("macro_f1", "auroc", "average_precision", "balanced_accuracy", "quadratic_kappa", "accuracy", "nll")
+
+
 def seed_spread(seeds: list[int], per_seed: list[dict]) -> dict:
-    """Each head's OOF macro-F1 per seed and its spread (how much of a difference is noise)."""
-    out = {"seeds": seeds, "macro_f1": {}, "spread": {}}
+    """Repeated cross-validation (``--repeats-cv``): each head's OOF numbers per seed, their mean and spread.
+
+    ``macro_f1`` and ``spread`` keep macro-F1 alone (as before); ``metrics`` has every number of
+    :data:`REPEATED` the run reports, per head: ``{"values": [per seed], "repeats", "mean", "std", "min", "max"}``.
+    The spread says how much a number moves with the fold assignment alone; the interval, with the cohort.
+    """
+    out = {"seeds": seeds, "repeats": len(seeds), "macro_f1": {}, "spread": {}, "metrics": {}}
     for head in per_seed[0]["heads"]:
         scores = [m["heads"][head]["macro_f1"] for m in per_seed]
         out["macro_f1"][head] = scores
         out["spread"][head] = {"mean": float(np.mean(scores)), "std": float(np.std(scores, ddof=1)),
                                "min": float(np.min(scores)), "max": float(np.max(scores))}
+        out["metrics"][head] = {}
+        for name in REPEATED:
+            if name in per_seed[0]["heads"][head]:
+                values = [_value(m["heads"][head][name]) for m in per_seed]
+                out["metrics"][head][name] = {"values": values, **spread_over_repeats(values)}
     return out
+
+
+def _value(number) -> float | None:
+    """A number of metrics.json: a float, or an interval's ``value``."""
+    return number.get("value") if isinstance(number, dict) else number
 
 
 def recover(run: Path) -> None:
@@ -239,12 +259,13 @@ def save_fold(folder: Path, heads: list[str], fold_models: list, classes: list[s
     """One fold's heads; with several encoders' logits fused, each encoder's heads in a folder of its slug."""
     folder.mkdir(parents=True)
     for member, head in zip(heads, fold_models):
-        slug = members.split_member(member)[0] if multi and multi["encoder_fusion"] == "logits" else None
+        slug = encoder_fusion.split_member(member)[0] if multi and multi["encoder_fusion"] == "logits" else None
         head.save(folder / slug if slug else folder, classes)
 
 
 def oof_table(ts: TrainingSet, cv: CVResult) -> pa.Table:
-    """oof.parquet: per training image its fold, label, every head's OOF logits and the cross-fitted decisions."""
+    """oof.parquet: per training image its fold, label, every head's OOF logits and the cross-fitted decisions,
+    and its patient (``group``) when the data has patients: what compare and the report resample."""
     applied = decisions.apply_cross_fitted(cv.fold_params, cv.fold, cv.z)
     spread = oof_view_spread(cv)
     C = len(ts.classes)
@@ -261,6 +282,7 @@ def oof_table(ts: TrainingSet, cv: CVResult) -> pa.Table:
         "set": pa.array([[c for c, inside in zip(ts.classes, row) if inside] for row in applied.sets],
                         pa.list_(pa.string())),
         "view_spread": pa.array(spread.astype(np.float32)),
+        **({"group": pa.array(ts.patient, pa.string())} if ts.patient is not None else {}),
     })
 
 

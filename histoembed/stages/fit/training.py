@@ -7,6 +7,7 @@ or one duplicate group share a fold group, so no fold sees a near-copy of an ima
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import pyarrow.parquet as pq
 from histoembed.core import feature_store, store
 from histoembed.core.config import FitSettings
 from histoembed.core.errors import UserError
-from histoembed.maths import scales
-from histoembed.models.heads.shared import first_seen_index
+from histoembed.inputs import patch_flags
+from histoembed.maths import multiscale
+from histoembed.models.heads.indexing import first_seen_index
 
 
 @dataclass
@@ -35,11 +37,21 @@ class TrainingSet:
     unlabelled: list[str] = field(default_factory=list)
     train_crops: str | None = None  # digest of the training crops' pixels (crops.parquet)
     scales: list[float] = field(default_factory=lambda: [1.0])  # crop scales in the features (crops --scales)
+    patient: list[str | None] | None = None  # the manifest's group of each image; None when the data has none
+    artifacts: patch_flags.LeftOut = field(default_factory=patch_flags.LeftOut)  # flagged slide patches left out
+
+    def bootstrap_units(self) -> np.ndarray | None:
+        """What every interval resamples: the patient of each image (an image without one is its own), or None
+        (images) when the data has no patients."""
+        if self.patient is None:
+            return None
+        return np.array([p if p else f"\0image:{i}" for p, i in zip(self.patient, self.image_ids)], dtype=object)
 
     def fingerprint(self) -> dict:
         """What the fit depends on besides the features' own key and the settings."""
         return {"images": self.image_ids, "labels": self.y.tolist(), "groups": self.groups.tolist(),
-                "classes": self.classes, "excluded_flagged": self.excluded_flagged}
+                "classes": self.classes, "excluded_flagged": self.excluded_flagged,
+                "artifacts_left_out": self.artifacts.per_slide}
 
 
 def read_labels(run: Path) -> dict[str, str]:
@@ -110,8 +122,10 @@ def patient_groups(run: Path) -> dict[str, str]:
 
 
 def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
-                      scale_fusion: str = "crops", keep_dtype: bool = False) -> TrainingSet:
-    """The training features after QC, with crops of several scales fused as ``scale_fusion`` says.
+                      scale_fusion: str = "crops", keep_dtype: bool = False,
+                      keep_artifacts: Sequence[str] = ()) -> TrainingSet:
+    """The training features after QC and the slides' artifact flags (``patch_flags``: flagged patches left
+    out unless their flags are in ``keep_artifacts``), with crops of several scales fused as ``scale_fusion`` says.
 
     ``keep_dtype``: a float16 store's embeddings stay float16 (for ``Bags.from_rows``, which converts
     them to float32 exactly as reading would have; nothing else may compute on them).
@@ -125,9 +139,12 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
         raise UserError("the feature store has no training rows", path=store_dir,
                         hint="run `histoembed embed` on a run whose crops include the train split")
     feature_store.check_complete(features, run, "train")
+    use, left_out = patch_flags.usable_rows(features.image_id, features.crop_index, run, "train", keep_artifacts)
+    if not use.all():
+        features = features.subset(use)
     features = feature_store.with_scales(features, run)
-    crop_scales = scales.scales_of(features)
-    features = scales.fuse_scales(features, scale_fusion, crop_scales)
+    crop_scales = multiscale.scales_of(features)
+    features = multiscale.fuse_scales(features, scale_fusion, crop_scales)
     keys = features.keys()
     present = np.unique(keys)
     unlabelled = sorted(k for k in present if k not in labels)
@@ -164,7 +181,7 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
     name = lambda k: str(k).split("/", 1)[1]  # noqa: E731  (every key here is train/<name>)
     return TrainingSet(features, store_dir, [name(k) for k in image_keys], row_image, y, groups, classes,
                        [name(k) for k in excluded], [name(k) for k in unlabelled], store.train_crops_digest(run),
-                       crop_scales)
+                       crop_scales, [patients.get(k) for k in image_keys] if patients else None, left_out)
 
 
 

@@ -11,11 +11,13 @@ The report does no maths of its own: every number (macro-F1 and its interval, pe
 scores, confusion matrix, per-class F1, ECE, NLL, fusion weights and the weight curve) is read
 from ``metrics.json`` and ``calibration.json``; the reliability curves are
 :func:`metrics.reliability` of :func:`decisions.calibrated_probabilities`, the probabilities ``fit`` scored;
+the ROC and precision-recall curves are :func:`curves.curve_bands` of the fused out-of-fold probabilities;
 the crop maps and the slides' attention are ``models.maps``'.
 
 The package: ``load`` reads the run once, ``html`` holds the page's building blocks, and one
-module per group of sections, in the page's order: ``data`` (run, dataset, QC), ``crops``,
-``scores`` (macro-F1, drift, confusion), ``calibration`` (calibration, fusion, decisions),
+module per group of sections, in the page's order: ``data`` (run, dataset, QC, skipped items), ``crops``,
+``scores`` (macro-F1 and the field's numbers, drift, confusion), ``curves`` (ROC and precision-recall with
+their bands), ``calibration`` (calibration, fusion, decisions),
 ``maps`` (crop maps) and ``slides`` (whole slides).
 """
 
@@ -29,7 +31,8 @@ from histoembed.core import store
 from histoembed.core.errors import UserError
 from histoembed.stages.report.calibration import calibration_section, decisions_section, fusion_section
 from histoembed.stages.report.crops import crops_section
-from histoembed.stages.report.data import dataset_section, overview, qc_section
+from histoembed.stages.report.curves import curves_section
+from histoembed.stages.report.data import dataset_section, overview, qc_section, skipped_section
 from histoembed.stages.report.html import CSS, esc
 from histoembed.stages.report.load import load_run
 from histoembed.stages.report.maps import maps_section
@@ -38,7 +41,8 @@ from histoembed.stages.report.slides import slides_section
 
 # The page's sections in order (overview first, unlisted in the navigation): (anchor, link text, drawn by).
 SECTIONS = ((None, None, overview), ("dataset", "Dataset", dataset_section), ("qc", "QC", qc_section),
-            ("crops", "Crops", crops_section), ("scores", "Macro-F1", scores_section),
+            ("skipped", "Skipped", skipped_section), ("crops", "Crops", crops_section),
+            ("scores", "Scores", scores_section), ("curves", "ROC / PR", curves_section),
             ("drift", "Drift", drift_section), ("confusion", "Confusion", confusion_section),
             ("calibration", "Calibration", calibration_section), ("fusion", "Fusion", fusion_section),
             ("decisions", "Decisions", decisions_section), ("maps", "Crop maps", maps_section),

@@ -69,6 +69,10 @@ def calibration_section(run: LoadedRun) -> str:
     return section("calibration", title, body)
 
 
+SCORE_NAMES = {"macro_f1": "macro-F1", "auroc": "AUROC", "average_precision": "average precision",
+               "balanced_accuracy": "balanced accuracy", "kappa": "quadratic kappa", "nll": "NLL (negated)"}
+
+
 def fusion_section(run: LoadedRun) -> str:
     title = "Fusion weights"
     params = _fold_params(run.calibration, run.oof.fold) if run.oof is not None else None
@@ -82,9 +86,10 @@ def fusion_section(run: LoadedRun) -> str:
     weight_table = table(["chosen on", *heads], rows)
     rule = " + ".join(f"w_{h}·z_{h}/T_{h}" for h in heads)
     grid, curve = (run.calibration or {}).get("weight_grid"), final.get("macro_f1_by_w")
+    metric = SCORE_NAMES.get(final.get("selected_by", "macro_f1"), final.get("selected_by"))  # fit --select-by
     if len(heads) != 2 or not grid or not curve:
         return section("fusion", title, f"<p>Fused logits <code>{esc(rule)}</code>, weights on the simplex, each "
-                                        "fold's chosen on the other folds for macro-F1.</p>" + weight_table)
+                                        f"fold's chosen on the other folds for {esc(metric)}.</p>" + weight_table)
     a, b = heads
     fig = figure(7, 3.4)
     ax = fig.subplots()
@@ -93,10 +98,10 @@ def fusion_section(run: LoadedRun) -> str:
     for w in sorted({float(p["weights"][a]) for p in params}):
         ax.axvline(w, color="gray", alpha=0.3, linewidth=3)
     ax.set_xlabel(f"w   (0: {b} only, 1: {a} only)")
-    ax.set_ylabel("OOF macro-F1")
+    ax.set_ylabel(f"OOF {metric}")
     ax.set_title("Fusion weight")
     ax.legend(fontsize=8)
-    body = (f"<p>Fused logits <code>{esc(rule)}</code> with the final temperatures: the macro-F1 of each weight "
+    body = (f"<p>Fused logits <code>{esc(rule)}</code> with the final temperatures: the {esc(metric)} of each weight "
             f"as <code>fit</code> scored it when it chose the final weight ({store.CALIBRATION_FILE}). The curve is "
             "drawn on all out-of-fold predictions, the same ones that chose the final weight, so its peak is "
             "optimistic; the per-fold weights (gray bands) were each chosen without the fold they were applied "

@@ -57,8 +57,8 @@ def dataset_section(run: LoadedRun) -> str:
     rows = [[split, len(v)] for split, v in sorted(labels_by_split.items())]
     parts.append(f"<p>Counted from {esc(source)}.</p>" + table(["split", "images"], rows))
     if run.dataset is not None and run.dataset.problems:
-        parts.append(f"<p>{len(run.dataset.problems)} item(s) skipped by the dataset checks:</p><ul>"
-                     + "".join(f"<li>{esc(p)}</li>" for p in run.dataset.problems[:20]) + "</ul>")
+        parts.append(f'<p>{len(run.dataset.problems)} item(s) skipped by the dataset checks: listed under '
+                     f'<a href="#skipped">Skipped</a>.</p>')
 
     train = Counter(l for l in labels_by_split.get("train", []) if l is not None)
     have_crops = run.crops is not None and len(run.crops)
@@ -93,6 +93,50 @@ def dataset_section(run: LoadedRun) -> str:
                      f"median {int(n.median())}, max {n.max()}. Strategy per image: "
                      + ", ".join(f"{esc(k)} {v}" for k, v in strat.items()) + f".{scales}</p>")
     return section("dataset", "Dataset and class balance", "\n".join(parts))
+
+
+def _problem_of(run: LoadedRun, image_id: str, skipped: list[tuple[str, str]]) -> str:
+    """Why ``crops`` skipped the test image ``image_id``, or what is known without a record of it."""
+    sample = run.samples().get(f"test/{image_id}")
+    for path, why in skipped:
+        if (sample is not None and path == str(sample.image)) or path == image_id \
+                or path.replace("\\", "/").endswith("/" + image_id):
+            return why
+    return "no crop of it reached the features"
+
+
+def skipped_section(run: LoadedRun) -> str:
+    """Every item ``crops`` skipped (data checks, unreadable files, slides without tissue), with its reason, and
+    the test rows ``submit`` predicted with the training-class prior because they have no crop."""
+    title = "Skipped items and class-prior predictions"
+    skipped = run.skipped
+    if skipped is None and run.dataset is not None:
+        skipped = [(str(p.path), p.problem) for p in run.dataset.problems]
+    parts = []
+    if skipped is None:
+        parts.append(missing(f"what `crops` skipped (no {store.CROPS_FILE} in the run, or one written without "
+                             "its record: re-run `histoembed crops`)"))
+    elif skipped:
+        parts.append(f"<p>{len(skipped)} item(s) skipped: no crop of them was embedded, fitted or scored.</p>")
+        parts.append(table(["file", "reason"], [[p, why] for p, why in skipped]))
+    else:
+        parts.append("<p>No item was skipped: every image and slide listed in the data has crops.</p>")
+    if run.left_out:
+        parts.append(f"<p>{len(run.left_out)} training image(s) left out of the crops because QC flagged them "
+                     f"(see <a href=\"#qc\">QC</a>): {esc(', '.join(run.left_out))}.</p>")
+    if run.fallbacks is None:
+        parts.append(missing(f"which test rows got the class prior (no {store.TEST_PREDICTIONS_FILE}: "
+                             "run `histoembed submit`)"))
+    elif run.fallbacks:
+        parts.append(f'<p class="warn">{len(run.fallbacks)} test row(s) of the submission have no crop and were '
+                     "given the training-class prior (the most frequent training class), not a prediction "
+                     "from their pixels:</p>")
+        parts.append(table(["test image", "why it has no crop"],
+                           [[i, _problem_of(run, i, skipped or [])] for i in run.fallbacks]))
+    else:
+        parts.append("<p>Every test row of the submission was predicted from its crops (none got the class "
+                     "prior).</p>")
+    return section("skipped", title, "\n".join(parts))
 
 
 def qc_section(run: LoadedRun) -> str:

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from histoembed.core import feature_store, store
 from histoembed.core.errors import UserError
 from histoembed.inputs.dataset import load_dataset
-from histoembed.inputs.provenance import DataChanged, run_data
+from histoembed.inputs.provenance import DataChanged, crops_summary, run_data
 from histoembed.models.inference import Ensemble, check_one_set, load_ensemble
 
 
@@ -34,6 +34,7 @@ class OutOfFold:
     pred_offsets: np.ndarray | None = None   # class index with the class offsets
     sets: list[list[str]] | None = None      # conformal sets
     view_spread: np.ndarray | None = None
+    groups: np.ndarray | None = None          # patient of each image (an image without one is its own), or None
 
 
 @dataclass
@@ -50,6 +51,9 @@ class LoadedRun:
     metrics: dict | None = None
     calibration: dict | None = None
     dataset = None          # inputs.dataset.Dataset, or None
+    skipped: list[tuple[str, str]] | None = None   # (path, why) of every item `crops` skipped; None: no record
+    left_out: list[str] = field(default_factory=list)  # training images `crops` left out because QC flagged them
+    fallbacks: list[str] | None = None  # test images `submit` gave the class prior (no crop); None: no submit
     classes: list[str] = field(default_factory=list)
     _loaded: dict = field(default_factory=dict)      # what the sections share, read once: a value or its UserError
 
@@ -123,7 +127,18 @@ def read_out_of_fold(path: Path) -> OutOfFold:
                      prob=_list_column(table, "prob"), pred=classes_of("prediction"),
                      pred_offsets=classes_of("prediction_offsets"),
                      sets=table["set"].to_pylist() if "set" in table.column_names else None,
-                     view_spread=table["view_spread"].to_numpy() if "view_spread" in table.column_names else None)
+                     view_spread=table["view_spread"].to_numpy() if "view_spread" in table.column_names else None,
+                     groups=_patients(table))
+
+
+def _patients(table) -> np.ndarray | None:
+    """oof.parquet's ``group`` column as resampling units, None when no image has a patient."""
+    if "group" not in table.column_names:
+        return None
+    groups = table["group"].to_pylist()
+    if not any(groups):
+        return None
+    return np.array([g if g else f"\0image:{i}" for g, i in zip(groups, table["image_id"].to_pylist())], dtype=object)
 
 
 def _read_crops(run: LoadedRun, crops_path: Path) -> None:
@@ -141,6 +156,21 @@ def _read_crops(run: LoadedRun, crops_path: Path) -> None:
         crops["key"] = crops["split"] + "/" + crops["image_id"]
     except UserError as e:
         run.notes.append(str(e))
+
+
+def _read_skipped(run: LoadedRun, crops_path: Path) -> None:
+    """What ``crops`` skipped (its file's footer) and the test rows ``submit`` filled with the class prior."""
+    summary = crops_summary(crops_path) if crops_path.exists() else {}
+    if "problems" in summary:
+        run.skipped = [(str(p), str(why)) for p, why in summary["problems"]]
+        run.left_out = list(summary.get("left_out") or [])
+    predictions = run.folder / store.TEST_PREDICTIONS_FILE
+    if predictions.exists():
+        try:
+            t = store.read_table(predictions, "test predictions", columns=["image_id", "fallback"], stage="submit")
+            run.fallbacks = [i for i, f in zip(t["image_id"].to_pylist(), t["fallback"].to_pylist()) if f]
+        except (UserError, KeyError) as e:
+            run.notes.append(f"{predictions}: cannot be used ({e})")
 
 
 def _read_fit_outputs(run: LoadedRun) -> None:
@@ -190,6 +220,7 @@ def load_run(folder: Path, data: Path | None, verify_data: bool = False) -> Load
             run.qc = store.read_table(qc_path, "QC table", stage="qc").to_pandas()
         except UserError as e:
             run.notes.append(str(e))
+    _read_skipped(run, crops_path)
     _read_fit_outputs(run)
     _read_data(run, data, verify_data)
     if run.oof is not None:

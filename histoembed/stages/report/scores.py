@@ -24,7 +24,7 @@ def _scale_fusion_note(metrics: dict) -> str:
 
 
 def scores_section(run: LoadedRun) -> str:
-    title = "Cross-validated macro-F1"
+    title = "Cross-validated scores"
     heads = (run.metrics or {}).get("heads")
     if not heads:
         return section("scores", title, missing(f"no {store.METRICS_FILE} in the run (run `histoembed fit`)"))
@@ -63,8 +63,52 @@ def scores_section(run: LoadedRun) -> str:
             f"saw the image: {run.metrics.get('images', '?')} training images, {n_folds} folds "
             f"(from {store.METRICS_FILE}).{_scale_fusion_note(run.metrics)}</p>"
             + table(["head", "OOF macro-F1", "CI low", "CI high", "fold mean", "fold std", "accuracy"], rows)
-            + fig_img(fig, "per-fold and out-of-fold macro-F1") + _encoders_html(run.metrics))
+            + fig_img(fig, "per-fold and out-of-fold macro-F1") + field_html(run.metrics) + _encoders_html(run.metrics))
     return section("scores", title, body)
+
+
+FIELD = (("auroc", "AUROC"), ("average_precision", "average precision"), ("balanced_accuracy", "balanced accuracy"),
+         ("quadratic_kappa", "quadratic kappa"))
+
+
+def _with_interval(number) -> str:
+    if not isinstance(number, dict) or number.get("value") is None:
+        return "-"
+    ci = f" [{number['lo']:.3f}, {number['hi']:.3f}]" if number.get("lo") is not None else ""
+    return f"{number['value']:.3f}{ci}"
+
+
+def field_html(metrics: dict) -> str:
+    """The numbers papers and benchmarks report (AUROC, AP, balanced accuracy, kappa), each with its interval over
+    patients; the fit's selection metric; and the spread over repeated cross-validations."""
+    heads = metrics.get("heads") or {}
+    shown = [(k, name) for k, name in FIELD if any(k in m for m in heads.values())]
+    if not shown:
+        return ""
+    iv = metrics.get("intervals") or {}
+    drawn = (f"{iv.get('patients')} patients (the manifest's group)" if iv.get("unit") == "patients"
+             else f"{iv.get('images', metrics.get('images', '?'))} images (the data has no patients)")
+    positive = iv.get("positive_class")
+    scope = (f"AUROC and average precision of {esc(positive)}" if positive else
+             "AUROC and average precision one-vs-rest, the macro mean over classes")
+    order = metrics.get("class_order")
+    kappa = (f" Kappa over the grades {esc(' < '.join(order))}." if order else
+             " No kappa: the classes have no order (set class_order or ordinal).")
+    rows = [[head, *(_with_interval(m.get(k)) for k, _ in shown)] for head, m in heads.items()]
+    out = (f"<h3>AUROC, balanced accuracy, kappa</h3><p>Out of fold, scikit-learn's values with 95% bootstrap "
+           f"intervals over {iv.get('resamples', 0)} resamples of the {drawn}; {scope}.{kappa} Fusion weights chosen "
+           f"by <b>{esc(metrics.get('select_by', 'macro_f1'))}</b>, class offsets by "
+           f"<b>{esc((metrics.get('decision') or {}).get('offsets_compared_by', 'macro_f1'))}</b>.</p>"
+           + table(["head", *(name for _, name in shown)], rows))
+    repeats = ((metrics.get("seeds") or {}).get("metrics") or {}).get("fused")
+    if repeats:
+        names = dict(FIELD, macro_f1="macro-F1", accuracy="accuracy", nll="NLL")
+        out += (f"<p>Repeated cross-validation ({metrics['seeds']['repeats']} seeds): the fused numbers' mean and "
+                "spread over the repeats (how much they move with the fold assignment alone).</p>"
+                + table(["fused", "mean", "std", "min", "max"],
+                        [[names.get(k, k), *(float("nan") if v[s] is None else float(v[s])
+                                            for s in ("mean", "std", "min", "max"))] for k, v in repeats.items()]))
+    return out
 
 
 def _encoders_html(metrics: dict) -> str:

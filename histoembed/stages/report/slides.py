@@ -14,7 +14,7 @@ from histoembed.core.errors import UserError
 from histoembed.inputs.cropping import slide_tissue
 from histoembed.inputs.dataset import Sample
 from histoembed.models.maps import CropMaps, heads_that
-from histoembed.stages.report.html import display_name, esc, fig_img, figure, missing, section
+from histoembed.stages.report.html import display_name, esc, fig_img, figure, missing, section, table
 from histoembed.stages.report.load import LoadedRun
 
 MAX_SLIDES = 12     # slides drawn in the whole-slides section (the first ones of the crops table)
@@ -68,11 +68,41 @@ def _slide_attention(run: LoadedRun, keys: list[str]) -> tuple[dict, str]:
                  "not.")
 
 
-def slide_figure(key: str, label, t, boxes: np.ndarray, crop_index: np.ndarray, attention: tuple | None) -> str:
-    """One slide: its thumbnail with the tissue outline and the patch grid, and the attention heat map beside it."""
+CAUSE_COLOURS = {"ink": "#d000d0", "fold": "#e00000", "blur": "#ff9900", "background": "#7f7f7f"}  # first wins
+
+
+def _flag_colours(flags) -> list[str | None]:
+    """Each patch's colour: its first cause's (ink, fold, blur, background), None when usable or unscored."""
+    out = []
+    for f in flags:
+        f = list(f) if f is not None else []
+        out.append(next((c for cause, c in CAUSE_COLOURS.items() if cause in f), None))
+    return out
+
+
+def artifact_table(crops) -> str:
+    """Per slide: its patches, the usable share and each cause's share (crops.parquet's flags)."""
+    rows = []
+    for key, g in crops[crops["flags"].notna()].groupby("key", sort=False):
+        flags = [list(f) for f in g["flags"]]
+        n = len(flags)
+        rows.append([display_name(key), n, f"{sum(not f for f in flags) / n:.0%}"]
+                    + [f"{sum(c in f for f in flags) / n:.0%}" for c in CAUSE_COLOURS])
+    if not rows:
+        return ""
+    return ("<p>Artifact flags per slide (<code>crops</code> reads and scores every patch; <code>fit</code>, "
+            "<code>submit</code> and <code>predict</code> leave flagged patches out unless "
+            "<code>fit --keep-artifacts</code> keeps their kind):</p>"
+            + table(["slide", "patches", "usable", *CAUSE_COLOURS], rows))
+
+
+def slide_figure(key: str, label, t, boxes: np.ndarray, crop_index: np.ndarray, attention: tuple | None,
+                 flags=None) -> str:
+    """One slide: its thumbnail with the tissue outline and the patch grid (flagged patches filled by cause, the
+    pen ink kept off the tissue outlined), and the attention heat map beside it."""
     from matplotlib import colormaps
     from matplotlib.collections import PatchCollection
-    from matplotlib.colors import Normalize
+    from matplotlib.colors import Normalize, to_rgba
     from matplotlib.patches import Rectangle
 
     thumb, tissue = t.thumb, t.tissue
@@ -92,11 +122,20 @@ def slide_figure(key: str, label, t, boxes: np.ndarray, crop_index: np.ndarray, 
     ax.imshow(thumb)
     if tissue.any():
         ax.contour(tissue.astype(np.float32), levels=[0.5], colors="#00b050", linewidths=1.2)
+    ink = t.marks.ink if t.marks is not None else np.zeros(t.tissue.shape, bool)
+    if ink.any():
+        ink = np.asarray(Image.fromarray(ink.astype(np.uint8) * 255).resize(thumb.shape[1::-1])) > 127
+        ax.contour(ink.astype(np.float32), levels=[0.5], colors=CAUSE_COLOURS["ink"], linewidths=0.8,
+                   linestyles="dashed")
+    colours = _flag_colours(flags if flags is not None else [None] * len(xy))
     ax.add_collection(PatchCollection([Rectangle((x0, y0), x1 - x0, y1 - y0) for x0, y0, x1, y1 in xy],
-                                      facecolor="none", edgecolor="#0077ff", linewidths=0.6))
+                                      facecolor=[to_rgba(c, 0.5) if c else (0, 0, 0, 0) for c in colours],
+                                      edgecolor=[to_rgba(c or "#0077ff") for c in colours], linewidths=0.6))
     ax.set_axis_off()
     truth = f" · {label}" if isinstance(label, str) else ""
-    ax.set_title(f"{display_name(key)}{truth}\n{len(boxes)} patches · tissue outlined", fontsize=9)
+    n_flagged = sum(c is not None for c in colours)
+    said = f" · {n_flagged} flagged" if n_flagged else ""
+    ax.set_title(f"{display_name(key)}{truth}\n{len(boxes)} patches{said} · tissue outlined", fontsize=9)
     if attention is not None:
         weights, called, p = attention
         cmap, norm = colormaps["inferno"], Normalize(0, 1)
@@ -128,7 +167,10 @@ def slides_section(run: LoadedRun) -> str:
     parts = [f"<p>Each slide's thumbnail at {settings.thumb_mpp:g} &micro;m per pixel as <code>crops</code> saw it: "
              "the tissue it found (or the slide's mask) outlined in green, its patches "
              f"({settings.size} px at {settings.mpp:g} &micro;m/px, boxes in level-0 pixels scaled to the thumbnail) "
-             "in blue. " + esc(note) + "</p>"]
+             "in blue; patches flagged for an artifact filled by cause (ink magenta, fold red, blur orange, "
+             "background grey), the pen ink kept off the tissue outlined in dashed magenta. " + esc(note) + "</p>"]
+    if "flags" in run.crops:
+        parts.append(artifact_table(run.crops[run.crops["key"].isin(slide_keys)]))
     if len(order) > len(chosen):
         parts.append(f"<p>The first {len(chosen)} of {len(order)} slides (in the order of "
                      f"{store.CROPS_FILE}) are drawn.</p>")
@@ -146,6 +188,7 @@ def slides_section(run: LoadedRun) -> str:
             parts.append(missing(f"{display_name(key)}: {e.problem}"))
             continue
         parts.append(slide_figure(key, rows["label"].iloc[0], t, rows[["x0", "y0", "x1", "y1"]].to_numpy(float),
-                                  rows["crop_index"].to_numpy(), attention.get(key)))
+                                  rows["crop_index"].to_numpy(), attention.get(key),
+                                  rows["flags"].tolist() if "flags" in rows else None))
     return section("slides", title, "\n".join(parts))
 

@@ -9,7 +9,7 @@ import torch
 
 from histoembed.core.config import EmbedSettings
 from histoembed.engines import forward
-from histoembed.models.sizing import CPU_BATCH_SIZE, CPU_WORKERS, MAX_BATCH, MAX_WORKERS, MIN_BATCH, cuda_sizes
+from histoembed.models.gpu_sizing import CPU_BATCH_SIZE, CPU_WORKERS, MAX_BATCH, MAX_WORKERS, MIN_BATCH, cuda_sizes
 
 GIB = 2**30
 VIT_L = dict(params=304_000_000, dim=1024, input_size=224)

@@ -11,7 +11,7 @@ import pytest
 
 from histoembed.core import feature_store, store
 from histoembed.core.errors import UserError
-from histoembed.maths.scales import fuse_scales, scales_of
+from histoembed.maths.multiscale import fuse_scales, scales_of
 
 
 def features(rows: list[tuple[str, str, int, int, float]], dim: int = 3, seed: int = 0) -> feature_store.Features:

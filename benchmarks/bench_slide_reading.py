@@ -202,7 +202,7 @@ def predict_rate(run: Path, encoder, batch_size: int) -> tuple[float, int]:
     settings = CropSettings.model_validate(meta["settings"])
     source = Path(boxes(run)[0][0]["source"])
     start = time.perf_counter()
-    feats = _embed_slide(source, None, settings, meta, lambda pixels, first: embed_crops(
+    feats, _ = _embed_slide(source, None, settings, meta, lambda pixels, first: embed_crops(
         encoder, pixels, batch_size=batch_size), batch_size)
     return len(feats) / (time.perf_counter() - start), len(feats)
 

@@ -70,7 +70,11 @@ def read_rates(crops: Path, n: int) -> dict:
     size = int(store.read_meta(crops)["settings"]["size"])
     handle = slides.open_slide(t[0]["source"])
     start = time.perf_counter()
-    pixels = [slides.read_patch(handle, r["x0"], r["y0"], r["level"], r["x1"] - r["x0"], size) for r in t]
+    pixels = []
+    for r in t:  # openslide-python's public read_region (histoembed's read_patch reads faster since issue 32)
+        side = slides.read_side(r["x1"] - r["x0"], handle.level_downsamples[r["level"]])
+        pixels.append(slides.resize_square(slides.rgba_to_rgb(handle.read_region((r["x0"], r["y0"]), r["level"],
+                                                                                 (side, side))), size))
     bare = len(t) / (time.perf_counter() - start)
     mpp = float(store.read_meta(crops)["settings"]["mpp"])
     start = time.perf_counter()

@@ -91,6 +91,28 @@ def test_patch_equals_openslide_read_region_pixel_for_pixel(two_slides, fmt, mpp
             assert np.array_equal(ours, reference_patch(path, x0, y0, geo.level, geo.side0, 224))
 
 
+@pytest.mark.parametrize("fmt", ["svs", "tiff"])
+@pytest.mark.parametrize("mpp", [0.25, 0.5, 1.0, 2.5])
+def test_neighbouring_patches_cut_from_one_region_are_read_regions_pixels(two_slides, fmt, mpp):
+    """read_patches (a row of neighbours read once and cut) equals read_region patch by patch: whole and overlapping
+    neighbours, a row running past the slide's edge, level 1 at whole and at fractional level pixels, resized."""
+    path = two_slides[fmt]
+    with slides.open_slide(path) as s:
+        geo = slides.geometry(s, slides.base_mpp(s, path), mpp, 224)
+        ds, step = s.level_downsamples[geo.level], geo.side0
+        rows = [[(x, 400) for x in range(0, 2600, step)][:6],                    # neighbours, whole level pixels
+                [(x, 1001) for x in range(4, 2600, step // 2)][-5:],            # overlapping, past the right edge
+                [(x + 1, 2000 - step // 3) for x in range(0, 3 * step, step)],  # fractional at level 1, past the bottom
+                [(901, 433)]]
+        for origins in rows:
+            got = slides.read_patches(s, origins, geo.level, geo.side0, 224)
+            for (x0, y0), patch in zip(origins, got):
+                assert np.array_equal(patch, reference_patch(path, x0, y0, geo.level, geo.side0, 224)), (origins, x0)
+        assert len(slides.patch_runs(rows[0], ds, geo.side0)) < len(rows[0])  # neighbours: regions, not one by one
+        if not float(1 / ds).is_integer():
+            assert len(slides.patch_runs(rows[2], ds, geo.side0)) == len(rows[2])  # fractional: one by one
+
+
 def test_tissue_is_found_and_the_grid_respects_min_tissue_and_max_patches(two_slides):
     path = two_slides["svs"]
     with slides.open_slide(path) as s:

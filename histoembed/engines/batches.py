@@ -52,9 +52,10 @@ class CropBatches(torch.utils.data.IterableDataset):
     Worker w of W takes batches w, w+W, ...; the DataLoader interleaves them back in order.
     Each item: (batch number, uint8 tensor [B, H, W, 3]), or (batch number, row) for a crop
     whose PNG cannot be decoded, or (batch number, ``SlideProblem``) for a slide patch that
-    cannot be read. A whole slide's patch (no PNG; ``source``, ``level`` and the
-    level-0 box in its row) is read from the slide with ``slides.read_patch``; each process
-    opens each slide once (``SlideHandles``).
+    cannot be read. A whole slide's patch (no PNG; ``source``, ``level`` and the level-0 box in
+    its row) is read from the slide as ``slides.read_patch`` reads it; a batch's neighbouring
+    patches are cut from one region (``slides.read_patches``); each process opens each slide
+    once (``SlideHandles``).
     """
 
     def __init__(self, path: Path, batches: list[np.ndarray]):
@@ -71,7 +72,7 @@ class CropBatches(torch.utils.data.IterableDataset):
         starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
         cached: tuple[int, list] = (-1, [])
         for b in range(worker, len(self.batches), workers):
-            crops = []
+            items = []
             for row in self.batches[b]:
                 group = int(np.searchsorted(starts, row, side="right")) - 1
                 if cached[0] != group:
@@ -81,21 +82,42 @@ class CropBatches(torch.utils.data.IterableDataset):
                     else:
                         t = pf.read_row_group(group, columns=slide_cols)
                         cached = (group, list(zip(*(t[c].to_pylist() for c in slide_cols))))
-                item = cached[1][row - starts[group]]
-                if item[0] is None and len(item) > 1 and item[1] is not None:
-                    _, source, level, x0, y0, x1 = item
-                    try:
-                        crops.append(slides.read_patch_at(source, handles, x0, y0, level, x1 - x0, size))
-                    except UserError as e:  # a damaged slide: named by the caller, never a worker's traceback
-                        yield b, SlideProblem(str(e.path or source), e.problem, e.hint or "")
-                        return
+                items.append(cached[1][row - starts[group]])
+            crops: list = [None] * len(items)
+            runs, read = slide_runs(items), None
+            for first, end in runs:  # neighbouring patches of a slide: read as regions, then cut
+                _, source, level, _, _, _ = items[first]
+                try:
+                    read = slides.read_patches_at(source, handles, [(it[3], it[4]) for it in items[first:end]],
+                                                  level, items[first][5] - items[first][3], size)
+                except UserError as e:  # a damaged slide: named by the caller, never a worker's traceback
+                    yield b, SlideProblem(str(e.path or source), e.problem, e.hint or "")
+                    return
+                crops[first:end] = list(read)
+            for i, (row, item) in enumerate(zip(self.batches[b], items)):
+                if crops[i] is not None:
                     continue
                 try:
-                    crops.append(decode_png(item[0]))
+                    crops[i] = decode_png(item[0])
                 except (ValueError, TypeError):
                     yield b, int(row)  # the caller names the bad crop
                     return
-            yield b, torch.from_numpy(np.stack(crops))
+            # a batch of one slide's patches is one array already: no copy
+            yield b, torch.from_numpy(read if runs == [(0, len(items))] else np.stack(crops))
+
+
+def slide_runs(items: list[tuple]) -> list[tuple[int, int]]:
+    """(first, end) of each run of consecutive slide patches (no PNG) of one slide, level and box side."""
+    def key(item):
+        return (item[1], item[2], item[5] - item[3]) if item[0] is None and len(item) > 1 and item[1] else None
+
+    runs, first = [], 0
+    for i in range(1, len(items) + 1):
+        if i == len(items) or key(items[i]) != key(items[first]):
+            if key(items[first]) is not None:
+                runs.append((first, i))
+            first = i
+    return runs
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -414,15 +414,19 @@ def patch_digest(stamp: str | None, level: int, box: Box, size: int, mpp: float)
     return store.config_key("patch", stamp, level, list(box), size, round(float(mpp), 6))[:16]
 
 
+SCORE_CHUNK = 256  # patches read at a time for their artifact scores
+
+
 def score_patches(slide, path: Path, boxes: list[tuple[Box, float]], geo: slides.Geometry, settings: CropSettings,
                   fold_cut: float) -> tuple[dict[str, np.ndarray], list[list[str]]]:
     """Every patch of a slide read as ``embed`` reads it, scored (``artifacts.SCORE_COLUMNS``), and its flags
     judged against the slide's own patches (``artifacts.artifact_flags``). A read error names the slide."""
     rows = []
     try:
-        for (x0, y0, _, _), _ in boxes:
-            rgb = slides.read_patch(slide, x0, y0, geo.level, geo.side0, settings.size)
-            rows.append(artifacts.score_patch(rgb, settings.mpp, fold_cut))
+        for first in range(0, len(boxes), SCORE_CHUNK):  # neighbours read as one region (slides.read_patches)
+            origins = [(x0, y0) for (x0, y0, _, _), _ in boxes[first:first + SCORE_CHUNK]]
+            for rgb in slides.read_patches(slide, origins, geo.level, geo.side0, settings.size):
+                rows.append(artifacts.score_patch(rgb, settings.mpp, fold_cut))
     except Exception as e:  # noqa: BLE001 - OpenSlideError on a corrupt tile
         raise UserError(f"slide cannot be read ({e})", path=path, hint="the slide is damaged or truncated; re-copy "
                         "it") from None

@@ -12,14 +12,21 @@ The patch recipe, in one place (``read_patch``): ``read_region((x0, y0), level, 
 then ``cv2.resize`` to ``size`` x ``size`` with ``INTER_AREA`` when shrinking and ``INTER_LINEAR``
 when enlarging (no resize when ``s == size``).
 
+Reading at OpenSlide's speed (issue 32; figures in docs/slides.md): OpenSlide's ARGB is read straight into
+numpy (``read_rgb``, no PIL image and its copies), and neighbouring patches of a row whose level coordinates
+are whole pixels are cut from one region read (``read_patches``), so the tiles they share are decoded and
+painted once. Both give the very pixels of ``read_region`` patch by patch (tests/test_slides.py).
+
 Handles: one ``OpenSlide`` per (process, slide), opened on first use (``SlideHandles``); a handle
 opened before a fork is never used by the child.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,21 +184,95 @@ def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(rgb, (size, size), interpolation=interp)
 
 
+# openslide-python's ctypes binding of ``openslide_read_region`` and its ARGB converter, where 1.3-1.4 keep them;
+# without them ``read_rgb`` goes through PIL.
+try:
+    from openslide import _convert, lowlevel
+
+    _RAW = (lowlevel._read_region, _convert.argb2rgba)
+except (ImportError, AttributeError):
+    _RAW = None
+
+_UINT32_P = ctypes.POINTER(ctypes.c_uint32)
+
+
+def read_rgb(slide, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
+    """``rgba_to_rgb(slide.read_region((x0, y0), level, (w, h)))``, pixel for pixel, without PIL's copies.
+
+    OpenSlide paints premultiplied ARGB into a numpy buffer; when every pixel is opaque (a slide's interior)
+    it is only reordered to RGB, else it goes through openslide-python's own unpremultiply and ``rgba_to_rgb``.
+    """
+    osr = getattr(slide, "_osr", None)
+    if _RAW is None or osr is None or sys.byteorder != "little":
+        return rgba_to_rgb(slide.read_region((int(x0), int(y0)), int(level), (int(w), int(h))))
+    read, argb2rgba = _RAW
+    buf = np.zeros((int(h), int(w)), np.uint32)
+    read(osr, buf.ctypes.data_as(_UINT32_P), int(x0), int(y0), int(level), int(w), int(h))
+    if buf.min(initial=0xFFFFFFFF) >= 0xFF000000:  # alpha 255 everywhere: ARGB is RGB already
+        return cv2.cvtColor(buf.view(np.uint8).reshape(int(h), int(w), 4), cv2.COLOR_BGRA2RGB)
+    argb2rgba(buf)
+    return rgba_to_rgb(buf.view(np.uint8).reshape(int(h), int(w), 4))
+
+
 def read_patch(slide, x0: int, y0: int, level: int, side0: int, size: int) -> np.ndarray:
     """The patch whose box starts at level-0 (x0, y0) with side ``side0``, read at ``level``, as size x size RGB."""
     side = read_side(side0, float(slide.level_downsamples[level]))
-    return resize_square(rgba_to_rgb(slide.read_region((int(x0), int(y0)), int(level), (side, side))), size)
+    return resize_square(read_rgb(slide, x0, y0, level, side, side), size)
+
+
+MAX_REGION = 4096  # level pixels across one region read for a row of neighbouring patches
+
+
+def patch_runs(origins: list[tuple[int, int]], downsample: float, side0: int,
+               max_width: int = MAX_REGION) -> list[tuple[int, int]]:
+    """(first, end) of each run of consecutive patches read as one region: same row, each starting inside or
+    at the end of the one before, whole level pixels (an integer shift of one region, so the same pixels), at
+    most ``max_width`` level pixels across. A patch that fits none is a run of its own."""
+    side = read_side(side0, downsample)
+    runs, first = [], 0
+    whole = [(x / downsample).is_integer() and (y / downsample).is_integer() for x, y in origins]
+    for i in range(1, len(origins) + 1):
+        if i < len(origins) and whole[i] and whole[first]:
+            (fx, fy), (px, _), (x, y) = origins[first], origins[i - 1], origins[i]
+            if y == fy and px < x <= px + side0 and round((x - fx) / downsample) + side <= max_width:
+                continue
+        runs.append((first, i))
+        first = i
+    return runs
+
+
+def read_patches(slide, origins: list[tuple[int, int]], level: int, side0: int, size: int) -> np.ndarray:
+    """``read_patch`` of each level-0 origin, as [N, size, size, 3], the same pixels: each run of neighbours
+    (``patch_runs``) is read as one region and cut, so the tiles they share are decoded and painted once."""
+    ds = float(slide.level_downsamples[level])
+    side = read_side(side0, ds)
+    out = np.empty((len(origins), size, size, 3), np.uint8)
+    for first, end in patch_runs(origins, ds, side0):
+        x0, y0 = origins[first]
+        width = round((origins[end - 1][0] - x0) / ds) + side
+        region = read_rgb(slide, x0, y0, level, width, side)
+        for i in range(first, end):
+            at = round((origins[i][0] - x0) / ds)
+            out[i] = resize_square(region[:, at:at + side], size)
+    return out
 
 
 def read_patch_at(path: str | Path, handles: SlideHandles, x0: int, y0: int, level: int, side0: int,
                   size: int) -> np.ndarray:
     """``read_patch`` through this process's handle of ``path``; a read error names the slide."""
+    return read_patches_at(path, handles, [(x0, y0)], level, side0, size)[0]
+
+
+def read_patches_at(path: str | Path, handles: SlideHandles, origins: list[tuple[int, int]], level: int, side0: int,
+                    size: int) -> np.ndarray:
+    """``read_patches`` through this process's handle of ``path``; a read error names the slide."""
     slide = handles.get(path)
     try:
-        return read_patch(slide, x0, y0, level, side0, size)
+        return read_patches(slide, origins, level, side0, size)
     except Exception as e:  # noqa: BLE001 - OpenSlideError on a corrupt tile
         handles.drop(path)
-        raise UserError(f"slide cannot be read at level {level}, box ({x0}, {y0}) side {side0} ({e})",
+        (x0, y0), more = origins[0], f" (or one of the {len(origins) - 1} after it)" if len(origins) > 1 else ""
+        raise UserError(f"slide cannot be read at level {level}, box ({x0}, {y0}) side {side0}{more} ({e})",
                         path=Path(path), hint="the slide is damaged or truncated; re-copy it") from None
 
 

@@ -7,6 +7,7 @@ from the feature store), so a new image is embedded exactly as the training imag
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,27 +144,35 @@ def predict_images(run: Path, images: list[Path], masks: list[Path | None] | Non
     return out
 
 
-SLIDE_CHUNK = 1024  # patches read and embedded at a time: memory holds these, never all of a slide's
+SLIDE_CHUNK = 512  # patches read at a time; memory holds two chunks (one embedded, the next read), never a slide
 
 
 def _embed_slide(path: Path, mask: Path | None, settings: CropSettings, crop_meta: dict, embed,
                  batch_size: int, keep: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
     """(features, crop index of each patch embedded) of a slide's patches, cut as the run's crops were (its slide
     scale rules too: ``crop_meta``) and read as ``embed`` reads them; patches with an artifact flag not in
-    ``keep`` are left out, as crops flags them and fit left them out (all kept when every patch is flagged)."""
+    ``keep`` are left out, as crops flags them and fit left them out (all kept when every patch is flagged).
+    The next chunk is read (neighbours as one region, ``slides.read_patches``) in a thread while this one goes
+    through the encoder."""
     sample = Sample(path.name, "test", path, mask, None, slide=True)
     tissue = slide_tissue(sample, settings, crop_meta.get("slide_mpp"), bool(crop_meta.get("force_slide_mpp")))
     boxes, geo, _ = slide_patches(sample, settings, tissue=tissue)  # names a slide without tissue or plausible mpp
+    chunk = max(SLIDE_CHUNK, batch_size)
     parts, scores = [], []
-    with slides.open_slide(path) as slide:
-        for first in range(0, len(boxes), max(SLIDE_CHUNK, batch_size)):
-            chunk = boxes[first:first + max(SLIDE_CHUNK, batch_size)]
+    with slides.open_slide(path) as slide, ThreadPoolExecutor(1) as reader:
+        def read(first: int):
+            origins = [(x0, y0) for (x0, y0, _, _), _ in boxes[first:first + chunk]]
+            return reader.submit(slides.read_patches, slide, origins, geo.level, geo.side0, settings.size)
+
+        pending = read(0)
+        for first in range(0, len(boxes), chunk):
             try:
-                pixels = np.stack([slides.read_patch(slide, x0, y0, geo.level, geo.side0, settings.size)
-                                   for (x0, y0, _, _), _ in chunk])
+                pixels = pending.result()
             except Exception as e:  # noqa: BLE001 - OpenSlideError on a corrupt tile
                 raise UserError(f"slide cannot be read ({e})", path=path,
                                 hint="the slide is damaged or truncated; re-copy it") from None
+            if first + chunk < len(boxes):
+                pending = read(first + chunk)
             if settings.score_patches:
                 scores += [artifacts.score_patch(p, settings.mpp, tissue.fold_cut) for p in pixels]
             parts.append(embed(pixels, first))

@@ -35,6 +35,7 @@ Offsets = Literal["auto", "on", "off"]
 MaskMode = Literal["given", "tissue", "union"]
 ScaleFusion = Literal["crops", "concat"]
 EncoderFusion = Literal["logits", "concat"]
+StreamBags = Literal["auto", "always", "never"]
 MAX_SCALE = 8.0
 Engine = Literal["local", "ray"]
 StainNorm = Literal["none", "macenko", "reinhard"]
@@ -349,6 +350,14 @@ class FitSettings(_Settings):
         "and scaled to unit mean variance, as one input).")
     threads: int = Field(0, ge=0, description="CPU threads of the heads, torch and XGBoost (0: the CPUs this process "
                          "may use, from its affinity and cgroup quota).", json_schema_extra=NO_OUTPUT_CHANGE)
+    memory_gb: float | None = Field(
+        None, gt=0, description="Memory the fit may use, in GB (not set: half of this machine's memory, or of the "
+        "cgroup's limit). Above it the training bags are read from the store slide by slide, never all at once; "
+        "a single slide whose bag alone does not fit is refused.", json_schema_extra=NO_OUTPUT_CHANGE)
+    stream: StreamBags = Field(
+        "auto", description="Read the training bags from the store slide by slide: auto (when the training rows as "
+        "float32 would take more than a quarter of memory_gb), always, or never (all rows in memory). The "
+        "numbers are the same either way.", json_schema_extra=NO_OUTPUT_CHANGE)
     mlp: MLPSettings = MLPSettings()
     xgb: XGBSettings = XGBSettings()
     logreg: LogRegSettings = LogRegSettings()

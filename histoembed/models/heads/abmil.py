@@ -75,13 +75,13 @@ class ABMILHead(TorchHead):
         draw = np.random.default_rng(self.seed)              # the capped bags' patches: seeded, one draw per step
         y = np.asarray(y, dtype=np.int64)
         y_t = torch.from_numpy(y)
-        net = _net(bags.X.shape[1], C, s)
+        net = _net(bags.dim, C, s)
+        mean, std = bags.row_moments()    # from each bag's sums: the same whether bags are in memory or streamed
         with torch.no_grad():
-            rows = torch.from_numpy(bags.X)
-            net.input_mean.copy_(rows.mean(0))
-            net.input_std.copy_(input_scale(rows.std(0)))
+            net.input_mean.copy_(torch.from_numpy(mean))
+            net.input_std.copy_(input_scale(torch.from_numpy(std)))
         weight = torch.tensor(class_weights(y, C), dtype=torch.float32) if s.class_weights else None
-        self.net_, self.input_dim_ = net, int(bags.X.shape[1])
+        self.net_, self.input_dim_ = net, int(bags.dim)
 
         def batch(idx) -> tuple:
             """The bags ``idx`` padded (built per step: no padded copy of every bag is held)."""
@@ -94,7 +94,7 @@ class ABMILHead(TorchHead):
             for j, b in enumerate(idx):
                 n = int(bags.sizes[b])
                 rows = np.sort(draw.choice(n, cap, replace=False)) if n > cap else np.arange(n)
-                x[j, :len(rows)], m[j, :len(rows)] = bags.X[bags.starts[b] + rows], True
+                x[j, :len(rows)], m[j, :len(rows)] = bags.bag_rows(b)[rows], True
             return torch.from_numpy(x), torch.from_numpy(m)
 
         def batch_loss(idx):

@@ -111,7 +111,7 @@ class MLPHead(TorchHead):
     def predict(self, bags: Bags) -> np.ndarray:
         if bags.n_bags == 0:
             return np.zeros((0, self.n_classes), np.float32)
-        rows = self.row_logits(bags.X).astype(np.float64)
+        rows = np.concatenate([self.row_logits(x) for x in bags.row_chunks(8192)]).astype(np.float64)
         return (np.add.reduceat(rows, bags.starts[:-1], axis=0) / bags.sizes[:, None]).astype(np.float32)
 
     def fitted_info(self) -> dict:

@@ -27,6 +27,7 @@ import numpy as np
 from histoembed.core import cpus, feature_store
 from histoembed.core.config import FitSettings
 from histoembed.models.heads import Bags, check_names
+from histoembed.stages.fit import streaming
 from histoembed.stages.fit.cv import CVResult, cross_validate, fit_heads, run_cv, seeds_of
 from histoembed.stages.fit.folds import _group_kfold, derived_seed, inner_split, make_folds
 from histoembed.stages.fit.multi import EncoderPart, run_fit_multi
@@ -51,8 +52,11 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
     encoders = parse_encoders(encoder if encoder is not None else settings.encoder)
     if len(encoders) > 1:
         return run_fit_multi(run, settings, encoders, started)
-    ts = load_training_set(run, encoders[0] if encoders else None, settings.include_flagged,
-                           settings.scale_fusion, keep_dtype=True)
+    name = encoders[0] if encoders else None
+    streamed = streaming.load_streamed(run, name, settings) \
+        if streaming.wanted(feature_store.find_feature_store(run, name), settings) else None
+    ts = streamed.ts if streamed else load_training_set(run, name, settings.include_flagged,
+                                                        settings.scale_fusion, keep_dtype=True)
     check_class_counts(run, ts, settings)
     key = fit_key(ts, settings)
     with fit_lock(run):
@@ -60,7 +64,7 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
         done = up_to_date(run, key)
         if done is not None:
             return FitResult.of(run, ts, done, started, skipped=True)
-        bags = take_bags(ts)
+        bags = streamed.bags() if streamed else take_bags(ts)
         task = Classification(ts.classes, decision_settings(settings))
         results = cross_validate(bags, ts.y, ts.groups, settings, task)
         cv = results[0][0]

@@ -118,8 +118,8 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
     """
     run = Path(run)
     store_dir = feature_store.find_feature_store(run, encoder)
-    labels = read_labels(run)
-    flagged, dup_groups = qc_flags(run)
+    read_labels(run)
+    qc_flags(run)
     features = feature_store.read_features(store_dir, split="train", keep_dtype=keep_dtype)
     if len(features) == 0:
         raise UserError("the feature store has no training rows", path=store_dir,
@@ -128,6 +128,16 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
     features = feature_store.with_scales(features, run)
     crop_scales = scales.scales_of(features)
     features = scales.fuse_scales(features, scale_fusion, crop_scales)
+    return select_images(run, store_dir, features, include_flagged, crop_scales)
+
+
+def select_images(run: Path, store_dir: Path, features: feature_store.Features, include_flagged: bool,
+                  crop_scales: list[float]) -> TrainingSet:
+    """The training set of ``features``' rows: unlabelled and QC-flagged images left out, labels and fold groups.
+
+    Only the rows' image keys are read here, so the streamed fit (``streaming``) passes one row per image."""
+    labels = read_labels(run)
+    flagged, dup_groups = qc_flags(run)
     keys = features.keys()
     present = np.unique(keys)
     unlabelled = sorted(k for k in present if k not in labels)

@@ -33,6 +33,8 @@ from histoembed.models.heads.stored import BagSource, StoredBags
 from histoembed.stages.fit.training import TrainingSet, qc_flags, read_labels, select_images
 
 GIB = 1 << 30
+BAG_CACHE = 128 << 20        # the float32 rows of recently read bags
+ROW_GROUP_CACHE = 64 << 20   # decoded row groups (several slides' pieces may share one)
 
 
 def memory_budget(settings: FitSettings) -> int:
@@ -87,8 +89,10 @@ class Streamed:
                             hint="raise [fit] memory_gb in histoembed.toml (or cut fewer patches per slide)")
         expected = slides.crop_fingerprints(self.run, "train", digests=index.has_hash)
         views = feature_store.views_of("train", int(index.meta.get("repeats", 1)), bool(index.meta.get("tta", True)))
-        reader = slides.SlideReader(index, cache_bytes=min(256 << 20, self.budget // 8))
-        source = BagSource(reader, ts.image_ids, cache_bytes=self.budget // 4, gather_bytes=self.budget // 2)
+        # Caches of a fixed size, whatever the cohort: memory stays flat as the store grows (issue 37).
+        reader = slides.SlideReader(index, cache_bytes=min(ROW_GROUP_CACHE, self.budget // 16))
+        source = BagSource(reader, ts.image_ids, cache_bytes=min(BAG_CACHE, self.budget // 8),
+                           gather_bytes=self.budget // 2)
         source.scan(lambda rows: slides.check_slide(rows, expected.get(rows.image_id), views, index.store_dir,
                                                     "train"))
         return source.bags()

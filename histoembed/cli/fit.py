@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from histoembed.cli import drift as drift_cli
 from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
 from histoembed.core import store
-from histoembed.core.config import EncoderFusion, Offsets, ScaleFusion
+from histoembed.core.config import Engine, EncoderFusion, Offsets, ScaleFusion, StreamBags
 from histoembed.core.console import console, items, noun, table
 from histoembed.core.errors import UserError
 from histoembed.inputs.provenance import run_kinds
@@ -44,6 +44,10 @@ def fit(
     class_conditional: Annotated[bool | None, setting("fit.class_conditional", "--class-conditional/--marginal")]
         = None,
     scale_fusion: Annotated[ScaleFusion | None, setting("fit.scale_fusion")] = None,
+    engine: Annotated[Engine | None, setting("fit.engine")] = None,
+    ray_address: Annotated[str | None, setting("fit.ray_address")] = None,
+    memory_gb: Annotated[float | None, setting("fit.memory_gb")] = None,
+    stream: Annotated[StreamBags | None, setting("fit.stream")] = None,
 ) -> None:
     """Cross-validate heads on the training features; calibrate, fuse, choose class offsets and conformal sets.
 
@@ -62,7 +66,8 @@ def fit(
     settings = stage_settings(config, "fit", folds=folds, seed=seed, seeds=seeds, include_flagged=include_flagged,
                                   bootstrap=bootstrap, offsets=offsets, alpha=alpha, threads=threads,
                                   class_conditional=class_conditional, scale_fusion=scale_fusion,
-                                  encoder=encoder, encoder_fusion=encoder_fusion,
+                                  encoder=encoder, encoder_fusion=encoder_fusion, engine=engine,
+                                  ray_address=ray_address, memory_gb=memory_gb, stream=stream,
                                   heads=None if heads is None else check_names(heads.split(",")),
                                   mlp=dict(hidden=mlp_hidden, depth=mlp_depth, epochs=mlp_epochs, mixup_alpha=mixup),
                                   xgb=dict(n_estimators=xgb_rounds, pca_dims=pca_dims))

@@ -354,6 +354,12 @@ class FitSettings(_Settings):
         None, gt=0, description="Memory the fit may use, in GB (not set: half of this machine's memory, or of the "
         "cgroup's limit). Above it the training bags are read from the store slide by slide, never all at once; "
         "a single slide whose bag alone does not fit is refused.", json_schema_extra=NO_OUTPUT_CHANGE)
+    engine: Engine = Field(
+        "local", description="local: every fold's heads in this process; ray: each (fold, head), of each encoder, a "
+        "Ray task on the cluster `embed --engine ray` uses, reading its bags from the store (the run folder must be "
+        "on a file system every node sees). Same out-of-fold file, metrics and models either way.",
+        json_schema_extra=NO_OUTPUT_CHANGE)
+    ray_address: str | None = Field(None, description=RAY_ADDRESS_HELP, json_schema_extra=NO_OUTPUT_CHANGE)
     stream: StreamBags = Field(
         "auto", description="Read the training bags from the store slide by slide: auto (when the training rows as "
         "float32 would take more than a quarter of memory_gb), always, or never (all rows in memory). The "

@@ -27,7 +27,7 @@ import numpy as np
 from histoembed.core import cpus, feature_store
 from histoembed.core.config import FitSettings
 from histoembed.models.heads import Bags, check_names
-from histoembed.stages.fit import streaming
+from histoembed.stages.fit import engines, streaming
 from histoembed.stages.fit.cv import CVResult, cross_validate, fit_heads, run_cv, seeds_of
 from histoembed.stages.fit.folds import _group_kfold, derived_seed, inner_split, make_folds
 from histoembed.stages.fit.multi import EncoderPart, run_fit_multi
@@ -66,7 +66,9 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
             return FitResult.of(run, ts, done, started, skipped=True)
         bags = streamed.bags() if streamed else take_bags(ts)
         task = Classification(ts.classes, decision_settings(settings))
-        results = cross_validate(bags, ts.y, ts.groups, settings, task)
+        with engines.session(settings):
+            results = cross_validate(bags, ts.y, ts.groups, settings, task,
+                                     engines.runner_for(run, name, settings, ts.image_ids, ts.classes))
         cv = results[0][0]
         metrics = fit_metrics(key, encoder_name(ts), ts, settings, cv.heads, {}, "head", results, seeds_of(settings))
         write_outputs(run, ts, settings, cv, metrics, key)

@@ -106,3 +106,14 @@ def test_streamed_fit_refuses_partial_duplicated_or_stale_slides(tmp_path):
     store.write_table(pq.read_table(crops), crops, meta={**store.read_meta(crops), "key": "other crops"})
     with pytest.raises(UserError, match="embedded from other crops"):
         fit.run_fit(run, settings(heads=("xgb",), stream="always"))
+
+
+def test_drift_s_image_means_slide_by_slide_equal_those_of_the_whole_store(tmp_path):
+    from histoembed.models import drift
+
+    run = shuffled_store(tmp_path)
+    store_dir = feature_store.find_feature_store(run, None)
+    keys, means = drift.image_means(feature_store.read_features(store_dir))
+    streamed_keys, streamed, meta = slides.image_means(store_dir)
+    assert list(keys) == list(streamed_keys) and meta["encoder"]
+    np.testing.assert_array_equal(means, streamed)

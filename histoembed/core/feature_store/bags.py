@@ -173,6 +173,37 @@ class SlideReader:
         return SlideRows(image_id, crop[order].astype(np.int32), view[order].astype(np.int16), emb, hashes)
 
 
+STREAM_BYTES = 256 << 20   # a store whose rows as float32 pass this is read slide by slide by ``image_means``
+
+
+def store_bytes(store_dir: str | Path) -> int:
+    """The store's rows as float32, in bytes, from the parts' footers (nothing is decoded)."""
+    total = 0
+    for part in feature_parts(store_dir):
+        pf = _open(part)
+        total += pf.metadata.num_rows * pf.schema_arrow.field("embedding").type.list_size * 4
+    return total
+
+
+def image_means(store_dir: str | Path, view: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(image keys ``split/image_id`` sorted, [N, D] float64 mean of each image's ``view`` rows, the store's meta),
+    one slide at a time: the means ``drift`` compares, without the store in memory."""
+    keys, means, meta = [], [], {}
+    for split in ("test", "train"):
+        index = slide_index(store_dir, split)
+        meta = index.meta
+        reader = SlideReader(index, cache_bytes=64 << 20)
+        for image_id in index.image_ids:
+            rows = reader.read(image_id)
+            mine = rows.embedding[rows.view == view].astype(np.float64)
+            if len(mine):
+                keys.append(f"{split}/{image_id}")
+                means.append(np.add.reduceat(mine, [0], axis=0)[0] / len(mine))
+    order = np.argsort(np.asarray(keys, dtype=object)) if keys else np.zeros(0, np.int64)
+    dim = means[0].shape[0] if means else 0
+    return (np.asarray(keys, dtype=object)[order], np.asarray(means, np.float64).reshape(-1, dim)[order], meta)
+
+
 def crop_fingerprint(crop_index, digests) -> tuple[int, int]:
     """(count, sum of 64-bit digests of each (crop, digest) mod 2**64): equal for equal sets of crops."""
     total = 0
@@ -194,8 +225,8 @@ def crop_fingerprints(run: str | Path, split: str, digests: bool = True) -> dict
     columns = ["image_id", "split", "crop_index"] + (["png"] if digests else []) \
         + (["patch_digest"] if digests and "patch_digest" in names else [])
     out: dict[str, list[int]] = {}
-    for g in range(pf.num_row_groups):
-        t = pf.read_row_group(g, columns=columns)
+    for batch in pf.iter_batches(batch_size=1 << 16, columns=columns):
+        t = pa.Table.from_batches([batch])
         t = t.filter(pc.equal(t["split"], split))
         pngs = t["png"].to_pylist() if digests else [None] * t.num_rows
         given = t["patch_digest"].to_pylist() if "patch_digest" in t.column_names else [None] * len(pngs)

@@ -127,25 +127,24 @@ def load_streamed(run: Path, encoder: str | None, settings: FitSettings) -> Stre
     one_per_image = feature_store.Features(np.array(ids, object), np.array(["train"] * n, object),
                                            np.zeros(n, np.int32), np.zeros(n, np.int16),
                                            np.zeros((n, 0), np.float32), index.meta)
-    ts = select_images(run, store_dir, one_per_image, settings.include_flagged, crop_scales)
+    ts = select_images(run, store_dir, one_per_image, settings.include_flagged, crop_scales, digest)
     ts.features = feature_store.Features(np.zeros(0, object), np.zeros(0, object), np.zeros(0, np.int32),
                                          np.zeros(0, np.int16), np.zeros((0, index.dim), np.float32), index.meta)
     ts.row_image = np.zeros(0, np.int64)
-    ts.train_crops = digest
     return Streamed(run, ts, index, memory_budget(settings))
 
 
 def crops_facts(crops_path: Path) -> tuple[list[str], list[float], str]:
     """(training images, their crops' distinct scales, ``store.train_crops_digest``) of crops.parquet, read one
-    row group at a time: each crop's digest is held as 16 bytes, never as a Python string."""
+    65,536 rows at a time: each crop's digest is held as 16 bytes, never as a Python string."""
     store.read_table(crops_path, "crops file", columns=["split"], hint="run `histoembed crops`", stage="crops")
     pf = pq.ParquetFile(crops_path)
     names = pf.schema_arrow.names
     columns = ["image_id", "split", "crop_index", "png"] + [c for c in ("patch_digest", "scale") if c in names]
     crops: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     scales: set[float] = set()
-    for g in range(pf.num_row_groups):
-        t = pf.read_row_group(g, columns=columns)
+    for batch in pf.iter_batches(batch_size=1 << 16, columns=columns):
+        t = pa.Table.from_batches([batch])
         t = t.filter(pc.equal(t["split"], "train"))
         if "scale" in t.column_names:
             scales.update(float(x) for x in pc.unique(t["scale"]).to_pylist())

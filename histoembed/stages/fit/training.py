@@ -45,12 +45,14 @@ class TrainingSet:
 def read_labels(run: Path) -> dict[str, str]:
     """Training labels by ``split/image_id`` key (see ``store.image_keys``), from ``run/crops.parquet``."""
     path = Path(run) / store.CROPS_FILE
-    table = store.read_table(path, "crops table (the labels)", columns=["image_id", "split", "label"],
-                             hint="run `histoembed crops` first", stage="crops")
+    store.read_table(path, "crops table (the labels)", columns=["label"], hint="run `histoembed crops` first",
+                     stage="crops")
     labels = {}
-    for image_id, split, label in zip(*(table[c].to_pylist() for c in ("image_id", "split", "label"))):
-        if split == "train" and label is not None and label != "":
-            labels[f"{split}/{image_id}"] = label
+    # A batch at a time: a slide cohort's crops file holds millions of rows, its labels one per image.
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 16, columns=["image_id", "split", "label"]):
+        for image_id, split, label in zip(*(batch.column(c).to_pylist() for c in ("image_id", "split", "label"))):
+            if split == "train" and label is not None and label != "":
+                labels[f"{split}/{image_id}"] = label
     if not labels:
         raise UserError("no labelled training images", path=path,
                         hint="the crops stage reads labels from train_labels.csv (or the manifest's label column)")
@@ -132,7 +134,7 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
 
 
 def select_images(run: Path, store_dir: Path, features: feature_store.Features, include_flagged: bool,
-                  crop_scales: list[float]) -> TrainingSet:
+                  crop_scales: list[float], train_crops: str | None = None) -> TrainingSet:
     """The training set of ``features``' rows: unlabelled and QC-flagged images left out, labels and fold groups.
 
     Only the rows' image keys are read here, so the streamed fit (``streaming``) passes one row per image."""
@@ -173,7 +175,8 @@ def select_images(run: Path, store_dir: Path, features: feature_store.Features, 
                        for n, k in enumerate(image_keys)], dtype=np.int64)
     name = lambda k: str(k).split("/", 1)[1]  # noqa: E731  (every key here is train/<name>)
     return TrainingSet(features, store_dir, [name(k) for k in image_keys], row_image, y, groups, classes,
-                       [name(k) for k in excluded], [name(k) for k in unlabelled], store.train_crops_digest(run),
+                       [name(k) for k in excluded], [name(k) for k in unlabelled],
+                       train_crops or store.train_crops_digest(run),
                        crop_scales)
 
 

@@ -170,6 +170,10 @@ class Bags:
         var = np.maximum(total_sq - total * mean, 0.0) / max(n - 1, 1)
         return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
 
+    def fits_in_memory(self) -> bool:
+        """Whether ``X`` (every row at once) may be taken: always here; ``StoredBags`` within its budget."""
+        return True
+
     def bag_rows(self, b: int) -> np.ndarray:
         """The rows [size, D] float32 of bag ``b``."""
         return self.X[self.starts[b]:self.starts[b + 1]]

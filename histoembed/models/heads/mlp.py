@@ -66,19 +66,25 @@ class MLPHead(TorchHead):
         s, C = self.settings, self.n_classes
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
-        X = torch.from_numpy(bags.X)
         y_rows = np.asarray(y, dtype=np.int64)[bags.row_bag]
         y_t = torch.from_numpy(y_rows)
-        net = _net(X.shape[1], C, s)
+        net = _net(bags.dim, C, s)
+        if bags.fits_in_memory():
+            X = torch.from_numpy(bags.X)
+            take, shuffle = (lambda idx: X[idx]), None
+            mean, std = X.mean(0), X.std(0)
+        else:   # a fold of a streamed cohort: minibatches drawn from runs of bags, each bag read once an epoch
+            take, shuffle = (lambda idx: torch.from_numpy(bags.rows_at(idx.numpy()))), bags.local_order
+            mean, std = (torch.from_numpy(m) for m in bags.row_moments())
         with torch.no_grad():
-            net.input_mean.copy_(X.mean(0))
-            net.input_std.copy_(input_scale(X.std(0)))
+            net.input_mean.copy_(mean)
+            net.input_std.copy_(input_scale(std))
         weight = torch.tensor(class_weights(y_rows, C), dtype=torch.float32) if s.class_weights else None
-        self.net_, self.input_dim_ = net, int(X.shape[1])
+        self.net_, self.input_dim_ = net, int(bags.dim)
         gen = torch.Generator().manual_seed(self.seed + 1)
 
         def batch_loss(idx):
-            xb, yb = X[idx], y_t[idx]
+            xb, yb = take(idx), y_t[idx]
             if s.mixup_alpha > 0:
                 lam = float(rng.beta(s.mixup_alpha, s.mixup_alpha))
                 perm = torch.randperm(len(idx), generator=gen)
@@ -91,8 +97,9 @@ class MLPHead(TorchHead):
         stop_labels = stop.image_labels(y_stop)
         stop_nll = (lambda: temperature_nll(stop.per_image(self.predict(stop)), stop_labels, 1.0)) \
             if stop.n_bags else None
-        done = train(net, len(X), batch_loss, stop_nll, lr=s.lr, weight_decay=s.weight_decay, epochs=s.epochs,
-                     warmup_epochs=s.warmup_epochs, batch_size=s.batch_size, patience=s.patience, seed=self.seed)
+        done = train(net, len(y_rows), batch_loss, stop_nll, lr=s.lr, weight_decay=s.weight_decay, epochs=s.epochs,
+                     warmup_epochs=s.warmup_epochs, batch_size=s.batch_size, patience=s.patience, seed=self.seed,
+                     shuffle=shuffle)
         self.best_epoch_, self.epochs_run_, self.stop_nll_ = done.best_epoch, done.epochs_run, done.stop_nll
         return self
 

@@ -6,8 +6,10 @@ recent bags stay in a cache of bounded size. ``StoredBags`` is a ``Bags`` whose 
 source: XGBoost and the linear probe read only the means, attention-MIL reads a bag when a batch
 needs it (``bag_rows``), the MLP predicts over row chunks. The arithmetic is the in-memory ``Bags``'
 own (each bag's rows in the same order, summed by the same ``reduceat``), so a fit gives the same
-numbers either way. A head that must hold every row of a fold (the MLP's training, ``X``) gets them
-gathered only while they fit in ``gather_bytes``; past that, a clear error.
+numbers either way. The MLP trains on every row of a fold at random: it gets them gathered (``X``,
+the same numbers again) while they fit in ``gather_bytes``; past that it draws its minibatches from
+runs of shuffled bags (``local_order``, ``rows_at``), each bag read once an epoch, which is a
+different shuffle than in memory, so its numbers differ from an in-memory fit there (none fits).
 """
 
 from __future__ import annotations
@@ -110,6 +112,37 @@ class StoredBags(Bags):
     @property
     def dim(self) -> int:
         return self.source.dim
+
+    def fits_in_memory(self) -> bool:
+        return int(self.starts[-1]) * self.dim * 4 <= self.source.gather_bytes
+
+    def rows_at(self, rows: np.ndarray) -> np.ndarray:
+        """The rows ``rows`` (positions among these bags' rows, any order) [n, D] float32, read bag by bag."""
+        rows = np.asarray(rows, np.int64)
+        bag = np.searchsorted(self.starts, rows, "right") - 1
+        out = np.empty((len(rows), self.dim), np.float32)
+        for b in np.unique(bag):
+            mine = bag == b
+            out[mine] = self.bag_rows(int(b))[rows[mine] - self.starts[b]]
+        return out
+
+    def local_order(self, gen) -> np.ndarray:
+        """An epoch's order of the rows that reads each bag once: bags shuffled, taken in runs of at most half the
+        bag cache, the rows of each run shuffled (the MLP's minibatches when a fold's rows do not fit in memory)."""
+        import torch
+
+        budget = max(1, self.source.cache_bytes // (2 * self.dim * 4))
+        bags = torch.randperm(self.n_bags, generator=gen).numpy()
+        order, run, held = [], [], 0
+        for b in [*bags, None]:
+            if b is None or (run and held + int(self.sizes[b]) > budget):
+                rows = np.concatenate([np.arange(self.starts[r], self.starts[r + 1]) for r in run])
+                order.append(rows[torch.randperm(len(rows), generator=gen).numpy()])
+                run, held = [], 0
+            if b is not None:
+                run.append(int(b))
+                held += int(self.sizes[b])
+        return torch.from_numpy(np.concatenate(order)) if order else torch.zeros(0, dtype=torch.int64)
 
     @property
     def X(self) -> np.ndarray:

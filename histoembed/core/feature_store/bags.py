@@ -16,6 +16,7 @@ completeness check of ``check_complete`` runs slide by slide with memory of the 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,6 @@ import pyarrow.parquet as pq
 
 from histoembed.core import store
 from histoembed.core.errors import UserError
-from histoembed.core.feature_store.reader import _part_meta
 from histoembed.core.feature_store.schema import CROP_HASH, feature_parts, row_name
 
 HINT = "run `histoembed embed` (it resumes a partial store and replaces what is stale)"
@@ -82,7 +82,7 @@ def slide_index(store_dir: str | Path, split: str) -> SlideIndex:
     if ident in _INDEXES:
         _INDEXES.move_to_end(ident)
         return _INDEXES[ident]
-    metas = [_part_meta(p) for p in parts]
+    metas = [json.loads((_open(p).schema_arrow.metadata or {}).get(store.META_KEY) or "{}") for p in parts]
     for p, m in zip(parts, metas):
         store.check_schema(p, "embed", m)
     if len({m.get("key") for m in metas}) != 1:

@@ -14,14 +14,41 @@ different shuffle than in memory, so its numbers differ from an in-memory fit th
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from histoembed.core.errors import UserError
-from histoembed.core.feature_store.bags import SlideReader, SlideRows
+from histoembed.core.feature_store.bags import SlideIndex, SlideReader, SlideRows
 from histoembed.models.heads.base import Bags
+
+
+BAG_CACHE = 128 << 20        # the float32 rows of recently read bags
+ROW_GROUP_CACHE = 64 << 20   # decoded row groups (several slides' pieces may share one)
+
+
+def memory_budget(memory_gb: float | None) -> int:
+    """A fit's memory budget in bytes: ``memory_gb``, else half of this machine's (or its cgroup's) memory."""
+    if memory_gb is not None:
+        return int(memory_gb * 1e9)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total // 2
+
+
+def open_source(index: SlideIndex, image_ids: list[str], budget: int) -> BagSource:
+    """The bags of ``image_ids`` in a store, with caches of a fixed size whatever the cohort (memory stays flat
+    as the store grows), and every row of a fold gathered only within half of ``budget``."""
+    reader = SlideReader(index, cache_bytes=min(ROW_GROUP_CACHE, budget // 16))
+    return BagSource(reader, image_ids, cache_bytes=min(BAG_CACHE, budget // 8), gather_bytes=budget // 2)
 
 
 def bag_sums(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

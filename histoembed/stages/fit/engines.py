@@ -29,9 +29,8 @@ from histoembed.core.errors import UserError
 from histoembed.core.feature_store import bags as slides
 from histoembed.models.heads import Bags
 from histoembed.models.heads import get as get_head
-from histoembed.models.heads.stored import BagSource
+from histoembed.models.heads import stored
 from histoembed.stages.fit.cv import FoldJob, fit_one, run_local, select_fold
-from histoembed.stages.fit.streaming import BAG_CACHE, ROW_GROUP_CACHE, memory_budget
 
 
 @dataclass
@@ -58,10 +57,8 @@ def task_bags(task: FoldTask, settings: FitSettings) -> Bags:
     key = (str(store_dir), tuple(task.image_ids))
     if key not in _SOURCES:
         _SOURCES.clear()
-        index = slides.slide_index(store_dir, "train")
-        budget = memory_budget(settings)
-        source = BagSource(slides.SlideReader(index, min(ROW_GROUP_CACHE, budget // 16)), task.image_ids,
-                           cache_bytes=min(BAG_CACHE, budget // 8), gather_bytes=budget // 2)
+        source = stored.open_source(slides.slide_index(store_dir, "train"), task.image_ids,
+                                    stored.memory_budget(settings.memory_gb))
         source.scan()   # the driver checked the store already
         _SOURCES[key] = source.bags()
     return _SOURCES[key]

@@ -16,7 +16,6 @@ a little per slide). Scale fusion ``concat`` and several encoders are fitted in 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,26 +28,16 @@ from histoembed.core import feature_store, store
 from histoembed.core.config import FitSettings
 from histoembed.core.errors import UserError
 from histoembed.core.feature_store import bags as slides
-from histoembed.models.heads.stored import BagSource, StoredBags
+from histoembed.models.heads import stored
+from histoembed.models.heads.stored import StoredBags
 from histoembed.stages.fit.training import TrainingSet, qc_flags, read_labels, select_images
 
 GIB = 1 << 30
-BAG_CACHE = 128 << 20        # the float32 rows of recently read bags
-ROW_GROUP_CACHE = 64 << 20   # decoded row groups (several slides' pieces may share one)
 
 
 def memory_budget(settings: FitSettings) -> int:
     """The fit's memory budget in bytes: ``[fit] memory_gb``, else half of this machine's (or cgroup's) memory."""
-    if settings.memory_gb is not None:
-        return int(settings.memory_gb * 1e9)
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit.isdigit():
-            total = min(total, int(limit))
-    except OSError:
-        pass
-    return total // 2
+    return stored.memory_budget(settings.memory_gb)
 
 
 def wanted(store_dir: Path, settings: FitSettings) -> bool:
@@ -89,10 +78,7 @@ class Streamed:
                             hint="raise [fit] memory_gb in histoembed.toml (or cut fewer patches per slide)")
         expected = slides.crop_fingerprints(self.run, "train", digests=index.has_hash)
         views = feature_store.views_of("train", int(index.meta.get("repeats", 1)), bool(index.meta.get("tta", True)))
-        # Caches of a fixed size, whatever the cohort: memory stays flat as the store grows (issue 37).
-        reader = slides.SlideReader(index, cache_bytes=min(ROW_GROUP_CACHE, self.budget // 16))
-        source = BagSource(reader, ts.image_ids, cache_bytes=min(BAG_CACHE, self.budget // 8),
-                           gather_bytes=self.budget // 2)
+        source = stored.open_source(index, ts.image_ids, self.budget)
         source.scan(lambda rows: slides.check_slide(rows, expected.get(rows.image_id), views, index.store_dir,
                                                     "train"))
         return source.bags()

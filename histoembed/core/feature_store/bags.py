@@ -173,7 +173,7 @@ class SlideReader:
         return SlideRows(image_id, crop[order].astype(np.int32), view[order].astype(np.int16), emb, hashes)
 
 
-STREAM_BYTES = 256 << 20   # a store whose rows as float32 pass this is read slide by slide by ``image_means``
+STREAM_BYTES = 32 << 20    # a store whose rows as float32 pass this is read slide by slide by ``image_means``
 
 
 def store_bytes(store_dir: str | Path) -> int:

@@ -192,7 +192,7 @@ def image_means(store_dir: str | Path, view: int = 0) -> tuple[np.ndarray, np.nd
     for split in ("test", "train"):
         index = slide_index(store_dir, split)
         meta = index.meta
-        reader = SlideReader(index, cache_bytes=64 << 20)
+        reader = SlideReader(index, cache_bytes=16 << 20)
         for image_id in index.image_ids:
             rows = reader.read(image_id)
             mine = rows.embedding[rows.view == view].astype(np.float64)

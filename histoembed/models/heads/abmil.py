@@ -26,7 +26,8 @@ from histoembed.models.heads.shared import class_weights
 from histoembed.models.heads.training import TorchHead, input_scale, train
 
 WEIGHTS_FILE = "abmil.safetensors"
-PREDICT_FLOATS = 1 << 26   # at most 64 Mi floats (256 MiB) of padded input per prediction chunk
+STEP_FLOATS = 1 << 25      # at most 32 Mi floats (128 MiB) of padded input and activations per training step
+PREDICT_FLOATS = 1 << 24   # at most 16 Mi floats (64 MiB) of padded input and activations per prediction chunk
 
 
 def _net(input_dim: int, n_classes: int, s: ABMILSettings):
@@ -105,17 +106,26 @@ class ABMILHead(TorchHead):
         stop_nll = (lambda: temperature_nll(stop.per_image(self.predict(stop)), stop_labels, 1.0)) \
             if stop.n_bags else None
         done = train(net, bags.n_bags, batch_loss, stop_nll, lr=s.lr, weight_decay=s.weight_decay, epochs=s.epochs,
-                     warmup_epochs=s.warmup_epochs, batch_size=s.batch_size, patience=s.patience, seed=self.seed)
+                     warmup_epochs=s.warmup_epochs, batch_size=min(s.batch_size, self._step_bags(cap or K, bags.dim)),
+                     patience=s.patience, seed=self.seed)
         self.best_epoch_, self.epochs_run_, self.stop_nll_ = done.best_epoch, done.epochs_run, done.stop_nll
         return self
 
+    def _step_bags(self, rows: int, dim: int) -> int:
+        """Bags per training step such that their padded rows and activations stay within ``STEP_FLOATS``
+        (issue 37: a step's memory must not grow with the cohort; slides of thousands of patches train a few
+        bags a step, images of a few crops keep ``batch_size``)."""
+        s = self.settings
+        return max(1, STEP_FLOATS // max(1, rows * (dim + 2 * s.hidden + 4 * s.attention)))
+
     def _forward(self, bags: Bags, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """(logits per bag, attention per row) over all of each bag's rows, in chunks of bags padded on the fly;
-        a chunk is made smaller when its padded input would pass ``PREDICT_FLOATS`` (bags of thousands of patches)."""
+        a chunk is made smaller when its padded input and activations would pass ``PREDICT_FLOATS`` (bags of thousands of patches)."""
         import torch
 
         K = int(bags.sizes.max()) if bags.n_bags else 0
-        chunk = max(1, min(chunk, PREDICT_FLOATS // max(1, K * bags.dim)))
+        s = self.settings   # each padded row's input, hidden vector and gated attention (issue 37: not only input)
+        chunk = max(1, min(chunk, PREDICT_FLOATS // max(1, K * (bags.dim + 2 * s.hidden + 4 * s.attention))))
         logits, attention = [], []
         self.net_.eval()
         with torch.inference_mode():

@@ -26,8 +26,8 @@ from histoembed.core.feature_store.bags import SlideIndex, SlideReader, SlideRow
 from histoembed.models.heads.base import Bags
 
 
-BAG_CACHE = 128 << 20        # the float32 rows of recently read bags
-ROW_GROUP_CACHE = 64 << 20   # decoded row groups (several slides' pieces may share one)
+BAG_CACHE = 32 << 20         # the float32 rows of recently read bags
+ROW_GROUP_CACHE = 16 << 20   # decoded row groups (several slides' pieces may share one)
 
 
 def memory_budget(memory_gb: float | None) -> int:

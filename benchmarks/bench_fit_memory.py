@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 RUN_INSTALLED = "import runpy; runpy.run_module('histoembed', run_name='__main__')"
 RUN_FROM = ("import sys, runpy; sys.meta_path[:] = [f for f in sys.meta_path "
@@ -77,31 +78,25 @@ def write_slide_store(run: Path, slides: int, test_slides: int, patches: int, vi
     meta = {"key": key, "encoder": "synthetic-slides", "dim": dim, "pool": "synthetic", "seed": seed,
             "crops_key": crops_key, "repeats": views, "tta": True, "store_dtype": dtype}
     np_dtype = np.float16 if dtype == "float16" else np.float32
-    schema = feature_store.feature_schema(dim, dtype)
+    schema = store.with_meta(feature_store.feature_schema(dim, dtype), meta)
     order = rng.permutation(len(ids))        # parts hold slides in no particular order, as shards do
     for p, chunk in enumerate(np.array_split(order, parts)):
-        cols = {"image_id": [], "split": [], "crop_index": [], "view": [], "embedding": []}
-        for i in chunk:
-            centre = means[truth[i]] + rng.normal(size=rank)
-            patch = (centre + rng.normal(size=(patches, rank))).astype(np.float32) @ basis.T
-            patch += rng.standard_normal((patches, dim), dtype=np.float32) * 0.5
-            nv = views if splits[i] == "train" else 1
-            for v in range(nv):
-                noise = rng.standard_normal((patches, dim), dtype=np.float32) * (0.0 if v == 0 else 0.3)
-                cols["embedding"].append((patch + noise).astype(np_dtype))
-                cols["image_id"] += [ids[i]] * patches
-                cols["split"] += [splits[i]] * patches
-                cols["crop_index"].append(np.arange(patches, dtype=np.int32))
-                cols["view"].append(np.full(patches, v, np.int16))
-        emb = np.concatenate(cols["embedding"])
-        table = pa.table({
-            "image_id": pa.array(cols["image_id"], pa.string()), "split": pa.array(cols["split"], pa.string()),
-            "crop_index": pa.array(np.concatenate(cols["crop_index"])),
-            "view": pa.array(np.concatenate(cols["view"])),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim),
-        }, schema=schema)
-        store.write_table(table, store_dir / f"part-{p:05d}.parquet", meta=meta)
-        del table, emb, cols
+        # One row group per slide view, as embed's writers write a batch at a time: a part is never held whole.
+        with pq.ParquetWriter(store_dir / f"part-{p:05d}.parquet", schema, **feature_store.PART_OPTIONS) as out:
+            for i in chunk:
+                centre = means[truth[i]] + rng.normal(size=rank)
+                patch = (centre + rng.normal(size=(patches, rank))).astype(np.float32) @ basis.T
+                patch += rng.standard_normal((patches, dim), dtype=np.float32) * 0.5
+                for v in range(views if splits[i] == "train" else 1):
+                    noise = rng.standard_normal((patches, dim), dtype=np.float32) * (0.0 if v == 0 else 0.3)
+                    emb = (patch + noise).astype(np_dtype)
+                    out.write_table(pa.table({
+                        "image_id": pa.array([ids[i]] * patches, pa.string()),
+                        "split": pa.array([splits[i]] * patches, pa.string()),
+                        "crop_index": pa.array(np.arange(patches, dtype=np.int32)),
+                        "view": pa.array(np.full(patches, v, np.int16)),
+                        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim),
+                    }, schema=schema))
     return store_dir
 
 
@@ -124,7 +119,10 @@ def mib(n: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slides", type=int, default=120, help="Training slides.")
+    parser.add_argument("--slides", default="120", help="Training slides; several (100,300,1000) for the scaling.")
+    parser.add_argument("--streams", default="auto",
+                        help="[fit] stream of each fit: auto, always, never; several (never,always) side by side.")
+    parser.add_argument("--memory-gb", type=float, default=None, help="[fit] memory_gb of each fit.")
     parser.add_argument("--test-slides", type=int, default=30, help="Test slides (one view; fit must not read them).")
     parser.add_argument("--patches", type=int, default=2000, help="Patches per slide.")
     parser.add_argument("--views", type=int, default=2)
@@ -142,43 +140,62 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, default=None, help="Another version's source tree, fitted first.")
     args = parser.parse_args()
 
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
-        base = root / "store-run"
-        shutil.rmtree(base, ignore_errors=True)
-        start = time.perf_counter()
-        store_dir = write_slide_store(base, args.slides, args.test_slides, args.patches, args.views, args.dim,
-                                      args.classes, args.parts, args.dtype, args.signal)
-        disk = sum(p.stat().st_size for p in store_dir.glob("part-*.parquet"))
-        train_rows = args.slides * args.patches * args.views
-        rows = train_rows + args.test_slides * args.patches
-        print(f"store: {args.slides} training + {args.test_slides} test slides x {args.patches} patches "
-              f"({args.views} views for training, 1 for test) = {rows:,} rows x {args.dim}-d {args.dtype}, "
-              f"{args.parts} parts, {mib(disk)} on disk (written in {time.perf_counter() - start:.0f} s)")
-        print(f"training rows: {train_rows:,} = {mib(train_rows * args.dim * 2)} as float16, "
-              f"{mib(train_rows * args.dim * 4)} as float32")
+        for slides in (int(n) for n in args.slides.split(",")):
+            rows += fit_cohort(args, root, slides)
+    print("\n| slides | rows | store on disk | fit | peak RSS | wall | wall per slide | OOF macro-F1 |")
+    print("|---:|---:|---:|---|---:|---:|---:|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+def fit_cohort(args, root: Path, slides: int) -> list[list[str]]:
+    """Write a store of ``slides`` training slides, fit it once per ``--streams`` (and ``--baseline``); table rows."""
+    base = root / f"store-run-{slides}"
+    shutil.rmtree(base, ignore_errors=True)
+    start = time.perf_counter()
+    store_dir = write_slide_store(base, slides, args.test_slides, args.patches, args.views, args.dim,
+                                  args.classes, args.parts, args.dtype, args.signal)
+    disk = sum(p.stat().st_size for p in store_dir.glob("part-*.parquet"))
+    train_rows = slides * args.patches * args.views
+    total = train_rows + args.test_slides * args.patches
+    print(f"store: {slides} training + {args.test_slides} test slides x {args.patches} patches "
+          f"({args.views} views for training, 1 for test) = {total:,} rows x {args.dim}-d {args.dtype}, "
+          f"{args.parts} parts, {mib(disk)} on disk (written in {time.perf_counter() - start:.0f} s)", flush=True)
+    print(f"training rows: {train_rows:,} = {mib(train_rows * args.dim * 2)} as float16, "
+          f"{mib(train_rows * args.dim * 4)} as float32", flush=True)
+    jobs = ([("baseline", args.baseline, "auto")] if args.baseline else []) + \
+        [(f"stream {mode}", None, mode) for mode in args.streams.split(",")]
+    out = []
+    for name, tree, mode in jobs:
         config = root / "histoembed.toml"
-        config.write_text(f"[fit.abmil]\nepochs = {args.abmil_epochs}\n" + "".join(f"{s}\n" for s in args.set))
-        jobs = ([("baseline", args.baseline)] if args.baseline else []) + [("this tree", None)]
-        for name, tree in jobs:
-            run = root / f"run-{name.replace(' ', '-')}"
-            shutil.rmtree(run, ignore_errors=True)
-            shutil.copytree(base, run)
-            cmd = [sys.executable, "-c", RUN_FROM.format(tree=str(tree.resolve())) if tree else RUN_INSTALLED,
-                   "fit", "--config", str(config), "--run", str(run), "--folds", str(args.folds),
-                   "--heads", args.heads, "--bootstrap", "0"]
-            rss, seconds, cpu, rc = peak_rss(cmd)
-            line = (f"{name}{' (' + str(tree) + ')' if tree else ''}: fit --heads {args.heads} --folds {args.folds}: "
-                    f"peak RSS {mib(rss)} ({rss / (train_rows * args.dim * 4):.2f}x the training rows as float32), "
-                    f"wall {seconds:.0f} s, CPU {cpu:.0f} s")
-            if rc:
-                print(line + f", FAILED (exit {rc})")
-                continue
+        config.write_text(f"[fit]\nstream = \"{mode}\"\n"
+                          + (f"memory_gb = {args.memory_gb}\n" if args.memory_gb else "")
+                          + f"[fit.abmil]\nepochs = {args.abmil_epochs}\n" + "".join(f"{s}\n" for s in args.set))
+        run = root / f"run-{name.replace(' ', '-')}"
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(base, run)
+        cmd = [sys.executable, "-c", RUN_FROM.format(tree=str(tree.resolve())) if tree else RUN_INSTALLED,
+               "fit", "--config", str(config), "--run", str(run), "--folds", str(args.folds),
+               "--heads", args.heads, "--bootstrap", "0"]
+        rss, seconds, cpu, rc = peak_rss(cmd)
+        line = (f"{name}{' (' + str(tree) + ')' if tree else ''}: fit --heads {args.heads} --folds {args.folds}: "
+                f"peak RSS {mib(rss)} ({rss / (train_rows * args.dim * 4):.2f}x the training rows as float32), "
+                f"wall {seconds:.0f} s, CPU {cpu:.0f} s")
+        f1 = "FAILED"
+        if rc:
+            print(line + f", FAILED (exit {rc})", flush=True)
+        else:
             metrics = json.loads((run / "metrics.json").read_text())
             f1 = ", ".join(f"{h} {m['macro_f1']:.3f}" for h, m in metrics["heads"].items())
-            print(line + f"; OOF macro-F1 {f1}")
-            shutil.rmtree(run, ignore_errors=True)
-
+            print(line + f"; OOF macro-F1 {f1}", flush=True)
+        shutil.rmtree(run, ignore_errors=True)
+        out.append([str(slides), f"{train_rows:,}", mib(disk), name, mib(rss), f"{seconds:.0f} s",
+                    f"{seconds / slides * 1000:.0f} ms", f1])
+    shutil.rmtree(base, ignore_errors=True)
+    return out
 
 if __name__ == "__main__":
     main()

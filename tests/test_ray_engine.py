@@ -11,7 +11,9 @@ the CPU, since torch finds no CUDA. In CI a Ray test that cannot run fails inste
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -431,3 +433,36 @@ def test_a_ray_worker_opens_each_slide_once(slide_cohort, cluster):
     opened, shapes = ray.get(decode.remote(units, str(index.path)))
     assert shapes == [(len(u), 64, 64, 3) for u in units] * 2
     assert sorted(opened) == sorted(set(sources))  # each slide once, though its patches span several units
+
+
+@needs_ray
+def test_fit_over_ray_tasks_equals_the_local_fit(tmp_path, cluster, cli, monkeypatch):
+    """Every (fold, head) a Ray task reading its bags from the store: the local fit's OOF file, metrics, models."""
+    from histoembed.tools import synthetic
+
+    runs = {name: tmp_path / name for name in ("local", "ray")}
+    synthetic.write_synthetic_features(runs["local"], n_images=24, n_classes=2, crops=3, n_test=2)
+    shutil.copytree(runs["local"], runs["ray"])
+    config = tmp_path / "histoembed.toml"
+    config.write_text("[fit]\nthreads = 1\n[fit.abmil]\nepochs = 3\n[fit.xgb]\nn_estimators = 8\npca_dims = 4\n")
+    common = ("--config", config, "--folds", 2, "--heads", "xgb,logreg,abmil", "--bootstrap", 0)
+    mapped = []
+    real = ray_engine.map_ordered
+    monkeypatch.setattr(ray_engine, "map_ordered", lambda fn, *a, **k: mapped.append(fn) or real(fn, *a, **k))
+    for name, run in runs.items():
+        result = cli("fit", "--run", run, "--engine", name, *common)
+        assert result.exit_code == 0, result.output
+    assert [fn.__name__ for fn in mapped] == ["fold_task"]   # 2 folds x 3 heads went out as Ray tasks
+    local, spread = (pq.read_table(r / store.OOF_FILE) for r in runs.values())
+    assert local.column_names == spread.column_names
+    for column in local.column_names:
+        a, b = local[column].to_pylist(), spread[column].to_pylist()
+        if column.startswith("logits") or column == "prob":
+            np.testing.assert_allclose(np.array(a, float), np.array(b, float), atol=1e-5)
+        else:
+            assert a == b, column
+    ma, mb = (json.loads((r / "metrics.json").read_text()) for r in runs.values())
+    assert ma["key"] == mb["key"] and ma["heads"].keys() == mb["heads"].keys()
+    assert all(abs(ma["heads"][h]["macro_f1"] - mb["heads"][h]["macro_f1"]) < 1e-9 for h in ma["heads"])
+    files = [sorted(p.relative_to(r / "models") for p in (r / "models").rglob("*") if p.is_file()) for r in runs.values()]
+    assert files[0] == files[1] and not list(runs["ray"].glob(".fit-ray-*"))

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 from histoembed.cli import drift as drift_cli
 from histoembed.cli.app import ConfigOpt, RunOpt, command, setting, stage_settings
 from histoembed.core import store
-from histoembed.core.config import ARTIFACTS, EncoderFusion, Offsets, RegressionLoss, ScaleFusion, SelectBy, TaskName
+from histoembed.core.config import (ARTIFACTS, EncoderFusion, Engine, Offsets, RegressionLoss, ScaleFusion,
+                                     SelectBy, StreamBags, TaskName)
 from histoembed.core.console import console, items, noun, table
 from histoembed.core.errors import UserError
 from histoembed.inputs import patch_flags
@@ -55,6 +56,10 @@ def fit(
     target_column: Annotated[str | None, setting("fit.target_column")] = None,
     strict: Annotated[bool | None, setting("fit.strict", "--strict/--skip-bad-rows")] = None,
     regression_loss: Annotated[RegressionLoss | None, setting("fit.regression_loss")] = None,
+    engine: Annotated[Engine | None, setting("fit.engine")] = None,
+    ray_address: Annotated[str | None, setting("fit.ray_address")] = None,
+    memory_gb: Annotated[float | None, setting("fit.memory_gb")] = None,
+    stream: Annotated[StreamBags | None, setting("fit.stream")] = None,
 ) -> None:
     """Cross-validate heads on the training features; calibrate, fuse, choose class offsets and conformal sets.
 
@@ -84,7 +89,8 @@ def fit(
                                   keep_artifacts=_parse_artifacts(keep_artifacts),
                                   task=task,
                                   time_column=time_column, event_column=event_column, target_column=target_column,
-                                  strict=strict, regression_loss=regression_loss,
+                                  strict=strict, regression_loss=regression_loss, engine=engine,
+                                  ray_address=ray_address, memory_gb=memory_gb, stream=stream,
                                   heads=None if heads is None else check_names(heads.split(",")),
                                   mlp=dict(hidden=mlp_hidden, depth=mlp_depth, epochs=mlp_epochs, mixup_alpha=mixup),
                                   xgb=dict(n_estimators=xgb_rounds, pca_dims=pca_dims))

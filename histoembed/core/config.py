@@ -33,6 +33,7 @@ Artifact = Literal["background", "ink", "fold", "blur"]   # a slide patch's arti
 ARTIFACTS: tuple[str, ...] = ("background", "ink", "fold", "blur")
 TaskName, RegressionLoss = Literal["auto", "classification", "survival", "regression"], Literal["squared", "huber"]
 SelectBy = Literal["macro_f1", "auroc", "average_precision", "balanced_accuracy", "kappa", "nll"]
+StreamBags = Literal["auto", "always", "never"]
 MAX_SCALE = 8.0
 Engine = Literal["local", "ray"]
 StainNorm = Literal["none", "macenko", "reinhard"]
@@ -385,6 +386,20 @@ class FitSettings(_Settings):
     target_column: str = Field("target", description="Regression: the column with each training item's number.")
     strict: bool = Field(False, description="Survival and regression: stop at a row with a bad time, event or target rather than skip it (skipped rows are listed).")
     regression_loss: RegressionLoss = Field("squared", description="Regression loss of the MLP, attention-MIL and XGBoost heads: squared error or Huber.")
+    memory_gb: float | None = Field(
+        None, gt=0, description="Memory the fit may use, in GB (not set: half of this machine's memory, or of the "
+        "cgroup's limit). Above it the training bags are read from the store slide by slide, never all at once; "
+        "a single slide whose bag alone does not fit is refused.", json_schema_extra=NO_OUTPUT_CHANGE)
+    engine: Engine = Field(
+        "local", description="local: every fold's heads in this process; ray: each (fold, head), of each encoder, a "
+        "Ray task on the cluster `embed --engine ray` uses, reading its bags from the store (the run folder must be "
+        "on a file system every node sees). Same out-of-fold file, metrics and models either way.",
+        json_schema_extra=NO_OUTPUT_CHANGE)
+    ray_address: str | None = Field(None, description=RAY_ADDRESS_HELP, json_schema_extra=NO_OUTPUT_CHANGE)
+    stream: StreamBags = Field(
+        "auto", description="Read the training bags from the store slide by slide: auto (when the training rows as "
+        "float32 would take more than a quarter of memory_gb), always, or never (all rows in memory). The "
+        "numbers are the same either way.", json_schema_extra=NO_OUTPUT_CHANGE)
     mlp: MLPSettings = MLPSettings()
     xgb: XGBSettings = XGBSettings()
     logreg: LogRegSettings = LogRegSettings()

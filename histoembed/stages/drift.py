@@ -22,6 +22,7 @@ import numpy as np
 
 from histoembed import __version__
 from histoembed.core import feature_store, store
+from histoembed.core.feature_store import bags as slides
 from histoembed.core.config import DriftSettings
 from histoembed.core.console import noun
 from histoembed.core.errors import UserError
@@ -133,15 +134,18 @@ def run_drift(run: Path, settings: DriftSettings, encoder: str | None = None) ->
         previous = store.read_json(path, "drift report")
         if previous.get("key") == key:
             return DriftResult(previous, True, path)
-    features = feature_store.read_features(store_dir)
-    keys, x = image_means(features)
+    if slides.store_bytes(store_dir) > slides.STREAM_BYTES:   # a cohort's store: slide by slide (issue 37)
+        keys, x, meta = slides.image_means(store_dir)
+    else:
+        features = feature_store.read_features(store_dir)
+        (keys, x), meta = image_means(features), features.meta
     flagged = set() if settings.include_flagged else _qc_flagged(run)
     keep = np.array([k not in flagged for k in keys], dtype=bool)
     keys, x = keys[keep], x[keep]
     is_test = np.array([k.startswith("test/") for k in keys])
     counts = {"train": int((~is_test).sum()), "test": int(is_test.sum())}
     kinds = run_kinds(run, list(keys))
-    report = {"key": key, "version": __version__, "encoder": features.meta.get("encoder"), "inputs": inputs,
+    report = {"key": key, "version": __version__, "encoder": meta.get("encoder"), "inputs": inputs,
               "images": counts, "left_out_flagged": int((~keep).sum()), "auc": None, "shifted": False}
     if min(counts.values()) < MIN_IMAGES:
         report["finding"] = (f"No train-versus-test check: it needs at least {MIN_IMAGES} "

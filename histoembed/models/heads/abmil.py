@@ -26,7 +26,8 @@ from histoembed.models.heads.indexing import class_weights
 from histoembed.models.heads.training import TorchHead, input_scale, train
 
 WEIGHTS_FILE = "abmil.safetensors"
-PREDICT_FLOATS = 1 << 26   # at most 64 Mi floats (256 MiB) of padded input per prediction chunk
+STEP_FLOATS = 1 << 25      # at most 32 Mi floats (128 MiB) of padded input and activations per training step
+PREDICT_FLOATS = 1 << 24   # at most 16 Mi floats (64 MiB) of padded input and activations per prediction chunk
 
 
 def _net(input_dim: int, n_classes: int, s: ABMILSettings):
@@ -76,13 +77,13 @@ class ABMILHead(TorchHead):
         draw = np.random.default_rng(self.seed)              # the capped bags' patches: seeded, one draw per step
         y = np.asarray(y, dtype=np.float64 if outcome else np.int64)
         y_t = torch.from_numpy(y)
-        net = _net(bags.X.shape[1], C, s)
+        net = _net(bags.dim, C, s)
+        mean, std = bags.row_moments()    # from each bag's sums: the same whether bags are in memory or streamed
         with torch.no_grad():
-            rows = torch.from_numpy(bags.X)
-            net.input_mean.copy_(rows.mean(0))
-            net.input_std.copy_(input_scale(rows.std(0)))
+            net.input_mean.copy_(torch.from_numpy(mean))
+            net.input_std.copy_(input_scale(torch.from_numpy(std)))
         weight = torch.tensor(class_weights(y, C), dtype=torch.float32) if s.class_weights and not outcome else None
-        self.net_, self.input_dim_ = net, int(bags.X.shape[1])
+        self.net_, self.input_dim_ = net, int(bags.dim)
 
         def batch(idx) -> tuple:
             """The bags ``idx`` padded (built per step: no padded copy of every bag is held)."""
@@ -95,7 +96,7 @@ class ABMILHead(TorchHead):
             for j, b in enumerate(idx):
                 n = int(bags.sizes[b])
                 rows = np.sort(draw.choice(n, cap, replace=False)) if n > cap else np.arange(n)
-                x[j, :len(rows)], m[j, :len(rows)] = bags.X[bags.starts[b] + rows], True
+                x[j, :len(rows)], m[j, :len(rows)] = bags.bag_rows(b)[rows], True
             return torch.from_numpy(x), torch.from_numpy(m)
 
         def batch_loss(idx):
@@ -110,17 +111,26 @@ class ABMILHead(TorchHead):
             stop_nll = (lambda: temperature_nll(stop.per_image(self.predict(stop)), stop_labels, 1.0)) \
                 if stop.n_bags else None
         done = train(net, bags.n_bags, batch_loss, stop_nll, lr=s.lr, weight_decay=s.weight_decay, epochs=s.epochs,
-                     warmup_epochs=s.warmup_epochs, batch_size=s.batch_size, patience=s.patience, seed=self.seed)
+                     warmup_epochs=s.warmup_epochs, batch_size=min(s.batch_size, self._step_bags(cap or K, bags.dim)),
+                     patience=s.patience, seed=self.seed)
         self.best_epoch_, self.epochs_run_, self.stop_nll_ = done.best_epoch, done.epochs_run, done.stop_nll
         return self
 
+    def _step_bags(self, rows: int, dim: int) -> int:
+        """Bags per training step such that their padded rows and activations stay within ``STEP_FLOATS``
+        (issue 37: a step's memory must not grow with the cohort; slides of thousands of patches train a few
+        bags a step, images of a few crops keep ``batch_size``)."""
+        s = self.settings
+        return max(1, STEP_FLOATS // max(1, rows * (dim + 2 * s.hidden + 4 * s.attention)))
+
     def _forward(self, bags: Bags, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """(logits per bag, attention per row) over all of each bag's rows, in chunks of bags padded on the fly;
-        a chunk is made smaller when its padded input would pass ``PREDICT_FLOATS`` (bags of thousands of patches)."""
+        a chunk is made smaller when its padded input and activations would pass ``PREDICT_FLOATS`` (bags of thousands of patches)."""
         import torch
 
         K = int(bags.sizes.max()) if bags.n_bags else 0
-        chunk = max(1, min(chunk, PREDICT_FLOATS // max(1, K * bags.dim)))
+        s = self.settings   # each padded row's input, hidden vector and gated attention (issue 37: not only input)
+        chunk = max(1, min(chunk, PREDICT_FLOATS // max(1, K * (bags.dim + 2 * s.hidden + 4 * s.attention))))
         logits, attention = [], []
         self.net_.eval()
         with torch.inference_mode():

@@ -84,6 +84,7 @@ class Bags:
         self._X, self._rows = X, _rows      # _rows: this subset's rows of _X, gathered on first use of .X
         self.starts, self.image, self.view, self.index, self.source_row = starts, image, view, index, source_row
         self._means = _means
+        self._moments: tuple[np.ndarray, np.ndarray] | None = None
 
     def __repr__(self) -> str:
         return f"Bags({self.n_bags} bags, {len(self.source_row)} rows x {self.dim})"
@@ -130,20 +131,60 @@ class Bags:
     def means(self) -> np.ndarray:
         """[bags, D] float32: each bag's mean embedding (XGBoost's and the linear probe's samples)."""
         if self._means is None:
-            X = self.X
-            means = np.zeros((self.n_bags, self.dim), np.float32)
-            # Summed in float64 a block of whole bags at a time: the same sums as one pass over all rows,
-            # with a float64 temporary of one block rather than of every row.
-            sizes, b = self.sizes, 0
-            while b < self.n_bags:
-                e = max(b + 1, int(np.searchsorted(self.starts, self.starts[b] + ROWS_PER_CHUNK, "right")) - 1)
-                e = min(e, self.n_bags)
-                block = X[self.starts[b]:self.starts[e]].astype(np.float64)
-                sums = np.add.reduceat(block, self.starts[b:e] - self.starts[b], axis=0)
-                means[b:e] = (sums / sizes[b:e, None]).astype(np.float32)
-                b = e
-            self._means = means
+            self._bag_sums()
         return self._means
+
+    def _bag_sums(self) -> None:
+        """Each bag's float64 sum and sum of squares, and its mean, in one pass over the rows.
+
+        Summed a block of whole bags at a time (``reduceat``: each bag's rows in order, whatever the
+        block), so a store read bag by bag (``StoredBags``) gives the very same numbers."""
+        X = self.X
+        means = np.zeros((self.n_bags, self.dim), np.float32)
+        sums = np.zeros((self.n_bags, self.dim), np.float64)
+        squares = np.zeros((self.n_bags, self.dim), np.float64)
+        sizes, b = self.sizes, 0
+        while b < self.n_bags:
+            e = max(b + 1, int(np.searchsorted(self.starts, self.starts[b] + ROWS_PER_CHUNK, "right")) - 1)
+            e = min(e, self.n_bags)
+            block = X[self.starts[b]:self.starts[e]].astype(np.float64)
+            sums[b:e] = np.add.reduceat(block, self.starts[b:e] - self.starts[b], axis=0)
+            np.square(block, out=block)
+            squares[b:e] = np.add.reduceat(block, self.starts[b:e] - self.starts[b], axis=0)
+            means[b:e] = (sums[b:e] / sizes[b:e, None]).astype(np.float32)
+            b = e
+        if self._means is None:
+            self._means = means
+        self._moments = (sums, squares)
+
+    def bag_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """([bags, D] float64 sums, [bags, D] float64 sums of squares) of each bag's rows."""
+        if self._moments is None:
+            self._bag_sums()
+        return self._moments
+
+    def row_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, unbiased std) float32 [D] over every row, from the bags' sums (added in bag order): the
+        heads' input standardisation, the same whether the rows are in memory or read from the store."""
+        sums, squares = self.bag_moments()
+        n = int(self.sizes.sum())
+        total, total_sq = sums.sum(axis=0), squares.sum(axis=0)
+        mean = total / max(n, 1)
+        var = np.maximum(total_sq - total * mean, 0.0) / max(n - 1, 1)
+        return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+
+    def fits_in_memory(self) -> bool:
+        """Whether ``X`` (every row at once) may be taken: always here; ``StoredBags`` within its budget."""
+        return True
+
+    def bag_rows(self, b: int) -> np.ndarray:
+        """The rows [size, D] float32 of bag ``b``."""
+        return self.X[self.starts[b]:self.starts[b + 1]]
+
+    def row_chunks(self, chunk: int):
+        """Every row in order, ``chunk`` rows at a time (the last chunk shorter)."""
+        for a in range(0, int(self.starts[-1]) if self.n_bags else 0, chunk):
+            yield self.X[a:a + chunk]
 
     def select(self, images: np.ndarray) -> Bags:
         """The bags of the given image indices (their rows are copied when ``X`` is first read)."""
@@ -152,8 +193,11 @@ class Bags:
         sizes = self.sizes[keep]
         means = None if self._means is None else self._means[keep]
         parent_rows = rows if self._rows is None else self._rows[rows]
-        return Bags(self._X, np.r_[0, np.cumsum(sizes)].astype(np.int64), self.image[keep], self.view[keep],
-                    self.index[keep], self.source_row[rows], means, parent_rows)
+        out = Bags(self._X, np.r_[0, np.cumsum(sizes)].astype(np.int64), self.image[keep], self.view[keep],
+                   self.index[keep], self.source_row[rows], means, parent_rows)
+        if self._moments is not None:
+            out._moments = (self._moments[0][keep], self._moments[1][keep])
+        return out
 
     def padded(self, bags: np.ndarray | None = None, K: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """([n, K, D] with zeros after each bag's rows, mask [n, K]) of ``bags`` (indices; default all);
@@ -167,10 +211,9 @@ class Bags:
             return out, mask
         bags = np.asarray(bags, dtype=np.int64)
         mask = np.arange(K)[None, :] < sizes[bags, None]
-        rows = np.concatenate([np.arange(self.starts[b], self.starts[b + 1]) for b in bags]) if len(bags) else \
-            np.zeros(0, np.int64)
         out = np.zeros((len(bags), K, self.dim), np.float32)
-        out[mask] = self.X[rows]
+        for j, b in enumerate(bags):
+            out[j, :sizes[b]] = self.bag_rows(b)
         return out, mask
 
     def images(self) -> np.ndarray:

@@ -59,31 +59,40 @@ class MLPHead(TorchHead):
     description = "MLP on crop-view embeddings (the reference recipe)"
 
     def fit(self, bags: Bags, y: np.ndarray, stop: Bags, y_stop: np.ndarray) -> MLPHead:
-        """Train on the rows of ``bags``; stop early on the image-level NLL of ``stop``."""
+        """Train on the rows of ``bags`` (in memory, or minibatches from runs of bags of a streamed cohort); stop
+        early on the image-level NLL of ``stop``."""
         import torch
 
         s, C = self.settings, self.n_classes
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
-        X = torch.from_numpy(bags.X)
-        net = _net(X.shape[1], C, s)
+        net = _net(bags.dim, C, s)
+        if bags.fits_in_memory():
+            X = torch.from_numpy(bags.X)
+            take, shuffle = (lambda idx: X[idx]), None
+            mean, std = X.mean(0), X.std(0)
+        else:   # a fold of a streamed cohort: minibatches drawn from runs of bags, each bag read once an epoch
+            take, shuffle = (lambda idx: torch.from_numpy(bags.rows_at(idx.numpy()))), bags.local_order
+            mean, std = (torch.from_numpy(m) for m in bags.row_moments())
         with torch.no_grad():
-            net.input_mean.copy_(X.mean(0))
-            net.input_std.copy_(input_scale(X.std(0)))
-        self.net_, self.input_dim_ = net, int(X.shape[1])
+            net.input_mean.copy_(mean)
+            net.input_std.copy_(input_scale(std))
+        self.net_, self.input_dim_ = net, int(bags.dim)
         if self.objective.outcome:   # survival (Cox) or regression: every row carries its image's outcome
             _, outcome_loss, stop_nll = self.outcome_training(np.asarray(y)[bags.row_bag], stop, y_stop)
-            batch_loss = lambda idx: outcome_loss(net(X[idx]), idx)  # noqa: E731
+            batch_loss = lambda idx: outcome_loss(net(take(idx)), idx)  # noqa: E731
         else:
-            batch_loss, stop_nll = self._class_training(X, np.asarray(y, dtype=np.int64)[bags.row_bag], rng,
+            batch_loss, stop_nll = self._class_training(take, np.asarray(y, dtype=np.int64)[bags.row_bag], rng,
                                                         stop, y_stop)
-        done = train(net, len(X), batch_loss, stop_nll, lr=s.lr, weight_decay=s.weight_decay, epochs=s.epochs,
-                     warmup_epochs=s.warmup_epochs, batch_size=s.batch_size, patience=s.patience, seed=self.seed)
+        done = train(net, len(bags.row_bag), batch_loss, stop_nll, lr=s.lr, weight_decay=s.weight_decay,
+                     epochs=s.epochs, warmup_epochs=s.warmup_epochs, batch_size=s.batch_size, patience=s.patience,
+                     seed=self.seed, shuffle=shuffle)
         self.best_epoch_, self.epochs_run_, self.stop_nll_ = done.best_epoch, done.epochs_run, done.stop_nll
         return self
 
-    def _class_training(self, X, y_rows: np.ndarray, rng, stop: Bags, y_stop: np.ndarray):
-        """(cross-entropy batch loss with class weights, smoothing and MixUp; the inner split's NLL or None)."""
+    def _class_training(self, take, y_rows: np.ndarray, rng, stop: Bags, y_stop: np.ndarray):
+        """(cross-entropy batch loss with class weights, smoothing and MixUp; the inner split's NLL or None).
+        ``take(idx)``: the rows ``idx`` as a tensor."""
         import torch
         import torch.nn.functional as F
 
@@ -93,7 +102,7 @@ class MLPHead(TorchHead):
         gen = torch.Generator().manual_seed(self.seed + 1)
 
         def batch_loss(idx):
-            xb, yb = X[idx], y_t[idx]
+            xb, yb = take(idx), y_t[idx]
             if s.mixup_alpha > 0:
                 lam = float(rng.beta(s.mixup_alpha, s.mixup_alpha))
                 perm = torch.randperm(len(idx), generator=gen)
@@ -123,7 +132,7 @@ class MLPHead(TorchHead):
     def predict(self, bags: Bags) -> np.ndarray:
         if bags.n_bags == 0:
             return np.zeros((0, self.n_classes), np.float32)
-        rows = self.row_logits(bags.X).astype(np.float64)
+        rows = np.concatenate([self.row_logits(x) for x in bags.row_chunks(8192)]).astype(np.float64)
         return (np.add.reduceat(rows, bags.starts[:-1], axis=0) / bags.sizes[:, None]).astype(np.float32)
 
     def fitted_info(self) -> dict:

@@ -51,9 +51,10 @@ class Trained:
 
 def train(net, n_samples: int, batch_loss: Callable, stop_nll: Callable[[], float] | None, *, lr: float,
           weight_decay: float, epochs: int, warmup_epochs: int, batch_size: int, patience: int,
-          seed: int) -> Trained:
+          seed: int, shuffle: Callable | None = None) -> Trained:
     """Train ``net`` in place: ``batch_loss(indices)`` gives a mini-batch's loss, ``stop_nll()``
-    the inner split's image-level NLL (None: no early stopping, all epochs)."""
+    the inner split's image-level NLL (None: no early stopping, all epochs). ``shuffle(generator)``
+    gives an epoch's order of the samples (default: a uniform permutation)."""
     import torch
 
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
@@ -66,7 +67,7 @@ def train(net, n_samples: int, batch_loss: Callable, stop_nll: Callable[[], floa
     best, best_state, best_epoch, waited, run = math.inf, None, None, 0, 0
     for epoch in range(epochs):
         net.train()
-        order = torch.randperm(n_samples, generator=gen)
+        order = torch.randperm(n_samples, generator=gen) if shuffle is None else shuffle(gen)
         for start in range(0, n_samples, batch):
             loss = batch_loss(order[start:start + batch])
             opt.zero_grad(set_to_none=True)

@@ -32,6 +32,7 @@ from histoembed.core.errors import UserError
 from histoembed.models.heads import Bags, check_names
 from histoembed.models.heads import get as get_head
 from histoembed.models.heads.objectives import Objective, check_task
+from histoembed.stages.fit import engines, streaming
 from histoembed.stages.fit.cv import CVResult, cross_validate, fit_heads, run_cv, seeds_of
 from histoembed.stages.fit.folds import _group_kfold, derived_seed, inner_split, make_folds
 from histoembed.stages.fit.multi import EncoderPart, run_fit_multi
@@ -61,8 +62,11 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
         return run_outcome_fit(run, settings, encoders, choice, started)
     if len(encoders) > 1:
         return run_fit_multi(run, settings, encoders, started)
-    ts = load_training_set(run, encoders[0] if encoders else None, settings.include_flagged,
-                           settings.scale_fusion, keep_dtype=True, keep_artifacts=settings.keep_artifacts)
+    name = encoders[0] if encoders else None
+    streamed = streaming.load_streamed(run, name, settings) \
+        if streaming.wanted(feature_store.find_feature_store(run, name), settings) else None
+    ts = streamed.ts if streamed else load_training_set(run, name, settings.include_flagged, settings.scale_fusion,
+                                                        keep_dtype=True, keep_artifacts=settings.keep_artifacts)
     check_class_counts(run, ts, settings)
     task = classification(ts, settings)   # a wrong class_order is said before any fitting
     key = fit_key(ts, settings)
@@ -71,8 +75,10 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
         done = up_to_date(run, key)
         if done is not None:
             return FitResult.of(run, ts, done, started, skipped=True)
-        bags = take_bags(ts)
-        results = cross_validate(bags, ts.y, ts.groups, settings, task)
+        bags = streamed.bags() if streamed else take_bags(ts)
+        with engines.session(settings):
+            results = cross_validate(bags, ts.y, ts.groups, settings, task,
+                                     engines.runner_for(run, name, settings, ts.image_ids, ts.classes))
         cv = results[0][0]
         metrics = fit_metrics(key, encoder_name(ts), ts, settings, cv.heads, {}, "head", results, seeds_of(settings))
         write_outputs(run, ts, settings, cv, metrics, key)

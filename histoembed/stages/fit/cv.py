@@ -56,24 +56,25 @@ class Task(Protocol):
 
 
 def run_cv(bags: Bags, y: np.ndarray, groups: np.ndarray, settings: FitSettings, seed: int, task: Task,
-           on_fold=lambda k: None) -> CVResult:
+           on_fold=lambda k: None, runner=None) -> CVResult:
     """One full cross-validation with ``seed``: folds, heads, OOF outputs, cross-fitted decisions."""
     strata = task.strata(y)
     fold = make_folds(strata, groups, settings.folds, seed)
     z, z_bags, models, info = fit_heads(bags, y, groups, settings, seed, task.width, fold, on_fold,
-                                        strata=strata, objective=task.objective)
+                                        runner or run_local, strata=strata, objective=task.objective)
     per_fold, final = task.decide(z, y, fold)
     return CVResult(seed, list(settings.heads), fold, z, z_bags, bags.image, per_fold, final, models, info)
 
 
 def cross_validate(bags: Bags, y: np.ndarray, groups: np.ndarray, settings: FitSettings,
-                   task: Task) -> list[tuple[CVResult, dict]]:
+                   task: Task, runner=None) -> list[tuple[CVResult, dict]]:
     """One cross-validation per seed (``settings.seeds`` of them) and its numbers; only the first keeps its models."""
     results: list[tuple[CVResult, dict]] = []
     with progress("folds") as bar:
         for seed in seeds_of(settings):
             bar_task = bar.add_task(f"fit, seed {seed}", total=settings.folds)
-            cv = run_cv(bags, y, groups, settings, seed, task, on_fold=lambda k, t=bar_task: bar.advance(t))
+            cv = run_cv(bags, y, groups, settings, seed, task, on_fold=lambda k, t=bar_task: bar.advance(t),
+                        runner=runner)
             results.append((cv, task.measure(cv, y, settings)))
             if len(results) > 1:
                 cv.models = []
@@ -84,44 +85,80 @@ def seeds_of(settings: FitSettings) -> list[int]:
     return [settings.seed + i for i in range(settings.seeds)]
 
 
+@dataclass
+class FoldJob:
+    """One head on one fold: what it trains on, stops on and predicts (image indices), and its seed."""
+
+    fold: int
+    head: str
+    fit_images: np.ndarray
+    stop_images: np.ndarray
+    evaluated: np.ndarray
+    seed: int
+    objective: Objective | None = None   # what the head is fitted to predict (None: classes)
+
+
+def fit_one(fold_bags: tuple[Bags, Bags, Bags], y: np.ndarray, settings: FitSettings, width: int,
+            job: FoldJob) -> tuple[Head, np.ndarray]:
+    """(the fitted head, its outputs on the evaluated bags): one fold's head, wherever it runs.
+    ``fold_bags``: the (fit, stopping, evaluated) bags of the job's fold (``select_fold``)."""
+    fit_bags, stop_bags, eval_bags = fold_bags
+    head = get_head(job.head)(getattr(settings, job.head), width, job.seed, job.objective).fit(
+        fit_bags, y[fit_bags.image], stop_bags, y[stop_bags.image])
+    return head, head.predict(eval_bags)
+
+
+def select_fold(bags: Bags, job: FoldJob) -> tuple[Bags, Bags, Bags]:
+    return bags.select(job.fit_images), bags.select(job.stop_images), bags.select(job.evaluated)
+
+
+def run_local(bags: Bags, y: np.ndarray, settings: FitSettings, width: int, jobs: list[FoldJob]):
+    """Every job in this process, one after another (``fit --engine local``); a fold's heads share its bags."""
+    fold, fold_bags = None, None
+    for job in jobs:
+        if job.fold != fold:
+            fold, fold_bags = job.fold, select_fold(bags, job)
+        yield fit_one(fold_bags, y, settings, width, job)
+
+
 def fit_heads(bags: Bags, y: np.ndarray, groups: np.ndarray, settings: FitSettings, seed: int, width: int,
-              fold: np.ndarray, on_fold=lambda k: None, strata: np.ndarray | None = None,
+              fold: np.ndarray, on_fold=lambda k: None, runner=run_local, strata: np.ndarray | None = None,
               objective: Objective | None = None
               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[list[Head]], list[dict]]:
     """Every head on every fold of ``fold``: (OOF image outputs, OOF bag outputs, models per fold, info per fold).
 
     The inner (fit, stopping) split and the heads' seeds depend on (seed, fold) alone, so heads fitted on
-    another encoder's features with the same ``fold`` see the very same images. ``strata`` (default ``y``)
-    balances the inner split; ``objective`` is what every head is fitted to predict (default: classes).
+    another encoder's features with the same ``fold`` see the very same images. ``runner(bags, y, settings,
+    width, jobs)`` gives each job's (head, outputs) in order: here (``run_local``) or as Ray tasks
+    (``engines.RayFolds``). ``strata`` (default ``y``) balances the inner split; ``objective`` is what every head
+    is fitted to predict (default: classes).
     """
     names = list(settings.heads)
     N = len(y)
     bags.means()   # once for every fold: each fold's bags take theirs, and heads on means never copy the rows
     z = {h: np.zeros((N, width), dtype=np.float32) for h in names}
     z_bags = {h: np.zeros((bags.n_bags, width), dtype=np.float32) for h in names}
-    models, info = [], []
+    jobs, info = [], []
     for k in range(settings.folds):
         evaluated = np.flatnonzero(fold == k)
         training = np.flatnonzero(fold != k)
-        fit_imgs, stop_imgs = inner_split(training, y if strata is None else strata, groups, settings.inner_val_fraction, derived_seed(seed, k, 1))
-        head_seed = derived_seed(seed, k, 2)
-        fit_bags, stop_bags, eval_bags = bags.select(fit_imgs), bags.select(stop_imgs), bags.select(evaluated)
-        fold_models, fold_info = [], {"fold": k, "evaluated_images": int(len(evaluated)),
-                                      "fit_images": int(len(fit_imgs)), "stopping_images": int(len(stop_imgs))}
-        for name in names:
-            cls = get_head(name)
-            head = cls(getattr(settings, name), width, head_seed, objective).fit(
-                fit_bags, y[fit_bags.image], stop_bags, y[stop_bags.image])
-            zb = head.predict(eval_bags)
-            if not np.isfinite(zb).all():
-                raise UserError(f"fold {k}'s {name} head predicted NaN or infinity (seed {seed})",
-                                hint=f"the features are finite, so the head diverged: check the [fit.{name}] "
-                                     "settings in histoembed.toml (a lower learning rate)")
-            z_bags[name][eval_bags.index] = zb
-            z[name][eval_bags.images()] = eval_bags.per_image(zb)
-            fold_models.append(head)
-            fold_info[name] = head.fitted_info()
-        models.append(fold_models)
-        info.append(fold_info)
-        on_fold(k)
+        fit_imgs, stop_imgs = inner_split(training, y if strata is None else strata, groups,
+                                          settings.inner_val_fraction, derived_seed(seed, k, 1))
+        jobs += [FoldJob(k, name, fit_imgs, stop_imgs, evaluated, derived_seed(seed, k, 2), objective)
+                 for name in names]
+        info.append({"fold": k, "evaluated_images": int(len(evaluated)), "fit_images": int(len(fit_imgs)),
+                     "stopping_images": int(len(stop_imgs))})
+    models: list[list[Head]] = [[] for _ in range(settings.folds)]
+    for job, (head, zb) in zip(jobs, runner(bags, y, settings, width, jobs)):
+        if not np.isfinite(zb).all():
+            raise UserError(f"fold {job.fold}'s {job.head} head predicted NaN or infinity (seed {seed})",
+                            hint=f"the features are finite, so the head diverged: check the [fit.{job.head}] "
+                                 "settings in histoembed.toml (a lower learning rate)")
+        eval_bags = bags.select(job.evaluated)
+        z_bags[job.head][eval_bags.index] = zb
+        z[job.head][eval_bags.images()] = eval_bags.per_image(zb)
+        models[job.fold].append(head)
+        info[job.fold][job.head] = head.fitted_info()
+        if len(models[job.fold]) == len(names):
+            on_fold(job.fold)
     return z, z_bags, models, info

@@ -20,6 +20,7 @@ from histoembed.core.console import progress
 from histoembed.core.errors import UserError
 from histoembed.models import encoder_fusion
 from histoembed.models.heads import Bags, Head
+from histoembed.stages.fit import engines
 from histoembed.stages.fit.cv import CVResult, fit_heads, seeds_of
 from histoembed.stages.fit.folds import make_folds
 from histoembed.stages.fit.outputs import (FIT_VERSION, FitResult, fit_lock, fit_metrics, recover, up_to_date,
@@ -94,7 +95,7 @@ class Members:
         self.models = [[] for _ in range(self.settings.folds)]
         self.info = [{} for _ in range(self.settings.folds)]
 
-    def fit(self, bags: Bags, label: str, member) -> None:
+    def fit(self, bags: Bags, label: str, member, encoder: str | None = None) -> None:
         """Every head on ``bags`` for every seed; ``member(head)`` names the member (first seed's models kept)."""
         settings, first = self.settings, self.first
         if self.bag_image is not None and not np.array_equal(self.bag_image, bags.image):
@@ -106,7 +107,9 @@ class Members:
                 task = bar.add_task(f"fit {label}, seed {seed}", total=settings.folds)
                 zs, zbs, fold_models, fold_info = fit_heads(bags, first.y, first.groups, settings, seed,
                                                             len(first.classes), self.folds[s],
-                                                            on_fold=lambda k, t=task: bar.advance(t))
+                                                            on_fold=lambda k, t=task: bar.advance(t),
+                                                            runner=engines.runner_for(self.run, encoder, settings,
+                                                                                      first.image_ids, first.classes))
                 for h in settings.heads:
                     self.z[s][member(h)], self.z_bags[s][member(h)] = zs[h], zbs[h]
                 if s == 0:
@@ -128,7 +131,8 @@ def _fit_each_encoder(run: Path, settings: FitSettings, parts: list[EncoderPart]
         part.dim = int(ts.features.embedding.shape[1])
         bags = Bags.from_rows(ts.features.embedding, ts.row_image, ts.features.view)
         ts.features = ts.features.subset(np.zeros(len(ts.features), bool))   # let this store's features go
-        fitted.fit(bags, part.store_dir.name, lambda h, slug=part.store_dir.name: encoder_fusion.member_name(slug, h))
+        fitted.fit(bags, part.store_dir.name, lambda h, slug=part.store_dir.name: encoder_fusion.member_name(slug, h),
+                   part.name)
         del bags, ts
         gc.collect()
 
@@ -149,7 +153,7 @@ def _fit_concatenated(run: Path, settings: FitSettings, parts: list[EncoderPart]
     bags = Bags.from_rows(joined.embedding, first.row_image, joined.view)
     del joined
     gc.collect()
-    fitted.fit(bags, "+".join(p.store_dir.name for p in parts), lambda h: h)
+    fitted.fit(bags, "+".join(p.store_dir.name for p in parts), lambda h: h, ",".join(p.name for p in parts))
 
 
 def _fit_multi(run: Path, settings: FitSettings, parts: list[EncoderPart], first: TrainingSet, key: str,
@@ -158,10 +162,11 @@ def _fit_multi(run: Path, settings: FitSettings, parts: list[EncoderPart], first
     fitted = Members(run, settings, first, seeds, [make_folds(first.y, first.groups, settings.folds, seed)
                                                    for seed in seeds])
     empty = first.features.subset(np.zeros(len(first.features), bool))
-    if settings.encoder_fusion == "logits":
-        _fit_each_encoder(run, settings, parts, fitted)
-    else:
-        _fit_concatenated(run, settings, parts, fitted)
+    with engines.session(settings):
+        if settings.encoder_fusion == "logits":
+            _fit_each_encoder(run, settings, parts, fitted)
+        else:
+            _fit_concatenated(run, settings, parts, fitted)
     first.features = empty
     gc.collect()
 

@@ -59,12 +59,14 @@ class TrainingSet:
 def read_labels(run: Path) -> dict[str, str]:
     """Training labels by ``split/image_id`` key (see ``store.image_keys``), from ``run/crops.parquet``."""
     path = Path(run) / store.CROPS_FILE
-    table = store.read_table(path, "crops table (the labels)", columns=["image_id", "split", "label"],
-                             hint="run `histoembed crops` first", stage="crops")
+    store.read_table(path, "crops table (the labels)", columns=["label"], hint="run `histoembed crops` first",
+                     stage="crops")
     labels = {}
-    for image_id, split, label in zip(*(table[c].to_pylist() for c in ("image_id", "split", "label"))):
-        if split == "train" and label is not None and label != "":
-            labels[f"{split}/{image_id}"] = label
+    # A batch at a time: a slide cohort's crops file holds millions of rows, its labels one per image.
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 16, columns=["image_id", "split", "label"]):
+        for image_id, split, label in zip(*(batch.column(c).to_pylist() for c in ("image_id", "split", "label"))):
+            if split == "train" and label is not None and label != "":
+                labels[f"{split}/{image_id}"] = label
     if not labels:
         raise UserError("no labelled training images", path=path,
                         hint="the crops stage reads labels from train_labels.csv (or the manifest's label column); "
@@ -137,9 +139,8 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
     """
     run = Path(run)
     store_dir = feature_store.find_feature_store(run, encoder)
-    strata = labels is not None
-    labels = read_labels(run) if labels is None else labels
-    flagged, dup_groups = qc_flags(run)
+    read_labels(run)   # a missing or broken crops file is said before the store is read
+    qc_flags(run)
     features = feature_store.read_features(store_dir, split="train", keep_dtype=keep_dtype)
     if len(features) == 0:
         raise UserError("the feature store has no training rows", path=store_dir,
@@ -151,6 +152,21 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
     features = feature_store.with_scales(features, run)
     crop_scales = multiscale.scales_of(features)
     features = multiscale.fuse_scales(features, scale_fusion, crop_scales)
+    ts = select_images(run, store_dir, features, include_flagged, crop_scales, labels=labels)
+    ts.artifacts = left_out
+    return ts
+
+
+def select_images(run: Path, store_dir: Path, features: feature_store.Features, include_flagged: bool,
+                  crop_scales: list[float], train_crops: str | None = None,
+                  labels: dict[str, str] | None = None) -> TrainingSet:
+    """The training set of ``features``' rows: unlabelled and QC-flagged images left out, labels and fold groups.
+
+    Only the rows' image keys are read here, so the streamed fit (``streaming``) passes one row per image.
+    ``labels``: as for ``load_training_set``."""
+    strata = labels is not None
+    labels = read_labels(run) if labels is None else labels
+    flagged, dup_groups = qc_flags(run)
     keys = features.keys()
     present = np.unique(keys)
     unlabelled = sorted(k for k in present if k not in labels)
@@ -164,18 +180,8 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
                         hint="check the labels in crops.parquet, or pass --include-flagged")
     image_keys, row_image = first_seen_index(keys)
     classes = sorted({labels[k] for k in image_keys})
-    given = [] if strata else store.read_meta(run / store.CROPS_FILE).get("classes") or sorted(set(labels.values()))
-    for label in given:
-        if label not in classes:
-            n = sum(1 for k in excluded if labels[k] == label)
-            raise UserError(f"label {label!r} has no training image left to fit on: "
-                            + (f"QC flagged all {n} of its image(s)" if n else "none of its images has crops"),
-                            path=run / store.CROPS_FILE,
-                            hint="pass --include-flagged to keep flagged images" if n else
-                            "re-run `histoembed crops` and `histoembed embed`")
-    if len(classes) < 2 and not strata:
-        raise UserError(f"only one class among the training images ({classes[0]!r})", path=run / store.CROPS_FILE,
-                        hint="fitting a classifier needs at least two labels")
+    if not strata:
+        check_every_class_left(run, classes, labels, excluded)
     index = {c: k for k, c in enumerate(classes)}
     y = np.array([index[labels[k]] for k in image_keys], dtype=np.int64)
     # Images of one patient (the manifest's group column) share a fold group, as do images of one QC duplicate
@@ -186,10 +192,25 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
                        for n, k in enumerate(image_keys)], dtype=np.int64)
     name = lambda k: str(k).split("/", 1)[1]  # noqa: E731  (every key here is train/<name>)
     return TrainingSet(features, store_dir, [name(k) for k in image_keys], row_image, y, groups, classes,
-                       [name(k) for k in excluded], [name(k) for k in unlabelled], store.train_crops_digest(run),
-                       crop_scales, patient=[patients.get(k) for k in image_keys] if patients else None,
-                       artifacts=left_out)
+                       [name(k) for k in excluded], [name(k) for k in unlabelled],
+                       train_crops or store.train_crops_digest(run), crop_scales,
+                       patient=[patients.get(k) for k in image_keys] if patients else None)
 
+
+def check_every_class_left(run: Path, classes: list[str], labels: dict[str, str], excluded: list[str]) -> None:
+    """Stop when a label of the data has no training image left, or when one class is all there is."""
+    given = store.read_meta(run / store.CROPS_FILE).get("classes") or sorted(set(labels.values()))
+    for label in given:
+        if label not in classes:
+            n = sum(1 for k in excluded if labels[k] == label)
+            raise UserError(f"label {label!r} has no training image left to fit on: "
+                            + (f"QC flagged all {n} of its image(s)" if n else "none of its images has crops"),
+                            path=run / store.CROPS_FILE,
+                            hint="pass --include-flagged to keep flagged images" if n else
+                            "re-run `histoembed crops` and `histoembed embed`")
+    if len(classes) < 2:
+        raise UserError(f"only one class among the training images ({classes[0]!r})", path=run / store.CROPS_FILE,
+                        hint="fitting a classifier needs at least two labels")
 
 
 def check_class_counts(run: Path, ts: TrainingSet, settings: FitSettings) -> None:

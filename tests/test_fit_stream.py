@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from synthetic_inputs import write_synthetic_features
 from histoembed.core import feature_store, store
 from histoembed.core.config import ABMILSettings, FitSettings, MLPSettings, XGBSettings
 from histoembed.core.errors import UserError
 from histoembed.core.feature_store import bags as slides
 from histoembed.stages import fit
-from histoembed.tools import synthetic
 
 HEADS = ("xgb", "logreg", "abmil", "mlp")
 
@@ -30,7 +30,7 @@ def settings(**kw) -> FitSettings:
 def shuffled_store(root: Path) -> Path:
     """A run whose store is 3 parts of slides in no order, in row groups of 5 rows (slides straddle them)."""
     run = root / "run"
-    synthetic.write_synthetic_features(run, n_images=30, n_classes=3, crops=3, n_test=4)
+    write_synthetic_features(run, n_images=30, n_classes=3, crops=3, n_test=4)
     store_dir = feature_store.find_feature_store(run, None)
     (part,) = feature_store.feature_parts(store_dir)
     table = pq.read_table(part)
@@ -88,7 +88,7 @@ def test_a_small_budget_streams_through_small_caches_and_refuses_what_cannot_fit
 
 def test_streamed_fit_refuses_partial_duplicated_or_stale_slides(tmp_path):
     run = tmp_path / "run"
-    synthetic.write_synthetic_features(run, n_images=30, n_classes=3, crops=3)
+    write_synthetic_features(run, n_images=30, n_classes=3, crops=3)
     (part,) = feature_store.feature_parts(feature_store.find_feature_store(run, None))
     table = pq.read_table(part)
     first = table["image_id"][0].as_py()

@@ -27,6 +27,7 @@ import pytest
 from test_crops import read_crops, small_data
 from test_embed import settings, sorted_rows, write_crops
 
+from synthetic_inputs import write_synthetic_features
 from histoembed.core import feature_store, store
 from histoembed.core.config import AugmentSettings
 from histoembed.core.errors import UserError
@@ -438,10 +439,9 @@ def test_a_ray_worker_opens_each_slide_once(slide_cohort, cluster):
 @needs_ray
 def test_fit_over_ray_tasks_equals_the_local_fit(tmp_path, cluster, cli, monkeypatch):
     """Every (fold, head) a Ray task reading its bags from the store: the local fit's OOF file, metrics, models."""
-    from histoembed.tools import synthetic
 
     runs = {name: tmp_path / name for name in ("local", "ray")}
-    synthetic.write_synthetic_features(runs["local"], n_images=24, n_classes=2, crops=3, n_test=2)
+    write_synthetic_features(runs["local"], n_images=24, n_classes=2, crops=3, n_test=2)
     shutil.copytree(runs["local"], runs["ray"])
     config = tmp_path / "histoembed.toml"
     config.write_text("[fit]\nthreads = 1\n[fit.abmil]\nepochs = 3\n[fit.xgb]\nn_estimators = 8\npca_dims = 4\n")

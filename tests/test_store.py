@@ -190,12 +190,14 @@ def _other_value(cls, name: str):
     """A valid value of setting ``name`` other than its default."""
     default = cls.model_fields[name].default
     if default is None:
-        candidates = [True, 1, "other"]
+        candidates = [True, 1, "other", ("a", "b")]
     elif isinstance(default, bool):
         candidates = [not default]
     elif isinstance(default, str):
         candidates = [a for a in getattr(cls.model_fields[name].annotation, "__args__", ()) if a != default] \
             or [default + "-other"]
+    elif isinstance(default, tuple) and not default:   # an empty list of names (e.g. mask_classes)
+        candidates = [("Tumor",), ("blur",), (1,)]
     elif isinstance(default, tuple) and isinstance(default[-1], str):
         candidates = [default[:-1] or default + default]
     elif isinstance(default, tuple):
@@ -224,7 +226,7 @@ def test_each_stage_key_holds_exactly_the_settings_that_change_the_output():
     assert runtime_only(EmbedSettings) == {"workers", "batch_size", "device", "rows_per_part", "threads", "compile",
                                            "check_precision", "precision_threshold", "fallback_fp32", "engine",
                                            "ray_address", "ray_actors", "ray_actor_cpus", "stain_target"}
-    assert runtime_only(FitSettings) == {"threads"}
+    assert runtime_only(FitSettings) == {"threads", "memory_gb", "engine", "ray_address", "stream"}
     for cls in (CropSettings, QCSettings, EmbedSettings, AugmentSettings, FitSettings, MLPSettings, XGBSettings):
         base = store.stage_key("stage", 1, cls())
         for name, info in cls.model_fields.items():

@@ -84,6 +84,8 @@ def _crop_slide(job: _CropJob) -> _CroppedImage:
             scores, flags = {k: [None] * len(boxes) for k in artifacts.SCORE_COLUMNS}, [None] * len(boxes)
     except UserError as e:
         return _CroppedImage(sample.key, problem=Problem(e.path or sample.image, f"{e.problem}; slide skipped"))
+    finally:   # crops reads each slide once: no handle (and its tile cache) outlives its job
+        slides.process_handles().drop(sample.image)
     source = str(Path(sample.image).resolve())
     score_rows = list(zip(*(scores[k] for k in artifacts.SCORE_COLUMNS)))
     rows = [(i, *b, f, "slide-grid", 1.0, None, geo.level, settings.mpp, source,

@@ -21,10 +21,12 @@ import pyarrow.parquet as pq
 import torch
 
 from histoembed.core import store
+from histoembed.core.console import noun
 from histoembed.core.errors import UserError
 from histoembed.core.feature_store import CropIndex
 from histoembed.inputs import slides
 from histoembed.inputs.pixels import decode_png
+from histoembed.inputs.provenance import run_kinds
 
 
 def plan_batches(rows: list[int], splits: list[str], batch_size: int) -> list[np.ndarray]:
@@ -169,3 +171,8 @@ def check_slides_unchanged(crops_path: Path, verify: bool = False) -> None:
         if recorded is None or stamp(source) != recorded[2]:
             raise UserError("slide changed since `histoembed crops` cut its patches", path=Path(source),
                             hint="re-run `histoembed crops`, then `histoembed embed`")
+
+
+def unit_of(crops_path: Path) -> str:
+    """What the embed progress counts: crops, patches (a slide run) or both, in the console's words."""
+    return noun(*run_kinds(Path(crops_path).parent), piece=True, number="s")

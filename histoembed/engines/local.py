@@ -105,14 +105,14 @@ def _embed(index: feature_store.CropIndex, todo: list[int], encoder: Encoder, se
 
     from histoembed.engines import forward
     from histoembed.engines.base import stop_for_tests
-    from histoembed.engines.batches import CropBatches, end_with_parent, plan_batches, raise_batch_problem
+    from histoembed.engines.batches import CropBatches, end_with_parent, plan_batches, raise_batch_problem, unit_of
 
     ids, splits, crop_index, digests = index.ids, index.splits, index.crop_index, index.digests
     batches = plan_batches(todo, splits, settings.batch_size)
     loader = torch.utils.data.DataLoader(  # workers die with this process, not seconds after a kill
         CropBatches(index.path, batches), batch_size=None, num_workers=min(settings.workers, len(batches)),
         pin_memory=encoder.device.type == "cuda", worker_init_fn=functools.partial(end_with_parent, os.getpid()))
-    with progress("crops") as bar:
+    with progress(unit_of(index.path)) as bar:
         job = bar.add_task(f"embed {encoder.name}", total=len(todo)) if bar else None
         pending = None  # the previous batch: written once this one is queued on the device
         written = 0

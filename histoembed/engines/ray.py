@@ -55,7 +55,8 @@ from histoembed.core.errors import UserError
 from histoembed.core.feature_store import CropIndex
 from histoembed.engines import forward
 from histoembed.engines.base import EmbedResult, stop_for_tests
-from histoembed.engines.batches import CropBatches, SlideProblem, check_slides_unchanged, raise_batch_problem
+from histoembed.engines.batches import (CropBatches, SlideProblem, check_slides_unchanged, raise_batch_problem,
+                                        unit_of)
 from histoembed.engines.ray_session import quiet, ray_module, session, user_errors
 from histoembed.maths import stain
 from histoembed.models.encoders import Encoder, load_encoder
@@ -397,17 +398,18 @@ def _embed_todo(ray, index: CropIndex, todo: list[int], settings: EmbedSettings,
                         batch_size=per_part, batch_format="numpy", num_gpus=layout.gpus, num_cpus=layout.cpus)
     try:
         with quiet("ray.data"):  # its plan, and the traceback of a task's error that the user gets as a message
-            _count_parts(ds, result, len(todo), f"embed {resolved.name} (ray, {layout.actors} actor(s))")
+            _count_parts(ds, result, len(todo), f"embed {resolved.name} (ray, {layout.actors} actor(s))",
+                         unit_of(index.path))
     except ray.exceptions.GetTimeoutError:
         raise UserError(f"the {layout.actors} encoder actor(s) did not all start within {ACTOR_START_S} s",
                         hint="check that the cluster has the GPUs/CPUs they need (`ray status`), or lower "
                              "--ray-actors") from None
 
 
-def _count_parts(ds, result: EmbedResult, crops: int, what: str) -> None:
+def _count_parts(ds, result: EmbedResult, crops: int, what: str, unit: str = "crops") -> None:
     """Follow the actors' output: one row per part written, with its rows and crops."""
     parts: set[str] = set()
-    with progress("crops") as bar:
+    with progress(unit) as bar:
         job_bar = bar.add_task(what, total=crops)
         # Each block as soon as an actor returns it (no prefetch: a block is not held back for the next).
         for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):

@@ -184,6 +184,8 @@ def test_fit_regression_from_the_columns_matches_sklearn(tmp_path):
     crops = crops.set_column(crops.schema.get_field_index("label"), "label",
                              __import__("pyarrow").nulls(len(crops), __import__("pyarrow").string()))
     store.write_table(crops, run / store.CROPS_FILE, meta=store.read_meta(run / store.CROPS_FILE))
+    ray = invoke("fit", "--run", run, "--config", config, "--engine", "ray")
+    assert ray.exit_code == 2 and "regression fits run in this process" in " ".join(ray.output.split())
     result = invoke("fit", "--run", run, "--config", config, "--heads", "ridge,xgb,mlp", "--regression-loss", "huber",
                     "--seeds", 2)
     assert result.exit_code == 0, result.output

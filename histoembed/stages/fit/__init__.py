@@ -90,6 +90,9 @@ def run_outcome_fit(run: Path, settings: FitSettings, encoders: list[str], choic
     """Survival or regression: the same recipe with ``outcome_tasks.OutcomeTask`` in the fold loop."""
     if len(encoders) > 1:
         raise UserError(f"{choice.task} fits one encoder's features at a time", hint="pass one --encoder")
+    if settings.engine != "local" or settings.stream == "always":
+        raise UserError(f"{choice.task} fits run in this process, with the training bags in memory",
+                        hint="leave out --engine ray and --stream always (classification has both)")
     objective = Objective(choice.task, settings.regression_loss)
     for name in settings.heads:
         check_task(get_head(name), objective)

@@ -4,7 +4,6 @@ big one-level TIFF read as an image, and DataLoader workers that end with a kill
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ from PIL import Image
 
 from histoembed.core import store
 from histoembed.tools.synthetic import SlideSpec, tissue_image, write_slide
+from test_slides import _manifest
 
 EMBED_TOML = """
 [crops]
@@ -26,14 +26,6 @@ encoder = "{encoder}"
 workers = 0
 repeats = 1
 """
-
-
-def _manifest(root: Path, rows: list[tuple[str, ...]]) -> Path:
-    with (root / "manifest.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "mask", "label", "split", "group"])
-        w.writerows(rows)
-    return root / "manifest.csv"
 
 
 def _out(r) -> str:

@@ -14,17 +14,9 @@ import pytest
 from histoembed.core import store
 from histoembed.inputs import slides
 from histoembed.tools.synthetic import SlideSpec, write_slide
-from test_slides import SMALL_FIT
+from test_slides import SMALL_FIT, _manifest
 
 FIXTURES = Path(__file__).parent / "data" / "openslide"
-
-
-def _manifest(root: Path, rows: list[tuple[str, ...]]) -> Path:
-    with (root / "manifest.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "mask", "label", "split", "group"])
-        w.writerows(rows)
-    return root / "manifest.csv"
 
 
 @pytest.fixture

@@ -62,4 +62,6 @@ def slide_rows(record: FeatureFile, sample: Sample, *, level: int, level0_mpp: f
     if groups:
         columns["group"] = [sample.group] * n
     schema = store.crops_schema(slides=True, groups=groups)
-    return pa.Table.from_arrays([pa.array(columns[f.name], type=f.type) for f in schema], schema=schema)
+    # The artifact flags and scores (crops' own patch scoring) are not in a feature file: null, i.e. not scored.
+    return pa.Table.from_arrays([pa.array(columns.get(f.name, [None] * n), type=f.type) for f in schema],
+                                schema=schema)

@@ -39,7 +39,7 @@ def flagged_patches(run: str | Path, split: str, keep: Sequence[str] = ()) -> di
     """image_id -> {crop_index: flags} of ``split``'s patches with a flag not in ``keep`` (empty: a crops file
     without flags, of images or of an older version)."""
     path = Path(run) / store.CROPS_FILE
-    if "flags" not in pq.read_schema(path).names:
+    if not path.exists() or "flags" not in pq.read_schema(path).names:   # no crops file: its reader says so
         return {}
     t = pq.read_table(path, columns=["image_id", "split", "crop_index", "flags"])
     kept = set(keep)

@@ -3,8 +3,11 @@ the problems that skipped items, and the dataset they make."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from histoembed.core.errors import UserError
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -59,3 +62,13 @@ class Dataset:
     def by_key(self) -> dict[tuple[str, str], Sample]:
         """{(split, image_id): sample}."""
         return {s.key: s for s in self.samples}
+
+
+def check_keep(ds: Dataset, keep: Sequence[str], data: Path) -> None:
+    """Stop when ``--keep`` (qc, crops) names an image that is not a training image."""
+    known = {s.image_id for s in ds.split("train")}
+    unknown = [k for k in keep if k not in known]
+    if unknown:
+        raise UserError(f"--keep names image(s) not in the training data: {', '.join(unknown)}", path=data,
+                        hint="use training image ids as in train_labels.csv or the manifest, e.g. img_0003.png "
+                             "(test images are never left out)")

@@ -24,6 +24,7 @@ from histoembed.core.config import CropSettings, QCSettings
 from histoembed.core.console import noun, progress
 from histoembed.core.errors import UserError
 from histoembed.inputs import artifacts, slides
+from histoembed.inputs.samples import check_keep
 from histoembed.inputs.dataset import (
     MAX_PIXELS,
     Dataset,
@@ -263,15 +264,6 @@ def _first(names: Sequence[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
 
 
-def _check_keep(ds: Dataset, keep: Sequence[str], data: Path) -> None:
-    """Stop when ``--keep`` names an image that is not a training image."""
-    train_names = {s.image_id for s in ds.split("train")}
-    unknown = [k for k in keep if k not in train_names]
-    if unknown:
-        raise UserError(f"--keep names image(s) not in the training data: {', '.join(unknown)}", path=data,
-                        hint="use training image ids as in train_labels.csv or the manifest, e.g. img_0003.png "
-                             "(test images are never left out)")
-
 
 def _leave_out_flagged(ds: Dataset, run: Path, qc_rows: dict, keep: Sequence[str], include_flagged: bool,
                        data: Path) -> tuple[list[str], list[Sample]]:
@@ -418,7 +410,7 @@ def run_crops(data: Path, run: Path, settings: CropSettings, strict: bool = Fals
     out = run / store.CROPS_FILE
     store.remove_stale(run, ".*.tmp-*")  # what killed runs left
     ds = load_dataset(data, strict=strict, max_pixels=max_pixels)
-    _check_keep(ds, keep, data)
+    check_keep(ds, keep, data)
     stamp = store.ContentStamps(None if verify_data else store.read_meta(out).get("content_stamps"))
     stamps = sample_stamps(ds, stamp)
     _refuse_stale_qc(run, stamps)

@@ -52,6 +52,7 @@ from histoembed.core import store
 from histoembed.core.config import QCSettings
 from histoembed.core.console import noun, progress
 from histoembed.core.errors import UserError
+from histoembed.inputs.samples import check_keep
 from histoembed.inputs.dataset import (
     MAX_PIXELS,
     Dataset,
@@ -209,15 +210,6 @@ def _previous_result(out: Path, meta: dict, warning: str | None, slide_keys: fro
     return QCResult(out, store.read_qc(out.parent), skipped=True, problems=problems,
                     embedding=meta.get("embedding", ""), warning=warning, slide_keys=slide_keys)
 
-
-def _check_keep(ds: Dataset, keep: Sequence[str], data: Path) -> None:
-    """Stop when ``--keep`` names an image that is not a training image."""
-    known = {s.image_id for s in ds.split("train")}
-    unknown = [k for k in keep if k not in known]
-    if unknown:
-        raise UserError(f"--keep names image(s) not in the training data: {', '.join(unknown)}", path=data,
-                        hint="use training image ids as in train_labels.csv / the manifest, e.g. img_0003.png "
-                             "(test images are never left out)")
 
 
 @dataclass
@@ -378,7 +370,7 @@ def run_qc(data: Path, run: Path, settings: QCSettings, embed: bool = True, enco
     out = run / store.QC_FILE
     store.remove_stale(run, ".*.tmp-*")  # what killed runs left
     ds = load_dataset(data, strict=strict, max_pixels=max_pixels)
-    _check_keep(ds, keep, data)
+    check_keep(ds, keep, data)
     slide_keys = frozenset(f"{s.split}/{s.image_id}" for s in ds.samples if s.slide)
 
     enc_name = (encoder or settings.encoder) if embed else None

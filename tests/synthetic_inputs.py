@@ -124,3 +124,16 @@ def folder_digest(folder: Path) -> str:
         if p.is_file():
             h.update(f"{p.relative_to(folder).as_posix()} {hashlib.sha256(p.read_bytes()).hexdigest()}\n".encode())
     return h.hexdigest()
+
+
+def flag_patches(run: Path, flags: dict[tuple[str, int], list[str]], whole: dict[str, list[str]] = {}) -> None:
+    """Give training crops of ``run/crops.parquet`` artifact flags, as a slide's patches have them: ``flags`` by
+    (image_id, crop_index), ``whole`` for every crop of an image; the other crops get none."""
+    import pyarrow.parquet as pq
+
+    path = run / store.CROPS_FILE
+    crops = pq.read_table(path)
+    column = [whole.get(i, flags.get((i, c), [])) if s == "train" else []
+              for i, c, s in zip(*(crops[k].to_pylist() for k in ("image_id", "crop_index", "split")))]
+    store.write_table(crops.append_column("flags", pa.array(column, pa.list_(pa.string()))), path,
+                      meta=store.read_meta(path))

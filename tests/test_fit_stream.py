@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from synthetic_inputs import write_synthetic_features
+from synthetic_inputs import flag_patches, write_synthetic_features
 from histoembed.core import feature_store, store
 from histoembed.core.config import ABMILSettings, FitSettings, MLPSettings, XGBSettings
 from histoembed.core.errors import UserError
@@ -67,6 +67,25 @@ def test_streamed_fit_equals_the_in_memory_fit_and_never_reads_the_test_split(tm
     assert ma["heads"] == mb["heads"] and ma["key"] == mb["key"]
     # A re-run of either kind is up to date: streaming changes no output.
     assert fit.run_fit(other, settings(stream="never")).skipped
+
+
+def test_flagged_patches_are_left_out_of_streamed_bags_as_in_memory(tmp_path):
+    run = shuffled_store(tmp_path)
+    a, b = "img_0000.png", "img_0001.png"   # one patch of a is blurred; every patch of b is inked: b keeps them all
+    flag_patches(run, {(a, 0): ["blur"]}, whole={b: ["ink"]})
+    other = tmp_path / "streamed"
+    shutil.copytree(run, other)
+    heads = ("xgb", "abmil")
+    fit.run_fit(run, settings(heads=heads, stream="never"))
+    fit.run_fit(other, settings(heads=heads, stream="always"))
+    assert pq.read_table(run / "oof.parquet").equals(pq.read_table(other / "oof.parquet"))
+    ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (run, other))
+    assert ma["artifacts_left_out"] == mb["artifacts_left_out"]
+    assert mb["artifacts_left_out"]["per_slide"] == {a: 1} and mb["artifacts_left_out"]["kept_whole"] == [b]
+    # Keeping blur leaves nothing out: another fit, and other numbers than with the patch left out.
+    fit.run_fit(other, settings(heads=heads, stream="always", keep_artifacts=("blur",)))
+    assert json.loads((other / "metrics.json").read_text())["artifacts_left_out"]["patches"] == 0
+    assert not pq.read_table(run / "oof.parquet").equals(pq.read_table(other / "oof.parquet"))
 
 
 def test_a_small_budget_streams_through_small_caches_and_refuses_what_cannot_fit(tmp_path):

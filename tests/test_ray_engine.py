@@ -27,7 +27,7 @@ import pytest
 from test_crops import read_crops, small_data
 from test_embed import settings, sorted_rows, write_crops
 
-from synthetic_inputs import write_synthetic_features
+from synthetic_inputs import flag_patches, write_synthetic_features
 from histoembed.core import feature_store, store
 from histoembed.core.config import AugmentSettings
 from histoembed.core.errors import UserError
@@ -438,10 +438,12 @@ def test_a_ray_worker_opens_each_slide_once(slide_cohort, cluster):
 
 @needs_ray
 def test_fit_over_ray_tasks_equals_the_local_fit(tmp_path, cluster, cli, monkeypatch):
-    """Every (fold, head) a Ray task reading its bags from the store: the local fit's OOF file, metrics, models."""
+    """Every (fold, head) a Ray task reading its bags from the store: the local fit's OOF file, metrics, models;
+    a flagged slide patch left out in the tasks as in the local fit."""
 
     runs = {name: tmp_path / name for name in ("local", "ray")}
     write_synthetic_features(runs["local"], n_images=24, n_classes=2, crops=3, n_test=2)
+    flag_patches(runs["local"], {("img_0000.png", 1): ["ink"]})
     shutil.copytree(runs["local"], runs["ray"])
     config = tmp_path / "histoembed.toml"
     config.write_text("[fit]\nthreads = 1\n[fit.abmil]\nepochs = 3\n[fit.xgb]\nn_estimators = 8\npca_dims = 4\n")
@@ -463,6 +465,7 @@ def test_fit_over_ray_tasks_equals_the_local_fit(tmp_path, cluster, cli, monkeyp
             assert a == b, column
     ma, mb = (json.loads((r / "metrics.json").read_text()) for r in runs.values())
     assert ma["key"] == mb["key"] and ma["heads"].keys() == mb["heads"].keys()
+    assert ma["artifacts_left_out"]["per_slide"] == mb["artifacts_left_out"]["per_slide"] == {"img_0000.png": 1}
     assert all(abs(ma["heads"][h]["macro_f1"] - mb["heads"][h]["macro_f1"]) < 1e-9 for h in ma["heads"])
     files = [sorted(p.relative_to(r / "models") for p in (r / "models").rglob("*") if p.is_file()) for r in runs.values()]
     assert files[0] == files[1] and not list(runs["ray"].glob(".fit-ray-*"))

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from histoembed.core import store
@@ -37,34 +39,44 @@ class LeftOut:
 
 def flagged_patches(run: str | Path, split: str, keep: Sequence[str] = ()) -> dict[str, dict[int, list[str]]]:
     """image_id -> {crop_index: flags} of ``split``'s patches with a flag not in ``keep`` (empty: a crops file
-    without flags, of images or of an older version)."""
+    without flags, of images or of an older version). Read a batch at a time, and only the flagged patches become
+    Python objects: a cohort's crops file holds millions of patches (issue 37)."""
     path = Path(run) / store.CROPS_FILE
     if not path.exists() or "flags" not in pq.read_schema(path).names:   # no crops file: its reader says so
         return {}
-    t = pq.read_table(path, columns=["image_id", "split", "crop_index", "flags"])
     kept = set(keep)
     out: dict[str, dict[int, list[str]]] = {}
-    for image_id, sp, crop, flags in zip(*(t[c].to_pylist() for c in ("image_id", "split", "crop_index", "flags"))):
-        if sp == split and flags and not set(flags) <= kept:
-            out.setdefault(image_id, {})[int(crop)] = flags
+    for t in _batches(path, split, ["image_id", "split", "crop_index", "flags"]):
+        t = t.filter(pc.greater(pc.fill_null(pc.list_value_length(t["flags"]), 0), 0))
+        for image_id, crop, flags in zip(*(t[c].to_pylist() for c in ("image_id", "crop_index", "flags"))):
+            if not set(flags) <= kept:
+                out.setdefault(image_id, {})[int(crop)] = flags
     return out
 
 
 def crop_counts(run: str | Path, split: str) -> Counter:
     """image_id -> number of ``split``'s crops in ``crops.parquet``."""
-    t = pq.read_table(Path(run) / store.CROPS_FILE, columns=["image_id", "split"])
-    return Counter(i for i, sp in zip(t["image_id"].to_pylist(), t["split"].to_pylist()) if sp == split)
+    counts: Counter = Counter()
+    for t in _batches(Path(run) / store.CROPS_FILE, split, ["image_id", "split"]):
+        for pair in pc.value_counts(t["image_id"]).to_pylist():
+            counts[pair["values"]] += pair["counts"]
+    return counts
 
 
-def usable_rows(image_id: np.ndarray, crop_index: np.ndarray, run: str | Path, split: str,
-                keep: Sequence[str] = ()) -> tuple[np.ndarray, LeftOut]:
-    """(a bool per feature row: its patch is used, what was left out) for rows of ``split`` given by their
-    ``image_id`` and ``crop_index``."""
+def _batches(path: Path, split: str, columns: list[str]):
+    """``split``'s rows of ``path``, 65,536 rows at a time, as tables."""
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 16, columns=columns):
+        t = pa.Table.from_batches([batch])
+        yield t.filter(pc.equal(t["split"], split))
+
+
+def left_out_crops(run: str | Path, split: str, keep: Sequence[str] = ()) -> tuple[dict[str, np.ndarray], LeftOut]:
+    """(image_id -> the crop indices its readers leave out, what was left out), by the module docstring's rule:
+    what ``usable_rows`` applies to rows in memory and the streamed fit to one slide's rows at a time."""
     flagged = flagged_patches(run, split, keep)
-    use = np.ones(len(image_id), bool)
     left = LeftOut()
     if not flagged:
-        return use, left
+        return {}, left
     counts = crop_counts(run, split)
     causes: Counter = Counter()
     for name, crops in flagged.items():
@@ -73,12 +85,22 @@ def usable_rows(image_id: np.ndarray, crop_index: np.ndarray, run: str | Path, s
             continue
         left.per_slide[name] = len(crops)
         causes.update(f for flags in crops.values() for f in flags if f not in keep)
-    drop = {name: crops for name, crops in flagged.items() if name in left.per_slide}
-    for r, (name, crop) in enumerate(zip(image_id.tolist(), crop_index.tolist())):
-        if name in drop and int(crop) in drop[name]:
-            use[r] = False
     left.patches, left.slides = sum(left.per_slide.values()), len(left.per_slide)
     left.by_cause = {k: causes[k] for k in artifacts.FLAG_NAMES if causes[k]}
+    return {name: np.array(sorted(flagged[name]), np.int64) for name in left.per_slide}, left
+
+
+def usable_rows(image_id: np.ndarray, crop_index: np.ndarray, run: str | Path, split: str,
+                keep: Sequence[str] = ()) -> tuple[np.ndarray, LeftOut]:
+    """(a bool per feature row: its patch is used, what was left out) for rows of ``split`` given by their
+    ``image_id`` and ``crop_index``."""
+    drop, left = left_out_crops(run, split, keep)
+    use = np.ones(len(image_id), bool)
+    if drop:
+        sets = {name: set(crops.tolist()) for name, crops in drop.items()}
+        for r, (name, crop) in enumerate(zip(image_id.tolist(), crop_index.tolist())):
+            if name in sets and int(crop) in sets[name]:
+                use[r] = False
     return use, left
 
 

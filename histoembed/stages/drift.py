@@ -19,6 +19,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from histoembed import __version__
 from histoembed.core import feature_store, store
@@ -79,20 +82,27 @@ def _crops_meta(run: Path) -> dict:
 
 def _stain_table(run: Path, keys: np.ndarray, fill, settings: DriftSettings) -> dict[str, np.ndarray]:
     """Per image (in ``keys`` order) the mean haematoxylin and eosin density of its first scale-1 crops
-    (context crops show the same tissue again, with more padding)."""
-    table = store.read_table(run / store.CROPS_FILE, "crops file", columns=["image_id", "split", "crop_index", "png"])
-    scales = store.crop_scales(run)
+    (context crops show the same tissue again, with more padding). crops.parquet is read a batch at a time and
+    only the crops measured become Python objects: a slide cohort's file holds millions of crops (issue 37)."""
+    path = run / store.CROPS_FILE
+    store.read_table(path, "crops file", columns=["split"], hint="run `histoembed crops` first", stage="crops")
+    pf = pq.ParquetFile(path)
+    columns = ["image_id", "split", "crop_index", "png"] + (["scale"] if "scale" in pf.schema_arrow.names else [])
     index = {k: i for i, k in enumerate(keys)}
     sums, counts = np.zeros((len(keys), 2)), np.zeros(len(keys))
-    for image_id, split, crop, png in zip(*(table[c].to_pylist() for c in ("image_id", "split", "crop_index", "png"))):
-        i = index.get(f"{split}/{image_id}")
-        if i is None or crop >= settings.stain_crops or not png or scales[(split, image_id, crop)] != 1:
-            continue
-        bgr = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
-        hed = None if bgr is None else stain_densities(bgr[..., ::-1], fill)
-        if hed is not None:
-            sums[i] += hed
-            counts[i] += 1
+    for batch in pf.iter_batches(batch_size=1 << 16, columns=columns):
+        t = pa.Table.from_batches([batch])
+        measured = pc.and_(pc.less(t["crop_index"], settings.stain_crops), pc.greater(pc.binary_length(t["png"]), 0))
+        if "scale" in t.column_names:   # a file from before scales holds scale-1 crops only
+            measured = pc.and_(measured, pc.equal(t["scale"], 1.0))
+        t = t.filter(pc.fill_null(measured, False))
+        for image_id, split, png in zip(*(t[c].to_pylist() for c in ("image_id", "split", "png"))):
+            i = index.get(f"{split}/{image_id}")
+            bgr = None if i is None else cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+            hed = None if bgr is None else stain_densities(bgr[..., ::-1], fill)
+            if hed is not None:
+                sums[i] += hed
+                counts[i] += 1
     with np.errstate(invalid="ignore"):
         means = sums / counts[:, None]
     return {stain: means[:, j] for j, stain in enumerate(STAINS)}

@@ -14,10 +14,8 @@ different shuffle than in memory, so its numbers differ from an in-memory fit th
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
@@ -30,25 +28,14 @@ BAG_CACHE = 32 << 20         # the float32 rows of recently read bags
 ROW_GROUP_CACHE = 16 << 20   # decoded row groups (several slides' pieces may share one)
 
 
-def memory_budget(memory_gb: float | None) -> int:
-    """A fit's memory budget in bytes: ``memory_gb``, else half of this machine's (or its cgroup's) memory."""
-    if memory_gb is not None:
-        return int(memory_gb * 1e9)
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit.isdigit():
-            total = min(total, int(limit))
-    except OSError:
-        pass
-    return total // 2
-
-
-def open_source(index: SlideIndex, image_ids: list[str], budget: int) -> BagSource:
+def open_source(index: SlideIndex, image_ids: list[str], budget: int,
+                left_out: dict[str, np.ndarray] | None = None) -> BagSource:
     """The bags of ``image_ids`` in a store, with caches of a fixed size whatever the cohort (memory stays flat
-    as the store grows), and every row of a fold gathered only within half of ``budget``."""
+    as the store grows), and every row of a fold gathered only within half of ``budget``. ``left_out``: image_id
+    -> the crops its bags leave out (``patch_flags.left_out_crops``: flagged slide patches)."""
     reader = SlideReader(index, cache_bytes=min(ROW_GROUP_CACHE, budget // 16))
-    return BagSource(reader, image_ids, cache_bytes=min(BAG_CACHE, budget // 8), gather_bytes=budget // 2)
+    return BagSource(reader, image_ids, cache_bytes=min(BAG_CACHE, budget // 8), gather_bytes=budget // 2,
+                     left_out=left_out)
 
 
 def bag_sums(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -62,8 +49,9 @@ def bag_sums(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class BagSource:
     """The bags (image, view) of ``image_ids`` (in that order, views ascending), read through ``reader``."""
 
-    def __init__(self, reader: SlideReader, image_ids: list[str], cache_bytes: int, gather_bytes: int):
-        self.reader, self.image_ids = reader, list(image_ids)
+    def __init__(self, reader: SlideReader, image_ids: list[str], cache_bytes: int, gather_bytes: int,
+                 left_out: dict[str, np.ndarray] | None = None):
+        self.reader, self.image_ids, self.left_out = reader, list(image_ids), left_out or {}
         self.cache_bytes, self.gather_bytes = cache_bytes, gather_bytes
         self.dim = reader.index.dim
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -75,6 +63,7 @@ class BagSource:
         for i, image_id in enumerate(self.image_ids):
             rows = self.reader.read(image_id)
             check(rows)
+            rows = self._used(rows)
             for v in np.unique(rows.view):
                 bag = rows.embedding[rows.view == v]
                 total, total_sq = bag_sums(bag)
@@ -93,6 +82,15 @@ class BagSource:
         self.sums = np.asarray(sums, np.float64).reshape(-1, self.dim)
         self.squares = np.asarray(squares, np.float64).reshape(-1, self.dim)
 
+    def _used(self, rows: SlideRows) -> SlideRows:
+        """The image's rows without the crops it leaves out (checked whole before, as ``check_complete`` does)."""
+        crops = self.left_out.get(rows.image_id)
+        if crops is None:
+            return rows
+        use = ~np.isin(rows.crop_index, crops)
+        return SlideRows(rows.image_id, rows.crop_index[use], rows.view[use], rows.embedding[use],
+                         None if rows.crop_hash is None else rows.crop_hash[use])
+
     def _keep(self, bag: int, rows: np.ndarray) -> None:
         self._cache[bag] = rows
         self._cache.move_to_end(bag)
@@ -105,7 +103,7 @@ class BagSource:
             self._cache.move_to_end(bag)
             return self._cache[bag]
         i = int(self.image[bag])
-        slide = self.reader.read(self.image_ids[i])
+        slide = self._used(self.reader.read(self.image_ids[i]))
         wanted = None
         for v in np.unique(slide.view):
             rows = slide.embedding[slide.view == v]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histoembed.core import cpus, feature_store
+from histoembed.core import cpus, feature_store, memory
 from histoembed.core.config import FitSettings
 from histoembed.core.errors import UserError
 from histoembed.models.heads import Bags, check_names
@@ -56,6 +56,7 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
     run = Path(run)
     check_names(settings.heads)
     cpus.use_threads(settings.threads)
+    memory.return_large_blocks()   # a long fit's freed bags go back to the system (issue 37)
     encoders = parse_encoders(encoder if encoder is not None else settings.encoder)
     choice = choose_task(run, settings)
     if choice.task != "classification":

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from histoembed.core import cpus, feature_store
+from histoembed.core import cpus, feature_store, memory
 from histoembed.core.config import FitSettings
 from histoembed.core.errors import UserError
 from histoembed.core.feature_store import bags as slides
+from histoembed.inputs import patch_flags
 from histoembed.models.heads import Bags
 from histoembed.models.heads import get as get_head
 from histoembed.models.heads import stored
@@ -54,11 +55,12 @@ _SOURCES: dict[tuple, Bags] = {}   # per worker process: the bags of the last st
 def task_bags(task: FoldTask, settings: FitSettings) -> Bags:
     """The training bags of the task's store, read slide by slide (once per worker process and store)."""
     store_dir = feature_store.find_feature_store(Path(task.run), task.encoder)
-    key = (str(store_dir), tuple(task.image_ids))
+    key = (str(store_dir), tuple(task.image_ids), tuple(settings.keep_artifacts))
     if key not in _SOURCES:
         _SOURCES.clear()
+        left_out, _ = patch_flags.left_out_crops(task.run, "train", settings.keep_artifacts)
         source = stored.open_source(slides.slide_index(store_dir, "train"), task.image_ids,
-                                    stored.memory_budget(settings.memory_gb))
+                                    memory.memory_budget(settings.memory_gb), left_out)
         source.scan()   # the driver checked the store already
         _SOURCES[key] = source.bags()
     return _SOURCES[key]
@@ -68,6 +70,7 @@ def fold_task(task: FoldTask) -> dict:
     """One (fold, head) in a Ray task: fitted, saved under ``task.out``; its outputs and fitted info returned."""
     settings = FitSettings.model_validate(task.settings)
     cpus.use_threads(settings.threads)
+    memory.return_large_blocks()
     bags = task_bags(task, settings)
     head, outputs = fit_one(select_fold(bags, task.job), np.asarray(task.y), settings, task.width, task.job)
     head.save(Path(task.out), task.classes)

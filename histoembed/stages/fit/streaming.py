@@ -6,7 +6,8 @@ When the training rows as float32 would take more than a quarter of the fit's me
 rows lie where) and the per-image facts of ``crops.parquet`` (labels, QC, groups, one fingerprint
 of each image's crops), then ``StoredBags`` reads each slide once for the means and the sums the heads
 standardise with, checking it as ``check_complete`` and ``read_features`` would, and again when a
-head needs its rows. The test split is never read. The numbers are those of the in-memory path:
+head needs its rows, leaving out the slides' flagged patches as ``patch_flags`` says. The test split is
+never read. The numbers are those of the in-memory path:
 the same rows, in the same order, through the same arithmetic (``models.heads.stored``).
 
 Small stores stay in memory (the whole test suite fits many times; reading slide by slide costs
@@ -24,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from histoembed.core import feature_store, store
+from histoembed.core import feature_store, memory, store
 from histoembed.core.config import FitSettings
 from histoembed.core.errors import UserError
 from histoembed.core.feature_store import bags as slides
@@ -38,20 +39,12 @@ GIB = 1 << 30
 
 def memory_budget(settings: FitSettings) -> int:
     """The fit's memory budget in bytes: ``[fit] memory_gb``, else half of this machine's (or cgroup's) memory."""
-    return stored.memory_budget(settings.memory_gb)
+    return memory.memory_budget(settings.memory_gb)
 
 
 def wanted(store_dir: Path, settings: FitSettings) -> bool:
     """Whether this fit streams its bags (see the module docstring)."""
     if settings.stream == "never" or settings.scale_fusion != "crops":
-        return False
-    run = store_dir.parent.parent
-    if patch_flags.flagged_patches(run, "train", settings.keep_artifacts):
-        # The streamed reader does not leave artifact-flagged patches out yet: such a cohort is fit in memory.
-        if settings.stream == "always":
-            raise UserError("--stream always cannot leave the slides' flagged patches out (blur, ink, fold, "
-                            "background)", path=run / store.CROPS_FILE,
-                            hint="use --stream auto or never, or --keep-artifacts to keep every flagged kind")
         return False
     if settings.stream == "always":
         return True
@@ -74,6 +67,7 @@ class Streamed:
     ts: TrainingSet
     index: slides.SlideIndex
     budget: int
+    left_out: dict[str, np.ndarray]   # image_id -> crops its bags leave out (flagged slide patches)
 
     def bags(self) -> StoredBags:
         """Every training slide read once (means, sums, checks): the heads' bags, read again when needed."""
@@ -87,7 +81,7 @@ class Streamed:
                             hint="raise [fit] memory_gb in histoembed.toml (or cut fewer patches per slide)")
         expected = slides.crop_fingerprints(self.run, "train", digests=index.has_hash)
         views = feature_store.views_of("train", int(index.meta.get("repeats", 1)), bool(index.meta.get("tta", True)))
-        source = stored.open_source(index, ts.image_ids, self.budget)
+        source = stored.open_source(index, ts.image_ids, self.budget, self.left_out)
         source.scan(lambda rows: slides.check_slide(rows, expected.get(rows.image_id), views, index.store_dir,
                                                     "train"))
         return source.bags()
@@ -126,7 +120,8 @@ def load_streamed(run: Path, encoder: str | None, settings: FitSettings) -> Stre
     ts.features = feature_store.Features(np.zeros(0, object), np.zeros(0, object), np.zeros(0, np.int32),
                                          np.zeros(0, np.int16), np.zeros((0, index.dim), np.float32), index.meta)
     ts.row_image = np.zeros(0, np.int64)
-    return Streamed(run, ts, index, memory_budget(settings))
+    left_out, ts.artifacts = patch_flags.left_out_crops(run, "train", settings.keep_artifacts)
+    return Streamed(run, ts, index, memory_budget(settings), left_out)
 
 
 def crops_facts(crops_path: Path) -> tuple[list[str], list[float], str]:

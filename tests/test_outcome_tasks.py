@@ -176,6 +176,23 @@ def test_fit_survival_planted_signal_matches_sksurv(tmp_path):
     assert result.exit_code == 2 and "different time / event" in result.output
 
 
+def test_survival_bags_streamed_from_the_store_give_the_in_memory_fit(tmp_path, monkeypatch):
+    """A survival cohort too big for memory streams its bags (issue 37): the same out-of-fold risks."""
+    from histoembed.core.feature_store import bags as slides
+
+    run, config = outcome_run(tmp_path, n=30)
+    other = tmp_path / "streamed"
+    shutil.copytree(run, other)
+    read, real = [], slides.SlideReader.read
+    monkeypatch.setattr(slides.SlideReader, "read", lambda self, i: read.append(i) or real(self, i))
+    for r, mode in ((run, "never"), (other, "always")):
+        result = invoke("fit", "--run", r, "--config", config, "--task", "survival", "--heads", "coxnet,abmil,mlp",
+                        "--stream", mode, "--bootstrap", 0)
+        assert result.exit_code == 0, result.output
+        assert bool(read) == (mode == "always")    # slide by slide only when streamed
+    assert pq.read_table(run / store.OOF_FILE).equals(pq.read_table(other / store.OOF_FILE))
+
+
 def test_fit_regression_from_the_columns_matches_sklearn(tmp_path):
     from sklearn.metrics import r2_score
 

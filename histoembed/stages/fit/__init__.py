@@ -91,20 +91,19 @@ def run_outcome_fit(run: Path, settings: FitSettings, encoders: list[str], choic
     """Survival or regression: the same recipe with ``outcome_tasks.OutcomeTask`` in the fold loop."""
     if len(encoders) > 1:
         raise UserError(f"{choice.task} fits one encoder's features at a time", hint="pass one --encoder")
-    if settings.engine != "local" or settings.stream == "always":
-        raise UserError(f"{choice.task} fits run in this process, with the training bags in memory",
-                        hint="leave out --engine ray and --stream always (classification has both)")
+    if settings.engine != "local":
+        raise UserError(f"{choice.task} fits run in this process", hint="leave out --engine ray (classification's)")
     objective = Objective(choice.task, settings.regression_loss)
     for name in settings.heads:
         check_task(get_head(name), objective)
-    ts, y, outcomes = load_outcome_set(run, settings, encoders[0] if encoders else None, choice.task)
+    ts, y, outcomes, streamed = load_outcome_set(run, settings, encoders[0] if encoders else None, choice.task)
     key = fit_key(ts, settings)
     with fit_lock(run):
         recover(run)
         done = up_to_date(run, key)
         if done is not None:
             return FitResult.of(run, ts, done, started, skipped=True)
-        bags = take_bags(ts)
+        bags = streamed.bags() if streamed else take_bags(ts)
         task = OutcomeTask(choice.task, ts.y, ts.bootstrap_units(), objective, settings.alpha, settings.weight_grid)
         results = cross_validate(bags, y, ts.groups, settings, task)
         cv = results[0][0]

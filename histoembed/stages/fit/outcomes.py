@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 from histoembed.core.config import FitSettings
 from histoembed.core.errors import UserError
 from histoembed.inputs.layouts import outcome_rows
 from histoembed.inputs.outcomes import Outcomes, check_events, columns_of, read_outcomes
 from histoembed.models.heads.objectives import OUTPUT
+from histoembed.stages.fit import streaming
 from histoembed.stages.fit.training import TrainingSet, load_training_set, read_labels
 
 REGRESSION_STRATA = 4   # target quantiles the folds are balanced on (fewer with few items)
@@ -74,18 +75,21 @@ def strata_of(task: str, values: np.ndarray, folds: int) -> np.ndarray:
 
 
 def load_outcome_set(run: Path, settings: FitSettings, encoder: str | None, task: str
-                     ) -> tuple[TrainingSet, np.ndarray, Outcomes]:
+                     ) -> tuple[TrainingSet, np.ndarray, Outcomes, streaming.Streamed | None]:
     """(training set with strata as its ``y`` and the output name as its one class, the outcomes [n, 2] or [n],
-    the outcomes read with their skipped rows)."""
+    the outcomes read with their skipped rows, the bags to stream when the store is too big for memory)."""
     outcomes = read_outcomes(data_of(run), task, settings.time_column, settings.event_column,
                              settings.target_column, settings.strict)
     keyed = {f"train/{k}": v for k, v in outcomes.values.items()}
     if not keyed:
         raise UserError(f"no training row has a usable {' and '.join(outcomes.columns)}", path=outcomes.path,
                         hint="the rows skipped: " + "; ".join(outcomes.skipped[:3]))
-    ts = load_training_set(run, encoder, settings.include_flagged, settings.scale_fusion, keep_dtype=True,
-                           keep_artifacts=settings.keep_artifacts,
-                           labels={k: "outcome" for k in keyed})
+    labels = {k: "outcome" for k in keyed}
+    streamed = streaming.load_streamed(run, encoder, settings, labels) \
+        if streaming.wanted(feature_store.find_feature_store(run, encoder), settings) else None
+    ts = streamed.ts if streamed else load_training_set(run, encoder, settings.include_flagged,
+                                                        settings.scale_fusion, keep_dtype=True,
+                                                        keep_artifacts=settings.keep_artifacts, labels=labels)
     values = np.array([keyed[f"train/{i}"] for i in ts.image_ids], dtype=np.float64)
     check_events(outcomes, values)
     if len(np.unique(ts.groups)) < settings.folds:
@@ -94,4 +98,4 @@ def load_outcome_set(run: Path, settings: FitSettings, encoder: str | None, task
     ts.y = strata_of(task, values, settings.folds)
     ts.classes = [OUTPUT[task]]
     ts.outcomes = values
-    return ts, values if task == "survival" else values[:, 0], outcomes
+    return ts, values if task == "survival" else values[:, 0], outcomes, streamed

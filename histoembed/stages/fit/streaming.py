@@ -11,7 +11,8 @@ never read. The numbers are those of the in-memory path:
 the same rows, in the same order, through the same arithmetic (``models.heads.stored``).
 
 Small stores stay in memory (the whole test suite fits many times; reading slide by slide costs
-a little per slide). Scale fusion ``concat`` and several encoders are fitted in memory.
+a little per slide). Scale fusion ``concat`` and several encoders are fitted in memory. Survival and
+regression stream as classification does.
 """
 
 from __future__ import annotations
@@ -87,11 +88,14 @@ class Streamed:
         return source.bags()
 
 
-def load_streamed(run: Path, encoder: str | None, settings: FitSettings) -> Streamed:
-    """The training set from the store's index and crops.parquet, one row per image (no embedding read)."""
+def load_streamed(run: Path, encoder: str | None, settings: FitSettings,
+                  labels: dict[str, str] | None = None) -> Streamed:
+    """The training set from the store's index and crops.parquet, one row per image (no embedding read).
+    ``labels``: as for ``load_training_set`` (survival and regression give their items)."""
     run = Path(run)
     store_dir = feature_store.find_feature_store(run, encoder)
-    read_labels(run)
+    if labels is None:
+        read_labels(run)
     qc_flags(run)
     index = slides.slide_index(store_dir, "train")
     if not index.pieces:
@@ -116,7 +120,7 @@ def load_streamed(run: Path, encoder: str | None, settings: FitSettings) -> Stre
     one_per_image = feature_store.Features(np.array(ids, object), np.array(["train"] * n, object),
                                            np.zeros(n, np.int32), np.zeros(n, np.int16),
                                            np.zeros((n, 0), np.float32), index.meta)
-    ts = select_images(run, store_dir, one_per_image, settings.include_flagged, crop_scales, digest)
+    ts = select_images(run, store_dir, one_per_image, settings.include_flagged, crop_scales, digest, labels)
     ts.features = feature_store.Features(np.zeros(0, object), np.zeros(0, object), np.zeros(0, np.int32),
                                          np.zeros(0, np.int16), np.zeros((0, index.dim), np.float32), index.meta)
     ts.row_image = np.zeros(0, np.int64)

@@ -261,12 +261,35 @@ def test_timm_features_count_prefix_tokens_from_the_model():
     assert timm_features(FeatureMap(), torch.zeros(1), "cls").tolist() == [[1.5, 5.5]]
 
 
+# The commands one after another in one child process (the cache location is read when huggingface_hub is
+# imported, so the cache needs a process of its own, but not one per command): each command's exit code and
+# output, and after each `submit` the submission it wrote, as one JSON line.
+COMMANDS_IN_ONE_PROCESS = """
+import json, sys
+from pathlib import Path
+from typer.testing import CliRunner
+from histoembed.cli import app
+done = []
+for args in json.loads(sys.argv[1]):
+    r = CliRunner().invoke(app, args, catch_exceptions=False)
+    submission = Path("run/submission.csv")
+    done.append({"args": args, "code": r.exit_code, "output": r.output,
+                 "submission": submission.read_text() if args[0] == "submit" and submission.exists() else None})
+    if r.exit_code:
+        break
+print(json.dumps(done))
+"""
+
+
 def test_timm_encoders_from_the_cache_run_embed_fit_submit_predict_offline(zoo_cache, tmp_path):
     """By registry name (Virchow2's construction: SwiGLU, 4 registers, CLS + mean) and by hf-hub: id, side by side
-    on the same crops and views, then each through fit, submit and predict, as separate processes, offline."""
+    on the same crops and views, then each through fit, submit and predict, offline, in a process whose
+    HF_HUB_CACHE is the stand-ins' cache (one process for all the commands: the console script and
+    ``python -m histoembed`` are run as processes by test_end_to_end and test_fullscale)."""
     import csv
+    import io
 
-    from histoembed.core import feature_store, store
+    from histoembed.core import feature_store
     from histoembed.tools.synthetic import make_dataset
     from test_end_to_end import small_settings_toml
 
@@ -274,17 +297,19 @@ def test_timm_encoders_from_the_cache_run_embed_fit_submit_predict_offline(zoo_c
     make_dataset(tmp_path / "data", n_train=30, n_test=4, seed=5, outliers=False)
     (tmp_path / "histoembed.toml").write_text(small_settings_toml("h0-mini").replace("size = 64", "size = 32"))
     by_id = "hf-hub:" + zoo.get("kaiko-vit-b16").hub_id
+    image = sorted((tmp_path / "data" / "test_data").glob("img_*"))[0]
+    commands = [["qc"], ["crops"], ["embed", "--encoder", "virchow2", "--encoder", by_id, "--repeats", "2"]]
+    for name in ("virchow2", by_id):
+        commands += [["fit", "--encoder", name, "--folds", "2"], ["submit"], ["predict", str(image), "--device", "cpu"]]
+    done = subprocess.run([sys.executable, "-c", COMMANDS_IN_ONE_PROCESS, json.dumps(commands)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for r in results:
+        assert r["code"] == 0, f"histoembed {' '.join(r['args'])}:\n{r['output']}"
+    assert [r["args"] for r in results] == commands
 
-    def histoembed(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "histoembed", *args], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=600, env={**os.environ, "HF_HUB_CACHE": str(cache),
-                                                           "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
-        assert done.returncode == 0, f"histoembed {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
-        return done.stdout + done.stderr
-
-    histoembed("qc")
-    histoembed("crops")
-    histoembed("embed", "--encoder", "virchow2", "--encoder", by_id, "--repeats", "2")
     run = tmp_path / "run"
     stores = {name: feature_store.read_features(feature_store.find_feature_store(run, name)) for name in ("virchow2", by_id)}
     keys = {name: sorted(zip(f.image_id.tolist(), f.crop_index.tolist(), f.view.tolist()))
@@ -292,11 +317,9 @@ def test_timm_encoders_from_the_cache_run_embed_fit_submit_predict_offline(zoo_c
     assert keys["virchow2"] == keys[by_id] and len(keys["virchow2"]) > 0      # the same crops and views
     assert stores["virchow2"].meta["pool"] == "cls+mean" and stores["virchow2"].embedding.shape[1] == 64
     assert stores[by_id].meta["pool"] == "cls" and stores[by_id].embedding.shape[1] == 32
-    image = sorted((tmp_path / "data" / "test_data").glob("img_*"))[0]
-    for name in ("virchow2", by_id):
-        histoembed("fit", "--encoder", name, "--folds", "2")
-        histoembed("submit")
-        with (run / store.SUBMISSION_FILE).open(newline="") as f:
-            assert len(list(csv.reader(f))) == 1 + 4
-        out = histoembed("predict", str(image), "--device", "cpu")
-        assert image.name in out
+    submits = [r for r in results if r["args"][0] == "submit"]
+    predicts = [r for r in results if r["args"][0] == "predict"]
+    assert len(submits) == len(predicts) == 2          # one of each per encoder
+    for submit, predict in zip(submits, predicts):
+        assert len(list(csv.reader(io.StringIO(submit["submission"])))) == 1 + 4
+        assert image.name in predict["output"]

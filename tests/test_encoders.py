@@ -213,19 +213,6 @@ def test_bf16_weights_copy_stays_close_to_fp32_and_leaves_the_fp32_module_alone(
     assert len(enc.casts) == 1
 
 
-def test_phikon_v2_is_loaded_from_the_hugging_face_cache_offline(tiny_dinov2, tmp_path, hub_layout):
-    """The default encoder through the real hub path: a cache laid out as huggingface_hub writes it."""
-    files = {name: (tiny_dinov2 / name).read_bytes() for name in ("config.json", "model.safetensors")}
-    hub_layout(tmp_path / "hub", "owkin/phikon-v2", files)
-    code = ("from histoembed.models.encoders import load_encoder; e = load_encoder('phikon-v2'); "
-            "print(e.encoder_id, e.dim, e.weights_hash)")
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    digest = hashlib.sha256(files["model.safetensors"]).hexdigest()
-    assert done.stdout.split() == ["owkin/phikon-v2", "32", digest]
-
-
 def test_glibc_heap_tuning_applies_on_linux_and_can_be_turned_off(monkeypatch):
     from histoembed.models.encoders import keep_large_buffers_in_heap
 
@@ -278,28 +265,49 @@ def test_a_folder_written_by_timm_loads_with_its_own_preprocessing(timm_folder):
     torch.testing.assert_close(enc(x), _timm_direct(timm_folder, x, "cls+mean"), atol=1e-4, rtol=0)
 
 
-def test_an_hf_hub_id_loads_from_the_cache_offline(timm_folder, tmp_path, hub_layout):
+# One child process for every load from a Hugging Face cache (its location is read when huggingface_hub is
+# imported): the default encoder by name, a timm model by hf-hub: id, and an id the cache lacks.
+FROM_THE_CACHE = """
+import json, torch
+from histoembed.models.encoders import load_encoder
+e = load_encoder('phikon-v2')
+out = {'phikon-v2': [e.encoder_id, e.dim, e.weights_hash]}
+e = load_encoder('hf-hub:someone/tiny-vit')
+x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+out['tiny-vit'] = [e.encoder_id, e.weights_hash, e(x).tolist()]
+try:
+    load_encoder('hf-hub:someone/absent')
+    out['absent'] = None
+except Exception as error:
+    out['absent'] = f"{type(error).__name__}: {error}"
+print(json.dumps(out))
+"""
+
+
+def test_encoders_load_from_the_hugging_face_cache_offline_and_a_missing_one_says_where_it_looked(
+        tiny_dinov2, timm_folder, tmp_path, hub_layout):
+    """The default encoder (Phikon-v2) and a timm model by hf-hub: id through the real hub path, a cache laid out
+    as huggingface_hub writes it; an id missing from the cache is named, with offline mode, in the error."""
+    phikon = {name: (tiny_dinov2 / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    hub_layout(tmp_path / "hub", "owkin/phikon-v2", phikon)
     files = {f.name: f.read_bytes() for f in timm_folder.iterdir() if f.is_file()}
     hub_layout(tmp_path / "hub", "someone/tiny-vit", files)
-    code = ("import json, torch; from histoembed.models.encoders import load_encoder; e = load_encoder('hf-hub:someone/tiny-vit'); "
-            "x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6)); "
-            "print(json.dumps([e.encoder_id, e.weights_hash, e(x).tolist()]))")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", FROM_THE_CACHE], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr
-    encoder_id, weights_hash, feats = json.loads(done.stdout.strip().splitlines()[-1])
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert out["phikon-v2"] == ["owkin/phikon-v2", 32, hashlib.sha256(phikon["model.safetensors"]).hexdigest()]
+
+    encoder_id, weights_hash, feats = out["tiny-vit"]
     assert encoder_id == "hf-hub:someone/tiny-vit"
     assert weights_hash == hashlib.sha256(files["model.safetensors"]).hexdigest()
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     torch.testing.assert_close(torch.tensor(feats), _timm_direct(timm_folder, x), atol=1e-4, rtol=0)
 
-
-def test_an_hf_hub_id_missing_from_the_cache_says_where_it_looked(tmp_path):
-    code = "from histoembed.models.encoders import load_encoder; load_encoder('hf-hub:someone/absent')"
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
-    assert "someone/absent" in done.stderr and "offline mode is on" in done.stderr
+    assert out["absent"] is not None                  # the load failed
+    assert "someone/absent" in out["absent"] and "offline mode is on" in out["absent"]
 
 
 def test_weights_that_do_not_fit_the_named_architecture_are_refused(timm_folder, tmp_path):

@@ -5,7 +5,8 @@ from ``img_0000.png`` as in the real data, 60 cartoons pasted over other images'
 and 10 test images that copy training images (``synthetic.reference_scale``). Images are
 small (``size_scale``) so the run stays short; the encoder is the tiny Dinov2 stand-in for
 Phikon-v2. The README's commands run exactly as written, as processes, in a folder that
-holds ``data/``.
+holds ``data/``; then again in-process, where every stage must find its inputs and settings unchanged and
+give the same submission.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_end_to_end import _python_m, small_settings_toml
 
-from histoembed.core import store
+from histoembed.core import feature_store, store
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +41,7 @@ def project(tmp_path_factory, tiny_dinov2) -> Path:
     return root
 
 
-def test_the_readme_commands_on_the_real_layout_give_a_477_row_submission(project):
+def test_the_readme_commands_on_the_real_layout_give_a_477_row_submission_and_a_rerun_redoes_nothing(project, cli):
     outputs = {}
     for args in COMMANDS:
         done = _python_m(args, project, **THREADS)
@@ -77,3 +78,23 @@ def test_the_readme_commands_on_the_real_layout_give_a_477_row_submission(projec
     assert {tuple(p) for p in planted["near_duplicates"]} <= leaks
     assert "possible leakage" in outputs["qc"] and "Training images sharing a mask file (60 pair(s)" in outputs["qc"]
     assert len(list((run / store.MODELS_DIR).glob("fold-*"))) == 10
+    for name in (store.CROPS_FILE, store.QC_FILE, store.OOF_FILE, store.METRICS_FILE,
+                 store.CALIBRATION_FILE, store.TEST_PREDICTIONS_FILE):
+        assert (run / name).exists(), name
+    features = feature_store.read_features(feature_store.find_feature_store(run))
+    assert set(features.view.tolist()) == {0, 1, 2, 3}
+    with (data / "train_labels.csv").open(newline="") as f:
+        assert {r[1] for r in rows[1:]} <= {row["label"] for row in csv.DictReader(f)}
+
+    # Again, in-process: every stage finds its inputs and settings unchanged; same submission.
+    before = (run / store.SUBMISSION_FILE).read_bytes()
+    parts = feature_store.feature_parts(feature_store.find_feature_store(run))
+    features_before = sorted(p.stat().st_mtime_ns for p in parts)
+    oof_before = (run / store.OOF_FILE).stat().st_mtime_ns
+    for args in COMMANDS:
+        result = cli(*args, cwd=project)
+        assert result.exit_code == 0, result.output
+    assert (run / store.SUBMISSION_FILE).read_bytes() == before
+    parts = feature_store.feature_parts(feature_store.find_feature_store(run))
+    assert sorted(p.stat().st_mtime_ns for p in parts) == features_before
+    assert (run / store.OOF_FILE).stat().st_mtime_ns == oof_before

@@ -91,48 +91,51 @@ def assert_same_store(run: Path, local_store) -> None:
 
 
 @needs_ray
-def test_two_nodes_write_the_local_engine_s_store(tmp_path, tiny_dinov2, cluster, local_store, cli, monkeypatch):
-    write_crops(tmp_path, n_train=N_TRAIN, n_test=N_TEST, per_image=PER_IMAGE)
+def test_two_nodes_write_the_local_engine_s_store_and_normalise_stain_as_it_does(tmp_path, tiny_dinov2, cluster,
+                                                                                   cli, monkeypatch):
+    """One actor per node, both write parts; with --stain-norm macenko the actors normalise each batch as the local
+    loop does (the driver computes the target once), and their parts' footers count the crops left unchanged as
+    local parts do. One Ray run checks both (a Ray run costs 15-25 s on two cores)."""
+    from test_stain import synth_and_crops
+
+    local = synth_and_crops(cli, tmp_path, train=8, shift=1.0, outliers=True)  # a cartoon and a blank: unchanged
+    on_ray = tmp_path / "run-ray"
+    r = cli("crops", "--data", tmp_path / "data", "--run", on_ray, "--size", 64, "--k", 3, "--workers", 1)
+    assert r.exit_code == 0, r.output
+    common = ["--encoder", tiny_dinov2, "--repeats", REPEATS, "--workers", 0, "--stain-norm", "macenko"]
+    r = cli("embed", "--run", local, *common)
+    assert r.exit_code == 0, r.output
+    local_rows = sorted_rows(read_store(local))
     # An actor holds on after its first part until there are two: the other node's actor wrote one.
     monkeypatch.setenv(ray_engine.ACTOR_HOOK_ENV, "1:wait:2")
-    r = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--repeats", REPEATS, "--workers", 0,
-            "--batch-size", 5, "--rows-per-part", 10, "--engine", "ray", "--ray-actor-cpus", 0)
+    r = cli("embed", "--run", on_ray, *common, "--batch-size", 5, "--rows-per-part", 10, "--engine", "ray",
+            "--ray-actor-cpus", 0)
     assert r.exit_code == 0, r.output
-    assert f"embedded {TOTAL_ROWS} views" in r.output
-    assert_same_store(tmp_path, local_store)
-    parts = feature_store.feature_parts(feature_store.find_feature_store(tmp_path))
+    assert f"embedded {len(local_rows[0])} views" in r.output
+    assert "stain normalisation (macenko)" in r.output and "passed through unchanged" in r.output
+    assert_same_store(on_ray, local_rows)
+    ray_dir, local_dir = feature_store.find_feature_store(on_ray), feature_store.find_feature_store(local)
+    parts = feature_store.feature_parts(ray_dir)
     assert all(p.name.startswith(ray_engine.PART_PREFIX) for p in parts)
     nodes = {store.read_meta(p)["ray_node"] for p in parts}
     assert nodes == {n["NodeID"] for n in __import__("ray").nodes()}  # one actor per node (a GPU each), both wrote
+    meta = store.read_meta(parts[0])
+    assert meta["engine"] == "ray" and meta["repeats"] == REPEATS
+    assert feature_store.stain_summary(ray_dir) == feature_store.stain_summary(local_dir)
+    assert meta["stain"] == store.read_meta(feature_store.feature_parts(local_dir)[0])["stain"]
     monkeypatch.delenv(ray_engine.ACTOR_HOOK_ENV)
-    local_meta = store.read_meta(parts[0])
-    assert local_meta["engine"] == "ray" and local_meta["repeats"] == REPEATS
-    again = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--repeats", REPEATS, "--workers", 0,
-                "--engine", "ray", "--ray-actor-cpus", 0)
+    again = cli("embed", "--run", on_ray, *common, "--engine", "ray", "--ray-actor-cpus", 0)
     assert again.exit_code == 0 and "up to date" in again.output
-    local = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--repeats", REPEATS, "--workers", 0)
-    assert local.exit_code == 0 and "up to date" in local.output  # the engines share the store and its key
+    by_local = cli("embed", "--run", on_ray, *common)
+    assert by_local.exit_code == 0 and "up to date" in by_local.output  # the engines share the store and its key
 
 
 @needs_ray
-def test_a_killed_actor_is_restarted_and_rewrites_its_part(tmp_path, tiny_dinov2, cluster, local_store,
-                                                           monkeypatch):
-    write_crops(tmp_path, n_train=N_TRAIN, n_test=N_TEST, per_image=PER_IMAGE)
-    marker = tmp_path / "actor-died"
-    monkeypatch.setenv(ray_engine.ACTOR_HOOK_ENV, f"2:exit:{marker}")
-    result = run_embed(tmp_path, ray_settings(tiny_dinov2, repeats=REPEATS, ray_actors=1), AugmentSettings())
-    assert marker.exists()  # the actor's process did exit after writing its 2nd part
-    assert result.new_rows == result.rows == TOTAL_ROWS
-    assert_same_store(tmp_path, local_store)
-    crops = (N_TRAIN + N_TEST) * PER_IMAGE
-    per_part = ray_engine.part_crops(ray_settings(tiny_dinov2, repeats=REPEATS))
-    parts = feature_store.feature_parts(feature_store.find_feature_store(tmp_path))
-    assert len(parts) >= -(-crops // per_part)
-    assert not list(parts[0].parent.glob(".part-*")), "a temporary was left behind"
-
-
-@needs_ray
-def test_a_killed_driver_is_resumed_by_a_rerun(tmp_path, tiny_dinov2, cluster, local_store):
+def test_a_killed_driver_is_resumed_by_a_rerun_whose_killed_actor_is_restarted_and_rewrites_its_part(
+        tmp_path, tiny_dinov2, cluster, local_store, monkeypatch):
+    """Two failures, one after the other, on one store (each Ray run here costs 15-25 s on two cores): a driver
+    killed mid-run, then the rerun that resumes it loses its one actor after that actor's 2nd part; Ray restarts
+    the actor, its part is rewritten once and counted once, and the store ends as the local engine's."""
     write_crops(tmp_path, n_train=N_TRAIN, n_test=N_TEST, per_image=PER_IMAGE)
     cmd = [sys.executable, "-m", "histoembed", "embed", "--run", str(tmp_path), "--encoder", str(tiny_dinov2),
            "--repeats", str(REPEATS), "--workers", "0", "--batch-size", "3", "--rows-per-part", "6",
@@ -147,10 +150,19 @@ def test_a_killed_driver_is_resumed_by_a_rerun(tmp_path, tiny_dinov2, cluster, l
     assert 2 <= len(parts_then) <= 3
     rows_then = sum(pq.read_metadata(p).num_rows for p in parts_then)
 
-    resumed = run_embed(tmp_path, ray_settings(tiny_dinov2, repeats=REPEATS), AugmentSettings())
-    assert resumed.new_rows == TOTAL_ROWS - rows_then and resumed.rows == TOTAL_ROWS
+    crops = (N_TRAIN + N_TEST) * PER_IMAGE
+    per_part = ray_engine.part_crops(ray_settings(tiny_dinov2, repeats=REPEATS))
+    assert crops - 3 * per_part > per_part   # the rerun has at least two parts to write: its actor dies after one
+    marker = tmp_path / "actor-died"
+    monkeypatch.setenv(ray_engine.ACTOR_HOOK_ENV, f"2:exit:{marker}")
+    resumed = run_embed(tmp_path, ray_settings(tiny_dinov2, repeats=REPEATS, ray_actors=1), AugmentSettings())
+    assert marker.exists()  # the actor's process did exit after writing its 2nd part
+    assert resumed.new_rows == TOTAL_ROWS - rows_then and resumed.rows == TOTAL_ROWS   # a rewritten part once
     assert_same_store(tmp_path, local_store)
-    assert set(parts_then) <= set(feature_store.feature_parts(store_dir))  # finished parts were kept, not redone
+    parts = feature_store.feature_parts(store_dir)
+    assert set(parts_then) <= set(parts)  # finished parts were kept, not redone
+    assert len(parts) >= -(-crops // per_part)
+    assert not list(store_dir.glob(".part-*")), "a temporary was left behind"
 
 
 @needs_ray
@@ -178,7 +190,7 @@ def test_an_unreadable_crop_stops_the_ray_run_with_a_clear_message(tmp_path, tin
     table = table.set_column(table.schema.get_field_index("png"), "png", pa.array(pngs, pa.binary()))
     store.write_table(table, path, meta=store.read_meta(path))
     r = cli("embed", "--run", tmp_path, "--encoder", tiny_dinov2, "--workers", 0, "--batch-size", 2,
-            "--engine", "ray", "--ray-actor-cpus", 0)
+            "--engine", "ray", "--ray-actors", 1, "--ray-actor-cpus", 0)   # one actor: the message is the point
     assert r.exit_code == 2 and "crop 0 of img_0002.png (train) is not a readable PNG" in r.output, r.output
     assert "Traceback" not in r.output
 
@@ -276,32 +288,6 @@ def test_actors_one_per_gpu_else_one_per_node_and_never_every_cpu(tiny_dinov2):
     assert ray_engine.part_crops(s.model_copy(update={"rows_per_part": 1, "batch_size": 7})) == 7
 
 
-@needs_ray
-def test_stain_normalisation_over_ray_gives_the_local_store(tmp_path, tiny_dinov2, cluster, cli):
-    """--stain-norm macenko: the Ray actors normalise each batch as the local loop does (the driver computes the
-    target once), and their parts' footers count the crops left unchanged as local parts do."""
-    from test_stain import synth_and_crops
-
-    local = synth_and_crops(cli, tmp_path, train=8, shift=1.0, outliers=True)
-    on_ray = tmp_path / "run-ray"
-    r = cli("crops", "--data", tmp_path / "data", "--run", on_ray, "--size", 64, "--k", 3, "--workers", 1)
-    assert r.exit_code == 0, r.output
-    common = ["--encoder", tiny_dinov2, "--repeats", REPEATS, "--workers", 0, "--stain-norm", "macenko"]
-    r = cli("embed", "--run", local, *common)
-    assert r.exit_code == 0, r.output
-    r = cli("embed", "--run", on_ray, *common, "--batch-size", 5, "--rows-per-part", 10, "--engine", "ray",
-            "--ray-actor-cpus", 0)
-    assert r.exit_code == 0, r.output
-    assert "stain normalisation (macenko)" in r.output and "passed through unchanged" in r.output
-    rows, emb = sorted_rows(read_store(on_ray))
-    assert (rows, emb.shape) == (sorted_rows(read_store(local))[0], sorted_rows(read_store(local))[1].shape)
-    np.testing.assert_allclose(emb, sorted_rows(read_store(local))[1], atol=1e-5, rtol=0)
-    ray_dir, local_dir = feature_store.find_feature_store(on_ray), feature_store.find_feature_store(local)
-    assert feature_store.stain_summary(ray_dir) == feature_store.stain_summary(local_dir)
-    assert store.read_meta(feature_store.feature_parts(ray_dir)[0])["stain"] == \
-        store.read_meta(feature_store.feature_parts(local_dir)[0])["stain"]
-
-
 def ray_processes_of(marker: str) -> list[str]:
     """The processes whose command line, environment or open files mention ``marker`` (one instance's RAY_TMPDIR)."""
     found = []
@@ -319,27 +305,35 @@ def ray_processes_of(marker: str) -> list[str]:
 
 @needs_ray
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
-def test_a_local_ray_instance_goes_with_its_terminated_or_killed_driver(tmp_path, tiny_dinov2, sig):
+def test_a_local_ray_instance_goes_with_its_terminated_or_killed_driver(tmp_path, tiny_dinov2):
     """SIGTERM: the driver shuts its instance down; SIGKILL: histoembed's watchdog ends what Ray's own fate
-    sharing leaves (its agents wait 60 s for the dead GCS). Either way nothing of it is left after 30 s."""
+    sharing leaves (its agents wait 60 s for the dead GCS). Either way nothing of it is left after 30 s.
+    The two drivers run side by side, each with its own instance (RAY_TMPDIR): most of a local Ray's start
+    and end is waiting, so the pair takes little more than one."""
     import tempfile
     import time
 
-    write_crops(tmp_path, n_train=N_TRAIN, n_test=N_TEST, per_image=PER_IMAGE)
-    ray_tmp = tempfile.mkdtemp(prefix="he-ray-", dir="/tmp")   # short: Ray's socket paths are limited
-    cmd = [sys.executable, "-m", "histoembed", "embed", "--run", str(tmp_path), "--encoder", str(tiny_dinov2),
-           "--repeats", str(REPEATS), "--workers", "0", "--batch-size", "3", "--rows-per-part", "6",
-           "--engine", "ray", "--ray-actors", "1", "--ray-actor-cpus", "0"]   # no --ray-address: a local instance
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0",
-           STOP_AFTER_ENV: f"2:{sig}", ray_engine.ACTOR_HOOK_ENV: "3:stall"}   # the signal comes mid-run
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    deadline = time.monotonic() + 120                     # a clean end takes a few seconds; a busy machine longer
-    while (left := ray_processes_of(ray_tmp)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left, "left behind:\n" + "\n".join(left)
+    procs = {}
+    for sig in ("SIGTERM", "SIGKILL"):
+        run = tmp_path / sig
+        write_crops(run, n_train=N_TRAIN, n_test=N_TEST, per_image=PER_IMAGE)
+        ray_tmp = tempfile.mkdtemp(prefix="he-ray-", dir="/tmp")   # short: Ray's socket paths are limited
+        cmd = [sys.executable, "-m", "histoembed", "embed", "--run", str(run), "--encoder", str(tiny_dinov2),
+               "--repeats", str(REPEATS), "--workers", "0", "--batch-size", "3", "--rows-per-part", "6",
+               "--engine", "ray", "--ray-actors", "1", "--ray-actor-cpus", "0"]   # no --ray-address: a local instance
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0",
+               STOP_AFTER_ENV: f"2:{sig}", ray_engine.ACTOR_HOOK_ENV: "3:stall"}   # the signal comes mid-run
+        env.pop("RAY_ADDRESS", None)
+        procs[sig] = (ray_tmp, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                                env=env))
+    for sig, (ray_tmp, proc) in procs.items():
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode != 0, (sig, output)
+    for sig, (ray_tmp, _) in procs.items():
+        deadline = time.monotonic() + 120                 # a clean end takes a few seconds; a busy machine longer
+        while (left := ray_processes_of(ray_tmp)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, f"{sig}: left behind:\n" + "\n".join(left)
 
 
 # ---------------------------------------------------------------- whole slides (issue 20)
@@ -388,7 +382,7 @@ def test_slide_patches_embedded_over_ray_give_the_local_engine_s_store(slide_coh
     r = cli("embed", "--run", runs["local"], *common)
     assert r.exit_code == 0, r.output
     r = cli("embed", "--run", runs["ray"], *common, "--batch-size", 3, "--rows-per-part", 12, "--engine", "ray",
-            "--ray-actor-cpus", 0)
+            "--ray-actors", 1, "--ray-actor-cpus", 0)   # one actor (two nodes: the test above)
     assert r.exit_code == 0, r.output
     crops = 4 * 3
     assert f"embedded {crops * REPEATS} views" in r.output

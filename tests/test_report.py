@@ -179,16 +179,6 @@ def test_curves_section_draws_bands_over_patients(tmp_path):
     assert "Not shown" in curves_section(run)
 
 
-def test_report_cli(written, cli, tmp_path):
-    data, run, _ = written
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)
-    (copy / store.REPORT_FILE).unlink()
-    result = cli("report", "--run", copy, "--data", data)
-    assert result.exit_code == 0, result.output
-    assert (copy / store.REPORT_FILE).exists() and str(copy / store.REPORT_FILE) in result.output
-
-
 # ---------------------------------------------------------------- missing inputs, bad input
 
 def test_report_of_an_empty_run_says_what_is_missing(cli, tmp_path):
@@ -203,7 +193,8 @@ def test_report_of_an_empty_run_says_what_is_missing(cli, tmp_path):
 
 def test_report_finds_the_data_in_the_run_and_stops_when_it_changed(written, tmp_path, cli):
     """Issue 23: like submit and predict, report stops when the data changed since the crops were cut
-    (a page of crops drawn on other images would mislead), naming the folder and what to re-run."""
+    (a page of crops drawn on other images would mislead), naming the folder and what to re-run. First,
+    `histoembed report --data` writes the page and says where (one page written through the CLI here)."""
     import json
 
     import pyarrow.parquet as pq
@@ -211,7 +202,11 @@ def test_report_finds_the_data_in_the_run_and_stops_when_it_changed(written, tmp
     data, run, _ = written
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    text = report.write_report(copy, None).read_text()     # the data folder crops recorded
+    (copy / store.REPORT_FILE).unlink()
+    result = cli("report", "--run", copy, "--data", data)
+    assert result.exit_code == 0, result.output
+    assert (copy / store.REPORT_FILE).exists() and str(copy / store.REPORT_FILE) in result.output
+    text = (copy / store.REPORT_FILE).read_text()
     assert "Not shown" not in text, re.findall(r"Not shown: [^<]*", text)
     # point the run at a copy of the data, then change a file there
     data_copy = tmp_path / "data"
@@ -219,7 +214,7 @@ def test_report_finds_the_data_in_the_run_and_stops_when_it_changed(written, tmp
     crops = copy / store.CROPS_FILE
     meta = {**store.read_meta(crops), "data": str(data_copy)}
     pq.write_table(pq.read_table(crops).replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), crops)
-    assert "Not shown" not in report.write_report(copy, None).read_text()
+    assert "Not shown" not in report.write_report(copy, None).read_text()     # the data folder crops recorded
     (data_copy / "test_data" / "img_0000.png").write_bytes((data_copy / "test_data" / "img_0001.png").read_bytes())
     before = (copy / store.REPORT_FILE).read_text()
     for extra in ((), ("--data", data_copy)):

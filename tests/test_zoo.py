@@ -127,11 +127,24 @@ def zoo_cache(tmp_path_factory, hub_layout):
     return cache, stand_ins
 
 
-def _in_subprocess(cache, code: str, **env) -> str:
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **env}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+# The commands one after another in one child process (the cache location is read when huggingface_hub is
+# imported, so the cache needs a process of its own, but not one per command): each command's exit code and
+# output, and after each `submit` the submission it wrote, as one JSON line.
+COMMANDS_IN_ONE_PROCESS = """
+import json, sys
+from pathlib import Path
+from typer.testing import CliRunner
+from histoembed.cli import app
+done = []
+for args in json.loads(sys.argv[1]):
+    r = CliRunner().invoke(app, args, catch_exceptions=False)
+    submission = Path("run/submission.csv")
+    done.append({"args": args, "code": r.exit_code, "output": r.output, "stdout": r.stdout,
+                 "submission": submission.read_text() if args[0] == "submit" and submission.exists() else None})
+    if r.exit_code:
+        break
+print(json.dumps(done))
+"""
 
 
 LOAD_ALL = """
@@ -147,12 +160,42 @@ print(json.dumps(out))
 """
 
 
-def test_every_entry_loads_offline_by_name_and_matches_a_direct_forward(zoo_cache):
+def in_one_process(cache, commands: list[list[str]], cwd=None) -> list[dict]:
+    """``histoembed`` commands run one after another in one child process whose HF_HUB_CACHE is ``cache``."""
+    done = subprocess.run([sys.executable, "-c", COMMANDS_IN_ONE_PROCESS, json.dumps(commands)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "COLUMNS": "250"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for r in results:
+        assert r["code"] == 0, f"histoembed {' '.join(r['args'])}:\n{r['output']}"
+    assert [r["args"] for r in results] == commands
+    return results
+
+
+@pytest.fixture(scope="module")
+def loaded_from_the_cache(zoo_cache) -> tuple[dict, str]:
+    """(every loadable entry's features and settings, `histoembed encoders`' table), both from one child process
+    whose cache holds the stand-ins (one process: each costs seconds of imports)."""
+    cache, _ = zoo_cache
+    loadable = [e.name for e in zoo.entries() if not e.refused and e.library != "packaged"]
+    code = LOAD_ALL.format(side=SIDE).replace("sys.argv[1:]", repr(loadable)) + \
+        COMMANDS_IN_ONE_PROCESS.replace("print(json.dumps(done))", "print(json.dumps([out, done]))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps([["encoders"]])], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+                                            "COLUMNS": "250"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded, [listed] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert listed["code"] == 0, listed["output"]
+    return loaded, listed["stdout"]
+
+
+def test_every_entry_loads_offline_by_name_and_matches_a_direct_forward(zoo_cache, loaded_from_the_cache):
     cache, stand_ins = zoo_cache
     loadable = [e.name for e in zoo.entries() if not e.refused and e.library != "packaged"]
     assert sorted(stand_ins) == sorted(loadable)
-    code = LOAD_ALL.format(side=SIDE).replace("sys.argv[1:]", repr(loadable))
-    got = json.loads(_in_subprocess(cache, code).strip().splitlines()[-1])
+    got, _ = loaded_from_the_cache
+    assert sorted(got) == sorted(loadable)
     x = torch.rand(3, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(7))
     for name, (entry, model, mean, std) in stand_ins.items():
         row = got[name]
@@ -165,17 +208,9 @@ def test_every_entry_loads_offline_by_name_and_matches_a_direct_forward(zoo_cach
         torch.testing.assert_close(torch.tensor(row["features"]), expected, atol=1e-4, rtol=0, msg=name)
 
 
-def _encoders_command(cache, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "histoembed", "encoders", *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
-                                            "COLUMNS": "250"})
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
-def test_the_encoders_command_says_which_weights_are_in_the_cache(zoo_cache):
-    cache, stand_ins = zoo_cache
-    lines = {line.split()[0]: line for line in _encoders_command(cache).splitlines() if line.strip()}
+def test_the_encoders_command_says_which_weights_are_in_the_cache(zoo_cache, loaded_from_the_cache):
+    _, stand_ins = zoo_cache
+    lines = {line.split()[0]: line for line in loaded_from_the_cache[1].splitlines() if line.strip()}
     for name in stand_ins:
         assert lines[name].split()[-1] == "cache", lines[name]
     assert lines["efficientnet-lite0"].split()[-1] == "packaged"
@@ -185,13 +220,13 @@ def test_the_encoders_command_says_which_weights_are_in_the_cache(zoo_cache):
 
 
 def test_the_encoders_command_on_an_empty_cache_lists_nothing_here(tmp_path):
-    rows = {r["name"]: r for r in json.loads(_encoders_command(tmp_path, "--all", "--json"))}
+    as_json, table = in_one_process(tmp_path, [["encoders", "--all", "--json"], ["encoders", "--all"]])
+    rows = {r["name"]: r for r in json.loads(as_json["stdout"])}
     assert sorted(rows) == sorted(e.name for e in zoo.entries())
     assert rows["virchow2"]["weights"] == "" and rows["virchow2"]["dim"] == 2560 and rows["virchow2"]["gated"]
     assert rows["efficientnet-lite0"]["weights"] == "packaged"
     assert "trust_remote_code" in rows["hibou-l"]["refused"]
-    table = _encoders_command(tmp_path, "--all")
-    assert "hibou-l is refused: its model class is code on the hub" in table
+    assert "hibou-l is refused: its model class is code on the hub" in table["stdout"]
 
 
 @pytest.mark.parametrize("entry", [e for e in zoo.entries() if e.refused], ids=lambda e: e.name)
@@ -263,10 +298,13 @@ def test_timm_features_count_prefix_tokens_from_the_model():
 
 def test_timm_encoders_from_the_cache_run_embed_fit_submit_predict_offline(zoo_cache, tmp_path):
     """By registry name (Virchow2's construction: SwiGLU, 4 registers, CLS + mean) and by hf-hub: id, side by side
-    on the same crops and views, then each through fit, submit and predict, as separate processes, offline."""
+    on the same crops and views, then each through fit, submit and predict, offline, in a process whose
+    HF_HUB_CACHE is the stand-ins' cache (one process for all the commands: the console script and
+    ``python -m histoembed`` are run as processes by test_end_to_end and test_fullscale)."""
     import csv
+    import io
 
-    from histoembed.core import feature_store, store
+    from histoembed.core import feature_store
     from histoembed.tools.synthetic import make_dataset
     from test_end_to_end import small_settings_toml
 
@@ -274,17 +312,12 @@ def test_timm_encoders_from_the_cache_run_embed_fit_submit_predict_offline(zoo_c
     make_dataset(tmp_path / "data", n_train=30, n_test=4, seed=5, outliers=False)
     (tmp_path / "histoembed.toml").write_text(small_settings_toml("h0-mini").replace("size = 64", "size = 32"))
     by_id = "hf-hub:" + zoo.get("kaiko-vit-b16").hub_id
+    image = sorted((tmp_path / "data" / "test_data").glob("img_*"))[0]
+    commands = [["qc"], ["crops"], ["embed", "--encoder", "virchow2", "--encoder", by_id, "--repeats", "2"]]
+    for name in ("virchow2", by_id):
+        commands += [["fit", "--encoder", name, "--folds", "2"], ["submit"], ["predict", str(image), "--device", "cpu"]]
+    results = in_one_process(cache, commands, cwd=tmp_path)
 
-    def histoembed(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "histoembed", *args], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=600, env={**os.environ, "HF_HUB_CACHE": str(cache),
-                                                           "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
-        assert done.returncode == 0, f"histoembed {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
-        return done.stdout + done.stderr
-
-    histoembed("qc")
-    histoembed("crops")
-    histoembed("embed", "--encoder", "virchow2", "--encoder", by_id, "--repeats", "2")
     run = tmp_path / "run"
     stores = {name: feature_store.read_features(feature_store.find_feature_store(run, name)) for name in ("virchow2", by_id)}
     keys = {name: sorted(zip(f.image_id.tolist(), f.crop_index.tolist(), f.view.tolist()))
@@ -292,11 +325,9 @@ def test_timm_encoders_from_the_cache_run_embed_fit_submit_predict_offline(zoo_c
     assert keys["virchow2"] == keys[by_id] and len(keys["virchow2"]) > 0      # the same crops and views
     assert stores["virchow2"].meta["pool"] == "cls+mean" and stores["virchow2"].embedding.shape[1] == 64
     assert stores[by_id].meta["pool"] == "cls" and stores[by_id].embedding.shape[1] == 32
-    image = sorted((tmp_path / "data" / "test_data").glob("img_*"))[0]
-    for name in ("virchow2", by_id):
-        histoembed("fit", "--encoder", name, "--folds", "2")
-        histoembed("submit")
-        with (run / store.SUBMISSION_FILE).open(newline="") as f:
-            assert len(list(csv.reader(f))) == 1 + 4
-        out = histoembed("predict", str(image), "--device", "cpu")
-        assert image.name in out
+    submits = [r for r in results if r["args"][0] == "submit"]
+    predicts = [r for r in results if r["args"][0] == "predict"]
+    assert len(submits) == len(predicts) == 2          # one of each per encoder
+    for submit, predict in zip(submits, predicts):
+        assert len(list(csv.reader(io.StringIO(submit["submission"])))) == 1 + 4
+        assert image.name in predict["output"]

@@ -343,3 +343,17 @@ def test_selection_scores_choose_weights_and_offsets_by_the_named_metric():
         assert params["selected_by"] == name and len(params["offsets"]) == 3
     default = decisions.choose(z, y, np.arange(120), decisions.DecisionSettings(weight_points=6))
     assert "selected_by" not in default
+
+
+def test_resampled_auroc_equals_the_auroc_of_each_resample_drawn_out():
+    rng = np.random.default_rng(3)
+    score = np.round(rng.normal(size=40), 1)          # rounded: ties within and across the groups
+    pos = np.arange(40) < 15
+    w_pos, w_neg = rng.integers(0, 3, (6, 15)), rng.integers(0, 3, (6, 25))
+    w_pos[:, 0] += 1
+    w_neg[:, 0] += 1                                  # every resample draws both groups
+    got = metrics.resampled_auroc(score[pos], score[~pos], w_pos, w_neg)
+    for b in range(6):
+        drawn_pos, drawn_neg = np.repeat(score[pos], w_pos[b]), np.repeat(score[~pos], w_neg[b])
+        labels = np.r_[np.ones(len(drawn_pos), bool), np.zeros(len(drawn_neg), bool)]
+        assert got[b] == pytest.approx(metrics.binary_auroc(labels, np.r_[drawn_pos, drawn_neg]), abs=1e-12)

@@ -12,9 +12,11 @@ from histoembed.core import feature_store, store
 from histoembed.core.config import DriftSettings
 from histoembed.core.errors import UserError
 from histoembed.inputs.pixels import HED_FROM_RGB, OD_EPS
+from histoembed.maths.metrics import resampled_auroc
 
 
 DRIFT_FILE = "drift.json"
+BOOTSTRAP_CHUNK = 100   # resamples whose draw counts are held at once
 
 
 TISSUE_OD = 0.15        # a pixel is tissue when its optical densities sum above this (Macenko's threshold)
@@ -71,10 +73,14 @@ def two_sample_auc(x: np.ndarray, is_test: np.ndarray, settings: DriftSettings) 
         return auc, float("nan"), float("nan")
     rng = np.random.default_rng(settings.seed)
     test, train = np.flatnonzero(is_test == 1), np.flatnonzero(is_test == 0)
-    label = np.r_[np.ones(len(test)), np.zeros(len(train))]
-    boot = [roc_auc_score(label, scores[np.r_[rng.choice(test, len(test)), rng.choice(train, len(train))]])
-            for _ in range(settings.bootstrap)]
-    lo, hi = np.percentile(boot, [2.5, 97.5])
+    boot = []
+    for start in range(0, settings.bootstrap, BOOTSTRAP_CHUNK):   # each resample as counts of every image drawn
+        draws = [(rng.choice(len(test), len(test)), rng.choice(len(train), len(train)))
+                 for _ in range(min(BOOTSTRAP_CHUNK, settings.bootstrap - start))]
+        boot.append(resampled_auroc(scores[test], scores[train],
+                                    np.array([np.bincount(a, minlength=len(test)) for a, _ in draws]),
+                                    np.array([np.bincount(b, minlength=len(train)) for _, b in draws])))
+    lo, hi = np.percentile(np.concatenate(boot), [2.5, 97.5])
     return auc, float(lo), float(hi)
 
 

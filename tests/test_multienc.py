@@ -150,6 +150,24 @@ def test_stores_of_other_rows_are_refused_naming_the_store_the_count_and_what_to
     assert "histoembed embed --encoder enc/b" in message and "enc--b" in message
 
 
+def test_each_encoder_s_bags_streamed_give_the_in_memory_fit(tmp_path, monkeypatch):
+    """Stores too big for memory are streamed one encoder at a time (issue 37): the same members' OOF logits."""
+    from histoembed.core.feature_store import bags as slides
+
+    run = two_encoders(tmp_path, {}, {}, n_images=30, n_classes=3)
+    streamed = copies(run, ["streamed"])["streamed"]
+    heads = ("logreg", "xgb", "abmil")
+    fit.run_fit(run, settings(folds=3, heads=heads, stream="never"), encoder="enc/a,enc/b")
+    read, real = [], slides.SlideReader.read
+    monkeypatch.setattr(slides.SlideReader, "read", lambda self, i: read.append((self.index.store_dir.name, i))
+                        or real(self, i))
+    fit.run_fit(streamed, settings(folds=3, heads=heads, stream="always"), encoder="enc/a,enc/b")
+    assert {store_dir for store_dir, _ in read} == {"enc--a", "enc--b"}
+    assert pq.read_table(run / store.OOF_FILE).equals(pq.read_table(streamed / store.OOF_FILE))
+    manifests = [json.loads((r / "models" / "manifest.json").read_text()) for r in (run, streamed)]
+    assert manifests[0]["encoders"] == manifests[1]["encoders"] and manifests[0]["key"] == manifests[1]["key"]
+
+
 def test_encoder_list_from_the_settings_file_and_a_name_given_twice(tmp_path):
     run = two_encoders(tmp_path, {}, {}, n_images=30, n_classes=3)
     with pytest.raises(UserError, match="share the same store"):

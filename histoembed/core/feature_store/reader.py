@@ -228,18 +228,20 @@ def find_feature_store(run_dir: str | Path, encoder: str | None = None) -> Path:
     return stores[0]
 
 
-def feature_rows(store_dir: str | Path) -> set[tuple[str, str, int, int]]:
-    """The (split, image_id, crop_index, view) rows of a store, read without the embeddings."""
-    rows: set[tuple[str, str, int, int]] = set()
+def feature_rows(store_dir: str | Path) -> pa.Table:
+    """The distinct (split, image_id, crop_index, view) rows of a store, read without the embeddings (Arrow
+    columns, not Python tuples: a slide cohort's store holds millions of rows)."""
+    tables = []
     for part in feature_parts(store_dir):
         try:
-            t = pq.read_table(part, columns=list(ROW_KEY))
+            tables.append(pq.read_table(part, columns=list(ROW_KEY)))
         except (OSError, pa.ArrowInvalid) as e:
             raise UserError(f"feature part is corrupt and cannot be read ({e})", path=part,
                             hint="re-run `histoembed embed`: it replaces parts it cannot read") from None
-        rows.update(zip(t["split"].to_pylist(), t["image_id"].to_pylist(), t["crop_index"].to_pylist(),
-                        t["view"].to_pylist()))
-    return rows
+    if not tables:
+        return pa.table({k: pa.array([], t) for k, t in
+                         zip(ROW_KEY, (pa.string(), pa.string(), pa.int32(), pa.int16()))})
+    return pa.concat_tables(tables).group_by(list(ROW_KEY)).aggregate([])
 
 
 def check_same_rows(stores: dict[str, Path]) -> None:
@@ -249,14 +251,16 @@ def check_same_rows(stores: dict[str, Path]) -> None:
     store that lacks rows, how many, the first few, and the embed run that fills them in.
     """
     rows = {name: feature_rows(d) for name, d in stores.items()}
-    union = set().union(*rows.values())
+    union = pa.concat_tables(rows.values()).group_by(list(ROW_KEY)).aggregate([])
     for name, have in rows.items():
-        missing = union - have
-        if missing:
-            first = "; ".join(row_name(*r) for r in sorted(missing)[:3])
-            others = [n for n, r in rows.items() if n != name and r & missing]
-            raise UserError(f"the feature store of encoder {name!r} lacks {len(missing)} of the {len(union)} "
+        missing = union.join(have, list(ROW_KEY), join_type="left anti")
+        if missing.num_rows:
+            missing = missing.sort_by([(k, "ascending") for k in ROW_KEY])
+            others = [n for n, r in rows.items() if n != name
+                      and r.join(missing, list(ROW_KEY), join_type="left semi").num_rows]
+            first = "; ".join(row_name(*r.values()) for r in missing.slice(0, 3).to_pylist())
+            raise UserError(f"the feature store of encoder {name!r} lacks {missing.num_rows} of the {union.num_rows} "
                             f"(split, image, crop, view) rows that the store(s) of {', '.join(map(repr, others))} "
-                            f"hold ({len(have)} rows here), e.g. {first}", path=stores[name],
+                            f"hold ({have.num_rows} rows here), e.g. {first}", path=stores[name],
                             hint=f"run `histoembed embed --encoder {name}` (it fills in what is missing), or "
                                  "embed every encoder from the same crops with the same --repeats and --tta")

@@ -2,8 +2,9 @@
 
 The stores must hold exactly the same (split, image, crop, view) rows. In logits mode each store is
 read, fitted and let go before the next one is read, so only one store's features are in memory at
-a time (members are named ``slug/head``); concat mode holds them all, side by side, and fits each
-head once on the joined embeddings.
+a time, or none when a store is too big for memory: its bags are then streamed from it slide by
+slide (``streaming``, issue 37). Members are named ``slug/head``. Concat mode holds them all, side by
+side, and fits each head once on the joined embeddings.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from histoembed.core.console import progress
 from histoembed.core.errors import UserError
 from histoembed.models import encoder_fusion
 from histoembed.models.heads import Bags, Head
-from histoembed.stages.fit import engines
+from histoembed.stages.fit import engines, streaming
 from histoembed.stages.fit.cv import CVResult, fit_heads, seeds_of
 from histoembed.stages.fit.folds import make_folds
 from histoembed.stages.fit.outputs import (FIT_VERSION, FitResult, fit_lock, fit_metrics, recover, up_to_date,
@@ -53,8 +54,7 @@ def run_fit_multi(run: Path, settings: FitSettings, names: list[str], started: f
     feature_store.check_same_rows({p.name: p.store_dir for p in parts})
     for p in parts:
         p.meta = store.read_meta(feature_store.feature_parts(p.store_dir)[0])
-    first = load_training_set(run, names[0], settings.include_flagged, settings.scale_fusion,
-                              keep_dtype=settings.encoder_fusion == "logits", keep_artifacts=settings.keep_artifacts)
+    first, first_streamed = _load(run, names[0], settings)
     check_class_counts(run, first, settings)
     class_order(first.classes, settings)   # a wrong class_order is said before any fitting
     key = store.config_key("fit", FIT_VERSION, output_settings(settings), "encoders",
@@ -65,7 +65,17 @@ def run_fit_multi(run: Path, settings: FitSettings, names: list[str], started: f
         done = up_to_date(run, key)
         if done is not None:
             return FitResult.of(run, first, done, started, skipped=True)
-        return _fit_multi(run, settings, parts, first, key, started)
+        return _fit_multi(run, settings, parts, first, first_streamed, key, started)
+
+
+def _load(run: Path, name: str, settings: FitSettings) -> tuple[TrainingSet, streaming.Streamed | None]:
+    """An encoder's training set, and its bags to stream when its store is too big for memory (logits mode)."""
+    logits = settings.encoder_fusion == "logits"
+    if logits and streaming.wanted(feature_store.find_feature_store(run, name), settings):
+        streamed = streaming.load_streamed(run, name, settings)
+        return streamed.ts, streamed
+    return load_training_set(run, name, settings.include_flagged, settings.scale_fusion, keep_dtype=logits,
+                             keep_artifacts=settings.keep_artifacts), None
 
 
 def _same_images(first: TrainingSet, ts: TrainingSet, part: EncoderPart) -> None:
@@ -120,17 +130,20 @@ class Members:
         self.names.extend(member(h) for h in settings.heads)
 
 
-def _fit_each_encoder(run: Path, settings: FitSettings, parts: list[EncoderPart], fitted: Members) -> None:
-    """Logits mode: each encoder's store read, its heads fitted, and its features let go before the next."""
+def _fit_each_encoder(run: Path, settings: FitSettings, parts: list[EncoderPart], fitted: Members,
+                      first_streamed: streaming.Streamed | None) -> None:
+    """Logits mode: each encoder's store read (or streamed), its heads fitted, and its features let go before the
+    next."""
     first = fitted.first
     for i, part in enumerate(parts):
-        ts = first if i == 0 else load_training_set(run, part.name, settings.include_flagged,
-                                                    settings.scale_fusion, keep_dtype=True,
-                                                    keep_artifacts=settings.keep_artifacts)
+        ts, streamed = (first, first_streamed) if i == 0 else _load(run, part.name, settings)
         _same_images(first, ts, part)
-        part.dim = int(ts.features.embedding.shape[1])
-        bags = Bags.from_rows(ts.features.embedding, ts.row_image, ts.features.view)
-        ts.features = ts.features.subset(np.zeros(len(ts.features), bool))   # let this store's features go
+        if streamed:
+            part.dim, bags = streamed.index.dim, streamed.bags()
+        else:
+            part.dim = int(ts.features.embedding.shape[1])
+            bags = Bags.from_rows(ts.features.embedding, ts.row_image, ts.features.view)
+            ts.features = ts.features.subset(np.zeros(len(ts.features), bool))   # let this store's features go
         fitted.fit(bags, part.store_dir.name, lambda h, slug=part.store_dir.name: encoder_fusion.member_name(slug, h),
                    part.name)
         del bags, ts
@@ -156,15 +169,15 @@ def _fit_concatenated(run: Path, settings: FitSettings, parts: list[EncoderPart]
     fitted.fit(bags, "+".join(p.store_dir.name for p in parts), lambda h: h, ",".join(p.name for p in parts))
 
 
-def _fit_multi(run: Path, settings: FitSettings, parts: list[EncoderPart], first: TrainingSet, key: str,
-               started: float) -> FitResult:
+def _fit_multi(run: Path, settings: FitSettings, parts: list[EncoderPart], first: TrainingSet,
+               first_streamed: streaming.Streamed | None, key: str, started: float) -> FitResult:
     seeds = seeds_of(settings)
     fitted = Members(run, settings, first, seeds, [make_folds(first.y, first.groups, settings.folds, seed)
                                                    for seed in seeds])
     empty = first.features.subset(np.zeros(len(first.features), bool))
     with engines.session(settings):
         if settings.encoder_fusion == "logits":
-            _fit_each_encoder(run, settings, parts, fitted)
+            _fit_each_encoder(run, settings, parts, fitted, first_streamed)
         else:
             _fit_concatenated(run, settings, parts, fitted)
     first.features = empty

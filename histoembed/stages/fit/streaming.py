@@ -11,8 +11,8 @@ never read. The numbers are those of the in-memory path:
 the same rows, in the same order, through the same arithmetic (``models.heads.stored``).
 
 Small stores stay in memory (the whole test suite fits many times; reading slide by slide costs
-a little per slide). Scale fusion ``concat`` and several encoders are fitted in memory. Survival and
-regression stream as classification does.
+a little per slide). Survival and regression stream as classification does, and so does each encoder of
+``--encoder A,B`` (logits fusion); scale fusion ``concat`` and encoder fusion ``concat`` are fitted in memory.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from histoembed.tools import compare
 from synthetic_inputs import write_synthetic_features
 from histoembed.stages import fit
 from histoembed.core import feature_store, store
-from histoembed.core.config import FitSettings, LogRegSettings, MLPSettings, XGBSettings
+from histoembed.core.config import ABMILSettings, FitSettings, LogRegSettings, MLPSettings, XGBSettings
 from histoembed.core.errors import UserError
 from histoembed.models import inference
 
@@ -156,12 +156,12 @@ def test_each_encoder_s_bags_streamed_give_the_in_memory_fit(tmp_path, monkeypat
 
     run = two_encoders(tmp_path, {}, {}, n_images=30, n_classes=3)
     streamed = copies(run, ["streamed"])["streamed"]
-    heads = ("logreg", "xgb", "abmil")
-    fit.run_fit(run, settings(folds=3, heads=heads, stream="never"), encoder="enc/a,enc/b")
+    quick = {"folds": 3, "heads": ("logreg", "abmil"), "bootstrap": 0, "abmil": ABMILSettings(epochs=2)}
+    fit.run_fit(run, settings(**quick, stream="never"), encoder="enc/a,enc/b")
     read, real = [], slides.SlideReader.read
     monkeypatch.setattr(slides.SlideReader, "read", lambda self, i: read.append((self.index.store_dir.name, i))
                         or real(self, i))
-    fit.run_fit(streamed, settings(folds=3, heads=heads, stream="always"), encoder="enc/a,enc/b")
+    fit.run_fit(streamed, settings(**quick, stream="always"), encoder="enc/a,enc/b")
     assert {store_dir for store_dir, _ in read} == {"enc--a", "enc--b"}
     assert pq.read_table(run / store.OOF_FILE).equals(pq.read_table(streamed / store.OOF_FILE))
     manifests = [json.loads((r / "models" / "manifest.json").read_text()) for r in (run, streamed)]

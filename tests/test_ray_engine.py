@@ -157,7 +157,12 @@ def test_a_killed_driver_is_resumed_by_a_rerun_whose_killed_actor_is_restarted_a
     monkeypatch.setenv(ray_engine.ACTOR_HOOK_ENV, f"2:exit:{marker}")
     resumed = run_embed(tmp_path, ray_settings(tiny_dinov2, repeats=REPEATS, ray_actors=1), AugmentSettings())
     assert marker.exists()  # the actor's process did exit after writing its 2nd part
-    assert resumed.new_rows == TOTAL_ROWS - rows_then and resumed.rows == TOTAL_ROWS   # a rewritten part once
+    assert resumed.rows == TOTAL_ROWS   # a rewritten part counted once
+    # The killed driver's actor may still put its 3rd part in place after the snapshot above, until the rerun
+    # takes the store over: the rerun then finds that part done too (the CI machine saw it).
+    found = TOTAL_ROWS - resumed.new_rows
+    late = max(pq.read_metadata(p).num_rows for p in parts_then) if len(parts_then) == 2 else 0
+    assert found in {rows_then, rows_then + late}, (found, rows_then)
     assert_same_store(tmp_path, local_store)
     parts = feature_store.feature_parts(store_dir)
     assert set(parts_then) <= set(parts)  # finished parts were kept, not redone

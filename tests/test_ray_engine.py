@@ -312,7 +312,8 @@ def ray_processes_of(marker: str) -> list[str]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_local_ray_instance_goes_with_its_terminated_or_killed_driver(tmp_path, tiny_dinov2):
     """SIGTERM: the driver shuts its instance down; SIGKILL: histoembed's watchdog ends what Ray's own fate
-    sharing leaves (its agents wait 60 s for the dead GCS). Either way nothing of it is left after 30 s.
+    sharing leaves (its agents wait 60 s for the dead GCS). Either way nothing of it is left (waited for within a
+    bound of 120 s: the ends come from signals and the watchdog, the bound only stops a hung test).
     The two drivers run side by side, each with its own instance (RAY_TMPDIR): most of a local Ray's start
     and end is waiting, so the pair takes little more than one."""
     import tempfile

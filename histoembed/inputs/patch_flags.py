@@ -37,47 +37,15 @@ class LeftOut:
                 "per_slide": self.per_slide, "kept_whole": self.kept_whole}
 
 
-def flagged_patches(run: str | Path, split: str, keep: Sequence[str] = ()) -> dict[str, dict[int, list[str]]]:
-    """image_id -> {crop_index: flags} of ``split``'s patches with a flag not in ``keep`` (empty: a crops file
-    without flags, of images or of an older version). Read a batch at a time, and only the flagged patches become
-    Python objects: a cohort's crops file holds millions of patches (issue 37)."""
-    path = Path(run) / store.CROPS_FILE
-    if not path.exists() or "flags" not in pq.read_schema(path).names:   # no crops file: its reader says so
-        return {}
-    kept = set(keep)
-    out: dict[str, dict[int, list[str]]] = {}
-    for t in _batches(path, split, ["image_id", "split", "crop_index", "flags"]):
-        t = t.filter(pc.greater(pc.fill_null(pc.list_value_length(t["flags"]), 0), 0))
-        for image_id, crop, flags in zip(*(t[c].to_pylist() for c in ("image_id", "crop_index", "flags"))):
-            if not set(flags) <= kept:
-                out.setdefault(image_id, {})[int(crop)] = flags
-    return out
-
-
-def crop_counts(run: str | Path, split: str) -> Counter:
-    """image_id -> number of ``split``'s crops in ``crops.parquet``."""
-    counts: Counter = Counter()
-    for t in _batches(Path(run) / store.CROPS_FILE, split, ["image_id", "split"]):
-        for pair in pc.value_counts(t["image_id"]).to_pylist():
-            counts[pair["values"]] += pair["counts"]
-    return counts
-
-
-def _batches(path: Path, split: str, columns: list[str]):
-    """``split``'s rows of ``path``, 65,536 rows at a time, as tables."""
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 16, columns=columns):
-        t = pa.Table.from_batches([batch])
-        yield t.filter(pc.equal(t["split"], split))
-
-
 def left_out_crops(run: str | Path, split: str, keep: Sequence[str] = ()) -> tuple[dict[str, np.ndarray], LeftOut]:
     """(image_id -> the crop indices its readers leave out, what was left out), by the module docstring's rule:
-    what ``usable_rows`` applies to rows in memory and the streamed fit to one slide's rows at a time."""
-    flagged = flagged_patches(run, split, keep)
+    what ``usable_rows`` applies to rows in memory and the streamed fit to one slide's rows at a time. Empty for a
+    crops file without flags (of images, or of an older version)."""
+    path = Path(run) / store.CROPS_FILE
     left = LeftOut()
-    if not flagged:
+    if not path.exists() or "flags" not in pq.read_schema(path).names:   # no crops file: its reader says so
         return {}, left
-    counts = crop_counts(run, split)
+    flagged, counts = _flagged_and_counts(path, split, set(keep))
     causes: Counter = Counter()
     for name, crops in flagged.items():
         if len(crops) >= counts.get(name, 0):
@@ -88,6 +56,25 @@ def left_out_crops(run: str | Path, split: str, keep: Sequence[str] = ()) -> tup
     left.patches, left.slides = sum(left.per_slide.values()), len(left.per_slide)
     left.by_cause = {k: causes[k] for k in artifacts.FLAG_NAMES if causes[k]}
     return {name: np.array(sorted(flagged[name]), np.int64) for name in left.per_slide}, left
+
+
+def _flagged_and_counts(path: Path, split: str, kept: set[str]) -> tuple[dict[str, dict[int, list[str]]], Counter]:
+    """(image_id -> {crop_index: flags} of ``split``'s patches with a flag not in ``kept``, image_id -> its crops),
+    in one pass a batch at a time; only the flagged patches become Python objects (a cohort's crops file holds
+    millions of patches, issue 37)."""
+    flagged: dict[str, dict[int, list[str]]] = {}
+    counts: Counter = Counter()
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 16,
+                                                   columns=["image_id", "split", "crop_index", "flags"]):
+        t = pa.Table.from_batches([batch])
+        t = t.filter(pc.equal(t["split"], split))
+        for pair in pc.value_counts(t["image_id"]).to_pylist():
+            counts[pair["values"]] += pair["counts"]
+        t = t.filter(pc.greater(pc.fill_null(pc.list_value_length(t["flags"]), 0), 0))
+        for image_id, crop, flags in zip(*(t[c].to_pylist() for c in ("image_id", "crop_index", "flags"))):
+            if not set(flags) <= kept:
+                flagged.setdefault(image_id, {})[int(crop)] = flags
+    return flagged, counts
 
 
 def usable_rows(image_id: np.ndarray, crop_index: np.ndarray, run: str | Path, split: str,

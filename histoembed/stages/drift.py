@@ -84,9 +84,7 @@ def _stain_table(run: Path, keys: np.ndarray, fill, settings: DriftSettings) -> 
     """Per image (in ``keys`` order) the mean haematoxylin and eosin density of its first scale-1 crops
     (context crops show the same tissue again, with more padding). crops.parquet is read a batch at a time and
     only the crops measured become Python objects: a slide cohort's file holds millions of crops (issue 37)."""
-    path = run / store.CROPS_FILE
-    store.read_table(path, "crops file", columns=["split"], hint="run `histoembed crops` first", stage="crops")
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(run / store.CROPS_FILE)   # run_drift checked it (_crops_meta)
     columns = ["image_id", "split", "crop_index", "png"] + (["scale"] if "scale" in pf.schema_arrow.names else [])
     index = {k: i for i, k in enumerate(keys)}
     sums, counts = np.zeros((len(keys), 2)), np.zeros(len(keys))

@@ -64,10 +64,7 @@ def run_fit(run: Path, settings: FitSettings, encoder: str | None = None) -> Fit
     if len(encoders) > 1:
         return run_fit_multi(run, settings, encoders, started)
     name = encoders[0] if encoders else None
-    streamed = streaming.load_streamed(run, name, settings) \
-        if streaming.wanted(feature_store.find_feature_store(run, name), settings) else None
-    ts = streamed.ts if streamed else load_training_set(run, name, settings.include_flagged, settings.scale_fusion,
-                                                        keep_dtype=True, keep_artifacts=settings.keep_artifacts)
+    ts, streamed = streaming.load(run, name, settings)
     check_class_counts(run, ts, settings)
     task = classification(ts, settings)   # a wrong class_order is said before any fitting
     key = fit_key(ts, settings)

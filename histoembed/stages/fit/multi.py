@@ -54,7 +54,8 @@ def run_fit_multi(run: Path, settings: FitSettings, names: list[str], started: f
     feature_store.check_same_rows({p.name: p.store_dir for p in parts})
     for p in parts:
         p.meta = store.read_meta(feature_store.feature_parts(p.store_dir)[0])
-    first, first_streamed = _load(run, names[0], settings)
+    logits = settings.encoder_fusion == "logits"   # concat joins the stores' rows in memory
+    first, first_streamed = streaming.load(run, names[0], settings, keep_dtype=logits, may_stream=logits)
     check_class_counts(run, first, settings)
     class_order(first.classes, settings)   # a wrong class_order is said before any fitting
     key = store.config_key("fit", FIT_VERSION, output_settings(settings), "encoders",
@@ -66,16 +67,6 @@ def run_fit_multi(run: Path, settings: FitSettings, names: list[str], started: f
         if done is not None:
             return FitResult.of(run, first, done, started, skipped=True)
         return _fit_multi(run, settings, parts, first, first_streamed, key, started)
-
-
-def _load(run: Path, name: str, settings: FitSettings) -> tuple[TrainingSet, streaming.Streamed | None]:
-    """An encoder's training set, and its bags to stream when its store is too big for memory (logits mode)."""
-    logits = settings.encoder_fusion == "logits"
-    if logits and streaming.wanted(feature_store.find_feature_store(run, name), settings):
-        streamed = streaming.load_streamed(run, name, settings)
-        return streamed.ts, streamed
-    return load_training_set(run, name, settings.include_flagged, settings.scale_fusion, keep_dtype=logits,
-                             keep_artifacts=settings.keep_artifacts), None
 
 
 def _same_images(first: TrainingSet, ts: TrainingSet, part: EncoderPart) -> None:
@@ -136,7 +127,7 @@ def _fit_each_encoder(run: Path, settings: FitSettings, parts: list[EncoderPart]
     next."""
     first = fitted.first
     for i, part in enumerate(parts):
-        ts, streamed = (first, first_streamed) if i == 0 else _load(run, part.name, settings)
+        ts, streamed = (first, first_streamed) if i == 0 else streaming.load(run, part.name, settings)
         _same_images(first, ts, part)
         if streamed:
             part.dim, bags = streamed.index.dim, streamed.bags()

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from histoembed.core import feature_store, store
+from histoembed.core import store
 from histoembed.core.config import FitSettings
 from histoembed.core.errors import UserError
 from histoembed.inputs.layouts import outcome_rows
 from histoembed.inputs.outcomes import Outcomes, check_events, columns_of, read_outcomes
 from histoembed.models.heads.objectives import OUTPUT
 from histoembed.stages.fit import streaming
-from histoembed.stages.fit.training import TrainingSet, load_training_set, read_labels
+from histoembed.stages.fit.training import TrainingSet, read_labels
 
 REGRESSION_STRATA = 4   # target quantiles the folds are balanced on (fewer with few items)
 
@@ -84,12 +84,7 @@ def load_outcome_set(run: Path, settings: FitSettings, encoder: str | None, task
     if not keyed:
         raise UserError(f"no training row has a usable {' and '.join(outcomes.columns)}", path=outcomes.path,
                         hint="the rows skipped: " + "; ".join(outcomes.skipped[:3]))
-    labels = {k: "outcome" for k in keyed}
-    streamed = streaming.load_streamed(run, encoder, settings, labels) \
-        if streaming.wanted(feature_store.find_feature_store(run, encoder), settings) else None
-    ts = streamed.ts if streamed else load_training_set(run, encoder, settings.include_flagged,
-                                                        settings.scale_fusion, keep_dtype=True,
-                                                        keep_artifacts=settings.keep_artifacts, labels=labels)
+    ts, streamed = streaming.load(run, encoder, settings, labels={k: "outcome" for k in keyed})
     values = np.array([keyed[f"train/{i}"] for i in ts.image_ids], dtype=np.float64)
     check_events(outcomes, values)
     if len(np.unique(ts.groups)) < settings.folds:

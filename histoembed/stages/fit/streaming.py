@@ -33,14 +33,9 @@ from histoembed.core.feature_store import bags as slides
 from histoembed.inputs import patch_flags
 from histoembed.models.heads import stored
 from histoembed.models.heads.stored import StoredBags
-from histoembed.stages.fit.training import TrainingSet, qc_flags, read_labels, select_images
+from histoembed.stages.fit.training import TrainingSet, load_training_set, qc_flags, read_labels, select_images
 
 GIB = 1 << 30
-
-
-def memory_budget(settings: FitSettings) -> int:
-    """The fit's memory budget in bytes: ``[fit] memory_gb``, else half of this machine's (or cgroup's) memory."""
-    return memory.memory_budget(settings.memory_gb)
 
 
 def wanted(store_dir: Path, settings: FitSettings) -> bool:
@@ -57,7 +52,7 @@ def wanted(store_dir: Path, settings: FitSettings) -> bool:
         except (OSError, pa.ArrowInvalid, KeyError):
             return False    # read_features names the broken part
         rows += md.num_rows
-    return rows * dim * 4 > memory_budget(settings) // 4
+    return rows * dim * 4 > memory.memory_budget(settings.memory_gb) // 4
 
 
 @dataclass
@@ -86,6 +81,18 @@ class Streamed:
         source.scan(lambda rows: slides.check_slide(rows, expected.get(rows.image_id), views, index.store_dir,
                                                     "train"))
         return source.bags()
+
+
+def load(run: Path, encoder: str | None, settings: FitSettings, labels: dict[str, str] | None = None,
+         keep_dtype: bool = True, may_stream: bool = True) -> tuple[TrainingSet, Streamed | None]:
+    """The training set, with the bags to stream when the store is too big for memory (``wanted``), else with its
+    rows in memory (``load_training_set``; ``labels`` and ``keep_dtype`` as there)."""
+    run = Path(run)
+    if may_stream and wanted(feature_store.find_feature_store(run, encoder), settings):
+        streamed = load_streamed(run, encoder, settings, labels)
+        return streamed.ts, streamed
+    return load_training_set(run, encoder, settings.include_flagged, settings.scale_fusion, keep_dtype=keep_dtype,
+                             keep_artifacts=settings.keep_artifacts, labels=labels), None
 
 
 def load_streamed(run: Path, encoder: str | None, settings: FitSettings,
@@ -125,7 +132,7 @@ def load_streamed(run: Path, encoder: str | None, settings: FitSettings,
                                          np.zeros(0, np.int16), np.zeros((0, index.dim), np.float32), index.meta)
     ts.row_image = np.zeros(0, np.int64)
     left_out, ts.artifacts = patch_flags.left_out_crops(run, "train", settings.keep_artifacts)
-    return Streamed(run, ts, index, memory_budget(settings), left_out)
+    return Streamed(run, ts, index, memory.memory_budget(settings.memory_gb), left_out)
 
 
 def crops_facts(crops_path: Path) -> tuple[list[str], list[float], str]:

@@ -57,16 +57,7 @@ sys.path.insert(0, str(ROOT))
 from histoembed.core import store  # noqa: E402
 from histoembed.tools.synthetic import SlideSpec, write_slide  # noqa: E402
 
-
-def tiny_encoder(path: Path) -> Path:
-    import torch
-    from transformers import Dinov2Config, Dinov2Model
-
-    if not (path / "config.json").exists():
-        torch.manual_seed(0)
-        Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                                 image_size=32, patch_size=16)).eval().save_pretrained(path)
-    return path
+from bench_slides import tiny_encoder  # noqa: E402  (this folder is on the path of a script run from it)
 
 
 def make_run(out: Path, n: int, side: int, mpp: float, max_patches: int) -> Path:
